@@ -1,0 +1,397 @@
+//! Every message of the protocol. Field order is the wire order (bincode); adding a variant at
+//! the end of an enum is compatible, anything else needs a new [`super::PROTOCOL_VERSION`].
+
+use std::fmt;
+
+use nearby_index::geo::{Millis, UserId};
+use serde::{Deserialize, Serialize};
+
+/// Identifies a request on the control stream; the response carries the same id. Chosen by the
+/// client (a counter is fine).
+pub type RequestId = u64;
+
+/// A point as sent on the wire: plain numbers, validated by the receiver (NaN, infinities,
+/// |lat| > 90 and |lon| > 180 are refused with [`ErrorCode::InvalidCoordinates`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Coord {
+    /// Latitude in degrees.
+    pub lat: f64,
+    /// Longitude in degrees.
+    pub lon: f64,
+}
+
+/// One request on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    /// Echoed in the response.
+    pub id: RequestId,
+    /// What is asked.
+    pub request: Request,
+}
+
+/// One response on the control stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    /// The id of the request answered.
+    pub id: RequestId,
+    /// The answer.
+    pub response: Response,
+}
+
+/// What a client asks. Every request acts as the user the session authenticated as; no request
+/// can name another acting user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// MUST be the first request: protocol version, the user the client acts as, and a token
+    /// proving it.
+    Hello {
+        /// The client's [`super::PROTOCOL_VERSION`].
+        version: u16,
+        /// The user the client claims to be; must match the token's subject.
+        user: UserId,
+        /// The signed token (see `docs/protocol.md`).
+        token: String,
+        /// Free text naming the client software, for logs.
+        client: String,
+    },
+    /// The user's current location. The first one of a session starts it: the node answers
+    /// with the first page of friends in range and starts pushing events.
+    UpdateLocation {
+        /// Where the user is.
+        at: Coord,
+    },
+    /// A page of friends in range, nearest first.
+    ListNearby {
+        /// `None` for the first page, else the `next` of the previous page.
+        cursor: Option<String>,
+        /// Entries per page; the node's default (20) if `None`.
+        page_size: Option<u16>,
+    },
+    /// The user's friends, pending requests and follower grants.
+    ListFriends,
+    /// Ask `user` to be friends, or accept their request.
+    AddFriend {
+        /// The other user.
+        user: UserId,
+    },
+    /// End a friendship, or cancel / decline a request.
+    RemoveFriend {
+        /// The other user.
+        user: UserId,
+    },
+    /// Turn location sharing on or off.
+    SetSharing {
+        /// On or off.
+        on: bool,
+    },
+    /// Hide from one friend.
+    Hide {
+        /// The friend.
+        user: UserId,
+    },
+    /// Stop hiding from one friend.
+    Unhide {
+        /// The friend.
+        user: UserId,
+    },
+    /// Change the display name.
+    SetName {
+        /// The new name (1–64 characters, no control characters).
+        name: String,
+    },
+    /// Choose a search radius smaller than the node's (in metres).
+    SetRadius {
+        /// The radius; the node's maximum if larger.
+        meters: u32,
+    },
+    /// Liveness check.
+    Ping,
+    /// Dev mode only, allowed before `Hello`: a token for any user (registered on first use).
+    /// A node not in dev mode answers [`ErrorCode::Forbidden`].
+    DevLogin {
+        /// The user to log in as.
+        user: UserId,
+    },
+}
+
+/// What a node answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// The session is authenticated.
+    Welcome(SessionInfo),
+    /// The answer to the session's first [`Request::UpdateLocation`]: the first page.
+    Started(NearbyPage),
+    /// A later location update was stored.
+    Located {
+        /// When the node wants the next update, in seconds (battery-aware cadence).
+        next_update_s: u32,
+    },
+    /// A page of friends in range.
+    Nearby(NearbyPage),
+    /// The user's relations.
+    Friends(FriendList),
+    /// A change was committed.
+    Done(Outcome),
+    /// Answer to [`Request::Ping`].
+    Pong,
+    /// The request failed; nothing changed.
+    Error(ErrorBody),
+    /// This node does not serve the user; connect to `addr` instead.
+    Redirect(Redirect),
+    /// Answer to [`Request::DevLogin`].
+    Token {
+        /// The signed token, for `Hello`.
+        token: String,
+        /// When it stops being accepted.
+        expires_at: Millis,
+    },
+}
+
+/// Session parameters the node chose.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The authenticated user.
+    pub user: UserId,
+    /// The search radius in force, in metres.
+    pub radius_m: u32,
+    /// After how long without an update a user counts as inactive, in seconds.
+    pub ttl_s: u32,
+    /// Entries per page by default.
+    pub page_size: u16,
+    /// When the node wants the first update, in seconds.
+    pub next_update_s: u32,
+}
+
+/// One friend in a list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NearbyFriend {
+    /// The friend.
+    pub id: UserId,
+    /// Their display name.
+    pub name: String,
+    /// Distance from the viewer, in metres.
+    pub distance_m: f64,
+    /// When the friend's location was last updated.
+    pub updated_at: Millis,
+}
+
+/// A page of friends in range.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NearbyPage {
+    /// Nearest first.
+    pub friends: Vec<NearbyFriend>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<String>,
+}
+
+/// How another user relates to the session's user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Relation {
+    /// Mutual friends.
+    Friend,
+    /// They asked; the user has not answered.
+    RequestReceived,
+    /// The user asked; they have not answered.
+    RequestSent,
+}
+
+/// One entry of [`FriendList`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FriendEntry {
+    /// The other user.
+    pub id: UserId,
+    /// Their display name, when known.
+    pub name: Option<String>,
+    /// The relation.
+    pub relation: Relation,
+    /// Whether the user hides from them.
+    pub hidden: bool,
+}
+
+/// The user's relations.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FriendList {
+    /// Ascending by id.
+    pub entries: Vec<FriendEntry>,
+    /// Whether the user shares their location.
+    pub sharing: bool,
+}
+
+/// What a committed change did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The change was made.
+    Updated,
+    /// Nothing to change: it already was so.
+    Unchanged,
+    /// A friend request is pending with the other user.
+    FriendRequestSent,
+    /// Both asked: now friends.
+    FriendshipFormed,
+    /// Already friends.
+    AlreadyFriends,
+    /// The friendship or request is gone.
+    FriendRemoved,
+}
+
+/// Where to reconnect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Redirect {
+    /// `host:port` of the node to use.
+    pub addr: String,
+    /// Why (for logs).
+    pub reason: String,
+}
+
+/// A failed request: a stable code and a human message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable, for programs.
+    pub code: ErrorCode,
+    /// For people; may change between versions.
+    pub message: String,
+}
+
+impl fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.code.name(), self.code as u16, self.message)
+    }
+}
+
+/// Stable error codes. Numbers never change meaning; new codes are added at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The bytes are not a valid frame or message. The node closes the connection after it.
+    BadFrame = 1,
+    /// The frame is larger than the limit. The node closes the connection after it.
+    FrameTooLarge = 2,
+    /// The client's protocol version is not supported.
+    UnsupportedVersion = 3,
+    /// A request before a successful `Hello`.
+    NotAuthenticated = 4,
+    /// The token has expired: get a new one.
+    TokenExpired = 5,
+    /// The token is forged, malformed, or signed by another key.
+    TokenInvalid = 6,
+    /// The request acts for a user the session is not.
+    Forbidden = 7,
+    /// Latitude/longitude NaN, infinite, or out of range.
+    InvalidCoordinates = 8,
+    /// The named user does not exist.
+    UnknownUser = 9,
+    /// An argument is invalid (self-friendship, bad name, bad cursor, …).
+    InvalidArgument = 10,
+    /// Too many requests: slow down.
+    RateLimited = 11,
+    /// Temporarily unavailable (no leader, shutting down): retry with backoff.
+    Unavailable = 12,
+    /// A bug on the node. Retrying may help.
+    Internal = 13,
+    /// The request needs a started session (send a location first).
+    NotStarted = 14,
+    /// `Hello` sent twice.
+    AlreadyAuthenticated = 15,
+}
+
+impl ErrorCode {
+    /// The code's stable name, as the CLI prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidCoordinates => "invalid_coordinates",
+            ErrorCode::UnknownUser => "unknown_user",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::NotStarted => "not_started",
+            ErrorCode::AlreadyAuthenticated => "already_authenticated",
+        }
+    }
+}
+
+/// Why a friend disappeared from the user's view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GoneReason {
+    /// No update for the inactivity timeout.
+    Inactive,
+    /// The friendship ended.
+    Unfriended,
+    /// The friend hid from the user, turned sharing off, or went ghost.
+    Hidden,
+}
+
+/// One push on the event stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// A friend already in range moved.
+    FriendMoved(FriendPosition),
+    /// A friend came into range (or became visible).
+    FriendEntered(FriendPosition),
+    /// A friend in range moved out of it.
+    FriendLeft {
+        /// The friend.
+        id: UserId,
+        /// Their new distance, in metres.
+        distance_m: f64,
+        /// When they moved.
+        updated_at: Millis,
+    },
+    /// A friend is no longer shown, for `reason`. Nothing more about them is sent until they
+    /// are visible again.
+    FriendGone {
+        /// The friend.
+        id: UserId,
+        /// Why.
+        reason: GoneReason,
+    },
+    /// Someone asked the user to be friends.
+    FriendRequest {
+        /// Who asked.
+        from: UserId,
+    },
+    /// The node wants location updates at a new cadence.
+    Cadence {
+        /// Seconds until the next update.
+        next_update_s: u32,
+    },
+    /// The node is going away: reconnect (to `redirect`, if given) after the delay.
+    Shutdown {
+        /// Milliseconds to wait before reconnecting (spreads reconnections).
+        reconnect_after_ms: u32,
+        /// Another node to use, if known.
+        redirect: Option<String>,
+    },
+}
+
+/// A friend's position as pushed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FriendPosition {
+    /// The friend.
+    pub id: UserId,
+    /// Where they are.
+    pub at: Coord,
+    /// Distance from the user, in metres.
+    pub distance_m: f64,
+    /// When they were there.
+    pub updated_at: Millis,
+}
+
+impl Event {
+    /// The friend an event is about, if any.
+    pub fn friend(&self) -> Option<UserId> {
+        match self {
+            Event::FriendMoved(p) | Event::FriendEntered(p) => Some(p.id),
+            Event::FriendLeft { id, .. } | Event::FriendGone { id, .. } => Some(*id),
+            Event::FriendRequest { from } => Some(*from),
+            Event::Cadence { .. } | Event::Shutdown { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Friend sets and the routing of user ids to the shard groups that own them.
+//!
+//! Owns [`FriendSet`] (a compressed roaring bitmap over 64-bit user ids), [`UserRange`] (a
+//! half-open id range `[start, end)`) and [`RangeTable`] (which group owns which range), plus
+//! the one-pass split of a friend set by owner, [`FriendSet::split_by_ranges`], that a home
+//! shard uses to forward an update to the shard groups of the user's friends. This module never
+//! decides *who may see whom* (privacy is the caller's), and never looks at locations.
+
+use std::fmt;
+
+use roaring::RoaringTreemap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::RangeError;
+use crate::geo::UserId;
+
+/// A set of user ids (someone's friends, or followers), stored as a roaring bitmap.
+///
+/// Serialises as roaring's portable format (the format the C/Java/Go roaring libraries share),
+/// wrapped as a byte string. Id 0 is never a user: callers validate ids with
+/// [`crate::geo::check_user_id`] before inserting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FriendSet(RoaringTreemap);
+
+impl FriendSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `id`; returns true if it was not already present.
+    pub fn insert(&mut self, id: UserId) -> bool {
+        self.0.insert(id)
+    }
+
+    /// Removes `id`; returns true if it was present.
+    pub fn remove(&mut self, id: UserId) -> bool {
+        self.0.remove(id)
+    }
+
+    /// True if `id` is in the set.
+    pub fn contains(&self, id: UserId) -> bool {
+        self.0.contains(id)
+    }
+
+    /// Number of ids.
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// True if the set has no ids.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The ids in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.0.iter()
+    }
+
+    /// Splits the set by owner: one pass over the (ascending) ids and the (ascending) ranges,
+    /// O(friends + ranges) time, one `Vec` per range that holds at least one id.
+    ///
+    /// The result lists, in range order, one `(group, ids)` per range that contains friends —
+    /// a group owning several ranges appears once per range, which callers may merge — and,
+    /// separately, the ids that fall in no range of the table
+    /// ([`RangeSplit::unrouted`]): a table with holes (e.g. during a range move) must not
+    /// silently drop friends, so the caller decides whether to retry or report them.
+    pub fn split_by_ranges<'a, G>(&self, table: &'a RangeTable<G>) -> RangeSplit<'a, G> {
+        // Materialise the ids once (one exact-size allocation), then cut them into runs with a
+        // single forward walk over ids and ranges together: O(friends + ranges), and one
+        // exact-size `Vec` per non-empty range instead of many growing ones.
+        let ids: Vec<UserId> = self.0.iter().collect();
+        let mut groups: Vec<(&'a G, Vec<UserId>)> = Vec::new();
+        let mut unrouted = Vec::new();
+        let mut pos = 0;
+        for (range, group) in table.ranges() {
+            if pos == ids.len() {
+                break;
+            }
+            while pos < ids.len() && ids[pos] < range.start {
+                unrouted.push(ids[pos]);
+                pos += 1;
+            }
+            let run_start = pos;
+            while pos < ids.len() && ids[pos] < range.end {
+                pos += 1;
+            }
+            if pos > run_start {
+                groups.push((group, ids[run_start..pos].to_vec()));
+            }
+        }
+        unrouted.extend_from_slice(&ids[pos..]);
+        RangeSplit { groups, unrouted }
+    }
+}
+
+impl FromIterator<UserId> for FriendSet {
+    fn from_iter<I: IntoIterator<Item = UserId>>(iter: I) -> Self {
+        Self(RoaringTreemap::from_iter(iter))
+    }
+}
+
+/// The result of [`FriendSet::split_by_ranges`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeSplit<'a, G> {
+    /// One entry per range holding at least one id, in range order; ids ascending.
+    pub groups: Vec<(&'a G, Vec<UserId>)>,
+    /// Ids that no range of the table contains, ascending.
+    pub unrouted: Vec<UserId>,
+}
+
+/// A half-open range of user ids, `[start, end)`, holding at least one id.
+///
+/// Because `end` is exclusive, id `u64::MAX` is in no range; ids are allocated below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "RawUserRange", into = "RawUserRange")]
+pub struct UserRange {
+    /// First id in the range.
+    pub start: UserId,
+    /// First id after the range.
+    pub end: UserId,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RawUserRange {
+    start: UserId,
+    end: UserId,
+}
+
+impl TryFrom<RawUserRange> for UserRange {
+    type Error = RangeError;
+    fn try_from(raw: RawUserRange) -> Result<Self, RangeError> {
+        UserRange::new(raw.start, raw.end)
+    }
+}
+
+impl From<UserRange> for RawUserRange {
+    fn from(r: UserRange) -> Self {
+        RawUserRange {
+            start: r.start,
+            end: r.end,
+        }
+    }
+}
+
+impl UserRange {
+    /// The range `[start, end)`.
+    ///
+    /// # Errors
+    /// [`RangeError::Empty`] if `start >= end`.
+    pub fn new(start: UserId, end: UserId) -> Result<Self, RangeError> {
+        if start < end {
+            Ok(Self { start, end })
+        } else {
+            Err(RangeError::Empty { start, end })
+        }
+    }
+
+    /// True if `start <= id < end`.
+    pub fn contains(&self, id: UserId) -> bool {
+        self.start <= id && id < self.end
+    }
+}
+
+impl fmt::Display for UserRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}, {})", self.start, self.end)
+    }
+}
+
+/// Which owner `G` (e.g. a shard group id) holds each user range: sorted by start, no overlaps.
+/// Holes are allowed (ids in no range have no owner).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RangeTable<G> {
+    entries: Vec<(UserRange, G)>,
+}
+
+impl<G> RangeTable<G> {
+    /// Builds a table from ranges in any order.
+    ///
+    /// # Errors
+    /// [`RangeError::Overlap`] naming the first two ranges (by start) that share an id.
+    pub fn new(mut entries: Vec<(UserRange, G)>) -> Result<Self, RangeError> {
+        entries.sort_by_key(|(r, _)| (r.start, r.end));
+        for pair in entries.windows(2) {
+            let (first, second) = (pair[0].0, pair[1].0);
+            if second.start < first.end {
+                return Err(RangeError::Overlap { first, second });
+            }
+        }
+        Ok(Self { entries })
+    }
+
+    /// The owner of `id`, found by binary search: O(log ranges).
+    pub fn locate(&self, id: UserId) -> Option<&G> {
+        let idx = self.entries.partition_point(|(r, _)| r.start <= id);
+        let (range, group) = self.entries.get(idx.checked_sub(1)?)?;
+        range.contains(id).then_some(group)
+    }
+
+    /// The ranges with their owners, ascending by start.
+    pub fn ranges(&self) -> &[(UserRange, G)] {
+        &self.entries
+    }
+
+    /// Number of ranges.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if the table has no ranges.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn r(start: u64, end: u64) -> UserRange {
+        UserRange::new(start, end).unwrap()
+    }
+
+    #[test]
+    fn friend_set_basics() {
+        let mut s = FriendSet::new();
+        assert!(s.is_empty());
+        assert!(s.insert(5));
+        assert!(!s.insert(5));
+        assert!(s.insert(u64::MAX - 1));
+        assert!(s.insert(1 << 40));
+        assert!(s.contains(1 << 40));
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![5, 1 << 40, u64::MAX - 1]);
+        assert!(s.remove(5));
+        assert!(!s.remove(5));
+        let t: FriendSet = [1 << 40, u64::MAX - 1].into_iter().collect();
+        assert_eq!(s, t);
+        let bytes = crate::codec::encode(&s).unwrap();
+        assert_eq!(crate::codec::decode::<FriendSet>(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn garbage_friend_set_bytes_are_rejected() {
+        let bytes = crate::codec::encode(&b"\x01\x02\x03\x04garbage"[..]).unwrap();
+        assert!(crate::codec::decode::<FriendSet>(&bytes).is_err());
+    }
+
+    #[test]
+    fn user_range_validation_and_display() {
+        assert_eq!(r(100, 200).to_string(), "[100, 200)");
+        assert_eq!(
+            UserRange::new(5, 5).unwrap_err(),
+            RangeError::Empty { start: 5, end: 5 }
+        );
+        assert!(UserRange::new(6, 5).is_err());
+        assert!(r(100, 200).contains(100));
+        assert!(!r(100, 200).contains(200));
+        let bytes = crate::codec::encode(&(7u64, 3u64)).unwrap();
+        assert!(crate::codec::decode::<UserRange>(&bytes).is_err());
+        let bytes = crate::codec::encode(&r(3, 7)).unwrap();
+        assert_eq!(crate::codec::decode::<UserRange>(&bytes).unwrap(), r(3, 7));
+    }
+
+    #[test]
+    fn range_table_rejects_overlap_and_locates() {
+        let err = RangeTable::new(vec![(r(0, 10), 'a'), (r(20, 30), 'c'), (r(9, 15), 'b')]).unwrap_err();
+        assert_eq!(
+            err,
+            RangeError::Overlap {
+                first: r(0, 10),
+                second: r(9, 15)
+            }
+        );
+        assert_eq!(err.to_string(), "user ranges [0, 10) and [9, 15) overlap");
+        let t = RangeTable::new(vec![(r(20, 30), 'c'), (r(0, 10), 'a'), (r(10, 15), 'b')]).unwrap();
+        assert_eq!(t.locate(0), Some(&'a'));
+        assert_eq!(t.locate(9), Some(&'a'));
+        assert_eq!(t.locate(10), Some(&'b'));
+        assert_eq!(t.locate(15), None);
+        assert_eq!(t.locate(29), Some(&'c'));
+        assert_eq!(t.locate(30), None);
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn split_example() {
+        let t = RangeTable::new(vec![(r(1, 10), "g1"), (r(10, 20), "g2"), (r(30, 40), "g1")]).unwrap();
+        let s: FriendSet = [2, 3, 15, 25, 31, 50].into_iter().collect();
+        let split = s.split_by_ranges(&t);
+        assert_eq!(
+            split.groups,
+            vec![(&"g1", vec![2, 3]), (&"g2", vec![15]), (&"g1", vec![31])]
+        );
+        assert_eq!(split.unrouted, vec![25, 50]);
+    }
+
+    fn table() -> impl Strategy<Value = RangeTable<usize>> {
+        // Sorted distinct cut points; every other gap becomes a hole or a range.
+        proptest::collection::btree_set(0..1_000u64, 2..20).prop_flat_map(|cuts| {
+            let cuts: Vec<u64> = cuts.into_iter().collect();
+            proptest::collection::vec(any::<bool>(), cuts.len()).prop_map(move |keep| {
+                let entries = cuts
+                    .windows(2)
+                    .zip(&keep)
+                    .enumerate()
+                    .filter(|(_, (_, k))| **k)
+                    .map(|(g, (w, _))| (r(w[0], w[1]), g))
+                    .collect();
+                RangeTable::new(entries).unwrap()
+            })
+        })
+    }
+
+    proptest! {
+        /// Every id lands exactly once: in the group `locate` names, or in `unrouted`.
+        #[test]
+        fn split_partitions_exactly(
+            t in table(),
+            ids in proptest::collection::btree_set(0..1_100u64, 0..300),
+        ) {
+            let set: FriendSet = ids.iter().copied().collect();
+            let split = set.split_by_ranges(&t);
+            let mut seen = Vec::new();
+            for (g, part) in &split.groups {
+                prop_assert!(!part.is_empty());
+                prop_assert!(part.windows(2).all(|w| w[0] < w[1]));
+                for id in part {
+                    prop_assert_eq!(t.locate(*id), Some(*g));
+                }
+                seen.extend_from_slice(part);
+            }
+            for id in &split.unrouted {
+                prop_assert_eq!(t.locate(*id), None);
+            }
+            seen.extend_from_slice(&split.unrouted);
+            seen.sort_unstable();
+            prop_assert_eq!(seen, ids.into_iter().collect::<Vec<_>>());
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The node's core: joins the shard groups (replicated state), the per-group [`Presence`] (live
+//! soft state) and the connected sessions, and routes between them.
+//!
+//! Every client-facing operation is a method here; the QUIC service only translates frames. On one
+//! node every group is local, so a [`GroupMessage`] is delivered by a direct call; the forwarding
+//! interface is the same one the cluster carries over the network between nodes.
+//!
+//! Locking: one mutex over all local presences (every `handle_*` is short and never awaits), and
+//! each group's state read lock taken inside it. Raft applies take only the state write lock, so
+//! the order is always presence → state and cannot deadlock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nearby_client::proto::{self, ErrorCode, NearbyFriend, NearbyPage, Outcome};
+use nearby_index::friends::RangeTable;
+use nearby_index::geo::{LatLng, Millis, UserId};
+use nearby_index::query::Cursor;
+use nearby_raft::{Command, CommandError, CommandResult, GroupId, ProposeError, ShardGroup};
+
+use crate::clock::Clock;
+use crate::presence::{Output, Presence, PresenceConfig};
+use crate::queue::EventQueue;
+
+/// A request's failure, as the client sees it: a stable code and a message.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ServiceError {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// For people.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// An error with `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServiceError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// As the wire's error body.
+    pub fn body(&self) -> proto::ErrorBody {
+        proto::ErrorBody {
+            code: self.code,
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl From<ProposeError> for ServiceError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::Invalid(CommandError::UnknownUser { user }) => {
+                ServiceError::new(ErrorCode::UnknownUser, format!("unknown user {user}"))
+            }
+            ProposeError::Invalid(e) => ServiceError::new(ErrorCode::InvalidArgument, e.to_string()),
+            other => ServiceError::new(ErrorCode::Unavailable, other.to_string()),
+        }
+    }
+}
+
+/// Client-facing settings of a node.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// Presence settings (radius, TTL).
+    pub presence: PresenceConfig,
+    /// Entries per page by default.
+    pub page_size: u16,
+    /// Events queued per session before positions are superseded.
+    pub event_queue: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            presence: PresenceConfig::default(),
+            page_size: 20,
+            event_queue: 256,
+        }
+    }
+}
+
+/// One connected session's handle, as the core sees it.
+pub struct SessionSink {
+    id: u64,
+    /// Where the session's events go.
+    pub events: Arc<EventQueue>,
+}
+
+/// What a location update answered.
+#[derive(Debug)]
+pub enum LocationAck {
+    /// The session's first location: the first page.
+    Started(NearbyPage),
+    /// A later one: when to send the next.
+    Located {
+        /// Seconds.
+        next_update_s: u32,
+    },
+}
+
+/// The node's core (see the module doc).
+pub struct Core {
+    groups: HashMap<GroupId, ShardGroup>,
+    ranges: Arc<RangeTable<GroupId>>,
+    presence: Mutex<HashMap<GroupId, Presence>>,
+    sessions: Mutex<HashMap<UserId, Vec<SessionSink>>>,
+    next_session: AtomicU64,
+    clock: Arc<dyn Clock>,
+    config: ServiceConfig,
+}
+
+impl Core {
+    /// A core over `groups` (all led by this node), routing users by the groups' ranges.
+    pub fn new(
+        groups: Vec<ShardGroup>,
+        clock: Arc<dyn Clock>,
+        config: ServiceConfig,
+    ) -> Result<Self, String> {
+        let table = RangeTable::new(groups.iter().map(|g| (g.range(), g.id())).collect())
+            .map_err(|e| e.to_string())?;
+        let ranges = Arc::new(table);
+        let presence = groups
+            .iter()
+            .map(|g| {
+                (
+                    g.id(),
+                    Presence::new(g.id(), config.presence.clone(), Arc::clone(&ranges)),
+                )
+            })
+            .collect();
+        Ok(Core {
+            groups: groups.into_iter().map(|g| (g.id(), g)).collect(),
+            ranges,
+            presence: Mutex::new(presence),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            clock,
+            config,
+        })
+    }
+
+    /// The node's settings.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// The current time on the injected clock.
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    fn presences(&self) -> MutexGuard<'_, HashMap<GroupId, Presence>> {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The group owning `user`.
+    pub fn group_of(&self, user: UserId) -> Result<&ShardGroup, ServiceError> {
+        self.ranges
+            .locate(user)
+            .and_then(|g| self.groups.get(g))
+            .ok_or_else(|| {
+                ServiceError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("user id {user} is not served"),
+                )
+            })
+    }
+
+    /// Whether `user` has a record.
+    pub fn is_registered(&self, user: UserId) -> Result<bool, ServiceError> {
+        Ok(self.group_of(user)?.read(|s| s.user(user).is_some()))
+    }
+
+    /// Registers `user` if needed (a token-bearing user exists in the app by definition).
+    pub async fn ensure_registered(&self, user: UserId) -> Result<(), ServiceError> {
+        if user == 0 {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidArgument,
+                "user id 0 is reserved",
+            ));
+        }
+        if self.is_registered(user)? {
+            return Ok(());
+        }
+        let cmd = Command::RegisterUser {
+            user,
+            name: format!("user {user}"),
+        };
+        self.commit(cmd).await.map(drop)
+    }
+
+    /// Runs `f` on the presence of `group` with the group's state, then delivers its outputs.
+    fn with_presence<R>(
+        &self,
+        group: GroupId,
+        f: impl FnOnce(&mut Presence, &nearby_raft::GroupState) -> R,
+    ) -> R {
+        let mut presences = self.presences();
+        let (r, outputs) = {
+            let (Some(p), Some(g)) = (presences.get_mut(&group), self.groups.get(&group)) else {
+                // Groups and presences are built together in `new`; a miss is a routing bug.
+                unreachable!("group {group} has no presence");
+            };
+            let r = g.read(|s| f(p, s));
+            (r, p.poll_outputs())
+        };
+        self.dispatch(&mut presences, outputs);
+        r
+    }
+
+    /// Delivers outputs until no presence has more: pushes to sessions, messages to groups.
+    fn dispatch(&self, presences: &mut HashMap<GroupId, Presence>, mut queue: Vec<Output>) {
+        let now = self.clock.now();
+        while !queue.is_empty() {
+            let mut next = Vec::new();
+            for out in queue {
+                match out {
+                    Output::Push { viewer, event } => {
+                        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                        for s in sessions.get(&viewer).into_iter().flatten() {
+                            s.events.push(event.clone());
+                        }
+                    }
+                    Output::Send { to, msg } => {
+                        let (Some(p), Some(g)) = (presences.get_mut(&to), self.groups.get(&to)) else {
+                            tracing::warn!(group = to, "message for a group not on this node dropped");
+                            continue;
+                        };
+                        g.read(|s| p.handle_message(s, msg, now));
+                        next.extend(p.poll_outputs());
+                    }
+                }
+            }
+            queue = next;
+        }
+    }
+
+    /// A session of `user` opened. The first session of a user subscribes it to its friends.
+    pub fn open_session(&self, user: UserId) -> Result<SessionSink, ServiceError> {
+        let group = self.group_of(user)?.id();
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let events = Arc::new(EventQueue::new(self.config.event_queue));
+        let first = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let list = sessions.entry(user).or_default();
+            list.push(SessionSink {
+                id,
+                events: Arc::clone(&events),
+            });
+            list.len() == 1
+        };
+        if first {
+            self.with_presence(group, |p, s| p.handle_connect(s, user, None));
+        }
+        Ok(SessionSink { id, events })
+    }
+
+    /// A session closed. The user's last session unsubscribes it.
+    pub fn close_session(&self, user: UserId, sink: &SessionSink) {
+        let last = {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(list) = sessions.get_mut(&user) else {
+                return;
+            };
+            list.retain(|s| s.id != sink.id);
+            let empty = list.is_empty();
+            if empty {
+                sessions.remove(&user);
+            }
+            empty
+        };
+        if let (true, Ok(g)) = (last, self.group_of(user)) {
+            self.with_presence(g.id(), |p, _| p.handle_disconnect(user));
+        }
+    }
+
+    /// Whether the node holds a live location of `user`.
+    pub fn has_location(&self, user: UserId) -> bool {
+        let Ok(g) = self.group_of(user) else { return false };
+        self.presences()
+            .get(&g.id())
+            .and_then(|p| p.location(user))
+            .is_some()
+    }
+
+    /// Stores and publishes `user`'s location. `first` asks for the first page back.
+    pub fn update_location(
+        &self,
+        user: UserId,
+        at: proto::Coord,
+        first: bool,
+    ) -> Result<LocationAck, ServiceError> {
+        let loc = LatLng::new(at.lat, at.lon)
+            .map_err(|e| ServiceError::new(ErrorCode::InvalidCoordinates, e.to_string()))?;
+        let group = self.group_of(user)?.id();
+        let now = self.clock.now();
+        self.with_presence(group, |p, s| p.handle_location(s, user, loc, now, now));
+        if first {
+            return Ok(LocationAck::Started(self.list(user, None, None)?));
+        }
+        let next_update_s = self.presences().get(&group).map_or(30, |p| p.cadence_s(user));
+        Ok(LocationAck::Located { next_update_s })
+    }
+
+    /// A page of the friends `user` sees.
+    pub fn list(
+        &self,
+        user: UserId,
+        cursor: Option<&str>,
+        page_size: Option<u16>,
+    ) -> Result<NearbyPage, ServiceError> {
+        let group = self.group_of(user)?.id();
+        let cursor = cursor
+            .map(Cursor::from_token)
+            .transpose()
+            .map_err(|e| ServiceError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+        let size = page_size.unwrap_or(self.config.page_size).max(1) as usize;
+        let presences = self.presences();
+        let p = presences
+            .get(&group)
+            .ok_or_else(|| ServiceError::new(ErrorCode::Internal, "no presence for the user's group"))?;
+        let (page, names) = p
+            .page(user, size, cursor.as_ref())
+            .ok_or_else(|| ServiceError::new(ErrorCode::NotStarted, "no live location: send one first"))?
+            .map_err(|e| ServiceError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+        Ok(NearbyPage {
+            friends: page
+                .entries
+                .iter()
+                .zip(names)
+                .map(|(e, name)| NearbyFriend {
+                    id: e.user,
+                    name,
+                    distance_m: e.distance_m,
+                    updated_at: e.updated_at,
+                })
+                .collect(),
+            next: page.next.map(|c| c.to_token()),
+        })
+    }
+
+    /// Changes a session user's search radius.
+    pub fn set_radius(&self, user: UserId, meters: u32) -> Result<(), ServiceError> {
+        let group = self.group_of(user)?.id();
+        self.with_presence(group, |p, _| p.set_radius(user, f64::from(meters)));
+        Ok(())
+    }
+
+    /// Commits `cmd` in every group it concerns — the acting user's first, so a change that
+    /// reaches only one side can only hide a location — and applies its effect on live streams.
+    pub async fn commit(&self, cmd: Command) -> Result<CommandResult, ServiceError> {
+        let (actor, other) = cmd.users();
+        let first = self.group_of(actor)?;
+        let second = match other.filter(|_| cmd.is_two_sided()) {
+            Some(o) => {
+                let g = self.group_of(o)?;
+                if !matches!(cmd, Command::RemoveFriend { .. } | Command::RevokeFollow { .. })
+                    && g.read(|s| s.user(o).is_none())
+                {
+                    return Err(ServiceError::new(
+                        ErrorCode::UnknownUser,
+                        format!("unknown user {o}"),
+                    ));
+                }
+                (g.id() != first.id()).then_some(g)
+            }
+            None => None,
+        };
+        let result = first.propose(cmd.clone()).await?;
+        self.committed(first.id(), &cmd, &result);
+        if let Some(g) = second {
+            // The first half committed: the second must follow. Retry transient failures for a
+            // while; a validation failure here would mean the two groups disagree, which the
+            // checks above exclude.
+            let mut delay = Duration::from_millis(10);
+            let r = loop {
+                match g.propose(cmd.clone()).await {
+                    Ok(r) => break r,
+                    Err(ProposeError::Invalid(e)) => {
+                        tracing::error!(%cmd, error = %e, "second half of a relation rejected");
+                        return Err(ProposeError::Invalid(e).into());
+                    }
+                    Err(e) if delay < Duration::from_secs(5) => {
+                        tracing::warn!(%cmd, error = %e, "retrying the second half of a relation");
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            self.committed(g.id(), &cmd, &r);
+        }
+        Ok(result)
+    }
+
+    fn committed(&self, group: GroupId, cmd: &Command, result: &CommandResult) {
+        let now = self.clock.now();
+        self.with_presence(group, |p, s| p.handle_committed(s, cmd, result, now));
+    }
+
+    /// Expires locations whose TTL passed, in every group.
+    pub fn tick(&self) {
+        let now = self.clock.now();
+        let due: Vec<GroupId> = self
+            .presences()
+            .iter()
+            .filter(|(_, p)| p.next_deadline().is_some_and(|d| d <= now))
+            .map(|(g, _)| *g)
+            .collect();
+        for g in due {
+            self.with_presence(g, |p, _| p.handle_tick(now));
+        }
+    }
+
+    /// Closes every session's event queue (shutdown).
+    pub(crate) fn close_all(&self, reason: &'static str) {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        for s in sessions.values().flatten() {
+            s.events.close(reason);
+        }
+    }
+
+    /// The user's relations, for `ListFriends`.
+    pub fn friends(&self, user: UserId) -> Result<proto::FriendList, ServiceError> {
+        let g = self.group_of(user)?;
+        let record = g
+            .read(|s| s.user(user).cloned())
+            .ok_or_else(|| ServiceError::new(ErrorCode::UnknownUser, format!("unknown user {user}")))?;
+        let mut entries = Vec::new();
+        let sets = [
+            (&record.friends, proto::Relation::Friend),
+            (&record.requests_in, proto::Relation::RequestReceived),
+            (&record.requests_out, proto::Relation::RequestSent),
+        ];
+        for (set, relation) in sets {
+            for id in set.iter() {
+                let name = self
+                    .group_of(id)
+                    .ok()
+                    .and_then(|g| g.read(|s| s.user(id).map(|r| r.name.clone())));
+                entries.push(proto::FriendEntry {
+                    id,
+                    name,
+                    relation,
+                    hidden: record.hidden_from.contains(id),
+                });
+            }
+        }
+        entries.sort_by_key(|e| e.id);
+        Ok(proto::FriendList {
+            entries,
+            sharing: record.sharing,
+        })
+    }
+}
+
+/// Maps a command's result to the wire's outcome.
+pub fn outcome(r: &CommandResult) -> Outcome {
+    match r {
+        CommandResult::FriendRequestSent => Outcome::FriendRequestSent,
+        CommandResult::FriendshipFormed => Outcome::FriendshipFormed,
+        CommandResult::AlreadyFriends => Outcome::AlreadyFriends,
+        CommandResult::FriendRemoved => Outcome::FriendRemoved,
+        CommandResult::Unchanged | CommandResult::AlreadyRegistered => Outcome::Unchanged,
+        CommandResult::Registered | CommandResult::Updated | CommandResult::Rejected(_) => Outcome::Updated,
+    }
+}

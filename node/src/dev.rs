@@ -1,0 +1,148 @@
+//! `nearby-node dev`: a complete single-node cluster on defaults, so a newcomer sees nearby work
+//! with one command.
+//!
+//! It keeps its dev material in the data directory so restarts keep working with what clients
+//! already hold: `DATA/dev/token-key.pk8` (signs dev tokens), `DATA/dev/cert.pem` and
+//! `DATA/dev/key.pem` (the client service's self-signed certificate). It writes where the CLI
+//! looks (`$NEARBY_HOME`, default `~/.nearby`): `endpoint` (host:port), `ca.pem` (the certificate
+//! to trust) and `server_name`. Dev mode also accepts `DevLogin`: a token for any user id. None of
+//! this exists outside dev mode.
+
+use std::fs;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nearby_raft::transport::ClusterCa;
+
+use crate::auth::TokenSigner;
+use crate::clock::SystemClock;
+use crate::core::ServiceConfig;
+use crate::node::{Node, NodeError, NodeOptions};
+use crate::service::tls::ServerTls;
+
+/// What `nearby-node dev` runs with.
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    /// The data directory.
+    pub data: PathBuf,
+    /// Where the CLI finds the endpoint and certificate.
+    pub home: PathBuf,
+    /// The client service address (UDP).
+    pub listen: SocketAddr,
+    /// The Raft transport address (UDP).
+    pub raft_listen: SocketAddr,
+    /// How many shard groups cut the user-id space.
+    pub groups: u64,
+}
+
+/// Why the dev node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DevError {
+    /// The node could not start.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// Dev material could not be read or written.
+    #[error("{path}: {reason}")]
+    Files {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn files_err(path: &Path, e: impl std::fmt::Display) -> DevError {
+    DevError::Files {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn write(path: &Path, contents: &[u8]) -> Result<(), DevError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| files_err(dir, e))?;
+    }
+    fs::write(path, contents).map_err(|e| files_err(path, e))
+}
+
+/// The dev token key: loaded, or made and stored on first start.
+fn token_key(dir: &Path) -> Result<TokenSigner, DevError> {
+    let path = dir.join("token-key.pk8");
+    match fs::read(&path) {
+        Ok(bytes) => TokenSigner::from_pkcs8(&bytes).map_err(|e| files_err(&path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let signer = TokenSigner::generate().map_err(|e| files_err(&path, e))?;
+            write(&path, signer.pkcs8())?;
+            Ok(signer)
+        }
+        Err(e) => Err(files_err(&path, e)),
+    }
+}
+
+/// The client service's certificate: loaded, or made and stored on first start.
+fn server_tls(dir: &Path) -> Result<ServerTls, DevError> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if cert.exists() && key.exists() {
+        let c = fs::read_to_string(&cert).map_err(|e| files_err(&cert, e))?;
+        let k = fs::read_to_string(&key).map_err(|e| files_err(&key, e))?;
+        return ServerTls::from_pem(&c, &k).map_err(|e| files_err(&cert, e));
+    }
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .map_err(|e| files_err(&cert, e))?;
+    let (c, k) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+    write(&key, k.as_bytes())?;
+    write(&cert, c.as_bytes())?;
+    ServerTls::from_pem(&c, &k).map_err(|e| files_err(&cert, e))
+}
+
+/// Runs the dev node until `shutdown` completes. `ready` gets the text telling a newcomer what to
+/// type next.
+pub async fn run(
+    opts: DevOptions,
+    ready: impl FnOnce(String),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DevError> {
+    let dev_dir = opts.data.join("dev");
+    let signer = Arc::new(token_key(&dev_dir)?);
+    let tls = server_tls(&dev_dir)?;
+    let ca_pem = tls.chain_pem.clone();
+    let ca = ClusterCa::generate("dev").map_err(|e| files_err(&dev_dir, e))?;
+    let node_tls = ca.issue_node().map_err(|e| files_err(&dev_dir, e))?;
+    let node = Node::start(NodeOptions {
+        node_id: 1,
+        data: opts.data.clone(),
+        client_listen: opts.listen,
+        raft_listen: opts.raft_listen,
+        groups: opts.groups,
+        server_tls: tls,
+        node_tls,
+        verifier: signer.verifier(),
+        dev_signer: Some(signer),
+        service: ServiceConfig::default(),
+        clock: Arc::new(SystemClock),
+    })
+    .await?;
+    let endpoint = node.client_addr().to_string();
+    write(&opts.home.join("endpoint"), format!("{endpoint}\n").as_bytes())?;
+    write(&opts.home.join("ca.pem"), ca_pem.as_bytes())?;
+    write(&opts.home.join("server_name"), b"localhost\n")?;
+    tracing::info!(data = %opts.data.display(), %endpoint, "nearby dev node is ready");
+    ready(format!(
+        "nearby dev node is ready: clients connect to {endpoint} (written to {home}).\n\
+         In another shell, be two friends 3 km apart:\n\
+         \n  nearby --user 1 login && nearby --user 2 login\
+         \n  nearby --user 1 friends add 2 && nearby --user 2 friends add 1\
+         \n  nearby --user 1 location set 52.5200 13.4050\
+         \n  nearby --user 2 location set 52.5470 13.4050\
+         \n  nearby --user 1 list\
+         \n  nearby --user 1 watch        # then move user 2 in a third shell\n\
+         \n(`nearby` is `cargo run -p nearby-client --bin nearby --`.) Ctrl-C stops the node.",
+        home = opts.home.display()
+    ));
+    node.run(shutdown).await;
+    tracing::info!("nearby dev node stopped");
+    Ok(())
+}

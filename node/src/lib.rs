@@ -1,0 +1,27 @@
+//! The nearby server: hosts shard groups and (from the next milestones on) the client-facing QUIC
+//! service and the admin console.
+//!
+//! # Layout
+//!
+//! - [`auth`]: signed session tokens (Ed25519).
+//! - [`clock`]: injected time.
+//! - [`core`]: joins shard groups, presence and sessions; every client operation.
+//! - [`queue`]: the bounded per-session event queue.
+//! - [`service`]: the client-facing QUIC service and its sessions.
+//! - [`dev`]: `nearby-node dev`, a complete single-node cluster on defaults.
+//! - [`node`]: one running node — groups, core and service started and stopped together.
+//! - [`presence`]: live presence of a shard group — latest locations, subscriptions, what each
+//!   online user sees — as a pure state machine.
+//! - [`shards`]: how the user-id space is cut into shard-group ranges.
+//!
+//! The replicated store itself is the `nearby-raft` crate; the pure index is `nearby-index`.
+
+pub mod auth;
+pub mod clock;
+pub mod core;
+pub mod dev;
+pub mod node;
+pub mod presence;
+pub mod queue;
+pub mod service;
+pub mod shards;

@@ -1,0 +1,153 @@
+//! The client-facing QUIC service: accepts connections, runs one [`session`] per connection, and
+//! shuts down by telling every session to reconnect elsewhere.
+//!
+//! This module owns the endpoint and its limits; [`session`] owns the streams of one connection;
+//! everything a request *does* is in [`crate::core::Core`].
+
+pub mod session;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::auth::{TokenSigner, TokenVerifier};
+use crate::core::Core;
+
+/// How the service runs.
+pub struct ServiceOptions {
+    /// UDP address to bind.
+    pub listen: SocketAddr,
+    /// The server's TLS identity.
+    pub tls: tls::ServerTls,
+    /// Verifies session tokens.
+    pub verifier: TokenVerifier,
+    /// Dev mode only: issues tokens for `DevLogin`.
+    pub dev_signer: Option<Arc<TokenSigner>>,
+    /// How long dev tokens last.
+    pub dev_token_ttl: Duration,
+    /// Connections accepted at once; more are refused.
+    pub max_connections: usize,
+    /// Requests per second a session may send (sustained); bursts of twice that pass.
+    pub requests_per_s: u32,
+    /// How long a new connection may take to authenticate.
+    pub hello_timeout: Duration,
+}
+
+impl ServiceOptions {
+    /// Options with nearby's defaults.
+    pub fn new(listen: SocketAddr, tls: tls::ServerTls, verifier: TokenVerifier) -> Self {
+        ServiceOptions {
+            listen,
+            tls,
+            verifier,
+            dev_signer: None,
+            dev_token_ttl: Duration::from_secs(24 * 3600),
+            max_connections: 100_000,
+            requests_per_s: 20,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceStartError {
+    /// TLS setup failed.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The address could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running client service.
+pub struct Service {
+    endpoint: quinn::Endpoint,
+    core: Arc<Core>,
+    ctx: Arc<session::Context>,
+}
+
+impl Service {
+    /// Binds the endpoint.
+    pub fn bind(opts: ServiceOptions, core: Arc<Core>) -> Result<Service, ServiceStartError> {
+        let server_config = opts.tls.quinn_config().map_err(ServiceStartError::Tls)?;
+        let endpoint = quinn::Endpoint::server(server_config, opts.listen).map_err(|source| {
+            ServiceStartError::Bind {
+                addr: opts.listen,
+                source,
+            }
+        })?;
+        let ctx = Arc::new(session::Context {
+            core: Arc::clone(&core),
+            verifier: opts.verifier,
+            dev_signer: opts.dev_signer,
+            dev_token_ttl: opts.dev_token_ttl,
+            requests_per_s: opts.requests_per_s,
+            hello_timeout: opts.hello_timeout,
+            max_connections: opts.max_connections,
+            connections: Default::default(),
+        });
+        Ok(Service { endpoint, core, ctx })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` completes; then tells sessions to go, waits briefly for them, and
+    /// closes the endpoint.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let core = Arc::clone(&self.core);
+        let ticker = tokio::spawn(async move {
+            // Expiry is driven by the injected clock; this loop only decides how often to look.
+            let mut every = tokio::time::interval(Duration::from_millis(200));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                core.tick();
+            }
+        });
+        let mut sessions = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    if self.ctx.connections.load(std::sync::atomic::Ordering::Relaxed) >= self.ctx.max_connections {
+                        tracing::warn!("connection limit reached; refusing");
+                        incoming.refuse();
+                        continue;
+                    }
+                    sessions.spawn(session::serve(incoming, Arc::clone(&self.ctx)));
+                }
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+                () = &mut shutdown => break,
+            }
+        }
+        tracing::info!(
+            sessions = sessions.len(),
+            "client service stopping; telling sessions to reconnect"
+        );
+        self.core.close_all(session::SHUTDOWN);
+        let drained = tokio::time::timeout(Duration::from_secs(3), async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            sessions.abort_all();
+        }
+        ticker.abort();
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,407 @@
+//! One client connection: the control stream (requests in, responses out, in order), the event
+//! stream (pushes out), authentication, limits, and the mapping of requests onto the core.
+//!
+//! A session never trusts the client: frames are bounded before allocation, the first request
+//! must authenticate, every request acts as the authenticated user only, requests are rate
+//! limited, and a malformed frame ends the connection (its frame boundaries are lost) after a
+//! `bad_frame` error.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nearby_client::proto::{
+    frame, ErrorCode, Event, FrameBuffer, FrameError, Request, RequestFrame, Response, ResponseFrame,
+    SessionInfo, PROTOCOL_VERSION,
+};
+use nearby_index::geo::UserId;
+use nearby_raft::Command;
+use tokio::time::Instant;
+
+use crate::auth::{AuthError, Claims, TokenSigner, TokenVerifier};
+use crate::core::{outcome, Core, LocationAck, ServiceError, SessionSink};
+use crate::queue::{EventQueue, Popped};
+
+/// The reason the core closes queues with at shutdown.
+pub(crate) const SHUTDOWN: &str = "node shutting down";
+
+/// QUIC application error code for a connection closed because of a protocol violation.
+const CLOSE_PROTOCOL: u32 = 1;
+/// QUIC application error code for a connection closed because the client read too slowly.
+const CLOSE_SLOW: u32 = 2;
+
+/// What every session shares.
+pub(crate) struct Context {
+    pub(crate) core: Arc<Core>,
+    pub(crate) verifier: TokenVerifier,
+    pub(crate) dev_signer: Option<Arc<TokenSigner>>,
+    pub(crate) dev_token_ttl: Duration,
+    pub(crate) requests_per_s: u32,
+    pub(crate) hello_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) connections: AtomicUsize,
+}
+
+/// Counts a connection for the service's limit while it lives.
+struct ConnectionCount(Arc<Context>);
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A token bucket: `rate` requests a second, bursts of `2 × rate`.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        RateLimit {
+            rate,
+            tokens: 2.0 * rate,
+            last: Instant::now(),
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(2.0 * self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Session {
+    ctx: Arc<Context>,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    user: Option<UserId>,
+    sink: Option<SessionSink>,
+    started: bool,
+    limit: RateLimit,
+    out: Vec<u8>,
+}
+
+/// Serves one incoming connection to its end.
+pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
+    ctx.connections.fetch_add(1, Ordering::Relaxed);
+    let _count = ConnectionCount(Arc::clone(&ctx));
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let (send, recv) = match tokio::time::timeout(ctx.hello_timeout, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "connection ended before its control stream");
+            return;
+        }
+        Err(_) => {
+            conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no control stream");
+            return;
+        }
+    };
+    let mut s = Session {
+        limit: RateLimit::new(ctx.requests_per_s),
+        ctx,
+        conn,
+        send,
+        user: None,
+        sink: None,
+        started: false,
+        out: Vec::new(),
+    };
+    if let Err(e) = s.run(recv).await {
+        tracing::debug!(user = ?s.user, error = %e, "session ended");
+    }
+    if let (Some(user), Some(sink)) = (s.user, s.sink.take()) {
+        s.ctx.core.close_session(user, &sink);
+    }
+}
+
+/// Why a session loop ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("read: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("no hello within the deadline")]
+    HelloTimeout,
+    #[error("protocol violation: {0}")]
+    Protocol(FrameError),
+}
+
+impl Session {
+    async fn run(&mut self, mut recv: quinn::RecvStream) -> Result<(), SessionEnd> {
+        let mut frames = FrameBuffer::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        let hello_by = Instant::now() + self.ctx.hello_timeout;
+        loop {
+            let read = if self.user.is_none() {
+                tokio::time::timeout_at(hello_by, recv.read(&mut chunk))
+                    .await
+                    .map_err(|_| SessionEnd::HelloTimeout)?
+            } else {
+                recv.read(&mut chunk).await
+            };
+            match read? {
+                Some(n) => frames.extend(&chunk[..n]),
+                None => return Ok(()),
+            }
+            loop {
+                match frames.next::<RequestFrame>() {
+                    Ok(Some(f)) => {
+                        let response = match self.handle(f.request).await {
+                            Ok(r) => r,
+                            Err(e) => Response::Error(e.body()),
+                        };
+                        self.respond(f.id, response).await?;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let code = match e {
+                            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                            _ => ErrorCode::BadFrame,
+                        };
+                        let body = ServiceError::new(code, e.to_string()).body();
+                        self.respond(0, Response::Error(body)).await?;
+                        let _ = self.send.finish();
+                        // Give the error a moment to reach the client before the close.
+                        let _ = tokio::time::timeout(Duration::from_millis(500), self.send.stopped()).await;
+                        self.conn
+                            .close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), code.name().as_bytes());
+                        return Err(SessionEnd::Protocol(e));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn respond(&mut self, id: u64, response: Response) -> Result<(), SessionEnd> {
+        self.out.clear();
+        if let Err(e) = frame::encode(&ResponseFrame { id, response }, &mut self.out) {
+            tracing::error!(error = %e, "cannot encode a response");
+            let fallback = ResponseFrame {
+                id,
+                response: Response::Error(
+                    ServiceError::new(ErrorCode::Internal, "response too large").body(),
+                ),
+            };
+            self.out.clear();
+            if frame::encode(&fallback, &mut self.out).is_err() {
+                return Ok(());
+            }
+        }
+        self.send.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    fn me(&self) -> Result<UserId, ServiceError> {
+        self.user
+            .ok_or_else(|| ServiceError::new(ErrorCode::NotAuthenticated, "send Hello first"))
+    }
+
+    async fn handle(&mut self, request: Request) -> Result<Response, ServiceError> {
+        if !self.limit.allow() {
+            return Err(ServiceError::new(
+                ErrorCode::RateLimited,
+                "too many requests; slow down",
+            ));
+        }
+        let core = Arc::clone(&self.ctx.core);
+        match request {
+            Request::Hello {
+                version,
+                user,
+                token,
+                client,
+            } => self.hello(version, user, &token, &client).await,
+            Request::DevLogin { user } => self.dev_login(user).await,
+            Request::UpdateLocation { at } => {
+                let me = self.me()?;
+                match core.update_location(me, at, !self.started)? {
+                    LocationAck::Started(page) => {
+                        self.started = true;
+                        Ok(Response::Started(page))
+                    }
+                    LocationAck::Located { next_update_s } => Ok(Response::Located { next_update_s }),
+                }
+            }
+            Request::ListNearby { cursor, page_size } => Ok(Response::Nearby(core.list(
+                self.me()?,
+                cursor.as_deref(),
+                page_size,
+            )?)),
+            Request::ListFriends => Ok(Response::Friends(core.friends(self.me()?)?)),
+            Request::AddFriend { user } => {
+                self.commit(Command::AddFriend {
+                    from: self.me()?,
+                    to: user,
+                })
+                .await
+            }
+            Request::RemoveFriend { user } => {
+                self.commit(Command::RemoveFriend {
+                    user: self.me()?,
+                    friend: user,
+                })
+                .await
+            }
+            Request::SetSharing { on } => self.commit(Command::SetSharing { user: self.me()?, on }).await,
+            Request::Hide { user } => {
+                self.commit(Command::Hide {
+                    user: self.me()?,
+                    from: user,
+                })
+                .await
+            }
+            Request::Unhide { user } => {
+                self.commit(Command::Unhide {
+                    user: self.me()?,
+                    from: user,
+                })
+                .await
+            }
+            Request::SetName { name } => {
+                self.commit(Command::SetName {
+                    user: self.me()?,
+                    name,
+                })
+                .await
+            }
+            Request::SetRadius { meters } => {
+                core.set_radius(self.me()?, meters)?;
+                Ok(Response::Done(nearby_client::proto::Outcome::Updated))
+            }
+            Request::Ping => Ok(Response::Pong),
+        }
+    }
+
+    async fn commit(&self, cmd: Command) -> Result<Response, ServiceError> {
+        let r = self.ctx.core.commit(cmd).await?;
+        Ok(Response::Done(outcome(&r)))
+    }
+
+    async fn hello(
+        &mut self,
+        version: u16,
+        user: UserId,
+        token: &str,
+        client: &str,
+    ) -> Result<Response, ServiceError> {
+        if self.user.is_some() {
+            return Err(ServiceError::new(
+                ErrorCode::AlreadyAuthenticated,
+                "already authenticated",
+            ));
+        }
+        if version != PROTOCOL_VERSION {
+            return Err(ServiceError::new(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {version} is not supported; this node speaks {PROTOCOL_VERSION}"),
+            ));
+        }
+        let core = Arc::clone(&self.ctx.core);
+        let claims = self.ctx.verifier.verify(token, core.now()).map_err(|e| match e {
+            AuthError::Expired { .. } => ServiceError::new(ErrorCode::TokenExpired, e.to_string()),
+            other => ServiceError::new(ErrorCode::TokenInvalid, other.to_string()),
+        })?;
+        if claims.user != user {
+            return Err(ServiceError::new(
+                ErrorCode::Forbidden,
+                format!("the token is for user {}, not {user}", claims.user),
+            ));
+        }
+        core.ensure_registered(user).await?;
+        let sink = core.open_session(user)?;
+        tokio::spawn(write_events(self.conn.clone(), Arc::clone(&sink.events), user));
+        self.sink = Some(sink);
+        self.user = Some(user);
+        self.started = core.has_location(user);
+        tracing::debug!(user, client, "session authenticated");
+        let cfg = core.config();
+        Ok(Response::Welcome(SessionInfo {
+            user,
+            radius_m: cfg.presence.radius_m as u32,
+            ttl_s: cfg.presence.ttl.as_secs() as u32,
+            page_size: cfg.page_size,
+            next_update_s: if self.started { 30 } else { 0 },
+        }))
+    }
+
+    async fn dev_login(&mut self, user: UserId) -> Result<Response, ServiceError> {
+        let Some(signer) = &self.ctx.dev_signer else {
+            return Err(ServiceError::new(
+                ErrorCode::Forbidden,
+                "dev login exists only on dev nodes",
+            ));
+        };
+        let core = &self.ctx.core;
+        core.ensure_registered(user).await?;
+        let expires_at = core.now().saturating_add(self.ctx.dev_token_ttl);
+        Ok(Response::Token {
+            token: signer.sign(Claims { user, expires_at }),
+            expires_at,
+        })
+    }
+}
+
+/// Pushes the session's events on a unidirectional stream until the queue closes.
+async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: UserId) {
+    let mut stream = match conn.open_uni().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(user, error = %e, "cannot open the event stream");
+            return;
+        }
+    };
+    let mut buf = Vec::new();
+    loop {
+        let event = match queue.pop().await {
+            Popped::Event(e) => e,
+            Popped::Closed(reason) if reason == SHUTDOWN => {
+                // Spread the reconnections of a draining node's clients over two seconds.
+                let reconnect_after_ms = (user.wrapping_mul(2_654_435_761) % 2_000) as u32;
+                buf.clear();
+                let bye = Event::Shutdown {
+                    reconnect_after_ms,
+                    redirect: None,
+                };
+                if frame::encode(&bye, &mut buf).is_ok() && stream.write_all(&buf).await.is_ok() {
+                    let _ = stream.finish();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.stopped()).await;
+                }
+                conn.close(quinn::VarInt::from_u32(0), SHUTDOWN.as_bytes());
+                return;
+            }
+            Popped::Closed(reason) => {
+                tracing::info!(user, reason, "closing a slow session");
+                conn.close(quinn::VarInt::from_u32(CLOSE_SLOW), reason.as_bytes());
+                return;
+            }
+        };
+        buf.clear();
+        if let Err(e) = frame::encode(&event, &mut buf) {
+            tracing::error!(user, error = %e, "cannot encode an event");
+            continue;
+        }
+        if stream.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}

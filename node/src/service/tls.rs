@@ -1,0 +1,72 @@
+//! TLS identity of the client service: a certificate chain and key from PEM files, or a
+//! self-signed certificate for dev mode (which `nearby-node dev` writes where the CLI trusts it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A server certificate chain and its key.
+pub struct ServerTls {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    /// The chain as PEM, for clients to trust (dev).
+    pub chain_pem: String,
+}
+
+impl ServerTls {
+    /// A self-signed certificate for `localhost` and `127.0.0.1`.
+    pub fn self_signed() -> Result<Self, String> {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .map_err(|e| e.to_string())?;
+        let pem = ck.cert.pem();
+        let key_pem = ck.signing_key.serialize_pem();
+        Self::from_pem(&pem, &key_pem)
+    }
+
+    /// A chain and key from PEM text.
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, String> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("certificate: {e}"))?;
+        if chain.is_empty() {
+            return Err("certificate: no CERTIFICATE block".into());
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| format!("key: {e}"))?;
+        Ok(ServerTls {
+            chain,
+            key,
+            chain_pem: chain_pem.to_string(),
+        })
+    }
+
+    /// quinn's server configuration: TLS 1.3, ALPN `nearby/1`, and transport limits for many
+    /// small, mostly idle connections.
+    pub(crate) fn quinn_config(&self) -> Result<quinn::ServerConfig, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| e.to_string())?;
+        crypto.alpn_protocols = vec![nearby_client::proto::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let mut t = quinn::TransportConfig::default();
+        // One control stream per client; the node opens the event stream.
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+        t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+        // Clients send small frames; a small window bounds what one client can make us buffer.
+        t.stream_receive_window(quinn::VarInt::from_u32(128 * 1024));
+        t.receive_window(quinn::VarInt::from_u32(256 * 1024));
+        t.send_window(512 * 1024);
+        // Phones update every ~30 s; silence for 3 minutes means gone.
+        t.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(180)).map_err(|e| e.to_string())?,
+        ));
+        config.transport_config(Arc::new(t));
+        Ok(config)
+    }
+}

@@ -1,0 +1,167 @@
+//! The crate's typed errors.
+
+use std::path::{Path, PathBuf};
+
+use crate::command::CommandError;
+use crate::{GroupId, NodeId};
+
+/// An error of the write-ahead log or the snapshot files.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WalError {
+    /// The operating system refused a file operation.
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// Acknowledged data failed its checksum or could not be decoded. Nothing after it was
+    /// applied; the replica must be repaired (for example rebuilt from its peers).
+    #[error("corruption in {path} at byte {offset}: {reason}")]
+    Corruption {
+        /// The damaged file.
+        path: PathBuf,
+        /// Where the damaged record starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An earlier write or sync failed; the log refuses further writes until the node restarts
+    /// and recovers from its files.
+    #[error("the write-ahead log is poisoned by an earlier failure: {0}")]
+    Poisoned(String),
+    /// A record could not be encoded.
+    #[error("cannot encode a wal record: {0}")]
+    Encode(String),
+    /// A single record is larger than the format allows.
+    #[error("a wal record of {len} bytes is larger than the 64 MiB limit")]
+    RecordTooLarge {
+        /// The record's size.
+        len: usize,
+    },
+}
+
+impl WalError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        WalError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn corruption(path: &Path, offset: u64, reason: impl Into<String>) -> Self {
+        WalError::Corruption {
+            path: path.to_path_buf(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why a proposal to a shard group did not commit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProposeError {
+    /// The command is invalid; it was not proposed and changed nothing.
+    #[error("invalid command: {0}")]
+    Invalid(#[from] CommandError),
+    /// This replica is not the group's leader; retry at the leader if one is known.
+    #[error("not the leader of group {group}; leader: {leader:?}")]
+    NotLeader {
+        /// The group.
+        group: GroupId,
+        /// The current leader, if known, and its address.
+        leader: Option<(NodeId, String)>,
+    },
+    /// The group is not hosted on this node.
+    #[error("group {group} is not hosted here")]
+    UnknownGroup {
+        /// The group.
+        group: GroupId,
+    },
+    /// The group failed or is shutting down.
+    #[error("group {group} is unavailable: {reason}")]
+    Unavailable {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An error of starting or running a [`crate::RaftHost`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    /// The WAL or a snapshot could not be opened or written.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// The transport could not be set up.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// openraft refused the configuration or failed to start a group.
+    #[error("group {group}: {reason}")]
+    Group {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An error of the node-to-node transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// TLS material could not be generated or loaded.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The endpoint could not bind its address.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The peer's address does not parse.
+    #[error("bad peer address {addr:?}")]
+    BadAddress {
+        /// The address as given.
+        addr: String,
+    },
+    /// Connecting to the peer failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The peer.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The connection or stream failed mid-request.
+    #[error("rpc to {addr} failed: {reason}")]
+    Rpc {
+        /// The peer.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer answered that it does not host the group.
+    #[error("peer {addr} does not host group {group}")]
+    UnknownGroup {
+        /// The peer.
+        addr: String,
+        /// The group.
+        group: GroupId,
+    },
+    /// The peer sent bytes that do not decode.
+    #[error("malformed message from {addr}: {reason}")]
+    Malformed {
+        /// The peer.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}

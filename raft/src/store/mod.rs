@@ -1,0 +1,9 @@
+//! openraft's storage traits, implemented as thin adapters: [`log::LogStore`] over the node's
+//! shared [`crate::wal::Wal`], and [`state_machine::StateMachine`] over
+//! [`crate::state::GroupState`] with snapshots in files.
+
+pub mod log;
+pub mod state_machine;
+
+pub use self::log::LogStore;
+pub use self::state_machine::{Applied, StateMachine};

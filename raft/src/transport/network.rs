@@ -1,0 +1,159 @@
+//! openraft's `RaftNetworkFactory`/`RaftNetwork` for one group, over the node's shared
+//! [`RaftTransport`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
+use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+use super::{RaftTransport, RpcBody, RpcRequest, RpcResponse};
+use crate::error::TransportError;
+use crate::{GroupId, Node, NodeId, TypeConfig};
+
+/// Makes per-peer network clients for one group.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    transport: Arc<RaftTransport>,
+    group: GroupId,
+    me: NodeId,
+}
+
+impl NetworkFactory {
+    /// The factory for `group` on node `me`.
+    pub fn new(transport: Arc<RaftTransport>, group: GroupId, me: NodeId) -> Self {
+        NetworkFactory { transport, group, me }
+    }
+}
+
+/// One group's client to one peer.
+pub struct PeerClient {
+    transport: Arc<RaftTransport>,
+    group: GroupId,
+    me: NodeId,
+    target: NodeId,
+    addr: Result<SocketAddr, String>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
+        PeerClient {
+            transport: Arc::clone(&self.transport),
+            group: self.group,
+            me: self.me,
+            target,
+            addr: node.addr.parse().map_err(|_| node.addr.clone()),
+        }
+    }
+}
+
+type RpcResult<T, E = openraft::error::Infallible> = Result<T, RPCError<NodeId, Node, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    /// Sends `body` and returns the answer, mapping transport failures to openraft's errors:
+    /// unreachable (connect failed: back off), timeout, or network (retry).
+    async fn call<E: std::error::Error>(
+        &self,
+        body: RpcBody,
+        action: RPCTypes,
+        option: &RPCOption,
+    ) -> Result<RpcResponse, RPCError<NodeId, Node, RaftError<NodeId, E>>> {
+        let addr = match &self.addr {
+            Ok(a) => *a,
+            Err(bad) => {
+                let e = TransportError::BadAddress { addr: bad.clone() };
+                return Err(RPCError::Unreachable(Unreachable::new(&e)));
+            }
+        };
+        let req = RpcRequest {
+            group: self.group,
+            body,
+        };
+        let ttl = option.hard_ttl();
+        match tokio::time::timeout(ttl, self.transport.call(addr, &req)).await {
+            Err(_) => Err(RPCError::Timeout(Timeout {
+                action,
+                id: self.me,
+                target: self.target,
+                timeout: ttl,
+            })),
+            Ok(Err(e @ TransportError::Connect { .. })) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
+            Ok(Ok(RpcResponse::UnknownGroup)) => {
+                let e = TransportError::UnknownGroup {
+                    addr: addr.to_string(),
+                    group: self.group,
+                };
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Ok(Ok(RpcResponse::Malformed(reason))) => {
+                let e = TransportError::Malformed {
+                    addr: addr.to_string(),
+                    reason,
+                };
+                Err(RPCError::Network(NetworkError::new(&e)))
+            }
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    fn unexpected<E: std::error::Error>(
+        &self,
+        resp: &RpcResponse,
+    ) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
+        let e = TransportError::Malformed {
+            addr: format!("{:?}", self.addr),
+            reason: format!("unexpected answer {resp:?}"),
+        };
+        RPCError::Network(NetworkError::new(&e))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        match self
+            .call(RpcBody::AppendEntries(rpc), RPCTypes::AppendEntries, &option)
+            .await?
+        {
+            RpcResponse::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        match self
+            .call(RpcBody::InstallSnapshot(rpc), RPCTypes::InstallSnapshot, &option)
+            .await?
+        {
+            RpcResponse::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
+        match self.call(RpcBody::Vote(rpc), RPCTypes::Vote, &option).await? {
+            RpcResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+}
