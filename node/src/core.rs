@@ -300,7 +300,15 @@ impl Core {
             .map_err(|e| ServiceError::new(ErrorCode::InvalidCoordinates, e.to_string()))?;
         let group = self.group_of(user)?.id();
         let now = self.clock.now();
-        self.with_presence(group, |p, s| p.handle_location(s, user, loc, now, now));
+        self.with_presence(group, |p, s| {
+            // The node stamps updates; two in the same millisecond must both count, so a user's
+            // stamps strictly increase.
+            let at = match p.location(user) {
+                Some(prev) if prev.updated_at >= now => Millis(prev.updated_at.0 + 1),
+                _ => now,
+            };
+            p.handle_location(s, user, loc, at, now)
+        });
         if first {
             return Ok(LocationAck::Started(self.list(user, None, None)?));
         }

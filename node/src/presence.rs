@@ -557,13 +557,13 @@ impl Presence {
                     }
                 }
             }
-            (Command::AddFriend { from, to }, CommandResult::FriendRequestSent) => {
-                if here(*to) && self.viewers.contains_key(to) {
-                    self.outputs.push(Output::Push {
-                        viewer: *to,
-                        event: Event::FriendRequest { from: *from },
-                    });
-                }
+            (Command::AddFriend { from, to }, CommandResult::FriendRequestSent)
+                if here(*to) && self.viewers.contains_key(to) =>
+            {
+                self.outputs.push(Output::Push {
+                    viewer: *to,
+                    event: Event::FriendRequest { from: *from },
+                });
             }
             (Command::RemoveFriend { user, friend }, CommandResult::FriendRemoved) => {
                 for (a, b) in [(*user, *friend), (*friend, *user)] {

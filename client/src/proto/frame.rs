@@ -117,7 +117,7 @@ impl FrameBuffer {
 
     /// The next whole message, `Ok(None)` if more bytes are needed. After an error the stream is
     /// unusable (frame boundaries are lost) and MUST be closed.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         match parse(&self.buf[self.start..]) {
             Ok((msg, used)) => {
                 self.start += used;
@@ -163,7 +163,7 @@ mod tests {
         let mut got = Vec::new();
         for b in bytes {
             fb.extend(&[b]);
-            while let Some(m) = fb.next::<RequestFrame>().expect("parse") {
+            while let Some(m) = fb.next_frame::<RequestFrame>().expect("parse") {
                 got.push(m);
             }
         }
@@ -176,7 +176,7 @@ mod tests {
         let mut fb = FrameBuffer::new();
         fb.extend(&u32::MAX.to_be_bytes());
         assert_eq!(
-            fb.next::<RequestFrame>(),
+            fb.next_frame::<RequestFrame>(),
             Err(FrameError::TooLarge {
                 len: u32::MAX as usize,
                 max: MAX_FRAME_LEN

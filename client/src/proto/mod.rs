@@ -17,12 +17,6 @@
 //!
 //! See `docs/protocol.md` for the start-up exchange and every error code.
 
-// `FrameBuffer::next` is fallible and generic over the message type, so it cannot be an
-// `Iterator`; the name is what both the node and the SDK call.
-#[allow(
-    clippy::should_implement_trait,
-    reason = "FrameBuffer::next is fallible and generic over the message type"
-)]
 pub mod frame;
 pub mod message;
 

@@ -164,7 +164,7 @@ impl Session {
                 None => return Ok(()),
             }
             loop {
-                match frames.next::<RequestFrame>() {
+                match frames.next_frame::<RequestFrame>() {
                     Ok(Some(f)) => {
                         let response = match self.handle(f.request).await {
                             Ok(r) => r,

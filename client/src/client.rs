@@ -1,0 +1,830 @@
+//! The async SDK: [`Client`], a cheap, cloneable handle, and the background *driver* task that
+//! owns the connection.
+//!
+//! # How it works
+//!
+//! - Each call sends a command over a bounded channel to the driver, which gives it the next
+//!   request id, writes the frame on the control stream and keeps a one-shot reply slot; a
+//!   reader task per connection hands responses back, matched by id. A semaphore of
+//!   [`ClientConfig::max_in_flight`] permits bounds the calls in flight: nothing queues without
+//!   bound.
+//! - A second task per connection reads the node's event stream into the app's bounded event
+//!   channel ([`Client::events`]). When that channel is full the task stops reading, QUIC flow
+//!   control pushes back, and the node drops superseded locations for this session: a slow app
+//!   costs bounded memory everywhere.
+//! - When the connection drops, or the node announces [`Event::Shutdown`], the driver fails
+//!   every call in flight with [`ClientError::ConnectionLost`], then reconnects with jittered
+//!   exponential backoff ([`crate::Backoff`]), says `Hello` again, and *resumes*: it re-sends the
+//!   last location sent, so the node restarts the session and the app gets the fresh first page
+//!   as [`SdkEvent::Resumed`]. Calls made while it waits between attempts fail at once with
+//!   [`ClientError::Reconnecting`]; calls made while it dials wait (bounded by
+//!   [`ClientConfig::connect_timeout`]) for the outcome of that attempt.
+//! - The driver stops when the app calls [`Client::close`] or drops the last handle, or when it
+//!   gives up reconnecting ([`SdkEvent::Closed`]).
+//!
+//! The driver never blocks on the app: status events are offered without waiting (dropped if
+//! the app's event channel is full) and only the event task waits for the app.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::ClientConfig;
+use crate::connection::{self, Dialer, FrameReader, Link, OPENING_ID};
+use crate::error::ClientError;
+use crate::proto::{
+    Coord, Event, FriendList, NearbyPage, Outcome, Request, RequestFrame, RequestId, Response, ResponseFrame,
+    SessionInfo, PROTOCOL_VERSION,
+};
+use crate::{tls, LatLng, Millis, UserId};
+
+/// What the app receives on [`Client::events`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum SdkEvent {
+    /// A push from the node (a friend moved, entered, left, …). [`Event::Shutdown`] is passed on
+    /// too, for information: the client handles it by itself.
+    Event(Event),
+    /// The connection is gone; attempt `attempt` (1-based) to reconnect starts after `after`.
+    Reconnecting {
+        /// 1-based attempt number since the connection was lost.
+        attempt: u32,
+        /// How long the client waits before this attempt.
+        after: Duration,
+        /// Why the client is (still) not connected.
+        reason: ClientError,
+    },
+    /// The client is connected and authenticated again. If a location had been sent before,
+    /// it was re-sent and `page` is the fresh first page of friends in range: replace the
+    /// list with it. `None` if no location was ever sent (or the node could not give a page).
+    Resumed {
+        /// The fresh first page, when a location was re-sent.
+        page: Option<NearbyPage>,
+    },
+    /// The client stopped for good; every further call fails with [`ClientError::Closed`].
+    Closed(ClientError),
+}
+
+/// The node's answer to [`Client::update_location`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum LocationAck {
+    /// The location started the session: the first page of friends in range.
+    Started(NearbyPage),
+    /// The location was stored in a running session.
+    Located {
+        /// When the node wants the next update, in seconds.
+        next_update_s: u32,
+    },
+}
+
+/// A connected client. Cheap to clone: every clone talks through the same connection, and calls
+/// may be made from many tasks at once. The connection closes when [`Client::close`] is called
+/// or the last clone is dropped.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::Sender<Command>,
+    slots: Arc<Semaphore>,
+    session: watch::Receiver<SessionInfo>,
+    events: Arc<Mutex<Option<mpsc::Receiver<SdkEvent>>>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("session", &*self.session.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a handle asks the driver.
+enum Command {
+    /// Send a request; answer on `reply`. `permit` is released with the reply slot.
+    Request {
+        request: Request,
+        reply: oneshot::Sender<Result<Response, ClientError>>,
+        permit: OwnedSemaphorePermit,
+    },
+    /// Close the connection and stop; acknowledge when done.
+    Close(oneshot::Sender<()>),
+}
+
+impl Client {
+    /// Connects to `config.endpoint` (following redirects), authenticates with `Hello`, and
+    /// starts the background driver. The first connection is not retried: a failure here is
+    /// returned at once for the app to judge ([`ClientError::is_retryable`]).
+    ///
+    /// MUST be called inside a tokio runtime.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        if config.max_in_flight == 0 || config.event_capacity == 0 {
+            return Err(ClientError::Config(
+                "max_in_flight and event_capacity must be at least 1".into(),
+            ));
+        }
+        let dialer = Dialer {
+            tls: tls::client_config(&config.ca_pem)?,
+            server_name: config.server_name.clone(),
+            timeout: config.connect_timeout,
+        };
+        let (link, info) = hello(&dialer, &config, &config.endpoint).await?;
+        let (commands_tx, commands) = mpsc::channel(config.max_in_flight);
+        let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
+        let (session_tx, session) = watch::channel(info);
+        let slots = Arc::new(Semaphore::new(config.max_in_flight));
+        let driver = Driver {
+            live: None,
+            pending: HashMap::new(),
+            next_id: OPENING_ID + 1,
+            last_location: None,
+            commands,
+            events: events_tx,
+            session: session_tx,
+            slots: slots.clone(),
+            dialer,
+            config,
+        };
+        tokio::spawn(driver.run(link));
+        Ok(Client {
+            commands: commands_tx,
+            slots,
+            session,
+            events: Arc::new(Mutex::new(Some(events_rx))),
+        })
+    }
+
+    /// Asks a dev node for a token for `user` (registered on first use), following redirects.
+    /// Returns the token and when it expires. A node not in dev mode refuses with
+    /// [`crate::proto::ErrorCode::Forbidden`].
+    pub async fn dev_login(
+        endpoint: &str,
+        server_name: &str,
+        ca_pem: &str,
+        user: UserId,
+    ) -> Result<(String, Millis), ClientError> {
+        let dialer = Dialer {
+            tls: tls::client_config(ca_pem)?,
+            server_name: server_name.to_string(),
+            timeout: Duration::from_secs(10),
+        };
+        let (link, response) = dialer.open(endpoint, &Request::DevLogin { user }).await?;
+        link.close_gracefully("logged in").await;
+        match response {
+            Response::Token { token, expires_at } => Ok((token, expires_at)),
+            other => Err(unexpected("DevLogin", other)),
+        }
+    }
+
+    /// The session parameters of the current connection (they may change on reconnect).
+    pub fn session(&self) -> SessionInfo {
+        self.session.borrow().clone()
+    }
+
+    /// Takes the event stream. Returns `None` after the first call: there is one stream per
+    /// client. Drain it steadily, or drop it to discard events; an untaken, full stream pauses
+    /// the node's pushes to this session (see the module documentation).
+    pub fn events(&self) -> Option<mpsc::Receiver<SdkEvent>> {
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Sends the user's location. The first one of a session starts it and returns the first
+    /// page of friends in range; later ones return the cadence the node wants. Coordinates are
+    /// checked before anything is sent. The location is remembered and re-sent on reconnect.
+    pub async fn update_location(&self, at: Coord) -> Result<LocationAck, ClientError> {
+        if let Err(e) = LatLng::new(at.lat, at.lon) {
+            return Err(ClientError::InvalidCoordinates {
+                lat: at.lat,
+                lon: at.lon,
+                reason: e.to_string(),
+            });
+        }
+        match self.call(Request::UpdateLocation { at }).await? {
+            Response::Started(page) => Ok(LocationAck::Started(page)),
+            Response::Located { next_update_s } => Ok(LocationAck::Located { next_update_s }),
+            other => Err(unexpected("UpdateLocation", other)),
+        }
+    }
+
+    /// A page of friends in range, nearest first: `cursor` is `None` for the first page, else
+    /// the previous page's `next`; `page_size` `None` takes the node's default. Fails with
+    /// [`crate::proto::ErrorCode::NotStarted`] if the node holds no location of the user.
+    pub async fn list_nearby(
+        &self,
+        cursor: Option<String>,
+        page_size: Option<u16>,
+    ) -> Result<NearbyPage, ClientError> {
+        match self.call(Request::ListNearby { cursor, page_size }).await? {
+            Response::Nearby(page) => Ok(page),
+            other => Err(unexpected("ListNearby", other)),
+        }
+    }
+
+    /// The user's friends, pending requests, and whether they share their location.
+    pub async fn list_friends(&self) -> Result<FriendList, ClientError> {
+        match self.call(Request::ListFriends).await? {
+            Response::Friends(list) => Ok(list),
+            other => Err(unexpected("ListFriends", other)),
+        }
+    }
+
+    /// Asks `user` to be friends, or accepts their request.
+    pub async fn add_friend(&self, user: UserId) -> Result<Outcome, ClientError> {
+        self.change(Request::AddFriend { user }).await
+    }
+
+    /// Ends a friendship, or cancels / declines a request.
+    pub async fn remove_friend(&self, user: UserId) -> Result<Outcome, ClientError> {
+        self.change(Request::RemoveFriend { user }).await
+    }
+
+    /// Turns location sharing on or off.
+    pub async fn set_sharing(&self, on: bool) -> Result<Outcome, ClientError> {
+        self.change(Request::SetSharing { on }).await
+    }
+
+    /// Hides the user from one friend.
+    pub async fn hide(&self, user: UserId) -> Result<Outcome, ClientError> {
+        self.change(Request::Hide { user }).await
+    }
+
+    /// Stops hiding the user from one friend.
+    pub async fn unhide(&self, user: UserId) -> Result<Outcome, ClientError> {
+        self.change(Request::Unhide { user }).await
+    }
+
+    /// Changes the user's display name (1–64 characters, no control characters).
+    pub async fn set_name(&self, name: impl Into<String>) -> Result<Outcome, ClientError> {
+        self.change(Request::SetName { name: name.into() }).await
+    }
+
+    /// Chooses a search radius in metres (the node caps it at its own).
+    pub async fn set_radius(&self, meters: u32) -> Result<Outcome, ClientError> {
+        self.change(Request::SetRadius { meters }).await
+    }
+
+    /// Checks the connection; returns the round-trip time.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let start = Instant::now();
+        match self.call(Request::Ping).await? {
+            Response::Pong => Ok(start.elapsed()),
+            other => Err(unexpected("Ping", other)),
+        }
+    }
+
+    /// Closes the connection (telling the node) and stops the driver. Calls in flight fail with
+    /// [`ClientError::Closed`]; so does every later call, from any clone.
+    pub async fn close(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.commands.send(Command::Close(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// A request answered with `Done`.
+    async fn change(&self, request: Request) -> Result<Outcome, ClientError> {
+        let what = request_name(&request);
+        match self.call(request).await? {
+            Response::Done(outcome) => Ok(outcome),
+            other => Err(unexpected(what, other)),
+        }
+    }
+
+    /// Sends one request through the driver and waits for its answer.
+    async fn call(&self, request: Request) -> Result<Response, ClientError> {
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request {
+                request,
+                reply,
+                permit,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        answer.await.map_err(|_| ClientError::Closed)?
+    }
+}
+
+/// Maps an answer that is not the expected one: a node error becomes [`ClientError::Server`],
+/// anything else is a protocol violation.
+fn unexpected(what: &str, response: Response) -> ClientError {
+    match response {
+        Response::Error(body) => ClientError::Server(body),
+        other => ClientError::Protocol(format!("unexpected answer to {what}: {other:?}")),
+    }
+}
+
+/// The request's name, for messages.
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::Hello { .. } => "Hello",
+        Request::UpdateLocation { .. } => "UpdateLocation",
+        Request::ListNearby { .. } => "ListNearby",
+        Request::ListFriends => "ListFriends",
+        Request::AddFriend { .. } => "AddFriend",
+        Request::RemoveFriend { .. } => "RemoveFriend",
+        Request::SetSharing { .. } => "SetSharing",
+        Request::Hide { .. } => "Hide",
+        Request::Unhide { .. } => "Unhide",
+        Request::SetName { .. } => "SetName",
+        Request::SetRadius { .. } => "SetRadius",
+        Request::Ping => "Ping",
+        Request::DevLogin { .. } => "DevLogin",
+    }
+}
+
+/// Dials `addr` and authenticates: the link and the node's session parameters.
+async fn hello(
+    dialer: &Dialer,
+    config: &ClientConfig,
+    addr: &str,
+) -> Result<(Link, SessionInfo), ClientError> {
+    let request = Request::Hello {
+        version: PROTOCOL_VERSION,
+        user: config.user,
+        token: config.token.clone(),
+        client: config.client_name.clone(),
+    };
+    let (link, response) = dialer.open(addr, &request).await?;
+    match response {
+        Response::Welcome(info) => Ok((link, info)),
+        other => {
+            link.close("refused");
+            Err(unexpected("Hello", other))
+        }
+    }
+}
+
+/// A node's notice that it is going away.
+struct ShutdownNotice {
+    after: Duration,
+    redirect: Option<String>,
+}
+
+/// A connected link and the tasks reading it. Dropping it stops the tasks, so a connection's
+/// late events can never be delivered after the next connection's.
+struct Live {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    addr: String,
+    responses: mpsc::Receiver<Result<ResponseFrame, ClientError>>,
+    shutdown: mpsc::Receiver<ShutdownNotice>,
+    /// Whether the event task may still report a shutdown.
+    shutdown_open: bool,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Live {
+    /// Closes the connection and waits (briefly) until the node has been told, so a process
+    /// that exits right after does not leave the node waiting for its idle timeout.
+    async fn close_gracefully(self, reason: &str) {
+        self.conn.close(quinn::VarInt::from_u32(0), reason.as_bytes());
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// One turn of the connected loop.
+enum Step {
+    Response(Option<Result<ResponseFrame, ClientError>>),
+    Shutdown(Option<ShutdownNotice>),
+    Command(Option<Command>),
+}
+
+/// A request written and not yet answered.
+struct Pending {
+    reply: oneshot::Sender<Result<Response, ClientError>>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Why the connected loop ended.
+enum Exit {
+    /// The app closed the client (or dropped every handle).
+    Closed(Option<oneshot::Sender<()>>),
+    /// The connection is gone: reconnect to `target` (if any) after `after` (if given).
+    Lost {
+        reason: ClientError,
+        after: Option<Duration>,
+        target: Option<String>,
+    },
+}
+
+/// The background task that owns the connection. See the module documentation.
+struct Driver {
+    live: Option<Live>,
+    pending: HashMap<RequestId, Pending>,
+    next_id: RequestId,
+    last_location: Option<Coord>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<SdkEvent>,
+    session: watch::Sender<SessionInfo>,
+    slots: Arc<Semaphore>,
+    dialer: Dialer,
+    config: ClientConfig,
+}
+
+impl Driver {
+    /// Serves commands over `link`, reconnecting as needed, until closed or it gives up.
+    async fn run(mut self, link: Link) {
+        self.attach(link);
+        let end = loop {
+            match self.serve().await {
+                Exit::Closed(ack) => break (ClientError::Closed, ack),
+                Exit::Lost {
+                    reason,
+                    after,
+                    target,
+                } => {
+                    tracing::info!(%reason, "connection lost; reconnecting");
+                    self.detach(&reason);
+                    match self.reconnect(reason, after, target).await {
+                        Ok(()) => continue,
+                        Err(end) => break end,
+                    }
+                }
+            }
+        };
+        let (error, ack) = end;
+        self.fail_pending(&ClientError::Closed);
+        if let Some(live) = self.live.take() {
+            live.close_gracefully("client closed").await;
+        }
+        self.slots.close();
+        let _ = self.events.try_send(SdkEvent::Closed(error));
+        if let Some(ack) = ack {
+            let _ = ack.send(());
+        }
+    }
+
+    /// Takes over a fresh link: spawns its readers.
+    fn attach(&mut self, link: Link) {
+        let Link {
+            endpoint,
+            conn,
+            send,
+            recv,
+            addr,
+        } = link;
+        let (responses_tx, responses) = mpsc::channel(self.config.max_in_flight + 2);
+        let (shutdown_tx, shutdown) = mpsc::channel(1);
+        let reader = tokio::spawn(read_responses(recv, responses_tx));
+        let pusher = tokio::spawn(read_events(conn.clone(), self.events.clone(), shutdown_tx));
+        self.live = Some(Live {
+            endpoint,
+            conn,
+            send,
+            addr,
+            responses,
+            shutdown,
+            shutdown_open: true,
+            tasks: [reader, pusher],
+        });
+    }
+
+    /// Forgets the current link and fails every call in flight.
+    fn detach(&mut self, reason: &ClientError) {
+        if let Some(live) = self.live.take() {
+            live.conn.close(quinn::VarInt::from_u32(0), b"reconnecting");
+        }
+        let lost = match reason {
+            ClientError::ConnectionLost { .. } => reason.clone(),
+            other => ClientError::ConnectionLost {
+                reason: other.to_string(),
+            },
+        };
+        self.fail_pending(&lost);
+    }
+
+    fn fail_pending(&mut self, error: &ClientError) {
+        for (_, p) in self.pending.drain() {
+            let _ = p.reply.send(Err(error.clone()));
+        }
+    }
+
+    /// The connected loop: writes requests, delivers responses, watches for the end.
+    async fn serve(&mut self) -> Exit {
+        loop {
+            let Some(live) = self.live.as_mut() else {
+                return self.lost(connection::lost("no connection"), None, None);
+            };
+            let step = tokio::select! {
+                biased;
+                response = live.responses.recv() => Step::Response(response),
+                notice = live.shutdown.recv(), if live.shutdown_open => Step::Shutdown(notice),
+                command = self.commands.recv() => Step::Command(command),
+            };
+            match step {
+                Step::Response(Some(Ok(frame))) => self.deliver(frame),
+                Step::Response(Some(Err(reason))) => return self.lost(reason, None, None),
+                Step::Response(None) => {
+                    return self.lost(connection::lost("the node closed the control stream"), None, None)
+                }
+                Step::Shutdown(Some(notice)) => {
+                    tracing::info!(after = ?notice.after, redirect = ?notice.redirect, "node shutting down");
+                    return self.lost(
+                        connection::lost("the node is shutting down"),
+                        Some(notice.after),
+                        notice.redirect,
+                    );
+                }
+                // The event task ended; the control stream tells whether the connection is gone.
+                Step::Shutdown(None) => {
+                    if let Some(live) = self.live.as_mut() {
+                        live.shutdown_open = false;
+                    }
+                }
+                Step::Command(None) => return Exit::Closed(None),
+                Step::Command(Some(Command::Close(ack))) => return Exit::Closed(Some(ack)),
+                Step::Command(Some(Command::Request {
+                    request,
+                    reply,
+                    permit,
+                })) => {
+                    if let Err(reason) = self.send(request, reply, Some(permit)).await {
+                        return self.lost(reason, None, None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn lost(&self, reason: ClientError, after: Option<Duration>, target: Option<String>) -> Exit {
+        let target = target.or_else(|| self.live.as_ref().map(|l| l.addr.clone()));
+        Exit::Lost {
+            reason,
+            after,
+            target,
+        }
+    }
+
+    /// Writes one request and keeps its reply slot.
+    async fn send(
+        &mut self,
+        request: Request,
+        reply: oneshot::Sender<Result<Response, ClientError>>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<RequestId, ClientError> {
+        let Some(live) = self.live.as_mut() else {
+            let _ = reply.send(Err(ClientError::Reconnecting));
+            return Err(connection::lost("no connection"));
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Request::UpdateLocation { at } = &request {
+            self.last_location = Some(*at);
+        }
+        let frame = RequestFrame { id, request };
+        match connection::write_request(&mut live.send, &frame).await {
+            Ok(()) => {
+                self.pending.insert(
+                    id,
+                    Pending {
+                        reply,
+                        _permit: permit,
+                    },
+                );
+                Ok(id)
+            }
+            Err(ClientError::Protocol(msg)) => {
+                // The request itself cannot be encoded (e.g. over the frame limit): only this
+                // call fails; the connection is fine.
+                let _ = reply.send(Err(ClientError::Protocol(msg)));
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    fn deliver(&mut self, frame: ResponseFrame) {
+        match self.pending.remove(&frame.id) {
+            Some(p) => {
+                let _ = p.reply.send(Ok(frame.response));
+            }
+            None => tracing::warn!(id = frame.id, "response to no request in flight; ignored"),
+        }
+    }
+
+    /// Reconnects with backoff, then resumes. `Err` carries why the client stops.
+    async fn reconnect(
+        &mut self,
+        mut reason: ClientError,
+        mut first_delay: Option<Duration>,
+        preferred: Option<String>,
+    ) -> Result<(), (ClientError, Option<oneshot::Sender<()>>)> {
+        let seed = self.config.endpoint.clone();
+        let preferred = preferred.unwrap_or_else(|| seed.clone());
+        let mut attempt: u32 = 0;
+        loop {
+            if !self.config.reconnect.allows(attempt) {
+                tracing::warn!(attempts = attempt, %reason, "giving up reconnecting");
+                return Err((reason, None));
+            }
+            let after = first_delay
+                .take()
+                .unwrap_or_else(|| self.config.reconnect.delay(attempt));
+            let _ = self.events.try_send(SdkEvent::Reconnecting {
+                attempt: attempt + 1,
+                after,
+                reason: reason.clone(),
+            });
+            if let Some(ack) = self.wait_refusing_calls(after).await {
+                return Err((ClientError::Closed, ack));
+            }
+            // Alternate between the preferred node (the one that was serving us, or the one a
+            // shutdown named) and the configured endpoint, which redirects as needed: a dead
+            // preferred node must not trap the client.
+            let addr = if attempt.is_multiple_of(2) {
+                &preferred
+            } else {
+                &seed
+            };
+            attempt += 1;
+            match hello(&self.dialer, &self.config, addr).await {
+                Ok((link, info)) => {
+                    tracing::info!(addr = %link.addr, attempt, "reconnected");
+                    self.session.send_replace(info);
+                    self.attach(link);
+                    match self.resume().await {
+                        Ok(page) => {
+                            let _ = self.events.try_send(SdkEvent::Resumed { page });
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            self.detach(&e);
+                            if is_fatal(&e) {
+                                return Err((e, None));
+                            }
+                            reason = e;
+                        }
+                    }
+                }
+                Err(e) if is_fatal(&e) => return Err((e, None)),
+                Err(e) => reason = e,
+            }
+        }
+    }
+
+    /// Sleeps `after`, failing every call made meanwhile with [`ClientError::Reconnecting`].
+    /// Returns `Some` if the app closed the client while waiting.
+    async fn wait_refusing_calls(&mut self, after: Duration) -> Option<Option<oneshot::Sender<()>>> {
+        let sleep = tokio::time::sleep(after);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return None,
+                command = self.commands.recv() => match command {
+                    None => return Some(None),
+                    Some(Command::Close(ack)) => return Some(Some(ack)),
+                    Some(Command::Request { reply, .. }) => {
+                        let _ = reply.send(Err(ClientError::Reconnecting));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Re-sends the last location, if any, and returns the fresh first page.
+    async fn resume(&mut self) -> Result<Option<NearbyPage>, ClientError> {
+        let Some(at) = self.last_location else {
+            return Ok(None);
+        };
+        match self.roundtrip(Request::UpdateLocation { at }).await? {
+            Response::Started(page) => Ok(Some(page)),
+            // The node still held a live location: the session already runs; ask for the page.
+            Response::Located { .. } => match self
+                .roundtrip(Request::ListNearby {
+                    cursor: None,
+                    page_size: None,
+                })
+                .await?
+            {
+                Response::Nearby(page) => Ok(Some(page)),
+                other => {
+                    tracing::warn!(?other, "no first page after resuming");
+                    Ok(None)
+                }
+            },
+            Response::Error(body) if !is_fatal(&ClientError::Server(body.clone())) => {
+                tracing::warn!(%body, "the node refused the resumed location");
+                Ok(None)
+            }
+            other => Err(unexpected("UpdateLocation", other)),
+        }
+    }
+
+    /// One request of the driver's own, answered before any app call is served.
+    async fn roundtrip(&mut self, request: Request) -> Result<Response, ClientError> {
+        let (reply, answer) = oneshot::channel();
+        let id = self.send(request, reply, None).await?;
+        let timeout = self.config.connect_timeout;
+        let wait = async {
+            loop {
+                let Some(live) = self.live.as_mut() else {
+                    return Err(connection::lost("no connection"));
+                };
+                match live.responses.recv().await {
+                    Some(Ok(frame)) => {
+                        let done = frame.id == id;
+                        self.deliver(frame);
+                        if done {
+                            return Ok(());
+                        }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(connection::lost("the node closed the control stream")),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                during: "resuming the session",
+                after_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            })??;
+        answer.await.map_err(|_| ClientError::Closed)?
+    }
+}
+
+/// Errors after which reconnecting cannot help: the node refused *who* we are or *how* we
+/// speak, or the configuration is wrong.
+fn is_fatal(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server(body) => !e.is_retryable() && body.code != crate::proto::ErrorCode::NotStarted,
+        ClientError::Config(_) | ClientError::Protocol(_) | ClientError::Closed => true,
+        _ => false,
+    }
+}
+
+/// Reads responses from the control stream until it ends or fails.
+async fn read_responses(mut recv: FrameReader, out: mpsc::Sender<Result<ResponseFrame, ClientError>>) {
+    loop {
+        let item = match recv.next::<ResponseFrame>().await {
+            Ok(Some(frame)) => Ok(frame),
+            Ok(None) => Err(connection::lost("the node closed the control stream")),
+            Err(e) => Err(e),
+        };
+        let end = item.is_err();
+        if out.send(item).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// Reads the node's event stream into the app's channel; reports shutdown notices to the
+/// driver. Waits for the app when its channel is full (backpressure to the node).
+async fn read_events(
+    conn: quinn::Connection,
+    app: mpsc::Sender<SdkEvent>,
+    shutdown: mpsc::Sender<ShutdownNotice>,
+) {
+    let stream = match conn.accept_uni().await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(%e, "no event stream");
+            return;
+        }
+    };
+    let mut reader = FrameReader::new(stream);
+    loop {
+        let event = match reader.next::<Event>().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(%e, "event stream ended");
+                return;
+            }
+        };
+        if let Event::Shutdown {
+            reconnect_after_ms,
+            redirect,
+        } = &event
+        {
+            let _ = shutdown.try_send(ShutdownNotice {
+                after: Duration::from_millis(u64::from(*reconnect_after_ms)),
+                redirect: redirect.clone(),
+            });
+        }
+        // An app that dropped its receiver discards events; keep reading for shutdowns.
+        let _ = app.send(SdkEvent::Event(event)).await;
+    }
+}

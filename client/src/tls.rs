@@ -1,0 +1,68 @@
+//! The client's QUIC/TLS settings: TLS 1.3 only, rustls with the *ring* provider, ALPN
+//! [`crate::proto::ALPN`], and only the roots the app configured (a dev node's self-signed
+//! certificate, or the cluster's CA). Builds configuration; never opens a socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use crate::error::ClientError;
+use crate::proto::ALPN;
+
+/// The quinn client configuration trusting the certificates in `ca_pem`.
+pub(crate) fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, ClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| ClientError::Config(format!("bad PEM in the CA certificates: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Config(format!("unusable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(ClientError::Config(
+            "no certificate to trust: the CA PEM holds no CERTIFICATE block".into(),
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Config(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+        .map_err(|e| ClientError::Config(format!("QUIC TLS setup: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(Arc::new(transport_config()));
+    Ok(config)
+}
+
+/// Keep-alives well inside the idle timeout so a quiet session (no friend moving) stays up
+/// through NATs, while a dead path is noticed within the idle timeout and triggers a reconnect.
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(quinn::VarInt::from_u32(20_000).into()));
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pem_without_certificates_is_a_config_error() {
+        for pem in [
+            "",
+            "not a pem",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ] {
+            assert!(
+                matches!(client_config(pem), Err(ClientError::Config(_))),
+                "{pem:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! A node started in-process for a test, clients for it, and waiting with deadlines.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nearby_client::proto::{Coord, Event};
+use nearby_client::{Client, ClientConfig, SdkEvent};
+use nearby_index::geo::{Millis, UserId};
+use nearby_node::auth::{Claims, TokenSigner};
+use nearby_node::clock::{Clock, ManualClock};
+use nearby_node::core::{Core, ServiceConfig};
+use nearby_node::node::{Node, NodeOptions};
+use nearby_node::service::tls::ServerTls;
+use nearby_node::shards::initial_ranges;
+use nearby_raft::transport::ClusterCa;
+use tokio::sync::{mpsc, oneshot};
+
+pub(crate) const GROUPS: u64 = 4;
+
+/// User `n` of group `g` (0-based): ids spread over the groups, so forwarding crosses groups.
+pub(crate) fn uid(g: usize, n: u64) -> UserId {
+    initial_ranges(GROUPS)[g].1.start + n
+}
+
+pub(crate) struct TestNode {
+    pub(crate) addr: String,
+    pub(crate) ca_pem: String,
+    pub(crate) signer: Arc<TokenSigner>,
+    pub(crate) clock: ManualClock,
+    pub(crate) core: Arc<Core>,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    pub(crate) async fn start() -> TestNode {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = tempfile::TempDir::new().expect("tmp");
+        let tls = ServerTls::self_signed().expect("tls");
+        let ca_pem = tls.chain_pem.clone();
+        let signer = Arc::new(TokenSigner::generate().expect("key"));
+        let clock = ManualClock::new(Millis(1_700_000_000_000));
+        let node = Node::start(NodeOptions {
+            node_id: 1,
+            data: dir.path().to_path_buf(),
+            client_listen: "127.0.0.1:0".parse().expect("addr"),
+            raft_listen: "127.0.0.1:0".parse().expect("addr"),
+            groups: GROUPS,
+            server_tls: tls,
+            node_tls: ClusterCa::generate("t")
+                .expect("ca")
+                .issue_node()
+                .expect("node tls"),
+            verifier: signer.verifier(),
+            dev_signer: Some(Arc::clone(&signer)),
+            service: ServiceConfig::default(),
+            clock: Arc::new(clock.clone()),
+        })
+        .await
+        .expect("node starts");
+        let addr = node.client_addr().to_string();
+        let core = Arc::clone(node.core());
+        let (tx, rx) = oneshot::channel();
+        let done = tokio::spawn(node.run(async {
+            let _ = rx.await;
+        }));
+        TestNode {
+            addr,
+            ca_pem,
+            signer,
+            clock,
+            core,
+            stop: Some(tx),
+            done: Some(done),
+            _dir: dir,
+        }
+    }
+
+    pub(crate) fn token(&self, user: UserId) -> String {
+        self.signer.sign(Claims {
+            user,
+            expires_at: self.clock.now().saturating_add(Duration::from_secs(3600)),
+        })
+    }
+
+    pub(crate) async fn client(&self, user: UserId) -> Viewer {
+        let cfg = ClientConfig::new(self.addr.clone(), self.ca_pem.clone(), user, self.token(user));
+        let client = Client::connect(cfg).await.expect("connect");
+        let events = client.events().expect("events");
+        Viewer { user, client, events }
+    }
+
+    /// Makes `a` and `b` friends (both sides committed).
+    pub(crate) async fn befriend(&self, a: UserId, b: UserId) {
+        for u in [a, b] {
+            self.core.ensure_registered(u).await.expect("register");
+        }
+        for (x, y) in [(a, b), (b, a)] {
+            self.core
+                .commit(nearby_raft::Command::AddFriend { from: x, to: y })
+                .await
+                .expect("add friend");
+        }
+    }
+
+    pub(crate) async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            tokio::time::timeout(Duration::from_secs(10), done)
+                .await
+                .expect("node stops in time")
+                .expect("node task");
+        }
+    }
+}
+
+/// One user's client and its events.
+pub(crate) struct Viewer {
+    pub(crate) user: UserId,
+    pub(crate) client: Client,
+    pub(crate) events: mpsc::Receiver<SdkEvent>,
+}
+
+impl Viewer {
+    pub(crate) async fn at(&self, lat: f64, lon: f64) {
+        self.client
+            .update_location(Coord { lat, lon })
+            .await
+            .expect("update location");
+    }
+
+    /// The next product event (connection notices are skipped), within a deadline.
+    pub(crate) async fn next(&mut self) -> Event {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.events.recv()).await {
+                Ok(Some(SdkEvent::Event(e))) => return e,
+                Ok(Some(other)) => tracing::debug!(?other, "sdk notice"),
+                Ok(None) => panic!("user {}: event stream ended", self.user),
+                Err(_) => panic!("user {}: no event within 10 s", self.user),
+            }
+        }
+    }
+
+    /// Asserts that the next event is about `friend`, returning it: everything before it would
+    /// have arrived first (events of one session are delivered in order).
+    pub(crate) async fn next_about(&mut self, friend: UserId) -> Event {
+        let e = self.next().await;
+        assert_eq!(
+            e.friend(),
+            Some(friend),
+            "user {}: unexpected event {e:?}",
+            self.user
+        );
+        e
+    }
+}
