@@ -72,7 +72,12 @@ pub enum SdkEvent {
 #[derive(Clone, Debug, PartialEq)]
 pub enum LocationAck {
     /// The location started the session: the first page of friends in range.
-    Started(NearbyPage),
+    Started {
+        /// Friends in range, nearest first.
+        page: NearbyPage,
+        /// Seconds until the node wants the next update.
+        next_update_s: u32,
+    },
     /// The location was stored in a running session.
     Located {
         /// When the node wants the next update, in seconds.
@@ -203,7 +208,7 @@ impl Client {
             });
         }
         match self.call(Request::UpdateLocation { at }).await? {
-            Response::Started(page) => Ok(LocationAck::Started(page)),
+            Response::Started { page, next_update_s } => Ok(LocationAck::Started { page, next_update_s }),
             Response::Located { next_update_s } => Ok(LocationAck::Located { next_update_s }),
             other => Err(unexpected("UpdateLocation", other)),
         }
@@ -709,7 +714,7 @@ impl Driver {
             return Ok(None);
         };
         match self.roundtrip(Request::UpdateLocation { at }).await? {
-            Response::Started(page) => Ok(Some(page)),
+            Response::Started { page, .. } => Ok(Some(page)),
             // The node still held a live location: the session already runs; ask for the page.
             Response::Located { .. } => match self
                 .roundtrip(Request::ListNearby {

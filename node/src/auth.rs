@@ -62,6 +62,11 @@ impl TokenVerifier {
         TokenVerifier { public }
     }
 
+    /// The public key as base64url, as `token.pub` files hold it.
+    pub fn public_base64url(&self) -> String {
+        base64url_encode(&self.public)
+    }
+
     /// Checks `token` at `now` and returns its claims.
     pub fn verify(&self, token: &str, now: Millis) -> Result<Claims, AuthError> {
         let invalid = |reason| AuthError::Invalid { reason };

@@ -96,7 +96,12 @@ pub struct SessionSink {
 #[derive(Debug)]
 pub enum LocationAck {
     /// The session's first location: the first page.
-    Started(NearbyPage),
+    Started {
+        /// Friends in range, nearest first.
+        page: NearbyPage,
+        /// Seconds until the node wants the next update.
+        next_update_s: u32,
+    },
     /// A later one: when to send the next.
     Located {
         /// Seconds.
@@ -309,10 +314,11 @@ impl Core {
             };
             p.handle_location(s, user, loc, at, now)
         });
-        if first {
-            return Ok(LocationAck::Started(self.list(user, None, None)?));
-        }
         let next_update_s = self.presences().get(&group).map_or(30, |p| p.cadence_s(user));
+        if first {
+            let page = self.list(user, None, None)?;
+            return Ok(LocationAck::Started { page, next_update_s });
+        }
         Ok(LocationAck::Located { next_update_s })
     }
 

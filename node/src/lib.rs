@@ -5,6 +5,7 @@
 //!
 //! - [`auth`]: signed session tokens (Ed25519).
 //! - [`clock`]: injected time.
+//! - [`config`]: the production configuration file (`nearby-node run --config`).
 //! - [`core`]: joins shard groups, presence and sessions; every client operation.
 //! - [`queue`]: the bounded per-session event queue.
 //! - [`service`]: the client-facing QUIC service and its sessions.
@@ -18,6 +19,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod config;
 pub mod core;
 pub mod dev;
 pub mod node;

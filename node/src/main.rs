@@ -34,6 +34,19 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         groups: u64,
     },
+    /// Run a node from a configuration file (TOML; `NEARBY_*` environment overrides).
+    Run {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Make a token signing key: `token-key.pk8` (keep it with the login service) and
+    /// `token.pub` (give it to every node as `auth.token_public_key`).
+    Keygen {
+        /// Directory to write the two files to.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,7 +95,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(nearby_node::dev::run(opts, ready, shutdown_signal()))
                 .context("nearby-node dev failed")
         }
+        Cmd::Run { config } => {
+            let config = nearby_node::config::NodeConfig::load(&config, |k| std::env::var(k).ok())?;
+            rt.block_on(run_node(config))
+        }
+        Cmd::Keygen { out } => keygen(&out),
     }
+}
+
+async fn run_node(config: nearby_node::config::NodeConfig) -> anyhow::Result<()> {
+    use nearby_node::service::tls::ServerTls;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let tls = ServerTls::from_pem(&read(&config.tls.cert)?, &read(&config.tls.key)?)
+        .map_err(|e| anyhow::anyhow!("config field `tls`: {e}"))?;
+    let public = nearby_index::codec::base64url_decode(read(&config.auth.token_public_key)?.trim())
+        .filter(|k| k.len() == 32)
+        .context("config field `auth.token_public_key`: not a base64url Ed25519 public key")?;
+    // One node: no peers to authenticate yet, so the cluster CA can be ephemeral.
+    let ca = nearby_raft::transport::ClusterCa::generate("single-node")?;
+    let node = nearby_node::node::Node::start(nearby_node::node::NodeOptions {
+        node_id: config.node_id,
+        data: config.data.clone(),
+        client_listen: config.listen,
+        raft_listen: config.raft_listen,
+        groups: config.groups,
+        server_tls: tls,
+        node_tls: ca.issue_node()?,
+        verifier: nearby_node::auth::TokenVerifier::new(public),
+        dev_signer: None,
+        service: config.service(),
+        clock: std::sync::Arc::new(nearby_node::clock::SystemClock),
+    })
+    .await?;
+    tracing::info!(endpoint = %node.client_addr(), "nearby node is ready");
+    node.run(shutdown_signal()).await;
+    Ok(())
+}
+
+fn keygen(out: &std::path::Path) -> anyhow::Result<()> {
+    let signer = nearby_node::auth::TokenSigner::generate()?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let key = out.join("token-key.pk8");
+    let public = out.join("token.pub");
+    std::fs::write(&key, signer.pkcs8()).with_context(|| format!("cannot write {}", key.display()))?;
+    std::fs::write(&public, format!("{}\n", signer.verifier().public_base64url()))
+        .with_context(|| format!("cannot write {}", public.display()))?;
+    tracing::info!(key = %key.display(), public = %public.display(), "token key written");
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -124,3 +124,134 @@ fn a_second_dev_node_on_the_same_data_is_refused() {
     );
     terminate(child, &rx);
 }
+
+/// The `nearby` CLI, built next to `nearby-node` by `cargo test --workspace`.
+fn nearby_cli() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_nearby-node")).with_file_name("nearby");
+    assert!(
+        path.exists(),
+        "{} is missing: run the workspace's tests (`cargo test --workspace`), which build it",
+        path.display()
+    );
+    path
+}
+
+fn cli(home: &std::path::Path, user: u64, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(nearby_cli())
+        .arg("--json")
+        .args(["--user", &user.to_string()])
+        .args(args)
+        .env("NEARBY_HOME", home)
+        .output()
+        .expect("run nearby");
+    assert!(
+        out.status.success(),
+        "nearby {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "nearby {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn a_newcomer_sees_two_friends_with_the_readme_commands() {
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let home = dir.path().join("home");
+    let (child, rx) = start(dir.path());
+    wait_for(&rx, "nearby dev node is ready");
+
+    for user in [1, 2] {
+        assert_eq!(cli(&home, user, &["login"])["ok"], true);
+    }
+    assert_eq!(
+        cli(&home, 1, &["friends", "add", "2"])["outcome"],
+        "friend_request_sent"
+    );
+    assert_eq!(
+        cli(&home, 2, &["friends", "add", "1"])["outcome"],
+        "friendship_formed"
+    );
+    cli(&home, 1, &["location", "set", "52.5200", "13.4050"]);
+    let moved = cli(&home, 2, &["location", "set", "52.5470", "13.4050"]);
+    assert_eq!(moved["friends"][0]["id"], 1, "{moved}");
+    let list = cli(&home, 1, &["list"]);
+    let friends = list["friends"].as_array().expect("friends array");
+    assert_eq!(friends.len(), 1, "{list}");
+    assert_eq!(friends[0]["id"], 2);
+    let d = friends[0]["distance_m"].as_f64().expect("distance");
+    assert!((d - 3_002.3).abs() < 30.0, "distance {d}");
+    assert!(
+        friends[0]["updated_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{list}"
+    );
+    let f = cli(&home, 1, &["friends", "list"]);
+    assert_eq!(f["friends"][0]["relation"], "friend", "{f}");
+    terminate(child, &rx);
+}
+
+#[test]
+fn run_mode_starts_from_a_config_file_and_bad_configs_name_the_field() {
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let keys = dir.path().join("keys");
+    let out = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
+        .args(["keygen", "--out"])
+        .arg(&keys)
+        .output()
+        .expect("keygen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).expect("cert");
+    std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).expect("key");
+    let config = |radius: u32| {
+        format!(
+            "node_id = 1\ndata = {data:?}\nlisten = \"127.0.0.1:0\"\nraft_listen = \"127.0.0.1:0\"\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\n[auth]\ntoken_public_key = {public:?}\n\
+             [presence]\nradius_m = {radius}\n",
+            data = dir.path().join("data"),
+            cert = dir.path().join("cert.pem"),
+            key = dir.path().join("key.pem"),
+            public = keys.join("token.pub"),
+        )
+    };
+    let file = dir.path().join("node.toml");
+    std::fs::write(&file, config(1)).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("presence.radius_m"),
+        "the error does not name the field: {err}"
+    );
+
+    std::fs::write(&file, config(5_000)).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    wait_for(&rx, "nearby node is ready");
+    terminate(child, &rx);
+}

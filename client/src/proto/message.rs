@@ -120,7 +120,12 @@ pub enum Response {
     /// The session is authenticated.
     Welcome(SessionInfo),
     /// The answer to the session's first [`Request::UpdateLocation`]: the first page.
-    Started(NearbyPage),
+    Started {
+        /// Friends in range, nearest first.
+        page: NearbyPage,
+        /// When the node wants the next update, in seconds (battery-aware cadence).
+        next_update_s: u32,
+    },
     /// A later location update was stored.
     Located {
         /// When the node wants the next update, in seconds (battery-aware cadence).

@@ -73,7 +73,13 @@ async fn hello_then_typed_requests() {
     assert_eq!(err.code(), Some(ErrorCode::NotStarted));
 
     let ack = client.update_location(PARIS).await.expect("location");
-    assert_eq!(ack, LocationAck::Started(first_page()));
+    assert_eq!(
+        ack,
+        LocationAck::Started {
+            page: first_page(),
+            next_update_s: 30
+        }
+    );
     let ack = client.update_location(PARIS).await.expect("location");
     assert_eq!(ack, LocationAck::Located { next_update_s: 30 });
 

@@ -287,7 +287,10 @@ fn canned(request: &Request, started: &mut bool, radius_m: u32) -> Option<Respon
                 Response::Located { next_update_s: 30 }
             } else {
                 *started = true;
-                Response::Started(first_page())
+                Response::Started {
+                    page: first_page(),
+                    next_update_s: 30,
+                }
             }
         }
         // Echo the cursor back as `next` so concurrent callers can check they got their answer.

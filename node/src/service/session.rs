@@ -235,9 +235,9 @@ impl Session {
             Request::UpdateLocation { at } => {
                 let me = self.me()?;
                 match core.update_location(me, at, !self.started)? {
-                    LocationAck::Started(page) => {
+                    LocationAck::Started { page, next_update_s } => {
                         self.started = true;
-                        Ok(Response::Started(page))
+                        Ok(Response::Started { page, next_update_s })
                     }
                     LocationAck::Located { next_update_s } => Ok(Response::Located { next_update_s }),
                 }

@@ -41,7 +41,7 @@ async fn friends_3km_apart_see_each_other_and_far_friends_and_strangers_see_noth
         .update_location(nearby_client::proto::Coord { lat: B.0, lon: B.1 })
         .await
     {
-        Ok(LocationAck::Started(page)) => page,
+        Ok(LocationAck::Started { page, .. }) => page,
         other => panic!("expected the first page, got {other:?}"),
     };
     assert_eq!(page.friends.len(), 1, "{page:?}");
@@ -232,7 +232,7 @@ async fn pages_of_twenty_nearest_first_with_a_cursor_over_45_friends() {
         .update_location(nearby_client::proto::Coord { lat: A.0, lon: A.1 })
         .await
     {
-        Ok(LocationAck::Started(p)) => p,
+        Ok(LocationAck::Started { page, .. }) => page,
         other => panic!("{other:?}"),
     };
     assert_eq!(first.friends.len(), 20);

@@ -150,7 +150,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> anyhow::Resu
         Command::Login => unreachable!("handled before connecting"),
         Command::Location(LocationCommand::Set { lat, lon }) => {
             let (page, next_update_s) = match client.update_location(Coord { lat, lon }).await? {
-                LocationAck::Started(page) => (page, client.session().next_update_s),
+                LocationAck::Started { page, next_update_s } => (page, next_update_s),
                 // The node still held a live location: the session runs; show the page anyway.
                 LocationAck::Located { next_update_s } => {
                     (client.list_nearby(None, None).await?, next_update_s)
@@ -254,7 +254,7 @@ async fn watch(client: &Client, at: Option<Coord>, json: bool) -> anyhow::Result
     let mut cadence = Duration::from_secs(u64::from(client.session().next_update_s.max(1)));
     if let Some(at) = at {
         let page = match client.update_location(at).await? {
-            LocationAck::Started(page) => page,
+            LocationAck::Started { page, .. } => page,
             LocationAck::Located { next_update_s } => {
                 cadence = Duration::from_secs(u64::from(next_update_s.max(1)));
                 client.list_nearby(None, None).await?
@@ -283,7 +283,7 @@ async fn watch(client: &Client, at: Option<Coord>, json: bool) -> anyhow::Result
                         Ok(LocationAck::Located { next_update_s }) => {
                             cadence = Duration::from_secs(u64::from(next_update_s.max(1)));
                         }
-                        Ok(LocationAck::Started(page)) => remember(&mut names, &page),
+                        Ok(LocationAck::Started { page, .. }) => remember(&mut names, &page),
                         // Retryable failures (a reconnect under way) are reported as events.
                         Err(e) if e.is_retryable() => tracing::debug!(%e, "location not sent"),
                         Err(e) => return Err(e.into()),

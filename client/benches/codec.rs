@@ -1,0 +1,2 @@
+//! Placeholder: replaced by the benchmark in the next commit.
+fn main() {}

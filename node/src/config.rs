@@ -1,0 +1,314 @@
+//! `nearby-node run --config FILE`: the production configuration, a TOML file with environment
+//! overrides (`NEARBY_<FIELD>`, e.g. `NEARBY_LISTEN=0.0.0.0:7400`), validated up front so a bad
+//! value is a clear error naming the field rather than a failure later.
+//!
+//! ```toml
+//! node_id = 1
+//! data = "/var/lib/nearby"
+//! listen = "0.0.0.0:7400"        # client service (UDP)
+//! raft_listen = "0.0.0.0:7401"   # node-to-node Raft transport (UDP)
+//! groups = 4                     # shard groups of a fresh cluster
+//!
+//! [tls]                          # the client service's certificate
+//! cert = "/etc/nearby/cert.pem"
+//! key = "/etc/nearby/key.pem"
+//!
+//! [auth]
+//! token_public_key = "/etc/nearby/token.pub"   # from `nearby-node keygen`
+//!
+//! [presence]
+//! radius_m = 8000
+//! ttl_s = 600
+//! page_size = 20
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::core::ServiceConfig;
+use crate::presence::PresenceConfig;
+
+/// A configuration error, naming the field or file at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration (unknown or mistyped field).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and field.
+        message: String,
+    },
+    /// A field has an invalid value.
+    #[error("config field `{field}`: {reason}")]
+    Field {
+        /// The field, as written in the file (`section.key`).
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn field(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id (never reused).
+    pub node_id: u64,
+    /// Data directory.
+    pub data: PathBuf,
+    /// Client service address (UDP).
+    pub listen: SocketAddr,
+    /// Raft transport address (UDP).
+    pub raft_listen: SocketAddr,
+    /// Shard groups of a fresh cluster.
+    #[serde(default = "default_groups")]
+    pub groups: u64,
+    /// The client service's certificate.
+    pub tls: TlsConfig,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Presence settings.
+    #[serde(default)]
+    pub presence: PresenceSection,
+}
+
+/// `[tls]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the Ed25519 public key that signs session tokens (base64url, one line).
+    pub token_public_key: PathBuf,
+}
+
+/// `[presence]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceSection {
+    /// Search radius (the largest a user may choose), metres.
+    #[serde(default = "default_radius")]
+    pub radius_m: u32,
+    /// Inactivity timeout, seconds.
+    #[serde(default = "default_ttl")]
+    pub ttl_s: u32,
+    /// Friends per page.
+    #[serde(default = "default_page")]
+    pub page_size: u16,
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        PresenceSection {
+            radius_m: default_radius(),
+            ttl_s: default_ttl(),
+            page_size: default_page(),
+        }
+    }
+}
+
+fn default_groups() -> u64 {
+    4
+}
+fn default_radius() -> u32 {
+    8_000
+}
+fn default_ttl() -> u32 {
+    600
+}
+fn default_page() -> u16 {
+    20
+}
+
+impl NodeConfig {
+    /// Reads `path`, applies `NEARBY_*` overrides from `env`, and validates.
+    pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Parses TOML text (see [`NodeConfig::load`]).
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<NodeConfig, ConfigError> {
+        let mut c: NodeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        c.apply_env(env)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(name: &'static str, v: String) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            v.parse().map_err(|e: T::Err| field(name, format!("{v:?}: {e}")))
+        }
+        if let Some(v) = env("NEARBY_NODE_ID") {
+            self.node_id = parse("NEARBY_NODE_ID", v)?;
+        }
+        if let Some(v) = env("NEARBY_DATA") {
+            self.data = PathBuf::from(v);
+        }
+        if let Some(v) = env("NEARBY_LISTEN") {
+            self.listen = parse("NEARBY_LISTEN", v)?;
+        }
+        if let Some(v) = env("NEARBY_RAFT_LISTEN") {
+            self.raft_listen = parse("NEARBY_RAFT_LISTEN", v)?;
+        }
+        if let Some(v) = env("NEARBY_RADIUS_M") {
+            self.presence.radius_m = parse("NEARBY_RADIUS_M", v)?;
+        }
+        if let Some(v) = env("NEARBY_TTL_S") {
+            self.presence.ttl_s = parse("NEARBY_TTL_S", v)?;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id == 0 {
+            return Err(field("node_id", "must be at least 1"));
+        }
+        if !(1..=4096).contains(&self.groups) {
+            return Err(field("groups", format!("{} is not in 1..=4096", self.groups)));
+        }
+        if !(100..=50_000).contains(&self.presence.radius_m) {
+            return Err(field(
+                "presence.radius_m",
+                format!("{} m is not in 100..=50000", self.presence.radius_m),
+            ));
+        }
+        if !(30..=86_400).contains(&self.presence.ttl_s) {
+            return Err(field(
+                "presence.ttl_s",
+                format!("{} s is not in 30..=86400", self.presence.ttl_s),
+            ));
+        }
+        if !(1..=100).contains(&self.presence.page_size) {
+            return Err(field(
+                "presence.page_size",
+                format!("{} is not in 1..=100", self.presence.page_size),
+            ));
+        }
+        if self.listen == self.raft_listen && self.listen.port() != 0 {
+            return Err(field("raft_listen", "must differ from listen"));
+        }
+        Ok(())
+    }
+
+    /// The client-facing settings this configuration describes.
+    pub fn service(&self) -> ServiceConfig {
+        ServiceConfig {
+            presence: PresenceConfig {
+                radius_m: f64::from(self.presence.radius_m),
+                ttl: Duration::from_secs(u64::from(self.presence.ttl_s)),
+            },
+            page_size: self.presence.page_size,
+            ..ServiceConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_id = 3
+data = "/tmp/x"
+listen = "127.0.0.1:7400"
+raft_listen = "127.0.0.1:7401"
+[tls]
+cert = "c.pem"
+key = "k.pem"
+[auth]
+token_public_key = "t.pub"
+[presence]
+radius_m = 5000
+"#;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<NodeConfig, ConfigError> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        NodeConfig::parse(text, Path::new("node.toml"), move |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn a_good_file_parses_with_defaults_and_env_overrides() {
+        let c = parse(GOOD, &[("NEARBY_LISTEN", "0.0.0.0:9000")]).expect("parses");
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.groups, 4);
+        assert_eq!(c.presence.radius_m, 5000);
+        assert_eq!(c.presence.ttl_s, 600);
+        assert_eq!(c.listen, "0.0.0.0:9000".parse().expect("addr"));
+        assert_eq!(c.service().presence.ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        /// The file's text, environment overrides, and the field the error must name.
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            (
+                &GOOD.replace("radius_m = 5000", "radius_m = 5"),
+                &[],
+                "presence.radius_m",
+            ),
+            (&GOOD.replace("node_id = 3", "node_id = 0"), &[], "node_id"),
+            (
+                &GOOD.replace("node_id = 3", "node_id = \"three\""),
+                &[],
+                "node_id",
+            ),
+            (
+                &GOOD.replace("[presence]", "[presence]\nradius = 1"),
+                &[],
+                "radius",
+            ),
+            (&GOOD.replace("listen = \"127.0.0.1:7400\"\n", ""), &[], "listen"),
+            (GOOD, &[("NEARBY_TTL_S", "soon")], "NEARBY_TTL_S"),
+            (GOOD, &[("NEARBY_RAFT_LISTEN", "127.0.0.1:7400")], "raft_listen"),
+        ];
+        for (text, env, name) in cases {
+            let err = parse(text, env).expect_err("must fail").to_string();
+            assert!(err.contains(name), "error {err:?} does not name {name}");
+        }
+    }
+}
