@@ -24,10 +24,6 @@ fn encode_config() -> impl Config {
     config::standard()
 }
 
-fn decode_config() -> impl Config {
-    config::standard().with_limit::<MAX_DECODE_BYTES>()
-}
-
 /// Appends to a `Vec<u8>`; avoids going through `std::io::Write`.
 struct VecWriter<'a>(&'a mut Vec<u8>);
 
@@ -79,7 +75,15 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, buf: &mut Vec<u8>) -> Resul
 ///   values that fail the type's own validation, e.g. an out-of-range latitude);
 /// - [`CodecError::TrailingBytes`] if a value decodes but bytes are left over.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    match bincode::serde::decode_from_slice::<T, _>(bytes, decode_config()) {
+    decode_with_limit::<T, MAX_DECODE_BYTES>(bytes)
+}
+
+/// [`decode`] with a smaller bound on what the bytes may claim: network frames use their own
+/// frame limit, so a 10-byte frame announcing a 200 MB string fails before anything that large
+/// is allocated.
+pub fn decode_with_limit<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, CodecError> {
+    let config = config::standard().with_limit::<LIMIT>();
+    match bincode::serde::decode_from_slice::<T, _>(bytes, config) {
         Ok((value, consumed)) if consumed == bytes.len() => Ok(value),
         Ok((_, consumed)) => Err(CodecError::TrailingBytes {
             consumed,
@@ -87,7 +91,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
         }),
         Err(DecodeError::LimitExceeded) => Err(CodecError::TooLarge {
             total: bytes.len(),
-            limit: MAX_DECODE_BYTES,
+            limit: LIMIT,
         }),
         Err(e) => Err(CodecError::Decode {
             total: bytes.len(),

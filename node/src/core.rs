@@ -64,6 +64,9 @@ impl From<ProposeError> for ServiceError {
     }
 }
 
+/// The largest page a client may ask for; larger requests get this many.
+pub const MAX_PAGE: u16 = 100;
+
 /// Client-facing settings of a node.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -86,10 +89,23 @@ impl Default for ServiceConfig {
 }
 
 /// One connected session's handle, as the core sees it.
+#[derive(Clone)]
 pub struct SessionSink {
     id: u64,
     /// Where the session's events go.
     pub events: Arc<EventQueue>,
+}
+
+impl SessionSink {
+    /// A sink with its own queue, for backends that number their sessions themselves.
+    pub fn new(id: u64, events: Arc<EventQueue>) -> Self {
+        SessionSink { id, events }
+    }
+
+    /// The session's number.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
 }
 
 /// What a location update answered.
@@ -312,7 +328,7 @@ impl Core {
                 Some(prev) if prev.updated_at >= now => Millis(prev.updated_at.0 + 1),
                 _ => now,
             };
-            p.handle_location(s, user, loc, at, now)
+            p.handle_location(s, user, loc, at, now, first)
         });
         let next_update_s = self.presences().get(&group).map_or(30, |p| p.cadence_s(user));
         if first {
@@ -334,7 +350,8 @@ impl Core {
             .map(Cursor::from_token)
             .transpose()
             .map_err(|e| ServiceError::new(ErrorCode::InvalidArgument, e.to_string()))?;
-        let size = page_size.unwrap_or(self.config.page_size).max(1) as usize;
+        // 100 entries with the longest names still fit a 64 KiB frame.
+        let size = page_size.unwrap_or(self.config.page_size).clamp(1, MAX_PAGE) as usize;
         let presences = self.presences();
         let p = presences
             .get(&group)
@@ -374,15 +391,16 @@ impl Core {
         let second = match other.filter(|_| cmd.is_two_sided()) {
             Some(o) => {
                 let g = self.group_of(o)?;
-                if !matches!(cmd, Command::RemoveFriend { .. } | Command::RevokeFollow { .. })
-                    && g.read(|s| s.user(o).is_none())
-                {
+                let exists = g.read(|s| s.user(o).is_some());
+                let removal = matches!(cmd, Command::RemoveFriend { .. } | Command::RevokeFollow { .. });
+                if !exists && !removal {
                     return Err(ServiceError::new(
                         ErrorCode::UnknownUser,
                         format!("unknown user {o}"),
                     ));
                 }
-                (g.id() != first.id()).then_some(g)
+                // Removing a relation with a user who does not exist only cleans this side.
+                (exists && g.id() != first.id()).then_some(g)
             }
             None => None,
         };
@@ -433,7 +451,7 @@ impl Core {
     }
 
     /// Closes every session's event queue (shutdown).
-    pub(crate) fn close_all(&self, reason: &'static str) {
+    pub fn close_all(&self, reason: &'static str) {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         for s in sessions.values().flatten() {
             s.events.close(reason);
@@ -483,5 +501,73 @@ pub fn outcome(r: &CommandResult) -> Outcome {
         CommandResult::FriendRemoved => Outcome::FriendRemoved,
         CommandResult::Unchanged | CommandResult::AlreadyRegistered => Outcome::Unchanged,
         CommandResult::Registered | CommandResult::Updated | CommandResult::Rejected(_) => Outcome::Updated,
+    }
+}
+
+impl crate::backend::Backend for Core {
+    fn now(&self) -> Millis {
+        Core::now(self)
+    }
+
+    fn limits(&self) -> crate::backend::Limits {
+        crate::backend::Limits {
+            radius_m: self.config.presence.radius_m,
+            ttl_s: self.config.presence.ttl.as_secs() as u32,
+            page_size: self.config.page_size,
+        }
+    }
+
+    async fn ensure_registered(&self, user: UserId) -> Result<(), ServiceError> {
+        Core::ensure_registered(self, user).await
+    }
+
+    async fn open_session(&self, user: UserId) -> Result<SessionSink, ServiceError> {
+        Core::open_session(self, user)
+    }
+
+    async fn close_session(&self, user: UserId, sink: SessionSink) {
+        Core::close_session(self, user, &sink)
+    }
+
+    async fn has_location(&self, user: UserId) -> bool {
+        Core::has_location(self, user)
+    }
+
+    async fn update_location(
+        &self,
+        user: UserId,
+        at: proto::Coord,
+        first: bool,
+    ) -> Result<LocationAck, ServiceError> {
+        Core::update_location(self, user, at, first)
+    }
+
+    async fn list(
+        &self,
+        user: UserId,
+        cursor: Option<String>,
+        page_size: Option<u16>,
+    ) -> Result<NearbyPage, ServiceError> {
+        Core::list(self, user, cursor.as_deref(), page_size)
+    }
+
+    async fn friends(&self, user: UserId) -> Result<proto::FriendList, ServiceError> {
+        Core::friends(self, user)
+    }
+
+    async fn commit(&self, cmd: Command) -> Result<CommandResult, ServiceError> {
+        Core::commit(self, cmd).await
+    }
+
+    async fn set_radius(&self, user: UserId, meters: u32) -> Result<(), ServiceError> {
+        Core::set_radius(self, user, meters)
+    }
+
+    fn tick(&self) {
+        Core::tick(self)
+    }
+
+    fn close_all(&self, reason: &'static str) {
+        Core::close_all(self, reason)
     }
 }

@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`auth`]: signed session tokens (Ed25519).
+//! - [`backend`]: what the client service needs from the storage and routing layer.
 //! - [`clock`]: injected time.
 //! - [`config`]: the production configuration file (`nearby-node run --config`).
 //! - [`core`]: joins shard groups, presence and sessions; every client operation.
@@ -18,6 +19,7 @@
 //! The replicated store itself is the `nearby-raft` crate; the pure index is `nearby-index`.
 
 pub mod auth;
+pub mod backend;
 pub mod clock;
 pub mod config;
 pub mod core;

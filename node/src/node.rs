@@ -72,7 +72,7 @@ pub enum NodeError {
 pub struct Node {
     host: RaftHost,
     core: Arc<Core>,
-    service: Service,
+    service: Service<Core>,
     client_addr: SocketAddr,
 }
 

@@ -283,7 +283,7 @@ impl Presence {
         if let Some(v) = self.viewers.get_mut(&viewer) {
             v.radius_m = r;
         }
-        self.refresh_view(viewer);
+        self.refresh_view(viewer, false);
     }
 
     /// The user's last session closed.
@@ -298,7 +298,8 @@ impl Presence {
     }
 
     /// A location update of `user` (a user of this group). Stale updates (not newer than the
-    /// stored one, or already past the TTL) are ignored and return `false`.
+    /// stored one, or already past the TTL) are ignored and return `false`. With `quiet`, the
+    /// user's own view is updated without events (the caller answers with the first page).
     pub fn handle_location(
         &mut self,
         state: &GroupState,
@@ -306,6 +307,7 @@ impl Presence {
         loc: LatLng,
         at: Millis,
         now: Millis,
+        quiet: bool,
     ) -> bool {
         if at.saturating_add(self.config.ttl) <= now {
             return false;
@@ -315,7 +317,7 @@ impl Presence {
         }
         let latest = LatestLocation { loc, updated_at: at };
         self.publish(state, user, latest, now);
-        self.refresh_view(user);
+        self.refresh_view(user, quiet);
         true
     }
 
@@ -340,7 +342,7 @@ impl Presence {
     }
 
     /// Recomputes what `viewer` sees after the viewer moved or changed radius.
-    fn refresh_view(&mut self, viewer: UserId) {
+    fn refresh_view(&mut self, viewer: UserId, quiet: bool) {
         let Some(me) = self.locations.get(viewer) else {
             return;
         };
@@ -373,8 +375,10 @@ impl Presence {
                 _ => {}
             }
         }
-        self.outputs
-            .extend(events.into_iter().map(|event| Output::Push { viewer, event }));
+        if !quiet {
+            self.outputs
+                .extend(events.into_iter().map(|event| Output::Push { viewer, event }));
+        }
     }
 
     /// Handles a message from a group (possibly this one).
@@ -811,7 +815,14 @@ mod tests {
             self.now = Millis(self.now.0 + 1_000);
             let now = self.now;
             let p = self.presences.get_mut(&g).expect("p");
-            assert!(p.handle_location(&self.states[&g], u, LatLng::new(lat, lon).expect("ll"), now, now));
+            assert!(p.handle_location(
+                &self.states[&g],
+                u,
+                LatLng::new(lat, lon).expect("ll"),
+                now,
+                now,
+                false
+            ));
             self.drain(g);
         }
 

@@ -63,11 +63,15 @@ impl EventQueue {
             return;
         }
         if s.events.len() >= self.capacity {
+            // Only the friend's *latest* queued event may be replaced, and only if it is a
+            // position: replacing an earlier one would move the new position ahead of a later
+            // "left" or "gone".
             let friend = event.friend();
             let same = s
                 .events
                 .iter()
-                .position(|e| is_position(e) && e.friend() == friend && is_position(&event));
+                .rposition(|e| e.friend() == friend)
+                .filter(|&i| is_position(&s.events[i]) && is_position(&event));
             if let Some(i) = same {
                 s.events[i] = event;
                 s.superseded += 1;
@@ -162,6 +166,22 @@ mod tests {
         assert!(matches!(got[0], Event::FriendGone { id: 2, .. }));
         assert_eq!(got[1], moved(3, 1));
         assert_eq!(got[2], moved(4, 1));
+    }
+
+    #[tokio::test]
+    async fn a_new_position_never_overtakes_a_later_visibility_event() {
+        let q = EventQueue::new(2);
+        q.push(moved(1, 1));
+        let left = Event::FriendLeft {
+            id: 1,
+            distance_m: 9_000.0,
+            updated_at: Millis(2),
+        };
+        q.push(left.clone());
+        // Full: friend 1's latest event is "left", so the old position is dropped instead.
+        q.push(moved(1, 3));
+        assert_eq!(q.pop().await, Popped::Event(left));
+        assert_eq!(q.pop().await, Popped::Event(moved(1, 3)));
     }
 
     #[tokio::test]

@@ -87,7 +87,7 @@ pub fn check(buf: &[u8]) -> Result<usize, FrameError> {
 /// Parses the frame at the start of `buf`: the message and the bytes it used.
 pub fn parse<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), FrameError> {
     let total = check(buf)?;
-    let msg = nearby_index::codec::decode(&buf[PREFIX_LEN..total])
+    let msg = nearby_index::codec::decode_with_limit::<T, MAX_FRAME_LEN>(&buf[PREFIX_LEN..total])
         .map_err(|e| FrameError::Malformed(e.to_string()))?;
     Ok((msg, total))
 }
@@ -182,6 +182,32 @@ mod tests {
                 max: MAX_FRAME_LEN
             })
         );
+    }
+
+    #[test]
+    fn error_codes_travel_as_their_numbers() {
+        use crate::proto::ErrorCode;
+        for code in ErrorCode::ALL {
+            let bytes = nearby_index::codec::encode(&code).expect("encode");
+            let n: u16 = nearby_index::codec::decode(&bytes).expect("as u16");
+            assert_eq!(n, code as u16);
+            assert_eq!(
+                nearby_index::codec::decode::<ErrorCode>(&bytes).expect("back"),
+                code
+            );
+        }
+        let unknown = nearby_index::codec::encode(&999u16).expect("encode");
+        assert!(nearby_index::codec::decode::<ErrorCode>(&unknown).is_err());
+    }
+
+    #[test]
+    fn a_frame_claiming_a_huge_string_fails_without_allocating_it() {
+        // A 9-byte payload: Request::SetName (variant 9) whose name claims 200 MB.
+        let mut payload = vec![1u8, 9, 0xfc];
+        payload.extend_from_slice(&200_000_000u32.to_le_bytes());
+        let mut bytes = (payload.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&payload);
+        assert!(parse::<RequestFrame>(&bytes).is_err());
     }
 
     #[test]

@@ -263,8 +263,10 @@ impl fmt::Display for ErrorBody {
     }
 }
 
-/// Stable error codes. Numbers never change meaning; new codes are added at the end.
+/// Stable error codes. Numbers never change meaning; new codes are added at the end. On the wire
+/// a code is its number (a `u16`), not its position in the enum.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "u16", try_from = "u16")]
 #[repr(u16)]
 pub enum ErrorCode {
     /// The bytes are not a valid frame or message. The node closes the connection after it.
@@ -299,7 +301,44 @@ pub enum ErrorCode {
     AlreadyAuthenticated = 15,
 }
 
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        c as u16
+    }
+}
+
+impl TryFrom<u16> for ErrorCode {
+    type Error = String;
+
+    fn try_from(n: u16) -> Result<Self, String> {
+        ErrorCode::ALL
+            .iter()
+            .copied()
+            .find(|c| *c as u16 == n)
+            .ok_or_else(|| format!("unknown error code {n}"))
+    }
+}
+
 impl ErrorCode {
+    /// Every code, in number order.
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::BadFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::NotAuthenticated,
+        ErrorCode::TokenExpired,
+        ErrorCode::TokenInvalid,
+        ErrorCode::Forbidden,
+        ErrorCode::InvalidCoordinates,
+        ErrorCode::UnknownUser,
+        ErrorCode::InvalidArgument,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+        ErrorCode::NotStarted,
+        ErrorCode::AlreadyAuthenticated,
+    ];
+
     /// The code's stable name, as the CLI prints it.
     pub fn name(self) -> &'static str {
         match self {

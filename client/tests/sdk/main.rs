@@ -389,3 +389,47 @@ async fn gives_up_after_the_configured_attempts() {
     assert!(reason.is_retryable(), "the last failure is reported: {reason:?}");
     assert!(matches!(client.ping().await, Err(ClientError::Closed)));
 }
+
+#[path = "../../benches/examples.rs"]
+mod examples;
+
+/// The byte-level examples in `docs/protocol.md` are what the codec produces, and are printed.
+#[test]
+fn protocol_doc_examples_match_the_codec() {
+    examples::check_documented_examples();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
+        .expect("docs/protocol.md");
+    // The doc prints bytes inline (`00 00 00 02 01 0b`) or as dumps whose lines start with
+    // bytes and end with a comment: collect the bytes in order, a `|` between separate spans.
+    let is_byte = |t: &str| t.len() == 2 && t.chars().all(|c| c.is_ascii_hexdigit());
+    let mut seen: Vec<String> = Vec::new();
+    for line in doc.lines() {
+        if line.contains('`') {
+            for (i, span) in line.split('`').enumerate() {
+                if i % 2 == 1 {
+                    seen.push("|".into());
+                    seen.extend(span.split_whitespace().filter(|t| is_byte(t)).map(String::from));
+                }
+            }
+            seen.push("|".into());
+        } else {
+            let lead: Vec<String> = line
+                .split_whitespace()
+                .take_while(|t| is_byte(t))
+                .map(String::from)
+                .collect();
+            if lead.is_empty() {
+                seen.push("|".into());
+            }
+            seen.extend(lead);
+        }
+    }
+    let printed = seen.join(" ");
+    for (name, hex) in examples::DOCUMENTED {
+        let hex = hex.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            printed.contains(&hex),
+            "docs/protocol.md does not print the {name} example: {hex}"
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! shuts down by telling every session to reconnect elsewhere.
 //!
 //! This module owns the endpoint and its limits; [`session`] owns the streams of one connection;
-//! everything a request *does* is in [`crate::core::Core`].
+//! everything a request *does* is behind [`Backend`] (nearby's is [`crate::core::Core`]).
 
 pub mod session;
 pub mod tls;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use crate::auth::{TokenSigner, TokenVerifier};
-use crate::core::Core;
+use crate::backend::Backend;
 
 /// How the service runs.
 pub struct ServiceOptions {
@@ -69,16 +69,16 @@ pub enum ServiceStartError {
     },
 }
 
-/// A running client service.
-pub struct Service {
+/// A running client service over backend `B`.
+pub struct Service<B: Backend> {
     endpoint: quinn::Endpoint,
-    core: Arc<Core>,
-    ctx: Arc<session::Context>,
+    core: Arc<B>,
+    ctx: Arc<session::Context<B>>,
 }
 
-impl Service {
+impl<B: Backend> Service<B> {
     /// Binds the endpoint.
-    pub fn bind(opts: ServiceOptions, core: Arc<Core>) -> Result<Service, ServiceStartError> {
+    pub fn bind(opts: ServiceOptions, core: Arc<B>) -> Result<Service<B>, ServiceStartError> {
         let server_config = opts.tls.quinn_config().map_err(ServiceStartError::Tls)?;
         let endpoint = quinn::Endpoint::server(server_config, opts.listen).map_err(|source| {
             ServiceStartError::Bind {

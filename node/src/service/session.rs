@@ -19,20 +19,26 @@ use nearby_raft::Command;
 use tokio::time::Instant;
 
 use crate::auth::{AuthError, Claims, TokenSigner, TokenVerifier};
-use crate::core::{outcome, Core, LocationAck, ServiceError, SessionSink};
+use crate::backend::Backend;
+use crate::core::{outcome, LocationAck, ServiceError, SessionSink};
 use crate::queue::{EventQueue, Popped};
 
 /// The reason the core closes queues with at shutdown.
 pub(crate) const SHUTDOWN: &str = "node shutting down";
 
+/// The reason a session's own end closes its queue with.
+const SESSION_ENDED: &str = "session ended";
+
+/// QUIC application error code for a connection closed normally (shutdown, or the client done).
+const CLOSE_DONE: u32 = 0;
 /// QUIC application error code for a connection closed because of a protocol violation.
 const CLOSE_PROTOCOL: u32 = 1;
 /// QUIC application error code for a connection closed because the client read too slowly.
 const CLOSE_SLOW: u32 = 2;
 
 /// What every session shares.
-pub(crate) struct Context {
-    pub(crate) core: Arc<Core>,
+pub(crate) struct Context<B> {
+    pub(crate) core: Arc<B>,
     pub(crate) verifier: TokenVerifier,
     pub(crate) dev_signer: Option<Arc<TokenSigner>>,
     pub(crate) dev_token_ttl: Duration,
@@ -43,9 +49,9 @@ pub(crate) struct Context {
 }
 
 /// Counts a connection for the service's limit while it lives.
-struct ConnectionCount(Arc<Context>);
+struct ConnectionCount<B: Backend>(Arc<Context<B>>);
 
-impl Drop for ConnectionCount {
+impl<B: Backend> Drop for ConnectionCount<B> {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
@@ -82,8 +88,8 @@ impl RateLimit {
     }
 }
 
-struct Session {
-    ctx: Arc<Context>,
+struct Session<B> {
+    ctx: Arc<Context<B>>,
     conn: quinn::Connection,
     send: quinn::SendStream,
     user: Option<UserId>,
@@ -94,7 +100,7 @@ struct Session {
 }
 
 /// Serves one incoming connection to its end.
-pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
+pub(crate) async fn serve<B: Backend>(incoming: quinn::Incoming, ctx: Arc<Context<B>>) {
     ctx.connections.fetch_add(1, Ordering::Relaxed);
     let _count = ConnectionCount(Arc::clone(&ctx));
     let conn = match incoming.await {
@@ -104,7 +110,9 @@ pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
             return;
         }
     };
-    let (send, recv) = match tokio::time::timeout(ctx.hello_timeout, conn.accept_bi()).await {
+    // One deadline for the whole opening: control stream and Hello.
+    let hello_by = Instant::now() + ctx.hello_timeout;
+    let (send, recv) = match tokio::time::timeout_at(hello_by, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "connection ended before its control stream");
@@ -125,11 +133,19 @@ pub(crate) async fn serve(incoming: quinn::Incoming, ctx: Arc<Context>) {
         started: false,
         out: Vec::new(),
     };
-    if let Err(e) = s.run(recv).await {
-        tracing::debug!(user = ?s.user, error = %e, "session ended");
+    match s.run(recv, hello_by).await {
+        // The client finished its control stream: the session is over.
+        Ok(()) => s.conn.close(quinn::VarInt::from_u32(CLOSE_DONE), b"bye"),
+        Err(SessionEnd::HelloTimeout) => {
+            s.conn
+                .close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no hello in time");
+        }
+        Err(e) => tracing::debug!(user = ?s.user, error = %e, "session ended"),
     }
     if let (Some(user), Some(sink)) = (s.user, s.sink.take()) {
-        s.ctx.core.close_session(user, &sink);
+        // Ends the event writer too.
+        sink.events.close(SESSION_ENDED);
+        s.ctx.core.close_session(user, sink).await;
     }
 }
 
@@ -146,11 +162,10 @@ enum SessionEnd {
     Protocol(FrameError),
 }
 
-impl Session {
-    async fn run(&mut self, mut recv: quinn::RecvStream) -> Result<(), SessionEnd> {
+impl<B: Backend> Session<B> {
+    async fn run(&mut self, mut recv: quinn::RecvStream, hello_by: Instant) -> Result<(), SessionEnd> {
         let mut frames = FrameBuffer::new();
         let mut chunk = vec![0u8; 16 * 1024];
-        let hello_by = Instant::now() + self.ctx.hello_timeout;
         loop {
             let read = if self.user.is_none() {
                 tokio::time::timeout_at(hello_by, recv.read(&mut chunk))
@@ -234,7 +249,7 @@ impl Session {
             Request::DevLogin { user } => self.dev_login(user).await,
             Request::UpdateLocation { at } => {
                 let me = self.me()?;
-                match core.update_location(me, at, !self.started)? {
+                match core.update_location(me, at, !self.started).await? {
                     LocationAck::Started { page, next_update_s } => {
                         self.started = true;
                         Ok(Response::Started { page, next_update_s })
@@ -242,12 +257,10 @@ impl Session {
                     LocationAck::Located { next_update_s } => Ok(Response::Located { next_update_s }),
                 }
             }
-            Request::ListNearby { cursor, page_size } => Ok(Response::Nearby(core.list(
-                self.me()?,
-                cursor.as_deref(),
-                page_size,
-            )?)),
-            Request::ListFriends => Ok(Response::Friends(core.friends(self.me()?)?)),
+            Request::ListNearby { cursor, page_size } => {
+                Ok(Response::Nearby(core.list(self.me()?, cursor, page_size).await?))
+            }
+            Request::ListFriends => Ok(Response::Friends(core.friends(self.me()?).await?)),
             Request::AddFriend { user } => {
                 self.commit(Command::AddFriend {
                     from: self.me()?,
@@ -285,7 +298,7 @@ impl Session {
                 .await
             }
             Request::SetRadius { meters } => {
-                core.set_radius(self.me()?, meters)?;
+                core.set_radius(self.me()?, meters).await?;
                 Ok(Response::Done(nearby_client::proto::Outcome::Updated))
             }
             Request::Ping => Ok(Response::Pong),
@@ -328,18 +341,18 @@ impl Session {
             ));
         }
         core.ensure_registered(user).await?;
-        let sink = core.open_session(user)?;
+        let sink = core.open_session(user).await?;
         tokio::spawn(write_events(self.conn.clone(), Arc::clone(&sink.events), user));
         self.sink = Some(sink);
         self.user = Some(user);
-        self.started = core.has_location(user);
+        self.started = core.has_location(user).await;
         tracing::debug!(user, client, "session authenticated");
-        let cfg = core.config();
+        let limits = core.limits();
         Ok(Response::Welcome(SessionInfo {
             user,
-            radius_m: cfg.presence.radius_m as u32,
-            ttl_s: cfg.presence.ttl.as_secs() as u32,
-            page_size: cfg.page_size,
+            radius_m: limits.radius_m as u32,
+            ttl_s: limits.ttl_s,
+            page_size: limits.page_size,
             next_update_s: if self.started { 30 } else { 0 },
         }))
     }
@@ -374,7 +387,8 @@ async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: Use
     loop {
         let event = match queue.pop().await {
             Popped::Event(e) => e,
-            Popped::Closed(reason) if reason == SHUTDOWN => {
+            Popped::Closed(SESSION_ENDED) => return,
+            Popped::Closed(SHUTDOWN) => {
                 // Spread the reconnections of a draining node's clients over two seconds.
                 let reconnect_after_ms = (user.wrapping_mul(2_654_435_761) % 2_000) as u32;
                 buf.clear();
