@@ -500,7 +500,10 @@ pub fn outcome(r: &CommandResult) -> Outcome {
         CommandResult::AlreadyFriends => Outcome::AlreadyFriends,
         CommandResult::FriendRemoved => Outcome::FriendRemoved,
         CommandResult::Unchanged | CommandResult::AlreadyRegistered => Outcome::Unchanged,
-        CommandResult::Registered | CommandResult::Updated | CommandResult::Rejected(_) => Outcome::Updated,
+        CommandResult::Registered
+        | CommandResult::Updated
+        | CommandResult::Imported { .. }
+        | CommandResult::Rejected(_) => Outcome::Updated,
     }
 }
 

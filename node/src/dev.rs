@@ -35,6 +35,8 @@ pub struct DevOptions {
     pub raft_listen: SocketAddr,
     /// How many shard groups cut the user-id space.
     pub groups: u64,
+    /// A bulk-import file to load before serving (see `nearby_raft::seed`).
+    pub import: Option<PathBuf>,
 }
 
 /// Why the dev node could not start.
@@ -125,6 +127,10 @@ pub async fn run(
         clock: Arc::new(SystemClock),
     })
     .await?;
+    if let Some(path) = &opts.import {
+        let seed = nearby_raft::seed::Seed::read(path).map_err(|e| files_err(path, e))?;
+        node.import(&seed).await?;
+    }
     let endpoint = node.client_addr().to_string();
     write(&opts.home.join("endpoint"), format!("{endpoint}\n").as_bytes())?;
     write(&opts.home.join("ca.pem"), ca_pem.as_bytes())?;

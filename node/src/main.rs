@@ -33,6 +33,9 @@ enum Cmd {
         /// Number of shard groups the user-id space is cut into.
         #[arg(long, default_value_t = 4)]
         groups: u64,
+        /// Load users and relations from a bulk-import file before serving.
+        #[arg(long)]
+        import: Option<PathBuf>,
     },
     /// Run a node from a configuration file (TOML; `NEARBY_*` environment overrides).
     Run {
@@ -76,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             raft_listen,
             home,
             groups,
+            import,
         } => {
             let home = match home {
                 Some(h) => h,
@@ -89,6 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 raft_listen,
                 groups,
+                import,
             };
             #[allow(clippy::print_stdout)] // the banner is for the person who typed the command
             let ready = |banner: String| println!("{banner}");

@@ -138,6 +138,43 @@ impl Node {
         Ok(groups)
     }
 
+    /// Loads a bulk-import file into this node's groups (idempotent: users already registered
+    /// stay as they are). Reports progress every 5 % of batches.
+    pub async fn import(&self, seed: &nearby_raft::seed::Seed) -> Result<(), NodeError> {
+        let groups = self.host.groups();
+        let batches: Vec<(nearby_raft::ShardGroup, nearby_raft::ImportBatch)> = groups
+            .iter()
+            .flat_map(|g| {
+                seed.batches_for(g.range())
+                    .into_iter()
+                    .map(move |b| (g.clone(), b))
+            })
+            .collect();
+        let total = batches.len();
+        let started = std::time::Instant::now();
+        tracing::info!(
+            users = seed.users.len(),
+            friendships = seed.friendships.len(),
+            batches = total,
+            "importing"
+        );
+        let mut skipped = 0;
+        for (i, (group, batch)) in batches.into_iter().enumerate() {
+            let r = group
+                .propose(nearby_raft::Command::Import(batch))
+                .await
+                .map_err(|e| NodeError::Setup(format!("import into group {}: {e}", group.id())))?;
+            if let nearby_raft::CommandResult::Imported { skipped: s, .. } = r {
+                skipped += s;
+            }
+            if (i + 1) % (total / 20).max(1) == 0 {
+                tracing::info!(done = i + 1, of = total, "import progress");
+            }
+        }
+        tracing::info!(elapsed = ?started.elapsed(), skipped, "import done");
+        Ok(())
+    }
+
     /// Where clients connect.
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr

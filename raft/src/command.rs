@@ -31,6 +31,34 @@ use crate::state::GroupState;
 /// The longest display name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 64;
 
+/// The most users plus relations one [`ImportBatch`] may carry (it is one log entry).
+pub const MAX_IMPORT_ITEMS: usize = 50_000;
+
+/// Bulk data for a fresh cluster (the load simulator's world, a migration): one log entry that
+/// registers users and makes relations. Each group applies the parts in its range; relations
+/// whose in-range side is not registered are skipped and counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportBatch {
+    /// Users to register, with display names (existing users are left as they are).
+    pub users: Vec<(UserId, String)>,
+    /// Mutual friendships.
+    pub friendships: Vec<(UserId, UserId)>,
+    /// One-way grants: `(user, follower)` — the follower may see the user.
+    pub follows: Vec<(UserId, UserId)>,
+}
+
+impl ImportBatch {
+    /// Users plus relations.
+    pub fn len(&self) -> usize {
+        self.users.len() + self.friendships.len() + self.follows.len()
+    }
+
+    /// Whether the batch carries nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A change to the replicated state of a shard group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -113,6 +141,8 @@ pub enum Command {
         /// Who may no longer see them.
         follower: UserId,
     },
+    /// Bulk import (see [`ImportBatch`]).
+    Import(ImportBatch),
 }
 
 impl fmt::Display for Command {
@@ -132,6 +162,13 @@ impl fmt::Display for Command {
             Command::RevokeFollow { user, follower } => {
                 write!(f, "revoke_follow({user} -> {follower})")
             }
+            Command::Import(b) => write!(
+                f,
+                "import({} users, {} friendships, {} follows)",
+                b.users.len(),
+                b.friendships.len(),
+                b.follows.len()
+            ),
         }
     }
 }
@@ -161,6 +198,14 @@ pub enum CommandError {
         /// The unknown user.
         user: UserId,
     },
+    /// An import batch larger than one log entry may be.
+    #[error("an import batch of {items} items exceeds {max}")]
+    TooLarge {
+        /// Items in the batch.
+        items: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A display name that is empty, too long, or has control characters.
     #[error("invalid display name: {reason}")]
     InvalidName {
@@ -180,6 +225,15 @@ pub enum CommandResult {
     Updated,
     /// The command was valid but changed nothing (already so).
     Unchanged,
+    /// An import was applied.
+    Imported {
+        /// Users registered in this group.
+        users: u64,
+        /// Relation sides written in this group.
+        relations: u64,
+        /// Relation sides skipped because their in-range user is not registered.
+        skipped: u64,
+    },
     /// A friend request is now pending (the other side has not asked back yet).
     FriendRequestSent,
     /// Both sides have asked: they are now friends.
@@ -216,6 +270,8 @@ impl Command {
             Command::GrantFollow { user, follower } | Command::RevokeFollow { user, follower } => {
                 (user, Some(follower))
             }
+            // An import acts for nobody; validation looks at its contents.
+            Command::Import(_) => (0, None),
         }
     }
 
@@ -239,6 +295,9 @@ impl Command {
     /// the state moved on) is rejected deterministically on every replica.
     pub fn validate(&self, state: &GroupState) -> Result<(), CommandError> {
         let range = state.range();
+        if let Command::Import(batch) = self {
+            return validate_import(batch);
+        }
         let (user, other) = self.users();
         if user == 0 || other == Some(0) {
             return Err(CommandError::ReservedUserId);
@@ -270,6 +329,30 @@ impl Command {
         }
         Ok(())
     }
+}
+
+fn validate_import(batch: &ImportBatch) -> Result<(), CommandError> {
+    if batch.len() > MAX_IMPORT_ITEMS {
+        return Err(CommandError::TooLarge {
+            items: batch.len(),
+            max: MAX_IMPORT_ITEMS,
+        });
+    }
+    for (user, name) in &batch.users {
+        if *user == 0 {
+            return Err(CommandError::ReservedUserId);
+        }
+        check_name(name)?;
+    }
+    for &(a, b) in batch.friendships.iter().chain(&batch.follows) {
+        if a == 0 || b == 0 {
+            return Err(CommandError::ReservedUserId);
+        }
+        if a == b {
+            return Err(CommandError::SelfRelation { user: a });
+        }
+    }
+    Ok(())
 }
 
 fn check_name(name: &str) -> Result<(), CommandError> {

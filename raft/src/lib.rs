@@ -22,6 +22,7 @@
 //! - [`store`]: openraft's `RaftLogStorage` (over the WAL) and `RaftStateMachine` (over
 //!   [`state::GroupState`], with snapshots on disk).
 //! - [`transport`]: the node-to-node Raft transport over QUIC with mutual TLS.
+//! - [`seed`]: the bulk-import file (a world to load into a fresh cluster).
 //! - [`host`]: [`RaftHost`], one node's set of groups, and [`ShardGroup`], the handle callers use
 //!   to propose commands and read state.
 //! - [`error`]: the crate's typed errors.
@@ -36,6 +37,7 @@
 pub mod command;
 pub mod error;
 pub mod host;
+pub mod seed;
 pub mod state;
 pub mod store;
 pub mod transport;
@@ -43,7 +45,7 @@ pub mod wal;
 
 use std::io::Cursor;
 
-pub use command::{Command, CommandError, CommandResult};
+pub use command::{Command, CommandError, CommandResult, ImportBatch};
 pub use error::{ProposeError, WalError};
 pub use host::{HostConfig, RaftHost, ShardGroup};
 pub use state::{GroupState, UserRecord};

@@ -17,7 +17,7 @@ use nearby_index::friends::{FriendSet, UserRange};
 use nearby_index::geo::{Millis, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandResult};
+use crate::command::{Command, CommandResult, ImportBatch};
 
 /// Everything the group stores about one of its users.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -138,6 +138,58 @@ impl GroupState {
                 let b = self.update_if_here(*follower, |r| r.following.remove(*user));
                 changed(a || b)
             }
+            Command::Import(batch) => self.import(batch),
+        }
+    }
+
+    fn import(&mut self, batch: &ImportBatch) -> CommandResult {
+        let (mut users, mut relations, mut skipped) = (0, 0, 0);
+        for (user, name) in &batch.users {
+            if self.range.contains(*user) && !self.users.contains_key(user) {
+                self.users.insert(
+                    *user,
+                    UserRecord {
+                        name: name.clone(),
+                        sharing: true,
+                        ..UserRecord::default()
+                    },
+                );
+                users += 1;
+            }
+        }
+        let mut side = |state: &mut Self, user: UserId, f: &dyn Fn(&mut UserRecord)| {
+            if !state.range.contains(user) {
+                return;
+            }
+            match state.users.get_mut(&user) {
+                Some(r) => {
+                    f(r);
+                    relations += 1;
+                }
+                None => skipped += 1,
+            }
+        };
+        for &(a, b) in &batch.friendships {
+            for (x, y) in [(a, b), (b, a)] {
+                side(self, x, &|r: &mut UserRecord| {
+                    r.requests_in.remove(y);
+                    r.requests_out.remove(y);
+                    r.friends.insert(y);
+                });
+            }
+        }
+        for &(user, follower) in &batch.follows {
+            side(self, user, &|r: &mut UserRecord| {
+                r.followers.insert(follower);
+            });
+            side(self, follower, &|r: &mut UserRecord| {
+                r.following.insert(user);
+            });
+        }
+        CommandResult::Imported {
+            users,
+            relations,
+            skipped,
         }
     }
 

@@ -276,3 +276,32 @@ async fn pages_of_twenty_nearest_first_with_a_cursor_over_45_friends() {
     assert_eq!(err.code(), Some(nearby_client::proto::ErrorCode::InvalidArgument));
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_world_is_live_at_once() {
+    let users: Vec<u64> = (0..4).map(|g| uid(g, 7)).collect();
+    let seed = nearby_raft::seed::Seed {
+        users: users.iter().map(|u| (*u, format!("imported {u}"))).collect(),
+        // A ring of friendships across all four groups.
+        friendships: (0..4).map(|i| (users[i], users[(i + 1) % 4])).collect(),
+        follows: vec![],
+    };
+    let node = TestNode::start_with(Some(seed)).await;
+    let mut a = node.client(users[0]).await;
+    let b = node.client(users[1]).await;
+    let c = node.client(users[2]).await;
+    a.at(A.0, A.1).await;
+    c.at(B.0, B.1 + 0.001).await; // not ann's friend: nothing
+    b.at(B.0, B.1).await;
+    match a.next_about(users[1]).await {
+        Event::FriendEntered(p) => assert!(near(p.distance_m, AB_M)),
+        e => panic!("{e:?}"),
+    }
+    let friends = a.client.list_friends().await.expect("friends");
+    let mut ids: Vec<u64> = friends.entries.iter().map(|e| e.id).collect();
+    ids.sort_unstable();
+    let mut want = vec![users[1], users[3]];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    node.stop().await;
+}

@@ -35,6 +35,11 @@ pub(crate) struct TestNode {
 
 impl TestNode {
     pub(crate) async fn start() -> TestNode {
+        Self::start_with(None).await
+    }
+
+    /// Starts a node that first imports `seed`.
+    pub(crate) async fn start_with(seed: Option<nearby_raft::seed::Seed>) -> TestNode {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -62,6 +67,9 @@ impl TestNode {
         })
         .await
         .expect("node starts");
+        if let Some(seed) = seed {
+            node.import(&seed).await.expect("import");
+        }
         let addr = node.client_addr().to_string();
         let core = Arc::clone(node.core());
         let (tx, rx) = oneshot::channel();
