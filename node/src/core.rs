@@ -108,22 +108,8 @@ impl SessionSink {
     }
 }
 
-/// What a location update answered.
-#[derive(Debug)]
-pub enum LocationAck {
-    /// The session's first location: the first page.
-    Started {
-        /// Friends in range, nearest first.
-        page: NearbyPage,
-        /// Seconds until the node wants the next update.
-        next_update_s: u32,
-    },
-    /// A later one: when to send the next.
-    Located {
-        /// Seconds.
-        next_update_s: u32,
-    },
-}
+/// What a location update answered (the SDK's type: the wire carries the same two answers).
+pub use nearby_client::LocationAck;
 
 /// The node's core (see the module doc).
 pub struct Core {

@@ -7,18 +7,24 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 fn start(data: &std::path::Path) -> (Child, mpsc::Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
-        .args([
-            "dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--raft-listen",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(data)
-        .arg("--home")
-        .arg(data.join("home"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    cmd.args([
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--raft-listen",
+        "127.0.0.1:0",
+        "--data",
+    ])
+    .arg(data)
+    .arg("--home")
+    .arg(data.join("home"));
+    spawn_logged(cmd)
+}
+
+/// Starts `cmd` with its log (stderr) sent line by line to the returned receiver.
+fn spawn_logged(mut cmd: Command) -> (Child, mpsc::Receiver<String>) {
+    let mut child = cmd
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -235,23 +241,9 @@ fn run_mode_starts_from_a_config_file_and_bad_configs_name_the_field() {
     );
 
     std::fs::write(&file, config(5_000)).expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
-        .args(["run", "--config"])
-        .arg(&file)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("run");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    cmd.args(["run", "--config"]).arg(&file);
+    let (child, rx) = spawn_logged(cmd);
     wait_for(&rx, "nearby node is ready");
     terminate(child, &rx);
 }
