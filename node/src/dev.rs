@@ -37,6 +37,8 @@ pub struct DevOptions {
     pub groups: u64,
     /// A bulk-import file to load before serving (see `nearby_raft::seed`).
     pub import: Option<PathBuf>,
+    /// QUIC transport settings of the client service.
+    pub transport: crate::service::tls::Transport,
 }
 
 /// Why the dev node could not start.
@@ -125,6 +127,7 @@ pub async fn run(
         dev_signer: Some(signer),
         service: ServiceConfig::default(),
         clock: Arc::new(SystemClock),
+        transport: opts.transport,
     })
     .await?;
     if let Some(path) = &opts.import {

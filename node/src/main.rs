@@ -36,6 +36,9 @@ enum Cmd {
         /// Load users and relations from a bulk-import file before serving.
         #[arg(long)]
         import: Option<PathBuf>,
+        /// Use quinn's default transport settings instead of nearby's (to measure them).
+        #[arg(long, hide = true)]
+        quinn_defaults: bool,
     },
     /// Run a node from a configuration file (TOML; `NEARBY_*` environment overrides).
     Run {
@@ -80,6 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             home,
             groups,
             import,
+            quinn_defaults,
         } => {
             let home = match home {
                 Some(h) => h,
@@ -94,6 +98,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 raft_listen,
                 groups,
                 import,
+                transport: if quinn_defaults {
+                    nearby_node::service::tls::Transport::QuinnDefaults
+                } else {
+                    nearby_node::service::tls::Transport::Tuned
+                },
             };
             #[allow(clippy::print_stdout)] // the banner is for the person who typed the command
             let ready = |banner: String| println!("{banner}");
@@ -132,6 +141,7 @@ async fn run_node(config: nearby_node::config::NodeConfig) -> anyhow::Result<()>
         dev_signer: None,
         service: config.service(),
         clock: std::sync::Arc::new(nearby_node::clock::SystemClock),
+        transport: Default::default(),
     })
     .await?;
     tracing::info!(endpoint = %node.client_addr(), "nearby node is ready");

@@ -43,6 +43,8 @@ pub struct NodeOptions {
     pub service: ServiceConfig,
     /// The clock (tests inject a manual one).
     pub clock: Arc<dyn Clock>,
+    /// QUIC transport settings of the client service.
+    pub transport: crate::service::tls::Transport,
 }
 
 /// Why a node could not start.
@@ -92,6 +94,7 @@ impl Node {
                 let core = Arc::new(Core::new(groups, opts.clock, opts.service).map_err(NodeError::Setup)?);
                 let mut sopts = ServiceOptions::new(opts.client_listen, opts.server_tls, opts.verifier);
                 sopts.dev_signer = opts.dev_signer;
+                sopts.transport = opts.transport;
                 let service = match Service::bind(sopts, Arc::clone(&core)) {
                     Ok(s) => s,
                     Err(e) => {

@@ -34,6 +34,8 @@ pub struct ServiceOptions {
     pub requests_per_s: u32,
     /// How long a new connection may take to authenticate.
     pub hello_timeout: Duration,
+    /// QUIC transport settings.
+    pub transport: tls::Transport,
 }
 
 impl ServiceOptions {
@@ -48,6 +50,7 @@ impl ServiceOptions {
             max_connections: 100_000,
             requests_per_s: 20,
             hello_timeout: Duration::from_secs(10),
+            transport: tls::Transport::default(),
         }
     }
 }
@@ -79,7 +82,10 @@ pub struct Service<B: Backend> {
 impl<B: Backend> Service<B> {
     /// Binds the endpoint.
     pub fn bind(opts: ServiceOptions, core: Arc<B>) -> Result<Service<B>, ServiceStartError> {
-        let server_config = opts.tls.quinn_config().map_err(ServiceStartError::Tls)?;
+        let server_config = opts
+            .tls
+            .quinn_config(opts.transport)
+            .map_err(ServiceStartError::Tls)?;
         let endpoint = quinn::Endpoint::server(server_config, opts.listen).map_err(|source| {
             ServiceStartError::Bind {
                 addr: opts.listen,

@@ -7,6 +7,16 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+/// Which QUIC transport settings the client service uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// nearby's settings for many small, mostly idle connections.
+    #[default]
+    Tuned,
+    /// quinn's defaults (to measure the tuning against).
+    QuinnDefaults,
+}
+
 /// A server certificate chain and its key.
 pub struct ServerTls {
     chain: Vec<CertificateDer<'static>>,
@@ -41,9 +51,10 @@ impl ServerTls {
         })
     }
 
-    /// quinn's server configuration: TLS 1.3, ALPN `nearby/1`, and transport limits for many
-    /// small, mostly idle connections.
-    pub(crate) fn quinn_config(&self) -> Result<quinn::ServerConfig, String> {
+    /// quinn's server configuration: TLS 1.3, ALPN `nearby/1`, and — unless `transport` is
+    /// [`Transport::QuinnDefaults`], kept to measure against — transport limits for many small,
+    /// mostly idle connections.
+    pub(crate) fn quinn_config(&self, transport: Transport) -> Result<quinn::ServerConfig, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -54,6 +65,9 @@ impl ServerTls {
         crypto.alpn_protocols = vec![nearby_client::proto::ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        if transport == Transport::QuinnDefaults {
+            return Ok(config);
+        }
         let mut t = quinn::TransportConfig::default();
         // One control stream per client; the node opens the event stream.
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
@@ -62,6 +76,10 @@ impl ServerTls {
         t.stream_receive_window(quinn::VarInt::from_u32(128 * 1024));
         t.receive_window(quinn::VarInt::from_u32(256 * 1024));
         t.send_window(512 * 1024);
+        // One datagram per transmit: pushes are small, and a connection keeps its transmit buffer
+        // at the largest size it ever used, so batching (GSO) would cost ~10 KiB per idle
+        // connection after the handshake's burst.
+        t.enable_segmentation_offload(false);
         // Phones update every ~30 s; silence for 3 minutes means gone.
         t.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(Duration::from_secs(180)).map_err(|e| e.to_string())?,

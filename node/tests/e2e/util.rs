@@ -64,6 +64,7 @@ impl TestNode {
             dev_signer: Some(Arc::clone(&signer)),
             service: ServiceConfig::default(),
             clock: Arc::new(clock.clone()),
+            transport: Default::default(),
         })
         .await
         .expect("node starts");

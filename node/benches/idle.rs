@@ -1,0 +1,152 @@
+//! Memory per idle online user: RSS of a real `nearby-node dev` process holding 1,000 and 5,000
+//! idle sessions (each authenticated, with one location sent), with nearby's QUIC transport
+//! settings and with quinn's defaults.
+//!
+//! Run: `cargo bench -p nearby-node --bench idle` (`NEARBY_IDLE_SESSIONS=1000,5000` to choose).
+//! The clients run in this process; the node is its own process, so its RSS is the node's alone.
+
+#![allow(missing_docs, clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nearby_client::proto::Coord;
+use nearby_client::{Client, ClientConfig};
+use nearby_index::geo::Millis;
+use nearby_node::auth::{Claims, TokenSigner};
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+fn wait_for_file(path: &Path, child: &mut Child) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.trim().is_empty() {
+                return s;
+            }
+        }
+        assert!(child.try_wait().expect("wait").is_none(), "the node exited");
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts a node, holds `n` idle sessions, returns (RSS before, RSS with the sessions) in KiB.
+async fn measure(n: usize, quinn_defaults: bool) -> (u64, u64) {
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let home = dir.path().join("home");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    cmd.args([
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--raft-listen",
+        "127.0.0.1:0",
+        "--data",
+    ])
+    .arg(dir.path().join("data"))
+    .arg("--home")
+    .arg(&home)
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if quinn_defaults {
+        cmd.arg("--quinn-defaults");
+    }
+    let mut child = cmd.spawn().expect("spawn nearby-node");
+    let endpoint = wait_for_file(&home.join("endpoint"), &mut child)
+        .trim()
+        .to_string();
+    let ca = std::fs::read_to_string(home.join("ca.pem")).expect("ca");
+    let key = std::fs::read(dir.path().join("data/dev/token-key.pk8")).expect("dev key");
+    let signer = Arc::new(TokenSigner::from_pkcs8(&key).expect("key"));
+    let pid = child.id();
+    let before = rss_kib(pid);
+
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    let spread = u64::MAX / (n as u64 + 2);
+    for i in 0..n {
+        let (sem, signer, endpoint, ca) = (
+            Arc::clone(&sem),
+            Arc::clone(&signer),
+            endpoint.clone(),
+            ca.clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = sem.acquire().await.expect("semaphore");
+            let user = 1 + i as u64 * spread;
+            let token = signer.sign(Claims {
+                user,
+                expires_at: Millis(u64::MAX / 2),
+            });
+            let client = Client::connect(ClientConfig::new(endpoint, ca, user, token))
+                .await
+                .expect("connect");
+            let lat = 48.0 + (i % 1000) as f64 * 0.001;
+            client
+                .update_location(Coord { lat, lon: 2.35 })
+                .await
+                .expect("location");
+            client
+        });
+    }
+    let mut clients = Vec::with_capacity(n);
+    while let Some(c) = tasks.join_next().await {
+        clients.push(c.expect("client"));
+    }
+    // Let the node settle (keep-alives exchanged, buffers trimmed), then read its RSS.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(pid);
+    // Stop the node first: closing thousands of clients one by one would wait on each.
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(clients);
+    (before, after)
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("NEARBY_IDLE_SESSIONS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 5_000]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "| transport | idle sessions | node RSS before (MiB) | with sessions (MiB) | per session (KiB) |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for quinn_defaults in [false, true] {
+        for &n in &sizes {
+            eprintln!(
+                "{n} idle sessions, {}",
+                if quinn_defaults { "quinn defaults" } else { "tuned" }
+            );
+            let (before, after) = rt.block_on(measure(n, quinn_defaults));
+            println!(
+                "| {} | {n} | {:.1} | {:.1} | {:.1} |",
+                if quinn_defaults {
+                    "quinn defaults"
+                } else {
+                    "nearby (tuned)"
+                },
+                before as f64 / 1024.0,
+                after as f64 / 1024.0,
+                (after.saturating_sub(before)) as f64 / n as f64
+            );
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! `nearby-baseline`: the original design's connection server over Redis, speaking nearby's
+//! client protocol. Parses flags, sets up logging, runs until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use nearby_baseline::server::{Server, ServerOptions};
+use nearby_baseline::BaselineConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "nearby-baseline",
+    version,
+    about = "The original Nearby Friends design (Redis cache + per-user Pub/Sub) behind nearby's QUIC protocol"
+)]
+struct Cli {
+    /// Redis `host:port` (a redis-server you started).
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    redis: String,
+    /// UDP address of the client service.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Where the `nearby` CLI finds the endpoint and certificate.
+    #[arg(long, env = "NEARBY_HOME")]
+    home: PathBuf,
+    /// Load users and relations from a bulk-import file before serving.
+    #[arg(long)]
+    import: Option<PathBuf>,
+    /// Redis Pub/Sub connections shared by all sessions.
+    #[arg(long, default_value_t = 16)]
+    pubsub_connections: usize,
+    /// Inactivity timeout in seconds (nearby's default).
+    #[arg(long)]
+    ttl_s: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut config = BaselineConfig {
+        pubsub_connections: cli.pubsub_connections.max(1),
+        ..BaselineConfig::default()
+    };
+    if let Some(ttl) = cli.ttl_s {
+        config.ttl = std::time::Duration::from_secs(ttl.max(1));
+    }
+    let opts = ServerOptions {
+        redis: cli.redis,
+        listen: cli.listen,
+        home: cli.home.clone(),
+        import: cli.import,
+        config,
+    };
+    rt.block_on(async {
+        let server = Server::start(opts)
+            .await
+            .context("nearby-baseline cannot start")?;
+        tracing::info!(
+            endpoint = %server.local_addr(),
+            home = %cli.home.display(),
+            "nearby-baseline is ready"
+        );
+        server.run(shutdown_signal()).await;
+        anyhow::Ok(())
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
