@@ -1,0 +1,42 @@
+//! `nearby-loadsim`: drives any backend that speaks the nearby client protocol with a seeded
+//! synthetic world — one real SDK client per online user, over real QUIC — and checks every
+//! delivered event against the truth.
+//!
+//! ```text
+//! World (seed) ──► seed file ──► nearby-node dev --import      (users, friendships, follows)
+//!      │
+//!      └──► driver: Client per online user ──QUIC──► node ──► events ──► recorded
+//!                                                                          │
+//!                         oracle (pure): leaks, misses, latency ◄──────────┘
+//!                                          │
+//!                                          └──► report: table + JSON
+//! ```
+//!
+//! See `docs/loadsim.md` for the model, the oracle's exact definitions and the commands.
+//!
+//! # Layout
+//!
+//! - [`world`]: the synthetic world (users, friend graph, cities, who is online, settings,
+//!   movement), pure and deterministic from a seed; [`world::World::seed`] is the import file.
+//! - [`driver`]: the only module with I/O towards the node — connects the clients, applies
+//!   settings, sends updates on schedule in load steps, records every event with its time.
+//! - [`oracle`]: pure judgement of what was sent against what was received: leaks, misses,
+//!   update → push latency.
+//! - [`metrics`]: rates, percentiles, start-up latency, errors by code, process CPU and memory,
+//!   from the records.
+//! - [`procstat`]: reading a process's CPU time and peak memory from `/proc`.
+//! - [`report`]: the report as a table and as JSON.
+//! - `src/main.rs`: the `nearby-loadsim` command line (`world`, `run`); the only place `anyhow`
+//!   is used.
+
+pub mod driver;
+pub mod metrics;
+pub mod oracle;
+pub mod procstat;
+pub mod report;
+pub mod world;
+
+pub use self::driver::{DriverConfig, RunOutput, Step};
+pub use self::oracle::{OracleConfig, Truth, Verdict};
+pub use self::report::Report;
+pub use self::world::{World, WorldConfig};

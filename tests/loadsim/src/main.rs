@@ -1,0 +1,298 @@
+//! `nearby-loadsim`: make a world's import file, or run a world against a node and report.
+//!
+//! Printing the report is this binary's job, hence the allowed `print_*` lints.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use nearby_loadsim::{driver, DriverConfig, Report, Step, World, WorldConfig};
+
+/// Load simulator and correctness oracle for nearby-protocol backends.
+#[derive(Parser)]
+#[command(name = "nearby-loadsim", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a world and write its bulk-import file (for `nearby-node dev --import`) plus
+    /// `<out>.world.json`, the parameters `run --world` reads.
+    World {
+        #[command(flatten)]
+        world: WorldArgs,
+        /// The import file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Drive a node with the world's online users and report (exit status 3 if any leak).
+    Run(Box<RunArgs>),
+}
+
+/// The world's parameters (see `docs/loadsim.md`).
+#[derive(Args, Clone)]
+struct WorldArgs {
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Number of users.
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Mean friend count (lowered to users/4 for small worlds).
+    #[arg(long, default_value_t = 400.0)]
+    mean_degree: f64,
+    /// Largest friend count.
+    #[arg(long, default_value_t = 5_000)]
+    max_degree: usize,
+    /// Number of cities.
+    #[arg(long, default_value_t = 5)]
+    cities: usize,
+    /// Radius of a city, metres.
+    #[arg(long, default_value_t = 6_000.0)]
+    city_radius_m: f64,
+    /// Share of friendships inside the user's city.
+    #[arg(long, default_value_t = 0.8)]
+    local_share: f64,
+    /// One-way follower grants, as a share of friendships.
+    #[arg(long, default_value_t = 0.02)]
+    follow_share: f64,
+    /// Share of users online.
+    #[arg(long, default_value_t = 0.1)]
+    online: f64,
+    /// Share of users driving (the rest walk).
+    #[arg(long, default_value_t = 0.3)]
+    drive_share: f64,
+    /// Share of online users with sharing off.
+    #[arg(long, default_value_t = 0.02)]
+    sharing_off: f64,
+    /// Share of online users hiding from one friend.
+    #[arg(long, default_value_t = 0.02)]
+    hidden: f64,
+    /// Simulated seconds between two updates of one user.
+    #[arg(long, default_value_t = 30.0)]
+    period: f64,
+}
+
+impl WorldArgs {
+    fn config(&self) -> WorldConfig {
+        WorldConfig {
+            seed: self.seed,
+            users: self.users,
+            mean_degree: self.mean_degree,
+            max_degree: self.max_degree,
+            local_share: self.local_share,
+            cities: self.cities,
+            city_radius_m: self.city_radius_m,
+            follow_share: self.follow_share,
+            online: self.online,
+            drive_share: self.drive_share,
+            sharing_off: self.sharing_off,
+            hidden: self.hidden,
+            period_s: self.period,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    world: WorldArgs,
+    /// Read the world's parameters from a `<out>.world.json` written by `world` (overrides the
+    /// world flags).
+    #[arg(long)]
+    world_file: Option<PathBuf>,
+    /// The CLI's directory: `endpoint`, `ca.pem`, `server_name` are read from it as defaults.
+    #[arg(long, env = "NEARBY_HOME")]
+    home: Option<PathBuf>,
+    /// `host:port` of the node (default: NEARBY_HOME/endpoint).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// PEM certificate(s) to trust (default: NEARBY_HOME/ca.pem).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The name in the node's certificate (default: NEARBY_HOME/server_name, else localhost).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Target updates/s over all online users; a comma-separated list runs load steps back to
+    /// back (default: online users / period, i.e. real time).
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
+    /// Seconds each step lasts.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// Sessions connecting at once.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
+    /// Seconds to wait after the last step for pushes in flight.
+    #[arg(long, default_value_t = 3.0)]
+    drain: f64,
+    /// The server's process id, to report its CPU time and peak RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// A second process (e.g. the baseline's redis-server), reported separately.
+    #[arg(long)]
+    extra_pid: Option<u32>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::World { world, out } => {
+            let started = std::time::Instant::now();
+            let config = world.config();
+            let w = World::generate(config.clone())?;
+            w.seed()
+                .write(&out)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            let desc = world_file(&out);
+            std::fs::write(&desc, serde_json::to_string_pretty(&config)?)
+                .with_context(|| format!("cannot write {}", desc.display()))?;
+            let s = w.summary();
+            println!(
+                "wrote {} and {} in {:.1} s: {} users ({} online), {} friendships (mean {:.0}, max {}), {} follows, {:.0} % of friends within 8 km",
+                out.display(),
+                desc.display(),
+                started.elapsed().as_secs_f64(),
+                s.users,
+                s.online,
+                s.friendships,
+                s.mean_degree,
+                s.max_degree,
+                s.follows,
+                s.friends_within_8km * 100.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run(args) => run_load(*args),
+    }
+}
+
+/// `<out>.world.json` next to the import file.
+fn world_file(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".world.json");
+    PathBuf::from(name)
+}
+
+fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = match &args.world_file {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_str::<WorldConfig>(&text)
+                .with_context(|| format!("{}: not a world description", path.display()))?
+        }
+        None => args.world.config(),
+    };
+    let world = World::generate(config.clone())?;
+    let home = args
+        .home
+        .clone()
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".nearby")));
+    let from_home = |name: &str| -> Option<String> {
+        let path = home.as_ref()?.join(name);
+        std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    };
+    let endpoint = match args.endpoint.clone().or_else(|| from_home("endpoint")) {
+        Some(e) => e,
+        None => bail!(
+            "no --endpoint, and no endpoint file in NEARBY_HOME (start `nearby-node dev` or pass --endpoint)"
+        ),
+    };
+    let ca_pem = match &args.ca {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("cannot read --ca {}", path.display()))?
+        }
+        None => from_home("ca.pem").context("no --ca, and no ca.pem in NEARBY_HOME")?,
+    };
+    let server_name = args
+        .server_name
+        .clone()
+        .or_else(|| from_home("server_name"))
+        .unwrap_or_else(|| nearby_client::DEFAULT_SERVER_NAME.to_string());
+    let online = world.online().len() as f64;
+    let rates = if args.rate.is_empty() {
+        vec![online / config.period_s]
+    } else {
+        args.rate.clone()
+    };
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if !(args.drain.is_finite() && args.drain >= 2.0) {
+        bail!("--drain must be at least the oracle's 2 s deadline");
+    }
+    let steps: Vec<Step> = rates
+        .iter()
+        .map(|&rate| Step {
+            rate,
+            duration: Duration::from_secs_f64(args.duration),
+        })
+        .collect();
+    for s in &steps {
+        // The node allows 20 requests/s per session; above that updates are refused.
+        if s.rate / online > 20.0 {
+            eprintln!(
+                "warning: {:.0} updates/s over {} sessions is {:.1}/s per session, above the node's 20/s limit",
+                s.rate,
+                online,
+                s.rate / online
+            );
+        }
+    }
+    let mut dc = DriverConfig::new(endpoint.clone(), ca_pem, steps);
+    dc.server_name = server_name;
+    dc.connect_concurrency = args.connect_concurrency;
+    dc.drain = Duration::from_secs_f64(args.drain);
+    dc.progress = !args.quiet;
+    dc.server_pid = args.server_pid;
+    dc.extra_pid = args.extra_pid;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let out = rt.block_on(driver::run(&world, dc))?;
+    let (report, _) = Report::build(&world, &endpoint, &out);
+    println!("{}", report.table());
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if report.no_leaks() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "error: {} leak(s): a location reached someone who must not see it",
+            report.total.leaks
+        );
+        Ok(ExitCode::from(3))
+    }
+}

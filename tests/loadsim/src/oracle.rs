@@ -1,0 +1,677 @@
+//! The correctness oracle: given everything that was sent and everything that was received, and
+//! who may see whom, it counts **leaks** (an event that showed a location to someone who must not
+//! see it, or outside the radius) and **misses** (an allowed, online, in-range friend that did not
+//! hear of an update within the deadline).
+//!
+//! Pure: no clock, no I/O, no randomness. Times are microseconds on the load generator's clock
+//! ([`Micros`] since the run started); the server's own timestamps (`updated_at`) are never
+//! compared with them, only with each other. Updates are matched to events by the position they
+//! carry (a [`crate::world::Mover`] never repeats a position), not by time.
+//!
+//! # What the server can know
+//!
+//! The server stores an update somewhere between its send time and the arrival of its
+//! acknowledgement. So when the oracle asks "where was the viewer when the server handled the
+//! sender's update", the answer is a *set*: every viewer update that may have been the latest one
+//! stored at some instant of a window — sent before the window ends, and not superseded by a later
+//! viewer update acknowledged before the window starts. Updates the server refused are never
+//! candidates; updates with no answer (lost connection) may or may not have been stored.
+//!
+//! # Definitions
+//!
+//! With `R` the radius and `tol` the tolerance (a share of `R`, 1 % by default):
+//!
+//! - **Leak** — an event received by viewer `V` about sender `S` where
+//!   - `V` may not see `S` (not a friend nor a granted follower, `S` shares nothing, or `S` hides
+//!     from `V`) — for every event that carries a position, a distance or a page entry; or
+//!   - it carries a position `S` never sent (or one older than the TTL); or
+//!   - it carries a position (`FriendEntered`/`FriendMoved`) farther than `R·(1+tol)` from every
+//!     position `V` may have had between the send of that position and the receipt; or
+//!   - it is a page entry whose distance exceeds `R·(1+tol)`.
+//! - **Expected delivery** — a pair (update `j` of `S`, acknowledged; viewer `V`) where `V` may
+//!   see `S`, `V`'s session had started (first location acknowledged) before `j` was sent, `V` was
+//!   connected from `j`'s send to the deadline, and every position `V` may have had while the
+//!   server handled `j` (between `j`'s send and its acknowledgement) is within `R·(1−tol)` of `j`.
+//!   Pairs in the band `R·(1±tol)` are "don't care": neither expected nor a leak.
+//! - **Miss** — an expected delivery for which `V` received, within `deadline` (2 s) of `j`'s
+//!   send, no `FriendEntered`/`FriendMoved` carrying update `j` or a later update of `S` (a newer
+//!   position supersedes an older one, as the node's queue does), nor a `FriendLeft` stamped at
+//!   or after `j`'s stamp. The **miss rate** is misses / expected deliveries.
+//! - **Latency** — for each `FriendMoved` (and each `FriendEntered` not possibly caused by the
+//!   viewer's own move) carrying update `j`: receipt − send of `j`.
+
+use std::collections::HashMap;
+
+use hdrhistogram::Histogram;
+use nearby_client::proto::Coord;
+use nearby_index::geo::{LatLng, Millis, UserId};
+use serde::Serialize;
+
+/// Microseconds since the run started, on the load generator's clock.
+pub type Micros = u64;
+
+/// What became of one update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Outcome {
+    /// The server acknowledged it at this time.
+    Acked(Micros),
+    /// The server refused it (an error response): it was not stored.
+    Refused(Micros),
+    /// No answer (connection lost, timeout): it may or may not have been stored.
+    Unknown,
+}
+
+/// One location update a participant sent.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SentUpdate {
+    /// When it was sent.
+    pub sent: Micros,
+    /// The position sent.
+    pub pos: Coord,
+    /// What became of it.
+    pub outcome: Outcome,
+}
+
+/// A position event's kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PositionKind {
+    /// `FriendEntered`.
+    Entered,
+    /// `FriendMoved`.
+    Moved,
+}
+
+/// What a received event showed about its sender.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Seen {
+    /// `FriendEntered` / `FriendMoved`: a position.
+    Position {
+        /// Which event.
+        kind: PositionKind,
+        /// The position carried.
+        at: Coord,
+        /// The server's stamp.
+        updated_at: Millis,
+    },
+    /// `FriendLeft`: a distance, no position.
+    Left {
+        /// The server's stamp.
+        updated_at: Millis,
+    },
+    /// `FriendGone`: visibility ended; shows nothing.
+    Gone,
+    /// An entry of a first page (or a resumed page): a distance.
+    PageEntry {
+        /// The distance the server computed.
+        distance_m: f64,
+    },
+}
+
+/// One received event about one sender.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Received {
+    /// When it arrived.
+    pub at: Micros,
+    /// The sender it is about.
+    pub from: UserId,
+    /// What it showed.
+    pub seen: Seen,
+}
+
+/// Everything the oracle judges. Participants (online users) are numbered `0..ids.len()`.
+#[derive(Clone, Debug, Default)]
+pub struct Truth {
+    /// Participant → user id.
+    pub ids: Vec<UserId>,
+    /// Participant `S` → participants allowed to see `S` (ascending), after the privacy settings
+    /// that were actually applied.
+    pub audience: Vec<Vec<u32>>,
+    /// Participant → updates, in send order.
+    pub sent: Vec<Vec<SentUpdate>>,
+    /// Participant (viewer) → events received, in receipt order.
+    pub received: Vec<Vec<Received>>,
+    /// Participant → intervals `[from, to)` without a working session (reconnects, and from the
+    /// close on).
+    pub outages: Vec<Vec<(Micros, Micros)>>,
+}
+
+/// The oracle's parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OracleConfig {
+    /// Search radius, metres.
+    pub radius_m: f64,
+    /// Half-width of the "don't care" band, as a share of the radius.
+    pub tolerance: f64,
+    /// How long a delivery may take.
+    pub deadline_us: Micros,
+    /// A position older than this (plus the deadline) must not be shown.
+    pub ttl_us: Micros,
+}
+
+impl Default for OracleConfig {
+    /// 8 km, ±1 %, 2 s, 10 min.
+    fn default() -> Self {
+        OracleConfig {
+            radius_m: 8_000.0,
+            tolerance: 0.01,
+            deadline_us: 2_000_000,
+            ttl_us: 600_000_000,
+        }
+    }
+}
+
+/// Why an event is a leak.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakReason {
+    /// The viewer may not see the sender.
+    NotAllowed,
+    /// The position was outside the radius of every position the viewer may have had.
+    OutOfRange {
+        /// The smallest distance to a candidate viewer position (or the page's distance).
+        distance_m: f64,
+    },
+    /// A position the sender never sent.
+    UnknownPosition,
+    /// A sender who is not in the run.
+    UnknownSender,
+    /// A position older than the TTL.
+    Expired,
+}
+
+/// One leak, for the report.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Leak {
+    /// Who saw.
+    pub viewer: UserId,
+    /// Whom.
+    pub sender: UserId,
+    /// When it arrived.
+    pub at_us: Micros,
+    /// Why it is a leak.
+    pub reason: LeakReason,
+}
+
+/// One missed delivery, for the report.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Miss {
+    /// Who should have heard.
+    pub viewer: UserId,
+    /// Of whom.
+    pub sender: UserId,
+    /// When the update was sent.
+    pub sent_us: Micros,
+    /// The update's index among the sender's updates.
+    pub seq: usize,
+}
+
+/// Counts for one time window (or the whole run).
+#[derive(Clone, Debug)]
+pub struct Tally {
+    /// Leaks received in the window.
+    pub leaks: u64,
+    /// Expected deliveries of updates sent in the window.
+    pub expected: u64,
+    /// Of which missed.
+    pub missed: u64,
+    /// Update → push latency (µs) of updates sent in the window.
+    pub latency_us: Histogram<u64>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            leaks: 0,
+            expected: 0,
+            missed: 0,
+            latency_us: latency_histogram(),
+        }
+    }
+}
+
+impl Tally {
+    /// Misses / expected deliveries (0 when nothing was expected).
+    pub fn miss_rate(&self) -> f64 {
+        if self.expected == 0 {
+            0.0
+        } else {
+            self.missed as f64 / self.expected as f64
+        }
+    }
+
+    fn add(&mut self, other: &Tally) {
+        self.leaks += other.leaks;
+        self.expected += other.expected;
+        self.missed += other.missed;
+        // Same bounds on both sides: cannot fail.
+        let _ = self.latency_us.add(&other.latency_us);
+    }
+}
+
+/// A histogram of microseconds from 1 µs to 1 hour, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    #[allow(clippy::expect_used)] // constant, valid bounds
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// The oracle's judgement.
+#[derive(Clone, Debug, Default)]
+pub struct Verdict {
+    /// One tally per window asked for.
+    pub windows: Vec<Tally>,
+    /// The whole run.
+    pub total: Tally,
+    /// The first leaks found (at most [`Verdict::SAMPLES`]).
+    pub leak_samples: Vec<Leak>,
+    /// The first misses found (at most [`Verdict::SAMPLES`]).
+    pub miss_samples: Vec<Miss>,
+}
+
+impl Verdict {
+    /// How many leaks and misses are kept as examples.
+    pub const SAMPLES: usize = 20;
+}
+
+/// Judges `truth` (see the module doc). `windows` are half-open `[from, to)` intervals: updates
+/// count in the window of their send time, leaks in the window of their receipt.
+pub fn judge(truth: &Truth, config: &OracleConfig, windows: &[(Micros, Micros)]) -> Verdict {
+    Judge::new(truth, config).run(windows)
+}
+
+/// A viewer's events about one sender: (receipt, resolved update, what).
+type PairEvents = Vec<(Micros, Option<u32>, Seen)>;
+
+struct Judge<'a> {
+    truth: &'a Truth,
+    config: &'a OracleConfig,
+    index: HashMap<UserId, u32>,
+    /// (sender, lat bits, lon bits) → the sender's updates with that position.
+    positions: HashMap<(u32, u64, u64), Vec<u32>>,
+    started: Vec<Option<Micros>>,
+}
+
+fn latlng(c: Coord) -> Option<LatLng> {
+    LatLng::new(c.lat, c.lon).ok()
+}
+
+fn distance(a: Coord, b: Coord) -> f64 {
+    match (latlng(a), latlng(b)) {
+        (Some(a), Some(b)) => a.distance_m(&b),
+        _ => f64::INFINITY,
+    }
+}
+
+fn window_of(windows: &[(Micros, Micros)], t: Micros) -> Option<usize> {
+    windows.iter().position(|&(a, b)| a <= t && t < b)
+}
+
+impl<'a> Judge<'a> {
+    fn new(truth: &'a Truth, config: &'a OracleConfig) -> Self {
+        let index = truth
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i as u32))
+            .collect();
+        let mut positions: HashMap<(u32, u64, u64), Vec<u32>> = HashMap::new();
+        for (s, ups) in truth.sent.iter().enumerate() {
+            for (j, u) in ups.iter().enumerate() {
+                positions
+                    .entry((s as u32, u.pos.lat.to_bits(), u.pos.lon.to_bits()))
+                    .or_default()
+                    .push(j as u32);
+            }
+        }
+        let started = truth
+            .sent
+            .iter()
+            .map(|ups| {
+                ups.iter().find_map(|u| match u.outcome {
+                    Outcome::Acked(at) => Some(at),
+                    _ => None,
+                })
+            })
+            .collect();
+        Judge {
+            truth,
+            config,
+            index,
+            positions,
+            started,
+        }
+    }
+
+    fn allowed(&self, viewer: u32, sender: u32) -> bool {
+        self.truth
+            .audience
+            .get(sender as usize)
+            .is_some_and(|a| a.binary_search(&viewer).is_ok())
+    }
+
+    /// The latest update of `sender` at `pos` sent no later than `by`.
+    fn resolve(&self, sender: u32, pos: Coord, by: Micros) -> Option<u32> {
+        let seqs = self
+            .positions
+            .get(&(sender, pos.lat.to_bits(), pos.lon.to_bits()))?;
+        let sent = &self.truth.sent[sender as usize];
+        seqs.iter().rev().copied().find(|&j| sent[j as usize].sent <= by)
+    }
+
+    /// Positions `viewer` may have had stored at some instant of `[from, to]` (see the module
+    /// doc).
+    fn candidates(&self, viewer: u32, from: Micros, to: Micros) -> impl Iterator<Item = Coord> + '_ {
+        let sent = &self.truth.sent[viewer as usize];
+        let end = sent.partition_point(|u| u.sent <= to);
+        let mut start = end;
+        while start > 0 {
+            start -= 1;
+            if matches!(sent[start].outcome, Outcome::Acked(at) if at < from) {
+                break;
+            }
+        }
+        sent[start..end]
+            .iter()
+            .filter(|u| !matches!(u.outcome, Outcome::Refused(_)))
+            .map(|u| u.pos)
+    }
+
+    fn in_outage(&self, viewer: u32, from: Micros, to: Micros) -> bool {
+        self.truth
+            .outages
+            .get(viewer as usize)
+            .is_some_and(|o| o.iter().any(|&(a, b)| a <= to && from < b))
+    }
+
+    fn run(&self, windows: &[(Micros, Micros)]) -> Verdict {
+        let mut verdict = Verdict {
+            windows: vec![Tally::default(); windows.len()],
+            ..Verdict::default()
+        };
+        let mut rest = Tally::default();
+        let far = self.config.radius_m * (1.0 + self.config.tolerance);
+        let near = self.config.radius_m * (1.0 - self.config.tolerance);
+
+        // Pass 1: every event — leaks, latencies, and the per-pair index for pass 2.
+        let mut pairs: Vec<HashMap<u32, PairEvents>> = vec![HashMap::new(); self.truth.ids.len()];
+        let mut stamps: HashMap<(u32, u32), Millis> = HashMap::new();
+        for (v, events) in self.truth.received.iter().enumerate() {
+            let v = v as u32;
+            for r in events {
+                let leak = |reason| Leak {
+                    viewer: self.truth.ids[v as usize],
+                    sender: r.from,
+                    at_us: r.at,
+                    reason,
+                };
+                let mut found: Option<Leak> = None;
+                let Some(&s) = self.index.get(&r.from) else {
+                    if !matches!(r.seen, Seen::Gone) {
+                        found = Some(leak(LeakReason::UnknownSender));
+                    }
+                    self.count_leak(&mut verdict, &mut rest, windows, found);
+                    continue;
+                };
+                let mut seq = None;
+                match r.seen {
+                    Seen::Gone => {}
+                    _ if !self.allowed(v, s) => found = Some(leak(LeakReason::NotAllowed)),
+                    Seen::Left { .. } => {}
+                    Seen::PageEntry { distance_m } => {
+                        if self.truth.sent[s as usize].first().is_none_or(|u| u.sent > r.at) {
+                            found = Some(leak(LeakReason::UnknownPosition));
+                        } else if distance_m > far {
+                            found = Some(leak(LeakReason::OutOfRange { distance_m }));
+                        }
+                    }
+                    Seen::Position { kind, at, updated_at } => match self.resolve(s, at, r.at) {
+                        None => found = Some(leak(LeakReason::UnknownPosition)),
+                        Some(j) => {
+                            seq = Some(j);
+                            stamps.entry((s, j)).or_insert(updated_at);
+                            let u = self.truth.sent[s as usize][j as usize];
+                            let closest = self
+                                .candidates(v, u.sent, r.at)
+                                .map(|c| distance(c, at))
+                                .fold(f64::INFINITY, f64::min);
+                            if r.at.saturating_sub(u.sent) > self.config.ttl_us + self.config.deadline_us {
+                                found = Some(leak(LeakReason::Expired));
+                            } else if closest > far {
+                                found = Some(leak(LeakReason::OutOfRange { distance_m: closest }));
+                            } else {
+                                let own_move = kind == PositionKind::Entered
+                                    && self.truth.sent[v as usize]
+                                        .iter()
+                                        .any(|m| m.sent >= u.sent && m.sent <= r.at);
+                                if !own_move {
+                                    let lat = r.at.saturating_sub(u.sent).max(1);
+                                    let t = match window_of(windows, u.sent) {
+                                        Some(w) => &mut verdict.windows[w],
+                                        None => &mut rest,
+                                    };
+                                    t.latency_us.saturating_record(lat);
+                                }
+                            }
+                        }
+                    },
+                }
+                if !matches!(r.seen, Seen::PageEntry { .. }) {
+                    pairs[v as usize].entry(s).or_default().push((r.at, seq, r.seen));
+                }
+                self.count_leak(&mut verdict, &mut rest, windows, found);
+            }
+        }
+
+        // Pass 2: every acknowledged update against every allowed viewer.
+        for (s, ups) in self.truth.sent.iter().enumerate() {
+            let s = s as u32;
+            let audience = self.truth.audience.get(s as usize).map_or(&[][..], Vec::as_slice);
+            for (j, u) in ups.iter().enumerate() {
+                let Outcome::Acked(acked) = u.outcome else {
+                    continue;
+                };
+                let deadline = u.sent + self.config.deadline_us;
+                for &v in audience {
+                    if v == s || self.started[v as usize].is_none_or(|t| t >= u.sent) {
+                        continue;
+                    }
+                    if self.in_outage(v, u.sent, deadline) {
+                        continue;
+                    }
+                    let mut any = false;
+                    let all_near = self.candidates(v, u.sent, acked).all(|c| {
+                        any = true;
+                        distance(c, u.pos) <= near
+                    });
+                    if !(any && all_near) {
+                        continue;
+                    }
+                    let stamp = stamps.get(&(s, j as u32)).copied();
+                    let delivered = pairs[v as usize].get(&s).is_some_and(|evs| {
+                        let from = evs.partition_point(|e| e.0 < u.sent);
+                        evs[from..]
+                            .iter()
+                            .take_while(|e| e.0 <= deadline)
+                            .any(|&(_, seq, seen)| match seen {
+                                Seen::Position { .. } => seq.is_some_and(|q| q as usize >= j),
+                                Seen::Left { updated_at } => stamp.is_none_or(|st| updated_at >= st),
+                                _ => false,
+                            })
+                    });
+                    let t = match window_of(windows, u.sent) {
+                        Some(w) => &mut verdict.windows[w],
+                        None => &mut rest,
+                    };
+                    t.expected += 1;
+                    if !delivered {
+                        t.missed += 1;
+                        if verdict.miss_samples.len() < Verdict::SAMPLES {
+                            verdict.miss_samples.push(Miss {
+                                viewer: self.truth.ids[v as usize],
+                                sender: self.truth.ids[s as usize],
+                                sent_us: u.sent,
+                                seq: j,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let mut total = rest;
+        for w in &verdict.windows {
+            total.add(w);
+        }
+        verdict.total = total;
+        verdict
+    }
+
+    fn count_leak(
+        &self,
+        verdict: &mut Verdict,
+        rest: &mut Tally,
+        windows: &[(Micros, Micros)],
+        found: Option<Leak>,
+    ) {
+        let Some(leak) = found else { return };
+        match window_of(windows, leak.at_us) {
+            Some(w) => verdict.windows[w].leaks += 1,
+            None => rest.leaks += 1,
+        }
+        if verdict.leak_samples.len() < Verdict::SAMPLES {
+            verdict.leak_samples.push(leak);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: UserId = 10;
+    const B: UserId = 20;
+    const C: UserId = 30;
+
+    fn at(lat: f64) -> Coord {
+        Coord { lat, lon: 13.4 }
+    }
+
+    /// 0.01° of latitude ≈ 1.11 km.
+    fn sent(t: Micros, lat: f64) -> SentUpdate {
+        SentUpdate {
+            sent: t,
+            pos: at(lat),
+            outcome: Outcome::Acked(t + 1_000),
+        }
+    }
+
+    fn moved(t: Micros, from: UserId, lat: f64) -> Received {
+        Received {
+            at: t,
+            from,
+            seen: Seen::Position {
+                kind: PositionKind::Moved,
+                at: at(lat),
+                updated_at: Millis(t / 1000),
+            },
+        }
+    }
+
+    /// A and B are friends; C is a stranger. A and B start close together.
+    fn truth() -> Truth {
+        Truth {
+            ids: vec![A, B, C],
+            audience: vec![vec![1], vec![0], vec![]],
+            sent: vec![
+                vec![sent(0, 52.50), sent(3_000_000, 52.51)],
+                vec![sent(500, 52.52)],
+                vec![sent(200_000, 52.52)],
+            ],
+            received: vec![vec![], vec![], vec![]],
+            outages: vec![vec![], vec![], vec![]],
+        }
+    }
+
+    fn judge1(t: &Truth) -> Verdict {
+        judge(t, &OracleConfig::default(), &[(0, 10_000_000)])
+    }
+
+    #[test]
+    fn an_update_nobody_hears_is_a_miss_and_one_heard_in_time_is_not() {
+        let mut t = truth();
+        // A's second update is expected at B (B started at 1.5 ms, 1.1 km away); B's only update
+        // came before A had started.
+        let v = judge1(&t);
+        assert_eq!((v.total.expected, v.total.missed, v.total.leaks), (1, 1, 0));
+        t.received[1].push(moved(3_004_000, A, 52.51));
+        let v = judge1(&t);
+        assert_eq!((v.total.expected, v.total.missed, v.total.leaks), (1, 0, 0));
+        assert!((3_990..=4_010).contains(&v.total.latency_us.max())); // 3 significant digits
+                                                                      // Too late is a miss.
+        t.received[1][0].at = 5_100_000;
+        assert_eq!(judge1(&t).total.missed, 1);
+    }
+
+    #[test]
+    fn a_stranger_or_a_position_out_of_range_is_a_leak() {
+        let mut t = truth();
+        t.received[2].push(moved(3_004_000, A, 52.51));
+        let v = judge1(&t);
+        assert_eq!(v.total.leaks, 1);
+        assert_eq!(v.leak_samples[0].reason, LeakReason::NotAllowed);
+
+        let mut t = truth();
+        t.sent[0].push(sent(4_000_000, 52.70)); // 20 km north of B
+        t.received[1].push(moved(4_002_000, A, 52.70));
+        let v = judge1(&t);
+        assert!(
+            matches!(v.leak_samples[0].reason, LeakReason::OutOfRange { .. }),
+            "{v:?}"
+        );
+
+        let mut t = truth();
+        t.received[1].push(moved(4_002_000, A, 1.0));
+        assert_eq!(judge1(&t).leak_samples[0].reason, LeakReason::UnknownPosition);
+    }
+
+    #[test]
+    fn the_tolerance_band_is_neither_expected_nor_a_leak() {
+        let mut t = truth();
+        // 8,000 m from B's 52.52: Δlat = 8000 / 111195 ≈ 0.071946°.
+        let edge = 52.52 - 8_000.0 / 111_195.08;
+        t.sent[0][1].pos = at(edge);
+        let v = judge1(&t);
+        assert_eq!(v.total.expected, 0);
+        t.received[1].push(moved(3_004_000, A, edge));
+        assert_eq!(judge1(&t).total.leaks, 0);
+    }
+
+    #[test]
+    fn a_newer_position_supersedes_and_a_viewer_who_moved_is_judged_by_any_possible_position() {
+        let mut t = truth();
+        t.sent[0].push(sent(3_500_000, 52.505));
+        // Only the newer position arrives, within 2 s of the older one.
+        t.received[1].push(moved(3_600_000, A, 52.505));
+        let v = judge1(&t);
+        assert_eq!((v.total.expected, v.total.missed), (2, 0));
+
+        // B moves far away; an event computed against B's old position before the move was
+        // acknowledged is not a leak.
+        let mut t = truth();
+        t.sent[1].push(SentUpdate {
+            sent: 3_001_000,
+            pos: at(53.5),
+            outcome: Outcome::Acked(3_010_000),
+        });
+        t.received[1].push(moved(3_020_000, A, 52.51));
+        assert_eq!(judge1(&t).total.leaks, 0);
+    }
+
+    #[test]
+    fn viewers_not_started_or_disconnected_expect_nothing() {
+        let mut t = truth();
+        t.outages[1].push((2_000_000, u64::MAX));
+        assert_eq!(judge1(&t).total.expected, 0);
+        let mut t = truth();
+        t.sent[1][0].outcome = Outcome::Refused(100_100);
+        assert_eq!(judge1(&t).total.expected, 0);
+    }
+}

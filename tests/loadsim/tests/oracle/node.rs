@@ -1,0 +1,75 @@
+//! The oracle against the real nearby node, started in-process with the world imported.
+
+use std::sync::Arc;
+
+use nearby_loadsim::{World, WorldConfig};
+use nearby_node::auth::TokenSigner;
+use nearby_node::clock::SystemClock;
+use nearby_node::core::ServiceConfig;
+use nearby_node::node::{Node, NodeOptions};
+use nearby_node::service::tls::ServerTls;
+use nearby_raft::transport::ClusterCa;
+use tokio::sync::oneshot;
+
+use crate::util::{drive, SERIAL};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_node_leaks_nothing_and_misses_nothing() {
+    let _serial = SERIAL.lock().await;
+    // 300 users, 30 online, some with sharing off or hiding from a friend, so a leak would show.
+    let world = World::generate(WorldConfig {
+        seed: 5,
+        users: 300,
+        cities: 2,
+        online: 0.1,
+        sharing_off: 0.1,
+        hidden: 0.1,
+        ..WorldConfig::default()
+    })
+    .expect("world");
+    assert!(!world.sharing_off().is_empty() && !world.hidden().is_empty());
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let tls = ServerTls::self_signed().expect("tls");
+    let ca_pem = tls.chain_pem.clone();
+    let signer = Arc::new(TokenSigner::generate().expect("key"));
+    let node = Node::start(NodeOptions {
+        node_id: 1,
+        data: dir.path().to_path_buf(),
+        client_listen: "127.0.0.1:0".parse().expect("addr"),
+        raft_listen: "127.0.0.1:0".parse().expect("addr"),
+        groups: 4,
+        server_tls: tls,
+        node_tls: ClusterCa::generate("t")
+            .expect("ca")
+            .issue_node()
+            .expect("node tls"),
+        verifier: signer.verifier(),
+        dev_signer: Some(signer),
+        service: ServiceConfig::default(),
+        clock: Arc::new(SystemClock),
+        transport: Default::default(),
+    })
+    .await
+    .expect("node starts");
+    node.import(&world.seed()).await.expect("import");
+    let addr = node.client_addr().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(node.run(async {
+        let _ = stopped.await;
+    }));
+
+    // Every online user sends once a second (30 s of simulated time each): 5 s of load.
+    let (report, _) = drive(&world, &addr, &ca_pem, 30.0, 5).await;
+    let _ = stop.send(());
+    tokio::time::timeout(std::time::Duration::from_secs(15), running)
+        .await
+        .expect("node stops in time")
+        .expect("node task");
+
+    let t = report.total;
+    assert_eq!(t.leaks, 0, "{}", report.table());
+    assert!(t.expected > 100, "{}", report.table());
+    assert!(t.miss_rate < 0.001, "{}", report.table());
+    assert!(report.errors.is_empty(), "{}", report.table());
+    assert_eq!(report.connect.sessions, world.online().len());
+}
