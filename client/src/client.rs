@@ -132,6 +132,7 @@ impl Client {
             tls: tls::client_config(&config.ca_pem)?,
             server_name: config.server_name.clone(),
             timeout: config.connect_timeout,
+            shared: config.shared_endpoint.clone(),
         };
         let (link, info) = hello(&dialer, &config, &config.endpoint).await?;
         let (commands_tx, commands) = mpsc::channel(config.max_in_flight);
@@ -172,6 +173,7 @@ impl Client {
             tls: tls::client_config(ca_pem)?,
             server_name: server_name.to_string(),
             timeout: Duration::from_secs(10),
+            shared: None,
         };
         let (link, response) = dialer.open(endpoint, &Request::DevLogin { user }).await?;
         link.close_gracefully("logged in").await;
@@ -379,6 +381,7 @@ struct ShutdownNotice {
 /// late events can never be delivered after the next connection's.
 struct Live {
     endpoint: quinn::Endpoint,
+    owned: bool,
     conn: quinn::Connection,
     send: quinn::SendStream,
     addr: String,
@@ -394,7 +397,10 @@ impl Live {
     /// that exits right after does not leave the node waiting for its idle timeout.
     async fn close_gracefully(self, reason: &str) {
         self.conn.close(quinn::VarInt::from_u32(0), reason.as_bytes());
-        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+        // A shared endpoint is never idle while other clients use it.
+        if self.owned {
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+        }
     }
 }
 
@@ -482,6 +488,7 @@ impl Driver {
     fn attach(&mut self, link: Link) {
         let Link {
             endpoint,
+            owned,
             conn,
             send,
             recv,
@@ -493,6 +500,7 @@ impl Driver {
         let pusher = tokio::spawn(read_events(conn.clone(), self.events.clone(), shutdown_tx));
         self.live = Some(Live {
             endpoint,
+            owned,
             conn,
             send,
             addr,

@@ -32,6 +32,10 @@ pub struct ClientConfig {
     pub event_capacity: usize,
     /// Requests in flight at once; further calls wait for a slot.
     pub max_in_flight: usize,
+    /// A client endpoint (UDP socket) to share with other clients instead of opening one per
+    /// connection — for processes that hold many sessions (load generators, gateways): each
+    /// quinn endpoint keeps its own receive buffers of about 2 MB.
+    pub shared_endpoint: Option<quinn::Endpoint>,
 }
 
 impl ClientConfig {
@@ -54,6 +58,7 @@ impl ClientConfig {
             client_name: concat!("nearby-sdk/", env!("CARGO_PKG_VERSION")).to_string(),
             event_capacity: 256,
             max_in_flight: 64,
+            shared_endpoint: None,
         }
     }
 }

@@ -28,6 +28,8 @@ const CLOSE_NORMAL: u32 = 0;
 pub(crate) struct Link {
     /// The endpoint's socket; kept with the connection it carries.
     pub(crate) endpoint: quinn::Endpoint,
+    /// Whether the endpoint is this link's own (not shared with other clients).
+    pub(crate) owned: bool,
     /// The QUIC connection.
     pub(crate) conn: quinn::Connection,
     /// The writing half of the control stream.
@@ -49,7 +51,10 @@ impl Link {
     /// that exits right after does not leave the node waiting for its idle timeout.
     pub(crate) async fn close_gracefully(self, reason: &str) {
         self.close(reason);
-        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+        // A shared endpoint is never idle while other clients use it.
+        if self.owned {
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+        }
     }
 }
 
@@ -115,6 +120,8 @@ pub(crate) struct Dialer {
     pub(crate) server_name: String,
     /// Longest wait for one hop (dial + opening exchange).
     pub(crate) timeout: Duration,
+    /// An endpoint shared with other clients, if the app gave one.
+    pub(crate) shared: Option<quinn::Endpoint>,
 }
 
 impl Dialer {
@@ -182,8 +189,14 @@ impl Dialer {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = quinn::Endpoint::client(bind)
-            .map_err(|e| connect_err(format!("cannot open a UDP socket: {e}")))?;
+        let (endpoint, owned) = match &self.shared {
+            Some(e) => (e.clone(), false),
+            None => (
+                quinn::Endpoint::client(bind)
+                    .map_err(|e| connect_err(format!("cannot open a UDP socket: {e}")))?,
+                true,
+            ),
+        };
         let conn = endpoint
             .connect_with(self.tls.clone(), target, &self.server_name)
             .map_err(|e| connect_err(e.to_string()))?
@@ -192,6 +205,7 @@ impl Dialer {
         let (send, recv) = conn.open_bi().await.map_err(|e| connect_err(e.to_string()))?;
         Ok(Link {
             endpoint,
+            owned,
             conn,
             send,
             recv: FrameReader::new(recv),

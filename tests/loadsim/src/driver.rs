@@ -93,6 +93,9 @@ impl DriverConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DriverError {
+    /// The simulator's own setup failed (e.g. no UDP socket).
+    #[error("setup: {0}")]
+    Setup(String),
     /// The world has no online user.
     #[error("the world has no online user: raise `online` or `users`")]
     NoParticipants,
@@ -176,6 +179,9 @@ struct Live {
 }
 
 /// What every participant task shares.
+/// UDP endpoints the simulator's clients share.
+const SHARED_ENDPOINTS: usize = 4;
+
 struct Shared {
     t0: Instant,
     config: DriverConfig,
@@ -187,6 +193,9 @@ struct Shared {
     late: AtomicU64,
     session: Mutex<Option<(f64, u32)>>,
     period_s: f64,
+    /// A few UDP endpoints shared by all clients: one quinn endpoint per client would cost
+    /// ~2 MB of receive buffers each; a few spread the load over several driver tasks.
+    endpoints: Vec<quinn::Endpoint>,
 }
 
 impl Shared {
@@ -282,7 +291,14 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let m = online.len();
     let ids: Vec<UserId> = online.iter().map(|&i| world.id(i)).collect();
     let index: HashMap<UserId, u32> = ids.iter().enumerate().map(|(p, &id)| (id, p as u32)).collect();
+    let mut endpoints = Vec::new();
+    for _ in 0..SHARED_ENDPOINTS {
+        let bind: std::net::SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+        endpoints
+            .push(quinn::Endpoint::client(bind).map_err(|e| DriverError::Setup(format!("udp socket: {e}")))?);
+    }
     let shared = Arc::new(Shared {
+        endpoints,
         t0: Instant::now(),
         config: config.clone(),
         ids: ids.clone(),
@@ -596,6 +612,7 @@ async fn connect(shared: &Shared, p: u32) -> Result<Client, ClientError> {
     // The driver reads as fast as it can; a deep buffer keeps the client from pushing back
     // on the node while the driver's own tasks are briefly busy.
     config.event_capacity = 4_096;
+    config.shared_endpoint = Some(shared.endpoints[p as usize % shared.endpoints.len()].clone());
     Client::connect(config).await
 }
 
