@@ -18,6 +18,7 @@
 //!
 //! - [`world`]: the synthetic world (users, friend graph, cities, who is online, settings,
 //!   movement), pure and deterministic from a seed; [`world::World::seed`] is the import file.
+//! - [`compare`]: two runs' reports → each system's max load within the bounds, and ratios.
 //! - [`driver`]: the only module with I/O towards the node — connects the clients, applies
 //!   settings, sends updates on schedule in load steps, records every event with its time.
 //! - [`oracle`]: pure judgement of what was sent against what was received: leaks, misses,
@@ -29,6 +30,7 @@
 //! - `src/main.rs`: the `nearby-loadsim` command line (`world`, `run`); the only place `anyhow`
 //!   is used.
 
+pub mod compare;
 pub mod driver;
 pub mod metrics;
 pub mod oracle;

@@ -32,6 +32,15 @@ enum Cmd {
     },
     /// Drive a node with the world's online users and report (exit status 3 if any leak).
     Run(Box<RunArgs>),
+    /// Compare two runs' JSON reports (nearby and the baseline): prints a markdown table.
+    Compare {
+        /// nearby's report.
+        #[arg(long)]
+        nearby: PathBuf,
+        /// The baseline's report.
+        #[arg(long)]
+        baseline: PathBuf,
+    },
 }
 
 /// The world's parameters (see `docs/loadsim.md`).
@@ -191,6 +200,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(args) => run_load(*args),
+        Cmd::Compare { nearby, baseline } => {
+            let read = |p: &Path| -> anyhow::Result<serde_json::Value> {
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("{} is not a report", p.display()))
+            };
+            let n = nearby_loadsim::compare::summarize("nearby", &read(&nearby)?);
+            let b = nearby_loadsim::compare::summarize("baseline (Redis)", &read(&baseline)?);
+            print!("{}", nearby_loadsim::compare::markdown(&n, &b));
+            Ok(if n.leaks == 0 && b.leaks == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
     }
 }
 

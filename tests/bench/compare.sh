@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Runs the same seeded load against nearby and against the original design's Redis stack on
+# this machine, one after the other, and compares them (see docs/loadsim.md, docs/baseline.md).
+#
+#   tests/bench/compare.sh            full run: release build, 20,000 users, load ramped in steps;
+#                                     writes the table into docs/benchmarks.md
+#   tests/bench/compare.sh --smoke    a few seconds with a small world and the debug binaries
+#                                     (CI runs this after the tests, which built them)
+#
+# Everything listens on 127.0.0.1 only; every process started here is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+mode=full
+[ "${1:-}" = "--smoke" ] && mode=smoke
+if [ "$mode" = smoke ]; then
+  profile=debug users=300 online=0.2 rates=20,40 duration=3 seed=3
+else
+  profile=release users=20000 online=0.1 rates=100,200,400,800,1200,1600,2400,3200 duration=15 seed=7
+  cargo build --release -p nearby-node -p nearby-baseline -p nearby-loadsim
+fi
+bin=target/$profile
+for b in nearby-node nearby-baseline nearby-loadsim; do
+  [ -x "$bin/$b" ] || { echo "missing $bin/$b: build it first (cargo build -p $b)" >&2; exit 1; }
+done
+command -v redis-server >/dev/null || { echo "redis-server is not installed (apt-get install redis-server)" >&2; exit 1; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_file() { # path seconds log
+  local i=0
+  until [ -s "$1" ]; do
+    sleep 0.2; i=$((i + 1))
+    if [ $i -ge $(( $2 * 5 )) ]; then
+      echo "timed out waiting for $1; its log:" >&2
+      tail -20 "$3" >&2
+      exit 1
+    fi
+  done
+}
+
+echo "== world: $users users, $online online (seed $seed)"
+"$bin/nearby-loadsim" world --seed "$seed" --users "$users" --online "$online" --out "$work/seed.bin"
+run_load() { # name home server-pid [extra-pid]
+  local extra=()
+  [ -n "${4:-}" ] && extra=(--extra-pid "$4")
+  "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$2" \
+    --rate "$rates" --duration "$duration" --server-pid "$3" "${extra[@]}" \
+    --json-out "$work/$1.json"
+}
+
+echo "== nearby"
+"$bin/nearby-node" dev --data "$work/nearby-data" --home "$work/nearby-home" \
+  --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" 2>"$work/nearby.log" &
+node=$!; pids+=("$node")
+wait_file "$work/nearby-home/endpoint" 300 "$work/nearby.log"
+run_load nearby "$work/nearby-home" "$node"
+kill -TERM "$node"; wait "$node" || true
+
+echo "== baseline (Redis)"
+port=$(( 20000 + RANDOM % 20000 ))
+redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" &
+redis=$!; pids+=("$redis")
+i=0
+until redis-cli -p "$port" ping >/dev/null 2>&1; do
+  sleep 0.1; i=$((i + 1))
+  [ $i -lt 100 ] || { echo "redis-server did not start:" >&2; cat "$work/redis.log" >&2; exit 1; }
+done
+"$bin/nearby-baseline" --redis "127.0.0.1:$port" --listen 127.0.0.1:0 --home "$work/base-home" \
+  --import "$work/seed.bin" 2>"$work/baseline.log" &
+base=$!; pids+=("$base")
+wait_file "$work/base-home/endpoint" 300 "$work/baseline.log"
+run_load baseline "$work/base-home" "$base" "$redis"
+kill -TERM "$base"; wait "$base" || true
+
+echo "== comparison"
+table=$("$bin/nearby-loadsim" compare --nearby "$work/nearby.json" --baseline "$work/baseline.json")
+echo "$table"
+if [ "$mode" = full ]; then
+  mkdir -p docs/compare
+  cp "$work/nearby.json" "$work/baseline.json" docs/compare/
+  {
+    echo "<!-- compare:begin -->"
+    echo "Run: \`tests/bench/compare.sh\` on $(date -u +%Y-%m-%d), $users users, $online online,"
+    echo "steps of $duration s at $rates updates/s. Raw reports: \`docs/compare/*.json\`."
+    echo
+    echo "$table"
+    echo "<!-- compare:end -->"
+  } >"$work/section.md"
+  python3 - "$work/section.md" <<'PY'
+import re, sys
+section = open(sys.argv[1]).read()
+doc = open("docs/benchmarks.md").read()
+pat = re.compile(r"<!-- compare:begin -->.*?<!-- compare:end -->\n?", re.S)
+doc = pat.sub(section, doc) if pat.search(doc) else doc.rstrip() + "\n\n## nearby against the original design\n\n" + section
+open("docs/benchmarks.md", "w").write(doc)
+PY
+  echo "(written to docs/benchmarks.md)"
+fi
