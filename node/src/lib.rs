@@ -14,6 +14,7 @@
 //! - [`node`]: one running node — groups, core and service started and stopped together.
 //! - [`presence`]: live presence of a shard group — latest locations, subscriptions, what each
 //!   online user sees — as a pure state machine.
+//! - [`shutdown`]: the shutdown trigger (Ctrl-C or SIGTERM) shared by nearby's binaries.
 //! - [`shards`]: how the user-id space is cut into shard-group ranges.
 //!
 //! The replicated store itself is the `nearby-raft` crate; the pure index is `nearby-index`.
@@ -29,3 +30,4 @@ pub mod presence;
 pub mod queue;
 pub mod service;
 pub mod shards;
+pub mod shutdown;

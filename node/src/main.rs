@@ -106,8 +106,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             #[allow(clippy::print_stdout)] // the banner is for the person who typed the command
             let ready = |banner: String| println!("{banner}");
-            rt.block_on(nearby_node::dev::run(opts, ready, shutdown_signal()))
-                .context("nearby-node dev failed")
+            rt.block_on(nearby_node::dev::run(
+                opts,
+                ready,
+                nearby_node::shutdown::signal(),
+            ))
+            .context("nearby-node dev failed")
         }
         Cmd::Run { config } => {
             let config = nearby_node::config::NodeConfig::load(&config, |k| std::env::var(k).ok())?;
@@ -145,7 +149,7 @@ async fn run_node(config: nearby_node::config::NodeConfig) -> anyhow::Result<()>
     })
     .await?;
     tracing::info!(endpoint = %node.client_addr(), "nearby node is ready");
-    node.run(shutdown_signal()).await;
+    node.run(nearby_node::shutdown::signal()).await;
     Ok(())
 }
 
@@ -159,26 +163,4 @@ fn keygen(out: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", public.display()))?;
     tracing::info!(key = %key.display(), public = %public.display(), "token key written");
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
