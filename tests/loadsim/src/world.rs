@@ -10,8 +10,11 @@
 //!
 //! # The model
 //!
-//! - **Ids** are spread over the whole `u64` space (`1 + i · ⌊u64::MAX / (N+1)⌋`), so users land
-//!   in every shard group whatever the node's ranges.
+//! - **Ids** are dense within [`ID_BLOCKS`] blocks that cut the whole `u64` space evenly: user
+//!   `i` is number `i / 64` of block `i % 64`. Users land in every shard group whatever the
+//!   node's ranges (any power-of-two cut up to 64 groups), and friend ids stay dense the way real
+//!   ids are — sparse 64-bit ids would be the worst case for roaring bitmaps (one per id) and
+//!   would measure that instead of the system.
 //! - **Cities**: `cities` dense discs of `city_radius_m` around real city centres, sized by a Zipf
 //!   law (the first city is the largest). Users are placed uniformly in their city's disc.
 //! - **Friends**: a Chung–Lu graph. Each user draws a weight from a Pareto law (α = 2.2, so a few
@@ -35,6 +38,9 @@ use nearby_raft::seed::Seed;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+/// How many evenly spaced blocks of dense ids the user-id space is cut into (see the module doc).
+pub const ID_BLOCKS: u64 = 64;
 
 /// Metres per degree of latitude (and of longitude at the equator), on the sphere the index uses.
 const M_PER_DEG: f64 = 6_371_008.8 * std::f64::consts::PI / 180.0;
@@ -212,7 +218,7 @@ impl World {
         config.validate()?;
         let n = config.users;
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-        let step = u64::MAX / (n as u64 + 1);
+        let step = (u64::MAX - 1) / ID_BLOCKS;
 
         // Cities, sized by a Zipf law.
         let k = config.cities;
@@ -355,13 +361,16 @@ impl World {
 
     /// The id of user `i` (0-based index).
     pub fn id(&self, i: u32) -> UserId {
-        1 + u64::from(i) * self.step
+        let i = u64::from(i);
+        1 + (i % ID_BLOCKS) * self.step + i / ID_BLOCKS
     }
 
     /// The index of user `id`, if it is one of the world's.
     pub fn index_of(&self, id: UserId) -> Option<u32> {
         let off = id.checked_sub(1)?;
-        (off % self.step == 0 && off / self.step < self.len() as u64).then(|| (off / self.step) as u32)
+        let (block, n) = (off / self.step, off % self.step);
+        let i = n.checked_mul(ID_BLOCKS)?.checked_add(block)?;
+        (block < ID_BLOCKS && i < self.len() as u64).then_some(i as u32)
     }
 
     /// User `i`'s city.
@@ -664,13 +673,23 @@ mod tests {
     #[test]
     fn ids_spread_over_the_whole_space_and_map_back() {
         let w = small(1);
-        let last = w.id(w.len() as u32 - 1);
-        assert!(last > u64::MAX / 2 && last < u64::MAX);
+        let ids: Vec<u64> = (0..w.len() as u32).map(|i| w.id(i)).collect();
+        let max = ids.iter().copied().max().unwrap_or(0);
+        assert!(
+            max > u64::MAX / 2 && max < u64::MAX,
+            "ids do not reach the top of the space"
+        );
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len(), "ids repeat");
+        // Dense within a block: users i and i + 64 are neighbours.
+        assert_eq!(w.id(64), w.id(0) + 1);
         for i in [0u32, 1, 999, 1999] {
             assert_eq!(w.index_of(w.id(i)), Some(i));
         }
         assert_eq!(w.index_of(0), None);
-        assert_eq!(w.index_of(w.id(1) + 1), None);
+        assert_eq!(w.index_of(w.id(1) + w.len() as u64), None);
     }
 
     #[test]
