@@ -332,12 +332,7 @@ impl Core {
         page_size: Option<u16>,
     ) -> Result<NearbyPage, ServiceError> {
         let group = self.group_of(user)?.id();
-        let cursor = cursor
-            .map(Cursor::from_token)
-            .transpose()
-            .map_err(|e| ServiceError::new(ErrorCode::InvalidArgument, e.to_string()))?;
-        // 100 entries with the longest names still fit a 64 KiB frame.
-        let size = page_size.unwrap_or(self.config.page_size).clamp(1, MAX_PAGE) as usize;
+        let (cursor, size) = page_request(cursor, page_size, self.config.page_size)?;
         let presences = self.presences();
         let p = presences
             .get(&group)
@@ -346,20 +341,7 @@ impl Core {
             .page(user, size, cursor.as_ref())
             .ok_or_else(|| ServiceError::new(ErrorCode::NotStarted, "no live location: send one first"))?
             .map_err(|e| ServiceError::new(ErrorCode::InvalidArgument, e.to_string()))?;
-        Ok(NearbyPage {
-            friends: page
-                .entries
-                .iter()
-                .zip(names)
-                .map(|(e, name)| NearbyFriend {
-                    id: e.user,
-                    name,
-                    distance_m: e.distance_m,
-                    updated_at: e.updated_at,
-                })
-                .collect(),
-            next: page.next.map(|c| c.to_token()),
-        })
+        Ok(wire_page(page, names))
     }
 
     /// Changes a session user's search radius.
@@ -475,6 +457,38 @@ impl Core {
             entries,
             sharing: record.sharing,
         })
+    }
+}
+
+/// A page request's cursor, parsed, and its size: the default if none, clamped to
+/// `1..=MAX_PAGE` (100 entries with the longest names still fit a 64 KiB frame).
+pub fn page_request(
+    cursor: Option<&str>,
+    page_size: Option<u16>,
+    default: u16,
+) -> Result<(Option<Cursor>, usize), ServiceError> {
+    let cursor = cursor
+        .map(Cursor::from_token)
+        .transpose()
+        .map_err(|e| ServiceError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+    Ok((cursor, page_size.unwrap_or(default).clamp(1, MAX_PAGE) as usize))
+}
+
+/// An index page and the entries' display names, as the wire's page.
+pub fn wire_page(page: nearby_index::query::Page, names: Vec<String>) -> NearbyPage {
+    NearbyPage {
+        friends: page
+            .entries
+            .iter()
+            .zip(names)
+            .map(|(e, name)| NearbyFriend {
+                id: e.user,
+                name,
+                distance_m: e.distance_m,
+                updated_at: e.updated_at,
+            })
+            .collect(),
+        next: page.next.map(|c| c.to_token()),
     }
 }
 

@@ -27,14 +27,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use nearby_client::proto::{self, Coord, ErrorCode, Event, FriendList, NearbyFriend, NearbyPage};
+use nearby_client::proto::{self, Coord, ErrorCode, Event, FriendList, NearbyPage};
 use nearby_client::LocationAck;
 use nearby_index::geo::{LatLng, Millis, UserId};
-use nearby_index::query::Cursor;
 use nearby_index::ttl::LatestLocation;
 use nearby_node::backend::{Backend, Limits};
 use nearby_node::clock::{Clock, SystemClock};
-use nearby_node::core::{ServiceConfig, ServiceError, SessionSink, MAX_PAGE};
+use nearby_node::core::{page_request, wire_page, ServiceConfig, ServiceError, SessionSink};
 use nearby_node::queue::EventQueue;
 use nearby_raft::{Command, CommandResult};
 use redis::aio::MultiplexedConnection;
@@ -610,11 +609,7 @@ impl Inner {
         cursor: Option<&str>,
         page_size: Option<u16>,
     ) -> Result<NearbyPage, ServiceError> {
-        let cursor = cursor
-            .map(Cursor::from_token)
-            .transpose()
-            .map_err(|e| invalid(e.to_string()))?;
-        let size = page_size.unwrap_or(self.config.page_size).clamp(1, MAX_PAGE) as usize;
+        let (cursor, size) = page_request(cursor, page_size, self.config.page_size)?;
         let slot = self.session_slot(user)?;
         let st = lock(&slot.state);
         let (page, names) = st
@@ -622,20 +617,7 @@ impl Inner {
             .page(size, cursor.as_ref())
             .ok_or_else(|| ServiceError::new(ErrorCode::NotStarted, "no live location: send one first"))?
             .map_err(|e| invalid(e.to_string()))?;
-        Ok(NearbyPage {
-            friends: page
-                .entries
-                .iter()
-                .zip(names)
-                .map(|(e, name)| NearbyFriend {
-                    id: e.user,
-                    name,
-                    distance_m: e.distance_m,
-                    updated_at: e.updated_at,
-                })
-                .collect(),
-            next: page.next.map(|c| c.to_token()),
-        })
+        Ok(wire_page(page, names))
     }
 
     async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
