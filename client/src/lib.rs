@@ -35,7 +35,7 @@ pub mod config;
 mod connection;
 pub mod error;
 pub mod proto;
-mod tls;
+pub mod tls;
 
 pub use self::client::{Client, LocationAck, SdkEvent};
 pub use self::config::{Backoff, ClientConfig, DEFAULT_SERVER_NAME};

@@ -12,7 +12,7 @@ use crate::error::ClientError;
 use crate::proto::ALPN;
 
 /// The quinn client configuration trusting the certificates in `ca_pem`.
-pub(crate) fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, ClientError> {
+pub fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         let cert = cert.map_err(|e| ClientError::Config(format!("bad PEM in the CA certificates: {e}")))?;

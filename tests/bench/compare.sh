@@ -3,7 +3,8 @@
 # this machine, one after the other, and compares them (see docs/loadsim.md, docs/baseline.md).
 #
 #   tests/bench/compare.sh            full run: release build, 20,000 users, load ramped in steps;
-#                                     writes the table into docs/benchmarks.md
+#                                     writes the table into docs/benchmarks.md and the reports and
+#                                     plots (latency.svg, cpu.svg) into docs/compare/
 #   tests/bench/compare.sh --smoke    a few seconds with a small world and the debug binaries
 #                                     (CI runs this after the tests, which built them)
 #
@@ -15,8 +16,11 @@ mode=full
 [ "${1:-}" = "--smoke" ] && mode=smoke
 if [ "$mode" = smoke ]; then
   profile=debug users=300 online=0.2 rates=20,40 duration=3 seed=3
+  sessions=60 push_rates=200,400 push_duration=2
 else
   profile=release users=20000 online=0.1 duration=15 seed=7
+  # The bare push ceiling: as many sessions as online users, pushes/s around nearby's range.
+  sessions=2000 push_rates=${NEARBY_CEILING_RATES:-5000,10000,15000,20000,25000,30000} push_duration=10
   # Fine steps around the knee seen on the 2-core machine (400-800 updates/s); override with
   # NEARBY_COMPARE_RATES for other machines.
   rates=${NEARBY_COMPARE_RATES:-100,200,300,400,500,600,700,800,1200}
@@ -27,6 +31,19 @@ for b in nearby-node nearby-baseline nearby-loadsim; do
   [ -x "$bin/$b" ] || { echo "missing $bin/$b: build it first (cargo build -p $b)" >&2; exit 1; }
 done
 command -v redis-server >/dev/null || { echo "redis-server is not installed (apt-get install redis-server)" >&2; exit 1; }
+
+# The servers (nearby-node; nearby-baseline with its redis-server; the bare push server) run on
+# the first half of the CPUs and the load generator on the other half, so that each one's CPU is
+# its own and they do not take turns on the same core. NEARBY_COMPARE_PIN=0 turns this off.
+ncpu=$(nproc)
+on_server=() on_load=() server_cpus=""
+if [ "${NEARBY_COMPARE_PIN:-1}" = 1 ] && [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null; then
+  half=$((ncpu / 2))
+  server_cpus="0-$((half - 1))"
+  on_server=(taskset -c "$server_cpus")
+  on_load=(taskset -c "$half-$((ncpu - 1))")
+  echo "== servers on CPUs $server_cpus, load generator on CPUs $half-$((ncpu - 1))"
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -54,13 +71,13 @@ echo "== world: $users users, $online online (seed $seed)"
 run_load() { # name home server-pid [extra-pid]
   local extra=()
   [ -n "${4:-}" ] && extra=(--extra-pid "$4")
-  "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$2" \
+  "${on_load[@]}" "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$2" \
     --rate "$rates" --duration "$duration" --server-pid "$3" "${extra[@]}" \
     --json-out "$work/$1.json"
 }
 
 echo "== nearby"
-"$bin/nearby-node" dev --data "$work/nearby-data" --home "$work/nearby-home" \
+"${on_server[@]}" "$bin/nearby-node" dev --data "$work/nearby-data" --home "$work/nearby-home" \
   --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" 2>"$work/nearby.log" &
 node=$!; pids+=("$node")
 wait_file "$work/nearby-home/endpoint" 300 "$work/nearby.log"
@@ -69,30 +86,42 @@ kill -TERM "$node"; wait "$node" || true
 
 echo "== baseline (Redis)"
 port=$(( 20000 + RANDOM % 20000 ))
-redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" &
+"${on_server[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" &
 redis=$!; pids+=("$redis")
 i=0
 until redis-cli -p "$port" ping >/dev/null 2>&1; do
   sleep 0.1; i=$((i + 1))
   [ $i -lt 100 ] || { echo "redis-server did not start:" >&2; cat "$work/redis.log" >&2; exit 1; }
 done
-"$bin/nearby-baseline" --redis "127.0.0.1:$port" --listen 127.0.0.1:0 --home "$work/base-home" \
+"${on_server[@]}" "$bin/nearby-baseline" --redis "127.0.0.1:$port" --listen 127.0.0.1:0 --home "$work/base-home" \
   --import "$work/seed.bin" 2>"$work/baseline.log" &
 base=$!; pids+=("$base")
 wait_file "$work/base-home/endpoint" 300 "$work/baseline.log"
 run_load baseline "$work/base-home" "$base" "$redis"
 kill -TERM "$base"; wait "$base" || true
 
+echo "== bare quinn push ceiling: $sessions sessions, $push_rates pushes/s"
+"${on_load[@]}" "$bin/nearby-loadsim" ceiling --sessions "$sessions" --rate "$push_rates" \
+  --duration "$push_duration" ${server_cpus:+--server-cpus "$server_cpus"} --json-out "$work/ceiling.json"
+
 echo "== comparison"
-table=$("$bin/nearby-loadsim" compare --nearby "$work/nearby.json" --baseline "$work/baseline.json")
+table=$("$bin/nearby-loadsim" compare --nearby "$work/nearby.json" --baseline "$work/baseline.json" \
+  --ceiling "$work/ceiling.json")
 echo "$table"
+# The plots (latency and CPU per push against load) go next to the reports in a full run; the
+# smoke run draws them in its work directory so CI exercises the plot command.
+plots="$work/plots"
+[ "$mode" = full ] && plots=docs/compare
+"$bin/nearby-loadsim" plot --report "nearby=$work/nearby.json" \
+  --report "baseline (Redis)=$work/baseline.json" --out-dir "$plots"
 if [ "$mode" = full ]; then
   mkdir -p docs/compare
-  cp "$work/nearby.json" "$work/baseline.json" docs/compare/
+  cp "$work/nearby.json" "$work/baseline.json" "$work/ceiling.json" docs/compare/
   {
     echo "<!-- compare:begin -->"
     echo "Run: \`tests/bench/compare.sh\` on $(date -u +%Y-%m-%d), $users users, $online online,"
-    echo "steps of $duration s at $rates updates/s. Raw reports: \`docs/compare/*.json\`."
+    echo "steps of $duration s at $rates updates/s; servers on CPUs ${server_cpus:-any}, the load"
+    echo "generator on the others. Raw reports: \`docs/compare/*.json\`."
     echo
     echo "$table"
     echo "<!-- compare:end -->"

@@ -54,7 +54,7 @@ impl ServerTls {
     /// quinn's server configuration: TLS 1.3, ALPN `nearby/1`, and — unless `transport` is
     /// [`Transport::QuinnDefaults`], kept to measure against — transport limits for many small,
     /// mostly idle connections.
-    pub(crate) fn quinn_config(&self, transport: Transport) -> Result<quinn::ServerConfig, String> {
+    pub fn quinn_config(&self, transport: Transport) -> Result<quinn::ServerConfig, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])

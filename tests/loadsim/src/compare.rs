@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use crate::report::{cpu_s_per_m_pushes, system_cpu_s};
+
 /// p99 bound for a step to count, milliseconds.
 pub const P99_BOUND_MS: f64 = 100.0;
 /// Miss-rate bound for a step to count.
@@ -37,7 +39,7 @@ fn f(v: &Value, path: &[&str]) -> Option<f64> {
 }
 
 fn cpu_and_rss(step: &Value) -> (f64, f64) {
-    let cpu = f(step, &["server", "cpu_s"]).unwrap_or(0.0) + f(step, &["extra", "cpu_s"]).unwrap_or(0.0);
+    let cpu = system_cpu_s(f(step, &["server", "cpu_s"]), f(step, &["extra", "cpu_s"]));
     let rss = f(step, &["server", "peak_rss_kb"]).unwrap_or(0.0)
         + f(step, &["extra", "peak_rss_kb"]).unwrap_or(0.0);
     (cpu, rss)
@@ -75,7 +77,7 @@ pub fn summarize(name: &str, report: &Value) -> Summary {
             let (cpu, rss) = cpu_and_rss(s);
             let n = f(s, &["pushes"]).unwrap_or(0.0);
             (
-                (n > 0.0).then(|| cpu / n * 1e6),
+                cpu_s_per_m_pushes(cpu, n),
                 (sessions > 0.0).then(|| rss / sessions),
             )
         }

@@ -18,6 +18,8 @@
 //!
 //! - [`world`]: the synthetic world (users, friend graph, cities, who is online, settings,
 //!   movement), pure and deterministic from a seed; [`world::World::seed`] is the import file.
+//! - [`ceiling`]: the bare quinn push path's ceiling on this machine (a server process pushing
+//!   small messages with no logic), to read nearby's CPU per push against.
 //! - [`compare`]: two runs' reports → each system's max load within the bounds, and ratios.
 //! - [`driver`]: the only module with I/O towards the node — connects the clients, applies
 //!   settings, sends updates on schedule in load steps, records every event with its time.
@@ -27,13 +29,17 @@
 //!   from the records.
 //! - [`procstat`]: reading a process's CPU time and peak memory from `/proc`.
 //! - [`report`]: the report as a table and as JSON.
-//! - `src/main.rs`: the `nearby-loadsim` command line (`world`, `run`); the only place `anyhow`
-//!   is used.
+//! - [`plot`]: reports of several systems drawn against each other as SVG (latency and CPU per
+//!   push against load).
+//! - `src/main.rs`: the `nearby-loadsim` command line (`world`, `run`, `compare`, `plot`, `ceiling`); the
+//!   only place `anyhow` is used.
 
+pub mod ceiling;
 pub mod compare;
 pub mod driver;
 pub mod metrics;
 pub mod oracle;
+pub mod plot;
 pub mod procstat;
 pub mod report;
 pub mod world;

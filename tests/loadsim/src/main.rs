@@ -40,7 +40,62 @@ enum Cmd {
         /// The baseline's report.
         #[arg(long)]
         baseline: PathBuf,
+        /// A `ceiling --json-out` report: also print nearby's share of the bare push path.
+        #[arg(long)]
+        ceiling: Option<PathBuf>,
     },
+    /// Measure the bare quinn push path on this machine (no logic: a server process pushing small
+    /// messages round-robin to many sessions), in load steps.
+    Ceiling(CeilingArgs),
+    /// The server process of `ceiling` (started by it; commands on stdin).
+    #[command(hide = true)]
+    CeilingServer {
+        #[arg(long)]
+        sessions: usize,
+        #[arg(long)]
+        mode: nearby_loadsim::ceiling::Mode,
+        #[arg(long)]
+        ca_out: PathBuf,
+    },
+    /// Plot runs' JSON reports against each other: writes `latency.svg` (p99/p50 latency against
+    /// delivered pushes/s) and `cpu.svg` (CPU seconds per million pushes) to `--out-dir`.
+    Plot {
+        /// A report as NAME=PATH; NAME labels its lines. Repeat for each system.
+        #[arg(long = "report", value_name = "NAME=PATH", required = true, value_parser = named_path)]
+        reports: Vec<(String, PathBuf)>,
+        /// Directory for the SVG files (created if missing).
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+/// `nearby-loadsim ceiling`: the bare quinn push path's ceiling on this machine.
+#[derive(Args)]
+struct CeilingArgs {
+    /// Sessions (connections) to push to.
+    #[arg(long, default_value_t = 2000)]
+    sessions: usize,
+    /// Pushes per second over all sessions; a comma-separated list runs steps back to back.
+    #[arg(long, value_delimiter = ',', default_value = "10000,20000,30000,40000")]
+    rate: Vec<f64>,
+    /// Seconds each step lasts.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// `stream` (one uni stream per session, as nearby) or `datagram` (one datagram per push).
+    #[arg(long, default_value = "stream")]
+    mode: nearby_loadsim::ceiling::Mode,
+    /// Seconds to wait after each step for messages in flight.
+    #[arg(long, default_value_t = 2.0)]
+    drain: f64,
+    /// Run the server process on these CPUs (`taskset -c` syntax), apart from this driver.
+    #[arg(long)]
+    server_cpus: Option<String>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// The world's parameters (see `docs/loadsim.md`).
@@ -200,7 +255,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run(args) => run_load(*args),
-        Cmd::Compare { nearby, baseline } => {
+        Cmd::Compare {
+            nearby,
+            baseline,
+            ceiling,
+        } => {
             let read = |p: &Path| -> anyhow::Result<serde_json::Value> {
                 let text =
                     std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
@@ -209,12 +268,97 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let n = nearby_loadsim::compare::summarize("nearby", &read(&nearby)?);
             let b = nearby_loadsim::compare::summarize("baseline (Redis)", &read(&baseline)?);
             print!("{}", nearby_loadsim::compare::markdown(&n, &b));
+            if let Some(path) = ceiling {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let c: nearby_loadsim::ceiling::CeilingReport = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a ceiling report", path.display()))?;
+                println!();
+                print!("{}", nearby_loadsim::ceiling::share_markdown(&c, &n));
+            }
             Ok(if n.leaks == 0 && b.leaks == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(3)
             })
         }
+        Cmd::Ceiling(args) => ceiling(args),
+        Cmd::CeilingServer {
+            sessions,
+            mode,
+            ca_out,
+        } => {
+            let opts = nearby_loadsim::ceiling::ServerOptions {
+                sessions,
+                mode,
+                ca_out,
+            };
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            rt.block_on(nearby_loadsim::ceiling::serve(
+                opts,
+                std::io::BufReader::new(std::io::stdin()),
+                std::io::stdout(),
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Plot { reports, out_dir } => {
+            let reports = reports
+                .into_iter()
+                .map(|(name, path)| Ok((name, nearby_loadsim::plot::read_report(&path)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for path in nearby_loadsim::plot::write_plots(&reports, &out_dir)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn ceiling(args: CeilingArgs) -> anyhow::Result<ExitCode> {
+    use nearby_loadsim::ceiling;
+    if !(args.duration.is_finite() && args.duration > 0.0) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if args.rate.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+        bail!("--rate must be positive numbers of pushes per second");
+    }
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let dir = std::env::temp_dir().join(format!("nearby-ceiling-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config = ceiling::CeilingConfig {
+        sessions: args.sessions,
+        rates: args.rate.clone(),
+        duration: Duration::from_secs_f64(args.duration),
+        mode: args.mode,
+        drain: Duration::from_secs_f64(args.drain.max(0.0)),
+        progress: !args.quiet,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = {
+        let mut server =
+            ceiling::ServerProcess::start(&exe, args.sessions, args.mode, &dir, args.server_cpus.as_deref())?;
+        rt.block_on(ceiling::drive(&config, &mut server))
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = report?;
+    println!("{}", report.table());
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `NAME=PATH` of `plot --report`.
+fn named_path(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(path)))
+        }
+        _ => Err(format!("expected NAME=PATH, got {s:?}")),
     }
 }
 

@@ -5,14 +5,14 @@
 use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::driver::{ProcReadings, Startup};
 use crate::oracle::{latency_histogram, Micros, Seen, Truth};
 use crate::procstat::ProcSample;
 
 /// Percentiles of a latency distribution, in milliseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
     /// Samples.
     pub count: u64,
@@ -47,7 +47,7 @@ impl LatencySummary {
 }
 
 /// CPU and memory of one process over a window.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcUsage {
     /// CPU seconds used in the window.
     pub cpu_s: f64,

@@ -45,7 +45,7 @@ use std::collections::HashMap;
 use hdrhistogram::Histogram;
 use nearby_client::proto::Coord;
 use nearby_index::geo::{LatLng, Millis, UserId};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Microseconds since the run started, on the load generator's clock.
 pub type Micros = u64;
@@ -161,7 +161,7 @@ impl Default for OracleConfig {
 }
 
 /// Why an event is a leak.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LeakReason {
     /// The viewer may not see the sender.
@@ -180,7 +180,7 @@ pub enum LeakReason {
 }
 
 /// One leak, for the report.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Leak {
     /// Who saw.
     pub viewer: UserId,
@@ -193,7 +193,7 @@ pub struct Leak {
 }
 
 /// One missed delivery, for the report.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Miss {
     /// Who should have heard.
     pub viewer: UserId,

@@ -1,10 +1,11 @@
 //! The run's report: built from the driver's records and the oracle's verdict, printed as a table
-//! for people and serialised as JSON for the benchmark harness. Pure: formatting only.
+//! for people and serialised as JSON for the benchmark harness (and read back from it by
+//! [`crate::compare`] and [`crate::plot`]). Pure: formatting only.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::driver::RunOutput;
 use crate::metrics::{self, LatencySummary, ProcUsage};
@@ -12,7 +13,7 @@ use crate::oracle::{self, Leak, Miss, OracleConfig, Verdict};
 use crate::world::{World, WorldSummary};
 
 /// The oracle's counts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct OracleCounts {
     /// Events that showed a location to someone who must not see it (must be 0).
     pub leaks: u64,
@@ -36,7 +37,7 @@ impl OracleCounts {
 }
 
 /// One load step.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
     /// 1-based.
     pub step: usize,
@@ -66,8 +67,34 @@ pub struct StepReport {
     pub loadsim: Option<ProcUsage>,
 }
 
+impl StepReport {
+    /// CPU seconds the system under test used in the step: the server process and the extra
+    /// process (the baseline's Redis) together, since both serve the load.
+    pub fn system_cpu_s(&self) -> f64 {
+        system_cpu_s(self.server.map(|u| u.cpu_s), self.extra.map(|u| u.cpu_s))
+    }
+
+    /// [`Self::system_cpu_s`] per million delivered pushes (`None` without pushes or without a
+    /// watched server process).
+    pub fn cpu_s_per_m_pushes(&self) -> Option<f64> {
+        self.server?;
+        cpu_s_per_m_pushes(self.system_cpu_s(), self.pushes as f64)
+    }
+}
+
+/// CPU seconds of the system under test from its processes' CPU seconds: the server's plus the
+/// extra process's (the baseline's Redis), a missing reading counting as 0.
+pub fn system_cpu_s(server_cpu_s: Option<f64>, extra_cpu_s: Option<f64>) -> f64 {
+    server_cpu_s.unwrap_or(0.0) + extra_cpu_s.unwrap_or(0.0)
+}
+
+/// CPU seconds per million delivered pushes (`None` without pushes).
+pub fn cpu_s_per_m_pushes(cpu_s: f64, pushes: f64) -> Option<f64> {
+    (pushes > 0.0).then(|| cpu_s / pushes * 1e6)
+}
+
 /// The connect phase.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConnectReport {
     /// Online users the run tried to connect.
     pub participants: usize,
@@ -84,7 +111,7 @@ pub struct ConnectReport {
 }
 
 /// The whole report.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// What was simulated.
     pub world: WorldSummary,
