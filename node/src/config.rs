@@ -20,6 +20,11 @@
 //! radius_m = 8000
 //! ttl_s = 600
 //! page_size = 20
+//!
+//! [limits]                       # load shedding (see `service::overload`)
+//! shed = true                    # refuse a share of periodic updates when overloaded
+//! shed_cpu_percent = 85          # ... above this CPU use of the node's cores
+//! shed_lag_ms = 20               # ... or above this scheduling lag
 //! ```
 
 use std::net::SocketAddr;
@@ -30,6 +35,7 @@ use serde::Deserialize;
 
 use crate::core::ServiceConfig;
 use crate::presence::PresenceConfig;
+use crate::service::overload::Limits;
 
 /// A configuration error, naming the field or file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +96,44 @@ pub struct NodeConfig {
     /// Presence settings.
     #[serde(default)]
     pub presence: PresenceSection,
+    /// Overload limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Shed a share of periodic location updates when overloaded.
+    #[serde(default = "default_shed")]
+    pub shed: bool,
+    /// ... when the node's CPU use, in percent of the cores it may use, is above this.
+    #[serde(default = "default_shed_cpu_percent")]
+    pub shed_cpu_percent: u8,
+    /// ... or when the scheduling lag is above this many milliseconds.
+    #[serde(default = "default_shed_lag_ms")]
+    pub shed_lag_ms: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            shed: default_shed(),
+            shed_cpu_percent: default_shed_cpu_percent(),
+            shed_lag_ms: default_shed_lag_ms(),
+        }
+    }
+}
+
+fn default_shed() -> bool {
+    true
+}
+fn default_shed_cpu_percent() -> u8 {
+    (Limits::default().cpu * 100.0).round() as u8
+}
+fn default_shed_lag_ms() -> u32 {
+    Limits::default().lag.as_millis() as u32
 }
 
 /// `[tls]`.
@@ -198,6 +242,15 @@ impl NodeConfig {
         if let Some(v) = env("NEARBY_TTL_S") {
             self.presence.ttl_s = parse("NEARBY_TTL_S", v)?;
         }
+        if let Some(v) = env("NEARBY_SHED") {
+            self.limits.shed = parse("NEARBY_SHED", v)?;
+        }
+        if let Some(v) = env("NEARBY_SHED_CPU_PERCENT") {
+            self.limits.shed_cpu_percent = parse("NEARBY_SHED_CPU_PERCENT", v)?;
+        }
+        if let Some(v) = env("NEARBY_SHED_LAG_MS") {
+            self.limits.shed_lag_ms = parse("NEARBY_SHED_LAG_MS", v)?;
+        }
         Ok(())
     }
 
@@ -226,6 +279,18 @@ impl NodeConfig {
                 format!("{} is not in 1..=100", self.presence.page_size),
             ));
         }
+        if !(1..=10_000).contains(&self.limits.shed_lag_ms) {
+            return Err(field(
+                "limits.shed_lag_ms",
+                format!("{} ms is not in 1..=10000", self.limits.shed_lag_ms),
+            ));
+        }
+        if !(10..=100).contains(&self.limits.shed_cpu_percent) {
+            return Err(field(
+                "limits.shed_cpu_percent",
+                format!("{} % is not in 10..=100", self.limits.shed_cpu_percent),
+            ));
+        }
         if self.listen == self.raft_listen && self.listen.port() != 0 {
             return Err(field("raft_listen", "must differ from listen"));
         }
@@ -240,6 +305,10 @@ impl NodeConfig {
                 ttl: Duration::from_secs(u64::from(self.presence.ttl_s)),
             },
             page_size: self.presence.page_size,
+            shed: self.limits.shed.then(|| Limits {
+                lag: Duration::from_millis(u64::from(self.limits.shed_lag_ms)),
+                cpu: f64::from(self.limits.shed_cpu_percent) / 100.0,
+            }),
             ..ServiceConfig::default()
         }
     }
@@ -279,6 +348,20 @@ radius_m = 5000
         assert_eq!(c.presence.ttl_s, 600);
         assert_eq!(c.listen, "0.0.0.0:9000".parse().expect("addr"));
         assert_eq!(c.service().presence.ttl, Duration::from_secs(600));
+        assert_eq!(c.service().shed, Some(Limits::default()));
+    }
+
+    #[test]
+    fn load_shedding_is_configured_in_limits_and_can_be_turned_off() {
+        let text = format!("{GOOD}[limits]\nshed_lag_ms = 50\nshed_cpu_percent = 90\n");
+        let c = parse(&text, &[]).expect("parses");
+        let want = Limits {
+            lag: Duration::from_millis(50),
+            cpu: 0.9,
+        };
+        assert_eq!(c.service().shed, Some(want));
+        let c = parse(GOOD, &[("NEARBY_SHED", "false")]).expect("parses");
+        assert_eq!(c.service().shed, None);
     }
 
     #[test]
@@ -304,6 +387,12 @@ radius_m = 5000
             ),
             (&GOOD.replace("listen = \"127.0.0.1:7400\"\n", ""), &[], "listen"),
             (GOOD, &[("NEARBY_TTL_S", "soon")], "NEARBY_TTL_S"),
+            (GOOD, &[("NEARBY_SHED_LAG_MS", "60000")], "limits.shed_lag_ms"),
+            (
+                GOOD,
+                &[("NEARBY_SHED_CPU_PERCENT", "5")],
+                "limits.shed_cpu_percent",
+            ),
             (GOOD, &[("NEARBY_RAFT_LISTEN", "127.0.0.1:7400")], "raft_listen"),
         ];
         for (text, env, name) in cases {

@@ -76,6 +76,9 @@ pub struct ServiceConfig {
     pub page_size: u16,
     /// Events queued per session before positions are superseded.
     pub event_queue: usize,
+    /// Load shedding: above these limits a share of periodic location updates is refused
+    /// (`None`: never; see [`crate::service::overload`]).
+    pub shed: Option<crate::service::overload::Limits>,
 }
 
 impl Default for ServiceConfig {
@@ -84,6 +87,7 @@ impl Default for ServiceConfig {
             presence: PresenceConfig::default(),
             page_size: 20,
             event_queue: 256,
+            shed: Some(crate::service::overload::Limits::default()),
         }
     }
 }

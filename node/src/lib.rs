@@ -8,6 +8,7 @@
 //! - [`clock`]: injected time.
 //! - [`config`]: the production configuration file (`nearby-node run --config`).
 //! - [`core`]: joins shard groups, presence and sessions; every client operation.
+//! - [`procstat`]: this process's CPU time from `/proc` (what load shedding watches).
 //! - [`queue`]: the bounded per-session event queue.
 //! - [`service`]: the client-facing QUIC service and its sessions.
 //! - [`dev`]: `nearby-node dev`, a complete single-node cluster on defaults.
@@ -27,6 +28,7 @@ pub mod core;
 pub mod dev;
 pub mod node;
 pub mod presence;
+pub mod procstat;
 pub mod queue;
 pub mod service;
 pub mod shards;

@@ -91,10 +91,12 @@ impl Node {
         .await?;
         match Self::start_groups(&host, opts.groups).await {
             Ok(groups) => {
+                let shed = opts.service.shed;
                 let core = Arc::new(Core::new(groups, opts.clock, opts.service).map_err(NodeError::Setup)?);
                 let mut sopts = ServiceOptions::new(opts.client_listen, opts.server_tls, opts.verifier);
                 sopts.dev_signer = opts.dev_signer;
                 sopts.transport = opts.transport;
+                sopts.shed = shed;
                 let service = match Service::bind(sopts, Arc::clone(&core)) {
                     Ok(s) => s,
                     Err(e) => {

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use nearby_index::friends::UserRange;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
 use crate::command::{Command, CommandResult};
 use crate::error::{HostError, ProposeError, WalError};
@@ -309,6 +309,27 @@ impl ShardGroup {
     /// Reads the replica's applied state. On a follower it may lag the leader.
     pub fn read<R>(&self, f: impl FnOnce(&GroupState) -> R) -> R {
         f(&self.applied.read().unwrap_or_else(|p| p.into_inner()).state)
+    }
+
+    /// Reads the group's state as the leader knows it now: confirms leadership with a quorum and
+    /// waits until everything committed before the call is applied here. A new leader has the
+    /// committed entries in its log at once but applies them only after committing one of its
+    /// own, so a plain [`read`](Self::read) right after a failover may not yet show an
+    /// acknowledged write; this does.
+    pub async fn read_linearizable<R>(&self, f: impl FnOnce(&GroupState) -> R) -> Result<R, ProposeError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(self.read(f)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(fw))) => {
+                Err(ProposeError::NotLeader {
+                    group: self.id,
+                    leader: fw.leader_id.zip(fw.leader_node.map(|n| n.addr)),
+                })
+            }
+            Err(e) => Err(ProposeError::Unavailable {
+                group: self.id,
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// The last log id applied on this replica.

@@ -4,6 +4,7 @@
 //! This module owns the endpoint and its limits; [`session`] owns the streams of one connection;
 //! everything a request *does* is behind [`Backend`] (nearby's is [`crate::core::Core`]).
 
+pub mod overload;
 pub mod session;
 pub mod tls;
 
@@ -36,6 +37,8 @@ pub struct ServiceOptions {
     pub hello_timeout: Duration,
     /// QUIC transport settings.
     pub transport: tls::Transport,
+    /// Shed periodic location updates above these limits (`None`: never).
+    pub shed: Option<overload::Limits>,
 }
 
 impl ServiceOptions {
@@ -51,6 +54,7 @@ impl ServiceOptions {
             requests_per_s: 20,
             hello_timeout: Duration::from_secs(10),
             transport: tls::Transport::default(),
+            shed: Some(overload::Limits::default()),
         }
     }
 }
@@ -79,6 +83,62 @@ pub struct Service<B: Backend> {
     ctx: Arc<session::Context<B>>,
 }
 
+/// Socket buffer the client service asks the kernel for, each way. Linux's default (~208 KiB)
+/// holds about two thousand small packets: a burst of updates and acknowledgements from many
+/// sessions overflows it while the endpoint is busy, and every dropped packet costs a QUIC
+/// retransmission after a timeout — tens to hundreds of milliseconds of latency. The kernel caps
+/// the request at `net.core.rmem_max` / `wmem_max` (see `docs/operations.md`).
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// A QUIC server endpoint on `addr` with [`SOCKET_BUFFER`]-sized socket buffers (as far as the
+/// kernel allows; a smaller grant is logged, not fatal).
+pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        // Accept IPv4 too where the address is the IPv6 wildcard, like quinn's own binding.
+        let _ = socket.set_only_v6(false);
+    }
+    for (what, set, get) in [
+        (
+            "receive",
+            socket2::Socket::set_recv_buffer_size as fn(&socket2::Socket, usize) -> std::io::Result<()>,
+            socket2::Socket::recv_buffer_size as fn(&socket2::Socket) -> std::io::Result<usize>,
+        ),
+        (
+            "send",
+            socket2::Socket::set_send_buffer_size,
+            socket2::Socket::send_buffer_size,
+        ),
+    ] {
+        if let Err(e) = set(&socket, SOCKET_BUFFER) {
+            tracing::warn!(error = %e, "cannot set the client socket's {what} buffer");
+        }
+        // Linux reports twice the usable size it granted.
+        let granted = get(&socket).unwrap_or(0) / 2;
+        if granted < SOCKET_BUFFER {
+            tracing::info!(
+                granted,
+                asked = SOCKET_BUFFER,
+                "the kernel capped the client socket's {what} buffer (raise net.core.{}mem_max)",
+                if what == "receive" { "r" } else { "w" }
+            );
+        }
+    }
+    socket.bind(&addr.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket.into(),
+        runtime,
+    )
+}
+
 impl<B: Backend> Service<B> {
     /// Binds the endpoint.
     pub fn bind(opts: ServiceOptions, core: Arc<B>) -> Result<Service<B>, ServiceStartError> {
@@ -86,12 +146,11 @@ impl<B: Backend> Service<B> {
             .tls
             .quinn_config(opts.transport)
             .map_err(ServiceStartError::Tls)?;
-        let endpoint = quinn::Endpoint::server(server_config, opts.listen).map_err(|source| {
-            ServiceStartError::Bind {
+        let endpoint =
+            server_endpoint(server_config, opts.listen).map_err(|source| ServiceStartError::Bind {
                 addr: opts.listen,
                 source,
-            }
-        })?;
+            })?;
         let ctx = Arc::new(session::Context {
             core: Arc::clone(&core),
             verifier: opts.verifier,
@@ -101,8 +160,14 @@ impl<B: Backend> Service<B> {
             hello_timeout: opts.hello_timeout,
             max_connections: opts.max_connections,
             connections: Default::default(),
+            load: opts.shed.map(|limits| Arc::new(overload::LoadGuard::new(limits))),
         });
         Ok(Service { endpoint, core, ctx })
+    }
+
+    /// The load guard, when the service sheds load.
+    pub fn load_guard(&self) -> Option<Arc<overload::LoadGuard>> {
+        self.ctx.load.clone()
     }
 
     /// The bound address.
@@ -123,6 +188,11 @@ impl<B: Backend> Service<B> {
                 core.tick();
             }
         });
+        let probe = self
+            .ctx
+            .load
+            .as_ref()
+            .map(|guard| tokio::spawn(Arc::clone(guard).probe()));
         let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -153,6 +223,9 @@ impl<B: Backend> Service<B> {
             sessions.abort_all();
         }
         ticker.abort();
+        if let Some(probe) = probe {
+            probe.abort();
+        }
         self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }

@@ -46,6 +46,7 @@ pub(crate) struct Context<B> {
     pub(crate) hello_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) connections: AtomicUsize,
+    pub(crate) load: Option<Arc<super::overload::LoadGuard>>,
 }
 
 /// Counts a connection for the service's limit while it lives.
@@ -250,6 +251,14 @@ impl<B: Backend> Session<B> {
             Request::DevLogin { user } => self.dev_login(user).await,
             Request::UpdateLocation { at } => {
                 let me = self.me()?;
+                // Under overload a periodic update is refused before it touches anything; a
+                // session's first location (its start) always goes through.
+                if self.started && self.ctx.load.as_ref().is_some_and(|g| g.shed_update()) {
+                    return Err(ServiceError::new(
+                        ErrorCode::RateLimited,
+                        "the node is overloaded: this update was not applied; send the next one as usual",
+                    ));
+                }
                 match core.update_location(me, at, !self.started).await? {
                     LocationAck::Started { page, next_update_s } => {
                         self.started = true;

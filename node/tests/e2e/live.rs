@@ -305,3 +305,72 @@ async fn an_imported_world_is_live_at_once() {
     assert_eq!(ids, want);
     node.stop().await;
 }
+
+/// Under overload (here: a node told to shed at any lag and CPU use at all) periodic updates are
+/// refused with `rate_limited` and change nothing — the friend still sees the last accepted
+/// position — while a session's start still goes through, and some updates still pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_node_refuses_periodic_updates_and_applies_none_of_them() {
+    let service = nearby_node::core::ServiceConfig {
+        shed: Some(nearby_node::service::overload::Limits {
+            lag: Duration::ZERO,
+            cpu: 0.0,
+        }),
+        ..Default::default()
+    };
+    let node = TestNode::start_configured(None, service).await;
+    let (ann, bob) = (uid(0, 3), uid(1, 3));
+    node.befriend(ann, bob).await;
+    let mut a = node.client(ann).await;
+    let b = node.client(bob).await;
+    a.at(A.0, A.1).await;
+    b.at(B.0, B.1).await; // bob's start is never shed
+    assert!(matches!(a.next_about(bob).await, Event::FriendEntered(_)));
+
+    // Bob alternates between 1 km and 5 km from ann. Every refused update must leave ann's
+    // view at the last accepted one; every accepted one must reach her.
+    let spots = [(52.5290, 13.4050, 1_000.8), (52.5650, 13.4050, 5_003.8)];
+    let (mut refused, mut accepted) = (0, 0);
+    let mut last_accepted_m = AB_M;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0usize;
+    while (refused < 3 || accepted < 1) && tokio::time::Instant::now() < deadline {
+        let (lat, lon, d) = spots[i % 2];
+        i += 1;
+        match b
+            .client
+            .update_location(nearby_client::proto::Coord { lat, lon })
+            .await
+        {
+            Ok(_) => {
+                accepted += 1;
+                last_accepted_m = d;
+                match a.next_about(bob).await {
+                    Event::FriendMoved(p) => assert!(near(p.distance_m, d), "{p:?}"),
+                    e => panic!("expected bob's move, got {e:?}"),
+                }
+            }
+            Err(e) if e.code() == Some(nearby_client::proto::ErrorCode::RateLimited) => {
+                if e.to_string().contains("too many requests") {
+                    // The per-session limit, not shedding: wait for the bucket to refill.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                refused += 1;
+                let list = a.client.list_nearby(None, None).await.expect("list");
+                assert_eq!(list.friends.len(), 1, "{list:?}");
+                assert!(
+                    near(list.friends[0].distance_m, last_accepted_m),
+                    "a refused update moved bob: {list:?}, last accepted at {last_accepted_m} m"
+                );
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(
+        refused >= 3,
+        "the node never shed an update ({accepted} accepted)"
+    );
+    assert!(accepted >= 1, "the node shed every update ({refused} refused)");
+    node.stop().await;
+}

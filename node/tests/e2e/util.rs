@@ -40,6 +40,20 @@ impl TestNode {
 
     /// Starts a node that first imports `seed`.
     pub(crate) async fn start_with(seed: Option<nearby_raft::seed::Seed>) -> TestNode {
+        // No load shedding: these tests check behaviour, and a loaded CI machine must not make a
+        // periodic update come back `rate_limited` (the shedding test turns it on).
+        let service = ServiceConfig {
+            shed: None,
+            ..ServiceConfig::default()
+        };
+        Self::start_configured(seed, service).await
+    }
+
+    /// Starts a node with client-facing settings `service`, importing `seed` first.
+    pub(crate) async fn start_configured(
+        seed: Option<nearby_raft::seed::Seed>,
+        service: ServiceConfig,
+    ) -> TestNode {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -62,7 +76,7 @@ impl TestNode {
                 .expect("node tls"),
             verifier: signer.verifier(),
             dev_signer: Some(Arc::clone(&signer)),
-            service: ServiceConfig::default(),
+            service,
             clock: Arc::new(clock.clone()),
             transport: Default::default(),
         })

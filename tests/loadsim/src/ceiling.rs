@@ -155,7 +155,7 @@ pub async fn serve(
         .quinn_config(nearby_node::service::tls::Transport::Tuned)
         .map_err(CeilingError::Setup)?;
     let bind: std::net::SocketAddr = (std::net::Ipv4Addr::LOCALHOST, 0).into();
-    let endpoint = quinn::Endpoint::server(config, bind).map_err(io("binding the server"))?;
+    let endpoint = nearby_node::service::server_endpoint(config, bind).map_err(io("binding the server"))?;
     let addr = endpoint.local_addr().map_err(io("reading the server address"))?;
     writeln!(out, "ready {addr}").map_err(io("writing to stdout"))?;
     out.flush().map_err(io("writing to stdout"))?;

@@ -9,9 +9,6 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-/// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`).
-pub const TICKS_PER_S: f64 = 100.0;
-
 /// One reading of a process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct ProcSample {
@@ -70,15 +67,9 @@ pub fn sample(pid: u32) -> Result<ProcSample, ProcError> {
     })
 }
 
-/// CPU seconds (`utime + stime`) from the text of `/proc/<pid>/stat`. The command name (field 2)
-/// may contain spaces and parentheses, so fields are counted after the *last* `)`.
+/// CPU seconds (`utime + stime`) from the text of `/proc/<pid>/stat` (nearby's own parser).
 pub fn parse_stat(text: &str) -> Option<f64> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3, utime field 14, stime field 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / TICKS_PER_S)
+    nearby_node::procstat::cpu_seconds(text)
 }
 
 /// `(VmRSS, VmHWM)` in KiB from the text of `/proc/<pid>/status`.

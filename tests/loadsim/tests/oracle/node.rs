@@ -45,7 +45,11 @@ async fn the_real_node_leaks_nothing_and_misses_nothing() {
             .expect("node tls"),
         verifier: signer.verifier(),
         dev_signer: Some(signer),
-        service: ServiceConfig::default(),
+        // The oracle is under test here, not load shedding.
+        service: ServiceConfig {
+            shed: None,
+            ..ServiceConfig::default()
+        },
         clock: Arc::new(SystemClock),
         transport: Default::default(),
     })

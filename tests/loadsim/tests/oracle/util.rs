@@ -29,6 +29,7 @@ impl Served {
         let signer = Arc::new(TokenSigner::generate().expect("key"));
         let mut opts = ServiceOptions::new("127.0.0.1:0".parse().expect("addr"), tls, signer.verifier());
         opts.dev_signer = Some(signer);
+        opts.shed = None; // the oracle is under test here, not load shedding
         let service = Service::bind(opts, backend).expect("bind");
         let addr = service.local_addr().expect("addr").to_string();
         let (tx, rx) = oneshot::channel::<()>();
