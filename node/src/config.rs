@@ -23,7 +23,7 @@
 //!
 //! [limits]                       # load shedding (see `service::overload`)
 //! shed = true                    # refuse a share of periodic updates when overloaded
-//! shed_cpu_percent = 85          # ... above this CPU use of the node's cores
+//! shed_cpu_percent = 90          # ... above this CPU use of the node's cores
 //! shed_lag_ms = 20               # ... or above this scheduling lag
 //! ```
 

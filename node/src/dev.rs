@@ -39,6 +39,8 @@ pub struct DevOptions {
     pub import: Option<PathBuf>,
     /// QUIC transport settings of the client service.
     pub transport: crate::service::tls::Transport,
+    /// Shed periodic updates under overload (see [`crate::service::overload`]).
+    pub shed: bool,
 }
 
 /// Why the dev node could not start.
@@ -125,7 +127,14 @@ pub async fn run(
         node_tls,
         verifier: signer.verifier(),
         dev_signer: Some(signer),
-        service: ServiceConfig::default(),
+        service: ServiceConfig {
+            shed: if opts.shed {
+                ServiceConfig::default().shed
+            } else {
+                None
+            },
+            ..ServiceConfig::default()
+        },
         clock: Arc::new(SystemClock),
         transport: opts.transport,
     })

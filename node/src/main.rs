@@ -39,6 +39,9 @@ enum Cmd {
         /// Use quinn's default transport settings instead of nearby's (to measure them).
         #[arg(long, hide = true)]
         quinn_defaults: bool,
+        /// Never shed updates under overload (to measure the raw ceiling).
+        #[arg(long)]
+        no_shed: bool,
     },
     /// Run a node from a configuration file (TOML; `NEARBY_*` environment overrides).
     Run {
@@ -84,6 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             groups,
             import,
             quinn_defaults,
+            no_shed,
         } => {
             let home = match home {
                 Some(h) => h,
@@ -103,6 +107,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     nearby_node::service::tls::Transport::Tuned
                 },
+                shed: !no_shed,
             };
             #[allow(clippy::print_stdout)] // the banner is for the person who typed the command
             let ready = |banner: String| println!("{banner}");

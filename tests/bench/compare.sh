@@ -23,7 +23,7 @@ else
   sessions=2000 push_rates=${NEARBY_CEILING_RATES:-5000,10000,15000,20000,25000,30000} push_duration=10
   # Fine steps around the knee seen on the 2-core machine (400-800 updates/s); override with
   # NEARBY_COMPARE_RATES for other machines.
-  rates=${NEARBY_COMPARE_RATES:-100,200,300,400,500,600,700,800,1200}
+  rates=${NEARBY_COMPARE_RATES:-100,200,300,400,500,600,700,800,1000,1200}
   cargo build --release -p nearby-node -p nearby-baseline -p nearby-loadsim
 fi
 bin=target/$profile
@@ -76,13 +76,27 @@ run_load() { # name home server-pid [extra-pid]
     --json-out "$work/$1.json"
 }
 
-echo "== nearby"
-"${on_server[@]}" "$bin/nearby-node" dev --data "$work/nearby-data" --home "$work/nearby-home" \
-  --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" 2>"$work/nearby.log" &
-node=$!; pids+=("$node")
-wait_file "$work/nearby-home/endpoint" 300 "$work/nearby.log"
-run_load nearby "$work/nearby-home" "$node"
-kill -TERM "$node"; wait "$node" || true
+run_nearby() { # name [nearby-node dev flags...]
+  local name=$1; shift
+  echo "== $name"
+  "${on_server[@]}" "$bin/nearby-node" dev --data "$work/$name-data" --home "$work/$name-home" \
+    --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" "$@" 2>"$work/$name.log" &
+  local node=$!; pids+=("$node")
+  wait_file "$work/$name-home/endpoint" 300 "$work/$name.log"
+  run_load "$name" "$work/$name-home" "$node"
+  kill -TERM "$node"; wait "$node" || true
+}
+
+# Capacity is compared with load shedding off in both systems (shedding refuses load; the
+# comparison's bounds count refused updates against a step). The full run then measures nearby
+# with shedding on, its default, to show what shedding does past the knee
+# (NEARBY_COMPARE_SHED=0 skips it).
+run_nearby nearby --no-shed
+shed=()
+if [ "$mode" = full ] && [ "${NEARBY_COMPARE_SHED:-1}" = 1 ]; then
+  run_nearby nearby-shed
+  shed=(--report "nearby, shedding on=$work/nearby-shed.json")
+fi
 
 echo "== baseline (Redis)"
 port=$(( 20000 + RANDOM % 20000 ))
@@ -94,7 +108,7 @@ until redis-cli -p "$port" ping >/dev/null 2>&1; do
   [ $i -lt 100 ] || { echo "redis-server did not start:" >&2; cat "$work/redis.log" >&2; exit 1; }
 done
 "${on_server[@]}" "$bin/nearby-baseline" --redis "127.0.0.1:$port" --listen 127.0.0.1:0 --home "$work/base-home" \
-  --import "$work/seed.bin" 2>"$work/baseline.log" &
+  --import "$work/seed.bin" --no-shed 2>"$work/baseline.log" &
 base=$!; pids+=("$base")
 wait_file "$work/base-home/endpoint" 300 "$work/baseline.log"
 run_load baseline "$work/base-home" "$base" "$redis"
@@ -112,16 +126,17 @@ echo "$table"
 # smoke run draws them in its work directory so CI exercises the plot command.
 plots="$work/plots"
 [ "$mode" = full ] && plots=docs/compare
-"$bin/nearby-loadsim" plot --report "nearby=$work/nearby.json" \
+"$bin/nearby-loadsim" plot --report "nearby=$work/nearby.json" "${shed[@]}" \
   --report "baseline (Redis)=$work/baseline.json" --out-dir "$plots"
 if [ "$mode" = full ]; then
   mkdir -p docs/compare
   cp "$work/nearby.json" "$work/baseline.json" "$work/ceiling.json" docs/compare/
+  [ -f "$work/nearby-shed.json" ] && cp "$work/nearby-shed.json" docs/compare/
   {
     echo "<!-- compare:begin -->"
     echo "Run: \`tests/bench/compare.sh\` on $(date -u +%Y-%m-%d), $users users, $online online,"
     echo "steps of $duration s at $rates updates/s; servers on CPUs ${server_cpus:-any}, the load"
-    echo "generator on the others. Raw reports: \`docs/compare/*.json\`."
+    echo "generator on the others; load shedding off in both. Raw reports: \`docs/compare/*.json\`."
     echo
     echo "$table"
     echo "<!-- compare:end -->"

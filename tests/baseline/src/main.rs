@@ -35,6 +35,9 @@ struct Cli {
     /// Inactivity timeout in seconds (nearby's default).
     #[arg(long)]
     ttl_s: Option<u64>,
+    /// Never shed updates under overload (to measure the raw ceiling).
+    #[arg(long)]
+    no_shed: bool,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         home: cli.home.clone(),
         import: cli.import,
         config,
+        shed: !cli.no_shed,
     };
     rt.block_on(async {
         let server = Server::start(opts)

@@ -27,6 +27,8 @@ pub struct ServerOptions {
     pub import: Option<PathBuf>,
     /// Backend settings.
     pub config: BaselineConfig,
+    /// Shed periodic updates under overload, like nearby (the QUIC front end is shared).
+    pub shed: bool,
 }
 
 /// A started server.
@@ -72,6 +74,9 @@ impl Server {
         let signer = Arc::new(TokenSigner::generate().map_err(|e| BaselineError::Setup(e.to_string()))?);
         let mut sopts = ServiceOptions::new(opts.listen, tls, signer.verifier());
         sopts.dev_signer = Some(signer);
+        if !opts.shed {
+            sopts.shed = None;
+        }
         let service = Service::bind(sopts, Arc::clone(&backend))?;
         let addr = service
             .local_addr()

@@ -260,11 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             baseline,
             ceiling,
         } => {
-            let read = |p: &Path| -> anyhow::Result<serde_json::Value> {
-                let text =
-                    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-                serde_json::from_str(&text).with_context(|| format!("{} is not a report", p.display()))
-            };
+            let read = nearby_loadsim::plot::read_report;
             let n = nearby_loadsim::compare::summarize("nearby", &read(&nearby)?);
             let b = nearby_loadsim::compare::summarize("baseline (Redis)", &read(&baseline)?);
             print!("{}", nearby_loadsim::compare::markdown(&n, &b));

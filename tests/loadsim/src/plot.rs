@@ -25,7 +25,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::compare::{MISS_BOUND, P99_BOUND_MS};
+use crate::compare::{MISS_BOUND, P99_BOUND_MS, REFUSED_BOUND};
 use crate::report::{Report, StepReport};
 
 /// File name of the latency plot in the output directory.
@@ -151,9 +151,10 @@ fn render(plot: &'static str, draw: impl FnOnce(&Area<'_>) -> DrawResult) -> Res
     Ok(svg)
 }
 
-/// Whether a step broke correctness: any leak, or misses at or above the bound.
+/// Whether a step broke a bound other than latency: any leak, misses or refused updates at or
+/// above their bounds.
 fn broke_correctness(step: &StepReport) -> bool {
-    step.oracle.leaks > 0 || step.oracle.miss_rate >= MISS_BOUND
+    step.oracle.leaks > 0 || step.oracle.miss_rate >= MISS_BOUND || step.refused_share() >= REFUSED_BOUND
 }
 
 fn color(i: usize) -> RGBColor {
@@ -223,7 +224,11 @@ fn label_crosses<DB: DrawingBackend, X: Ranged<ValueType = f64>, Y: Ranged<Value
     reports: &[(String, Report)],
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     if reports.iter().any(|(_, r)| r.steps.iter().any(broke_correctness)) {
-        let label = format!("step with leaks or ≥ {:.1} % misses", MISS_BOUND * 100.0);
+        let label = format!(
+            "step with leaks, ≥ {:.1} % misses or ≥ {:.1} % refused updates",
+            MISS_BOUND * 100.0,
+            REFUSED_BOUND * 100.0
+        );
         chart
             .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())?
             .label(label)
@@ -366,89 +371,9 @@ fn draw_cpu(root: &Area<'_>, reports: &[(String, Report)]) -> DrawResult {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::metrics::{LatencySummary, ProcUsage};
-    use crate::report::{ConnectReport, OracleCounts};
-    use crate::world::WorldSummary;
-
-    fn step(n: usize, pushes_per_s: f64, p50: f64, p99: f64, miss_rate: f64, cpu_s: f64) -> StepReport {
-        let usage = |cpu_s| ProcUsage {
-            cpu_s,
-            cores: cpu_s / 10.0,
-            cpu_us_per_push: None,
-            rss_kb: 1000,
-            peak_rss_kb: 1000,
-        };
-        StepReport {
-            step: n,
-            target_rate: pushes_per_s / 25.0,
-            duration_s: 10.0,
-            updates: (pushes_per_s / 2.5) as u64,
-            updates_per_s: pushes_per_s / 25.0,
-            pushes: (pushes_per_s * 10.0) as u64,
-            pushes_per_s,
-            latency: LatencySummary {
-                count: 100,
-                p50_ms: p50,
-                p90_ms: p99 * 0.8,
-                p99_ms: p99,
-                p999_ms: p99 * 1.5,
-                max_ms: p99 * 2.0,
-            },
-            oracle: OracleCounts {
-                leaks: 0,
-                expected: 1000,
-                missed: (miss_rate * 1000.0) as u64,
-                miss_rate,
-            },
-            errors: BTreeMap::new(),
-            server: Some(usage(cpu_s)),
-            extra: None,
-            loadsim: None,
-        }
-    }
-
-    fn report(steps: Vec<StepReport>) -> Report {
-        let world = WorldSummary {
-            seed: 1,
-            users: 100,
-            online: 10,
-            friendships: 400,
-            follows: 8,
-            mean_degree: 8.0,
-            max_degree: 20,
-            users_over_1000_friends: 0,
-            friends_within_8km: 0.8,
-            cities: 1,
-            sharing_off: 0,
-            hidden_pairs: 0,
-            period_s: 30.0,
-        };
-        Report {
-            world,
-            endpoint: "127.0.0.1:1".into(),
-            radius_m: 8000.0,
-            tolerance: 0.01,
-            deadline_ms: 2000,
-            connect: ConnectReport {
-                participants: 10,
-                sessions: 10,
-                seconds: 1.0,
-                startup: LatencySummary::default(),
-                band: (6, 10),
-                startup_band: LatencySummary::default(),
-            },
-            steps,
-            total: OracleCounts::default(),
-            latency: LatencySummary::default(),
-            errors: BTreeMap::new(),
-            late_slots: 0,
-            leak_samples: vec![],
-            miss_samples: vec![],
-        }
-    }
+    use crate::metrics::ProcUsage;
+    use crate::report::fixtures::{report, step};
 
     fn two_systems() -> Vec<(String, Report)> {
         let mut baseline = report(vec![

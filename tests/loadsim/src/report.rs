@@ -80,6 +80,20 @@ impl StepReport {
         self.server?;
         cpu_s_per_m_pushes(self.system_cpu_s(), self.pushes as f64)
     }
+
+    /// Share of the step's updates that got an error (refused by load shedding or the rate
+    /// limit, or lost to a timeout) — updates the oracle expects nothing from.
+    pub fn refused_share(&self) -> f64 {
+        if self.updates == 0 {
+            return 0.0;
+        }
+        self.errors.values().sum::<u64>() as f64 / self.updates as f64
+    }
+
+    /// Peak RSS of the system under test (server and extra process), KiB.
+    pub fn peak_rss_kb(&self) -> u64 {
+        self.server.map_or(0, |u| u.peak_rss_kb) + self.extra.map_or(0, |u| u.peak_rss_kb)
+    }
 }
 
 /// CPU seconds of the system under test from its processes' CPU seconds: the server's plus the
@@ -371,5 +385,100 @@ impl Report {
             );
         }
         s
+    }
+}
+
+/// Reports built in memory, for the tests of the modules that read reports.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use std::collections::BTreeMap;
+
+    use super::{ConnectReport, OracleCounts, Report, StepReport};
+    use crate::metrics::{LatencySummary, ProcUsage};
+    use crate::world::WorldSummary;
+
+    /// Step `n`: delivered pushes/s, p50 and p99 (ms), miss rate, server CPU seconds.
+    pub(crate) fn step(
+        n: usize,
+        pushes_per_s: f64,
+        p50: f64,
+        p99: f64,
+        miss_rate: f64,
+        cpu_s: f64,
+    ) -> StepReport {
+        let usage = |cpu_s| ProcUsage {
+            cpu_s,
+            cores: cpu_s / 10.0,
+            cpu_us_per_push: None,
+            rss_kb: 1000,
+            peak_rss_kb: 1000,
+        };
+        StepReport {
+            step: n,
+            target_rate: pushes_per_s / 25.0,
+            duration_s: 10.0,
+            updates: (pushes_per_s / 2.5) as u64,
+            updates_per_s: pushes_per_s / 25.0,
+            pushes: (pushes_per_s * 10.0) as u64,
+            pushes_per_s,
+            latency: LatencySummary {
+                count: 100,
+                p50_ms: p50,
+                p90_ms: p99 * 0.8,
+                p99_ms: p99,
+                p999_ms: p99 * 1.5,
+                max_ms: p99 * 2.0,
+            },
+            oracle: OracleCounts {
+                leaks: 0,
+                expected: 1000,
+                missed: (miss_rate * 1000.0) as u64,
+                miss_rate,
+            },
+            errors: BTreeMap::new(),
+            server: Some(usage(cpu_s)),
+            extra: None,
+            loadsim: None,
+        }
+    }
+
+    pub(crate) fn report(steps: Vec<StepReport>) -> Report {
+        let world = WorldSummary {
+            seed: 1,
+            users: 100,
+            online: 10,
+            friendships: 400,
+            follows: 8,
+            mean_degree: 8.0,
+            max_degree: 20,
+            users_over_1000_friends: 0,
+            friends_within_8km: 0.8,
+            cities: 1,
+            sharing_off: 0,
+            hidden_pairs: 0,
+            period_s: 30.0,
+        };
+        Report {
+            world,
+            endpoint: "127.0.0.1:1".into(),
+            radius_m: 8000.0,
+            tolerance: 0.01,
+            deadline_ms: 2000,
+            connect: ConnectReport {
+                participants: 10,
+                sessions: 10,
+                seconds: 1.0,
+                startup: LatencySummary::default(),
+                band: (6, 10),
+                startup_band: LatencySummary::default(),
+            },
+            steps,
+            total: OracleCounts::default(),
+            latency: LatencySummary::default(),
+            errors: BTreeMap::new(),
+            late_slots: 0,
+            leak_samples: vec![],
+            miss_samples: vec![],
+        }
     }
 }

@@ -151,6 +151,8 @@ impl TestServer {
             home: home.path().to_path_buf(),
             import: Some(seed_path),
             config,
+            // Behaviour under test, not load: a loaded CI machine must not shed an update.
+            shed: false,
         })
         .await
         .expect("baseline starts");
