@@ -146,7 +146,7 @@ pub(crate) async fn serve<B: Backend>(incoming: quinn::Incoming, ctx: Arc<Contex
     if let (Some(user), Some(sink)) = (s.user, s.sink.take()) {
         // Ends the event writer too.
         sink.events.close(SESSION_ENDED);
-        s.ctx.core.close_session(user, sink).await;
+        Box::pin(s.ctx.core.close_session(user, sink)).await;
     }
 }
 
@@ -166,24 +166,25 @@ enum SessionEnd {
 impl<B: Backend> Session<B> {
     async fn run(&mut self, mut recv: quinn::RecvStream, hello_by: Instant) -> Result<(), SessionEnd> {
         let mut frames = FrameBuffer::new();
-        // Requests are small; a small read buffer keeps idle sessions cheap.
-        let mut chunk = vec![0u8; 2 * 1024];
         loop {
+            // Chunks are quinn's own buffers: an idle session holds no read buffer of its own.
             let read = if self.user.is_none() {
-                tokio::time::timeout_at(hello_by, recv.read(&mut chunk))
+                tokio::time::timeout_at(hello_by, recv.read_chunk(usize::MAX, true))
                     .await
                     .map_err(|_| SessionEnd::HelloTimeout)?
             } else {
-                recv.read(&mut chunk).await
+                recv.read_chunk(usize::MAX, true).await
             };
             match read? {
-                Some(n) => frames.extend(&chunk[..n]),
+                Some(chunk) => frames.extend(&chunk.bytes),
                 None => return Ok(()),
             }
             loop {
                 match frames.next_frame::<RequestFrame>() {
                     Ok(Some(f)) => {
-                        let response = match self.handle(f.request).await {
+                        // Boxed: the request's future is large and short-lived; inline, it would
+                        // make every idle session's future as large as the largest request's.
+                        let response = match Box::pin(self.handle(f.request)).await {
                             Ok(r) => r,
                             Err(e) => Response::Error(e.body()),
                         };
