@@ -134,7 +134,7 @@ if [ "$mode" = full ]; then
   [ -f "$work/nearby-shed.json" ] && cp "$work/nearby-shed.json" docs/compare/
   {
     echo "<!-- compare:begin -->"
-    echo "Run: \`tests/bench/compare.sh\` on $(date -u +%Y-%m-%d), $users users, $online online,"
+    echo "Run: \`tests/bench/compare.sh\` on $(date -u +%Y-%m-%d), $users users (share online: $online),"
     echo "steps of $duration s at $rates updates/s; servers on CPUs ${server_cpus:-any}, the load"
     echo "generator on the others; load shedding off in both. Raw reports: \`docs/compare/*.json\`."
     echo
