@@ -311,14 +311,7 @@ fn draw_latency(root: &Area<'_>, reports: &[(String, Report)]) -> DrawResult {
         draw_markers(&mut chart, p50, c)?;
     }
     label_crosses(&mut chart, reports)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.4))
-        .draw()?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 fn draw_cpu(root: &Area<'_>, reports: &[(String, Report)]) -> DrawResult {
@@ -359,9 +352,17 @@ fn draw_cpu(root: &Area<'_>, reports: &[(String, Report)]) -> DrawResult {
         draw_markers(&mut chart, pts, c)?;
     }
     label_crosses(&mut chart, reports)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
+}
+
+/// The legend box, in the same style on both plots.
+fn draw_legend<'a, DB: DrawingBackend + 'a, X: Ranged<ValueType = f64>, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    at: SeriesLabelPosition,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(at)
         .label_font((FONT, 14))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK.mix(0.4))
