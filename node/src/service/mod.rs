@@ -102,31 +102,25 @@ pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> std::io
         // Accept IPv4 too where the address is the IPv6 wildcard, like quinn's own binding.
         let _ = socket.set_only_v6(false);
     }
-    for (what, set, get) in [
-        (
-            "receive",
-            socket2::Socket::set_recv_buffer_size as fn(&socket2::Socket, usize) -> std::io::Result<()>,
-            socket2::Socket::recv_buffer_size as fn(&socket2::Socket) -> std::io::Result<usize>,
-        ),
-        (
-            "send",
-            socket2::Socket::set_send_buffer_size,
-            socket2::Socket::send_buffer_size,
-        ),
-    ] {
-        if let Err(e) = set(&socket, SOCKET_BUFFER) {
-            tracing::warn!(error = %e, "cannot set the client socket's {what} buffer");
-        }
-        // Linux reports twice the usable size it granted.
-        let granted = get(&socket).unwrap_or(0) / 2;
-        if granted < SOCKET_BUFFER {
-            tracing::info!(
-                granted,
-                asked = SOCKET_BUFFER,
-                "the kernel capped the client socket's {what} buffer (raise net.core.{}mem_max)",
-                if what == "receive" { "r" } else { "w" }
-            );
-        }
+    if let Err(e) = socket.set_recv_buffer_size(SOCKET_BUFFER) {
+        tracing::warn!(error = %e, "cannot set the client socket's receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(SOCKET_BUFFER) {
+        tracing::warn!(error = %e, "cannot set the client socket's send buffer");
+    }
+    // Linux reports twice the usable size it granted.
+    let granted = |size: std::io::Result<usize>| size.unwrap_or(0) / 2;
+    let (recv, send) = (
+        granted(socket.recv_buffer_size()),
+        granted(socket.send_buffer_size()),
+    );
+    if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
+        tracing::info!(
+            receive = recv,
+            send,
+            asked = SOCKET_BUFFER,
+            "the kernel capped the client socket's buffers (raise net.core.rmem_max / wmem_max)"
+        );
     }
     socket.bind(&addr.into())?;
     let runtime = quinn::default_runtime()
@@ -163,11 +157,6 @@ impl<B: Backend> Service<B> {
             load: opts.shed.map(|limits| Arc::new(overload::LoadGuard::new(limits))),
         });
         Ok(Service { endpoint, core, ctx })
-    }
-
-    /// The load guard, when the service sheds load.
-    pub fn load_guard(&self) -> Option<Arc<overload::LoadGuard>> {
-        self.ctx.load.clone()
     }
 
     /// The bound address.
