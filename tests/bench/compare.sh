@@ -127,7 +127,7 @@ echo "$table"
 plots="$work/plots"
 [ "$mode" = full ] && plots=docs/compare
 "$bin/nearby-loadsim" plot --report "nearby=$work/nearby.json" "${shed[@]}" \
-  --report "baseline (Redis)=$work/baseline.json" --out-dir "$plots"
+  --report "baseline (Redis)=$work/baseline.json" --ceiling "$work/ceiling.json" --out-dir "$plots"
 if [ "$mode" = full ]; then
   mkdir -p docs/compare
   cp "$work/nearby.json" "$work/baseline.json" "$work/ceiling.json" docs/compare/

@@ -66,6 +66,9 @@ enum Cmd {
         /// Directory for the SVG files (created if missing).
         #[arg(long)]
         out_dir: PathBuf,
+        /// A `ceiling --json-out` report: the CPU plot also draws the bare push path.
+        #[arg(long)]
+        ceiling: Option<PathBuf>,
     },
 }
 
@@ -265,10 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let b = nearby_loadsim::compare::summarize("baseline (Redis)", &read(&baseline)?);
             print!("{}", nearby_loadsim::compare::markdown(&n, &b));
             if let Some(path) = ceiling {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                let c: nearby_loadsim::ceiling::CeilingReport = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not a ceiling report", path.display()))?;
+                let c = read_ceiling(&path)?;
                 println!();
                 print!("{}", nearby_loadsim::ceiling::share_markdown(&c, &n));
             }
@@ -297,12 +297,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Plot { reports, out_dir } => {
+        Cmd::Plot {
+            reports,
+            out_dir,
+            ceiling,
+        } => {
             let reports = reports
                 .into_iter()
                 .map(|(name, path)| Ok((name, nearby_loadsim::plot::read_report(&path)?)))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            for path in nearby_loadsim::plot::write_plots(&reports, &out_dir)? {
+            let ceiling = ceiling.as_deref().map(read_ceiling).transpose()?;
+            for path in nearby_loadsim::plot::write_plots(&reports, ceiling.as_ref(), &out_dir)? {
                 println!("wrote {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
@@ -346,6 +351,12 @@ fn ceiling(args: CeilingArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `ceiling --json-out` report.
+fn read_ceiling(path: &Path) -> anyhow::Result<nearby_loadsim::ceiling::CeilingReport> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a ceiling report", path.display()))
 }
 
 /// `NAME=PATH` of `plot --report`.

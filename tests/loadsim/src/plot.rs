@@ -25,6 +25,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use crate::ceiling::CeilingReport;
 use crate::compare::{MISS_BOUND, P99_BOUND_MS, REFUSED_BOUND};
 use crate::report::{Report, StepReport};
 
@@ -100,7 +101,13 @@ pub fn read_report(path: &Path) -> Result<Report, PlotError> {
 
 /// Draws both plots of `reports` (each with the name its lines are labelled with) into
 /// `out_dir`, created if missing, and returns the files written: [`LATENCY_SVG`], [`CPU_SVG`].
-pub fn write_plots(reports: &[(String, Report)], out_dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
+/// With `ceiling`, the CPU plot also draws the bare quinn push path's CPU per push
+/// ([`crate::ceiling`]) as the reference the systems' lines are read against.
+pub fn write_plots(
+    reports: &[(String, Report)],
+    ceiling: Option<&CeilingReport>,
+    out_dir: &Path,
+) -> Result<Vec<PathBuf>, PlotError> {
     if reports.is_empty() {
         return Err(PlotError::NoReports);
     }
@@ -108,7 +115,10 @@ pub fn write_plots(reports: &[(String, Report)], out_dir: &Path) -> Result<Vec<P
         path: out_dir.to_path_buf(),
         source,
     })?;
-    let plots = [(LATENCY_SVG, latency_svg(reports)?), (CPU_SVG, cpu_svg(reports)?)];
+    let plots = [
+        (LATENCY_SVG, latency_svg(reports)?),
+        (CPU_SVG, cpu_svg(reports, ceiling)?),
+    ];
     let mut written = Vec::with_capacity(plots.len());
     for (name, svg) in plots {
         let path = out_dir.join(name);
@@ -128,8 +138,8 @@ pub fn latency_svg(reports: &[(String, Report)]) -> Result<String, PlotError> {
 }
 
 /// The CPU plot ([`CPU_SVG`]) as an SVG document.
-pub fn cpu_svg(reports: &[(String, Report)]) -> Result<String, PlotError> {
-    render(CPU_SVG, |root| draw_cpu(root, reports))
+pub fn cpu_svg(reports: &[(String, Report)], ceiling: Option<&CeilingReport>) -> Result<String, PlotError> {
+    render(CPU_SVG, |root| draw_cpu(root, reports, ceiling))
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
@@ -314,21 +324,34 @@ fn draw_latency(root: &Area<'_>, reports: &[(String, Report)]) -> DrawResult {
     draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
-fn draw_cpu(root: &Area<'_>, reports: &[(String, Report)]) -> DrawResult {
+fn draw_cpu(root: &Area<'_>, reports: &[(String, Report)], ceiling: Option<&CeilingReport>) -> DrawResult {
     let series: Vec<_> = reports
         .iter()
         .map(|(name, r)| (name, points(r, StepReport::cpu_s_per_m_pushes)))
         .collect();
+    // The bare push path: µs per push is CPU seconds per million pushes.
+    let bare: Vec<(f64, f64, bool)> = ceiling
+        .map(|c| {
+            c.steps
+                .iter()
+                .filter_map(|s| Some((s.pushes_per_s, s.server.cpu_us_per_push?, !s.within_bounds())))
+                .collect()
+        })
+        .unwrap_or_default();
     let hi = series
         .iter()
-        .flat_map(|(_, p)| p.iter().map(|p| p.1))
+        .flat_map(|(_, p)| p.iter())
+        .chain(bare.iter())
+        .map(|p| p.1)
         .fold(0.0, f64::max);
+    let mut x = x_range(reports);
+    x.end = bare.iter().map(|p| p.0 * 1.05).fold(x.end, f64::max);
     let mut chart = ChartBuilder::on(root)
         .caption("System CPU per million delivered pushes against load", (FONT, 22))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d(x_range(reports), 0.0..if hi > 0.0 { hi * 1.25 } else { 1.0 })?;
+        .build_cartesian_2d(x, 0.0..if hi > 0.0 { hi * 1.25 } else { 1.0 })?;
     chart
         .configure_mesh()
         .x_desc("delivered pushes/s")
@@ -350,6 +373,19 @@ fn draw_cpu(root: &Area<'_>, reports: &[(String, Report)]) -> DrawResult {
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
         draw_markers(&mut chart, pts, c)?;
+    }
+    if !bare.is_empty() {
+        let grey = RGBColor(110, 110, 110);
+        chart
+            .draw_series(DashedLineSeries::new(
+                bare.iter().map(|&(x, y, _)| (x, y)),
+                6,
+                4,
+                grey.stroke_width(2),
+            ))?
+            .label("bare quinn push, no logic (ceiling)")
+            .legend(move |(x, y)| DashedPathElement::new([(x, y), (x + 20, y)], 6, 4, grey.stroke_width(2)));
+        draw_markers(&mut chart, &bare, grey)?;
     }
     label_crosses(&mut chart, reports)?;
     draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
@@ -411,7 +447,7 @@ mod tests {
     fn both_plots_are_written_with_a_labelled_line_per_system() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("plots");
-        let written = write_plots(&two_systems(), &out).expect("plots");
+        let written = write_plots(&two_systems(), None, &out).expect("plots");
         assert_eq!(written, vec![out.join(LATENCY_SVG), out.join(CPU_SVG)]);
         for path in &written {
             let svg = std::fs::read_to_string(path).expect("plot file");
@@ -432,6 +468,40 @@ mod tests {
         for i in 0..2 {
             assert!(polylines(&latency, color(i)) >= 4, "system {i}");
         }
+    }
+
+    #[test]
+    fn the_cpu_plot_draws_the_bare_push_path_when_given() {
+        let step = |pushes_per_s: f64, us: f64| crate::ceiling::CeilingStep {
+            target_rate: pushes_per_s,
+            sent: pushes_per_s as u64 * 10,
+            failed: 0,
+            received: pushes_per_s as u64 * 10,
+            pushes_per_s,
+            latency: crate::metrics::LatencySummary {
+                p99_ms: 5.0,
+                ..Default::default()
+            },
+            server: ProcUsage {
+                cpu_us_per_push: Some(us),
+                ..ProcUsage::default()
+            },
+            driver: ProcUsage::default(),
+        };
+        let ceiling = CeilingReport {
+            mode: crate::ceiling::Mode::Stream,
+            sessions: 10,
+            payload: crate::ceiling::PAYLOAD,
+            connect_s: 0.1,
+            steps: vec![step(1000.0, 3.0), step(4000.0, 2.0)],
+            server_peak_rss_kb: 0,
+        };
+        let without = cpu_svg(&two_systems(), None).expect("plot");
+        let with = cpu_svg(&two_systems(), Some(&ceiling)).expect("plot");
+        assert!(!without.contains("bare quinn push"));
+        assert!(with.contains("bare quinn push"));
+        // Its steps reach past the systems' (4,000 against 3,000 pushes/s): the axis follows.
+        assert!(with.contains("4k") && !without.contains("4k"), "x axis: {with}");
     }
 
     #[test]
@@ -461,6 +531,9 @@ mod tests {
     #[test]
     fn nothing_to_plot_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(matches!(write_plots(&[], dir.path()), Err(PlotError::NoReports)));
+        assert!(matches!(
+            write_plots(&[], None, dir.path()),
+            Err(PlotError::NoReports)
+        ));
     }
 }
