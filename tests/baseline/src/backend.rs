@@ -806,35 +806,17 @@ impl Inner {
             }
             Command::Hide { user, from } => {
                 Self::check_pair(user, from)?;
-                let (added, _): (i64, i64) = redis::pipe()
-                    .cmd("SADD")
-                    .arg(keys::hidden(user))
-                    .arg(from)
-                    .cmd("SADD")
-                    .arg(keys::hidden_by(from))
-                    .arg(user)
-                    .query_async(&mut self.command())
-                    .await
-                    .map_err(unavailable("SADD"))?;
-                if added == 1 {
+                let added = self.update_hidden("SADD", user, from).await?;
+                if added {
                     self.publish(vec![(Channel::Loc(user), Message::Hide { viewer: from })])
                         .await?;
                 }
-                Ok(changed(added == 1))
+                Ok(changed(added))
             }
             Command::Unhide { user, from } => {
                 Self::check_pair(user, from)?;
-                let (removed, _): (i64, i64) = redis::pipe()
-                    .cmd("SREM")
-                    .arg(keys::hidden(user))
-                    .arg(from)
-                    .cmd("SREM")
-                    .arg(keys::hidden_by(from))
-                    .arg(user)
-                    .query_async(&mut self.command())
-                    .await
-                    .map_err(unavailable("SREM"))?;
-                if removed == 1 {
+                let removed = self.update_hidden("SREM", user, from).await?;
+                if removed {
                     let at = match &slot {
                         Some(s) => {
                             let st = lock(&s.state);
@@ -845,11 +827,33 @@ impl Inner {
                     self.publish(vec![(Channel::Loc(user), Message::Unhide { viewer: from, at })])
                         .await?;
                 }
-                Ok(changed(removed == 1))
+                Ok(changed(removed))
             }
             Command::SetSharing { user, on } => self.set_sharing(user, on, slot.as_deref()).await,
             other => Err(invalid(format!("{other} is not supported by the baseline"))),
         }
+    }
+
+    /// Applies `cmd` (`SADD` or `SREM`) to both sides of "`user` hides from `from`" — `from` in
+    /// `user`'s hidden set, `user` in `from`'s hidden-by set — in one pipeline; returns whether
+    /// `user`'s set changed.
+    async fn update_hidden(
+        &self,
+        cmd: &'static str,
+        user: UserId,
+        from: UserId,
+    ) -> Result<bool, ServiceError> {
+        let (changed, _): (i64, i64) = redis::pipe()
+            .cmd(cmd)
+            .arg(keys::hidden(user))
+            .arg(from)
+            .cmd(cmd)
+            .arg(keys::hidden_by(from))
+            .arg(user)
+            .query_async(&mut self.command())
+            .await
+            .map_err(unavailable(cmd))?;
+        Ok(changed == 1)
     }
 
     async fn set_sharing(
