@@ -107,11 +107,12 @@ impl ClientError {
             | ClientError::Connect { .. }
             | ClientError::Timeout { .. }
             | ClientError::ConnectionLost { .. }
-            | ClientError::Reconnecting => true,
+            | ClientError::Reconnecting
+            // Nodes redirect one another while a leadership moves; it settles in moments.
+            | ClientError::TooManyRedirects { .. } => true,
             ClientError::Config(_)
             | ClientError::InvalidCoordinates { .. }
             | ClientError::Protocol(_)
-            | ClientError::TooManyRedirects { .. }
             | ClientError::Closed => false,
         }
     }

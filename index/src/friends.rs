@@ -178,6 +178,11 @@ pub struct RangeTable<G> {
 }
 
 impl<G> RangeTable<G> {
+    /// A table with no ranges.
+    pub fn empty() -> Self {
+        Self { entries: Vec::new() }
+    }
+
     /// Builds a table from ranges in any order.
     ///
     /// # Errors

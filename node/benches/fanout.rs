@@ -22,8 +22,8 @@ use nearby_client::proto::Event;
 use nearby_index::friends::{RangeTable, UserRange};
 use nearby_index::geo::{LatLng, Millis, UserId};
 use nearby_node::presence::{Output, Presence, PresenceConfig};
-use nearby_raft::state::GroupState;
-use nearby_raft::{Command, CommandResult, GroupId};
+use nearby_raft::shard::command::pair_owner;
+use nearby_raft::{Command, CommandResult, GroupId, GroupState};
 
 /// Users per group range: group `g` (1..=4) owns `[g·SPAN, (g+1)·SPAN)`.
 const SPAN: u64 = 1_000_000;
@@ -43,6 +43,8 @@ struct World {
     states: HashMap<GroupId, GroupState>,
     presences: HashMap<GroupId, Presence>,
     now: Millis,
+    /// Log index of the last command applied (one counter for all groups is enough here).
+    index: u64,
     /// Events produced by the last `drain`.
     events: usize,
     /// Of those, `FriendMoved`.
@@ -59,6 +61,7 @@ impl World {
             states: HashMap::new(),
             presences: HashMap::new(),
             now: Millis(1_764_000_000_000),
+            index: 0,
             events: 0,
             moved: 0,
         };
@@ -70,17 +73,37 @@ impl World {
         w
     }
 
-    /// Applies `cmd` in every group it concerns (no live effects: nobody is connected yet).
+    /// Applies `cmd` where the cluster would — a relation in the pair owner's group, whose
+    /// intent then reaches the other side — with no live effects (nobody is connected yet).
     fn apply(&mut self, cmd: Command) {
-        let (a, b) = cmd.users();
-        let mut groups = vec![group_of(a)];
-        if let Some(b) = b.filter(|_| cmd.is_two_sided()) {
-            groups.push(group_of(b));
-        }
-        groups.dedup();
-        for g in groups {
-            let r = self.states.get_mut(&g).expect("state").apply(&cmd);
-            assert!(!matches!(r, CommandResult::Rejected(_)), "{cmd}: {r}");
+        let target = match cmd.users() {
+            (a, Some(b)) if cmd.is_two_sided() => pair_owner(a, b),
+            (a, _) => a,
+        };
+        let g = group_of(target);
+        self.index += 1;
+        let r = self.states.get_mut(&g).expect("state").apply(&cmd, self.index);
+        assert!(!matches!(r, CommandResult::Rejected(_)), "{cmd}: {r}");
+        let intents: Vec<_> = self.states[&g].outbox().map(|(seq, m)| (seq, *m)).collect();
+        for (seq, mirror) in intents {
+            self.index += 1;
+            let deliver = Command::Deliver {
+                source: g,
+                seq,
+                mirror,
+            };
+            let to = group_of(mirror.user);
+            let r = self
+                .states
+                .get_mut(&to)
+                .expect("state")
+                .apply(&deliver, self.index);
+            assert!(!matches!(r, CommandResult::Rejected(_)), "{deliver}: {r}");
+            self.index += 1;
+            self.states
+                .get_mut(&g)
+                .expect("state")
+                .apply(&Command::Delivered { seq }, self.index);
         }
     }
 

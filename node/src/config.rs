@@ -3,11 +3,18 @@
 //! value is a clear error naming the field rather than a failure later.
 //!
 //! ```toml
-//! node_id = 1
+//! node_id = 1                    # never reused; the node's certificate names it
 //! data = "/var/lib/nearby"
 //! listen = "0.0.0.0:7400"        # client service (UDP)
-//! raft_listen = "0.0.0.0:7401"   # node-to-node Raft transport (UDP)
-//! groups = 4                     # shard groups of a fresh cluster
+//! raft_listen = "0.0.0.0:7401"   # node-to-node transport (UDP)
+//! advertise = "10.0.0.1"         # the host peers and clients reach this node at
+//! groups = 16                    # `nearby-node init` only: shard groups of a new cluster
+//!
+//! [cluster]                      # the node's identity in the cluster (`nearby-node ca`)
+//! ca = "/etc/nearby/ca.pem"
+//! cert = "/etc/nearby/node.pem"
+//! key = "/etc/nearby/node-key.pem"
+//! join = ["10.0.0.2:7401"]       # on a fresh data directory: join the cluster of these nodes
 //!
 //! [tls]                          # the client service's certificate
 //! cert = "/etc/nearby/cert.pem"
@@ -33,7 +40,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::core::ServiceConfig;
+use crate::api::ServiceConfig;
 use crate::presence::PresenceConfig;
 use crate::service::overload::Limits;
 
@@ -86,9 +93,16 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Raft transport address (UDP).
     pub raft_listen: SocketAddr,
-    /// Shard groups of a fresh cluster.
+    /// The host (name or IP) peers and clients reach this node at; the listen addresses' own
+    /// if unset (which must then not be a wildcard).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Shard groups of a new cluster (read by `nearby-node init` only: an existing cluster's
+    /// ranges come from its map).
     #[serde(default = "default_groups")]
     pub groups: u64,
+    /// The node's identity in the cluster.
+    pub cluster: ClusterSection,
     /// The client service's certificate.
     pub tls: TlsConfig,
     /// Token verification.
@@ -136,6 +150,21 @@ fn default_shed_lag_ms() -> u32 {
     Limits::default().lag.as_millis() as u32
 }
 
+/// `[cluster]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// The cluster CA's certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM), issued by the CA for this node id.
+    pub cert: PathBuf,
+    /// This node's private key (PEM, mode 0600).
+    pub key: PathBuf,
+    /// Raft addresses of nodes of the cluster to join when the data directory is fresh.
+    #[serde(default)]
+    pub join: Vec<String>,
+}
+
 /// `[tls]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,7 +209,7 @@ impl Default for PresenceSection {
 }
 
 fn default_groups() -> u64 {
-    4
+    16
 }
 fn default_radius() -> u32 {
     8_000
@@ -235,6 +264,16 @@ impl NodeConfig {
         }
         if let Some(v) = env("NEARBY_RAFT_LISTEN") {
             self.raft_listen = parse("NEARBY_RAFT_LISTEN", v)?;
+        }
+        if let Some(v) = env("NEARBY_ADVERTISE") {
+            self.advertise = Some(v);
+        }
+        if let Some(v) = env("NEARBY_JOIN") {
+            self.cluster.join = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
         }
         if let Some(v) = env("NEARBY_RADIUS_M") {
             self.presence.radius_m = parse("NEARBY_RADIUS_M", v)?;
@@ -294,7 +333,33 @@ impl NodeConfig {
         if self.listen == self.raft_listen && self.listen.port() != 0 {
             return Err(field("raft_listen", "must differ from listen"));
         }
+        let wildcard = self.listen.ip().is_unspecified() || self.raft_listen.ip().is_unspecified();
+        if wildcard && self.advertise.is_none() {
+            return Err(field(
+                "advertise",
+                "required when listening on all addresses: the host peers and clients reach this node at",
+            ));
+        }
+        for seed in &self.cluster.join {
+            if !seed.contains(':') {
+                return Err(field("cluster.join", format!("{seed:?} is not host:port")));
+            }
+        }
         Ok(())
+    }
+
+    /// The client address other nodes redirect clients to.
+    pub fn client_advertise(&self) -> Option<String> {
+        self.advertise
+            .as_ref()
+            .map(|h| format!("{h}:{}", self.listen.port()))
+    }
+
+    /// The node-to-node address peers use.
+    pub fn raft_advertise(&self) -> Option<String> {
+        self.advertise
+            .as_ref()
+            .map(|h| format!("{h}:{}", self.raft_listen.port()))
     }
 
     /// The client-facing settings this configuration describes.
@@ -323,6 +388,10 @@ node_id = 3
 data = "/tmp/x"
 listen = "127.0.0.1:7400"
 raft_listen = "127.0.0.1:7401"
+[cluster]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node-key.pem"
 [tls]
 cert = "c.pem"
 key = "k.pem"
@@ -341,9 +410,20 @@ radius_m = 5000
 
     #[test]
     fn a_good_file_parses_with_defaults_and_env_overrides() {
-        let c = parse(GOOD, &[("NEARBY_LISTEN", "0.0.0.0:9000")]).expect("parses");
+        let c = parse(
+            GOOD,
+            &[
+                ("NEARBY_LISTEN", "0.0.0.0:9000"),
+                ("NEARBY_ADVERTISE", "10.1.2.3"),
+                ("NEARBY_JOIN", "10.1.2.4:7401, 10.1.2.5:7401"),
+            ],
+        )
+        .expect("parses");
+        assert_eq!(c.client_advertise().as_deref(), Some("10.1.2.3:9000"));
+        assert_eq!(c.raft_advertise().as_deref(), Some("10.1.2.3:7401"));
+        assert_eq!(c.cluster.join, vec!["10.1.2.4:7401", "10.1.2.5:7401"]);
         assert_eq!(c.node_id, 3);
-        assert_eq!(c.groups, 4);
+        assert_eq!(c.groups, 16);
         assert_eq!(c.presence.radius_m, 5000);
         assert_eq!(c.presence.ttl_s, 600);
         assert_eq!(c.listen, "0.0.0.0:9000".parse().expect("addr"));
@@ -394,6 +474,9 @@ radius_m = 5000
                 "limits.shed_cpu_percent",
             ),
             (GOOD, &[("NEARBY_RAFT_LISTEN", "127.0.0.1:7400")], "raft_listen"),
+            (GOOD, &[("NEARBY_LISTEN", "0.0.0.0:7400")], "advertise"),
+            (GOOD, &[("NEARBY_JOIN", "10.0.0.1")], "cluster.join"),
+            (&GOOD.replace("[cluster]\n", "[custer]\n"), &[], "custer"),
         ];
         for (text, env, name) in cases {
             let err = parse(text, env).expect_err("must fail").to_string();

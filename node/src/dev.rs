@@ -14,12 +14,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nearby_raft::transport::ClusterCa;
+use nearby_raft::transport::{ClusterCa, NodeTls};
 
+use crate::api::ServiceConfig;
 use crate::auth::TokenSigner;
 use crate::clock::SystemClock;
-use crate::core::ServiceConfig;
+use crate::cluster::Bootstrap;
 use crate::node::{Node, NodeError, NodeOptions};
+use crate::secrets;
 use crate::service::tls::ServerTls;
 
 /// What `nearby-node dev` runs with.
@@ -33,8 +35,10 @@ pub struct DevOptions {
     pub listen: SocketAddr,
     /// The Raft transport address (UDP).
     pub raft_listen: SocketAddr,
-    /// How many shard groups cut the user-id space.
+    /// How many shard groups cut the user-id space of a new cluster.
     pub groups: u64,
+    /// Nodes: one in this process, or more as child processes.
+    pub nodes: u8,
     /// A bulk-import file to load before serving (see `nearby_raft::seed`).
     pub import: Option<PathBuf>,
     /// QUIC transport settings of the client service.
@@ -67,6 +71,7 @@ fn files_err(path: &Path, e: impl std::fmt::Display) -> DevError {
     }
 }
 
+/// Writes a file the CLI reads (it may be replaced: it describes the running dev cluster).
 fn write(path: &Path, contents: &[u8]) -> Result<(), DevError> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(|e| files_err(dir, e))?;
@@ -74,34 +79,72 @@ fn write(path: &Path, contents: &[u8]) -> Result<(), DevError> {
     fs::write(path, contents).map_err(|e| files_err(path, e))
 }
 
-/// The dev token key: loaded, or made and stored on first start.
-fn token_key(dir: &Path) -> Result<TokenSigner, DevError> {
+/// The dev token key: loaded, or made and stored (0600) on first start.
+pub(crate) fn token_key(dir: &Path) -> Result<TokenSigner, DevError> {
     let path = dir.join("token-key.pk8");
-    match fs::read(&path) {
-        Ok(bytes) => TokenSigner::from_pkcs8(&bytes).map_err(|e| files_err(&path, e)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let signer = TokenSigner::generate().map_err(|e| files_err(&path, e))?;
-            write(&path, signer.pkcs8())?;
-            Ok(signer)
-        }
-        Err(e) => Err(files_err(&path, e)),
+    if path.exists() {
+        let bytes = secrets::read_secret(&path).map_err(|e| files_err(&path, e))?;
+        return TokenSigner::from_pkcs8(&bytes).map_err(|e| files_err(&path, e));
     }
+    let signer = TokenSigner::generate().map_err(|e| files_err(&path, e))?;
+    secrets::write_secret(&path, signer.pkcs8(), false).map_err(|e| files_err(&path, e))?;
+    Ok(signer)
 }
 
-/// The client service's certificate: loaded, or made and stored on first start.
-fn server_tls(dir: &Path) -> Result<ServerTls, DevError> {
+/// The client service's certificate (for `localhost` and the loopback addresses dev nodes use):
+/// loaded, or made and stored on first start.
+pub(crate) fn server_tls(dir: &Path) -> Result<ServerTls, DevError> {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     if cert.exists() && key.exists() {
         let c = fs::read_to_string(&cert).map_err(|e| files_err(&cert, e))?;
-        let k = fs::read_to_string(&key).map_err(|e| files_err(&key, e))?;
+        let k = secrets::read_secret_text(&key).map_err(|e| files_err(&key, e))?;
         return ServerTls::from_pem(&c, &k).map_err(|e| files_err(&cert, e));
     }
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+    let names = [
+        "localhost",
+        "127.0.0.1",
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+        "127.0.0.5",
+    ];
+    let ck = rcgen::generate_simple_self_signed(names.map(String::from).to_vec())
         .map_err(|e| files_err(&cert, e))?;
     let (c, k) = (ck.cert.pem(), ck.signing_key.serialize_pem());
-    write(&key, k.as_bytes())?;
-    write(&cert, c.as_bytes())?;
+    secrets::write_secret(&key, k.as_bytes(), true).map_err(|e| files_err(&key, e))?;
+    secrets::write_public(&cert, c.as_bytes(), true).map_err(|e| files_err(&cert, e))?;
     ServerTls::from_pem(&c, &k).map_err(|e| files_err(&cert, e))
+}
+
+/// The dev cluster's CA: loaded, or made and stored on first start.
+pub(crate) fn dev_ca(dir: &Path) -> Result<ClusterCa, DevError> {
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    if cert.exists() && key.exists() {
+        let c = fs::read_to_string(&cert).map_err(|e| files_err(&cert, e))?;
+        let k = secrets::read_secret_text(&key).map_err(|e| files_err(&key, e))?;
+        return ClusterCa::from_pem(&c, &k).map_err(|e| files_err(&cert, e));
+    }
+    let ca = ClusterCa::generate("dev").map_err(|e| files_err(&cert, e))?;
+    secrets::write_secret(&key, ca.key_pem().as_bytes(), true).map_err(|e| files_err(&key, e))?;
+    secrets::write_public(&cert, ca.cert_pem().as_bytes(), true).map_err(|e| files_err(&cert, e))?;
+    Ok(ca)
+}
+
+/// Node `id`'s identity under the dev CA: loaded, or issued and stored in `dir`.
+pub(crate) fn dev_node_tls(ca: &ClusterCa, dir: &Path, id: u64) -> Result<NodeTls, DevError> {
+    let (cert, key) = (
+        dir.join(format!("node-{id}.pem")),
+        dir.join(format!("node-{id}-key.pem")),
+    );
+    if cert.exists() && key.exists() {
+        let c = fs::read_to_string(&cert).map_err(|e| files_err(&cert, e))?;
+        let k = secrets::read_secret_text(&key).map_err(|e| files_err(&key, e))?;
+        return NodeTls::from_pem(id, &ca.cert_pem(), &c, &k).map_err(|e| files_err(&cert, e));
+    }
+    let tls = ca.issue_node(id).map_err(|e| files_err(&cert, e))?;
+    secrets::write_secret(&key, tls.key_pem().as_bytes(), true).map_err(|e| files_err(&key, e))?;
+    secrets::write_public(&cert, tls.cert_pem().as_bytes(), true).map_err(|e| files_err(&cert, e))?;
+    Ok(tls)
 }
 
 /// Runs the dev node until `shutdown` completes. `ready` gets the text telling a newcomer what to
@@ -115,30 +158,40 @@ pub async fn run(
     let signer = Arc::new(token_key(&dev_dir)?);
     let tls = server_tls(&dev_dir)?;
     let ca_pem = tls.chain_pem.clone();
-    let ca = ClusterCa::generate("dev").map_err(|e| files_err(&dev_dir, e))?;
-    let node_tls = ca.issue_node().map_err(|e| files_err(&dev_dir, e))?;
-    let node = Node::start(NodeOptions {
-        node_id: 1,
-        data: opts.data.clone(),
-        client_listen: opts.listen,
-        raft_listen: opts.raft_listen,
-        groups: opts.groups,
-        server_tls: tls,
+    let ca = dev_ca(&dev_dir)?;
+    let node_tls = dev_node_tls(&ca, &dev_dir, 1)?;
+    let member = crate::cluster::identity::is_member(&opts.data).map_err(|e| files_err(&opts.data, e))?;
+    let bootstrap = if member {
+        tracing::info!(
+            groups = opts.groups,
+            "the data directory holds a cluster: its ranges come from its map (`--groups` only shapes a new one)"
+        );
+        Bootstrap::Existing
+    } else {
+        Bootstrap::Init { groups: opts.groups }
+    };
+    let mut nopts = NodeOptions::new(
+        1,
+        opts.data.clone(),
+        bootstrap,
+        tls,
         node_tls,
-        verifier: signer.verifier(),
-        dev_signer: Some(signer),
-        service: ServiceConfig {
-            shed: if opts.shed {
-                ServiceConfig::default().shed
-            } else {
-                None
-            },
-            ..ServiceConfig::default()
+        signer.verifier(),
+        Arc::new(SystemClock),
+    );
+    nopts.client_listen = opts.listen;
+    nopts.raft_listen = opts.raft_listen;
+    nopts.dev_signer = Some(signer);
+    nopts.transport = opts.transport;
+    nopts.service = ServiceConfig {
+        shed: if opts.shed {
+            ServiceConfig::default().shed
+        } else {
+            None
         },
-        clock: Arc::new(SystemClock),
-        transport: opts.transport,
-    })
-    .await?;
+        ..ServiceConfig::default()
+    };
+    let node = Node::start(nopts).await?;
     if let Some(path) = &opts.import {
         let seed = nearby_raft::seed::Seed::read(path).map_err(|e| files_err(path, e))?;
         node.import(&seed).await?;

@@ -1,11 +1,15 @@
 //! `nearby-node`: the nearby server binary. Parses flags, sets up logging, runs.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nearby_node::cluster::Bootstrap;
+use nearby_node::config::NodeConfig;
+use nearby_node::secrets;
 
 #[derive(Parser)]
 #[command(name = "nearby-node", version, about = "The nearby server")]
@@ -16,23 +20,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a complete single-node cluster with all defaults.
+    /// Run a complete cluster with all defaults: one node, or `--nodes N` processes.
     Dev {
         /// Data directory.
         #[arg(long, default_value = "./nearby-data", env = "NEARBY_DATA")]
         data: PathBuf,
-        /// UDP address of the client service.
+        /// UDP address of the client service (of node 1 with `--nodes`).
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: SocketAddr,
-        /// UDP address of the node-to-node Raft transport.
+        /// UDP address of the node-to-node transport (of node 1 with `--nodes`).
         #[arg(long, default_value = "127.0.0.1:7401")]
         raft_listen: SocketAddr,
-        /// Where the CLI finds the endpoint and certificate (default ~/.nearby).
+        /// Where the CLI finds the endpoints and certificate (default ~/.nearby).
         #[arg(long, env = "NEARBY_HOME")]
         home: Option<PathBuf>,
-        /// Number of shard groups the user-id space is cut into.
+        /// Shard groups the user-id space of a new cluster is cut into.
         #[arg(long, default_value_t = 4)]
         groups: u64,
+        /// Nodes, each its own process with its own data directory, on 127.0.0.1, .2, .3, …
+        #[arg(long, default_value_t = 1)]
+        nodes: u8,
         /// Load users and relations from a bulk-import file before serving.
         #[arg(long)]
         import: Option<PathBuf>,
@@ -43,18 +50,82 @@ enum Cmd {
         #[arg(long)]
         no_shed: bool,
     },
-    /// Run a node from a configuration file (TOML; `NEARBY_*` environment overrides).
+    /// Run a node that already belongs to a cluster, or joins one (`cluster.join` in the
+    /// config), from a configuration file (TOML; `NEARBY_*` environment overrides).
     Run {
         /// The configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Dev mode: also accept `DevLogin`, signing tokens with this key (PKCS#8, 0600).
+        #[arg(long, hide = true)]
+        dev_token_key: Option<PathBuf>,
     },
+    /// Initialise a new cluster with this node as its first member, then run it. Refused on a
+    /// data directory that already belongs to a cluster.
+    Init {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Shard groups the user-id space starts cut into (default: the config's `groups`).
+        #[arg(long)]
+        groups: Option<u64>,
+        /// Dev mode: also accept `DevLogin`, signing tokens with this key (PKCS#8, 0600).
+        #[arg(long, hide = true)]
+        dev_token_key: Option<PathBuf>,
+    },
+    /// Join the cluster of the node at SEED (its node-to-node address), then run.
+    Join {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// `host:port` of a node of the cluster.
+        #[arg(required = true)]
+        seeds: Vec<String>,
+    },
+    /// The cluster's certificate authority: make one, or issue a node's certificate.
+    #[command(subcommand)]
+    Ca(CaCmd),
     /// Make a token signing key: `token-key.pk8` (keep it with the login service) and
     /// `token.pub` (give it to every node as `auth.token_public_key`).
     Keygen {
         /// Directory to write the two files to.
         #[arg(long)]
         out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Make a new cluster CA: `ca.pem` (give it to every node) and `ca-key.pem` (keep it with
+    /// the operator, never on a node).
+    Init {
+        /// Directory to write the two files to.
+        #[arg(long)]
+        out: PathBuf,
+        /// A name for the cluster, shown in the certificate.
+        #[arg(long, default_value = "nearby")]
+        name: String,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue node N's certificate: `node.pem` and `node-key.pem` (0600), with a copy of `ca.pem`.
+    Issue {
+        /// The directory holding `ca.pem` and `ca-key.pem`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The node's id; the certificate is valid for this node only.
+        #[arg(long)]
+        node_id: u64,
+        /// Directory to write the files to.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -78,6 +149,9 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // Signal handlers are installed when `shutdown::signal()` is called, which needs a runtime.
+    let _entered = rt.enter();
+    let env = |k: &str| std::env::var(k).ok();
     match cli.command {
         Cmd::Dev {
             data,
@@ -85,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             raft_listen,
             home,
             groups,
+            nodes,
             import,
             quinn_defaults,
             no_shed,
@@ -101,6 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 raft_listen,
                 groups,
+                nodes,
                 import,
                 transport: if quinn_defaults {
                     nearby_node::service::tls::Transport::QuinnDefaults
@@ -118,54 +194,137 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ))
             .context("nearby-node dev failed")
         }
-        Cmd::Run { config } => {
-            let config = nearby_node::config::NodeConfig::load(&config, |k| std::env::var(k).ok())?;
-            rt.block_on(run_node(config))
+        Cmd::Run {
+            config,
+            dev_token_key,
+        } => {
+            let config = NodeConfig::load(&config, env)?;
+            let bootstrap = if config.cluster.join.is_empty() {
+                Bootstrap::Existing
+            } else {
+                Bootstrap::Join(config.cluster.join.clone())
+            };
+            rt.block_on(run_node(config, bootstrap, dev_token_key.as_deref()))
         }
-        Cmd::Keygen { out } => keygen(&out),
+        Cmd::Init {
+            config,
+            groups,
+            dev_token_key,
+        } => {
+            let config = NodeConfig::load(&config, env)?;
+            let groups = groups.unwrap_or(config.groups);
+            anyhow::ensure!(
+                (1..=4096).contains(&groups),
+                "--groups {groups} is not in 1..=4096"
+            );
+            rt.block_on(run_node(
+                config,
+                Bootstrap::Init { groups },
+                dev_token_key.as_deref(),
+            ))
+        }
+        Cmd::Join { config, seeds } => {
+            let config = NodeConfig::load(&config, env)?;
+            rt.block_on(run_node(config, Bootstrap::Join(seeds), None))
+        }
+        Cmd::Ca(CaCmd::Init { out, name, force }) => ca_init(&out, &name, force),
+        Cmd::Ca(CaCmd::Issue {
+            ca,
+            node_id,
+            out,
+            force,
+        }) => ca_issue(&ca, node_id, &out, force),
+        Cmd::Keygen { out, force } => keygen(&out, force),
     }
 }
 
-async fn run_node(config: nearby_node::config::NodeConfig) -> anyhow::Result<()> {
+fn read(p: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+}
+
+async fn run_node(
+    config: NodeConfig,
+    bootstrap: Bootstrap,
+    dev_token_key: Option<&Path>,
+) -> anyhow::Result<()> {
     use nearby_node::service::tls::ServerTls;
-    let read = |p: &std::path::Path| {
-        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
-    };
-    let tls = ServerTls::from_pem(&read(&config.tls.cert)?, &read(&config.tls.key)?)
+    let tls_key = secrets::read_secret_text(&config.tls.key).context("config field `tls.key`")?;
+    let tls = ServerTls::from_pem(&read(&config.tls.cert)?, &tls_key)
         .map_err(|e| anyhow::anyhow!("config field `tls`: {e}"))?;
     let public = nearby_index::codec::base64url_decode(read(&config.auth.token_public_key)?.trim())
         .filter(|k| k.len() == 32)
         .context("config field `auth.token_public_key`: not a base64url Ed25519 public key")?;
-    // One node: no peers to authenticate yet, so the cluster CA can be ephemeral.
-    let ca = nearby_raft::transport::ClusterCa::generate("single-node")?;
-    let node = nearby_node::node::Node::start(nearby_node::node::NodeOptions {
-        node_id: config.node_id,
-        data: config.data.clone(),
-        client_listen: config.listen,
-        raft_listen: config.raft_listen,
-        groups: config.groups,
-        server_tls: tls,
-        node_tls: ca.issue_node()?,
-        verifier: nearby_node::auth::TokenVerifier::new(public),
-        dev_signer: None,
-        service: config.service(),
-        clock: std::sync::Arc::new(nearby_node::clock::SystemClock),
-        transport: Default::default(),
-    })
-    .await?;
+    let node_key = secrets::read_secret_text(&config.cluster.key).context("config field `cluster.key`")?;
+    let node_tls = nearby_raft::transport::NodeTls::from_pem(
+        config.node_id,
+        &read(&config.cluster.ca)?,
+        &read(&config.cluster.cert)?,
+        &node_key,
+    )
+    .context("config section `cluster`")?;
+    let mut opts = nearby_node::node::NodeOptions::new(
+        config.node_id,
+        config.data.clone(),
+        bootstrap,
+        tls,
+        node_tls,
+        nearby_node::auth::TokenVerifier::new(public),
+        Arc::new(nearby_node::clock::SystemClock),
+    );
+    opts.client_listen = config.listen;
+    opts.raft_listen = config.raft_listen;
+    opts.client_advertise = config.client_advertise();
+    opts.raft_advertise = config.raft_advertise();
+    opts.service = config.service();
+    if let Some(path) = dev_token_key {
+        let bytes = secrets::read_secret(path).context("--dev-token-key")?;
+        let signer = nearby_node::auth::TokenSigner::from_pkcs8(&bytes)
+            .map_err(|e| anyhow::anyhow!("--dev-token-key: {e}"))?;
+        opts.dev_signer = Some(Arc::new(signer));
+    }
+    let stop = nearby_node::shutdown::signal();
+    let node = nearby_node::node::Node::start(opts).await?;
     tracing::info!(endpoint = %node.client_addr(), "nearby node is ready");
-    node.run(nearby_node::shutdown::signal()).await;
+    node.run(stop).await;
     Ok(())
 }
 
-fn keygen(out: &std::path::Path) -> anyhow::Result<()> {
+fn ca_init(out: &Path, name: &str, force: bool) -> anyhow::Result<()> {
+    let ca = nearby_raft::transport::ClusterCa::generate(name)?;
+    let key = out.join("ca-key.pem");
+    let cert = out.join("ca.pem");
+    secrets::write_secret(&key, ca.key_pem().as_bytes(), force)?;
+    secrets::write_public(&cert, ca.cert_pem().as_bytes(), force)?;
+    tracing::info!(cert = %cert.display(), key = %key.display(), "cluster CA written; keep the key off the nodes");
+    Ok(())
+}
+
+fn ca_issue(ca_dir: &Path, node_id: u64, out: &Path, force: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(node_id >= 1, "--node-id must be at least 1");
+    let ca_pem = read(&ca_dir.join("ca.pem"))?;
+    let ca_key = secrets::read_secret_text(&ca_dir.join("ca-key.pem"))?;
+    let ca = nearby_raft::transport::ClusterCa::from_pem(&ca_pem, &ca_key)?;
+    let tls = ca.issue_node(node_id)?;
+    let (cert, key, ca_copy) = (out.join("node.pem"), out.join("node-key.pem"), out.join("ca.pem"));
+    secrets::write_secret(&key, tls.key_pem().as_bytes(), force)?;
+    secrets::write_public(&cert, tls.cert_pem().as_bytes(), force)?;
+    if ca_copy != ca_dir.join("ca.pem") {
+        secrets::write_public(&ca_copy, ca_pem.as_bytes(), force)?;
+    }
+    tracing::info!(node = node_id, cert = %cert.display(), key = %key.display(), "node certificate issued");
+    Ok(())
+}
+
+fn keygen(out: &Path, force: bool) -> anyhow::Result<()> {
     let signer = nearby_node::auth::TokenSigner::generate()?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let key = out.join("token-key.pk8");
     let public = out.join("token.pub");
-    std::fs::write(&key, signer.pkcs8()).with_context(|| format!("cannot write {}", key.display()))?;
-    std::fs::write(&public, format!("{}\n", signer.verifier().public_base64url()))
-        .with_context(|| format!("cannot write {}", public.display()))?;
+    secrets::write_secret(&key, signer.pkcs8(), force)?;
+    secrets::write_public(
+        &public,
+        format!("{}\n", signer.verifier().public_base64url()).as_bytes(),
+        force,
+    )?;
     tracing::info!(key = %key.display(), public = %public.display(), "token key written");
     Ok(())
 }

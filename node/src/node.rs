@@ -1,8 +1,17 @@
-//! One running node: the shard groups it hosts, its core, and its client service, started and
-//! stopped together. `nearby-node dev`, `nearby-node run` and the in-process tests all start a
-//! node through [`Node::start`].
+//! One running node: its store, its part in the cluster, its gateway and its client service,
+//! started and stopped together. `nearby-node dev`, `init`, `join`, `run` and the in-process
+//! tests all start a node through [`Node::start`].
+//!
+//! # Start order
+//!
+//! 1. The client endpoint is bound first, so the node knows the client address it puts in the
+//!    cluster map (a redirect names it).
+//! 2. The store (WAL, transport) starts and reopens the replicas the data directory holds.
+//! 3. The node comes into its cluster ([`crate::cluster::Bootstrap`]): initialises one, joins
+//!    one, or restarts as a member — refusing files that disagree with the map.
+//! 4. The gateway and the client service start; the node then waits (bounded) until every group
+//!    has a leader, so the first clients are served rather than told to retry.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,14 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_raft::transport::NodeTls;
-use nearby_raft::{HostConfig, NodeId, RaftHost};
+use nearby_raft::{HostConfig, NodeId, NodeInfo, Payload, RaftHost, Reply};
 
+use crate::api::ServiceConfig;
 use crate::auth::{TokenSigner, TokenVerifier};
 use crate::clock::Clock;
-use crate::core::{Core, ServiceConfig};
+use crate::cluster::{Bootstrap, Cluster, ClusterOptions};
+use crate::gateway::Gateway;
 use crate::service::tls::ServerTls;
-use crate::service::{Service, ServiceOptions};
-use crate::shards::initial_ranges;
+use crate::service::{Listener, Service, ServiceOptions};
+use crate::sessions::Sessions;
 
 /// Everything a node is started with.
 pub struct NodeOptions {
@@ -27,10 +38,14 @@ pub struct NodeOptions {
     pub data: PathBuf,
     /// UDP address of the client service.
     pub client_listen: SocketAddr,
-    /// UDP address of the node-to-node Raft transport.
+    /// The client address other nodes redirect to; the bound address if `None`.
+    pub client_advertise: Option<String>,
+    /// UDP address of the node-to-node transport.
     pub raft_listen: SocketAddr,
-    /// Shard groups the user-id space is cut into (a fresh single-node cluster).
-    pub groups: u64,
+    /// The node-to-node address peers use; the bound address if `None`.
+    pub raft_advertise: Option<String>,
+    /// What to do on a fresh data directory.
+    pub bootstrap: Bootstrap,
     /// The client service's TLS identity.
     pub server_tls: ServerTls,
     /// The node's identity towards its peers.
@@ -45,6 +60,43 @@ pub struct NodeOptions {
     pub clock: Arc<dyn Clock>,
     /// QUIC transport settings of the client service.
     pub transport: crate::service::tls::Transport,
+    /// New sessions admitted per second (after a failover, clients return at this rate).
+    pub sessions_per_s: u32,
+    /// openraft's settings; nearby's defaults if `None`.
+    pub raft: Option<openraft::Config>,
+}
+
+impl NodeOptions {
+    /// Options with nearby's defaults for a node `node_id` on `data`, listening on loopback
+    /// ports chosen by the OS.
+    pub fn new(
+        node_id: NodeId,
+        data: PathBuf,
+        bootstrap: Bootstrap,
+        server_tls: ServerTls,
+        node_tls: NodeTls,
+        verifier: TokenVerifier,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        NodeOptions {
+            node_id,
+            data,
+            client_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            client_advertise: None,
+            raft_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            raft_advertise: None,
+            bootstrap,
+            server_tls,
+            node_tls,
+            verifier,
+            dev_signer: None,
+            service: ServiceConfig::default(),
+            clock,
+            transport: Default::default(),
+            sessions_per_s: 5_000,
+            raft: None,
+        }
+    }
 }
 
 /// Why a node could not start.
@@ -54,14 +106,9 @@ pub enum NodeError {
     /// The store could not start.
     #[error(transparent)]
     Host(#[from] nearby_raft::error::HostError),
-    /// A group elected no leader in time.
-    #[error("group {group} elected no leader within {waited:?}")]
-    NoLeader {
-        /// The group.
-        group: u64,
-        /// How long it waited.
-        waited: Duration,
-    },
+    /// The node could not come into its cluster.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The client service could not start.
     #[error(transparent)]
     Service(#[from] crate::service::ServiceStartError),
@@ -72,88 +119,86 @@ pub enum NodeError {
 
 /// A started node.
 pub struct Node {
-    host: RaftHost,
-    core: Arc<Core>,
-    service: Service<Core>,
+    host: Arc<RaftHost>,
+    cluster: Arc<Cluster>,
+    gateway: Arc<Gateway>,
+    service: Service<Gateway>,
     client_addr: SocketAddr,
 }
 
 impl Node {
-    /// Starts the store (recovering it), the groups (creating them on a fresh node, with this
-    /// node as their only voter), the core and the client service.
+    /// Starts the node (see the start order in the module doc).
     pub async fn start(opts: NodeOptions) -> Result<Node, NodeError> {
-        let host = RaftHost::start(HostConfig::new(
-            opts.node_id,
-            &opts.data,
-            opts.raft_listen,
-            opts.node_tls,
-        ))
-        .await?;
-        match Self::start_groups(&host, opts.groups).await {
-            Ok(groups) => {
-                let shed = opts.service.shed;
-                let core = Arc::new(Core::new(groups, opts.clock, opts.service).map_err(NodeError::Setup)?);
-                let mut sopts = ServiceOptions::new(opts.client_listen, opts.server_tls, opts.verifier);
-                sopts.dev_signer = opts.dev_signer;
-                sopts.transport = opts.transport;
-                sopts.shed = shed;
-                let service = match Service::bind(sopts, Arc::clone(&core)) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        host.shutdown().await;
-                        return Err(e.into());
-                    }
-                };
-                let client_addr = service
-                    .local_addr()
-                    .map_err(|e| NodeError::Setup(format!("client service address: {e}")))?;
-                tracing::info!(%client_addr, "client service listening");
-                Ok(Node {
-                    host,
-                    core,
-                    service,
-                    client_addr,
-                })
-            }
+        let shed = opts.service.shed;
+        let mut sopts = ServiceOptions::new(opts.client_listen, opts.server_tls, opts.verifier);
+        sopts.dev_signer = opts.dev_signer;
+        sopts.transport = opts.transport;
+        sopts.shed = shed;
+        let listener = Listener::bind(sopts)?;
+        let client_addr = listener
+            .local_addr()
+            .map_err(|e| NodeError::Setup(format!("client service address: {e}")))?;
+        let mut hc = HostConfig::new(opts.node_id, &opts.data, opts.raft_listen, opts.node_tls);
+        hc.advertise = opts.raft_advertise;
+        if let Some(raft) = opts.raft {
+            hc.raft = raft;
+        }
+        let host = Arc::new(RaftHost::start(hc).await?);
+        let info = NodeInfo::new(
+            host.addr(),
+            opts.client_advertise.unwrap_or_else(|| client_addr.to_string()),
+            "",
+        );
+        let sessions = Arc::new(Sessions::new(opts.service.event_queue));
+        let cluster = match Cluster::start(ClusterOptions {
+            host: Arc::clone(&host),
+            info,
+            data: opts.data.clone(),
+            bootstrap: opts.bootstrap,
+            sessions: Arc::clone(&sessions),
+            clock: Arc::clone(&opts.clock),
+            service: opts.service.clone(),
+        })
+        .await
+        {
+            Ok(c) => c,
             Err(e) => {
                 host.shutdown().await;
-                Err(e)
+                return Err(e.into());
             }
+        };
+        let gateway = Arc::new(Gateway::new(
+            Arc::clone(cluster.router()),
+            Arc::clone(cluster.drivers()),
+            sessions,
+            opts.clock,
+            opts.service,
+            opts.sessions_per_s,
+        ));
+        let service = listener.attach(Arc::clone(&gateway));
+        tracing::info!(%client_addr, node = opts.node_id, "client service listening");
+        if !cluster.wait_for_leaders(Duration::from_secs(10)).await {
+            tracing::warn!("not every group has a leader yet; clients are told to retry until they do");
         }
+        Ok(Node {
+            host,
+            cluster,
+            gateway,
+            service,
+            client_addr,
+        })
     }
 
-    async fn start_groups(host: &RaftHost, n: u64) -> Result<Vec<nearby_raft::ShardGroup>, NodeError> {
-        let members: BTreeMap<u64, nearby_raft::Node> = [(host.node_id(), host.node())].into();
-        let mut groups = Vec::new();
-        for (id, range) in initial_ranges(n) {
-            let group = host.open_group(id, range).await?;
-            if !group.raft().is_initialized().await.unwrap_or(false) {
-                group.initialize(members.clone()).await?;
-            }
-            let waited = Duration::from_secs(10);
-            group
-                .raft()
-                .wait(Some(waited))
-                .current_leader(host.node_id(), "this node leads its groups")
-                .await
-                .map_err(|_| NodeError::NoLeader { group: id, waited })?;
-            tracing::info!(group = id, %range, "shard group ready");
-            groups.push(group);
-        }
-        Ok(groups)
-    }
-
-    /// Loads a bulk-import file into this node's groups (idempotent: users already registered
+    /// Loads a bulk-import file into the cluster's groups (idempotent: users already registered
     /// stay as they are). Reports progress every 5 % of batches.
     pub async fn import(&self, seed: &nearby_raft::seed::Seed) -> Result<(), NodeError> {
-        let groups = self.host.groups();
-        let batches: Vec<(nearby_raft::ShardGroup, nearby_raft::ImportBatch)> = groups
+        let view = self.cluster.directory().view();
+        let batches: Vec<(u64, nearby_raft::ImportBatch)> = view
+            .map
+            .groups
             .iter()
-            .flat_map(|g| {
-                seed.batches_for(g.range())
-                    .into_iter()
-                    .map(move |b| (g.clone(), b))
-            })
+            .filter_map(|(g, e)| e.range.map(|r| (*g, r)))
+            .flat_map(|(g, r)| seed.batches_for(r).into_iter().map(move |b| (g, b)))
             .collect();
         let total = batches.len();
         let started = std::time::Instant::now();
@@ -165,11 +210,14 @@ impl Node {
         );
         let mut skipped = 0;
         for (i, (group, batch)) in batches.into_iter().enumerate() {
-            let r = group
-                .propose(nearby_raft::Command::Import(batch))
+            let cmd = Payload::Shard(nearby_raft::Command::Import(batch));
+            let (_, reply) = self
+                .cluster
+                .router()
+                .propose(group, cmd)
                 .await
-                .map_err(|e| NodeError::Setup(format!("import into group {}: {e}", group.id())))?;
-            if let nearby_raft::CommandResult::Imported { skipped: s, .. } = r {
+                .map_err(|e| NodeError::Setup(format!("import into group {group}: {e}")))?;
+            if let Reply::Shard(nearby_raft::CommandResult::Imported { skipped: s, .. }) = reply {
                 skipped += s;
             }
             if (i + 1) % (total / 20).max(1) == 0 {
@@ -185,15 +233,33 @@ impl Node {
         self.client_addr
     }
 
-    /// The core, for in-process tools and tests.
-    pub fn core(&self) -> &Arc<Core> {
-        &self.core
+    /// The gateway, for in-process tools and tests.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
     }
 
-    /// Serves until `shutdown` completes, then stops cleanly: sessions are told to reconnect,
-    /// groups stop, the transport closes (the WAL holds nothing unsynced that was acknowledged).
+    /// The node's part in the cluster.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// Serves until `shutdown` completes (or the node finds its files disagree with the cluster
+    /// map), then stops cleanly: sessions are told to reconnect, drivers and groups stop, the
+    /// transport closes (the WAL holds nothing unsynced that was acknowledged).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        self.service.run(shutdown).await;
+        let mut fatal = self.cluster.fatal();
+        let stop = async move {
+            tokio::select! {
+                () = shutdown => {}
+                r = fatal.wait_for(Option::is_some) => {
+                    if let Ok(reason) = r {
+                        tracing::error!(reason = ?*reason, "stopping");
+                    }
+                }
+            }
+        };
+        self.service.run(stop).await;
+        self.cluster.shutdown().await;
         self.host.shutdown().await;
     }
 }

@@ -6,26 +6,49 @@
 //!
 //! [`Presence`] does no I/O, spawns nothing and reads no clock: inputs are `handle_*` calls with
 //! the current time and the group's replicated state passed in; outputs are [`Output`]s — events
-//! for local sessions, or [`GroupMessage`]s for other groups — which the caller delivers (to the
-//! local group directly on one node, over the network in a cluster).
+//! for local sessions, or [`GroupMessage`]s for groups (this one included) — which the group's
+//! driver delivers, locally or over the network.
 //!
 //! # Who may see whom
 //!
 //! A publisher's location leaves its home group only towards viewers that its *own* record
-//! allows at that moment ([`nearby_raft::state::UserRecord::may_see_me`]). A relation or privacy change committed in
-//! the publisher's group therefore takes effect on the very next update, whatever the state of
-//! subscriptions elsewhere: a partial or delayed change can only hide a location, never leak one.
-//! Subscriptions are an optimisation (send only to groups with someone watching), not a grant.
+//! allows at that moment ([`nearby_raft::UserRecord::may_see_me`]). A relation or privacy change
+//! committed in the publisher's group therefore takes effect on the very next update, whatever
+//! the state of subscriptions elsewhere: a partial or delayed change can only hide a location,
+//! never leak one. Subscriptions are an optimisation (send only to groups with someone
+//! watching), not a grant.
+//!
+//! # Revocations are ordered after everything they revoke
+//!
+//! When a change ends a viewer's permission, the publisher's group sends the viewer's group a
+//! [`GroupMessage::Revoke`] stamped with the log index of the change, and asks for an
+//! acknowledgement ([`Barrier`]). The viewer's group forgets the publisher, queues `FriendGone`
+//! (which drops every event about the publisher still queued for the viewer's sessions) and
+//! acknowledges. Every location a publisher group sends carries the index of the state it was
+//! decided on ([`GroupMessage::Update::decided_at`]); the viewer's group drops any that was
+//! decided before a revocation it has seen, so a message delayed behind a revocation (a deposed
+//! leader's, say) cannot bring the publisher back.
+//!
+//! # Subscriptions are soft state, rebuilt by reconciliation
+//!
+//! A viewer's group subscribes it to its publishers, split by the publishers' groups; each
+//! answers with a [`GroupMessage::Snapshot`] listing exactly which of the requested publishers
+//! the viewer may see, with their latest locations. The viewer's group *replaces* what it knew of
+//! those publishers with the snapshot, so subscribing again is also a repair: after a publisher
+//! group's leader changes (its new leader starts with no subscribers) the viewer's group calls
+//! [`Presence::resubscribe`] and is back in step one round trip later.
 //!
 //! # Call order
 //!
-//! 1. [`Presence::handle_connect`] when a user's first session opens (subscribes it to its
-//!    friends; their groups answer with [`GroupMessage::Snapshot`]s).
-//! 2. [`Presence::handle_location`] for every location update of a user of this group.
-//! 3. [`Presence::handle_message`] for every message from a group (including this one).
-//! 4. [`Presence::handle_committed`] after a command of this group committed.
-//! 5. [`Presence::handle_tick`] when the clock passes [`Presence::next_deadline`].
-//! 6. [`Presence::handle_disconnect`] when the user's last session closes.
+//! 1. [`Presence::set_ranges`] whenever the cluster map's ranges change, and
+//!    [`Presence::set_applied`] after every entry the group applies.
+//! 2. [`Presence::handle_connect`] when a user's first session opens (subscribes it to its
+//!    publishers; their groups answer with snapshots).
+//! 3. [`Presence::handle_location`] for every location update of a user of this group.
+//! 4. [`Presence::handle_message`] for every message from a group (including this one).
+//! 5. [`Presence::handle_committed`] after a command of this group was applied.
+//! 6. [`Presence::handle_tick`] when the clock passes [`Presence::next_deadline`].
+//! 7. [`Presence::handle_disconnect`] when the user's last session closes.
 //!
 //! After each call, the caller MUST take the outputs with [`Presence::poll_outputs`] and deliver
 //! them, in order.
@@ -39,13 +62,24 @@ use nearby_index::friends::{FriendSet, RangeTable};
 use nearby_index::geo::{LatLng, Millis, UserId};
 use nearby_index::query::{nearby_page, Cursor, NearbyQuery, Page};
 use nearby_index::ttl::{LatestLocation, LocationTable, SetOutcome};
-use nearby_raft::state::GroupState;
-use nearby_raft::{Command, CommandResult, GroupId};
+use nearby_raft::{Command, CommandResult, GroupId, GroupState};
+use serde::{Deserialize, Serialize};
+
+/// Names one visibility-ending change: the publisher's group and the change's log index there.
+/// Revocations sent for it are acknowledged with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Barrier {
+    /// The publisher's group.
+    pub group: GroupId,
+    /// The change's log index in that group.
+    pub index: u64,
+}
 
 /// A message from one group's presence to another's (or its own).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GroupMessage {
-    /// `viewer` (whose home is `viewer_group`) wants the updates of `publishers`.
+    /// `viewer` (whose home is `viewer_group`) wants the updates of `publishers`, and the
+    /// receiving group's verdict on each of them.
     Subscribe {
         /// The viewer.
         viewer: UserId,
@@ -61,12 +95,17 @@ pub enum GroupMessage {
         /// Users of the receiving group.
         publishers: Vec<UserId>,
     },
-    /// The answer to a subscription: the latest location of each publisher the viewer may see.
+    /// The answer to a subscription: of the publishers `asked`, those the viewer may see that
+    /// have a live location. The viewer forgets every asked publisher not listed.
     Snapshot {
         /// The viewer.
         viewer: UserId,
+        /// The publishers the subscription named.
+        asked: Vec<UserId>,
         /// Visible publishers with a live location.
         entries: Vec<SnapshotEntry>,
+        /// The log index of the state the verdicts were decided on.
+        decided_at: u64,
     },
     /// `from` moved; tell `viewers` (users of the receiving group), who may all see it.
     Update {
@@ -76,6 +115,8 @@ pub enum GroupMessage {
         at: LatestLocation,
         /// Viewers of the receiving group.
         viewers: Vec<UserId>,
+        /// The log index of the state the audience was decided on.
+        decided_at: u64,
     },
     /// `viewers` must stop seeing `from`.
     Revoke {
@@ -85,11 +126,22 @@ pub enum GroupMessage {
         reason: GoneReason,
         /// Viewers of the receiving group.
         viewers: Vec<UserId>,
+        /// The log index of the publisher group's state that revoked it: anything decided
+        /// earlier is stale.
+        at: u64,
+        /// Acknowledge with [`GroupMessage::RevokeAck`] once done, if set.
+        ack: Option<Barrier>,
+    },
+    /// A revocation asked for by `barrier` is done: the viewers' sessions hold nothing more
+    /// about the publisher.
+    RevokeAck {
+        /// The change.
+        barrier: Barrier,
     },
 }
 
 /// One publisher in a [`GroupMessage::Snapshot`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotEntry {
     /// The publisher.
     pub user: UserId,
@@ -150,6 +202,8 @@ struct Viewer {
     visible: HashSet<UserId>,
     /// Snapshots still expected after connect.
     pending: usize,
+    /// Publisher → log index (in its group) of the last revocation seen: older news is stale.
+    revoked: HashMap<UserId, u64>,
 }
 
 /// The live presence of one shard group (see the module doc).
@@ -157,6 +211,8 @@ pub struct Presence {
     group: GroupId,
     config: PresenceConfig,
     ranges: Arc<RangeTable<GroupId>>,
+    /// The log index of the group state the latest calls were made with.
+    applied: u64,
     locations: LocationTable,
     /// Publisher (a user of this group) → online viewers subscribed to it, with their home group.
     subscribers: HashMap<UserId, HashMap<UserId, GroupId>>,
@@ -179,10 +235,26 @@ impl Presence {
             locations: LocationTable::new(config.ttl),
             config,
             ranges,
+            applied: 0,
             subscribers: HashMap::new(),
             viewers: HashMap::new(),
             outputs: Vec::new(),
         }
+    }
+
+    /// The group this presence belongs to.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// Routes by new ranges from now on.
+    pub fn set_ranges(&mut self, ranges: Arc<RangeTable<GroupId>>) {
+        self.ranges = ranges;
+    }
+
+    /// The group's state passed to later calls is as of log index `index`.
+    pub fn set_applied(&mut self, index: u64) {
+        self.applied = self.applied.max(index);
     }
 
     /// Takes the outputs of the calls so far, in order.
@@ -216,6 +288,11 @@ impl Presence {
         self.viewers.len()
     }
 
+    /// Online users, by id.
+    pub fn online_users(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.viewers.keys().copied()
+    }
+
     /// Live locations held.
     pub fn active(&self) -> usize {
         self.locations.len()
@@ -239,6 +316,25 @@ impl Presence {
         }
     }
 
+    /// Sends one `Subscribe` per publisher group for `viewer`'s `publishers`; returns how many
+    /// groups were asked.
+    fn subscribe_to(&mut self, viewer: UserId, publishers: &FriendSet) -> usize {
+        let group = self.group;
+        let split = publishers.split_by_ranges(&self.ranges);
+        let asked = split.groups.len();
+        for (to, ids) in split.groups {
+            self.outputs.push(Output::Send {
+                to: *to,
+                msg: GroupMessage::Subscribe {
+                    viewer,
+                    viewer_group: group,
+                    publishers: ids,
+                },
+            });
+        }
+        asked
+    }
+
     /// A user of this group opened their first session: subscribe them to everyone they may
     /// see (friends and one-way grants), whose groups answer with snapshots.
     pub fn handle_connect(&mut self, state: &GroupState, viewer: UserId, radius_m: Option<f64>) {
@@ -249,24 +345,35 @@ impl Presence {
             return;
         };
         let publishers: FriendSet = record.friends.iter().chain(record.following.iter()).collect();
-        let group = self.group;
-        let mut v = Viewer {
+        let pending = self.subscribe_to(viewer, &publishers);
+        let v = Viewer {
             radius_m: self.radius(radius_m),
-            publishers: publishers.clone(),
+            publishers,
+            pending,
             ..Viewer::default()
         };
-        let split = publishers.split_by_ranges(&self.ranges);
-        v.pending = split.groups.len();
         self.viewers.insert(viewer, v);
-        for (to, ids) in split.groups {
-            self.outputs.push(Output::Send {
-                to: *to,
-                msg: GroupMessage::Subscribe {
-                    viewer,
-                    viewer_group: group,
-                    publishers: ids,
-                },
-            });
+    }
+
+    /// Subscribes every online viewer again to its publishers in `group` (whose leader
+    /// changed: the new leader starts with no subscribers). The snapshots that answer replace
+    /// what the viewers knew of those publishers.
+    pub fn resubscribe(&mut self, group: GroupId) {
+        let viewers: Vec<(UserId, FriendSet)> = self
+            .viewers
+            .iter()
+            .map(|(id, v)| {
+                let mine: FriendSet = v
+                    .publishers
+                    .iter()
+                    .filter(|p| self.ranges.locate(*p) == Some(&group))
+                    .collect();
+                (*id, mine)
+            })
+            .filter(|(_, set)| !set.is_empty())
+            .collect();
+        for (viewer, publishers) in viewers {
+            self.subscribe_to(viewer, &publishers);
         }
     }
 
@@ -334,10 +441,12 @@ impl Presence {
             .copied()
             .filter(|v| record.may_see_me(*v, now))
             .collect();
+        let decided_at = self.applied;
         self.send_split(audience, |viewers| GroupMessage::Update {
             from: user,
             at,
             viewers,
+            decided_at,
         });
     }
 
@@ -357,11 +466,7 @@ impl Presence {
             if inside && !was {
                 events.push(Event::FriendEntered(position(friend, at, d)));
             } else if !inside && was {
-                events.push(Event::FriendLeft {
-                    id: friend,
-                    distance_m: d,
-                    updated_at: at.updated_at,
-                });
+                events.push(left(friend, at, v.radius_m));
             }
         }
         for e in &events {
@@ -390,10 +495,12 @@ impl Presence {
                 publishers,
             } => {
                 let mut entries = Vec::new();
+                let mut asked = Vec::with_capacity(publishers.len());
                 for p in publishers {
                     if !state.range().contains(p) {
                         continue;
                     }
+                    asked.push(p);
                     self.subscribers
                         .entry(p)
                         .or_default()
@@ -409,7 +516,12 @@ impl Presence {
                 }
                 self.outputs.push(Output::Send {
                     to: viewer_group,
-                    msg: GroupMessage::Snapshot { viewer, entries },
+                    msg: GroupMessage::Snapshot {
+                        viewer,
+                        asked,
+                        entries,
+                        decided_at: self.applied,
+                    },
                 });
             }
             GroupMessage::Unsubscribe { viewer, publishers } => {
@@ -422,24 +534,22 @@ impl Presence {
                     }
                 }
             }
-            GroupMessage::Snapshot { viewer, entries } => {
-                let starting = match self.viewers.get_mut(&viewer) {
-                    Some(v) => {
-                        let starting = v.pending > 0;
-                        v.pending = v.pending.saturating_sub(1);
-                        starting
-                    }
-                    None => return,
-                };
-                for e in entries {
-                    if let Some(v) = self.viewers.get_mut(&viewer) {
-                        v.names.insert(e.user, e.name);
-                    }
-                    self.learn(viewer, e.user, e.at, !starting);
-                }
-            }
-            GroupMessage::Update { from, at, viewers } => {
+            GroupMessage::Snapshot {
+                viewer,
+                asked,
+                entries,
+                decided_at,
+            } => self.take_snapshot(viewer, asked, entries, decided_at),
+            GroupMessage::Update {
+                from,
+                at,
+                viewers,
+                decided_at,
+            } => {
                 for viewer in viewers {
+                    if self.is_revoked(viewer, from, decided_at) {
+                        continue;
+                    }
                     self.learn(viewer, from, at, true);
                 }
             }
@@ -447,11 +557,63 @@ impl Presence {
                 from,
                 reason,
                 viewers,
+                at,
+                ack,
             } => {
                 for viewer in viewers {
+                    if let Some(v) = self.viewers.get_mut(&viewer) {
+                        let seen = v.revoked.entry(from).or_insert(at);
+                        *seen = (*seen).max(at);
+                    }
                     self.forget(viewer, from, reason);
                 }
+                if let Some(barrier) = ack {
+                    self.outputs.push(Output::Send {
+                        to: barrier.group,
+                        msg: GroupMessage::RevokeAck { barrier },
+                    });
+                }
             }
+            // Barriers are the driver's business; presence only routes acknowledgements.
+            GroupMessage::RevokeAck { .. } => {}
+        }
+    }
+
+    fn is_revoked(&self, viewer: UserId, publisher: UserId, decided_at: u64) -> bool {
+        self.viewers
+            .get(&viewer)
+            .and_then(|v| v.revoked.get(&publisher))
+            .is_some_and(|at| decided_at < *at)
+    }
+
+    /// Replaces what `viewer` knew of the publishers `asked` with the snapshot.
+    fn take_snapshot(
+        &mut self,
+        viewer: UserId,
+        asked: Vec<UserId>,
+        entries: Vec<SnapshotEntry>,
+        decided_at: u64,
+    ) {
+        let Some(v) = self.viewers.get_mut(&viewer) else {
+            return;
+        };
+        let starting = v.pending > 0;
+        v.pending = v.pending.saturating_sub(1);
+        let listed: HashSet<UserId> = entries.iter().map(|e| e.user).collect();
+        for p in asked {
+            if !listed.contains(&p) {
+                // Not visible (any more), or no live location: forget what was known.
+                self.forget(viewer, p, GoneReason::Inactive);
+            }
+        }
+        for e in entries {
+            if self.is_revoked(viewer, e.user, decided_at) {
+                continue;
+            }
+            if let Some(v) = self.viewers.get_mut(&viewer) {
+                v.names.insert(e.user, e.name);
+            }
+            self.learn(viewer, e.user, e.at, !starting);
         }
     }
 
@@ -486,11 +648,7 @@ impl Presence {
             }
             (false, true) => {
                 v.visible.remove(&friend);
-                Some(Event::FriendLeft {
-                    id: friend,
-                    distance_m: d,
-                    updated_at: at.updated_at,
-                })
+                Some(left(friend, at, v.radius_m))
             }
             (false, false) => None,
         };
@@ -522,83 +680,117 @@ impl Presence {
                 .get(&user)
                 .map(|s| s.keys().copied().collect())
                 .unwrap_or_default();
+            // Not a revocation of permission: later news of the user is welcome again.
             self.send_split(viewers, |viewers| GroupMessage::Revoke {
                 from: user,
                 reason: GoneReason::Inactive,
                 viewers,
+                at: 0,
+                ack: None,
             });
         }
     }
 
-    /// A command of this group committed with `result`; `state` is the state after it. Applies
-    /// its effect on live streams: visibility changes reach viewers at once, new relations are
-    /// subscribed, ended ones revoked.
+    /// The command at log index `index` of this group was applied with `result`; `state` is the
+    /// state after it. Applies its effect on live streams: new relations are subscribed, ended
+    /// ones unsubscribed, and every viewer of a user whose audience may have changed is
+    /// re-decided — revoked (with an acknowledgement asked under `Barrier { group, index }`) or
+    /// sent the current location.
     pub fn handle_committed(
         &mut self,
         state: &GroupState,
+        index: u64,
         cmd: &Command,
         result: &CommandResult,
         now: Millis,
     ) {
+        self.set_applied(index);
+        if matches!(result, CommandResult::Rejected(_) | CommandResult::Unchanged) {
+            return;
+        }
         let here = |u: UserId| state.range().contains(u);
-        match (cmd, result) {
-            (_, CommandResult::Rejected(_) | CommandResult::Unchanged) => {}
-            (
-                Command::SetSharing { user, .. }
-                | Command::SetGhost { user, .. }
-                | Command::Hide { user, .. }
-                | Command::Unhide { user, .. },
-                _,
-            ) => self.revisit_audience(state, *user, now),
-            (Command::AddFriend { from, to }, CommandResult::FriendshipFormed) => {
-                // Each side subscribes to the other, and publishes to the other if it already
-                // subscribed (its group may have committed first, when this side was not yet
-                // allowed to be seen).
-                for (a, b) in [(*from, *to), (*to, *from)] {
-                    if here(a) {
-                        self.subscribe_one(a, b);
-                        self.revisit_audience(state, a, now);
-                    }
-                }
+        let touched: Vec<UserId> = match cmd {
+            Command::SetSharing { user, .. }
+            | Command::SetGhost { user, .. }
+            | Command::Hide { user, .. }
+            | Command::Unhide { user, .. } => vec![*user],
+            Command::Deliver { mirror, .. } => vec![mirror.user],
+            Command::AddFriend { .. }
+            | Command::RemoveFriend { .. }
+            | Command::GrantFollow { .. }
+            | Command::RevokeFollow { .. } => {
+                let (a, b) = cmd.users();
+                [Some(a), b].into_iter().flatten().filter(|u| here(*u)).collect()
             }
-            (Command::AddFriend { from, to }, CommandResult::FriendRequestSent)
-                if here(*to) && self.viewers.contains_key(to) =>
-            {
-                self.outputs.push(Output::Push {
-                    viewer: *to,
-                    event: Event::FriendRequest { from: *from },
-                });
+            _ => Vec::new(),
+        };
+        let barrier = Barrier {
+            group: self.group,
+            index,
+        };
+        for user in touched {
+            self.refresh_relations(state, user);
+            self.revisit_audience(state, user, now, barrier);
+        }
+        // A request someone received is news for them.
+        let request = match (cmd, result) {
+            (Command::AddFriend { from, to }, CommandResult::FriendRequestSent) if here(*to) => {
+                Some((*to, *from))
             }
-            (Command::RemoveFriend { user, friend }, CommandResult::FriendRemoved) => {
-                for (a, b) in [(*user, *friend), (*friend, *user)] {
-                    if here(a) {
-                        self.unsubscribe_one(a, b, GoneReason::Unfriended);
-                    }
-                }
+            (Command::Deliver { mirror, .. }, CommandResult::Updated) if mirror.request_in => {
+                Some((mirror.user, mirror.other))
             }
-            (Command::GrantFollow { user, follower }, CommandResult::Updated) => {
-                if here(*follower) {
-                    self.subscribe_one(*follower, *user);
-                }
-                if here(*user) {
-                    self.revisit_audience(state, *user, now);
-                }
-            }
-            (Command::RevokeFollow { user, follower }, CommandResult::Updated) => {
-                if here(*follower) {
-                    self.unsubscribe_one(*follower, *user, GoneReason::Unfriended);
-                }
-                if here(*user) {
-                    self.revisit_audience(state, *user, now);
-                }
-            }
-            _ => {}
+            _ => None,
+        };
+        if let Some((to, from)) = request.filter(|(to, _)| self.viewers.contains_key(to)) {
+            self.outputs.push(Output::Push {
+                viewer: to,
+                event: Event::FriendRequest { from },
+            });
         }
     }
 
-    /// Re-decides who sees `user` after its privacy changed: viewers no longer allowed get a
-    /// revocation, viewers newly allowed get the current location.
-    fn revisit_audience(&mut self, state: &GroupState, user: UserId, now: Millis) {
+    /// Brings an online `user`'s subscriptions in line with its record: subscribes to new
+    /// publishers (friends and grants), unsubscribes from and forgets former ones.
+    fn refresh_relations(&mut self, state: &GroupState, user: UserId) {
+        let Some(record) = state.user(user) else {
+            return;
+        };
+        let Some(v) = self.viewers.get(&user) else {
+            return;
+        };
+        let now: FriendSet = record.friends.iter().chain(record.following.iter()).collect();
+        let added: FriendSet = now.iter().filter(|p| !v.publishers.contains(*p)).collect();
+        let removed: Vec<UserId> = v.publishers.iter().filter(|p| !now.contains(*p)).collect();
+        for p in removed {
+            if let Some(v) = self.viewers.get_mut(&user) {
+                v.publishers.remove(p);
+            }
+            self.forget(user, p, GoneReason::Unfriended);
+            if let Some(&to) = self.ranges.locate(p) {
+                self.outputs.push(Output::Send {
+                    to,
+                    msg: GroupMessage::Unsubscribe {
+                        viewer: user,
+                        publishers: vec![p],
+                    },
+                });
+            }
+        }
+        if !added.is_empty() {
+            if let Some(v) = self.viewers.get_mut(&user) {
+                for p in added.iter() {
+                    v.publishers.insert(p);
+                }
+            }
+            self.subscribe_to(user, &added);
+        }
+    }
+
+    /// Re-decides who sees `user` after its privacy or relations changed: viewers no longer
+    /// allowed get a revocation (acknowledged under `barrier`), viewers allowed get the current
+    /// location.
+    fn revisit_audience(&mut self, state: &GroupState, user: UserId, now: Millis, barrier: Barrier) {
         let Some(record) = state.user(user) else {
             return;
         };
@@ -607,52 +799,27 @@ impl Presence {
         };
         let (allowed, denied): (Vec<UserId>, Vec<UserId>) =
             subs.keys().copied().partition(|v| record.may_see_me(*v, now));
-        self.send_split(denied, |viewers| GroupMessage::Revoke {
-            from: user,
-            reason: GoneReason::Hidden,
-            viewers,
-        });
+        // Viewers who lost the relation read "unfriended"; the others (hidden from, sharing off,
+        // ghost mode) read "hidden".
+        let relation_gone = |v: &UserId| !record.friends.contains(*v) && !record.followers.contains(*v);
+        let (unfriended, hidden): (Vec<UserId>, Vec<UserId>) = denied.into_iter().partition(relation_gone);
+        let at = barrier.index;
+        for (viewers, reason) in [(unfriended, GoneReason::Unfriended), (hidden, GoneReason::Hidden)] {
+            self.send_split(viewers, |viewers| GroupMessage::Revoke {
+                from: user,
+                reason,
+                viewers,
+                at,
+                ack: Some(barrier),
+            });
+        }
         if let Some(at) = self.locations.get(user) {
+            let decided_at = self.applied;
             self.send_split(allowed, |viewers| GroupMessage::Update {
                 from: user,
                 at,
                 viewers,
-            });
-        }
-    }
-
-    fn subscribe_one(&mut self, viewer: UserId, publisher: UserId) {
-        let group = self.group;
-        let Some(v) = self.viewers.get_mut(&viewer) else {
-            return;
-        };
-        if !v.publishers.insert(publisher) {
-            return;
-        }
-        if let Some(&to) = self.ranges.locate(publisher) {
-            self.outputs.push(Output::Send {
-                to,
-                msg: GroupMessage::Subscribe {
-                    viewer,
-                    viewer_group: group,
-                    publishers: vec![publisher],
-                },
-            });
-        }
-    }
-
-    fn unsubscribe_one(&mut self, viewer: UserId, publisher: UserId, reason: GoneReason) {
-        if let Some(v) = self.viewers.get_mut(&viewer) {
-            v.publishers.remove(publisher);
-        }
-        self.forget(viewer, publisher, reason);
-        if let Some(&to) = self.ranges.locate(publisher) {
-            self.outputs.push(Output::Send {
-                to,
-                msg: GroupMessage::Unsubscribe {
-                    viewer,
-                    publishers: vec![publisher],
-                },
+                decided_at,
             });
         }
     }
@@ -712,16 +879,30 @@ fn position(id: UserId, at: LatestLocation, distance_m: f64) -> FriendPosition {
     }
 }
 
+/// A friend left the radius: the event names the radius, never the distance beyond it (a friend
+/// 300 km away must not read "300 km").
+fn left(id: UserId, at: LatestLocation, radius_m: f64) -> Event {
+    Event::FriendLeft {
+        id,
+        distance_m: radius_m,
+        updated_at: at.updated_at,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use nearby_index::friends::UserRange;
+    use nearby_raft::shard::command::pair_owner;
 
-    /// Two groups on one node: users 1..100 in group 1, 100..200 in group 2.
+    /// Two groups as a cluster runs them: users 1..100 in group 1, 100..200 in group 2;
+    /// relation changes decided by the pair owner's group and delivered to the other.
     struct World {
         states: HashMap<GroupId, GroupState>,
+        index: HashMap<GroupId, u64>,
         presences: HashMap<GroupId, Presence>,
         pushed: Vec<(UserId, Event)>,
+        acks: Vec<Barrier>,
         now: Millis,
     }
 
@@ -732,12 +913,15 @@ mod tests {
             let ranges = Arc::new(RangeTable::new(vec![(r1, 1), (r2, 2)]).expect("table"));
             let mut w = World {
                 states: HashMap::new(),
+                index: HashMap::new(),
                 presences: HashMap::new(),
                 pushed: Vec::new(),
+                acks: Vec::new(),
                 now: Millis(1_000_000),
             };
             for (g, r) in [(1, r1), (2, r2)] {
                 w.states.insert(g, GroupState::new(r));
+                w.index.insert(g, 0);
                 w.presences.insert(
                     g,
                     Presence::new(g, PresenceConfig::default(), Arc::clone(&ranges)),
@@ -754,20 +938,36 @@ mod tests {
             }
         }
 
-        /// Commits `cmd` in every group it concerns and lets presence react.
+        fn apply(&mut self, g: GroupId, cmd: &Command) {
+            let index = self.index.get_mut(&g).expect("index");
+            *index += 1;
+            let i = *index;
+            let state = self.states.get_mut(&g).expect("state");
+            let result = state.apply(cmd, i);
+            let p = self.presences.get_mut(&g).expect("presence");
+            p.handle_committed(&self.states[&g], i, cmd, &result, self.now);
+            self.drain(g);
+        }
+
+        /// Commits `cmd` where the node would (the pair owner's group for a relation) and
+        /// delivers the intents it leaves.
         fn commit(&mut self, cmd: Command) {
-            let (a, b) = cmd.users();
-            let mut groups = vec![Self::group(a)];
-            if let Some(b) = b.filter(|_| cmd.is_two_sided()) {
-                groups.push(Self::group(b));
-            }
-            groups.dedup();
-            for g in groups {
-                let state = self.states.get_mut(&g).expect("state");
-                let result = state.apply(&cmd);
-                let p = self.presences.get_mut(&g).expect("presence");
-                p.handle_committed(&self.states[&g], &cmd, &result, self.now);
-                self.drain(g);
+            let target = match cmd.users() {
+                (a, Some(b)) if cmd.is_two_sided() => pair_owner(a, b),
+                (a, _) => a,
+            };
+            let g = Self::group(target);
+            self.apply(g, &cmd);
+            let intents: Vec<(u64, nearby_raft::shard::command::Mirror)> =
+                self.states[&g].outbox().map(|(s, m)| (s, *m)).collect();
+            for (seq, mirror) in intents {
+                let deliver = Command::Deliver {
+                    source: g,
+                    seq,
+                    mirror,
+                };
+                self.apply(Self::group(mirror.user), &deliver);
+                self.apply(g, &Command::Delivered { seq });
             }
         }
 
@@ -778,6 +978,10 @@ mod tests {
                 for out in queue {
                     match out {
                         Output::Push { viewer, event } => self.pushed.push((viewer, event)),
+                        Output::Send {
+                            msg: GroupMessage::RevokeAck { barrier },
+                            ..
+                        } => self.acks.push(barrier),
                         Output::Send { to, msg } => {
                             let p = self.presences.get_mut(&to).expect("p");
                             p.handle_message(&self.states[&to], msg, self.now);
@@ -856,7 +1060,10 @@ mod tests {
         let (page, _) = w.presences[&2].page(150, 20, None).expect("live").expect("page");
         assert_eq!(page.entries.iter().map(|e| e.user).collect::<Vec<_>>(), vec![1]);
         w.at(150, FAR.0, FAR.1);
-        assert!(matches!(&w.take(1)[..], [Event::FriendLeft { id: 150, .. }]));
+        // Leaving names the radius, never the distance beyond it.
+        assert!(
+            matches!(&w.take(1)[..], [Event::FriendLeft { id: 150, distance_m, .. }] if *distance_m == 8_000.0)
+        );
         w.at(150, B.0, B.1);
         assert!(matches!(&w.take(1)[..], [Event::FriendEntered(_)]));
         w.at(150, A.0, A.1 + 0.001);
@@ -889,7 +1096,7 @@ mod tests {
     }
 
     #[test]
-    fn hiding_sharing_off_and_unfriending_stop_updates_at_once() {
+    fn hiding_sharing_off_and_unfriending_stop_updates_at_once_and_are_acknowledged() {
         let mut w = World::new();
         w.register(&[1, 150]);
         w.befriend(1, 150);
@@ -908,6 +1115,10 @@ mod tests {
                 reason: GoneReason::Hidden
             }]
         ));
+        assert!(
+            w.acks.iter().any(|b| b.group == 2),
+            "the viewer's group acknowledged the revocation"
+        );
         w.at(150, B.0 + 0.001, B.1);
         assert!(w.take(1).is_empty(), "a hidden friend's move leaked");
         w.commit(Command::Unhide { user: 150, from: 1 });
@@ -920,7 +1131,8 @@ mod tests {
         w.commit(Command::SetSharing { user: 150, on: true });
         assert!(matches!(&w.take(1)[..], [Event::FriendEntered(_)]));
 
-        w.commit(Command::RemoveFriend { user: 1, friend: 150 });
+        // 150 unfriends 1: decided in group 1 (the pair's owner), delivered to group 2.
+        w.commit(Command::RemoveFriend { user: 150, friend: 1 });
         assert!(matches!(
             &w.take(1)[..],
             [Event::FriendGone {
@@ -944,6 +1156,34 @@ mod tests {
     }
 
     #[test]
+    fn an_update_decided_before_a_revocation_is_dropped_even_if_it_arrives_after() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        w.at(150, B.0, B.1);
+        w.take(1);
+        // An update of 150 decided at group 2's current state, held back in the network ...
+        let late = GroupMessage::Update {
+            from: 150,
+            at: LatestLocation {
+                loc: LatLng::new(B.0, B.1 + 0.002).expect("ll"),
+                updated_at: Millis(w.now.0 + 500),
+            },
+            viewers: vec![1],
+            decided_at: w.index[&2],
+        };
+        // ... while 150 hides from 1.
+        w.commit(Command::Hide { user: 150, from: 1 });
+        assert!(matches!(&w.take(1)[..], [Event::FriendGone { .. }]));
+        let p = w.presences.get_mut(&1).expect("p");
+        p.handle_message(&w.states[&1], late, w.now);
+        w.drain(1);
+        assert!(w.take(1).is_empty(), "a stale update leaked after the revocation");
+    }
+
+    #[test]
     fn a_friendship_formed_live_shows_the_friend_at_once() {
         let mut w = World::new();
         w.register(&[1, 150]);
@@ -957,6 +1197,31 @@ mod tests {
         w.commit(Command::AddFriend { from: 150, to: 1 });
         assert!(matches!(&w.take(1)[..], [Event::FriendEntered(p)] if p.id == 150));
         assert!(matches!(&w.take(150)[..], [Event::FriendEntered(p)] if p.id == 1));
+    }
+
+    #[test]
+    fn resubscribing_after_a_leader_change_repairs_what_a_viewer_knows() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        w.at(150, B.0, B.1);
+        w.take(1);
+        // Group 2 gets a new leader: fresh presence, no subscribers, no locations.
+        let ranges = Arc::clone(&w.presences[&2].ranges);
+        w.presences
+            .insert(2, Presence::new(2, PresenceConfig::default(), ranges));
+        // 150 hides from 1 at the new leader, which does not know 1 is watching.
+        w.commit(Command::Hide { user: 150, from: 1 });
+        assert!(w.take(1).is_empty());
+        // Group 1 learns of the new leader and subscribes again: the snapshot says "not
+        // visible", so 1 forgets 150.
+        w.presences.get_mut(&1).expect("p").resubscribe(2);
+        w.drain(1);
+        assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
+        let (page, _) = w.presences[&1].page(1, 20, None).expect("live").expect("page");
+        assert!(page.entries.is_empty());
     }
 
     #[test]

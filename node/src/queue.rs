@@ -4,13 +4,50 @@
 //! new friend position *supersedes* a queued one for the same friend (only the newest position
 //! matters); failing that, the oldest queued position is dropped. Events that end or change
 //! visibility (left, gone) and requests are never dropped; if the queue is full of those, the
-//! session is closed with an explicit reason rather than growing without bound.
+//! session is closed with an explicit reason ([`CloseReason::Slow`]) rather than growing without
+//! bound.
+//!
+//! A `FriendGone` purges every event about that friend still queued before it goes in: when a
+//! change that ends a viewer's permission is acknowledged to its author, nothing about the author
+//! may still be on its way to that viewer from this node.
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::sync::Mutex;
 
 use nearby_client::proto::Event;
 use tokio::sync::Notify;
+
+/// Why a session's queue was closed: what its event writer tells the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The session itself ended (the client left, or its connection failed).
+    SessionEnded,
+    /// The node is shutting down: reconnect, anywhere, after a pause.
+    Shutdown,
+    /// The user's home group is served by another node now: reconnect there (if known).
+    Moved {
+        /// The client address of the node to use, if known.
+        to: Option<String>,
+    },
+    /// The client read too slowly: its queue filled with events that may not be dropped.
+    Slow,
+    /// The layer behind the service failed for this session.
+    Failed(String),
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::SessionEnded => f.write_str("session ended"),
+            CloseReason::Shutdown => f.write_str("node shutting down"),
+            CloseReason::Moved { to: Some(to) } => write!(f, "moved to {to}"),
+            CloseReason::Moved { to: None } => f.write_str("moved"),
+            CloseReason::Slow => f.write_str("event queue overflow: the client reads too slowly"),
+            CloseReason::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
+}
 
 /// Events queued for one session.
 pub struct EventQueue {
@@ -21,7 +58,7 @@ pub struct EventQueue {
 
 struct State {
     events: VecDeque<Event>,
-    closed: Option<&'static str>,
+    closed: Option<CloseReason>,
     superseded: u64,
 }
 
@@ -31,11 +68,19 @@ pub enum Popped {
     /// The next event.
     Event(Event),
     /// The queue is closed, for this reason.
-    Closed(&'static str),
+    Closed(CloseReason),
 }
 
 fn is_position(e: &Event) -> bool {
     matches!(e, Event::FriendMoved(_))
+}
+
+/// Whether `e` tells where `friend` is or whether they are shown.
+fn is_about_location_of(e: &Event, friend: u64) -> bool {
+    matches!(
+        e,
+        Event::FriendMoved(_) | Event::FriendEntered(_) | Event::FriendLeft { .. } | Event::FriendGone { .. }
+    ) && e.friend() == Some(friend)
 }
 
 impl EventQueue {
@@ -62,6 +107,12 @@ impl EventQueue {
         if s.closed.is_some() {
             return;
         }
+        if let Event::FriendGone { id, .. } = &event {
+            let id = *id;
+            let before = s.events.len();
+            s.events.retain(|e| !is_about_location_of(e, id));
+            s.superseded += (before - s.events.len()) as u64;
+        }
         if s.events.len() >= self.capacity {
             // Only the friend's *latest* queued event may be replaced, and only if it is a
             // position: replacing an earlier one would move the new position ahead of a later
@@ -85,7 +136,7 @@ impl EventQueue {
                     s.superseded += 1;
                 }
                 None => {
-                    s.closed = Some("event queue overflow: the client reads too slowly");
+                    s.closed = Some(CloseReason::Slow);
                     s.events.clear();
                     drop(s);
                     self.notify.notify_one();
@@ -99,7 +150,7 @@ impl EventQueue {
     }
 
     /// Closes the queue: the reader gets `reason` next, whatever is still queued.
-    pub fn close(&self, reason: &'static str) {
+    pub fn close(&self, reason: CloseReason) {
         let mut s = self.lock();
         s.closed.get_or_insert(reason);
         drop(s);
@@ -112,8 +163,8 @@ impl EventQueue {
             let notified = self.notify.notified();
             {
                 let mut s = self.lock();
-                if let Some(reason) = s.closed {
-                    return Popped::Closed(reason);
+                if let Some(reason) = &s.closed {
+                    return Popped::Closed(reason.clone());
                 }
                 if let Some(e) = s.events.pop_front() {
                     return Popped::Event(e);
@@ -123,7 +174,12 @@ impl EventQueue {
         }
     }
 
-    /// Positions dropped or replaced because the reader was slow.
+    /// Whether the queue is closed.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed.is_some()
+    }
+
+    /// Positions dropped or replaced because the reader was slow, or purged by a `FriendGone`.
     pub fn superseded(&self) -> u64 {
         self.lock().superseded
     }
@@ -185,6 +241,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn gone_purges_everything_queued_about_that_friend_and_nothing_else() {
+        let q = EventQueue::new(16);
+        q.push(moved(1, 1));
+        q.push(Event::FriendRequest { from: 1 });
+        q.push(moved(2, 1));
+        q.push(Event::FriendLeft {
+            id: 1,
+            distance_m: 8_000.0,
+            updated_at: Millis(2),
+        });
+        q.push(Event::FriendGone {
+            id: 1,
+            reason: GoneReason::Hidden,
+        });
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            match q.pop().await {
+                Popped::Event(e) => got.push(e),
+                Popped::Closed(r) => panic!("closed: {r}"),
+            }
+        }
+        assert_eq!(got[0], Event::FriendRequest { from: 1 });
+        assert_eq!(got[1], moved(2, 1));
+        assert!(matches!(got[2], Event::FriendGone { id: 1, .. }));
+    }
+
+    #[tokio::test]
     async fn a_queue_full_of_undroppable_events_closes() {
         let q = EventQueue::new(2);
         for id in 0..3 {
@@ -193,6 +276,6 @@ mod tests {
                 reason: GoneReason::Inactive,
             });
         }
-        assert!(matches!(q.pop().await, Popped::Closed(_)));
+        assert_eq!(q.pop().await, Popped::Closed(CloseReason::Slow));
     }
 }

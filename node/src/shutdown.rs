@@ -1,23 +1,29 @@
-//! The one shutdown trigger of nearby's processes: Ctrl-C or SIGTERM.
+//! The one shutdown trigger of nearby's processes: Ctrl-C (SIGINT) or SIGTERM.
 
-/// Completes on Ctrl-C or SIGTERM (Ctrl-C only where SIGTERM cannot be listened for).
-pub async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
-                let _ = ctrl_c.await;
-                return;
+use std::future::Future;
+
+/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is *called*, not when
+/// the future is first polled: a process that announces it is ready and is then told to stop
+/// at once must stop cleanly, not die of the default signal action. MUST be called inside a
+/// tokio runtime (or with one entered).
+pub fn signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+            (term, int) => {
+                if let Some(e) = term.err().or(int.err()) {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM/SIGINT; Ctrl-C only");
+                }
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

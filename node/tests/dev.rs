@@ -76,8 +76,13 @@ fn dev_node_starts_stops_cleanly_and_recovers_its_groups() {
     let (child, rx) = start(dir.path());
     let lines = wait_for(&rx, "nearby dev node is ready");
     assert_eq!(
-        lines.iter().filter(|l| l.contains("shard group ready")).count(),
-        4
+        lines
+            .iter()
+            .filter(|l| l.contains("now leading this group"))
+            .count(),
+        4,
+        "{}",
+        lines.join("\n")
     );
     // The CLI's files are where the README says.
     let endpoint = std::fs::read_to_string(dir.path().join("home/endpoint")).expect("endpoint");
@@ -202,48 +207,119 @@ fn a_newcomer_sees_two_friends_with_the_readme_commands() {
     terminate(child, &rx);
 }
 
+/// Runs `nearby-node` with `args` to completion; returns (success, stderr).
+fn node_cmd(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
+        .args(args)
+        .output()
+        .expect("nearby-node");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn run_mode_starts_from_a_config_file_and_bad_configs_name_the_field() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::TempDir::new().expect("tmp");
-    let keys = dir.path().join("keys");
-    let out = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
-        .args(["keygen", "--out"])
-        .arg(&keys)
-        .output()
-        .expect("keygen");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p = |name: &str| dir.path().join(name).into_os_string();
+    let (ok, err) = node_cmd(&["keygen".as_ref(), "--out".as_ref(), &p("keys")]);
+    assert!(ok, "{err}");
+    // Key files are never overwritten silently.
+    let (ok, err) = node_cmd(&["keygen".as_ref(), "--out".as_ref(), &p("keys")]);
+    assert!(!ok && err.contains("--force"), "{err}");
+    let (ok, err) = node_cmd(&["ca".as_ref(), "init".as_ref(), "--out".as_ref(), &p("ca")]);
+    assert!(ok, "{err}");
+    let (ok, err) = node_cmd(&[
+        "ca".as_ref(),
+        "issue".as_ref(),
+        "--ca".as_ref(),
+        &p("ca"),
+        "--node-id".as_ref(),
+        "1".as_ref(),
+        "--out".as_ref(),
+        &p("n1"),
+    ]);
+    assert!(ok, "{err}");
+    let mode = |f: &str| {
+        std::fs::metadata(dir.path().join(f))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("ca/ca-key.pem"), 0o600);
+    assert_eq!(mode("n1/node-key.pem"), 0o600);
+    assert_eq!(mode("keys/token-key.pk8"), 0o600);
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
     std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).expect("cert");
     std::fs::write(dir.path().join("key.pem"), ck.signing_key.serialize_pem()).expect("key");
-    let config = |radius: u32| {
+    let config = |radius: u32, groups: u32| {
         format!(
             "node_id = 1\ndata = {data:?}\nlisten = \"127.0.0.1:0\"\nraft_listen = \"127.0.0.1:0\"\n\
+             groups = {groups}\n\
+             [cluster]\nca = {ca:?}\ncert = {ncert:?}\nkey = {nkey:?}\n\
              [tls]\ncert = {cert:?}\nkey = {key:?}\n[auth]\ntoken_public_key = {public:?}\n\
              [presence]\nradius_m = {radius}\n",
             data = dir.path().join("data"),
+            ca = dir.path().join("n1/ca.pem"),
+            ncert = dir.path().join("n1/node.pem"),
+            nkey = dir.path().join("n1/node-key.pem"),
             cert = dir.path().join("cert.pem"),
             key = dir.path().join("key.pem"),
-            public = keys.join("token.pub"),
+            public = dir.path().join("keys/token.pub"),
         )
     };
     let file = dir.path().join("node.toml");
-    std::fs::write(&file, config(1)).expect("config");
-    let out = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
-        .args(["run", "--config"])
-        .arg(&file)
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let conf = file.clone().into_os_string();
+    std::fs::write(&file, config(1, 4)).expect("config");
+    let (ok, err) = node_cmd(&["init".as_ref(), "--config".as_ref(), &conf]);
     assert!(
-        err.contains("presence.radius_m"),
+        !ok && err.contains("presence.radius_m"),
         "the error does not name the field: {err}"
     );
 
-    std::fs::write(&file, config(5_000)).expect("config");
+    // A private key others can read is refused, and the error says how to fix it.
+    std::fs::write(&file, config(5_000, 4)).expect("config");
+    let (ok, err) = node_cmd(&["init".as_ref(), "--config".as_ref(), &conf]);
+    assert!(!ok && err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(dir.path().join("key.pem"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+
+    // `run` on a fresh directory refuses: a cluster is initialised explicitly.
+    let (ok, err) = node_cmd(&["run".as_ref(), "--config".as_ref(), &conf]);
+    assert!(!ok && err.contains("nearby-node init"), "{err}");
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    cmd.args(["init", "--config"]).arg(&file);
+    let (child, rx) = spawn_logged(cmd);
+    let lines = wait_for(&rx, "nearby node is ready");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("now leading this group"))
+            .count(),
+        4
+    );
+    terminate(child, &rx);
+
+    // `init` again is refused; `run` with another `groups` value keeps the cluster's ranges.
+    let (ok, err) = node_cmd(&["init".as_ref(), "--config".as_ref(), &conf]);
+    assert!(!ok && err.contains("already belongs to cluster"), "{err}");
+    std::fs::write(&file, config(5_000, 9)).expect("config");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
     cmd.args(["run", "--config"]).arg(&file);
     let (child, rx) = spawn_logged(cmd);
-    wait_for(&rx, "nearby node is ready");
+    let lines = wait_for(&rx, "nearby node is ready");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("now leading this group"))
+            .count(),
+        4,
+        "the restart did not keep the cluster's 4 ranges:\n{}",
+        lines.join("\n")
+    );
     terminate(child, &rx);
 }

@@ -40,16 +40,19 @@ async fn run() {
             i as u64 + 1,
             dir.path(),
             "127.0.0.1:0".parse().expect("addr"),
-            ca.issue_node().expect("tls"),
+            ca.issue_node(i as u64 + 1).expect("tls"),
         );
         hosts.push(RaftHost::start(cfg).await.expect("host"));
     }
     let range = UserRange::new(1, USERS + 1).expect("range");
     let mut groups = Vec::new();
     for h in &hosts {
-        groups.push(h.open_group(1, range).await.expect("group"));
+        groups.push(h.open_shard(1, range).await.expect("group"));
     }
-    let members: BTreeMap<u64, Node> = hosts.iter().map(|h| (h.node_id(), h.node())).collect();
+    let members: BTreeMap<u64, Node> = hosts
+        .iter()
+        .map(|h| (h.node_id(), Node::new(h.addr(), "", "")))
+        .collect();
     groups[0].initialize(members).await.expect("init");
     let leader = loop {
         if let Some(l) = groups[0].leader() {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::command::CommandError;
+use crate::shard::command::CommandError;
 use crate::{GroupId, NodeId};
 
 /// An error of the write-ahead log or the snapshot files.
@@ -101,6 +101,16 @@ pub enum HostError {
     /// The transport could not be set up.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
+    /// A replica's files say it is another group (kind or range) than it is being opened as.
+    #[error("group {group}: the data directory holds a {on_disk}, but the cluster map says it is a {expected}; refusing to start rather than replay its log against the wrong range")]
+    Mismatch {
+        /// The group.
+        group: GroupId,
+        /// What the files say.
+        on_disk: String,
+        /// What the caller (the map) says.
+        expected: String,
+    },
     /// openraft refused the configuration or failed to start a group.
     #[error("group {group}: {reason}")]
     Group {
@@ -155,6 +165,14 @@ pub enum TransportError {
         addr: String,
         /// The group.
         group: GroupId,
+    },
+    /// The peer's certificate is not the node the caller expected at that address.
+    #[error("the peer at {addr} is not node {expected}")]
+    WrongPeer {
+        /// The peer.
+        addr: String,
+        /// The node expected there.
+        expected: NodeId,
     },
     /// The peer sent bytes that do not decode.
     #[error("malformed message from {addr}: {reason}")]

@@ -1,20 +1,27 @@
-//! One node's shard groups: [`RaftHost`] owns the node's shared WAL and transport and starts the
-//! groups it hosts; [`ShardGroup`] is the handle callers use to propose commands and read state.
+//! One node's groups: [`RaftHost`] owns the node's shared WAL and transport and starts the
+//! groups it hosts; [`Replica`] ([`ShardGroup`], [`MetaGroup`]) is the handle callers use to
+//! propose commands, read state and follow what is applied.
 //!
 //! # Files
 //!
 //! ```text
 //! DATA/wal/LOCK                     held while the host runs: one process per data directory
 //! DATA/wal/*.wal                    the shared write-ahead log (see `wal`)
+//! DATA/groups/<group>/GROUP         the replica's manifest: its kind and range, written once
 //! DATA/groups/<group>/snapshot-*    each group's newest snapshot
 //! ```
+//!
+//! The manifest pins what a replica *is*: opening a group with another kind or range than its
+//! files say is refused ([`HostError::Mismatch`]) instead of silently replaying committed entries
+//! against the wrong range.
 //!
 //! # Call order
 //!
 //! 1. [`RaftHost::start`] opens (and recovers) the WAL and binds the transport.
-//! 2. [`RaftHost::open_group`] starts each group the node hosts, recovering it from the WAL and
-//!    its snapshot. A brand-new group is then [`ShardGroup::initialize`]d on exactly one replica
-//!    with the full member set; the others learn it by replication.
+//! 2. [`RaftHost::open_shard`] / [`RaftHost::open_meta`] start each group the node hosts,
+//!    recovering it from the WAL and its snapshot. A brand-new group is then
+//!    [`Replica::initialize`]d on exactly one replica with its first member set; the others learn
+//!    it by replication.
 //! 3. [`RaftHost::shutdown`] stops every group, then the transport. The WAL is closed when the
 //!    last handle is dropped. A host MUST be shut down before another is started on the same
 //!    data directory (the lock file enforces it).
@@ -23,19 +30,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nearby_index::friends::UserRange;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 
-use crate::command::{Command, CommandResult};
 use crate::error::{HostError, ProposeError, WalError};
-use crate::state::GroupState;
-use crate::store::{Applied, LogStore, StateMachine};
+use crate::machine::{AppliedEntry, Machine};
+use crate::meta::{ClusterMap, MetaCommand, MetaResult};
+use crate::shard::command::{Command, CommandResult};
+use crate::shard::state::GroupState;
+use crate::store::{Applied, LogStore, Shared, StateMachine};
 use crate::transport::{GroupRegistry, NetworkFactory, NodeTls, RaftTransport};
 use crate::wal::{Wal, WalOptions};
-use crate::{GroupId, LogId, Node, NodeId, Raft};
+use crate::{GroupId, LogId, Node, NodeId, Payload, Raft, Reply, META_GROUP};
 
 /// How a host is set up.
 #[derive(Clone)]
@@ -48,7 +57,7 @@ pub struct HostConfig {
     pub listen: SocketAddr,
     /// The address peers use to reach this node; the bound address if `None`.
     pub advertise: Option<String>,
-    /// The node's TLS identity in the cluster.
+    /// The node's TLS identity in the cluster (its node id must be `node_id`).
     pub tls: NodeTls,
     /// openraft's settings, shared by all groups.
     pub raft: openraft::Config,
@@ -86,7 +95,45 @@ pub fn default_raft_config() -> openraft::Config {
     }
 }
 
-/// One node of the cluster: its WAL, its transport, and the shard groups it hosts.
+/// What a replica's manifest records (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Manifest {
+    /// A shard group owning a range.
+    Shard(UserRange),
+    /// The meta group.
+    Meta,
+}
+
+impl std::fmt::Display for Manifest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Manifest::Shard(r) => write!(f, "shard group of {r}"),
+            Manifest::Meta => f.write_str("meta group"),
+        }
+    }
+}
+
+impl Manifest {
+    fn encode(self) -> String {
+        match self {
+            Manifest::Shard(r) => format!("shard {} {}\n", r.start, r.end),
+            Manifest::Meta => "meta\n".into(),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Manifest> {
+        let words: Vec<&str> = text.split_whitespace().collect();
+        match words.as_slice() {
+            ["meta"] => Some(Manifest::Meta),
+            ["shard", start, end] => UserRange::new(start.parse().ok()?, end.parse().ok()?)
+                .ok()
+                .map(Manifest::Shard),
+            _ => None,
+        }
+    }
+}
+
+/// One node of the cluster: its WAL, its transport, and the groups it hosts.
 pub struct RaftHost {
     id: NodeId,
     addr: String,
@@ -95,13 +142,24 @@ pub struct RaftHost {
     wal: Arc<Wal>,
     transport: Arc<RaftTransport>,
     registry: GroupRegistry,
-    groups: Mutex<HashMap<GroupId, ShardGroup>>,
+    shards: Mutex<HashMap<GroupId, ShardGroup>>,
+    meta: Mutex<Option<MetaGroup>>,
     _lock: File,
 }
 
 impl RaftHost {
     /// Opens the data directory (recovering the WAL) and binds the transport.
     pub async fn start(config: HostConfig) -> Result<RaftHost, HostError> {
+        if config.tls.node_id() != config.node_id {
+            return Err(HostError::Group {
+                group: 0,
+                reason: format!(
+                    "the TLS identity is node {}'s, but this is node {}",
+                    config.tls.node_id(),
+                    config.node_id
+                ),
+            });
+        }
         let raft_config = config.raft.clone().validate().map_err(|e| HostError::Group {
             group: 0,
             reason: format!("invalid raft config: {e}"),
@@ -135,7 +193,8 @@ impl RaftHost {
             wal: Arc::new(wal),
             transport,
             registry,
-            groups: Mutex::new(HashMap::new()),
+            shards: Mutex::new(HashMap::new()),
+            meta: Mutex::new(None),
             _lock: lock,
         })
     }
@@ -150,26 +209,72 @@ impl RaftHost {
         &self.addr
     }
 
-    /// This node as a Raft member.
-    pub fn node(&self) -> Node {
-        Node::new(self.addr.clone())
-    }
-
     /// The node's shared WAL.
     pub fn wal(&self) -> &Arc<Wal> {
         &self.wal
     }
 
-    /// Starts the replica of `group` (owning `range`) on this node, recovering it from disk.
-    pub async fn open_group(&self, group: GroupId, range: UserRange) -> Result<ShardGroup, HostError> {
-        if let Some(g) = self.group(group) {
-            return Ok(g);
+    /// The node's transport (to send and serve peer messages).
+    pub fn transport(&self) -> &Arc<RaftTransport> {
+        &self.transport
+    }
+
+    /// The openraft settings every group of this host uses.
+    pub fn raft_config(&self) -> &openraft::Config {
+        &self.raft_config
+    }
+
+    /// The replicas this node has files for, with what their manifests say, by group id.
+    pub fn local_groups(&self) -> Result<Vec<(GroupId, Manifest)>, HostError> {
+        let dir = self.data_dir.join("groups");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(WalError::io(&dir, e).into()),
+        };
+        let mut out = Vec::new();
+        for ent in entries {
+            let ent = ent.map_err(|e| WalError::io(&dir, e))?;
+            let Some(id) = ent.file_name().to_str().and_then(|n| n.parse::<GroupId>().ok()) else {
+                continue;
+            };
+            if let Some(m) = read_manifest(&ent.path())? {
+                out.push((id, m));
+            }
         }
-        let dir = self.data_dir.join("groups").join(group.to_string());
-        let sm = StateMachine::open(group, &dir, GroupState::new(range))?;
-        let applied = sm.applied();
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+
+    fn group_dir(&self, group: GroupId) -> PathBuf {
+        self.data_dir.join("groups").join(group.to_string())
+    }
+
+    /// Checks (or, for a new replica, writes) the manifest of `group`.
+    fn pin_manifest(&self, group: GroupId, want: Manifest) -> Result<PathBuf, HostError> {
+        let dir = self.group_dir(group);
+        match read_manifest(&dir)? {
+            Some(found) if found == want => {}
+            Some(found) => {
+                return Err(HostError::Mismatch {
+                    group,
+                    on_disk: found.to_string(),
+                    expected: want.to_string(),
+                })
+            }
+            None => write_manifest(&dir, want)?,
+        }
+        Ok(dir)
+    }
+
+    async fn start_raft<M: Machine>(
+        &self,
+        group: GroupId,
+        sm: StateMachine<M>,
+    ) -> Result<Replica<M>, HostError> {
+        let shared = sm.shared();
         let log = LogStore::new(Arc::clone(&self.wal), group);
-        let network = NetworkFactory::new(Arc::clone(&self.transport), group, self.id);
+        let network = NetworkFactory::new(Arc::clone(&self.transport), group);
         let raft = Raft::new(self.id, Arc::clone(&self.raft_config), network, log, sm)
             .await
             .map_err(|e| HostError::Group {
@@ -180,32 +285,74 @@ impl RaftHost {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(group, raft.clone());
-        let handle = ShardGroup {
+        Ok(Replica {
             id: group,
-            range,
             raft,
-            applied,
-        };
-        self.groups
+            shared,
+        })
+    }
+
+    /// Starts the replica of shard group `group` (owning `range`) on this node, recovering it
+    /// from disk. Refuses if the replica's files say it owns another range.
+    pub async fn open_shard(&self, group: GroupId, range: UserRange) -> Result<ShardGroup, HostError> {
+        if let Some(g) = self.shard(group) {
+            return Ok(g);
+        }
+        if group == META_GROUP {
+            return Err(HostError::Mismatch {
+                group,
+                on_disk: Manifest::Meta.to_string(),
+                expected: Manifest::Shard(range).to_string(),
+            });
+        }
+        let dir = self.pin_manifest(group, Manifest::Shard(range))?;
+        let sm = StateMachine::open(group, &dir, GroupState::new(range))?;
+        let found = sm.shared().read(|a| a.state.range());
+        if found != range {
+            return Err(HostError::Mismatch {
+                group,
+                on_disk: format!("a snapshot of {}", Manifest::Shard(found)),
+                expected: Manifest::Shard(range).to_string(),
+            });
+        }
+        let handle = self.start_raft(group, sm).await?;
+        self.shards
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(group, handle.clone());
         Ok(handle)
     }
 
-    /// The handle of a group this node hosts.
-    pub fn group(&self, group: GroupId) -> Option<ShardGroup> {
-        self.groups
+    /// Starts this node's replica of the meta group, recovering it from disk.
+    pub async fn open_meta(&self) -> Result<MetaGroup, HostError> {
+        if let Some(m) = self.meta() {
+            return Ok(m);
+        }
+        let dir = self.pin_manifest(META_GROUP, Manifest::Meta)?;
+        let sm = StateMachine::open(META_GROUP, &dir, ClusterMap::default())?;
+        let handle = self.start_raft(META_GROUP, sm).await?;
+        *self.meta.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.clone());
+        Ok(handle)
+    }
+
+    /// The handle of a shard group this node hosts.
+    pub fn shard(&self, group: GroupId) -> Option<ShardGroup> {
+        self.shards
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&group)
             .cloned()
     }
 
-    /// Every group this node hosts, by id.
-    pub fn groups(&self) -> Vec<ShardGroup> {
+    /// This node's replica of the meta group, if it hosts one.
+    pub fn meta(&self) -> Option<MetaGroup> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every shard group this node hosts, by id.
+    pub fn shards(&self) -> Vec<ShardGroup> {
         let mut v: Vec<ShardGroup> = self
-            .groups
+            .shards
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
@@ -215,19 +362,28 @@ impl RaftHost {
         v
     }
 
-    /// Stops this node's replica of `group`; its files stay, so it can be opened again.
+    /// Stops this node's replica of `group` (shard or meta); its files stay, so it can be opened
+    /// again.
     pub async fn close_group(&self, group: GroupId) {
         self.registry
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&group);
-        let g = self
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&group);
-        if let Some(g) = g {
-            if let Err(e) = g.raft.shutdown().await {
+        let raft = if group == META_GROUP {
+            self.meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .map(|g| g.raft)
+        } else {
+            self.shards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&group)
+                .map(|g| g.raft)
+        };
+        if let Some(raft) = raft {
+            if let Err(e) = raft.shutdown().await {
                 tracing::warn!(group, error = %e, "group did not shut down cleanly");
             }
         }
@@ -235,22 +391,50 @@ impl RaftHost {
 
     /// Stops every group, then the transport.
     pub async fn shutdown(&self) {
-        let groups: Vec<ShardGroup> = self
-            .groups
+        let mut rafts: Vec<(GroupId, Raft)> = self
+            .shards
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain()
-            .map(|(_, g)| g)
+            .map(|(id, g)| (id, g.raft))
             .collect();
+        if let Some(m) = self.meta.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            rafts.push((META_GROUP, m.raft));
+        }
         self.registry.write().unwrap_or_else(|p| p.into_inner()).clear();
-        for g in groups {
-            if let Err(e) = g.raft.shutdown().await {
-                tracing::warn!(group = g.id, error = %e, "group did not shut down cleanly");
+        for (id, raft) in rafts {
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(group = id, error = %e, "group did not shut down cleanly");
             }
         }
         self.transport.shutdown().await;
         tracing::info!(node = self.id, "raft host stopped");
     }
+}
+
+fn read_manifest(dir: &Path) -> Result<Option<Manifest>, HostError> {
+    let path = dir.join("GROUP");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Manifest::parse(&text)
+            .map(Some)
+            .ok_or_else(|| WalError::corruption(&path, 0, format!("not a group manifest: {text:?}")).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(WalError::io(&path, e).into()),
+    }
+}
+
+fn write_manifest(dir: &Path, m: Manifest) -> Result<(), HostError> {
+    std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
+    let tmp = dir.join("GROUP.tmp");
+    let path = dir.join("GROUP");
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, m.encode().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| WalError::io(&path, e).into())
 }
 
 fn lock_dir(dir: &Path) -> Result<File, HostError> {
@@ -273,24 +457,40 @@ fn lock_dir(dir: &Path) -> Result<File, HostError> {
     Ok(file)
 }
 
-/// A handle to one shard group replica on this node. Cheap to clone.
-#[derive(Clone)]
-pub struct ShardGroup {
+/// A handle to one group replica on this node. Cheap to clone.
+pub struct Replica<M> {
     id: GroupId,
-    range: UserRange,
     raft: Raft,
-    applied: Arc<RwLock<Applied>>,
+    shared: Arc<Shared<M>>,
 }
 
-impl ShardGroup {
+impl<M> Clone for Replica<M> {
+    fn clone(&self) -> Self {
+        Replica {
+            id: self.id,
+            raft: self.raft.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// A shard group replica.
+pub type ShardGroup = Replica<GroupState>;
+
+/// A meta group replica.
+pub type MetaGroup = Replica<ClusterMap>;
+
+fn not_leader(group: GroupId, leader: Option<NodeId>, node: Option<Node>) -> ProposeError {
+    ProposeError::NotLeader {
+        group,
+        leader: leader.zip(node.map(|n| n.raft)),
+    }
+}
+
+impl<M: Machine> Replica<M> {
     /// The group's id.
     pub fn id(&self) -> GroupId {
         self.id
-    }
-
-    /// The user-id range the group owns.
-    pub fn range(&self) -> UserRange {
-        self.range
     }
 
     /// The openraft handle, for metrics and membership changes.
@@ -307,8 +507,13 @@ impl ShardGroup {
     }
 
     /// Reads the replica's applied state. On a follower it may lag the leader.
-    pub fn read<R>(&self, f: impl FnOnce(&GroupState) -> R) -> R {
-        f(&self.applied.read().unwrap_or_else(|p| p.into_inner()).state)
+    pub fn read<R>(&self, f: impl FnOnce(&M) -> R) -> R {
+        self.shared.read(|a| f(&a.state))
+    }
+
+    /// Reads the applied state with its position in the log.
+    pub fn read_applied<R>(&self, f: impl FnOnce(&Applied<M>) -> R) -> R {
+        self.shared.read(f)
     }
 
     /// Reads the group's state as the leader knows it now: confirms leadership with a quorum and
@@ -316,14 +521,11 @@ impl ShardGroup {
     /// committed entries in its log at once but applies them only after committing one of its
     /// own, so a plain [`read`](Self::read) right after a failover may not yet show an
     /// acknowledged write; this does.
-    pub async fn read_linearizable<R>(&self, f: impl FnOnce(&GroupState) -> R) -> Result<R, ProposeError> {
+    pub async fn read_linearizable<R>(&self, f: impl FnOnce(&M) -> R) -> Result<R, ProposeError> {
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(self.read(f)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(fw))) => {
-                Err(ProposeError::NotLeader {
-                    group: self.id,
-                    leader: fw.leader_id.zip(fw.leader_node.map(|n| n.addr)),
-                })
+                Err(not_leader(self.id, fw.leader_id, fw.leader_node))
             }
             Err(e) => Err(ProposeError::Unavailable {
                 group: self.id,
@@ -334,10 +536,22 @@ impl ShardGroup {
 
     /// The last log id applied on this replica.
     pub fn last_applied(&self) -> Option<LogId> {
-        self.applied
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .last_applied
+        self.shared.read(|a| a.last_applied)
+    }
+
+    /// The last applied log id, as a watch (wakes on every apply and snapshot install).
+    pub fn watch_applied(&self) -> tokio::sync::watch::Receiver<Option<LogId>> {
+        self.shared.watch_applied()
+    }
+
+    /// Every entry applied from now on, in order, replacing any earlier subscriber.
+    pub fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<AppliedEntry> {
+        self.shared.subscribe()
+    }
+
+    /// Stops telling the current subscriber.
+    pub fn unsubscribe(&self) {
+        self.shared.unsubscribe()
     }
 
     /// The leader this replica knows of.
@@ -345,19 +559,14 @@ impl ShardGroup {
         self.raft.metrics().borrow().current_leader
     }
 
-    /// Validates `cmd` against this replica's state, proposes it, and waits until it is
-    /// committed and applied. Only the leader accepts proposals.
-    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
-        self.read(|s| cmd.validate(s))?;
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => match resp.data {
-                CommandResult::Rejected(e) => Err(ProposeError::Invalid(e)),
-                other => Ok(other),
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
-                group: self.id,
-                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-            }),
+    /// Proposes `payload` and waits until it is committed and applied here. Only the leader
+    /// accepts proposals.
+    async fn write(&self, payload: Payload) -> Result<(LogId, Reply), ProposeError> {
+        match self.raft.client_write(payload).await {
+            Ok(resp) => Ok((resp.log_id, resp.data)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(not_leader(self.id, f.leader_id, f.leader_node))
+            }
             Err(e) => Err(ProposeError::Unavailable {
                 group: self.id,
                 reason: e.to_string(),
@@ -372,5 +581,44 @@ impl ShardGroup {
             .applied_index_at_least(Some(index), "wait_applied")
             .await
             .is_ok()
+    }
+}
+
+impl Replica<GroupState> {
+    /// The user-id range the group owns.
+    pub fn range(&self) -> UserRange {
+        self.read(|s| s.range())
+    }
+
+    /// Validates `cmd` against this replica's state, proposes it, and waits until it is
+    /// committed and applied. Only the leader accepts proposals.
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResult, ProposeError> {
+        self.propose_at(cmd).await.map(|(_, r)| r)
+    }
+
+    /// [`propose`](Self::propose), also returning the entry's log id.
+    pub async fn propose_at(&self, cmd: Command) -> Result<(LogId, CommandResult), ProposeError> {
+        self.read(|s| cmd.validate(s))?;
+        match self.write(Payload::Shard(cmd)).await? {
+            (_, Reply::Shard(CommandResult::Rejected(e))) => Err(ProposeError::Invalid(e)),
+            (at, Reply::Shard(r)) => Ok((at, r)),
+            (_, other) => Err(ProposeError::Unavailable {
+                group: self.id,
+                reason: format!("unexpected reply {other}"),
+            }),
+        }
+    }
+}
+
+impl Replica<ClusterMap> {
+    /// Proposes a change to the cluster map and waits until it is committed and applied here.
+    pub async fn propose(&self, cmd: MetaCommand) -> Result<MetaResult, ProposeError> {
+        match self.write(Payload::Meta(cmd)).await? {
+            (_, Reply::Meta(r)) => Ok(r),
+            (_, other) => Err(ProposeError::Unavailable {
+                group: self.id,
+                reason: format!("unexpected reply {other}"),
+            }),
+        }
     }
 }

@@ -11,8 +11,8 @@ use nearby_index::friends::UserRange;
 use nearby_index::geo::UserId;
 use serde::{Deserialize, Serialize};
 
-use crate::command::{ImportBatch, MAX_IMPORT_ITEMS};
 use crate::error::WalError;
+use crate::shard::command::{ImportBatch, MAX_IMPORT_ITEMS};
 
 /// Users and relations to import.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,7 +75,7 @@ impl Seed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::GroupState;
+    use crate::shard::state::GroupState;
 
     #[test]
     fn a_seed_imports_into_two_groups_with_both_sides_of_each_friendship() {
@@ -94,7 +94,7 @@ mod tests {
                 let cmd = crate::Command::Import(b);
                 assert!(cmd.validate(s).is_ok());
                 assert!(matches!(
-                    s.apply(&cmd),
+                    s.apply(&cmd, 1),
                     crate::CommandResult::Imported { skipped: 0, .. }
                 ));
             }

@@ -2,7 +2,7 @@
 //! shuts down by telling every session to reconnect elsewhere.
 //!
 //! This module owns the endpoint and its limits; [`session`] owns the streams of one connection;
-//! everything a request *does* is behind [`Backend`] (nearby's is [`crate::core::Core`]).
+//! everything a request *does* is behind [`Backend`] (nearby's is [`crate::gateway::Gateway`]).
 
 pub mod overload;
 pub mod session;
@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
+use crate::api::Backend;
 use crate::auth::{TokenSigner, TokenVerifier};
-use crate::backend::Backend;
+use crate::queue::CloseReason;
 
 /// How the service runs.
 pub struct ServiceOptions {
@@ -133,9 +134,16 @@ pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> std::io
     )
 }
 
-impl<B: Backend> Service<B> {
+/// A bound client endpoint that has no backend yet: a node learns its client address (to put in
+/// the cluster map) before the layer behind the service exists.
+pub struct Listener {
+    endpoint: quinn::Endpoint,
+    opts: ServiceOptions,
+}
+
+impl Listener {
     /// Binds the endpoint.
-    pub fn bind(opts: ServiceOptions, core: Arc<B>) -> Result<Service<B>, ServiceStartError> {
+    pub fn bind(opts: ServiceOptions) -> Result<Listener, ServiceStartError> {
         let server_config = opts
             .tls
             .quinn_config(opts.transport)
@@ -145,6 +153,17 @@ impl<B: Backend> Service<B> {
                 addr: opts.listen,
                 source,
             })?;
+        Ok(Listener { endpoint, opts })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The service over `core`.
+    pub fn attach<B: Backend>(self, core: Arc<B>) -> Service<B> {
+        let opts = self.opts;
         let ctx = Arc::new(session::Context {
             core: Arc::clone(&core),
             verifier: opts.verifier,
@@ -156,7 +175,18 @@ impl<B: Backend> Service<B> {
             connections: Default::default(),
             load: opts.shed.map(|limits| Arc::new(overload::LoadGuard::new(limits))),
         });
-        Ok(Service { endpoint, core, ctx })
+        Service {
+            endpoint: self.endpoint,
+            core,
+            ctx,
+        }
+    }
+}
+
+impl<B: Backend> Service<B> {
+    /// Binds the endpoint.
+    pub fn bind(opts: ServiceOptions, core: Arc<B>) -> Result<Service<B>, ServiceStartError> {
+        Ok(Listener::bind(opts)?.attach(core))
     }
 
     /// The bound address.
@@ -203,7 +233,7 @@ impl<B: Backend> Service<B> {
             sessions = sessions.len(),
             "client service stopping; telling sessions to reconnect"
         );
-        self.core.close_all(session::SHUTDOWN);
+        self.core.close_all(CloseReason::Shutdown);
         let drained = tokio::time::timeout(Duration::from_secs(3), async {
             while sessions.join_next().await.is_some() {}
         })

@@ -18,16 +18,9 @@ use nearby_index::geo::UserId;
 use nearby_raft::Command;
 use tokio::time::Instant;
 
+use crate::api::{outcome, Admission, Backend, LocationAck, ServiceError, SessionSink};
 use crate::auth::{AuthError, Claims, TokenSigner, TokenVerifier};
-use crate::backend::Backend;
-use crate::core::{outcome, LocationAck, ServiceError, SessionSink};
-use crate::queue::{EventQueue, Popped};
-
-/// The reason the core closes queues with at shutdown.
-pub(crate) const SHUTDOWN: &str = "node shutting down";
-
-/// The reason a session's own end closes its queue with.
-const SESSION_ENDED: &str = "session ended";
+use crate::queue::{CloseReason, EventQueue, Popped};
 
 /// QUIC application error code for a connection closed normally (shutdown, or the client done).
 const CLOSE_DONE: u32 = 0;
@@ -145,7 +138,7 @@ pub(crate) async fn serve<B: Backend>(incoming: quinn::Incoming, ctx: Arc<Contex
     }
     if let (Some(user), Some(sink)) = (s.user, s.sink.take()) {
         // Ends the event writer too.
-        sink.events.close(SESSION_ENDED);
+        sink.events.close(CloseReason::SessionEnded);
         Box::pin(s.ctx.core.close_session(user, sink)).await;
     }
 }
@@ -351,8 +344,16 @@ impl<B: Backend> Session<B> {
                 format!("the token is for user {}, not {user}", claims.user),
             ));
         }
-        core.ensure_registered(user).await?;
-        let sink = core.open_session(user).await?;
+        let sink = match core.open_session(user).await? {
+            Admission::Open(sink) => sink,
+            Admission::Redirect { addr, reason } => {
+                tracing::debug!(user, %addr, %reason, "redirecting");
+                return Ok(Response::Redirect(nearby_client::proto::Redirect {
+                    addr,
+                    reason,
+                }));
+            }
+        };
         tokio::spawn(write_events(self.conn.clone(), Arc::clone(&sink.events), user));
         self.sink = Some(sink);
         self.user = Some(user);
@@ -398,25 +399,30 @@ async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: Use
     loop {
         let event = match queue.pop().await {
             Popped::Event(e) => e,
-            Popped::Closed(SESSION_ENDED) => return,
-            Popped::Closed(SHUTDOWN) => {
-                // Spread the reconnections of a draining node's clients over two seconds.
+            Popped::Closed(CloseReason::SessionEnded) => return,
+            Popped::Closed(reason @ (CloseReason::Shutdown | CloseReason::Moved { .. })) => {
+                // Spread the reconnections of a draining node's clients (or of a moved group's)
+                // over two seconds.
                 let reconnect_after_ms = (user.wrapping_mul(2_654_435_761) % 2_000) as u32;
+                let redirect = match &reason {
+                    CloseReason::Moved { to } => to.clone(),
+                    _ => None,
+                };
                 buf.clear();
                 let bye = Event::Shutdown {
                     reconnect_after_ms,
-                    redirect: None,
+                    redirect,
                 };
                 if frame::encode(&bye, &mut buf).is_ok() && stream.write_all(&buf).await.is_ok() {
                     let _ = stream.finish();
                     let _ = tokio::time::timeout(Duration::from_secs(1), stream.stopped()).await;
                 }
-                conn.close(quinn::VarInt::from_u32(0), SHUTDOWN.as_bytes());
+                conn.close(quinn::VarInt::from_u32(CLOSE_DONE), reason.to_string().as_bytes());
                 return;
             }
             Popped::Closed(reason) => {
-                tracing::info!(user, reason, "closing a slow session");
-                conn.close(quinn::VarInt::from_u32(CLOSE_SLOW), reason.as_bytes());
+                tracing::info!(user, %reason, "closing a session");
+                conn.close(quinn::VarInt::from_u32(CLOSE_SLOW), reason.to_string().as_bytes());
                 return;
             }
         };

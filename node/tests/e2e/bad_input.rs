@@ -179,7 +179,7 @@ async fn bad_input_gets_clear_errors_changes_nothing_and_others_are_served() {
         .await;
     assert_eq!(code(&resp), ErrorCode::UnsupportedVersion);
     assert!(
-        !node.core.is_registered(bad).expect("routable"),
+        !node.core.router().is_registered(bad).await.expect("routable"),
         "a refused hello registered the user"
     );
 
@@ -199,7 +199,10 @@ async fn bad_input_gets_clear_errors_changes_nothing_and_others_are_served() {
             .await;
         assert_eq!(code(&resp), ErrorCode::InvalidCoordinates, "({lat}, {lon})");
     }
-    assert!(!node.core.has_location(bad), "a refused location was stored");
+    assert!(
+        !nearby_node::api::Backend::has_location(node.core.as_ref(), bad).await,
+        "a refused location was stored"
+    );
     let resp = r
         .request(
             4,

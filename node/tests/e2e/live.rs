@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use nearby_client::proto::{Event, GoneReason};
 use nearby_client::LocationAck;
+use nearby_node::api::Backend;
 
 use crate::util::{uid, TestNode};
 
@@ -87,7 +88,8 @@ async fn crossing_the_radius_gives_left_and_entered() {
     b.at(EDGE_IN.0, EDGE_IN.1).await;
     assert!(matches!(a.next_about(bob).await, Event::FriendEntered(p) if p.distance_m < 8_000.0));
     b.at(EDGE_OUT.0, EDGE_OUT.1).await;
-    assert!(matches!(a.next_about(bob).await, Event::FriendLeft { distance_m, .. } if distance_m > 8_000.0));
+    // Leaving names the radius left, never the distance beyond it.
+    assert!(matches!(a.next_about(bob).await, Event::FriendLeft { distance_m, .. } if distance_m == 8_000.0));
     b.at(EDGE_IN.0, EDGE_IN.1).await;
     assert!(matches!(a.next_about(bob).await, Event::FriendEntered(_)));
     // The viewer moving also crosses: ann walks 20 km away, bob leaves her range.
@@ -223,6 +225,7 @@ async fn pages_of_twenty_nearest_first_with_a_cursor_over_45_friends() {
         let lat = A.0 + ((i * 17) % 45) as f64 * 0.0009;
         node.core
             .update_location(f, nearby_client::proto::Coord { lat, lon: A.1 }, false)
+            .await
             .expect("friend location");
         friends.push(f);
     }
@@ -311,7 +314,7 @@ async fn an_imported_world_is_live_at_once() {
 /// position — while a session's start still goes through, and some updates still pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_node_refuses_periodic_updates_and_applies_none_of_them() {
-    let service = nearby_node::core::ServiceConfig {
+    let service = nearby_node::api::ServiceConfig {
         shed: Some(nearby_node::service::overload::Limits {
             lag: Duration::ZERO,
             cpu: 0.0,

@@ -6,12 +6,14 @@ use std::time::Duration;
 use nearby_client::proto::{Coord, Event};
 use nearby_client::{Client, ClientConfig, SdkEvent};
 use nearby_index::geo::{Millis, UserId};
+use nearby_node::api::ServiceConfig;
 use nearby_node::auth::{Claims, TokenSigner};
 use nearby_node::clock::{Clock, ManualClock};
-use nearby_node::core::{Core, ServiceConfig};
+use nearby_node::cluster::Bootstrap;
+use nearby_node::gateway::Gateway;
 use nearby_node::node::{Node, NodeOptions};
 use nearby_node::service::tls::ServerTls;
-use nearby_node::shards::initial_ranges;
+use nearby_raft::meta::initial_ranges;
 use nearby_raft::transport::ClusterCa;
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,7 +29,7 @@ pub(crate) struct TestNode {
     pub(crate) ca_pem: String,
     pub(crate) signer: Arc<TokenSigner>,
     pub(crate) clock: ManualClock,
-    pub(crate) core: Arc<Core>,
+    pub(crate) core: Arc<Gateway>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -63,30 +65,26 @@ impl TestNode {
         let ca_pem = tls.chain_pem.clone();
         let signer = Arc::new(TokenSigner::generate().expect("key"));
         let clock = ManualClock::new(Millis(1_700_000_000_000));
-        let node = Node::start(NodeOptions {
-            node_id: 1,
-            data: dir.path().to_path_buf(),
-            client_listen: "127.0.0.1:0".parse().expect("addr"),
-            raft_listen: "127.0.0.1:0".parse().expect("addr"),
-            groups: GROUPS,
-            server_tls: tls,
-            node_tls: ClusterCa::generate("t")
+        let mut opts = NodeOptions::new(
+            1,
+            dir.path().to_path_buf(),
+            Bootstrap::Init { groups: GROUPS },
+            tls,
+            ClusterCa::generate("t")
                 .expect("ca")
-                .issue_node()
+                .issue_node(1)
                 .expect("node tls"),
-            verifier: signer.verifier(),
-            dev_signer: Some(Arc::clone(&signer)),
-            service,
-            clock: Arc::new(clock.clone()),
-            transport: Default::default(),
-        })
-        .await
-        .expect("node starts");
+            signer.verifier(),
+            Arc::new(clock.clone()),
+        );
+        opts.dev_signer = Some(Arc::clone(&signer));
+        opts.service = service;
+        let node = Node::start(opts).await.expect("node starts");
         if let Some(seed) = seed {
             node.import(&seed).await.expect("import");
         }
         let addr = node.client_addr().to_string();
-        let core = Arc::clone(node.core());
+        let core = Arc::clone(node.gateway());
         let (tx, rx) = oneshot::channel();
         let done = tokio::spawn(node.run(async {
             let _ = rx.await;

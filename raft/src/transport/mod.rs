@@ -1,13 +1,30 @@
-//! The node-to-node Raft transport: QUIC (quinn) with mutual TLS, one connection per peer node
-//! shared by every shard group, one bidirectional stream per RPC.
+//! The node-to-node transport: QUIC (quinn) with mutual TLS, one connection per peer node
+//! shared by every group, one bidirectional stream per request.
+//!
+//! It carries two kinds of traffic over the same connections:
+//!
+//! - **Raft RPCs** of every group ([`RpcBody::AppendEntries`], [`RpcBody::Vote`],
+//!   [`RpcBody::InstallSnapshot`]), dispatched to the group's `Raft` handle by [`GroupId`];
+//! - **peer messages** of the node layer ([`RpcBody::Peer`]: forwarded locations, subscriptions,
+//!   proposals for a group led elsewhere, the cluster map), opaque bytes here, handed to the
+//!   [`PeerHandler`] the node registers. The node layer defines and decodes them; this crate
+//!   only moves and authenticates them.
 //!
 //! # Why QUIC and not TCP
 //!
 //! Many groups share a connection. Over TCP one lost packet stalls every group's messages behind
 //! it (head-of-line blocking) and a large snapshot chunk delays every heartbeat queued after it;
-//! QUIC streams are independent, so a stream per RPC gives each group's message its own flow.
-//! QUIC also brings TLS 1.3 with it, and quinn is already the client-facing protocol, so a node
-//! runs one networking stack.
+//! QUIC streams are independent, so a stream per request gives each message its own flow. QUIC
+//! also brings TLS 1.3 with it, and quinn is already the client-facing protocol, so a node runs
+//! one networking stack.
+//!
+//! # Authentication
+//!
+//! Every request names the node it comes from ([`RpcRequest::from`]); the receiver checks that
+//! the connection's client certificate is that node's ([`tls::cert_is_for_node`]) before it acts,
+//! and that a Raft message's vote is that node's own. A caller that knows which node it dials
+//! checks the server's certificate the same way. A peer that fails either check is answered
+//! [`RpcResponse::Refused`].
 //!
 //! # Messages
 //!
@@ -17,15 +34,17 @@
 //!
 //! # Failure handling
 //!
-//! Every RPC has a deadline (openraft's `RPCOption::hard_ttl`). A failed connection is dropped
-//! and the next RPC to that peer reconnects; openraft's backoff spaces the retries. A peer that
-//! does not host the group (yet) answers [`RpcResponse::UnknownGroup`].
+//! Every Raft RPC has a deadline (openraft's `RPCOption::hard_ttl`); peer messages get the
+//! caller's. A failed connection is dropped and the next request to that peer reconnects. A peer
+//! that does not host the group (yet) answers [`RpcResponse::UnknownGroup`].
 
 pub mod network;
 pub mod tls;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -38,35 +57,61 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 use crate::error::TransportError;
-use crate::{GroupId, NodeId, Raft, TypeConfig};
+use crate::{GroupId, NodeId, Raft, TypeConfig, Vote};
 
 pub use self::network::NetworkFactory;
 pub use self::tls::{ClusterCa, NodeTls};
 
-/// The largest RPC message accepted (a snapshot chunk plus headroom).
+/// The largest message accepted (a snapshot chunk plus headroom).
 pub const MAX_MESSAGE_BYTES: usize = 32 << 20;
 
-/// The groups this node serves, by id: where incoming RPCs are dispatched.
+/// The groups this node serves, by id: where incoming Raft RPCs are dispatched.
 pub type GroupRegistry = Arc<RwLock<HashMap<GroupId, Raft>>>;
 
-/// One RPC from a group's leader or candidate to a peer replica.
+/// A boxed future answering one peer message.
+pub type PeerReply = Pin<Box<dyn Future<Output = Vec<u8>> + Send + 'static>>;
+
+/// The node layer's handler of peer messages (see the module doc).
+pub trait PeerHandler: Send + Sync + 'static {
+    /// Answers `message` from node `from`, whose certificate the transport has checked.
+    fn handle(&self, from: NodeId, message: Vec<u8>) -> PeerReply;
+}
+
+/// One request from a node to a peer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RpcRequest {
-    /// The group addressed.
-    pub group: GroupId,
+    /// The sending node; its certificate must be this node's.
+    pub from: NodeId,
     /// The message.
     pub body: RpcBody,
 }
 
-/// The Raft message of an [`RpcRequest`].
+/// The message of an [`RpcRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RpcBody {
     /// Replicate entries or heartbeat.
-    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    AppendEntries {
+        /// The group.
+        group: GroupId,
+        /// openraft's request.
+        req: AppendEntriesRequest<TypeConfig>,
+    },
     /// Request a vote.
-    Vote(VoteRequest<NodeId>),
+    Vote {
+        /// The group.
+        group: GroupId,
+        /// openraft's request.
+        req: VoteRequest<NodeId>,
+    },
     /// One chunk of a snapshot.
-    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    InstallSnapshot {
+        /// The group.
+        group: GroupId,
+        /// openraft's request.
+        req: InstallSnapshotRequest<TypeConfig>,
+    },
+    /// A message of the node layer, for its [`PeerHandler`].
+    Peer(Vec<u8>),
 }
 
 /// The answer to an [`RpcRequest`].
@@ -78,23 +123,37 @@ pub enum RpcResponse {
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
     /// Answer to [`RpcBody::InstallSnapshot`].
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// Answer to [`RpcBody::Peer`].
+    Peer(Vec<u8>),
     /// The peer does not host the group.
     UnknownGroup,
     /// The peer could not decode the request.
     Malformed(String),
+    /// The peer refused to act: the sender is not who it claims, or nothing handles the message.
+    Refused(String),
 }
 
-/// The node's transport endpoint: serves incoming RPCs to the registry's groups and sends
-/// outgoing ones over one cached connection per peer.
+/// A cached connection to a peer and the node its certificate was checked to be.
+#[derive(Default)]
+struct PeerSlot {
+    conn: Option<quinn::Connection>,
+    verified: Option<NodeId>,
+}
+
+/// The node's transport endpoint: serves incoming requests and sends outgoing ones over one
+/// cached connection per peer.
 pub struct RaftTransport {
+    me: NodeId,
     endpoint: quinn::Endpoint,
-    peers: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    peers: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<PeerSlot>>>>,
     connect_timeout: Duration,
+    handler: Arc<RwLock<Option<Arc<dyn PeerHandler>>>>,
     serve: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl RaftTransport {
-    /// Binds `addr` and starts serving RPCs for the groups in `registry`.
+    /// Binds `addr` as node `tls.node_id()` and starts serving requests for the groups in
+    /// `registry` (and, once one is set, the peer handler).
     pub fn bind(
         addr: SocketAddr,
         tls: &NodeTls,
@@ -103,15 +162,28 @@ impl RaftTransport {
         let mut endpoint = quinn::Endpoint::server(tls.server_config()?, addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
         endpoint.set_default_client_config(tls.client_config()?);
+        let handler: Arc<RwLock<Option<Arc<dyn PeerHandler>>>> = Arc::default();
         let transport = Arc::new(RaftTransport {
+            me: tls.node_id(),
             endpoint: endpoint.clone(),
             peers: Mutex::new(HashMap::new()),
             connect_timeout: Duration::from_secs(2),
+            handler: Arc::clone(&handler),
             serve: Mutex::new(None),
         });
-        let handle = tokio::spawn(serve(endpoint, registry));
+        let handle = tokio::spawn(serve(endpoint, registry, handler));
         *transport.serve.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(transport)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.me
+    }
+
+    /// Registers the handler of peer messages (replacing any earlier one).
+    pub fn set_peer_handler(&self, handler: Arc<dyn PeerHandler>) {
+        *self.handler.write().unwrap_or_else(|p| p.into_inner()) = Some(handler);
     }
 
     /// The address the endpoint is bound to.
@@ -132,42 +204,69 @@ impl RaftTransport {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
-    async fn connection(&self, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
+    /// A connection to `addr`, checked to be node `expect`'s if given.
+    async fn connection(
+        &self,
+        addr: SocketAddr,
+        expect: Option<NodeId>,
+    ) -> Result<quinn::Connection, TransportError> {
         let slot = {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(peers.entry(addr).or_default())
         };
         let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref() {
-            if conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
-        }
         let connect_err = |reason: String| TransportError::Connect {
             addr: addr.to_string(),
             reason,
         };
-        let connecting = self
-            .endpoint
-            .connect(addr, tls::NODE_SERVER_NAME)
-            .map_err(|e| connect_err(e.to_string()))?;
-        let conn = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| connect_err("timed out".into()))?
-            .map_err(|e| connect_err(e.to_string()))?;
-        tracing::debug!(%addr, "connected to peer");
-        *slot = Some(conn.clone());
+        let conn = match slot.conn.as_ref().filter(|c| c.close_reason().is_none()) {
+            Some(c) => c.clone(),
+            None => {
+                let connecting = self
+                    .endpoint
+                    .connect(addr, tls::NODE_SERVER_NAME)
+                    .map_err(|e| connect_err(e.to_string()))?;
+                let conn = tokio::time::timeout(self.connect_timeout, connecting)
+                    .await
+                    .map_err(|_| connect_err("timed out".into()))?
+                    .map_err(|e| connect_err(e.to_string()))?;
+                tracing::debug!(%addr, "connected to peer");
+                slot.conn = Some(conn.clone());
+                slot.verified = None;
+                conn
+            }
+        };
+        if let Some(id) = expect {
+            if slot.verified != Some(id) {
+                if !peer_cert(&conn).is_some_and(|c| tls::cert_is_for_node(&c, id)) {
+                    slot.conn = None;
+                    conn.close(quinn::VarInt::from_u32(1), b"wrong node");
+                    return Err(TransportError::WrongPeer {
+                        addr: addr.to_string(),
+                        expected: id,
+                    });
+                }
+                slot.verified = Some(id);
+            }
+        }
         Ok(conn)
     }
 
-    /// Sends one request to the node at `addr` and waits for its answer.
-    pub async fn call(&self, addr: SocketAddr, req: &RpcRequest) -> Result<RpcResponse, TransportError> {
-        let conn = self.connection(addr).await?;
+    /// Sends `body` to the node at `addr` (checked to be node `expect`, if given) and waits for
+    /// its answer.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        expect: Option<NodeId>,
+        body: RpcBody,
+    ) -> Result<RpcResponse, TransportError> {
+        let conn = self.connection(addr, expect).await?;
         let rpc_err = |reason: String| TransportError::Rpc {
             addr: addr.to_string(),
             reason,
         };
-        let bytes = nearby_index::codec::encode(req).map_err(|e| rpc_err(e.to_string()))?;
+        let req = RpcRequest { from: self.me, body };
+        let bytes = nearby_index::codec::encode(&req).map_err(|e| rpc_err(e.to_string()))?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| rpc_err(e.to_string()))?;
         send.write_all(&bytes).await.map_err(|e| rpc_err(e.to_string()))?;
         send.finish().map_err(|e| rpc_err(e.to_string()))?;
@@ -180,6 +279,27 @@ impl RaftTransport {
             reason: e.to_string(),
         })
     }
+
+    /// Sends a peer message to the node at `addr` (node `expect`, if known) and returns the
+    /// handler's answer.
+    pub async fn call_peer(
+        &self,
+        addr: SocketAddr,
+        expect: Option<NodeId>,
+        message: Vec<u8>,
+    ) -> Result<Vec<u8>, TransportError> {
+        match self.call(addr, expect, RpcBody::Peer(message)).await? {
+            RpcResponse::Peer(answer) => Ok(answer),
+            RpcResponse::Refused(reason) | RpcResponse::Malformed(reason) => Err(TransportError::Rpc {
+                addr: addr.to_string(),
+                reason,
+            }),
+            other => Err(TransportError::Malformed {
+                addr: addr.to_string(),
+                reason: format!("unexpected answer to a peer message: {other:?}"),
+            }),
+        }
+    }
 }
 
 impl Drop for RaftTransport {
@@ -190,12 +310,45 @@ impl Drop for RaftTransport {
     }
 }
 
+/// The end-entity certificate the peer of `conn` presented.
+fn peer_cert(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().cloned()
+}
+
+/// Who an incoming connection's certificate was checked to be.
+struct Caller {
+    cert: Option<rustls::pki_types::CertificateDer<'static>>,
+    verified: Mutex<Option<NodeId>>,
+}
+
+impl Caller {
+    /// Whether the connection may speak as node `from`.
+    fn is(&self, from: NodeId) -> bool {
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if *verified == Some(from) {
+            return true;
+        }
+        let ok = self.cert.as_ref().is_some_and(|c| tls::cert_is_for_node(c, from));
+        if ok {
+            *verified = Some(from);
+        }
+        ok
+    }
+}
+
+type Handler = Arc<RwLock<Option<Arc<dyn PeerHandler>>>>;
+
 /// Accepts peer connections until the endpoint closes; each connection's streams are served
 /// concurrently, so one slow group never delays another's messages.
-async fn serve(endpoint: quinn::Endpoint, registry: GroupRegistry) {
+async fn serve(endpoint: quinn::Endpoint, registry: GroupRegistry, handler: Handler) {
     let mut conns = JoinSet::new();
     while let Some(incoming) = endpoint.accept().await {
         let registry = Arc::clone(&registry);
+        let handler = Arc::clone(&handler);
         conns.spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -205,11 +358,21 @@ async fn serve(endpoint: quinn::Endpoint, registry: GroupRegistry) {
                 }
             };
             let peer = conn.remote_address();
+            let caller = Arc::new(Caller {
+                cert: peer_cert(&conn),
+                verified: Mutex::new(None),
+            });
             let mut streams = JoinSet::new();
             loop {
                 match conn.accept_bi().await {
                     Ok((send, recv)) => {
-                        streams.spawn(handle_stream(send, recv, Arc::clone(&registry)));
+                        streams.spawn(handle_stream(
+                            send,
+                            recv,
+                            Arc::clone(&registry),
+                            Arc::clone(&handler),
+                            Arc::clone(&caller),
+                        ));
                     }
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "peer connection closed");
@@ -224,10 +387,19 @@ async fn serve(endpoint: quinn::Endpoint, registry: GroupRegistry) {
     }
 }
 
-async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, registry: GroupRegistry) {
+async fn handle_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    registry: GroupRegistry,
+    handler: Handler,
+    caller: Arc<Caller>,
+) {
     let response = match recv.read_to_end(MAX_MESSAGE_BYTES).await {
         Ok(bytes) => match nearby_index::codec::decode::<RpcRequest>(&bytes) {
-            Ok(req) => dispatch(req, &registry).await,
+            Ok(req) if !caller.is(req.from) => {
+                RpcResponse::Refused(format!("the connection's certificate is not node {}'s", req.from))
+            }
+            Ok(req) => dispatch(req, &registry, &handler).await,
             Err(e) => RpcResponse::Malformed(e.to_string()),
         },
         Err(e) => RpcResponse::Malformed(e.to_string()),
@@ -244,18 +416,132 @@ async fn handle_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
     }
 }
 
-async fn dispatch(req: RpcRequest, registry: &GroupRegistry) -> RpcResponse {
-    let raft = registry
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&req.group)
-        .cloned();
-    let Some(raft) = raft else {
-        return RpcResponse::UnknownGroup;
+/// Whether a Raft message's vote is the sender's own: a node may only lead or campaign as itself.
+fn vote_is(vote: &Vote, from: NodeId) -> bool {
+    vote.leader_id().voted_for() == Some(from)
+}
+
+async fn dispatch(req: RpcRequest, registry: &GroupRegistry, handler: &Handler) -> RpcResponse {
+    let from = req.from;
+    let lookup = |group: GroupId| {
+        registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    };
+    let not_own = || {
+        RpcResponse::Refused(format!(
+            "node {from} sent a Raft message with another node's vote"
+        ))
     };
     match req.body {
-        RpcBody::AppendEntries(r) => RpcResponse::AppendEntries(raft.append_entries(r).await),
-        RpcBody::Vote(r) => RpcResponse::Vote(raft.vote(r).await),
-        RpcBody::InstallSnapshot(r) => RpcResponse::InstallSnapshot(raft.install_snapshot(r).await),
+        RpcBody::Peer(message) => {
+            let h = handler.read().unwrap_or_else(|p| p.into_inner()).clone();
+            match h {
+                Some(h) => RpcResponse::Peer(h.handle(from, message).await),
+                None => RpcResponse::Refused("this node does not serve peer messages yet".into()),
+            }
+        }
+        RpcBody::AppendEntries { group, req } => match lookup(group) {
+            None => RpcResponse::UnknownGroup,
+            Some(raft) if vote_is(&req.vote, from) => {
+                RpcResponse::AppendEntries(raft.append_entries(req).await)
+            }
+            Some(_) => not_own(),
+        },
+        RpcBody::Vote { group, req } => match lookup(group) {
+            None => RpcResponse::UnknownGroup,
+            Some(raft) if vote_is(&req.vote, from) => RpcResponse::Vote(raft.vote(req).await),
+            Some(_) => not_own(),
+        },
+        RpcBody::InstallSnapshot { group, req } => match lookup(group) {
+            None => RpcResponse::UnknownGroup,
+            Some(raft) if vote_is(&req.vote, from) => {
+                RpcResponse::InstallSnapshot(raft.install_snapshot(req).await)
+            }
+            Some(_) => not_own(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl PeerHandler for Echo {
+        fn handle(&self, from: NodeId, message: Vec<u8>) -> PeerReply {
+            Box::pin(async move {
+                let mut answer = from.to_le_bytes().to_vec();
+                answer.extend(message);
+                answer
+            })
+        }
+    }
+
+    /// Sends `req` over a connection that presents `tls`'s certificate, bypassing the
+    /// transport's own `from`.
+    async fn send_as(tls: &NodeTls, to: SocketAddr, req: &RpcRequest) -> RpcResponse {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        ep.set_default_client_config(tls.client_config().expect("client config"));
+        let conn = ep
+            .connect(to, tls::NODE_SERVER_NAME)
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        send.write_all(&nearby_index::codec::encode(req).expect("encode"))
+            .await
+            .expect("write");
+        send.finish().expect("finish");
+        let bytes = recv.read_to_end(MAX_MESSAGE_BYTES).await.expect("read");
+        nearby_index::codec::decode(&bytes).expect("decode")
+    }
+
+    #[tokio::test]
+    async fn a_peer_can_speak_only_as_the_node_its_certificate_names() {
+        let ca = ClusterCa::generate("t").expect("ca");
+        let server = RaftTransport::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &ca.issue_node(1).expect("tls"),
+            GroupRegistry::default(),
+        )
+        .expect("bind");
+        server.set_peer_handler(Arc::new(Echo));
+        let addr = server.local_addr().expect("addr");
+        let node2 = ca.issue_node(2).expect("tls");
+        let honest = RpcRequest {
+            from: 2,
+            body: RpcBody::Peer(b"hi".to_vec()),
+        };
+        match send_as(&node2, addr, &honest).await {
+            RpcResponse::Peer(a) => assert_eq!(a, [&2u64.to_le_bytes()[..], b"hi"].concat()),
+            other => panic!("honest peer refused: {other:?}"),
+        }
+        let forged = RpcRequest {
+            from: 3,
+            body: RpcBody::Peer(b"hi".to_vec()),
+        };
+        assert!(matches!(
+            send_as(&node2, addr, &forged).await,
+            RpcResponse::Refused(_)
+        ));
+
+        // The transport's own calls check the server too: node 1 is not node 5.
+        let client = RaftTransport::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &node2,
+            GroupRegistry::default(),
+        )
+        .expect("bind");
+        assert!(client.call_peer(addr, Some(1), b"x".to_vec()).await.is_ok());
+        assert!(matches!(
+            client.call_peer(addr, Some(5), b"x".to_vec()).await,
+            Err(TransportError::WrongPeer { expected: 5, .. })
+        ));
+        client.shutdown().await;
+        server.shutdown().await;
     }
 }

@@ -13,7 +13,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 
-use super::{RaftTransport, RpcBody, RpcRequest, RpcResponse};
+use super::{RaftTransport, RpcBody, RpcResponse};
 use crate::error::TransportError;
 use crate::{GroupId, Node, NodeId, TypeConfig};
 
@@ -26,8 +26,9 @@ pub struct NetworkFactory {
 }
 
 impl NetworkFactory {
-    /// The factory for `group` on node `me`.
-    pub fn new(transport: Arc<RaftTransport>, group: GroupId, me: NodeId) -> Self {
+    /// The factory for `group` on the transport's node.
+    pub fn new(transport: Arc<RaftTransport>, group: GroupId) -> Self {
+        let me = transport.node_id();
         NetworkFactory { transport, group, me }
     }
 }
@@ -50,7 +51,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             me: self.me,
             target,
-            addr: node.addr.parse().map_err(|_| node.addr.clone()),
+            addr: node.raft.parse().map_err(|_| node.raft.clone()),
         }
     }
 }
@@ -73,19 +74,17 @@ impl PeerClient {
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
         };
-        let req = RpcRequest {
-            group: self.group,
-            body,
-        };
         let ttl = option.hard_ttl();
-        match tokio::time::timeout(ttl, self.transport.call(addr, &req)).await {
+        match tokio::time::timeout(ttl, self.transport.call(addr, Some(self.target), body)).await {
             Err(_) => Err(RPCError::Timeout(Timeout {
                 action,
                 id: self.me,
                 target: self.target,
                 timeout: ttl,
             })),
-            Ok(Err(e @ TransportError::Connect { .. })) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Ok(Err(e @ (TransportError::Connect { .. } | TransportError::WrongPeer { .. }))) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
             Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Ok(Ok(RpcResponse::UnknownGroup)) => {
                 let e = TransportError::UnknownGroup {
@@ -94,7 +93,7 @@ impl PeerClient {
                 };
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
-            Ok(Ok(RpcResponse::Malformed(reason))) => {
+            Ok(Ok(RpcResponse::Malformed(reason) | RpcResponse::Refused(reason))) => {
                 let e = TransportError::Malformed {
                     addr: addr.to_string(),
                     reason,
@@ -124,7 +123,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
         match self
-            .call(RpcBody::AppendEntries(rpc), RPCTypes::AppendEntries, &option)
+            .call(
+                RpcBody::AppendEntries {
+                    group: self.group,
+                    req: rpc,
+                },
+                RPCTypes::AppendEntries,
+                &option,
+            )
             .await?
         {
             RpcResponse::AppendEntries(r) => {
@@ -140,7 +146,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
         match self
-            .call(RpcBody::InstallSnapshot(rpc), RPCTypes::InstallSnapshot, &option)
+            .call(
+                RpcBody::InstallSnapshot {
+                    group: self.group,
+                    req: rpc,
+                },
+                RPCTypes::InstallSnapshot,
+                &option,
+            )
             .await?
         {
             RpcResponse::InstallSnapshot(r) => {
@@ -151,7 +164,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>> {
-        match self.call(RpcBody::Vote(rpc), RPCTypes::Vote, &option).await? {
+        let body = RpcBody::Vote {
+            group: self.group,
+            req: rpc,
+        };
+        match self.call(body, RPCTypes::Vote, &option).await? {
             RpcResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             other => Err(self.unexpected(&other)),
         }

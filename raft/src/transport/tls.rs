@@ -1,39 +1,63 @@
 //! TLS material for node-to-node traffic: a cluster certificate authority and node certificates
-//! it signs, used for *mutual* TLS — a node accepts Raft traffic only from peers holding a
+//! it signs, used for *mutual* TLS — a node accepts traffic only from peers holding a
 //! certificate of the same cluster CA.
 //!
-//! Every node certificate names [`NODE_SERVER_NAME`]; peers verify that name rather than a host
-//! name, because nodes are addressed by IP and move between hosts. What identifies a node to Raft
-//! is its node id, carried in the membership; what the certificate proves is "a node of this
-//! cluster".
+//! # Identity
+//!
+//! A node certificate is bound to one node id: besides [`NODE_SERVER_NAME`] (which every node of
+//! the cluster carries, so a node can be reached before its id is known, e.g. as a join seed) it
+//! names [`node_name`]`(id)`. Every request a peer sends names the node it comes from, and the
+//! receiver checks that the connection's certificate is valid for that node's name
+//! ([`cert_is_for_node`]); a caller that knows whom it dials checks the server's certificate the
+//! same way. So a node holding node 2's key can act as node 2 and nothing else: it cannot vote,
+//! lead or send peer messages as node 3.
+//!
+//! The CA's key signs node certificates and nothing else; it stays with the operator (see
+//! `docs/operations.md`), never on the nodes.
 
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 use crate::error::TransportError;
+use crate::NodeId;
 
-/// The TLS server name every node certificate carries and every peer verifies.
+/// The TLS server name every node certificate carries.
 pub const NODE_SERVER_NAME: &str = "nearby-node";
 
-/// ALPN protocol of the node-to-node Raft transport.
-pub const RAFT_ALPN: &[u8] = b"nearby-raft/1";
+/// ALPN protocol of the node-to-node transport.
+pub const RAFT_ALPN: &[u8] = b"nearby-raft/2";
+
+/// The DNS name a certificate of node `id` carries (and no other node's does).
+pub fn node_name(id: NodeId) -> String {
+    format!("n{id}.node.nearby")
+}
 
 fn tls_err(e: impl std::fmt::Display) -> TransportError {
     TransportError::Tls(e.to_string())
 }
 
+/// Whether the DER certificate `cert` names node `id` (see the module doc). It does not check
+/// the chain: that is the TLS handshake's job, already done for a connection's certificate.
+pub fn cert_is_for_node(cert: &CertificateDer<'_>, id: NodeId) -> bool {
+    let Ok(name) = ServerName::try_from(node_name(id)) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert).is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+}
+
 /// A cluster's certificate authority: signs node certificates.
 pub struct ClusterCa {
-    params: CertificateParams,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
     cert_der: CertificateDer<'static>,
     cert_pem: String,
+    key_pem: String,
 }
 
 impl ClusterCa {
-    /// Generates a new CA (for a dev cluster or tests; production loads one from files).
+    /// Generates a new CA named `cluster_name`.
     pub fn generate(cluster_name: &str) -> Result<Self, TransportError> {
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
         params
@@ -41,52 +65,160 @@ impl ClusterCa {
             .push(DnType::CommonName, format!("nearby cluster CA {cluster_name}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        // Node certificates outlive any one deploy; the operator rotates the CA deliberately.
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
         let key = KeyPair::generate().map_err(tls_err)?;
         let cert = params.self_signed(&key).map_err(tls_err)?;
+        let key_pem = key.serialize_pem();
         Ok(ClusterCa {
-            params,
-            key,
+            issuer: Issuer::new(params, key),
             cert_der: cert.der().clone(),
             cert_pem: cert.pem(),
+            key_pem,
         })
     }
 
-    /// The CA certificate (DER), the trust root of the cluster.
-    pub fn cert_der(&self) -> &CertificateDer<'static> {
-        &self.cert_der
+    /// Loads a CA from its certificate and key (PEM), as [`ClusterCa::cert_pem`] and
+    /// [`ClusterCa::key_pem`] wrote them.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TransportError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| tls_err(format!("CA key: {e}")))?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| tls_err(format!("CA certificate: {e}")))?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| tls_err(format!("CA certificate: {e}")))?;
+        Ok(ClusterCa {
+            issuer,
+            cert_der,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+        })
     }
 
-    /// The CA certificate (PEM), for clients and tools that trust the cluster.
+    /// The CA certificate (PEM): the trust root every node of the cluster is given.
     pub fn cert_pem(&self) -> String {
         self.cert_pem.clone()
     }
 
-    /// Issues the TLS identity of one node.
-    pub fn issue_node(&self) -> Result<NodeTls, TransportError> {
-        let mut params = CertificateParams::new(vec![NODE_SERVER_NAME.to_string()]).map_err(tls_err)?;
+    /// The CA's private key (PEM). Keep it with the operator, never on a node.
+    pub fn key_pem(&self) -> String {
+        self.key_pem.clone()
+    }
+
+    /// Issues the TLS identity of node `id`.
+    pub fn issue_node(&self, id: NodeId) -> Result<NodeTls, TransportError> {
+        let mut params =
+            CertificateParams::new(vec![NODE_SERVER_NAME.to_string(), node_name(id)]).map_err(tls_err)?;
         params
             .distinguished_name
-            .push(DnType::CommonName, NODE_SERVER_NAME);
+            .push(DnType::CommonName, format!("nearby node {id}"));
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
         let key = KeyPair::generate().map_err(tls_err)?;
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).map_err(tls_err)?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(tls_err)?;
         Ok(NodeTls {
+            node: id,
             ca: self.cert_der.clone(),
+            ca_pem: self.cert_pem.clone(),
             cert: cert.der().clone(),
+            cert_pem: cert.pem(),
             key: key.serialize_der(),
+            key_pem: key.serialize_pem(),
         })
     }
 }
 
-/// One node's TLS identity: the cluster CA it trusts, its certificate and key.
+/// One node's TLS identity: its id, the cluster CA it trusts, its certificate and key.
 #[derive(Clone)]
 pub struct NodeTls {
+    node: NodeId,
     ca: CertificateDer<'static>,
+    ca_pem: String,
     cert: CertificateDer<'static>,
+    cert_pem: String,
     key: Vec<u8>,
+    key_pem: String,
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NodeTls {
+    /// Loads node `id`'s identity from PEM text: the cluster CA's certificate, the node's
+    /// certificate and its key. Refuses a certificate that is not node `id`'s or not signed by
+    /// the CA.
+    pub fn from_pem(id: NodeId, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TransportError> {
+        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|e| tls_err(format!("cluster CA certificate: {e}")))?;
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| tls_err(format!("node certificate: {e}")))?;
+        let key = match PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| tls_err(format!("node key: {e}")))?
+        {
+            PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+            _ => {
+                return Err(tls_err(
+                    "node key: expected a PKCS#8 key (as `nearby-node ca issue` writes)",
+                ))
+            }
+        };
+        if !cert_is_for_node(&cert, id) {
+            return Err(tls_err(format!(
+                "the node certificate is not node {id}'s (it does not name {})",
+                node_name(id)
+            )));
+        }
+        let tls = NodeTls {
+            node: id,
+            ca,
+            ca_pem: ca_pem.to_string(),
+            cert,
+            cert_pem: cert_pem.to_string(),
+            key,
+            key_pem: key_pem.to_string(),
+        };
+        // Building the server configuration checks that the key matches the certificate.
+        tls.server_config()?;
+        let roots = Arc::new(tls.roots()?);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots,
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(tls_err)?;
+        verifier
+            .verify_client_cert(&tls.cert, &[], rustls::pki_types::UnixTime::now())
+            .map_err(|e| {
+                tls_err(format!(
+                    "the node certificate is not signed by the cluster CA: {e}"
+                ))
+            })?;
+        Ok(tls)
+    }
+
+    /// The node this identity belongs to.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// The cluster CA's certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The node's certificate (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The node's private key (PEM). Write it with mode 0600.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
     fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()))
     }
@@ -147,4 +279,33 @@ fn transport_config() -> quinn::TransportConfig {
     // Many groups' RPCs share one connection, each on its own stream.
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_certificate_names_its_node_and_no_other() {
+        let ca = ClusterCa::generate("t").expect("ca");
+        let n2 = ca.issue_node(2).expect("issue");
+        assert!(cert_is_for_node(&n2.cert, 2));
+        assert!(!cert_is_for_node(&n2.cert, 3));
+        assert!(!cert_is_for_node(&n2.cert, 22));
+    }
+
+    #[test]
+    fn identities_round_trip_through_pem_and_refuse_the_wrong_node_or_ca() {
+        let ca = ClusterCa::generate("t").expect("ca");
+        let again = ClusterCa::from_pem(&ca.cert_pem(), &ca.key_pem()).expect("reload ca");
+        // A certificate issued by the reloaded CA is trusted by the original's roots.
+        let n4 = again.issue_node(4).expect("issue");
+        let loaded = NodeTls::from_pem(4, &ca.cert_pem(), n4.cert_pem(), n4.key_pem()).expect("load");
+        assert_eq!(loaded.node_id(), 4);
+        let wrong_node = NodeTls::from_pem(5, &ca.cert_pem(), n4.cert_pem(), n4.key_pem());
+        assert!(wrong_node.is_err_and(|e| e.to_string().contains("not node 5")));
+        let other = ClusterCa::generate("other").expect("ca");
+        let wrong_ca = NodeTls::from_pem(4, &other.cert_pem(), n4.cert_pem(), n4.key_pem());
+        assert!(wrong_ca.is_err_and(|e| e.to_string().contains("not signed by the cluster CA")));
+    }
 }

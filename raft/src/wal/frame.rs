@@ -1,6 +1,6 @@
 //! The WAL's on-disk framing: segment headers and checksummed records, parsed from byte slices.
 //!
-//! A segment file is a 16-byte header — the magic `NRBYWAL1` and the segment's id (u64 LE) —
+//! A segment file is a 16-byte header — the magic `NRBYWAL2` and the segment's id (u64 LE) —
 //! followed by records. A record is a 12-byte header and a payload:
 //!
 //! ```text
@@ -14,8 +14,12 @@
 //!
 //! This module only looks at bytes: it never touches a file (see [`super::Wal`] for that).
 
-/// The magic at the start of every segment file.
-pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"NRBYWAL1";
+/// The magic at the start of every segment file. Format 2: entries carry a [`crate::Payload`]
+/// (shard or meta) and members carry a [`crate::NodeInfo`].
+pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"NRBYWAL2";
+
+/// The magic of format 1, recognised only to say why it cannot be read.
+pub(crate) const OLD_SEGMENT_MAGIC: &[u8; 8] = b"NRBYWAL1";
 
 /// Bytes of the segment header: magic and segment id.
 pub(crate) const SEGMENT_HEADER_LEN: usize = 16;

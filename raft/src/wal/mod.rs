@@ -664,6 +664,14 @@ fn replay_segment(
             report.torn_tail_bytes += file_len;
             return create_segment(dir, id, groups);
         }
+        None if buf.starts_with(frame::OLD_SEGMENT_MAGIC) => {
+            return Err(WalError::corruption(
+                path,
+                0,
+                "written by an older nearby (log format 1, single-kind groups); this version reads \
+                 format 2: move the data directory aside and let the node rejoin its cluster",
+            ))
+        }
         None => return Err(WalError::corruption(path, 0, "bad segment header")),
     }
     let mut max_index = HashMap::new();

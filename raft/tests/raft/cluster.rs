@@ -23,7 +23,7 @@ async fn propose(c: &Cluster, group: u64, cmd: Command) -> CommandResult {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let leader = c.leader(group).await;
-        let g = c.host(leader).group(group).expect("group");
+        let g = c.host(leader).shard(group).expect("group");
         match g.propose(cmd.clone()).await {
             Ok(r) => return r,
             Err(e @ (ProposeError::NotLeader { .. } | ProposeError::Unavailable { .. }))
@@ -65,7 +65,7 @@ async fn leader_failover_loses_no_committed_write_and_old_leader_catches_up() {
 
     // Every acknowledged write is there on the new leader (read linearizably: a new leader
     // applies the entries it inherited only after committing one of its own).
-    let g = c.host(new).group(7).expect("group");
+    let g = c.host(new).shard(7).expect("group");
     g.read_linearizable(|s| {
         for u in 1..=20u64 {
             let r = s.user(u).unwrap_or_else(|| panic!("user {u} lost"));
@@ -83,7 +83,7 @@ async fn leader_failover_loses_no_committed_write_and_old_leader_catches_up() {
 
     // The old leader restarts from its files and catches up.
     c.restart(old).await;
-    let back = c.host(old).open_group(7, range()).await.expect("reopen");
+    let back = c.host(old).open_shard(7, range()).await.expect("reopen");
     let target = g.last_applied().expect("applied").index;
     wait_until(
         "the restarted replica catches up",
@@ -130,8 +130,8 @@ async fn a_replica_far_behind_catches_up_by_snapshot() {
     assert!(lh.wal().segment_count() < 20, "old segments were not deleted");
 
     c.restart(behind).await;
-    let g = c.host(behind).open_group(3, range()).await.expect("reopen");
-    let lg = c.host(leader).group(3).expect("leader group");
+    let g = c.host(behind).open_shard(3, range()).await.expect("reopen");
+    let lg = c.host(leader).shard(3).expect("leader group");
     let target = lg.last_applied().expect("applied").index;
     wait_until("the lagging replica catches up", Duration::from_secs(20), || {
         let ok = g.last_applied().is_some_and(|l| l.index >= target);
@@ -163,7 +163,7 @@ async fn sixteen_groups_share_a_node_without_blocking_each_other() {
     let mut tasks = tokio::task::JoinSet::new();
     for &g in &groups {
         let leader = c.leader(g).await;
-        let handle = c.host(leader).group(g).expect("group");
+        let handle = c.host(leader).shard(g).expect("group");
         tasks.spawn(async move {
             for u in 0..10 {
                 let user = g * 1_000_000 + u;
@@ -176,7 +176,7 @@ async fn sixteen_groups_share_a_node_without_blocking_each_other() {
     }
     for &g in &groups {
         for i in 0..3 {
-            let h = c.host(i).group(g).expect("group");
+            let h = c.host(i).shard(g).expect("group");
             let target = g * 1_000_000 + 9;
             wait_until("replicas apply", Duration::from_secs(10), || {
                 let ok = h.read(|s| s.user(target).is_some());
@@ -191,13 +191,13 @@ async fn sixteen_groups_share_a_node_without_blocking_each_other() {
     for i in (0..3).filter(|&i| i != stalled_leader) {
         c.host(i).close_group(1).await;
     }
-    let stalled = c.host(stalled_leader).group(1).expect("group 1");
+    let stalled = c.host(stalled_leader).shard(1).expect("group 1");
     let stuck = tokio::spawn(async move { stalled.propose(register(1_000_500)).await });
 
     // ... while the other 15 groups, on the same WAL and connections, keep committing.
     for &g in &groups[1..] {
         let leader = c.leader(g).await;
-        let handle = c.host(leader).group(g).expect("group");
+        let handle = c.host(leader).shard(g).expect("group");
         tokio::time::timeout(
             Duration::from_secs(5),
             handle.propose(register(g * 1_000_000 + 100)),
@@ -217,7 +217,7 @@ async fn invalid_commands_are_rejected_before_the_log() {
     let r = UserRange::new(100, 200).expect("range");
     c.create_group(1, r, 0).await;
     c.leader(1).await;
-    let g = c.host(0).group(1).expect("group");
+    let g = c.host(0).shard(1).expect("group");
     g.propose(register(150)).await.expect("register");
     let before = g.raft().metrics().borrow().last_log_index;
 

@@ -2,7 +2,8 @@
 
 use nearby_index::friends::UserRange;
 use nearby_index::geo::Millis;
-use nearby_raft::state::GroupState;
+use nearby_raft::shard::command::pair_owner;
+use nearby_raft::GroupState;
 use nearby_raft::{Command, CommandError, CommandResult};
 use proptest::prelude::*;
 
@@ -43,8 +44,8 @@ proptest! {
     fn applying_the_same_log_twice_gives_equal_state(log in proptest::collection::vec(command(), 0..120)) {
         let mut a = GroupState::new(group_range());
         let mut b = GroupState::new(group_range());
-        let ra: Vec<CommandResult> = log.iter().map(|c| a.apply(c)).collect();
-        let rb: Vec<CommandResult> = log.iter().map(|c| b.apply(c)).collect();
+        let ra: Vec<CommandResult> = log.iter().enumerate().map(|(i, c)| a.apply(c, i as u64 + 1)).collect();
+        let rb: Vec<CommandResult> = log.iter().enumerate().map(|(i, c)| b.apply(c, i as u64 + 1)).collect();
         prop_assert_eq!(&ra, &rb);
         prop_assert_eq!(&a, &b);
         let bytes = nearby_index::codec::encode(&a).expect("encode");
@@ -56,12 +57,12 @@ proptest! {
     #[test]
     fn rejected_commands_change_nothing(log in proptest::collection::vec(command(), 0..80), extra in command()) {
         let mut s = GroupState::new(group_range());
-        for c in &log {
-            s.apply(c);
+        for (i, c) in log.iter().enumerate() {
+            s.apply(c, i as u64 + 1);
         }
         if extra.validate(&s).is_err() {
             let before = s.clone();
-            let r = s.apply(&extra);
+            let r = s.apply(&extra, 10_000);
             prop_assert!(matches!(r, CommandResult::Rejected(_)));
             prop_assert_eq!(before, s);
         }
@@ -71,8 +72,8 @@ proptest! {
     #[test]
     fn friendships_stay_symmetric(log in proptest::collection::vec(command(), 0..150)) {
         let mut s = GroupState::new(group_range());
-        for c in &log {
-            s.apply(c);
+        for (i, c) in log.iter().enumerate() {
+            s.apply(c, i as u64 + 1);
         }
         for (id, r) in s.users() {
             prop_assert!(!r.friends.contains(id));
@@ -85,13 +86,108 @@ proptest! {
     }
 }
 
+/// Two groups — users 1..=12 and 13..=16 — as the node runs them: a relation command goes to the
+/// group of the pair's owner, any other command to the acting user's group; intents are
+/// delivered to the other group in order, some of them twice (a retry after a lost answer) and
+/// some only later.
+struct TwoGroups {
+    groups: [GroupState; 2],
+    index: [u64; 2],
+}
+
+impl TwoGroups {
+    fn new() -> Self {
+        TwoGroups {
+            groups: [
+                GroupState::new(group_range()),
+                GroupState::new(UserRange::new(13, 17).expect("range")),
+            ],
+            index: [0, 0],
+        }
+    }
+
+    fn of(user: u64) -> usize {
+        usize::from(user >= 13)
+    }
+
+    fn apply(&mut self, g: usize, cmd: &Command) -> CommandResult {
+        self.index[g] += 1;
+        self.groups[g].apply(cmd, self.index[g])
+    }
+
+    /// Delivers the first pending intent of group `g`, `times` times.
+    fn deliver_one(&mut self, g: usize, times: usize) {
+        let Some((seq, mirror)) = self.groups[g].outbox().next().map(|(s, m)| (s, *m)) else {
+            return;
+        };
+        let deliver = Command::Deliver {
+            source: g as u64 + 1,
+            seq,
+            mirror,
+        };
+        for _ in 0..times {
+            let r = self.apply(1 - g, &deliver);
+            assert!(
+                !matches!(r, CommandResult::Rejected(_)),
+                "{deliver} rejected: {r}"
+            );
+        }
+        self.apply(g, &Command::Delivered { seq });
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// However deliveries interleave with new commands, and however often one is repeated, once
+    /// every outbox is empty the two groups agree on every cross-group relation.
+    #[test]
+    fn intents_make_cross_group_relations_symmetric(
+        log in proptest::collection::vec((command(), 0usize..3, 1usize..3), 0..150),
+    ) {
+        let mut w = TwoGroups::new();
+        for u in 1..=16 {
+            w.apply(TwoGroups::of(u), &Command::RegisterUser { user: u, name: format!("u{u}") });
+        }
+        for (cmd, deliveries, times) in &log {
+            let target = match cmd.users() {
+                (a, Some(b)) if cmd.is_two_sided() => pair_owner(a, b),
+                (a, _) => a,
+            };
+            w.apply(TwoGroups::of(target), cmd);
+            for _ in 0..*deliveries {
+                w.deliver_one(0, *times);
+                w.deliver_one(1, *times);
+            }
+        }
+        while w.groups.iter().any(|g| g.outbox().next().is_some()) {
+            w.deliver_one(0, 1);
+            w.deliver_one(1, 1);
+        }
+        let record = |u: u64| w.groups[TwoGroups::of(u)].user(u).expect("registered").clone();
+        for a in 1..=12 {
+            for b in 13..=16 {
+                let (ra, rb) = (record(a), record(b));
+                prop_assert_eq!(ra.friends.contains(b), rb.friends.contains(a), "friends {} {}", a, b);
+                prop_assert_eq!(ra.requests_out.contains(b), rb.requests_in.contains(a), "request {} -> {}", a, b);
+                prop_assert_eq!(ra.requests_in.contains(b), rb.requests_out.contains(a), "request {} <- {}", a, b);
+                prop_assert_eq!(ra.followers.contains(b), rb.following.contains(a), "follow {} -> {}", a, b);
+                prop_assert_eq!(ra.following.contains(b), rb.followers.contains(a), "follow {} <- {}", a, b);
+            }
+        }
+    }
+}
+
 #[test]
 fn validation_names_the_problem() {
     let mut s = GroupState::new(group_range());
-    s.apply(&Command::RegisterUser {
-        user: 1,
-        name: "ann".into(),
-    });
+    s.apply(
+        &Command::RegisterUser {
+            user: 1,
+            name: "ann".into(),
+        },
+        1,
+    );
     assert_eq!(
         Command::AddFriend { from: 1, to: 1 }.validate(&s),
         Err(CommandError::SelfRelation { user: 1 })
@@ -115,44 +211,50 @@ fn validation_names_the_problem() {
 fn mutual_requests_form_a_friendship_and_visibility_follows_settings() {
     let mut s = GroupState::new(group_range());
     for u in [1, 2, 3] {
-        s.apply(&Command::RegisterUser {
-            user: u,
-            name: format!("u{u}"),
-        });
+        s.apply(
+            &Command::RegisterUser {
+                user: u,
+                name: format!("u{u}"),
+            },
+            1,
+        );
     }
     assert_eq!(
-        s.apply(&Command::AddFriend { from: 1, to: 2 }),
+        s.apply(&Command::AddFriend { from: 1, to: 2 }, 1),
         CommandResult::FriendRequestSent
     );
     assert!(!s.user(2).expect("2").may_see_me(1, Millis(0)));
     assert_eq!(
-        s.apply(&Command::AddFriend { from: 2, to: 1 }),
+        s.apply(&Command::AddFriend { from: 2, to: 1 }, 1),
         CommandResult::FriendshipFormed
     );
     let now = Millis(1_000);
     assert!(s.user(1).expect("1").may_see_me(2, now));
     assert!(!s.user(1).expect("1").may_see_me(3, now), "a stranger sees");
-    s.apply(&Command::Hide { user: 1, from: 2 });
+    s.apply(&Command::Hide { user: 1, from: 2 }, 1);
     assert!(!s.user(1).expect("1").may_see_me(2, now));
-    s.apply(&Command::Unhide { user: 1, from: 2 });
-    s.apply(&Command::SetGhost {
-        user: 1,
-        until: Some(Millis(2_000)),
-    });
+    s.apply(&Command::Unhide { user: 1, from: 2 }, 1);
+    s.apply(
+        &Command::SetGhost {
+            user: 1,
+            until: Some(Millis(2_000)),
+        },
+        1,
+    );
     assert!(!s.user(1).expect("1").may_see_me(2, now));
     assert!(
         s.user(1).expect("1").may_see_me(2, Millis(2_000)),
         "ghost mode did not end"
     );
-    s.apply(&Command::SetSharing { user: 1, on: false });
+    s.apply(&Command::SetSharing { user: 1, on: false }, 1);
     assert!(!s.user(1).expect("1").may_see_me(2, Millis(5_000)));
-    s.apply(&Command::SetSharing { user: 1, on: true });
-    s.apply(&Command::SetGhost { user: 1, until: None });
-    s.apply(&Command::GrantFollow { user: 1, follower: 3 });
+    s.apply(&Command::SetSharing { user: 1, on: true }, 1);
+    s.apply(&Command::SetGhost { user: 1, until: None }, 1);
+    s.apply(&Command::GrantFollow { user: 1, follower: 3 }, 1);
     assert!(s.user(1).expect("1").may_see_me(3, now));
     assert!(s.user(3).expect("3").following.contains(1));
     assert_eq!(
-        s.apply(&Command::RemoveFriend { user: 2, friend: 1 }),
+        s.apply(&Command::RemoveFriend { user: 2, friend: 1 }, 1),
         CommandResult::FriendRemoved
     );
     assert!(!s.user(1).expect("1").may_see_me(2, now));

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use nearby_index::friends::UserRange;
-use nearby_raft::state::GroupState;
 use nearby_raft::store::{LogStore, StateMachine};
 use nearby_raft::wal::{Wal, WalOptions};
+use nearby_raft::GroupState;
 use nearby_raft::{StorageError, TypeConfig};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{AnyError, StorageIOError};
@@ -15,8 +15,8 @@ struct Builder {
     segment_bytes: u64,
 }
 
-impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
-    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), StorageError> {
+impl StoreBuilder<TypeConfig, LogStore, StateMachine<GroupState>, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine<GroupState>), StorageError> {
         let io = |e: &dyn std::error::Error| StorageError::from(StorageIOError::write(AnyError::error(e)));
         let dir = TempDir::new().map_err(|e| io(&e))?;
         let (wal, _) = Wal::open(

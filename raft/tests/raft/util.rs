@@ -79,7 +79,7 @@ impl Cluster {
     }
 
     fn config(&self, i: usize, listen: SocketAddr) -> HostConfig {
-        let tls = self.ca.issue_node().expect("node cert");
+        let tls = self.ca.issue_node(i as u64 + 1).expect("node cert");
         let mut cfg = HostConfig::new(i as u64 + 1, self.dirs[i].path(), listen, tls);
         cfg.raft = self.raft.clone();
         cfg.wal = self.wal.clone();
@@ -108,7 +108,12 @@ impl Cluster {
     /// Members map of the given host indexes.
     pub(crate) fn members(&self, idx: &[usize]) -> BTreeMap<u64, nearby_raft::Node> {
         idx.iter()
-            .map(|&i| (i as u64 + 1, nearby_raft::Node::new(self.addrs[i].to_string())))
+            .map(|&i| {
+                (
+                    i as u64 + 1,
+                    nearby_raft::NodeInfo::new(self.addrs[i].to_string(), "", ""),
+                )
+            })
             .collect()
     }
 
@@ -123,7 +128,7 @@ impl Cluster {
         let all: Vec<usize> = (0..self.hosts.len()).collect();
         let mut handles = Vec::new();
         for i in &all {
-            handles.push(self.host(*i).open_group(group, range).await.expect("open group"));
+            handles.push(self.host(*i).open_shard(group, range).await.expect("open group"));
         }
         handles[init]
             .initialize(self.members(&all))
@@ -151,7 +156,7 @@ impl Cluster {
         let mut found = None;
         wait_until("a leader is elected", Duration::from_secs(15), || {
             found = self.hosts.iter().enumerate().find_map(|(i, h)| {
-                let g = h.as_ref()?.group(group)?;
+                let g = h.as_ref()?.shard(group)?;
                 let m = g.raft().metrics().borrow().clone();
                 (m.current_leader == Some(m.id) && m.state.is_leader()).then_some(i)
             });

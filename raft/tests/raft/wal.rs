@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use nearby_raft::store::LogStore;
 use nearby_raft::wal::{record_offsets, segment_files, Wal, WalOptions};
-use nearby_raft::{Command, Entry, LogId, WalError};
+use nearby_raft::{Command, Entry, LogId, Payload, WalError};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
 use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
 use tempfile::TempDir;
@@ -16,10 +16,10 @@ use tempfile::TempDir;
 fn entry(index: u64) -> Entry {
     Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-        payload: EntryPayload::Normal(Command::RegisterUser {
+        payload: EntryPayload::Normal(Payload::Shard(Command::RegisterUser {
             user: index,
             name: format!("user {index} with a name long enough to fill segments"),
-        }),
+        })),
     }
 }
 
@@ -177,7 +177,7 @@ async fn a_second_host_on_the_same_directory_is_refused() {
             1,
             dir.path(),
             "127.0.0.1:0".parse().expect("addr"),
-            ca.issue_node().expect("tls"),
+            ca.issue_node(1).expect("tls"),
         )
     };
     let first = nearby_raft::RaftHost::start(cfg(&ca)).await.expect("first");

@@ -31,9 +31,10 @@ use nearby_client::proto::{self, Coord, ErrorCode, Event, FriendList, NearbyPage
 use nearby_client::LocationAck;
 use nearby_index::geo::{LatLng, Millis, UserId};
 use nearby_index::ttl::LatestLocation;
-use nearby_node::backend::{Backend, Limits};
+use nearby_node::api::{page_request, wire_page, ServiceConfig, ServiceError, SessionSink};
+use nearby_node::api::{Admission, Backend, Limits};
 use nearby_node::clock::{Clock, SystemClock};
-use nearby_node::core::{page_request, wire_page, ServiceConfig, ServiceError, SessionSink};
+use nearby_node::queue::CloseReason;
 use nearby_node::queue::EventQueue;
 use nearby_raft::{Command, CommandResult};
 use redis::aio::MultiplexedConnection;
@@ -289,7 +290,8 @@ impl Deliver for Inner {
         );
         for slot in self.slots() {
             for s in &lock(&slot.state).sessions {
-                s.events.close("redis pub/sub connection lost");
+                s.events
+                    .close(CloseReason::Failed("redis pub/sub connection lost".into()));
             }
         }
     }
@@ -915,7 +917,7 @@ fn changed(did: bool) -> CommandResult {
 
 /// The display-name rule of nearby's store: 1–64 characters, not blank, no control characters.
 fn check_name(name: &str) -> Result<(), ServiceError> {
-    let max = nearby_raft::command::MAX_NAME_CHARS;
+    let max = nearby_raft::shard::command::MAX_NAME_CHARS;
     if name.trim().is_empty() {
         return Err(invalid("invalid display name: empty"));
     }
@@ -955,8 +957,10 @@ impl Backend for RedisBackend {
         self.inner.commit(cmd).await.map(drop)
     }
 
-    async fn open_session(&self, user: UserId) -> Result<SessionSink, ServiceError> {
-        self.inner.open(user).await
+    async fn open_session(&self, user: UserId) -> Result<Admission, ServiceError> {
+        // One server: every user is served here, registered on first sight.
+        Backend::ensure_registered(self, user).await?;
+        self.inner.open(user).await.map(Admission::Open)
     }
 
     async fn close_session(&self, user: UserId, sink: SessionSink) {
@@ -1016,10 +1020,10 @@ impl Backend for RedisBackend {
         self.inner.tick()
     }
 
-    fn close_all(&self, reason: &'static str) {
+    fn close_all(&self, reason: CloseReason) {
         for slot in self.inner.slots() {
             for s in &lock(&slot.state).sessions {
-                s.events.close(reason);
+                s.events.close(reason.clone());
             }
         }
     }

@@ -75,6 +75,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         shed: !cli.no_shed,
     };
     rt.block_on(async {
+        // Installed before "ready" is announced: a stop right after it is handled cleanly.
+        let stop = nearby_node::shutdown::signal();
         let server = Server::start(opts)
             .await
             .context("nearby-baseline cannot start")?;
@@ -83,7 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             home = %cli.home.display(),
             "nearby-baseline is ready"
         );
-        server.run(nearby_node::shutdown::signal()).await;
+        server.run(stop).await;
         anyhow::Ok(())
     })
 }

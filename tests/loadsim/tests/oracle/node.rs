@@ -3,9 +3,10 @@
 use std::sync::Arc;
 
 use nearby_loadsim::{World, WorldConfig};
+use nearby_node::api::ServiceConfig;
 use nearby_node::auth::TokenSigner;
 use nearby_node::clock::SystemClock;
-use nearby_node::core::ServiceConfig;
+use nearby_node::cluster::Bootstrap;
 use nearby_node::node::{Node, NodeOptions};
 use nearby_node::service::tls::ServerTls;
 use nearby_raft::transport::ClusterCa;
@@ -32,29 +33,25 @@ async fn the_real_node_leaks_nothing_and_misses_nothing() {
     let tls = ServerTls::self_signed().expect("tls");
     let ca_pem = tls.chain_pem.clone();
     let signer = Arc::new(TokenSigner::generate().expect("key"));
-    let node = Node::start(NodeOptions {
-        node_id: 1,
-        data: dir.path().to_path_buf(),
-        client_listen: "127.0.0.1:0".parse().expect("addr"),
-        raft_listen: "127.0.0.1:0".parse().expect("addr"),
-        groups: 4,
-        server_tls: tls,
-        node_tls: ClusterCa::generate("t")
+    let mut opts = NodeOptions::new(
+        1,
+        dir.path().to_path_buf(),
+        Bootstrap::Init { groups: 4 },
+        tls,
+        ClusterCa::generate("t")
             .expect("ca")
-            .issue_node()
+            .issue_node(1)
             .expect("node tls"),
-        verifier: signer.verifier(),
-        dev_signer: Some(signer),
-        // The oracle is under test here, not load shedding.
-        service: ServiceConfig {
-            shed: None,
-            ..ServiceConfig::default()
-        },
-        clock: Arc::new(SystemClock),
-        transport: Default::default(),
-    })
-    .await
-    .expect("node starts");
+        signer.verifier(),
+        Arc::new(SystemClock),
+    );
+    opts.dev_signer = Some(signer);
+    // The oracle is under test here, not load shedding.
+    opts.service = ServiceConfig {
+        shed: None,
+        ..ServiceConfig::default()
+    };
+    let node = Node::start(opts).await.expect("node starts");
     node.import(&world.seed()).await.expect("import");
     let addr = node.client_addr().to_string();
     let (stop, stopped) = oneshot::channel::<()>();

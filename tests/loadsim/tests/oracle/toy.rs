@@ -12,9 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use nearby_client::proto::{Coord, ErrorCode, Event, FriendList, FriendPosition, NearbyFriend, NearbyPage};
 use nearby_index::geo::{LatLng, Millis, UserId};
-use nearby_node::backend::{Backend, Limits};
-use nearby_node::core::{LocationAck, ServiceError, SessionSink};
-use nearby_node::queue::EventQueue;
+use nearby_node::api::{Admission, Backend, Limits, LocationAck, ServiceError, SessionSink};
+use nearby_node::queue::{CloseReason, EventQueue};
 use nearby_raft::seed::Seed;
 use nearby_raft::{Command, CommandResult};
 
@@ -232,11 +231,11 @@ impl Backend for Toy {
         Ok(())
     }
 
-    async fn open_session(&self, user: UserId) -> Result<SessionSink, ServiceError> {
+    async fn open_session(&self, user: UserId) -> Result<Admission, ServiceError> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let sink = SessionSink::new(id, Arc::new(EventQueue::new(1024)));
         self.lock().sessions.insert(user, sink.clone());
-        Ok(sink)
+        Ok(Admission::Open(sink))
     }
 
     async fn close_session(&self, user: UserId, sink: SessionSink) {
@@ -300,9 +299,9 @@ impl Backend for Toy {
 
     fn tick(&self) {}
 
-    fn close_all(&self, reason: &'static str) {
+    fn close_all(&self, reason: CloseReason) {
         for sink in self.lock().sessions.values() {
-            sink.events.close(reason);
+            sink.events.close(reason.clone());
         }
     }
 }

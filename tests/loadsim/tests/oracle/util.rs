@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_loadsim::{driver, DriverConfig, Report, Step, Verdict, World, WorldConfig};
+use nearby_node::api::Backend;
 use nearby_node::auth::TokenSigner;
-use nearby_node::backend::Backend;
 use nearby_node::service::tls::ServerTls;
 use nearby_node::service::{Service, ServiceOptions};
 use tokio::sync::oneshot;

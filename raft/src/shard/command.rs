@@ -10,12 +10,13 @@
 //!    to [`CommandResult::Rejected`]; since the check only reads replicated state it is
 //!    deterministic on every replica.
 //!
-//! Relations between two users (friendship, requests, follower grants, hiding) touch two user
-//! records that may live in two different groups. A relation command is therefore written so that
-//! each group applies *its own side* — the side(s) whose user id is in the group's range — and both
-//! sides reach the same decision from their own state. Proposing the same command to both groups
-//! (in the order the node's orchestration chooses) gives both halves; when both users live in the
-//! same group one entry applies both sides atomically.
+//! Relations between two users (friendship, requests, follower grants) touch two user records
+//! that may live in two different groups. Every change of a pair's relation is decided by one
+//! group, the one of the pair's owner ([`pair_owner`]), whoever of the two acts: when both users
+//! live there one entry applies both sides atomically; otherwise the owner's side changes and
+//! the other side's new state is left as a durable intent, delivered to the other group as a
+//! [`Command::Deliver`] (see [`crate::shard::state`]). Hiding from someone is not a relation:
+//! it changes only the hiding user's own record.
 //!
 //! This module never touches I/O and never reads a clock: times (such as a ghost-mode deadline)
 //! are fields of the command, chosen by the proposer.
@@ -26,7 +27,8 @@ use nearby_index::friends::UserRange;
 use nearby_index::geo::{Millis, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::state::GroupState;
+use crate::shard::state::GroupState;
+use crate::GroupId;
 
 /// The longest display name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 64;
@@ -56,6 +58,40 @@ impl ImportBatch {
     /// Whether the batch carries nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The user of a pair whose group decides every relation change between the two: the smaller
+/// id. One decider per pair means concurrent changes by both users (a request from each side, a
+/// removal racing an acceptance) are ordered by one log, so both sides always converge.
+pub fn pair_owner(a: UserId, b: UserId) -> UserId {
+    a.min(b)
+}
+
+/// One user's side of a relation with `other`, as decided by the pair's owner group and sent to
+/// the user's group (see [`Command::Deliver`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mirror {
+    /// The user whose record this sets (in the receiving group).
+    pub user: UserId,
+    /// The other user (in the owner group).
+    pub other: UserId,
+    /// Mutual friends.
+    pub friend: bool,
+    /// `other` asked `user` and is waiting.
+    pub request_in: bool,
+    /// `user` asked `other` and is waiting.
+    pub request_out: bool,
+    /// `other` may see `user` (a one-way grant by `user`).
+    pub follower: bool,
+    /// `user` may see `other` (a one-way grant by `other`).
+    pub following: bool,
+}
+
+impl Mirror {
+    /// Whether the relation lets `other` see `user` (before privacy settings).
+    pub fn other_may_see_user(&self) -> bool {
+        self.friend || self.follower
     }
 }
 
@@ -143,6 +179,25 @@ pub enum Command {
     },
     /// Bulk import (see [`ImportBatch`]).
     Import(ImportBatch),
+    /// The other side of a relation change decided in group `source` (the pair's owner, see
+    /// [`pair_owner`]), which recorded it there as the durable intent numbered `seq` (see
+    /// [`crate::shard::state::GroupState::outbox`]): sets the relation as the owner decided it.
+    /// A `seq` not above the last one applied from `source` changes nothing, so redelivery after
+    /// a retry or a failover is harmless.
+    Deliver {
+        /// The group that holds the intent.
+        source: GroupId,
+        /// The intent's number in `source` (the log index that created it).
+        seq: u64,
+        /// The relation as it now is, from this group's user's side.
+        mirror: Mirror,
+    },
+    /// The source group's record that its intent `seq` has been applied by the destination:
+    /// the intent is forgotten.
+    Delivered {
+        /// The intent's number.
+        seq: u64,
+    },
 }
 
 impl fmt::Display for Command {
@@ -169,6 +224,10 @@ impl fmt::Display for Command {
                 b.friendships.len(),
                 b.follows.len()
             ),
+            Command::Deliver { source, seq, mirror } => {
+                write!(f, "deliver({source}#{seq}: {} x {})", mirror.user, mirror.other)
+            }
+            Command::Delivered { seq } => write!(f, "delivered(#{seq})"),
         }
     }
 }
@@ -205,6 +264,17 @@ pub enum CommandError {
         items: usize,
         /// The limit.
         max: usize,
+    },
+    /// A relation change proposed to the group of the pair's other user: it must go to the
+    /// group of [`pair_owner`], which decides for both.
+    #[error("relations of {user} and {other} are decided by the group of user {owner}")]
+    NotPairOwner {
+        /// The user of this group.
+        user: UserId,
+        /// The other user.
+        other: UserId,
+        /// The pair's owner.
+        owner: UserId,
     },
     /// A display name that is empty, too long, or has control characters.
     #[error("invalid display name: {reason}")]
@@ -270,8 +340,9 @@ impl Command {
             Command::GrantFollow { user, follower } | Command::RevokeFollow { user, follower } => {
                 (user, Some(follower))
             }
+            Command::Deliver { mirror, .. } => (mirror.user, Some(mirror.other)),
             // An import acts for nobody; validation looks at its contents.
-            Command::Import(_) => (0, None),
+            Command::Import(_) | Command::Delivered { .. } => (0, None),
         }
     }
 
@@ -288,6 +359,18 @@ impl Command {
         )
     }
 
+    /// Whether applying the command can end someone's permission to see the acting user: the
+    /// changes whose acknowledgement promises that nothing more about the acting user reaches
+    /// the viewers concerned.
+    pub fn ends_visibility(&self) -> bool {
+        match self {
+            Command::SetSharing { on, .. } => !on,
+            Command::SetGhost { until, .. } => until.is_some(),
+            Command::Hide { .. } | Command::RemoveFriend { .. } | Command::RevokeFollow { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Checks the command against `state`: ids valid, at least one side in the group's range,
     /// every in-range side registered (except for registration itself), names well formed.
     ///
@@ -295,8 +378,10 @@ impl Command {
     /// the state moved on) is rejected deterministically on every replica.
     pub fn validate(&self, state: &GroupState) -> Result<(), CommandError> {
         let range = state.range();
-        if let Command::Import(batch) = self {
-            return validate_import(batch);
+        match self {
+            Command::Import(batch) => return validate_import(batch),
+            Command::Delivered { .. } => return Ok(()),
+            _ => {}
         }
         let (user, other) = self.users();
         if user == 0 || other == Some(0) {
@@ -326,6 +411,17 @@ impl Command {
         }
         if !any_in_range {
             return Err(CommandError::OutOfRange { range });
+        }
+        if let (true, Some(other)) = (self.is_two_sided(), other) {
+            let owner = pair_owner(user, other);
+            if !range.contains(owner) {
+                let mine = if range.contains(user) { user } else { other };
+                return Err(CommandError::NotPairOwner {
+                    user: mine,
+                    other: if mine == user { other } else { user },
+                    owner,
+                });
+            }
         }
         Ok(())
     }

@@ -10,6 +10,20 @@
 //! property tests in `tests/` check it). Who may see a user's location is decided from that
 //! user's *own* record ([`UserRecord::may_see_me`]), so a relation change that has reached one
 //! group but not yet the other can only hide a location, never leak one.
+//!
+//! # Relations across groups: durable intents
+//!
+//! A relation command (friendship, request, follower grant) between users of two groups is
+//! applied by the group of the pair's owner ([`crate::shard::command::pair_owner`]) only, which
+//! decides for both. Applying it there changes the owner's side and records the other side's
+//! new state ([`Mirror`]) as an *intent* in the outbox ([`GroupState::outbox`]), numbered by the
+//! entry's log index — in the same log entry, so the intent is exactly as durable as the first
+//! half. The group's leader then delivers each intent to the other group as a
+//! [`Command::Deliver`], in order, retrying until it is applied, and forgets it with a
+//! [`Command::Delivered`]. The destination remembers the highest intent number it applied from
+//! each source ([`GroupState::delivered_from`]), so a redelivery changes nothing; since one group
+//! decides a pair and its intents arrive in order, the last one delivered is the latest decision,
+//! and both sides converge whatever the two users did concurrently.
 
 use std::collections::BTreeMap;
 
@@ -17,7 +31,8 @@ use nearby_index::friends::{FriendSet, UserRange};
 use nearby_index::geo::{Millis, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandResult, ImportBatch};
+use crate::shard::command::{pair_owner, Command, CommandResult, ImportBatch, Mirror};
+use crate::GroupId;
 
 /// Everything the group stores about one of its users.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -64,6 +79,11 @@ impl UserRecord {
 pub struct GroupState {
     range: UserRange,
     users: BTreeMap<UserId, UserRecord>,
+    /// Relation changes whose other side lives in another group and has not been delivered
+    /// yet, by intent number (the log index of the entry that made them).
+    outbox: BTreeMap<u64, Mirror>,
+    /// The highest intent number applied from each source group.
+    inbox: BTreeMap<GroupId, u64>,
 }
 
 impl GroupState {
@@ -72,7 +92,19 @@ impl GroupState {
         GroupState {
             range,
             users: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            inbox: BTreeMap::new(),
         }
+    }
+
+    /// Intents not yet delivered, in order: `(number, the other side's new state)`.
+    pub fn outbox(&self) -> impl Iterator<Item = (u64, &Mirror)> {
+        self.outbox.iter().map(|(seq, m)| (*seq, m))
+    }
+
+    /// The highest intent number applied from `source`.
+    pub fn delivered_from(&self, source: GroupId) -> u64 {
+        self.inbox.get(&source).copied().unwrap_or(0)
     }
 
     /// The user-id range this group owns.
@@ -100,12 +132,84 @@ impl GroupState {
         self.users.is_empty()
     }
 
-    /// Applies one command. Validates first (see [`Command::validate`]); an invalid command
-    /// changes nothing and returns [`CommandResult::Rejected`].
-    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
+    /// Applies one command, the entry at log index `index`. Validates first (see
+    /// [`Command::validate`]); an invalid command changes nothing and returns
+    /// [`CommandResult::Rejected`]. A relation command with a side outside the range leaves an
+    /// intent numbered `index` in the outbox (see the module doc).
+    pub fn apply(&mut self, cmd: &Command, index: u64) -> CommandResult {
         if let Err(e) = cmd.validate(self) {
             return CommandResult::Rejected(e);
         }
+        match cmd {
+            Command::Deliver { source, seq, mirror } => {
+                if *seq <= self.delivered_from(*source) {
+                    return CommandResult::Unchanged;
+                }
+                self.inbox.insert(*source, *seq);
+                return self.set_mirror(mirror);
+            }
+            Command::Delivered { seq } => {
+                return changed(self.outbox.remove(seq).is_some());
+            }
+            _ => {}
+        }
+        let result = self.apply_sides(cmd);
+        let changed = !matches!(
+            result,
+            CommandResult::Unchanged | CommandResult::AlreadyFriends | CommandResult::Rejected(_)
+        );
+        if let (true, true, (a, Some(b))) = (changed, cmd.is_two_sided(), cmd.users()) {
+            // Validation put the owner here; the other side may be elsewhere.
+            let (owner, other) = if pair_owner(a, b) == a { (a, b) } else { (b, a) };
+            if !self.range.contains(other) {
+                if let Some(m) = self.mirror_of(other, owner) {
+                    self.outbox.insert(index, m);
+                }
+            }
+        }
+        result
+    }
+
+    /// `user`'s side of its relation with `owner` (a user of this group), as `owner`'s record
+    /// implies it.
+    fn mirror_of(&self, user: UserId, owner: UserId) -> Option<Mirror> {
+        let o = self.users.get(&owner)?;
+        Some(Mirror {
+            user,
+            other: owner,
+            friend: o.friends.contains(user),
+            request_in: o.requests_out.contains(user),
+            request_out: o.requests_in.contains(user),
+            follower: o.following.contains(user),
+            following: o.followers.contains(user),
+        })
+    }
+
+    /// Sets a user of this group's side of a relation as its owner group decided it.
+    fn set_mirror(&mut self, m: &Mirror) -> CommandResult {
+        let Some(r) = self.here_mut(m.user) else {
+            return CommandResult::Unchanged;
+        };
+        let mut did = false;
+        let sets = [
+            (&mut r.friends, m.friend),
+            (&mut r.requests_in, m.request_in),
+            (&mut r.requests_out, m.request_out),
+            (&mut r.followers, m.follower),
+            (&mut r.following, m.following),
+        ];
+        for (set, on) in sets {
+            did |= if on {
+                set.insert(m.other)
+            } else {
+                set.remove(m.other)
+            };
+        }
+        changed(did)
+    }
+
+    /// Applies the sides of `cmd` that are in this group's range.
+    fn apply_sides(&mut self, cmd: &Command) -> CommandResult {
         match cmd {
             Command::RegisterUser { user, name } => match self.users.entry(*user) {
                 std::collections::btree_map::Entry::Occupied(_) => CommandResult::AlreadyRegistered,
@@ -139,6 +243,8 @@ impl GroupState {
                 changed(a || b)
             }
             Command::Import(batch) => self.import(batch),
+            // Handled by `apply`; a nested delivery is refused by validation.
+            Command::Deliver { .. } | Command::Delivered { .. } => CommandResult::Unchanged,
         }
     }
 

@@ -1,0 +1,182 @@
+//! Answers peers: the node side of every [`PeerRequest`].
+//!
+//! The transport has already checked that the request comes from the node it names. A request
+//! routed by the map and carrying an older epoch than this node's is answered with this node's
+//! map and nothing else ([`PeerResponse::Stale`]); a request for a group this node does not lead
+//! is answered with the leader it knows ([`PeerResponse::NotLeader`]).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use nearby_raft::transport::{PeerHandler, PeerReply};
+use nearby_raft::{GroupId, NodeId, Payload, ProposeError, META_GROUP};
+
+use super::Cluster;
+use crate::route::peer::{PeerRequest, PeerResponse};
+
+/// The node's handler of peer messages.
+pub struct Inbound {
+    cluster: Weak<Cluster>,
+}
+
+impl Inbound {
+    /// A handler answering for `cluster`.
+    pub fn new(cluster: Weak<Cluster>) -> Self {
+        Inbound { cluster }
+    }
+}
+
+impl PeerHandler for Inbound {
+    fn handle(&self, from: NodeId, message: Vec<u8>) -> PeerReply {
+        let cluster = self.cluster.upgrade();
+        Box::pin(async move {
+            let response = match (cluster, nearby_index::codec::decode::<PeerRequest>(&message)) {
+                (None, _) => PeerResponse::Failed("the node is stopping".into()),
+                (_, Err(e)) => PeerResponse::Failed(format!("undecodable request: {e}")),
+                (Some(c), Ok(req)) => answer(&c, from, req).await,
+            };
+            nearby_index::codec::encode(&response).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot encode a peer answer");
+                Vec::new()
+            })
+        })
+    }
+}
+
+/// `Stale` with this node's map if `epoch` is older than it.
+fn stale(c: &Cluster, epoch: u64) -> Option<PeerResponse> {
+    let view = c.directory().view();
+    (epoch < view.map.epoch).then(|| PeerResponse::Stale(Box::new(view.map.clone())))
+}
+
+fn not_leader(c: &Cluster, group: GroupId) -> PeerResponse {
+    let raft = if group == META_GROUP {
+        c.host().meta().map(|m| m.raft().clone())
+    } else {
+        c.host().shard(group).map(|g| g.raft().clone())
+    };
+    let (leader, term) = match raft {
+        Some(r) => {
+            let m = r.server_metrics().borrow().clone();
+            (m.current_leader, m.vote.leader_id().get_term())
+        }
+        None => (c.directory().leader(group), 0),
+    };
+    PeerResponse::NotLeader { group, leader, term }
+}
+
+async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerResponse {
+    match req {
+        PeerRequest::Deliver { epoch, envelopes } => {
+            if let Some(s) = stale(c, epoch) {
+                return s;
+            }
+            PeerResponse::Delivered {
+                bounced: c.router().deliver_local(envelopes),
+            }
+        }
+        PeerRequest::Propose {
+            epoch,
+            group,
+            payload,
+        } => {
+            if let Some(s) = stale(c, epoch) {
+                return s;
+            }
+            if !c.router().leads(group) {
+                return not_leader(c, group);
+            }
+            match c.router().propose_here(group, payload).await {
+                Ok((index, reply)) => PeerResponse::Proposed { index, reply },
+                Err(ProposeError::Invalid(e)) => PeerResponse::Invalid(e),
+                Err(ProposeError::NotLeader { .. }) => not_leader(c, group),
+                Err(e) => PeerResponse::Failed(e.to_string()),
+            }
+        }
+        PeerRequest::Read { epoch, group, query } => {
+            if let Some(s) = stale(c, epoch) {
+                return s;
+            }
+            if !c.router().leads(group) {
+                return not_leader(c, group);
+            }
+            match c.router().read_here(group, &query).await {
+                Ok(a) => PeerResponse::Read(a),
+                Err(ProposeError::NotLeader { .. }) => not_leader(c, group),
+                Err(e) => PeerResponse::Failed(e.to_string()),
+            }
+        }
+        PeerRequest::WatchMap { since, wait_ms } => {
+            let mut watch = c.directory().watch();
+            let wait = Duration::from_millis(u64::from(wait_ms.min(30_000)));
+            let _ = tokio::time::timeout(wait, async {
+                while watch.borrow_and_update().map.epoch <= since {
+                    if watch.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            PeerResponse::Map(Box::new(c.directory().view().map.clone()))
+        }
+        PeerRequest::Join { info } => {
+            let cmd = nearby_raft::MetaCommand::AddNode { node: from, info };
+            match c.router().propose(META_GROUP, Payload::Meta(cmd)).await {
+                Ok((_, nearby_raft::Reply::Meta(nearby_raft::MetaResult::Rejected(e)))) => {
+                    PeerResponse::Failed(e.to_string())
+                }
+                Ok(_) => {
+                    // Answer with a map that has the new node in it.
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+                    while !c.directory().view().map.nodes.contains_key(&from)
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    tracing::info!(node = from, "node joined");
+                    PeerResponse::Map(Box::new(c.directory().view().map.clone()))
+                }
+                Err(e) => PeerResponse::Failed(e.to_string()),
+            }
+        }
+        PeerRequest::Ping { epoch } => stale(c, epoch).unwrap_or(PeerResponse::Done),
+        PeerRequest::AddReplica { epoch, group, node } => {
+            if let Some(s) = stale(c, epoch) {
+                return s;
+            }
+            if !c.router().leads(group) {
+                return not_leader(c, group);
+            }
+            match c.add_replica_here(group, node).await {
+                Ok(()) => PeerResponse::Done,
+                Err(e) => PeerResponse::Failed(e),
+            }
+        }
+        PeerRequest::RemoveReplica { epoch, group, node } => {
+            if let Some(s) = stale(c, epoch) {
+                return s;
+            }
+            if !c.router().leads(group) {
+                return not_leader(c, group);
+            }
+            match c.remove_replica_here(group, node).await {
+                Ok(()) => PeerResponse::Done,
+                Err(e) => PeerResponse::Failed(e),
+            }
+        }
+        PeerRequest::Campaign { group } => {
+            let raft = if group == META_GROUP {
+                c.host().meta().map(|m| m.raft().clone())
+            } else {
+                c.host().shard(group).map(|g| g.raft().clone())
+            };
+            match raft {
+                Some(r) => match r.trigger().elect().await {
+                    Ok(()) => PeerResponse::Done,
+                    Err(e) => PeerResponse::Failed(e.to_string()),
+                },
+                None => PeerResponse::Failed(format!("no replica of group {group} here")),
+            }
+        }
+    }
+}

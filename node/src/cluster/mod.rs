@@ -1,0 +1,884 @@
+//! This node as a member of the cluster: how it starts (initialises a new cluster, joins one, or
+//! restarts), how it keeps its copy of the map current, which replicas it hosts, which groups it
+//! leads (and so runs drivers for), and — on the meta group's leader — how replicas and leaders
+//! are placed.
+//!
+//! # Tasks
+//!
+//! - **map watcher**: a node with a meta replica reads the map from it on every apply; any
+//!   other node long-polls a meta replica's node ([`PeerRequest::WatchMap`]). Every new map is
+//!   installed in the [`Directory`] and saved to `DATA/cluster/map`.
+//! - **replicas**: on every new map, opens the replicas the map places on this node (a new one
+//!   is filled by its group's leader) — and refuses to go on if its files disagree with the map.
+//! - **leadership**: one watcher per replica follows its Raft state. On becoming leader it
+//!   confirms with a linearizable read (so everything committed before is applied), starts the
+//!   group's driver and reports itself to the map; on losing it, stops the driver and tells the
+//!   group's sessions to move to the new leader.
+//! - **placement** (on the meta leader only): takes the next [`placement::Step`] towards the
+//!   placement the rules ask for, one at a time.
+//! - **liveness**: pings peers not heard from lately; the meta leader marks nodes that stay
+//!   silent down, and up again when they answer.
+//!
+//! # Modules
+//!
+//! - [`identity`]: what the data directory remembers of the cluster.
+//! - [`inbound`]: answers peers' requests.
+//! - [`placement`]: the placement rules, as a pure planner.
+
+pub mod identity;
+pub mod inbound;
+pub mod placement;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nearby_index::friends::UserRange;
+use nearby_raft::host::Manifest;
+use nearby_raft::meta::{initial_ranges, MetaCommand, MetaResult, NodeState};
+use nearby_raft::{ClusterMap, GroupId, NodeId, NodeInfo, RaftHost, Reply, META_GROUP};
+use openraft::ChangeMembers;
+use tokio::task::JoinHandle;
+
+use self::identity::Identity;
+use self::placement::Step;
+use crate::group::driver::{self, DriverContext, DriverTask};
+use crate::group::Drivers;
+use crate::queue::CloseReason;
+use crate::route::directory::Directory;
+use crate::route::peer::{PeerRequest, PeerResponse, Peers};
+use crate::route::router::Router;
+use crate::sessions::Sessions;
+
+/// How long a node may stay silent before the meta leader marks it down.
+pub const DOWN_AFTER: Duration = Duration::from_secs(5);
+
+/// How often peers are pinged when nothing else was heard from them.
+pub const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a new replica may take to catch up before the step is tried again.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+/// Why the node cannot take part in the cluster.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// The data directory belongs elsewhere, or cannot be read.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// The store refused.
+    #[error(transparent)]
+    Host(#[from] nearby_raft::error::HostError),
+    /// The data directory is not part of a cluster and nothing says to make or join one.
+    #[error("{0} is not part of a cluster: initialise a new one with `nearby-node init`, or give the node `join` addresses")]
+    NotInitialised(String),
+    /// `init` on a directory that already belongs to a cluster.
+    #[error("this data directory already belongs to cluster {0}; `init` runs once per cluster")]
+    AlreadyInitialised(String),
+    /// No seed answered a join.
+    #[error("could not join through {seeds:?}: {reason}")]
+    Join {
+        /// The addresses tried.
+        seeds: Vec<String>,
+        /// The last failure.
+        reason: String,
+    },
+    /// The replica's files and the map disagree.
+    #[error("group {group}: {reason}")]
+    Mismatch {
+        /// The group.
+        group: GroupId,
+        /// What disagrees.
+        reason: String,
+    },
+    /// Setting up the cluster failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// How this node comes into its cluster on a fresh data directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Only restart: the data directory must already belong to a cluster.
+    Existing,
+    /// Initialise a new cluster whose user-id space starts cut into this many shard groups.
+    Init {
+        /// Shard groups of the new cluster.
+        groups: u64,
+    },
+    /// Join the cluster one of these nodes (Raft addresses) belongs to.
+    Join(Vec<String>),
+}
+
+/// The node's part in the cluster (see the module doc).
+pub struct Cluster {
+    me: NodeId,
+    info: NodeInfo,
+    host: Arc<RaftHost>,
+    identity: Identity,
+    directory: Arc<Directory>,
+    drivers: Arc<Drivers>,
+    router: Arc<Router>,
+    driver_ctx: DriverContext,
+    running: tokio::sync::Mutex<HashMap<GroupId, DriverTask>>,
+    watched: Mutex<HashSet<GroupId>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    fatal: tokio::sync::watch::Sender<Option<String>>,
+}
+
+/// What [`Cluster::start`] needs.
+pub struct ClusterOptions {
+    /// The started store.
+    pub host: Arc<RaftHost>,
+    /// How peers and clients reach this node.
+    pub info: NodeInfo,
+    /// The node's data directory.
+    pub data: std::path::PathBuf,
+    /// What to do on a fresh data directory.
+    pub bootstrap: Bootstrap,
+    /// The node's sessions.
+    pub sessions: Arc<Sessions>,
+    /// The node's clock.
+    pub clock: Arc<dyn crate::clock::Clock>,
+    /// Client-facing settings (drivers use them).
+    pub service: crate::api::ServiceConfig,
+}
+
+impl Cluster {
+    /// Brings the node into its cluster (see [`Bootstrap`]) and starts its tasks.
+    pub async fn start(opts: ClusterOptions) -> Result<Arc<Cluster>, ClusterError> {
+        let me = opts.host.node_id();
+        let identity = Identity::open(&opts.data, me)?;
+        let cached = identity.map()?.unwrap_or_default();
+        let directory = Arc::new(Directory::new(me, cached));
+        let drivers = Arc::new(Drivers::default());
+        let peers = Peers::new(Arc::clone(opts.host.transport()), Arc::clone(&directory));
+        let router = Router::new(
+            Arc::clone(&opts.host),
+            Arc::clone(&directory),
+            Arc::clone(&drivers),
+            peers,
+        );
+        let driver_ctx = DriverContext {
+            sessions: opts.sessions,
+            router: Arc::clone(&router),
+            clock: opts.clock,
+            config: opts.service,
+        };
+        let cluster = Arc::new(Cluster {
+            me,
+            info: opts.info,
+            host: opts.host,
+            identity,
+            directory,
+            drivers,
+            router,
+            driver_ctx,
+            running: tokio::sync::Mutex::new(HashMap::new()),
+            watched: Mutex::new(HashSet::new()),
+            tasks: Mutex::new(Vec::new()),
+            fatal: tokio::sync::watch::channel(None).0,
+        });
+        cluster
+            .host
+            .transport()
+            .set_peer_handler(Arc::new(inbound::Inbound::new(Arc::downgrade(&cluster))));
+        cluster.reopen_local_replicas().await?;
+        match (cluster.identity.cluster()?, &opts.bootstrap) {
+            (Some(id), Bootstrap::Init { .. }) => return Err(ClusterError::AlreadyInitialised(id)),
+            (Some(id), _) => tracing::info!(cluster = %id, node = me, "restarting as a member"),
+            (None, Bootstrap::Init { groups }) => cluster.init(*groups).await?,
+            (None, Bootstrap::Join(seeds)) => cluster.join(seeds).await?,
+            (None, Bootstrap::Existing) => {
+                return Err(ClusterError::NotInitialised(opts.data.display().to_string()))
+            }
+        }
+        cluster.check_against_map()?;
+        cluster.spawn_tasks();
+        Ok(cluster)
+    }
+
+    /// The node's directory.
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    /// The node's drivers.
+    pub fn drivers(&self) -> &Arc<Drivers> {
+        &self.drivers
+    }
+
+    /// The node's router.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// The node's store.
+    pub fn host(&self) -> &Arc<RaftHost> {
+        &self.host
+    }
+
+    /// Resolves with a reason if the node must stop (its files disagree with the map).
+    pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
+    }
+
+    /// Opens every replica this node has files for, as their manifests say.
+    async fn reopen_local_replicas(&self) -> Result<(), ClusterError> {
+        for (group, manifest) in self.host.local_groups()? {
+            match manifest {
+                Manifest::Meta => {
+                    self.host.open_meta().await?;
+                }
+                Manifest::Shard(range) => {
+                    self.host.open_shard(group, range).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes a new cluster with this node as its only member.
+    async fn init(&self, groups: u64) -> Result<(), ClusterError> {
+        let cluster_id = new_cluster_id();
+        tracing::info!(cluster = %cluster_id, groups, "initialising a new cluster");
+        let meta = self.host.open_meta().await?;
+        let me: BTreeMap<NodeId, NodeInfo> = [(self.me, self.info.clone())].into();
+        meta.initialize(me.clone()).await?;
+        wait_leader(meta.raft(), self.me).await?;
+        let ranges = initial_ranges(groups);
+        let r = meta
+            .propose(MetaCommand::Bootstrap {
+                cluster: cluster_id.clone(),
+                node: self.me,
+                info: self.info.clone(),
+                ranges: ranges.clone(),
+            })
+            .await
+            .map_err(|e| ClusterError::Setup(format!("bootstrapping the map: {e}")))?;
+        if let MetaResult::Rejected(e) = r {
+            return Err(ClusterError::Setup(format!("bootstrapping the map: {e}")));
+        }
+        for (group, range) in ranges {
+            let g = self.host.open_shard(group, range).await?;
+            g.initialize(me.clone()).await?;
+        }
+        self.directory.install(meta.read(Clone::clone));
+        self.identity.set_cluster(&cluster_id)?;
+        self.identity.save_map(&self.directory.view().map)?;
+        Ok(())
+    }
+
+    /// Joins the cluster through one of `seeds`.
+    async fn join(&self, seeds: &[String]) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = String::from("no seed given");
+        let mut attempt = 0u32;
+        while Instant::now() < deadline {
+            for seed in seeds {
+                let addr: SocketAddr =
+                    match tokio::net::lookup_host(seed.as_str()).await.map(|mut a| a.next()) {
+                        Ok(Some(a)) => a,
+                        Ok(None) | Err(_) => {
+                            last = format!("cannot resolve {seed}");
+                            continue;
+                        }
+                    };
+                let req = PeerRequest::Join {
+                    info: self.info.clone(),
+                };
+                match self.router.peers().call_addr(addr, None, &req).await {
+                    Ok(PeerResponse::Map(map)) if map.nodes.contains_key(&self.me) => {
+                        let cluster_id = map.cluster.clone();
+                        self.directory.install(*map);
+                        self.identity.set_cluster(&cluster_id)?;
+                        self.identity.save_map(&self.directory.view().map)?;
+                        tracing::info!(cluster = %cluster_id, via = %seed, "joined the cluster");
+                        return Ok(());
+                    }
+                    Ok(other) => last = format!("{seed} answered {other:?}"),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            attempt += 1;
+            tracing::info!(attempt, reason = %last, "waiting to join the cluster");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(ClusterError::Join {
+            seeds: seeds.to_vec(),
+            reason: last,
+        })
+    }
+
+    /// Refuses a map whose ranges disagree with this node's replica files.
+    fn check_against_map(&self) -> Result<(), ClusterError> {
+        let view = self.directory.view();
+        for (group, manifest) in self.host.local_groups()? {
+            let Manifest::Shard(range) = manifest else {
+                continue;
+            };
+            if let Some(entry) = view.map.groups.get(&group) {
+                if entry.range != Some(range) {
+                    return Err(ClusterError::Mismatch {
+                        group,
+                        reason: format!(
+                            "this node's files hold the range {range}, but the cluster map says {}; refusing to start",
+                            entry.range.map_or("no range".to_string(), |r| r.to_string())
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_tasks(self: &Arc<Self>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.push(tokio::spawn(Arc::clone(self).watch_map()));
+        tasks.push(tokio::spawn(Arc::clone(self).manage_replicas()));
+        tasks.push(tokio::spawn(Arc::clone(self).keep_alive()));
+        tasks.push(tokio::spawn(Arc::clone(self).place()));
+    }
+
+    /// Stops every task and driver (the store is stopped by its owner).
+    pub async fn shutdown(&self) {
+        for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            t.abort();
+        }
+        let running: Vec<(GroupId, DriverTask)> = self.running.lock().await.drain().collect();
+        for (g, task) in running {
+            self.drivers.remove(g);
+            task.stop().await;
+        }
+    }
+
+    /// Keeps the directory's map current (see the module doc).
+    async fn watch_map(self: Arc<Self>) {
+        let mut rotate = 0usize;
+        loop {
+            if let Some(meta) = self.host.meta() {
+                let mut applied = meta.watch_applied();
+                let map = meta.read(Clone::clone);
+                if map.is_bootstrapped() && self.directory.install(map) {
+                    self.saved();
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), applied.changed()).await;
+                continue;
+            }
+            // No meta replica here: watch one that has it.
+            let view = self.directory.view();
+            let holders: Vec<NodeId> = view
+                .map
+                .groups
+                .get(&META_GROUP)
+                .map(|g| g.replicas().filter(|n| *n != self.me).collect())
+                .unwrap_or_default();
+            if holders.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let leader = self.directory.leader(META_GROUP).filter(|l| holders.contains(l));
+            let node = leader.unwrap_or(holders[rotate % holders.len()]);
+            rotate += 1;
+            let req = PeerRequest::WatchMap {
+                since: view.map.epoch,
+                wait_ms: 4_000,
+            };
+            match self.router.peers().call(node, &req).await {
+                Ok(PeerResponse::Map(map)) => {
+                    if self.directory.install(*map) {
+                        self.saved();
+                    }
+                }
+                Ok(other) => tracing::debug!(node, ?other, "unexpected answer to a map watch"),
+                Err(e) => {
+                    tracing::debug!(node, error = %e, "map watch failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    fn saved(&self) {
+        let view = self.directory.view();
+        if let Err(e) = self.identity.save_map(&view.map) {
+            tracing::warn!(error = %e, "cannot save the cluster map");
+        }
+    }
+
+    /// Opens the replicas the map places here, and watches their leadership.
+    async fn manage_replicas(self: Arc<Self>) {
+        let mut watch = self.directory.watch();
+        loop {
+            let view = watch.borrow_and_update().clone();
+            for (group, entry) in view.map.groups_of(self.me) {
+                let opened = if group == META_GROUP {
+                    self.host.open_meta().await.map(drop)
+                } else {
+                    match entry.range {
+                        Some(range) => self.host.open_shard(group, range).await.map(drop),
+                        None => continue,
+                    }
+                };
+                match opened {
+                    Ok(()) => self.watch_leadership(group),
+                    Err(nearby_raft::error::HostError::Mismatch { .. }) => {
+                        let reason =
+                            format!("the replica files of group {group} disagree with the cluster map");
+                        tracing::error!(%reason);
+                        self.fatal.send_replace(Some(reason));
+                    }
+                    Err(e) => tracing::error!(group, error = %e, "cannot open a replica"),
+                }
+            }
+            // Replicas already open (from files) need watchers too; replicas the map no longer
+            // places here are closed (their files stay until the operator's tools delete them).
+            for g in self.host.shards() {
+                let placed = view
+                    .map
+                    .groups
+                    .get(&g.id())
+                    .is_some_and(|e| e.has_replica(self.me));
+                if placed || !view.map.is_bootstrapped() {
+                    self.watch_leadership(g.id());
+                } else {
+                    tracing::info!(group = g.id(), "replica moved off this node; closing it");
+                    self.stop_driver(g.id(), self.directory.leader(g.id())).await;
+                    self.host.close_group(g.id()).await;
+                    self.watched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&g.id());
+                }
+            }
+            if self.host.meta().is_some() {
+                self.watch_leadership(META_GROUP);
+            }
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn watch_leadership(self: &Arc<Self>, group: GroupId) {
+        if !self
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group)
+        {
+            return;
+        }
+        let task = tokio::spawn(Arc::clone(self).follow_leadership(group));
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+    }
+
+    /// Starts and stops `group`'s driver as this node gains and loses its leadership.
+    async fn follow_leadership(self: Arc<Self>, group: GroupId) {
+        let raft = if group == META_GROUP {
+            self.host.meta().map(|m| m.raft().clone())
+        } else {
+            self.host.shard(group).map(|g| g.raft().clone())
+        };
+        let Some(raft) = raft else { return };
+        // Server metrics change only with the vote, the role or the membership: no wake-up per
+        // heartbeat.
+        let mut metrics = raft.server_metrics();
+        let mut reported_term = None;
+        loop {
+            let (leading, leader, term) = {
+                let m = metrics.borrow_and_update();
+                (
+                    m.state.is_leader() && m.current_leader == Some(self.me),
+                    m.current_leader,
+                    m.vote.leader_id().get_term(),
+                )
+            };
+            if let Some(l) = leader {
+                self.directory.hint_leader(group, l, term);
+            }
+            if leading {
+                // Everything committed before this term is applied once a linearizable read
+                // succeeds: the driver then starts from a complete state.
+                if reported_term != Some(term) && raft.ensure_linearizable().await.is_ok() {
+                    if group != META_GROUP {
+                        self.start_driver(group).await;
+                    }
+                    reported_term = Some(term);
+                    self.report_leader(group, term);
+                }
+            } else {
+                reported_term = None;
+                if group != META_GROUP {
+                    self.stop_driver(group, leader).await;
+                }
+            }
+            if metrics.changed().await.is_err() {
+                if group != META_GROUP {
+                    self.stop_driver(group, None).await;
+                }
+                return;
+            }
+        }
+    }
+
+    async fn start_driver(&self, group: GroupId) {
+        let mut running = self.running.lock().await;
+        if running.contains_key(&group) {
+            return;
+        }
+        let Some(replica) = self.host.shard(group) else {
+            return;
+        };
+        let task = driver::spawn(replica, self.driver_ctx.clone());
+        self.drivers.insert(group, task.handle.clone());
+        running.insert(group, task);
+        tracing::info!(group, "now leading this group");
+    }
+
+    async fn stop_driver(&self, group: GroupId, leader: Option<NodeId>) {
+        let Some(task) = self.running.lock().await.remove(&group) else {
+            return;
+        };
+        self.drivers.remove(group);
+        task.stop().await;
+        let to = leader
+            .filter(|l| *l != self.me)
+            .and_then(|l| self.directory.node(l))
+            .map(|n| n.client);
+        let range = self
+            .directory
+            .view()
+            .map
+            .groups
+            .get(&group)
+            .and_then(|g| g.range)
+            .or_else(|| self.host.shard(group).map(|g| g.range()));
+        if let Some(range) = range {
+            let moved = self
+                .driver_ctx
+                .sessions
+                .close_range(range, &CloseReason::Moved { to: to.clone() });
+            tracing::info!(group, sessions = moved, to = ?to, "no longer leading; sessions told to move");
+        }
+    }
+
+    /// Records in the map that this node leads `group` in `term`, retrying in the background.
+    fn report_leader(self: &Arc<Self>, group: GroupId, term: u64) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let cmd = MetaCommand::SetLeader {
+                group,
+                leader: me.me,
+                term,
+            };
+            for attempt in 0..20u32 {
+                if !me.router.leads(group) {
+                    return;
+                }
+                match me.router.propose_meta(cmd.clone()).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::debug!(group, attempt, error = %e, "cannot report leadership yet");
+                        tokio::time::sleep(Duration::from_millis(100u64 << attempt.min(4))).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Pings quiet peers; on the meta leader, marks silent nodes down and returning ones up.
+    async fn keep_alive(self: Arc<Self>) {
+        let started = Instant::now();
+        let mut every = tokio::time::interval(PING_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let view = self.directory.view();
+            let peers = self.router.peers();
+            for &node in view.map.nodes.keys().filter(|n| **n != self.me) {
+                let quiet = peers.last_ok(node).is_none_or(|t| t.elapsed() >= PING_EVERY);
+                if quiet {
+                    let peers = Arc::clone(peers);
+                    let epoch = view.map.epoch;
+                    tokio::spawn(async move {
+                        let _ = peers.call(node, &PeerRequest::Ping { epoch }).await;
+                    });
+                }
+            }
+            if !self.router.leads(META_GROUP) || started.elapsed() < DOWN_AFTER {
+                continue;
+            }
+            for (&node, entry) in &view.map.nodes {
+                if node == self.me {
+                    continue;
+                }
+                let alive = peers.last_ok(node).is_some_and(|t| t.elapsed() < DOWN_AFTER);
+                let state = match (entry.state, alive) {
+                    (NodeState::Up, false) => NodeState::Down,
+                    (NodeState::Down, true) => NodeState::Up,
+                    _ => continue,
+                };
+                tracing::info!(node, %state, "node state");
+                let _ = self
+                    .router
+                    .propose_meta(MetaCommand::SetNodeState { node, state })
+                    .await;
+            }
+        }
+    }
+
+    /// On the meta leader: one placement step at a time.
+    async fn place(self: Arc<Self>) {
+        let mut watch = self.directory.watch();
+        loop {
+            let _ = tokio::time::timeout(Duration::from_millis(500), watch.changed()).await;
+            if !self.router.leads(META_GROUP) {
+                continue;
+            }
+            let view = self.directory.view();
+            let Some(step) = placement::plan(&view.map) else {
+                continue;
+            };
+            tracing::info!(?step, epoch = view.map.epoch, "placement step");
+            if let Err(e) = self.take(&step, &view.map).await {
+                tracing::warn!(?step, error = %e, "placement step failed; will plan again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    async fn take(&self, step: &Step, map: &ClusterMap) -> Result<(), String> {
+        match *step {
+            Step::AddReplica { group, node } => {
+                let entry = map.groups.get(&group).ok_or("no such group")?;
+                let mut learners = entry.learners.clone();
+                learners.insert(node);
+                // The map first: the node opens its replica when it sees itself in it.
+                self.propose_members(group, entry.voters.clone(), learners)
+                    .await?;
+                let leader = self.directory.leader(group).ok_or("no leader")?;
+                let req = PeerRequest::AddReplica {
+                    epoch: self.directory.epoch(),
+                    group,
+                    node,
+                };
+                let answer = if leader == self.me {
+                    self.add_replica_here(group, node).await
+                } else {
+                    match self.router.peers().call(leader, &req).await {
+                        Ok(PeerResponse::Done) => Ok(()),
+                        Ok(other) => Err(format!("{other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                answer?;
+                let mut voters = entry.voters.clone();
+                voters.insert(node);
+                self.propose_members(group, voters, entry.learners.clone()).await
+            }
+            Step::RemoveReplica { group, node } => {
+                let entry = map.groups.get(&group).ok_or("no such group")?;
+                let leader = self.directory.leader(group).ok_or("no leader")?;
+                if leader == node {
+                    return Err("the replica to remove leads the group".into());
+                }
+                let req = PeerRequest::RemoveReplica {
+                    epoch: self.directory.epoch(),
+                    group,
+                    node,
+                };
+                let answer = if leader == self.me {
+                    self.remove_replica_here(group, node).await
+                } else {
+                    match self.router.peers().call(leader, &req).await {
+                        Ok(PeerResponse::Done) => Ok(()),
+                        Ok(other) => Err(format!("{other:?}")),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                answer?;
+                // The membership no longer has it; the map follows, and the node closes it.
+                let mut voters = entry.voters.clone();
+                voters.remove(&node);
+                let mut learners = entry.learners.clone();
+                learners.remove(&node);
+                self.propose_members(group, voters, learners).await
+            }
+            Step::TransferLeader { group, to } => {
+                match self
+                    .router
+                    .peers()
+                    .call(to, &PeerRequest::Campaign { group })
+                    .await
+                {
+                    Ok(PeerResponse::Done) => {}
+                    Ok(other) => return Err(format!("{other:?}")),
+                    Err(e) => return Err(e.to_string()),
+                }
+                // Wait for the map to show the outcome before planning again.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    if self.directory.view().map.leader(group) == Some(to) {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(format!("node {to} did not take over group {group}"))
+            }
+        }
+    }
+
+    async fn propose_members(
+        &self,
+        group: GroupId,
+        voters: std::collections::BTreeSet<NodeId>,
+        learners: std::collections::BTreeSet<NodeId>,
+    ) -> Result<(), String> {
+        match self
+            .router
+            .propose_meta(MetaCommand::SetMembers {
+                group,
+                voters,
+                learners,
+            })
+            .await
+        {
+            Ok(Reply::Meta(MetaResult::Rejected(e))) => Err(e.to_string()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// On `group`'s leader: makes `node` a learner, waits until it has caught up, then a voter.
+    pub(crate) async fn add_replica_here(&self, group: GroupId, node: NodeId) -> Result<(), String> {
+        let raft = if group == META_GROUP {
+            self.host.meta().map(|m| m.raft().clone())
+        } else {
+            self.host.shard(group).map(|g| g.raft().clone())
+        }
+        .ok_or("this node has no replica of the group")?;
+        let info = self.directory.node(node).ok_or("the node is not in the map")?;
+        let already_voter = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == node);
+        if already_voter {
+            return Ok(());
+        }
+        let added = raft
+            .add_learner(node, info, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        let target = added.log_id.index;
+        let deadline = Instant::now() + CATCH_UP;
+        loop {
+            let matched = raft
+                .metrics()
+                .borrow()
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&node).copied().flatten())
+                .map(|l| l.index);
+            if matched.is_some_and(|m| m >= target) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "node {node} did not catch up with group {group} in {CATCH_UP:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        raft.change_membership(ChangeMembers::AddVoterIds([node].into()), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(group, node, "replica added");
+        Ok(())
+    }
+
+    /// On `group`'s leader: removes `node` from the group's voters and learners.
+    pub(crate) async fn remove_replica_here(&self, group: GroupId, node: NodeId) -> Result<(), String> {
+        let raft = self
+            .host
+            .shard(group)
+            .map(|g| g.raft().clone())
+            .ok_or("this node has no replica of the group")?;
+        let present = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(n, _)| *n == node);
+        if !present {
+            return Ok(());
+        }
+        raft.change_membership(ChangeMembers::RemoveVoters([node].into()), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(group, node, "replica removed");
+        Ok(())
+    }
+
+    /// The range of `group`, as the map says.
+    pub fn range_of(&self, group: GroupId) -> Option<UserRange> {
+        self.directory.view().map.groups.get(&group).and_then(|g| g.range)
+    }
+
+    /// Waits until every group of the map has a leader somewhere, or `within` passes.
+    pub async fn wait_for_leaders(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            let view = self.directory.view();
+            let all = view.map.is_bootstrapped()
+                && view
+                    .map
+                    .groups
+                    .keys()
+                    .all(|g| self.directory.leader(*g).is_some());
+            let mine_ready = view
+                .map
+                .groups
+                .iter()
+                .filter(|(g, _)| **g != META_GROUP && self.directory.leader(**g) == Some(self.me))
+                .all(|(g, _)| self.drivers.get(*g).is_some());
+            if all && mine_ready {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Waits until this node leads the freshly initialised group of `raft`.
+async fn wait_leader(raft: &nearby_raft::Raft, me: NodeId) -> Result<(), ClusterError> {
+    raft.wait(Some(Duration::from_secs(10)))
+        .current_leader(me, "this node leads the new group")
+        .await
+        .map(drop)
+        .map_err(|e| ClusterError::Setup(format!("no leader for a new group: {e}")))
+}
+
+/// A fresh, random cluster identity.
+fn new_cluster_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    let rng = ring::rand::SystemRandom::new();
+    if rng.fill(&mut bytes).is_err() {
+        // No randomness from the OS: the time is unique enough for an identity (not a secret).
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        bytes = t.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

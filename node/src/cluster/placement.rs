@@ -1,0 +1,285 @@
+//! Where replicas and leaders should be: the meta group's leader compares the map with that and
+//! takes one step at a time towards it.
+//!
+//! [`plan`] is pure: given the map, it returns the next [`Step`] or nothing. Its rules, in order:
+//!
+//! 1. The meta group has a voter on each of the first [`REPLICAS`] nodes that are up (by id).
+//! 2. Every shard group has [`REPLICAS`] replicas on different nodes — fewer only while the
+//!    cluster has fewer nodes up. A new replica goes to the up node holding the fewest.
+//! 3. Replicas are spread evenly: while a node holds two more than another, one of its groups
+//!    gets a replica on the lighter node, and a group with a replica too many loses the one on
+//!    its most loaded node (never its leader's). A move is thus add-then-remove: a group never
+//!    has fewer replicas than it should.
+//! 4. Once everything is placed, leaders are spread evenly: a node leading two more groups than
+//!    another hands one over to a replica on the other.
+//!
+//! One step at a time keeps moves gradual and each one visible in the map before the next; a
+//! step that fails is planned again from the map on the next round.
+
+use std::collections::BTreeMap;
+
+use nearby_raft::meta::NodeState;
+use nearby_raft::{ClusterMap, GroupId, NodeId, META_GROUP};
+
+/// Replicas per group (and meta voters) in a cluster large enough.
+pub const REPLICAS: usize = 3;
+
+/// One step towards the placement the rules ask for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Add a replica of `group` on `node` (learner, catch up, voter).
+    AddReplica {
+        /// The group.
+        group: GroupId,
+        /// The node.
+        node: NodeId,
+    },
+    /// Remove the replica of `group` on `node` (the group has one too many).
+    RemoveReplica {
+        /// The group.
+        group: GroupId,
+        /// The node.
+        node: NodeId,
+    },
+    /// Move the leadership of `group` to `to`, which holds a voter.
+    TransferLeader {
+        /// The group.
+        group: GroupId,
+        /// The node to lead it.
+        to: NodeId,
+    },
+}
+
+/// The next step, or `None` if the map is where the rules want it.
+pub fn plan(map: &ClusterMap) -> Option<Step> {
+    let up: Vec<NodeId> = map
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Up)
+        .map(|(id, _)| *id)
+        .collect();
+    if up.is_empty() {
+        return None;
+    }
+    let want = REPLICAS.min(up.len());
+    if let Some(meta) = map.groups.get(&META_GROUP) {
+        let missing = up.iter().take(REPLICAS).find(|n| !meta.has_replica(**n));
+        if let (Some(&node), true) = (missing, meta.voters.len() < want) {
+            return Some(Step::AddReplica {
+                group: META_GROUP,
+                node,
+            });
+        }
+    }
+    // Replicas held per node, to place new ones on the least loaded.
+    let mut load: BTreeMap<NodeId, usize> = up.iter().map(|n| (*n, 0)).collect();
+    for (id, g) in &map.groups {
+        if *id == META_GROUP {
+            continue;
+        }
+        for n in g.replicas() {
+            if let Some(c) = load.get_mut(&n) {
+                *c += 1;
+            }
+        }
+    }
+    for (id, g) in &map.groups {
+        if *id == META_GROUP {
+            continue;
+        }
+        // A replica on a node that is down still counts: the node may come back, and replacing a
+        // node is an operator's decision (it touches only the groups the node held).
+        if g.replicas().count() < want {
+            let target = load
+                .iter()
+                .filter(|(n, _)| !g.has_replica(**n))
+                .min_by_key(|(n, c)| (**c, **n))
+                .map(|(n, _)| *n);
+            if let Some(node) = target {
+                return Some(Step::AddReplica { group: *id, node });
+            }
+        }
+    }
+    // A group with a replica too many (the second half of a move) loses the one on the most
+    // loaded node that does not lead it.
+    for (id, g) in &map.groups {
+        if *id == META_GROUP || g.replicas().count() <= want || !g.learners.is_empty() {
+            continue;
+        }
+        let victim = g
+            .voters
+            .iter()
+            .filter(|n| g.leader != Some(**n))
+            .max_by_key(|n| (load.get(n).copied().unwrap_or(usize::MAX), **n));
+        if let Some(&node) = victim {
+            return Some(Step::RemoveReplica { group: *id, node });
+        }
+    }
+    if let Some(step) = balance_leaders(map, &up) {
+        return Some(step);
+    }
+    // Even out replicas: a group of the heaviest node, not led by it, gets a replica on the
+    // lightest (and then loses the heavy node's, by the rule above).
+    let (&heavy, &most) = load.iter().max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)))?;
+    let (&light, &fewest) = load.iter().min_by_key(|(n, c)| (**c, **n))?;
+    if most <= fewest + 1 {
+        return None;
+    }
+    map.groups
+        .iter()
+        .find(|(id, g)| {
+            **id != META_GROUP
+                && g.voters.contains(&heavy)
+                && g.leader != Some(heavy)
+                && !g.has_replica(light)
+                && g.learners.is_empty()
+        })
+        .map(|(id, _)| Step::AddReplica {
+            group: *id,
+            node: light,
+        })
+}
+
+/// Leaders evened out: a node leading two more groups than another hands one to a replica there.
+fn balance_leaders(map: &ClusterMap, up: &[NodeId]) -> Option<Step> {
+    let mut leading: BTreeMap<NodeId, Vec<GroupId>> = up.iter().map(|n| (*n, Vec::new())).collect();
+    for (id, g) in &map.groups {
+        if *id == META_GROUP || !g.learners.is_empty() {
+            continue;
+        }
+        if let Some(l) = g.leader.filter(|l| leading.contains_key(l)) {
+            leading.entry(l).or_default().push(*id);
+        }
+    }
+    let (&most, busiest) = leading
+        .iter()
+        .max_by_key(|(n, gs)| (gs.len(), std::cmp::Reverse(**n)))?;
+    let (&least, idlest) = leading.iter().min_by_key(|(n, gs)| (gs.len(), **n))?;
+    if busiest.len() <= idlest.len() + 1 || most == least {
+        return None;
+    }
+    busiest
+        .iter()
+        .find(|g| map.groups.get(g).is_some_and(|e| e.voters.contains(&least)))
+        .map(|g| Step::TransferLeader { group: *g, to: least })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nearby_raft::meta::{initial_ranges, MetaCommand};
+    use nearby_raft::NodeInfo;
+
+    fn cluster(nodes: u64, groups: u64) -> ClusterMap {
+        let mut m = ClusterMap::default();
+        m.apply(&MetaCommand::Bootstrap {
+            cluster: "c".into(),
+            node: 1,
+            info: NodeInfo::default(),
+            ranges: initial_ranges(groups),
+        });
+        for n in 2..=nodes {
+            m.apply(&MetaCommand::AddNode {
+                node: n,
+                info: NodeInfo::new(format!("r{n}"), "", ""),
+            });
+        }
+        m
+    }
+
+    /// Carries out steps as if each succeeded at once; returns them.
+    fn converge(m: &mut ClusterMap) -> Vec<Step> {
+        let mut steps = Vec::new();
+        while let Some(step) = plan(m) {
+            assert!(steps.len() < 1_000, "placement does not converge: {steps:?}");
+            match &step {
+                Step::AddReplica { group, node } => {
+                    let g = &m.groups[group];
+                    let mut voters = g.voters.clone();
+                    voters.insert(*node);
+                    m.apply(&MetaCommand::SetMembers {
+                        group: *group,
+                        voters,
+                        learners: Default::default(),
+                    });
+                }
+                Step::RemoveReplica { group, node } => {
+                    let g = &m.groups[group];
+                    let mut voters = g.voters.clone();
+                    voters.remove(node);
+                    m.apply(&MetaCommand::SetMembers {
+                        group: *group,
+                        voters,
+                        learners: Default::default(),
+                    });
+                }
+                Step::TransferLeader { group, to } => {
+                    let term = m.groups[group].term + 1;
+                    m.apply(&MetaCommand::SetLeader {
+                        group: *group,
+                        leader: *to,
+                        term,
+                    });
+                }
+            }
+            steps.push(step);
+        }
+        steps
+    }
+
+    #[test]
+    fn a_single_node_needs_nothing() {
+        assert_eq!(plan(&cluster(1, 4)), None);
+    }
+
+    #[test]
+    fn three_nodes_get_three_replicas_of_everything_and_even_leaders() {
+        let mut m = cluster(3, 16);
+        converge(&mut m);
+        for (id, g) in &m.groups {
+            assert_eq!(g.voters.len(), 3, "group {id}");
+        }
+        let mut leaders: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for (id, g) in &m.groups {
+            if *id != META_GROUP {
+                *leaders.entry(g.leader.expect("leader")).or_default() += 1;
+            }
+        }
+        let (min, max) = (leaders.values().min(), leaders.values().max());
+        assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{leaders:?}");
+        assert_eq!(leaders.len(), 3);
+    }
+
+    #[test]
+    fn five_nodes_spread_replicas_and_keep_meta_on_the_first_three() {
+        let mut m = cluster(5, 10);
+        converge(&mut m);
+        let meta: Vec<NodeId> = m.groups[&META_GROUP].voters.iter().copied().collect();
+        assert_eq!(meta, vec![1, 2, 3]);
+        let mut per_node: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for (id, g) in &m.groups {
+            if *id != META_GROUP {
+                assert_eq!(g.voters.len(), 3);
+                for n in &g.voters {
+                    *per_node.entry(*n).or_default() += 1;
+                }
+            }
+        }
+        // 30 replicas over 5 nodes.
+        assert!(per_node.values().all(|c| (5..=7).contains(c)), "{per_node:?}");
+        let max = per_node.values().max().copied().unwrap_or(0);
+        let min = per_node.values().min().copied().unwrap_or(0);
+        assert!(max - min <= 1, "{per_node:?}");
+    }
+
+    #[test]
+    fn a_down_node_gets_nothing_new() {
+        let mut m = cluster(4, 4);
+        m.apply(&MetaCommand::SetNodeState {
+            node: 4,
+            state: NodeState::Down,
+        });
+        converge(&mut m);
+        assert!(m.groups.values().all(|g| !g.has_replica(4)));
+    }
+}

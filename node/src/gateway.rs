@@ -1,0 +1,447 @@
+//! The node's client-facing operations: nearby's [`Backend`] for the QUIC service.
+//!
+//! A session lives on the node that leads its user's home group; there, every operation on the
+//! user's live state goes to that group's driver ([`crate::group::driver`]), and every change to
+//! replicated state is proposed to the group that decides it, here or on a peer
+//! ([`Router::propose`]). A node that does not lead a user's home group redirects the session to
+//! the node that does.
+//!
+//! # What an acknowledged change means
+//!
+//! [`Gateway::commit`] answers `Ok` only when the change is committed in the group that decides
+//! it (for a relation: the pair owner's group, whose intent then carries it to the other side
+//! whatever fails) and, for a change that ends someone's permission to see the acting user,
+//! only once the acting user's own record carries it and every viewer's group has confirmed
+//! that nothing more about the acting user will reach that viewer (the driver's barrier). If
+//! that confirmation does not come within its bound the answer is `unavailable`, not `Ok`: the
+//! change stays committed and takes effect, but the promise was not kept in time, so it is not
+//! made.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nearby_client::proto::{self, Coord, ErrorCode, FriendList, NearbyPage};
+use nearby_index::geo::{LatLng, Millis, UserId};
+use nearby_raft::shard::command::pair_owner;
+use nearby_raft::{Command, CommandResult, GroupId, Payload, Reply};
+use tokio::sync::oneshot;
+
+use crate::api::{
+    page_request, Admission, Backend, Limits, LocationAck, ServiceConfig, ServiceError, SessionSink,
+};
+use crate::clock::Clock;
+use crate::group::{DriverHandle, Drivers, GroupMsg};
+use crate::queue::CloseReason;
+use crate::route::peer::{ReadAnswer, ReadQuery};
+use crate::route::router::Router;
+use crate::sessions::Sessions;
+
+/// Messages a driver may have waiting before periodic location updates are refused.
+pub const MAX_BACKLOG: usize = 20_000;
+
+/// How long a relation change by the non-owning side waits for its own record to show it
+/// before it is acknowledged anyway (it is durable from the owner's commit on).
+const OWN_SIDE_WAIT: Duration = Duration::from_secs(2);
+
+/// A token bucket: `rate` a second, bursts of twice that.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Bucket {
+            rate,
+            tokens: 2.0 * rate,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(2.0 * self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The node's client operations (see the module doc).
+pub struct Gateway {
+    router: Arc<Router>,
+    drivers: Arc<Drivers>,
+    sessions: Arc<Sessions>,
+    clock: Arc<dyn Clock>,
+    config: ServiceConfig,
+    admission: Mutex<Bucket>,
+}
+
+fn not_served(user: UserId) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::InvalidArgument,
+        format!("user id {user} is not served"),
+    )
+}
+
+fn moved() -> ServiceError {
+    ServiceError::unavailable("this node no longer serves your home shard; reconnect")
+}
+
+fn shard_result(reply: Reply) -> Result<CommandResult, ServiceError> {
+    match reply {
+        Reply::Shard(CommandResult::Rejected(e)) => Err(Router::invalid(e)),
+        Reply::Shard(r) => Ok(r),
+        other => Err(ServiceError::new(
+            ErrorCode::Internal,
+            format!("unexpected reply {other}"),
+        )),
+    }
+}
+
+impl Gateway {
+    /// A gateway admitting at most `sessions_per_s` new sessions a second (bursts of twice
+    /// that): after a failover, the clients of a dead node come back at a bounded rate.
+    pub fn new(
+        router: Arc<Router>,
+        drivers: Arc<Drivers>,
+        sessions: Arc<Sessions>,
+        clock: Arc<dyn Clock>,
+        config: ServiceConfig,
+        sessions_per_s: u32,
+    ) -> Self {
+        Gateway {
+            router,
+            drivers,
+            sessions,
+            clock,
+            config,
+            admission: Mutex::new(Bucket::new(sessions_per_s)),
+        }
+    }
+
+    /// The node's sessions.
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
+    }
+
+    /// The node's router.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    fn home(&self, user: UserId) -> Result<GroupId, ServiceError> {
+        self.router
+            .directory()
+            .group_of(user)
+            .ok_or_else(|| not_served(user))
+    }
+
+    /// The driver of `user`'s home group, which a session's user has on this node.
+    fn driver(&self, user: UserId) -> Result<DriverHandle, ServiceError> {
+        let group = self.home(user)?;
+        self.drivers.get(group).ok_or_else(moved)
+    }
+
+    async fn ask<T>(
+        &self,
+        user: UserId,
+        make: impl FnOnce(oneshot::Sender<T>) -> GroupMsg,
+    ) -> Result<T, ServiceError> {
+        let d = self.driver(user)?;
+        let (tx, rx) = oneshot::channel();
+        if !d.send(make(tx)) {
+            return Err(moved());
+        }
+        rx.await.map_err(|_| moved())
+    }
+
+    /// Waits until the change at `index` of `group` (led here) has been carried out.
+    async fn await_barrier(&self, group: GroupId, index: u64) -> Result<(), ServiceError> {
+        let d = self.drivers.get(group).ok_or_else(moved)?;
+        let (tx, rx) = oneshot::channel();
+        if !d.send(GroupMsg::AwaitBarrier { index, reply: tx }) {
+            return Err(moved());
+        }
+        rx.await.map_err(|_| moved())?
+    }
+
+    /// Waits until intent `seq` of group `source` is applied in `group` (led here) and carried
+    /// out there.
+    async fn await_delivery(&self, group: GroupId, source: GroupId, seq: u64) -> Result<(), ServiceError> {
+        let d = self.drivers.get(group).ok_or_else(moved)?;
+        let (tx, rx) = oneshot::channel();
+        if !d.send(GroupMsg::AwaitDelivery {
+            source,
+            seq,
+            reply: tx,
+        }) {
+            return Err(moved());
+        }
+        rx.await.map_err(|_| moved())?
+    }
+
+    /// Registers `user` if it has no record; the user's group may be led anywhere.
+    pub async fn ensure_registered(&self, user: UserId) -> Result<(), ServiceError> {
+        if user == 0 {
+            return Err(ServiceError::new(
+                ErrorCode::InvalidArgument,
+                "user id 0 is reserved",
+            ));
+        }
+        let group = self.home(user)?;
+        if let Some(d) = self.drivers.get(group) {
+            if d.group().read(|s| s.user(user).is_some()) {
+                return Ok(());
+            }
+        }
+        let cmd = Command::RegisterUser {
+            user,
+            name: format!("user {user}"),
+        };
+        let (_, reply) = self.router.propose(group, Payload::Shard(cmd)).await?;
+        shard_result(reply).map(drop)
+    }
+
+    /// Commits a relation or settings change (see the module doc for when it is acknowledged).
+    pub async fn commit(&self, cmd: Command) -> Result<CommandResult, ServiceError> {
+        let (actor, other) = cmd.users();
+        let mine = self.home(actor)?;
+        let Some(other) = other.filter(|_| cmd.is_two_sided()) else {
+            let (index, reply) = self.router.propose(mine, Payload::Shard(cmd.clone())).await?;
+            let result = shard_result(reply)?;
+            if cmd.ends_visibility() && result != CommandResult::Unchanged {
+                self.await_barrier(mine, index).await?;
+            }
+            return Ok(result);
+        };
+        let removal = matches!(cmd, Command::RemoveFriend { .. } | Command::RevokeFollow { .. });
+        if other != 0 && other != actor && !removal && !self.router.is_registered(other).await? {
+            return Err(ServiceError::new(
+                ErrorCode::UnknownUser,
+                format!("unknown user {other}"),
+            ));
+        }
+        let decider = self.home(pair_owner(actor, other))?;
+        let (index, reply) = self.router.propose(decider, Payload::Shard(cmd.clone())).await?;
+        let result = shard_result(reply)?;
+        let changed = !matches!(result, CommandResult::Unchanged | CommandResult::AlreadyFriends);
+        if !changed {
+            return Ok(result);
+        }
+        let ends = cmd.ends_visibility();
+        if decider == mine {
+            // The acting user's record changed in that entry.
+            if ends {
+                self.await_barrier(mine, index).await?;
+            }
+            return Ok(result);
+        }
+        // The acting user's record changes when the owner's intent is delivered here.
+        let own_side = tokio::time::timeout(OWN_SIDE_WAIT, self.await_delivery(mine, decider, index)).await;
+        match own_side {
+            Ok(Ok(())) => Ok(result),
+            _ if !ends => Ok(result),
+            Ok(Err(e)) => Err(e),
+            Err(_) => self.await_delivery(mine, decider, index).await.map(|()| result),
+        }
+    }
+
+    /// The user's relations and sharing setting, with the other users' names.
+    pub async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
+        let d = self.driver(user)?;
+        let record = d
+            .group()
+            .read_linearizable(|s| s.user(user).cloned())
+            .await?
+            .ok_or_else(|| ServiceError::new(ErrorCode::UnknownUser, format!("unknown user {user}")))?;
+        let sets = [
+            (&record.friends, proto::Relation::Friend),
+            (&record.requests_in, proto::Relation::RequestReceived),
+            (&record.requests_out, proto::Relation::RequestSent),
+        ];
+        let ids: Vec<UserId> = sets.iter().flat_map(|(s, _)| s.iter()).collect();
+        let names = self.names(&ids).await;
+        let mut entries = Vec::new();
+        for (set, relation) in sets {
+            for id in set.iter() {
+                entries.push(proto::FriendEntry {
+                    id,
+                    name: names.get(&id).cloned(),
+                    relation,
+                    hidden: record.hidden_from.contains(id),
+                });
+            }
+        }
+        entries.sort_by_key(|e| e.id);
+        Ok(FriendList {
+            entries,
+            sharing: record.sharing,
+        })
+    }
+
+    /// Display names of `users`, asked of their groups; a group that cannot answer leaves its
+    /// users unnamed.
+    async fn names(&self, users: &[UserId]) -> std::collections::HashMap<UserId, String> {
+        let mut by_group: std::collections::BTreeMap<GroupId, Vec<UserId>> = Default::default();
+        for &u in users {
+            if let Some(g) = self.router.directory().group_of(u) {
+                by_group.entry(g).or_default().push(u);
+            }
+        }
+        let mut out = std::collections::HashMap::new();
+        for (g, ids) in by_group {
+            match self.router.read(g, ReadQuery::Names(ids)).await {
+                Ok(ReadAnswer::Names(named)) => out.extend(named),
+                Ok(other) => tracing::warn!(group = g, ?other, "unexpected answer to a names read"),
+                Err(e) => tracing::debug!(group = g, error = %e, "names unavailable"),
+            }
+        }
+        out
+    }
+}
+
+impl Backend for Gateway {
+    fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            radius_m: self.config.presence.radius_m,
+            ttl_s: self.config.presence.ttl.as_secs() as u32,
+            page_size: self.config.page_size,
+        }
+    }
+
+    async fn ensure_registered(&self, user: UserId) -> Result<(), ServiceError> {
+        Gateway::ensure_registered(self, user).await
+    }
+
+    async fn open_session(&self, user: UserId) -> Result<Admission, ServiceError> {
+        let group = self.home(user)?;
+        let Some(d) = self.drivers.get(group) else {
+            return match self.router.directory().leader_client_addr(group) {
+                Some(addr) => Ok(Admission::Redirect {
+                    addr,
+                    reason: format!("group {group} (your home shard) is led by another node"),
+                }),
+                None => Err(ServiceError::unavailable(
+                    "your home shard has no leader yet; retry in a moment",
+                )),
+            };
+        };
+        let admitted = self.admission.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if !admitted {
+            return Err(ServiceError::unavailable(
+                "the node is admitting many sessions at once; retry in a moment",
+            ));
+        }
+        // A token-bearing user exists in the app by definition: register on first sight, before
+        // the driver looks the user up.
+        if !d.group().read(|s| s.user(user).is_some()) {
+            self.ensure_registered(user).await?;
+        }
+        let (sink, first) = self.sessions.open(user);
+        if first && !d.send(GroupMsg::Connect { user }) {
+            self.sessions.close(user, sink.id());
+            return Err(moved());
+        }
+        Ok(Admission::Open(sink))
+    }
+
+    async fn close_session(&self, user: UserId, sink: SessionSink) {
+        if self.sessions.close(user, sink.id()) {
+            if let Ok(d) = self.driver(user) {
+                d.send(GroupMsg::Disconnect { user });
+            }
+        }
+    }
+
+    async fn has_location(&self, user: UserId) -> bool {
+        self.ask(user, |reply| GroupMsg::HasLocation { user, reply })
+            .await
+            .unwrap_or(false)
+    }
+
+    async fn update_location(
+        &self,
+        user: UserId,
+        at: Coord,
+        first: bool,
+    ) -> Result<LocationAck, ServiceError> {
+        let loc = LatLng::new(at.lat, at.lon)
+            .map_err(|e| ServiceError::new(ErrorCode::InvalidCoordinates, e.to_string()))?;
+        let d = self.driver(user)?;
+        if !first && d.depth() > MAX_BACKLOG {
+            return Err(ServiceError::new(
+                ErrorCode::RateLimited,
+                "the node is overloaded: this update was not applied; send the next one as usual",
+            ));
+        }
+        let (reply, rx) = oneshot::channel();
+        if !d.send(GroupMsg::Location {
+            user,
+            loc,
+            first,
+            reply,
+        }) {
+            return Err(moved());
+        }
+        rx.await.map_err(|_| moved())?
+    }
+
+    async fn list(
+        &self,
+        user: UserId,
+        cursor: Option<String>,
+        page_size: Option<u16>,
+    ) -> Result<NearbyPage, ServiceError> {
+        let (cursor, size) = page_request(cursor.as_deref(), page_size, self.config.page_size)?;
+        self.ask(user, |reply| GroupMsg::List {
+            user,
+            cursor,
+            size,
+            reply,
+        })
+        .await?
+    }
+
+    async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
+        Gateway::friends(self, user).await
+    }
+
+    async fn commit(&self, cmd: Command) -> Result<CommandResult, ServiceError> {
+        Gateway::commit(self, cmd).await
+    }
+
+    async fn set_radius(&self, user: UserId, meters: u32) -> Result<(), ServiceError> {
+        let d = self.driver(user)?;
+        if d.send(GroupMsg::SetRadius { user, meters }) {
+            Ok(())
+        } else {
+            Err(moved())
+        }
+    }
+
+    fn tick(&self) {
+        let now = self.clock.now();
+        for d in self.drivers.all() {
+            if d.is_due(now) {
+                d.send(GroupMsg::Tick);
+            }
+        }
+    }
+
+    fn close_all(&self, reason: CloseReason) {
+        self.sessions.close_all(&reason);
+    }
+}

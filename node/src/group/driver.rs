@@ -1,0 +1,577 @@
+//! The driver of one led shard group: the only task that touches the group's live state.
+//!
+//! A driver runs on the node that leads its group, from the moment the node has become leader
+//! and applied everything committed before (see `cluster`), until it loses leadership. It owns
+//! the group's [`Presence`] and reacts, in one loop, to:
+//!
+//! - **applied entries** of the group, in log order, on whichever node leads — so a relation or
+//!   privacy change takes effect on live streams from the apply path, whoever proposed it;
+//! - **its mailbox** ([`GroupMsg`]): sessions' locations and page requests, messages from other
+//!   groups' drivers (here or on peers), deadline ticks;
+//! - **new cluster maps**: new ranges, and other groups' new leaders, whose subscribers it
+//!   subscribes again.
+//!
+//! # Barriers: what "acknowledged" waits for
+//!
+//! A change applied at index `i` that ends someone's permission to see a user makes the
+//! presence send revocations that ask for an acknowledgement under `Barrier { group, index: i }`.
+//! The driver counts them; [`GroupMsg::AwaitBarrier`] answers once every one is acknowledged —
+//! each viewer's group has forgotten the user and purged its sessions' queues. The wait is
+//! bounded by [`ACK_WAIT`]: a viewer group that cannot be reached in that time makes the wait
+//! fail (the change stays committed; the client is told it is not yet confirmed). A driver that
+//! has just started (a failover) also holds barriers until [`RESUBSCRIBE_GRACE`] has passed:
+//! viewer groups that still knew the user through the previous leader subscribe again within it,
+//! and their snapshots carry the change.
+//!
+//! # Call order
+//!
+//! 1. [`spawn`] MUST be called only once the node leads the group and has applied every entry
+//!    committed before (the supervisor confirms with a linearizable read); it subscribes to the
+//!    group's applied entries before it reads anything.
+//! 2. Messages are sent through the returned [`DriverHandle`].
+//! 3. [`DriverTask::stop`] when leadership is lost; the driver drops its live state (a new
+//!    leader rebuilds it from clients and peers).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nearby_client::proto::ErrorCode;
+use nearby_index::geo::{Millis, UserId};
+use nearby_raft::{AppliedEntry, Command, GroupId, NodeId, Payload, Reply, ShardGroup};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
+
+use crate::api::{wire_page, LocationAck, ServiceConfig, ServiceError};
+use crate::clock::Clock;
+use crate::group::{DriverHandle, GroupMsg};
+use crate::presence::{GroupMessage, Output, Presence};
+use crate::route::directory::MapView;
+use crate::route::router::Router;
+use crate::sessions::Sessions;
+
+/// The longest a visibility-ending change waits for the viewers' groups to acknowledge.
+pub const ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a new leader holds visibility-ending acknowledgements, so that viewer groups that
+/// knew the user through the previous leader have subscribed again.
+pub const RESUBSCRIBE_GRACE: Duration = Duration::from_secs(3);
+
+/// The longest a session's first page waits for its publishers' snapshots.
+pub const FIRST_PAGE_WAIT: Duration = Duration::from_millis(500);
+
+type Waiter = oneshot::Sender<Result<(), ServiceError>>;
+
+struct BarrierState {
+    pending: usize,
+    not_before: Instant,
+    deadline: Instant,
+    waiters: Vec<Waiter>,
+}
+
+struct Starting {
+    user: UserId,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<LocationAck, ServiceError>>,
+}
+
+/// What a driver needs from its node.
+#[derive(Clone)]
+pub struct DriverContext {
+    /// Where events go.
+    pub sessions: Arc<Sessions>,
+    /// Where group messages and proposals go.
+    pub router: Arc<Router>,
+    /// The node's clock.
+    pub clock: Arc<dyn Clock>,
+    /// Client-facing settings.
+    pub config: ServiceConfig,
+}
+
+/// A running driver: its handle, and how to stop it.
+pub struct DriverTask {
+    /// How to reach it.
+    pub handle: DriverHandle,
+    stop: oneshot::Sender<()>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl DriverTask {
+    /// Stops the driver and waits for it to end.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.join.await;
+    }
+}
+
+/// Starts the driver of `group` (see the call order in the module doc).
+pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
+    // Subscribe first: nothing applied from here on is missed; what was applied before is in
+    // the state the driver reads next.
+    let applied = group.subscribe();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let depth = Arc::new(AtomicUsize::new(0));
+    let next_deadline = Arc::new(AtomicU64::new(u64::MAX));
+    let handle = DriverHandle {
+        group: group.clone(),
+        tx,
+        depth: Arc::clone(&depth),
+        next_deadline: Arc::clone(&next_deadline),
+    };
+    let directory = Arc::clone(ctx.router.directory());
+    let map = directory.watch();
+    let view = map.borrow().clone();
+    let id = group.id();
+    let mut presence = Presence::new(id, ctx.config.presence.clone(), Arc::clone(&view.ranges));
+    let processed = group.last_applied().map_or(0, |l| l.index);
+    presence.set_applied(processed);
+    let outbox = Arc::new(Notify::new());
+    // Alone in its cluster, a group has no viewers elsewhere that knew it through an earlier
+    // leader: nothing to wait for.
+    let grace = if view.map.nodes.len() > 1 {
+        RESUBSCRIBE_GRACE
+    } else {
+        Duration::ZERO
+    };
+    let driver = Driver {
+        id,
+        group: group.clone(),
+        presence,
+        ctx: ctx.clone(),
+        rx,
+        depth,
+        next_deadline,
+        applied,
+        map,
+        leaders: leaders_of(&view, directory.me()),
+        processed,
+        started: Instant::now(),
+        grace,
+        barriers: BTreeMap::new(),
+        early: BTreeMap::new(),
+        delivered: HashMap::new(),
+        awaiting_delivery: HashMap::new(),
+        starting: Vec::new(),
+        outbox: Arc::clone(&outbox),
+    };
+    let outbox_task = tokio::spawn(crate::group::outbox::run(group, Arc::clone(&ctx.router), outbox));
+    let join = tokio::spawn(async move {
+        driver.run(stop_rx).await;
+        outbox_task.abort();
+    });
+    DriverTask {
+        handle,
+        stop: stop_tx,
+        join,
+    }
+}
+
+/// Each group's leader as the map says, but for the groups this node leads.
+fn leaders_of(view: &MapView, me: NodeId) -> HashMap<GroupId, (Option<NodeId>, u64)> {
+    view.map
+        .groups
+        .iter()
+        .filter(|(_, g)| g.leader != Some(me))
+        .map(|(id, g)| (*id, (g.leader, g.term)))
+        .collect()
+}
+
+struct Driver {
+    id: GroupId,
+    group: ShardGroup,
+    presence: Presence,
+    ctx: DriverContext,
+    rx: mpsc::UnboundedReceiver<GroupMsg>,
+    depth: Arc<AtomicUsize>,
+    next_deadline: Arc<AtomicU64>,
+    applied: mpsc::UnboundedReceiver<AppliedEntry>,
+    map: watch::Receiver<Arc<MapView>>,
+    leaders: HashMap<GroupId, (Option<NodeId>, u64)>,
+    /// The last applied index this driver has reacted to.
+    processed: u64,
+    started: Instant,
+    /// How long after `started` barriers are held (see [`RESUBSCRIBE_GRACE`]).
+    grace: Duration,
+    barriers: BTreeMap<u64, BarrierState>,
+    /// Waiters for indexes not processed yet.
+    early: BTreeMap<u64, Vec<Waiter>>,
+    /// Per source group: the last intent applied here and the index it was applied at.
+    delivered: HashMap<GroupId, (u64, u64)>,
+    awaiting_delivery: HashMap<GroupId, Vec<(u64, Waiter)>>,
+    starting: Vec<Starting>,
+    outbox: Arc<Notify>,
+}
+
+impl Driver {
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        tracing::info!(group = self.id, "driver started");
+        // Intents left by earlier leaders are delivered by this one.
+        self.outbox.notify_one();
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                entry = self.applied.recv() => match entry {
+                    Some(e) => self.on_applied(e),
+                    None => break,
+                },
+                msg = self.rx.recv() => match msg {
+                    Some(m) => {
+                        self.depth.fetch_sub(1, Ordering::Relaxed);
+                        self.on_msg(m);
+                    }
+                    None => break,
+                },
+                changed = self.map.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    self.on_map();
+                }
+                () = sleep_until(wake) => {}
+            }
+            self.on_time();
+            let deadline = self.presence.next_deadline().map_or(u64::MAX, |d| d.0);
+            self.next_deadline.store(deadline, Ordering::Relaxed);
+        }
+        self.group.unsubscribe();
+        let unavailable = || Err(ServiceError::unavailable("the group's leader changed; retry"));
+        for (_, b) in std::mem::take(&mut self.barriers) {
+            for w in b.waiters {
+                let _ = w.send(unavailable());
+            }
+        }
+        for w in std::mem::take(&mut self.early).into_values().flatten() {
+            let _ = w.send(unavailable());
+        }
+        for (_, w) in std::mem::take(&mut self.awaiting_delivery)
+            .into_values()
+            .flatten()
+        {
+            let _ = w.send(unavailable());
+        }
+        for s in std::mem::take(&mut self.starting) {
+            let _ = s.reply.send(Err(ServiceError::unavailable(
+                "the group's leader changed; retry",
+            )));
+        }
+        tracing::info!(group = self.id, "driver stopped");
+    }
+
+    fn now(&self) -> Millis {
+        self.ctx.clock.now()
+    }
+
+    /// The next instant the loop must wake for a barrier or a waiting first page.
+    fn next_wake(&self) -> Option<Instant> {
+        let barrier = self
+            .barriers
+            .values()
+            .map(|b| if b.pending == 0 { b.not_before } else { b.deadline })
+            .min();
+        let page = self.starting.iter().map(|s| s.deadline).min();
+        barrier.into_iter().chain(page).min()
+    }
+
+    fn on_applied(&mut self, entry: AppliedEntry) {
+        let (log_id, payload, reply) = match entry {
+            AppliedEntry::Command {
+                log_id,
+                payload,
+                reply,
+            } => (log_id, payload, reply),
+            AppliedEntry::Snapshot { last } => {
+                self.processed = self.processed.max(last.map_or(0, |l| l.index));
+                self.outbox.notify_one();
+                return;
+            }
+        };
+        let index = log_id.index;
+        if index <= self.processed {
+            return;
+        }
+        self.processed = index;
+        self.presence.set_applied(index);
+        let (Payload::Shard(cmd), Reply::Shard(result)) = (&payload, &reply) else {
+            return;
+        };
+        let now = self.now();
+        let presence = &mut self.presence;
+        self.group
+            .read(|s| presence.handle_committed(s, index, cmd, result, now));
+        let outputs = self.presence.poll_outputs();
+        // The barrier exists before its revocations go out: those to this group are answered
+        // inline, during `deliver`.
+        let pending = count_acks(&outputs, self.id, index);
+        if pending > 0 || self.started.elapsed() < self.grace {
+            let b = self.barriers.entry(index).or_insert_with(|| BarrierState {
+                pending: 0,
+                not_before: self.started + self.grace,
+                deadline: Instant::now() + ACK_WAIT,
+                waiters: Vec::new(),
+            });
+            b.pending += pending;
+        }
+        self.deliver(outputs);
+        // Waiters that asked before this entry was processed.
+        let ready: Vec<u64> = self.early.range(..=index).map(|(i, _)| *i).collect();
+        for i in ready {
+            for w in self.early.remove(&i).unwrap_or_default() {
+                self.await_barrier(i, w);
+            }
+        }
+        match cmd {
+            Command::Deliver { source, seq, .. } => {
+                self.delivered.insert(*source, (*seq, index));
+                let waiting = self.awaiting_delivery.remove(source).unwrap_or_default();
+                let (done, still): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|(s, _)| s <= seq);
+                if !still.is_empty() {
+                    self.awaiting_delivery.insert(*source, still);
+                }
+                for (_, w) in done {
+                    self.await_barrier(index, w);
+                }
+            }
+            c if c.is_two_sided() => self.outbox.notify_one(),
+            _ => {}
+        }
+        self.settle_barriers();
+    }
+
+    fn await_barrier(&mut self, index: u64, w: Waiter) {
+        if index > self.processed {
+            self.early.entry(index).or_default().push(w);
+            return;
+        }
+        match self.barriers.get_mut(&index) {
+            Some(b) => b.waiters.push(w),
+            None => {
+                let _ = w.send(Ok(()));
+            }
+        }
+    }
+
+    /// Answers the waiters of barriers that are complete, and fails those past their bound.
+    fn settle_barriers(&mut self) {
+        let now = Instant::now();
+        let done: Vec<u64> = self
+            .barriers
+            .iter()
+            .filter(|(_, b)| (b.pending == 0 && now >= b.not_before) || now >= b.deadline)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in done {
+            let Some(b) = self.barriers.remove(&i) else {
+                continue;
+            };
+            let result = if b.pending == 0 {
+                Ok(())
+            } else {
+                tracing::warn!(
+                    group = self.id,
+                    index = i,
+                    unacknowledged = b.pending,
+                    "revocations not acknowledged in time"
+                );
+                Err(ServiceError::unavailable(
+                    "the change is committed and will take effect, but not every viewer's node confirmed it in time",
+                ))
+            };
+            for w in b.waiters {
+                let _ = w.send(result.clone());
+            }
+        }
+    }
+
+    fn on_time(&mut self) {
+        self.settle_barriers();
+        let now = Instant::now();
+        if self
+            .starting
+            .iter()
+            .any(|s| now >= s.deadline || !self.presence.is_starting(s.user))
+        {
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.starting)
+                .into_iter()
+                .partition(|s| now >= s.deadline || !self.presence.is_starting(s.user));
+            self.starting = waiting;
+            for s in ready {
+                let ack = self.ack(s.user, true);
+                let _ = s.reply.send(ack);
+            }
+        }
+    }
+
+    fn on_map(&mut self) {
+        let view = self.map.borrow_and_update().clone();
+        self.presence.set_ranges(Arc::clone(&view.ranges));
+        let me = self.ctx.router.directory().me();
+        let leaders = leaders_of(&view, me);
+        let changed: Vec<GroupId> = leaders
+            .iter()
+            .filter(|(g, l)| **g != self.id && self.leaders.get(g).is_some_and(|old| old != *l))
+            .map(|(g, _)| *g)
+            .collect();
+        self.leaders = leaders;
+        for g in changed {
+            // Its new leader knows none of our viewers: subscribe them again.
+            self.presence.resubscribe(g);
+        }
+        let outputs = self.presence.poll_outputs();
+        self.deliver(outputs);
+    }
+
+    fn on_msg(&mut self, msg: GroupMsg) {
+        let now = self.now();
+        match msg {
+            GroupMsg::Message(GroupMessage::RevokeAck { barrier }) => self.acked(barrier.index),
+            GroupMsg::Message(m) => {
+                let presence = &mut self.presence;
+                self.group.read(|s| presence.handle_message(s, m, now));
+            }
+            GroupMsg::Connect { user } => {
+                let presence = &mut self.presence;
+                self.group.read(|s| presence.handle_connect(s, user, None));
+            }
+            GroupMsg::Disconnect { user } => self.presence.handle_disconnect(user),
+            GroupMsg::Location {
+                user,
+                loc,
+                first,
+                reply,
+            } => {
+                // The node stamps updates; two in the same millisecond must both count, so a
+                // user's stamps strictly increase.
+                let at = match self.presence.location(user) {
+                    Some(prev) if prev.updated_at >= now => Millis(prev.updated_at.0 + 1),
+                    _ => now,
+                };
+                let presence = &mut self.presence;
+                self.group
+                    .read(|s| presence.handle_location(s, user, loc, at, now, first));
+                let outputs = self.presence.poll_outputs();
+                self.deliver(outputs);
+                if first && self.presence.is_starting(user) {
+                    self.starting.push(Starting {
+                        user,
+                        deadline: Instant::now() + FIRST_PAGE_WAIT,
+                        reply,
+                    });
+                } else {
+                    let _ = reply.send(self.ack(user, first));
+                }
+                return;
+            }
+            GroupMsg::List {
+                user,
+                cursor,
+                size,
+                reply,
+            } => {
+                let _ = reply.send(self.page(user, cursor.as_ref(), size));
+                return;
+            }
+            GroupMsg::HasLocation { user, reply } => {
+                let _ = reply.send(self.presence.location(user).is_some());
+                return;
+            }
+            GroupMsg::SetRadius { user, meters } => self.presence.set_radius(user, f64::from(meters)),
+            GroupMsg::AwaitBarrier { index, reply } => {
+                self.await_barrier(index, reply);
+                return;
+            }
+            GroupMsg::AwaitDelivery { source, seq, reply } => {
+                match self.delivered.get(&source) {
+                    Some(&(done, index)) if done >= seq => self.await_barrier(index, reply),
+                    // Applied before this driver started: nothing of it is pending here.
+                    _ if self.group.read(|s| s.delivered_from(source)) >= seq => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    _ => self
+                        .awaiting_delivery
+                        .entry(source)
+                        .or_default()
+                        .push((seq, reply)),
+                }
+                return;
+            }
+            GroupMsg::Tick => self.presence.handle_tick(now),
+        }
+        let outputs = self.presence.poll_outputs();
+        self.deliver(outputs);
+    }
+
+    fn acked(&mut self, index: u64) {
+        if let Some(b) = self.barriers.get_mut(&index) {
+            b.pending = b.pending.saturating_sub(1);
+        }
+        self.settle_barriers();
+    }
+
+    fn page(
+        &self,
+        user: UserId,
+        cursor: Option<&nearby_index::query::Cursor>,
+        size: usize,
+    ) -> Result<nearby_client::proto::NearbyPage, ServiceError> {
+        let (page, names) = self
+            .presence
+            .page(user, size, cursor)
+            .ok_or_else(|| ServiceError::new(ErrorCode::NotStarted, "no live location: send one first"))?
+            .map_err(|e| ServiceError::new(ErrorCode::InvalidArgument, e.to_string()))?;
+        Ok(wire_page(page, names))
+    }
+
+    fn ack(&self, user: UserId, first: bool) -> Result<LocationAck, ServiceError> {
+        let next_update_s = self.presence.cadence_s(user);
+        if first {
+            let page = self.page(user, None, usize::from(self.ctx.config.page_size))?;
+            return Ok(LocationAck::Started { page, next_update_s });
+        }
+        Ok(LocationAck::Located { next_update_s })
+    }
+
+    /// Delivers outputs: pushes to sessions, messages to this group inline (in order), to
+    /// other groups through the router.
+    fn deliver(&mut self, outputs: Vec<Output>) {
+        let mut queue: VecDeque<Output> = outputs.into();
+        let now = self.now();
+        while let Some(out) = queue.pop_front() {
+            match out {
+                Output::Push { viewer, event } => self.ctx.sessions.push(viewer, event),
+                Output::Send {
+                    to,
+                    msg: GroupMessage::RevokeAck { barrier },
+                } if to == self.id => self.acked(barrier.index),
+                Output::Send { to, msg } if to == self.id => {
+                    let presence = &mut self.presence;
+                    self.group.read(|s| presence.handle_message(s, msg, now));
+                    queue.extend(self.presence.poll_outputs());
+                }
+                Output::Send { to, msg } => self.ctx.router.send(to, msg),
+            }
+        }
+    }
+}
+
+/// Revocations in `outputs` that ask this group for an acknowledgement of the change at
+/// `index`.
+fn count_acks(outputs: &[Output], group: GroupId, index: u64) -> usize {
+    outputs
+        .iter()
+        .filter(|o| {
+            matches!(o, Output::Send { msg: GroupMessage::Revoke { ack: Some(b), .. }, .. }
+                if b.group == group && b.index == index)
+        })
+        .count()
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

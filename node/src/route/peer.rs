@@ -1,0 +1,460 @@
+//! Messages between nodes, and the outbound side of them: one batching queue per peer node.
+//!
+//! Everything a node says to another (beyond Raft, which the store carries itself) is a
+//! [`PeerRequest`] answered by a [`PeerResponse`], carried by the store's transport as opaque
+//! bytes over the one mutually authenticated connection per peer (see
+//! `nearby_raft::transport`). Requests that depend on where things are carry the sender's map
+//! epoch; a receiver with a newer map answers [`PeerResponse::Stale`] with it and does nothing
+//! else, so no node ever acts on a routing decision made from an older map than its own.
+//!
+//! # Batching and order
+//!
+//! Group messages to groups led by one peer go through that peer's [`Peers`] queue: a single
+//! sender per peer takes everything queued, sends it as one [`PeerRequest::Deliver`], waits for
+//! the answer, and repeats. While one batch is in flight the next one collects, so under load
+//! many updates share one message, and the messages from one node to another arrive in the
+//! order they were sent. Undeliverable envelopes (the peer no longer leads the group, or answered
+//! with a newer map) are routed again; locations older than [`LOCATION_TTL`] are dropped rather
+//! than retried (a newer one will follow), and nothing is retried forever.
+//!
+//! # Liveness
+//!
+//! Every answer from a peer marks it alive ([`Peers::last_ok`]); a node pings the peers it
+//! has not heard from recently, so each node knows which peers it can reach.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use nearby_index::geo::UserId;
+use nearby_raft::transport::RaftTransport;
+use nearby_raft::{ClusterMap, GroupId, NodeId, NodeInfo, Payload, Reply};
+use serde::{Deserialize, Serialize};
+
+use crate::presence::GroupMessage;
+use crate::route::directory::Directory;
+
+/// Locations queued longer than this for an unreachable peer are dropped: a newer one follows.
+pub const LOCATION_TTL: Duration = Duration::from_secs(5);
+
+/// Any other message is given up after this long without a peer that takes it.
+pub const MESSAGE_TTL: Duration = Duration::from_secs(30);
+
+/// How long one peer request may take before it counts as failed.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One group message for a group the receiver leads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The destination group.
+    pub to: GroupId,
+    /// The message.
+    pub msg: GroupMessage,
+}
+
+/// A read a group's leader answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadQuery {
+    /// Which of these users are registered.
+    Registered(Vec<UserId>),
+    /// The display names of these users (those registered).
+    Names(Vec<UserId>),
+}
+
+/// The answer to a [`ReadQuery`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadAnswer {
+    /// The registered users among those asked.
+    Registered(Vec<UserId>),
+    /// `(user, name)` of the registered users among those asked.
+    Names(Vec<(UserId, String)>),
+}
+
+/// What a node asks a peer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Group messages for groups the receiver leads, in order.
+    Deliver {
+        /// The sender's map epoch.
+        epoch: u64,
+        /// The messages.
+        envelopes: Vec<Envelope>,
+    },
+    /// Propose `payload` in `group`, which the receiver leads; answered once applied.
+    Propose {
+        /// The sender's map epoch.
+        epoch: u64,
+        /// The group.
+        group: GroupId,
+        /// The command.
+        payload: Payload,
+    },
+    /// Read from `group`, which the receiver leads, seeing every acknowledged write.
+    Read {
+        /// The sender's map epoch.
+        epoch: u64,
+        /// The group.
+        group: GroupId,
+        /// What to read.
+        query: ReadQuery,
+    },
+    /// The receiver's map, once its epoch passes `since` or `wait_ms` have passed.
+    WatchMap {
+        /// The epoch the sender has.
+        since: u64,
+        /// The longest wait, in milliseconds.
+        wait_ms: u32,
+    },
+    /// The sender asks to join the cluster with these addresses.
+    Join {
+        /// How to reach the sender.
+        info: NodeInfo,
+    },
+    /// Liveness, and the sender's epoch (a receiver behind it fetches the map).
+    Ping {
+        /// The sender's map epoch.
+        epoch: u64,
+    },
+    /// Make `node` a replica of `group` (to the group's leader): learner, catch up, voter.
+    AddReplica {
+        /// The sender's map epoch.
+        epoch: u64,
+        /// The group.
+        group: GroupId,
+        /// The node.
+        node: NodeId,
+    },
+    /// Remove `node`'s replica of `group` (to the group's leader).
+    RemoveReplica {
+        /// The sender's map epoch.
+        epoch: u64,
+        /// The group.
+        group: GroupId,
+        /// The node.
+        node: NodeId,
+    },
+    /// Stand for election in `group` (moving its leadership here).
+    Campaign {
+        /// The group.
+        group: GroupId,
+    },
+}
+
+/// What a peer answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// The request was done.
+    Done,
+    /// Envelopes delivered, except `bounced`: their groups are not led here.
+    Delivered {
+        /// Envelopes to route again.
+        bounced: Vec<Envelope>,
+    },
+    /// The sender's map is older than the receiver's, which is this; nothing was done.
+    Stale(Box<ClusterMap>),
+    /// The receiver does not lead `group`; `leader` does, as far as it knows.
+    NotLeader {
+        /// The group.
+        group: GroupId,
+        /// Its leader, if known.
+        leader: Option<NodeId>,
+        /// The term the receiver knows.
+        term: u64,
+    },
+    /// The command is invalid; it was not proposed.
+    Invalid(nearby_raft::CommandError),
+    /// The proposal was applied at `index` with `reply`.
+    Proposed {
+        /// Its log index.
+        index: u64,
+        /// What applying it returned.
+        reply: Reply,
+    },
+    /// The answer to a read.
+    Read(ReadAnswer),
+    /// The receiver's map.
+    Map(Box<ClusterMap>),
+    /// The request failed; nothing was done.
+    Failed(String),
+}
+
+/// Why a peer request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The node is not in the map.
+    #[error("node {0} is not in the cluster map")]
+    UnknownNode(NodeId),
+    /// The node's address does not parse.
+    #[error("node {node} has an unusable address {addr:?}")]
+    BadAddress {
+        /// The node.
+        node: NodeId,
+        /// Its address.
+        addr: String,
+    },
+    /// The peer could not be reached or did not answer in time.
+    #[error("node {node}: {reason}")]
+    Unreachable {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The peer's answer does not decode.
+    #[error("node {node} sent an undecodable answer: {reason}")]
+    Malformed {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where envelopes that a peer did not take go next (the node's router).
+pub trait Reroute: Send + Sync + 'static {
+    /// Routes `envelopes`, which node `from` did not take, again with the directory as it is now.
+    fn reroute(&self, from: NodeId, envelopes: Vec<Envelope>);
+}
+
+#[derive(Default)]
+struct PeerQueue {
+    pending: Vec<(Instant, Envelope)>,
+    sending: bool,
+}
+
+/// Outbound messages to peers (see the module doc).
+pub struct Peers {
+    transport: Arc<RaftTransport>,
+    directory: Arc<Directory>,
+    queues: Mutex<HashMap<NodeId, PeerQueue>>,
+    last_ok: Mutex<HashMap<NodeId, Instant>>,
+    reroute: Mutex<Option<Weak<dyn Reroute>>>,
+    /// Envelopes sent to peers, and batches they went in.
+    stats: Mutex<PeerStats>,
+}
+
+/// Counters of the outbound path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Envelopes sent.
+    pub envelopes: u64,
+    /// `Deliver` requests they were batched into.
+    pub batches: u64,
+    /// Envelopes dropped (too old, or no route).
+    pub dropped: u64,
+}
+
+impl Peers {
+    /// Peers reached through `transport`, addressed by `directory`.
+    pub fn new(transport: Arc<RaftTransport>, directory: Arc<Directory>) -> Arc<Self> {
+        Arc::new(Peers {
+            transport,
+            directory,
+            queues: Mutex::new(HashMap::new()),
+            last_ok: Mutex::new(HashMap::new()),
+            reroute: Mutex::new(None),
+            stats: Mutex::new(PeerStats::default()),
+        })
+    }
+
+    /// Sets where bounced envelopes go.
+    pub fn set_reroute(&self, r: Weak<dyn Reroute>) {
+        *self.reroute.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> PeerStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When `node` last answered anything.
+    pub fn last_ok(&self, node: NodeId) -> Option<Instant> {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied()
+    }
+
+    fn addr_of(&self, node: NodeId, info: Option<NodeInfo>) -> Result<SocketAddr, PeerError> {
+        let info = info
+            .or_else(|| self.directory.node(node))
+            .ok_or(PeerError::UnknownNode(node))?;
+        info.raft.parse().map_err(|_| PeerError::BadAddress {
+            node,
+            addr: info.raft.clone(),
+        })
+    }
+
+    /// Sends one request to `node` and waits (at most [`CALL_TIMEOUT`]) for its answer.
+    pub async fn call(&self, node: NodeId, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
+        let addr = self.addr_of(node, None)?;
+        self.call_addr(addr, Some(node), req).await
+    }
+
+    /// Sends one request to the node at `addr` (checked to be `node`, if given).
+    pub async fn call_addr(
+        &self,
+        addr: SocketAddr,
+        node: Option<NodeId>,
+        req: &PeerRequest,
+    ) -> Result<PeerResponse, PeerError> {
+        let who = node.unwrap_or(0);
+        let bytes = nearby_index::codec::encode(req).map_err(|e| PeerError::Malformed {
+            node: who,
+            reason: e.to_string(),
+        })?;
+        let answer = tokio::time::timeout(CALL_TIMEOUT, self.transport.call_peer(addr, node, bytes))
+            .await
+            .map_err(|_| PeerError::Unreachable {
+                node: who,
+                reason: format!("no answer within {CALL_TIMEOUT:?}"),
+            })?
+            .map_err(|e| PeerError::Unreachable {
+                node: who,
+                reason: e.to_string(),
+            })?;
+        let resp: PeerResponse = nearby_index::codec::decode(&answer).map_err(|e| PeerError::Malformed {
+            node: who,
+            reason: e.to_string(),
+        })?;
+        if let Some(n) = node {
+            self.last_ok
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(n, Instant::now());
+        }
+        if let PeerResponse::Stale(map) = &resp {
+            self.directory.install(map.as_ref().clone());
+        }
+        Ok(resp)
+    }
+
+    /// Queues `envelope` for `node`; a sender task takes it with whatever else is queued.
+    pub fn send(self: &Arc<Self>, node: NodeId, envelope: Envelope) {
+        let start = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let q = queues.entry(node).or_default();
+            q.pending.push((Instant::now(), envelope));
+            !std::mem::replace(&mut q.sending, true)
+        };
+        if start {
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.drain(node).await });
+        }
+    }
+
+    /// The sender of `node`'s queue: one batch in flight at a time, until the queue is empty.
+    async fn drain(self: Arc<Self>, node: NodeId) {
+        let mut failures: u32 = 0;
+        loop {
+            let batch = {
+                let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(q) = queues.get_mut(&node) else { return };
+                if q.pending.is_empty() {
+                    q.sending = false;
+                    return;
+                }
+                std::mem::take(&mut q.pending)
+            };
+            let (stamps, envelopes): (Vec<Instant>, Vec<Envelope>) = batch.into_iter().unzip();
+            let req = PeerRequest::Deliver {
+                epoch: self.directory.epoch(),
+                envelopes,
+            };
+            let result = self.call(node, &req).await;
+            let PeerRequest::Deliver { envelopes, .. } = req else {
+                return;
+            };
+            match result {
+                Ok(PeerResponse::Delivered { bounced }) => {
+                    failures = 0;
+                    let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                    stats.batches += 1;
+                    stats.envelopes += (envelopes.len() - bounced.len()) as u64;
+                    drop(stats);
+                    if !bounced.is_empty() {
+                        self.bounce(node, bounced);
+                    }
+                }
+                // The map moved on (now installed): route everything again.
+                Ok(PeerResponse::Stale(_)) => self.bounce(node, envelopes),
+                Ok(other) => {
+                    tracing::warn!(node, ?other, "unexpected answer to a delivery; routing again");
+                    self.bounce(node, envelopes);
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(node, error = %e, failures, "delivery failed");
+                    self.requeue_front(node, stamps.into_iter().zip(envelopes).collect());
+                    tokio::time::sleep(Duration::from_millis(50u64 << failures.min(5))).await;
+                    self.sort_out(node);
+                }
+            }
+        }
+    }
+
+    /// Puts `batch` back at the head of `node`'s queue, ahead of newer messages.
+    fn requeue_front(&self, node: NodeId, batch: Vec<(Instant, Envelope)>) {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(q) = queues.get_mut(&node) {
+            let newer = std::mem::replace(&mut q.pending, batch);
+            q.pending.extend(newer);
+        }
+    }
+
+    /// After a failed delivery to `node`: drops what is too old to be worth sending, routes
+    /// again what the directory now sends elsewhere, keeps the rest in order.
+    fn sort_out(&self, node: NodeId) {
+        let queued = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            queues
+                .get_mut(&node)
+                .map(|q| std::mem::take(&mut q.pending))
+                .unwrap_or_default()
+        };
+        let now = Instant::now();
+        let (fresh, old): (Vec<_>, Vec<_>) = queued
+            .into_iter()
+            .partition(|(at, env)| now.duration_since(*at) < ttl_of(&env.msg));
+        if !old.is_empty() {
+            self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += old.len() as u64;
+            tracing::debug!(
+                node,
+                dropped = old.len(),
+                "gave up messages for an unreachable peer"
+            );
+        }
+        let (stay, moved): (Vec<_>, Vec<_>) = fresh
+            .into_iter()
+            .partition(|(_, env)| self.directory.leader(env.to) == Some(node));
+        self.requeue_front(node, stay);
+        if !moved.is_empty() {
+            self.bounce(node, moved.into_iter().map(|(_, e)| e).collect());
+        }
+    }
+
+    fn bounce(&self, from: NodeId, envelopes: Vec<Envelope>) {
+        let target = self
+            .reroute
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade);
+        match target {
+            Some(r) => r.reroute(from, envelopes),
+            None => {
+                self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += envelopes.len() as u64;
+            }
+        }
+    }
+}
+
+fn ttl_of(msg: &GroupMessage) -> Duration {
+    match msg {
+        GroupMessage::Update { .. } | GroupMessage::Snapshot { .. } => LOCATION_TTL,
+        _ => MESSAGE_TTL,
+    }
+}

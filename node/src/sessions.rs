@@ -1,0 +1,115 @@
+//! The sessions connected to this node, by user: where a group's driver pushes events, and how
+//! sessions are told to go (shutdown, or their home group moved to another node).
+//!
+//! A user may have several sessions (devices) on one node; they all get the same events. The
+//! registry never decides anything about visibility: the drivers have decided before they push.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nearby_client::proto::Event;
+use nearby_index::friends::UserRange;
+use nearby_index::geo::UserId;
+
+use crate::api::SessionSink;
+use crate::queue::{CloseReason, EventQueue};
+
+/// The node's sessions (see the module doc).
+pub struct Sessions {
+    by_user: Mutex<HashMap<UserId, Vec<SessionSink>>>,
+    next: AtomicU64,
+    queue_capacity: usize,
+}
+
+impl Sessions {
+    /// An empty registry whose sessions queue at most `queue_capacity` events each.
+    pub fn new(queue_capacity: usize) -> Self {
+        Sessions {
+            by_user: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            queue_capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<UserId, Vec<SessionSink>>> {
+        self.by_user.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new session of `user`; returns its sink and whether it is the user's first.
+    pub fn open(&self, user: UserId) -> (SessionSink, bool) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let sink = SessionSink::new(id, Arc::new(EventQueue::new(self.queue_capacity)));
+        let mut all = self.lock();
+        let list = all.entry(user).or_default();
+        list.push(sink.clone());
+        (sink, list.len() == 1)
+    }
+
+    /// Forgets session `id` of `user`; returns whether it was the user's last.
+    pub fn close(&self, user: UserId, id: u64) -> bool {
+        let mut all = self.lock();
+        let Some(list) = all.get_mut(&user) else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|s| s.id() != id);
+        let removed = list.len() < before;
+        if list.is_empty() {
+            all.remove(&user);
+        }
+        removed && !all.contains_key(&user)
+    }
+
+    /// Pushes `event` to every session of `viewer`.
+    pub fn push(&self, viewer: UserId, event: Event) {
+        let all = self.lock();
+        let Some(list) = all.get(&viewer) else {
+            return;
+        };
+        if let [only] = list.as_slice() {
+            only.events.push(event);
+            return;
+        }
+        for s in list {
+            s.events.push(event.clone());
+        }
+    }
+
+    /// Whether `user` has a session here.
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.lock().contains_key(&user)
+    }
+
+    /// Users with a session here.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nobody is connected.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Closes the sessions of every user in `range` with `reason`; returns how many.
+    pub fn close_range(&self, range: UserRange, reason: &CloseReason) -> usize {
+        let all = self.lock();
+        let mut n = 0;
+        for (user, list) in all.iter() {
+            if range.contains(*user) {
+                for s in list {
+                    s.events.close(reason.clone());
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Closes every session with `reason`.
+    pub fn close_all(&self, reason: &CloseReason) {
+        for s in self.lock().values().flatten() {
+            s.events.close(reason.clone());
+        }
+    }
+}

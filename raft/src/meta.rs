@@ -1,0 +1,581 @@
+//! The cluster map: the state machine of the meta group ([`crate::META_GROUP`]).
+//!
+//! The map is the only source of truth for *where things are*: which nodes belong to the
+//! cluster and how to reach them, which shard group owns which range of user ids, which nodes
+//! hold each group's replicas, and which node last led each group. Every change increments
+//! [`ClusterMap::epoch`], so two copies of the map are ordered by their epochs, and a message
+//! routed by an older map can be recognised and refused.
+//!
+//! The map *mirrors* each group's Raft membership rather than driving it: membership changes are
+//! made in the group itself (openraft's `add_learner` / `change_membership`) by the node that
+//! places replicas, and recorded here before (learners to be) and after (voters) each step, so a
+//! node always knows which replicas it must host. Leaders are recorded as hints, with the term
+//! they were elected in, so a stale report never overwrites a newer one.
+//!
+//! This module never does I/O and never reads a clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use nearby_index::friends::{RangeTable, UserRange};
+use serde::{Deserialize, Serialize};
+
+use crate::{GroupId, NodeId, NodeInfo, META_GROUP};
+
+/// The first user id (0 is reserved; `u64::MAX` is the exclusive end of the last range).
+pub const FIRST_USER_ID: u64 = 1;
+
+/// `n` equal ranges covering every user id, numbered as groups `1..=n`: how a new cluster's
+/// user-id space is cut.
+pub fn initial_ranges(n: u64) -> Vec<(GroupId, UserRange)> {
+    let n = n.max(1);
+    let span = (u64::MAX - FIRST_USER_ID) / n;
+    (0..n)
+        .filter_map(|i| {
+            let start = FIRST_USER_ID + i * span;
+            let end = if i + 1 == n { u64::MAX } else { start + span };
+            // start < end always holds: span >= 1 for any n < u64::MAX.
+            UserRange::new(start, end).ok().map(|r| (i + 1, r))
+        })
+        .collect()
+}
+
+/// A node's state in the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Added to the map; not yet serving.
+    Joining,
+    /// Serving.
+    Up,
+    /// Moving its replicas, leaders and clients elsewhere before it leaves.
+    Draining,
+    /// Unreachable (as last judged by the meta group's leader).
+    Down,
+}
+
+impl fmt::Display for NodeState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeState::Joining => "joining",
+            NodeState::Up => "up",
+            NodeState::Draining => "draining",
+            NodeState::Down => "down",
+        })
+    }
+}
+
+/// One node of the map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    /// How to reach it.
+    pub info: NodeInfo,
+    /// Its state.
+    pub state: NodeState,
+}
+
+/// One Raft group of the map: the meta group, or a shard group and its range.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEntry {
+    /// The user ids it owns; `None` for the meta group.
+    pub range: Option<UserRange>,
+    /// Nodes holding a voting replica.
+    pub voters: BTreeSet<NodeId>,
+    /// Nodes holding a replica that is catching up (not voting yet).
+    pub learners: BTreeSet<NodeId>,
+    /// The last leader reported, if any.
+    pub leader: Option<NodeId>,
+    /// The term that leader was elected in.
+    pub term: u64,
+}
+
+impl GroupEntry {
+    /// Every node that holds a replica, voting or not.
+    pub fn replicas(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.voters.iter().chain(self.learners.iter()).copied()
+    }
+
+    /// Whether `node` holds a replica.
+    pub fn has_replica(&self, node: NodeId) -> bool {
+        self.voters.contains(&node) || self.learners.contains(&node)
+    }
+}
+
+/// A change to the cluster map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// The first entry of a new cluster: its identity, its first node, and the shard groups the
+    /// user-id space starts with, all on that node. Refused on a map that is already bootstrapped.
+    Bootstrap {
+        /// The cluster's identity (random, chosen by `init`).
+        cluster: String,
+        /// The first node.
+        node: NodeId,
+        /// How to reach it.
+        info: NodeInfo,
+        /// The initial ranges and their groups (ids above [`META_GROUP`]).
+        ranges: Vec<(GroupId, UserRange)>,
+    },
+    /// A node joins (or, already known, updates its addresses).
+    AddNode {
+        /// The node.
+        node: NodeId,
+        /// How to reach it.
+        info: NodeInfo,
+    },
+    /// A node's state changes.
+    SetNodeState {
+        /// The node.
+        node: NodeId,
+        /// The new state.
+        state: NodeState,
+    },
+    /// A group's replicas, as its membership now is (or is about to be).
+    SetMembers {
+        /// The group.
+        group: GroupId,
+        /// Voting replicas.
+        voters: BTreeSet<NodeId>,
+        /// Catching-up replicas.
+        learners: BTreeSet<NodeId>,
+    },
+    /// A group's leader, as elected in `term`. Ignored if the map knows a newer term.
+    SetLeader {
+        /// The group.
+        group: GroupId,
+        /// The leader.
+        leader: NodeId,
+        /// The term it leads.
+        term: u64,
+    },
+}
+
+impl fmt::Display for MetaCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetaCommand::Bootstrap { node, ranges, .. } => {
+                write!(f, "bootstrap(node {node}, {} ranges)", ranges.len())
+            }
+            MetaCommand::AddNode { node, info } => write!(f, "add_node({node}, {info})"),
+            MetaCommand::SetNodeState { node, state } => write!(f, "node_state({node}, {state})"),
+            MetaCommand::SetMembers {
+                group,
+                voters,
+                learners,
+            } => write!(f, "members({group}, voters {voters:?}, learners {learners:?})"),
+            MetaCommand::SetLeader { group, leader, term } => {
+                write!(f, "leader({group} = {leader} in term {term})")
+            }
+        }
+    }
+}
+
+/// Why a change to the map was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum MetaError {
+    /// `Bootstrap` on a map that already has a cluster.
+    #[error("the cluster {cluster} is already bootstrapped")]
+    AlreadyBootstrapped {
+        /// The existing cluster's identity.
+        cluster: String,
+    },
+    /// A change before `Bootstrap`.
+    #[error("the cluster is not bootstrapped")]
+    NotBootstrapped,
+    /// The node is not in the map.
+    #[error("unknown node {node}")]
+    UnknownNode {
+        /// The node.
+        node: NodeId,
+    },
+    /// The group is not in the map.
+    #[error("unknown group {group}")]
+    UnknownGroup {
+        /// The group.
+        group: GroupId,
+    },
+    /// Bootstrap ranges that overlap, leave gaps, or reuse the meta group's id.
+    #[error("invalid ranges: {reason}")]
+    InvalidRanges {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A group with no voter.
+    #[error("group {group} must keep at least one voter")]
+    NoVoters {
+        /// The group.
+        group: GroupId,
+    },
+}
+
+/// What applying a [`MetaCommand`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaResult {
+    /// The map changed; its epoch is now this.
+    Changed {
+        /// The new epoch.
+        epoch: u64,
+    },
+    /// Nothing to change.
+    Unchanged,
+    /// Refused; nothing changed.
+    Rejected(MetaError),
+}
+
+impl fmt::Display for MetaResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetaResult::Changed { epoch } => write!(f, "changed (epoch {epoch})"),
+            MetaResult::Unchanged => f.write_str("unchanged"),
+            MetaResult::Rejected(e) => write!(f, "rejected: {e}"),
+        }
+    }
+}
+
+/// The cluster map (see the module doc).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMap {
+    /// The cluster's identity; empty until bootstrapped.
+    pub cluster: String,
+    /// Grows with every change.
+    pub epoch: u64,
+    /// Every node, by id.
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    /// Every group, the meta group included, by id.
+    pub groups: BTreeMap<GroupId, GroupEntry>,
+}
+
+impl ClusterMap {
+    /// Whether the map belongs to a bootstrapped cluster.
+    pub fn is_bootstrapped(&self) -> bool {
+        !self.cluster.is_empty()
+    }
+
+    /// The shard groups' ranges as a lookup table.
+    pub fn range_table(&self) -> RangeTable<GroupId> {
+        let entries = self
+            .groups
+            .iter()
+            .filter_map(|(id, g)| g.range.map(|r| (r, *id)))
+            .collect();
+        // Ranges are checked to tile the id space when they enter the map.
+        RangeTable::new(entries).unwrap_or_else(|_| RangeTable::empty())
+    }
+
+    /// The group owning `user`.
+    pub fn group_of(&self, user: u64) -> Option<GroupId> {
+        self.groups
+            .iter()
+            .find(|(_, g)| g.range.is_some_and(|r| r.contains(user)))
+            .map(|(id, _)| *id)
+    }
+
+    /// How to reach `node`.
+    pub fn node(&self, node: NodeId) -> Option<&NodeInfo> {
+        self.nodes.get(&node).map(|n| &n.info)
+    }
+
+    /// The last leader reported for `group`.
+    pub fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.groups.get(&group).and_then(|g| g.leader)
+    }
+
+    /// The groups of which `node` holds a replica.
+    pub fn groups_of(&self, node: NodeId) -> impl Iterator<Item = (GroupId, &GroupEntry)> + '_ {
+        self.groups
+            .iter()
+            .filter(move |(_, g)| g.has_replica(node))
+            .map(|(id, g)| (*id, g))
+    }
+
+    /// Applies one change (see [`MetaCommand`]); deterministic on every replica.
+    pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResult {
+        let outcome = match cmd {
+            MetaCommand::Bootstrap {
+                cluster,
+                node,
+                info,
+                ranges,
+            } => self.bootstrap(cluster, *node, info, ranges),
+            _ if !self.is_bootstrapped() => Err(MetaError::NotBootstrapped),
+            MetaCommand::AddNode { node, info } => {
+                let entry = NodeEntry {
+                    info: info.clone(),
+                    state: NodeState::Up,
+                };
+                match self.nodes.get(node) {
+                    Some(old) if old.info == *info => Ok(false),
+                    Some(old) => {
+                        let state = old.state;
+                        self.nodes.insert(*node, NodeEntry { state, ..entry });
+                        Ok(true)
+                    }
+                    None => {
+                        self.nodes.insert(*node, entry);
+                        Ok(true)
+                    }
+                }
+            }
+            MetaCommand::SetNodeState { node, state } => match self.nodes.get_mut(node) {
+                None => Err(MetaError::UnknownNode { node: *node }),
+                Some(n) if n.state == *state => Ok(false),
+                Some(n) => {
+                    n.state = *state;
+                    Ok(true)
+                }
+            },
+            MetaCommand::SetMembers {
+                group,
+                voters,
+                learners,
+            } => self.set_members(*group, voters, learners),
+            MetaCommand::SetLeader { group, leader, term } => match self.groups.get_mut(group) {
+                None => Err(MetaError::UnknownGroup { group: *group }),
+                Some(g) if *term < g.term || (*term == g.term && g.leader == Some(*leader)) => Ok(false),
+                Some(g) => {
+                    g.leader = Some(*leader);
+                    g.term = *term;
+                    Ok(true)
+                }
+            },
+        };
+        match outcome {
+            Ok(true) => {
+                self.epoch += 1;
+                MetaResult::Changed { epoch: self.epoch }
+            }
+            Ok(false) => MetaResult::Unchanged,
+            Err(e) => MetaResult::Rejected(e),
+        }
+    }
+
+    fn bootstrap(
+        &mut self,
+        cluster: &str,
+        node: NodeId,
+        info: &NodeInfo,
+        ranges: &[(GroupId, UserRange)],
+    ) -> Result<bool, MetaError> {
+        if self.is_bootstrapped() {
+            return Err(MetaError::AlreadyBootstrapped {
+                cluster: self.cluster.clone(),
+            });
+        }
+        let invalid = |reason: String| MetaError::InvalidRanges { reason };
+        if cluster.is_empty() {
+            return Err(invalid("empty cluster identity".into()));
+        }
+        if ranges.iter().any(|(g, _)| *g == META_GROUP) {
+            return Err(invalid(format!("group {META_GROUP} is the meta group")));
+        }
+        let mut ids: Vec<GroupId> = ranges.iter().map(|(g, _)| *g).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != ranges.len() {
+            return Err(invalid("a group id is used twice".into()));
+        }
+        let mut sorted: Vec<UserRange> = ranges.iter().map(|(_, r)| *r).collect();
+        sorted.sort_by_key(|r| r.start);
+        let tiles = sorted.first().is_some_and(|r| r.start == FIRST_USER_ID)
+            && sorted.last().is_some_and(|r| r.end == u64::MAX)
+            && sorted.windows(2).all(|w| w[0].end == w[1].start);
+        if !tiles {
+            return Err(invalid(format!(
+                "the ranges must tile [{FIRST_USER_ID}, {}) without gaps or overlaps",
+                u64::MAX
+            )));
+        }
+        self.cluster = cluster.to_string();
+        self.nodes.insert(
+            node,
+            NodeEntry {
+                info: info.clone(),
+                state: NodeState::Up,
+            },
+        );
+        let on_first = |range| GroupEntry {
+            range,
+            voters: [node].into(),
+            learners: BTreeSet::new(),
+            leader: Some(node),
+            term: 0,
+        };
+        self.groups.insert(META_GROUP, on_first(None));
+        for (g, r) in ranges {
+            self.groups.insert(*g, on_first(Some(*r)));
+        }
+        Ok(true)
+    }
+
+    fn set_members(
+        &mut self,
+        group: GroupId,
+        voters: &BTreeSet<NodeId>,
+        learners: &BTreeSet<NodeId>,
+    ) -> Result<bool, MetaError> {
+        if voters.is_empty() {
+            return Err(MetaError::NoVoters { group });
+        }
+        if let Some(n) = voters
+            .iter()
+            .chain(learners)
+            .find(|n| !self.nodes.contains_key(n))
+        {
+            return Err(MetaError::UnknownNode { node: *n });
+        }
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(MetaError::UnknownGroup { group })?;
+        let learners: BTreeSet<NodeId> = learners.difference(voters).copied().collect();
+        if g.voters == *voters && g.learners == learners {
+            return Ok(false);
+        }
+        g.voters = voters.clone();
+        g.learners = learners;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(n: u64) -> NodeInfo {
+        NodeInfo::new(format!("127.0.0.{n}:7401"), format!("127.0.0.{n}:7400"), "")
+    }
+
+    fn halves() -> Vec<(GroupId, UserRange)> {
+        vec![
+            (1, UserRange::new(1, 1 << 40).expect("r")),
+            (2, UserRange::new(1 << 40, u64::MAX).expect("r")),
+        ]
+    }
+
+    #[test]
+    fn initial_ranges_tile_the_id_space() {
+        for n in [1, 2, 4, 7, 64] {
+            let r = initial_ranges(n);
+            assert_eq!(r.len() as u64, n);
+            assert_eq!(r[0].1.start, FIRST_USER_ID);
+            assert_eq!(r.last().map(|x| x.1.end), Some(u64::MAX));
+            for w in r.windows(2) {
+                assert_eq!(w[0].1.end, w[1].1.start);
+            }
+        }
+    }
+
+    fn bootstrapped() -> ClusterMap {
+        let mut m = ClusterMap::default();
+        let r = m.apply(&MetaCommand::Bootstrap {
+            cluster: "c1".into(),
+            node: 1,
+            info: info(1),
+            ranges: halves(),
+        });
+        assert_eq!(r, MetaResult::Changed { epoch: 1 });
+        m
+    }
+
+    #[test]
+    fn bootstrap_places_every_group_on_the_first_node_once() {
+        let mut m = bootstrapped();
+        assert_eq!(m.group_of(5), Some(1));
+        assert_eq!(m.group_of(1 << 41), Some(2));
+        assert_eq!(m.groups_of(1).count(), 3);
+        assert_eq!(m.range_table().len(), 2);
+        let again = m.apply(&MetaCommand::Bootstrap {
+            cluster: "c2".into(),
+            node: 2,
+            info: info(2),
+            ranges: halves(),
+        });
+        assert!(matches!(
+            again,
+            MetaResult::Rejected(MetaError::AlreadyBootstrapped { .. })
+        ));
+        assert_eq!(m.epoch, 1);
+    }
+
+    #[test]
+    fn every_change_grows_the_epoch_and_no_op_changes_do_not() {
+        let mut m = bootstrapped();
+        let add = MetaCommand::AddNode {
+            node: 2,
+            info: info(2),
+        };
+        assert_eq!(m.apply(&add), MetaResult::Changed { epoch: 2 });
+        assert_eq!(m.apply(&add), MetaResult::Unchanged);
+        let members = MetaCommand::SetMembers {
+            group: 1,
+            voters: [1].into(),
+            learners: [2].into(),
+        };
+        assert_eq!(m.apply(&members), MetaResult::Changed { epoch: 3 });
+        assert!(m.groups[&1].has_replica(2));
+        assert_eq!(m.apply(&members), MetaResult::Unchanged);
+        assert_eq!(m.epoch, 3);
+    }
+
+    #[test]
+    fn a_stale_leader_report_never_overwrites_a_newer_one() {
+        let mut m = bootstrapped();
+        m.apply(&MetaCommand::AddNode {
+            node: 2,
+            info: info(2),
+        });
+        let lead = |leader, term| MetaCommand::SetLeader {
+            group: 1,
+            leader,
+            term,
+        };
+        assert!(matches!(m.apply(&lead(2, 5)), MetaResult::Changed { .. }));
+        assert_eq!(m.apply(&lead(1, 4)), MetaResult::Unchanged);
+        assert_eq!(m.leader(1), Some(2));
+    }
+
+    #[test]
+    fn bad_changes_are_refused_and_change_nothing() {
+        let mut fresh = ClusterMap::default();
+        assert_eq!(
+            fresh.apply(&MetaCommand::AddNode {
+                node: 2,
+                info: info(2)
+            }),
+            MetaResult::Rejected(MetaError::NotBootstrapped)
+        );
+        let gap = vec![
+            (1, UserRange::new(1, 100).expect("r")),
+            (2, UserRange::new(200, u64::MAX).expect("r")),
+        ];
+        let r = fresh.apply(&MetaCommand::Bootstrap {
+            cluster: "c".into(),
+            node: 1,
+            info: info(1),
+            ranges: gap,
+        });
+        assert!(matches!(r, MetaResult::Rejected(MetaError::InvalidRanges { .. })));
+        let mut m = bootstrapped();
+        let before = m.clone();
+        for cmd in [
+            MetaCommand::SetMembers {
+                group: 1,
+                voters: BTreeSet::new(),
+                learners: BTreeSet::new(),
+            },
+            MetaCommand::SetMembers {
+                group: 1,
+                voters: [9].into(),
+                learners: BTreeSet::new(),
+            },
+            MetaCommand::SetLeader {
+                group: 77,
+                leader: 1,
+                term: 1,
+            },
+        ] {
+            assert!(matches!(m.apply(&cmd), MetaResult::Rejected(_)), "{cmd}");
+        }
+        assert_eq!(m, before);
+    }
+}
