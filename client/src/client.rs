@@ -117,7 +117,8 @@ enum Command {
 }
 
 impl Client {
-    /// Connects to `config.endpoint` (following redirects), authenticates with `Hello`, and
+    /// Connects to the first of `config.endpoints` that answers (following redirects),
+    /// authenticates with `Hello`, and
     /// starts the background driver. The first connection is not retried: a failure here is
     /// returned at once for the app to judge ([`ClientError::is_retryable`]).
     ///
@@ -134,7 +135,7 @@ impl Client {
             timeout: config.connect_timeout,
             shared: config.shared_endpoint.clone(),
         };
-        let (link, info) = hello(&dialer, &config, &config.endpoint).await?;
+        let (link, info) = hello_any(&dialer, &config, 0).await?;
         let (commands_tx, commands) = mpsc::channel(config.max_in_flight);
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
         let (session_tx, session) = watch::channel(info);
@@ -160,11 +161,11 @@ impl Client {
         })
     }
 
-    /// Asks a dev node for a token for `user` (registered on first use), following redirects.
-    /// Returns the token and when it expires. A node not in dev mode refuses with
-    /// [`crate::proto::ErrorCode::Forbidden`].
+    /// Asks a dev node — the first of `endpoints` that answers — for a token for `user`
+    /// (registered on first use), following redirects. Returns the token and when it expires. A
+    /// node not in dev mode refuses with [`crate::proto::ErrorCode::Forbidden`].
     pub async fn dev_login(
-        endpoint: &str,
+        endpoints: &[String],
         server_name: &str,
         ca_pem: &str,
         user: UserId,
@@ -175,7 +176,7 @@ impl Client {
             timeout: Duration::from_secs(10),
             shared: None,
         };
-        let (link, response) = dialer.open(endpoint, &Request::DevLogin { user }).await?;
+        let (link, response) = dialer.open_any(endpoints, 0, &Request::DevLogin { user }).await?;
         link.close_gracefully("logged in").await;
         match response {
             Response::Token { token, expires_at } => Ok((token, expires_at)),
@@ -349,19 +350,38 @@ fn request_name(request: &Request) -> &'static str {
     }
 }
 
+fn hello_request(config: &ClientConfig) -> Request {
+    Request::Hello {
+        version: PROTOCOL_VERSION,
+        user: config.user,
+        token: config.token.clone(),
+        client: config.client_name.clone(),
+    }
+}
+
 /// Dials `addr` and authenticates: the link and the node's session parameters.
 async fn hello(
     dialer: &Dialer,
     config: &ClientConfig,
     addr: &str,
 ) -> Result<(Link, SessionInfo), ClientError> {
-    let request = Request::Hello {
-        version: PROTOCOL_VERSION,
-        user: config.user,
-        token: config.token.clone(),
-        client: config.client_name.clone(),
-    };
-    let (link, response) = dialer.open(addr, &request).await?;
+    let (link, response) = dialer.open(addr, &hello_request(config)).await?;
+    welcome(link, response)
+}
+
+/// Dials the configured endpoints in turn, starting at `start`, and authenticates.
+async fn hello_any(
+    dialer: &Dialer,
+    config: &ClientConfig,
+    start: usize,
+) -> Result<(Link, SessionInfo), ClientError> {
+    let (link, response) = dialer
+        .open_any(&config.endpoints, start, &hello_request(config))
+        .await?;
+    welcome(link, response)
+}
+
+fn welcome(link: Link, response: Response) -> Result<(Link, SessionInfo), ClientError> {
     match response {
         Response::Welcome(info) => Ok((link, info)),
         other => {
@@ -417,12 +437,22 @@ enum Step {
     Response(Option<Result<ResponseFrame, ClientError>>),
     Shutdown(Option<ShutdownNotice>),
     Command(Option<Command>),
+    /// A request went unanswered for the request timeout.
+    Overdue,
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A request written and not yet answered.
 struct Pending {
     reply: oneshot::Sender<Result<Response, ClientError>>,
     _permit: Option<OwnedSemaphorePermit>,
+    sent: Instant,
 }
 
 /// Why the connected loop ended.
@@ -537,11 +567,19 @@ impl Driver {
             let Some(live) = self.live.as_mut() else {
                 return self.lost(connection::lost("no connection"), None, None);
             };
+            // The oldest unanswered request bounds how long a silent node is trusted.
+            let overdue = self
+                .pending
+                .values()
+                .map(|p| p.sent)
+                .min()
+                .map(|sent| tokio::time::Instant::from_std(sent + self.config.request_timeout));
             let step = tokio::select! {
                 biased;
                 response = live.responses.recv() => Step::Response(response),
                 notice = live.shutdown.recv(), if live.shutdown_open => Step::Shutdown(notice),
                 command = self.commands.recv() => Step::Command(command),
+                () = sleep_until(overdue) => Step::Overdue,
             };
             match step {
                 Step::Response(Some(Ok(frame))) => self.deliver(frame),
@@ -562,6 +600,19 @@ impl Driver {
                     if let Some(live) = self.live.as_mut() {
                         live.shutdown_open = false;
                     }
+                }
+                Step::Overdue => {
+                    let after_ms = u64::try_from(self.config.request_timeout.as_millis()).unwrap_or(u64::MAX);
+                    tracing::info!(after_ms, "a request went unanswered; the node is taken for gone");
+                    // Not back to the silent node: the configured ones redirect as needed.
+                    return Exit::Lost {
+                        reason: ClientError::Timeout {
+                            during: "waiting for an answer",
+                            after_ms,
+                        },
+                        after: None,
+                        target: None,
+                    };
                 }
                 Step::Command(None) => return Exit::Closed(None),
                 Step::Command(Some(Command::Close(ack))) => return Exit::Closed(Some(ack)),
@@ -611,6 +662,7 @@ impl Driver {
                     Pending {
                         reply,
                         _permit: permit,
+                        sent: Instant::now(),
                     },
                 );
                 Ok(id)
@@ -644,8 +696,6 @@ impl Driver {
         mut first_delay: Option<Duration>,
         preferred: Option<String>,
     ) -> Result<(), (ClientError, Option<oneshot::Sender<()>>)> {
-        let seed = self.config.endpoint.clone();
-        let preferred = preferred.unwrap_or_else(|| seed.clone());
         let mut attempt: u32 = 0;
         loop {
             if !self.config.reconnect.allows(attempt) {
@@ -664,15 +714,14 @@ impl Driver {
                 return Err((ClientError::Closed, ack));
             }
             // Alternate between the preferred node (the one that was serving us, or the one a
-            // shutdown named) and the configured endpoint, which redirects as needed: a dead
-            // preferred node must not trap the client.
-            let addr = if attempt.is_multiple_of(2) {
-                &preferred
-            } else {
-                &seed
+            // shutdown named) and the configured endpoints, tried in turn from a different one
+            // each time, which redirect as needed: a dead node must not trap the client.
+            let dialed = match preferred.as_deref() {
+                Some(addr) if attempt.is_multiple_of(2) => hello(&self.dialer, &self.config, addr).await,
+                _ => hello_any(&self.dialer, &self.config, (attempt / 2) as usize).await,
             };
             attempt += 1;
-            match hello(&self.dialer, &self.config, addr).await {
+            match dialed {
                 Ok((link, info)) => {
                     tracing::info!(addr = %link.addr, attempt, "reconnected");
                     self.session.send_replace(info);

@@ -10,8 +10,9 @@ use crate::UserId;
 /// Everything [`crate::Client::connect`] needs.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// `host:port` of a node. Any node will do: a node that does not serve the user redirects.
-    pub endpoint: String,
+    /// `host:port` of the cluster's nodes, tried in turn until one answers. Any node will do: a
+    /// node that does not serve the user redirects it to the one that does.
+    pub endpoints: Vec<String>,
     /// The name the node's certificate must carry (`localhost` for a dev node).
     pub server_name: String,
     /// PEM certificates to trust as roots (a dev node writes its self-signed one to
@@ -25,6 +26,10 @@ pub struct ClientConfig {
     pub reconnect: Backoff,
     /// Longest wait for connect + TLS + `Hello` (each hop of a redirect gets its own).
     pub connect_timeout: Duration,
+    /// Longest wait for a request's answer. A node that does not answer in time is taken for
+    /// gone: the connection is dropped and the client reconnects (elsewhere, if it must) — a
+    /// dead node costs a client this long, not the QUIC idle timeout.
+    pub request_timeout: Duration,
     /// Free text naming the client software, sent in `Hello` for the node's logs.
     pub client_name: String,
     /// Events buffered for the app before the client stops reading the node's event stream
@@ -39,8 +44,9 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// A configuration with the defaults: server name `localhost`, [`Backoff::default`], 10 s
-    /// connect timeout, 256 buffered events, 64 requests in flight.
+    /// A configuration for the node at `endpoint` with the defaults: server name `localhost`,
+    /// [`Backoff::default`], 10 s connect timeout, 5 s request timeout, 256 buffered events, 64
+    /// requests in flight.
     pub fn new(
         endpoint: impl Into<String>,
         ca_pem: impl Into<String>,
@@ -48,18 +54,30 @@ impl ClientConfig {
         token: impl Into<String>,
     ) -> Self {
         ClientConfig {
-            endpoint: endpoint.into(),
+            endpoints: vec![endpoint.into()],
             server_name: DEFAULT_SERVER_NAME.to_string(),
             ca_pem: ca_pem.into(),
             user,
             token: token.into(),
             reconnect: Backoff::default(),
             connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
             client_name: concat!("nearby-sdk/", env!("CARGO_PKG_VERSION")).to_string(),
             event_capacity: 256,
             max_in_flight: 64,
             shared_endpoint: None,
         }
+    }
+}
+
+impl ClientConfig {
+    /// Tries these nodes, in turn, instead (an empty list keeps the current ones).
+    pub fn with_endpoints(mut self, endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let list: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        if !list.is_empty() {
+            self.endpoints = list;
+        }
+        self
     }
 }
 

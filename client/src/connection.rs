@@ -5,6 +5,7 @@
 //! bounded number of hops), and reading/writing frames. It never decides what to do with a
 //! response and never retries: [`crate::client`] does.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -129,16 +130,43 @@ impl Dialer {
     /// following redirects. Returns the link and the node's answer, which is never a
     /// `Redirect`: an `Error` answer is returned as is, for the caller to judge.
     pub(crate) async fn open(&self, addr: &str, first: &Request) -> Result<(Link, Response), ClientError> {
+        self.open_avoiding(addr, first, &mut HashSet::new()).await
+    }
+
+    /// [`Dialer::open`], recording in `dead` every address that could not be dialled and
+    /// giving up at once on a redirect to one of them.
+    async fn open_avoiding(
+        &self,
+        addr: &str,
+        first: &Request,
+        dead: &mut HashSet<String>,
+    ) -> Result<(Link, Response), ClientError> {
         let mut addr = addr.to_string();
         let mut hops = 0;
         loop {
+            if dead.contains(&addr) {
+                return Err(ClientError::Connect {
+                    endpoint: addr,
+                    reason: "did not answer a moment ago".into(),
+                });
+            }
             let during = "connecting and authenticating";
-            let (link, response) = tokio::time::timeout(self.timeout, self.hop(&addr, first))
+            let hop = tokio::time::timeout(self.timeout, self.hop(&addr, first))
                 .await
                 .map_err(|_| ClientError::Timeout {
                     during,
                     after_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
-                })??;
+                })
+                .and_then(|r| r);
+            let (link, response) = match hop {
+                Ok(ok) => ok,
+                Err(e) => {
+                    if matches!(e, ClientError::Timeout { .. } | ClientError::Connect { .. }) {
+                        dead.insert(addr);
+                    }
+                    return Err(e);
+                }
+            };
             match response {
                 Response::Redirect(redirect) => {
                     link.close("redirected");
@@ -155,6 +183,34 @@ impl Dialer {
                 other => return Ok((link, other)),
             }
         }
+    }
+
+    /// [`Dialer::open`] at the first of `endpoints` that answers, starting at `start` and
+    /// going round, skipping nodes that just failed to answer (directly or as a redirect's
+    /// target); the last failure if none does.
+    pub(crate) async fn open_any(
+        &self,
+        endpoints: &[String],
+        start: usize,
+        first: &Request,
+    ) -> Result<(Link, Response), ClientError> {
+        let mut last = ClientError::Config("no endpoint configured".into());
+        let mut dead = HashSet::new();
+        for i in 0..endpoints.len() {
+            let addr = &endpoints[(start + i) % endpoints.len()];
+            if dead.contains(addr) {
+                continue;
+            }
+            match self.open_avoiding(addr, first, &mut dead).await {
+                Ok(ok) => return Ok(ok),
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(%addr, error = %e, "node unavailable; trying the next");
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
     }
 
     /// One hop: dial and ask, no redirect handling.

@@ -147,13 +147,36 @@ pub(crate) fn dev_node_tls(ca: &ClusterCa, dir: &Path, id: u64) -> Result<NodeTl
     Ok(tls)
 }
 
-/// Runs the dev node until `shutdown` completes. `ready` gets the text telling a newcomer what to
-/// type next.
+/// What to type next, for the banner.
+const NEXT_STEPS: &str = "In another shell, be two friends 3 km apart:\n\
+     \n  nearby --user 1 login && nearby --user 2 login\
+     \n  nearby --user 1 friends add 2 && nearby --user 2 friends add 1\
+     \n  nearby --user 1 location set 52.5200 13.4050\
+     \n  nearby --user 2 location set 52.5470 13.4050\
+     \n  nearby --user 1 list\
+     \n  nearby --user 1 watch        # then move user 2 in a third shell\n\
+     \n(`nearby` is `cargo run -p nearby-client --bin nearby --`.)";
+
+/// Writes the files the CLI reads: every node's client address (one per line), the
+/// certificate to trust, and the name it carries.
+fn write_home(home: &Path, endpoints: &[String], ca_pem: &str) -> Result<(), DevError> {
+    let mut list = endpoints.join("\n");
+    list.push('\n');
+    write(&home.join("endpoint"), list.as_bytes())?;
+    write(&home.join("ca.pem"), ca_pem.as_bytes())?;
+    write(&home.join("server_name"), b"localhost\n")
+}
+
+/// Runs the dev cluster until `shutdown` completes: one node in this process, or `nodes` child
+/// processes (see [`run_many`]). `ready` gets the text telling a newcomer what to type next.
 pub async fn run(
     opts: DevOptions,
     ready: impl FnOnce(String),
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DevError> {
+    if opts.nodes > 1 {
+        return run_many(opts, ready, shutdown).await;
+    }
     let dev_dir = opts.data.join("dev");
     let signer = Arc::new(token_key(&dev_dir)?);
     let tls = server_tls(&dev_dir)?;
@@ -197,23 +220,247 @@ pub async fn run(
         node.import(&seed).await?;
     }
     let endpoint = node.client_addr().to_string();
-    write(&opts.home.join("endpoint"), format!("{endpoint}\n").as_bytes())?;
-    write(&opts.home.join("ca.pem"), ca_pem.as_bytes())?;
-    write(&opts.home.join("server_name"), b"localhost\n")?;
+    write_home(&opts.home, std::slice::from_ref(&endpoint), &ca_pem)?;
     tracing::info!(data = %opts.data.display(), %endpoint, "nearby dev node is ready");
     ready(format!(
-        "nearby dev node is ready: clients connect to {endpoint} (written to {home}).\n\
-         In another shell, be two friends 3 km apart:\n\
-         \n  nearby --user 1 login && nearby --user 2 login\
-         \n  nearby --user 1 friends add 2 && nearby --user 2 friends add 1\
-         \n  nearby --user 1 location set 52.5200 13.4050\
-         \n  nearby --user 2 location set 52.5470 13.4050\
-         \n  nearby --user 1 list\
-         \n  nearby --user 1 watch        # then move user 2 in a third shell\n\
-         \n(`nearby` is `cargo run -p nearby-client --bin nearby --`.) Ctrl-C stops the node.",
+        "nearby dev node is ready: clients connect to {endpoint} (written to {home}).\n{NEXT_STEPS} \
+         Ctrl-C stops the node.",
         home = opts.home.display()
     ));
     node.run(shutdown).await;
     tracing::info!("nearby dev node stopped");
     Ok(())
+}
+
+/// The address of node `i` (1-based) of a dev cluster: the base address's last octet plus
+/// `i - 1`, the same port.
+fn nth_addr(base: SocketAddr, i: u8) -> Result<SocketAddr, DevError> {
+    let bad = |why: &str| DevError::Files {
+        path: PathBuf::from(base.to_string()),
+        reason: why.to_string(),
+    };
+    if base.port() == 0 {
+        return Err(bad(
+            "`--nodes` needs fixed ports: the nodes find each other at known addresses",
+        ));
+    }
+    match base.ip() {
+        std::net::IpAddr::V4(ip) => {
+            let o = ip.octets();
+            let last = o[3]
+                .checked_add(i - 1)
+                .ok_or_else(|| bad("the base address leaves no room for the nodes' addresses"))?;
+            Ok(SocketAddr::from(([o[0], o[1], o[2], last], base.port())))
+        }
+        std::net::IpAddr::V6(_) => Err(bad("`--nodes` uses IPv4 loopback addresses (127.0.0.x)")),
+    }
+}
+
+/// One child node: its process and where it listens.
+struct Child {
+    id: u8,
+    client: SocketAddr,
+    process: tokio::process::Child,
+}
+
+/// Runs `opts.nodes` nodes, each its own `nearby-node` process with its own data directory
+/// (`DATA/n1`, `DATA/n2`, …) on consecutive loopback addresses (127.0.0.1, .2, … by default),
+/// sharing the dev CA, client certificate and token key in `DATA/dev`. Node 1 initialises the
+/// cluster on first start; the others join it. Their logs are forwarded, prefixed with the
+/// node. A child that dies is reported, not restarted: the others keep serving. On shutdown
+/// every child is stopped with SIGTERM (a clean, draining stop).
+pub async fn run_many(
+    opts: DevOptions,
+    ready: impl FnOnce(String),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DevError> {
+    let dev_dir = opts.data.join("dev");
+    let signer = token_key(&dev_dir)?;
+    let public = dev_dir.join("token.pub");
+    write(
+        &public,
+        format!("{}\n", signer.verifier().public_base64url()).as_bytes(),
+    )?;
+    let tls = server_tls(&dev_dir)?;
+    let ca = dev_ca(&dev_dir)?;
+    let exe = std::env::current_exe().map_err(|e| files_err(Path::new("nearby-node"), e))?;
+    let node1_raft = nth_addr(opts.raft_listen, 1)?;
+    let mut children: Vec<Child> = Vec::new();
+    let (ready_tx, ready_rx) = tokio::sync::mpsc::unbounded_channel::<u8>();
+    let mut readiness = Readiness {
+        rx: ready_rx,
+        seen: std::collections::BTreeSet::new(),
+    };
+    for i in 1..=opts.nodes {
+        let (client, raft) = (nth_addr(opts.listen, i)?, nth_addr(opts.raft_listen, i)?);
+        dev_node_tls(&ca, &dev_dir, u64::from(i))?;
+        let dir = opts.data.join(format!("n{i}"));
+        fs::create_dir_all(&dir).map_err(|e| files_err(&dir, e))?;
+        let join = if i == 1 {
+            String::new()
+        } else {
+            format!("join = [\"{node1_raft}\"]\n")
+        };
+        let config = format!(
+            "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
+             [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n{join}\
+             [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n\
+             [auth]\ntoken_public_key = {public:?}\n\
+             [limits]\nshed = {shed}\n",
+            data = dir,
+            groups = opts.groups,
+            ca = dev_dir.join("ca.pem"),
+            cert = dev_dir.join(format!("node-{i}.pem")),
+            key = dev_dir.join(format!("node-{i}-key.pem")),
+            tcert = dev_dir.join("cert.pem"),
+            tkey = dev_dir.join("key.pem"),
+            shed = opts.shed,
+        );
+        let config_path = dir.join("node.toml");
+        write(&config_path, config.as_bytes())?;
+        let member = crate::cluster::identity::is_member(&dir).map_err(|e| files_err(&dir, e))?;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg(if i == 1 && !member { "init" } else { "run" })
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--dev-token-key")
+            .arg(dev_dir.join("token-key.pk8"));
+        if let (1, Some(import)) = (i, &opts.import) {
+            cmd.arg("--import").arg(import);
+        }
+        cmd.stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut process = cmd.spawn().map_err(|e| files_err(&exe, e))?;
+        tracing::info!(node = i, pid = process.id(), %client, %raft, "started a node process");
+        if let Some(stderr) = process.stderr.take() {
+            let tx = ready_tx.clone();
+            tokio::spawn(forward_log(i, stderr, tx));
+        }
+        children.push(Child {
+            id: i,
+            client,
+            process,
+        });
+        if i == 1 {
+            // The others join through node 1: wait until it serves.
+            readiness.wait(&mut children, 1).await?;
+        }
+    }
+    for i in 2..=opts.nodes {
+        readiness.wait(&mut children, i).await?;
+    }
+    let endpoints: Vec<String> = children.iter().map(|c| c.client.to_string()).collect();
+    write_home(&opts.home, &endpoints, &tls.chain_pem)?;
+    tracing::info!(nodes = opts.nodes, data = %opts.data.display(), "nearby dev cluster is ready");
+    ready(format!(
+        "nearby dev cluster is ready: {n} nodes, each its own process, clients connect to any of \
+         {list} (written to {home}).\n{NEXT_STEPS} Stop a node with `kill <pid>` (its pid is in \
+         the log) and the others keep serving; Ctrl-C stops them all.",
+        n = opts.nodes,
+        list = endpoints.join(", "),
+        home = opts.home.display()
+    ));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
+                for c in &mut children {
+                    if let Ok(Some(status)) = c.process.try_wait() {
+                        if c.client.port() != 0 {
+                            tracing::warn!(node = c.id, %status, "a node process exited; the others keep serving (it is not restarted)");
+                            c.client.set_port(0);
+                        }
+                    }
+                }
+                if children.iter().all(|c| c.client.port() == 0) {
+                    tracing::warn!("every node process has exited");
+                    break;
+                }
+            }
+        }
+    }
+    for c in &mut children {
+        if let Some(pid) = c.process.id() {
+            // SIGTERM: each node stops cleanly, telling its clients to reconnect.
+            // SAFETY: kill(2) with a pid this process spawned and a valid signal number.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+    for c in &mut children {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), c.process.wait()).await {
+            Ok(Ok(status)) => tracing::info!(node = c.id, %status, "node process stopped"),
+            _ => {
+                tracing::warn!(node = c.id, "node process did not stop in time; killing it");
+                let _ = c.process.kill().await;
+            }
+        }
+    }
+    tracing::info!("nearby dev cluster stopped");
+    Ok(())
+}
+
+/// Forwards a child's log to this process's, prefixed with its node, and reports readiness.
+async fn forward_log(
+    node: u8,
+    stderr: tokio::process::ChildStderr,
+    ready: tokio::sync::mpsc::UnboundedSender<u8>,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("nearby node is ready") {
+            let _ = ready.send(node);
+        }
+        #[allow(clippy::print_stderr)] // the children's logs are this command's log
+        {
+            eprintln!("n{node} | {line}");
+        }
+    }
+}
+
+/// The children's readiness reports.
+struct Readiness {
+    rx: tokio::sync::mpsc::UnboundedReceiver<u8>,
+    seen: std::collections::BTreeSet<u8>,
+}
+
+impl Readiness {
+    /// Waits until node `id` has reported ready (now or earlier); fails if a child exits first.
+    async fn wait(&mut self, children: &mut [Child], id: u8) -> Result<(), DevError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.seen.contains(&id) {
+            tokio::select! {
+                got = self.rx.recv() => match got {
+                    Some(n) => {
+                        self.seen.insert(n);
+                    }
+                    None => break,
+                },
+                () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {
+                    for c in children.iter_mut() {
+                        if let Ok(Some(status)) = c.process.try_wait() {
+                            return Err(DevError::Files {
+                                path: PathBuf::from(format!("node {}", c.id)),
+                                reason: format!("the node process exited ({status}) before it was ready; see its log above"),
+                            });
+                        }
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        if self.seen.contains(&id) {
+            return Ok(());
+        }
+        Err(DevError::Files {
+            path: PathBuf::from(format!("node {id}")),
+            reason: "the node did not become ready within 60 s".into(),
+        })
+    }
 }

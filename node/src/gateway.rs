@@ -37,6 +37,9 @@ use crate::route::peer::{ReadAnswer, ReadQuery};
 use crate::route::router::Router;
 use crate::sessions::Sessions;
 
+/// A leader not heard from for this long is not redirected to (peers ping every second).
+const REACHABLE: Duration = Duration::from_millis(1_800);
+
 /// Messages a driver may have waiting before periodic location updates are refused.
 pub const MAX_BACKLOG: usize = 20_000;
 
@@ -329,13 +332,23 @@ impl Backend for Gateway {
     async fn open_session(&self, user: UserId) -> Result<Admission, ServiceError> {
         let group = self.home(user)?;
         let Some(d) = self.drivers.get(group) else {
-            return match self.router.directory().leader_client_addr(group) {
-                Some(addr) => Ok(Admission::Redirect {
+            // Never send a client to a leader this node cannot reach: it is most likely dead,
+            // and a new one is being elected.
+            let directory = self.router.directory();
+            let leader = directory.leader(group).filter(|l| *l != directory.me());
+            let reachable = leader.is_some_and(|l| {
+                self.router
+                    .peers()
+                    .last_ok(l)
+                    .is_some_and(|t| t.elapsed() < REACHABLE)
+            });
+            return match (reachable, directory.leader_client_addr(group)) {
+                (true, Some(addr)) => Ok(Admission::Redirect {
                     addr,
                     reason: format!("group {group} (your home shard) is led by another node"),
                 }),
-                None => Err(ServiceError::unavailable(
-                    "your home shard has no leader yet; retry in a moment",
+                _ => Err(ServiceError::unavailable(
+                    "your home shard's leader is being elected; retry in a moment",
                 )),
             };
         };

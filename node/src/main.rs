@@ -59,6 +59,9 @@ enum Cmd {
         /// Dev mode: also accept `DevLogin`, signing tokens with this key (PKCS#8, 0600).
         #[arg(long, hide = true)]
         dev_token_key: Option<PathBuf>,
+        /// Load users and relations from a bulk-import file once serving.
+        #[arg(long, hide = true)]
+        import: Option<PathBuf>,
     },
     /// Initialise a new cluster with this node as its first member, then run it. Refused on a
     /// data directory that already belongs to a cluster.
@@ -72,6 +75,9 @@ enum Cmd {
         /// Dev mode: also accept `DevLogin`, signing tokens with this key (PKCS#8, 0600).
         #[arg(long, hide = true)]
         dev_token_key: Option<PathBuf>,
+        /// Load users and relations from a bulk-import file once serving.
+        #[arg(long, hide = true)]
+        import: Option<PathBuf>,
     },
     /// Join the cluster of the node at SEED (its node-to-node address), then run.
     Join {
@@ -81,6 +87,12 @@ enum Cmd {
         /// `host:port` of a node of the cluster.
         #[arg(required = true)]
         seeds: Vec<String>,
+    },
+    /// Print the cluster map a data directory last saw (works while the node is stopped).
+    Inspect {
+        /// The node's data directory.
+        #[arg(long)]
+        data: PathBuf,
     },
     /// The cluster's certificate authority: make one, or issue a node's certificate.
     #[command(subcommand)]
@@ -197,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Run {
             config,
             dev_token_key,
+            import,
         } => {
             let config = NodeConfig::load(&config, env)?;
             let bootstrap = if config.cluster.join.is_empty() {
@@ -204,12 +217,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 Bootstrap::Join(config.cluster.join.clone())
             };
-            rt.block_on(run_node(config, bootstrap, dev_token_key.as_deref()))
+            rt.block_on(run_node(
+                config,
+                bootstrap,
+                dev_token_key.as_deref(),
+                import.as_deref(),
+            ))
         }
         Cmd::Init {
             config,
             groups,
             dev_token_key,
+            import,
         } => {
             let config = NodeConfig::load(&config, env)?;
             let groups = groups.unwrap_or(config.groups);
@@ -221,11 +240,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config,
                 Bootstrap::Init { groups },
                 dev_token_key.as_deref(),
+                import.as_deref(),
             ))
         }
         Cmd::Join { config, seeds } => {
             let config = NodeConfig::load(&config, env)?;
-            rt.block_on(run_node(config, Bootstrap::Join(seeds), None))
+            rt.block_on(run_node(config, Bootstrap::Join(seeds), None, None))
         }
         Cmd::Ca(CaCmd::Init { out, name, force }) => ca_init(&out, &name, force),
         Cmd::Ca(CaCmd::Issue {
@@ -235,7 +255,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
         }) => ca_issue(&ca, node_id, &out, force),
         Cmd::Keygen { out, force } => keygen(&out, force),
+        Cmd::Inspect { data } => inspect(&data),
     }
+}
+
+fn inspect(data: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(data.join("cluster/map"))
+        .with_context(|| format!("no saved map under {}", data.display()))?;
+    let map: nearby_raft::ClusterMap =
+        nearby_index::codec::decode(&bytes).context("the saved map does not decode")?;
+    let mut out = format!("cluster {} epoch {}\nnodes:\n", map.cluster, map.epoch);
+    for (id, n) in &map.nodes {
+        out.push_str(&format!(
+            "  {id}: {} raft={} client={}\n",
+            n.state, n.info.raft, n.info.client
+        ));
+    }
+    out.push_str("groups:\n");
+    for (id, g) in &map.groups {
+        let range = g.range.map_or("meta".to_string(), |r| r.to_string());
+        out.push_str(&format!(
+            "  {id}: {range} voters={:?} learners={:?} leader={:?} term={}\n",
+            g.voters, g.learners, g.leader, g.term
+        ));
+    }
+    #[allow(clippy::print_stdout)] // the command's output
+    {
+        print!("{out}");
+    }
+    Ok(())
 }
 
 fn read(p: &Path) -> anyhow::Result<String> {
@@ -246,6 +294,7 @@ async fn run_node(
     config: NodeConfig,
     bootstrap: Bootstrap,
     dev_token_key: Option<&Path>,
+    import: Option<&Path>,
 ) -> anyhow::Result<()> {
     use nearby_node::service::tls::ServerTls;
     let tls_key = secrets::read_secret_text(&config.tls.key).context("config field `tls.key`")?;
@@ -284,6 +333,11 @@ async fn run_node(
     }
     let stop = nearby_node::shutdown::signal();
     let node = nearby_node::node::Node::start(opts).await?;
+    if let Some(path) = import {
+        let seed =
+            nearby_raft::seed::Seed::read(path).with_context(|| format!("--import {}", path.display()))?;
+        node.import(&seed).await?;
+    }
     tracing::info!(endpoint = %node.client_addr(), "nearby node is ready");
     node.run(stop).await;
     Ok(())

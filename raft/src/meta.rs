@@ -138,6 +138,23 @@ pub enum MetaCommand {
         /// Catching-up replicas.
         learners: BTreeSet<NodeId>,
     },
+    /// `node` holds a replica of `group`: a learner (catching up), or a voter. Relative to the
+    /// map as it is when applied, so two changes of one group never undo each other.
+    AddReplica {
+        /// The group.
+        group: GroupId,
+        /// The node.
+        node: NodeId,
+        /// Whether it votes (else it is a learner).
+        voter: bool,
+    },
+    /// `node` no longer holds a replica of `group`.
+    RemoveReplica {
+        /// The group.
+        group: GroupId,
+        /// The node.
+        node: NodeId,
+    },
     /// A group's leader, as elected in `term`. Ignored if the map knows a newer term.
     SetLeader {
         /// The group.
@@ -162,6 +179,10 @@ impl fmt::Display for MetaCommand {
                 voters,
                 learners,
             } => write!(f, "members({group}, voters {voters:?}, learners {learners:?})"),
+            MetaCommand::AddReplica { group, node, voter } => {
+                write!(f, "add_replica({group} on {node}, voter {voter})")
+            }
+            MetaCommand::RemoveReplica { group, node } => write!(f, "remove_replica({group} on {node})"),
             MetaCommand::SetLeader { group, leader, term } => {
                 write!(f, "leader({group} = {leader} in term {term})")
             }
@@ -329,6 +350,36 @@ impl ClusterMap {
                 voters,
                 learners,
             } => self.set_members(*group, voters, learners),
+            MetaCommand::AddReplica { group, node, voter } => {
+                if !self.nodes.contains_key(node) {
+                    return MetaResult::Rejected(MetaError::UnknownNode { node: *node });
+                }
+                match self.groups.get_mut(group) {
+                    None => Err(MetaError::UnknownGroup { group: *group }),
+                    Some(g) => {
+                        let changed = if *voter {
+                            let was_learner = g.learners.remove(node);
+                            g.voters.insert(*node) || was_learner
+                        } else if g.voters.contains(node) {
+                            false
+                        } else {
+                            g.learners.insert(*node)
+                        };
+                        Ok(changed)
+                    }
+                }
+            }
+            MetaCommand::RemoveReplica { group, node } => match self.groups.get_mut(group) {
+                None => Err(MetaError::UnknownGroup { group: *group }),
+                Some(g) if g.voters.len() == 1 && g.voters.contains(node) => {
+                    Err(MetaError::NoVoters { group: *group })
+                }
+                Some(g) => {
+                    let a = g.voters.remove(node);
+                    let b = g.learners.remove(node);
+                    Ok(a || b)
+                }
+            },
             MetaCommand::SetLeader { group, leader, term } => match self.groups.get_mut(group) {
                 None => Err(MetaError::UnknownGroup { group: *group }),
                 Some(g) if *term < g.term || (*term == g.term && g.leader == Some(*leader)) => Ok(false),
@@ -515,6 +566,43 @@ mod tests {
         assert!(m.groups[&1].has_replica(2));
         assert_eq!(m.apply(&members), MetaResult::Unchanged);
         assert_eq!(m.epoch, 3);
+    }
+
+    #[test]
+    fn replica_changes_are_relative_so_interleaved_steps_never_undo_each_other() {
+        let mut m = bootstrapped();
+        for n in [2, 3] {
+            m.apply(&MetaCommand::AddNode {
+                node: n,
+                info: info(n),
+            });
+        }
+        let add = |node, voter| MetaCommand::AddReplica {
+            group: 1,
+            node,
+            voter,
+        };
+        // Two moves in flight: both learners first, then both voters, in any order.
+        m.apply(&add(2, false));
+        m.apply(&add(3, false));
+        m.apply(&add(3, true));
+        m.apply(&add(2, true));
+        assert_eq!(m.groups[&1].voters, [1, 2, 3].into());
+        assert!(m.groups[&1].learners.is_empty());
+        assert_eq!(
+            m.apply(&add(2, false)),
+            MetaResult::Unchanged,
+            "a voter turned learner"
+        );
+        assert!(matches!(
+            m.apply(&MetaCommand::RemoveReplica { group: 1, node: 2 }),
+            MetaResult::Changed { .. }
+        ));
+        m.apply(&MetaCommand::RemoveReplica { group: 1, node: 3 });
+        assert_eq!(
+            m.apply(&MetaCommand::RemoveReplica { group: 1, node: 1 }),
+            MetaResult::Rejected(MetaError::NoVoters { group: 1 })
+        );
     }
 
     #[test]

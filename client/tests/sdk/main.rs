@@ -184,7 +184,7 @@ async fn untrusted_certificate_is_refused() {
 #[tokio::test]
 async fn dev_login_returns_a_token() {
     let server = TestServer::start(8000);
-    let (token, expires_at) = Client::dev_login(&server.endpoint(), "localhost", &server.ca_pem, 5)
+    let (token, expires_at) = Client::dev_login(&[server.endpoint()], "localhost", &server.ca_pem, 5)
         .await
         .expect("login");
     assert_eq!(token, "tok-5");

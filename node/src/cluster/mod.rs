@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use nearby_index::friends::UserRange;
 use nearby_raft::host::Manifest;
 use nearby_raft::meta::{initial_ranges, MetaCommand, MetaResult, NodeState};
-use nearby_raft::{ClusterMap, GroupId, NodeId, NodeInfo, RaftHost, Reply, META_GROUP};
+use nearby_raft::{GroupId, NodeId, NodeInfo, RaftHost, Reply, META_GROUP};
 use openraft::ChangeMembers;
 use tokio::task::JoinHandle;
 
@@ -642,22 +642,23 @@ impl Cluster {
                 continue;
             };
             tracing::info!(?step, epoch = view.map.epoch, "placement step");
-            if let Err(e) = self.take(&step, &view.map).await {
+            if let Err(e) = self.take(&step).await {
                 tracing::warn!(?step, error = %e, "placement step failed; will plan again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
 
-    async fn take(&self, step: &Step, map: &ClusterMap) -> Result<(), String> {
+    async fn take(&self, step: &Step) -> Result<(), String> {
         match *step {
             Step::AddReplica { group, node } => {
-                let entry = map.groups.get(&group).ok_or("no such group")?;
-                let mut learners = entry.learners.clone();
-                learners.insert(node);
                 // The map first: the node opens its replica when it sees itself in it.
-                self.propose_members(group, entry.voters.clone(), learners)
-                    .await?;
+                self.propose_map(MetaCommand::AddReplica {
+                    group,
+                    node,
+                    voter: false,
+                })
+                .await?;
                 let leader = self.directory.leader(group).ok_or("no leader")?;
                 let req = PeerRequest::AddReplica {
                     epoch: self.directory.epoch(),
@@ -674,12 +675,14 @@ impl Cluster {
                     }
                 };
                 answer?;
-                let mut voters = entry.voters.clone();
-                voters.insert(node);
-                self.propose_members(group, voters, entry.learners.clone()).await
+                self.propose_map(MetaCommand::AddReplica {
+                    group,
+                    node,
+                    voter: true,
+                })
+                .await
             }
             Step::RemoveReplica { group, node } => {
-                let entry = map.groups.get(&group).ok_or("no such group")?;
                 let leader = self.directory.leader(group).ok_or("no leader")?;
                 if leader == node {
                     return Err("the replica to remove leads the group".into());
@@ -700,11 +703,7 @@ impl Cluster {
                 };
                 answer?;
                 // The membership no longer has it; the map follows, and the node closes it.
-                let mut voters = entry.voters.clone();
-                voters.remove(&node);
-                let mut learners = entry.learners.clone();
-                learners.remove(&node);
-                self.propose_members(group, voters, learners).await
+                self.propose_map(MetaCommand::RemoveReplica { group, node }).await
             }
             Step::TransferLeader { group, to } => {
                 match self
@@ -730,25 +729,23 @@ impl Cluster {
         }
     }
 
-    async fn propose_members(
-        &self,
-        group: GroupId,
-        voters: std::collections::BTreeSet<NodeId>,
-        learners: std::collections::BTreeSet<NodeId>,
-    ) -> Result<(), String> {
-        match self
-            .router
-            .propose_meta(MetaCommand::SetMembers {
-                group,
-                voters,
-                learners,
-            })
-            .await
-        {
-            Ok(Reply::Meta(MetaResult::Rejected(e))) => Err(e.to_string()),
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
+    /// Proposes a change of the map and waits until this node's directory shows it, so the
+    /// next step is planned from a map that includes this one.
+    async fn propose_map(&self, cmd: MetaCommand) -> Result<(), String> {
+        let epoch = match self.router.propose_meta(cmd).await {
+            Ok(Reply::Meta(MetaResult::Rejected(e))) => return Err(e.to_string()),
+            Ok(Reply::Meta(MetaResult::Changed { epoch })) => epoch,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.directory.epoch() < epoch {
+            if Instant::now() > deadline {
+                return Err(format!("the map did not reach epoch {epoch} here"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        Ok(())
     }
 
     /// On `group`'s leader: makes `node` a learner, waits until it has caught up, then a voter.

@@ -102,8 +102,11 @@ pub fn plan(map: &ClusterMap) -> Option<Step> {
     }
     // A group with a replica too many (the second half of a move) loses the one on the most
     // loaded node that does not lead it.
+    // Counted against every node of the map, not only those up: a node that is down for a
+    // moment keeps its replicas.
+    let most = REPLICAS.min(map.nodes.len());
     for (id, g) in &map.groups {
-        if *id == META_GROUP || g.replicas().count() <= want || !g.learners.is_empty() {
+        if *id == META_GROUP || g.replicas().count() <= most || !g.learners.is_empty() {
             continue;
         }
         let victim = g
@@ -270,6 +273,24 @@ mod tests {
         let max = per_node.values().max().copied().unwrap_or(0);
         let min = per_node.values().min().copied().unwrap_or(0);
         assert!(max - min <= 1, "{per_node:?}");
+    }
+
+    #[test]
+    fn a_node_that_goes_down_keeps_its_replicas() {
+        let mut m = cluster(3, 4);
+        converge(&mut m);
+        m.apply(&MetaCommand::SetNodeState {
+            node: 2,
+            state: NodeState::Down,
+        });
+        let steps = converge(&mut m);
+        assert!(
+            steps
+                .iter()
+                .all(|s| !matches!(s, Step::RemoveReplica { .. } | Step::AddReplica { .. })),
+            "{steps:?}"
+        );
+        assert!(m.groups.values().all(|g| g.has_replica(2)));
     }
 
     #[test]

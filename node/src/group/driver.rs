@@ -70,10 +70,22 @@ struct BarrierState {
     waiters: Vec<Waiter>,
 }
 
+/// A request that waits for the user's subscriptions to be answered (a first page).
 struct Starting {
     user: UserId,
     deadline: Instant,
-    reply: oneshot::Sender<Result<LocationAck, ServiceError>>,
+    reply: StartingReply,
+}
+
+enum StartingReply {
+    /// The session's first location: answered with the first page.
+    Location(oneshot::Sender<Result<LocationAck, ServiceError>>),
+    /// A page asked right after connecting.
+    List {
+        cursor: Option<nearby_index::query::Cursor>,
+        size: usize,
+        reply: oneshot::Sender<Result<nearby_client::proto::NearbyPage, ServiceError>>,
+    },
 }
 
 /// What a driver needs from its node.
@@ -254,9 +266,11 @@ impl Driver {
             let _ = w.send(unavailable());
         }
         for s in std::mem::take(&mut self.starting) {
-            let _ = s.reply.send(Err(ServiceError::unavailable(
-                "the group's leader changed; retry",
-            )));
+            let gone = || ServiceError::unavailable("the group's leader changed; retry");
+            match s.reply {
+                StartingReply::Location(r) => drop(r.send(Err(gone()))),
+                StartingReply::List { reply, .. } => drop(reply.send(Err(gone()))),
+            }
         }
         tracing::info!(group = self.id, "driver stopped");
     }
@@ -399,8 +413,12 @@ impl Driver {
                 .partition(|s| now >= s.deadline || !self.presence.is_starting(s.user));
             self.starting = waiting;
             for s in ready {
-                let ack = self.ack(s.user, true);
-                let _ = s.reply.send(ack);
+                match s.reply {
+                    StartingReply::Location(r) => drop(r.send(self.ack(s.user, true))),
+                    StartingReply::List { cursor, size, reply } => {
+                        drop(reply.send(self.page(s.user, cursor.as_ref(), size)));
+                    }
+                }
             }
         }
     }
@@ -458,7 +476,7 @@ impl Driver {
                     self.starting.push(Starting {
                         user,
                         deadline: Instant::now() + FIRST_PAGE_WAIT,
-                        reply,
+                        reply: StartingReply::Location(reply),
                     });
                 } else {
                     let _ = reply.send(self.ack(user, first));
@@ -471,7 +489,16 @@ impl Driver {
                 size,
                 reply,
             } => {
-                let _ = reply.send(self.page(user, cursor.as_ref(), size));
+                if self.presence.is_starting(user) {
+                    // Just connected: the friends' groups have not all answered yet.
+                    self.starting.push(Starting {
+                        user,
+                        deadline: Instant::now() + FIRST_PAGE_WAIT,
+                        reply: StartingReply::List { cursor, size, reply },
+                    });
+                } else {
+                    let _ = reply.send(self.page(user, cursor.as_ref(), size));
+                }
                 return;
             }
             GroupMsg::HasLocation { user, reply } => {

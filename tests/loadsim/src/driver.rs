@@ -48,8 +48,8 @@ pub struct Step {
 /// Where and how to drive.
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
-    /// `host:port` of the node.
-    pub endpoint: String,
+    /// `host:port` of the cluster's nodes (clients try them in turn; any node redirects).
+    pub endpoints: Vec<String>,
     /// The name in the node's certificate.
     pub server_name: String,
     /// PEM certificates to trust.
@@ -75,7 +75,13 @@ impl DriverConfig {
     /// progress on.
     pub fn new(endpoint: impl Into<String>, ca_pem: impl Into<String>, steps: Vec<Step>) -> Self {
         DriverConfig {
-            endpoint: endpoint.into(),
+            endpoints: endpoint
+                .into()
+                .split([',', '\n'])
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+                .map(String::from)
+                .collect(),
             server_name: nearby_client::DEFAULT_SERVER_NAME.to_string(),
             ca_pem: ca_pem.into(),
             steps,
@@ -604,8 +610,15 @@ async fn participant(
 async fn connect(shared: &Shared, p: u32) -> Result<Client, ClientError> {
     let c = &shared.config;
     let user = shared.ids[p as usize];
-    let (token, _) = Client::dev_login(&c.endpoint, &c.server_name, &c.ca_pem, user).await?;
-    let mut config = ClientConfig::new(c.endpoint.clone(), c.ca_pem.clone(), user, token);
+    // Spread logins over the nodes: each redirects to the user's home shard's leader.
+    let mut endpoints = c.endpoints.clone();
+    if !endpoints.is_empty() {
+        let n = endpoints.len();
+        endpoints.rotate_left((user as usize) % n);
+    }
+    let (token, _) = Client::dev_login(&endpoints, &c.server_name, &c.ca_pem, user).await?;
+    let config = ClientConfig::new(String::new(), c.ca_pem.clone(), user, token).with_endpoints(endpoints);
+    let mut config = config;
     config.server_name = c.server_name.clone();
     config.client_name = concat!("nearby-loadsim/", env!("CARGO_PKG_VERSION")).to_string();
     config.connect_timeout = Duration::from_secs(30);

@@ -176,7 +176,7 @@ struct RunArgs {
     /// The CLI's directory: `endpoint`, `ca.pem`, `server_name` are read from it as defaults.
     #[arg(long, env = "NEARBY_HOME")]
     home: Option<PathBuf>,
-    /// `host:port` of the node (default: NEARBY_HOME/endpoint).
+    /// `host:port` of the nodes, comma-separated (default: NEARBY_HOME/endpoint, one per line).
     #[arg(long)]
     endpoint: Option<String>,
     /// PEM certificate(s) to trust (default: NEARBY_HOME/ca.pem).

@@ -42,15 +42,25 @@ impl Home {
         Ok(Home { dir })
     }
 
-    /// The node's `host:port`: `flag` if given, else the `endpoint` file.
-    pub(crate) fn endpoint(&self, flag: Option<&str>) -> anyhow::Result<String> {
+    /// The nodes' `host:port`s: `flag` if given, else the `endpoint` file (one per line).
+    pub(crate) fn endpoints(&self, flag: Option<&str>) -> anyhow::Result<Vec<String>> {
         if let Some(endpoint) = flag {
-            return Ok(endpoint.to_string());
+            return Ok(vec![endpoint.to_string()]);
         }
         let path = self.dir.join("endpoint");
-        match read_line(&path)? {
-            Some(line) => Ok(line),
-            None => Err(SetupError(format!(
+        let lines: Vec<String> = match fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(SetupError(format!("cannot read {}: {e}", path.display())).into()),
+        };
+        match lines.is_empty() {
+            false => Ok(lines),
+            true => Err(SetupError(format!(
                 "no endpoint: {} is missing or empty (start `nearby-node dev`, or pass --endpoint HOST:PORT)",
                 path.display()
             ))
@@ -158,15 +168,18 @@ mod tests {
     fn reads_the_files_written_by_the_dev_node() {
         let tmp = tempfile::tempdir().expect("tmp");
         let home = Home::new(Some(tmp.path().to_path_buf())).expect("home");
-        assert!(home.endpoint(None).is_err());
+        assert!(home.endpoints(None).is_err());
         assert!(home.ca_pem().is_err());
         assert_eq!(home.server_name().expect("default"), "localhost");
 
-        fs::write(tmp.path().join("endpoint"), "127.0.0.1:7300\n").expect("write");
+        fs::write(tmp.path().join("endpoint"), "127.0.0.1:7300\n127.0.0.2:7300\n").expect("write");
         fs::write(tmp.path().join("ca.pem"), "PEM").expect("write");
         fs::write(tmp.path().join("server_name"), "  node.example \n").expect("write");
-        assert_eq!(home.endpoint(None).expect("endpoint"), "127.0.0.1:7300");
-        assert_eq!(home.endpoint(Some("h:1")).expect("flag wins"), "h:1");
+        assert_eq!(
+            home.endpoints(None).expect("endpoint"),
+            ["127.0.0.1:7300", "127.0.0.2:7300"]
+        );
+        assert_eq!(home.endpoints(Some("h:1")).expect("flag wins"), ["h:1"]);
         assert_eq!(home.ca_pem().expect("pem"), "PEM");
         assert_eq!(home.server_name().expect("name"), "node.example");
     }

@@ -109,9 +109,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// `nearby login`.
 async fn login(args: &Args, home: &Home, user: UserId) -> anyhow::Result<()> {
-    let endpoint = home.endpoint(args.endpoint.as_deref())?;
+    let endpoints = home.endpoints(args.endpoint.as_deref())?;
     let (token, expires_at) =
-        Client::dev_login(&endpoint, &home.server_name()?, &home.ca_pem()?, user).await?;
+        Client::dev_login(&endpoints, &home.server_name()?, &home.ca_pem()?, user).await?;
     let path = home.save_token(user, &token)?;
     emit(
         args.json,
@@ -128,8 +128,9 @@ async fn login(args: &Args, home: &Home, user: UserId) -> anyhow::Result<()> {
 /// Connects as `user` with the files of `home`. Only `watch` reconnects: a one-shot command
 /// fails fast and lets the caller retry.
 async fn connect(args: &Args, home: &Home, user: UserId, reconnect: bool) -> anyhow::Result<Client> {
-    let endpoint = home.endpoint(args.endpoint.as_deref())?;
-    let mut config = ClientConfig::new(endpoint, home.ca_pem()?, user, home.token(user)?);
+    let endpoints = home.endpoints(args.endpoint.as_deref())?;
+    let mut config =
+        ClientConfig::new(String::new(), home.ca_pem()?, user, home.token(user)?).with_endpoints(endpoints);
     config.server_name = home.server_name()?;
     config.client_name = concat!("nearby-cli/", env!("CARGO_PKG_VERSION")).to_string();
     config.reconnect = if reconnect {
@@ -140,7 +141,23 @@ async fn connect(args: &Args, home: &Home, user: UserId, reconnect: bool) -> any
             ..Backoff::default()
         }
     };
-    Ok(Client::connect(config).await?)
+    // A node being replaced answers "retry" for a moment (a new leader is being elected); the
+    // CLI waits that out, within a bound, instead of failing at once.
+    config.connect_timeout = std::time::Duration::from_secs(3);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut attempt = 0u32;
+    loop {
+        match Client::connect(config.clone()).await {
+            Ok(client) => return Ok(client),
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                let pause = config.reconnect.delay(attempt);
+                tracing::debug!(error = %e, ?pause, "cannot connect yet; retrying");
+                attempt += 1;
+                tokio::time::sleep(pause).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Runs a command that needs a connection.

@@ -302,7 +302,7 @@ pub(crate) fn sdk_event_text(event: &SdkEvent, names: &HashMap<UserId, String>, 
                 rfc3339(p.updated_at)
             ),
             Event::FriendLeft { id, distance_m, .. } => format!(
-                "left      {}  now {} away, out of range",
+                "left      {}  beyond {} (out of range)",
                 who(*id, names),
                 distance(*distance_m)
             ),

@@ -174,7 +174,7 @@ impl TestServer {
 
     /// A client of `user`, logged in with DevLogin.
     pub(crate) async fn client(&self, user: UserId) -> Viewer {
-        let (token, _) = Client::dev_login(&self.addr, "localhost", &self.ca_pem, user)
+        let (token, _) = Client::dev_login(std::slice::from_ref(&self.addr), "localhost", &self.ca_pem, user)
             .await
             .expect("dev login");
         let cfg = ClientConfig::new(self.addr.clone(), self.ca_pem.clone(), user, token);
