@@ -1,0 +1,144 @@
+//! Killed nodes: relations survive on both sides, clients come back, nothing is lost to a
+//! restart with other settings.
+
+use std::time::{Duration, Instant};
+
+use nearby_client::proto::{Event, Relation};
+
+use crate::util::{befriend, wait_until, TestCluster, Viewer};
+
+const A: (f64, f64) = (52.5200, 13.4050);
+const B: (f64, f64) = (52.5470, 13.4050);
+
+/// The relation `viewer` lists with `other`, if any.
+async fn relation(v: &Viewer, other: u64) -> Option<Relation> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match v.client.list_friends().await {
+            Ok(list) => return list.entries.iter().find(|e| e.id == other).map(|e| e.relation),
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("user {}: list friends: {e}", v.user),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_accepted_while_the_second_groups_leader_is_killed_is_on_both_sides() {
+    let mut c = TestCluster::start(3, 3).await;
+    let groups = c.shard_groups();
+    // ann owns the pair (the smaller id): her group decides; bob's group is the second.
+    let (ann, bob) = (c.user_in(groups[0], 5), c.user_in(groups[2], 5));
+    let (ga, gb) = (c.group_of(ann), c.group_of(bob));
+    let a = c.client(ann).await;
+    let b = c.client(bob).await;
+    b.client.add_friend(ann).await.expect("request");
+    // Kill the second group's leader (unless it also leads the deciding group: then its
+    // follower is killed... there is always a node leading gb).
+    let victim = c.leader(gb) as u8;
+    let accept = a.client.add_friend(bob);
+    c.kill(victim);
+    let outcome = accept.await;
+    tracing::info!(?outcome, victim, "accepted while the second group's leader died");
+    // Acknowledged or not, the change is committed in ann's group or not at all; when it was
+    // acknowledged it must reach both sides.
+    if outcome.is_err() {
+        // Not acknowledged (the deciding group's leader died with it): ask again.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while a.client.add_friend(bob).await.is_err() {
+            assert!(Instant::now() < deadline, "the acceptance never went through");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    c.wait_map(
+        "a new leader for the second group",
+        Duration::from_secs(20),
+        |m| m.leader(gb).is_some_and(|l| l != u64::from(victim)),
+    )
+    .await;
+    // Both sides, read from the groups' (new) leaders.
+    let b = if c.leader(gb) == u64::from(victim) {
+        b
+    } else {
+        c.client(bob).await
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ra, rb) = (relation(&a, bob).await, relation(&b, ann).await);
+        if ra == Some(Relation::Friend) && rb == Some(Relation::Friend) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "one side lost the friendship: ann {ra:?}, bob {rb:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(ga, gb);
+    // The killed node comes back and catches up: both sides are on it too.
+    c.restart(victim).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_clients_come_back_and_friends_reappear() {
+    let mut c = TestCluster::start(3, 3).await;
+    let groups = c.shard_groups();
+    let (ann, bob) = (c.user_in(groups[0], 3), c.user_in(groups[1], 3));
+    let mut a = c.client(ann).await;
+    let b = c.client(bob).await;
+    befriend(&a, &b).await;
+    a.at(A.0, A.1).await;
+    b.at(B.0, B.1).await;
+    a.expect_about(bob, Duration::from_secs(5), |e| {
+        matches!(e, Event::FriendEntered(_))
+    })
+    .await;
+    // Kill the node serving bob (the leader of his home group).
+    let victim = c.leader(c.group_of(bob)) as u8;
+    let killed = Instant::now();
+    c.kill(victim);
+    // bob's app keeps sending; the SDK notices, reconnects to the new leader and re-sends.
+    b.at(B.0 + 0.001, B.1).await;
+    let served = killed.elapsed();
+    // ann sees him again: on her list (her own session may have moved too, if her group was
+    // led by the same node), with no action of hers.
+    a.sees(bob, Duration::from_secs(10)).await;
+    tracing::info!(?served, seen = ?killed.elapsed(), "bob served again, ann sees him again");
+    assert!(
+        served < Duration::from_secs(10),
+        "bob was served again only after {served:?}"
+    );
+    c.restart(victim).await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_a_node_with_another_groups_value_loses_nothing() {
+    let mut c = TestCluster::start(3, 3).await;
+    let groups = c.shard_groups();
+    let (ann, bob) = (c.user_in(groups[0], 1), c.user_in(groups[2], 1));
+    let a = c.client(ann).await;
+    let b = c.client(bob).await;
+    befriend(&a, &b).await;
+    let before = c.map();
+    c.kill(2);
+    c.write_config(2, c.groups() + 5);
+    c.restart(2).await;
+    wait_until("node 2 has the cluster's map", Duration::from_secs(20), || {
+        c.map_of(2).is_some_and(|m| m.epoch >= before.epoch)
+    })
+    .await;
+    let after = c.map();
+    let ranges =
+        |m: &nearby_raft::ClusterMap| m.groups.iter().map(|(g, e)| (*g, e.range)).collect::<Vec<_>>();
+    assert_eq!(
+        ranges(&after),
+        ranges(&before),
+        "a config edit changed the ranges"
+    );
+    assert_eq!(relation(&a, bob).await, Some(Relation::Friend));
+    assert_eq!(relation(&b, ann).await, Some(Relation::Friend));
+    c.stop().await;
+}
