@@ -121,6 +121,7 @@ impl World {
                         self.moved += usize::from(matches!(event, Event::FriendMoved(_)));
                         black_box(event);
                     }
+                    Output::Purge { .. } => {}
                     Output::Send { to, msg } => {
                         let p = self.presences.get_mut(&to).expect("p");
                         p.handle_message(&self.states[&to], msg, self.now);

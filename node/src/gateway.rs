@@ -31,6 +31,7 @@ use crate::api::{
     page_request, Admission, Backend, Limits, LocationAck, ServiceConfig, ServiceError, SessionSink,
 };
 use crate::clock::Clock;
+use crate::group::driver::ACK_WAIT;
 use crate::group::{DriverHandle, Drivers, GroupMsg};
 use crate::queue::CloseReason;
 use crate::route::peer::{ReadAnswer, ReadQuery};
@@ -237,24 +238,34 @@ impl Gateway {
         let (index, reply) = self.router.propose(decider, Payload::Shard(cmd.clone())).await?;
         let result = shard_result(reply)?;
         let changed = !matches!(result, CommandResult::Unchanged | CommandResult::AlreadyFriends);
-        if !changed {
+        // A visibility-ending change is confirmed even when it changed nothing: it may be the
+        // retry of one whose confirmation never came.
+        let ends = cmd.ends_visibility();
+        if !changed && !ends {
             return Ok(result);
         }
-        let ends = cmd.ends_visibility();
         if decider == mine {
-            // The acting user's record changed in that entry.
+            // The acting user's record changed (or was confirmed) in that entry.
             if ends {
                 self.await_barrier(mine, index).await?;
             }
             return Ok(result);
         }
-        // The acting user's record changes when the owner's intent is delivered here.
-        let own_side = tokio::time::timeout(OWN_SIDE_WAIT, self.await_delivery(mine, decider, index)).await;
-        match own_side {
+        // The acting user's record changes when the owner's intent is delivered here. A change
+        // that ends nobody's permission is durable from the owner's commit: it is acknowledged
+        // after a short wait for the user's own side (so it reads its own write) either way.
+        let wait = if ends {
+            OWN_SIDE_WAIT + ACK_WAIT
+        } else {
+            OWN_SIDE_WAIT
+        };
+        match tokio::time::timeout(wait, self.await_delivery(mine, decider, index)).await {
             Ok(Ok(())) => Ok(result),
             _ if !ends => Ok(result),
             Ok(Err(e)) => Err(e),
-            Err(_) => self.await_delivery(mine, decider, index).await.map(|()| result),
+            Err(_) => Err(ServiceError::unavailable(
+                "the change is committed and will take effect, but it was not confirmed in time",
+            )),
         }
     }
 

@@ -65,14 +65,18 @@ use nearby_index::ttl::{LatestLocation, LocationTable, SetOutcome};
 use nearby_raft::{Command, CommandResult, GroupId, GroupState};
 use serde::{Deserialize, Serialize};
 
-/// Names one visibility-ending change: the publisher's group and the change's log index there.
-/// Revocations sent for it are acknowledged with it.
+/// Names one revocation message of one visibility-ending change: the publisher's group, the
+/// change's log index there, and the message's number among the change's revocations. Each
+/// revocation is acknowledged with its own token, so a repeated acknowledgement (a resent batch)
+/// cannot stand in for another one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Barrier {
     /// The publisher's group.
     pub group: GroupId,
     /// The change's log index in that group.
     pub index: u64,
+    /// The revocation's number among the change's.
+    pub part: u32,
 }
 
 /// A message from one group's presence to another's (or its own).
@@ -160,6 +164,13 @@ pub enum Output {
         viewer: UserId,
         /// The event.
         event: Event,
+    },
+    /// Drop every event about `about` still queued for `viewer`'s sessions (a revocation).
+    Purge {
+        /// The user (of this group).
+        viewer: UserId,
+        /// The publisher.
+        about: UserId,
     },
     /// Deliver `msg` to the presence of group `to`.
     Send {
@@ -565,6 +576,11 @@ impl Presence {
                         let seen = v.revoked.entry(from).or_insert(at);
                         *seen = (*seen).max(at);
                     }
+                    // Whatever is still queued about the publisher goes, shown or not (a
+                    // "left" may be waiting behind an exact position).
+                    if ack.is_some() && self.viewers.contains_key(&viewer) {
+                        self.outputs.push(Output::Purge { viewer, about: from });
+                    }
                     self.forget(viewer, from, reason);
                 }
                 if let Some(barrier) = ack {
@@ -705,8 +721,14 @@ impl Presence {
         now: Millis,
     ) {
         self.set_applied(index);
-        if matches!(result, CommandResult::Rejected(_) | CommandResult::Unchanged) {
-            return;
+        // A visibility-ending change that changed nothing (a retry after an answer was lost)
+        // still revokes: its first attempt's revocations may never have been confirmed.
+        let ends = cmd.ends_visibility()
+            || matches!(cmd, Command::Deliver { mirror, .. } if !mirror.other_may_see_user());
+        match result {
+            CommandResult::Rejected(_) => return,
+            CommandResult::Unchanged if !ends => return,
+            _ => {}
         }
         let here = |u: UserId| state.range().contains(u);
         let touched: Vec<UserId> = match cmd {
@@ -724,13 +746,15 @@ impl Presence {
             }
             _ => Vec::new(),
         };
-        let barrier = Barrier {
+        let mut barrier = Barrier {
             group: self.group,
             index,
+            part: 0,
         };
         for user in touched {
             self.refresh_relations(state, user);
-            self.revisit_audience(state, user, now, barrier);
+            let targets = revocation_targets(state, cmd, user);
+            self.revisit_audience(state, user, now, &mut barrier, &targets);
         }
         // A request someone received is news for them.
         let request = match (cmd, result) {
@@ -788,29 +812,45 @@ impl Presence {
     }
 
     /// Re-decides who sees `user` after its privacy or relations changed: viewers no longer
-    /// allowed get a revocation (acknowledged under `barrier`), viewers allowed get the current
-    /// location.
-    fn revisit_audience(&mut self, state: &GroupState, user: UserId, now: Millis, barrier: Barrier) {
+    /// allowed — the subscribers this leader knows, and `targets`, every viewer the change may
+    /// have ended (whether subscribed here or not: a new leader knows no subscribers) — get a
+    /// revocation, each acknowledged under its own part of `barrier`; subscribers allowed get
+    /// the current location.
+    fn revisit_audience(
+        &mut self,
+        state: &GroupState,
+        user: UserId,
+        now: Millis,
+        barrier: &mut Barrier,
+        targets: &[UserId],
+    ) {
         let Some(record) = state.user(user) else {
             return;
         };
-        let Some(subs) = self.subscribers.get(&user) else {
-            return;
-        };
-        let (allowed, denied): (Vec<UserId>, Vec<UserId>) =
-            subs.keys().copied().partition(|v| record.may_see_me(*v, now));
+        let subs: Vec<UserId> = self
+            .subscribers
+            .get(&user)
+            .map(|s| s.keys().copied().collect())
+            .unwrap_or_default();
+        let (allowed, mut denied): (Vec<UserId>, Vec<UserId>) =
+            subs.into_iter().partition(|v| record.may_see_me(*v, now));
+        denied.extend(targets.iter().copied().filter(|v| !record.may_see_me(*v, now)));
         // Viewers who lost the relation read "unfriended"; the others (hidden from, sharing off,
         // ghost mode) read "hidden".
         let relation_gone = |v: &UserId| !record.friends.contains(*v) && !record.followers.contains(*v);
         let (unfriended, hidden): (Vec<UserId>, Vec<UserId>) = denied.into_iter().partition(relation_gone);
         let at = barrier.index;
         for (viewers, reason) in [(unfriended, GoneReason::Unfriended), (hidden, GoneReason::Hidden)] {
-            self.send_split(viewers, |viewers| GroupMessage::Revoke {
-                from: user,
-                reason,
-                viewers,
-                at,
-                ack: Some(barrier),
+            self.send_split(viewers, |viewers| {
+                let ack = *barrier;
+                barrier.part += 1;
+                GroupMessage::Revoke {
+                    from: user,
+                    reason,
+                    viewers,
+                    at,
+                    ack: Some(ack),
+                }
             });
         }
         if let Some(at) = self.locations.get(user) {
@@ -876,6 +916,25 @@ fn position(id: UserId, at: LatestLocation, distance_m: f64) -> FriendPosition {
         at: coord(at.loc),
         distance_m,
         updated_at: at.updated_at,
+    }
+}
+
+/// Every viewer whose permission to see `user` (a user of this group) the command may have
+/// ended, named by the command or by `user`'s record — not only those subscribed at this leader.
+fn revocation_targets(state: &GroupState, cmd: &Command, user: UserId) -> Vec<UserId> {
+    match cmd {
+        Command::Hide { user: u, from } if *u == user => vec![*from],
+        Command::RemoveFriend { user: a, friend: b } if *a == user => vec![*b],
+        Command::RemoveFriend { user: a, friend: b } if *b == user => vec![*a],
+        Command::RevokeFollow { user: u, follower } if *u == user => vec![*follower],
+        Command::Deliver { mirror, .. } if mirror.user == user && !mirror.other_may_see_user() => {
+            vec![mirror.other]
+        }
+        Command::SetSharing { on: false, .. } | Command::SetGhost { until: Some(_), .. } => state
+            .user(user)
+            .map(|r| r.friends.iter().chain(r.followers.iter()).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
     }
 }
 
@@ -978,6 +1037,7 @@ mod tests {
                 for out in queue {
                     match out {
                         Output::Push { viewer, event } => self.pushed.push((viewer, event)),
+                        Output::Purge { .. } => {}
                         Output::Send {
                             msg: GroupMessage::RevokeAck { barrier },
                             ..
@@ -1212,16 +1272,35 @@ mod tests {
         let ranges = Arc::clone(&w.presences[&2].ranges);
         w.presences
             .insert(2, Presence::new(2, PresenceConfig::default(), ranges));
-        // 150 hides from 1 at the new leader, which does not know 1 is watching.
+        // 150 hides from 1 at the new leader, which does not know 1 is watching: the hide names
+        // its viewer, so the revocation reaches 1's group anyway.
         w.commit(Command::Hide { user: 150, from: 1 });
+        assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
+        // Group 1 learns of the new leader and subscribes again: the snapshot agrees.
+        w.presences.get_mut(&1).expect("p").resubscribe(2);
+        w.drain(1);
         assert!(w.take(1).is_empty());
-        // Group 1 learns of the new leader and subscribes again: the snapshot says "not
-        // visible", so 1 forgets 150.
+        let (page, _) = w.presences[&1].page(1, 20, None).expect("live").expect("page");
+        assert!(page.entries.is_empty());
+    }
+
+    #[test]
+    fn a_stale_known_location_is_forgotten_when_the_snapshot_leaves_it_out() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        w.at(150, B.0, B.1);
+        w.take(1);
+        // Group 2 gets a new leader that never saw 150's location: the snapshot of a
+        // resubscription does not list 150, so 1 stops showing the old position.
+        let ranges = Arc::clone(&w.presences[&2].ranges);
+        w.presences
+            .insert(2, Presence::new(2, PresenceConfig::default(), ranges));
         w.presences.get_mut(&1).expect("p").resubscribe(2);
         w.drain(1);
         assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
-        let (page, _) = w.presences[&1].page(1, 20, None).expect("live").expect("page");
-        assert!(page.entries.is_empty());
     }
 
     #[test]

@@ -149,6 +149,14 @@ impl EventQueue {
         self.notify.notify_one();
     }
 
+    /// Drops every queued event about where `friend` is or whether they are shown.
+    pub fn purge(&self, friend: u64) {
+        let mut s = self.lock();
+        let before = s.events.len();
+        s.events.retain(|e| !is_about_location_of(e, friend));
+        s.superseded += (before - s.events.len()) as u64;
+    }
+
     /// Closes the queue: the reader gets `reason` next, whatever is still queued.
     pub fn close(&self, reason: CloseReason) {
         let mut s = self.lock();

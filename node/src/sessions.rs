@@ -76,6 +76,15 @@ impl Sessions {
         }
     }
 
+    /// Drops every event about `about` still queued for `viewer`'s sessions.
+    pub fn purge(&self, viewer: UserId, about: UserId) {
+        if let Some(list) = self.lock().get(&viewer) {
+            for s in list {
+                s.events.purge(about);
+            }
+        }
+    }
+
     /// Whether `user` has a session here.
     pub fn is_online(&self, user: UserId) -> bool {
         self.lock().contains_key(&user)

@@ -120,6 +120,18 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             PeerResponse::Map(Box::new(c.directory().view().map.clone()))
         }
         PeerRequest::Join { info } => {
+            // A node id is never reused: a node that lost its data must join under a new one
+            // (its old votes are gone; reusing the id could let it vote twice in a term).
+            if let Some(known) = c.directory().view().map.nodes.get(&from) {
+                if known.info != info || !c.directory().view().map.is_bootstrapped() {
+                    return PeerResponse::Failed(format!(
+                        "node {from} is already a member (at {}); a node that lost its data joins under a new id",
+                        known.info
+                    ));
+                }
+                // The same node asking again (its first answer was lost): it is in already.
+                return PeerResponse::Map(Box::new(c.directory().view().map.clone()));
+            }
             let cmd = nearby_raft::MetaCommand::AddNode { node: from, info };
             match c.router().propose(META_GROUP, Payload::Meta(cmd)).await {
                 Ok((_, nearby_raft::Reply::Meta(nearby_raft::MetaResult::Rejected(e)))) => {

@@ -54,6 +54,15 @@ use crate::sessions::Sessions;
 /// How long a node may stay silent before the meta leader marks it down.
 pub const DOWN_AFTER: Duration = Duration::from_secs(5);
 
+/// How long a leader may go without hearing from a quorum before it stops serving its group's
+/// sessions (it resumes once a linearizable read succeeds again). Shorter than the new-leader
+/// grace ([`crate::group::driver::RESUBSCRIBE_GRACE`]) minus an election timeout, so a deposed
+/// leader stops before its successor acknowledges revocations it could not have seen.
+pub const LEASE: Duration = Duration::from_millis(1_500);
+
+/// How often a leader checks its lease.
+const LEASE_CHECK: Duration = Duration::from_millis(250);
+
 /// How often peers are pinged when nothing else was heard from them.
 pub const PING_EVERY: Duration = Duration::from_secs(1);
 
@@ -485,7 +494,11 @@ impl Cluster {
         // Server metrics change only with the vote, the role or the membership: no wake-up per
         // heartbeat.
         let mut metrics = raft.server_metrics();
-        let mut reported_term = None;
+        // The term whose leadership is confirmed (driver started, map told).
+        let mut confirmed = None;
+        let mut retry = Duration::from_millis(50);
+        let mut lease = tokio::time::interval(LEASE_CHECK);
+        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (leading, leader, term) = {
                 let m = metrics.borrow_and_update();
@@ -498,27 +511,50 @@ impl Cluster {
             if let Some(l) = leader {
                 self.directory.hint_leader(group, l, term);
             }
-            if leading {
+            let mut pending = false;
+            if leading && confirmed != Some(term) {
                 // Everything committed before this term is applied once a linearizable read
-                // succeeds: the driver then starts from a complete state.
-                if reported_term != Some(term) && raft.ensure_linearizable().await.is_ok() {
+                // succeeds: the driver then starts from a complete state. A failed read (no
+                // quorum yet) is retried while this node still leads.
+                if raft.ensure_linearizable().await.is_ok() {
                     if group != META_GROUP {
                         self.start_driver(group).await;
                     }
-                    reported_term = Some(term);
+                    confirmed = Some(term);
+                    retry = Duration::from_millis(50);
                     self.report_leader(group, term);
+                } else {
+                    pending = true;
                 }
-            } else {
-                reported_term = None;
+            } else if !leading {
+                confirmed = None;
                 if group != META_GROUP {
                     self.stop_driver(group, leader).await;
                 }
             }
-            if metrics.changed().await.is_err() {
-                if group != META_GROUP {
-                    self.stop_driver(group, None).await;
+            tokio::select! {
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        if group != META_GROUP {
+                            self.stop_driver(group, None).await;
+                        }
+                        return;
+                    }
                 }
-                return;
+                () = tokio::time::sleep(retry), if pending => {
+                    retry = (retry * 2).min(Duration::from_secs(1));
+                }
+                _ = lease.tick(), if confirmed.is_some() && group != META_GROUP => {
+                    // A leader cut off from its quorum must stop serving before a new leader's
+                    // grace ends: its sessions would otherwise keep showing what the rest of
+                    // the cluster has revoked.
+                    let quiet = raft.metrics().borrow().millis_since_quorum_ack;
+                    if quiet.is_none_or(|ms| ms > LEASE.as_millis() as u64) {
+                        tracing::warn!(group, quiet_ms = ?quiet, "no quorum heard from lately: stepping back until confirmed again");
+                        confirmed = None;
+                        self.stop_driver(group, None).await;
+                    }
+                }
             }
         }
     }
@@ -573,15 +609,15 @@ impl Cluster {
                 leader: me.me,
                 term,
             };
-            for attempt in 0..20u32 {
-                if !me.router.leads(group) {
-                    return;
-                }
+            // Until it is recorded or this node no longer leads: other nodes route by the map.
+            let mut attempt = 0u32;
+            while me.router.leads(group) {
                 match me.router.propose_meta(cmd.clone()).await {
                     Ok(_) => return,
                     Err(e) => {
                         tracing::debug!(group, attempt, error = %e, "cannot report leadership yet");
                         tokio::time::sleep(Duration::from_millis(100u64 << attempt.min(4))).await;
+                        attempt += 1;
                     }
                 }
             }
@@ -668,7 +704,12 @@ impl Cluster {
                 let answer = if leader == self.me {
                     self.add_replica_here(group, node).await
                 } else {
-                    match self.router.peers().call(leader, &req).await {
+                    match self
+                        .router
+                        .peers()
+                        .call_within(leader, &req, CATCH_UP + Duration::from_secs(5))
+                        .await
+                    {
                         Ok(PeerResponse::Done) => Ok(()),
                         Ok(other) => Err(format!("{other:?}")),
                         Err(e) => Err(e.to_string()),

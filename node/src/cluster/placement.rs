@@ -62,6 +62,13 @@ pub fn plan(map: &ClusterMap) -> Option<Step> {
         return None;
     }
     let want = REPLICAS.min(up.len());
+    // A replica left half-added (a step that failed after the map named it a learner) is
+    // finished first: adding it again is idempotent, and then it votes.
+    for (id, g) in &map.groups {
+        if let Some(&node) = g.learners.iter().find(|n| up.contains(n)) {
+            return Some(Step::AddReplica { group: *id, node });
+        }
+    }
     if let Some(meta) = map.groups.get(&META_GROUP) {
         let missing = up.iter().take(REPLICAS).find(|n| !meta.has_replica(**n));
         if let (Some(&node), true) = (missing, meta.voters.len() < want) {
@@ -112,7 +119,8 @@ pub fn plan(map: &ClusterMap) -> Option<Step> {
         let victim = g
             .voters
             .iter()
-            .filter(|n| g.leader != Some(**n))
+            // Never a node that is down (it keeps its replicas), nor the leader.
+            .filter(|n| g.leader != Some(**n) && load.contains_key(n))
             .max_by_key(|n| (load.get(n).copied().unwrap_or(usize::MAX), **n));
         if let Some(&node) = victim {
             return Some(Step::RemoveReplica { group: *id, node });
@@ -291,6 +299,31 @@ mod tests {
             "{steps:?}"
         );
         assert!(m.groups.values().all(|g| g.has_replica(2)));
+    }
+
+    #[test]
+    fn a_half_added_replica_is_finished_first_and_a_down_node_is_never_the_one_removed() {
+        let mut m = cluster(4, 2);
+        converge(&mut m);
+        m.apply(&MetaCommand::AddReplica {
+            group: 1,
+            node: 4,
+            voter: false,
+        });
+        assert_eq!(plan(&m), Some(Step::AddReplica { group: 1, node: 4 }));
+        m.apply(&MetaCommand::SetNodeState {
+            node: 2,
+            state: NodeState::Down,
+        });
+        m.apply(&MetaCommand::AddReplica {
+            group: 1,
+            node: 4,
+            voter: true,
+        });
+        // Group 1 now has a replica too many; the down node's is not the one to go.
+        if let Some(Step::RemoveReplica { node, .. }) = plan(&m) {
+            assert_ne!(node, 2);
+        }
     }
 
     #[test]

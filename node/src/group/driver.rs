@@ -58,13 +58,17 @@ pub const ACK_WAIT: Duration = Duration::from_secs(5);
 /// knew the user through the previous leader have subscribed again.
 pub const RESUBSCRIBE_GRACE: Duration = Duration::from_secs(3);
 
+/// Deliveries remembered per source group, to answer which entry carried an intent.
+const RECENT_DELIVERIES: usize = 1_024;
+
 /// The longest a session's first page waits for its publishers' snapshots.
 pub const FIRST_PAGE_WAIT: Duration = Duration::from_millis(500);
 
 type Waiter = oneshot::Sender<Result<(), ServiceError>>;
 
 struct BarrierState {
-    pending: usize,
+    /// Revocations (their parts) not acknowledged yet.
+    pending: std::collections::HashSet<u32>,
     not_before: Instant,
     deadline: Instant,
     waiters: Vec<Waiter>,
@@ -157,7 +161,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
         next_deadline,
         applied,
         map,
-        leaders: leaders_of(&view, directory.me()),
+        leaders: leaders_of(&view),
         processed,
         started: Instant::now(),
         grace,
@@ -180,12 +184,12 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     }
 }
 
-/// Each group's leader as the map says, but for the groups this node leads.
-fn leaders_of(view: &MapView, me: NodeId) -> HashMap<GroupId, (Option<NodeId>, u64)> {
+/// Each group's leader and term, as the map says (including the groups this node leads: a
+/// group whose leadership moves here or away has a new leader too).
+fn leaders_of(view: &MapView) -> HashMap<GroupId, (Option<NodeId>, u64)> {
     view.map
         .groups
         .iter()
-        .filter(|(_, g)| g.leader != Some(me))
         .map(|(id, g)| (*id, (g.leader, g.term)))
         .collect()
 }
@@ -209,8 +213,8 @@ struct Driver {
     barriers: BTreeMap<u64, BarrierState>,
     /// Waiters for indexes not processed yet.
     early: BTreeMap<u64, Vec<Waiter>>,
-    /// Per source group: the last intent applied here and the index it was applied at.
-    delivered: HashMap<GroupId, (u64, u64)>,
+    /// Per source group: recent intents applied here (number → the index they were applied at).
+    delivered: HashMap<GroupId, BTreeMap<u64, u64>>,
     awaiting_delivery: HashMap<GroupId, Vec<(u64, Waiter)>>,
     starting: Vec<Starting>,
     outbox: Arc<Notify>,
@@ -284,7 +288,13 @@ impl Driver {
         let barrier = self
             .barriers
             .values()
-            .map(|b| if b.pending == 0 { b.not_before } else { b.deadline })
+            .map(|b| {
+                if b.pending.is_empty() {
+                    b.not_before
+                } else {
+                    b.deadline
+                }
+            })
             .min();
         let page = self.starting.iter().map(|s| s.deadline).min();
         barrier.into_iter().chain(page).min()
@@ -319,15 +329,15 @@ impl Driver {
         let outputs = self.presence.poll_outputs();
         // The barrier exists before its revocations go out: those to this group are answered
         // inline, during `deliver`.
-        let pending = count_acks(&outputs, self.id, index);
-        if pending > 0 || self.started.elapsed() < self.grace {
+        let pending = asked_acks(&outputs, self.id, index);
+        if !pending.is_empty() || self.started.elapsed() < self.grace {
             let b = self.barriers.entry(index).or_insert_with(|| BarrierState {
-                pending: 0,
+                pending: Default::default(),
                 not_before: self.started + self.grace,
                 deadline: Instant::now() + ACK_WAIT,
                 waiters: Vec::new(),
             });
-            b.pending += pending;
+            b.pending.extend(pending);
         }
         self.deliver(outputs);
         // Waiters that asked before this entry was processed.
@@ -339,7 +349,11 @@ impl Driver {
         }
         match cmd {
             Command::Deliver { source, seq, .. } => {
-                self.delivered.insert(*source, (*seq, index));
+                let recent = self.delivered.entry(*source).or_default();
+                recent.insert(*seq, index);
+                while recent.len() > RECENT_DELIVERIES {
+                    recent.pop_first();
+                }
                 let waiting = self.awaiting_delivery.remove(source).unwrap_or_default();
                 let (done, still): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|(s, _)| s <= seq);
                 if !still.is_empty() {
@@ -362,10 +376,30 @@ impl Driver {
         }
         match self.barriers.get_mut(&index) {
             Some(b) => b.waiters.push(w),
-            None => {
-                let _ = w.send(Ok(()));
-            }
+            None => self.after_grace(w),
         }
+    }
+
+    /// Answers `w` once the new-leader grace has passed: a change applied before this driver
+    /// started had its revocations (if any) sent by a leader that may have died; viewer groups
+    /// that still knew the user subscribe again within the grace and learn it then.
+    fn after_grace(&mut self, w: Waiter) {
+        let not_before = self.started + self.grace;
+        if Instant::now() >= not_before {
+            let _ = w.send(Ok(()));
+            return;
+        }
+        // Index 0 is never an entry's: it holds the waiters of the grace itself.
+        self.barriers
+            .entry(0)
+            .or_insert_with(|| BarrierState {
+                pending: Default::default(),
+                not_before,
+                deadline: not_before + ACK_WAIT,
+                waiters: Vec::new(),
+            })
+            .waiters
+            .push(w);
     }
 
     /// Answers the waiters of barriers that are complete, and fails those past their bound.
@@ -374,20 +408,20 @@ impl Driver {
         let done: Vec<u64> = self
             .barriers
             .iter()
-            .filter(|(_, b)| (b.pending == 0 && now >= b.not_before) || now >= b.deadline)
+            .filter(|(_, b)| (b.pending.is_empty() && now >= b.not_before) || now >= b.deadline)
             .map(|(i, _)| *i)
             .collect();
         for i in done {
             let Some(b) = self.barriers.remove(&i) else {
                 continue;
             };
-            let result = if b.pending == 0 {
+            let result = if b.pending.is_empty() {
                 Ok(())
             } else {
                 tracing::warn!(
                     group = self.id,
                     index = i,
-                    unacknowledged = b.pending,
+                    unacknowledged = b.pending.len(),
                     "revocations not acknowledged in time"
                 );
                 Err(ServiceError::unavailable(
@@ -426,8 +460,7 @@ impl Driver {
     fn on_map(&mut self) {
         let view = self.map.borrow_and_update().clone();
         self.presence.set_ranges(Arc::clone(&view.ranges));
-        let me = self.ctx.router.directory().me();
-        let leaders = leaders_of(&view, me);
+        let leaders = leaders_of(&view);
         let changed: Vec<GroupId> = leaders
             .iter()
             .filter(|(g, l)| **g != self.id && self.leaders.get(g).is_some_and(|old| old != *l))
@@ -445,7 +478,7 @@ impl Driver {
     fn on_msg(&mut self, msg: GroupMsg) {
         let now = self.now();
         match msg {
-            GroupMsg::Message(GroupMessage::RevokeAck { barrier }) => self.acked(barrier.index),
+            GroupMsg::Message(GroupMessage::RevokeAck { barrier }) => self.acked(barrier),
             GroupMsg::Message(m) => {
                 let presence = &mut self.presence;
                 self.group.read(|s| presence.handle_message(s, m, now));
@@ -511,12 +544,16 @@ impl Driver {
                 return;
             }
             GroupMsg::AwaitDelivery { source, seq, reply } => {
-                match self.delivered.get(&source) {
-                    Some(&(done, index)) if done >= seq => self.await_barrier(index, reply),
+                // The first delivery at or after `seq` carries it (a later intent of the same
+                // pair supersedes it): its barrier is the one to wait for.
+                let carried = self
+                    .delivered
+                    .get(&source)
+                    .and_then(|recent| recent.range(seq..).next().map(|(_, index)| *index));
+                match carried {
+                    Some(index) => self.await_barrier(index, reply),
                     // Applied before this driver started: nothing of it is pending here.
-                    _ if self.group.read(|s| s.delivered_from(source)) >= seq => {
-                        let _ = reply.send(Ok(()));
-                    }
+                    _ if self.group.read(|s| s.delivered_from(source)) >= seq => self.after_grace(reply),
                     _ => self
                         .awaiting_delivery
                         .entry(source)
@@ -531,9 +568,9 @@ impl Driver {
         self.deliver(outputs);
     }
 
-    fn acked(&mut self, index: u64) {
-        if let Some(b) = self.barriers.get_mut(&index) {
-            b.pending = b.pending.saturating_sub(1);
+    fn acked(&mut self, barrier: crate::presence::Barrier) {
+        if let Some(b) = self.barriers.get_mut(&barrier.index) {
+            b.pending.remove(&barrier.part);
         }
         self.settle_barriers();
     }
@@ -569,10 +606,11 @@ impl Driver {
         while let Some(out) = queue.pop_front() {
             match out {
                 Output::Push { viewer, event } => self.ctx.sessions.push(viewer, event),
+                Output::Purge { viewer, about } => self.ctx.sessions.purge(viewer, about),
                 Output::Send {
                     to,
                     msg: GroupMessage::RevokeAck { barrier },
-                } if to == self.id => self.acked(barrier.index),
+                } if to == self.id => self.acked(barrier),
                 Output::Send { to, msg } if to == self.id => {
                     let presence = &mut self.presence;
                     self.group.read(|s| presence.handle_message(s, msg, now));
@@ -584,16 +622,19 @@ impl Driver {
     }
 }
 
-/// Revocations in `outputs` that ask this group for an acknowledgement of the change at
+/// The parts of the revocations in `outputs` that ask this group to acknowledge the change at
 /// `index`.
-fn count_acks(outputs: &[Output], group: GroupId, index: u64) -> usize {
+fn asked_acks(outputs: &[Output], group: GroupId, index: u64) -> Vec<u32> {
     outputs
         .iter()
-        .filter(|o| {
-            matches!(o, Output::Send { msg: GroupMessage::Revoke { ack: Some(b), .. }, .. }
-                if b.group == group && b.index == index)
+        .filter_map(|o| match o {
+            Output::Send {
+                msg: GroupMessage::Revoke { ack: Some(b), .. },
+                ..
+            } if b.group == group && b.index == index => Some(b.part),
+            _ => None,
         })
-        .count()
+        .collect()
 }
 
 async fn sleep_until(at: Option<Instant>) {

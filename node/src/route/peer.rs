@@ -41,6 +41,12 @@ pub const LOCATION_TTL: Duration = Duration::from_secs(5);
 /// Any other message is given up after this long without a peer that takes it.
 pub const MESSAGE_TTL: Duration = Duration::from_secs(30);
 
+/// Envelopes per `Deliver` at most (well under the transport's message limit).
+pub const MAX_BATCH: usize = 2_048;
+
+/// Envelopes queued for one peer at most; beyond, the oldest locations are dropped.
+pub const MAX_QUEUE: usize = 65_536;
+
 /// How long one peer request may take before it counts as failed.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -215,7 +221,9 @@ pub enum PeerError {
 /// Where envelopes that a peer did not take go next (the node's router).
 pub trait Reroute: Send + Sync + 'static {
     /// Routes `envelopes`, which node `from` did not take, again with the directory as it is now.
-    fn reroute(&self, from: NodeId, envelopes: Vec<Envelope>);
+    /// With `map_moved`, `from` refused them only because the sender's map was older (it now
+    /// has the newer one): they go again even to `from`.
+    fn reroute(&self, from: NodeId, envelopes: Vec<Envelope>, map_moved: bool);
 }
 
 #[derive(Default)]
@@ -290,8 +298,19 @@ impl Peers {
 
     /// Sends one request to `node` and waits (at most [`CALL_TIMEOUT`]) for its answer.
     pub async fn call(&self, node: NodeId, req: &PeerRequest) -> Result<PeerResponse, PeerError> {
+        self.call_within(node, req, CALL_TIMEOUT).await
+    }
+
+    /// [`Peers::call`] with a longer bound, for requests that take long by nature (a new
+    /// replica catching up).
+    pub async fn call_within(
+        &self,
+        node: NodeId,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
         let addr = self.addr_of(node, None)?;
-        self.call_addr(addr, Some(node), req).await
+        self.call_addr_within(addr, Some(node), req, timeout).await
     }
 
     /// Sends one request to the node at `addr` (checked to be `node`, if given).
@@ -301,16 +320,26 @@ impl Peers {
         node: Option<NodeId>,
         req: &PeerRequest,
     ) -> Result<PeerResponse, PeerError> {
+        self.call_addr_within(addr, node, req, CALL_TIMEOUT).await
+    }
+
+    async fn call_addr_within(
+        &self,
+        addr: SocketAddr,
+        node: Option<NodeId>,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, PeerError> {
         let who = node.unwrap_or(0);
         let bytes = nearby_index::codec::encode(req).map_err(|e| PeerError::Malformed {
             node: who,
             reason: e.to_string(),
         })?;
-        let answer = tokio::time::timeout(CALL_TIMEOUT, self.transport.call_peer(addr, node, bytes))
+        let answer = tokio::time::timeout(timeout, self.transport.call_peer(addr, node, bytes))
             .await
             .map_err(|_| PeerError::Unreachable {
                 node: who,
-                reason: format!("no answer within {CALL_TIMEOUT:?}"),
+                reason: format!("no answer within {timeout:?}"),
             })?
             .map_err(|e| PeerError::Unreachable {
                 node: who,
@@ -332,11 +361,29 @@ impl Peers {
         Ok(resp)
     }
 
-    /// Queues `envelope` for `node`; a sender task takes it with whatever else is queued.
+    /// Queues `envelope` for `node`; a sender task takes it with whatever else is queued. A
+    /// queue at [`MAX_QUEUE`] (a peer that cannot keep up) drops its oldest location first.
     pub fn send(self: &Arc<Self>, node: NodeId, envelope: Envelope) {
         let start = {
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             let q = queues.entry(node).or_default();
+            if q.pending.len() >= MAX_QUEUE {
+                let oldest_location = q
+                    .pending
+                    .iter()
+                    .position(|(_, e)| matches!(e.msg, GroupMessage::Update { .. }));
+                match oldest_location {
+                    Some(i) => {
+                        q.pending.remove(i);
+                    }
+                    None if matches!(envelope.msg, GroupMessage::Update { .. }) => {
+                        self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += 1;
+                        return;
+                    }
+                    None => {}
+                }
+                self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += 1;
+            }
             q.pending.push((Instant::now(), envelope));
             !std::mem::replace(&mut q.sending, true)
         };
@@ -357,7 +404,11 @@ impl Peers {
                     q.sending = false;
                     return;
                 }
-                std::mem::take(&mut q.pending)
+                if q.pending.len() > MAX_BATCH {
+                    q.pending.drain(..MAX_BATCH).collect()
+                } else {
+                    std::mem::take(&mut q.pending)
+                }
             };
             let (stamps, envelopes): (Vec<Instant>, Vec<Envelope>) = batch.into_iter().unzip();
             let req = PeerRequest::Deliver {
@@ -376,14 +427,14 @@ impl Peers {
                     stats.envelopes += (envelopes.len() - bounced.len()) as u64;
                     drop(stats);
                     if !bounced.is_empty() {
-                        self.bounce(node, bounced);
+                        self.bounce(node, bounced, false);
                     }
                 }
                 // The map moved on (now installed): route everything again.
-                Ok(PeerResponse::Stale(_)) => self.bounce(node, envelopes),
+                Ok(PeerResponse::Stale(_)) => self.bounce(node, envelopes, true),
                 Ok(other) => {
                     tracing::warn!(node, ?other, "unexpected answer to a delivery; routing again");
-                    self.bounce(node, envelopes);
+                    self.bounce(node, envelopes, false);
                 }
                 Err(e) => {
                     failures += 1;
@@ -432,11 +483,11 @@ impl Peers {
             .partition(|(_, env)| self.directory.leader(env.to) == Some(node));
         self.requeue_front(node, stay);
         if !moved.is_empty() {
-            self.bounce(node, moved.into_iter().map(|(_, e)| e).collect());
+            self.bounce(node, moved.into_iter().map(|(_, e)| e).collect(), false);
         }
     }
 
-    fn bounce(&self, from: NodeId, envelopes: Vec<Envelope>) {
+    fn bounce(&self, from: NodeId, envelopes: Vec<Envelope>, map_moved: bool) {
         let target = self
             .reroute
             .lock()
@@ -444,7 +495,7 @@ impl Peers {
             .as_ref()
             .and_then(Weak::upgrade);
         match target {
-            Some(r) => r.reroute(from, envelopes),
+            Some(r) => r.reroute(from, envelopes, map_moved),
             None => {
                 self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += envelopes.len() as u64;
             }

@@ -92,8 +92,13 @@ impl Router {
         bounced
     }
 
-    /// Whether this node's replica of `group` is its leader now.
+    /// Whether this node leads `group` now, with its leadership confirmed: for a shard group,
+    /// its driver runs (started only after a linearizable read, so the state is complete — a
+    /// fresh leader that has not applied everything committed must not validate against it).
     pub fn leads(&self, group: GroupId) -> bool {
+        if group != META_GROUP && self.drivers.get(group).is_none() {
+            return false;
+        }
         let raft = if group == META_GROUP {
             self.host.meta().map(|m| m.raft().clone())
         } else {
@@ -258,10 +263,12 @@ impl Router {
 }
 
 impl Reroute for Router {
-    fn reroute(&self, from: NodeId, envelopes: Vec<Envelope>) {
+    fn reroute(&self, from: NodeId, envelopes: Vec<Envelope>, map_moved: bool) {
         for env in envelopes {
-            // The node that refused it is still named: the map is behind; drop rather than loop.
-            if self.drivers.get(env.to).is_none() && self.directory.leader(env.to) == Some(from) {
+            // The node that refused it (as not its leader) is still named: the map is behind;
+            // drop rather than loop.
+            if !map_moved && self.drivers.get(env.to).is_none() && self.directory.leader(env.to) == Some(from)
+            {
                 tracing::debug!(
                     group = env.to,
                     node = from,

@@ -154,11 +154,14 @@ impl GroupState {
             _ => {}
         }
         let result = self.apply_sides(cmd);
+        // A change leaves an intent; so does a visibility-ending one that changed nothing here (a
+        // retry): the other side must carry it too, and the retry is confirmed by its delivery.
         let changed = !matches!(
             result,
             CommandResult::Unchanged | CommandResult::AlreadyFriends | CommandResult::Rejected(_)
         );
-        if let (true, true, (a, Some(b))) = (changed, cmd.is_two_sided(), cmd.users()) {
+        let retried_end = cmd.ends_visibility() && !matches!(result, CommandResult::Rejected(_));
+        if let (true, true, (a, Some(b))) = (changed || retried_end, cmd.is_two_sided(), cmd.users()) {
             // Validation put the owner here; the other side may be elsewhere.
             let (owner, other) = if pair_owner(a, b) == a { (a, b) } else { (b, a) };
             if !self.range.contains(other) {

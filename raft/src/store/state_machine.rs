@@ -327,13 +327,18 @@ fn keep_newest(current: &Mutex<Option<StoredSnapshot>>, snap: StoredSnapshot) {
 
 impl<M: Machine> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<M> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let (data, last_log_id, last_membership) = self
-            .shared
-            .read(|applied| {
+        // Encoding a large state takes a while: off the async workers (apply waits for the
+        // read lock meanwhile; a copy-on-write state would lift that — see docs/status.md).
+        let shared = Arc::clone(&self.shared);
+        let (data, last_log_id, last_membership) = tokio::task::spawn_blocking(move || {
+            shared.read(|applied| {
                 nearby_index::codec::encode(&applied.state)
                     .map(|data| (data, applied.last_applied, applied.membership.clone()))
             })
-            .map_err(|e| StorageError::from(StorageIOError::read_state_machine(AnyError::new(&e))))?;
+        })
+        .await
+        .map_err(|e| StorageError::from(StorageIOError::read_state_machine(AnyError::new(&e))))?
+        .map_err(|e| StorageError::from(StorageIOError::read_state_machine(AnyError::new(&e))))?;
         let snapshot_id = match last_log_id {
             Some(l) => format!("{}-{}-{}", self.group, l.leader_id.term, l.index),
             None => format!("{}-empty", self.group),

@@ -68,6 +68,11 @@ pub struct DriverConfig {
     pub server_pid: Option<u32>,
     /// A second process (e.g. the baseline's Redis), read the same way.
     pub extra_pid: Option<u32>,
+    /// Relation and privacy changes per second during the steps (see [`crate::churn`]); 0 for
+    /// none.
+    pub churn: f64,
+    /// Seeds the choice of changes.
+    pub churn_seed: u64,
 }
 
 impl DriverConfig {
@@ -91,6 +96,8 @@ impl DriverConfig {
             progress: true,
             server_pid: None,
             extra_pid: None,
+            churn: 0.0,
+            churn_seed: 1,
         }
     }
 }
@@ -173,6 +180,8 @@ pub struct RunOutput {
     pub radius_m: f64,
     /// See `radius_m`.
     pub ttl_s: u32,
+    /// The relation and privacy change cycles made during the steps.
+    pub cycles: Vec<crate::churn::Cycle>,
 }
 
 /// Counters the progress line reads.
@@ -188,10 +197,10 @@ struct Live {
 /// UDP endpoints the simulator's clients share.
 const SHARED_ENDPOINTS: usize = 4;
 
-struct Shared {
-    t0: Instant,
+pub(crate) struct Shared {
+    pub(crate) t0: Instant,
     config: DriverConfig,
-    ids: Vec<UserId>,
+    pub(crate) ids: Vec<UserId>,
     index: HashMap<UserId, u32>,
     sent: Vec<Mutex<Vec<SentUpdate>>>,
     live: Live,
@@ -202,14 +211,18 @@ struct Shared {
     /// A few UDP endpoints shared by all clients: one quinn endpoint per client would cost
     /// ~2 MB of receive buffers each; a few spread the load over several driver tasks.
     endpoints: Vec<quinn::Endpoint>,
+    /// Every participant's client, once connected (the churn acts through them).
+    pub(crate) clients: Mutex<HashMap<u32, Client>>,
+    /// Relation and privacy changes made during the run.
+    pub(crate) changes: Mutex<Vec<crate::oracle::Change>>,
 }
 
 impl Shared {
-    fn now(&self) -> Micros {
+    pub(crate) fn now(&self) -> Micros {
         u64::try_from(self.t0.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    fn error(&self, e: &ClientError) {
+    pub(crate) fn error(&self, e: &ClientError) {
         self.error_named(e.kind_name());
     }
 
@@ -251,8 +264,17 @@ impl Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Participants whose settings before the run already hide them (sharing off, or hiding from a
+/// friend): the churn leaves them alone, so each change it makes is the only one of its pair.
+fn sharing_settings(world: &World, online: &[u32]) -> Vec<bool> {
+    online
+        .iter()
+        .map(|i| world.sharing_off().binary_search(i).is_ok() || world.hidden().iter().any(|(h, _)| h == i))
+        .collect()
 }
 
 /// A participant's privacy settings to apply.
@@ -321,6 +343,8 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
         late: AtomicU64::new(0),
         session: Mutex::new(None),
         period_s: world.config().period_s,
+        clients: Mutex::new(HashMap::new()),
+        changes: Mutex::new(Vec::new()),
     });
 
     let gate = Arc::new(Semaphore::new(config.connect_concurrency.max(1)));
@@ -386,6 +410,16 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let _ = go_tx.send(Some(start));
     let mut windows = Vec::new();
     let mut readings = Vec::new();
+    let total: Duration = config.steps.iter().map(|s| s.duration).sum();
+    let churn = (config.churn > 0.0).then(|| {
+        let plan = crate::churn::Plan::new(
+            world,
+            &sharing_settings(world, online),
+            config.churn,
+            config.churn_seed,
+        );
+        tokio::spawn(crate::churn::run(Arc::clone(&shared), plan, start, start + total))
+    });
     tokio::time::sleep_until(start).await;
     readings.push(read_procs(&shared));
     let mut at = start;
@@ -397,6 +431,10 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
         windows.push((from, micros(&shared, at)));
     }
 
+    let cycles = match churn {
+        Some(churn) => churn.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     let mut outs = Vec::with_capacity(m);
     for t in tasks {
         outs.push(t.await.unwrap_or_default());
@@ -427,6 +465,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let sent = shared.sent.iter().map(|s| lock(s).clone()).collect();
     let (radius_m, ttl_s) = lock(&shared.session).unwrap_or((8_000.0, 600));
     let errors = lock(&shared.errors).clone();
+    let changes = std::mem::take(&mut *lock(&shared.changes));
     Ok(RunOutput {
         truth: Truth {
             ids,
@@ -434,6 +473,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
             sent,
             received,
             outages,
+            changes,
         },
         windows,
         steps: config.steps.clone(),
@@ -444,6 +484,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
         late_slots: shared.late.load(Ordering::Relaxed),
         radius_m,
         ttl_s,
+        cycles,
     })
 }
 
@@ -527,6 +568,7 @@ async fn participant(
         }
     };
     shared.live.sessions.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.clients).insert(p, client.clone());
     let info = client.session();
     lock(&shared.session).get_or_insert((f64::from(info.radius_m), info.ttl_s));
     let reader = client

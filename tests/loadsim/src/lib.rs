@@ -35,6 +35,8 @@
 //!   only place `anyhow` is used.
 
 pub mod ceiling;
+pub mod churn;
+pub mod cluster;
 pub mod compare;
 pub mod driver;
 pub mod metrics;

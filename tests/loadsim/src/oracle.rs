@@ -39,6 +39,21 @@
 //!   or after `j`'s stamp. The **miss rate** is misses / expected deliveries.
 //! - **Latency** — for each `FriendMoved` (and each `FriendEntered` not possibly caused by the
 //!   viewer's own move) carrying update `j`: receipt − send of `j`.
+//!
+//! # Changes during the run
+//!
+//! With relation and privacy churn ([`Truth::changes`]), who may see whom changes while events
+//! flow. Between a change's send and its acknowledgement the server may apply it at any instant,
+//! so the oracle judges only what is certain:
+//!
+//! - an event about `S` at viewer `V` is a **leak** (`NotAllowed`) if a change *by `S`* that
+//!   forbids `V` to see `S` was acknowledged to `S` before the event arrived, and no change
+//!   allowing it again was sent before the event arrived — the product's promise: once a change
+//!   that ends visibility is acknowledged to its author, nothing more about the author reaches
+//!   that viewer;
+//! - a pair touched by any change (in either direction, by either user) is judged for leaks only
+//!   by that rule (and the position rules), never for misses: whether a delivery was owed while
+//!   permissions moved is not certain.
 
 use std::collections::HashMap;
 
@@ -133,6 +148,27 @@ pub struct Truth {
     /// Participant → intervals `[from, to)` without a working session (reconnects, and from the
     /// close on).
     pub outages: Vec<Vec<(Micros, Micros)>>,
+    /// Relation and privacy changes made during the run, in send order.
+    pub changes: Vec<Change>,
+}
+
+/// One change of who may see whom, made during the run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    /// The participant whose visibility changes (the publisher).
+    pub sender: u32,
+    /// The participants (viewers) it concerns.
+    pub viewers: Vec<u32>,
+    /// Whether they may see the sender after it.
+    pub allowed: bool,
+    /// Whether the sender is its author: only a change the publisher made and had acknowledged
+    /// promises that nothing more reaches the viewers (a change by the viewer, such as an
+    /// unfriending, hides the publisher only once the publisher's own record carries it).
+    pub by_sender: bool,
+    /// When the (first) request was sent.
+    pub sent: Micros,
+    /// When its (last) acknowledgement arrived; `None` if it was not acknowledged.
+    pub acked: Option<Micros>,
 }
 
 /// The oracle's parameters.
@@ -285,6 +321,8 @@ struct Judge<'a> {
     truth: &'a Truth,
     config: &'a OracleConfig,
     index: HashMap<UserId, u32>,
+    /// (sender, viewer) → changes of that pair, in send order.
+    changes: HashMap<(u32, u32), Vec<&'a Change>>,
     /// (sender, lat bits, lon bits) → the sender's updates with that position.
     positions: HashMap<(u32, u64, u64), Vec<u32>>,
     started: Vec<Option<Micros>>,
@@ -332,20 +370,54 @@ impl<'a> Judge<'a> {
                 })
             })
             .collect();
+        let mut changes: HashMap<(u32, u32), Vec<&Change>> = HashMap::new();
+        for c in &truth.changes {
+            for &v in &c.viewers {
+                changes.entry((c.sender, v)).or_default().push(c);
+            }
+        }
+        for list in changes.values_mut() {
+            list.sort_by_key(|c| c.sent);
+        }
         Judge {
             truth,
             config,
             index,
+            changes,
             positions,
             started,
         }
     }
 
+    /// Whether `viewer` may see `sender` by the settings made before the run.
     fn allowed(&self, viewer: u32, sender: u32) -> bool {
         self.truth
             .audience
             .get(sender as usize)
             .is_some_and(|a| a.binary_search(&viewer).is_ok())
+    }
+
+    /// Whether the pair's permission changed during the run (in either direction).
+    fn churned(&self, viewer: u32, sender: u32) -> bool {
+        self.changes.contains_key(&(sender, viewer)) || self.changes.contains_key(&(viewer, sender))
+    }
+
+    /// Whether an event about `sender` arriving at `viewer` at `t` breaks a permission: by the
+    /// settings before the run if the pair never changed, else by the changes' rule (see the
+    /// module doc).
+    fn forbidden(&self, viewer: u32, sender: u32, t: Micros) -> bool {
+        let Some(list) = self.changes.get(&(sender, viewer)) else {
+            return !self.churned(viewer, sender) && !self.allowed(viewer, sender);
+        };
+        let mut forbidden = false;
+        for c in list.iter().take_while(|c| c.sent < t) {
+            if c.allowed {
+                forbidden = false;
+            } else if c.by_sender && c.acked.is_some_and(|a| a < t) {
+                forbidden = true;
+            }
+        }
+        forbidden
     }
 
     /// The latest update of `sender` at `pos` sent no later than `by`.
@@ -414,7 +486,7 @@ impl<'a> Judge<'a> {
                 let mut seq = None;
                 match r.seen {
                     Seen::Gone => {}
-                    _ if !self.allowed(v, s) => found = Some(leak(LeakReason::NotAllowed)),
+                    _ if self.forbidden(v, s, r.at) => found = Some(leak(LeakReason::NotAllowed)),
                     Seen::Left { .. } => {}
                     Seen::PageEntry { distance_m } => {
                         if self.truth.sent[s as usize].first().is_none_or(|u| u.sent > r.at) {
@@ -471,7 +543,7 @@ impl<'a> Judge<'a> {
                 };
                 let deadline = u.sent + self.config.deadline_us;
                 for &v in audience {
-                    if v == s || self.started[v as usize].is_none_or(|t| t >= u.sent) {
+                    if v == s || self.started[v as usize].is_none_or(|t| t >= u.sent) || self.churned(v, s) {
                         continue;
                     }
                     if self.in_outage(v, u.sent, deadline) {
@@ -587,6 +659,7 @@ mod tests {
             ],
             received: vec![vec![], vec![], vec![]],
             outages: vec![vec![], vec![], vec![]],
+            changes: Vec::new(),
         }
     }
 
@@ -608,6 +681,53 @@ mod tests {
                                                                       // Too late is a miss.
         t.received[1][0].at = 5_100_000;
         assert_eq!(judge1(&t).total.missed, 1);
+    }
+
+    #[test]
+    fn after_a_change_by_the_sender_is_acknowledged_an_event_is_a_leak_until_it_is_undone() {
+        let mut t = truth();
+        // A hides from B at 3.1 s (acknowledged at 3.2 s) and unhides at 3.6 s.
+        t.changes.push(Change {
+            sender: 0,
+            viewers: vec![1],
+            allowed: false,
+            by_sender: true,
+            sent: 3_100_000,
+            acked: Some(3_200_000),
+        });
+        t.changes.push(Change {
+            sender: 0,
+            viewers: vec![1],
+            allowed: true,
+            by_sender: true,
+            sent: 3_600_000,
+            acked: Some(3_700_000),
+        });
+        // Before the acknowledgement: the server may not have applied it yet.
+        t.received[1].push(moved(3_150_000, A, 52.51));
+        assert_eq!(judge1(&t).total.leaks, 0);
+        // After it, until the unhide was sent: a leak.
+        t.received[1].push(moved(3_300_000, A, 52.51));
+        let v = judge1(&t);
+        assert_eq!(v.total.leaks, 1, "{v:?}");
+        assert_eq!(v.leak_samples[0].reason, LeakReason::NotAllowed);
+        // After the unhide was sent: allowed again.
+        t.received[1].push(moved(3_650_000, A, 52.51));
+        assert_eq!(judge1(&t).total.leaks, 1);
+        // The churned pair owes no delivery: A's update at 3 s is not counted as expected.
+        assert_eq!(judge1(&t).total.expected, 0);
+        // A change by the viewer promises nothing about the sender.
+        let mut t = truth();
+        t.changes.push(Change {
+            sender: 0,
+            viewers: vec![1],
+            allowed: false,
+            by_sender: false,
+            sent: 3_100_000,
+            acked: Some(3_200_000),
+        });
+        t.received[1].push(moved(3_300_000, A, 52.51));
+        assert_eq!(judge1(&t).total.leaks, 0);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nearby_client::proto::{Event, Relation};
 
-use crate::util::{befriend, wait_until, TestCluster, Viewer};
+use crate::util::{befriend, cluster, viewer, wait_until, Viewer};
 
 const A: (f64, f64) = (52.5200, 13.4050);
 const B: (f64, f64) = (52.5470, 13.4050);
@@ -26,17 +26,21 @@ async fn relation(v: &Viewer, other: u64) -> Option<Relation> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_accepted_while_the_second_groups_leader_is_killed_is_on_both_sides() {
-    let mut c = TestCluster::start(3, 3).await;
+    let (mut c, _dir) = cluster(3, 3).await;
     let groups = c.shard_groups();
     // ann owns the pair (the smaller id): her group decides; bob's group is the second.
-    let (ann, bob) = (c.user_in(groups[0], 5), c.user_in(groups[2], 5));
-    let (ga, gb) = (c.group_of(ann), c.group_of(bob));
-    let a = c.client(ann).await;
-    let b = c.client(bob).await;
+    let (ann, bob) = (
+        c.user_in(groups[0], 5).expect("user"),
+        c.user_in(groups[2], 5).expect("user"),
+    );
+    let (ga, gb) = (c.group_of(ann).expect("group"), c.group_of(bob).expect("group"));
+    let a = viewer(&c, ann).await;
+    let b = viewer(&c, bob).await;
     b.client.add_friend(ann).await.expect("request");
+    let _ = b.user;
     // Kill the second group's leader (unless it also leads the deciding group: then its
     // follower is killed... there is always a node leading gb).
-    let victim = c.leader(gb) as u8;
+    let victim = c.leader(gb).expect("leader") as u8;
     let accept = a.client.add_friend(bob);
     c.kill(victim);
     let outcome = accept.await;
@@ -56,13 +60,10 @@ async fn a_request_accepted_while_the_second_groups_leader_is_killed_is_on_both_
         Duration::from_secs(20),
         |m| m.leader(gb).is_some_and(|l| l != u64::from(victim)),
     )
-    .await;
-    // Both sides, read from the groups' (new) leaders.
-    let b = if c.leader(gb) == u64::from(victim) {
-        b
-    } else {
-        c.client(bob).await
-    };
+    .await
+    .expect("a new leader");
+    // Both sides, read from the groups' (new) leaders; bob's session may have been on the
+    // killed node: its client reconnects by itself.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (ra, rb) = (relation(&a, bob).await, relation(&b, ann).await);
@@ -77,17 +78,20 @@ async fn a_request_accepted_while_the_second_groups_leader_is_killed_is_on_both_
     }
     assert_ne!(ga, gb);
     // The killed node comes back and catches up: both sides are on it too.
-    c.restart(victim).await;
+    c.restart(victim).await.expect("restart");
     c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_clients_come_back_and_friends_reappear() {
-    let mut c = TestCluster::start(3, 3).await;
+    let (mut c, _dir) = cluster(3, 3).await;
     let groups = c.shard_groups();
-    let (ann, bob) = (c.user_in(groups[0], 3), c.user_in(groups[1], 3));
-    let mut a = c.client(ann).await;
-    let b = c.client(bob).await;
+    let (ann, bob) = (
+        c.user_in(groups[0], 3).expect("user"),
+        c.user_in(groups[1], 3).expect("user"),
+    );
+    let mut a = viewer(&c, ann).await;
+    let b = viewer(&c, bob).await;
     befriend(&a, &b).await;
     a.at(A.0, A.1).await;
     b.at(B.0, B.1).await;
@@ -96,7 +100,7 @@ async fn a_killed_nodes_clients_come_back_and_friends_reappear() {
     })
     .await;
     // Kill the node serving bob (the leader of his home group).
-    let victim = c.leader(c.group_of(bob)) as u8;
+    let victim = c.leader(c.group_of(bob).expect("group")).expect("leader") as u8;
     let killed = Instant::now();
     c.kill(victim);
     // bob's app keeps sending; the SDK notices, reconnects to the new leader and re-sends.
@@ -110,22 +114,25 @@ async fn a_killed_nodes_clients_come_back_and_friends_reappear() {
         served < Duration::from_secs(10),
         "bob was served again only after {served:?}"
     );
-    c.restart(victim).await;
+    c.restart(victim).await.expect("restart");
     c.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_a_node_with_another_groups_value_loses_nothing() {
-    let mut c = TestCluster::start(3, 3).await;
+    let (mut c, _dir) = cluster(3, 3).await;
     let groups = c.shard_groups();
-    let (ann, bob) = (c.user_in(groups[0], 1), c.user_in(groups[2], 1));
-    let a = c.client(ann).await;
-    let b = c.client(bob).await;
+    let (ann, bob) = (
+        c.user_in(groups[0], 1).expect("user"),
+        c.user_in(groups[2], 1).expect("user"),
+    );
+    let a = viewer(&c, ann).await;
+    let b = viewer(&c, bob).await;
     befriend(&a, &b).await;
     let before = c.map();
     c.kill(2);
-    c.write_config(2, c.groups() + 5);
-    c.restart(2).await;
+    c.write_config(2, c.groups() + 5).expect("config");
+    c.restart(2).await.expect("restart");
     wait_until("node 2 has the cluster's map", Duration::from_secs(20), || {
         c.map_of(2).is_some_and(|m| m.epoch >= before.epoch)
     })

@@ -1,0 +1,533 @@
+//! A cluster of real `nearby-node` processes, for the cluster tests and the kill loop
+//! (`nearby-loadsim chaos`): each node its own process with its own data directory, on its own
+//! loopback address (127.A.B.1, .2, …, A.B chosen so concurrent clusters never meet), sharing a
+//! cluster CA, a client certificate and a token key made here. Node 1 initialises the cluster;
+//! the others join it. Everything waits on conditions with deadlines; nothing sleeps for luck.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nearby_client::{Client, ClientConfig};
+use nearby_index::geo::{Millis, UserId};
+use nearby_node::auth::{Claims, TokenSigner};
+use nearby_raft::transport::ClusterCa;
+use nearby_raft::{ClusterMap, GroupId, NodeId, META_GROUP};
+
+/// Why the cluster could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// Setting up files or processes failed.
+    #[error("{0}")]
+    Setup(String),
+    /// A condition did not hold in time.
+    #[error("timed out after {within:?} waiting for: {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        within: Duration,
+    },
+    /// A node process exited when it should not have.
+    #[error("node {node} exited ({status}); its log ends:\n{log}")]
+    Exited {
+        /// The node.
+        node: u8,
+        /// How it exited.
+        status: String,
+        /// The end of its log.
+        log: String,
+    },
+}
+
+fn setup(what: &str, e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Setup(format!("{what}: {e}"))
+}
+
+/// Waits, polling every 50 ms, until `cond` holds or `within` passes.
+pub async fn wait_until(
+    what: &str,
+    within: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> Result<(), ClusterError> {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return Err(ClusterError::Timeout {
+                what: what.to_string(),
+                within,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A second octet pair unlikely to be used by another cluster on this machine: derived from the
+/// process id, and distinct for every call in one process.
+pub fn fresh_subnet() -> [u8; 2] {
+    static NEXT: AtomicU8 = AtomicU8::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    [100 + (std::process::id() % 100) as u8, 10u8.wrapping_add(n)]
+}
+
+/// The `nearby-node` binary next to the running executable (tests run from `deps/`, binaries
+/// sit one level up in the same target directory).
+pub fn node_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    [dir.join("nearby-node"), dir.parent()?.join("nearby-node")]
+        .into_iter()
+        .find(|p| p.exists())
+}
+
+/// One node process and its log.
+pub struct NodeProc {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl NodeProc {
+    /// Lines logged so far that contain `needle`.
+    pub fn logged(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// The last lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log[log.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// How to start a [`ProcessCluster`].
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// The `nearby-node` binary.
+    pub binary: PathBuf,
+    /// Where the nodes' files go (created if missing).
+    pub dir: PathBuf,
+    /// Nodes.
+    pub nodes: u8,
+    /// Shard groups of the new cluster.
+    pub groups: u64,
+    /// Node `i` listens on `127.subnet[0].subnet[1].i`.
+    pub subnet: [u8; 2],
+    /// A bulk-import file node 1 loads once it serves.
+    pub import: Option<PathBuf>,
+    /// The nodes' `RUST_LOG`.
+    pub log_filter: String,
+    /// Echo the nodes' logs to this process's stderr, prefixed with the node.
+    pub echo: bool,
+}
+
+impl ClusterOptions {
+    /// `nodes` nodes with `groups` groups in `dir`, with the binary next to this executable.
+    pub fn new(dir: impl Into<PathBuf>, nodes: u8, groups: u64) -> Result<Self, ClusterError> {
+        Ok(ClusterOptions {
+            binary: node_binary().ok_or_else(|| {
+                ClusterError::Setup(
+                    "no nearby-node binary next to this executable: build it (`cargo build -p nearby-node`)"
+                        .into(),
+                )
+            })?,
+            dir: dir.into(),
+            nodes,
+            groups,
+            subnet: fresh_subnet(),
+            import: None,
+            log_filter: std::env::var("NEARBY_TEST_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            echo: std::env::var_os("NEARBY_TEST_ECHO").is_some(),
+        })
+    }
+}
+
+/// The cluster (see the module doc).
+pub struct ProcessCluster {
+    opts: ClusterOptions,
+    nodes: Vec<Option<NodeProc>>,
+    client_ca: String,
+    signer: Arc<TokenSigner>,
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
+    nearby_node::secrets::write_secret(path, bytes, true).map_err(|e| setup("writing a key", e))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
+    std::fs::write(path, bytes).map_err(|e| setup(&path.display().to_string(), e))
+}
+
+impl ProcessCluster {
+    /// Starts the nodes and waits until every group has `min(3, n)` voters and a leader, and
+    /// leaders are spread over the nodes.
+    pub async fn start(opts: ClusterOptions) -> Result<ProcessCluster, ClusterError> {
+        let dir = opts.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| setup("creating the cluster's directory", e))?;
+        let n = opts.nodes;
+        let groups = opts.groups;
+        let ca = ClusterCa::generate("test").map_err(|e| setup("cluster CA", e))?;
+        write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
+        for i in 1..=n {
+            let tls = ca
+                .issue_node(u64::from(i))
+                .map_err(|e| setup("node certificate", e))?;
+            write_file(&dir.join(format!("node-{i}.pem")), tls.cert_pem().as_bytes())?;
+            write_secret(&dir.join(format!("node-{i}-key.pem")), tls.key_pem().as_bytes())?;
+        }
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .map_err(|e| setup("client certificate", e))?;
+        write_file(&dir.join("cert.pem"), ck.cert.pem().as_bytes())?;
+        write_secret(&dir.join("key.pem"), ck.signing_key.serialize_pem().as_bytes())?;
+        let signer = TokenSigner::generate().map_err(|e| setup("token key", e))?;
+        write_secret(&dir.join("token-key.pk8"), signer.pkcs8())?;
+        write_file(
+            &dir.join("token.pub"),
+            format!("{}\n", signer.verifier().public_base64url()).as_bytes(),
+        )?;
+        let mut c = ProcessCluster {
+            nodes: (0..n).map(|_| None).collect(),
+            client_ca: ck.cert.pem(),
+            signer: Arc::new(signer),
+            opts,
+        };
+        for i in 1..=n {
+            c.write_config(i, groups)?;
+            c.spawn(i, if i == 1 { "init" } else { "run" })?;
+            c.wait_ready(i).await?;
+        }
+        let want = 3.min(usize::from(n));
+        c.wait_map(
+            "every group fully replicated with a leader",
+            Duration::from_secs(60),
+            |m| {
+                m.groups
+                    .values()
+                    .all(|g| g.voters.len() == want && g.learners.is_empty() && g.leader.is_some())
+            },
+        )
+        .await?;
+        // Placement then spreads leaders; tests start from the settled cluster.
+        let nodes = u64::from(n).min(groups);
+        c.wait_map("leaders spread over the nodes", Duration::from_secs(60), |m| {
+            let mut per: std::collections::BTreeMap<NodeId, u64> =
+                (1..=u64::from(n)).map(|i| (i, 0)).collect();
+            for (id, g) in &m.groups {
+                if *id != META_GROUP {
+                    if let Some(l) = g.leader {
+                        *per.entry(l).or_default() += 1;
+                    }
+                }
+            }
+            let (min, max) = (per.values().min().copied(), per.values().max().copied());
+            per.values().filter(|c| **c > 0).count() as u64 >= nodes
+                && max.zip(min).is_some_and(|(a, b)| a - b <= 1)
+        })
+        .await?;
+        Ok(c)
+    }
+
+    /// The certificate clients trust.
+    pub fn client_ca(&self) -> &str {
+        &self.client_ca
+    }
+
+    /// Every node's client address, as `host:port`.
+    pub fn endpoints(&self) -> Vec<String> {
+        (1..=self.opts.nodes)
+            .map(|i| self.client_addr(i).to_string())
+            .collect()
+    }
+
+    /// Nodes in the cluster.
+    pub fn size(&self) -> u8 {
+        self.opts.nodes
+    }
+
+    /// Node `i`'s client address.
+    pub fn client_addr(&self, i: u8) -> SocketAddr {
+        let s = self.opts.subnet;
+        SocketAddr::from(([127, s[0], s[1], i], 7400))
+    }
+
+    fn raft_addr(&self, i: u8) -> SocketAddr {
+        let s = self.opts.subnet;
+        SocketAddr::from(([127, s[0], s[1], i], 7401))
+    }
+
+    /// Node `i`'s data directory.
+    pub fn data(&self, i: u8) -> PathBuf {
+        self.opts.dir.join(format!("n{i}"))
+    }
+
+    /// (Re)writes node `i`'s configuration, with `groups` as its `groups` setting.
+    pub fn write_config(&self, i: u8, groups: u64) -> Result<(), ClusterError> {
+        let d = &self.opts.dir;
+        let join = if i == 1 {
+            String::new()
+        } else {
+            format!("join = [\"{}\"]\n", self.raft_addr(1))
+        };
+        let text = format!(
+            "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
+             [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n{join}\
+             [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n[auth]\ntoken_public_key = {public:?}\n\
+             [limits]\nshed = false\n",
+            data = self.data(i),
+            client = self.client_addr(i),
+            raft = self.raft_addr(i),
+            ca = d.join("ca.pem"),
+            cert = d.join(format!("node-{i}.pem")),
+            key = d.join(format!("node-{i}-key.pem")),
+            tcert = d.join("cert.pem"),
+            tkey = d.join("key.pem"),
+            public = d.join("token.pub"),
+        );
+        std::fs::create_dir_all(self.data(i)).map_err(|e| setup("data directory", e))?;
+        write_file(&self.opts.dir.join(format!("n{i}.toml")), text.as_bytes())
+    }
+
+    fn spawn(&mut self, i: u8, command: &str) -> Result<(), ClusterError> {
+        let mut cmd = Command::new(&self.opts.binary);
+        cmd.arg(command)
+            .arg("--config")
+            .arg(self.opts.dir.join(format!("n{i}.toml")))
+            .arg("--dev-token-key")
+            .arg(self.opts.dir.join("token-key.pk8"));
+        if let (1, "init", Some(import)) = (i, command, &self.opts.import) {
+            cmd.arg("--import").arg(import);
+        }
+        let mut child = cmd
+            .env("RUST_LOG", &self.opts.log_filter)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| setup("starting nearby-node", e))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| ClusterError::Setup("no stderr".into()))?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        let echo = self.opts.echo;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    #[allow(clippy::print_stderr)]
+                    {
+                        eprintln!("n{i} | {line}");
+                    }
+                }
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        self.nodes[usize::from(i) - 1] = Some(NodeProc { child, log });
+        Ok(())
+    }
+
+    /// Node `i`'s process, if it is running.
+    pub fn node(&self, i: u8) -> Option<&NodeProc> {
+        self.nodes.get(usize::from(i).checked_sub(1)?)?.as_ref()
+    }
+
+    /// Whether node `i` is running.
+    pub fn is_running(&self, i: u8) -> bool {
+        self.node(i).is_some()
+    }
+
+    async fn wait_ready(&mut self, i: u8) -> Result<(), ClusterError> {
+        let within = Duration::from_secs(60);
+        let deadline = Instant::now() + within;
+        loop {
+            let Some(node) = self.nodes[usize::from(i) - 1].as_mut() else {
+                return Err(ClusterError::Setup(format!("node {i} was not started")));
+            };
+            if node.logged("nearby node is ready") > 0 {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = node.child.try_wait() {
+                return Err(ClusterError::Exited {
+                    node: i,
+                    status: status.to_string(),
+                    log: node.log_tail(30),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout {
+                    what: format!("node {i} to be ready; its log ends:\n{}", node.log_tail(30)),
+                    within,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Nodes whose process has exited without being asked to (a crash), with how.
+    pub fn crashed(&mut self) -> Vec<(u8, String)> {
+        let mut out = Vec::new();
+        for (i, slot) in self.nodes.iter_mut().enumerate() {
+            if let Some(node) = slot {
+                if let Ok(Some(status)) = node.child.try_wait() {
+                    out.push((i as u8 + 1, format!("{status}; log ends:\n{}", node.log_tail(30))));
+                }
+            }
+        }
+        out
+    }
+
+    /// The map as node `i` last saved it.
+    pub fn map_of(&self, i: u8) -> Option<ClusterMap> {
+        let bytes = std::fs::read(self.data(i).join("cluster/map")).ok()?;
+        nearby_index::codec::decode(&bytes).ok()
+    }
+
+    /// The newest map any running node has saved.
+    pub fn map(&self) -> ClusterMap {
+        (1..=self.nodes.len() as u8)
+            .filter(|i| self.nodes[usize::from(*i) - 1].is_some())
+            .filter_map(|i| self.map_of(i))
+            .max_by_key(|m| m.epoch)
+            .unwrap_or_default()
+    }
+
+    /// Waits until the newest map satisfies `cond`.
+    pub async fn wait_map(
+        &self,
+        what: &str,
+        within: Duration,
+        cond: impl Fn(&ClusterMap) -> bool,
+    ) -> Result<(), ClusterError> {
+        wait_until(what, within, || cond(&self.map())).await
+    }
+
+    /// The node leading `group`, as the newest map says.
+    pub fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.map().leader(group)
+    }
+
+    /// The group owning `user`.
+    pub fn group_of(&self, user: UserId) -> Option<GroupId> {
+        self.map().group_of(user)
+    }
+
+    /// A user id of shard group `group` (the `n`th of its range).
+    pub fn user_in(&self, group: GroupId, n: u64) -> Option<UserId> {
+        Some(self.map().groups.get(&group)?.range?.start + n)
+    }
+
+    /// Shard groups, by id.
+    pub fn shard_groups(&self) -> Vec<GroupId> {
+        self.map()
+            .groups
+            .keys()
+            .copied()
+            .filter(|g| *g != META_GROUP)
+            .collect()
+    }
+
+    /// Kills node `i` with SIGKILL and waits for the process to be gone.
+    pub fn kill(&mut self, i: u8) {
+        if let Some(mut node) = self
+            .nodes
+            .get_mut(usize::from(i).wrapping_sub(1))
+            .and_then(Option::take)
+        {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+    }
+
+    /// Starts node `i` again on its data directory, and waits until it serves.
+    pub async fn restart(&mut self, i: u8) -> Result<(), ClusterError> {
+        if self.is_running(i) {
+            return Err(ClusterError::Setup(format!("node {i} is running")));
+        }
+        self.spawn(i, "run")?;
+        self.wait_ready(i).await
+    }
+
+    /// The configured `groups` of the new cluster.
+    pub fn groups(&self) -> u64 {
+        self.opts.groups
+    }
+
+    /// A token for `user`, valid for an hour.
+    pub fn token(&self, user: UserId) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.signer.sign(Claims {
+            user,
+            expires_at: Millis(now + 3_600_000),
+        })
+    }
+
+    /// A connected client of `user` that knows only the nodes `via` (1-based ids); retries
+    /// while the cluster answers "retry" (an election), for up to 20 s.
+    pub async fn client_via(&self, user: UserId, via: &[u8]) -> Result<Client, nearby_client::ClientError> {
+        let endpoints: Vec<String> = via.iter().map(|i| self.client_addr(*i).to_string()).collect();
+        let mut cfg = ClientConfig::new(String::new(), self.client_ca.clone(), user, self.token(user))
+            .with_endpoints(endpoints);
+        cfg.connect_timeout = Duration::from_secs(2);
+        cfg.request_timeout = Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Client::connect(cfg.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stops every node with SIGTERM and waits for them.
+    pub async fn stop(mut self) {
+        for node in self.nodes.iter_mut().flatten() {
+            // SAFETY: kill(2) on a child this test spawned, with a valid signal.
+            unsafe {
+                libc::kill(node.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        for node in self.nodes.iter_mut().flatten() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = node.child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = node.child.kill();
+                    let _ = node.child.wait();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.iter_mut().flatten() {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The SDK side of the cluster tests: a user's client with its events, and waiting with
+//! deadlines.
+
+use std::time::{Duration, Instant};
+
+use nearby_client::proto::{Coord, Event};
+use nearby_client::{Client, SdkEvent};
+use nearby_index::geo::UserId;
+use nearby_loadsim::cluster::{ClusterOptions, ProcessCluster};
+use tokio::sync::mpsc;
+
+/// A cluster of `n` processes with `groups` groups in a fresh temporary directory (kept alive
+/// with the returned guard).
+pub(crate) async fn cluster(n: u8, groups: u64) -> (ProcessCluster, tempfile::TempDir) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let opts = ClusterOptions::new(dir.path(), n, groups).expect("options");
+    let c = ProcessCluster::start(opts).await.expect("cluster starts");
+    (c, dir)
+}
+
+/// Polls `cond` every 50 ms until it holds or `within` passes; panics naming `what`.
+pub(crate) async fn wait_until(what: &str, within: Duration, cond: impl FnMut() -> bool) {
+    nearby_loadsim::cluster::wait_until(what, within, cond)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `user`'s client through the nodes `via`, with its events.
+pub(crate) async fn viewer_via(c: &ProcessCluster, user: UserId, via: &[u8]) -> Viewer {
+    let client = c
+        .client_via(user, via)
+        .await
+        .unwrap_or_else(|e| panic!("user {user} cannot connect via {via:?}: {e}"));
+    let events = client.events().expect("events");
+    Viewer { user, client, events }
+}
+
+/// `user`'s client through any node.
+pub(crate) async fn viewer(c: &ProcessCluster, user: UserId) -> Viewer {
+    let all: Vec<u8> = (1..=c.size()).collect();
+    viewer_via(c, user, &all).await
+}
+
+/// One user's client and its events.
+pub(crate) struct Viewer {
+    pub(crate) user: UserId,
+    pub(crate) client: Client,
+    pub(crate) events: mpsc::Receiver<SdkEvent>,
+}
+
+impl Viewer {
+    /// Sends a location, retrying while the cluster is between leaders.
+    pub(crate) async fn at(&self, lat: f64, lon: f64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.client.update_location(Coord { lat, lon }).await {
+                Ok(_) => return,
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("user {}: update failed: {e}", self.user),
+            }
+        }
+    }
+
+    /// The next product event within `within` (connection notices are skipped).
+    pub(crate) async fn next_within(&mut self, within: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(SdkEvent::Event(e))) => return Some(e),
+                Ok(Some(other)) => tracing::debug!(?other, "sdk notice"),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Waits for an event about `friend` matching `want`, skipping others, within `within`.
+    pub(crate) async fn expect_about(
+        &mut self,
+        friend: UserId,
+        within: Duration,
+        want: impl Fn(&Event) -> bool,
+    ) -> Event {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_within(left).await {
+                Some(e) if e.friend() == Some(friend) && want(&e) => return e,
+                Some(e) => seen.push(e),
+                None => break,
+            }
+        }
+        panic!(
+            "user {}: no matching event about {friend} within {within:?}; saw {seen:?}",
+            self.user
+        );
+    }
+}
+
+impl Viewer {
+    /// Waits until `friend` is on the viewer's first page (after a failover the friend comes
+    /// back with their next location).
+    pub(crate) async fn sees(&self, friend: UserId, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(page) = self.client.list_nearby(None, None).await {
+                if page.friends.iter().any(|f| f.id == friend) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "user {} does not see {friend} within {within:?}",
+                self.user
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Makes `a` and `b` friends through their clients, retrying while leaders change.
+pub(crate) async fn befriend(a: &Viewer, b: &Viewer) {
+    for (x, y) in [(a, b), (b, a)] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match x.client.add_friend(y.user).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{} add {}: {e}", x.user, y.user),
+            }
+        }
+    }
+}
