@@ -25,7 +25,7 @@
 //! The driver never blocks on the app: status events are offered without waiting (dropped if
 //! the app's event channel is full) and only the event task waits for the app.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -135,7 +135,7 @@ impl Client {
             timeout: config.connect_timeout,
             shared: config.shared_endpoint.clone(),
         };
-        let (link, info) = hello_any(&dialer, &config, 0).await?;
+        let (link, info) = hello_any(&dialer, &config, 0, &HashSet::new()).await?;
         let (commands_tx, commands) = mpsc::channel(config.max_in_flight);
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
         let (session_tx, session) = watch::channel(info);
@@ -176,7 +176,9 @@ impl Client {
             timeout: Duration::from_secs(10),
             shared: None,
         };
-        let (link, response) = dialer.open_any(endpoints, 0, &Request::DevLogin { user }).await?;
+        let (link, response) = dialer
+            .open_any(endpoints, 0, &Request::DevLogin { user }, &HashSet::new())
+            .await?;
         link.close_gracefully("logged in").await;
         match response {
             Response::Token { token, expires_at } => Ok((token, expires_at)),
@@ -374,9 +376,10 @@ async fn hello_any(
     dialer: &Dialer,
     config: &ClientConfig,
     start: usize,
+    avoid: &HashSet<String>,
 ) -> Result<(Link, SessionInfo), ClientError> {
     let (link, response) = dialer
-        .open_any(&config.endpoints, start, &hello_request(config))
+        .open_any(&config.endpoints, start, &hello_request(config), avoid)
         .await?;
     welcome(link, response)
 }
@@ -459,11 +462,13 @@ struct Pending {
 enum Exit {
     /// The app closed the client (or dropped every handle).
     Closed(Option<oneshot::Sender<()>>),
-    /// The connection is gone: reconnect to `target` (if any) after `after` (if given).
+    /// The connection is gone: reconnect to `target` (if any) after `after` (if given),
+    /// trying `silent` (a node that stopped answering) last.
     Lost {
         reason: ClientError,
         after: Option<Duration>,
         target: Option<String>,
+        silent: Option<String>,
     },
 }
 
@@ -492,10 +497,11 @@ impl Driver {
                     reason,
                     after,
                     target,
+                    silent,
                 } => {
                     tracing::info!(%reason, "connection lost; reconnecting");
                     self.detach(&reason);
-                    match self.reconnect(reason, after, target).await {
+                    match self.reconnect(reason, after, target, silent).await {
                         Ok(()) => continue,
                         Err(end) => break end,
                     }
@@ -612,6 +618,7 @@ impl Driver {
                         },
                         after: None,
                         target: None,
+                        silent: self.live.as_ref().map(|l| l.addr.clone()),
                     };
                 }
                 Step::Command(None) => return Exit::Closed(None),
@@ -635,6 +642,7 @@ impl Driver {
             reason,
             after,
             target,
+            silent: None,
         }
     }
 
@@ -695,8 +703,11 @@ impl Driver {
         mut reason: ClientError,
         mut first_delay: Option<Duration>,
         preferred: Option<String>,
+        silent: Option<String>,
     ) -> Result<(), (ClientError, Option<oneshot::Sender<()>>)> {
         let mut attempt: u32 = 0;
+        // The node that went silent is tried last.
+        let avoid: HashSet<String> = silent.into_iter().collect();
         loop {
             if !self.config.reconnect.allows(attempt) {
                 tracing::warn!(attempts = attempt, %reason, "giving up reconnecting");
@@ -718,7 +729,7 @@ impl Driver {
             // each time, which redirect as needed: a dead node must not trap the client.
             let dialed = match preferred.as_deref() {
                 Some(addr) if attempt.is_multiple_of(2) => hello(&self.dialer, &self.config, addr).await,
-                _ => hello_any(&self.dialer, &self.config, (attempt / 2) as usize).await,
+                _ => hello_any(&self.dialer, &self.config, (attempt / 2) as usize, &avoid).await,
             };
             attempt += 1;
             match dialed {

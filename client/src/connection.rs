@@ -19,6 +19,9 @@ use crate::proto::{FrameBuffer, Request, RequestFrame, Response, ResponseFrame};
 /// at most once to its home shard's leader, plus once more if leadership moved meanwhile.
 pub(crate) const MAX_REDIRECTS: u32 = 4;
 
+/// How long a node may take to answer before the next one is dialled as well.
+pub(crate) const STAGGER: Duration = Duration::from_millis(300);
+
 /// The request id of the opening exchange; the session's own requests count from 1.
 pub(crate) const OPENING_ID: u64 = 0;
 
@@ -105,6 +108,10 @@ pub(crate) async fn write_request(
     send.write_all(&bytes).await.map_err(lost)
 }
 
+fn connection_lost(e: impl std::fmt::Display) -> ClientError {
+    lost(e)
+}
+
 /// Maps a stream or connection failure to [`ClientError::ConnectionLost`].
 pub(crate) fn lost(e: impl std::fmt::Display) -> ClientError {
     ClientError::ConnectionLost {
@@ -185,32 +192,58 @@ impl Dialer {
         }
     }
 
-    /// [`Dialer::open`] at the first of `endpoints` that answers, starting at `start` and
-    /// going round, skipping nodes that just failed to answer (directly or as a redirect's
-    /// target); the last failure if none does.
+    /// [`Dialer::open`] at the first of `endpoints` that answers, starting at `start` and going
+    /// round: the next node is dialled as soon as one fails, or [`STAGGER`] after the previous
+    /// one started if it has not answered yet (a dead node costs a stagger, not a connect
+    /// timeout). Nodes in `avoid` (silent a moment ago) are tried last. The first answer wins; the
+    /// other attempts are dropped. A refusal that retrying cannot help ends the race at once.
     pub(crate) async fn open_any(
         &self,
         endpoints: &[String],
         start: usize,
         first: &Request,
+        avoid: &HashSet<String>,
     ) -> Result<(Link, Response), ClientError> {
+        let n = endpoints.len();
+        let mut order: Vec<String> = (0..n).map(|i| endpoints[(start + i) % n].clone()).collect();
+        order.sort_by_key(|a| avoid.contains(a));
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut next = 0;
         let mut last = ClientError::Config("no endpoint configured".into());
-        let mut dead = HashSet::new();
-        for i in 0..endpoints.len() {
-            let addr = &endpoints[(start + i) % endpoints.len()];
-            if dead.contains(addr) {
-                continue;
+        // Each turn follows an event that calls for the next node: the start, a failure, or
+        // the stagger passing with no answer.
+        loop {
+            if next < order.len() {
+                let (dialer, addr, first) = (self.clone(), order[next].clone(), first.clone());
+                attempts.spawn(async move {
+                    let r = dialer.open(&addr, &first).await;
+                    (addr, r)
+                });
+                next += 1;
             }
-            match self.open_avoiding(addr, first, &mut dead).await {
-                Ok(ok) => return Ok(ok),
-                Err(e) if e.is_retryable() => {
-                    tracing::debug!(%addr, error = %e, "node unavailable; trying the next");
-                    last = e;
-                }
-                Err(e) => return Err(e),
+            if attempts.is_empty() {
+                return Err(last);
+            }
+            tokio::select! {
+                done = attempts.join_next() => match done {
+                    Some(Ok((_, Ok(ok)))) => {
+                        attempts.abort_all();
+                        return Ok(ok);
+                    }
+                    Some(Ok((addr, Err(e)))) if e.is_retryable() => {
+                        tracing::debug!(%addr, error = %e, "node unavailable; trying the next");
+                        last = e;
+                    }
+                    Some(Ok((_, Err(e)))) => {
+                        attempts.abort_all();
+                        return Err(e);
+                    }
+                    Some(Err(e)) => last = connection_lost(e),
+                    None => return Err(last),
+                },
+                () = tokio::time::sleep(STAGGER), if next < order.len() => {}
             }
         }
-        Err(last)
     }
 
     /// One hop: dial and ask, no redirect handling.

@@ -29,6 +29,8 @@
 //!   [`Machine`], with snapshots on disk).
 //! - [`transport`]: the node-to-node transport over QUIC with mutual TLS: Raft RPCs, and peer
 //!   messages handed to the node layer's registered handler.
+//! - [`timers`]: openraft's runtime with timers on a coarse grid, so hundreds of groups share
+//!   their wake-ups.
 //! - [`seed`]: the bulk-import file (a world to load into a fresh cluster).
 //! - [`host`]: [`RaftHost`], one node's set of groups, and [`Replica`], the handle callers use
 //!   to propose commands, read state and follow what is applied.
@@ -48,6 +50,7 @@ pub mod meta;
 pub mod seed;
 pub mod shard;
 pub mod store;
+pub mod timers;
 pub mod transport;
 pub mod wal;
 
@@ -157,7 +160,7 @@ openraft::declare_raft_types!(
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
         Responder = openraft::impls::OneshotResponder<TypeConfig>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = timers::CoarseTimers,
 );
 
 /// The Raft handle of one group.

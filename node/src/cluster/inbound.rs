@@ -159,6 +159,7 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             if !c.router().leads(group) {
                 return not_leader(c, group);
             }
+            c.router().wake_group(group);
             match c.add_replica_here(group, node).await {
                 Ok(()) => PeerResponse::Done,
                 Err(e) => PeerResponse::Failed(e),
@@ -171,12 +172,48 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             if !c.router().leads(group) {
                 return not_leader(c, group);
             }
+            c.router().wake_group(group);
             match c.remove_replica_here(group, node).await {
                 Ok(()) => PeerResponse::Done,
                 Err(e) => PeerResponse::Failed(e),
             }
         }
+        PeerRequest::ReplicaState { group, users } => match c.host().shard(group) {
+            Some(g) => g.read_applied(|a| PeerResponse::Replica {
+                applied: a.last_applied.map_or(0, |l| l.index),
+                asleep: c.router().hibernation().is_asleep(group),
+                records: users
+                    .iter()
+                    .filter_map(|u| {
+                        a.state
+                            .user(*u)
+                            .map(|r| (*u, crate::route::peer::RecordView::of(r)))
+                    })
+                    .collect(),
+            }),
+            None => PeerResponse::Failed(format!("no replica of group {group} here")),
+        },
+        PeerRequest::Hibernate { group, term } => {
+            let Some(g) = c.host().shard(group) else {
+                return PeerResponse::Failed(format!("no replica of group {group} here"));
+            };
+            let m = g.raft().server_metrics().borrow().clone();
+            // Only the leader this replica follows, in its term, puts it to sleep.
+            if m.current_leader == Some(from) && m.vote.leader_id().get_term() == term {
+                c.router().hibernation().sleep(group, g.raft());
+                PeerResponse::Done
+            } else {
+                PeerResponse::Failed(format!(
+                    "node {from} does not lead group {group} in term {term} here"
+                ))
+            }
+        }
+        PeerRequest::Wake { group } => {
+            c.router().wake_group(group);
+            PeerResponse::Done
+        }
         PeerRequest::Campaign { group } => {
+            c.router().wake_group(group);
             let raft = if group == META_GROUP {
                 c.host().meta().map(|m| m.raft().clone())
             } else {

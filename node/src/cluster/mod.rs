@@ -44,6 +44,7 @@ use tokio::task::JoinHandle;
 use self::identity::Identity;
 use self::placement::Step;
 use crate::group::driver::{self, DriverContext, DriverTask};
+use crate::group::hibernate::{Hibernation, IDLE_AFTER};
 use crate::group::Drivers;
 use crate::queue::CloseReason;
 use crate::route::directory::Directory;
@@ -58,15 +59,24 @@ pub const DOWN_AFTER: Duration = Duration::from_secs(5);
 /// sessions (it resumes once a linearizable read succeeds again). Shorter than the new-leader
 /// grace ([`crate::group::driver::RESUBSCRIBE_GRACE`]) minus an election timeout, so a deposed
 /// leader stops before its successor acknowledges revocations it could not have seen.
-pub const LEASE: Duration = Duration::from_millis(1_500);
+pub const LEASE: Duration = Duration::from_millis(1_800);
 
 /// How often a leader checks its lease.
 const LEASE_CHECK: Duration = Duration::from_millis(250);
 
 /// How often peers are pinged when nothing else was heard from them.
-pub const PING_EVERY: Duration = Duration::from_secs(1);
+pub const PING_EVERY: Duration = Duration::from_millis(500);
 
-/// How long a new replica may take to catch up before the step is tried again.
+/// A peer silent this long is suspected dead: the sleeping groups it led wake to elect.
+pub const SUSPECT: Duration = Duration::from_secs(2);
+
+/// How long a leader waits for a follower to agree to hibernate.
+const HIBERNATE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Placement steps (for distinct groups) carried out at once.
+const PLACEMENT_ROUND: usize = 32;
+
+/// How long a new replica may take to catch up before its step fails.
 const CATCH_UP: Duration = Duration::from_secs(60);
 
 /// Why the node cannot take part in the cluster.
@@ -163,12 +173,53 @@ impl Cluster {
         let directory = Arc::new(Directory::new(me, cached));
         let drivers = Arc::new(Drivers::default());
         let peers = Peers::new(Arc::clone(opts.host.transport()), Arc::clone(&directory));
+        let hibernation = Arc::new(Hibernation::default());
         let router = Router::new(
             Arc::clone(&opts.host),
             Arc::clone(&directory),
             Arc::clone(&drivers),
             peers,
+            Arc::clone(&hibernation),
         );
+        // A replicated write wakes a sleeping follower.
+        {
+            let host = Arc::downgrade(&opts.host);
+            let hibernation = Arc::clone(&hibernation);
+            opts.host.transport().set_append_hook(Arc::new(move |group| {
+                if hibernation.is_asleep(group) {
+                    if let Some(g) = host.upgrade().and_then(|h| h.shard(group)) {
+                        hibernation.wake(group, g.raft());
+                    }
+                }
+            }));
+        }
+        // A sleeping replica votes only if its leader is gone (see `group::hibernate`).
+        {
+            let host = Arc::downgrade(&opts.host);
+            let hibernation = Arc::clone(&hibernation);
+            let peers = Arc::clone(router.peers());
+            opts.host
+                .transport()
+                .set_vote_gate(Arc::new(move |group, candidate| {
+                    if !hibernation.is_asleep(group) {
+                        return true;
+                    }
+                    let Some(g) = host.upgrade().and_then(|h| h.shard(group)) else {
+                        return true;
+                    };
+                    let leader = g.raft().server_metrics().borrow().current_leader;
+                    match leader {
+                        None => true,
+                        Some(l) if l == candidate => true,
+                        // This node leads the group, asleep and alive: no election is needed (a
+                        // deliberate transfer wakes the group first).
+                        Some(l) if l == me => false,
+                        // The leader's node silent: this replica is about to wake for the same
+                        // reason (the keep-alive loop); let the election go on now.
+                        Some(l) => peers.last_ok(l).is_none_or(|t| t.elapsed() > SUSPECT),
+                    }
+                }));
+        }
         let driver_ctx = DriverContext {
             sessions: opts.sessions,
             router: Arc::clone(&router),
@@ -431,7 +482,10 @@ impl Cluster {
                     }
                 };
                 match opened {
-                    Ok(()) => self.watch_leadership(group),
+                    Ok(()) => {
+                        self.settle_new_replica(group, entry.leader);
+                        self.watch_leadership(group)
+                    }
                     Err(nearby_raft::error::HostError::Mismatch { .. }) => {
                         let reason =
                             format!("the replica files of group {group} disagree with the cluster map");
@@ -470,6 +524,26 @@ impl Cluster {
         }
     }
 
+    /// A replica this node has just opened (after a restart, or a new one), of a group another
+    /// node leads: it starts asleep, so that if its group sleeps it does not call an election
+    /// for want of heartbeats; a write or the leader's silence wakes it.
+    fn settle_new_replica(&self, group: GroupId, leader: Option<NodeId>) {
+        if group == META_GROUP
+            || self
+                .watched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&group)
+        {
+            return;
+        }
+        if let (Some(l), Some(g)) = (leader, self.host.shard(group)) {
+            if l != self.me {
+                self.router.hibernation().sleep(group, g.raft());
+            }
+        }
+    }
+
     fn watch_leadership(self: &Arc<Self>, group: GroupId) {
         if !self
             .watched
@@ -497,8 +571,8 @@ impl Cluster {
         // The term whose leadership is confirmed (driver started, map told).
         let mut confirmed = None;
         let mut retry = Duration::from_millis(50);
-        let mut lease = tokio::time::interval(LEASE_CHECK);
-        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every group's check ticks on the same instants: one wake-up serves them all.
+        let mut lease = nearby_raft::timers::aligned_interval(LEASE_CHECK);
         loop {
             let (leading, leader, term) = {
                 let m = metrics.borrow_and_update();
@@ -548,15 +622,94 @@ impl Cluster {
                     // A leader cut off from its quorum must stop serving before a new leader's
                     // grace ends: its sessions would otherwise keep showing what the rest of
                     // the cluster has revoked.
-                    let quiet = raft.metrics().borrow().millis_since_quorum_ack;
-                    if quiet.is_none_or(|ms| ms > LEASE.as_millis() as u64) {
-                        tracing::warn!(group, quiet_ms = ?quiet, "no quorum heard from lately: stepping back until confirmed again");
+                    if !self.holds_lease(group, &raft) {
+                        tracing::warn!(group, "no quorum heard from lately: stepping back until confirmed again");
                         confirmed = None;
                         self.stop_driver(group, None).await;
+                    } else if let Some(term) = confirmed {
+                        self.maybe_sleep(group, &raft, term);
                     }
                 }
             }
         }
+    }
+
+    /// Whether this leader of `group` may still serve: a quorum acknowledged it within
+    /// [`LEASE`] — by Raft heartbeats while awake, by node-level liveness while asleep and just
+    /// after waking (see [`crate::group::hibernate`]).
+    fn holds_lease(&self, group: GroupId, raft: &nearby_raft::Raft) -> bool {
+        let quiet = raft.metrics().borrow().millis_since_quorum_ack;
+        if quiet.is_some_and(|ms| ms <= LEASE.as_millis() as u64) {
+            return true;
+        }
+        if !self.router.hibernation().lease_from_liveness(group, LEASE) {
+            return false;
+        }
+        let voters: Vec<NodeId> = raft
+            .server_metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let heard = voters
+            .iter()
+            .filter(|n| {
+                **n == self.me
+                    || self
+                        .router
+                        .peers()
+                        .last_ok(**n)
+                        .is_some_and(|t| t.elapsed() <= LEASE)
+            })
+            .count();
+        heard * 2 > voters.len()
+    }
+
+    /// Puts `group` to sleep if it led it with no write for [`IDLE_AFTER`]: its followers first,
+    /// all at once, then — only if every follower that is alive agreed — its own timers. A
+    /// follower left awake under a sleeping leader would hear no heartbeat and depose it.
+    fn maybe_sleep(self: &Arc<Self>, group: GroupId, raft: &nearby_raft::Raft, term: u64) {
+        let idle = self
+            .drivers
+            .get(group)
+            .is_some_and(|d| d.idle_for() >= IDLE_AFTER);
+        if !idle || !self.router.hibernation().may_try_sleep(group) {
+            return;
+        }
+        let me = Arc::clone(self);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let peers = me.router.peers();
+            // A node silent for SUSPECT is not waited for: its replica starts asleep when it
+            // comes back (see `settle_new_replica`).
+            let followers: Vec<NodeId> = raft
+                .server_metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|n| *n != me.me && peers.last_ok(*n).is_some_and(|t| t.elapsed() <= SUSPECT))
+                .collect();
+            let ask = PeerRequest::Hibernate { group, term };
+            let asks = followers
+                .iter()
+                .map(|node| peers.call_within(*node, &ask, HIBERNATE_TIMEOUT));
+            let answers = futures::future::join_all(asks).await;
+            let refused: Vec<_> = followers
+                .iter()
+                .zip(&answers)
+                .filter(|(_, a)| !matches!(a, Ok(PeerResponse::Done)))
+                .map(|(n, a)| format!("{n}: {a:?}"))
+                .collect();
+            let still = me.drivers.get(group).is_some_and(|d| d.idle_for() >= IDLE_AFTER)
+                && raft.server_metrics().borrow().vote.leader_id().get_term() == term;
+            if refused.is_empty() && still {
+                me.router.hibernation().sleep(group, &raft);
+            } else {
+                tracing::debug!(group, ?refused, still, "not hibernating yet");
+            }
+        });
     }
 
     async fn start_driver(&self, group: GroupId) {
@@ -627,8 +780,7 @@ impl Cluster {
     /// Pings quiet peers; on the meta leader, marks silent nodes down and returning ones up.
     async fn keep_alive(self: Arc<Self>) {
         let started = Instant::now();
-        let mut every = tokio::time::interval(PING_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut every = nearby_raft::timers::aligned_interval(PING_EVERY);
         loop {
             every.tick().await;
             let view = self.directory.view();
@@ -641,6 +793,23 @@ impl Cluster {
                     tokio::spawn(async move {
                         let _ = peers.call(node, &PeerRequest::Ping { epoch }).await;
                     });
+                }
+            }
+            // A sleeping replica notices a dead leader only here: a leader's node silent for
+            // SUSPECT wakes the local replicas of the groups it led, and only those.
+            let silent = |node: NodeId| {
+                peers
+                    .last_ok(node)
+                    .map_or(started.elapsed() > SUSPECT, |t| t.elapsed() > SUSPECT)
+            };
+            for g in self.host.shards() {
+                if !self.router.hibernation().is_asleep(g.id()) {
+                    continue;
+                }
+                let leader = g.raft().server_metrics().borrow().current_leader;
+                if leader.is_none_or(|l| l != self.me && silent(l)) {
+                    tracing::info!(group = g.id(), leader = ?leader, "the leader's node is silent: waking to elect");
+                    self.router.hibernation().wake(g.id(), g.raft());
                 }
             }
             if !self.router.leads(META_GROUP) || started.elapsed() < DOWN_AFTER {
@@ -665,7 +834,8 @@ impl Cluster {
         }
     }
 
-    /// On the meta leader: one placement step at a time.
+    /// On the meta leader: placement in rounds of steps for distinct groups, each round's steps
+    /// concurrently (see [`placement`]).
     async fn place(self: Arc<Self>) {
         let mut watch = self.directory.watch();
         loop {
@@ -674,18 +844,44 @@ impl Cluster {
                 continue;
             }
             let view = self.directory.view();
-            let Some(step) = placement::plan(&view.map) else {
+            let round = placement::plan_round(&view.map, PLACEMENT_ROUND);
+            if round.is_empty() {
                 continue;
-            };
-            tracing::info!(?step, epoch = view.map.epoch, "placement step");
-            if let Err(e) = self.take(&step).await {
-                tracing::warn!(?step, error = %e, "placement step failed; will plan again");
+            }
+            tracing::info!(steps = round.len(), first = ?round[0], epoch = view.map.epoch, "placement round");
+            let outcomes = futures::future::join_all(round.iter().map(|step| self.take(step))).await;
+            let mut failed = 0;
+            for (step, outcome) in round.iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => tracing::debug!(?step, "placement step done"),
+                    Err(e) => {
+                        failed += 1;
+                        tracing::warn!(?step, error = %e, "placement step failed; will plan again");
+                    }
+                }
+            }
+            if failed > 0 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
 
     async fn take(&self, step: &Step) -> Result<(), String> {
+        // The map marks a node down only after DOWN_AFTER: a node silent for less is not given
+        // anything (nor are groups woken for it) in the meantime.
+        let target = match *step {
+            Step::AddReplica { node, .. } => node,
+            Step::RemoveReplica { .. } => self.me,
+            Step::TransferLeader { to, .. } => to,
+        };
+        let answered = self
+            .router
+            .peers()
+            .last_ok(target)
+            .is_some_and(|t| t.elapsed() <= SUSPECT);
+        if target != self.me && !answered {
+            return Err(format!("node {target} has not answered lately"));
+        }
         match *step {
             Step::AddReplica { group, node } => {
                 // The map first: the node opens its replica when it sees itself in it.
@@ -747,6 +943,15 @@ impl Cluster {
                 self.propose_map(MetaCommand::RemoveReplica { group, node }).await
             }
             Step::TransferLeader { group, to } => {
+                // A sleeping group's replicas refuse votes while its leader is alive: the
+                // leader wakes them all first (it tells its followers).
+                match self.directory.leader(group) {
+                    Some(l) if l == self.me => self.router.wake_group(group),
+                    Some(l) => {
+                        let _ = self.router.peers().call(l, &PeerRequest::Wake { group }).await;
+                    }
+                    None => {}
+                }
                 match self
                     .router
                     .peers()

@@ -13,12 +13,17 @@
 //! 4. Once everything is placed, leaders are spread evenly: a node leading two more groups than
 //!    another hands one over to a replica on the other.
 //!
-//! One step at a time keeps moves gradual and each one visible in the map before the next; a
-//! step that fails is planned again from the map on the next round.
+//! Steps go in rounds: [`plan_round`] picks up to a limit of steps for distinct groups, planned
+//! one after another on a copy of the map where each earlier one is assumed done, so they agree
+//! with each other (two new replicas land on different nodes). A group changes one step at a
+//! time (Raft changes membership one at a time); the round's steps run concurrently, and the
+//! next round is planned from the map they left. A step that fails is planned again then. A
+//! bound on a round keeps moves gradual while letting a fresh cluster of hundreds of groups
+//! place them in seconds rather than one after another.
 
 use std::collections::BTreeMap;
 
-use nearby_raft::meta::NodeState;
+use nearby_raft::meta::{MetaCommand, NodeState};
 use nearby_raft::{ClusterMap, GroupId, NodeId, META_GROUP};
 
 /// Replicas per group (and meta voters) in a cluster large enough.
@@ -48,6 +53,74 @@ pub enum Step {
         /// The node to lead it.
         to: NodeId,
     },
+}
+
+impl Step {
+    /// The group the step changes.
+    pub fn group(&self) -> GroupId {
+        match *self {
+            Step::AddReplica { group, .. }
+            | Step::RemoveReplica { group, .. }
+            | Step::TransferLeader { group, .. } => group,
+        }
+    }
+
+    /// `map` as it will be once the step is done.
+    pub fn assume_done(&self, map: &mut ClusterMap) {
+        let Some(g) = map.groups.get(&self.group()) else {
+            return;
+        };
+        let cmd = match *self {
+            Step::AddReplica { group, node } => {
+                let mut voters = g.voters.clone();
+                voters.insert(node);
+                let mut learners = g.learners.clone();
+                learners.remove(&node);
+                MetaCommand::SetMembers {
+                    group,
+                    voters,
+                    learners,
+                }
+            }
+            Step::RemoveReplica { group, node } => {
+                let mut voters = g.voters.clone();
+                voters.remove(&node);
+                let mut learners = g.learners.clone();
+                learners.remove(&node);
+                MetaCommand::SetMembers {
+                    group,
+                    voters,
+                    learners,
+                }
+            }
+            Step::TransferLeader { group, to } => MetaCommand::SetLeader {
+                group,
+                leader: to,
+                term: g.term + 1,
+            },
+        };
+        map.apply(&cmd);
+    }
+}
+
+/// Up to `limit` steps for distinct groups, each planned on the map as the ones before it will
+/// leave it (see the module doc). Empty when the map is where the rules want it.
+pub fn plan_round(map: &ClusterMap, limit: usize) -> Vec<Step> {
+    let mut future = map.clone();
+    let mut round: Vec<Step> = Vec::new();
+    // A later step of a group already in the round is assumed (so planning moves past it) but
+    // left for the next round; the bound stops planning a map whose steps are all of those.
+    for _ in 0..limit.saturating_mul(4) {
+        let Some(step) = plan(&future) else { break };
+        step.assume_done(&mut future);
+        if round.iter().all(|s| s.group() != step.group()) {
+            round.push(step);
+            if round.len() >= limit {
+                break;
+            }
+        }
+    }
+    round
 }
 
 /// The next step, or `None` if the map is where the rules want it.
@@ -203,39 +276,62 @@ mod tests {
         let mut steps = Vec::new();
         while let Some(step) = plan(m) {
             assert!(steps.len() < 1_000, "placement does not converge: {steps:?}");
-            match &step {
-                Step::AddReplica { group, node } => {
-                    let g = &m.groups[group];
-                    let mut voters = g.voters.clone();
-                    voters.insert(*node);
-                    m.apply(&MetaCommand::SetMembers {
-                        group: *group,
-                        voters,
-                        learners: Default::default(),
-                    });
-                }
-                Step::RemoveReplica { group, node } => {
-                    let g = &m.groups[group];
-                    let mut voters = g.voters.clone();
-                    voters.remove(node);
-                    m.apply(&MetaCommand::SetMembers {
-                        group: *group,
-                        voters,
-                        learners: Default::default(),
-                    });
-                }
-                Step::TransferLeader { group, to } => {
-                    let term = m.groups[group].term + 1;
-                    m.apply(&MetaCommand::SetLeader {
-                        group: *group,
-                        leader: *to,
-                        term,
-                    });
-                }
-            }
+            step.assume_done(m);
             steps.push(step);
         }
         steps
+    }
+
+    /// Carries out rounds as if each succeeded at once; returns how many it took.
+    fn converge_in_rounds(m: &mut ClusterMap, limit: usize) -> usize {
+        let mut rounds = 0;
+        loop {
+            let round = plan_round(m, limit);
+            if round.is_empty() {
+                return rounds;
+            }
+            assert!(round.len() <= limit);
+            let mut groups: Vec<GroupId> = round.iter().map(Step::group).collect();
+            groups.dedup();
+            assert_eq!(
+                groups.len(),
+                round.len(),
+                "one step per group in a round: {round:?}"
+            );
+            for step in &round {
+                step.assume_done(m);
+            }
+            rounds += 1;
+            assert!(rounds < 1_000, "placement does not converge in rounds");
+        }
+    }
+
+    #[test]
+    fn rounds_reach_the_same_placement_as_single_steps_in_far_fewer_rounds() {
+        let mut one = cluster(3, 256);
+        let steps = converge(&mut one).len();
+        let mut many = cluster(3, 256);
+        let rounds = converge_in_rounds(&mut many, 32);
+        assert!(steps >= 512, "two new replicas per group: {steps}");
+        assert!(rounds * 8 < steps, "{rounds} rounds for {steps} steps");
+        for (id, g) in &many.groups {
+            assert_eq!(g.voters.len(), 3, "group {id}");
+        }
+        let mut leaders: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let mut replicas: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for (id, g) in &many.groups {
+            if *id != META_GROUP {
+                *leaders.entry(g.leader.expect("leader")).or_default() += 1;
+                for n in &g.voters {
+                    *replicas.entry(*n).or_default() += 1;
+                }
+            }
+        }
+        let spread = |m: &BTreeMap<NodeId, usize>| {
+            m.values().max().copied().unwrap_or(0) - m.values().min().copied().unwrap_or(0)
+        };
+        assert!(spread(&leaders) <= 1 && leaders.len() == 3, "{leaders:?}");
+        assert!(spread(&replicas) <= 1, "{replicas:?}");
     }
 
     #[test]

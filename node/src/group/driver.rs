@@ -130,11 +130,13 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     let (stop_tx, stop_rx) = oneshot::channel();
     let depth = Arc::new(AtomicUsize::new(0));
     let next_deadline = Arc::new(AtomicU64::new(u64::MAX));
+    let last_write = Arc::new(AtomicU64::new(crate::group::now_ms()));
     let handle = DriverHandle {
         group: group.clone(),
         tx,
         depth: Arc::clone(&depth),
         next_deadline: Arc::clone(&next_deadline),
+        last_write: Arc::clone(&last_write),
     };
     let directory = Arc::clone(ctx.router.directory());
     let map = directory.watch();
@@ -153,6 +155,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     };
     let driver = Driver {
         id,
+        last_write,
         group: group.clone(),
         presence,
         ctx: ctx.clone(),
@@ -196,6 +199,8 @@ fn leaders_of(view: &MapView) -> HashMap<GroupId, (Option<NodeId>, u64)> {
 
 struct Driver {
     id: GroupId,
+    /// When a write was last applied (see [`DriverHandle::idle_for`]).
+    last_write: Arc<AtomicU64>,
     group: ShardGroup,
     presence: Presence,
     ctx: DriverContext,
@@ -317,6 +322,7 @@ impl Driver {
         if index <= self.processed {
             return;
         }
+        self.last_write.store(crate::group::now_ms(), Ordering::Relaxed);
         self.processed = index;
         self.presence.set_applied(index);
         let (Payload::Shard(cmd), Reply::Shard(result)) = (&payload, &reply) else {

@@ -7,8 +7,10 @@
 //!
 //! - [`driver`]: the driver task: mailbox, applied entries, presence, barriers, deadlines.
 //! - [`outbox`]: delivers the group's relation intents to the groups of the other sides.
+//! - [`hibernate`]: idle groups stop their Raft timers.
 
 pub mod driver;
+pub mod hibernate;
 pub mod outbox;
 
 use std::collections::HashMap;
@@ -103,6 +105,19 @@ pub struct DriverHandle {
     tx: mpsc::UnboundedSender<GroupMsg>,
     depth: Arc<AtomicUsize>,
     next_deadline: Arc<AtomicU64>,
+    /// When the group last applied a write, as milliseconds since [`base`].
+    last_write: Arc<AtomicU64>,
+}
+
+/// The instant activity times are counted from (the first use in this process).
+pub(crate) fn base() -> std::time::Instant {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(std::time::Instant::now)
+}
+
+/// Milliseconds since [`base`].
+pub(crate) fn now_ms() -> u64 {
+    base().elapsed().as_millis() as u64
 }
 
 impl DriverHandle {
@@ -124,6 +139,11 @@ impl DriverHandle {
     /// Messages waiting in the mailbox: the driver's backlog.
     pub fn depth(&self) -> usize {
         self.depth.load(Ordering::Relaxed)
+    }
+
+    /// How long since the group last applied a write (or its driver started).
+    pub fn idle_for(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(now_ms().saturating_sub(self.last_write.load(Ordering::Relaxed)))
     }
 
     /// Whether the group's next deadline (on the node's clock) has passed at `now`.

@@ -77,6 +77,34 @@ pub enum ReadAnswer {
     Names(Vec<(UserId, String)>),
 }
 
+/// A user's record as a replica holds it, for comparison across replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordView {
+    /// Friends, ascending.
+    pub friends: Vec<UserId>,
+    /// Pending requests received, ascending.
+    pub requests_in: Vec<UserId>,
+    /// Pending requests sent, ascending.
+    pub requests_out: Vec<UserId>,
+    /// Users hidden from, ascending.
+    pub hidden_from: Vec<UserId>,
+    /// Whether the user shares.
+    pub sharing: bool,
+}
+
+impl RecordView {
+    /// The view of `r`.
+    pub fn of(r: &nearby_raft::UserRecord) -> Self {
+        RecordView {
+            friends: r.friends.iter().collect(),
+            requests_in: r.requests_in.iter().collect(),
+            requests_out: r.requests_out.iter().collect(),
+            hidden_from: r.hidden_from.iter().collect(),
+            sharing: r.sharing,
+        }
+    }
+}
+
 /// What a node asks a peer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerRequest {
@@ -140,6 +168,26 @@ pub enum PeerRequest {
         /// The node.
         node: NodeId,
     },
+    /// What this node's replica of `group` holds for `users` (any replica, leader or not): for
+    /// tools that check every replica.
+    ReplicaState {
+        /// The group.
+        group: GroupId,
+        /// The users.
+        users: Vec<UserId>,
+    },
+    /// `group`'s leader (the sender) sleeps in `term`: stop this replica's timers too.
+    Hibernate {
+        /// The group.
+        group: GroupId,
+        /// The leader's term.
+        term: u64,
+    },
+    /// Start `group`'s timers again (its leader woke).
+    Wake {
+        /// The group.
+        group: GroupId,
+    },
     /// Stand for election in `group` (moving its leadership here).
     Campaign {
         /// The group.
@@ -181,6 +229,16 @@ pub enum PeerResponse {
     Read(ReadAnswer),
     /// The receiver's map.
     Map(Box<ClusterMap>),
+    /// A replica's state: its last applied index, and the records of the users asked (those
+    /// registered).
+    Replica {
+        /// The last applied log index.
+        applied: u64,
+        /// Whether this replica hibernates (see `group::hibernate`).
+        asleep: bool,
+        /// `(user, relations)`.
+        records: Vec<(UserId, RecordView)>,
+    },
     /// The request failed; nothing was done.
     Failed(String),
 }

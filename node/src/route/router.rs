@@ -13,6 +13,7 @@ use nearby_raft::meta::MetaCommand;
 use nearby_raft::{CommandError, GroupId, NodeId, Payload, ProposeError, RaftHost, Reply, META_GROUP};
 
 use crate::api::ServiceError;
+use crate::group::hibernate::Hibernation;
 use crate::group::{Drivers, GroupMsg};
 use crate::presence::GroupMessage;
 use crate::route::directory::Directory;
@@ -25,6 +26,7 @@ const HOPS: usize = 5;
 pub struct Router {
     me: NodeId,
     host: Arc<RaftHost>,
+    hibernation: Arc<Hibernation>,
     directory: Arc<Directory>,
     drivers: Arc<Drivers>,
     peers: Arc<Peers>,
@@ -37,10 +39,12 @@ impl Router {
         directory: Arc<Directory>,
         drivers: Arc<Drivers>,
         peers: Arc<Peers>,
+        hibernation: Arc<Hibernation>,
     ) -> Arc<Self> {
         let router = Arc::new(Router {
             me: host.node_id(),
             host,
+            hibernation,
             directory,
             drivers,
             peers,
@@ -159,6 +163,34 @@ impl Router {
         Err(ServiceError::unavailable(format!("group {group}: {last}")))
     }
 
+    /// Wakes `group`'s local replica, and — if it leads and was asleep — its followers.
+    pub fn wake_group(&self, group: GroupId) {
+        let Some(g) = self.host.shard(group) else { return };
+        if !self.hibernation.wake(group, g.raft()) {
+            return;
+        }
+        let m = g.raft().server_metrics().borrow().clone();
+        if m.current_leader != Some(self.me) {
+            return;
+        }
+        for node in m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|n| *n != self.me)
+        {
+            let peers = Arc::clone(&self.peers);
+            tokio::spawn(async move {
+                let _ = peers.call(node, &PeerRequest::Wake { group }).await;
+            });
+        }
+    }
+
+    /// The node's hibernation state.
+    pub fn hibernation(&self) -> &Arc<Hibernation> {
+        &self.hibernation
+    }
+
     /// Proposes at this node's replica (which must lead).
     pub async fn propose_here(&self, group: GroupId, payload: Payload) -> Result<(u64, Reply), ProposeError> {
         match payload {
@@ -167,6 +199,8 @@ impl Router {
                     .host
                     .shard(group)
                     .ok_or(ProposeError::UnknownGroup { group })?;
+                // A write wakes a sleeping group (and its followers) before it is proposed.
+                self.wake_group(group);
                 g.propose_at(cmd).await.map(|(at, r)| (at.index, Reply::Shard(r)))
             }
             Payload::Meta(cmd) => {

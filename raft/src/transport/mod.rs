@@ -68,6 +68,15 @@ pub const MAX_MESSAGE_BYTES: usize = 32 << 20;
 /// The groups this node serves, by id: where incoming Raft RPCs are dispatched.
 pub type GroupRegistry = Arc<RwLock<HashMap<GroupId, Raft>>>;
 
+/// Told the group of every `AppendEntries` that carries entries (a write), before it is handled:
+/// the node wakes a hibernating replica with it.
+pub type AppendHook = Arc<dyn Fn(GroupId) + Send + Sync>;
+
+/// Asked before a vote request of `candidate` for `group` is handled: `false` refuses it (the
+/// candidate sees an error and tries again at its next election timeout). The node refuses
+/// votes for a hibernating replica whose leader is alive.
+pub type VoteGate = Arc<dyn Fn(GroupId, NodeId) -> bool + Send + Sync>;
+
 /// A boxed future answering one peer message.
 pub type PeerReply = Pin<Box<dyn Future<Output = Vec<u8>> + Send + 'static>>;
 
@@ -133,21 +142,53 @@ pub enum RpcResponse {
     Refused(String),
 }
 
-/// A cached connection to a peer and the node its certificate was checked to be.
+/// One peer address: its cached connection, the node its certificate was checked to be, and the
+/// state of attempts to connect.
+///
+/// An attempt runs in its own task, so a caller that gives up (Raft's RPC timeouts are short)
+/// does not abort it; one caller waits for it and every other call fails at once while it runs,
+/// and for a backoff after it failed — a dead peer costs one attempt at a time, not one per
+/// call.
+#[derive(Default)]
+struct Peer {
+    slot: Mutex<PeerSlot>,
+    /// Counts finished attempts; the caller that started one waits on it.
+    attempts: tokio::sync::watch::Sender<u64>,
+}
+
 #[derive(Default)]
 struct PeerSlot {
     conn: Option<quinn::Connection>,
     verified: Option<NodeId>,
+    connecting: bool,
+    /// Connection attempts failed in a row.
+    failures: u32,
+    /// After a failed attempt, calls fail at once until then instead of trying again.
+    retry_at: Option<tokio::time::Instant>,
+    /// Why the last attempt failed.
+    last_error: String,
 }
+
+/// How long calls to a peer fail at once after `failures` failed connection attempts in a row:
+/// 100 ms, doubling, at most [`MAX_RECONNECT_BACKOFF`].
+fn reconnect_backoff(failures: u32) -> Duration {
+    (Duration::from_millis(100) * 2u32.saturating_pow(failures.saturating_sub(1).min(8)))
+        .min(MAX_RECONNECT_BACKOFF)
+}
+
+/// The longest wait between connection attempts to an unreachable peer.
+pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The node's transport endpoint: serves incoming requests and sends outgoing ones over one
 /// cached connection per peer.
 pub struct RaftTransport {
     me: NodeId,
     endpoint: quinn::Endpoint,
-    peers: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<PeerSlot>>>>,
+    peers: Mutex<HashMap<SocketAddr, Arc<Peer>>>,
     connect_timeout: Duration,
     handler: Arc<RwLock<Option<Arc<dyn PeerHandler>>>>,
+    append_hook: Arc<RwLock<Option<AppendHook>>>,
+    vote_gate: Arc<RwLock<Option<VoteGate>>>,
     serve: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -163,15 +204,27 @@ impl RaftTransport {
             .map_err(|source| TransportError::Bind { addr, source })?;
         endpoint.set_default_client_config(tls.client_config()?);
         let handler: Arc<RwLock<Option<Arc<dyn PeerHandler>>>> = Arc::default();
+        let append_hook: Arc<RwLock<Option<AppendHook>>> = Arc::default();
+        let vote_gate: Arc<RwLock<Option<VoteGate>>> = Arc::default();
         let transport = Arc::new(RaftTransport {
             me: tls.node_id(),
             endpoint: endpoint.clone(),
             peers: Mutex::new(HashMap::new()),
             connect_timeout: Duration::from_secs(2),
             handler: Arc::clone(&handler),
+            append_hook: Arc::clone(&append_hook),
+            vote_gate: Arc::clone(&vote_gate),
             serve: Mutex::new(None),
         });
-        let handle = tokio::spawn(serve(endpoint, registry, handler));
+        let handle = tokio::spawn(serve(
+            endpoint,
+            registry,
+            Hooks {
+                handler,
+                append: append_hook,
+                vote: vote_gate,
+            },
+        ));
         *transport.serve.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(transport)
     }
@@ -179,6 +232,16 @@ impl RaftTransport {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.me
+    }
+
+    /// Registers the hook told of every write replicated to this node (see [`AppendHook`]).
+    pub fn set_append_hook(&self, hook: AppendHook) {
+        *self.append_hook.write().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Registers the gate of vote requests (see [`VoteGate`]).
+    pub fn set_vote_gate(&self, gate: VoteGate) {
+        *self.vote_gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
     }
 
     /// Registers the handler of peer messages (replacing any earlier one).
@@ -210,31 +273,97 @@ impl RaftTransport {
         addr: SocketAddr,
         expect: Option<NodeId>,
     ) -> Result<quinn::Connection, TransportError> {
-        let slot = {
+        let peer = {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(peers.entry(addr).or_default())
         };
-        let mut slot = slot.lock().await;
         let connect_err = |reason: String| TransportError::Connect {
             addr: addr.to_string(),
             reason,
         };
-        let conn = match slot.conn.as_ref().filter(|c| c.close_reason().is_none()) {
-            Some(c) => c.clone(),
-            None => {
-                let connecting = self
-                    .endpoint
-                    .connect(addr, tls::NODE_SERVER_NAME)
-                    .map_err(|e| connect_err(e.to_string()))?;
-                let conn = tokio::time::timeout(self.connect_timeout, connecting)
-                    .await
-                    .map_err(|_| connect_err("timed out".into()))?
-                    .map_err(|e| connect_err(e.to_string()))?;
-                tracing::debug!(%addr, "connected to peer");
-                slot.conn = Some(conn.clone());
-                slot.verified = None;
-                conn
+        let mut finished = peer.attempts.subscribe();
+        {
+            let mut slot = peer.slot.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.conn.as_ref().is_some_and(|c| c.close_reason().is_none()) {
+                return self.checked(&mut slot, addr, expect);
             }
+            if slot.connecting {
+                return Err(connect_err("a connection attempt is under way".into()));
+            }
+            let now = tokio::time::Instant::now();
+            if let Some(at) = slot.retry_at.filter(|at| *at > now) {
+                return Err(connect_err(format!(
+                    "unreachable ({} attempts failed, last: {}); next attempt in {:?}",
+                    slot.failures,
+                    slot.last_error,
+                    at - now
+                )));
+            }
+            slot.connecting = true;
+            finished.mark_unchanged();
+        }
+        tokio::spawn(Self::attempt(
+            self.endpoint.clone(),
+            addr,
+            self.connect_timeout,
+            Arc::clone(&peer),
+        ));
+        // The attempt reports through `attempts` however long this caller stays.
+        let _ = finished.changed().await;
+        let mut slot = peer.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.conn.as_ref().is_some_and(|c| c.close_reason().is_none()) {
+            self.checked(&mut slot, addr, expect)
+        } else {
+            Err(connect_err(slot.last_error.clone()))
+        }
+    }
+
+    /// One connection attempt to `addr`; its outcome goes into `peer`'s slot.
+    async fn attempt(endpoint: quinn::Endpoint, addr: SocketAddr, within: Duration, peer: Arc<Peer>) {
+        let outcome = async {
+            let connecting = endpoint
+                .connect(addr, tls::NODE_SERVER_NAME)
+                .map_err(|e| e.to_string())?;
+            tokio::time::timeout(within, connecting)
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        {
+            let mut slot = peer.slot.lock().unwrap_or_else(|p| p.into_inner());
+            slot.connecting = false;
+            match outcome {
+                Ok(conn) => {
+                    tracing::debug!(%addr, "connected to peer");
+                    slot.conn = Some(conn);
+                    slot.verified = None;
+                    slot.failures = 0;
+                    slot.retry_at = None;
+                }
+                Err(reason) => {
+                    slot.failures = slot.failures.saturating_add(1);
+                    slot.retry_at = Some(tokio::time::Instant::now() + reconnect_backoff(slot.failures));
+                    tracing::debug!(%addr, failures = slot.failures, %reason, "cannot connect to peer");
+                    slot.last_error = reason;
+                }
+            }
+        }
+        peer.attempts.send_modify(|n| *n += 1);
+    }
+
+    /// The slot's connection, once its certificate is checked to be node `expect`'s.
+    fn checked(
+        &self,
+        slot: &mut PeerSlot,
+        addr: SocketAddr,
+        expect: Option<NodeId>,
+    ) -> Result<quinn::Connection, TransportError> {
+        let Some(conn) = slot.conn.clone() else {
+            return Err(TransportError::Connect {
+                addr: addr.to_string(),
+                reason: "no connection".into(),
+            });
         };
         if let Some(id) = expect {
             if slot.verified != Some(id) {
@@ -340,15 +469,21 @@ impl Caller {
     }
 }
 
-type Handler = Arc<RwLock<Option<Arc<dyn PeerHandler>>>>;
+/// What the serving side calls out to.
+#[derive(Clone)]
+struct Hooks {
+    handler: Arc<RwLock<Option<Arc<dyn PeerHandler>>>>,
+    append: Arc<RwLock<Option<AppendHook>>>,
+    vote: Arc<RwLock<Option<VoteGate>>>,
+}
 
 /// Accepts peer connections until the endpoint closes; each connection's streams are served
 /// concurrently, so one slow group never delays another's messages.
-async fn serve(endpoint: quinn::Endpoint, registry: GroupRegistry, handler: Handler) {
+async fn serve(endpoint: quinn::Endpoint, registry: GroupRegistry, hooks: Hooks) {
     let mut conns = JoinSet::new();
     while let Some(incoming) = endpoint.accept().await {
         let registry = Arc::clone(&registry);
-        let handler = Arc::clone(&handler);
+        let hooks = hooks.clone();
         conns.spawn(async move {
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -370,7 +505,7 @@ async fn serve(endpoint: quinn::Endpoint, registry: GroupRegistry, handler: Hand
                             send,
                             recv,
                             Arc::clone(&registry),
-                            Arc::clone(&handler),
+                            hooks.clone(),
                             Arc::clone(&caller),
                         ));
                     }
@@ -391,7 +526,7 @@ async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     registry: GroupRegistry,
-    handler: Handler,
+    hooks: Hooks,
     caller: Arc<Caller>,
 ) {
     let response = match recv.read_to_end(MAX_MESSAGE_BYTES).await {
@@ -399,7 +534,7 @@ async fn handle_stream(
             Ok(req) if !caller.is(req.from) => {
                 RpcResponse::Refused(format!("the connection's certificate is not node {}'s", req.from))
             }
-            Ok(req) => dispatch(req, &registry, &handler).await,
+            Ok(req) => dispatch(req, &registry, &hooks).await,
             Err(e) => RpcResponse::Malformed(e.to_string()),
         },
         Err(e) => RpcResponse::Malformed(e.to_string()),
@@ -421,7 +556,7 @@ fn vote_is(vote: &Vote, from: NodeId) -> bool {
     vote.leader_id().voted_for() == Some(from)
 }
 
-async fn dispatch(req: RpcRequest, registry: &GroupRegistry, handler: &Handler) -> RpcResponse {
+async fn dispatch(req: RpcRequest, registry: &GroupRegistry, hooks: &Hooks) -> RpcResponse {
     let from = req.from;
     let lookup = |group: GroupId| {
         registry
@@ -437,7 +572,7 @@ async fn dispatch(req: RpcRequest, registry: &GroupRegistry, handler: &Handler) 
     };
     match req.body {
         RpcBody::Peer(message) => {
-            let h = handler.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let h = hooks.handler.read().unwrap_or_else(|p| p.into_inner()).clone();
             match h {
                 Some(h) => RpcResponse::Peer(h.handle(from, message).await),
                 None => RpcResponse::Refused("this node does not serve peer messages yet".into()),
@@ -446,13 +581,27 @@ async fn dispatch(req: RpcRequest, registry: &GroupRegistry, handler: &Handler) 
         RpcBody::AppendEntries { group, req } => match lookup(group) {
             None => RpcResponse::UnknownGroup,
             Some(raft) if vote_is(&req.vote, from) => {
+                if !req.entries.is_empty() {
+                    let hook = hooks.append.read().unwrap_or_else(|p| p.into_inner()).clone();
+                    if let Some(hook) = hook {
+                        hook(group);
+                    }
+                }
                 RpcResponse::AppendEntries(raft.append_entries(req).await)
             }
             Some(_) => not_own(),
         },
         RpcBody::Vote { group, req } => match lookup(group) {
             None => RpcResponse::UnknownGroup,
-            Some(raft) if vote_is(&req.vote, from) => RpcResponse::Vote(raft.vote(req).await),
+            Some(raft) if vote_is(&req.vote, from) => {
+                let gate = hooks.vote.read().unwrap_or_else(|p| p.into_inner()).clone();
+                if gate.is_some_and(|may| !may(group, from)) {
+                    return RpcResponse::Refused(format!(
+                        "group {group} sleeps here under a leader that is alive"
+                    ));
+                }
+                RpcResponse::Vote(raft.vote(req).await)
+            }
             Some(_) => not_own(),
         },
         RpcBody::InstallSnapshot { group, req } => match lookup(group) {

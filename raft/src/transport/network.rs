@@ -3,11 +3,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
-use openraft::network::{RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -16,6 +17,9 @@ use openraft::raft::{
 use super::{RaftTransport, RpcBody, RpcResponse};
 use crate::error::TransportError;
 use crate::{GroupId, Node, NodeId, TypeConfig};
+
+/// The longest pause of a group's replication to a peer that could not be reached.
+pub const MAX_RAFT_BACKOFF: Duration = Duration::from_secs(4);
 
 /// Makes per-peer network clients for one group.
 #[derive(Clone)]
@@ -117,6 +121,16 @@ impl PeerClient {
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
+    /// Between retries to a peer that could not be reached: 200 ms, doubling up to
+    /// [`MAX_RAFT_BACKOFF`] — a dead node costs each group an attempt every few seconds, and a
+    /// node that comes back hears from each of its groups within that.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(
+            (0u32..)
+                .map(|i| (Duration::from_millis(200) * 2u32.saturating_pow(i.min(8))).min(MAX_RAFT_BACKOFF)),
+        )
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

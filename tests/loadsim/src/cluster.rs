@@ -139,13 +139,19 @@ pub struct ClusterOptions {
 impl ClusterOptions {
     /// `nodes` nodes with `groups` groups in `dir`, with the binary next to this executable.
     pub fn new(dir: impl Into<PathBuf>, nodes: u8, groups: u64) -> Result<Self, ClusterError> {
-        Ok(ClusterOptions {
-            binary: node_binary().ok_or_else(|| {
-                ClusterError::Setup(
-                    "no nearby-node binary next to this executable: build it (`cargo build -p nearby-node`)"
-                        .into(),
-                )
-            })?,
+        let binary = node_binary().ok_or_else(|| {
+            ClusterError::Setup(
+                "no nearby-node binary next to this executable: build it (`cargo build -p nearby-node`)"
+                    .into(),
+            )
+        })?;
+        Ok(Self::with_binary(binary, dir, nodes, groups))
+    }
+
+    /// `nodes` nodes with `groups` groups in `dir`, running `binary`.
+    pub fn with_binary(binary: PathBuf, dir: impl Into<PathBuf>, nodes: u8, groups: u64) -> Self {
+        ClusterOptions {
+            binary,
             dir: dir.into(),
             nodes,
             groups,
@@ -153,13 +159,14 @@ impl ClusterOptions {
             import: None,
             log_filter: std::env::var("NEARBY_TEST_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
             echo: std::env::var_os("NEARBY_TEST_ECHO").is_some(),
-        })
+        }
     }
 }
 
 /// The cluster (see the module doc).
 pub struct ProcessCluster {
     opts: ClusterOptions,
+    ca: ClusterCa,
     nodes: Vec<Option<NodeProc>>,
     client_ca: String,
     signer: Arc<TokenSigner>,
@@ -201,6 +208,7 @@ impl ProcessCluster {
             format!("{}\n", signer.verifier().public_base64url()).as_bytes(),
         )?;
         let mut c = ProcessCluster {
+            ca,
             nodes: (0..n).map(|_| None).collect(),
             client_ca: ck.cert.pem(),
             signer: Arc::new(signer),
@@ -212,19 +220,17 @@ impl ProcessCluster {
             c.wait_ready(i).await?;
         }
         let want = 3.min(usize::from(n));
-        c.wait_map(
-            "every group fully replicated with a leader",
-            Duration::from_secs(60),
-            |m| {
-                m.groups
-                    .values()
-                    .all(|g| g.voters.len() == want && g.learners.is_empty() && g.leader.is_some())
-            },
-        )
+        // Placement runs in bounded rounds: allow time in proportion to the groups.
+        let within = Duration::from_secs(60) + Duration::from_millis(250) * groups as u32;
+        c.wait_map("every group fully replicated with a leader", within, |m| {
+            m.groups
+                .values()
+                .all(|g| g.voters.len() == want && g.learners.is_empty() && g.leader.is_some())
+        })
         .await?;
         // Placement then spreads leaders; tests start from the settled cluster.
         let nodes = u64::from(n).min(groups);
-        c.wait_map("leaders spread over the nodes", Duration::from_secs(60), |m| {
+        c.wait_map("leaders spread over the nodes", within, |m| {
             let mut per: std::collections::BTreeMap<NodeId, u64> =
                 (1..=u64::from(n)).map(|i| (i, 0)).collect();
             for (id, g) in &m.groups {
@@ -240,6 +246,58 @@ impl ProcessCluster {
         })
         .await?;
         Ok(c)
+    }
+
+    /// What every replica of `group` holds for `users`: `(node, answer)` per replica the map
+    /// names, asked over the node-to-node protocol with a certificate of the cluster's CA (for
+    /// a tool id no node has).
+    pub async fn replica_states(
+        &self,
+        group: GroupId,
+        users: &[UserId],
+    ) -> Result<Vec<(NodeId, nearby_node::route::peer::PeerResponse)>, ClusterError> {
+        use nearby_node::route::peer::{PeerRequest, PeerResponse};
+        const TOOL: NodeId = u64::MAX - 1;
+        let tls = self
+            .ca
+            .issue_node(TOOL)
+            .map_err(|e| setup("tool certificate", e))?;
+        let s = self.opts.subnet;
+        let bind = SocketAddr::from(([127, s[0], s[1], 250], 0));
+        let transport = nearby_raft::transport::RaftTransport::bind(bind, &tls, Default::default())
+            .map_err(|e| setup("tool transport", e))?;
+        let map = self.map();
+        let replicas: Vec<NodeId> = map
+            .groups
+            .get(&group)
+            .map(|g| g.replicas().collect())
+            .unwrap_or_default();
+        let req = nearby_index::codec::encode(&PeerRequest::ReplicaState {
+            group,
+            users: users.to_vec(),
+        })
+        .map_err(|e| setup("encoding a request", e))?;
+        let mut out = Vec::new();
+        for node in replicas {
+            let answer = match self.raft_addr_of(node) {
+                Some(addr) => match transport.call_peer(addr, Some(node), req.clone()).await {
+                    Ok(bytes) => nearby_index::codec::decode(&bytes)
+                        .unwrap_or_else(|e| PeerResponse::Failed(format!("undecodable answer: {e}"))),
+                    Err(e) => PeerResponse::Failed(e.to_string()),
+                },
+                None => PeerResponse::Failed(format!("node {node} is not one of this cluster's")),
+            };
+            out.push((node, answer));
+        }
+        transport.shutdown().await;
+        Ok(out)
+    }
+
+    fn raft_addr_of(&self, node: NodeId) -> Option<SocketAddr> {
+        let i = u8::try_from(node)
+            .ok()
+            .filter(|i| (1..=self.opts.nodes).contains(i))?;
+        Some(self.raft_addr(i))
     }
 
     /// The certificate clients trust.

@@ -73,6 +73,12 @@ pub struct DriverConfig {
     pub churn: f64,
     /// Seeds the choice of changes.
     pub churn_seed: u64,
+    /// The clients' connect timeout (per node tried).
+    pub connect_timeout: Duration,
+    /// The clients' request timeout: a node silent this long is taken for gone.
+    pub request_timeout: Duration,
+    /// Told `true` when the steps start (every participant connected).
+    pub started: Option<Arc<watch::Sender<bool>>>,
 }
 
 impl DriverConfig {
@@ -98,6 +104,9 @@ impl DriverConfig {
             extra_pid: None,
             churn: 0.0,
             churn_seed: 1,
+            connect_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(5),
+            started: None,
         }
     }
 }
@@ -408,6 +417,9 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     // Steps start together, a little ahead so every task sees the signal in time.
     let start = Instant::now() + Duration::from_millis(50);
     let _ = go_tx.send(Some(start));
+    if let Some(started) = &config.started {
+        started.send_replace(true);
+    }
     let mut windows = Vec::new();
     let mut readings = Vec::new();
     let total: Duration = config.steps.iter().map(|s| s.duration).sum();
@@ -663,7 +675,8 @@ async fn connect(shared: &Shared, p: u32) -> Result<Client, ClientError> {
     let mut config = config;
     config.server_name = c.server_name.clone();
     config.client_name = concat!("nearby-loadsim/", env!("CARGO_PKG_VERSION")).to_string();
-    config.connect_timeout = Duration::from_secs(30);
+    config.connect_timeout = c.connect_timeout;
+    config.request_timeout = c.request_timeout;
     // The driver reads as fast as it can; a deep buffer keeps the client from pushing back
     // on the node while the driver's own tasks are briefly busy.
     config.event_capacity = 4_096;

@@ -28,17 +28,24 @@
 //! - [`metrics`]: rates, percentiles, start-up latency, errors by code, process CPU and memory,
 //!   from the records.
 //! - [`procstat`]: reading a process's CPU time and peak memory from `/proc`.
+//! - [`cluster`]: a cluster of real `nearby-node` processes (start, kill, restart, read maps
+//!   and replicas), for the cluster tests, `chaos` and `groups`.
+//! - [`churn`]: relation and privacy changes during a run, and their timeline for the oracle.
+//! - [`chaos`]: the kill loop — a cluster under load and churn, nodes killed and restarted.
+//! - [`groups`]: a cluster's idle CPU with many hibernating groups, and election time.
 //! - [`report`]: the report as a table and as JSON.
 //! - [`plot`]: reports of several systems drawn against each other as SVG (latency and CPU per
 //!   push against load).
-//! - `src/main.rs`: the `nearby-loadsim` command line (`world`, `run`, `compare`, `plot`, `ceiling`); the
-//!   only place `anyhow` is used.
+//! - `src/main.rs`: the `nearby-loadsim` command line (`world`, `run`, `compare`, `plot`,
+//!   `ceiling`, `chaos`, `groups`); the only place `anyhow` is used.
 
 pub mod ceiling;
+pub mod chaos;
 pub mod churn;
 pub mod cluster;
 pub mod compare;
 pub mod driver;
+pub mod groups;
 pub mod metrics;
 pub mod oracle;
 pub mod plot;

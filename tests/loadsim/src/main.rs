@@ -57,6 +57,14 @@ enum Cmd {
         #[arg(long)]
         ca_out: PathBuf,
     },
+    /// The kill loop: a cluster of `nearby-node` processes under load and relation churn, nodes
+    /// killed (`kill -9`, leaders preferred) and restarted again and again; judged for leaks,
+    /// acknowledged writes lost on any replica, time to be served again, and crashes (exit
+    /// status 3 if a promise was broken).
+    Chaos(ChaosArgs),
+    /// Many groups, cheap: a cluster with no clients, its idle CPU per node once groups
+    /// hibernate, and how long a killed node's groups take to get new leaders.
+    Groups(GroupsArgs),
     /// Plot runs' JSON reports against each other: writes `latency.svg` (p99/p50 latency against
     /// delivered pushes/s) and `cpu.svg` (CPU seconds per million pushes) to `--out-dir`.
     Plot {
@@ -70,6 +78,75 @@ enum Cmd {
         #[arg(long)]
         ceiling: Option<PathBuf>,
     },
+}
+
+/// `nearby-loadsim chaos`.
+#[derive(Args)]
+struct ChaosArgs {
+    #[command(flatten)]
+    world: WorldArgs,
+    /// Where the nodes' files go (a fresh directory is made inside).
+    #[arg(long, default_value = "./nearby-chaos")]
+    dir: PathBuf,
+    /// The `nearby-node` binary (default: next to this one).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// Nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u8,
+    /// Shard groups.
+    #[arg(long, default_value_t = 8)]
+    groups: u64,
+    /// Kills to make.
+    #[arg(long, default_value_t = 20)]
+    kills: u32,
+    /// Seconds a killed node stays down.
+    #[arg(long, default_value_t = 2.0)]
+    down: f64,
+    /// Seconds between a node's return and the next kill.
+    #[arg(long, default_value_t = 3.0)]
+    between: f64,
+    /// Updates per second over all participants.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Relation and privacy changes per second.
+    #[arg(long, default_value_t = 2.0)]
+    churn: f64,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `nearby-loadsim groups`.
+#[derive(Args)]
+struct GroupsArgs {
+    /// Where the nodes' files go (a fresh directory is made inside).
+    #[arg(long, default_value = "./nearby-groups")]
+    dir: PathBuf,
+    /// The `nearby-node` binary (default: next to this one).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// Nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: u8,
+    /// Shard groups.
+    #[arg(long, default_value_t = 256)]
+    groups: u64,
+    /// Seconds to wait after the cluster settles, for idle groups to hibernate.
+    #[arg(long, default_value_t = 15.0)]
+    settle: f64,
+    /// Seconds each CPU measurement lasts.
+    #[arg(long, default_value_t = 10.0)]
+    window: f64,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// `nearby-loadsim ceiling`: the bare quinn push path's ceiling on this machine.
@@ -279,6 +356,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Ceiling(args) => ceiling(args),
+        Cmd::Chaos(args) => chaos(args),
+        Cmd::Groups(args) => groups(args),
         Cmd::CeilingServer {
             sessions,
             mode,
@@ -467,6 +546,75 @@ fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "error: {} leak(s): a location reached someone who must not see it",
             report.total.leaks
+        );
+        Ok(ExitCode::from(3))
+    }
+}
+
+fn groups(args: GroupsArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.join(format!("run-{}", std::process::id()));
+    let config = nearby_loadsim::groups::GroupsConfig {
+        dir: dir.clone(),
+        node_bin: args.node_bin,
+        nodes: args.nodes,
+        groups: args.groups,
+        settle: Duration::from_secs_f64(args.settle),
+        window: Duration::from_secs_f64(args.window),
+        progress: !args.quiet,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = rt.block_on(nearby_loadsim::groups::run(config))?;
+    println!("{}", report.table());
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.join(format!("run-{}", std::process::id()));
+    let config = nearby_loadsim::chaos::ChaosConfig {
+        dir: dir.clone(),
+        nodes: args.nodes,
+        groups: args.groups,
+        world: args.world.config(),
+        kills: args.kills,
+        down: Duration::from_secs_f64(args.down),
+        between: Duration::from_secs_f64(args.between),
+        rate: args.rate,
+        churn: args.churn,
+        seed: args.world.seed,
+        progress: !args.quiet,
+        node_bin: args.node_bin,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = rt.block_on(nearby_loadsim::chaos::run(config))?;
+    println!("{}", report.table());
+    for line in report.replicas.lost.iter().take(20) {
+        println!("  lost: {line}");
+    }
+    for c in &report.crashes {
+        println!("  crash: {c}");
+    }
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if report.passed() {
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "error: a promise was broken; the nodes' files are kept in {}",
+            dir.display()
         );
         Ok(ExitCode::from(3))
     }

@@ -5,4 +5,5 @@
 
 mod test_basic;
 mod test_failover;
+mod test_hibernate;
 mod util;
