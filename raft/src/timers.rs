@@ -10,8 +10,13 @@
 //!
 //! A sleep thus lasts up to [`GRID`] longer than asked. Raft's timers tolerate that (election
 //! timeouts are randomised over hundreds of milliseconds, heartbeats are several times more
-//! frequent than the shortest timeout); timeouts of calls (`timeout`, `timeout_at`) are not
-//! rounded.
+//! frequent than the shortest timeout).
+//!
+//! Timeouts of calls (`timeout`, `timeout_at`) are not rounded, but they last at least
+//! [`MIN_CALL_TIMEOUT`]: openraft bounds every `AppendEntries` by the heartbeat interval
+//! (100 ms), which a follower catching up — hundreds of entries to write and fsync on a busy
+//! disk — cannot meet; the replication would time out and resend the same entries forever. A
+//! dead peer is not waited for that long: the transport fails calls to it at once.
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -22,6 +27,9 @@ use openraft::{AsyncRuntime, OptionalSend, TokioInstant, TokioRuntime};
 
 /// Sleeps end on multiples of this.
 pub const GRID: Duration = Duration::from_millis(25);
+
+/// The shortest timeout openraft's calls get (see the module doc).
+pub const MIN_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The first instant this process asked for; the grid is counted from it.
 fn origin() -> TokioInstant {
@@ -89,14 +97,14 @@ impl AsyncRuntime for CoarseTimers {
         duration: Duration,
         future: F,
     ) -> Self::Timeout<R, F> {
-        tokio::time::timeout(duration, future)
+        tokio::time::timeout(duration.max(MIN_CALL_TIMEOUT), future)
     }
 
     fn timeout_at<R, F: Future<Output = R> + OptionalSend>(
         deadline: Self::Instant,
         future: F,
     ) -> Self::Timeout<R, F> {
-        tokio::time::timeout_at(deadline, future)
+        tokio::time::timeout_at(deadline.max(TokioInstant::now() + MIN_CALL_TIMEOUT), future)
     }
 
     fn is_panic(join_error: &Self::JoinError) -> bool {
@@ -118,6 +126,22 @@ impl AsyncRuntime for CoarseTimers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_gets_at_least_the_minimum_timeout() {
+        // Asked for 100 ms, a 300 ms call completes.
+        let slow = tokio::time::sleep(Duration::from_millis(300));
+        assert!(CoarseTimers::timeout(Duration::from_millis(100), slow)
+            .await
+            .is_ok());
+        // A call that never completes is given up only after the minimum.
+        let start = std::time::Instant::now();
+        let never = std::future::pending::<()>();
+        assert!(CoarseTimers::timeout(Duration::from_millis(100), never)
+            .await
+            .is_err());
+        assert!(start.elapsed() >= MIN_CALL_TIMEOUT);
+    }
 
     #[tokio::test]
     async fn deadlines_move_to_the_next_grid_point_and_never_earlier() {
