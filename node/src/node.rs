@@ -190,41 +190,66 @@ impl Node {
     }
 
     /// Loads a bulk-import file into the cluster's groups (idempotent: users already registered
-    /// stay as they are). Reports progress every 5 % of batches.
+    /// stay as they are), one stream of batches per group, all groups at once. Reports progress
+    /// every 5 % of batches. Afterwards each group this node leads is compacted into a snapshot,
+    /// so replicas added later copy the state instead of replaying the import entry by entry.
     pub async fn import(&self, seed: &nearby_raft::seed::Seed) -> Result<(), NodeError> {
         let view = self.cluster.directory().view();
-        let batches: Vec<(u64, nearby_raft::ImportBatch)> = view
+        let per_group: Vec<(u64, Vec<nearby_raft::ImportBatch>)> = view
             .map
             .groups
             .iter()
-            .filter_map(|(g, e)| e.range.map(|r| (*g, r)))
-            .flat_map(|(g, r)| seed.batches_for(r).into_iter().map(move |b| (g, b)))
+            .filter_map(|(g, e)| e.range.map(|r| (*g, seed.batches_for(r))))
             .collect();
-        let total = batches.len();
+        let total: usize = per_group.iter().map(|(_, b)| b.len()).sum();
         let started = std::time::Instant::now();
         tracing::info!(
             users = seed.users.len(),
             friendships = seed.friendships.len(),
+            groups = per_group.len(),
             batches = total,
             "importing"
         );
-        let mut skipped = 0;
-        for (i, (group, batch)) in batches.into_iter().enumerate() {
-            let cmd = Payload::Shard(nearby_raft::Command::Import(batch));
-            let (_, reply) = self
-                .cluster
-                .router()
-                .propose(group, cmd)
-                .await
-                .map_err(|e| NodeError::Setup(format!("import into group {group}: {e}")))?;
-            if let Reply::Shard(nearby_raft::CommandResult::Imported { skipped: s, .. }) = reply {
-                skipped += s;
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let skipped = std::sync::atomic::AtomicU64::new(0);
+        let step = (total / 20).max(1);
+        let router = self.cluster.router();
+        let streams = per_group.into_iter().map(|(group, batches)| {
+            let (done, skipped) = (&done, &skipped);
+            async move {
+                for batch in batches {
+                    let cmd = Payload::Shard(nearby_raft::Command::Import(batch));
+                    let (_, reply) = router
+                        .propose(group, cmd)
+                        .await
+                        .map_err(|e| NodeError::Setup(format!("import into group {group}: {e}")))?;
+                    if let Reply::Shard(nearby_raft::CommandResult::Imported { skipped: s, .. }) = reply {
+                        skipped.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if n % step == 0 {
+                        tracing::info!(done = n, of = total, "import progress");
+                    }
+                }
+                Ok::<_, NodeError>(())
             }
-            if (i + 1) % (total / 20).max(1) == 0 {
-                tracing::info!(done = i + 1, of = total, "import progress");
+        });
+        futures::future::try_join_all(streams).await?;
+        tracing::info!(
+            elapsed = ?started.elapsed(),
+            skipped = skipped.into_inner(),
+            "import done; compacting"
+        );
+        for g in self.host.shards() {
+            if g.leader() != Some(self.host.node_id()) {
+                continue;
+            }
+            match g.compact(Duration::from_secs(60)).await {
+                Ok(upto) => tracing::info!(group = g.id(), upto, "log compacted into a snapshot"),
+                // Not fatal: the group still works, a new replica just replays more entries.
+                Err(e) => tracing::warn!(group = g.id(), error = %e, "compaction after import failed"),
             }
         }
-        tracing::info!(elapsed = ?started.elapsed(), skipped, "import done");
         Ok(())
     }
 

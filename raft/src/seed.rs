@@ -3,7 +3,9 @@
 //!
 //! The file is one [`Seed`] encoded with `nearby_index::codec`. [`Seed::batches_for`] cuts it
 //! into [`ImportBatch`]es for one group: only the users and relations with a side in the group's
-//! range, at most [`MAX_IMPORT_ITEMS`] items each, so every batch is one log entry.
+//! range, at most [`IMPORT_BATCH_ITEMS`] items each, so every batch is one modest log entry.
+//! (Entries travel to followers up to 64 at a time: entries of a few tens of KiB keep one
+//! append small enough for a new replica to catch up while the import is still running.)
 
 use std::path::Path;
 
@@ -13,6 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::WalError;
 use crate::shard::command::{ImportBatch, MAX_IMPORT_ITEMS};
+
+/// How many users plus relations [`Seed::batches_for`] puts in one batch: ~20 KiB encoded.
+/// [`MAX_IMPORT_ITEMS`] stays the limit a replica accepts, so logs written with larger batches
+/// still replay.
+pub const IMPORT_BATCH_ITEMS: usize = 1_000;
+const _: () = assert!(IMPORT_BATCH_ITEMS <= MAX_IMPORT_ITEMS);
 
 /// Users and relations to import.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +52,7 @@ impl Seed {
         let mut out = Vec::new();
         let mut cur = ImportBatch::default();
         let flush = |cur: &mut ImportBatch, out: &mut Vec<ImportBatch>| {
-            if cur.len() >= MAX_IMPORT_ITEMS {
+            if cur.len() >= IMPORT_BATCH_ITEMS {
                 out.push(std::mem::take(cur));
             }
         };
