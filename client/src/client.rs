@@ -130,7 +130,7 @@ impl Client {
             ));
         }
         let dialer = Dialer {
-            tls: tls::client_config(&config.ca_pem)?,
+            tls: tls::client_config_with(&config.ca_pem, config.keep_alive, config.idle_timeout)?,
             server_name: config.server_name.clone(),
             timeout: config.connect_timeout,
             shared: config.shared_endpoint.clone(),
@@ -637,6 +637,19 @@ impl Driver {
     }
 
     fn lost(&self, reason: ClientError, after: Option<Duration>, target: Option<String>) -> Exit {
+        // A connection that timed out idle means the node went silent (dead, or cut off): it is
+        // tried last, like one that left a request unanswered.
+        if let Some(live) = self.live.as_ref() {
+            if matches!(live.conn.close_reason(), Some(quinn::ConnectionError::TimedOut)) {
+                tracing::info!(addr = %live.addr, "the node went silent; trying the others first");
+                return Exit::Lost {
+                    reason,
+                    after,
+                    target: None,
+                    silent: Some(live.addr.clone()),
+                };
+            }
+        }
         let target = target.or_else(|| self.live.as_ref().map(|l| l.addr.clone()));
         Exit::Lost {
             reason,

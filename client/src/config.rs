@@ -30,6 +30,13 @@ pub struct ClientConfig {
     /// gone: the connection is dropped and the client reconnects (elsewhere, if it must) — a
     /// dead node costs a client this long, not the QUIC idle timeout.
     pub request_timeout: Duration,
+    /// How often the connection is kept alive by a QUIC ping when nothing else is sent (through
+    /// NATs, and so a dead node is noticed without traffic).
+    pub keep_alive: Duration,
+    /// How long the connection may hear nothing from the node before it is taken for dead and
+    /// the client reconnects: what a dead node costs a client that sends nothing. Shorter means
+    /// faster failover for quiet clients and more keep-alive packets (battery, on a phone).
+    pub idle_timeout: Duration,
     /// Free text naming the client software, sent in `Hello` for the node's logs.
     pub client_name: String,
     /// Events buffered for the app before the client stops reading the node's event stream
@@ -45,8 +52,8 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// A configuration for the node at `endpoint` with the defaults: server name `localhost`,
-    /// [`Backoff::default`], 10 s connect timeout, 5 s request timeout, 256 buffered events, 64
-    /// requests in flight.
+    /// [`Backoff::default`], 10 s connect timeout, 5 s request timeout, keep-alive every 5 s and
+    /// a 20 s idle timeout, 256 buffered events, 64 requests in flight.
     pub fn new(
         endpoint: impl Into<String>,
         ca_pem: impl Into<String>,
@@ -62,6 +69,8 @@ impl ClientConfig {
             reconnect: Backoff::default(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
             client_name: concat!("nearby-sdk/", env!("CARGO_PKG_VERSION")).to_string(),
             event_capacity: 256,
             max_in_flight: 64,

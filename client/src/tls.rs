@@ -11,8 +11,19 @@ use rustls::pki_types::CertificateDer;
 use crate::error::ClientError;
 use crate::proto::ALPN;
 
-/// The quinn client configuration trusting the certificates in `ca_pem`.
+/// The quinn client configuration trusting the certificates in `ca_pem`, with the default
+/// liveness settings (a keep-alive every 5 s, 20 s idle timeout).
 pub fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, ClientError> {
+    client_config_with(ca_pem, Duration::from_secs(5), Duration::from_secs(20))
+}
+
+/// The quinn client configuration trusting the certificates in `ca_pem`, sending a keep-alive
+/// every `keep_alive` when idle and giving up on a node silent for `idle_timeout`.
+pub fn client_config_with(
+    ca_pem: &str,
+    keep_alive: Duration,
+    idle_timeout: Duration,
+) -> Result<quinn::ClientConfig, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         let cert = cert.map_err(|e| ClientError::Config(format!("bad PEM in the CA certificates: {e}")))?;
@@ -35,17 +46,27 @@ pub fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, ClientError> {
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
         .map_err(|e| ClientError::Config(format!("QUIC TLS setup: {e}")))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config(keep_alive, idle_timeout)?));
     Ok(config)
 }
 
 /// Keep-alives well inside the idle timeout so a quiet session (no friend moving) stays up
 /// through NATs, while a dead path is noticed within the idle timeout and triggers a reconnect.
-fn transport_config() -> quinn::TransportConfig {
+fn transport_config(
+    keep_alive: Duration,
+    idle_timeout: Duration,
+) -> Result<quinn::TransportConfig, ClientError> {
+    if keep_alive.is_zero() || keep_alive >= idle_timeout {
+        return Err(ClientError::Config(format!(
+            "the keep-alive ({keep_alive:?}) must be positive and shorter than the idle timeout ({idle_timeout:?})"
+        )));
+    }
+    let idle = quinn::IdleTimeout::try_from(idle_timeout)
+        .map_err(|e| ClientError::Config(format!("idle timeout {idle_timeout:?}: {e}")))?;
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    t.max_idle_timeout(Some(quinn::VarInt::from_u32(20_000).into()));
-    t
+    t.keep_alive_interval(Some(keep_alive));
+    t.max_idle_timeout(Some(idle));
+    Ok(t)
 }
 
 #[cfg(test)]

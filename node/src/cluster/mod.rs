@@ -406,6 +406,14 @@ impl Cluster {
         for t in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             t.abort();
         }
+        let s = self.router.peers().stats();
+        tracing::info!(
+            envelopes = s.envelopes,
+            updates = s.updates,
+            batches = s.batches,
+            dropped = s.dropped,
+            "messages to peers since start"
+        );
         let running: Vec<(GroupId, DriverTask)> = self.running.lock().await.drain().collect();
         for (g, task) in running {
             self.drivers.remove(g);

@@ -308,6 +308,8 @@ pub struct PeerStats {
     pub envelopes: u64,
     /// `Deliver` requests they were batched into.
     pub batches: u64,
+    /// Of the envelopes sent, location updates forwarded to a group on a peer.
+    pub updates: u64,
     /// Envelopes dropped (too old, or no route).
     pub dropped: u64,
 }
@@ -483,6 +485,12 @@ impl Peers {
                     let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
                     stats.batches += 1;
                     stats.envelopes += (envelopes.len() - bounced.len()) as u64;
+                    let updates = |list: &[Envelope]| {
+                        list.iter()
+                            .filter(|e| matches!(e.msg, GroupMessage::Update { .. }))
+                            .count() as u64
+                    };
+                    stats.updates += updates(&envelopes).saturating_sub(updates(&bounced));
                     drop(stats);
                     if !bounced.is_empty() {
                         self.bounce(node, bounced, false);

@@ -383,8 +383,17 @@ impl ProcessCluster {
         let log = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&log);
         let echo = self.opts.echo;
+        // Every run of node i appends to n<i>.log beside its configuration: what is kept when a
+        // run fails.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.opts.dir.join(format!("n{i}.log")))
+            .map_err(|e| setup("node log file", e))?;
         std::thread::spawn(move || {
+            use std::io::Write;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(file, "{line}");
                 if echo {
                     #[allow(clippy::print_stderr)]
                     {

@@ -64,8 +64,9 @@ pub struct DriverConfig {
     pub call_timeout: Duration,
     /// Print a progress line a second to stderr.
     pub progress: bool,
-    /// The server process, to read its CPU and memory at step boundaries.
-    pub server_pid: Option<u32>,
+    /// The server's processes (one, or every node of a cluster), to read their CPU and memory
+    /// at step boundaries; several are summed.
+    pub server_pids: Vec<u32>,
     /// A second process (e.g. the baseline's Redis), read the same way.
     pub extra_pid: Option<u32>,
     /// Relation and privacy changes per second during the steps (see [`crate::churn`]); 0 for
@@ -77,6 +78,11 @@ pub struct DriverConfig {
     pub connect_timeout: Duration,
     /// The clients' request timeout: a node silent this long is taken for gone.
     pub request_timeout: Duration,
+    /// The clients' QUIC keep-alive interval.
+    pub keep_alive: Duration,
+    /// The clients' QUIC idle timeout: a node silent this long is taken for gone even by a
+    /// client with nothing to send.
+    pub idle_timeout: Duration,
     /// Told `true` when the steps start (every participant connected).
     pub started: Option<Arc<watch::Sender<bool>>>,
 }
@@ -100,12 +106,14 @@ impl DriverConfig {
             drain: Duration::from_secs(3),
             call_timeout: Duration::from_secs(10),
             progress: true,
-            server_pid: None,
+            server_pids: Vec::new(),
             extra_pid: None,
             churn: 0.0,
             churn_seed: 1,
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(20),
             started: None,
         }
     }
@@ -208,6 +216,8 @@ const SHARED_ENDPOINTS: usize = 4;
 
 pub(crate) struct Shared {
     pub(crate) t0: Instant,
+    /// The wall clock at `t0` (UNIX ms): the nodes stamp positions with it.
+    pub(crate) t0_unix_ms: u64,
     config: DriverConfig,
     pub(crate) ids: Vec<UserId>,
     index: HashMap<UserId, u32>,
@@ -337,6 +347,9 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let shared = Arc::new(Shared {
         endpoints,
         t0: Instant::now(),
+        t0_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         config: config.clone(),
         ids: ids.clone(),
         index,
@@ -486,6 +499,8 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
             received,
             outages,
             changes,
+            // Nodes on this machine (loopback) stamp with its clock; others' clocks may differ.
+            t0_unix_ms: all_loopback(&config.endpoints).then_some(shared.t0_unix_ms),
         },
         windows,
         steps: config.steps.clone(),
@@ -516,7 +531,13 @@ fn read_procs(shared: &Shared) -> ProcReadings {
     };
     ProcReadings {
         at: shared.now(),
-        server: read(shared.config.server_pid),
+        server: shared
+            .config
+            .server_pids
+            .iter()
+            .map(|&pid| read(Some(pid)))
+            .reduce(|a, b| Some(a?.plus(b?)))
+            .flatten(),
         extra: read(shared.config.extra_pid),
         loadsim: read(Some(std::process::id())),
     }
@@ -677,6 +698,8 @@ async fn connect(shared: &Shared, p: u32) -> Result<Client, ClientError> {
     config.client_name = concat!("nearby-loadsim/", env!("CARGO_PKG_VERSION")).to_string();
     config.connect_timeout = c.connect_timeout;
     config.request_timeout = c.request_timeout;
+    config.keep_alive = c.keep_alive;
+    config.idle_timeout = c.idle_timeout;
     // The driver reads as fast as it can; a deep buffer keeps the client from pushing back
     // on the node while the driver's own tasks are briefly busy.
     config.event_capacity = 4_096;
@@ -843,4 +866,14 @@ async fn progress_loop(
         last_updates = updates;
         last_pushes = pushes;
     }
+}
+
+/// Whether every endpoint (`host:port`) is on this machine's loopback.
+fn all_loopback(endpoints: &[String]) -> bool {
+    !endpoints.is_empty()
+        && endpoints.iter().all(|e| {
+            let host = e.rsplit_once(':').map_or(e.as_str(), |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        })
 }

@@ -112,6 +112,16 @@ struct ChaosArgs {
     /// Relation and privacy changes per second.
     #[arg(long, default_value_t = 2.0)]
     churn: f64,
+    /// The clients' request timeout, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    request_timeout: f64,
+    /// The clients' QUIC keep-alive interval, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    keep_alive: f64,
+    /// The clients' QUIC idle timeout, seconds (how long a client that sends nothing takes to
+    /// notice a dead node).
+    #[arg(long, default_value_t = 3.0)]
+    idle_timeout: f64,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -275,9 +285,10 @@ struct RunArgs {
     /// Seconds to wait after the last step for pushes in flight.
     #[arg(long, default_value_t = 3.0)]
     drain: f64,
-    /// The server's process id, to report its CPU time and peak RSS.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// The server's process id, to report its CPU time and peak RSS; a comma-separated list
+    /// (a cluster's nodes) is reported as one system, summed.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// A second process (e.g. the baseline's redis-server), reported separately.
     #[arg(long)]
     extra_pid: Option<u32>,
@@ -526,7 +537,7 @@ fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
     dc.connect_concurrency = args.connect_concurrency;
     dc.drain = Duration::from_secs_f64(args.drain);
     dc.progress = !args.quiet;
-    dc.server_pid = args.server_pid;
+    dc.server_pids = args.server_pid;
     dc.extra_pid = args.extra_pid;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -591,6 +602,11 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         seed: args.world.seed,
         progress: !args.quiet,
         node_bin: args.node_bin,
+        liveness: nearby_loadsim::chaos::Liveness {
+            request_timeout: Duration::from_secs_f64(args.request_timeout),
+            keep_alive: Duration::from_secs_f64(args.keep_alive),
+            idle_timeout: Duration::from_secs_f64(args.idle_timeout),
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -51,6 +51,13 @@
 //!   allowing it again was sent before the event arrived — the product's promise: once a change
 //!   that ends visibility is acknowledged to its author, nothing more about the author reaches
 //!   that viewer;
+//!   When the servers stamp positions with this machine's clock ([`Truth::t0_unix_ms`]), an
+//!   event whose position the server processed *before* the acknowledgement was already on its
+//!   way (in a QUIC stream, in the viewer's socket buffer, in a starved client's queue): it is
+//!   counted apart ([`Verdict::in_flight_after_ack`]), not as a leak. Only an event carrying a
+//!   position processed after the acknowledgement is certainly one the server should not have
+//!   sent. (A server re-sending an old position after the acknowledgement would hide among the
+//!   former; the count and its latest arrival are reported so a growth is seen.)
 //! - a pair touched by any change (in either direction, by either user) is judged for leaks only
 //!   by that rule (and the position rules), never for misses: whether a delivery was owed while
 //!   permissions moved is not certain.
@@ -150,6 +157,10 @@ pub struct Truth {
     pub outages: Vec<Vec<(Micros, Micros)>>,
     /// Relation and privacy changes made during the run, in send order.
     pub changes: Vec<Change>,
+    /// The wall clock (UNIX ms) at time 0 of the run, when the nodes' stamps share this
+    /// machine's clock: events can then be told apart by when the server processed the
+    /// position they carry (see the module doc). `None` judges by arrival alone.
+    pub t0_unix_ms: Option<u64>,
 }
 
 /// One change of who may see whom, made during the run.
@@ -201,7 +212,16 @@ impl Default for OracleConfig {
 #[serde(rename_all = "snake_case")]
 pub enum LeakReason {
     /// The viewer may not see the sender.
-    NotAllowed,
+    NotAllowed {
+        /// When a change by the sender forbidding it was acknowledged; `None` if the settings
+        /// made before the run never allowed it.
+        since_us: Option<Micros>,
+        /// What the event showed.
+        event: Shown,
+        /// For a position: when the sender sent the update it carries (the latest one at that
+        /// position), so a leak can be told from an event that was on its way before the change.
+        update_sent_us: Option<Micros>,
+    },
     /// The position was outside the radius of every position the viewer may have had.
     OutOfRange {
         /// The smallest distance to a candidate viewer position (or the page's distance).
@@ -213,6 +233,18 @@ pub enum LeakReason {
     UnknownSender,
     /// A position older than the TTL.
     Expired,
+}
+
+/// What a leaked event showed of the sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shown {
+    /// A position (`FriendEntered` / `FriendMoved`).
+    Position,
+    /// A `FriendLeft`.
+    Left,
+    /// An entry of a page.
+    PageEntry,
 }
 
 /// One leak, for the report.
@@ -301,6 +333,10 @@ pub struct Verdict {
     pub leak_samples: Vec<Leak>,
     /// The first misses found (at most [`Verdict::SAMPLES`]).
     pub miss_samples: Vec<Miss>,
+    /// Events that arrived after a forbidding change was acknowledged but carry a position the
+    /// server processed before that acknowledgement (on their way already), and the latest of
+    /// them after the acknowledgement, µs. Not leaks; see the module doc.
+    pub in_flight_after_ack: (u64, Micros),
 }
 
 impl Verdict {
@@ -406,18 +442,24 @@ impl<'a> Judge<'a> {
     /// settings before the run if the pair never changed, else by the changes' rule (see the
     /// module doc).
     fn forbidden(&self, viewer: u32, sender: u32, t: Micros) -> bool {
+        self.forbidden_since(viewer, sender, t).is_some()
+    }
+
+    /// Like [`Self::forbidden`], saying since when: `Some(None)` if the settings before the run
+    /// never allowed it, `Some(Some(a))` if a change by the sender acknowledged at `a` forbids it.
+    fn forbidden_since(&self, viewer: u32, sender: u32, t: Micros) -> Option<Option<Micros>> {
         let Some(list) = self.changes.get(&(sender, viewer)) else {
-            return !self.churned(viewer, sender) && !self.allowed(viewer, sender);
+            return (!self.churned(viewer, sender) && !self.allowed(viewer, sender)).then_some(None);
         };
-        let mut forbidden = false;
+        let mut since = None;
         for c in list.iter().take_while(|c| c.sent < t) {
             if c.allowed {
-                forbidden = false;
-            } else if c.by_sender && c.acked.is_some_and(|a| a < t) {
-                forbidden = true;
+                since = None;
+            } else if let Some(a) = c.acked.filter(|a| c.by_sender && *a < t) {
+                since = Some(a);
             }
         }
-        forbidden
+        since.map(Some)
     }
 
     /// The latest update of `sender` at `pos` sent no later than `by`.
@@ -486,7 +528,38 @@ impl<'a> Judge<'a> {
                 let mut seq = None;
                 match r.seen {
                     Seen::Gone => {}
-                    _ if self.forbidden(v, s, r.at) => found = Some(leak(LeakReason::NotAllowed)),
+                    _ if self.forbidden(v, s, r.at) => {
+                        let event = match r.seen {
+                            Seen::Position { .. } => Shown::Position,
+                            Seen::Left { .. } => Shown::Left,
+                            _ => Shown::PageEntry,
+                        };
+                        let since_us = self.forbidden_since(v, s, r.at).flatten();
+                        let stamp = match r.seen {
+                            Seen::Position { updated_at, .. } | Seen::Left { updated_at } => Some(updated_at),
+                            _ => None,
+                        };
+                        if let (Some(ack), Some(stamp), Some(t0)) = (since_us, stamp, self.truth.t0_unix_ms) {
+                            let stamped_us = stamp.0.saturating_sub(t0).saturating_mul(1_000);
+                            if stamped_us < ack {
+                                verdict.in_flight_after_ack.0 += 1;
+                                verdict.in_flight_after_ack.1 =
+                                    verdict.in_flight_after_ack.1.max(r.at.saturating_sub(ack));
+                                continue;
+                            }
+                        }
+                        let update_sent_us = match r.seen {
+                            Seen::Position { at, .. } => self
+                                .resolve(s, at, r.at)
+                                .map(|j| self.truth.sent[s as usize][j as usize].sent),
+                            _ => None,
+                        };
+                        found = Some(leak(LeakReason::NotAllowed {
+                            since_us,
+                            event,
+                            update_sent_us,
+                        }));
+                    }
                     Seen::Left { .. } => {}
                     Seen::PageEntry { distance_m } => {
                         if self.truth.sent[s as usize].first().is_none_or(|u| u.sent > r.at) {
@@ -660,6 +733,7 @@ mod tests {
             received: vec![vec![], vec![], vec![]],
             outages: vec![vec![], vec![], vec![]],
             changes: Vec::new(),
+            t0_unix_ms: None,
         }
     }
 
@@ -681,6 +755,36 @@ mod tests {
                                                                       // Too late is a miss.
         t.received[1][0].at = 5_100_000;
         assert_eq!(judge1(&t).total.missed, 1);
+    }
+
+    #[test]
+    fn with_server_stamps_an_event_processed_before_the_acknowledgement_is_in_flight_not_a_leak() {
+        let mut t = truth();
+        t.t0_unix_ms = Some(1_000_000);
+        t.changes.push(Change {
+            sender: 0,
+            viewers: vec![1],
+            allowed: false,
+            by_sender: true,
+            sent: 3_100_000,
+            acked: Some(3_200_000),
+        });
+        // Arrives after the acknowledgement, stamped by the server at 3.05 s: on its way already.
+        let mut late = moved(3_400_000, A, 52.51);
+        if let Seen::Position { updated_at, .. } = &mut late.seen {
+            *updated_at = Millis(1_000_000 + 3_050);
+        }
+        t.received[1].push(late);
+        let v = judge1(&t);
+        assert_eq!((v.total.leaks, v.in_flight_after_ack), (0, (1, 200_000)), "{v:?}");
+        // Stamped at 3.3 s, after the acknowledgement: the server sent it after its promise.
+        let mut leak = moved(3_500_000, A, 52.51);
+        if let Seen::Position { updated_at, .. } = &mut leak.seen {
+            *updated_at = Millis(1_000_000 + 3_300);
+        }
+        t.received[1].push(leak);
+        let v = judge1(&t);
+        assert_eq!((v.total.leaks, v.in_flight_after_ack.0), (1, 1), "{v:?}");
     }
 
     #[test]
@@ -710,7 +814,7 @@ mod tests {
         t.received[1].push(moved(3_300_000, A, 52.51));
         let v = judge1(&t);
         assert_eq!(v.total.leaks, 1, "{v:?}");
-        assert_eq!(v.leak_samples[0].reason, LeakReason::NotAllowed);
+        assert!(matches!(v.leak_samples[0].reason, LeakReason::NotAllowed { .. }));
         // After the unhide was sent: allowed again.
         t.received[1].push(moved(3_650_000, A, 52.51));
         assert_eq!(judge1(&t).total.leaks, 1);
@@ -736,7 +840,7 @@ mod tests {
         t.received[2].push(moved(3_004_000, A, 52.51));
         let v = judge1(&t);
         assert_eq!(v.total.leaks, 1);
-        assert_eq!(v.leak_samples[0].reason, LeakReason::NotAllowed);
+        assert!(matches!(v.leak_samples[0].reason, LeakReason::NotAllowed { .. }));
 
         let mut t = truth();
         t.sent[0].push(sent(4_000_000, 52.70)); // 20 km north of B

@@ -20,6 +20,18 @@ pub struct ProcSample {
     pub peak_rss_kb: u64,
 }
 
+impl ProcSample {
+    /// Two processes read as one system: CPU and RSS added; the peak is the sum of the peaks
+    /// (an upper bound: the two need not have peaked at the same moment).
+    pub fn plus(self, other: ProcSample) -> ProcSample {
+        ProcSample {
+            cpu_s: self.cpu_s + other.cpu_s,
+            rss_kb: self.rss_kb + other.rss_kb,
+            peak_rss_kb: self.peak_rss_kb + other.peak_rss_kb,
+        }
+    }
+}
+
 /// Why a process could not be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

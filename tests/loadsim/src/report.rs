@@ -153,6 +153,11 @@ pub struct Report {
     pub leak_samples: Vec<Leak>,
     /// The first misses.
     pub miss_samples: Vec<Miss>,
+    /// Events that arrived after a forbidding change was acknowledged but carry a position the
+    /// server processed before it (already on their way; not leaks), and the latest of them
+    /// after the acknowledgement, ms.
+    #[serde(default)]
+    pub in_flight_after_ack: (u64, f64),
 }
 
 impl Report {
@@ -233,6 +238,10 @@ impl Report {
             late_slots: out.late_slots,
             leak_samples: verdict.leak_samples.clone(),
             miss_samples: verdict.miss_samples.clone(),
+            in_flight_after_ack: (
+                verdict.in_flight_after_ack.0,
+                verdict.in_flight_after_ack.1 as f64 / 1_000.0,
+            ),
         }
     }
 
@@ -347,6 +356,13 @@ impl Report {
             self.latency.max_ms,
             self.late_slots
         );
+        if self.in_flight_after_ack.0 > 0 {
+            let _ = writeln!(
+                s,
+                "in flight at a revocation: {} events arrived after the change was acknowledged, carrying positions processed before it (latest {:.0} ms after)",
+                self.in_flight_after_ack.0, self.in_flight_after_ack.1
+            );
+        }
         let errors = if self.errors.is_empty() {
             "none".to_string()
         } else {
@@ -479,6 +495,7 @@ pub(crate) mod fixtures {
             late_slots: 0,
             leak_samples: vec![],
             miss_samples: vec![],
+            in_flight_after_ack: (0, 0.0),
         }
     }
 }

@@ -23,7 +23,7 @@ async fn a_backend_that_pushes_to_everyone_is_caught_leaking() {
     assert!(verdict
         .leak_samples
         .iter()
-        .any(|l| l.reason == nearby_loadsim::oracle::LeakReason::NotAllowed));
+        .any(|l| matches!(l.reason, nearby_loadsim::oracle::LeakReason::NotAllowed { .. })));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,7 +90,7 @@ pub(crate) async fn drive(
         }],
     );
     config.progress = false;
-    config.server_pid = Some(std::process::id());
+    config.server_pids = vec![std::process::id()];
     let out = driver::run(world, config).await.expect("run");
     let (report, verdict) = Report::build(world, addr, &out);
     #[allow(clippy::print_stdout)] // the report, for `--nocapture`
