@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nearby_client::proto::{self, Coord, ErrorCode, FriendList, NearbyPage};
 use nearby_index::geo::{LatLng, Millis, UserId};
@@ -36,6 +36,7 @@ use crate::group::{DriverHandle, Drivers, GroupMsg};
 use crate::queue::CloseReason;
 use crate::route::peer::{ReadAnswer, ReadQuery};
 use crate::route::router::Router;
+use crate::service::overload::TokenBucket;
 use crate::sessions::Sessions;
 
 /// A leader not heard from for this long is not redirected to (peers ping every second).
@@ -48,37 +49,6 @@ pub const MAX_BACKLOG: usize = 20_000;
 /// before it is acknowledged anyway (it is durable from the owner's commit on).
 const OWN_SIDE_WAIT: Duration = Duration::from_secs(2);
 
-/// A token bucket: `rate` a second, bursts of twice that.
-struct Bucket {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        Bucket {
-            rate,
-            tokens: 2.0 * rate,
-            last: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(2.0 * self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 /// The node's client operations (see the module doc).
 pub struct Gateway {
     router: Arc<Router>,
@@ -86,7 +56,7 @@ pub struct Gateway {
     sessions: Arc<Sessions>,
     clock: Arc<dyn Clock>,
     config: ServiceConfig,
-    admission: Mutex<Bucket>,
+    admission: Mutex<TokenBucket>,
 }
 
 fn not_served(user: UserId) -> ServiceError {
@@ -128,7 +98,7 @@ impl Gateway {
             sessions,
             clock,
             config,
-            admission: Mutex::new(Bucket::new(sessions_per_s)),
+            admission: Mutex::new(TokenBucket::new(sessions_per_s)),
         }
     }
 

@@ -45,26 +45,8 @@ if [ "${NEARBY_COMPARE_PIN:-1}" = 1 ] && [ "$ncpu" -ge 2 ] && command -v taskset
   echo "== servers on CPUs $server_cpus, load generator on CPUs $half-$((ncpu - 1))"
 fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-wait_file() { # path seconds log
-  local i=0
-  until [ -s "$1" ]; do
-    sleep 0.2; i=$((i + 1))
-    if [ $i -ge $(( $2 * 5 )) ]; then
-      echo "timed out waiting for $1; its log:" >&2
-      tail -20 "$3" >&2
-      exit 1
-    fi
-  done
-}
+# shellcheck source=tests/bench/lib.sh
+. tests/bench/lib.sh
 
 echo "== world: $users users, $online online (seed $seed)"
 "$bin/nearby-loadsim" world --seed "$seed" --users "$users" --online "$online" --out "$work/seed.bin"

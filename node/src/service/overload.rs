@@ -234,9 +234,67 @@ impl LoadGuard {
     }
 }
 
+/// A token bucket: `rate` a second, bursts of twice that (a session's requests, the node's
+/// session admissions).
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket refilling at `rate` a second (at least 1).
+    pub fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        TokenBucket {
+            rate,
+            tokens: 2.0 * rate,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one now.
+    pub fn take(&mut self) -> bool {
+        self.take_at(Instant::now())
+    }
+
+    fn take_at(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(2.0 * self.rate);
+        self.last = self.last.max(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_bucket_allows_a_burst_of_twice_its_rate_then_its_rate() {
+        let mut b = TokenBucket::new(10);
+        let t0 = b.last;
+        assert_eq!((0..25).filter(|_| b.take_at(t0)).count(), 20);
+        // Half a second refills five tokens, never more than the burst.
+        assert_eq!(
+            (0..25)
+                .filter(|_| b.take_at(t0 + Duration::from_millis(500)))
+                .count(),
+            5
+        );
+        assert_eq!(
+            (0..50)
+                .filter(|_| b.take_at(t0 + Duration::from_secs(60)))
+                .count(),
+            20
+        );
+    }
 
     fn at(lag_ms: u64, cpu: f64) -> Sample {
         Sample {

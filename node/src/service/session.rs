@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::api::{outcome, Admission, Backend, LocationAck, ServiceError, SessionSink};
 use crate::auth::{AuthError, Claims, TokenSigner, TokenVerifier};
 use crate::queue::{CloseReason, EventQueue, Popped};
+use crate::service::overload::TokenBucket;
 
 /// QUIC application error code for a connection closed normally (shutdown, or the client done).
 const CLOSE_DONE: u32 = 0;
@@ -51,37 +52,6 @@ impl<B: Backend> Drop for ConnectionCount<B> {
     }
 }
 
-/// A token bucket: `rate` requests a second, bursts of `2 × rate`.
-struct RateLimit {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl RateLimit {
-    fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        RateLimit {
-            rate,
-            tokens: 2.0 * rate,
-            last: Instant::now(),
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(2.0 * self.rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 struct Session<B> {
     ctx: Arc<Context<B>>,
     conn: quinn::Connection,
@@ -89,7 +59,7 @@ struct Session<B> {
     user: Option<UserId>,
     sink: Option<SessionSink>,
     started: bool,
-    limit: RateLimit,
+    limit: TokenBucket,
     out: Vec<u8>,
 }
 
@@ -118,7 +88,7 @@ pub(crate) async fn serve<B: Backend>(incoming: quinn::Incoming, ctx: Arc<Contex
         }
     };
     let mut s = Session {
-        limit: RateLimit::new(ctx.requests_per_s),
+        limit: TokenBucket::new(ctx.requests_per_s),
         ctx,
         conn,
         send,
@@ -228,7 +198,7 @@ impl<B: Backend> Session<B> {
     }
 
     async fn handle(&mut self, request: Request) -> Result<Response, ServiceError> {
-        if !self.limit.allow() {
+        if !self.limit.take() {
             return Err(ServiceError::new(
                 ErrorCode::RateLimited,
                 "too many requests; slow down",
