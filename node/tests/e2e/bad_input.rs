@@ -226,3 +226,28 @@ async fn bad_input_gets_clear_errors_changes_nothing_and_others_are_served() {
     witness.at(52.521, 13.405).await;
     node.stop().await;
 }
+
+/// docs/protocol.md §2: finishing the control stream ends the session and the node closes the
+/// connection with code 0, reason `bye`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finishing_the_control_stream_closes_the_connection() {
+    let node = TestNode::start().await;
+    let user = uid(0, 77);
+    let mut raw = Raw::connect(&node).await;
+    assert!(matches!(
+        raw.hello(user, node.token(user)).await,
+        Response::Welcome(_)
+    ));
+    raw.send.finish().expect("finish");
+    let why = tokio::time::timeout(Duration::from_secs(10), raw.conn.closed())
+        .await
+        .expect("the node closes the connection");
+    match why {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(0));
+            assert_eq!(&c.reason[..], b"bye");
+        }
+        other => panic!("closed otherwise: {other:?}"),
+    }
+    node.stop().await;
+}

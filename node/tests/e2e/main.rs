@@ -3,4 +3,5 @@
 
 mod bad_input;
 mod live;
+mod protocol_doc;
 mod util;
