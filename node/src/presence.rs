@@ -1131,6 +1131,39 @@ mod tests {
     }
 
     #[test]
+    fn an_update_is_sent_once_per_destination_group_however_many_viewers_it_has() {
+        let mut w = World::new();
+        let friends: Vec<UserId> = (2..40).chain(100..140).collect();
+        w.register(&[1]);
+        w.register(&friends);
+        for &f in &friends {
+            w.befriend(1, f);
+            w.connect(f);
+            w.at(f, B.0, B.1);
+        }
+        w.connect(1);
+        w.now = Millis(w.now.0 + 1_000);
+        let now = w.now;
+        let p = w.presences.get_mut(&1).expect("p");
+        let ll = LatLng::new(A.0, A.1).expect("ll");
+        assert!(p.handle_location(&w.states[&1], 1, ll, now, now, false));
+        let mut sends: Vec<(GroupId, usize)> = p
+            .poll_outputs()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: GroupMessage::Update { viewers, .. },
+                } => Some((to, viewers.len())),
+                _ => None,
+            })
+            .collect();
+        sends.sort_unstable();
+        // 76 viewers in two groups: two messages, each naming its group's viewers.
+        assert_eq!(sends, vec![(1, 38), (2, 40)]);
+    }
+
+    #[test]
     fn strangers_and_far_friends_get_nothing() {
         let mut w = World::new();
         w.register(&[1, 2, 150]);
