@@ -11,10 +11,16 @@ use rustls::pki_types::CertificateDer;
 use crate::error::ClientError;
 use crate::proto::ALPN;
 
+/// The keep-alive interval of a connection by default.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// The idle timeout of a connection by default.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The quinn client configuration trusting the certificates in `ca_pem`, with the default
-/// liveness settings (a keep-alive every 5 s, 20 s idle timeout).
+/// liveness settings ([`DEFAULT_KEEP_ALIVE`], [`DEFAULT_IDLE_TIMEOUT`]).
 pub fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, ClientError> {
-    client_config_with(ca_pem, Duration::from_secs(5), Duration::from_secs(20))
+    client_config_with(ca_pem, DEFAULT_KEEP_ALIVE, DEFAULT_IDLE_TIMEOUT)
 }
 
 /// The quinn client configuration trusting the certificates in `ca_pem`, sending a keep-alive
