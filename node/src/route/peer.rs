@@ -482,15 +482,17 @@ impl Peers {
             match result {
                 Ok(PeerResponse::Delivered { bounced }) => {
                     failures = 0;
-                    let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-                    stats.batches += 1;
-                    stats.envelopes += (envelopes.len() - bounced.len()) as u64;
                     let updates = |list: &[Envelope]| {
                         list.iter()
                             .filter(|e| matches!(e.msg, GroupMessage::Update { .. }))
                             .count() as u64
                     };
-                    stats.updates += updates(&envelopes).saturating_sub(updates(&bounced));
+                    // Counted before the lock: the stats are shared by every peer's sender.
+                    let taken = updates(&envelopes).saturating_sub(updates(&bounced));
+                    let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+                    stats.batches += 1;
+                    stats.envelopes += (envelopes.len() - bounced.len()) as u64;
+                    stats.updates += taken;
                     drop(stats);
                     if !bounced.is_empty() {
                         self.bounce(node, bounced, false);
