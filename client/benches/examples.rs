@@ -6,8 +6,8 @@
 #![allow(dead_code)]
 
 use nearby_client::proto::{
-    frame, Coord, Event, FriendPosition, NearbyFriend, NearbyPage, Request, RequestFrame, Response,
-    ResponseFrame,
+    frame, Coord, Event, FriendPosition, NearbyFriend, NearbyPage, Relation, Request, RequestFrame, Response,
+    ResponseFrame, PROTOCOL_VERSION,
 };
 use nearby_index::geo::Millis;
 use serde::Serialize;
@@ -48,6 +48,7 @@ pub(crate) fn nearby_page() -> ResponseFrame {
     let friends = (0..20u64)
         .map(|i| NearbyFriend {
             id: 1_000_000 + i * 7_919,
+            relation: Relation::Friend,
             name: format!("Friend {i:02}"),
             distance_m: 150.0 + 370.5 * i as f64,
             updated_at: Millis(1_764_072_000_000 + i * 1_337),
@@ -84,7 +85,7 @@ pub(crate) fn examples() -> Vec<(&'static str, Vec<u8>)> {
             frame::to_bytes(&RequestFrame {
                 id: 0,
                 request: Request::Hello {
-                    version: 1,
+                    version: PROTOCOL_VERSION,
                     user: 42,
                     token: "v1.abc.xyz".into(),
                     client: "demo".into(),
@@ -171,7 +172,7 @@ pub(crate) const DOCUMENTED: &[(&str, &str)] = &[
     ("ping", "00 00 00 02 01 0b"),
     (
         "hello",
-        "00 00 00 14 00 00 01 2a 0a 76 31 2e 61 62 63 2e 78 79 7a 04 64 65 6d 6f",
+        "00 00 00 14 00 00 02 2a 0a 76 31 2e 61 62 63 2e 78 79 7a 04 64 65 6d 6f",
     ),
     ("list_nearby", "00 00 00 07 fb 2c 01 02 00 01 14"),
     ("welcome", "00 00 00 0b 00 00 2a fb 40 1f fb 58 02 14 00"),
@@ -205,5 +206,5 @@ pub(crate) fn check_documented_examples() {
         );
     }
     assert_eq!(got.len(), DOCUMENTED.len());
-    assert_eq!(frame::to_bytes(&nearby_page()).expect("e").len(), 707);
+    assert_eq!(frame::to_bytes(&nearby_page()).expect("e").len(), 727);
 }

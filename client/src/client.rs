@@ -36,8 +36,8 @@ use crate::config::ClientConfig;
 use crate::connection::{self, Dialer, FrameReader, Link, OPENING_ID};
 use crate::error::ClientError;
 use crate::proto::{
-    Coord, Event, FriendList, NearbyPage, Outcome, Request, RequestFrame, RequestId, Response, ResponseFrame,
-    SessionInfo, PROTOCOL_VERSION,
+    Coord, Event, FriendList, GhostMode, NearbyPage, Outcome, Request, RequestFrame, RequestId, Response,
+    ResponseFrame, SessionInfo, StrangerPage, PROTOCOL_VERSION,
 };
 use crate::{tls, LatLng, Millis, UserId};
 
@@ -276,6 +276,49 @@ impl Client {
         self.change(Request::SetRadius { meters }).await
     }
 
+    /// Lets opted-in strangers nearby see the user (coarsely, under a pseudonym), or stops it.
+    pub async fn set_discoverable(&self, on: bool) -> Result<Outcome, ClientError> {
+        self.change(Request::SetDiscoverable { on }).await
+    }
+
+    /// Ghost mode: hidden from everyone for a while ([`GhostMode::For`]), until turned off
+    /// ([`GhostMode::On`]), or visible again ([`GhostMode::Off`]). Returns when it ends
+    /// ([`crate::proto::GHOST_FOREVER`]: until turned off), or `None` if it is off.
+    pub async fn set_ghost(&self, mode: GhostMode) -> Result<Option<Millis>, ClientError> {
+        match self.call(Request::SetGhost { mode }).await? {
+            Response::Ghost { until } => Ok(until),
+            other => Err(unexpected("SetGhost", other)),
+        }
+    }
+
+    /// Lets `user` follow the user: they see the user's location like a friend's, the user
+    /// sees nothing of them.
+    pub async fn allow_follower(&self, user: UserId) -> Result<Outcome, ClientError> {
+        self.change(Request::AllowFollower { user }).await
+    }
+
+    /// Stops letting `user` follow; nothing more about the user reaches them once answered.
+    pub async fn revoke_follower(&self, user: UserId) -> Result<Outcome, ClientError> {
+        self.change(Request::RevokeFollower { user }).await
+    }
+
+    /// Stops following `user`.
+    pub async fn unfollow(&self, user: UserId) -> Result<Outcome, ClientError> {
+        self.change(Request::Unfollow { user }).await
+    }
+
+    /// The nearest discoverable strangers in range (under per-viewer pseudonyms, at distances
+    /// rounded up to 500 m) and how many more there are; `page_size` `None` takes the node's
+    /// default. From the first call on, the session also gets live `StrangerNearby` /
+    /// `StrangerGone` events for that page. Fails with
+    /// [`crate::proto::ErrorCode::NotStarted`] without a live location.
+    pub async fn list_strangers(&self, page_size: Option<u16>) -> Result<StrangerPage, ClientError> {
+        match self.call(Request::ListStrangers { page_size }).await? {
+            Response::Strangers(page) => Ok(page),
+            other => Err(unexpected("ListStrangers", other)),
+        }
+    }
+
     /// Checks the connection; returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let start = Instant::now();
@@ -349,6 +392,12 @@ fn request_name(request: &Request) -> &'static str {
         Request::SetRadius { .. } => "SetRadius",
         Request::Ping => "Ping",
         Request::DevLogin { .. } => "DevLogin",
+        Request::SetDiscoverable { .. } => "SetDiscoverable",
+        Request::SetGhost { .. } => "SetGhost",
+        Request::AllowFollower { .. } => "AllowFollower",
+        Request::RevokeFollower { .. } => "RevokeFollower",
+        Request::Unfollow { .. } => "Unfollow",
+        Request::ListStrangers { .. } => "ListStrangers",
     }
 }
 

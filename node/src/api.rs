@@ -189,6 +189,13 @@ pub trait Backend: Send + Sync + 'static {
     /// The user's relations.
     fn friends(&self, user: UserId) -> impl Future<Output = Result<FriendList, ServiceError>> + Send;
 
+    /// The nearest strangers of `user` (who listens to them from then on in this session).
+    fn strangers(
+        &self,
+        user: UserId,
+        page_size: Option<u16>,
+    ) -> impl Future<Output = Result<proto::StrangerPage, ServiceError>> + Send;
+
     /// Commits a relation or settings change. `Ok` means acknowledged: never lost, and for a
     /// change that ends someone's permission to see the acting user, nothing more about the
     /// acting user reaches them.
@@ -218,8 +225,13 @@ pub fn page_request(
     Ok((cursor, page_size.unwrap_or(default).clamp(1, MAX_PAGE) as usize))
 }
 
-/// An index page and the entries' display names, as the wire's page.
-pub fn wire_page(page: nearby_index::query::Page, names: Vec<String>) -> NearbyPage {
+/// An index page, the entries' display names and each entry's relation to the viewer, as the
+/// wire's page.
+pub fn wire_page(
+    page: nearby_index::query::Page,
+    names: Vec<String>,
+    relation: impl Fn(UserId) -> proto::Relation,
+) -> NearbyPage {
     NearbyPage {
         friends: page
             .entries
@@ -227,6 +239,7 @@ pub fn wire_page(page: nearby_index::query::Page, names: Vec<String>) -> NearbyP
             .zip(names)
             .map(|(e, name)| NearbyFriend {
                 id: e.user,
+                relation: relation(e.user),
                 name,
                 distance_m: e.distance_m,
                 updated_at: e.updated_at,

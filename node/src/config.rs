@@ -14,6 +14,7 @@
 //! ca = "/etc/nearby/ca.pem"
 //! cert = "/etc/nearby/node.pem"
 //! key = "/etc/nearby/node-key.pem"
+//! pseudonym_key = "/etc/nearby/pseudonym.key"  # strangers' pseudonyms (`ca issue` writes it)
 //! join = ["10.0.0.2:7401"]       # on a fresh data directory: join the cluster of these nodes
 //!
 //! [tls]                          # the client service's certificate
@@ -163,6 +164,10 @@ pub struct ClusterSection {
     /// Raft addresses of nodes of the cluster to join when the data directory is fresh.
     #[serde(default)]
     pub join: Vec<String>,
+    /// The cluster's pseudonym key (`pseudonym.key`, written by `nearby-node ca issue`): needed
+    /// to list strangers nearby; without it this node lists none.
+    #[serde(default)]
+    pub pseudonym_key: Option<PathBuf>,
 }
 
 /// `[tls]`.
@@ -368,6 +373,8 @@ impl NodeConfig {
             presence: PresenceConfig {
                 radius_m: f64::from(self.presence.radius_m),
                 ttl: Duration::from_secs(u64::from(self.presence.ttl_s)),
+                // Read from its file by the binary (`cluster.pseudonym_key`).
+                pseudonyms: None,
             },
             page_size: self.presence.page_size,
             shed: self.limits.shed.then(|| Limits {

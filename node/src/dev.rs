@@ -130,6 +130,15 @@ pub(crate) fn dev_ca(dir: &Path) -> Result<ClusterCa, DevError> {
     Ok(ca)
 }
 
+/// The dev cluster's pseudonym key (derived from its CA), written to `dir/pseudonym.key`.
+fn dev_pseudonyms(ca: &ClusterCa, dir: &Path) -> Result<crate::strangers::Pseudonyms, DevError> {
+    let path = dir.join("pseudonym.key");
+    secrets::write_pseudonym_key(&path, &ca.key_pem(), true).map_err(|e| files_err(&path, e))?;
+    Ok(crate::strangers::Pseudonyms::new(&secrets::derive_pseudonym_key(
+        &ca.key_pem(),
+    )))
+}
+
 /// Node `id`'s identity under the dev CA: loaded, or issued and stored in `dir`.
 pub(crate) fn dev_node_tls(ca: &ClusterCa, dir: &Path, id: u64) -> Result<NodeTls, DevError> {
     let (cert, key) = (
@@ -183,6 +192,7 @@ pub async fn run(
     let ca_pem = tls.chain_pem.clone();
     let ca = dev_ca(&dev_dir)?;
     let node_tls = dev_node_tls(&ca, &dev_dir, 1)?;
+    let pseudonyms = dev_pseudonyms(&ca, &dev_dir)?;
     let member = crate::cluster::identity::is_member(&opts.data).map_err(|e| files_err(&opts.data, e))?;
     let bootstrap = if member {
         tracing::info!(
@@ -214,6 +224,7 @@ pub async fn run(
         },
         ..ServiceConfig::default()
     };
+    nopts.service.presence.pseudonyms = Some(pseudonyms);
     let node = Node::start(nopts).await?;
     if let Some(path) = &opts.import {
         let seed = nearby_raft::seed::Seed::read(path).map_err(|e| files_err(path, e))?;
@@ -283,6 +294,7 @@ pub async fn run_many(
     )?;
     let tls = server_tls(&dev_dir)?;
     let ca = dev_ca(&dev_dir)?;
+    dev_pseudonyms(&ca, &dev_dir)?;
     let exe = std::env::current_exe().map_err(|e| files_err(Path::new("nearby-node"), e))?;
     let node1_raft = nth_addr(opts.raft_listen, 1)?;
     let mut children: Vec<Child> = Vec::new();
@@ -303,7 +315,7 @@ pub async fn run_many(
         };
         let config = format!(
             "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
-             [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n{join}\
+             [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n\
              [auth]\ntoken_public_key = {public:?}\n\
              [limits]\nshed = {shed}\n",
@@ -312,6 +324,7 @@ pub async fn run_many(
             ca = dev_dir.join("ca.pem"),
             cert = dev_dir.join(format!("node-{i}.pem")),
             key = dev_dir.join(format!("node-{i}-key.pem")),
+            pkey = dev_dir.join("pseudonym.key"),
             tcert = dev_dir.join("cert.pem"),
             tkey = dev_dir.join("key.pem"),
             shed = opts.shed,
@@ -335,7 +348,7 @@ pub async fn run_many(
         tracing::info!(node = i, pid = process.id(), %client, %raft, "started a node process");
         if let Some(stderr) = process.stderr.take() {
             let tx = ready_tx.clone();
-            tokio::spawn(forward_log(i, stderr, tx));
+            tokio::spawn(forward_log(i, opts.nodes, stderr, tx));
         }
         children.push(Child {
             id: i,
@@ -349,6 +362,11 @@ pub async fn run_many(
     }
     for i in 2..=opts.nodes {
         readiness.wait(&mut children, i).await?;
+    }
+    // Placement then spreads replicas and leaders; a leader moved later would lose its users'
+    // live locations (soft state), so "ready" means settled.
+    if let Err(e) = readiness.wait(&mut children, SETTLED).await {
+        tracing::warn!(error = %e, "placement has not settled yet; serving anyway");
     }
     let endpoints: Vec<String> = children.iter().map(|c| c.client.to_string()).collect();
     write_home(&opts.home, &endpoints, &tls.chain_pem)?;
@@ -403,17 +421,26 @@ pub async fn run_many(
     Ok(())
 }
 
-/// Forwards a child's log to this process's, prefixed with its node, and reports readiness.
+/// What [`Readiness`] reports when placement has settled over all the nodes.
+const SETTLED: u8 = 0;
+
+/// Forwards a child's log to this process's, prefixed with its node, and reports readiness: the
+/// node's, and placement settled over all `nodes` ([`SETTLED`]).
 async fn forward_log(
     node: u8,
+    nodes: u8,
     stderr: tokio::process::ChildStderr,
     ready: tokio::sync::mpsc::UnboundedSender<u8>,
 ) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let settled = format!("nodes={nodes}");
     while let Ok(Some(line)) = lines.next_line().await {
         if line.contains("nearby node is ready") {
             let _ = ready.send(node);
+        }
+        if line.contains("placement settled") && line.contains(&settled) {
+            let _ = ready.send(SETTLED);
         }
         #[allow(clippy::print_stderr)] // the children's logs are this command's log
         {
@@ -429,7 +456,8 @@ struct Readiness {
 }
 
 impl Readiness {
-    /// Waits until node `id` has reported ready (now or earlier); fails if a child exits first.
+    /// Waits until node `id` (or [`SETTLED`]) has been reported (now or earlier); fails if a
+    /// child exits first.
     async fn wait(&mut self, children: &mut [Child], id: u8) -> Result<(), DevError> {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
         while !self.seen.contains(&id) {
@@ -458,9 +486,14 @@ impl Readiness {
         if self.seen.contains(&id) {
             return Ok(());
         }
+        let (path, reason) = if id == SETTLED {
+            ("placement".to_string(), "did not settle within 60 s")
+        } else {
+            (format!("node {id}"), "the node did not become ready within 60 s")
+        };
         Err(DevError::Files {
-            path: PathBuf::from(format!("node {id}")),
-            reason: "the node did not become ready within 60 s".into(),
+            path: PathBuf::from(path),
+            reason: reason.into(),
         })
     }
 }

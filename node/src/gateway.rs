@@ -197,7 +197,10 @@ impl Gateway {
             }
             return Ok(result);
         };
-        let removal = matches!(cmd, Command::RemoveFriend { .. } | Command::RevokeFollow { .. });
+        let removal = matches!(
+            cmd,
+            Command::RemoveFriend { .. } | Command::RevokeFollow { .. } | Command::Unfollow { .. }
+        );
         if other != 0 && other != actor && !removal && !self.router.is_registered(other).await? {
             return Err(ServiceError::new(
                 ErrorCode::UnknownUser,
@@ -251,6 +254,8 @@ impl Gateway {
             (&record.friends, proto::Relation::Friend),
             (&record.requests_in, proto::Relation::RequestReceived),
             (&record.requests_out, proto::Relation::RequestSent),
+            (&record.followers, proto::Relation::Follower),
+            (&record.following, proto::Relation::Following),
         ];
         let ids: Vec<UserId> = sets.iter().flat_map(|(s, _)| s.iter()).collect();
         let names = self.names(&ids).await;
@@ -265,10 +270,14 @@ impl Gateway {
                 });
             }
         }
+        // Stable: by id, then in the order of the sets above.
         entries.sort_by_key(|e| e.id);
+        let now = self.clock.now();
         Ok(FriendList {
             entries,
             sharing: record.sharing,
+            discoverable: record.discoverable,
+            ghost_until: record.ghost_until.filter(|until| *until > now),
         })
     }
 
@@ -411,6 +420,16 @@ impl Backend for Gateway {
 
     async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
         Gateway::friends(self, user).await
+    }
+
+    async fn strangers(
+        &self,
+        user: UserId,
+        page_size: Option<u16>,
+    ) -> Result<proto::StrangerPage, ServiceError> {
+        let (_, size) = page_request(None, page_size, self.config.page_size)?;
+        self.ask(user, |reply| GroupMsg::Strangers { user, size, reply })
+            .await?
     }
 
     async fn commit(&self, cmd: Command) -> Result<CommandResult, ServiceError> {

@@ -49,3 +49,4 @@ pub mod secrets;
 pub mod service;
 pub mod sessions;
 pub mod shutdown;
+pub mod strangers;

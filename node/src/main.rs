@@ -124,7 +124,8 @@ enum CaCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Issue node N's certificate: `node.pem` and `node-key.pem` (0600), with a copy of `ca.pem`.
+    /// Issue node N's certificate: `node.pem` and `node-key.pem` (0600), with a copy of `ca.pem`
+    /// and the cluster's `pseudonym.key` (0600; the same for every node of the CA).
     Issue {
         /// The directory holding `ca.pem` and `ca-key.pem`.
         #[arg(long)]
@@ -325,6 +326,15 @@ async fn run_node(
     opts.client_advertise = config.client_advertise();
     opts.raft_advertise = config.raft_advertise();
     opts.service = config.service();
+    match &config.cluster.pseudonym_key {
+        Some(path) => {
+            let key = secrets::read_pseudonym_key(path).context("config field `cluster.pseudonym_key`")?;
+            opts.service.presence.pseudonyms = Some(nearby_node::strangers::Pseudonyms::new(&key));
+        }
+        None => tracing::warn!(
+            "no `cluster.pseudonym_key`: this node lists no strangers nearby (see `nearby-node ca issue`)"
+        ),
+    }
     if let Some(path) = dev_token_key {
         let bytes = secrets::read_secret(path).context("--dev-token-key")?;
         let signer = nearby_node::auth::TokenSigner::from_pkcs8(&bytes)
@@ -365,6 +375,7 @@ fn ca_issue(ca_dir: &Path, node_id: u64, out: &Path, force: bool) -> anyhow::Res
     if ca_copy != ca_dir.join("ca.pem") {
         secrets::write_public(&ca_copy, ca_pem.as_bytes(), force)?;
     }
+    secrets::write_pseudonym_key(&out.join("pseudonym.key"), &ca_key, force)?;
     tracing::info!(node = node_id, cert = %cert.display(), key = %key.display(), "node certificate issued");
     Ok(())
 }

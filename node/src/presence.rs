@@ -53,17 +53,19 @@
 //! After each call, the caller MUST take the outputs with [`Presence::poll_outputs`] and deliver
 //! them, in order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nearby_client::proto::{Coord, Event, FriendPosition, GoneReason};
+use nearby_client::proto::{Coord, Event, FriendPosition, GoneReason, Stranger, GHOST_FOREVER};
 use nearby_index::friends::{FriendSet, RangeTable};
 use nearby_index::geo::{LatLng, Millis, UserId};
 use nearby_index::query::{nearby_page, Cursor, NearbyQuery, Page};
 use nearby_index::ttl::{LatestLocation, LocationTable, SetOutcome};
 use nearby_raft::{Command, CommandResult, GroupId, GroupState};
 use serde::{Deserialize, Serialize};
+
+use crate::strangers::{CellMessage, Ctx, Pseudonyms, Strangers, MAX_SHOWN};
 
 /// Names one revocation message of one visibility-ending change: the publisher's group, the
 /// change's log index there, and the message's number among the change's revocations. Each
@@ -142,6 +144,9 @@ pub enum GroupMessage {
         /// The change.
         barrier: Barrier,
     },
+    /// Strangers nearby: between the publisher, channel and listener roles of groups (see
+    /// [`crate::strangers`]).
+    Cell(CellMessage),
 }
 
 /// One publisher in a [`GroupMessage::Snapshot`].
@@ -188,6 +193,8 @@ pub struct PresenceConfig {
     pub radius_m: f64,
     /// Inactivity timeout of a location.
     pub ttl: Duration,
+    /// The cluster's pseudonym key for strangers; without it this node lists no strangers.
+    pub pseudonyms: Option<Pseudonyms>,
 }
 
 impl Default for PresenceConfig {
@@ -195,6 +202,7 @@ impl Default for PresenceConfig {
         PresenceConfig {
             radius_m: 8_000.0,
             ttl: Duration::from_secs(600),
+            pseudonyms: None,
         }
     }
 }
@@ -228,6 +236,10 @@ pub struct Presence {
     /// Publisher (a user of this group) → online viewers subscribed to it, with their home group.
     subscribers: HashMap<UserId, HashMap<UserId, GroupId>>,
     viewers: HashMap<UserId, Viewer>,
+    /// Timed ghost modes of this group's users that have not ended yet: (end, user). Soft
+    /// state: a new leader rebuilds it from the replicated records ([`Presence::load`]).
+    ghosts: BTreeSet<(Millis, UserId)>,
+    strangers: Strangers,
     outputs: Vec<Output>,
 }
 
@@ -241,6 +253,7 @@ fn coord(loc: LatLng) -> Coord {
 impl Presence {
     /// The presence of `group`, routing by `ranges`.
     pub fn new(group: GroupId, config: PresenceConfig, ranges: Arc<RangeTable<GroupId>>) -> Self {
+        let strangers = Strangers::new(group, config.pseudonyms.clone(), config.ttl);
         Presence {
             group,
             locations: LocationTable::new(config.ttl),
@@ -249,7 +262,35 @@ impl Presence {
             applied: 0,
             subscribers: HashMap::new(),
             viewers: HashMap::new(),
+            ghosts: BTreeSet::new(),
+            strangers,
             outputs: Vec::new(),
+        }
+    }
+
+    /// The stranger roles' context: routing and the output list.
+    fn cx(&mut self) -> (&mut Strangers, Ctx<'_>) {
+        (
+            &mut self.strangers,
+            Ctx {
+                ranges: &self.ranges,
+                outputs: &mut self.outputs,
+            },
+        )
+    }
+
+    /// Learns what the replicated records imply for live state when this presence starts (a
+    /// new leader): the timed ghost modes still running at `now`, so that each ends on time
+    /// here, whoever set it.
+    pub fn load(&mut self, state: &GroupState, now: Millis) {
+        for (user, record) in state.users() {
+            self.watch_ghost(user, record.ghost_until, now);
+        }
+    }
+
+    fn watch_ghost(&mut self, user: UserId, until: Option<Millis>, now: Millis) {
+        if let Some(until) = until.filter(|u| *u > now && *u != GHOST_FOREVER) {
+            self.ghosts.insert((until, user));
         }
     }
 
@@ -289,9 +330,16 @@ impl Presence {
         self.viewers.get(&viewer).is_some_and(|v| v.pending > 0)
     }
 
-    /// When [`Presence::handle_tick`] must next run.
+    /// When [`Presence::handle_tick`] must next run: a location expires or a ghost mode ends.
     pub fn next_deadline(&self) -> Option<Millis> {
-        self.locations.next_expiry()
+        let ghost = self.ghosts.first().map(|(at, _)| *at);
+        let channel = self.strangers.next_deadline();
+        self.locations
+            .next_expiry()
+            .into_iter()
+            .chain(ghost)
+            .chain(channel)
+            .min()
     }
 
     /// Online users of this group.
@@ -369,7 +417,19 @@ impl Presence {
     /// Subscribes every online viewer again to its publishers in `group` (whose leader
     /// changed: the new leader starts with no subscribers). The snapshots that answer replace
     /// what the viewers knew of those publishers.
-    pub fn resubscribe(&mut self, group: GroupId) {
+    pub fn resubscribe(&mut self, state: &GroupState, group: GroupId, now: Millis) {
+        {
+            let locations = &self.locations;
+            let (strangers, mut cx) = (
+                &mut self.strangers,
+                Ctx {
+                    ranges: &self.ranges,
+                    outputs: &mut self.outputs,
+                },
+            );
+            strangers.leader_changed(&mut cx, state, group);
+            strangers.republish(&mut cx, state, group, |u| locations.get(u), now);
+        }
         let viewers: Vec<(UserId, FriendSet)> = self
             .viewers
             .iter()
@@ -406,6 +466,8 @@ impl Presence {
 
     /// The user's last session closed.
     pub fn handle_disconnect(&mut self, viewer: UserId) {
+        let (strangers, mut cx) = self.cx();
+        strangers.stop(&mut cx, viewer);
         let Some(v) = self.viewers.remove(&viewer) else {
             return;
         };
@@ -436,7 +498,45 @@ impl Presence {
         let latest = LatestLocation { loc, updated_at: at };
         self.publish(state, user, latest, now);
         self.refresh_view(user, quiet);
+        let (strangers, mut cx) = self.cx();
+        strangers.publish(&mut cx, state, user, latest, now);
+        strangers.moved(&mut cx, state, user, loc);
         true
+    }
+
+    /// `viewer` (online here, with a live location) asks for strangers: it listens to the
+    /// cells covering its radius from now on. `Some(page)` at once, or `None` while a channel's
+    /// first answer is awaited (ask [`Presence::strangers_page`] once
+    /// [`Presence::strangers_pending`] is false, or after a bound).
+    pub fn listen_strangers(&mut self, state: &GroupState, viewer: UserId, size: usize) -> bool {
+        let (Some(me), Some(v)) = (self.locations.get(viewer), self.viewers.get(&viewer)) else {
+            return false;
+        };
+        let radius = v.radius_m;
+        let (strangers, mut cx) = self.cx();
+        strangers.listen(&mut cx, state, viewer, me.loc, radius, size.min(MAX_SHOWN));
+        true
+    }
+
+    /// Whether `viewer` waits for a channel's first answer.
+    pub fn strangers_pending(&self, viewer: UserId) -> bool {
+        self.strangers.is_pending(viewer)
+    }
+
+    /// The nearest `size` strangers of `viewer` and how many more are in range.
+    pub fn strangers_page(&self, state: &GroupState, viewer: UserId, size: usize) -> (Vec<Stranger>, u32) {
+        self.strangers.page(state, viewer, size)
+    }
+
+    /// Whether this node can list strangers (it has the pseudonym key).
+    pub fn can_list_strangers(&self) -> bool {
+        self.strangers.can_list()
+    }
+
+    /// A listener group acknowledged part `part` of a retraction this group relayed.
+    pub fn relay_acked(&mut self, part: u32) {
+        let (strangers, mut cx) = self.cx();
+        strangers.relay_acked(&mut cx, part);
     }
 
     /// Sends `user`'s location to every subscribed viewer its record allows now.
@@ -592,6 +692,10 @@ impl Presence {
             }
             // Barriers are the driver's business; presence only routes acknowledgements.
             GroupMessage::RevokeAck { .. } => {}
+            GroupMessage::Cell(m) => {
+                let (strangers, mut cx) = self.cx();
+                strangers.handle(&mut cx, state, m);
+            }
         }
     }
 
@@ -686,11 +790,32 @@ impl Presence {
         }
     }
 
-    /// Expires locations whose TTL passed: their viewers are told the user went inactive.
-    pub fn handle_tick(&mut self, now: Millis) {
+    /// Expires locations whose TTL passed (their viewers are told the user went inactive), and
+    /// ends the ghost modes whose time is up: the viewers the user's record allows again get
+    /// the user's current location, without anyone acting.
+    pub fn handle_tick(&mut self, state: &GroupState, now: Millis) {
+        while let Some(&(until, user)) = self.ghosts.first() {
+            if until > now {
+                break;
+            }
+            self.ghosts.pop_first();
+            // Set again or turned off meanwhile: that change decided what viewers see.
+            let still = state.user(user).is_some_and(|r| r.ghost_until == Some(until));
+            if let (true, Some(at)) = (still, self.locations.get(user)) {
+                self.publish(state, user, at, now);
+                let (strangers, mut cx) = self.cx();
+                strangers.publish(&mut cx, state, user, at, now);
+            }
+        }
+        {
+            let (strangers, mut cx) = self.cx();
+            strangers.expire(&mut cx, now);
+        }
         let mut expired = Vec::new();
         self.locations.expire(now, &mut expired);
         for user in expired {
+            let (strangers, mut cx) = self.cx();
+            strangers.retract(&mut cx, user, None);
             let viewers: Vec<UserId> = self
                 .subscribers
                 .get(&user)
@@ -731,6 +856,9 @@ impl Presence {
             _ => {}
         }
         let here = |u: UserId| state.range().contains(u);
+        if let Command::SetGhost { user, until } = cmd {
+            self.watch_ghost(*user, *until, now);
+        }
         let touched: Vec<UserId> = match cmd {
             Command::SetSharing { user, .. }
             | Command::SetGhost { user, .. }
@@ -740,7 +868,8 @@ impl Presence {
             Command::AddFriend { .. }
             | Command::RemoveFriend { .. }
             | Command::GrantFollow { .. }
-            | Command::RevokeFollow { .. } => {
+            | Command::RevokeFollow { .. }
+            | Command::Unfollow { .. } => {
                 let (a, b) = cmd.users();
                 [Some(a), b].into_iter().flatten().filter(|u| here(*u)).collect()
             }
@@ -755,6 +884,27 @@ impl Presence {
             self.refresh_relations(state, user);
             let targets = revocation_targets(state, cmd, user);
             self.revisit_audience(state, user, now, &mut barrier, &targets);
+        }
+        // Strangers: a privacy change publishes the user again, or retracts it (acknowledged
+        // under the change's barrier when it ends a permission).
+        if let Command::SetSharing { user, .. }
+        | Command::SetGhost { user, .. }
+        | Command::SetDiscoverable { user, .. } = cmd
+        {
+            let user = *user;
+            let visible = state
+                .user(user)
+                .is_some_and(|r| r.discoverable && !r.is_hidden(now));
+            let at = self.locations.get(user);
+            let (strangers, mut cx) = self.cx();
+            match (visible, at) {
+                (true, Some(at)) => strangers.publish(&mut cx, state, user, at, now),
+                (true, None) => {}
+                (false, _) => {
+                    // The last part of this change's barrier, if it asks for one.
+                    strangers.retract(&mut cx, user, ends.then_some(barrier));
+                }
+            }
         }
         // A request someone received is news for them.
         let request = match (cmd, result) {
@@ -926,7 +1076,11 @@ fn revocation_targets(state: &GroupState, cmd: &Command, user: UserId) -> Vec<Us
         Command::Hide { user: u, from } if *u == user => vec![*from],
         Command::RemoveFriend { user: a, friend: b } if *a == user => vec![*b],
         Command::RemoveFriend { user: a, friend: b } if *b == user => vec![*a],
-        Command::RevokeFollow { user: u, follower } if *u == user => vec![*follower],
+        Command::RevokeFollow { user: u, follower } | Command::Unfollow { user: u, follower }
+            if *u == user =>
+        {
+            vec![*follower]
+        }
         Command::Deliver { mirror, .. } if mirror.user == user && !mirror.other_may_see_user() => {
             vec![mirror.other]
         }
@@ -1051,6 +1205,15 @@ mod tests {
                 }
                 queue = next;
             }
+        }
+
+        /// Runs group `g`'s tick at its next deadline.
+        fn tick(&mut self, g: GroupId) {
+            let deadline = self.presences[&g].next_deadline().expect("deadline");
+            self.now = self.now.max(deadline);
+            let p = self.presences.get_mut(&g).expect("p");
+            p.handle_tick(&self.states[&g], self.now);
+            self.drain(g);
         }
 
         fn register(&mut self, users: &[UserId]) {
@@ -1310,7 +1473,11 @@ mod tests {
         w.commit(Command::Hide { user: 150, from: 1 });
         assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
         // Group 1 learns of the new leader and subscribes again: the snapshot agrees.
-        w.presences.get_mut(&1).expect("p").resubscribe(2);
+        let now = w.now;
+        w.presences
+            .get_mut(&1)
+            .expect("p")
+            .resubscribe(&w.states[&1], 2, now);
         w.drain(1);
         assert!(w.take(1).is_empty());
         let (page, _) = w.presences[&1].page(1, 20, None).expect("live").expect("page");
@@ -1331,9 +1498,114 @@ mod tests {
         let ranges = Arc::clone(&w.presences[&2].ranges);
         w.presences
             .insert(2, Presence::new(2, PresenceConfig::default(), ranges));
-        w.presences.get_mut(&1).expect("p").resubscribe(2);
+        let now = w.now;
+        w.presences
+            .get_mut(&1)
+            .expect("p")
+            .resubscribe(&w.states[&1], 2, now);
         w.drain(1);
         assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
+    }
+
+    #[test]
+    fn a_timed_ghost_mode_ends_by_itself_and_friends_see_the_user_again() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        w.at(150, B.0, B.1);
+        assert!(matches!(&w.take(1)[..], [Event::FriendEntered(_)]));
+        let until = Millis(w.now.0 + 60_000);
+        w.commit(Command::SetGhost {
+            user: 150,
+            until: Some(until),
+        });
+        assert!(matches!(
+            &w.take(1)[..],
+            [Event::FriendGone {
+                id: 150,
+                reason: GoneReason::Hidden
+            }]
+        ));
+        // Moving while a ghost reaches nobody.
+        w.at(150, B.0 + 0.001, B.1);
+        assert!(w.take(1).is_empty());
+        assert_eq!(w.presences[&2].next_deadline(), Some(until));
+        w.tick(2);
+        match &w.take(1)[..] {
+            [Event::FriendEntered(p)] => assert_eq!(p.id, 150),
+            other => panic!("expected the user back, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_new_leader_ends_a_ghost_mode_set_under_the_previous_one() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        let until = Millis(w.now.0 + 60_000);
+        w.commit(Command::SetGhost {
+            user: 150,
+            until: Some(until),
+        });
+        // Group 2's leader changes: its successor starts from the replicated state alone.
+        let ranges = Arc::clone(&w.presences[&2].ranges);
+        let mut fresh = Presence::new(2, PresenceConfig::default(), ranges);
+        fresh.load(&w.states[&2], w.now);
+        w.presences.insert(2, fresh);
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        w.at(150, B.0, B.1);
+        assert!(w.take(1).is_empty(), "a ghost is seen");
+        w.tick(2);
+        assert!(matches!(&w.take(1)[..], [Event::FriendEntered(p)] if p.id == 150));
+    }
+
+    #[test]
+    fn a_follower_sees_the_followed_who_does_not_see_back_until_revoked_or_unfollowed() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        // 150 lets 1 follow.
+        w.commit(Command::GrantFollow {
+            user: 150,
+            follower: 1,
+        });
+        w.connect(1);
+        w.connect(150);
+        w.at(1, A.0, A.1);
+        w.at(150, B.0, B.1);
+        assert!(matches!(&w.take(1)[..], [Event::FriendEntered(p)] if p.id == 150));
+        assert!(w.take(150).is_empty(), "the followed sees the follower");
+        w.at(1, A.0 + 0.001, A.1);
+        assert!(w.take(150).is_empty(), "the followed sees the follower move");
+        w.commit(Command::RevokeFollow {
+            user: 150,
+            follower: 1,
+        });
+        assert!(matches!(
+            &w.take(1)[..],
+            [Event::FriendGone {
+                id: 150,
+                reason: GoneReason::Unfriended
+            }]
+        ));
+        w.at(150, B.0 + 0.001, B.1);
+        assert!(w.take(1).is_empty());
+        // Again, and this time the follower stops following.
+        w.commit(Command::GrantFollow {
+            user: 150,
+            follower: 1,
+        });
+        // The grant alone shows the followed user's current location.
+        assert!(matches!(&w.take(1)[..], [Event::FriendEntered(p)] if p.id == 150));
+        w.commit(Command::Unfollow {
+            follower: 1,
+            user: 150,
+        });
+        assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
+        w.at(150, B.0 + 0.002, B.1);
+        assert!(w.take(1).is_empty());
     }
 
     #[test]
@@ -1347,8 +1619,7 @@ mod tests {
         assert!(matches!(&w.take(1)[..], [Event::FriendEntered(_)]));
         let deadline = w.presences[&2].next_deadline().expect("deadline");
         w.now = deadline;
-        w.presences.get_mut(&2).expect("p").handle_tick(deadline);
-        w.drain(2);
+        w.tick(2);
         assert!(matches!(
             &w.take(1)[..],
             [Event::FriendGone {

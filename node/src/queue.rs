@@ -7,9 +7,9 @@
 //! session is closed with an explicit reason ([`CloseReason::Slow`]) rather than growing without
 //! bound.
 //!
-//! A `FriendGone` purges every event about that friend still queued before it goes in: when a
-//! change that ends a viewer's permission is acknowledged to its author, nothing about the author
-//! may still be on its way to that viewer from this node.
+//! A `FriendGone` (a `StrangerGone`) purges every event about that friend (that stranger) still
+//! queued before it goes in: when a change that ends a viewer's permission is acknowledged to its
+//! author, nothing about the author may still be on its way to that viewer from this node.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -71,16 +71,37 @@ pub enum Popped {
     Closed(CloseReason),
 }
 
-fn is_position(e: &Event) -> bool {
-    matches!(e, Event::FriendMoved(_))
+/// Whom an event is about: a friend (by id) or a stranger (by pseudonym).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Subject<'a> {
+    /// A friend or followed user.
+    User(u64),
+    /// A stranger, by the pseudonym the viewer knows them by.
+    Stranger(&'a str),
 }
 
-/// Whether `e` tells where `friend` is or whether they are shown.
-fn is_about_location_of(e: &Event, friend: u64) -> bool {
+fn subject(e: &Event) -> Option<Subject<'_>> {
+    e.friend()
+        .map(Subject::User)
+        .or_else(|| e.stranger().map(Subject::Stranger))
+}
+
+/// A position only: droppable, and replaceable by a newer one about the same subject.
+fn is_position(e: &Event) -> bool {
+    matches!(e, Event::FriendMoved(_) | Event::StrangerNearby(_))
+}
+
+/// Whether `e` tells where `who` is or whether they are shown.
+fn is_about_location_of(e: &Event, who: Subject<'_>) -> bool {
     matches!(
         e,
-        Event::FriendMoved(_) | Event::FriendEntered(_) | Event::FriendLeft { .. } | Event::FriendGone { .. }
-    ) && e.friend() == Some(friend)
+        Event::FriendMoved(_)
+            | Event::FriendEntered(_)
+            | Event::FriendLeft { .. }
+            | Event::FriendGone { .. }
+            | Event::StrangerNearby(_)
+            | Event::StrangerGone { .. }
+    ) && subject(e) == Some(who)
 }
 
 impl EventQueue {
@@ -107,21 +128,22 @@ impl EventQueue {
         if s.closed.is_some() {
             return;
         }
-        if let Event::FriendGone { id, .. } = &event {
-            let id = *id;
-            let before = s.events.len();
-            s.events.retain(|e| !is_about_location_of(e, id));
-            s.superseded += (before - s.events.len()) as u64;
+        if matches!(event, Event::FriendGone { .. } | Event::StrangerGone { .. }) {
+            if let Some(who) = subject(&event) {
+                let before = s.events.len();
+                s.events.retain(|e| !is_about_location_of(e, who));
+                s.superseded += (before - s.events.len()) as u64;
+            }
         }
         if s.events.len() >= self.capacity {
             // Only the friend's *latest* queued event may be replaced, and only if it is a
             // position: replacing an earlier one would move the new position ahead of a later
             // "left" or "gone".
-            let friend = event.friend();
+            let who = subject(&event);
             let same = s
                 .events
                 .iter()
-                .rposition(|e| e.friend() == friend)
+                .rposition(|e| subject(e) == who)
                 .filter(|&i| is_position(&s.events[i]) && is_position(&event));
             if let Some(i) = same {
                 s.events[i] = event;
@@ -149,11 +171,11 @@ impl EventQueue {
         self.notify.notify_one();
     }
 
-    /// Drops every queued event about where `friend` is or whether they are shown.
-    pub fn purge(&self, friend: u64) {
+    /// Drops every queued event about where `who` is or whether they are shown.
+    pub fn purge(&self, who: Subject<'_>) {
         let mut s = self.lock();
         let before = s.events.len();
-        s.events.retain(|e| !is_about_location_of(e, friend));
+        s.events.retain(|e| !is_about_location_of(e, who));
         s.superseded += (before - s.events.len()) as u64;
     }
 

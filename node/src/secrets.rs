@@ -98,6 +98,43 @@ pub fn read_secret_text(path: &Path) -> Result<String, SecretError> {
     String::from_utf8(bytes).map_err(|e| io(path, std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
+/// The cluster's pseudonym key (what strangers' per-viewer pseudonyms are derived from, the
+/// same on every node): an HMAC-SHA256 of a fixed label under the cluster CA's private key.
+/// Deriving it from the CA key means `nearby-node ca issue` can give every node the same key
+/// without a second secret to generate and distribute; the key reveals nothing about the CA key.
+pub fn derive_pseudonym_key(ca_key_pem: &str) -> Vec<u8> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ca_key_pem.trim().as_bytes());
+    ring::hmac::sign(&key, b"nearby pseudonym key v1")
+        .as_ref()
+        .to_vec()
+}
+
+/// Writes the pseudonym key derived from `ca_key_pem` to `path` (one base64url line, 0600).
+pub fn write_pseudonym_key(path: &Path, ca_key_pem: &str, force: bool) -> Result<(), SecretError> {
+    let line = format!(
+        "{}\n",
+        nearby_index::codec::base64url_encode(&derive_pseudonym_key(ca_key_pem))
+    );
+    write_secret(path, line.as_bytes(), force)
+}
+
+/// Reads a pseudonym key file written by [`write_pseudonym_key`].
+pub fn read_pseudonym_key(path: &Path) -> Result<Vec<u8>, SecretError> {
+    let text = read_secret_text(path)?;
+    nearby_index::codec::base64url_decode(text.trim())
+        .filter(|k| k.len() >= 16)
+        .ok_or_else(|| {
+            io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not a base64url key of 16 bytes or more",
+                ),
+            )
+        })
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +156,18 @@ mod tests {
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
         let err = read_secret(&key).expect_err("readable by others");
         assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn the_pseudonym_key_is_the_same_for_every_node_of_a_ca_and_kept_private() {
+        let dir = tempfile::TempDir::new().expect("tmp");
+        let (a, b) = (dir.path().join("n1/pseudonym.key"), dir.path().join("n2/pseudonym.key"));
+        write_pseudonym_key(&a, "ca key", false).expect("write");
+        write_pseudonym_key(&b, "ca key", false).expect("write");
+        assert_eq!(read_pseudonym_key(&a).expect("read"), read_pseudonym_key(&b).expect("read"));
+        assert_eq!(read_pseudonym_key(&a).expect("read"), derive_pseudonym_key("ca key"));
+        assert_ne!(derive_pseudonym_key("ca key"), derive_pseudonym_key("another ca key"));
+        assert!(matches!(write_pseudonym_key(&a, "ca key", false), Err(SecretError::Exists { .. })));
+        assert_eq!(fs::metadata(&a).expect("meta").permissions().mode() & 0o777, 0o600);
     }
 }

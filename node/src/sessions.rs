@@ -77,7 +77,7 @@ impl Sessions {
     }
 
     /// Drops every event about `about` still queued for `viewer`'s sessions.
-    pub fn purge(&self, viewer: UserId, about: UserId) {
+    pub fn purge(&self, viewer: UserId, about: crate::queue::Subject<'_>) {
         if let Some(list) = self.lock().get(&viewer) {
             for s in list {
                 s.events.purge(about);

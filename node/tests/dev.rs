@@ -25,7 +25,10 @@ fn start(data: &std::path::Path) -> (Child, mpsc::Receiver<String>) {
 /// Starts `cmd` with its log (stderr) sent line by line to the returned receiver.
 fn spawn_logged(mut cmd: Command) -> (Child, mpsc::Receiver<String>) {
     let mut child = cmd
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("DEV_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -322,4 +325,213 @@ fn run_mode_starts_from_a_config_file_and_bad_configs_name_the_field() {
         lines.join("\n")
     );
     terminate(child, &rx);
+}
+
+/// Like [`cli`], but retries while the cluster is between leaders (a fresh cluster elects its
+/// leaders while the first commands arrive) and returns the error's code when it fails.
+fn cli_result(home: &std::path::Path, user: u64, args: &[&str]) -> Result<serde_json::Value, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(nearby_cli())
+            .arg("--json")
+            .args(["--user", &user.to_string()])
+            .args(args)
+            .env("NEARBY_HOME", home)
+            .output()
+            .expect("run nearby");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "nearby {args:?} printed no JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        if out.status.success() {
+            return Ok(v);
+        }
+        let code = v["error"]["code"].as_str().unwrap_or("?").to_string();
+        if code != "unavailable" || std::time::Instant::now() > deadline {
+            return Err(code);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Polls `nearby list` of `user` until `cond` holds on its friends, within 20 s.
+fn list_until(home: &std::path::Path, user: u64, what: &str, cond: impl Fn(&[serde_json::Value]) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = cli_result(home, user, &["list"]).expect("list");
+        let friends = list["friends"].as_array().cloned().unwrap_or_default();
+        if cond(&friends) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "user {user}: {what}; last list {list}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_three_node_dev_cluster_serves_followers_and_ghost_mode_through_the_cli() {
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let home = dir.path().join("home");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    // A loopback block of its own, so concurrent tests never meet.
+    cmd.args([
+        "dev",
+        "--nodes",
+        "3",
+        "--listen",
+        "127.77.3.1:7400",
+        "--raft-listen",
+        "127.77.3.1:7401",
+        "--data",
+    ])
+    .arg(dir.path())
+    .arg("--home")
+    .arg(&home);
+    let (child, rx) = spawn_logged(cmd);
+    let cluster = DevCluster { child, rx };
+    wait_for(&cluster.rx, "nearby dev cluster is ready");
+    // Users spread over the groups (dev ranges split the id space evenly).
+    let (ann, bob) = (7_u64, u64::MAX / 2 + 9);
+    for user in [ann, bob] {
+        cli_result(&home, user, &["login"]).expect("login");
+    }
+    // ann lets bob follow: bob lists ann as "following", ann does not see bob.
+    assert_eq!(
+        cli_result(&home, ann, &["followers", "allow", &bob.to_string()]).expect("allow")["outcome"],
+        "updated"
+    );
+    let followers = cli_result(&home, ann, &["followers", "list"]).expect("followers");
+    assert_eq!(followers["followers"][0]["id"], bob, "{followers}");
+    let following = cli_result(&home, bob, &["follow", "list"]).expect("following");
+    assert_eq!(following["following"][0]["id"], ann, "{following}");
+    cli_result(&home, ann, &["location", "set", "52.5200", "13.4050"]).expect("ann located");
+    cli_result(&home, bob, &["location", "set", "52.5470", "13.4050"]).expect("bob located");
+    list_until(&home, bob, "ann listed as followed", |f| {
+        f.len() == 1 && f[0]["id"] == ann && f[0]["relation"] == "following"
+    });
+    let ann_sees = cli_result(&home, ann, &["list"]).expect("list");
+    assert_eq!(ann_sees["friends"], serde_json::json!([]), "{ann_sees}");
+
+    // Ghost mode: gone for bob at once, back when turned off.
+    let ghost = cli_result(&home, ann, &["ghost", "on"]).expect("ghost");
+    assert_eq!(
+        (ghost["ghost"].as_str(), ghost["until"].as_str()),
+        (Some("on"), Some("forever"))
+    );
+    let settings = cli_result(&home, ann, &["friends", "list"]).expect("friends list");
+    assert_eq!(settings["ghost_until"], "forever", "{settings}");
+    list_until(&home, bob, "ann hidden by ghost mode", |f| f.is_empty());
+    cli_result(&home, ann, &["ghost", "off"]).expect("ghost off");
+    list_until(&home, bob, "ann visible again after `ghost off`", |f| {
+        f.len() == 1
+    });
+    let timed = cli_result(&home, ann, &["ghost", "90min"]).expect("ghost 90min");
+    assert!(
+        timed["until"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{timed}"
+    );
+    list_until(&home, bob, "ann hidden for 90 minutes", |f| f.is_empty());
+
+    // Revoked: bob no longer lists ann; a bad argument is refused.
+    cli_result(&home, ann, &["ghost", "off"]).expect("ghost off");
+    list_until(
+        &home,
+        bob,
+        "ann visible again after a timed ghost mode turned off",
+        |f| f.len() == 1,
+    );
+    cli_result(&home, ann, &["followers", "revoke", &bob.to_string()]).expect("revoke");
+    let list = cli_result(&home, bob, &["list"]).expect("list");
+    assert_eq!(
+        list["friends"],
+        serde_json::json!([]),
+        "revoked, still listed: {list}"
+    );
+    assert_eq!(
+        cli_result(&home, ann, &["followers", "allow", &ann.to_string()]),
+        Err("invalid_argument".to_string())
+    );
+
+    // Strangers: ann turns discoverable; bob (no longer following) and cat see her under
+    // pseudonyms of their own, at a rounded distance, never her id.
+    let cat = u64::MAX / 4 * 3 + 5;
+    cli_result(&home, cat, &["login"]).expect("login");
+    cli_result(&home, cat, &["location", "set", "52.5300", "13.4100"]).expect("cat located");
+    assert_eq!(
+        cli_result(&home, ann, &["discoverable", "on"]).expect("discoverable")["outcome"],
+        "updated"
+    );
+    let mut pseudonyms = Vec::new();
+    for viewer in [bob, cat] {
+        let page = cli_result(&home, viewer, &["strangers"]).expect("strangers");
+        let list = page["strangers"].as_array().cloned().unwrap_or_default();
+        assert_eq!(list.len(), 1, "{page}");
+        let s = &list[0];
+        assert_eq!(s["name"], format!("user {ann}"), "{page}");
+        let mut keys: Vec<&str> = s
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["distance_m", "name", "pseudonym", "updated_at"], "{page}");
+        let d = s["distance_m"].as_u64().expect("distance");
+        assert!(d % 500 == 0 && d >= 500, "{page}");
+        assert_eq!(page["more"], 0);
+        pseudonyms.push(s["pseudonym"].as_str().expect("pseudonym").to_string());
+    }
+    assert_ne!(pseudonyms[0], pseudonyms[1], "two viewers share a pseudonym");
+    cli_result(&home, ann, &["ghost", "on"]).expect("ghost");
+    let page = cli_result(&home, cat, &["strangers"]).expect("strangers");
+    assert_eq!(
+        page["strangers"],
+        serde_json::json!([]),
+        "a ghost is listed: {page}"
+    );
+    cluster.stop();
+}
+
+/// A running `nearby-node dev --nodes N`: stopped with SIGTERM (it stops its children) when
+/// dropped, so a failed test leaves no process behind; its log is printed if the test failed.
+struct DevCluster {
+    child: Child,
+    rx: mpsc::Receiver<String>,
+}
+
+impl DevCluster {
+    /// Stops the cluster and checks that it exited cleanly.
+    fn stop(mut self) {
+        let exit = self.terminate();
+        assert!(exit.success(), "nearby-node dev exited with {exit}");
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        self.terminate();
+        if std::thread::panicking() {
+            let log: Vec<String> = self.rx.try_iter().collect();
+            #[allow(clippy::print_stderr)] // a failed test's diagnostics, shown by the harness
+            {
+                eprintln!("the dev cluster's log:\n{}", log.join("\n"));
+            }
+        }
+    }
 }

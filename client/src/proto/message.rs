@@ -112,7 +112,63 @@ pub enum Request {
         /// The user to log in as.
         user: UserId,
     },
+    /// Let opted-in strangers nearby see you (a display name, a distance rounded to 500 m, a
+    /// pseudonym — never your id or position), or stop it.
+    SetDiscoverable {
+        /// On or off.
+        on: bool,
+    },
+    /// Ghost mode: hidden from everyone (friends, followers, strangers) for a while, until
+    /// turned off, or no more. Answered with [`Response::Ghost`].
+    SetGhost {
+        /// For how long.
+        mode: GhostMode,
+    },
+    /// Let `user` follow you: they see your location like a friend's; you see nothing of them.
+    AllowFollower {
+        /// The follower.
+        user: UserId,
+    },
+    /// Stop letting `user` follow you (takes effect at once, like hiding).
+    RevokeFollower {
+        /// The follower.
+        user: UserId,
+    },
+    /// Stop following `user`.
+    Unfollow {
+        /// The user you follow.
+        user: UserId,
+    },
+    /// The nearest discoverable strangers in range (never friends or users you follow),
+    /// answered with [`Response::Strangers`]. The first one of a session also starts live
+    /// [`Event::StrangerNearby`] / [`Event::StrangerGone`] events for the nearest page, until the
+    /// session ends. Needs a live location ([`ErrorCode::NotStarted`] otherwise).
+    ListStrangers {
+        /// Entries wanted (the nearest ones); the node's default (20) if `None`, at most 100.
+        page_size: Option<u16>,
+    },
 }
+
+/// How long ghost mode lasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GhostMode {
+    /// Visible again now.
+    Off,
+    /// Hidden for this many seconds (1 s to [`MAX_GHOST_S`]), then visible again by itself.
+    For {
+        /// The duration.
+        seconds: u64,
+    },
+    /// Hidden until turned off.
+    On,
+}
+
+/// The longest timed ghost mode, in seconds (a year); longer is refused with
+/// [`ErrorCode::InvalidArgument`] (use [`GhostMode::On`]).
+pub const MAX_GHOST_S: u64 = 366 * 24 * 3600;
+
+/// [`GhostMode::On`] as an end time: never, until turned off.
+pub const GHOST_FOREVER: Millis = Millis(u64::MAX);
 
 /// What a node answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -150,7 +206,43 @@ pub enum Response {
         /// When it stops being accepted.
         expires_at: Millis,
     },
+    /// Answer to [`Request::SetGhost`]: ghost mode is in force until this time
+    /// ([`GHOST_FOREVER`]: until turned off), or off (`None`).
+    Ghost {
+        /// The end of ghost mode.
+        until: Option<Millis>,
+    },
+    /// Answer to [`Request::ListStrangers`].
+    Strangers(StrangerPage),
 }
+
+/// A discoverable user nearby who is not a friend, as a viewer may see them: no user id, no
+/// position, a distance rounded up to [`STRANGER_STEP_M`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stranger {
+    /// Stable for this viewer and this stranger (across sessions, nodes and restarts); another
+    /// viewer gets another one for the same stranger.
+    pub pseudonym: String,
+    /// Their display name.
+    pub name: String,
+    /// Distance from the viewer rounded up to a multiple of [`STRANGER_STEP_M`] (500 for
+    /// anything up to 500 m).
+    pub distance_m: u32,
+    /// When they were there.
+    pub updated_at: Millis,
+}
+
+/// The nearest strangers and how many more are in range.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StrangerPage {
+    /// Nearest first.
+    pub strangers: Vec<Stranger>,
+    /// Strangers in range beyond this page.
+    pub more: u32,
+}
+
+/// The step strangers' distances are rounded up to, in metres.
+pub const STRANGER_STEP_M: u32 = 500;
 
 /// Session parameters the node chose.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -167,11 +259,13 @@ pub struct SessionInfo {
     pub next_update_s: u32,
 }
 
-/// One friend in a list.
+/// One friend (or followed user) in a list.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NearbyFriend {
     /// The friend.
     pub id: UserId,
+    /// [`Relation::Friend`], or [`Relation::Following`] for a user you follow.
+    pub relation: Relation,
     /// Their display name.
     pub name: String,
     /// Distance from the viewer, in metres.
@@ -198,6 +292,10 @@ pub enum Relation {
     RequestReceived,
     /// The user asked; they have not answered.
     RequestSent,
+    /// The user lets them follow: they see the user, the user does not see them.
+    Follower,
+    /// They let the user follow them: the user sees them, they do not see the user.
+    Following,
 }
 
 /// One entry of [`FriendList`].
@@ -213,13 +311,17 @@ pub struct FriendEntry {
     pub hidden: bool,
 }
 
-/// The user's relations.
+/// The user's relations and privacy settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FriendList {
-    /// Ascending by id.
+    /// Ascending by id, then relation (a friend may also be a follower).
     pub entries: Vec<FriendEntry>,
     /// Whether the user shares their location.
     pub sharing: bool,
+    /// Whether opted-in strangers nearby may see the user.
+    pub discoverable: bool,
+    /// Ghost mode's end, if in force ([`GHOST_FOREVER`]: until turned off).
+    pub ghost_until: Option<Millis>,
 }
 
 /// What a committed change did.
@@ -413,6 +515,15 @@ pub enum Event {
         /// Another node to use, if known.
         redirect: Option<String>,
     },
+    /// A stranger entered the viewer's nearest page, or moved within it (upsert by pseudonym).
+    StrangerNearby(Stranger),
+    /// A stranger left the viewer's nearest page (moved away or out of the page, stopped being
+    /// discoverable, went ghost or inactive). Nothing more about them comes until they are
+    /// shown again.
+    StrangerGone {
+        /// Whom.
+        pseudonym: String,
+    },
 }
 
 /// A friend's position as pushed.
@@ -435,7 +546,19 @@ impl Event {
             Event::FriendMoved(p) | Event::FriendEntered(p) => Some(p.id),
             Event::FriendLeft { id, .. } | Event::FriendGone { id, .. } => Some(*id),
             Event::FriendRequest { from } => Some(*from),
-            Event::Cadence { .. } | Event::Shutdown { .. } => None,
+            Event::Cadence { .. }
+            | Event::Shutdown { .. }
+            | Event::StrangerNearby(_)
+            | Event::StrangerGone { .. } => None,
+        }
+    }
+
+    /// The stranger an event is about, by pseudonym, if any.
+    pub fn stranger(&self) -> Option<&str> {
+        match self {
+            Event::StrangerNearby(s) => Some(&s.pseudonym),
+            Event::StrangerGone { pseudonym } => Some(pseudonym),
+            _ => None,
         }
     }
 }

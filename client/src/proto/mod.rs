@@ -27,4 +27,4 @@ pub use self::message::*;
 pub const ALPN: &[u8] = b"nearby/1";
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;

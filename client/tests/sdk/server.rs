@@ -247,6 +247,7 @@ pub(crate) fn first_page() -> NearbyPage {
     NearbyPage {
         friends: vec![NearbyFriend {
             id: 2,
+            relation: nearby_client::proto::Relation::Friend,
             name: "Bea".into(),
             distance_m: 420.5,
             updated_at: Millis(1_700_000_000_000),
@@ -307,6 +308,8 @@ fn canned(request: &Request, started: &mut bool, radius_m: u32) -> Option<Respon
         Request::ListFriends => Response::Friends(FriendList {
             entries: Vec::new(),
             sharing: true,
+            discoverable: false,
+            ghost_until: None,
         }),
         Request::AddFriend { user } | Request::RemoveFriend { user } if *user == UNKNOWN_USER => {
             error(ErrorCode::UnknownUser, "no such user")
@@ -319,7 +322,16 @@ fn canned(request: &Request, started: &mut bool, radius_m: u32) -> Option<Respon
         | Request::Hide { .. }
         | Request::Unhide { .. }
         | Request::SetName { .. }
-        | Request::SetRadius { .. } => Response::Done(Outcome::Updated),
+        | Request::SetRadius { .. }
+        | Request::SetDiscoverable { .. }
+        | Request::AllowFollower { .. }
+        | Request::RevokeFollower { .. }
+        | Request::Unfollow { .. } => Response::Done(Outcome::Updated),
+        Request::SetGhost { .. } => Response::Ghost { until: None },
+        Request::ListStrangers { .. } => Response::Strangers(nearby_client::proto::StrangerPage {
+            strangers: Vec::new(),
+            more: 0,
+        }),
         Request::Ping => Response::Pong,
     })
 }

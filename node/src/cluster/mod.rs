@@ -846,16 +846,28 @@ impl Cluster {
     /// concurrently (see [`placement`]).
     async fn place(self: Arc<Self>) {
         let mut watch = self.directory.watch();
+        let mut settled = false;
         loop {
             let _ = tokio::time::timeout(Duration::from_millis(500), watch.changed()).await;
             if !self.router.leads(META_GROUP) {
+                settled = false;
                 continue;
             }
             let view = self.directory.view();
             let round = placement::plan_round(&view.map, PLACEMENT_ROUND);
             if round.is_empty() {
+                if !settled {
+                    // Tools (`nearby-node dev`) wait for this line before saying "ready".
+                    tracing::info!(
+                        nodes = view.map.nodes.len(),
+                        epoch = view.map.epoch,
+                        "placement settled: every group replicated, leaders spread"
+                    );
+                    settled = true;
+                }
                 continue;
             }
+            settled = false;
             tracing::info!(steps = round.len(), first = ?round[0], epoch = view.map.epoch, "placement round");
             let outcomes = futures::future::join_all(round.iter().map(|step| self.take(step))).await;
             let mut failed = 0;

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nearby_client::proto::ErrorCode;
+use nearby_client::proto::{ErrorCode, Relation};
 use nearby_index::geo::{Millis, UserId};
 use nearby_raft::{AppliedEntry, Command, GroupId, NodeId, Payload, Reply, ShardGroup};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -50,6 +50,7 @@ use crate::presence::{GroupMessage, Output, Presence};
 use crate::route::directory::MapView;
 use crate::route::router::Router;
 use crate::sessions::Sessions;
+use crate::strangers::{CellMessage, RELAY_INDEX};
 
 /// The longest a visibility-ending change waits for the viewers' groups to acknowledge.
 pub const ACK_WAIT: Duration = Duration::from_secs(5);
@@ -84,6 +85,11 @@ struct Starting {
 enum StartingReply {
     /// The session's first location: answered with the first page.
     Location(oneshot::Sender<Result<LocationAck, ServiceError>>),
+    /// Strangers asked while the channels' first answers are awaited.
+    Strangers {
+        size: usize,
+        reply: oneshot::Sender<Result<nearby_client::proto::StrangerPage, ServiceError>>,
+    },
     /// A page asked right after connecting.
     List {
         cursor: Option<nearby_index::query::Cursor>,
@@ -145,6 +151,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     let mut presence = Presence::new(id, ctx.config.presence.clone(), Arc::clone(&view.ranges));
     let processed = group.last_applied().map_or(0, |l| l.index);
     presence.set_applied(processed);
+    group.read(|s| presence.load(s, ctx.clock.now()));
     let outbox = Arc::new(Notify::new());
     // Alone in its cluster, a group has no viewers elsewhere that knew it through an earlier
     // leader: nothing to wait for.
@@ -279,6 +286,7 @@ impl Driver {
             match s.reply {
                 StartingReply::Location(r) => drop(r.send(Err(gone()))),
                 StartingReply::List { reply, .. } => drop(reply.send(Err(gone()))),
+                StartingReply::Strangers { reply, .. } => drop(reply.send(Err(gone()))),
             }
         }
         tracing::info!(group = self.id, "driver stopped");
@@ -443,20 +451,26 @@ impl Driver {
     fn on_time(&mut self) {
         self.settle_barriers();
         let now = Instant::now();
-        if self
-            .starting
-            .iter()
-            .any(|s| now >= s.deadline || !self.presence.is_starting(s.user))
-        {
+        let ready = |s: &Starting, p: &Presence| {
+            now >= s.deadline
+                || match s.reply {
+                    StartingReply::Strangers { .. } => !p.strangers_pending(s.user),
+                    _ => !p.is_starting(s.user),
+                }
+        };
+        if self.starting.iter().any(|s| ready(s, &self.presence)) {
             let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.starting)
                 .into_iter()
-                .partition(|s| now >= s.deadline || !self.presence.is_starting(s.user));
+                .partition(|s| ready(s, &self.presence));
             self.starting = waiting;
             for s in ready {
                 match s.reply {
                     StartingReply::Location(r) => drop(r.send(self.ack(s.user, true))),
                     StartingReply::List { cursor, size, reply } => {
                         drop(reply.send(self.page(s.user, cursor.as_ref(), size)));
+                    }
+                    StartingReply::Strangers { size, reply } => {
+                        drop(reply.send(Ok(self.strangers(s.user, size))));
                     }
                 }
             }
@@ -473,9 +487,11 @@ impl Driver {
             .map(|(g, _)| *g)
             .collect();
         self.leaders = leaders;
+        let now = self.now();
         for g in changed {
             // Its new leader knows none of our viewers: subscribe them again.
-            self.presence.resubscribe(g);
+            let presence = &mut self.presence;
+            self.group.read(|s| presence.resubscribe(s, g, now));
         }
         let outputs = self.presence.poll_outputs();
         self.deliver(outputs);
@@ -540,6 +556,33 @@ impl Driver {
                 }
                 return;
             }
+            GroupMsg::Strangers { user, size, reply } => {
+                if !self.presence.can_list_strangers() {
+                    let _ = reply.send(Err(ServiceError::unavailable(
+                        "this node has no pseudonym key ([cluster] pseudonym_key): it lists no strangers",
+                    )));
+                    return;
+                }
+                let presence = &mut self.presence;
+                let listening = self.group.read(|s| presence.listen_strangers(s, user, size));
+                let outputs = self.presence.poll_outputs();
+                self.deliver(outputs);
+                if !listening {
+                    let _ = reply.send(Err(ServiceError::new(
+                        ErrorCode::NotStarted,
+                        "no live location: send one first",
+                    )));
+                } else if self.presence.strangers_pending(user) {
+                    self.starting.push(Starting {
+                        user,
+                        deadline: Instant::now() + FIRST_PAGE_WAIT,
+                        reply: StartingReply::Strangers { size, reply },
+                    });
+                } else {
+                    let _ = reply.send(Ok(self.strangers(user, size)));
+                }
+                return;
+            }
             GroupMsg::HasLocation { user, reply } => {
                 let _ = reply.send(self.presence.location(user).is_some());
                 return;
@@ -568,13 +611,23 @@ impl Driver {
                 }
                 return;
             }
-            GroupMsg::Tick => self.presence.handle_tick(now),
+            GroupMsg::Tick => {
+                let presence = &mut self.presence;
+                self.group.read(|s| presence.handle_tick(s, now));
+            }
         }
         let outputs = self.presence.poll_outputs();
         self.deliver(outputs);
     }
 
     fn acked(&mut self, barrier: crate::presence::Barrier) {
+        if barrier.index == RELAY_INDEX {
+            // A listener group's part of a retraction this group relays as a channel.
+            self.presence.relay_acked(barrier.part);
+            let outputs = self.presence.poll_outputs();
+            self.deliver(outputs);
+            return;
+        }
         if let Some(b) = self.barriers.get_mut(&barrier.index) {
             b.pending.remove(&barrier.part);
         }
@@ -592,7 +645,22 @@ impl Driver {
             .page(user, size, cursor)
             .ok_or_else(|| ServiceError::new(ErrorCode::NotStarted, "no live location: send one first"))?
             .map_err(|e| ServiceError::new(ErrorCode::InvalidArgument, e.to_string()))?;
-        Ok(wire_page(page, names))
+        // Everyone a viewer sees is a friend or someone it follows.
+        Ok(self.group.read(|s| {
+            let friends = s.user(user).map(|r| &r.friends);
+            wire_page(page, names, |id| {
+                if friends.is_some_and(|f| f.contains(id)) {
+                    Relation::Friend
+                } else {
+                    Relation::Following
+                }
+            })
+        }))
+    }
+
+    fn strangers(&self, user: UserId, size: usize) -> nearby_client::proto::StrangerPage {
+        let (strangers, more) = self.group.read(|s| self.presence.strangers_page(s, user, size));
+        nearby_client::proto::StrangerPage { strangers, more }
     }
 
     fn ack(&self, user: UserId, first: bool) -> Result<LocationAck, ServiceError> {
@@ -612,7 +680,11 @@ impl Driver {
         while let Some(out) = queue.pop_front() {
             match out {
                 Output::Push { viewer, event } => self.ctx.sessions.push(viewer, event),
-                Output::Purge { viewer, about } => self.ctx.sessions.purge(viewer, about),
+                Output::Purge { viewer, about } => {
+                    self.ctx
+                        .sessions
+                        .purge(viewer, crate::queue::Subject::User(about));
+                }
                 Output::Send {
                     to,
                     msg: GroupMessage::RevokeAck { barrier },
@@ -635,7 +707,9 @@ fn asked_acks(outputs: &[Output], group: GroupId, index: u64) -> Vec<u32> {
         .iter()
         .filter_map(|o| match o {
             Output::Send {
-                msg: GroupMessage::Revoke { ack: Some(b), .. },
+                msg:
+                    GroupMessage::Revoke { ack: Some(b), .. }
+                    | GroupMessage::Cell(CellMessage::Retract { ack: Some(b), .. }),
                 ..
             } if b.group == group && b.index == index => Some(b.part),
             _ => None,

@@ -62,6 +62,15 @@ pub enum GroupMsg {
         /// The answer.
         reply: oneshot::Sender<Result<NearbyPage, ServiceError>>,
     },
+    /// The nearest strangers of `user`, who listens to them from now on.
+    Strangers {
+        /// The user.
+        user: UserId,
+        /// Entries wanted.
+        size: usize,
+        /// The answer.
+        reply: oneshot::Sender<Result<nearby_client::proto::StrangerPage, ServiceError>>,
+    },
     /// Whether the group holds a live location of `user`.
     HasLocation {
         /// The user.

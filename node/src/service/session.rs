@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_client::proto::{
-    frame, ErrorCode, Event, FrameBuffer, FrameError, Request, RequestFrame, Response, ResponseFrame,
-    SessionInfo, PROTOCOL_VERSION,
+    frame, ErrorCode, Event, FrameBuffer, FrameError, GhostMode, Request, RequestFrame, Response,
+    ResponseFrame, SessionInfo, GHOST_FOREVER, MAX_GHOST_S, PROTOCOL_VERSION,
 };
-use nearby_index::geo::UserId;
+use nearby_index::geo::{Millis, UserId};
 use nearby_raft::Command;
 use tokio::time::Instant;
 
@@ -276,6 +276,40 @@ impl<B: Backend> Session<B> {
                 Ok(Response::Done(nearby_client::proto::Outcome::Updated))
             }
             Request::Ping => Ok(Response::Pong),
+            Request::ListStrangers { page_size } => {
+                Ok(Response::Strangers(core.strangers(self.me()?, page_size).await?))
+            }
+            Request::SetDiscoverable { on } => {
+                self.commit(Command::SetDiscoverable { user: self.me()?, on })
+                    .await
+            }
+            Request::SetGhost { mode } => {
+                let user = self.me()?;
+                let until = ghost_until(mode, core.now())?;
+                core.commit(Command::SetGhost { user, until }).await?;
+                Ok(Response::Ghost { until })
+            }
+            Request::AllowFollower { user } => {
+                self.commit(Command::GrantFollow {
+                    user: self.me()?,
+                    follower: user,
+                })
+                .await
+            }
+            Request::RevokeFollower { user } => {
+                self.commit(Command::RevokeFollow {
+                    user: self.me()?,
+                    follower: user,
+                })
+                .await
+            }
+            Request::Unfollow { user } => {
+                self.commit(Command::Unfollow {
+                    follower: self.me()?,
+                    user,
+                })
+                .await
+            }
         }
     }
 
@@ -353,6 +387,21 @@ impl<B: Backend> Session<B> {
             token: signer.sign(Claims { user, expires_at }),
             expires_at,
         })
+    }
+}
+
+/// The end of ghost mode `mode` asks for, set at `now`: `None` ends it.
+fn ghost_until(mode: GhostMode, now: Millis) -> Result<Option<Millis>, ServiceError> {
+    match mode {
+        GhostMode::Off => Ok(None),
+        GhostMode::On => Ok(Some(GHOST_FOREVER)),
+        GhostMode::For { seconds } if (1..=MAX_GHOST_S).contains(&seconds) => {
+            Ok(Some(now.saturating_add(Duration::from_secs(seconds))))
+        }
+        GhostMode::For { seconds } => Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            format!("a ghost mode of {seconds} s: the duration must be 1 s to {MAX_GHOST_S} s (or `on`)"),
+        )),
     }
 }
 

@@ -3,5 +3,6 @@
 
 mod bad_input;
 mod live;
+mod product;
 mod protocol_doc;
 mod util;

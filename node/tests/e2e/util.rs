@@ -44,10 +44,11 @@ impl TestNode {
     pub(crate) async fn start_with(seed: Option<nearby_raft::seed::Seed>) -> TestNode {
         // No load shedding: these tests check behaviour, and a loaded CI machine must not make a
         // periodic update come back `rate_limited` (the shedding test turns it on).
-        let service = ServiceConfig {
+        let mut service = ServiceConfig {
             shed: None,
             ..ServiceConfig::default()
         };
+        service.presence.pseudonyms = Some(nearby_node::strangers::Pseudonyms::new(b"e2e cluster key"));
         Self::start_configured(seed, service).await
     }
 

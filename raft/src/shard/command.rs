@@ -198,6 +198,13 @@ pub enum Command {
         /// The intent's number.
         seq: u64,
     },
+    /// `follower` stops following `user`: [`Command::RevokeFollow`] asked by the follower.
+    Unfollow {
+        /// The user who stops following.
+        follower: UserId,
+        /// The user they followed.
+        user: UserId,
+    },
 }
 
 impl fmt::Display for Command {
@@ -228,6 +235,7 @@ impl fmt::Display for Command {
                 write!(f, "deliver({source}#{seq}: {} x {})", mirror.user, mirror.other)
             }
             Command::Delivered { seq } => write!(f, "delivered(#{seq})"),
+            Command::Unfollow { follower, user } => write!(f, "unfollow({follower} -> {user})"),
         }
     }
 }
@@ -341,6 +349,7 @@ impl Command {
                 (user, Some(follower))
             }
             Command::Deliver { mirror, .. } => (mirror.user, Some(mirror.other)),
+            Command::Unfollow { follower, user } => (follower, Some(user)),
             // An import acts for nobody; validation looks at its contents.
             Command::Import(_) | Command::Delivered { .. } => (0, None),
         }
@@ -356,6 +365,7 @@ impl Command {
                 | Command::RemoveFriend { .. }
                 | Command::GrantFollow { .. }
                 | Command::RevokeFollow { .. }
+                | Command::Unfollow { .. }
         )
     }
 
@@ -364,7 +374,7 @@ impl Command {
     /// the viewers concerned.
     pub fn ends_visibility(&self) -> bool {
         match self {
-            Command::SetSharing { on, .. } => !on,
+            Command::SetSharing { on, .. } | Command::SetDiscoverable { on, .. } => !on,
             Command::SetGhost { until, .. } => until.is_some(),
             Command::Hide { .. } | Command::RemoveFriend { .. } | Command::RevokeFollow { .. } => true,
             _ => false,

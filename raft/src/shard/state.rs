@@ -240,7 +240,7 @@ impl GroupState {
                 let b = self.update_if_here(*follower, |r| r.following.insert(*user));
                 changed(a || b)
             }
-            Command::RevokeFollow { user, follower } => {
+            Command::RevokeFollow { user, follower } | Command::Unfollow { follower, user } => {
                 let a = self.update_if_here(*user, |r| r.followers.remove(*follower));
                 let b = self.update_if_here(*follower, |r| r.following.remove(*user));
                 changed(a || b)

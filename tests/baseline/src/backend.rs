@@ -619,7 +619,8 @@ impl Inner {
             .page(size, cursor.as_ref())
             .ok_or_else(|| ServiceError::new(ErrorCode::NotStarted, "no live location: send one first"))?
             .map_err(|e| invalid(e.to_string()))?;
-        Ok(wire_page(page, names))
+        // The original design's view does not tell friends from followed users.
+        Ok(wire_page(page, names, |_| proto::Relation::Friend))
     }
 
     async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
@@ -681,6 +682,9 @@ impl Inner {
                 })
                 .collect(),
             sharing: !off,
+            // The original design has neither strangers nor ghost mode.
+            discoverable: false,
+            ghost_until: None,
         })
     }
 
@@ -993,6 +997,14 @@ impl Backend for RedisBackend {
         page_size: Option<u16>,
     ) -> Result<NearbyPage, ServiceError> {
         self.inner.list(user, cursor.as_deref(), page_size)
+    }
+
+    async fn strangers(
+        &self,
+        _user: UserId,
+        _page_size: Option<u16>,
+    ) -> Result<proto::StrangerPage, ServiceError> {
+        Err(invalid("strangers nearby are not part of the original design"))
     }
 
     async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {

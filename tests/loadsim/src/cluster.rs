@@ -190,6 +190,9 @@ impl ProcessCluster {
         let groups = opts.groups;
         let ca = ClusterCa::generate("test").map_err(|e| setup("cluster CA", e))?;
         write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes())?;
+        // As `nearby-node ca issue` gives every node: the cluster's pseudonym key.
+        nearby_node::secrets::write_pseudonym_key(&dir.join("pseudonym.key"), &ca.key_pem(), true)
+            .map_err(|e| setup("pseudonym key", e))?;
         for i in 1..=n {
             let tls = ca
                 .issue_node(u64::from(i))
@@ -343,7 +346,7 @@ impl ProcessCluster {
         };
         let text = format!(
             "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
-             [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n{join}\
+             [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n[auth]\ntoken_public_key = {public:?}\n\
              [limits]\nshed = false\n",
             data = self.data(i),
@@ -352,6 +355,7 @@ impl ProcessCluster {
             ca = d.join("ca.pem"),
             cert = d.join(format!("node-{i}.pem")),
             key = d.join(format!("node-{i}-key.pem")),
+            pkey = d.join("pseudonym.key"),
             tcert = d.join("cert.pem"),
             tkey = d.join("key.pem"),
             public = d.join("token.pub"),

@@ -78,6 +78,36 @@ pub(crate) enum Command {
     /// Your profile.
     #[command(subcommand)]
     Profile(ProfileCommand),
+    /// Let opted-in strangers nearby see you (a name, a distance rounded to 500 m and a
+    /// pseudonym; never your id or position), or stop it.
+    Discoverable {
+        /// `on` or `off`.
+        state: OnOff,
+    },
+    /// Discoverable strangers nearby (never friends): a pseudonym, a name, a distance rounded
+    /// to 500 m, nearest first, and how many more.
+    Strangers {
+        /// How many to show (the node's page size by default, at most 100).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=100))]
+        limit: Option<u16>,
+    },
+    /// Ghost mode: hidden from everyone for DURATION (`3h`, `90min`), until `off`, or no more.
+    Ghost {
+        /// `on`, `off`, or a duration such as `3h`.
+        #[arg(value_parser = parse_ghost)]
+        state: GhostArg,
+    },
+    /// Who may follow you (one-way: they see you, you do not see them).
+    #[command(subcommand)]
+    Followers(FollowersCommand),
+    /// Who you follow.
+    #[command(subcommand)]
+    Follow(FollowCommand),
+    /// Stop following a user.
+    Unfollow {
+        /// The user you follow.
+        id: UserId,
+    },
     /// Check the connection to the node.
     Ping,
 }
@@ -126,6 +156,53 @@ pub(crate) enum ProfileCommand {
         /// The radius in metres.
         meters: u32,
     },
+}
+
+/// `nearby followers …`.
+#[derive(Debug, Subcommand, PartialEq)]
+pub(crate) enum FollowersCommand {
+    /// Let a user follow you.
+    Allow {
+        /// Their user id.
+        id: UserId,
+    },
+    /// Stop letting a user follow you (at once).
+    Revoke {
+        /// Their user id.
+        id: UserId,
+    },
+    /// The users you let follow you.
+    List,
+}
+
+/// `nearby follow …`.
+#[derive(Debug, Subcommand, PartialEq)]
+pub(crate) enum FollowCommand {
+    /// The users who let you follow them.
+    List,
+}
+
+/// `nearby ghost` 's argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GhostArg {
+    /// Until turned off.
+    On,
+    /// Visible again.
+    Off,
+    /// For a while.
+    For(std::time::Duration),
+}
+
+fn parse_ghost(s: &str) -> Result<GhostArg, String> {
+    match s {
+        "on" => Ok(GhostArg::On),
+        "off" => Ok(GhostArg::Off),
+        _ => match humantime::parse_duration(s) {
+            Ok(d) if d.as_secs() >= 1 => Ok(GhostArg::For(d)),
+            Ok(_) => Err("a ghost mode lasts at least 1 s".into()),
+            Err(e) => Err(format!("`on`, `off` or a duration such as `3h` ({e})")),
+        },
+    }
 }
 
 /// `on` / `off`.
@@ -223,6 +300,34 @@ mod tests {
                 },
             ),
             (&["ping"], Command::Ping),
+            (
+                &["discoverable", "on"],
+                Command::Discoverable { state: OnOff::On },
+            ),
+            (&["ghost", "on"], Command::Ghost { state: GhostArg::On }),
+            (&["ghost", "off"], Command::Ghost { state: GhostArg::Off }),
+            (
+                &["ghost", "3h"],
+                Command::Ghost {
+                    state: GhostArg::For(std::time::Duration::from_secs(3 * 3600)),
+                },
+            ),
+            (
+                &["followers", "allow", "4"],
+                Command::Followers(FollowersCommand::Allow { id: 4 }),
+            ),
+            (
+                &["followers", "revoke", "4"],
+                Command::Followers(FollowersCommand::Revoke { id: 4 }),
+            ),
+            (&["followers", "list"], Command::Followers(FollowersCommand::List)),
+            (&["follow", "list"], Command::Follow(FollowCommand::List)),
+            (&["unfollow", "4"], Command::Unfollow { id: 4 }),
+            (&["strangers"], Command::Strangers { limit: None }),
+            (
+                &["strangers", "--limit", "5"],
+                Command::Strangers { limit: Some(5) },
+            ),
         ];
         for (argv, want) in cases {
             assert_eq!(&parse(argv).expect("parse").command, want, "{argv:?}");
@@ -239,6 +344,10 @@ mod tests {
             &["location", "set", "1"],
             &["watch", "--lat", "1"],
             &["--user", "x", "ping"],
+            &["ghost", "0s"],
+            &["ghost", "maybe"],
+            &["discoverable", "yes"],
+            &["strangers", "--limit", "0"],
         ] {
             assert!(parse(argv).is_err(), "{argv:?} accepted");
         }

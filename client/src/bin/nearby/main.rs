@@ -20,11 +20,14 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::Parser;
-use nearby_client::proto::{Coord, NearbyPage, Outcome};
+use nearby_client::proto::{Coord, GhostMode, NearbyPage, Outcome, Relation};
 use nearby_client::{Backoff, Client, ClientConfig, ClientError, LocationAck, SdkEvent, UserId};
 use serde_json::{json, Value};
 
-use crate::args::{Args, Command, FriendsCommand, LocationCommand, OnOff, ProfileCommand};
+use crate::args::{
+    Args, Command, FollowCommand, FollowersCommand, FriendsCommand, GhostArg, LocationCommand, OnOff,
+    ProfileCommand,
+};
 use crate::home::{Home, SetupError};
 
 fn main() -> ExitCode {
@@ -216,6 +219,49 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> anyhow::Resu
         }
         Command::Profile(ProfileCommand::SetRadius { meters }) => {
             change(json, client.set_radius(meters).await?, None);
+        }
+        Command::Discoverable { state } => {
+            change(json, client.set_discoverable(state == OnOff::On).await?, None);
+        }
+        Command::Ghost { state } => {
+            let mode = match state {
+                GhostArg::On => GhostMode::On,
+                GhostArg::Off => GhostMode::Off,
+                GhostArg::For(d) => GhostMode::For { seconds: d.as_secs() },
+            };
+            let until = client.set_ghost(mode).await?;
+            emit(json, &output::ghost_json(until), &output::ghost_text(until));
+        }
+        Command::Followers(FollowersCommand::Allow { id }) => {
+            change(json, client.allow_follower(id).await?, Some(id));
+        }
+        Command::Followers(FollowersCommand::Revoke { id }) => {
+            change(json, client.revoke_follower(id).await?, Some(id));
+        }
+        Command::Followers(FollowersCommand::List) => {
+            let list = client.list_friends().await?;
+            emit(
+                json,
+                &output::relation_list_json(&list, Relation::Follower, "followers"),
+                &output::relation_list_text(&list, Relation::Follower, "nobody follows you"),
+            );
+        }
+        Command::Follow(FollowCommand::List) => {
+            let list = client.list_friends().await?;
+            emit(
+                json,
+                &output::relation_list_json(&list, Relation::Following, "following"),
+                &output::relation_list_text(&list, Relation::Following, "you follow nobody"),
+            );
+        }
+        Command::Unfollow { id } => change(json, client.unfollow(id).await?, Some(id)),
+        Command::Strangers { limit } => {
+            let page = client.list_strangers(limit).await?;
+            emit(
+                json,
+                &output::strangers_json(&page),
+                &output::strangers_text(&page, now),
+            );
         }
         Command::Ping => {
             let rtt = client.ping().await?;

@@ -3,18 +3,28 @@
 //!
 //! JSON shapes (times are RFC 3339 UTC with milliseconds, distances in metres):
 //!
-//! - friend: `{"id":2,"name":"Bea","distance_m":420.5,"updated_at":"2023-11-14T22:13:20.000Z"}`
+//! - friend: `{"id":2,"name":"Bea","relation":"friend","distance_m":420.5,"updated_at":"2023-11-14T22:13:20.000Z"}`
+//!   (`"relation":"following"` for a user you follow)
 //! - `list`: `{"friends":[friend…],"next":"cursor"|null,"page":1}`
 //! - `location set`: `{"ok":true,"friends":[friend…],"next":…,"next_update_s":30}`
 //! - changes: `{"ok":true,"outcome":"friend_request_sent"}`
-//! - `friends list`: `{"sharing":true,"friends":[{"id":2,"name":"Bea"|null,"relation":"friend","hidden":false}]}`
+//! - `friends list`: `{"sharing":true,"discoverable":false,"ghost_until":null,"friends":[{"id":2,"name":"Bea"|null,"relation":"friend","hidden":false}]}`
+//!   (relations: `friend`, `request_received`, `request_sent`, `follower`, `following`;
+//!   `ghost_until`: a time, `"forever"` until turned off, or `null`)
+//! - `followers list`: `{"followers":[{"id":4,"name":"Dee"|null,"hidden":false}]}`; `follow list`:
+//!   `{"following":[…]}` likewise
+//! - `strangers`: `{"strangers":[{"pseudonym":"…","name":"…","distance_m":1500,"updated_at":"…"}],"more":N}`
+//! - `ghost`: `{"ok":true,"ghost":"on","until":"…"|"forever"}` or `{"ok":true,"ghost":"off","until":null}`
 //! - `watch`: one object per line with `"event"`; see [`event_json`] and [`sdk_event_json`].
 //! - errors: `{"error":{"code":"unknown_user","message":"…"}}`
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nearby_client::proto::{Event, FriendList, GoneReason, NearbyFriend, NearbyPage, Outcome, Relation};
+use nearby_client::proto::{
+    Event, FriendList, GoneReason, NearbyFriend, NearbyPage, Outcome, Relation, Stranger, StrangerPage,
+    GHOST_FOREVER,
+};
 use nearby_client::{ClientError, Millis, SdkEvent, UserId};
 use serde_json::{json, Value};
 
@@ -33,6 +43,7 @@ pub(crate) fn friend_json(f: &NearbyFriend) -> Value {
     json!({
         "id": f.id,
         "name": f.name,
+        "relation": relation_name(f.relation),
         "distance_m": f.distance_m,
         "updated_at": rfc3339(f.updated_at),
     })
@@ -83,6 +94,106 @@ fn relation_name(relation: Relation) -> &'static str {
         Relation::Friend => "friend",
         Relation::RequestReceived => "request_received",
         Relation::RequestSent => "request_sent",
+        Relation::Follower => "follower",
+        Relation::Following => "following",
+    }
+}
+
+/// A stranger: never an id, a distance rounded to 500 m.
+fn stranger_json(s: &Stranger) -> Value {
+    json!({
+        "pseudonym": s.pseudonym,
+        "name": s.name,
+        "distance_m": s.distance_m,
+        "updated_at": rfc3339(s.updated_at),
+    })
+}
+
+/// `nearby strangers`.
+pub(crate) fn strangers_json(page: &StrangerPage) -> Value {
+    json!({
+        "strangers": page.strangers.iter().map(stranger_json).collect::<Vec<_>>(),
+        "more": page.more,
+    })
+}
+
+/// `nearby strangers` for people.
+pub(crate) fn strangers_text(page: &StrangerPage, now: SystemTime) -> String {
+    if page.strangers.is_empty() {
+        return "no discoverable stranger in range".into();
+    }
+    let mut out: Vec<String> = page
+        .strangers
+        .iter()
+        .map(|s| {
+            format!(
+                "{:>10}  {}  [{}]  (updated {})",
+                format!("≤ {}", distance(f64::from(s.distance_m))),
+                s.name,
+                s.pseudonym,
+                ago(s.updated_at, now)
+            )
+        })
+        .collect();
+    if page.more > 0 {
+        out.push(format!("… and {} more in range", page.more));
+    }
+    out.join("\n")
+}
+
+/// A ghost mode's end as JSON: a time, `"forever"`, or `null`.
+fn ghost_until_json(until: Option<Millis>) -> Value {
+    match until {
+        None => Value::Null,
+        Some(GHOST_FOREVER) => json!("forever"),
+        Some(t) => json!(rfc3339(t)),
+    }
+}
+
+/// `nearby ghost`.
+pub(crate) fn ghost_json(until: Option<Millis>) -> Value {
+    json!({
+        "ok": true,
+        "ghost": if until.is_some() { "on" } else { "off" },
+        "until": ghost_until_json(until),
+    })
+}
+
+/// `nearby ghost` for people.
+pub(crate) fn ghost_text(until: Option<Millis>) -> String {
+    match until {
+        None => "ghost mode off: your friends and followers see you again".into(),
+        Some(GHOST_FOREVER) => "ghost mode on until `nearby ghost off`: nobody sees you".into(),
+        Some(t) => format!("ghost mode on until {}: nobody sees you", rfc3339(t)),
+    }
+}
+
+/// `nearby followers list` / `nearby follow list`: the entries of one relation, under `key`.
+pub(crate) fn relation_list_json(list: &FriendList, relation: Relation, key: &str) -> Value {
+    let entries: Vec<Value> = list
+        .entries
+        .iter()
+        .filter(|e| e.relation == relation)
+        .map(|e| json!({"id": e.id, "name": e.name, "hidden": e.hidden}))
+        .collect();
+    json!({ key: entries })
+}
+
+/// The entries of one relation for people; `empty` when there are none.
+pub(crate) fn relation_list_text(list: &FriendList, relation: Relation, empty: &str) -> String {
+    let lines: Vec<String> = list
+        .entries
+        .iter()
+        .filter(|e| e.relation == relation)
+        .map(|e| {
+            let hidden = if e.hidden { "  (hidden from them)" } else { "" };
+            format!("#{:<8} {}{hidden}", e.id, e.name.as_deref().unwrap_or("?"))
+        })
+        .collect();
+    if lines.is_empty() {
+        empty.to_string()
+    } else {
+        lines.join("\n")
     }
 }
 
@@ -98,6 +209,8 @@ fn reason_name(reason: GoneReason) -> &'static str {
 pub(crate) fn friend_list_json(list: &FriendList) -> Value {
     json!({
         "sharing": list.sharing,
+        "discoverable": list.discoverable,
+        "ghost_until": ghost_until_json(list.ghost_until),
         "friends": list.entries.iter().map(|e| json!({
             "id": e.id,
             "name": e.name,
@@ -156,6 +269,12 @@ pub(crate) fn event_json(event: &Event) -> Value {
             "reconnect_after_ms": reconnect_after_ms,
             "redirect": redirect,
         }),
+        Event::StrangerNearby(s) => {
+            let mut v = stranger_json(s);
+            v["event"] = json!("stranger");
+            v
+        }
+        Event::StrangerGone { pseudonym } => json!({"event": "stranger_gone", "pseudonym": pseudonym}),
     }
 }
 
@@ -268,7 +387,17 @@ pub(crate) fn outcome_text(outcome: Outcome, other: Option<UserId>) -> String {
 
 /// The friend list for people.
 pub(crate) fn friend_list_text(list: &FriendList) -> String {
-    let mut out = format!("sharing: {}\n", if list.sharing { "on" } else { "off" });
+    let on_off = |b: bool| if b { "on" } else { "off" };
+    let mut out = format!(
+        "sharing: {}, discoverable by strangers: {}\n",
+        on_off(list.sharing),
+        on_off(list.discoverable)
+    );
+    match list.ghost_until {
+        Some(GHOST_FOREVER) => out.push_str("ghost mode: on until turned off\n"),
+        Some(t) => out.push_str(&format!("ghost mode: on until {}\n", rfc3339(t))),
+        None => {}
+    }
     if list.entries.is_empty() {
         out.push_str("no friends yet: `nearby friends add ID`");
     }
@@ -278,6 +407,8 @@ pub(crate) fn friend_list_text(list: &FriendList) -> String {
             Relation::Friend => "friend",
             Relation::RequestReceived => "asked you (accept: `nearby friends add ID`)",
             Relation::RequestSent => "request sent",
+            Relation::Follower => "follows you",
+            Relation::Following => "you follow them",
         };
         let hidden = if e.hidden { ", hidden from them" } else { "" };
         out.push_str(&format!("#{:<8} {name}  {relation}{hidden}\n", e.id));
@@ -323,6 +454,13 @@ pub(crate) fn sdk_event_text(event: &SdkEvent, names: &HashMap<UserId, String>, 
                 "shutdown  the node is going away; moving to {} in {reconnect_after_ms} ms",
                 redirect.as_deref().unwrap_or("the same endpoint")
             ),
+            Event::StrangerNearby(s) => format!(
+                "stranger  {} [{}]  within {}",
+                s.name,
+                s.pseudonym,
+                distance(f64::from(s.distance_m))
+            ),
+            Event::StrangerGone { pseudonym } => format!("stranger  [{pseudonym}] gone"),
         },
         SdkEvent::Reconnecting {
             attempt,
@@ -356,6 +494,7 @@ mod tests {
         NearbyPage {
             friends: vec![NearbyFriend {
                 id: 2,
+                relation: Relation::Friend,
                 name: "Bea".into(),
                 distance_m: 420.5,
                 updated_at: T,
@@ -369,7 +508,7 @@ mod tests {
         assert_eq!(
             list_json(&page(), 1),
             json!({
-                "friends": [{"id": 2, "name": "Bea", "distance_m": 420.5, "updated_at": T_TEXT}],
+                "friends": [{"id": 2, "name": "Bea", "relation": "friend", "distance_m": 420.5, "updated_at": T_TEXT}],
                 "next": "c2",
                 "page": 1,
             })
@@ -390,7 +529,7 @@ mod tests {
             located_json(&page(), 30),
             json!({
                 "ok": true,
-                "friends": [{"id": 2, "name": "Bea", "distance_m": 420.5, "updated_at": T_TEXT}],
+                "friends": [{"id": 2, "name": "Bea", "relation": "friend", "distance_m": 420.5, "updated_at": T_TEXT}],
                 "next": "c2",
                 "next_update_s": 30,
             })
@@ -407,10 +546,12 @@ mod tests {
                 hidden: true,
             }],
             sharing: false,
+            discoverable: true,
+            ghost_until: Some(T),
         };
         assert_eq!(
             friend_list_json(&list),
-            json!({"sharing": false, "friends": [
+            json!({"sharing": false, "discoverable": true, "ghost_until": T_TEXT, "friends": [
                 {"id": 3, "name": null, "relation": "request_received", "hidden": true}
             ]})
         );

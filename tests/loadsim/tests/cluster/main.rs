@@ -6,4 +6,5 @@
 mod test_basic;
 mod test_failover;
 mod test_hibernate;
+mod test_product;
 mod util;

@@ -113,6 +113,7 @@ impl Toy {
                 let &(loc, at) = s.locations.get(f)?;
                 Some(NearbyFriend {
                     id: *f,
+                    relation: nearby_client::proto::Relation::Friend,
                     name: format!("user {f}"),
                     distance_m: me.distance_m(&loc),
                     updated_at: at,
@@ -279,10 +280,23 @@ impl Backend for Toy {
         Ok(self.page(&s, user))
     }
 
+    async fn strangers(
+        &self,
+        _user: UserId,
+        _page_size: Option<u16>,
+    ) -> Result<nearby_client::proto::StrangerPage, ServiceError> {
+        Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            "the toy has no strangers",
+        ))
+    }
+
     async fn friends(&self, _user: UserId) -> Result<FriendList, ServiceError> {
         Ok(FriendList {
             entries: Vec::new(),
             sharing: true,
+            discoverable: false,
+            ghost_until: None,
         })
     }
 

@@ -1,0 +1,951 @@
+//! Strangers nearby: H3 cells as channels between discoverable users and the users who look
+//! for strangers around them. Sans-IO like [`crate::presence`], whose group it lives in: inputs
+//! are calls with the group's replicated state and the time, outputs are [`Output`]s.
+//!
+//! # Three roles, every group plays all of them
+//!
+//! - **Publisher** (the home group of a discoverable user P): on each of P's locations that P's
+//!   own record allows strangers to see (`discoverable`, sharing on, not a ghost), it sends
+//!   [`CellMessage::Publish`] to the owner of P's cell, and [`CellMessage::Retract`] to the
+//!   owner of the cell P left. When a change ends P's visibility to strangers (discoverable off,
+//!   ghost mode, sharing off) the retraction asks for an acknowledgement under the change's
+//!   barrier, like a friend's revocation.
+//! - **Channel** (the owner of a cell): holds the latest position of every discoverable user in
+//!   the cell and the set of *listener groups*, and relays publications and retractions to
+//!   them. A retraction that asks for an acknowledgement is acknowledged upstream only once
+//!   every listener group has acknowledged it ([`Relay`]).
+//! - **Listener** (the home group of a user V who asked for strangers): subscribes, once per
+//!   group and cell, to the cells covering V's radius ([`CellMessage::Listen`]), mirrors their
+//!   contents, and shows V the nearest [`MAX_SHOWN`]-bounded page, never a friend, a followed
+//!   user or V itself, each under a pseudonym and at a distance rounded up to
+//!   [`STRANGER_STEP_M`]. Nothing that reaches V carries a user id or a finer distance.
+//!
+//! # Who owns a cell, and why
+//!
+//! A cell's channel lives in the group whose user-id range contains a fixed 64-bit mix of the
+//! cell id ([`cell_key`]). The ranges tile the id space, so the cells of one busy city are
+//! spread over all groups in proportion to their ranges (a stadium is one channel among many,
+//! not a node's whole load), and ownership follows the cluster map like users do: no second
+//! placement scheme, no extra state to move. Channels are soft state: after a channel's leader
+//! changes, listener groups listen again and publisher groups publish their users again.
+//!
+//! # Failover
+//!
+//! A channel drops every entry whose publisher group changed leader (that group's new leader
+//! does not know where its users were published, so it could not retract them), and listener
+//! groups drop the contents of cells whose channel changed leader. A new publisher-group leader
+//! holds visibility-ending acknowledgements for the same grace as friends' revocations
+//! ([`crate::group::driver::RESUBSCRIBE_GRACE`]), by which time the channels have seen the map.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use h3o::CellIndex;
+use nearby_client::proto::{Event, Stranger, STRANGER_STEP_M};
+use nearby_index::cells::CellIndexer;
+use nearby_index::friends::RangeTable;
+use nearby_index::geo::{LatLng, Millis, UserId};
+use nearby_index::ttl::LatestLocation;
+use nearby_raft::{GroupId, GroupState};
+use serde::{Deserialize, Serialize};
+
+use crate::presence::{Barrier, GroupMessage, Output};
+
+/// The most strangers a listener is shown live (and a page may hold).
+pub const MAX_SHOWN: usize = 100;
+
+/// The barrier index of relayed acknowledgements: never a log index.
+pub const RELAY_INDEX: u64 = u64::MAX;
+
+/// A message between the stranger roles of two groups (see the module doc).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CellMessage {
+    /// `user` (of group `home`) is at `at` in `cell`: store it and tell the listener groups.
+    Publish {
+        /// The cell (an H3 index).
+        cell: u64,
+        /// The publisher.
+        user: UserId,
+        /// Their display name.
+        name: String,
+        /// Where and when.
+        at: LatestLocation,
+        /// The publisher's home group.
+        home: GroupId,
+    },
+    /// `user` is no longer in `cell` (moved, hidden, inactive); acknowledge under `ack` once
+    /// every listener group has dropped it.
+    Retract {
+        /// The cell.
+        cell: u64,
+        /// The publisher.
+        user: UserId,
+        /// The change's barrier, if the retraction ends a permission.
+        ack: Option<Barrier>,
+    },
+    /// Group `group` has users who want the strangers of `cell`.
+    Listen {
+        /// The cell.
+        cell: u64,
+        /// The listener group.
+        group: GroupId,
+    },
+    /// Group `group` no longer listens to `cell`.
+    Unlisten {
+        /// The cell.
+        cell: u64,
+        /// The listener group.
+        group: GroupId,
+    },
+    /// The answer to `Listen`: everyone in the cell now.
+    Contents {
+        /// The cell.
+        cell: u64,
+        /// (publisher, name, where and when).
+        entries: Vec<(UserId, String, LatestLocation)>,
+    },
+    /// `user` is at `at` in `cell` (relayed by the channel).
+    Seen {
+        /// The cell.
+        cell: u64,
+        /// The publisher.
+        user: UserId,
+        /// Their display name.
+        name: String,
+        /// Where and when.
+        at: LatestLocation,
+    },
+    /// `user` left `cell` (relayed); acknowledge under `ack` once dropped.
+    Unseen {
+        /// The cell.
+        cell: u64,
+        /// The publisher.
+        user: UserId,
+        /// Acknowledge with [`GroupMessage::RevokeAck`], if set.
+        ack: Option<Barrier>,
+    },
+}
+
+/// The point of the user-id space a cell's channel lives at: a fixed mix of the cell id
+/// (SplitMix64's finaliser), so neighbouring cells land far apart; kept inside the ranges'
+/// span (ids 1 to `u64::MAX - 1`).
+pub fn cell_key(cell: u64) -> u64 {
+    let mut z = cell.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)).clamp(nearby_raft::meta::FIRST_USER_ID, u64::MAX - 1)
+}
+
+/// A distance as strangers see it: rounded up to [`STRANGER_STEP_M`] (so anything up to the
+/// step reads as the step).
+pub fn rounded(distance_m: f64) -> u32 {
+    let step = f64::from(STRANGER_STEP_M);
+    let steps = (distance_m / step).ceil().max(1.0);
+    (steps * step).min(f64::from(u32::MAX)) as u32
+}
+
+/// Derives per-viewer pseudonyms from the cluster's pseudonym key.
+#[derive(Clone)]
+pub struct Pseudonyms {
+    key: ring::hmac::Key,
+}
+
+impl std::fmt::Debug for Pseudonyms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pseudonyms(..)")
+    }
+}
+
+impl Pseudonyms {
+    /// Pseudonyms keyed by `secret` (the cluster's, the same on every node).
+    pub fn new(secret: &[u8]) -> Self {
+        Pseudonyms {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    /// How `viewer` knows `user`: 16 characters of base32 (80 bits) of an HMAC of both ids. The
+    /// same for the same pair everywhere and always; unrelated between viewers.
+    pub fn of(&self, viewer: UserId, user: UserId) -> String {
+        let mut msg = [0u8; 16];
+        msg[..8].copy_from_slice(&viewer.to_be_bytes());
+        msg[8..].copy_from_slice(&user.to_be_bytes());
+        let tag = ring::hmac::sign(&self.key, &msg);
+        base32(&tag.as_ref()[..10])
+    }
+}
+
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut out = String::with_capacity(bytes.len() * 8 / 5 + 1);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &b in bytes {
+        acc = (acc << 8) | u32::from(b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(char::from(ALPHABET[((acc >> bits) & 31) as usize]));
+        }
+    }
+    if bits > 0 {
+        out.push(char::from(ALPHABET[((acc << (5 - bits)) & 31) as usize]));
+    }
+    out
+}
+
+/// One discoverable user in a channel.
+#[derive(Clone, Debug)]
+struct Entry {
+    name: String,
+    at: LatestLocation,
+    home: GroupId,
+}
+
+/// A cell this group owns.
+#[derive(Debug, Default)]
+struct Channel {
+    entries: HashMap<UserId, Entry>,
+    listeners: HashSet<GroupId>,
+}
+
+/// A cell this group listens to on behalf of some of its users.
+#[derive(Debug, Default)]
+struct Mirror {
+    /// (name, where and when) of everyone in the cell, as the channel told.
+    strangers: HashMap<UserId, (String, LatestLocation)>,
+    /// Local listeners whose cover includes the cell.
+    listeners: HashSet<UserId>,
+    /// Waiting for the channel's `Contents`.
+    pending: bool,
+}
+
+/// One of this group's users looking for strangers.
+#[derive(Debug)]
+struct Listener {
+    at: LatLng,
+    radius_m: f64,
+    cells: Vec<u64>,
+    /// Shown strangers: exact distance (never sent) and pseudonym.
+    shown: HashMap<UserId, (f64, String)>,
+    page: usize,
+}
+
+/// A retraction acknowledged upstream once every listener group has acknowledged it.
+#[derive(Debug)]
+struct Relay {
+    upstream: Barrier,
+    pending: HashSet<u32>,
+}
+
+/// The stranger roles of one group (see the module doc).
+#[derive(Debug)]
+pub struct Strangers {
+    group: GroupId,
+    cells: CellIndexer,
+    pseudonyms: Option<Pseudonyms>,
+    ttl: std::time::Duration,
+    covers: HashMap<(u64, u64), Vec<u64>>,
+    /// Publisher role: the cell each of this group's users is published in.
+    published: HashMap<UserId, u64>,
+    /// Channel role.
+    channels: HashMap<u64, Channel>,
+    /// Channel entries by expiry: (updated_at + ttl, cell, user).
+    expiry: BTreeSet<(Millis, u64, UserId)>,
+    relays: HashMap<u32, Relay>,
+    next_relay: u32,
+    /// Listener role.
+    mirrors: HashMap<u64, Mirror>,
+    listeners: HashMap<UserId, Listener>,
+}
+
+/// Everything a stranger handler needs from its presence.
+pub(crate) struct Ctx<'a> {
+    pub(crate) ranges: &'a RangeTable<GroupId>,
+    pub(crate) outputs: &'a mut Vec<Output>,
+}
+
+impl Ctx<'_> {
+    fn owner(&self, cell: u64) -> Option<GroupId> {
+        self.ranges.locate(cell_key(cell)).copied()
+    }
+
+    fn send(&mut self, to: GroupId, msg: CellMessage) {
+        self.outputs.push(Output::Send {
+            to,
+            msg: GroupMessage::Cell(msg),
+        });
+    }
+
+    fn push(&mut self, viewer: UserId, event: Event) {
+        self.outputs.push(Output::Push { viewer, event });
+    }
+}
+
+impl Strangers {
+    /// The stranger roles of `group`; without pseudonym key, nobody can list strangers (users
+    /// are still published, so a node with the key can serve them).
+    pub fn new(group: GroupId, pseudonyms: Option<Pseudonyms>, ttl: std::time::Duration) -> Self {
+        Strangers {
+            group,
+            cells: CellIndexer::default(),
+            pseudonyms,
+            ttl,
+            covers: HashMap::new(),
+            published: HashMap::new(),
+            channels: HashMap::new(),
+            expiry: BTreeSet::new(),
+            relays: HashMap::new(),
+            next_relay: 0,
+            mirrors: HashMap::new(),
+            listeners: HashMap::new(),
+        }
+    }
+
+    /// Whether this node can show strangers (it has the cluster's pseudonym key).
+    pub fn can_list(&self) -> bool {
+        self.pseudonyms.is_some()
+    }
+
+    /// When a channel entry next expires.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.expiry.first().map(|(at, _, _)| *at)
+    }
+
+    fn cell_of(&self, loc: LatLng) -> u64 {
+        u64::from(self.cells.cell_of(loc))
+    }
+
+    // ---------------------------------------------------------------- publisher role
+
+    /// `user` (of this group) is at `at`: published to its cell if its record lets strangers
+    /// see it now, else retracted from wherever it was.
+    pub(crate) fn publish(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        state: &GroupState,
+        user: UserId,
+        at: LatestLocation,
+        now: Millis,
+    ) {
+        let Some(record) = state.user(user) else {
+            return;
+        };
+        if !record.discoverable || record.is_hidden(now) {
+            self.retract(cx, user, None);
+            return;
+        }
+        let cell = self.cell_of(at.loc);
+        if let Some(old) = self.published.insert(user, cell).filter(|old| *old != cell) {
+            if let Some(to) = cx.owner(old) {
+                cx.send(
+                    to,
+                    CellMessage::Retract {
+                        cell: old,
+                        user,
+                        ack: None,
+                    },
+                );
+            }
+        }
+        if let Some(to) = cx.owner(cell) {
+            let msg = CellMessage::Publish {
+                cell,
+                user,
+                name: record.name.clone(),
+                at,
+                home: self.group,
+            };
+            cx.send(to, msg);
+        }
+    }
+
+    /// Takes `user` out of its cell; with `ack`, the retraction is acknowledged under it once
+    /// every listener has dropped the user. Returns whether a retraction was sent.
+    pub(crate) fn retract(&mut self, cx: &mut Ctx<'_>, user: UserId, ack: Option<Barrier>) -> bool {
+        let Some(cell) = self.published.remove(&user) else {
+            return false;
+        };
+        match cx.owner(cell) {
+            Some(to) => {
+                cx.send(to, CellMessage::Retract { cell, user, ack });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Publishes again every user published in a cell owned by `group` (whose leader changed:
+    /// the new one knows nothing), from `locations`.
+    pub(crate) fn republish(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        state: &GroupState,
+        group: GroupId,
+        location: impl Fn(UserId) -> Option<LatestLocation>,
+        now: Millis,
+    ) {
+        let users: Vec<UserId> = self
+            .published
+            .iter()
+            .filter(|(_, cell)| cx.owner(**cell) == Some(group))
+            .map(|(u, _)| *u)
+            .collect();
+        for user in users {
+            self.published.remove(&user);
+            if let Some(at) = location(user) {
+                self.publish(cx, state, user, at, now);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- channel role
+
+    /// Handles a message of the stranger roles (see [`CellMessage`]).
+    pub(crate) fn handle(&mut self, cx: &mut Ctx<'_>, state: &GroupState, msg: CellMessage) {
+        match msg {
+            CellMessage::Publish {
+                cell,
+                user,
+                name,
+                at,
+                home,
+            } => {
+                let channel = self.channels.entry(cell).or_default();
+                if let Some(old) = channel.entries.get(&user) {
+                    if old.at.updated_at >= at.updated_at {
+                        return;
+                    }
+                    self.expiry
+                        .remove(&(old.at.updated_at.saturating_add(self.ttl), cell, user));
+                }
+                self.expiry
+                    .insert((at.updated_at.saturating_add(self.ttl), cell, user));
+                channel.entries.insert(
+                    user,
+                    Entry {
+                        name: name.clone(),
+                        at,
+                        home,
+                    },
+                );
+                for &l in &channel.listeners {
+                    cx.send(
+                        l,
+                        CellMessage::Seen {
+                            cell,
+                            user,
+                            name: name.clone(),
+                            at,
+                        },
+                    );
+                }
+            }
+            CellMessage::Retract { cell, user, ack } => self.drop_entry(cx, cell, user, ack),
+            CellMessage::Listen { cell, group } => {
+                let channel = self.channels.entry(cell).or_default();
+                channel.listeners.insert(group);
+                let entries = channel
+                    .entries
+                    .iter()
+                    .map(|(u, e)| (*u, e.name.clone(), e.at))
+                    .collect();
+                cx.send(group, CellMessage::Contents { cell, entries });
+            }
+            CellMessage::Unlisten { cell, group } => {
+                if let Some(channel) = self.channels.get_mut(&cell) {
+                    channel.listeners.remove(&group);
+                    if channel.listeners.is_empty() && channel.entries.is_empty() {
+                        self.channels.remove(&cell);
+                    }
+                }
+            }
+            CellMessage::Contents { cell, entries } => {
+                let Some(mirror) = self.mirrors.get_mut(&cell) else {
+                    return;
+                };
+                mirror.pending = false;
+                mirror.strangers = entries.into_iter().map(|(u, n, at)| (u, (n, at))).collect();
+                let listeners: Vec<UserId> = mirror.listeners.iter().copied().collect();
+                for l in listeners {
+                    self.refresh(cx, state, l);
+                }
+            }
+            CellMessage::Seen { cell, user, name, at } => {
+                let Some(mirror) = self.mirrors.get_mut(&cell) else {
+                    return;
+                };
+                if mirror
+                    .strangers
+                    .get(&user)
+                    .is_some_and(|(_, old)| old.updated_at >= at.updated_at)
+                {
+                    return;
+                }
+                mirror.strangers.insert(user, (name, at));
+                let listeners: Vec<UserId> = mirror.listeners.iter().copied().collect();
+                for l in listeners {
+                    self.seen(cx, state, l, user, at);
+                }
+            }
+            CellMessage::Unseen { cell, user, ack } => {
+                if let Some(mirror) = self.mirrors.get_mut(&cell) {
+                    mirror.strangers.remove(&user);
+                    let listeners: Vec<UserId> = mirror.listeners.iter().copied().collect();
+                    for l in listeners {
+                        if self
+                            .listeners
+                            .get(&l)
+                            .is_some_and(|v| v.shown.contains_key(&user))
+                        {
+                            self.refresh(cx, state, l);
+                        }
+                    }
+                }
+                if let Some(barrier) = ack {
+                    cx.outputs.push(Output::Send {
+                        to: barrier.group,
+                        msg: GroupMessage::RevokeAck { barrier },
+                    });
+                }
+            }
+        }
+    }
+
+    /// Removes `user` from channel `cell` and tells its listener groups; `ack` is relayed.
+    fn drop_entry(&mut self, cx: &mut Ctx<'_>, cell: u64, user: UserId, ack: Option<Barrier>) {
+        let listeners: Vec<GroupId> = match self.channels.get_mut(&cell) {
+            Some(channel) => {
+                if let Some(old) = channel.entries.remove(&user) {
+                    self.expiry
+                        .remove(&(old.at.updated_at.saturating_add(self.ttl), cell, user));
+                }
+                channel.listeners.iter().copied().collect()
+            }
+            None => Vec::new(),
+        };
+        let relay = ack.map(|upstream| {
+            let id = self.next_relay;
+            self.next_relay = self.next_relay.wrapping_add(1);
+            (id, upstream)
+        });
+        let mut pending = HashSet::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let ack = relay.map(|(id, _)| {
+                // One part per listener group, numbered within the relay.
+                let part = id.wrapping_mul(1 << 16).wrapping_add(i as u32);
+                pending.insert(part);
+                Barrier {
+                    group: self.group,
+                    index: RELAY_INDEX,
+                    part,
+                }
+            });
+            cx.send(l, CellMessage::Unseen { cell, user, ack });
+        }
+        if let Some((id, upstream)) = relay {
+            if pending.is_empty() {
+                cx.outputs.push(Output::Send {
+                    to: upstream.group,
+                    msg: GroupMessage::RevokeAck { barrier: upstream },
+                });
+            } else {
+                self.relays.insert(id, Relay { upstream, pending });
+            }
+        }
+    }
+
+    /// A listener group acknowledged part `part` of a relayed retraction.
+    pub(crate) fn relay_acked(&mut self, cx: &mut Ctx<'_>, part: u32) {
+        let id = part >> 16;
+        let Some(relay) = self.relays.get_mut(&id) else {
+            return;
+        };
+        relay.pending.remove(&part);
+        if relay.pending.is_empty() {
+            if let Some(relay) = self.relays.remove(&id) {
+                cx.outputs.push(Output::Send {
+                    to: relay.upstream.group,
+                    msg: GroupMessage::RevokeAck {
+                        barrier: relay.upstream,
+                    },
+                });
+            }
+        }
+    }
+
+    /// Expires channel entries not updated within the TTL (a publisher group that vanished).
+    pub(crate) fn expire(&mut self, cx: &mut Ctx<'_>, now: Millis) {
+        while let Some(&(at, cell, user)) = self.expiry.first() {
+            if at > now {
+                break;
+            }
+            self.drop_entry(cx, cell, user, None);
+        }
+    }
+
+    /// Group `group`'s leader changed: as a channel, forget what its users published (its new
+    /// leader could not retract it); as a listener, forget the cells it owns and listen again;
+    /// as a publisher, publish again in the cells it owns (the caller does, with
+    /// [`Strangers::republish`]).
+    pub(crate) fn leader_changed(&mut self, cx: &mut Ctx<'_>, state: &GroupState, group: GroupId) {
+        let stale: Vec<(u64, UserId)> = self
+            .channels
+            .iter()
+            .flat_map(|(cell, ch)| {
+                ch.entries
+                    .iter()
+                    .filter(|(_, e)| e.home == group)
+                    .map(move |(u, _)| (*cell, *u))
+            })
+            .collect();
+        for (cell, user) in stale {
+            self.drop_entry(cx, cell, user, None);
+        }
+        let cells: Vec<u64> = self
+            .mirrors
+            .keys()
+            .copied()
+            .filter(|c| cx.owner(*c) == Some(group))
+            .collect();
+        for cell in cells {
+            if let Some(mirror) = self.mirrors.get_mut(&cell) {
+                mirror.strangers.clear();
+                mirror.pending = true;
+                let listeners: Vec<UserId> = mirror.listeners.iter().copied().collect();
+                for l in listeners {
+                    self.refresh(cx, state, l);
+                }
+            }
+            cx.send(
+                group,
+                CellMessage::Listen {
+                    cell,
+                    group: self.group,
+                },
+            );
+        }
+    }
+
+    // ---------------------------------------------------------------- listener role
+
+    /// `viewer` (of this group) at `at` wants the strangers within `radius_m`, a page of `page`:
+    /// listens to the cells covering the radius. Returns whether the viewer waits for a
+    /// channel's first answer.
+    pub(crate) fn listen(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        state: &GroupState,
+        viewer: UserId,
+        at: LatLng,
+        radius_m: f64,
+        page: usize,
+    ) {
+        let cells = self.cover(at, radius_m);
+        let old = match self.listeners.get_mut(&viewer) {
+            Some(l) => {
+                l.at = at;
+                l.radius_m = radius_m;
+                l.page = l.page.max(page);
+                std::mem::replace(&mut l.cells, cells.clone())
+            }
+            None => {
+                self.listeners.insert(
+                    viewer,
+                    Listener {
+                        at,
+                        radius_m,
+                        cells: cells.clone(),
+                        shown: HashMap::new(),
+                        page,
+                    },
+                );
+                Vec::new()
+            }
+        };
+        if old != cells {
+            for cell in old.iter().filter(|c| !cells.contains(c)) {
+                self.leave_cell(cx, viewer, *cell);
+            }
+            for &cell in cells.iter().filter(|c| !old.contains(c)) {
+                let mirror = self.mirrors.entry(cell).or_insert_with(|| Mirror {
+                    pending: true,
+                    ..Mirror::default()
+                });
+                let first = mirror.listeners.is_empty();
+                mirror.listeners.insert(viewer);
+                if first {
+                    if let Some(to) = cx.owner(cell) {
+                        cx.send(
+                            to,
+                            CellMessage::Listen {
+                                cell,
+                                group: self.group,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.refresh(cx, state, viewer);
+    }
+
+    /// A listener moved: its cells and what it is shown follow.
+    pub(crate) fn moved(&mut self, cx: &mut Ctx<'_>, state: &GroupState, viewer: UserId, at: LatLng) {
+        if let Some(l) = self.listeners.get(&viewer) {
+            let (radius, page) = (l.radius_m, l.page);
+            self.listen(cx, state, viewer, at, radius, page);
+        }
+    }
+
+    /// Whether `viewer` still waits for a channel's first answer.
+    pub fn is_pending(&self, viewer: UserId) -> bool {
+        self.listeners.get(&viewer).is_some_and(|l| {
+            l.cells
+                .iter()
+                .any(|c| self.mirrors.get(c).is_some_and(|m| m.pending))
+        })
+    }
+
+    /// The viewer's session ended: it listens no more.
+    pub(crate) fn stop(&mut self, cx: &mut Ctx<'_>, viewer: UserId) {
+        if let Some(l) = self.listeners.remove(&viewer) {
+            for cell in l.cells {
+                self.leave_cell(cx, viewer, cell);
+            }
+        }
+    }
+
+    fn leave_cell(&mut self, cx: &mut Ctx<'_>, viewer: UserId, cell: u64) {
+        let Some(mirror) = self.mirrors.get_mut(&cell) else {
+            return;
+        };
+        mirror.listeners.remove(&viewer);
+        if mirror.listeners.is_empty() {
+            self.mirrors.remove(&cell);
+            if let Some(to) = cx.owner(cell) {
+                cx.send(
+                    to,
+                    CellMessage::Unlisten {
+                        cell,
+                        group: self.group,
+                    },
+                );
+            }
+        }
+    }
+
+    fn cover(&mut self, at: LatLng, radius_m: f64) -> Vec<u64> {
+        let cell = self.cells.cell_of(at);
+        let key = (u64::from(cell), radius_m.to_bits());
+        if let Some(c) = self.covers.get(&key) {
+            return c.clone();
+        }
+        let cover: Vec<u64> = match self.cells.cover(cell, radius_m) {
+            Ok(cells) => cells.into_iter().map(u64::from).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "no cover for a listener's radius; its own cell only");
+                vec![u64::from(cell)]
+            }
+        };
+        if self.covers.len() > 4_096 {
+            self.covers.clear();
+        }
+        self.covers.insert(key, cover.clone());
+        cover
+    }
+
+    /// Whether `viewer` may be shown `user` as a stranger: not itself, not a friend, not
+    /// someone it follows.
+    fn is_stranger(state: &GroupState, viewer: UserId, user: UserId) -> bool {
+        user != viewer
+            && state
+                .user(viewer)
+                .is_some_and(|r| !r.friends.contains(user) && !r.following.contains(user))
+    }
+
+    /// Every stranger in `viewer`'s radius with its exact distance, nearest first (ties by id).
+    fn candidates(&self, state: &GroupState, viewer: UserId) -> Vec<(f64, UserId)> {
+        let Some(l) = self.listeners.get(&viewer) else {
+            return Vec::new();
+        };
+        let mut seen = HashSet::new();
+        let mut out: Vec<(f64, UserId)> = l
+            .cells
+            .iter()
+            .filter_map(|c| self.mirrors.get(c))
+            .flat_map(|m| m.strangers.iter())
+            .filter(|(u, _)| seen.insert(**u) && Self::is_stranger(state, viewer, **u))
+            .map(|(u, (_, at))| (l.at.distance_m(&at.loc), *u))
+            .filter(|(d, _)| *d <= l.radius_m)
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        out
+    }
+
+    fn entry(&self, viewer: UserId, user: UserId) -> Option<(String, LatestLocation)> {
+        let l = self.listeners.get(&viewer)?;
+        l.cells
+            .iter()
+            .filter_map(|c| self.mirrors.get(c)?.strangers.get(&user))
+            .max_by_key(|(_, at)| at.updated_at)
+            .cloned()
+    }
+
+    fn stranger(&self, viewer: UserId, user: UserId, distance_m: f64) -> Option<Stranger> {
+        let (name, at) = self.entry(viewer, user)?;
+        let pseudonym = self.pseudonyms.as_ref()?.of(viewer, user);
+        Some(Stranger {
+            pseudonym,
+            name,
+            distance_m: rounded(distance_m),
+            updated_at: at.updated_at,
+        })
+    }
+
+    /// Recomputes `viewer`'s shown strangers from scratch; events for what changed.
+    fn refresh(&mut self, cx: &mut Ctx<'_>, state: &GroupState, viewer: UserId) {
+        let Some(page) = self.listeners.get(&viewer).map(|l| l.page) else {
+            return;
+        };
+        let now: Vec<(f64, UserId)> = self.candidates(state, viewer).into_iter().take(page).collect();
+        let keep: HashSet<UserId> = now.iter().map(|(_, u)| *u).collect();
+        let gone: Vec<(UserId, String)> = self.listeners[&viewer]
+            .shown
+            .iter()
+            .filter(|(u, _)| !keep.contains(u))
+            .map(|(u, (_, p))| (*u, p.clone()))
+            .collect();
+        for (user, pseudonym) in gone {
+            if let Some(l) = self.listeners.get_mut(&viewer) {
+                l.shown.remove(&user);
+            }
+            cx.push(viewer, Event::StrangerGone { pseudonym });
+        }
+        for (d, user) in now {
+            let changed = self.listeners[&viewer]
+                .shown
+                .get(&user)
+                .is_none_or(|(old, _)| rounded(*old) != rounded(d));
+            if let (true, Some(s)) = (changed, self.stranger(viewer, user, d)) {
+                if let Some(l) = self.listeners.get_mut(&viewer) {
+                    l.shown.insert(user, (d, s.pseudonym.clone()));
+                }
+                cx.push(viewer, Event::StrangerNearby(s));
+            }
+        }
+    }
+
+    /// `user` moved to `at` in a cell `viewer` listens to: shown, moved, replaced or ignored.
+    fn seen(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        state: &GroupState,
+        viewer: UserId,
+        user: UserId,
+        at: LatestLocation,
+    ) {
+        let Some(l) = self.listeners.get(&viewer) else {
+            return;
+        };
+        if !Self::is_stranger(state, viewer, user) {
+            return;
+        }
+        let d = l.at.distance_m(&at.loc);
+        let inside = d <= l.radius_m;
+        let farthest = l.shown.values().map(|(d, _)| *d).fold(0.0, f64::max);
+        let shown = l.shown.contains_key(&user);
+        let fits = l.shown.len() < l.page || d < farthest;
+        match (shown, inside) {
+            // Left the radius: the next nearest takes its place.
+            (true, false) => self.refresh(cx, state, viewer),
+            (true, true) => {
+                if let Some(s) = self.stranger(viewer, user, d) {
+                    if let Some(l) = self.listeners.get_mut(&viewer) {
+                        l.shown.insert(user, (d, s.pseudonym.clone()));
+                    }
+                    cx.push(viewer, Event::StrangerNearby(s));
+                }
+            }
+            (false, true) if fits => self.refresh(cx, state, viewer),
+            (false, _) => {}
+        }
+    }
+
+    /// The nearest `size` strangers of `viewer` and how many more are in range.
+    pub fn page(&self, state: &GroupState, viewer: UserId, size: usize) -> (Vec<Stranger>, u32) {
+        let all = self.candidates(state, viewer);
+        let more = all.len().saturating_sub(size);
+        let page = all
+            .into_iter()
+            .take(size)
+            .filter_map(|(d, u)| self.stranger(viewer, u, d))
+            .collect();
+        (page, u32::try_from(more).unwrap_or(u32::MAX))
+    }
+
+    /// Channels owned and listened to, entries held: for metrics and tests.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let entries = self.channels.values().map(|c| c.entries.len()).sum();
+        (self.channels.len(), self.mirrors.len(), entries)
+    }
+}
+
+/// A cell id's owner group among `ranges`.
+pub fn owner_of(ranges: &Arc<RangeTable<GroupId>>, cell: CellIndex) -> Option<GroupId> {
+    ranges.locate(cell_key(u64::from(cell))).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distances_are_rounded_up_to_the_step_and_never_finer() {
+        assert_eq!(rounded(0.0), 500);
+        assert_eq!(rounded(1.0), 500);
+        assert_eq!(rounded(500.0), 500);
+        assert_eq!(rounded(500.1), 1_000);
+        assert_eq!(rounded(7_999.0), 8_000);
+        for d in [3.0, 777.7, 1_234.5, 4_999.9] {
+            assert_eq!(rounded(d) % STRANGER_STEP_M, 0);
+            assert!(f64::from(rounded(d)) >= d);
+        }
+    }
+
+    #[test]
+    fn pseudonyms_are_stable_per_viewer_and_unrelated_across_viewers() {
+        let p = Pseudonyms::new(b"cluster secret");
+        let again = Pseudonyms::new(b"cluster secret");
+        assert_eq!(p.of(1, 42), again.of(1, 42), "not stable across nodes");
+        assert_ne!(p.of(1, 42), p.of(2, 42), "two viewers get the same pseudonym");
+        assert_ne!(p.of(1, 42), p.of(1, 43));
+        assert_ne!(p.of(1, 42), Pseudonyms::new(b"another cluster").of(1, 42));
+        let s = p.of(1, 42);
+        assert_eq!(s.len(), 16);
+        assert!(
+            s.bytes()
+                .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b)),
+            "{s}"
+        );
+        assert!(!s.contains("42"));
+    }
+
+    #[test]
+    fn neighbouring_cells_land_on_different_owners() {
+        let ranges = RangeTable::new(
+            nearby_raft::meta::initial_ranges(8)
+                .into_iter()
+                .map(|(g, r)| (r, g))
+                .collect(),
+        )
+        .expect("ranges");
+        let indexer = CellIndexer::default();
+        let berlin = indexer.cell_of(LatLng::new(52.52, 13.405).expect("ll"));
+        let cover = indexer.cover(berlin, 8_000.0).expect("cover");
+        let owners: HashSet<GroupId> = cover
+            .iter()
+            .filter_map(|c| ranges.locate(cell_key(u64::from(*c))).copied())
+            .collect();
+        assert!(owners.len() >= 5, "a city's {} cells on {owners:?}", cover.len());
+    }
+}

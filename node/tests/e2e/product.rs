@@ -1,0 +1,391 @@
+//! The product beyond friends, over QUIC on one node: followers (one-way sharing) and ghost
+//! mode with a timer that ends by itself.
+
+use std::time::Duration;
+
+use nearby_client::proto::{ErrorCode, Event, GhostMode, GoneReason, Relation, GHOST_FOREVER};
+use nearby_client::ClientError;
+use nearby_node::api::Backend;
+
+use crate::util::{uid, TestNode, Viewer};
+
+const A: (f64, f64) = (52.5200, 13.4050);
+const B: (f64, f64) = (52.5470, 13.4050);
+
+fn code(e: ClientError) -> ErrorCode {
+    match e {
+        ClientError::Server(body) => body.code,
+        other => panic!("expected a node error, got {other}"),
+    }
+}
+
+/// Moves `probe` and waits for `viewer`'s event about it: every event about anyone else that
+/// was sent before would have arrived first (one session's events are ordered).
+async fn nothing_before_probe(viewer: &mut Viewer, probe: &Viewer, lon: f64) {
+    probe.at(B.0, lon).await;
+    viewer.next_about(probe.user).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_sees_the_followed_who_does_not_see_back_and_revoking_stops_it_at_once() {
+    let node = TestNode::start().await;
+    let (ann, bob, pa, pb) = (uid(0, 40), uid(3, 40), uid(1, 40), uid(2, 40));
+    for u in [ann, bob] {
+        node.core.ensure_registered(u).await.expect("register");
+    }
+    // A probe friend each, to show that nothing else came first.
+    node.befriend(ann, pa).await;
+    node.befriend(bob, pb).await;
+    let mut a = node.client(ann).await;
+    let mut b = node.client(bob).await;
+    let (pa, pb) = (node.client(pa).await, node.client(pb).await);
+    a.at(A.0, A.1).await;
+    b.at(B.0, B.1).await;
+    pa.at(B.0, B.1 + 0.01).await;
+    pb.at(B.0, B.1 + 0.02).await;
+    a.next_about(pa.user).await;
+    b.next_about(pb.user).await;
+
+    // ann lets bob follow: bob sees ann at once, ann sees nothing of bob.
+    a.client.allow_follower(bob).await.expect("allow");
+    assert!(matches!(b.next_about(ann).await, Event::FriendEntered(_)));
+    let page = b.client.list_nearby(None, None).await.expect("list");
+    let entry = page.friends.iter().find(|f| f.id == ann).expect("ann listed");
+    assert_eq!(entry.relation, Relation::Following);
+    a.at(A.0 + 0.001, A.1).await;
+    assert!(matches!(b.next_about(ann).await, Event::FriendMoved(_)));
+    b.at(B.0 + 0.001, B.1).await;
+    nothing_before_probe(&mut a, &pa, B.1 + 0.011).await;
+    let ann_sees = a.client.list_nearby(None, None).await.expect("list");
+    assert!(ann_sees.friends.iter().all(|f| f.id != bob), "{ann_sees:?}");
+    // Both lists say who follows whom.
+    let rel = |list: &nearby_client::proto::FriendList, id| {
+        list.entries
+            .iter()
+            .filter(|e| e.id == id)
+            .map(|e| e.relation)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        rel(&a.client.list_friends().await.expect("list"), bob),
+        vec![Relation::Follower]
+    );
+    assert_eq!(
+        rel(&b.client.list_friends().await.expect("list"), ann),
+        vec![Relation::Following]
+    );
+
+    // Revoked: gone at once; ann's moves no longer reach bob.
+    a.client.revoke_follower(bob).await.expect("revoke");
+    assert!(matches!(
+        b.next_about(ann).await,
+        Event::FriendGone {
+            reason: GoneReason::Unfriended,
+            ..
+        }
+    ));
+    a.at(A.0 + 0.002, A.1).await;
+    nothing_before_probe(&mut b, &pb, B.1 + 0.021).await;
+
+    // Allowed again; this time bob stops following by himself.
+    a.client.allow_follower(bob).await.expect("allow");
+    assert!(matches!(b.next_about(ann).await, Event::FriendEntered(_)));
+    b.client.unfollow(ann).await.expect("unfollow");
+    assert!(matches!(b.next_about(ann).await, Event::FriendGone { .. }));
+    a.at(A.0 + 0.003, A.1).await;
+    nothing_before_probe(&mut b, &pb, B.1 + 0.022).await;
+    assert!(rel(&a.client.list_friends().await.expect("list"), bob).is_empty());
+
+    // Bad input changes nothing.
+    assert_eq!(
+        code(a.client.allow_follower(ann).await.expect_err("self")),
+        ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        code(a.client.allow_follower(uid(2, 999)).await.expect_err("unknown")),
+        ErrorCode::UnknownUser
+    );
+    assert_eq!(
+        code(a.client.allow_follower(0).await.expect_err("zero")),
+        ErrorCode::InvalidArgument
+    );
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ghost_mode_hides_at_once_and_a_timed_one_ends_by_itself() {
+    let node = TestNode::start().await;
+    let (ann, bob, probe) = (uid(0, 41), uid(3, 41), uid(1, 41));
+    node.befriend(ann, bob).await;
+    node.befriend(ann, probe).await;
+    let mut a = node.client(ann).await;
+    let b = node.client(bob).await;
+    let p = node.client(probe).await;
+    a.at(A.0, A.1).await;
+    b.at(B.0, B.1).await;
+    p.at(B.0, B.1 + 0.01).await;
+    a.next_about(bob).await;
+    a.next_about(probe).await;
+
+    // For a minute: hidden at once, moves not sent.
+    let before = node.core.now();
+    let until = b
+        .client
+        .set_ghost(GhostMode::For { seconds: 60 })
+        .await
+        .expect("ghost");
+    let until = until.expect("ghost on");
+    assert_eq!(until.0, before.0 + 60_000, "the node's clock did not move");
+    assert!(matches!(
+        a.next_about(bob).await,
+        Event::FriendGone {
+            reason: GoneReason::Hidden,
+            ..
+        }
+    ));
+    assert_eq!(
+        b.client.list_friends().await.expect("list").ghost_until,
+        Some(until)
+    );
+    b.at(B.0 + 0.001, B.1).await;
+    nothing_before_probe(&mut a, &p, B.1 + 0.011).await;
+    // Still hidden just before the end.
+    node.clock.advance(Duration::from_secs(59));
+    b.at(B.0 + 0.002, B.1).await;
+    nothing_before_probe(&mut a, &p, B.1 + 0.012).await;
+    // The minute is up: bob is back without anyone acting (bob does not move).
+    node.clock.advance(Duration::from_secs(2));
+    match a.next_about(bob).await {
+        Event::FriendEntered(pos) => assert!((pos.at.lat - (B.0 + 0.002)).abs() < 1e-9, "{pos:?}"),
+        e => panic!("expected bob back, got {e:?}"),
+    }
+    assert_eq!(b.client.list_friends().await.expect("list").ghost_until, None);
+
+    // Until turned off.
+    assert_eq!(
+        b.client.set_ghost(GhostMode::On).await.expect("ghost"),
+        Some(GHOST_FOREVER)
+    );
+    assert!(matches!(a.next_about(bob).await, Event::FriendGone { .. }));
+    node.clock.advance(Duration::from_secs(300));
+    b.at(B.0 + 0.003, B.1).await;
+    nothing_before_probe(&mut a, &p, B.1 + 0.013).await;
+    assert_eq!(b.client.set_ghost(GhostMode::Off).await.expect("off"), None);
+    assert!(matches!(a.next_about(bob).await, Event::FriendEntered(_)));
+    // A timed one turned off before its end.
+    b.client
+        .set_ghost(GhostMode::For { seconds: 5_400 })
+        .await
+        .expect("ghost");
+    assert!(matches!(a.next_about(bob).await, Event::FriendGone { .. }));
+    assert_eq!(b.client.set_ghost(GhostMode::Off).await.expect("off"), None);
+    assert!(matches!(a.next_about(bob).await, Event::FriendEntered(_)));
+
+    // Durations out of range are refused and change nothing.
+    for seconds in [0, nearby_client::proto::MAX_GHOST_S + 1] {
+        let e = b
+            .client
+            .set_ghost(GhostMode::For { seconds })
+            .await
+            .expect_err("refused");
+        assert_eq!(code(e), ErrorCode::InvalidArgument);
+    }
+    assert_eq!(b.client.list_friends().await.expect("list").ghost_until, None);
+    node.stop().await;
+}
+
+/// Two points 600 m apart in Berlin on either side of an H3 cell border (the resolution
+/// strangers' channels use), west first.
+fn across_a_cell_border() -> ((f64, f64), (f64, f64)) {
+    use nearby_index::cells::CellIndexer;
+    use nearby_index::geo::LatLng;
+    let cells = CellIndexer::default();
+    let cell = |lon: f64| cells.cell_of(LatLng::new(A.0, lon).expect("ll"));
+    let mut lon = A.1;
+    let start = cell(lon);
+    while cell(lon) == start {
+        lon += 0.000_1;
+    }
+    // ~68 m per 0.001° of longitude at this latitude: 300 m either side of the border.
+    let (west, east) = ((A.0, lon - 0.004_4), (A.0, lon + 0.004_4));
+    assert_ne!(cell(west.1), cell(east.1), "not across a border");
+    (west, east)
+}
+
+/// Asserts that nothing in `bytes` (an encoded message the viewer received) names `user`.
+fn names_nobody(bytes: &[u8], user: u64) {
+    let id = user.to_le_bytes();
+    assert!(
+        !bytes.windows(8).any(|w| w == id),
+        "user {user}'s id reached a viewer: {bytes:02x?}"
+    );
+}
+
+async fn strangers(v: &Viewer) -> nearby_client::proto::StrangerPage {
+    v.client.list_strangers(None).await.expect("strangers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_across_a_cell_border_are_seen_under_pseudonyms_and_never_with_ids_or_fine_distances() {
+    use nearby_client::proto::{frame, Response, StrangerPage};
+    let node = TestNode::start().await;
+    let (west, east) = across_a_cell_border();
+    // vic and val look; sam is discoverable; fay is vic's friend and discoverable; ned is not
+    // discoverable; gus is discoverable but a ghost.
+    let (vic, val, sam, fay, ned, gus) = (
+        uid(0, 50),
+        uid(1, 50),
+        uid(2, 50),
+        uid(3, 50),
+        uid(0, 51),
+        uid(1, 51),
+    );
+    node.befriend(vic, fay).await;
+    for u in [val, sam, ned, gus] {
+        node.core.ensure_registered(u).await.expect("register");
+    }
+    let mut v1 = node.client(vic).await;
+    let v2 = node.client(val).await;
+    let s = node.client(sam).await;
+    let f = node.client(fay).await;
+    let n = node.client(ned).await;
+    let g = node.client(gus).await;
+    for who in [&s, &f, &g] {
+        who.client.set_discoverable(true).await.expect("discoverable");
+    }
+    g.client.set_ghost(GhostMode::On).await.expect("ghost");
+    v1.at(west.0, west.1).await;
+    v2.at(west.0, west.1 - 0.001).await;
+    s.at(east.0, east.1).await;
+    f.at(east.0, east.1 + 0.000_5).await;
+    n.at(east.0, east.1 + 0.001).await;
+    g.at(east.0, east.1 + 0.001_5).await;
+
+    // vic sees sam, across the border, and not his friend fay (shown as a friend instead), nor
+    // ned (not discoverable) nor gus (a ghost).
+    let page = strangers(&v1).await;
+    assert_eq!(page.strangers.len(), 1, "{page:?}");
+    assert_eq!(page.more, 0);
+    let seen = &page.strangers[0];
+    assert_eq!(seen.name, format!("user {sam}"));
+    // 600 m apart: rounded up to 1,000 m, never finer.
+    assert_eq!(seen.distance_m, 1_000, "{seen:?}");
+    // val sees sam and fay, under pseudonyms of her own.
+    let page2 = strangers(&v2).await;
+    assert_eq!(page2.strangers.len(), 2, "{page2:?}");
+    let sam_for_val = page2
+        .strangers
+        .iter()
+        .find(|x| x.name == format!("user {sam}"))
+        .expect("sam");
+    assert_ne!(
+        sam_for_val.pseudonym, seen.pseudonym,
+        "two viewers got one pseudonym"
+    );
+    // The pseudonym is stable: asked again, the same.
+    assert_eq!(strangers(&v1).await.strangers[0].pseudonym, seen.pseudonym);
+
+    // Live: sam moves and vic is told; then sam stops being discoverable: gone at once.
+    s.at(east.0, east.1 + 0.000_1).await;
+    let mut received: Vec<Vec<u8>> = Vec::new();
+    let wait_for = |want: &'static str| {
+        move |e: &Event| match e {
+            Event::StrangerNearby(_) => want == "nearby",
+            Event::StrangerGone { .. } => want == "gone",
+            _ => false,
+        }
+    };
+    let moved = loop {
+        let e = v1.next().await;
+        received.push(frame::to_bytes(&e).expect("encode"));
+        if wait_for("nearby")(&e) {
+            break e;
+        }
+    };
+    assert!(matches!(&moved, Event::StrangerNearby(x) if x.pseudonym == seen.pseudonym));
+    s.client.set_discoverable(false).await.expect("off");
+    let gone = loop {
+        let e = v1.next().await;
+        received.push(frame::to_bytes(&e).expect("encode"));
+        if wait_for("gone")(&e) {
+            break e;
+        }
+    };
+    assert_eq!(
+        gone,
+        Event::StrangerGone {
+            pseudonym: seen.pseudonym.clone()
+        }
+    );
+    assert!(strangers(&v1).await.strangers.is_empty());
+    // Discoverable again, then a ghost: gone again.
+    s.client.set_discoverable(true).await.expect("on");
+    s.at(east.0, east.1).await;
+    assert_eq!(strangers(&v1).await.strangers.len(), 1);
+    s.client
+        .set_ghost(GhostMode::For { seconds: 600 })
+        .await
+        .expect("ghost");
+    assert!(strangers(&v1).await.strangers.is_empty());
+
+    // Every byte that reached the viewers: no id of anyone they only know as a stranger (fay
+    // is vic's friend: her events name her), distances on the 500 m grid.
+    for bytes in &received {
+        for who in [sam, ned, gus] {
+            names_nobody(bytes, who);
+        }
+    }
+    let pages: Vec<StrangerPage> = vec![page, page2, strangers(&v1).await, strangers(&v2).await];
+    for p in &pages {
+        let bytes = frame::to_bytes(&Response::Strangers(p.clone())).expect("encode");
+        for who in [sam, fay, ned, gus] {
+            names_nobody(&bytes, who);
+        }
+        assert!(p.strangers.iter().all(|x| x.distance_m % 500 == 0), "{p:?}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowded_cell_gives_the_nearest_page_and_a_count_and_inactive_strangers_go() {
+    let node = TestNode::start().await;
+    let viewer = uid(0, 60);
+    node.core.ensure_registered(viewer).await.expect("register");
+    let v = node.client(viewer).await;
+    v.at(A.0, A.1).await;
+    // 30 strangers in a stadium 1–4 km north, spread over the groups.
+    let mut crowd = Vec::new();
+    for i in 0..30u64 {
+        let user = uid((i % 4) as usize, 100 + i);
+        node.core.ensure_registered(user).await.expect("register");
+        let c = node.client(user).await;
+        c.client.set_discoverable(true).await.expect("discoverable");
+        c.at(A.0 + 0.01 + 0.001 * i as f64, A.1).await;
+        crowd.push(c);
+    }
+    let page = v.client.list_strangers(Some(5)).await.expect("page");
+    assert_eq!(page.strangers.len(), 5);
+    assert_eq!(page.more, 25);
+    let d: Vec<u32> = page.strangers.iter().map(|s| s.distance_m).collect();
+    assert!(d.windows(2).all(|w| w[0] <= w[1]), "not nearest first: {d:?}");
+    assert_eq!(page.strangers[0].name, format!("user {}", uid(0, 100)));
+
+    // Ten minutes without an update: everyone but the viewer (who keeps updating) goes.
+    node.clock.advance(Duration::from_secs(9 * 60));
+    v.at(A.0, A.1).await;
+    node.clock.advance(Duration::from_secs(61));
+    v.at(A.0, A.1).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = v.client.list_strangers(Some(5)).await.expect("page");
+        if page.strangers.is_empty() && page.more == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "inactive strangers still listed: {page:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.stop().await;
+}

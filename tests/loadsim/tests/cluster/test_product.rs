@@ -1,0 +1,139 @@
+//! The product beyond friends on three processes: a ghost timer that ends by itself on the
+//! node that leads the group after its first leader was killed, and strangers seen and
+//! retracted across nodes.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nearby_client::proto::{Event, GhostMode};
+use nearby_client::ClientError;
+use nearby_loadsim::cluster::ProcessCluster;
+
+use crate::util::{befriend, cluster, viewer, Viewer};
+
+const A: (f64, f64) = (52.5200, 13.4050);
+const B: (f64, f64) = (52.5470, 13.4050);
+
+/// Two shard groups led by different nodes.
+fn groups_on_two_nodes(c: &ProcessCluster) -> (u64, u64) {
+    let groups = c.shard_groups();
+    for &g in &groups {
+        for &h in &groups {
+            if g != h && c.leader(g) != c.leader(h) {
+                return (g, h);
+            }
+        }
+    }
+    panic!("every group is led by one node: {:?}", c.map());
+}
+
+/// Retries `call` while the cluster is between leaders.
+async fn retrying<T, F: std::future::Future<Output = Result<T, ClientError>>>(
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ghost_timer_ends_by_itself_after_a_leader_change_and_strangers_cross_nodes() {
+    let (mut c, _dir) = cluster(3, 3).await;
+    let (ga, gc) = groups_on_two_nodes(&c);
+    let (ann, carl) = (c.user_in(ga, 11).expect("user"), c.user_in(gc, 12).expect("user"));
+
+    // --- strangers across nodes: carl (discoverable) is seen by ann, then retracted at once.
+    let mut a = viewer(&c, ann).await;
+    let cl = viewer(&c, carl).await;
+    a.at(A.0, A.1).await;
+    cl.at(B.0, B.1).await;
+    retrying("discoverable", || cl.client.set_discoverable(true)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let seen = loop {
+        let page = retrying("strangers", || a.client.list_strangers(None)).await;
+        if let Some(s) = page.strangers.first() {
+            break s.clone();
+        }
+        assert!(Instant::now() < deadline, "carl never seen as a stranger");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(seen.name, format!("user {carl}"));
+    assert_eq!(seen.distance_m, 3_500, "3.0 km rounds up to 3.5 km: {seen:?}");
+    retrying("discoverable off", || cl.client.set_discoverable(false)).await;
+    // Acknowledged: the retraction reached ann's node first.
+    let gone = a
+        .expect_about_stranger(&seen.pseudonym, Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        gone,
+        Event::StrangerGone {
+            pseudonym: seen.pseudonym.clone()
+        }
+    );
+    let page = retrying("strangers", || a.client.list_strangers(None)).await;
+    assert!(page.strangers.is_empty(), "{page:?}");
+
+    // --- a timed ghost mode outlives its group's leader.
+    befriend(&a, &cl).await;
+    a.expect_about(carl, Duration::from_secs(10), |e| matches!(e, Event::FriendEntered(_)))
+        .await;
+    let until = retrying("ghost", || cl.client.set_ghost(GhostMode::For { seconds: 15 }))
+        .await
+        .expect("ghost on");
+    a.expect_about(carl, Duration::from_secs(5), |e| matches!(e, Event::FriendGone { .. }))
+        .await;
+    let victim = c.leader(gc).expect("leader") as u8;
+    assert_ne!(c.leader(ga), Some(u64::from(victim)));
+    c.kill(victim);
+    c.wait_map(
+        "a new leader for carl's group",
+        Duration::from_secs(20),
+        |m| m.leader(gc).is_some_and(|l| l != u64::from(victim)),
+    )
+    .await
+    .expect("a new leader");
+    // carl's client comes back by itself; its location reaches the new leader (a phone sends
+    // one at the next cadence anyway). From here on nobody acts.
+    cl.at(B.0, B.1).await;
+    assert!(
+        now_ms() + 2_000 < until.0,
+        "the failover took too long to show anything: the ghost mode is almost over"
+    );
+    let back = a
+        .expect_about(carl, Duration::from_secs(30), |e| matches!(e, Event::FriendEntered(_)))
+        .await;
+    let at = now_ms();
+    assert!(at + 500 >= until.0, "carl was back {} ms before his ghost mode ended: {back:?}", until.0 - at);
+}
+
+impl Viewer {
+    /// Waits for the next event about the stranger `pseudonym`, skipping others.
+    async fn expect_about_stranger(&mut self, pseudonym: &str, within: Duration) -> Event {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_within(left).await {
+                Some(e) if e.stranger() == Some(pseudonym) && matches!(e, Event::StrangerGone { .. }) => {
+                    return e
+                }
+                Some(e) => seen.push(e),
+                None => break,
+            }
+        }
+        panic!("user {}: no StrangerGone for {pseudonym} within {within:?}; saw {seen:?}", self.user);
+    }
+}
