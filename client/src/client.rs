@@ -36,8 +36,8 @@ use crate::config::ClientConfig;
 use crate::connection::{self, Dialer, FrameReader, Link, OPENING_ID};
 use crate::error::ClientError;
 use crate::proto::{
-    Coord, Event, FriendList, GhostMode, NearbyPage, Outcome, Request, RequestFrame, RequestId, Response,
-    ResponseFrame, SessionInfo, StrangerPage, PROTOCOL_VERSION,
+    Coord, Event, FriendList, GhostMode, HistoryPage, NearbyPage, Outcome, Request, RequestFrame, RequestId,
+    Response, ResponseFrame, SessionInfo, StrangerPage, PROTOCOL_VERSION,
 };
 use crate::{tls, LatLng, Millis, UserId};
 
@@ -319,6 +319,31 @@ impl Client {
         }
     }
 
+    /// The user's own location history with `since <= recorded_at < until` (`None`: from the
+    /// beginning / until now), oldest first, at most `limit` points (1,000 at most); `more` says
+    /// whether to ask again from the last point's time + 1.
+    pub async fn read_history(
+        &self,
+        since: Option<Millis>,
+        until: Option<Millis>,
+        limit: Option<u32>,
+    ) -> Result<HistoryPage, ClientError> {
+        match self.call(Request::ReadHistory { since, until, limit }).await? {
+            Response::History(page) => Ok(page),
+            other => Err(unexpected("ReadHistory", other)),
+        }
+    }
+
+    /// Deletes all of the user's location history, from every node's disk.
+    pub async fn delete_history(&self) -> Result<Outcome, ClientError> {
+        self.change(Request::DeleteHistory).await
+    }
+
+    /// Turns recording of the user's location history on or off.
+    pub async fn set_history(&self, on: bool) -> Result<Outcome, ClientError> {
+        self.change(Request::SetHistory { on }).await
+    }
+
     /// Checks the connection; returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let start = Instant::now();
@@ -398,6 +423,9 @@ fn request_name(request: &Request) -> &'static str {
         Request::RevokeFollower { .. } => "RevokeFollower",
         Request::Unfollow { .. } => "Unfollow",
         Request::ListStrangers { .. } => "ListStrangers",
+        Request::ReadHistory { .. } => "ReadHistory",
+        Request::DeleteHistory => "DeleteHistory",
+        Request::SetHistory { .. } => "SetHistory",
     }
 }
 

@@ -189,6 +189,18 @@ pub trait Backend: Send + Sync + 'static {
     /// The user's relations.
     fn friends(&self, user: UserId) -> impl Future<Output = Result<FriendList, ServiceError>> + Send;
 
+    /// `user`'s own location history with `since <= at < until`, oldest first, at most `limit`.
+    fn read_history(
+        &self,
+        user: UserId,
+        since: Millis,
+        until: Millis,
+        limit: usize,
+    ) -> impl Future<Output = Result<proto::HistoryPage, ServiceError>> + Send;
+
+    /// Deletes all of `user`'s location history (committed, then purged from every node).
+    fn delete_history(&self, user: UserId) -> impl Future<Output = Result<(), ServiceError>> + Send;
+
     /// The nearest strangers of `user` (who listens to them from then on in this session).
     fn strangers(
         &self,

@@ -33,6 +33,11 @@
 //! shed = true                    # refuse a share of periodic updates when overloaded
 //! shed_cpu_percent = 90          # ... above this CPU use of the node's cores
 //! shed_lag_ms = 20               # ... or above this scheduling lag
+//!
+//! [history]                      # users' location history (`crate::history`)
+//! enabled = true
+//! max_age_days = 30              # older records are deleted (whole segments)
+//! max_mb = 10240                 # this node's history on disk, all groups together
 //! ```
 
 use std::net::SocketAddr;
@@ -114,6 +119,56 @@ pub struct NodeConfig {
     /// Overload limits.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Location history.
+    #[serde(default)]
+    pub history: HistorySection,
+}
+
+/// `[history]`: what this node keeps of its users' past locations (`crate::history`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySection {
+    /// Record accepted locations at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Delete records older than this many days (whole segments).
+    #[serde(default = "default_history_days")]
+    pub max_age_days: u32,
+    /// What this node's history may take on disk, all groups together, in MiB.
+    #[serde(default = "default_history_mb")]
+    pub max_mb: u64,
+}
+
+impl Default for HistorySection {
+    fn default() -> Self {
+        HistorySection {
+            enabled: true,
+            max_age_days: default_history_days(),
+            max_mb: default_history_mb(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_history_days() -> u32 {
+    30
+}
+fn default_history_mb() -> u64 {
+    10 * 1024
+}
+
+impl HistorySection {
+    /// As the node's history settings.
+    pub fn config(&self) -> crate::history::HistoryConfig {
+        crate::history::HistoryConfig {
+            enabled: self.enabled,
+            max_age: Duration::from_secs(u64::from(self.max_age_days) * 24 * 3600),
+            max_bytes: self.max_mb.saturating_mul(1 << 20),
+            ..Default::default()
+        }
+    }
 }
 
 /// `[limits]`.
@@ -344,6 +399,15 @@ impl NodeConfig {
                 "advertise",
                 "required when listening on all addresses: the host peers and clients reach this node at",
             ));
+        }
+        if self.history.max_age_days == 0 {
+            return Err(field(
+                "history.max_age_days",
+                "must be at least 1 (or set history.enabled = false)",
+            ));
+        }
+        if self.history.max_mb < 16 {
+            return Err(field("history.max_mb", "must be at least 16"));
         }
         for seed in &self.cluster.join {
             if !seed.contains(':') {

@@ -33,8 +33,9 @@ use crate::api::{
 use crate::clock::Clock;
 use crate::group::driver::ACK_WAIT;
 use crate::group::{DriverHandle, Drivers, GroupMsg};
+use crate::history::History;
 use crate::queue::CloseReason;
-use crate::route::peer::{ReadAnswer, ReadQuery};
+use crate::route::peer::{HistoryOp, PeerRequest, PeerResponse, ReadAnswer, ReadQuery};
 use crate::route::router::Router;
 use crate::service::overload::TokenBucket;
 use crate::sessions::Sessions;
@@ -57,6 +58,7 @@ pub struct Gateway {
     clock: Arc<dyn Clock>,
     config: ServiceConfig,
     admission: Mutex<TokenBucket>,
+    history: Arc<History>,
 }
 
 fn not_served(user: UserId) -> ServiceError {
@@ -91,6 +93,7 @@ impl Gateway {
         clock: Arc<dyn Clock>,
         config: ServiceConfig,
         sessions_per_s: u32,
+        history: Arc<History>,
     ) -> Self {
         Gateway {
             router,
@@ -99,6 +102,7 @@ impl Gateway {
             clock,
             config,
             admission: Mutex::new(TokenBucket::new(sessions_per_s)),
+            history,
         }
     }
 
@@ -278,7 +282,122 @@ impl Gateway {
             sharing: record.sharing,
             discoverable: record.discoverable,
             ghost_until: record.ghost_until.filter(|until| *until > now),
+            history: !record.history_off && self.history.enabled(),
         })
+    }
+
+    /// `user`'s history: this node's part of their home group's store and every other replica
+    /// node's, merged, without what the user deleted (see [`crate::history`]).
+    pub async fn read_history(
+        &self,
+        user: UserId,
+        since: Millis,
+        until: Millis,
+        limit: usize,
+    ) -> Result<proto::HistoryPage, ServiceError> {
+        let group = self.home(user)?;
+        let d = self.driver(user)?;
+        let cleared = d
+            .group()
+            .read_linearizable(|s| s.user(user).map(|r| r.history_cleared))
+            .await?
+            .ok_or_else(|| ServiceError::new(ErrorCode::UnknownUser, format!("unknown user {user}")))?;
+        let since = match cleared {
+            Some(c) => since.max(Millis(c.0.saturating_add(1))),
+            None => since,
+        };
+        let limit = limit.clamp(1, proto::MAX_HISTORY_PAGE as usize);
+        let failed = |e: nearby_history::HistoryError| {
+            tracing::warn!(group, user, error = %e, "history read failed");
+            ServiceError::unavailable("the history store of this node cannot be read")
+        };
+        let mut points: Vec<(Millis, f64, f64)> = self
+            .history
+            .read(group, user, since, until, limit + 1)
+            .await
+            .map_err(failed)?
+            .into_iter()
+            .map(|r| (Millis(r.at_ms), r.lat, r.lon))
+            .collect();
+        let op = HistoryOp::Read {
+            since,
+            until,
+            limit: (limit + 1) as u32,
+        };
+        let mut complete = true;
+        for (node, answer) in self.ask_replicas(group, user, op).await {
+            match answer {
+                Ok(PeerResponse::History(more)) => points.extend(more),
+                other => {
+                    tracing::debug!(group, node, ?other, "a node's part of a history is unavailable");
+                    complete = false;
+                }
+            }
+        }
+        points.sort_by_key(|p| p.0);
+        points.dedup_by_key(|p| p.0);
+        let more = points.len() > limit;
+        points.truncate(limit);
+        Ok(proto::HistoryPage {
+            points: points
+                .into_iter()
+                .map(|(at, lat, lon)| proto::HistoryPoint {
+                    at: Coord { lat, lon },
+                    recorded_at: at,
+                })
+                .collect(),
+            more,
+            complete,
+        })
+    }
+
+    /// Asks every other node holding a replica of `group` to do `op` on its part of `user`'s
+    /// history, at once.
+    async fn ask_replicas(
+        &self,
+        group: GroupId,
+        user: UserId,
+        op: HistoryOp,
+    ) -> Vec<(
+        nearby_raft::NodeId,
+        Result<PeerResponse, crate::route::peer::PeerError>,
+    )> {
+        let directory = self.router.directory();
+        let others: Vec<nearby_raft::NodeId> = directory
+            .view()
+            .map
+            .groups
+            .get(&group)
+            .map(|g| g.replicas().filter(|n| *n != directory.me()).collect())
+            .unwrap_or_default();
+        let asks = others.into_iter().map(|node| {
+            let req = PeerRequest::History { group, user, op };
+            let peers = self.router.peers();
+            async move { (node, peers.call(node, &req).await) }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Deletes all of `user`'s history: the deletion is committed in the user's group (from
+    /// then on nothing recorded before it is served, whatever happens), then every node holding
+    /// a replica purges its files. A node that cannot be reached purges when it next leads the
+    /// group (see [`crate::history::History::reconcile`]).
+    pub async fn delete_history(&self, user: UserId) -> Result<(), ServiceError> {
+        let before = self.clock.now();
+        self.commit(Command::DeleteHistory { user, before }).await?;
+        let group = self.home(user)?;
+        self.history.purge(group, user, before).await.map_err(|e| {
+            tracing::warn!(group, user, error = %e, "history purge failed");
+            ServiceError::unavailable(
+                "the deletion is committed, but this node could not purge its files yet",
+            )
+        })?;
+        for (node, answer) in self.ask_replicas(group, user, HistoryOp::Purge { before }).await {
+            if !matches!(answer, Ok(PeerResponse::Done)) {
+                tracing::warn!(group, node, ?answer, "a node did not purge a deleted history yet");
+            }
+        }
+        Ok(())
     }
 
     /// Display names of `users`, asked of their groups; a group that cannot answer leaves its
@@ -420,6 +539,20 @@ impl Backend for Gateway {
 
     async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
         Gateway::friends(self, user).await
+    }
+
+    async fn read_history(
+        &self,
+        user: UserId,
+        since: Millis,
+        until: Millis,
+        limit: usize,
+    ) -> Result<proto::HistoryPage, ServiceError> {
+        Gateway::read_history(self, user, since, until, limit).await
+    }
+
+    async fn delete_history(&self, user: UserId) -> Result<(), ServiceError> {
+        Gateway::delete_history(self, user).await
     }
 
     async fn strangers(

@@ -40,6 +40,7 @@ pub mod config;
 pub mod dev;
 pub mod gateway;
 pub mod group;
+pub mod history;
 pub mod node;
 pub mod presence;
 pub mod procstat;

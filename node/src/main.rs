@@ -326,6 +326,7 @@ async fn run_node(
     opts.client_advertise = config.client_advertise();
     opts.raft_advertise = config.raft_advertise();
     opts.service = config.service();
+    opts.history = config.history.config();
     match &config.cluster.pseudonym_key {
         Some(path) => {
             let key = secrets::read_pseudonym_key(path).context("config field `cluster.pseudonym_key`")?;

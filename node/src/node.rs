@@ -64,6 +64,8 @@ pub struct NodeOptions {
     pub sessions_per_s: u32,
     /// openraft's settings; nearby's defaults if `None`.
     pub raft: Option<openraft::Config>,
+    /// Location history (kept under `data/history`).
+    pub history: crate::history::HistoryConfig,
 }
 
 impl NodeOptions {
@@ -95,6 +97,7 @@ impl NodeOptions {
             transport: Default::default(),
             sessions_per_s: 5_000,
             raft: None,
+            history: Default::default(),
         }
     }
 }
@@ -124,6 +127,7 @@ pub struct Node {
     gateway: Arc<Gateway>,
     service: Service<Gateway>,
     client_addr: SocketAddr,
+    retention: tokio::task::JoinHandle<()>,
 }
 
 impl Node {
@@ -150,7 +154,9 @@ impl Node {
             "",
         );
         let sessions = Arc::new(Sessions::new(opts.service.event_queue));
+        let history = crate::history::History::new(&opts.data, opts.history.clone());
         let cluster = match Cluster::start(ClusterOptions {
+            history: Arc::clone(&history),
             host: Arc::clone(&host),
             info,
             data: opts.data.clone(),
@@ -171,21 +177,28 @@ impl Node {
             Arc::clone(cluster.router()),
             Arc::clone(cluster.drivers()),
             sessions,
-            opts.clock,
+            Arc::clone(&opts.clock),
             opts.service,
             opts.sessions_per_s,
+            Arc::clone(&history),
         ));
         let service = listener.attach(Arc::clone(&gateway));
         tracing::info!(%client_addr, node = opts.node_id, "client service listening");
         if !cluster.wait_for_leaders(Duration::from_secs(10)).await {
             tracing::warn!("not every group has a leader yet; clients are told to retry until they do");
         }
+        let retention = crate::history::spawn_retention(
+            Arc::clone(cluster.history()),
+            Arc::clone(cluster.directory()),
+            Arc::clone(&opts.clock),
+        );
         Ok(Node {
             host,
             cluster,
             gateway,
             service,
             client_addr,
+            retention,
         })
     }
 
@@ -284,6 +297,7 @@ impl Node {
             }
         };
         self.service.run(stop).await;
+        self.retention.abort();
         self.cluster.shutdown().await;
         self.host.shutdown().await;
     }

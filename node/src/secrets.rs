@@ -134,7 +134,6 @@ pub fn read_pseudonym_key(path: &Path) -> Result<Vec<u8>, SecretError> {
         })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,13 +160,31 @@ mod tests {
     #[test]
     fn the_pseudonym_key_is_the_same_for_every_node_of_a_ca_and_kept_private() {
         let dir = tempfile::TempDir::new().expect("tmp");
-        let (a, b) = (dir.path().join("n1/pseudonym.key"), dir.path().join("n2/pseudonym.key"));
+        let (a, b) = (
+            dir.path().join("n1/pseudonym.key"),
+            dir.path().join("n2/pseudonym.key"),
+        );
         write_pseudonym_key(&a, "ca key", false).expect("write");
         write_pseudonym_key(&b, "ca key", false).expect("write");
-        assert_eq!(read_pseudonym_key(&a).expect("read"), read_pseudonym_key(&b).expect("read"));
-        assert_eq!(read_pseudonym_key(&a).expect("read"), derive_pseudonym_key("ca key"));
-        assert_ne!(derive_pseudonym_key("ca key"), derive_pseudonym_key("another ca key"));
-        assert!(matches!(write_pseudonym_key(&a, "ca key", false), Err(SecretError::Exists { .. })));
-        assert_eq!(fs::metadata(&a).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            read_pseudonym_key(&a).expect("read"),
+            read_pseudonym_key(&b).expect("read")
+        );
+        assert_eq!(
+            read_pseudonym_key(&a).expect("read"),
+            derive_pseudonym_key("ca key")
+        );
+        assert_ne!(
+            derive_pseudonym_key("ca key"),
+            derive_pseudonym_key("another ca key")
+        );
+        assert!(matches!(
+            write_pseudonym_key(&a, "ca key", false),
+            Err(SecretError::Exists { .. })
+        ));
+        assert_eq!(
+            fs::metadata(&a).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

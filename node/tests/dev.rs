@@ -397,7 +397,8 @@ fn a_three_node_dev_cluster_serves_followers_and_ghost_mode_through_the_cli() {
     let cluster = DevCluster { child, rx };
     wait_for(&cluster.rx, "nearby dev cluster is ready");
     // Users spread over the groups (dev ranges split the id space evenly).
-    let (ann, bob) = (7_u64, u64::MAX / 2 + 9);
+    // Ids whose 8 bytes cannot turn up in a file by chance (history files are searched).
+    let (ann, bob) = (0x0123_4567_89ab_cdef_u64, u64::MAX / 2 + 9);
     for user in [ann, bob] {
         cli_result(&home, user, &["login"]).expect("login");
     }
@@ -495,7 +496,57 @@ fn a_three_node_dev_cluster_serves_followers_and_ghost_mode_through_the_cli() {
         serde_json::json!([]),
         "a ghost is listed: {page}"
     );
+
+    // History: ann's location is recorded on the node leading her group; deleting it removes
+    // it from every node's files.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = cli_result(&home, ann, &["history"]).expect("history");
+        if h["points"].as_array().is_some_and(|p| p.len() == 1) {
+            assert_eq!(h["complete"], true, "{h}");
+            assert_eq!(h["points"][0]["lat"], 52.52, "{h}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no history: {h}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let id = ann.to_le_bytes();
+    let holds = || {
+        (1..=3).any(|n| {
+            files_under(&dir.path().join(format!("n{n}/history")))
+                .iter()
+                .any(|bytes| bytes.windows(8).any(|w| w == id))
+        })
+    };
+    assert!(holds(), "ann's history is in no node's files");
+    assert_eq!(
+        cli_result(&home, ann, &["history", "delete"]).expect("delete")["outcome"],
+        "updated"
+    );
+    let h = cli_result(&home, ann, &["history"]).expect("history");
+    assert_eq!(h["points"], serde_json::json!([]), "{h}");
+    assert!(!holds(), "a node's files still hold ann's deleted history");
     cluster.stop();
+}
+
+/// The contents of every file under `dir` (none if it does not exist).
+fn files_under(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                out.push(bytes);
+            }
+        }
+    }
+    out
 }
 
 /// A running `nearby-node dev --nodes N`: stopped with SIGTERM (it stops its children) when

@@ -5,6 +5,7 @@
 //! ([`crate::ClusterMap`]) — share one log format ([`Payload`]), one WAL and one transport; a
 //! group's kind is fixed when it is opened, by the type of its machine.
 
+use nearby_index::error::CodecError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -20,6 +21,16 @@ pub trait Machine: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Applies one entry's payload, the entry at log index `index`. A payload for the other kind
     /// of group changes nothing and returns [`Reply::WrongKind`].
     fn apply_payload(&mut self, payload: &Payload, index: u64) -> Reply;
+
+    /// The state as a snapshot's data.
+    fn encode_state(&self) -> Result<Vec<u8>, CodecError> {
+        nearby_index::codec::encode(self)
+    }
+
+    /// The state from a snapshot's data, written by this version or an earlier one.
+    fn decode_state(bytes: &[u8]) -> Result<Self, CodecError> {
+        nearby_index::codec::decode(bytes)
+    }
 }
 
 impl Machine for GroupState {
@@ -30,6 +41,14 @@ impl Machine for GroupState {
             Payload::Shard(cmd) => Reply::Shard(self.apply(cmd, index)),
             Payload::Meta(_) => Reply::WrongKind,
         }
+    }
+
+    fn encode_state(&self) -> Result<Vec<u8>, CodecError> {
+        self.encode_versioned()
+    }
+
+    fn decode_state(bytes: &[u8]) -> Result<Self, CodecError> {
+        GroupState::decode_versioned(bytes)
     }
 }
 

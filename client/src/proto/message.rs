@@ -147,7 +147,27 @@ pub enum Request {
         /// Entries wanted (the nearest ones); the node's default (20) if `None`, at most 100.
         page_size: Option<u16>,
     },
+    /// The user's own location history with `since <= recorded_at < until`, oldest first.
+    /// Answered with [`Response::History`].
+    ReadHistory {
+        /// From (inclusive); the beginning if `None`.
+        since: Option<Millis>,
+        /// To (exclusive); now if `None`.
+        until: Option<Millis>,
+        /// At most this many points ([`MAX_HISTORY_PAGE`] if `None` or larger).
+        limit: Option<u32>,
+    },
+    /// Deletes all of the user's location history, for real (from every node's disk).
+    DeleteHistory,
+    /// Turns recording of the user's location history on or off (on by default).
+    SetHistory {
+        /// On or off.
+        on: bool,
+    },
 }
+
+/// The most points one [`Response::History`] carries.
+pub const MAX_HISTORY_PAGE: u32 = 1_000;
 
 /// How long ghost mode lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +234,29 @@ pub enum Response {
     },
     /// Answer to [`Request::ListStrangers`].
     Strangers(StrangerPage),
+    /// Answer to [`Request::ReadHistory`].
+    History(HistoryPage),
+}
+
+/// Where the user was, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    /// Where.
+    pub at: Coord,
+    /// When the node accepted the location.
+    pub recorded_at: Millis,
+}
+
+/// A stretch of the user's location history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPage {
+    /// Oldest first.
+    pub points: Vec<HistoryPoint>,
+    /// More points in the range after the last one (ask again from its time + 1).
+    pub more: bool,
+    /// Every node holding a part of the history answered; `false` when one could not be
+    /// reached (its points are missing from this answer, not lost).
+    pub complete: bool,
 }
 
 /// A discoverable user nearby who is not a friend, as a viewer may see them: no user id, no
@@ -322,6 +365,8 @@ pub struct FriendList {
     pub discoverable: bool,
     /// Ghost mode's end, if in force ([`GHOST_FOREVER`]: until turned off).
     pub ghost_until: Option<Millis>,
+    /// Whether the user's location history is recorded.
+    pub history: bool,
 }
 
 /// What a committed change did.

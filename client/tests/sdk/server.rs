@@ -310,6 +310,7 @@ fn canned(request: &Request, started: &mut bool, radius_m: u32) -> Option<Respon
             sharing: true,
             discoverable: false,
             ghost_until: None,
+            history: true,
         }),
         Request::AddFriend { user } | Request::RemoveFriend { user } if *user == UNKNOWN_USER => {
             error(ErrorCode::UnknownUser, "no such user")
@@ -326,7 +327,14 @@ fn canned(request: &Request, started: &mut bool, radius_m: u32) -> Option<Respon
         | Request::SetDiscoverable { .. }
         | Request::AllowFollower { .. }
         | Request::RevokeFollower { .. }
-        | Request::Unfollow { .. } => Response::Done(Outcome::Updated),
+        | Request::Unfollow { .. }
+        | Request::DeleteHistory
+        | Request::SetHistory { .. } => Response::Done(Outcome::Updated),
+        Request::ReadHistory { .. } => Response::History(nearby_client::proto::HistoryPage {
+            points: Vec::new(),
+            more: false,
+            complete: true,
+        }),
         Request::SetGhost { .. } => Response::Ghost { until: None },
         Request::ListStrangers { .. } => Response::Strangers(nearby_client::proto::StrangerPage {
             strangers: Vec::new(),

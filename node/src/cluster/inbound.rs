@@ -12,7 +12,8 @@ use nearby_raft::transport::{PeerHandler, PeerReply};
 use nearby_raft::{GroupId, NodeId, Payload, ProposeError, META_GROUP};
 
 use super::Cluster;
-use crate::route::peer::{PeerRequest, PeerResponse};
+use crate::route::peer::{HistoryOp, PeerRequest, PeerResponse};
+use nearby_index::geo::Millis;
 
 /// The node's handler of peer messages.
 pub struct Inbound {
@@ -226,6 +227,27 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
                 },
                 None => PeerResponse::Failed(format!("no replica of group {group} here")),
             }
+        }
+        PeerRequest::History { group, user, op } => {
+            let history = c.history();
+            let done = match op {
+                HistoryOp::Read { since, until, limit } => history
+                    .read(group, user, since, until, limit as usize)
+                    .await
+                    .map(|records| {
+                        PeerResponse::History(
+                            records
+                                .into_iter()
+                                .map(|r| (Millis(r.at_ms), r.lat, r.lon))
+                                .collect(),
+                        )
+                    }),
+                HistoryOp::Purge { before } => history
+                    .purge(group, user, before)
+                    .await
+                    .map(|_| PeerResponse::Done),
+            };
+            done.unwrap_or_else(|e| PeerResponse::Failed(e.to_string()))
         }
     }
 }

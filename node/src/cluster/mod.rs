@@ -162,6 +162,8 @@ pub struct ClusterOptions {
     pub clock: Arc<dyn crate::clock::Clock>,
     /// Client-facing settings (drivers use them).
     pub service: crate::api::ServiceConfig,
+    /// The node's location history.
+    pub history: Arc<crate::history::History>,
 }
 
 impl Cluster {
@@ -225,6 +227,7 @@ impl Cluster {
             router: Arc::clone(&router),
             clock: opts.clock,
             config: opts.service,
+            history: Arc::clone(&opts.history),
         };
         let cluster = Arc::new(Cluster {
             me,
@@ -269,7 +272,12 @@ impl Cluster {
         &self.drivers
     }
 
-    /// The node's router.
+    /// The node's location history.
+    pub fn history(&self) -> &Arc<crate::history::History> {
+        &self.driver_ctx.history
+    }
+
+    /// The router.
     pub fn router(&self) -> &Arc<Router> {
         &self.router
     }

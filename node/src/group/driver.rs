@@ -109,6 +109,8 @@ pub struct DriverContext {
     pub clock: Arc<dyn Clock>,
     /// Client-facing settings.
     pub config: ServiceConfig,
+    /// Where accepted locations are recorded.
+    pub history: Arc<crate::history::History>,
 }
 
 /// A running driver: its handle, and how to stop it.
@@ -152,6 +154,17 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     let processed = group.last_applied().map_or(0, |l| l.index);
     presence.set_applied(processed);
     group.read(|s| presence.load(s, ctx.clock.now()));
+    // Deletions this node missed while it was down or unreachable: purge its files now.
+    let marks: Vec<(UserId, Millis)> = group.read(|s| {
+        s.users()
+            .filter_map(|(u, r)| r.history_cleared.map(|c| (u, c)))
+            .collect()
+    });
+    if !marks.is_empty() {
+        let history = Arc::clone(&ctx.history);
+        let id = group.id();
+        tokio::spawn(async move { history.reconcile(id, marks).await });
+    }
     let outbox = Arc::new(Notify::new());
     // Alone in its cluster, a group has no viewers elsewhere that knew it through an earlier
     // leader: nothing to wait for.
@@ -523,8 +536,13 @@ impl Driver {
                     _ => now,
                 };
                 let presence = &mut self.presence;
-                self.group
-                    .read(|s| presence.handle_location(s, user, loc, at, now, first));
+                let (accepted, record) = self.group.read(|s| {
+                    let accepted = presence.handle_location(s, user, loc, at, now, first);
+                    (accepted, s.user(user).is_some_and(|r| !r.history_off))
+                });
+                if accepted && record {
+                    self.ctx.history.append(self.id, user, at, loc.lat(), loc.lon());
+                }
                 let outputs = self.presence.poll_outputs();
                 self.deliver(outputs);
                 if first && self.presence.is_starting(user) {

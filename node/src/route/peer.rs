@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use nearby_index::geo::UserId;
+use nearby_index::geo::{Millis, UserId};
 use nearby_raft::transport::RaftTransport;
 use nearby_raft::{ClusterMap, GroupId, NodeId, NodeInfo, Payload, Reply};
 use serde::{Deserialize, Serialize};
@@ -193,6 +193,35 @@ pub enum PeerRequest {
         /// The group.
         group: GroupId,
     },
+    /// This node's part of `user`'s location history in `group` (any node that holds or held a
+    /// replica): read it, or purge it.
+    History {
+        /// The group.
+        group: GroupId,
+        /// The user.
+        user: UserId,
+        /// What to do.
+        op: HistoryOp,
+    },
+}
+
+/// What [`PeerRequest::History`] asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HistoryOp {
+    /// Records with `since <= at < until`, oldest first, at most `limit`.
+    Read {
+        /// From (inclusive).
+        since: Millis,
+        /// To (exclusive).
+        until: Millis,
+        /// At most.
+        limit: u32,
+    },
+    /// Delete every record at or before `before`.
+    Purge {
+        /// Up to (inclusive).
+        before: Millis,
+    },
 }
 
 /// What a peer answers.
@@ -239,6 +268,8 @@ pub enum PeerResponse {
         /// `(user, relations)`.
         records: Vec<(UserId, RecordView)>,
     },
+    /// Location history records: `(at, lat, lon)`.
+    History(Vec<(Millis, f64, f64)>),
     /// The request failed; nothing was done.
     Failed(String),
 }

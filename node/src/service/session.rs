@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nearby_client::proto::{
     frame, ErrorCode, Event, FrameBuffer, FrameError, GhostMode, Request, RequestFrame, Response,
-    ResponseFrame, SessionInfo, GHOST_FOREVER, MAX_GHOST_S, PROTOCOL_VERSION,
+    ResponseFrame, SessionInfo, GHOST_FOREVER, MAX_GHOST_S, MAX_HISTORY_PAGE, PROTOCOL_VERSION,
 };
 use nearby_index::geo::{Millis, UserId};
 use nearby_raft::Command;
@@ -276,6 +276,20 @@ impl<B: Backend> Session<B> {
                 Ok(Response::Done(nearby_client::proto::Outcome::Updated))
             }
             Request::Ping => Ok(Response::Pong),
+            Request::ReadHistory { since, until, limit } => {
+                let user = self.me()?;
+                let until = until.unwrap_or_else(|| core.now().saturating_add(Duration::from_millis(1)));
+                let limit = limit.unwrap_or(MAX_HISTORY_PAGE).min(MAX_HISTORY_PAGE) as usize;
+                let page = core
+                    .read_history(user, since.unwrap_or(Millis(0)), until, limit)
+                    .await?;
+                Ok(Response::History(page))
+            }
+            Request::DeleteHistory => {
+                core.delete_history(self.me()?).await?;
+                Ok(Response::Done(nearby_client::proto::Outcome::Updated))
+            }
+            Request::SetHistory { on } => self.commit(Command::SetHistory { user: self.me()?, on }).await,
             Request::ListStrangers { page_size } => {
                 Ok(Response::Strangers(core.strangers(self.me()?, page_size).await?))
             }

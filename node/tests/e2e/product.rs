@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use nearby_client::proto::{ErrorCode, Event, GhostMode, GoneReason, Relation, GHOST_FOREVER};
-use nearby_client::ClientError;
+use nearby_client::{ClientError, Millis};
 use nearby_node::api::Backend;
 
 use crate::util::{uid, TestNode, Viewer};
@@ -387,5 +387,117 @@ async fn a_crowded_cell_gives_the_nearest_page_and_a_count_and_inactive_stranger
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    node.stop().await;
+}
+
+/// Polls `user`'s whole history until it has `n` points (batches are written within 100 ms).
+async fn history_of(v: &Viewer, n: usize) -> Vec<nearby_client::proto::HistoryPoint> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = v.client.read_history(None, None, None).await.expect("history");
+        assert!(page.complete, "{page:?}");
+        if page.points.len() >= n {
+            assert_eq!(page.points.len(), n, "{page:?}");
+            return page.points;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} points: {page:?}",
+            page.points.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every byte of every file under `dir`.
+fn all_bytes(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push((path.clone(), std::fs::read(&path).expect("read")));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_recorded_read_by_range_turned_off_and_really_deleted_from_disk() {
+    let node = TestNode::start().await;
+    // Ids whose 8 bytes cannot turn up in a file by chance.
+    let (ann, bob) = (uid(1, 70), uid(2, 70));
+    for u in [ann, bob] {
+        node.core.ensure_registered(u).await.expect("register");
+    }
+    let a = node.client(ann).await;
+    let b = node.client(bob).await;
+    let t0 = node.core.now();
+    for i in 0..4 {
+        a.at(A.0 + 0.001 * f64::from(i), A.1).await;
+        b.at(B.0, B.1 + 0.001 * f64::from(i)).await;
+        node.clock.advance(Duration::from_secs(60));
+    }
+    let points = history_of(&a, 4).await;
+    assert_eq!(points[0].recorded_at, t0);
+    assert!((points[3].at.lat - (A.0 + 0.003)).abs() < 1e-9, "{points:?}");
+    assert!(points.windows(2).all(|w| w[0].recorded_at < w[1].recorded_at));
+    // By range: [t0 + 1 min, t0 + 3 min) holds the 2nd and 3rd.
+    let minute = |m: u64| Millis(t0.0 + m * 60_000);
+    let range = a
+        .client
+        .read_history(Some(minute(1)), Some(minute(3)), None)
+        .await
+        .expect("range");
+    let times: Vec<Millis> = range.points.iter().map(|p| p.recorded_at).collect();
+    assert_eq!(times, vec![minute(1), minute(2)]);
+    let first = a.client.read_history(None, None, Some(1)).await.expect("limit");
+    assert_eq!((first.points.len(), first.more), (1, true));
+
+    // Off: nothing recorded; the setting shows; on again: recorded again.
+    assert!(a.client.list_friends().await.expect("list").history);
+    a.client.set_history(false).await.expect("off");
+    assert!(!a.client.list_friends().await.expect("list").history);
+    a.at(A.0 + 0.01, A.1).await;
+    node.clock.advance(Duration::from_secs(60));
+    a.client.set_history(true).await.expect("on");
+    a.at(A.0 + 0.02, A.1).await;
+    let points = history_of(&a, 5).await;
+    assert!(
+        (points[4].at.lat - (A.0 + 0.02)).abs() < 1e-9,
+        "an update made while off was recorded: {points:?}"
+    );
+
+    // Deleted: gone from reads and from every byte on disk; bob's history stays.
+    b.client.read_history(None, None, None).await.expect("bob");
+    a.client.delete_history().await.expect("delete");
+    let page = a.client.read_history(None, None, None).await.expect("history");
+    assert!(page.points.is_empty(), "{page:?}");
+    let ann_id = ann.to_le_bytes();
+    let bob_id = bob.to_le_bytes();
+    let files = all_bytes(&node.data().join("history"));
+    assert!(!files.is_empty());
+    for (path, bytes) in &files {
+        assert!(
+            !bytes.windows(8).any(|w| w == ann_id),
+            "{} still holds bytes of ann's history",
+            path.display()
+        );
+    }
+    assert!(
+        files
+            .iter()
+            .any(|(_, bytes)| bytes.windows(8).any(|w| w == bob_id)),
+        "bob's history is gone too"
+    );
+    assert_eq!(history_of(&b, 4).await.len(), 4);
+    // What comes after the deletion is recorded again.
+    node.clock.advance(Duration::from_secs(1));
+    a.at(A.0, A.1 + 0.05).await;
+    assert_eq!(history_of(&a, 1).await.len(), 1);
     node.stop().await;
 }

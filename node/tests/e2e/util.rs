@@ -102,6 +102,11 @@ impl TestNode {
         }
     }
 
+    /// The node's data directory.
+    pub(crate) fn data(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     pub(crate) fn token(&self, user: UserId) -> String {
         self.signer.sign(Claims {
             user,

@@ -205,6 +205,22 @@ pub enum Command {
         /// The user they followed.
         user: UserId,
     },
+    /// Turns recording of the user's location history on or off.
+    SetHistory {
+        /// The user.
+        user: UserId,
+        /// Whether accepted locations are recorded.
+        on: bool,
+    },
+    /// Deletes the user's location history up to `before` (chosen by the proposer: now): from
+    /// this entry on, nothing recorded at or before it is ever served, and every node holding
+    /// such records deletes them from disk.
+    DeleteHistory {
+        /// The user.
+        user: UserId,
+        /// Everything recorded at or before this time goes.
+        before: Millis,
+    },
 }
 
 impl fmt::Display for Command {
@@ -236,6 +252,8 @@ impl fmt::Display for Command {
             }
             Command::Delivered { seq } => write!(f, "delivered(#{seq})"),
             Command::Unfollow { follower, user } => write!(f, "unfollow({follower} -> {user})"),
+            Command::SetHistory { user, on } => write!(f, "history({user}, {on})"),
+            Command::DeleteHistory { user, before } => write!(f, "delete_history({user}, {before:?})"),
         }
     }
 }
@@ -341,7 +359,9 @@ impl Command {
             | Command::SetName { user, .. }
             | Command::SetSharing { user, .. }
             | Command::SetDiscoverable { user, .. }
-            | Command::SetGhost { user, .. } => (user, None),
+            | Command::SetGhost { user, .. }
+            | Command::SetHistory { user, .. }
+            | Command::DeleteHistory { user, .. } => (user, None),
             Command::Hide { user, from } | Command::Unhide { user, from } => (user, Some(from)),
             Command::AddFriend { from, to } => (from, Some(to)),
             Command::RemoveFriend { user, friend } => (user, Some(friend)),

@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 
+use nearby_index::error::CodecError;
 use nearby_index::friends::{FriendSet, UserRange};
 use nearby_index::geo::{Millis, UserId};
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,11 @@ pub struct UserRecord {
     pub followers: FriendSet,
     /// Users who share with this user one way (this user may see them).
     pub following: FriendSet,
+    /// The user turned location history off: nothing is recorded.
+    pub history_off: bool,
+    /// The user deleted their history up to this time: nothing recorded at or before it is
+    /// served again, and nodes delete such records from disk.
+    pub history_cleared: Option<Millis>,
 }
 
 impl UserRecord {
@@ -245,6 +251,12 @@ impl GroupState {
                 let b = self.update_if_here(*follower, |r| r.following.remove(*user));
                 changed(a || b)
             }
+            Command::SetHistory { user, on } => self.update(*user, |r| replace(&mut r.history_off, !on)),
+            Command::DeleteHistory { user, before } => self.update(*user, |r| {
+                // Never moves back: a delayed retry cannot bring old records back.
+                let cleared = r.history_cleared.max(Some(*before));
+                replace(&mut r.history_cleared, cleared)
+            }),
             Command::Import(batch) => self.import(batch),
             // Handled by `apply`; a nested delivery is refused by validation.
             Command::Deliver { .. } | Command::Delivered { .. } => CommandResult::Unchanged,
@@ -364,6 +376,94 @@ impl GroupState {
 
     fn update_if_here(&mut self, user: UserId, f: impl FnOnce(&mut UserRecord) -> bool) -> bool {
         self.here_mut(user).is_some_and(f)
+    }
+}
+
+/// The first byte of a versioned snapshot: never the first byte of the first layout's encoding
+/// (a varint, which never starts with 255).
+const VERSIONED: u8 = 0xff;
+
+/// The snapshot layout this version writes.
+const LAYOUT: u8 = 2;
+
+impl GroupState {
+    /// The state as snapshot data: [`VERSIONED`], the layout number, then the encoding.
+    pub fn encode_versioned(&self) -> Result<Vec<u8>, CodecError> {
+        let mut out = vec![VERSIONED, LAYOUT];
+        nearby_index::codec::encode_into(self, &mut out)?;
+        Ok(out)
+    }
+
+    /// Snapshot data of this layout or of the first one (written before user records had
+    /// history settings), which is converted.
+    pub fn decode_versioned(bytes: &[u8]) -> Result<Self, CodecError> {
+        match bytes {
+            [VERSIONED, LAYOUT, rest @ ..] => nearby_index::codec::decode(rest),
+            [VERSIONED, other, ..] => Err(CodecError::Decode {
+                total: bytes.len(),
+                reason: format!("snapshot layout {other} is newer than this version knows ({LAYOUT})"),
+            }),
+            _ => nearby_index::codec::decode::<legacy::GroupStateV1>(bytes).map(GroupState::from),
+        }
+    }
+}
+
+/// The snapshot layout of the first release.
+mod legacy {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(super) struct UserRecordV1 {
+        name: String,
+        sharing: bool,
+        discoverable: bool,
+        ghost_until: Option<Millis>,
+        hidden_from: FriendSet,
+        friends: FriendSet,
+        requests_in: FriendSet,
+        requests_out: FriendSet,
+        followers: FriendSet,
+        following: FriendSet,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct GroupStateV1 {
+        range: UserRange,
+        users: BTreeMap<UserId, UserRecordV1>,
+        outbox: BTreeMap<u64, Mirror>,
+        inbox: BTreeMap<GroupId, u64>,
+    }
+
+    impl From<GroupStateV1> for GroupState {
+        fn from(v1: GroupStateV1) -> GroupState {
+            let users = v1
+                .users
+                .into_iter()
+                .map(|(id, r)| {
+                    let record = UserRecord {
+                        name: r.name,
+                        sharing: r.sharing,
+                        discoverable: r.discoverable,
+                        ghost_until: r.ghost_until,
+                        hidden_from: r.hidden_from,
+                        friends: r.friends,
+                        requests_in: r.requests_in,
+                        requests_out: r.requests_out,
+                        followers: r.followers,
+                        following: r.following,
+                        history_off: false,
+                        history_cleared: None,
+                    };
+                    (id, record)
+                })
+                .collect();
+            GroupState {
+                range: v1.range,
+                users,
+                outbox: v1.outbox,
+                inbox: v1.inbox,
+            }
+        }
     }
 }
 

@@ -148,7 +148,7 @@ impl<M: Machine> StateMachine<M> {
         let mut current = None;
         if let Some(path) = newest_snapshot(dir)? {
             let (meta, data) = read_snapshot(&path)?;
-            let state: M = nearby_index::codec::decode(&data)
+            let state = M::decode_state(&data)
                 .map_err(|e| WalError::corruption(&path, 0, format!("undecodable snapshot: {e}")))?;
             tracing::info!(group, path = %path.display(), last = ?meta.last_log_id, "restored snapshot");
             applied = Applied {
@@ -332,7 +332,9 @@ impl<M: Machine> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<M> {
         let shared = Arc::clone(&self.shared);
         let (data, last_log_id, last_membership) = tokio::task::spawn_blocking(move || {
             shared.read(|applied| {
-                nearby_index::codec::encode(&applied.state)
+                applied
+                    .state
+                    .encode_state()
                     .map(|data| (data, applied.last_applied, applied.membership.clone()))
             })
         })
@@ -429,7 +431,7 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachine<M> {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: M = nearby_index::codec::decode(&data).map_err(|e| {
+        let state = M::decode_state(&data).map_err(|e| {
             StorageError::from(StorageIOError::read_snapshot(
                 Some(meta.signature()),
                 AnyError::new(&e),
@@ -493,7 +495,7 @@ mod tests {
                 last_membership: StoredMembership::default(),
                 snapshot_id: format!("t-{index}"),
             },
-            data: Arc::new(nearby_index::codec::encode(state).expect("encode")),
+            data: Arc::new(state.encode_state().expect("encode")),
         }
     }
 

@@ -32,6 +32,12 @@ fn command() -> impl Strategy<Value = Command> {
         (user(), user()).prop_map(|(user, friend)| Command::RemoveFriend { user, friend }),
         (user(), user()).prop_map(|(user, follower)| Command::GrantFollow { user, follower }),
         (user(), user()).prop_map(|(user, follower)| Command::RevokeFollow { user, follower }),
+        (user(), user()).prop_map(|(follower, user)| Command::Unfollow { follower, user }),
+        (user(), any::<bool>()).prop_map(|(user, on)| Command::SetHistory { user, on }),
+        (user(), 0u64..1000).prop_map(|(user, t)| Command::DeleteHistory {
+            user,
+            before: Millis(t)
+        }),
     ]
 }
 
@@ -48,8 +54,8 @@ proptest! {
         let rb: Vec<CommandResult> = log.iter().enumerate().map(|(i, c)| b.apply(c, i as u64 + 1)).collect();
         prop_assert_eq!(&ra, &rb);
         prop_assert_eq!(&a, &b);
-        let bytes = nearby_index::codec::encode(&a).expect("encode");
-        let restored: GroupState = nearby_index::codec::decode(&bytes).expect("decode");
+        let bytes = a.encode_versioned().expect("encode");
+        let restored = GroupState::decode_versioned(&bytes).expect("decode");
         prop_assert_eq!(&restored, &a);
     }
 
@@ -258,4 +264,76 @@ fn mutual_requests_form_a_friendship_and_visibility_follows_settings() {
         CommandResult::FriendRemoved
     );
     assert!(!s.user(1).expect("1").may_see_me(2, now));
+}
+
+/// A snapshot written before user records had history settings (the first layout) still
+/// restores: every relation and setting kept, history on and never deleted.
+#[test]
+fn a_snapshot_of_the_first_layout_restores_with_history_defaults() {
+    use nearby_index::friends::FriendSet;
+    use std::collections::BTreeMap;
+
+    #[derive(serde::Serialize)]
+    struct UserRecordV1 {
+        name: String,
+        sharing: bool,
+        discoverable: bool,
+        ghost_until: Option<Millis>,
+        hidden_from: FriendSet,
+        friends: FriendSet,
+        requests_in: FriendSet,
+        requests_out: FriendSet,
+        followers: FriendSet,
+        following: FriendSet,
+    }
+    #[derive(serde::Serialize)]
+    struct GroupStateV1 {
+        range: UserRange,
+        users: BTreeMap<u64, UserRecordV1>,
+        outbox: BTreeMap<u64, nearby_raft::shard::command::Mirror>,
+        inbox: BTreeMap<u64, u64>,
+    }
+    let set = |ids: &[u64]| ids.iter().copied().collect::<FriendSet>();
+    let old = GroupStateV1 {
+        range: group_range(),
+        users: BTreeMap::from([(
+            3,
+            UserRecordV1 {
+                name: "Ann".into(),
+                sharing: false,
+                discoverable: true,
+                ghost_until: Some(Millis(77)),
+                hidden_from: set(&[4]),
+                friends: set(&[4, 5]),
+                requests_in: set(&[6]),
+                requests_out: set(&[7]),
+                followers: set(&[8]),
+                following: set(&[9]),
+            },
+        )]),
+        outbox: BTreeMap::new(),
+        inbox: BTreeMap::from([(2, 11)]),
+    };
+    let bytes = nearby_index::codec::encode(&old).expect("encode");
+    let s = GroupState::decode_versioned(&bytes).expect("the first layout decodes");
+    let r = s.user(3).expect("ann");
+    assert_eq!(r.name, "Ann");
+    assert!(!r.sharing && r.discoverable);
+    assert_eq!(r.ghost_until, Some(Millis(77)));
+    assert_eq!(r.friends, set(&[4, 5]));
+    assert_eq!(
+        (r.requests_in.clone(), r.requests_out.clone()),
+        (set(&[6]), set(&[7]))
+    );
+    assert_eq!((r.followers.clone(), r.following.clone()), (set(&[8]), set(&[9])));
+    assert!(r.hidden_from.contains(4));
+    assert!(!r.history_off && r.history_cleared.is_none());
+    assert_eq!(s.delivered_from(2), 11);
+    // Written again, it is the current layout, and a layout from the future is refused.
+    let again = s.encode_versioned().expect("encode");
+    assert_eq!(again[..2], [0xff, 2]);
+    assert_eq!(GroupState::decode_versioned(&again).expect("decode"), s);
+    let mut future = again.clone();
+    future[1] = 3;
+    assert!(GroupState::decode_versioned(&future).is_err());
 }

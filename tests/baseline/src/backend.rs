@@ -685,6 +685,7 @@ impl Inner {
             // The original design has neither strangers nor ghost mode.
             discoverable: false,
             ghost_until: None,
+            history: false,
         })
     }
 
@@ -997,6 +998,20 @@ impl Backend for RedisBackend {
         page_size: Option<u16>,
     ) -> Result<NearbyPage, ServiceError> {
         self.inner.list(user, cursor.as_deref(), page_size)
+    }
+
+    async fn read_history(
+        &self,
+        _user: UserId,
+        _since: Millis,
+        _until: Millis,
+        _limit: usize,
+    ) -> Result<proto::HistoryPage, ServiceError> {
+        Err(invalid("location history is not part of the original design"))
+    }
+
+    async fn delete_history(&self, _user: UserId) -> Result<(), ServiceError> {
+        Err(invalid("location history is not part of the original design"))
     }
 
     async fn strangers(

@@ -97,6 +97,19 @@ pub(crate) enum Command {
         #[arg(value_parser = parse_ghost)]
         state: GhostArg,
     },
+    /// Your location history: read it (by time range), delete all of it, or turn it on or off.
+    #[command(args_conflicts_with_subcommands = true)]
+    History {
+        /// `delete`, `on` or `off`; without one, prints the history.
+        #[command(subcommand)]
+        action: Option<HistoryCommand>,
+        /// From: an RFC 3339 time, or a duration ago (`2h`); the beginning by default.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<TimeArg>,
+        /// Until: an RFC 3339 time, or a duration ago; now by default.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<TimeArg>,
+    },
     /// Who may follow you (one-way: they see you, you do not see them).
     #[command(subcommand)]
     Followers(FollowersCommand),
@@ -173,6 +186,35 @@ pub(crate) enum FollowersCommand {
     },
     /// The users you let follow you.
     List,
+}
+
+/// `nearby history …`.
+#[derive(Debug, Subcommand, PartialEq, Eq)]
+pub(crate) enum HistoryCommand {
+    /// Delete all of your location history, from every node's disk.
+    Delete,
+    /// Record your locations (the default).
+    On,
+    /// Stop recording your locations.
+    Off,
+}
+
+/// A time given on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TimeArg {
+    /// This instant.
+    At(std::time::SystemTime),
+    /// That long before now.
+    Ago(std::time::Duration),
+}
+
+fn parse_time(s: &str) -> Result<TimeArg, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(TimeArg::At(t));
+    }
+    humantime::parse_duration(s)
+        .map(TimeArg::Ago)
+        .map_err(|_| format!("{s:?}: an RFC 3339 time (2026-12-01T10:00:00Z) or a duration ago (2h)"))
 }
 
 /// `nearby follow …`.
@@ -325,6 +367,38 @@ mod tests {
             (&["unfollow", "4"], Command::Unfollow { id: 4 }),
             (&["strangers"], Command::Strangers { limit: None }),
             (
+                &["history"],
+                Command::History {
+                    action: None,
+                    since: None,
+                    until: None,
+                },
+            ),
+            (
+                &["history", "--since", "2h"],
+                Command::History {
+                    action: None,
+                    since: Some(TimeArg::Ago(std::time::Duration::from_secs(7200))),
+                    until: None,
+                },
+            ),
+            (
+                &["history", "delete"],
+                Command::History {
+                    action: Some(HistoryCommand::Delete),
+                    since: None,
+                    until: None,
+                },
+            ),
+            (
+                &["history", "off"],
+                Command::History {
+                    action: Some(HistoryCommand::Off),
+                    since: None,
+                    until: None,
+                },
+            ),
+            (
                 &["strangers", "--limit", "5"],
                 Command::Strangers { limit: Some(5) },
             ),
@@ -348,6 +422,8 @@ mod tests {
             &["ghost", "maybe"],
             &["discoverable", "yes"],
             &["strangers", "--limit", "0"],
+            &["history", "--since", "yesterday-ish"],
+            &["history", "delete", "--since", "2h"],
         ] {
             assert!(parse(argv).is_err(), "{argv:?} accepted");
         }

@@ -25,8 +25,8 @@ use nearby_client::{Backoff, Client, ClientConfig, ClientError, LocationAck, Sdk
 use serde_json::{json, Value};
 
 use crate::args::{
-    Args, Command, FollowCommand, FollowersCommand, FriendsCommand, GhostArg, LocationCommand, OnOff,
-    ProfileCommand,
+    Args, Command, FollowCommand, FollowersCommand, FriendsCommand, GhostArg, HistoryCommand,
+    LocationCommand, OnOff, ProfileCommand, TimeArg,
 };
 use crate::home::{Home, SetupError};
 
@@ -255,6 +255,27 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> anyhow::Resu
             );
         }
         Command::Unfollow { id } => change(json, client.unfollow(id).await?, Some(id)),
+        Command::History { action, since, until } => match action {
+            Some(HistoryCommand::Delete) => change(json, client.delete_history().await?, None),
+            Some(HistoryCommand::On) => change(json, client.set_history(true).await?, None),
+            Some(HistoryCommand::Off) => change(json, client.set_history(false).await?, None),
+            None => {
+                let at = |t: Option<TimeArg>| {
+                    t.map(|t| {
+                        let when = match t {
+                            TimeArg::At(t) => t,
+                            TimeArg::Ago(d) => now.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH),
+                        };
+                        let ms = when
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                        nearby_client::Millis(ms)
+                    })
+                };
+                let page = client.read_history(at(since), at(until), None).await?;
+                emit(json, &output::history_json(&page), &output::history_text(&page));
+            }
+        },
         Command::Strangers { limit } => {
             let page = client.list_strangers(limit).await?;
             emit(

@@ -14,6 +14,7 @@
 //! - `followers list`: `{"followers":[{"id":4,"name":"Dee"|null,"hidden":false}]}`; `follow list`:
 //!   `{"following":[…]}` likewise
 //! - `strangers`: `{"strangers":[{"pseudonym":"…","name":"…","distance_m":1500,"updated_at":"…"}],"more":N}`
+//! - `history`: `{"points":[{"lat":52.52,"lon":13.405,"at":"…"}],"more":false,"complete":true}`
 //! - `ghost`: `{"ok":true,"ghost":"on","until":"…"|"forever"}` or `{"ok":true,"ghost":"off","until":null}`
 //! - `watch`: one object per line with `"event"`; see [`event_json`] and [`sdk_event_json`].
 //! - errors: `{"error":{"code":"unknown_user","message":"…"}}`
@@ -22,8 +23,8 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nearby_client::proto::{
-    Event, FriendList, GoneReason, NearbyFriend, NearbyPage, Outcome, Relation, Stranger, StrangerPage,
-    GHOST_FOREVER,
+    Event, FriendList, GoneReason, HistoryPage, NearbyFriend, NearbyPage, Outcome, Relation, Stranger,
+    StrangerPage, GHOST_FOREVER,
 };
 use nearby_client::{ClientError, Millis, SdkEvent, UserId};
 use serde_json::{json, Value};
@@ -141,6 +142,38 @@ pub(crate) fn strangers_text(page: &StrangerPage, now: SystemTime) -> String {
     out.join("\n")
 }
 
+/// `nearby history`.
+pub(crate) fn history_json(page: &HistoryPage) -> Value {
+    json!({
+        "points": page.points.iter().map(|p| json!({
+            "lat": p.at.lat,
+            "lon": p.at.lon,
+            "at": rfc3339(p.recorded_at),
+        })).collect::<Vec<_>>(),
+        "more": page.more,
+        "complete": page.complete,
+    })
+}
+
+/// `nearby history` for people.
+pub(crate) fn history_text(page: &HistoryPage) -> String {
+    let mut out: Vec<String> = page
+        .points
+        .iter()
+        .map(|p| format!("{}  {:.6}, {:.6}", rfc3339(p.recorded_at), p.at.lat, p.at.lon))
+        .collect();
+    if out.is_empty() {
+        out.push("no location recorded in that time".into());
+    }
+    if page.more {
+        out.push("(more: ask again with --since after the last time)".into());
+    }
+    if !page.complete {
+        out.push("(incomplete: a node holding part of your history did not answer)".into());
+    }
+    out.join("\n")
+}
+
 /// A ghost mode's end as JSON: a time, `"forever"`, or `null`.
 fn ghost_until_json(until: Option<Millis>) -> Value {
     match until {
@@ -211,6 +244,7 @@ pub(crate) fn friend_list_json(list: &FriendList) -> Value {
         "sharing": list.sharing,
         "discoverable": list.discoverable,
         "ghost_until": ghost_until_json(list.ghost_until),
+        "history": list.history,
         "friends": list.entries.iter().map(|e| json!({
             "id": e.id,
             "name": e.name,
@@ -548,10 +582,11 @@ mod tests {
             sharing: false,
             discoverable: true,
             ghost_until: Some(T),
+            history: true,
         };
         assert_eq!(
             friend_list_json(&list),
-            json!({"sharing": false, "discoverable": true, "ghost_until": T_TEXT, "friends": [
+            json!({"sharing": false, "discoverable": true, "ghost_until": T_TEXT, "history": true, "friends": [
                 {"id": 3, "name": null, "relation": "request_received", "hidden": true}
             ]})
         );

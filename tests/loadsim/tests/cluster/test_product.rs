@@ -88,21 +88,23 @@ async fn a_ghost_timer_ends_by_itself_after_a_leader_change_and_strangers_cross_
 
     // --- a timed ghost mode outlives its group's leader.
     befriend(&a, &cl).await;
-    a.expect_about(carl, Duration::from_secs(10), |e| matches!(e, Event::FriendEntered(_)))
-        .await;
+    a.expect_about(carl, Duration::from_secs(10), |e| {
+        matches!(e, Event::FriendEntered(_))
+    })
+    .await;
     let until = retrying("ghost", || cl.client.set_ghost(GhostMode::For { seconds: 15 }))
         .await
         .expect("ghost on");
-    a.expect_about(carl, Duration::from_secs(5), |e| matches!(e, Event::FriendGone { .. }))
-        .await;
+    a.expect_about(carl, Duration::from_secs(5), |e| {
+        matches!(e, Event::FriendGone { .. })
+    })
+    .await;
     let victim = c.leader(gc).expect("leader") as u8;
     assert_ne!(c.leader(ga), Some(u64::from(victim)));
     c.kill(victim);
-    c.wait_map(
-        "a new leader for carl's group",
-        Duration::from_secs(20),
-        |m| m.leader(gc).is_some_and(|l| l != u64::from(victim)),
-    )
+    c.wait_map("a new leader for carl's group", Duration::from_secs(20), |m| {
+        m.leader(gc).is_some_and(|l| l != u64::from(victim))
+    })
     .await
     .expect("a new leader");
     // carl's client comes back by itself; its location reaches the new leader (a phone sends
@@ -113,10 +115,16 @@ async fn a_ghost_timer_ends_by_itself_after_a_leader_change_and_strangers_cross_
         "the failover took too long to show anything: the ghost mode is almost over"
     );
     let back = a
-        .expect_about(carl, Duration::from_secs(30), |e| matches!(e, Event::FriendEntered(_)))
+        .expect_about(carl, Duration::from_secs(30), |e| {
+            matches!(e, Event::FriendEntered(_))
+        })
         .await;
     let at = now_ms();
-    assert!(at + 500 >= until.0, "carl was back {} ms before his ghost mode ended: {back:?}", until.0 - at);
+    assert!(
+        at + 500 >= until.0,
+        "carl was back {} ms before his ghost mode ended: {back:?}",
+        until.0 - at
+    );
 }
 
 impl Viewer {
@@ -134,6 +142,9 @@ impl Viewer {
                 None => break,
             }
         }
-        panic!("user {}: no StrangerGone for {pseudonym} within {within:?}; saw {seen:?}", self.user);
+        panic!(
+            "user {}: no StrangerGone for {pseudonym} within {within:?}; saw {seen:?}",
+            self.user
+        );
     }
 }

@@ -280,6 +280,26 @@ impl Backend for Toy {
         Ok(self.page(&s, user))
     }
 
+    async fn read_history(
+        &self,
+        _user: UserId,
+        _since: Millis,
+        _until: Millis,
+        _limit: usize,
+    ) -> Result<nearby_client::proto::HistoryPage, ServiceError> {
+        Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            "the toy keeps no history",
+        ))
+    }
+
+    async fn delete_history(&self, _user: UserId) -> Result<(), ServiceError> {
+        Err(ServiceError::new(
+            ErrorCode::InvalidArgument,
+            "the toy keeps no history",
+        ))
+    }
+
     async fn strangers(
         &self,
         _user: UserId,
@@ -297,6 +317,7 @@ impl Backend for Toy {
             sharing: true,
             discoverable: false,
             ghost_until: None,
+            history: false,
         })
     }
 

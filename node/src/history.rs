@@ -1,0 +1,359 @@
+//! Location history on this node: one [`HistoryStore`] per shard group, in
+//! `DATA/history/g<group>/`, each with one writer task that batches appends.
+//!
+//! # Who writes, who reads
+//!
+//! The node that leads a group records its users' accepted locations (unless a user turned
+//! history off) in that group's store here: the records of one group end up spread over the
+//! nodes that led it over time. A read merges the stores of every node holding a replica of the
+//! group (this one directly, the others over the node-to-node protocol), and drops whatever the
+//! user deleted (the replicated `history_cleared` mark). Deleting is a command of the user's
+//! group (durable once acknowledged); the leader then purges the records from its store and asks
+//! every replica's node to do the same, and a node that was unreachable purges when it next
+//! opens the store ([`History::reconcile`]).
+//!
+//! # Soft durability
+//!
+//! History is not replicated: a batch is on disk (fdatasync) within [`FLUSH`] of the location,
+//! and a crash loses at most the batch being written. A node that is down makes its part of a
+//! group's history unavailable until it returns (reads say `complete: false`); a node removed
+//! for good takes its part with it. That is the price of keeping a history of every location
+//! off the Raft log; see `docs/architecture.md`.
+//!
+//! # Order
+//!
+//! Appends and purges of one group go through one queue, in order: a purge removes every record
+//! accepted before it, including those still waiting for their batch.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nearby_history::{HistoryError, HistoryStore, Record, StoreConfig};
+use nearby_index::geo::{Millis, UserId};
+use nearby_raft::GroupId;
+use tokio::sync::{mpsc, oneshot};
+
+/// The longest a location waits for its batch to be written.
+pub const FLUSH: Duration = Duration::from_millis(100);
+
+/// The most records in one batch (one write, one fdatasync).
+pub const BATCH: usize = 4_096;
+
+/// How a node keeps history.
+#[derive(Clone, Debug)]
+pub struct HistoryConfig {
+    /// Whether accepted locations are recorded at all.
+    pub enabled: bool,
+    /// Records older than this are deleted (whole segments).
+    pub max_age: Duration,
+    /// What all of this node's stores may hold together; each store gets an equal share of the
+    /// groups this node holds when it opens it (at least two segments).
+    pub max_bytes: u64,
+    /// A store's active segment is sealed past this size.
+    pub segment_bytes: u64,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            enabled: true,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_bytes: 10 << 30,
+            segment_bytes: 8 << 20,
+        }
+    }
+}
+
+enum Job {
+    Append(Record),
+    Purge {
+        user: UserId,
+        before: Millis,
+        reply: oneshot::Sender<Result<u64, HistoryError>>,
+    },
+}
+
+/// One group's store and the queue of its writer.
+struct GroupHistory {
+    dir: PathBuf,
+    config: StoreConfig,
+    store: Mutex<Option<HistoryStore>>,
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl GroupHistory {
+    /// Runs `f` on the store, opening it first if needed (blocking: call off the async workers).
+    fn with_store<T>(
+        &self,
+        f: impl FnOnce(&mut HistoryStore) -> Result<T, HistoryError>,
+    ) -> Result<T, HistoryError> {
+        let mut slot = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let store = HistoryStore::open(&self.dir, self.config.clone())?;
+            let report = store.recovery();
+            tracing::info!(dir = %self.dir.display(), ?report, "history store opened");
+            *slot = Some(store);
+        }
+        match slot.as_mut() {
+            Some(store) => f(store),
+            None => unreachable!("opened above"),
+        }
+    }
+}
+
+/// This node's location history (see the module doc).
+pub struct History {
+    dir: PathBuf,
+    config: HistoryConfig,
+    groups: Mutex<HashMap<GroupId, Arc<GroupHistory>>>,
+    /// How many groups this node holds, for each store's share of the byte budget.
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> HistoryError {
+    HistoryError::Io {
+        path: PathBuf::from("history"),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl History {
+    /// History kept under `data/history`.
+    pub fn new(data: &std::path::Path, config: HistoryConfig) -> Arc<History> {
+        Arc::new(History {
+            dir: data.join("history"),
+            config,
+            groups: Mutex::new(HashMap::new()),
+            held: std::sync::atomic::AtomicUsize::new(1),
+        })
+    }
+
+    /// Whether this node records history.
+    pub fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    /// This node now holds `n` groups (each store opened from now on gets `max_bytes / n`).
+    pub fn set_groups_held(&self, n: usize) {
+        self.held.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn group(&self, group: GroupId) -> Arc<GroupHistory> {
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = groups.get(&group) {
+            return Arc::clone(g);
+        }
+        let held = self.held.load(std::sync::atomic::Ordering::Relaxed) as u64;
+        let share = (self.config.max_bytes / held).max(2 * self.config.segment_bytes);
+        let config = StoreConfig {
+            segment_bytes: self.config.segment_bytes,
+            max_age: self.config.max_age,
+            max_bytes: share,
+            ..StoreConfig::default()
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let g = Arc::new(GroupHistory {
+            dir: self.dir.join(format!("g{group}")),
+            config,
+            store: Mutex::new(None),
+            jobs: tx,
+        });
+        tokio::spawn(writer(group, Arc::clone(&g), rx));
+        groups.insert(group, Arc::clone(&g));
+        g
+    }
+
+    /// Records `user` at `at` (an accepted location of a user of `group`, led here).
+    pub fn append(&self, group: GroupId, user: UserId, at: Millis, lat: f64, lon: f64) {
+        if !self.config.enabled {
+            return;
+        }
+        let record = Record {
+            user,
+            at_ms: at.0,
+            lat,
+            lon,
+        };
+        let _ = self.group(group).jobs.send(Job::Append(record));
+    }
+
+    /// `user`'s records in this node's store of `group` with `since <= at < until`, oldest first,
+    /// at most `limit`.
+    pub async fn read(
+        &self,
+        group: GroupId,
+        user: UserId,
+        since: Millis,
+        until: Millis,
+        limit: usize,
+    ) -> Result<Vec<Record>, HistoryError> {
+        let g = self.group(group);
+        tokio::task::spawn_blocking(move || g.with_store(|s| s.read(user, since.0, until.0, limit)))
+            .await
+            .map_err(join_error)?
+    }
+
+    /// Deletes from this node's store of `group` every record of `user` at or before `before`,
+    /// after every record accepted before this call; returns the records deleted.
+    pub async fn purge(&self, group: GroupId, user: UserId, before: Millis) -> Result<u64, HistoryError> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.group(group).jobs.send(Job::Purge { user, before, reply });
+        if sent.is_err() {
+            return Err(join_error_text("the history writer stopped"));
+        }
+        answer
+            .await
+            .map_err(|_| join_error_text("the history writer stopped"))?
+    }
+
+    /// Purges, in this node's store of `group`, what the group's records say was deleted:
+    /// for every user with a `history_cleared` mark, what is at or before it. For a node that
+    /// missed a deletion while it was down.
+    pub async fn reconcile(&self, group: GroupId, marks: Vec<(UserId, Millis)>) {
+        if !self.dir.join(format!("g{group}")).exists() {
+            return;
+        }
+        for (user, before) in marks {
+            if let Err(e) = self.purge(group, user, before).await {
+                tracing::warn!(group, user, error = %e, "history purge on reconcile failed");
+            }
+        }
+    }
+
+    /// Applies retention to every open store (whole old segments go; writes go on).
+    pub async fn enforce_retention(&self, now: Millis) {
+        let groups: Vec<(GroupId, Arc<GroupHistory>)> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(g, h)| (*g, Arc::clone(h)))
+            .collect();
+        for (group, g) in groups {
+            let result =
+                tokio::task::spawn_blocking(move || g.with_store(|s| s.enforce_retention(now.0))).await;
+            match result {
+                Ok(Ok(stats)) => tracing::debug!(group, ?stats, "history retention"),
+                Ok(Err(e)) => tracing::warn!(group, error = %e, "history retention failed"),
+                Err(e) => tracing::warn!(group, error = %e, "history retention task failed"),
+            }
+        }
+    }
+
+    /// Files and bytes held, over every open store.
+    pub fn bytes(&self) -> u64 {
+        let groups: Vec<Arc<GroupHistory>> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        groups
+            .iter()
+            .filter_map(|g| {
+                let slot = g.store.lock().unwrap_or_else(|p| p.into_inner());
+                slot.as_ref().map(|s| s.stats().bytes)
+            })
+            .sum()
+    }
+}
+
+/// How often retention runs.
+pub const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Runs retention every [`RETENTION_EVERY`], each store's share of the byte budget following
+/// the number of shard groups this node holds (from the map).
+pub fn spawn_retention(
+    history: Arc<History>,
+    directory: Arc<crate::route::directory::Directory>,
+    clock: Arc<dyn crate::clock::Clock>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(RETENTION_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let view = directory.view();
+            let me = directory.me();
+            let held = view
+                .map
+                .groups
+                .values()
+                .filter(|g| g.range.is_some() && g.replicas().any(|n| n == me))
+                .count();
+            history.set_groups_held(held);
+            history.enforce_retention(clock.now()).await;
+        }
+    })
+}
+
+fn join_error_text(why: &str) -> HistoryError {
+    HistoryError::Io {
+        path: PathBuf::from("history"),
+        source: std::io::Error::other(why.to_string()),
+    }
+}
+
+/// The writer of one group's store: batches appends (up to [`BATCH`] records or [`FLUSH`]),
+/// writes each batch with one fdatasync, and runs purges in queue order.
+async fn writer(group: GroupId, g: Arc<GroupHistory>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let mut batch: Vec<Record> = Vec::new();
+    let mut pending: Option<Job> = None;
+    loop {
+        let first = match pending.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        match first {
+            Job::Append(r) => {
+                batch.push(r);
+                let deadline = tokio::time::Instant::now() + FLUSH;
+                while batch.len() < BATCH {
+                    match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                        Ok(Some(Job::Append(r))) => batch.push(r),
+                        // A purge waits for the batch before it.
+                        Ok(Some(purge)) => {
+                            pending = Some(purge);
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                let records = std::mem::take(&mut batch);
+                let n = records.len();
+                let g2 = Arc::clone(&g);
+                let result = tokio::task::spawn_blocking(move || g2.with_store(|s| s.append(&records))).await;
+                match result {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(group, records = n, error = %e, "history batch not written"),
+                    Err(e) => tracing::warn!(group, records = n, error = %e, "history writer task failed"),
+                }
+            }
+            Job::Purge { user, before, reply } => {
+                let g2 = Arc::clone(&g);
+                let result = tokio::task::spawn_blocking(move || {
+                    g2.with_store(|s| s.delete_before(user, before.0.saturating_add(1)))
+                })
+                .await
+                .map_err(join_error)
+                .and_then(|r| r)
+                .map(|stats| stats.records_removed);
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
