@@ -94,6 +94,59 @@ pub struct Client {
     slots: Arc<Semaphore>,
     session: watch::Receiver<SessionInfo>,
     events: Arc<Mutex<Option<mpsc::Receiver<SdkEvent>>>>,
+    links: Arc<Mutex<Links>>,
+}
+
+/// What the client's connections sent and received so far: what a phone's radio did for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// UDP datagrams sent (each may hold several QUIC packets).
+    pub datagrams_sent: u64,
+    /// UDP datagrams received.
+    pub datagrams_received: u64,
+    /// Bytes sent, UDP payloads.
+    pub bytes_sent: u64,
+    /// Bytes received, UDP payloads.
+    pub bytes_received: u64,
+    /// Connections made (the first one and every reconnect).
+    pub connections: u64,
+}
+
+impl LinkStats {
+    fn of(conn: &quinn::Connection) -> LinkStats {
+        let s = conn.stats();
+        LinkStats {
+            datagrams_sent: s.udp_tx.datagrams,
+            datagrams_received: s.udp_rx.datagrams,
+            bytes_sent: s.udp_tx.bytes,
+            bytes_received: s.udp_rx.bytes,
+            connections: 1,
+        }
+    }
+
+    fn add(&mut self, o: LinkStats) {
+        self.datagrams_sent += o.datagrams_sent;
+        self.datagrams_received += o.datagrams_received;
+        self.bytes_sent += o.bytes_sent;
+        self.bytes_received += o.bytes_received;
+        self.connections += o.connections;
+    }
+}
+
+/// The connections of a client: the current one, and the totals of those gone.
+#[derive(Default)]
+struct Links {
+    current: Option<quinn::Connection>,
+    past: LinkStats,
+}
+
+impl Links {
+    fn replace(&mut self, conn: Option<quinn::Connection>) {
+        if let Some(old) = self.current.take() {
+            self.past.add(LinkStats::of(&old));
+        }
+        self.current = conn;
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -140,7 +193,9 @@ impl Client {
         let (events_tx, events_rx) = mpsc::channel(config.event_capacity);
         let (session_tx, session) = watch::channel(info);
         let slots = Arc::new(Semaphore::new(config.max_in_flight));
+        let links = Arc::new(Mutex::new(Links::default()));
         let driver = Driver {
+            links: Arc::clone(&links),
             live: None,
             pending: HashMap::new(),
             next_id: OPENING_ID + 1,
@@ -158,7 +213,21 @@ impl Client {
             slots,
             session,
             events: Arc::new(Mutex::new(Some(events_rx))),
+            links,
         })
+    }
+
+    /// What the client's connections sent and received so far (every connection it made).
+    pub fn link_stats(&self) -> LinkStats {
+        let links = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut total = links.past;
+        if let Some(conn) = &links.current {
+            total.add(LinkStats::of(conn));
+        }
+        total
     }
 
     /// Asks a dev node — the first of `endpoints` that answers — for a token for `user`
@@ -551,6 +620,7 @@ enum Exit {
 
 /// The background task that owns the connection. See the module documentation.
 struct Driver {
+    links: Arc<Mutex<Links>>,
     live: Option<Live>,
     pending: HashMap<RequestId, Pending>,
     next_id: RequestId,
@@ -611,6 +681,10 @@ impl Driver {
         let (shutdown_tx, shutdown) = mpsc::channel(1);
         let reader = tokio::spawn(read_responses(recv, responses_tx));
         let pusher = tokio::spawn(read_events(conn.clone(), self.events.clone(), shutdown_tx));
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .replace(Some(conn.clone()));
         self.live = Some(Live {
             endpoint,
             owned,

@@ -37,7 +37,7 @@ pub mod error;
 pub mod proto;
 pub mod tls;
 
-pub use self::client::{Client, LocationAck, SdkEvent};
+pub use self::client::{Client, LinkStats, LocationAck, SdkEvent};
 pub use self::config::{Backoff, ClientConfig, DEFAULT_SERVER_NAME};
 pub use self::error::ClientError;
 pub use nearby_index::geo::{LatLng, Millis, UserId};

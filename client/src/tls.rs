@@ -11,11 +11,17 @@ use rustls::pki_types::CertificateDer;
 use crate::error::ClientError;
 use crate::proto::ALPN;
 
-/// The keep-alive interval of a connection by default.
-pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// The NAT-safe interval: a QUIC PING goes out only when nothing has been received for this
+/// long. RFC 9308 (§3.5) reports that a packet every 30 s keeps the UDP bindings of the great
+/// majority of NATs and firewalls; 25 s leaves a margin. Location updates (every 10–30 s while
+/// friends are around) and their answers restart the timer, so PINGs are sent only while the
+/// node asks for slower updates (60–120 s, nobody around), never between every two updates.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(25);
 
-/// The idle timeout of a connection by default.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The idle timeout of a connection by default: more than two keep-alive intervals, so one
+/// lost PING (or its answer) does not end a healthy connection. A node that went silent is
+/// noticed sooner by the request timeout of the next update.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The quinn client configuration trusting the certificates in `ca_pem`, with the default
 /// liveness settings ([`DEFAULT_KEEP_ALIVE`], [`DEFAULT_IDLE_TIMEOUT`]).

@@ -79,6 +79,8 @@ pub struct ServiceConfig {
     pub page_size: u16,
     /// Events queued per session before positions are superseded.
     pub event_queue: usize,
+    /// Sessions one user may have open on a node at once.
+    pub sessions_per_user: usize,
     /// Load shedding: above these limits a share of periodic location updates is refused
     /// (`None`: never; see [`crate::service::overload`]).
     pub shed: Option<crate::service::overload::Limits>,
@@ -90,6 +92,7 @@ impl Default for ServiceConfig {
             presence: crate::presence::PresenceConfig::default(),
             page_size: 20,
             event_queue: 256,
+            sessions_per_user: 8,
             shed: Some(crate::service::overload::Limits::default()),
         }
     }

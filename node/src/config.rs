@@ -33,6 +33,8 @@
 //! shed = true                    # refuse a share of periodic updates when overloaded
 //! shed_cpu_percent = 90          # ... above this CPU use of the node's cores
 //! shed_lag_ms = 20               # ... or above this scheduling lag
+//! min_update_interval_ms = 500   # a session's updates closer than this are refused
+//! sessions_per_user = 8          # open sessions per user on a node
 //!
 //! [history]                      # users' location history (`crate::history`)
 //! enabled = true
@@ -184,6 +186,21 @@ pub struct LimitsSection {
     /// ... or when the scheduling lag is above this many milliseconds.
     #[serde(default = "default_shed_lag_ms")]
     pub shed_lag_ms: u32,
+    /// A session's location updates closer together than this many milliseconds are refused
+    /// (`rate_limited`); the node's fastest cadence is 10 s.
+    #[serde(default = "default_min_update_interval_ms")]
+    pub min_update_interval_ms: u32,
+    /// Sessions one user may have open on a node at once; more are refused
+    /// (`too_many_sessions`).
+    #[serde(default = "default_sessions_per_user")]
+    pub sessions_per_user: u16,
+}
+
+fn default_min_update_interval_ms() -> u32 {
+    500
+}
+fn default_sessions_per_user() -> u16 {
+    8
 }
 
 impl Default for LimitsSection {
@@ -192,6 +209,8 @@ impl Default for LimitsSection {
             shed: default_shed(),
             shed_cpu_percent: default_shed_cpu_percent(),
             shed_lag_ms: default_shed_lag_ms(),
+            min_update_interval_ms: default_min_update_interval_ms(),
+            sessions_per_user: default_sessions_per_user(),
         }
     }
 }
@@ -441,6 +460,7 @@ impl NodeConfig {
                 pseudonyms: None,
             },
             page_size: self.presence.page_size,
+            sessions_per_user: usize::from(self.limits.sessions_per_user.max(1)),
             shed: self.limits.shed.then(|| Limits {
                 lag: Duration::from_millis(u64::from(self.limits.shed_lag_ms)),
                 cpu: f64::from(self.limits.shed_cpu_percent) / 100.0,

@@ -472,6 +472,15 @@ impl Backend for Gateway {
         if !d.group().read(|s| s.user(user).is_some()) {
             self.ensure_registered(user).await?;
         }
+        if self.sessions.count(user) >= self.config.sessions_per_user {
+            return Err(ServiceError::new(
+                ErrorCode::TooManySessions,
+                format!(
+                    "user {user} already has {} sessions open on this node; close one first",
+                    self.config.sessions_per_user
+                ),
+            ));
+        }
         let (sink, first) = self.sessions.open(user);
         if first && !d.send(GroupMsg::Connect { user }) {
             self.sessions.close(user, sink.id());

@@ -326,6 +326,8 @@ async fn run_node(
     opts.client_advertise = config.client_advertise();
     opts.raft_advertise = config.raft_advertise();
     opts.service = config.service();
+    opts.min_update_interval =
+        std::time::Duration::from_millis(u64::from(config.limits.min_update_interval_ms));
     opts.history = config.history.config();
     match &config.cluster.pseudonym_key {
         Some(path) => {

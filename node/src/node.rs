@@ -66,6 +66,8 @@ pub struct NodeOptions {
     pub raft: Option<openraft::Config>,
     /// Location history (kept under `data/history`).
     pub history: crate::history::HistoryConfig,
+    /// A session's location updates closer together than this are refused.
+    pub min_update_interval: Duration,
 }
 
 impl NodeOptions {
@@ -98,6 +100,7 @@ impl NodeOptions {
             sessions_per_s: 5_000,
             raft: None,
             history: Default::default(),
+            min_update_interval: Duration::from_millis(500),
         }
     }
 }
@@ -138,6 +141,7 @@ impl Node {
         sopts.dev_signer = opts.dev_signer;
         sopts.transport = opts.transport;
         sopts.shed = shed;
+        sopts.min_update_interval = opts.min_update_interval;
         let listener = Listener::bind(sopts)?;
         let client_addr = listener
             .local_addr()

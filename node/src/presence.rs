@@ -223,6 +223,23 @@ struct Viewer {
     pending: usize,
     /// Publisher → log index (in its group) of the last revocation seen: older news is stale.
     revoked: HashMap<UserId, u64>,
+    /// The cadence the viewer was last told (0: not yet).
+    told: u32,
+}
+
+/// The cadence policy (seconds between a phone's location updates, as the node asks): fast while
+/// a friend is close, slow while nobody the user may see is around. See `docs/protocol.md`.
+pub mod cadence {
+    /// A friend shown within [`NEAR_M`]: meeting up.
+    pub const NEAR_S: u32 = 10;
+    /// A friend shown within the radius.
+    pub const IN_RANGE_S: u32 = 30;
+    /// Friends active, none within the radius.
+    pub const FAR_S: u32 = 60;
+    /// No friend (or followed user) active at all.
+    pub const ALONE_S: u32 = 120;
+    /// "Close", in metres.
+    pub const NEAR_M: f64 = 1_000.0;
 }
 
 /// The live presence of one shard group (see the module doc).
@@ -774,6 +791,7 @@ impl Presence {
         };
         if let (Some(event), true) = (event, notify) {
             self.outputs.push(Output::Push { viewer, event });
+            self.retune(viewer);
         }
     }
 
@@ -788,6 +806,32 @@ impl Presence {
                 event: Event::FriendGone { id: friend, reason },
             });
         }
+    }
+
+    /// Tells `viewer` at once to update at [`cadence::NEAR_S`] when a friend's move brings
+    /// them close (meeting up should not wait for a slow phone's next update). Every other
+    /// change waits for the viewer's next update, whose answer carries it: one packet fewer.
+    fn retune(&mut self, viewer: UserId) {
+        let c = self.cadence_s(viewer);
+        let Some(v) = self.viewers.get_mut(&viewer) else {
+            return;
+        };
+        if v.told != 0 && c == cadence::NEAR_S && c < v.told {
+            v.told = c;
+            self.outputs.push(Output::Push {
+                viewer,
+                event: Event::Cadence { next_update_s: c },
+            });
+        }
+    }
+
+    /// The cadence to tell `viewer` in the answer to its update; remembered.
+    pub fn tell_cadence(&mut self, viewer: UserId) -> u32 {
+        let c = self.cadence_s(viewer);
+        if let Some(v) = self.viewers.get_mut(&viewer) {
+            v.told = c;
+        }
+        c
     }
 
     /// Expires locations whose TTL passed (their viewers are told the user went inactive), and
@@ -1037,14 +1081,13 @@ impl Presence {
         Some(Ok((page, names)))
     }
 
-    /// Seconds until the node wants `viewer`'s next update: faster when a friend is close,
-    /// slower when nobody the viewer may see is active.
+    /// Seconds until the node wants `viewer`'s next update (see [`cadence`]).
     pub fn cadence_s(&self, viewer: UserId) -> u32 {
         let (Some(me), Some(v)) = (self.locations.get(viewer), self.viewers.get(&viewer)) else {
-            return 30;
+            return cadence::IN_RANGE_S;
         };
         if v.known.is_empty() {
-            return 60;
+            return cadence::ALONE_S;
         }
         let closest = v
             .visible
@@ -1052,10 +1095,12 @@ impl Presence {
             .filter_map(|f| v.known.get(f))
             .map(|at| me.loc.distance_m(&at.loc))
             .fold(f64::INFINITY, f64::min);
-        if closest <= 1_000.0 {
-            10
+        if closest <= cadence::NEAR_M {
+            cadence::NEAR_S
+        } else if closest.is_finite() {
+            cadence::IN_RANGE_S
         } else {
-            30
+            cadence::FAR_S
         }
     }
 }
@@ -1606,6 +1651,42 @@ mod tests {
         assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
         w.at(150, B.0 + 0.002, B.1);
         assert!(w.take(1).is_empty());
+    }
+
+    #[test]
+    fn a_friend_coming_close_speeds_the_viewer_up_at_once_and_slowing_waits_for_the_next_update() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        let told = w.presences.get_mut(&1).expect("p").tell_cadence(1);
+        assert_eq!(told, cadence::ALONE_S, "nobody active");
+        w.at(150, B.0, B.1); // 3 km: in range
+        assert!(
+            matches!(&w.take(1)[..], [Event::FriendEntered(_)]),
+            "no push for 120 -> 30"
+        );
+        assert_eq!(w.presences[&1].cadence_s(1), cadence::IN_RANGE_S);
+        w.at(150, A.0 + 0.005, A.1); // 560 m
+        match &w.take(1)[..] {
+            [Event::FriendMoved(_), Event::Cadence { next_update_s }] => {
+                assert_eq!(*next_update_s, cadence::NEAR_S)
+            }
+            other => panic!("expected a move then a faster cadence, got {other:?}"),
+        }
+        w.at(150, B.0, B.1);
+        assert!(
+            matches!(&w.take(1)[..], [Event::FriendMoved(_)]),
+            "slowing is pushed"
+        );
+        assert_eq!(
+            w.presences.get_mut(&1).expect("p").tell_cadence(1),
+            cadence::IN_RANGE_S
+        );
+        w.at(150, A.0 + 0.5, A.1); // 55 km: out of range
+        w.take(1);
+        assert_eq!(w.presences[&1].cadence_s(1), cadence::FAR_S);
     }
 
     #[test]

@@ -46,6 +46,11 @@ impl Sessions {
         (sink, list.len() == 1)
     }
 
+    /// Sessions `user` has open here.
+    pub fn count(&self, user: UserId) -> usize {
+        self.lock().get(&user).map_or(0, Vec::len)
+    }
+
     /// Forgets session `id` of `user`; returns whether it was the user's last.
     pub fn close(&self, user: UserId, id: u64) -> bool {
         let mut all = self.lock();

@@ -446,6 +446,8 @@ pub enum ErrorCode {
     NotStarted = 14,
     /// `Hello` sent twice.
     AlreadyAuthenticated = 15,
+    /// The user has as many sessions open on the node as it allows: close one first.
+    TooManySessions = 16,
 }
 
 impl From<ErrorCode> for u16 {
@@ -468,7 +470,7 @@ impl TryFrom<u16> for ErrorCode {
 
 impl ErrorCode {
     /// Every code, in number order.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -484,6 +486,7 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::NotStarted,
         ErrorCode::AlreadyAuthenticated,
+        ErrorCode::TooManySessions,
     ];
 
     /// The code's stable name, as the CLI prints it.
@@ -504,6 +507,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::NotStarted => "not_started",
             ErrorCode::AlreadyAuthenticated => "already_authenticated",
+            ErrorCode::TooManySessions => "too_many_sessions",
         }
     }
 }

@@ -681,8 +681,8 @@ impl Driver {
         nearby_client::proto::StrangerPage { strangers, more }
     }
 
-    fn ack(&self, user: UserId, first: bool) -> Result<LocationAck, ServiceError> {
-        let next_update_s = self.presence.cadence_s(user);
+    fn ack(&mut self, user: UserId, first: bool) -> Result<LocationAck, ServiceError> {
+        let next_update_s = self.presence.tell_cadence(user);
         if first {
             let page = self.page(user, None, usize::from(self.ctx.config.page_size))?;
             return Ok(LocationAck::Started { page, next_update_s });

@@ -34,6 +34,9 @@ pub struct ServiceOptions {
     pub max_connections: usize,
     /// Requests per second a session may send (sustained); bursts of twice that pass.
     pub requests_per_s: u32,
+    /// A session's location updates closer together than this are refused (`rate_limited`):
+    /// the node's fastest cadence is 10 s, so only a misbehaving client meets it.
+    pub min_update_interval: Duration,
     /// How long a new connection may take to authenticate.
     pub hello_timeout: Duration,
     /// QUIC transport settings.
@@ -53,6 +56,7 @@ impl ServiceOptions {
             dev_token_ttl: Duration::from_secs(24 * 3600),
             max_connections: 100_000,
             requests_per_s: 20,
+            min_update_interval: Duration::from_millis(500),
             hello_timeout: Duration::from_secs(10),
             transport: tls::Transport::default(),
             shed: Some(overload::Limits::default()),
@@ -170,6 +174,7 @@ impl Listener {
             dev_signer: opts.dev_signer,
             dev_token_ttl: opts.dev_token_ttl,
             requests_per_s: opts.requests_per_s,
+            min_update_interval: opts.min_update_interval,
             hello_timeout: opts.hello_timeout,
             max_connections: opts.max_connections,
             connections: Default::default(),

@@ -37,6 +37,7 @@ pub(crate) struct Context<B> {
     pub(crate) dev_signer: Option<Arc<TokenSigner>>,
     pub(crate) dev_token_ttl: Duration,
     pub(crate) requests_per_s: u32,
+    pub(crate) min_update_interval: Duration,
     pub(crate) hello_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) connections: AtomicUsize,
@@ -60,6 +61,8 @@ struct Session<B> {
     sink: Option<SessionSink>,
     started: bool,
     limit: TokenBucket,
+    /// When the session's last location update was taken.
+    last_update: Option<Instant>,
     out: Vec<u8>,
 }
 
@@ -95,6 +98,7 @@ pub(crate) async fn serve<B: Backend>(incoming: quinn::Incoming, ctx: Arc<Contex
         user: None,
         sink: None,
         started: false,
+        last_update: None,
         out: Vec::new(),
     };
     match s.run(recv, hello_by).await {
@@ -215,6 +219,20 @@ impl<B: Backend> Session<B> {
             Request::DevLogin { user } => self.dev_login(user).await,
             Request::UpdateLocation { at } => {
                 let me = self.me()?;
+                let now = Instant::now();
+                if self
+                    .last_update
+                    .is_some_and(|t| now.duration_since(t) < self.ctx.min_update_interval)
+                {
+                    return Err(ServiceError::new(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "location updates come at most every {} ms: this one was not applied",
+                            self.ctx.min_update_interval.as_millis()
+                        ),
+                    ));
+                }
+                self.last_update = Some(now);
                 // Under overload a periodic update is refused before it touches anything; a
                 // session's first location (its start) always goes through.
                 if self.started && self.ctx.load.as_ref().is_some_and(|g| g.shed_update()) {

@@ -501,3 +501,49 @@ async fn history_is_recorded_read_by_range_turned_off_and_really_deleted_from_di
     assert_eq!(history_of(&a, 1).await.len(), 1);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_faster_than_the_interval_and_sessions_beyond_the_limit_are_refused() {
+    let service = nearby_node::api::ServiceConfig {
+        shed: None,
+        sessions_per_user: 2,
+        ..nearby_node::api::ServiceConfig::default()
+    };
+    let node = TestNode::start_limited(None, service, Duration::from_secs(3_600)).await;
+    let (ann, bob) = (uid(0, 80), uid(1, 80));
+    node.befriend(ann, bob).await;
+    let mut b = node.client(bob).await;
+    let a = node.client(ann).await;
+    b.at(B.0, B.1).await;
+    a.at(A.0, A.1).await;
+    assert!(matches!(b.next_about(ann).await, Event::FriendEntered(_)));
+    // A second update right after the first: refused, and nothing of it reaches bob.
+    let e = a
+        .client
+        .update_location(nearby_client::proto::Coord {
+            lat: A.0 + 0.001,
+            lon: A.1,
+        })
+        .await
+        .expect_err("too fast");
+    assert_eq!(code(e), ErrorCode::RateLimited);
+    let page = b.client.list_nearby(None, None).await.expect("list");
+    assert!(
+        (page.friends[0].distance_m - 3_002.3).abs() < 30.0,
+        "the refused update moved ann: {page:?}"
+    );
+    // A third session of ann: refused; the first two keep working.
+    let second = node.client(ann).await;
+    let cfg = nearby_client::ClientConfig::new(node.addr.clone(), node.ca_pem.clone(), ann, node.token(ann));
+    let third = nearby_client::Client::connect(cfg)
+        .await
+        .expect_err("a third session");
+    assert_eq!(code(third), ErrorCode::TooManySessions);
+    second
+        .client
+        .ping()
+        .await
+        .expect("the second session still works");
+    a.client.ping().await.expect("the first session still works");
+    node.stop().await;
+}

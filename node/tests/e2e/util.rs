@@ -57,6 +57,16 @@ impl TestNode {
         seed: Option<nearby_raft::seed::Seed>,
         service: ServiceConfig,
     ) -> TestNode {
+        // Tests send a user's updates back to back: no minimum interval (its own test sets it).
+        Self::start_limited(seed, service, Duration::ZERO).await
+    }
+
+    /// Starts a node whose sessions' updates must be `min_update_interval` apart.
+    pub(crate) async fn start_limited(
+        seed: Option<nearby_raft::seed::Seed>,
+        service: ServiceConfig,
+        min_update_interval: Duration,
+    ) -> TestNode {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -80,6 +90,7 @@ impl TestNode {
         );
         opts.dev_signer = Some(Arc::clone(&signer));
         opts.service = service;
+        opts.min_update_interval = min_update_interval;
         let node = Node::start(opts).await.expect("node starts");
         if let Some(seed) = seed {
             node.import(&seed).await.expect("import");

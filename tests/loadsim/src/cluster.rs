@@ -348,7 +348,7 @@ impl ProcessCluster {
             "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
              [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n[auth]\ntoken_public_key = {public:?}\n\
-             [limits]\nshed = false\n",
+             [limits]\nshed = false\nmin_update_interval_ms = 0\n",
             data = self.data(i),
             client = self.client_addr(i),
             raft = self.raft_addr(i),
@@ -552,11 +552,22 @@ impl ProcessCluster {
     /// A connected client of `user` that knows only the nodes `via` (1-based ids); retries
     /// while the cluster answers "retry" (an election), for up to 20 s.
     pub async fn client_via(&self, user: UserId, via: &[u8]) -> Result<Client, nearby_client::ClientError> {
+        self.connect(self.client_config(user, via)).await
+    }
+
+    /// The configuration of a client of `user` that knows only the nodes `via` (1-based ids).
+    pub fn client_config(&self, user: UserId, via: &[u8]) -> ClientConfig {
         let endpoints: Vec<String> = via.iter().map(|i| self.client_addr(*i).to_string()).collect();
         let mut cfg = ClientConfig::new(String::new(), self.client_ca.clone(), user, self.token(user))
             .with_endpoints(endpoints);
         cfg.connect_timeout = Duration::from_secs(2);
         cfg.request_timeout = Duration::from_secs(3);
+        cfg
+    }
+
+    /// Connects with `cfg`, retrying while the cluster answers "retry" (an election), for up to
+    /// 20 s.
+    pub async fn connect(&self, cfg: ClientConfig) -> Result<Client, nearby_client::ClientError> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match Client::connect(cfg.clone()).await {

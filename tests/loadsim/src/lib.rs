@@ -50,6 +50,7 @@ pub mod metrics;
 pub mod oracle;
 pub mod plot;
 pub mod procstat;
+pub mod radio;
 pub mod report;
 pub mod world;
 

@@ -65,6 +65,10 @@ enum Cmd {
     /// Many groups, cheap: a cluster with no clients, its idle CPU per node once groups
     /// hibernate, and how long a killed node's groups take to get new leaders.
     Groups(GroupsArgs),
+    /// A phone's radio, in real time: updates per user per minute, datagrams per user per hour
+    /// and the freshness of nearby friends' positions, for the old client behaviour (updates
+    /// every 30 s, a keep-alive every 5 s) against the node's cadence and the NAT-safe keep-alive.
+    Radio(RadioArgs),
     /// Plot runs' JSON reports against each other: writes `latency.svg` (p99/p50 latency against
     /// delivered pushes/s) and `cpu.svg` (CPU seconds per million pushes) to `--out-dir`.
     Plot {
@@ -151,6 +155,29 @@ struct GroupsArgs {
     /// Seconds each CPU measurement lasts.
     #[arg(long, default_value_t = 10.0)]
     window: f64,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `nearby-loadsim radio`.
+#[derive(Args)]
+struct RadioArgs {
+    /// Where the node's files go (a fresh directory is made inside).
+    #[arg(long, default_value = "./nearby-radio")]
+    dir: PathBuf,
+    /// The `nearby-node` binary (default: next to this one).
+    #[arg(long)]
+    node_bin: Option<PathBuf>,
+    /// Online users per profile (a multiple of 8).
+    #[arg(long, default_value_t = 96)]
+    users: u32,
+    /// Seconds measured (real time; at least a few of the slowest cadence, 120 s).
+    #[arg(long, default_value_t = 600.0)]
+    seconds: f64,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -369,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Ceiling(args) => ceiling(args),
         Cmd::Chaos(args) => chaos(args),
         Cmd::Groups(args) => groups(args),
+        Cmd::Radio(args) => radio(args),
         Cmd::CeilingServer {
             sessions,
             mode,
@@ -578,6 +606,36 @@ fn groups(args: GroupsArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let report = rt.block_on(nearby_loadsim::groups::run(config))?;
+    println!("{}", report.table());
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn radio(args: RadioArgs) -> anyhow::Result<ExitCode> {
+    use nearby_loadsim::radio::{Profile, RadioConfig};
+    let dir = args.dir.join(format!("run-{}", std::process::id()));
+    let config = RadioConfig {
+        dir: dir.clone(),
+        node_bin: args.node_bin,
+        users: args.users,
+        duration: Duration::from_secs_f64(args.seconds),
+        profiles: vec![
+            Profile::before(),
+            Profile::fixed_fast(),
+            Profile::cadence_only(),
+            Profile::after(),
+        ],
+        progress: !args.quiet,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = rt.block_on(nearby_loadsim::radio::run(config))?;
     println!("{}", report.table());
     if let Some(path) = &args.json_out {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
