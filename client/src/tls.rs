@@ -11,6 +11,10 @@ use rustls::pki_types::CertificateDer;
 use crate::error::ClientError;
 use crate::proto::ALPN;
 
+/// Flow-control window of each stream the client receives on: a 64 KiB frame and its header,
+/// with room to spare.
+const STREAM_WINDOW: u32 = 128 * 1024;
+
 /// The NAT-safe interval: a QUIC PING goes out only when nothing has been received for this
 /// long. RFC 9308 (§3.5) reports that a packet every 30 s keeps the UDP bindings of the great
 /// majority of NATs and firewalls; 25 s leaves a margin. Location updates (every 10–30 s while
@@ -78,6 +82,11 @@ fn transport_config(
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(idle));
+    // Room for one largest frame per stream, not quinn's 1.25 MiB: an app that stops reading
+    // its events holds at most this much of them, and the node's own bounded queue (which
+    // closes a reader that cannot keep up) takes over instead of a phone buffering megabytes.
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(quinn::VarInt::from_u32(2 * STREAM_WINDOW));
     Ok(t)
 }
 

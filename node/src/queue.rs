@@ -53,6 +53,8 @@ impl fmt::Display for CloseReason {
 pub struct EventQueue {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken (all waiters) when the queue closes.
+    on_close: Notify,
     capacity: usize,
 }
 
@@ -114,6 +116,7 @@ impl EventQueue {
                 superseded: 0,
             }),
             notify: Notify::new(),
+            on_close: Notify::new(),
             capacity: capacity.max(1),
         }
     }
@@ -162,6 +165,7 @@ impl EventQueue {
                     s.events.clear();
                     drop(s);
                     self.notify.notify_one();
+                    self.on_close.notify_waiters();
                     return;
                 }
             }
@@ -185,6 +189,20 @@ impl EventQueue {
         s.closed.get_or_insert(reason);
         drop(s);
         self.notify.notify_one();
+        self.on_close.notify_waiters();
+    }
+
+    /// Resolves once the queue is closed (at once if it is): a writer stuck on a client that
+    /// stopped reading learns of the close without waiting for its write.
+    pub async fn closed(&self) {
+        loop {
+            // Created before the check: `notify_waiters` reaches it from here on.
+            let woken = self.on_close.notified();
+            if self.is_closed() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// Waits for the next event, or the close.
@@ -220,6 +238,7 @@ mod tests {
     use super::*;
     use nearby_client::proto::{Coord, FriendPosition, GoneReason};
     use nearby_index::geo::Millis;
+    use std::sync::Arc;
 
     fn moved(id: u64, t: u64) -> Event {
         Event::FriendMoved(FriendPosition {
@@ -295,6 +314,29 @@ mod tests {
         assert_eq!(got[0], Event::FriendRequest { from: 1 });
         assert_eq!(got[1], moved(2, 1));
         assert!(matches!(got[2], Event::FriendGone { id: 1, .. }));
+    }
+
+    #[tokio::test]
+    async fn a_writer_waiting_on_closed_learns_of_an_overflow() {
+        let q = Arc::new(EventQueue::new(1));
+        let waiter = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { q.closed().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        for id in 0..2 {
+            q.push(Event::FriendGone {
+                id,
+                reason: GoneReason::Inactive,
+            });
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+        // Already closed: at once.
+        q.closed().await;
     }
 
     #[tokio::test]

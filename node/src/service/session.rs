@@ -464,7 +464,13 @@ async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: Use
                     reconnect_after_ms,
                     redirect,
                 };
-                if frame::encode(&bye, &mut buf).is_ok() && stream.write_all(&buf).await.is_ok() {
+                // A client that stopped reading gets no more than a second of our time.
+                let wrote = frame::encode(&bye, &mut buf).is_ok()
+                    && matches!(
+                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await,
+                        Ok(Ok(()))
+                    );
+                if wrote {
                     let _ = stream.finish();
                     let _ = tokio::time::timeout(Duration::from_secs(1), stream.stopped()).await;
                 }
@@ -482,8 +488,15 @@ async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: Use
             tracing::error!(user, error = %e, "cannot encode an event");
             continue;
         }
-        if stream.write_all(&buf).await.is_err() {
-            return;
+        // A client that stops reading blocks this write (QUIC flow control) while the queue
+        // fills behind it; when the queue gives up on the client, so does the write.
+        tokio::select! {
+            written = stream.write_all(&buf) => {
+                if written.is_err() {
+                    return;
+                }
+            }
+            () = queue.closed() => {}
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The product beyond friends, over QUIC on one node: followers (one-way sharing) and ghost
 //! mode with a timer that ends by itself.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_client::proto::{ErrorCode, Event, GhostMode, GoneReason, Relation, GHOST_FOREVER};
@@ -545,5 +546,95 @@ async fn updates_faster_than_the_interval_and_sessions_beyond_the_limit_are_refu
         .await
         .expect("the second session still works");
     a.client.ping().await.expect("the first session still works");
+    node.stop().await;
+}
+
+/// This process's resident memory, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_with_bounded_memory_while_others_keep_their_latency() {
+    let node = TestNode::start().await;
+    let (slow, carl) = (uid(0, 90), uid(1, 90));
+    // 30 friends of the slow reader cross the edge of its radius again and again ("entered" and
+    // "left" may not be dropped); the first of them is also carl's friend.
+    let movers: Vec<u64> = (0..30).map(|i| uid((i % 4) as usize, 100 + i)).collect();
+    for &m in &movers {
+        node.befriend(slow, m).await;
+    }
+    node.befriend(carl, movers[0]).await;
+    // The slow reader: its app never takes events, so the SDK stops reading the event stream.
+    let mut cfg =
+        nearby_client::ClientConfig::new(node.addr.clone(), node.ca_pem.clone(), slow, node.token(slow));
+    cfg.event_capacity = 1;
+    let s = nearby_client::Client::connect(cfg).await.expect("connect");
+    s.update_location(nearby_client::proto::Coord { lat: A.0, lon: A.1 })
+        .await
+        .expect("located");
+    let mut c = node.client(carl).await;
+    c.at(A.0, A.1 + 0.01).await;
+    let mut clients = Vec::new();
+    for &m in &movers {
+        let v = node.client(m).await;
+        v.at(A.0 + 0.01, A.1).await;
+        clients.push(v);
+    }
+    assert!(matches!(c.next_about(movers[0]).await, Event::FriendEntered(_)));
+
+    let before = rss();
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampler = {
+        let peak = Arc::clone(&peak);
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let (inside, outside) = ((A.0 + 0.07, A.1), (A.0 + 0.08, A.1)); // 7.8 km, 8.9 km from the reader
+    let mut worst = Duration::ZERO;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut round = 0u64;
+    while s.link_stats().connections < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow reader was never closed"
+        );
+        let at = if round.is_multiple_of(2) { outside } else { inside };
+        let sent = std::time::Instant::now();
+        futures::future::join_all(clients.iter().map(|v| v.at(at.0, at.1))).await;
+        // carl reads and keeps up: each crossing of his friend reaches him promptly.
+        let e = c.next_about(movers[0]).await;
+        assert!(
+            matches!(e, Event::FriendLeft { .. } | Event::FriendEntered(_)),
+            "{e:?}"
+        );
+        worst = worst.max(sent.elapsed());
+        round += 1;
+        // Each mover stays within its session's 20 requests/s.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    sampler.abort();
+    let grew = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    tracing::info!(rounds = round, grew, ?worst, "slow reader closed");
+    assert!(
+        grew < 64 << 20,
+        "memory grew by {} MiB while a reader stalled",
+        grew >> 20
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a reading session waited {worst:?} for an event"
+    );
     node.stop().await;
 }
