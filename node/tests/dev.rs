@@ -150,14 +150,19 @@ fn nearby_cli() -> std::path::PathBuf {
     path
 }
 
-fn cli(home: &std::path::Path, user: u64, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(nearby_cli())
+/// Runs `nearby --json --user USER ARGS` with `home` as NEARBY_HOME.
+fn nearby(home: &std::path::Path, user: u64, args: &[&str]) -> std::process::Output {
+    Command::new(nearby_cli())
         .arg("--json")
         .args(["--user", &user.to_string()])
         .args(args)
         .env("NEARBY_HOME", home)
         .output()
-        .expect("run nearby");
+        .expect("run nearby")
+}
+
+fn cli(home: &std::path::Path, user: u64, args: &[&str]) -> serde_json::Value {
+    let out = nearby(home, user, args);
     assert!(
         out.status.success(),
         "nearby {args:?} failed: {}\n{}",
@@ -332,13 +337,7 @@ fn run_mode_starts_from_a_config_file_and_bad_configs_name_the_field() {
 fn cli_result(home: &std::path::Path, user: u64, args: &[&str]) -> Result<serde_json::Value, String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let out = Command::new(nearby_cli())
-            .arg("--json")
-            .args(["--user", &user.to_string()])
-            .args(args)
-            .env("NEARBY_HOME", home)
-            .output()
-            .expect("run nearby");
+        let out = nearby(home, user, args);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "nearby {args:?} printed no JSON ({e}): {}{}",
