@@ -304,7 +304,24 @@ impl Client {
 
     /// The user's friends, pending requests, and whether they share their location.
     pub async fn list_friends(&self) -> Result<FriendList, ClientError> {
-        match self.call(Request::ListFriends).await? {
+        let mut all = self.list_friends_page(None, None).await?;
+        while let Some(after) = all.next.take() {
+            let mut page = self.list_friends_page(Some(after), None).await?;
+            all.entries.append(&mut page.entries);
+            all.next = page.next;
+        }
+        Ok(all)
+    }
+
+    /// One page of the user's relations: those with users after `after` (ascending by id), at
+    /// most `limit` users ([`crate::proto::MAX_FRIENDS_PAGE`] if `None`); `next` names the page
+    /// after.
+    pub async fn list_friends_page(
+        &self,
+        after: Option<UserId>,
+        limit: Option<u16>,
+    ) -> Result<FriendList, ClientError> {
+        match self.call(Request::ListFriends { after, limit }).await? {
             Response::Friends(list) => Ok(list),
             other => Err(unexpected("ListFriends", other)),
         }
@@ -476,7 +493,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::Hello { .. } => "Hello",
         Request::UpdateLocation { .. } => "UpdateLocation",
         Request::ListNearby { .. } => "ListNearby",
-        Request::ListFriends => "ListFriends",
+        Request::ListFriends { .. } => "ListFriends",
         Request::AddFriend { .. } => "AddFriend",
         Request::RemoveFriend { .. } => "RemoveFriend",
         Request::SetSharing { .. } => "SetSharing",

@@ -189,8 +189,13 @@ pub trait Backend: Send + Sync + 'static {
         page_size: Option<u16>,
     ) -> impl Future<Output = Result<NearbyPage, ServiceError>> + Send;
 
-    /// The user's relations.
-    fn friends(&self, user: UserId) -> impl Future<Output = Result<FriendList, ServiceError>> + Send;
+    /// A page of the user's relations: those with users after `after`, at most `limit` users.
+    fn friends(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> impl Future<Output = Result<FriendList, ServiceError>> + Send;
 
     /// `user`'s own location history with `since <= at < until`, oldest first, at most `limit`.
     fn read_history(

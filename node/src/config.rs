@@ -33,7 +33,7 @@
 //! shed = true                    # refuse a share of periodic updates when overloaded
 //! shed_cpu_percent = 90          # ... above this CPU use of the node's cores
 //! shed_lag_ms = 20               # ... or above this scheduling lag
-//! min_update_interval_ms = 500   # a session's updates closer than this are refused
+//! min_update_interval_ms = 250   # a session's updates closer than this are refused
 //! sessions_per_user = 8          # open sessions per user on a node
 //!
 //! [history]                      # users' location history (`crate::history`)
@@ -197,7 +197,7 @@ pub struct LimitsSection {
 }
 
 fn default_min_update_interval_ms() -> u32 {
-    500
+    250
 }
 fn default_sessions_per_user() -> u16 {
     8

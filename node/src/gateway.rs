@@ -246,8 +246,14 @@ impl Gateway {
         }
     }
 
-    /// The user's relations and sharing setting, with the other users' names.
-    pub async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
+    /// A page of the user's relations (users after `after`, at most `limit` of them, ascending)
+    /// and settings, with the other users' names.
+    pub async fn friends(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<FriendList, ServiceError> {
         let d = self.driver(user)?;
         let record = d
             .group()
@@ -261,21 +267,31 @@ impl Gateway {
             (&record.followers, proto::Relation::Follower),
             (&record.following, proto::Relation::Following),
         ];
-        let ids: Vec<UserId> = sets.iter().flat_map(|(s, _)| s.iter()).collect();
+        let mut ids: Vec<UserId> = sets
+            .iter()
+            .flat_map(|(s, _)| s.iter())
+            .filter(|id| after.is_none_or(|a| *id > a))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let limit = limit.max(1);
+        let next = (ids.len() > limit).then(|| ids[limit - 1]);
+        ids.truncate(limit);
         let names = self.names(&ids).await;
+        // By id, then in the order of the sets above.
         let mut entries = Vec::new();
-        for (set, relation) in sets {
-            for id in set.iter() {
-                entries.push(proto::FriendEntry {
-                    id,
-                    name: names.get(&id).cloned(),
-                    relation,
-                    hidden: record.hidden_from.contains(id),
-                });
+        for &id in &ids {
+            for (set, relation) in &sets {
+                if set.contains(id) {
+                    entries.push(proto::FriendEntry {
+                        id,
+                        name: names.get(&id).cloned(),
+                        relation: *relation,
+                        hidden: record.hidden_from.contains(id),
+                    });
+                }
             }
         }
-        // Stable: by id, then in the order of the sets above.
-        entries.sort_by_key(|e| e.id);
         let now = self.clock.now();
         Ok(FriendList {
             entries,
@@ -283,6 +299,7 @@ impl Gateway {
             discoverable: record.discoverable,
             ghost_until: record.ghost_until.filter(|until| *until > now),
             history: !record.history_off && self.history.enabled(),
+            next,
         })
     }
 
@@ -546,8 +563,13 @@ impl Backend for Gateway {
         .await?
     }
 
-    async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
-        Gateway::friends(self, user).await
+    async fn friends(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<FriendList, ServiceError> {
+        Gateway::friends(self, user, after, limit).await
     }
 
     async fn read_history(

@@ -100,7 +100,7 @@ impl NodeOptions {
             sessions_per_s: 5_000,
             raft: None,
             history: Default::default(),
-            min_update_interval: Duration::from_millis(500),
+            min_update_interval: Duration::from_millis(250),
         }
     }
 }

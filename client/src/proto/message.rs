@@ -67,8 +67,14 @@ pub enum Request {
         /// Entries per page; the node's default (20) if `None`.
         page_size: Option<u16>,
     },
-    /// The user's friends, pending requests and follower grants.
-    ListFriends,
+    /// A page of the user's relations (friends, pending requests, followers, followed users)
+    /// and settings, ascending by the other user's id.
+    ListFriends {
+        /// `None` for the first page, else the `next` of the previous page.
+        after: Option<UserId>,
+        /// Users per page ([`MAX_FRIENDS_PAGE`] if `None` or larger).
+        limit: Option<u16>,
+    },
     /// Ask `user` to be friends, or accept their request.
     AddFriend {
         /// The other user.
@@ -168,6 +174,10 @@ pub enum Request {
 
 /// The most points one [`Response::History`] carries.
 pub const MAX_HISTORY_PAGE: u32 = 1_000;
+
+/// The most users one [`FriendList`] page names (each with up to three entries: the largest
+/// page, with 64-character names, still fits a frame).
+pub const MAX_FRIENDS_PAGE: u16 = 64;
 
 /// How long ghost mode lasts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,6 +377,8 @@ pub struct FriendList {
     pub ghost_until: Option<Millis>,
     /// Whether the user's location history is recorded.
     pub history: bool,
+    /// Ask for the next page with `after: next`; `None` on the last page.
+    pub next: Option<UserId>,
 }
 
 /// What a committed change did.

@@ -305,12 +305,13 @@ fn canned(request: &Request, started: &mut bool, radius_m: u32) -> Option<Respon
                 error(ErrorCode::NotStarted, "send a location first")
             }
         }
-        Request::ListFriends => Response::Friends(FriendList {
+        Request::ListFriends { .. } => Response::Friends(FriendList {
             entries: Vec::new(),
             sharing: true,
             discoverable: false,
             ghost_until: None,
             history: true,
+            next: None,
         }),
         Request::AddFriend { user } | Request::RemoveFriend { user } if *user == UNKNOWN_USER => {
             error(ErrorCode::UnknownUser, "no such user")

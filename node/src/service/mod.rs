@@ -56,7 +56,7 @@ impl ServiceOptions {
             dev_token_ttl: Duration::from_secs(24 * 3600),
             max_connections: 100_000,
             requests_per_s: 20,
-            min_update_interval: Duration::from_millis(500),
+            min_update_interval: Duration::from_millis(250),
             hello_timeout: Duration::from_secs(10),
             transport: tls::Transport::default(),
             shed: Some(overload::Limits::default()),

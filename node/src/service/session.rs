@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use nearby_client::proto::{
     frame, ErrorCode, Event, FrameBuffer, FrameError, GhostMode, Request, RequestFrame, Response,
-    ResponseFrame, SessionInfo, GHOST_FOREVER, MAX_GHOST_S, MAX_HISTORY_PAGE, PROTOCOL_VERSION,
+    ResponseFrame, SessionInfo, GHOST_FOREVER, MAX_FRIENDS_PAGE, MAX_GHOST_S, MAX_HISTORY_PAGE,
+    PROTOCOL_VERSION,
 };
 use nearby_index::geo::{Millis, UserId};
 use nearby_raft::Command;
@@ -252,7 +253,12 @@ impl<B: Backend> Session<B> {
             Request::ListNearby { cursor, page_size } => {
                 Ok(Response::Nearby(core.list(self.me()?, cursor, page_size).await?))
             }
-            Request::ListFriends => Ok(Response::Friends(core.friends(self.me()?).await?)),
+            Request::ListFriends { after, limit } => {
+                let limit = limit.unwrap_or(MAX_FRIENDS_PAGE).clamp(1, MAX_FRIENDS_PAGE);
+                Ok(Response::Friends(
+                    core.friends(self.me()?, after, usize::from(limit)).await?,
+                ))
+            }
             Request::AddFriend { user } => {
                 self.commit(Command::AddFriend {
                     from: self.me()?,

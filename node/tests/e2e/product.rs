@@ -638,3 +638,57 @@ async fn a_client_that_stops_reading_is_closed_with_bounded_memory_while_others_
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_friend_list_comes_in_pages_that_always_fit_a_frame() {
+    let node = TestNode::start().await;
+    let ann = uid(0, 200);
+    node.core.ensure_registered(ann).await.expect("register");
+    // 150 friends with the longest names there are: 64 characters of 4 bytes each.
+    let friends: Vec<u64> = (0..150).map(|i| uid((i % 4) as usize, 300 + i)).collect();
+    for &f in &friends {
+        node.befriend(ann, f).await;
+        node.core
+            .commit(nearby_raft::Command::SetName {
+                user: f,
+                name: "🦀".repeat(64),
+            })
+            .await
+            .expect("name");
+    }
+    // One follower too: a friend who is also a follower has two entries.
+    node.core
+        .commit(nearby_raft::Command::GrantFollow {
+            user: ann,
+            follower: friends[0],
+        })
+        .await
+        .expect("grant");
+    let a = node.client(ann).await;
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = a.client.list_friends_page(after, None).await.expect("page");
+        let ids: std::collections::BTreeSet<u64> = page.entries.iter().map(|e| e.id).collect();
+        assert!(ids.len() <= usize::from(nearby_client::proto::MAX_FRIENDS_PAGE));
+        seen.extend(ids);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let mut want = friends.clone();
+    want.sort_unstable();
+    assert_eq!(seen, want, "every friend exactly once, in order");
+    let all = a.client.list_friends().await.expect("all");
+    assert_eq!(all.entries.len(), 151);
+    assert_eq!(
+        all.entries
+            .iter()
+            .filter(|e| e.id == friends[0])
+            .map(|e| e.relation)
+            .collect::<Vec<_>>(),
+        vec![Relation::Friend, Relation::Follower]
+    );
+    node.stop().await;
+}

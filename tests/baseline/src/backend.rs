@@ -623,7 +623,12 @@ impl Inner {
         Ok(wire_page(page, names, |_| proto::Relation::Friend))
     }
 
-    async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
+    async fn friends(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<FriendList, ServiceError> {
         #[allow(clippy::type_complexity)] // one pipeline's reply, read once
         let (exists, friends, req_in, req_out, hidden, off): (
             bool,
@@ -661,6 +666,15 @@ impl Inner {
             .chain(req_out.into_iter().map(|f| (f, proto::Relation::RequestSent)))
             .collect();
         entries.sort_by_key(|e| e.0);
+        // A page: the users after `after`, at most `limit` of them.
+        entries.retain(|e| after.is_none_or(|a| e.0 > a));
+        let mut users: Vec<UserId> = entries.iter().map(|e| e.0).collect();
+        users.dedup();
+        let limit = limit.max(1);
+        let next = (users.len() > limit).then(|| users[limit - 1]);
+        if let Some(last) = next {
+            entries.retain(|e| e.0 <= last);
+        }
         let names: Vec<Option<String>> = if entries.is_empty() {
             Vec::new()
         } else {
@@ -686,6 +700,7 @@ impl Inner {
             discoverable: false,
             ghost_until: None,
             history: false,
+            next,
         })
     }
 
@@ -1022,8 +1037,13 @@ impl Backend for RedisBackend {
         Err(invalid("strangers nearby are not part of the original design"))
     }
 
-    async fn friends(&self, user: UserId) -> Result<FriendList, ServiceError> {
-        self.inner.friends(user).await
+    async fn friends(
+        &self,
+        user: UserId,
+        after: Option<UserId>,
+        limit: usize,
+    ) -> Result<FriendList, ServiceError> {
+        self.inner.friends(user, after, limit).await
     }
 
     async fn commit(&self, cmd: Command) -> Result<CommandResult, ServiceError> {

@@ -73,6 +73,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         import: cli.import,
         config,
         shed: !cli.no_shed,
+        // The same front end as nearby's, with its default limits.
+        min_update_interval: None,
     };
     rt.block_on(async {
         // Installed before "ready" is announced: a stop right after it is handled cleanly.

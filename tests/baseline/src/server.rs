@@ -29,6 +29,9 @@ pub struct ServerOptions {
     pub config: BaselineConfig,
     /// Shed periodic updates under overload, like nearby (the QUIC front end is shared).
     pub shed: bool,
+    /// A session's updates closer together than this are refused, like nearby's (`None`: the
+    /// front end's default).
+    pub min_update_interval: Option<std::time::Duration>,
 }
 
 /// A started server.
@@ -76,6 +79,9 @@ impl Server {
         sopts.dev_signer = Some(signer);
         if !opts.shed {
             sopts.shed = None;
+        }
+        if let Some(interval) = opts.min_update_interval {
+            sopts.min_update_interval = interval;
         }
         let service = Service::bind(sopts, Arc::clone(&backend))?;
         let addr = service

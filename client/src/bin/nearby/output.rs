@@ -583,6 +583,7 @@ mod tests {
             discoverable: true,
             ghost_until: Some(T),
             history: true,
+            next: None,
         };
         assert_eq!(
             friend_list_json(&list),

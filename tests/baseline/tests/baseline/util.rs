@@ -153,6 +153,8 @@ impl TestServer {
             config,
             // Behaviour under test, not load: a loaded CI machine must not shed an update.
             shed: false,
+            // Tests send a user's updates back to back.
+            min_update_interval: Some(Duration::ZERO),
         })
         .await
         .expect("baseline starts");

@@ -311,13 +311,19 @@ impl Backend for Toy {
         ))
     }
 
-    async fn friends(&self, _user: UserId) -> Result<FriendList, ServiceError> {
+    async fn friends(
+        &self,
+        _user: UserId,
+        _after: Option<UserId>,
+        _limit: usize,
+    ) -> Result<FriendList, ServiceError> {
         Ok(FriendList {
             entries: Vec::new(),
             sharing: true,
             discoverable: false,
             ghost_until: None,
             history: false,
+            next: None,
         })
     }
 
