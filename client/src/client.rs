@@ -430,6 +430,12 @@ impl Client {
         self.change(Request::SetHistory { on }).await
     }
 
+    /// Hands the node a fresh token for this session (after [`crate::proto::Event::TokenExpiring`],
+    /// or any time before the current one expires); reconnections use it too.
+    pub async fn renew(&self, token: impl Into<String>) -> Result<Outcome, ClientError> {
+        self.change(Request::Renew { token: token.into() }).await
+    }
+
     /// Checks the connection; returns the round-trip time.
     pub async fn ping(&self) -> Result<Duration, ClientError> {
         let start = Instant::now();
@@ -512,6 +518,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::ReadHistory { .. } => "ReadHistory",
         Request::DeleteHistory => "DeleteHistory",
         Request::SetHistory { .. } => "SetHistory",
+        Request::Renew { .. } => "Renew",
     }
 }
 
@@ -842,6 +849,10 @@ impl Driver {
         self.next_id += 1;
         if let Request::UpdateLocation { at } = &request {
             self.last_location = Some(*at);
+        }
+        // Reconnections authenticate with the newest token.
+        if let Request::Renew { token } = &request {
+            self.config.token = token.clone();
         }
         let frame = RequestFrame { id, request };
         match connection::write_request(&mut live.send, &frame).await {

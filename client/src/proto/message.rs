@@ -170,6 +170,12 @@ pub enum Request {
         /// On or off.
         on: bool,
     },
+    /// A fresh token for the session's user, before the one `Hello` gave expires (see
+    /// [`Event::TokenExpiring`]): the session goes on under it.
+    Renew {
+        /// The new token.
+        token: String,
+    },
 }
 
 /// The most points one [`Response::History`] carries.
@@ -585,6 +591,12 @@ pub enum Event {
         /// Whom.
         pseudonym: String,
     },
+    /// The session's token expires at `expires_at`: send [`Request::Renew`] with a fresh one
+    /// before then, or the node closes the connection (application code 3).
+    TokenExpiring {
+        /// When (ms since the epoch, the node's clock).
+        expires_at: Millis,
+    },
 }
 
 /// A friend's position as pushed.
@@ -610,7 +622,8 @@ impl Event {
             Event::Cadence { .. }
             | Event::Shutdown { .. }
             | Event::StrangerNearby(_)
-            | Event::StrangerGone { .. } => None,
+            | Event::StrangerGone { .. }
+            | Event::TokenExpiring { .. } => None,
         }
     }
 

@@ -330,7 +330,8 @@ fn canned(request: &Request, started: &mut bool, radius_m: u32) -> Option<Respon
         | Request::RevokeFollower { .. }
         | Request::Unfollow { .. }
         | Request::DeleteHistory
-        | Request::SetHistory { .. } => Response::Done(Outcome::Updated),
+        | Request::SetHistory { .. }
+        | Request::Renew { .. } => Response::Done(Outcome::Updated),
         Request::ReadHistory { .. } => Response::History(nearby_client::proto::HistoryPage {
             points: Vec::new(),
             more: false,

@@ -30,6 +30,19 @@ const CLOSE_DONE: u32 = 0;
 const CLOSE_PROTOCOL: u32 = 1;
 /// QUIC application error code for a connection closed because the client read too slowly.
 const CLOSE_SLOW: u32 = 2;
+/// QUIC application error code for a connection closed because its token expired unrenewed.
+const CLOSE_EXPIRED: u32 = 3;
+
+/// How long before its token expires a session is asked to renew it.
+const RENEW_LEAD: Duration = Duration::from_secs(60);
+
+/// When the session's token expires, in the node's time and on this process's timer.
+struct Expiry {
+    expires_at: Millis,
+    warn_at: Instant,
+    close_at: Instant,
+    warned: bool,
+}
 
 /// What every session shares.
 pub(crate) struct Context<B> {
@@ -64,6 +77,8 @@ struct Session<B> {
     limit: TokenBucket,
     /// When the session's last location update was taken.
     last_update: Option<Instant>,
+    /// The token's expiry, once authenticated.
+    expiry: Option<Expiry>,
     out: Vec<u8>,
 }
 
@@ -100,6 +115,7 @@ pub(crate) async fn serve<B: Backend>(incoming: quinn::Incoming, ctx: Arc<Contex
         sink: None,
         started: false,
         last_update: None,
+        expiry: None,
         out: Vec::new(),
     };
     match s.run(recv, hello_by).await {
@@ -129,6 +145,8 @@ enum SessionEnd {
     HelloTimeout,
     #[error("protocol violation: {0}")]
     Protocol(FrameError),
+    #[error("the token expired")]
+    Expired,
 }
 
 impl<B: Backend> Session<B> {
@@ -141,7 +159,18 @@ impl<B: Backend> Session<B> {
                     .await
                     .map_err(|_| SessionEnd::HelloTimeout)?
             } else {
-                recv.read_chunk(usize::MAX, true).await
+                let next = self
+                    .expiry
+                    .as_ref()
+                    .map(|e| if e.warned { e.close_at } else { e.warn_at });
+                // `read_chunk` is cancel-safe: a timer firing first loses no data.
+                tokio::select! {
+                    read = recv.read_chunk(usize::MAX, true) => read,
+                    () = sleep_until(next) => {
+                        self.on_expiry()?;
+                        continue;
+                    }
+                }
             };
             match read? {
                 Some(chunk) => frames.extend(&chunk.bytes),
@@ -195,6 +224,59 @@ impl<B: Backend> Session<B> {
         }
         self.send.write_all(&self.out).await?;
         Ok(())
+    }
+
+    /// Starts the token's clock: a renewal request `RENEW_LEAD` before `expires_at` (at once if
+    /// less is left), the connection closed at `expires_at`.
+    fn arm(&mut self, expires_at: Millis) {
+        let now = self.ctx.core.now();
+        let left = Duration::from_millis(expires_at.0.saturating_sub(now.0));
+        let close_at = Instant::now() + left;
+        self.expiry = Some(Expiry {
+            expires_at,
+            warn_at: close_at - left.min(RENEW_LEAD),
+            close_at,
+            warned: false,
+        });
+    }
+
+    /// The token's timer fired: ask for a renewal, or close.
+    fn on_expiry(&mut self) -> Result<(), SessionEnd> {
+        let Some(e) = self.expiry.as_mut() else {
+            return Ok(());
+        };
+        if !e.warned {
+            e.warned = true;
+            if let Some(sink) = &self.sink {
+                sink.events.push(Event::TokenExpiring {
+                    expires_at: e.expires_at,
+                });
+            }
+            return Ok(());
+        }
+        tracing::info!(user = ?self.user, "closing a session whose token expired unrenewed");
+        self.conn
+            .close(quinn::VarInt::from_u32(CLOSE_EXPIRED), b"token expired");
+        Err(SessionEnd::Expired)
+    }
+
+    /// Checks a token for the session's user `user` at the node's time.
+    fn verify(&self, token: &str, user: UserId) -> Result<Claims, ServiceError> {
+        let claims = self
+            .ctx
+            .verifier
+            .verify(token, self.ctx.core.now())
+            .map_err(|e| match e {
+                AuthError::Expired { .. } => ServiceError::new(ErrorCode::TokenExpired, e.to_string()),
+                other => ServiceError::new(ErrorCode::TokenInvalid, other.to_string()),
+            })?;
+        if claims.user != user {
+            return Err(ServiceError::new(
+                ErrorCode::Forbidden,
+                format!("the token is for user {}, not {user}", claims.user),
+            ));
+        }
+        Ok(claims)
     }
 
     fn me(&self) -> Result<UserId, ServiceError> {
@@ -314,6 +396,12 @@ impl<B: Backend> Session<B> {
                 Ok(Response::Done(nearby_client::proto::Outcome::Updated))
             }
             Request::SetHistory { on } => self.commit(Command::SetHistory { user: self.me()?, on }).await,
+            Request::Renew { token } => {
+                let user = self.me()?;
+                let claims = self.verify(&token, user)?;
+                self.arm(claims.expires_at);
+                Ok(Response::Done(nearby_client::proto::Outcome::Updated))
+            }
             Request::ListStrangers { page_size } => {
                 Ok(Response::Strangers(core.strangers(self.me()?, page_size).await?))
             }
@@ -376,16 +464,7 @@ impl<B: Backend> Session<B> {
             ));
         }
         let core = Arc::clone(&self.ctx.core);
-        let claims = self.ctx.verifier.verify(token, core.now()).map_err(|e| match e {
-            AuthError::Expired { .. } => ServiceError::new(ErrorCode::TokenExpired, e.to_string()),
-            other => ServiceError::new(ErrorCode::TokenInvalid, other.to_string()),
-        })?;
-        if claims.user != user {
-            return Err(ServiceError::new(
-                ErrorCode::Forbidden,
-                format!("the token is for user {}, not {user}", claims.user),
-            ));
-        }
+        let claims = self.verify(token, user)?;
         let sink = match core.open_session(user).await? {
             Admission::Open(sink) => sink,
             Admission::Redirect { addr, reason } => {
@@ -399,6 +478,7 @@ impl<B: Backend> Session<B> {
         tokio::spawn(write_events(self.conn.clone(), Arc::clone(&sink.events), user));
         self.sink = Some(sink);
         self.user = Some(user);
+        self.arm(claims.expires_at);
         self.started = core.has_location(user).await;
         tracing::debug!(user, client, "session authenticated");
         let limits = core.limits();
@@ -425,6 +505,13 @@ impl<B: Backend> Session<B> {
             token: signer.sign(Claims { user, expires_at }),
             expires_at,
         })
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -692,3 +692,58 @@ async fn a_long_friend_list_comes_in_pages_that_always_fit_a_frame() {
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_asked_to_renew_its_token_and_closed_when_it_does_not() {
+    use nearby_client::SdkEvent;
+    use nearby_node::auth::Claims;
+    let node = TestNode::start().await;
+    let (ann, bob) = (uid(0, 95), uid(1, 95));
+    for u in [ann, bob] {
+        node.core.ensure_registered(u).await.expect("register");
+    }
+    let short = |user, ms: u64| {
+        node.signer.sign(Claims {
+            user,
+            expires_at: Millis(node.core.now().0 + ms),
+        })
+    };
+    let connect = |user, token: String| {
+        let cfg = nearby_client::ClientConfig::new(node.addr.clone(), node.ca_pem.clone(), user, token);
+        nearby_client::Client::connect(cfg)
+    };
+    // Both tokens expire in 1.5 s (less than the renewal lead): asked to renew at once.
+    let a = connect(ann, short(ann, 1_500)).await.expect("ann");
+    let b = connect(bob, short(bob, 1_500)).await.expect("bob");
+    let mut a_events = a.events().expect("events");
+    let mut b_events = b.events().expect("events");
+    for events in [&mut a_events, &mut b_events] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(SdkEvent::Event(Event::TokenExpiring { .. }))) => break,
+                Ok(Some(_)) => {}
+                other => panic!("no renewal request: {other:?}"),
+            }
+        }
+    }
+    // ann renews; bob does not, and the node's clock passes his token's end.
+    a.renew(node.token(ann)).await.expect("renew");
+    node.clock.advance(Duration::from_secs(2));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let why = loop {
+        match tokio::time::timeout_at(deadline, b_events.recv()).await {
+            Ok(Some(SdkEvent::Closed(why))) => break why,
+            Ok(Some(_)) => {}
+            other => panic!("bob's session was not closed: {other:?}"),
+        }
+    };
+    assert_eq!(code(why), ErrorCode::TokenExpired);
+    // ann's session goes on past her first token's end.
+    a.ping().await.expect("ann renewed");
+    assert_eq!(a.link_stats().connections, 1);
+    // A renewal with another user's token is refused and changes nothing.
+    let e = a.renew(node.token(bob)).await.expect_err("someone else's token");
+    assert_eq!(code(e), ErrorCode::Forbidden);
+    node.stop().await;
+}

@@ -309,6 +309,9 @@ pub(crate) fn event_json(event: &Event) -> Value {
             v
         }
         Event::StrangerGone { pseudonym } => json!({"event": "stranger_gone", "pseudonym": pseudonym}),
+        Event::TokenExpiring { expires_at } => {
+            json!({"event": "token_expiring", "expires_at": rfc3339(*expires_at)})
+        }
     }
 }
 
@@ -495,6 +498,10 @@ pub(crate) fn sdk_event_text(event: &SdkEvent, names: &HashMap<UserId, String>, 
                 distance(f64::from(s.distance_m))
             ),
             Event::StrangerGone { pseudonym } => format!("stranger  [{pseudonym}] gone"),
+            Event::TokenExpiring { expires_at } => format!(
+                "token     expires at {}: run `nearby login` for a fresh one",
+                rfc3339(*expires_at)
+            ),
         },
         SdkEvent::Reconnecting {
             attempt,
