@@ -852,6 +852,13 @@ impl Inner {
                 Ok(changed(removed))
             }
             Command::SetSharing { user, on } => self.set_sharing(user, on, slot.as_deref()).await,
+            // The original design has no ghost mode; one until turned off hides like sharing
+            // off (what the load simulator asks of it), a timed one has no equivalent.
+            Command::SetGhost {
+                user,
+                until: Some(proto::GHOST_FOREVER),
+            } => self.set_sharing(user, false, slot.as_deref()).await,
+            Command::SetGhost { user, until: None } => self.set_sharing(user, true, slot.as_deref()).await,
             other => Err(invalid(format!("{other} is not supported by the baseline"))),
         }
     }

@@ -299,7 +299,10 @@ fn sharing_settings(world: &World, online: &[u32]) -> Vec<bool> {
 /// A participant's privacy settings to apply.
 #[derive(Clone, Copy, Debug, Default)]
 struct Settings {
+    /// Hidden from everyone: by turning sharing off, or (`ghost`) by ghost mode until turned
+    /// off — the same audience, through two paths of the node.
     sharing_off: bool,
+    ghost: bool,
     hide_from: Option<UserId>,
 }
 
@@ -374,8 +377,11 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let (go_tx, go_rx) = watch::channel::<Option<Instant>>(None);
     let mut tasks = Vec::with_capacity(m);
     for (p, &i) in online.iter().enumerate() {
+        let off = world.sharing_off().binary_search(&i);
         let settings = Settings {
-            sharing_off: world.sharing_off().binary_search(&i).is_ok(),
+            sharing_off: off.is_ok(),
+            // Every other user hidden from everyone uses ghost mode instead of sharing off.
+            ghost: off.is_ok_and(|k| k % 2 == 1),
             hide_from: world
                 .hidden()
                 .iter()
@@ -609,8 +615,16 @@ async fn participant(
         .map(|events| tokio::spawn(read_events(events, Arc::clone(&shared))));
 
     if settings.sharing_off {
-        match client.set_sharing(false).await {
-            Ok(_) => out.sharing_off = true,
+        let hidden = if settings.ghost {
+            client
+                .set_ghost(nearby_client::proto::GhostMode::On)
+                .await
+                .map(drop)
+        } else {
+            client.set_sharing(false).await.map(drop)
+        };
+        match hidden {
+            Ok(()) => out.sharing_off = true,
             Err(e) => shared.error(&e),
         }
     }
@@ -632,6 +646,9 @@ async fn participant(
         }
         None => {}
     }
+    // The node refuses a session's updates closer than its minimum interval (250 ms by
+    // default): the first timed update never follows the start that closely.
+    let first_timed = Instant::now() + Duration::from_millis(300);
     drop(permit);
     let _ = ready.send(true).await;
 
@@ -648,7 +665,7 @@ async fn participant(
     for step in &shared.config.steps {
         let step_end = step_start + step.duration;
         let interval = Duration::from_secs_f64(m / step.rate);
-        let mut next = step_start + interval.mul_f64(f64::from(p) / m);
+        let mut next = (step_start + interval.mul_f64(f64::from(p) / m)).max(first_timed);
         while next < step_end {
             tokio::time::sleep_until(next).await;
             let pos = mover.advance(shared.period_s);

@@ -23,9 +23,10 @@
 //!   probability `local_share`, in proportion to weight *within the first end's city*. Expected
 //!   degrees follow the weights; self-loops and duplicates are dropped.
 //! - **Followers**: `follow_share` × friendships extra one-way grants between non-friends.
-//! - **Online**: `online` × N users, uniformly. Among them, `sharing_off` × online users turn
-//!   sharing off and `hidden` × online users hide from one (preferably online) friend, so that a
-//!   leak would be visible.
+//! - **Online**: `online` × N users, uniformly. Among them, `sharing_off` × online users hide
+//!   from everyone (the driver turns sharing off for half of them and ghost mode on, until turned
+//!   off, for the other half) and `hidden` × online users hide from one (preferably online)
+//!   friend, so that a leak would be visible.
 //! - **Movement**: random waypoints inside the user's city at walking (1.4 m/s) or driving
 //!   (12 m/s, `drive_share` of users) speed; each update advances the user by `period_s`
 //!   simulated seconds, however fast the run sends them.
