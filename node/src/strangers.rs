@@ -763,23 +763,37 @@ impl Strangers {
                 .is_some_and(|r| !r.friends.contains(user) && !r.following.contains(user))
     }
 
-    /// Every stranger in `viewer`'s radius with its exact distance, nearest first (ties by id).
-    fn candidates(&self, state: &GroupState, viewer: UserId) -> Vec<(f64, UserId)> {
-        let Some(l) = self.listeners.get(&viewer) else {
-            return Vec::new();
+    /// The `keep` strangers nearest to `viewer` within its radius with their exact distances,
+    /// nearest first (ties by id), and how many strangers are in the radius in all.
+    fn candidates(&self, state: &GroupState, viewer: UserId, keep: usize) -> (Vec<(f64, UserId)>, usize) {
+        let (Some(l), Some(record)) = (self.listeners.get(&viewer), state.user(viewer)) else {
+            return (Vec::new(), 0);
         };
-        let mut seen = HashSet::new();
+        let not_related =
+            |u: UserId| u != viewer && !record.friends.contains(u) && !record.following.contains(u);
         let mut out: Vec<(f64, UserId)> = l
             .cells
             .iter()
             .filter_map(|c| self.mirrors.get(c))
             .flat_map(|m| m.strangers.iter())
-            .filter(|(u, _)| seen.insert(**u) && Self::is_stranger(state, viewer, **u))
+            .filter(|(u, _)| not_related(**u))
             .map(|(u, (_, at))| (l.at.distance_m(&at.loc), *u))
             .filter(|(d, _)| *d <= l.radius_m)
             .collect();
-        out.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        out
+        // A user moving between cells may be in two mirrors for a moment: count them once.
+        let by_user = |a: &(f64, UserId), b: &(f64, UserId)| a.1.cmp(&b.1).then(a.0.total_cmp(&b.0));
+        if l.cells.len() > 1 {
+            out.sort_unstable_by(by_user);
+            out.dedup_by_key(|c| c.1);
+        }
+        let total = out.len();
+        let nearest = |a: &(f64, UserId), b: &(f64, UserId)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+        if keep < out.len() {
+            out.select_nth_unstable_by(keep, nearest);
+            out.truncate(keep);
+        }
+        out.sort_unstable_by(nearest);
+        (out, total)
     }
 
     fn entry(&self, viewer: UserId, user: UserId) -> Option<(String, LatestLocation)> {
@@ -807,7 +821,7 @@ impl Strangers {
         let Some(page) = self.listeners.get(&viewer).map(|l| l.page) else {
             return;
         };
-        let now: Vec<(f64, UserId)> = self.candidates(state, viewer).into_iter().take(page).collect();
+        let (now, _) = self.candidates(state, viewer, page);
         let keep: HashSet<UserId> = now.iter().map(|(_, u)| *u).collect();
         let gone: Vec<(UserId, String)> = self.listeners[&viewer]
             .shown
@@ -873,11 +887,10 @@ impl Strangers {
 
     /// The nearest `size` strangers of `viewer` and how many more are in range.
     pub fn page(&self, state: &GroupState, viewer: UserId, size: usize) -> (Vec<Stranger>, u32) {
-        let all = self.candidates(state, viewer);
-        let more = all.len().saturating_sub(size);
-        let page = all
+        let (nearest, total) = self.candidates(state, viewer, size);
+        let more = total.saturating_sub(nearest.len());
+        let page = nearest
             .into_iter()
-            .take(size)
             .filter_map(|(d, u)| self.stranger(viewer, u, d))
             .collect();
         (page, u32::try_from(more).unwrap_or(u32::MAX))
