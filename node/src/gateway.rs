@@ -397,8 +397,8 @@ impl Gateway {
 
     /// Deletes all of `user`'s history: the deletion is committed in the user's group (from
     /// then on nothing recorded before it is served, whatever happens), then every node holding
-    /// a replica purges its files. A node that cannot be reached purges when it next leads the
-    /// group (see [`crate::history::History::reconcile`]).
+    /// a replica purges its files. A node that cannot be reached purges once it has caught up
+    /// (see [`crate::history::History::reconcile`]).
     pub async fn delete_history(&self, user: UserId) -> Result<(), ServiceError> {
         let before = self.clock.now();
         self.commit(Command::DeleteHistory { user, before }).await?;

@@ -9,8 +9,9 @@
 //! group (this one directly, the others over the node-to-node protocol), and drops whatever the
 //! user deleted (the replicated `history_cleared` mark). Deleting is a command of the user's
 //! group (durable once acknowledged); the leader then purges the records from its store and asks
-//! every replica's node to do the same, and a node that was unreachable purges when it next
-//! opens the store ([`History::reconcile`]).
+//! every replica's node to do the same, and a node that was unreachable purges once it has
+//! caught up: every node checks its replicas' deletion marks against its stores every
+//! [`RECONCILE_EVERY`] ([`History::reconcile`]).
 //!
 //! # Soft durability
 //!
@@ -110,6 +111,8 @@ pub struct History {
     groups: Mutex<HashMap<GroupId, Arc<GroupHistory>>>,
     /// How many groups this node holds, for each store's share of the byte budget.
     held: std::sync::atomic::AtomicUsize,
+    /// Deletion marks this process has purged already: `(group, user)` → up to when.
+    purged: Mutex<HashMap<(GroupId, UserId), Millis>>,
 }
 
 impl std::fmt::Debug for History {
@@ -135,6 +138,7 @@ impl History {
             config,
             groups: Mutex::new(HashMap::new()),
             held: std::sync::atomic::AtomicUsize::new(1),
+            purged: Mutex::new(HashMap::new()),
         })
     }
 
@@ -211,18 +215,31 @@ impl History {
         if sent.is_err() {
             return Err(join_error_text("the history writer stopped"));
         }
-        answer
+        let removed = answer
             .await
-            .map_err(|_| join_error_text("the history writer stopped"))?
+            .map_err(|_| join_error_text("the history writer stopped"))??;
+        let mut purged = self.purged.lock().unwrap_or_else(|p| p.into_inner());
+        let done = purged.entry((group, user)).or_insert(before);
+        *done = (*done).max(before);
+        Ok(removed)
     }
 
     /// Purges, in this node's store of `group`, what the group's records say was deleted:
-    /// for every user with a `history_cleared` mark, what is at or before it. For a node that
-    /// missed a deletion while it was down.
+    /// for every user with a `history_cleared` mark, what is at or before it (marks this
+    /// process purged already are skipped). For a node that missed a deletion while it was down
+    /// or unreachable: run when it starts leading the group and every [`RETENTION_EVERY`] for
+    /// every group it holds.
     pub async fn reconcile(&self, group: GroupId, marks: Vec<(UserId, Millis)>) {
         if !self.dir.join(format!("g{group}")).exists() {
             return;
         }
+        let marks: Vec<(UserId, Millis)> = {
+            let purged = self.purged.lock().unwrap_or_else(|p| p.into_inner());
+            marks
+                .into_iter()
+                .filter(|(u, before)| purged.get(&(group, *u)).is_none_or(|done| done < before))
+                .collect()
+        };
         for (user, before) in marks {
             if let Err(e) = self.purge(group, user, before).await {
                 tracing::warn!(group, user, error = %e, "history purge on reconcile failed");
@@ -272,18 +289,30 @@ impl History {
 /// How often retention runs.
 pub const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
+/// How often deletion marks are checked against this node's files (a node that missed a
+/// deletion purges within this of catching up).
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
 /// Runs retention every [`RETENTION_EVERY`], each store's share of the byte budget following
-/// the number of shard groups this node holds (from the map).
+/// the number of shard groups this node holds (from the map), and purges missed deletions
+/// every [`RECONCILE_EVERY`].
 pub fn spawn_retention(
     history: Arc<History>,
     directory: Arc<crate::route::directory::Directory>,
+    host: Arc<nearby_raft::RaftHost>,
     clock: Arc<dyn crate::clock::Clock>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(RETENTION_EVERY);
+        let mut every = tokio::time::interval(RECONCILE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_retention: Option<tokio::time::Instant> = None;
         loop {
             every.tick().await;
+            reconcile_all(&history, &host).await;
+            if last_retention.is_some_and(|t| t.elapsed() < RETENTION_EVERY) {
+                continue;
+            }
+            last_retention = Some(tokio::time::Instant::now());
             let view = directory.view();
             let me = directory.me();
             let held = view
@@ -296,6 +325,21 @@ pub fn spawn_retention(
             history.enforce_retention(clock.now()).await;
         }
     })
+}
+
+/// Deletions this node missed (it was down or unreachable, or a follower): purge them from its
+/// stores, from every replica's marks.
+async fn reconcile_all(history: &History, host: &nearby_raft::RaftHost) {
+    for replica in host.shards() {
+        let marks: Vec<(UserId, Millis)> = replica.read(|s| {
+            s.users()
+                .filter_map(|(u, r)| r.history_cleared.map(|c| (u, c)))
+                .collect()
+        });
+        if !marks.is_empty() {
+            history.reconcile(replica.id(), marks).await;
+        }
+    }
 }
 
 fn join_error_text(why: &str) -> HistoryError {

@@ -194,6 +194,7 @@ impl Node {
         let retention = crate::history::spawn_retention(
             Arc::clone(cluster.history()),
             Arc::clone(cluster.directory()),
+            Arc::clone(&host),
             Arc::clone(&opts.clock),
         );
         Ok(Node {

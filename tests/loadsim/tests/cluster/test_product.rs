@@ -53,7 +53,11 @@ fn now_ms() -> u64 {
 async fn a_ghost_timer_ends_by_itself_after_a_leader_change_and_strangers_cross_nodes() {
     let (mut c, _dir) = cluster(3, 3).await;
     let (ga, gc) = groups_on_two_nodes(&c);
-    let (ann, carl) = (c.user_in(ga, 11).expect("user"), c.user_in(gc, 12).expect("user"));
+    // carl's id is searched for in history files: 8 bytes that cannot turn up by chance.
+    let (ann, carl) = (
+        c.user_in(ga, 11).expect("user"),
+        c.user_in(gc, 0x0123_4567_89ab_cdef).expect("user"),
+    );
 
     // --- strangers across nodes: carl (discoverable) is seen by ann, then retracted at once.
     let mut a = viewer(&c, ann).await;
@@ -125,6 +129,63 @@ async fn a_ghost_timer_ends_by_itself_after_a_leader_change_and_strangers_cross_
         "carl was back {} ms before his ghost mode ended: {back:?}",
         until.0 - at
     );
+
+    // --- a history deletion the killed node missed: it purges its files once back.
+    let dirs: Vec<std::path::PathBuf> = (1..=3).map(|n| c.data(n).join("history")).collect();
+    // Whether node `node`'s files hold a record of carl's taken before `t` (a record is the
+    // user's 8 bytes, then the time's 8 bytes, little-endian). Locations after the deletion are
+    // new history (carl's client re-sends its location when its session moves).
+    let holds_before = |node: u8, t: u64| {
+        files_under(&dirs[usize::from(node) - 1]).iter().any(|bytes| {
+            bytes.windows(16).any(|w| {
+                w[..8] == carl.to_le_bytes()
+                    && u64::from_le_bytes(w[8..16].try_into().unwrap_or([0xff; 8])) < t
+            })
+        })
+    };
+    let deleting = now_ms();
+    assert!(
+        holds_before(victim, deleting),
+        "carl's history was not recorded by the node leading his group"
+    );
+    retrying("delete history", || cl.client.delete_history()).await;
+    let page = retrying("history", || cl.client.read_history(None, None, None)).await;
+    assert!(page.points.is_empty(), "{page:?}");
+    c.restart(victim).await.expect("the killed node comes back");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while holds_before(victim, deleting) {
+        assert!(
+            Instant::now() < deadline,
+            "the node that missed the deletion still holds carl's history"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for n in 1..=3 {
+        assert!(
+            !holds_before(n, deleting),
+            "node {n} still holds carl's deleted history"
+        );
+    }
+}
+
+/// The contents of every file under `dir` (none if it does not exist).
+fn files_under(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                out.push(bytes);
+            }
+        }
+    }
+    out
 }
 
 impl Viewer {
