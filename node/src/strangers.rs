@@ -234,8 +234,13 @@ struct Listener {
 #[derive(Debug)]
 struct Relay {
     upstream: Barrier,
-    pending: HashSet<u32>,
+    /// Parts not acknowledged yet, and the listener group each went to.
+    pending: HashMap<u32, GroupId>,
 }
+
+/// Relays kept waiting at most: beyond, the oldest are forgotten (their upstream waits are
+/// bounded anyway, and give up as "not confirmed").
+const MAX_RELAYS: usize = 10_000;
 
 /// The stranger roles of one group (see the module doc).
 #[derive(Debug)]
@@ -251,8 +256,10 @@ pub struct Strangers {
     channels: HashMap<u64, Channel>,
     /// Channel entries by expiry: (updated_at + ttl, cell, user).
     expiry: BTreeSet<(Millis, u64, UserId)>,
-    relays: HashMap<u32, Relay>,
-    next_relay: u32,
+    /// Waiting relays by slot (the low 16 bits of a part), oldest first in `relay_order`.
+    relays: HashMap<u16, Relay>,
+    relay_order: std::collections::VecDeque<u16>,
+    next_relay: u16,
     /// Listener role.
     mirrors: HashMap<u64, Mirror>,
     listeners: HashMap<UserId, Listener>,
@@ -295,6 +302,7 @@ impl Strangers {
             channels: HashMap::new(),
             expiry: BTreeSet::new(),
             relays: HashMap::new(),
+            relay_order: std::collections::VecDeque::new(),
             next_relay: 0,
             mirrors: HashMap::new(),
             listeners: HashMap::new(),
@@ -528,12 +536,12 @@ impl Strangers {
             self.next_relay = self.next_relay.wrapping_add(1);
             (id, upstream)
         });
-        let mut pending = HashSet::new();
+        let mut pending = HashMap::new();
         for (i, l) in listeners.into_iter().enumerate() {
             let ack = relay.map(|(id, _)| {
-                // One part per listener group, numbered within the relay.
-                let part = id.wrapping_mul(1 << 16).wrapping_add(i as u32);
-                pending.insert(part);
+                // One part per listener group: the relay's slot, then the group's number.
+                let part = u32::from(id) | ((i as u32) << 16);
+                pending.insert(part, l);
                 Barrier {
                     group: self.group,
                     index: RELAY_INDEX,
@@ -549,27 +557,39 @@ impl Strangers {
                     msg: GroupMessage::RevokeAck { barrier: upstream },
                 });
             } else {
+                while self.relays.len() >= MAX_RELAYS {
+                    match self.relay_order.pop_front() {
+                        Some(old) => drop(self.relays.remove(&old)),
+                        None => break,
+                    }
+                }
                 self.relays.insert(id, Relay { upstream, pending });
+                self.relay_order.push_back(id);
             }
         }
     }
 
     /// A listener group acknowledged part `part` of a relayed retraction.
     pub(crate) fn relay_acked(&mut self, cx: &mut Ctx<'_>, part: u32) {
-        let id = part >> 16;
+        let id = (part & 0xffff) as u16;
         let Some(relay) = self.relays.get_mut(&id) else {
             return;
         };
         relay.pending.remove(&part);
         if relay.pending.is_empty() {
-            if let Some(relay) = self.relays.remove(&id) {
-                cx.outputs.push(Output::Send {
-                    to: relay.upstream.group,
-                    msg: GroupMessage::RevokeAck {
-                        barrier: relay.upstream,
-                    },
-                });
-            }
+            self.finish_relay(cx, id);
+        }
+    }
+
+    fn finish_relay(&mut self, cx: &mut Ctx<'_>, id: u16) {
+        if let Some(relay) = self.relays.remove(&id) {
+            self.relay_order.retain(|s| *s != id);
+            cx.outputs.push(Output::Send {
+                to: relay.upstream.group,
+                msg: GroupMessage::RevokeAck {
+                    barrier: relay.upstream,
+                },
+            });
         }
     }
 
@@ -588,6 +608,22 @@ impl Strangers {
     /// as a publisher, publish again in the cells it owns (the caller does, with
     /// [`Strangers::republish`]).
     pub(crate) fn leader_changed(&mut self, cx: &mut Ctx<'_>, state: &GroupState, group: GroupId) {
+        // As a channel: the listener group's new leader holds no mirror (its old leader's
+        // sessions were closed): nothing to relay to it, nothing to wait for from it.
+        for channel in self.channels.values_mut() {
+            channel.listeners.remove(&group);
+        }
+        let done: Vec<u16> = self
+            .relays
+            .iter_mut()
+            .filter_map(|(id, r)| {
+                r.pending.retain(|_, to| *to != group);
+                r.pending.is_empty().then_some(*id)
+            })
+            .collect();
+        for id in done {
+            self.finish_relay(cx, id);
+        }
         let stale: Vec<(u64, UserId)> = self
             .channels
             .iter()
@@ -941,6 +977,110 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("42"));
+    }
+
+    #[test]
+    fn a_relayed_retraction_is_acknowledged_once_every_listener_group_dropped_or_changed_leader() {
+        let table = RangeTable::new(
+            nearby_raft::meta::initial_ranges(4)
+                .into_iter()
+                .map(|(g, r)| (r, g))
+                .collect(),
+        )
+        .expect("ranges");
+        let mut outputs = Vec::new();
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut outputs,
+        };
+        let state = GroupState::new(nearby_raft::meta::initial_ranges(4)[0].1);
+        let mut channel = Strangers::new(1, None, std::time::Duration::from_secs(600));
+        let cell = 42;
+        for group in [2, 3] {
+            channel.handle(&mut cx, &state, CellMessage::Listen { cell, group });
+        }
+        let at = LatestLocation {
+            loc: LatLng::new(52.52, 13.405).expect("ll"),
+            updated_at: Millis(1),
+        };
+        channel.handle(
+            &mut cx,
+            &state,
+            CellMessage::Publish {
+                cell,
+                user: 7,
+                name: "s".into(),
+                at,
+                home: 4,
+            },
+        );
+        let upstream = Barrier {
+            group: 4,
+            index: 99,
+            part: 0,
+        };
+        cx.outputs.clear();
+        channel.handle(
+            &mut cx,
+            &state,
+            CellMessage::Retract {
+                cell,
+                user: 7,
+                ack: Some(upstream),
+            },
+        );
+        let parts: Vec<(GroupId, u32)> = cx
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: GroupMessage::Cell(CellMessage::Unseen { ack: Some(b), .. }),
+                } => Some((*to, b.part)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(parts.len(), 2, "{:?}", cx.outputs);
+        let acked = |o: &Vec<Output>| {
+            o.iter().any(|o| {
+                matches!(o, Output::Send { msg: GroupMessage::RevokeAck { barrier }, .. } if *barrier == upstream)
+            })
+        };
+        cx.outputs.clear();
+        let part_of = |g: GroupId| {
+            parts
+                .iter()
+                .find(|(to, _)| *to == g)
+                .map(|(_, p)| *p)
+                .expect("part")
+        };
+        channel.relay_acked(&mut cx, part_of(2));
+        assert!(!acked(cx.outputs), "acknowledged before every listener group");
+        // Group 3's leader changed: its new leader holds nothing to drop.
+        channel.leader_changed(&mut cx, &state, 3);
+        assert!(acked(cx.outputs), "{:?}", cx.outputs);
+        // And the channel relays nothing more to it.
+        cx.outputs.clear();
+        channel.handle(
+            &mut cx,
+            &state,
+            CellMessage::Publish {
+                cell,
+                user: 8,
+                name: "t".into(),
+                at,
+                home: 4,
+            },
+        );
+        let to: Vec<GroupId> = cx
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send { to, .. } => Some(*to),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(to, vec![2]);
     }
 
     #[test]
