@@ -200,6 +200,7 @@ impl Client {
             pending: HashMap::new(),
             next_id: OPENING_ID + 1,
             last_location: None,
+            strangers: None,
             commands,
             events: events_tx,
             session: session_tx,
@@ -649,6 +650,8 @@ struct Driver {
     pending: HashMap<RequestId, Pending>,
     next_id: RequestId,
     last_location: Option<Coord>,
+    /// The app listens to strangers (the page size it asked for): a resumed session asks again.
+    strangers: Option<Option<u16>>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<SdkEvent>,
     session: watch::Sender<SessionInfo>,
@@ -850,6 +853,9 @@ impl Driver {
         if let Request::UpdateLocation { at } = &request {
             self.last_location = Some(*at);
         }
+        if let Request::ListStrangers { page_size } = &request {
+            self.strangers = Some(*page_size);
+        }
         // Reconnections authenticate with the newest token.
         if let Request::Renew { token } = &request {
             self.config.token = token.clone();
@@ -970,6 +976,18 @@ impl Driver {
 
     /// Re-sends the last location, if any, and returns the fresh first page.
     async fn resume(&mut self) -> Result<Option<NearbyPage>, ClientError> {
+        let page = self.resume_location().await?;
+        // Listening to strangers belongs to the session: listen again on the new one.
+        if let (Some(page_size), Some(_)) = (self.strangers, &page) {
+            match self.roundtrip(Request::ListStrangers { page_size }).await? {
+                Response::Strangers(_) => {}
+                other => tracing::warn!(?other, "strangers not listened to again after resuming"),
+            }
+        }
+        Ok(page)
+    }
+
+    async fn resume_location(&mut self) -> Result<Option<NearbyPage>, ClientError> {
         let Some(at) = self.last_location else {
             return Ok(None);
         };

@@ -433,3 +433,28 @@ fn protocol_doc_examples_match_the_codec() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_resumed_session_listens_to_strangers_again() {
+    let server = TestServer::start(8001);
+    let client = Client::connect(config(&server)).await.expect("connect");
+    let mut events = client.events().expect("events");
+    client.update_location(PARIS).await.expect("location");
+    client.list_strangers(Some(5)).await.expect("strangers");
+    server.kill_connections();
+    next_event(&mut events, "resumed", |e| matches!(e, SdkEvent::Resumed { .. })).await;
+    server
+        .wait_until("ListStrangers again on the new connection", |s| {
+            count(s, |r| matches!(r, Request::ListStrangers { page_size: Some(5) })) == 2
+        })
+        .await;
+    let seen = server.seen();
+    let second: Vec<_> = seen.iter().filter(|s| s.conn != seen[0].conn).collect();
+    assert!(
+        matches!(
+            second.last().map(|s| &s.request),
+            Some(Request::ListStrangers { .. })
+        ),
+        "{second:?}"
+    );
+}
