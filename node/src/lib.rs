@@ -41,6 +41,7 @@ pub mod dev;
 pub mod gateway;
 pub mod group;
 pub mod history;
+pub mod messages;
 pub mod node;
 pub mod presence;
 pub mod procstat;

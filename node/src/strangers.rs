@@ -47,84 +47,15 @@ use nearby_index::friends::RangeTable;
 use nearby_index::geo::{LatLng, Millis, UserId};
 use nearby_index::ttl::LatestLocation;
 use nearby_raft::{GroupId, GroupState};
-use serde::{Deserialize, Serialize};
 
-use crate::presence::{Barrier, GroupMessage, Output};
+pub use crate::messages::CellMessage;
+use crate::messages::{Barrier, GroupMessage, Output};
 
 /// The most strangers a listener is shown live (and a page may hold).
 pub const MAX_SHOWN: usize = 100;
 
 /// The barrier index of relayed acknowledgements: never a log index.
 pub const RELAY_INDEX: u64 = u64::MAX;
-
-/// A message between the stranger roles of two groups (see the module doc).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum CellMessage {
-    /// `user` (of group `home`) is at `at` in `cell`: store it and tell the listener groups.
-    Publish {
-        /// The cell (an H3 index).
-        cell: u64,
-        /// The publisher.
-        user: UserId,
-        /// Their display name.
-        name: String,
-        /// Where and when.
-        at: LatestLocation,
-        /// The publisher's home group.
-        home: GroupId,
-    },
-    /// `user` is no longer in `cell` (moved, hidden, inactive); acknowledge under `ack` once
-    /// every listener group has dropped it.
-    Retract {
-        /// The cell.
-        cell: u64,
-        /// The publisher.
-        user: UserId,
-        /// The change's barrier, if the retraction ends a permission.
-        ack: Option<Barrier>,
-    },
-    /// Group `group` has users who want the strangers of `cell`.
-    Listen {
-        /// The cell.
-        cell: u64,
-        /// The listener group.
-        group: GroupId,
-    },
-    /// Group `group` no longer listens to `cell`.
-    Unlisten {
-        /// The cell.
-        cell: u64,
-        /// The listener group.
-        group: GroupId,
-    },
-    /// The answer to `Listen`: everyone in the cell now.
-    Contents {
-        /// The cell.
-        cell: u64,
-        /// (publisher, name, where and when).
-        entries: Vec<(UserId, String, LatestLocation)>,
-    },
-    /// `user` is at `at` in `cell` (relayed by the channel).
-    Seen {
-        /// The cell.
-        cell: u64,
-        /// The publisher.
-        user: UserId,
-        /// Their display name.
-        name: String,
-        /// Where and when.
-        at: LatestLocation,
-    },
-    /// `user` left `cell` (relayed); acknowledge under `ack` once dropped.
-    Unseen {
-        /// The cell.
-        cell: u64,
-        /// The publisher.
-        user: UserId,
-        /// Acknowledge with [`GroupMessage::RevokeAck`], if set.
-        ack: Option<Barrier>,
-    },
-}
 
 /// The point of the user-id space a cell's channel lives at: a fixed mix of the cell id
 /// (SplitMix64's finaliser), so neighbouring cells land far apart; kept inside the ranges'
