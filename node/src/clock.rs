@@ -45,3 +45,12 @@ impl Clock for ManualClock {
         Millis(self.0.load(Ordering::SeqCst))
     }
 }
+
+/// Sleeps until `at` (on the process's timer, not a [`Clock`]), or forever if `None`: the
+/// `select!` arm of a loop whose next deadline may not exist.
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

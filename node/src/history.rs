@@ -124,10 +124,7 @@ impl std::fmt::Debug for History {
 }
 
 fn join_error(e: tokio::task::JoinError) -> HistoryError {
-    HistoryError::Io {
-        path: PathBuf::from("history"),
-        source: std::io::Error::other(e.to_string()),
-    }
+    join_error_text(&e.to_string())
 }
 
 impl History {
@@ -227,8 +224,7 @@ impl History {
     /// Purges, in this node's store of `group`, what the group's records say was deleted:
     /// for every user with a `history_cleared` mark, what is at or before it (marks this
     /// process purged already are skipped). For a node that missed a deletion while it was down
-    /// or unreachable: run when it starts leading the group and every [`RETENTION_EVERY`] for
-    /// every group it holds.
+    /// or unreachable: run every [`RECONCILE_EVERY`] for every group it holds, leading or not.
     pub async fn reconcile(&self, group: GroupId, marks: Vec<(UserId, Millis)>) {
         if !self.dir.join(format!("g{group}")).exists() {
             return;
@@ -265,24 +261,6 @@ impl History {
                 Err(e) => tracing::warn!(group, error = %e, "history retention task failed"),
             }
         }
-    }
-
-    /// Files and bytes held, over every open store.
-    pub fn bytes(&self) -> u64 {
-        let groups: Vec<Arc<GroupHistory>> = self
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        groups
-            .iter()
-            .filter_map(|g| {
-                let slot = g.store.lock().unwrap_or_else(|p| p.into_inner());
-                slot.as_ref().map(|s| s.stats().bytes)
-            })
-            .sum()
     }
 }
 

@@ -38,9 +38,7 @@
 //! ([`crate::group::driver::RESUBSCRIBE_GRACE`]), by which time the channels have seen the map.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
 
-use h3o::CellIndex;
 use nearby_client::proto::{Event, Stranger, STRANGER_STEP_M};
 use nearby_index::cells::CellIndexer;
 use nearby_index::friends::RangeTable;
@@ -721,13 +719,10 @@ impl Strangers {
         cover
     }
 
-    /// Whether `viewer` may be shown `user` as a stranger: not itself, not a friend, not
-    /// someone it follows.
-    fn is_stranger(state: &GroupState, viewer: UserId, user: UserId) -> bool {
-        user != viewer
-            && state
-                .user(viewer)
-                .is_some_and(|r| !r.friends.contains(user) && !r.following.contains(user))
+    /// Whether `viewer` (whose record is `record`) may be shown `user` as a stranger: not
+    /// itself, not a friend, not someone it follows.
+    fn is_stranger(record: &nearby_raft::UserRecord, viewer: UserId, user: UserId) -> bool {
+        user != viewer && !record.friends.contains(user) && !record.following.contains(user)
     }
 
     /// The `keep` strangers nearest to `viewer` within its radius with their exact distances,
@@ -736,14 +731,12 @@ impl Strangers {
         let (Some(l), Some(record)) = (self.listeners.get(&viewer), state.user(viewer)) else {
             return (Vec::new(), 0);
         };
-        let not_related =
-            |u: UserId| u != viewer && !record.friends.contains(u) && !record.following.contains(u);
         let mut out: Vec<(f64, UserId)> = l
             .cells
             .iter()
             .filter_map(|c| self.mirrors.get(c))
             .flat_map(|m| m.strangers.iter())
-            .filter(|(u, _)| not_related(**u))
+            .filter(|(u, _)| Self::is_stranger(record, viewer, **u))
             .map(|(u, (_, at))| (l.at.distance_m(&at.loc), *u))
             .filter(|(d, _)| *d <= l.radius_m)
             .collect();
@@ -828,7 +821,10 @@ impl Strangers {
         let Some(l) = self.listeners.get(&viewer) else {
             return;
         };
-        if !Self::is_stranger(state, viewer, user) {
+        if !state
+            .user(viewer)
+            .is_some_and(|r| Self::is_stranger(r, viewer, user))
+        {
             return;
         }
         let d = l.at.distance_m(&at.loc);
@@ -862,17 +858,6 @@ impl Strangers {
             .collect();
         (page, u32::try_from(more).unwrap_or(u32::MAX))
     }
-
-    /// Channels owned and listened to, entries held: for metrics and tests.
-    pub fn counts(&self) -> (usize, usize, usize) {
-        let entries = self.channels.values().map(|c| c.entries.len()).sum();
-        (self.channels.len(), self.mirrors.len(), entries)
-    }
-}
-
-/// A cell id's owner group among `ranges`.
-pub fn owner_of(ranges: &Arc<RangeTable<GroupId>>, cell: CellIndex) -> Option<GroupId> {
-    ranges.locate(cell_key(u64::from(cell))).copied()
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::api::{wire_page, LocationAck, ServiceConfig, ServiceError};
-use crate::clock::Clock;
+use crate::clock::{sleep_until, Clock};
 use crate::group::{DriverHandle, GroupMsg};
 use crate::presence::{GroupMessage, Output, Presence};
 use crate::route::directory::MapView;
@@ -154,17 +154,6 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     let processed = group.last_applied().map_or(0, |l| l.index);
     presence.set_applied(processed);
     group.read(|s| presence.load(s, ctx.clock.now()));
-    // Deletions this node missed while it was down or unreachable: purge its files now.
-    let marks: Vec<(UserId, Millis)> = group.read(|s| {
-        s.users()
-            .filter_map(|(u, r)| r.history_cleared.map(|c| (u, c)))
-            .collect()
-    });
-    if !marks.is_empty() {
-        let history = Arc::clone(&ctx.history);
-        let id = group.id();
-        tokio::spawn(async move { history.reconcile(id, marks).await });
-    }
     let outbox = Arc::new(Notify::new());
     // Alone in its cluster, a group has no viewers elsewhere that knew it through an earlier
     // leader: nothing to wait for.
@@ -733,11 +722,4 @@ fn asked_acks(outputs: &[Output], group: GroupId, index: u64) -> Vec<u32> {
             _ => None,
         })
         .collect()
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::api::{outcome, Admission, Backend, LocationAck, ServiceError, SessionSink};
 use crate::auth::{AuthError, Claims, TokenSigner, TokenVerifier};
+use crate::clock::sleep_until;
 use crate::queue::{CloseReason, EventQueue, Popped};
 use crate::service::overload::TokenBucket;
 
@@ -505,13 +506,6 @@ impl<B: Backend> Session<B> {
             token: signer.sign(Claims { user, expires_at }),
             expires_at,
         })
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
