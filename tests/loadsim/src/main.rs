@@ -452,10 +452,7 @@ fn ceiling(args: CeilingArgs) -> anyhow::Result<ExitCode> {
         drain: Duration::from_secs_f64(args.drain.max(0.0)),
         progress: !args.quiet,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = runtime()?;
     let report = {
         let mut server =
             ceiling::ServerProcess::start(&exe, args.sessions, args.mode, &dir, args.server_cpus.as_deref())?;
@@ -464,10 +461,7 @@ fn ceiling(args: CeilingArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
     let report = report?;
     println!("{}", report.table());
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    write_json(args.json_out.as_deref(), &report)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -568,17 +562,11 @@ fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
     dc.server_pids = args.server_pid;
     dc.extra_pid = args.extra_pid;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = runtime()?;
     let out = rt.block_on(driver::run(&world, dc))?;
     let (report, _) = Report::build(&world, &endpoint, &out);
     println!("{}", report.table());
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    write_json(args.json_out.as_deref(), &report)?;
     if report.no_leaks() {
         Ok(ExitCode::SUCCESS)
     } else {
@@ -601,18 +589,29 @@ fn groups(args: GroupsArgs) -> anyhow::Result<ExitCode> {
         window: Duration::from_secs_f64(args.window),
         progress: !args.quiet,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = runtime()?;
     let report = rt.block_on(nearby_loadsim::groups::run(config))?;
     println!("{}", report.table());
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    write_json(args.json_out.as_deref(), &report)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The multi-threaded runtime every async command runs on.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Writes `report` as pretty JSON to `path`, if one was asked for.
+fn write_json(path: Option<&std::path::Path>, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn radio(args: RadioArgs) -> anyhow::Result<ExitCode> {
@@ -631,16 +630,10 @@ fn radio(args: RadioArgs) -> anyhow::Result<ExitCode> {
         ],
         progress: !args.quiet,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = runtime()?;
     let report = rt.block_on(nearby_loadsim::radio::run(config))?;
     println!("{}", report.table());
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    write_json(args.json_out.as_deref(), &report)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ExitCode::SUCCESS)
 }
@@ -666,10 +659,7 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
             idle_timeout: Duration::from_secs_f64(args.idle_timeout),
         },
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let rt = runtime()?;
     let report = rt.block_on(nearby_loadsim::chaos::run(config))?;
     println!("{}", report.table());
     for line in report.replicas.lost.iter().take(20) {
@@ -678,10 +668,7 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     for c in &report.crashes {
         println!("  crash: {c}");
     }
-    if let Some(path) = &args.json_out {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    write_json(args.json_out.as_deref(), &report)?;
     if report.passed() {
         let _ = std::fs::remove_dir_all(&dir);
         Ok(ExitCode::SUCCESS)
