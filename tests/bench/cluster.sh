@@ -58,7 +58,8 @@ run() { # name nodes
   server=$(pgrep -d, -P "$node" nearby-node || true)
   [ -n "$server" ] || server=$node
   "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$work/$name-home" \
-    --rate "$rates" --duration "$duration" --server-pid "$server" --json-out "$work/$name.json"
+    --rate "$rates" --duration "$duration" --server-pid "$server" --json-out "$work/$name.json" \
+    --pseudonym-key "$work/$name-data/dev/pseudonym.key"
   kill -TERM "$node"; wait "$node" || true
 }
 

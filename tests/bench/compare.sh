@@ -50,9 +50,12 @@ fi
 
 echo "== world: $users users, $online online (seed $seed)"
 "$bin/nearby-loadsim" world --seed "$seed" --users "$users" --online "$online" --out "$work/seed.bin"
-run_load() { # name home server-pid [extra-pid]
+run_load() { # name home server-pid [extra-pid] [pseudonym-key]
   local extra=()
   [ -n "${4:-}" ] && extra=(--extra-pid "$4")
+  # nearby's runs have strangers too (the world's discoverable users and listeners), judged by
+  # the oracle; the baseline has no such feature, so its runs leave them out.
+  [ -n "${5:-}" ] && extra+=(--pseudonym-key "$5")
   "${on_load[@]}" "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$2" \
     --rate "$rates" --duration "$duration" --server-pid "$3" "${extra[@]}" \
     --json-out "$work/$1.json"
@@ -65,7 +68,7 @@ run_nearby() { # name [nearby-node dev flags...]
     --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" "$@" 2>"$work/$name.log" &
   local node=$!; pids+=("$node")
   wait_file "$work/$name-home/endpoint" 300 "$work/$name.log"
-  run_load "$name" "$work/$name-home" "$node"
+  run_load "$name" "$work/$name-home" "$node" "" "$work/$name-data/dev/pseudonym.key"
   kill -TERM "$node"; wait "$node" || true
 }
 

@@ -253,6 +253,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     );
     dc.churn = config.churn;
     dc.churn_seed = config.seed;
+    dc.pseudonym_key = Some(cluster.pseudonym_key()?);
     dc.progress = config.progress;
     dc.connect_timeout = Duration::from_secs(2);
     dc.request_timeout = config.liveness.request_timeout;

@@ -26,7 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::time::Instant;
 
 use crate::driver::{lock, Shared};
-use crate::oracle::{Change, Micros};
+use crate::oracle::{Change, Micros, Scope};
 use crate::world::World;
 
 /// How a cycle forbids and allows.
@@ -194,6 +194,7 @@ fn record(
     viewers: Vec<u32>,
     allowed: bool,
     by_sender: bool,
+    scope: Scope,
     times: (Micros, Option<Micros>),
 ) {
     lock(&shared.changes).push(Change {
@@ -201,6 +202,7 @@ fn record(
         viewers,
         allowed,
         by_sender,
+        scope,
         sent: times.0,
         acked: times.1,
     });
@@ -222,32 +224,32 @@ async fn cycle(
     let restored = match kind {
         Kind::Hide => {
             let off = acknowledged(shared, || cs.hide(idv)).await;
-            record(shared, s, vec![v], false, true, off);
+            record(shared, s, vec![v], false, true, Scope::Viewers, off);
             tokio::time::sleep(pause).await;
             let on = acknowledged(shared, || cs.unhide(idv)).await;
-            record(shared, s, vec![v], true, true, on);
+            record(shared, s, vec![v], true, true, Scope::Viewers, on);
             off.1.is_some() && on.1.is_some()
         }
         Kind::SharingOff => {
             let off = acknowledged(shared, || cs.set_sharing(false)).await;
-            record(shared, s, viewers.clone(), false, true, off);
+            record(shared, s, viewers.clone(), false, true, Scope::Everyone, off);
             tokio::time::sleep(pause).await;
             let on = acknowledged(shared, || cs.set_sharing(true)).await;
-            record(shared, s, viewers, true, true, on);
+            record(shared, s, viewers, true, true, Scope::Everyone, on);
             off.1.is_some() && on.1.is_some()
         }
         Kind::Unfriend => {
             let off = acknowledged(shared, || cs.remove_friend(idv)).await;
-            record(shared, s, vec![v], false, true, off);
+            record(shared, s, vec![v], false, true, Scope::Relation, off);
             // The friend loses sight of `s` only through `s`'s record; `v`'s own record hides
             // `v` from `s` once it carries the change: no promise about `v` here.
-            record(shared, v, vec![s], false, false, off);
+            record(shared, v, vec![s], false, false, Scope::Relation, off);
             tokio::time::sleep(pause).await;
             let ask = acknowledged(shared, || cs.add_friend(idv)).await;
             let accept = acknowledged(shared, || cv.add_friend(ids)).await;
             let on = (ask.0, ask.1.and(accept.1));
-            record(shared, s, vec![v], true, true, on);
-            record(shared, v, vec![s], true, false, on);
+            record(shared, s, vec![v], true, true, Scope::Relation, on);
+            record(shared, v, vec![s], true, false, Scope::Relation, on);
             off.1.is_some() && on.1.is_some()
         }
     };

@@ -303,6 +303,12 @@ impl ProcessCluster {
         Some(self.raft_addr(i))
     }
 
+    /// The cluster's pseudonym key (what every node derives strangers' pseudonyms from).
+    pub fn pseudonym_key(&self) -> Result<Vec<u8>, ClusterError> {
+        nearby_node::secrets::read_pseudonym_key(&self.opts.dir.join("pseudonym.key"))
+            .map_err(|e| setup("pseudonym key", e))
+    }
+
     /// The certificate clients trust.
     pub fn client_ca(&self) -> &str {
         &self.client_ca

@@ -85,6 +85,10 @@ pub struct DriverConfig {
     pub idle_timeout: Duration,
     /// Told `true` when the steps start (every participant connected).
     pub started: Option<Arc<watch::Sender<bool>>>,
+    /// The cluster's pseudonym key (`pseudonym.key`): with it the world's discoverable users
+    /// turn discoverable on and its listeners ask for strangers, whose pseudonyms the run maps
+    /// back to users for the oracle. `None` leaves strangers out (a server without them).
+    pub pseudonym_key: Option<Vec<u8>>,
 }
 
 impl DriverConfig {
@@ -115,6 +119,7 @@ impl DriverConfig {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(20),
             started: None,
+            pseudonym_key: None,
         }
     }
 }
@@ -304,6 +309,10 @@ struct Settings {
     sharing_off: bool,
     ghost: bool,
     hide_from: Option<UserId>,
+    /// Turn discoverable on.
+    discoverable: bool,
+    /// Ask for strangers after the first location.
+    listen: bool,
 }
 
 /// What a participant task returns.
@@ -314,6 +323,36 @@ struct ParticipantOut {
     startup: Option<(Micros, bool)>,
     sharing_off: bool,
     hid_from: Option<UserId>,
+    discoverable: bool,
+    /// Strangers seen, under their pseudonyms (resolved when the run ends).
+    strangers: Vec<StrangerSeen>,
+}
+
+/// A stranger event or page entry as it arrived: under the viewer's pseudonym.
+struct StrangerSeen {
+    at: Micros,
+    pseudonym: String,
+    distance_m: u32,
+    updated_at: Millis,
+}
+
+impl StrangerSeen {
+    fn of(s: &nearby_client::proto::Stranger, at: Micros) -> StrangerSeen {
+        StrangerSeen {
+            at,
+            pseudonym: s.pseudonym.clone(),
+            distance_m: s.distance_m,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// What one client's event reader heard.
+#[derive(Default)]
+struct Heard {
+    received: Vec<Received>,
+    strangers: Vec<StrangerSeen>,
+    outages: Vec<(Micros, Micros)>,
 }
 
 /// Runs `world` against the node of `config` (see the module doc).
@@ -387,6 +426,8 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
                 .iter()
                 .find(|(h, _)| *h == i)
                 .map(|&(_, f)| world.id(f)),
+            discoverable: config.pseudonym_key.is_some() && world.discoverable().binary_search(&i).is_ok(),
+            listen: config.pseudonym_key.is_some() && world.listeners().binary_search(&i).is_ok(),
         };
         tasks.push(tokio::spawn(participant(
             p as u32,
@@ -478,6 +519,12 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let sharing_off: Vec<bool> = outs.iter().map(|o| o.sharing_off).collect();
     let hid: Vec<Option<UserId>> = outs.iter().map(|o| o.hid_from).collect();
     let audience = audience(world, &sharing_off, &hid);
+    let related = self::audience(world, &vec![false; m], &vec![None; m]);
+    let strangers: Vec<bool> = outs.iter().map(|o| o.discoverable && !o.sharing_off).collect();
+    let pseudonyms = config
+        .pseudonym_key
+        .as_deref()
+        .map(nearby_node::strangers::Pseudonyms::new);
     let mut startups = Vec::new();
     let mut received = Vec::with_capacity(m);
     let mut outages = Vec::with_capacity(m);
@@ -490,7 +537,23 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
                 degree: world.friends(online[p]).len(),
             });
         }
-        received.push(o.received);
+        let mut heard = o.received;
+        if let Some(names) = pseudonyms.as_ref().filter(|_| !o.strangers.is_empty()) {
+            // The viewer's pseudonym of every participant; one not among them is someone
+            // else's (or made up): an unknown sender, 0.
+            let viewer = ids[p];
+            let known: HashMap<String, UserId> = ids.iter().map(|&u| (names.of(viewer, u), u)).collect();
+            heard.extend(o.strangers.into_iter().map(|s| Received {
+                at: s.at,
+                from: known.get(&s.pseudonym).copied().unwrap_or(0),
+                seen: Seen::Stranger {
+                    distance_m: s.distance_m,
+                    updated_at: s.updated_at,
+                },
+            }));
+            heard.sort_by_key(|r| r.at);
+        }
+        received.push(heard);
         outages.push(o.outages);
     }
     let sent = shared.sent.iter().map(|s| lock(s).clone()).collect();
@@ -501,6 +564,8 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
         truth: Truth {
             ids,
             audience,
+            related,
+            strangers,
             sent,
             received,
             outages,
@@ -634,6 +699,12 @@ async fn participant(
             Err(e) => shared.error(&e),
         }
     }
+    if settings.discoverable {
+        match client.set_discoverable(true).await {
+            Ok(_) => out.discoverable = true,
+            Err(e) => shared.error(&e),
+        }
+    }
     let mut pages = Vec::new();
     let first = mover.position();
     match send(&shared, &client, p, first).await {
@@ -645,6 +716,16 @@ async fn participant(
             out.startup = Some((at.saturating_sub(connected_at), false))
         }
         None => {}
+    }
+    let mut stranger_page = Vec::new();
+    if settings.listen {
+        match client.list_strangers(None).await {
+            Ok(page) => {
+                let at = shared.now();
+                stranger_page.extend(page.strangers.iter().map(|s| StrangerSeen::of(s, at)));
+            }
+            Err(e) => shared.error(&e),
+        }
     }
     // The node refuses a session's updates closer than its minimum interval (250 ms by
     // default): the first timed update never follows the start that closely.
@@ -686,11 +767,13 @@ async fn participant(
     let closed_at = shared.now();
     client.close().await;
     if let Some(reader) = reader {
-        if let Ok((received, outages)) = reader.await {
-            out.received = received;
-            out.outages = outages;
+        if let Ok(heard) = reader.await {
+            out.received = heard.received;
+            out.strangers = heard.strangers;
+            out.outages = heard.outages;
         }
     }
+    out.strangers.extend(stranger_page);
     out.outages.push((closed_at, Micros::MAX));
     if !pages.is_empty() {
         out.received.extend(pages);
@@ -765,11 +848,9 @@ fn page_entries(page: &NearbyPage, at: Micros, out: &mut Vec<Received>) {
 }
 
 /// Reads one client's events until it closes: what was received, and when the session was down.
-async fn read_events(
-    mut events: mpsc::Receiver<SdkEvent>,
-    shared: Arc<Shared>,
-) -> (Vec<Received>, Vec<(Micros, Micros)>) {
+async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) -> Heard {
     let mut received = Vec::new();
+    let mut strangers = Vec::new();
     let mut outages = Vec::new();
     let mut down_since: Option<Micros> = None;
     while let Some(e) = events.recv().await {
@@ -785,6 +866,11 @@ async fn read_events(
             }
             SdkEvent::Event(Event::FriendLeft { id, updated_at, .. }) => (id, Seen::Left { updated_at }),
             SdkEvent::Event(Event::FriendGone { id, .. }) => (id, Seen::Gone),
+            SdkEvent::Event(Event::StrangerNearby(s)) => {
+                shared.live.pushes.fetch_add(1, Ordering::Relaxed);
+                strangers.push(StrangerSeen::of(&s, at));
+                continue;
+            }
             SdkEvent::Event(_) => continue,
             SdkEvent::Reconnecting { reason, .. } => {
                 if down_since.is_none() {
@@ -812,7 +898,11 @@ async fn read_events(
     if let Some(from) = down_since {
         outages.push((from, Micros::MAX));
     }
-    (received, outages)
+    Heard {
+        received,
+        strangers,
+        outages,
+    }
 }
 
 fn position(kind: PositionKind, at: Coord, updated_at: Millis) -> Seen {

@@ -254,6 +254,12 @@ struct WorldArgs {
     /// Share of online users hiding from one friend.
     #[arg(long, default_value_t = 0.02)]
     hidden: f64,
+    /// Share of online users discoverable by strangers nearby.
+    #[arg(long, default_value_t = 0.05)]
+    discoverable: f64,
+    /// Share of online users looking for strangers nearby.
+    #[arg(long, default_value_t = 0.05)]
+    strangers: f64,
     /// Simulated seconds between two updates of one user.
     #[arg(long, default_value_t = 30.0)]
     period: f64,
@@ -274,6 +280,8 @@ impl WorldArgs {
             drive_share: self.drive_share,
             sharing_off: self.sharing_off,
             hidden: self.hidden,
+            discoverable: self.discoverable,
+            strangers: self.strangers,
             period_s: self.period,
         }
     }
@@ -322,6 +330,11 @@ struct RunArgs {
     /// Write the report as JSON to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// The cluster's pseudonym key (`pseudonym.key`; `nearby-node dev` keeps it in
+    /// `DATA/dev/`): with it the world's discoverable users and stranger listeners take part
+    /// and the oracle judges what strangers see. Without it strangers are left out.
+    #[arg(long)]
+    pseudonym_key: Option<PathBuf>,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -561,6 +574,12 @@ fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
     dc.progress = !args.quiet;
     dc.server_pids = args.server_pid;
     dc.extra_pid = args.extra_pid;
+    if let Some(path) = &args.pseudonym_key {
+        dc.pseudonym_key = Some(
+            nearby_node::secrets::read_pseudonym_key(path)
+                .with_context(|| format!("cannot read --pseudonym-key {}", path.display()))?,
+        );
+    }
 
     let rt = runtime()?;
     let out = rt.block_on(driver::run(&world, dc))?;

@@ -61,6 +61,25 @@
 //! - a pair touched by any change (in either direction, by either user) is judged for leaks only
 //!   by that rule (and the position rules), never for misses: whether a delivery was owed while
 //!   permissions moved is not certain.
+//!
+//! # Strangers
+//!
+//! A stranger event (`StrangerNearby`, or an entry of a `ListStrangers` page) names no user: the
+//! driver maps its per-viewer pseudonym back to the user with the cluster's pseudonym key (an
+//! unknown pseudonym — one made for another viewer, say — is an `UnknownSender` leak). It is a
+//! **leak** if
+//! - the stranger was not visible to strangers when it arrived: not discoverable, hidden from
+//!   everyone before the run, or by a change of [`Scope::Everyone`] acknowledged before (with
+//!   the same "on its way already" exception as above);
+//! - the stranger hides from this viewer (before the run, or by an acknowledged change of
+//!   [`Scope::Viewers`]): a hidden friend must not turn up as a stranger either;
+//! - its distance is not a whole number of 500 m steps (finer than the product promises), or
+//!   more than the radius (plus the tolerance) from every position the viewer may have had
+//!   while the stranger was at any position the server may have held at the event's stamp.
+//!
+//! A friend or followed user shown as a stranger (the product never repeats them) is counted
+//! apart ([`Verdict::friends_as_strangers`]). Stranger events are never expected: the live page
+//! is the nearest few, so none is owed to a given viewer.
 
 use std::collections::HashMap;
 
@@ -127,6 +146,14 @@ pub enum Seen {
         /// The distance the server computed.
         distance_m: f64,
     },
+    /// A stranger (`StrangerNearby`, or an entry of a strangers page), its pseudonym mapped back
+    /// to the user: a coarse distance and a stamp, nothing else.
+    Stranger {
+        /// The distance shown, metres (a whole number of steps).
+        distance_m: u32,
+        /// The server's stamp.
+        updated_at: Millis,
+    },
 }
 
 /// One received event about one sender.
@@ -148,6 +175,12 @@ pub struct Truth {
     /// Participant `S` → participants allowed to see `S` (ascending), after the privacy settings
     /// that were actually applied.
     pub audience: Vec<Vec<u32>>,
+    /// Participant `S` → participants who are friends of `S` or follow it by the world (whatever
+    /// the settings): the node never shows `S` to them as a stranger.
+    pub related: Vec<Vec<u32>>,
+    /// Participant → whether strangers may see it by the settings applied before the run
+    /// (discoverable, and not hidden from everyone).
+    pub strangers: Vec<bool>,
     /// Participant → updates, in send order.
     pub sent: Vec<Vec<SentUpdate>>,
     /// Participant (viewer) → events received, in receipt order.
@@ -176,10 +209,23 @@ pub struct Change {
     /// promises that nothing more reaches the viewers (a change by the viewer, such as an
     /// unfriending, hides the publisher only once the publisher's own record carries it).
     pub by_sender: bool,
+    /// What else it changes: whether the viewers (or everyone) may meet the sender as a stranger.
+    pub scope: Scope,
     /// When the (first) request was sent.
     pub sent: Micros,
     /// When its (last) acknowledgement arrived; `None` if it was not acknowledged.
     pub acked: Option<Micros>,
+}
+
+/// How far a [`Change`] reaches beyond the friends' view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Hiding from the viewers: they may not see the sender at all, as a stranger neither.
+    Viewers,
+    /// Sharing off (or ghost mode): nobody may see the sender, strangers included.
+    Everyone,
+    /// The friendship itself: once it ends the viewers may meet the sender as a stranger.
+    Relation,
 }
 
 /// The oracle's parameters.
@@ -233,6 +279,17 @@ pub enum LeakReason {
     UnknownSender,
     /// A position older than the TTL.
     Expired,
+    /// A stranger shown while strangers may not see it.
+    Undiscoverable {
+        /// When a change by the stranger hiding it from everyone was acknowledged; `None` if
+        /// the settings made before the run never let strangers see it.
+        since_us: Option<Micros>,
+    },
+    /// A stranger's distance finer than the step (or zero).
+    FinerThanStep {
+        /// The distance shown.
+        distance_m: u32,
+    },
 }
 
 /// What a leaked event showed of the sender.
@@ -245,6 +302,8 @@ pub enum Shown {
     Left,
     /// An entry of a page.
     PageEntry,
+    /// A stranger entry or event.
+    Stranger,
 }
 
 /// One leak, for the report.
@@ -337,6 +396,11 @@ pub struct Verdict {
     /// server processed before that acknowledgement (on their way already), and the latest of
     /// them after the acknowledgement, µs. Not leaks; see the module doc.
     pub in_flight_after_ack: (u64, Micros),
+    /// Stranger events (and page entries) judged.
+    pub strangers_seen: u64,
+    /// Friends or followed users shown as strangers (not leaks: they may see each other; the
+    /// product promises not to repeat them).
+    pub friends_as_strangers: u64,
 }
 
 impl Verdict {
@@ -357,6 +421,8 @@ struct Judge<'a> {
     truth: &'a Truth,
     config: &'a OracleConfig,
     index: HashMap<UserId, u32>,
+    /// Sender → its changes of [`Scope::Everyone`], in send order.
+    everyone: HashMap<u32, Vec<&'a Change>>,
     /// (sender, viewer) → changes of that pair, in send order.
     changes: HashMap<(u32, u32), Vec<&'a Change>>,
     /// (sender, lat bits, lon bits) → the sender's updates with that position.
@@ -412,13 +478,22 @@ impl<'a> Judge<'a> {
                 changes.entry((c.sender, v)).or_default().push(c);
             }
         }
-        for list in changes.values_mut() {
+        let mut everyone: HashMap<u32, Vec<&Change>> = HashMap::new();
+        for c in truth
+            .changes
+            .iter()
+            .filter(|c| c.scope == Scope::Everyone && c.by_sender)
+        {
+            everyone.entry(c.sender).or_default().push(c);
+        }
+        for list in changes.values_mut().chain(everyone.values_mut()) {
             list.sort_by_key(|c| c.sent);
         }
         Judge {
             truth,
             config,
             index,
+            everyone,
             changes,
             positions,
             started,
@@ -462,6 +537,159 @@ impl<'a> Judge<'a> {
         since.map(Some)
     }
 
+    /// When strangers may not see `sender` at `t`: `Some(None)` by the settings before the run,
+    /// `Some(Some(a))` by a change of [`Scope::Everyone`] acknowledged at `a`.
+    fn undiscoverable_since(&self, sender: u32, t: Micros) -> Option<Option<Micros>> {
+        if !self
+            .truth
+            .strangers
+            .get(sender as usize)
+            .copied()
+            .unwrap_or(false)
+        {
+            return Some(None);
+        }
+        let mut since = None;
+        for c in self
+            .everyone
+            .get(&sender)
+            .into_iter()
+            .flatten()
+            .take_while(|c| c.sent < t)
+        {
+            if c.allowed {
+                since = None;
+            } else if let Some(a) = c.acked.filter(|a| *a < t) {
+                since = Some(a);
+            }
+        }
+        since.map(Some)
+    }
+
+    /// Whether `viewer` is a friend or follower of `sender` by the world.
+    fn related(&self, viewer: u32, sender: u32) -> bool {
+        self.truth
+            .related
+            .get(sender as usize)
+            .is_some_and(|r| r.binary_search(&viewer).is_ok())
+    }
+
+    /// Whether an event about `sender` stamped `stamp` was on its way before `ack` (see the
+    /// module doc); counts it if so.
+    fn in_flight(&self, verdict: &mut Verdict, ack: Option<Micros>, stamp: Millis, at: Micros) -> bool {
+        let (Some(ack), Some(t0)) = (ack, self.truth.t0_unix_ms) else {
+            return false;
+        };
+        let stamped_us = stamp.0.saturating_sub(t0).saturating_mul(1_000);
+        if stamped_us >= ack {
+            return false;
+        }
+        verdict.in_flight_after_ack.0 += 1;
+        verdict.in_flight_after_ack.1 = verdict.in_flight_after_ack.1.max(at.saturating_sub(ack));
+        true
+    }
+
+    /// Judges one stranger event (see the module doc's "Strangers").
+    fn stranger(&self, verdict: &mut Verdict, v: u32, s: u32, r: &Received) -> Option<LeakReason> {
+        let Seen::Stranger {
+            distance_m,
+            updated_at,
+        } = r.seen
+        else {
+            return None;
+        };
+        verdict.strangers_seen += 1;
+        if v == s {
+            return Some(LeakReason::NotAllowed {
+                since_us: None,
+                event: Shown::Stranger,
+                update_sent_us: None,
+            });
+        }
+        if let Some(since_us) = self.undiscoverable_since(s, r.at) {
+            if !self.in_flight(verdict, since_us, updated_at, r.at) {
+                return Some(LeakReason::Undiscoverable { since_us });
+            }
+            return None;
+        }
+        // Friends and followers: a hidden one must not turn up as a stranger.
+        match self.changes.get(&(s, v)) {
+            Some(list) => {
+                let latest = list.iter().take_while(|c| c.sent < r.at).last();
+                if let Some(c) = latest {
+                    let acked = c.acked.filter(|a| *a < r.at);
+                    if c.scope == Scope::Viewers
+                        && !c.allowed
+                        && c.by_sender
+                        && acked.is_some()
+                        && !self.in_flight(verdict, acked, updated_at, r.at)
+                    {
+                        return Some(LeakReason::NotAllowed {
+                            since_us: acked,
+                            event: Shown::Stranger,
+                            update_sent_us: None,
+                        });
+                    }
+                }
+            }
+            None if self.related(v, s) => {
+                if self.allowed(v, s) {
+                    verdict.friends_as_strangers += 1;
+                } else {
+                    return Some(LeakReason::NotAllowed {
+                        since_us: None,
+                        event: Shown::Stranger,
+                        update_sent_us: None,
+                    });
+                }
+            }
+            None => {}
+        }
+        let step = nearby_client::proto::STRANGER_STEP_M;
+        if distance_m == 0 || distance_m % step != 0 {
+            return Some(LeakReason::FinerThanStep { distance_m });
+        }
+        let far = self.config.radius_m * (1.0 + self.config.tolerance);
+        if f64::from(distance_m) > far + f64::from(step) {
+            return Some(LeakReason::OutOfRange {
+                distance_m: f64::from(distance_m),
+            });
+        }
+        // Where the stranger may have been: at the stamp if the server shares this clock, else
+        // anywhere within the TTL.
+        let (from, to) = match self.truth.t0_unix_ms {
+            Some(t0) => {
+                let stamped = updated_at.0.saturating_sub(t0).saturating_mul(1_000);
+                (
+                    stamped.saturating_sub(1_000),
+                    stamped.saturating_add(1_000).min(r.at),
+                )
+            }
+            None => (r.at.saturating_sub(self.config.ttl_us), r.at),
+        };
+        let mut any = false;
+        let mut fresh = false;
+        let mut closest = f64::INFINITY;
+        for u in self.held(s, from, to) {
+            any = true;
+            fresh |= r.at.saturating_sub(u.sent) <= self.config.ttl_us + self.config.deadline_us;
+            let d = self
+                .candidates(v, u.sent, r.at)
+                .map(|c| distance(c, u.pos))
+                .fold(f64::INFINITY, f64::min);
+            closest = closest.min(d);
+        }
+        if !any {
+            Some(LeakReason::UnknownPosition)
+        } else if !fresh {
+            Some(LeakReason::Expired)
+        } else if closest > far {
+            Some(LeakReason::OutOfRange { distance_m: closest })
+        } else {
+            None
+        }
+    }
+
     /// The latest update of `sender` at `pos` sent no later than `by`.
     fn resolve(&self, sender: u32, pos: Coord, by: Micros) -> Option<u32> {
         let seqs = self
@@ -474,7 +702,14 @@ impl<'a> Judge<'a> {
     /// Positions `viewer` may have had stored at some instant of `[from, to]` (see the module
     /// doc).
     fn candidates(&self, viewer: u32, from: Micros, to: Micros) -> impl Iterator<Item = Coord> + '_ {
-        let sent = &self.truth.sent[viewer as usize];
+        self.held(viewer, from, to).map(|u| u.pos)
+    }
+
+    /// The updates of participant `p` that may have been its latest stored one at some instant
+    /// of `[from, to]`: sent by `to`, not refused, not superseded by a later update acknowledged
+    /// before `from`.
+    fn held(&self, p: u32, from: Micros, to: Micros) -> impl Iterator<Item = &SentUpdate> + '_ {
+        let sent = &self.truth.sent[p as usize];
         let end = sent.partition_point(|u| u.sent <= to);
         let mut start = end;
         while start > 0 {
@@ -486,7 +721,6 @@ impl<'a> Judge<'a> {
         sent[start..end]
             .iter()
             .filter(|u| !matches!(u.outcome, Outcome::Refused(_)))
-            .map(|u| u.pos)
     }
 
     fn in_outage(&self, viewer: u32, from: Micros, to: Micros) -> bool {
@@ -525,9 +759,14 @@ impl<'a> Judge<'a> {
                     self.count_leak(&mut verdict, &mut rest, windows, found);
                     continue;
                 };
+                if matches!(r.seen, Seen::Stranger { .. }) {
+                    let found = self.stranger(&mut verdict, v, s, r).map(leak);
+                    self.count_leak(&mut verdict, &mut rest, windows, found);
+                    continue;
+                }
                 let mut seq = None;
                 match r.seen {
-                    Seen::Gone => {}
+                    Seen::Gone | Seen::Stranger { .. } => {}
                     _ if self.forbidden(v, s, r.at) => {
                         let event = match r.seen {
                             Seen::Position { .. } => Shown::Position,
@@ -539,14 +778,8 @@ impl<'a> Judge<'a> {
                             Seen::Position { updated_at, .. } | Seen::Left { updated_at } => Some(updated_at),
                             _ => None,
                         };
-                        if let (Some(ack), Some(stamp), Some(t0)) = (since_us, stamp, self.truth.t0_unix_ms) {
-                            let stamped_us = stamp.0.saturating_sub(t0).saturating_mul(1_000);
-                            if stamped_us < ack {
-                                verdict.in_flight_after_ack.0 += 1;
-                                verdict.in_flight_after_ack.1 =
-                                    verdict.in_flight_after_ack.1.max(r.at.saturating_sub(ack));
-                                continue;
-                            }
+                        if stamp.is_some_and(|st| self.in_flight(&mut verdict, since_us, st, r.at)) {
+                            continue;
                         }
                         let update_sent_us = match r.seen {
                             Seen::Position { at, .. } => self
@@ -725,6 +958,8 @@ mod tests {
         Truth {
             ids: vec![A, B, C],
             audience: vec![vec![1], vec![0], vec![]],
+            related: vec![vec![1], vec![0], vec![]],
+            strangers: vec![false; 3],
             sent: vec![
                 vec![sent(0, 52.50), sent(3_000_000, 52.51)],
                 vec![sent(500, 52.52)],
@@ -766,6 +1001,7 @@ mod tests {
             viewers: vec![1],
             allowed: false,
             by_sender: true,
+            scope: Scope::Viewers,
             sent: 3_100_000,
             acked: Some(3_200_000),
         });
@@ -796,6 +1032,7 @@ mod tests {
             viewers: vec![1],
             allowed: false,
             by_sender: true,
+            scope: Scope::Viewers,
             sent: 3_100_000,
             acked: Some(3_200_000),
         });
@@ -804,6 +1041,7 @@ mod tests {
             viewers: vec![1],
             allowed: true,
             by_sender: true,
+            scope: Scope::Viewers,
             sent: 3_600_000,
             acked: Some(3_700_000),
         });
@@ -827,6 +1065,7 @@ mod tests {
             viewers: vec![1],
             allowed: false,
             by_sender: false,
+            scope: Scope::Relation,
             sent: 3_100_000,
             acked: Some(3_200_000),
         });
@@ -897,5 +1136,116 @@ mod tests {
         let mut t = truth();
         t.sent[1][0].outcome = Outcome::Refused(100_100);
         assert_eq!(judge1(&t).total.expected, 0);
+    }
+
+    fn stranger(t: Micros, from: UserId, distance_m: u32) -> Received {
+        Received {
+            at: t,
+            from,
+            seen: Seen::Stranger {
+                distance_m,
+                updated_at: Millis(t / 1000),
+            },
+        }
+    }
+
+    fn reasons(t: &Truth) -> Vec<LeakReason> {
+        judge1(t).leak_samples.iter().map(|l| l.reason).collect()
+    }
+
+    #[test]
+    fn a_discoverable_stranger_in_range_in_whole_steps_is_no_leak_and_anything_else_is() {
+        // C (at 52.52) is discoverable; B (at 52.52) listens; 0 m apart reads as 500 m.
+        let mut t = truth();
+        t.strangers[2] = true;
+        t.received[1].push(stranger(3_000_000, C, 500));
+        let v = judge1(&t);
+        assert_eq!(
+            (v.total.leaks, v.strangers_seen, v.friends_as_strangers),
+            (0, 1, 0)
+        );
+
+        // Not discoverable.
+        t.strangers[2] = false;
+        assert_eq!(reasons(&t), vec![LeakReason::Undiscoverable { since_us: None }]);
+        t.strangers[2] = true;
+
+        // Finer than the step.
+        t.received[1][0] = stranger(3_000_000, C, 730);
+        assert_eq!(reasons(&t), vec![LeakReason::FinerThanStep { distance_m: 730 }]);
+
+        // Farther than the radius from anywhere the viewer was, where the server's stamp says
+        // the stranger was (the node shares this clock).
+        t.t0_unix_ms = Some(0);
+        t.sent[2].push(sent(3_500_000, 52.80)); // ~31 km north
+        t.received[1][0] = stranger(3_600_000, C, 8_000);
+        assert!(
+            matches!(reasons(&t)[..], [LeakReason::OutOfRange { .. }]),
+            "{:?}",
+            reasons(&t)
+        );
+
+        // A pseudonym that maps to no participant.
+        let mut t = truth();
+        t.received[1].push(stranger(3_000_000, 0, 500));
+        assert_eq!(reasons(&t), vec![LeakReason::UnknownSender]);
+    }
+
+    #[test]
+    fn a_stranger_gone_from_everyone_or_hiding_from_the_viewer_is_a_leak_a_former_friend_is_not() {
+        // C hides from everyone (sharing off) at 3.1 s, acknowledged at 3.2 s.
+        let mut t = truth();
+        t.strangers[2] = true;
+        t.changes.push(Change {
+            sender: 2,
+            viewers: vec![],
+            allowed: false,
+            by_sender: true,
+            scope: Scope::Everyone,
+            sent: 3_100_000,
+            acked: Some(3_200_000),
+        });
+        t.received[1].push(stranger(3_150_000, C, 500)); // before the acknowledgement
+        assert_eq!(judge1(&t).total.leaks, 0);
+        t.received[1].push(stranger(3_300_000, C, 500));
+        assert_eq!(
+            reasons(&t),
+            vec![LeakReason::Undiscoverable {
+                since_us: Some(3_200_000)
+            }]
+        );
+
+        // A friend shown as a stranger: counted, not a leak; hidden from that friend: a leak.
+        let mut t = truth();
+        t.strangers = vec![true; 3];
+        t.received[1].push(stranger(3_000_000, A, 2_000));
+        let v = judge1(&t);
+        assert_eq!((v.total.leaks, v.friends_as_strangers), (0, 1));
+        t.audience[0].clear(); // A hides from B before the run
+        assert!(matches!(
+            reasons(&t)[..],
+            [LeakReason::NotAllowed {
+                event: Shown::Stranger,
+                ..
+            }]
+        ));
+
+        // A unfriends B (acknowledged at 3.2 s): B may meet A as a stranger afterwards; had A
+        // hidden from B instead, it would be a leak.
+        for (scope, leaks) in [(Scope::Relation, 0), (Scope::Viewers, 1)] {
+            let mut t = truth();
+            t.strangers = vec![true; 3];
+            t.changes.push(Change {
+                sender: 0,
+                viewers: vec![1],
+                allowed: false,
+                by_sender: true,
+                scope,
+                sent: 3_100_000,
+                acked: Some(3_200_000),
+            });
+            t.received[1].push(stranger(3_300_000, A, 2_000));
+            assert_eq!(judge1(&t).total.leaks, leaks, "{scope:?}");
+        }
     }
 }

@@ -158,6 +158,10 @@ pub struct Report {
     /// after the acknowledgement, ms.
     #[serde(default)]
     pub in_flight_after_ack: (u64, f64),
+    /// Stranger events and page entries judged, and of them friends or followed users shown as
+    /// strangers (not leaks; the product promises not to repeat them).
+    #[serde(default)]
+    pub strangers: (u64, u64),
 }
 
 impl Report {
@@ -242,6 +246,7 @@ impl Report {
                 verdict.in_flight_after_ack.0,
                 verdict.in_flight_after_ack.1 as f64 / 1_000.0,
             ),
+            strangers: (verdict.strangers_seen, verdict.friends_as_strangers),
         }
     }
 
@@ -363,6 +368,13 @@ impl Report {
                 self.in_flight_after_ack.0, self.in_flight_after_ack.1
             );
         }
+        if self.strangers.0 > 0 {
+            let _ = writeln!(
+                s,
+                "strangers: {} events and page entries judged, {} of them friends shown as strangers",
+                self.strangers.0, self.strangers.1
+            );
+        }
         let errors = if self.errors.is_empty() {
             "none".to_string()
         } else {
@@ -471,6 +483,8 @@ pub(crate) mod fixtures {
             friends_within_8km: 0.8,
             cities: 1,
             sharing_off: 0,
+            discoverable: 0,
+            listeners: 0,
             hidden_pairs: 0,
             period_s: 30.0,
         };
@@ -496,6 +510,7 @@ pub(crate) mod fixtures {
             leak_samples: vec![],
             miss_samples: vec![],
             in_flight_after_ack: (0, 0.0),
+            strangers: (0, 0),
         }
     }
 }

@@ -93,8 +93,22 @@ pub struct WorldConfig {
     pub sharing_off: f64,
     /// Share of online users hiding from one friend.
     pub hidden: f64,
+    /// Share of online users discoverable by strangers nearby.
+    #[serde(default = "default_discoverable")]
+    pub discoverable: f64,
+    /// Share of online users who look for strangers nearby.
+    #[serde(default = "default_strangers")]
+    pub strangers: f64,
     /// Simulated seconds between two updates of one user (what a phone would wait).
     pub period_s: f64,
+}
+
+fn default_discoverable() -> f64 {
+    0.05
+}
+
+fn default_strangers() -> f64 {
+    0.05
 }
 
 impl Default for WorldConfig {
@@ -113,6 +127,8 @@ impl Default for WorldConfig {
             drive_share: 0.3,
             sharing_off: 0.02,
             hidden: 0.02,
+            discoverable: default_discoverable(),
+            strangers: default_strangers(),
             period_s: 30.0,
         }
     }
@@ -190,7 +206,9 @@ impl WorldConfig {
         share("online", self.online)?;
         share("drive_share", self.drive_share)?;
         share("sharing_off", self.sharing_off)?;
-        share("hidden", self.hidden)
+        share("hidden", self.hidden)?;
+        share("discoverable", self.discoverable)?;
+        share("strangers", self.strangers)
     }
 
     /// The mean degree actually aimed at: `mean_degree`, at most `users / 4`.
@@ -211,6 +229,8 @@ pub struct World {
     online: Vec<u32>,
     sharing_off: Vec<u32>,
     hidden: Vec<(u32, u32)>,
+    discoverable: Vec<u32>,
+    listeners: Vec<u32>,
 }
 
 impl World {
@@ -332,6 +352,21 @@ impl World {
         }
         hidden.sort_unstable();
 
+        // Strangers: drawn from a stream of their own, so the rest of a seed's world stays
+        // what it was before they existed. Users with sharing off may be discoverable too
+        // (and must then be seen by no stranger).
+        let mut srng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x5354_5241_4e47_4552);
+        let mut discoverable = Vec::new();
+        let mut listeners = Vec::new();
+        for &i in &online {
+            if srng.random::<f64>() < config.discoverable {
+                discoverable.push(i);
+            }
+            if srng.random::<f64>() < config.strangers {
+                listeners.push(i);
+            }
+        }
+
         Ok(World {
             config,
             step,
@@ -342,6 +377,8 @@ impl World {
             online,
             sharing_off,
             hidden,
+            discoverable,
+            listeners,
         })
     }
 
@@ -402,6 +439,16 @@ impl World {
     /// `(hider, friend)`: the hider hides from that friend.
     pub fn hidden(&self) -> &[(u32, u32)] {
         &self.hidden
+    }
+
+    /// Online users discoverable by strangers (indices, ascending).
+    pub fn discoverable(&self) -> &[u32] {
+        &self.discoverable
+    }
+
+    /// Online users who look for strangers (indices, ascending).
+    pub fn listeners(&self) -> &[u32] {
+        &self.listeners
     }
 
     /// Number of friendships (each pair once).
@@ -485,6 +532,8 @@ impl World {
             cities: self.config.cities,
             sharing_off: self.sharing_off.len(),
             hidden_pairs: self.hidden.len(),
+            discoverable: self.discoverable.len(),
+            listeners: self.listeners.len(),
             period_s: self.config.period_s,
         }
     }
@@ -517,6 +566,12 @@ pub struct WorldSummary {
     pub sharing_off: usize,
     /// Hidden-from pairs.
     pub hidden_pairs: usize,
+    /// Online users discoverable by strangers.
+    #[serde(default)]
+    pub discoverable: usize,
+    /// Online users looking for strangers.
+    #[serde(default)]
+    pub listeners: usize,
     /// Simulated seconds between updates of one user.
     pub period_s: f64,
 }

@@ -17,21 +17,38 @@ use crate::util::{drive, SERIAL};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_node_leaks_nothing_and_misses_nothing() {
     let _serial = SERIAL.lock().await;
-    // 300 users, 30 online, some with sharing off, in ghost mode or hiding from a friend, so a
-    // leak would show.
-    let world = World::generate(WorldConfig {
-        seed: 5,
-        users: 300,
-        cities: 2,
-        online: 0.1,
-        sharing_off: 0.1,
-        hidden: 0.1,
-        ..WorldConfig::default()
-    })
-    .expect("world");
+    // 300 users, 30 online, some with sharing off, in ghost mode or hiding from a friend, and a
+    // third of them discoverable or looking for strangers, so a leak would show.
+    // The first seed whose world has, among those hidden from everyone, users who are also
+    // discoverable (so a node showing them to strangers would be caught).
+    let world = (5..200)
+        .map(|seed| {
+            World::generate(WorldConfig {
+                seed,
+                users: 300,
+                cities: 2,
+                online: 0.1,
+                sharing_off: 0.1,
+                hidden: 0.1,
+                discoverable: 0.35,
+                strangers: 0.35,
+                ..WorldConfig::default()
+            })
+            .expect("world")
+        })
+        .find(|w| {
+            w.sharing_off()
+                .iter()
+                .filter(|u| w.discoverable().binary_search(u).is_ok())
+                .count()
+                >= 2
+        })
+        .expect("a world with hidden discoverable users");
     // At least two hidden from everyone: one by sharing off, one by ghost mode (the driver
-    // alternates).
+    // alternates); strangers to see and to look.
     assert!(world.sharing_off().len() >= 2 && !world.hidden().is_empty());
+    assert!(world.discoverable().len() >= 5 && world.listeners().len() >= 5);
+    let pseudonym_key = b"the cluster's pseudonym key".to_vec();
     let dir = tempfile::TempDir::new().expect("tmp");
     let tls = ServerTls::self_signed().expect("tls");
     let ca_pem = tls.chain_pem.clone();
@@ -56,6 +73,7 @@ async fn the_real_node_leaks_nothing_and_misses_nothing() {
     };
     // Nor the update interval: a participant's first timed update may follow its start closely.
     opts.min_update_interval = std::time::Duration::ZERO;
+    opts.service.presence.pseudonyms = Some(nearby_node::strangers::Pseudonyms::new(&pseudonym_key));
     let node = Node::start(opts).await.expect("node starts");
     node.import(&world.seed()).await.expect("import");
     let addr = node.client_addr().to_string();
@@ -65,7 +83,10 @@ async fn the_real_node_leaks_nothing_and_misses_nothing() {
     }));
 
     // Every online user sends once a second (30 s of simulated time each): 5 s of load.
-    let (report, _) = drive(&world, &addr, &ca_pem, 30.0, 5).await;
+    let (report, _) = drive(&world, &addr, &ca_pem, 30.0, 5, Some(&pseudonym_key)).await;
+    // The oracle maps strangers back with the key: with another key, every stranger the
+    // viewers see is someone it cannot name — a leak (so the stranger events were judged).
+    let (wrong, _) = drive(&world, &addr, &ca_pem, 30.0, 2, Some(b"another key")).await;
     let _ = stop.send(());
     tokio::time::timeout(std::time::Duration::from_secs(15), running)
         .await
@@ -74,6 +95,25 @@ async fn the_real_node_leaks_nothing_and_misses_nothing() {
 
     let t = report.total;
     assert_eq!(t.leaks, 0, "{}", report.table());
+    assert!(
+        report.strangers.0 >= 10,
+        "too few stranger events to judge: {}",
+        report.table()
+    );
+    assert_eq!(
+        report.strangers.1,
+        0,
+        "friends shown as strangers: {}",
+        report.table()
+    );
+    assert!(
+        wrong
+            .leak_samples
+            .iter()
+            .any(|l| l.reason == nearby_loadsim::oracle::LeakReason::UnknownSender),
+        "{}",
+        wrong.table()
+    );
     assert!(t.expected > 100, "{}", report.table());
     assert!(t.miss_rate < 0.001, "{}", report.table());
     assert!(report.errors.is_empty(), "{}", report.table());

@@ -16,7 +16,7 @@ async fn a_backend_that_pushes_to_everyone_is_caught_leaking() {
     let _serial = SERIAL.lock().await;
     let world = small_world(11, USERS, ONLINE);
     let served = Served::start(Toy::new(Mode::Leaky, &world.seed()));
-    let (report, verdict) = drive(&world, &served.addr, &served.ca_pem, RATE, SECS).await;
+    let (report, verdict) = drive(&world, &served.addr, &served.ca_pem, RATE, SECS, None).await;
     served.stop().await;
     assert!(report.total.leaks > 100, "{}", report.table());
     assert!(!report.no_leaks());
@@ -31,7 +31,7 @@ async fn a_backend_that_drops_every_tenth_push_misses_ten_percent() {
     let _serial = SERIAL.lock().await;
     let world = small_world(12, USERS, ONLINE);
     let served = Served::start(Toy::new(Mode::Correct { drop_every: Some(10) }, &world.seed()));
-    let (report, _) = drive(&world, &served.addr, &served.ca_pem, RATE, SECS).await;
+    let (report, _) = drive(&world, &served.addr, &served.ca_pem, RATE, SECS, None).await;
     served.stop().await;
     let t = report.total;
     assert_eq!(t.leaks, 0, "{}", report.table());
@@ -44,7 +44,7 @@ async fn a_correct_backend_has_no_leak_and_no_miss() {
     let _serial = SERIAL.lock().await;
     let world = small_world(13, USERS, ONLINE);
     let served = Served::start(Toy::new(Mode::Correct { drop_every: None }, &world.seed()));
-    let (report, _) = drive(&world, &served.addr, &served.ca_pem, RATE, SECS).await;
+    let (report, _) = drive(&world, &served.addr, &served.ca_pem, RATE, SECS, None).await;
     served.stop().await;
     let t = report.total;
     assert!(t.expected > 300, "{}", report.table());

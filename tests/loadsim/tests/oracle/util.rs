@@ -73,13 +73,15 @@ pub(crate) fn small_world(seed: u64, users: usize, online: f64) -> World {
     .expect("world")
 }
 
-/// Runs `world` against `addr` at `rate` updates/s for `secs`, then judges it.
+/// Runs `world` against `addr` at `rate` updates/s for `secs`, then judges it; with the
+/// cluster's `pseudonym_key`, strangers take part.
 pub(crate) async fn drive(
     world: &World,
     addr: &str,
     ca_pem: &str,
     rate: f64,
     secs: u64,
+    pseudonym_key: Option<&[u8]>,
 ) -> (Report, Verdict) {
     let mut config = DriverConfig::new(
         addr,
@@ -91,6 +93,7 @@ pub(crate) async fn drive(
     );
     config.progress = false;
     config.server_pids = vec![std::process::id()];
+    config.pseudonym_key = pseudonym_key.map(<[u8]>::to_vec);
     let out = driver::run(world, config).await.expect("run");
     let (report, verdict) = Report::build(world, addr, &out);
     #[allow(clippy::print_stdout)] // the report, for `--nocapture`
