@@ -40,6 +40,10 @@
 //! enabled = true
 //! max_age_days = 30              # older records are deleted (whole segments)
 //! max_mb = 10240                 # this node's history on disk, all groups together
+//!
+//! [admin]                        # the admin API (`crate::admin`); none without this section
+//! listen = "10.0.0.1:7402"       # TCP, plain HTTP: loopback or a private network only
+//! token_file = "/etc/nearby/admin-token"  # `nearby-node admin-token` makes one (0600)
 //! ```
 
 use std::net::SocketAddr;
@@ -124,6 +128,19 @@ pub struct NodeConfig {
     /// Location history.
     #[serde(default)]
     pub history: HistorySection,
+    /// The admin API.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+}
+
+/// `[admin]`: the admin API (`crate::admin`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// TCP address to listen on.
+    pub listen: SocketAddr,
+    /// File holding the bearer token (one line, 0600).
+    pub token_file: PathBuf,
 }
 
 /// `[history]`: what this node keeps of its users' past locations (`crate::history`).

@@ -45,6 +45,8 @@ pub struct DevOptions {
     pub transport: crate::service::tls::Transport,
     /// Shed periodic updates under overload (see [`crate::service::overload`]).
     pub shed: bool,
+    /// Record users' location history (see [`crate::history`]); off only to measure its cost.
+    pub history: bool,
 }
 
 /// Why the dev node could not start.
@@ -77,6 +79,26 @@ fn write(path: &Path, contents: &[u8]) -> Result<(), DevError> {
         fs::create_dir_all(dir).map_err(|e| files_err(dir, e))?;
     }
     fs::write(path, contents).map_err(|e| files_err(path, e))
+}
+
+/// The dev cluster's admin API token: loaded, or made and stored (0600) on first start.
+fn admin_token(dir: &Path) -> Result<String, DevError> {
+    let path = dir.join("admin-token");
+    if !path.exists() {
+        secrets::write_admin_token(&path, false).map_err(|e| files_err(&path, e))?;
+    }
+    let token = secrets::read_secret_text(&path).map_err(|e| files_err(&path, e))?;
+    Ok(token.trim().to_string())
+}
+
+/// Writes what `nodectl` reads: every node's admin API address (one per line) and the admin
+/// token (0600).
+fn write_admin_home(home: &Path, admins: &[String], token: &str) -> Result<(), DevError> {
+    let mut list = admins.join("\n");
+    list.push('\n');
+    write(&home.join("admin"), list.as_bytes())?;
+    let path = home.join("admin-token");
+    secrets::write_secret(&path, format!("{token}\n").as_bytes(), true).map_err(|e| files_err(&path, e))
 }
 
 /// The dev token key: loaded, or made and stored (0600) on first start.
@@ -225,6 +247,13 @@ pub async fn run(
         ..ServiceConfig::default()
     };
     nopts.service.presence.pseudonyms = Some(pseudonyms);
+    nopts.history.enabled = opts.history;
+    // The admin API listens on TCP at the client service's (UDP) address.
+    let token = admin_token(&dev_dir)?;
+    nopts.admin = Some(crate::admin::AdminOptions {
+        listen: opts.listen,
+        token: token.clone(),
+    });
     let node = Node::start(nopts).await?;
     if let Some(path) = &opts.import {
         let seed = nearby_raft::seed::Seed::read(path).map_err(|e| files_err(path, e))?;
@@ -232,6 +261,8 @@ pub async fn run(
     }
     let endpoint = node.client_addr().to_string();
     write_home(&opts.home, std::slice::from_ref(&endpoint), &ca_pem)?;
+    let admin: Vec<String> = node.admin_addr().iter().map(ToString::to_string).collect();
+    write_admin_home(&opts.home, &admin, &token)?;
     tracing::info!(data = %opts.data.display(), %endpoint, "nearby dev node is ready");
     ready(format!(
         "nearby dev node is ready: clients connect to {endpoint} (written to {home}).\n{NEXT_STEPS} \
@@ -295,6 +326,7 @@ pub async fn run_many(
     let tls = server_tls(&dev_dir)?;
     let ca = dev_ca(&dev_dir)?;
     dev_pseudonyms(&ca, &dev_dir)?;
+    admin_token(&dev_dir)?;
     let exe = std::env::current_exe().map_err(|e| files_err(Path::new("nearby-node"), e))?;
     let node1_raft = nth_addr(opts.raft_listen, 1)?;
     let mut children: Vec<Child> = Vec::new();
@@ -318,7 +350,9 @@ pub async fn run_many(
              [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n\
              [auth]\ntoken_public_key = {public:?}\n\
-             [limits]\nshed = {shed}\n",
+             [limits]\nshed = {shed}\n\
+             [history]\nenabled = {history}\n\
+             [admin]\nlisten = \"{client}\"\ntoken_file = {admin_token:?}\n",
             data = dir,
             groups = opts.groups,
             ca = dev_dir.join("ca.pem"),
@@ -328,6 +362,8 @@ pub async fn run_many(
             tcert = dev_dir.join("cert.pem"),
             tkey = dev_dir.join("key.pem"),
             shed = opts.shed,
+            history = opts.history,
+            admin_token = dev_dir.join("admin-token"),
         );
         let config_path = dir.join("node.toml");
         write(&config_path, config.as_bytes())?;
@@ -370,6 +406,8 @@ pub async fn run_many(
     }
     let endpoints: Vec<String> = children.iter().map(|c| c.client.to_string()).collect();
     write_home(&opts.home, &endpoints, &tls.chain_pem)?;
+    // Each node's admin API listens on TCP at its client service's (UDP) address.
+    write_admin_home(&opts.home, &endpoints, &admin_token(&dev_dir)?)?;
     tracing::info!(nodes = opts.nodes, data = %opts.data.display(), "nearby dev cluster is ready");
     ready(format!(
         "nearby dev cluster is ready: {n} nodes, each its own process, clients connect to any of \

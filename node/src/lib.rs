@@ -32,6 +32,7 @@
 //!
 //! The replicated store itself is the `nearby-raft` crate; the pure index is `nearby-index`.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod clock;
@@ -42,6 +43,7 @@ pub mod gateway;
 pub mod group;
 pub mod history;
 pub mod messages;
+pub mod metrics;
 pub mod node;
 pub mod presence;
 pub mod procstat;

@@ -49,6 +49,9 @@ enum Cmd {
         /// Never shed updates under overload (to measure the raw ceiling).
         #[arg(long)]
         no_shed: bool,
+        /// Record no location history (to measure what recording it costs).
+        #[arg(long, hide = true)]
+        no_history: bool,
     },
     /// Run a node that already belongs to a cluster, or joins one (`cluster.join` in the
     /// config), from a configuration file (TOML; `NEARBY_*` environment overrides).
@@ -87,6 +90,16 @@ enum Cmd {
         /// `host:port` of a node of the cluster.
         #[arg(required = true)]
         seeds: Vec<String>,
+    },
+    /// Make an admin API token (`[admin] token_file`; `nodectl` reads it from
+    /// `NEARBY_HOME/admin-token` or `--token-file`): 32 random bytes, base64url, mode 0600.
+    AdminToken {
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the cluster map a data directory last saw (works while the node is stopped).
     Inspect {
@@ -176,6 +189,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             import,
             quinn_defaults,
             no_shed,
+            no_history,
         } => {
             let home = match home {
                 Some(h) => h,
@@ -197,6 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     nearby_node::service::tls::Transport::Tuned
                 },
                 shed: !no_shed,
+                history: !no_history,
             };
             #[allow(clippy::print_stdout)] // the banner is for the person who typed the command
             let ready = |banner: String| println!("{banner}");
@@ -256,6 +271,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
         }) => ca_issue(&ca, node_id, &out, force),
         Cmd::Keygen { out, force } => keygen(&out, force),
+        Cmd::AdminToken { out, force } => {
+            secrets::write_admin_token(&out, force).with_context(|| format!("--out {}", out.display()))?;
+            tracing::info!(path = %out.display(), "admin token written (0600)");
+            Ok(())
+        }
         Cmd::Inspect { data } => inspect(&data),
     }
 }
@@ -337,6 +357,14 @@ async fn run_node(
         None => tracing::warn!(
             "no `cluster.pseudonym_key`: this node lists no strangers nearby (see `nearby-node ca issue`)"
         ),
+    }
+    if let Some(admin) = &config.admin {
+        let token =
+            secrets::read_secret_text(&admin.token_file).context("config field `admin.token_file`")?;
+        opts.admin = Some(nearby_node::admin::AdminOptions {
+            listen: admin.listen,
+            token: token.trim().to_string(),
+        });
     }
     if let Some(path) = dev_token_key {
         let bytes = secrets::read_secret(path).context("--dev-token-key")?;

@@ -68,6 +68,8 @@ pub struct NodeOptions {
     pub history: crate::history::HistoryConfig,
     /// A session's location updates closer together than this are refused.
     pub min_update_interval: Duration,
+    /// The admin API (`crate::admin`); none if `None`.
+    pub admin: Option<crate::admin::AdminOptions>,
 }
 
 impl NodeOptions {
@@ -101,6 +103,7 @@ impl NodeOptions {
             raft: None,
             history: Default::default(),
             min_update_interval: Duration::from_millis(250),
+            admin: None,
         }
     }
 }
@@ -118,6 +121,9 @@ pub enum NodeError {
     /// The client service could not start.
     #[error(transparent)]
     Service(#[from] crate::service::ServiceStartError),
+    /// The admin API could not start.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// Anything else about the setup.
     #[error("{0}")]
     Setup(String),
@@ -130,6 +136,9 @@ pub struct Node {
     gateway: Arc<Gateway>,
     service: Service<Gateway>,
     client_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    admin: Option<(tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
+    metrics: Arc<crate::metrics::ServiceMetrics>,
     retention: tokio::task::JoinHandle<()>,
 }
 
@@ -142,7 +151,19 @@ impl Node {
         sopts.transport = opts.transport;
         sopts.shed = shed;
         sopts.min_update_interval = opts.min_update_interval;
+        let metrics = Arc::clone(&sopts.metrics);
         let listener = Listener::bind(sopts)?;
+        let admin = match opts.admin {
+            Some(a) => Some(crate::admin::AdminListener::bind(a).await?),
+            None => None,
+        };
+        let admin_addr = match &admin {
+            Some(a) => Some(
+                a.local_addr()
+                    .map_err(|e| NodeError::Setup(format!("admin API address: {e}")))?,
+            ),
+            None => None,
+        };
         let client_addr = listener
             .local_addr()
             .map_err(|e| NodeError::Setup(format!("client service address: {e}")))?;
@@ -155,7 +176,7 @@ impl Node {
         let info = NodeInfo::new(
             host.addr(),
             opts.client_advertise.unwrap_or_else(|| client_addr.to_string()),
-            "",
+            admin_addr.map(|a| a.to_string()).unwrap_or_default(),
         );
         let sessions = Arc::new(Sessions::new(opts.service.event_queue));
         let history = crate::history::History::new(&opts.data, opts.history.clone());
@@ -191,6 +212,16 @@ impl Node {
         if !cluster.wait_for_leaders(Duration::from_secs(10)).await {
             tracing::warn!("not every group has a leader yet; clients are told to retry until they do");
         }
+        let admin = admin.map(|listener| {
+            tracing::info!(addr = ?admin_addr, "admin API listening");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(
+                listener.serve(Arc::clone(&cluster), Arc::clone(&metrics), async move {
+                    let _ = stopped.await;
+                }),
+            );
+            (task, stop)
+        });
         let retention = crate::history::spawn_retention(
             Arc::clone(cluster.history()),
             Arc::clone(cluster.directory()),
@@ -203,6 +234,9 @@ impl Node {
             gateway,
             service,
             client_addr,
+            admin_addr,
+            admin,
+            metrics,
             retention,
         })
     }
@@ -281,6 +315,16 @@ impl Node {
         &self.gateway
     }
 
+    /// The admin API's address, if it serves one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The client service's counters.
+    pub fn metrics(&self) -> &Arc<crate::metrics::ServiceMetrics> {
+        &self.metrics
+    }
+
     /// The node's part in the cluster.
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
@@ -302,6 +346,10 @@ impl Node {
             }
         };
         self.service.run(stop).await;
+        if let Some((task, stop)) = self.admin {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         self.retention.abort();
         self.cluster.shutdown().await;
         self.host.shutdown().await;

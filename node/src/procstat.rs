@@ -36,6 +36,20 @@ pub fn process_cpu_time() -> Option<Duration> {
     (rc == 0).then(|| Duration::new(secs, nanos))
 }
 
+/// Resident memory in bytes from the text of `/proc/<pid>/statm` (its second field, in pages).
+pub fn rss_bytes(statm: &str, page_size: u64) -> Option<u64> {
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    pages.checked_mul(page_size)
+}
+
+/// This process's resident memory in bytes (`None` if `/proc` cannot tell).
+pub fn own_rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    // SAFETY: sysconf only reads a constant of the system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    rss_bytes(&statm, u64::try_from(page).ok().filter(|p| *p > 0)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,6 +60,8 @@ mod tests {
         assert_eq!(cpu_seconds(stat), Some(3.0));
         assert_eq!(cpu_seconds("4242 (x) S 1 2"), None);
         assert_eq!(cpu_seconds("no parenthesis"), None);
+        assert_eq!(rss_bytes("1000 250 30 1 0 90 0", 4096), Some(1_024_000));
+        assert_eq!(rss_bytes("1000", 4096), None);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum SecretError {
         /// Why.
         source: std::io::Error,
     },
+    /// The system's random number generator failed.
+    #[error("the system's random number generator failed")]
+    Random,
 }
 
 fn io(path: &Path, source: std::io::Error) -> SecretError {
@@ -96,6 +99,19 @@ pub fn read_secret(path: &Path) -> Result<Vec<u8>, SecretError> {
 pub fn read_secret_text(path: &Path) -> Result<String, SecretError> {
     let bytes = read_secret(path)?;
     String::from_utf8(bytes).map_err(|e| io(path, std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
+/// Writes a new admin API token to `path`: 32 random bytes as base64url, one line, 0600.
+pub fn write_admin_token(path: &Path, force: bool) -> Result<(), SecretError> {
+    write_secret(path, format!("{}\n", new_admin_token()?).as_bytes(), force)
+}
+
+/// A new admin API token: 32 random bytes as base64url.
+pub fn new_admin_token() -> Result<String, SecretError> {
+    let mut bytes = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| SecretError::Random)?;
+    Ok(nearby_index::codec::base64url_encode(&bytes))
 }
 
 /// The cluster's pseudonym key (what strangers' per-viewer pseudonyms are derived from, the

@@ -585,3 +585,351 @@ impl Drop for DevCluster {
         }
     }
 }
+
+/// `nodectl` (built next to `nearby-node`).
+fn nodectl(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nodectl"))
+        .args(args)
+        .env("NEARBY_HOME", home)
+        .output()
+        .expect("run nodectl")
+}
+
+fn nodectl_json(home: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = nodectl(home, &all);
+    assert!(
+        out.status.success(),
+        "nodectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "nodectl {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// One raw HTTP/1.0 exchange with an admin API: (status, body).
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the admin API");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n"
+    )
+    .expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("headers");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, body.to_string())
+}
+
+/// Checks Prometheus' text format (0.0.4) strictly: every sample belongs to a family declared
+/// by `# HELP` and `# TYPE` (counter, gauge or histogram) before it, names and labels are
+/// well formed, values parse, a counter's name ends in `_total`, and a histogram's buckets are
+/// cumulative and end with `+Inf` equal to its `_count`. Returns each sample's value by its
+/// name and labels.
+fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let mut types: std::collections::BTreeMap<String, String> = Default::default();
+    let mut helped = std::collections::BTreeSet::new();
+    let mut samples = std::collections::BTreeMap::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split_whitespace().next().expect("HELP name");
+            assert!(name_ok(name), "bad name in {line:?}");
+            helped.insert(name.to_string());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (name, kind) = (it.next().expect("TYPE name"), it.next().expect("TYPE kind"));
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line:?}");
+            assert!(helped.contains(name), "TYPE before HELP: {line:?}");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "a counter not named _total: {line:?}");
+            }
+            assert!(
+                types.insert(name.to_string(), kind.to_string()).is_none(),
+                "declared twice: {line:?}"
+            );
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment {line:?}");
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name = series.split('{').next().expect("name");
+        assert!(name_ok(name), "bad sample name {line:?}");
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            let inner = labels
+                .strip_prefix('{')
+                .and_then(|l| l.strip_suffix('}'))
+                .expect("labels in braces");
+            for pair in inner.split(',') {
+                let (k, v) = pair.split_once('=').expect("label=value");
+                assert!(
+                    name_ok(k) && v.starts_with('"') && v.ends_with('"') && v.len() >= 2,
+                    "bad label {line:?}"
+                );
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(
+            types.contains_key(family),
+            "sample of an undeclared family: {line:?}"
+        );
+        assert!(
+            samples.insert(series.to_string(), value).is_none(),
+            "sample twice: {line:?}"
+        );
+    }
+    for (family, kind) in &types {
+        if kind != "histogram" {
+            continue;
+        }
+        let buckets: Vec<(&String, &f64)> = samples
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{family}_bucket{{")))
+            .collect();
+        let mut bounds: Vec<(f64, f64)> = buckets
+            .iter()
+            .map(|(k, v)| {
+                let le = k
+                    .split("le=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .expect("le");
+                (
+                    if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().expect("le value")
+                    },
+                    **v,
+                )
+            })
+            .collect();
+        bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert!(
+            bounds.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{family}: buckets not cumulative"
+        );
+        assert_eq!(
+            bounds.last().map(|b| b.0),
+            Some(f64::INFINITY),
+            "{family}: no +Inf bucket"
+        );
+        assert_eq!(
+            bounds.last().map(|b| b.1),
+            samples.get(&format!("{family}_count")).copied()
+        );
+    }
+    samples
+}
+
+#[test]
+fn an_operator_sees_the_cluster_and_moves_a_leader_with_nodectl() {
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let home = dir.path().join("home");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    cmd.args([
+        "dev",
+        "--nodes",
+        "3",
+        "--listen",
+        "127.77.4.1:7400",
+        "--raft-listen",
+        "127.77.4.1:7401",
+        "--data",
+    ])
+    .arg(dir.path())
+    .arg("--home")
+    .arg(&home);
+    let (child, rx) = spawn_logged(cmd);
+    let cluster = DevCluster { child, rx };
+    wait_for(&cluster.rx, "nearby dev cluster is ready");
+
+    // What `nearby-node dev` leaves for nodectl: every node's admin address, and the token,
+    // private.
+    let admins: Vec<String> = std::fs::read_to_string(home.join("admin"))
+        .expect("NEARBY_HOME/admin")
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(admins.len(), 3, "{admins:?}");
+    let token_file = home.join("admin-token");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file)
+        .expect("admin-token")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the admin token is readable by others: {mode:o}");
+    let token = std::fs::read_to_string(&token_file)
+        .expect("token")
+        .trim()
+        .to_string();
+
+    // Any node answers for the whole cluster.
+    let status = nodectl_json(&home, &["status"]);
+    assert!(status["epoch"].as_u64().is_some_and(|e| e > 0), "{status}");
+    let nodes = status["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{status}");
+    for n in nodes {
+        assert_eq!(n["state"], "up", "{n}");
+        assert!(
+            admins.contains(&n["admin"].as_str().expect("admin").to_string()),
+            "{n}"
+        );
+        assert!(n["stats"]["rss_bytes"].as_u64().is_some_and(|b| b > 0), "{n}");
+        assert!(n["stats"]["uptime_s"].as_u64().is_some(), "{n}");
+    }
+    let groups = nodectl_json(&home, &["groups"]);
+    let list = groups["groups"].as_array().expect("groups");
+    assert_eq!(list.len(), 4, "{groups}");
+    for g in list {
+        assert_eq!(g["replicas"].as_array().map(Vec::len), Some(3), "{g}");
+        assert!(
+            g["leader"].as_u64().is_some() && g["applied"].as_u64().is_some(),
+            "{g}"
+        );
+    }
+    // The human tables print too.
+    let out = nodectl(&home, &["nodes"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("up"));
+
+    // No token, no answer; a wrong one neither.
+    assert_eq!(http(&admins[1], "GET", "/api/v1/status", None).0, 401);
+    assert_eq!(
+        http(
+            &admins[1],
+            "GET",
+            "/api/v1/status",
+            Some("wrong-token-wrong-token")
+        )
+        .0,
+        401
+    );
+
+    // Every route the OpenAPI document lists is served (a change only checked, by dry run).
+    let (code, doc) = http(&admins[2], "GET", "/openapi.json", Some(&token));
+    assert_eq!(code, 200);
+    let doc: serde_json::Value = serde_json::from_str(&doc).expect("openapi json");
+    let g0 = &list[0];
+    let other_voter = g0["voters"]
+        .as_array()
+        .expect("voters")
+        .iter()
+        .find(|v| **v != g0["leader"])
+        .expect("another voter")
+        .clone();
+    for (path, methods) in doc["paths"].as_object().expect("paths") {
+        for method in methods.as_object().expect("methods").keys() {
+            let concrete = path.replace("{id}", &g0["id"].to_string());
+            let concrete = if method == "post" {
+                format!("{concrete}?to={other_voter}&dry_run=true")
+            } else {
+                concrete
+            };
+            let (code, body) = http(&admins[0], &method.to_uppercase(), &concrete, Some(&token));
+            assert_eq!(code, 200, "{method} {concrete}: {body}");
+        }
+    }
+    assert_eq!(http(&admins[0], "GET", "/api/v1/nope", Some(&token)).0, 404);
+
+    // Metrics parse as Prometheus text and say what the node holds.
+    let (code, text) = http(&admins[0], "GET", "/metrics", Some(&token));
+    assert_eq!(code, 200);
+    let samples = parse_prometheus(&text);
+    for name in [
+        "nearby_sessions",
+        "nearby_updates_total",
+        "nearby_pushes_total",
+        "nearby_map_epoch",
+    ] {
+        assert!(samples.contains_key(name), "{name} missing:\n{text}");
+    }
+    assert_eq!(
+        samples
+            .keys()
+            .filter(|k| k.starts_with("nearby_group_term{"))
+            .count(),
+        4,
+        "one term per replica held:\n{text}"
+    );
+
+    // Move a leader from the node leading the most groups to a voter leading the fewest (so
+    // placement has nothing to even out afterwards).
+    let leads = |node: u64| list.iter().filter(|g| g["leader"] == node).count();
+    let busiest = (1..=3).max_by_key(|n| leads(*n)).expect("a node");
+    let g = list
+        .iter()
+        .find(|g| g["leader"] == busiest)
+        .expect("a group it leads");
+    let id = g["id"].as_u64().expect("id");
+    let to = g["voters"]
+        .as_array()
+        .expect("voters")
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .filter(|v| *v != busiest)
+        .min_by_key(|v| leads(*v))
+        .expect("another voter");
+    let (id_s, to_s) = (id.to_string(), to.to_string());
+    let dry = nodectl(&home, &["transfer-leader", &id_s, "--to", &to_s, "--dry-run"]);
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).starts_with("would move"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    let still = nodectl_json(&home, &["groups"]);
+    assert_eq!(
+        still["groups"][0]["leader"], list[0]["leader"],
+        "a dry run changed nothing"
+    );
+    let refused = nodectl(&home, &["transfer-leader", &id_s, "--to", "9"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("holds no voter"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let moved = nodectl(&home, &["transfer-leader", &id_s, "--to", &to_s]);
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    let after = nodectl_json(&home, &["groups"]);
+    let now = after["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .find(|x| x["id"] == id)
+        .expect("the group")
+        .clone();
+    assert_eq!(now["leader"], to, "{after}");
+    cluster.stop();
+}

@@ -249,5 +249,15 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             };
             done.unwrap_or_else(|e| PeerResponse::Failed(e.to_string()))
         }
+        PeerRequest::Stats => PeerResponse::Stats(Box::new(c.stats())),
+        PeerRequest::Operate { step, dry_run } => {
+            if !c.router().leads(META_GROUP) {
+                return not_leader(c, META_GROUP);
+            }
+            match c.operate(&step, dry_run).await {
+                Ok(what) => PeerResponse::Operated(what),
+                Err(why) => PeerResponse::Failed(why),
+            }
+        }
     }
 }

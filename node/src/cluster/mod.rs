@@ -23,10 +23,12 @@
 //!
 //! - [`identity`]: what the data directory remembers of the cluster.
 //! - [`inbound`]: answers peers' requests.
+//! - [`operate`]: what operators ask of the cluster (the admin API's figures and steps).
 //! - [`placement`]: the placement rules, as a pure planner.
 
 pub mod identity;
 pub mod inbound;
+pub mod operate;
 pub mod placement;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -144,6 +146,7 @@ pub struct Cluster {
     watched: Mutex<HashSet<GroupId>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    started: Instant,
 }
 
 /// What [`Cluster::start`] needs.
@@ -242,6 +245,7 @@ impl Cluster {
             watched: Mutex::new(HashSet::new()),
             tasks: Mutex::new(Vec::new()),
             fatal: tokio::sync::watch::channel(None).0,
+            started: Instant::now(),
         });
         cluster
             .host

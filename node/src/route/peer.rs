@@ -203,6 +203,64 @@ pub enum PeerRequest {
         /// What to do.
         op: HistoryOp,
     },
+    /// The receiver's own figures, for the admin API: process, sessions, the replicas it holds.
+    Stats,
+    /// On the meta group's leader: take an operator's step (`nodectl`), after checking it;
+    /// with `dry_run`, only check it.
+    Operate {
+        /// The step.
+        step: OperatorStep,
+        /// Only check.
+        dry_run: bool,
+    },
+}
+
+/// A change an operator asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OperatorStep {
+    /// Move `group`'s leadership to `to`, which holds a voter of it.
+    TransferLeader {
+        /// The group.
+        group: GroupId,
+        /// The node to lead it.
+        to: NodeId,
+    },
+}
+
+/// A node's figures ([`PeerRequest::Stats`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// The node's version.
+    pub version: String,
+    /// Seconds since it started.
+    pub uptime_s: u64,
+    /// CPU seconds its process used so far.
+    pub cpu_s: f64,
+    /// Its resident memory, bytes.
+    pub rss_bytes: u64,
+    /// Users with a session on it.
+    pub sessions: u64,
+    /// The shard-group replicas it holds.
+    pub replicas: Vec<ReplicaStats>,
+}
+
+/// One shard-group replica's figures.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStats {
+    /// The group.
+    pub group: GroupId,
+    /// Whether this replica leads.
+    pub leader: bool,
+    /// Its current term.
+    pub term: u64,
+    /// Its last applied log index.
+    pub applied: u64,
+    /// Its last log index.
+    pub last_log: u64,
+    /// Whether it hibernates.
+    pub asleep: bool,
+    /// Users registered in the group.
+    pub users: u64,
 }
 
 /// What [`PeerRequest::History`] asks.
@@ -270,6 +328,10 @@ pub enum PeerResponse {
     },
     /// Location history records: `(at, lat, lon)`.
     History(Vec<(Millis, f64, f64)>),
+    /// The answer to [`PeerRequest::Stats`].
+    Stats(Box<NodeStats>),
+    /// An operator's step was taken (or, on a dry run, would be): what.
+    Operated(String),
     /// The request failed; nothing was done.
     Failed(String),
 }

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::api::Backend;
 use crate::auth::{TokenSigner, TokenVerifier};
+use crate::metrics::ServiceMetrics;
 use crate::queue::CloseReason;
 
 /// How the service runs.
@@ -43,6 +44,8 @@ pub struct ServiceOptions {
     pub transport: tls::Transport,
     /// Shed periodic location updates above these limits (`None`: never).
     pub shed: Option<overload::Limits>,
+    /// Where the service counts sessions, updates, refusals, pushes and redirects.
+    pub metrics: Arc<ServiceMetrics>,
 }
 
 impl ServiceOptions {
@@ -60,6 +63,7 @@ impl ServiceOptions {
             hello_timeout: Duration::from_secs(10),
             transport: tls::Transport::default(),
             shed: Some(overload::Limits::default()),
+            metrics: Arc::default(),
         }
     }
 }
@@ -179,6 +183,7 @@ impl Listener {
             max_connections: opts.max_connections,
             connections: Default::default(),
             load: opts.shed.map(|limits| Arc::new(overload::LoadGuard::new(limits))),
+            metrics: opts.metrics,
         });
         Service {
             endpoint: self.endpoint,

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::api::{outcome, Admission, Backend, LocationAck, ServiceError, SessionSink};
 use crate::auth::{AuthError, Claims, TokenSigner, TokenVerifier};
 use crate::clock::sleep_until;
+use crate::metrics::{Refusal, ServiceMetrics};
 use crate::queue::{CloseReason, EventQueue, Popped};
 use crate::service::overload::TokenBucket;
 
@@ -57,6 +58,7 @@ pub(crate) struct Context<B> {
     pub(crate) max_connections: usize,
     pub(crate) connections: AtomicUsize,
     pub(crate) load: Option<Arc<super::overload::LoadGuard>>,
+    pub(crate) metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
 /// Counts a connection for the service's limit while it lives.
@@ -129,6 +131,7 @@ pub(crate) async fn serve<B: Backend>(incoming: quinn::Incoming, ctx: Arc<Contex
         Err(e) => tracing::debug!(user = ?s.user, error = %e, "session ended"),
     }
     if let (Some(user), Some(sink)) = (s.user, s.sink.take()) {
+        s.ctx.metrics.session_closed();
         // Ends the event writer too.
         sink.events.close(CloseReason::SessionEnded);
         Box::pin(s.ctx.core.close_session(user, sink)).await;
@@ -308,6 +311,7 @@ impl<B: Backend> Session<B> {
                     .last_update
                     .is_some_and(|t| now.duration_since(t) < self.ctx.min_update_interval)
                 {
+                    self.ctx.metrics.refused(Refusal::TooSoon);
                     return Err(ServiceError::new(
                         ErrorCode::RateLimited,
                         format!(
@@ -320,12 +324,15 @@ impl<B: Backend> Session<B> {
                 // Under overload a periodic update is refused before it touches anything; a
                 // session's first location (its start) always goes through.
                 if self.started && self.ctx.load.as_ref().is_some_and(|g| g.shed_update()) {
+                    self.ctx.metrics.refused(Refusal::Shed);
                     return Err(ServiceError::new(
                         ErrorCode::RateLimited,
                         "the node is overloaded: this update was not applied; send the next one as usual",
                     ));
                 }
-                match core.update_location(me, at, !self.started).await? {
+                let ack = core.update_location(me, at, !self.started).await?;
+                self.ctx.metrics.update();
+                match ack {
                     LocationAck::Started { page, next_update_s } => {
                         self.started = true;
                         Ok(Response::Started { page, next_update_s })
@@ -470,13 +477,20 @@ impl<B: Backend> Session<B> {
             Admission::Open(sink) => sink,
             Admission::Redirect { addr, reason } => {
                 tracing::debug!(user, %addr, %reason, "redirecting");
+                self.ctx.metrics.redirected();
                 return Ok(Response::Redirect(nearby_client::proto::Redirect {
                     addr,
                     reason,
                 }));
             }
         };
-        tokio::spawn(write_events(self.conn.clone(), Arc::clone(&sink.events), user));
+        self.ctx.metrics.session_opened();
+        tokio::spawn(write_events(
+            self.conn.clone(),
+            Arc::clone(&sink.events),
+            user,
+            Arc::clone(&self.ctx.metrics),
+        ));
         self.sink = Some(sink);
         self.user = Some(user);
         self.arm(claims.expires_at);
@@ -524,8 +538,27 @@ fn ghost_until(mode: GhostMode, now: Millis) -> Result<Option<Millis>, ServiceEr
     }
 }
 
+/// For an event carrying a location, how long ago the node took it (by this machine's clock,
+/// which stamped it).
+fn since_taken(event: &Event) -> Option<Duration> {
+    let stamp = match event {
+        Event::FriendMoved(f) | Event::FriendEntered(f) => f.updated_at,
+        _ => return None,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let now_ms = u64::try_from(now.as_millis()).ok()?;
+    Some(Duration::from_millis(now_ms.saturating_sub(stamp.0)))
+}
+
 /// Pushes the session's events on a unidirectional stream until the queue closes.
-async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: UserId) {
+async fn write_events(
+    conn: quinn::Connection,
+    queue: Arc<EventQueue>,
+    user: UserId,
+    metrics: Arc<ServiceMetrics>,
+) {
     let mut stream = match conn.open_uni().await {
         Ok(s) => s,
         Err(e) => {
@@ -546,6 +579,7 @@ async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: Use
                     CloseReason::Moved { to } => to.clone(),
                     _ => None,
                 };
+                metrics.redirected();
                 buf.clear();
                 let bye = Event::Shutdown {
                     reconnect_after_ms,
@@ -566,6 +600,9 @@ async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: Use
             }
             Popped::Closed(reason) => {
                 tracing::info!(user, %reason, "closing a session");
+                if matches!(reason, CloseReason::Slow) {
+                    metrics.slow_closed();
+                }
                 conn.close(quinn::VarInt::from_u32(CLOSE_SLOW), reason.to_string().as_bytes());
                 return;
             }
@@ -582,6 +619,7 @@ async fn write_events(conn: quinn::Connection, queue: Arc<EventQueue>, user: Use
                 if written.is_err() {
                     return;
                 }
+                metrics.pushed(since_taken(&event));
             }
             () = queue.closed() => {}
         }

@@ -1,0 +1,383 @@
+//! The admin API: one HTTP listener per node (axum) serving JSON for tools (`nodectl`) and
+//! Prometheus text for scrapers, behind a bearer token.
+//!
+//! Any node answers for the whole cluster: the map says where everything is, and each node's
+//! own figures are asked from it ([`crate::cluster::Cluster::cluster_stats`]). Changes
+//! (operator steps) are taken by the meta group's leader, wherever the request arrived.
+//!
+//! The routes are one table, [`ROUTES`]: the router is built from it and `/openapi.json` is
+//! generated from it, so the two cannot disagree (and a test walks every documented route on a
+//! live node).
+//!
+//! # Security
+//!
+//! Every route needs `Authorization: Bearer <token>`, the token from the node's
+//! `[admin] token_file` (`nearby-node admin-token` makes one; `nearby-node dev` writes it to
+//! `NEARBY_HOME/admin-token`), compared in constant time. The listener speaks plain HTTP: bind
+//! it to loopback or a private network, never to the internet.
+
+mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::cluster::Cluster;
+use crate::metrics::ServiceMetrics;
+use crate::route::peer::OperatorStep;
+
+pub use self::views::{GroupView, GroupsView, NodeStatsView, NodeView, NodesView, StatusView};
+
+/// How the admin API listens.
+#[derive(Clone, Debug)]
+pub struct AdminOptions {
+    /// TCP address to bind.
+    pub listen: SocketAddr,
+    /// The bearer token every request must carry.
+    pub token: String,
+}
+
+/// Why the admin API could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The address could not be bound.
+    #[error("cannot bind the admin API to {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The token is unusable.
+    #[error("the admin token must be at least 16 characters")]
+    WeakToken,
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The node's part in the cluster.
+    pub cluster: Arc<Cluster>,
+    /// The client service's counters.
+    pub metrics: Arc<ServiceMetrics>,
+    token: Arc<str>,
+}
+
+/// A bound admin listener, not serving yet (the node puts its address in the map first).
+pub struct AdminListener {
+    listener: tokio::net::TcpListener,
+    token: Arc<str>,
+}
+
+impl AdminListener {
+    /// Binds `opts.listen`.
+    pub async fn bind(opts: AdminOptions) -> Result<AdminListener, AdminError> {
+        if opts.token.len() < 16 {
+            return Err(AdminError::WeakToken);
+        }
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| AdminError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        Ok(AdminListener {
+            listener,
+            token: opts.token.into(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        cluster: Arc<Cluster>,
+        metrics: Arc<ServiceMetrics>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let state = AdminState {
+            cluster,
+            metrics,
+            token: self.token,
+        };
+        let app = router(state);
+        if let Err(e) = axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(error = %e, "the admin API stopped");
+        }
+    }
+}
+
+/// What a route does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// The cluster at a glance.
+    Status,
+    /// Every node and its figures.
+    Nodes,
+    /// Every shard group.
+    Groups,
+    /// Move a group's leadership.
+    TransferLeader,
+    /// Prometheus text.
+    Metrics,
+    /// This API's OpenAPI document.
+    OpenApi,
+}
+
+/// One route of the API.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteDoc {
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// The path, axum style (`{id}` for a parameter).
+    pub path: &'static str,
+    /// What it does.
+    pub summary: &'static str,
+    /// What it does, as a handler.
+    pub op: Op,
+}
+
+/// Every route (see the module doc).
+pub const ROUTES: &[RouteDoc] = &[
+    RouteDoc {
+        method: "GET",
+        path: "/api/v1/status",
+        summary: "The cluster at a glance: the map's epoch, the meta leader, every node with its state, addresses and figures.",
+        op: Op::Status,
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/api/v1/nodes",
+        summary: "Every node: state, addresses, version, uptime, CPU seconds, resident memory, sessions, replicas and leaders.",
+        op: Op::Nodes,
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/api/v1/groups",
+        summary: "Every shard group: range, replicas, leader, term, applied and last log index, users, whether it hibernates.",
+        op: Op::Groups,
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/api/v1/groups/{id}/transfer-leader",
+        summary: "Moves the group's leadership to the node `to` (a voter of it). Query: `to`, `dry_run` (check only).",
+        op: Op::TransferLeader,
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/metrics",
+        summary: "Prometheus text format (0.0.4): this node's metrics.",
+        op: Op::Metrics,
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/openapi.json",
+        summary: "This document.",
+        op: Op::OpenApi,
+    },
+];
+
+fn handler(op: Op) -> MethodRouter<AdminState> {
+    match op {
+        Op::Status => get(status),
+        Op::Nodes => get(nodes),
+        Op::Groups => get(groups),
+        Op::TransferLeader => post(transfer_leader),
+        Op::Metrics => get(metrics),
+        Op::OpenApi => get(openapi),
+    }
+}
+
+/// The API's router: [`ROUTES`], behind the token check.
+pub fn router(state: AdminState) -> Router {
+    let mut r = Router::new();
+    for route in ROUTES {
+        r = r.route(route.path, handler(route.op));
+    }
+    r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route: see /openapi.json") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+/// An error answer: `{"error": "…"}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+/// Equal strings in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authenticate(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if same(t.trim().as_bytes(), state.token.as_bytes()) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the admin API needs `Authorization: Bearer <admin token>`",
+        )
+        .into_response(),
+    }
+}
+
+async fn status(State(s): State<AdminState>) -> Json<StatusView> {
+    Json(views::status(&s.cluster).await)
+}
+
+async fn nodes(State(s): State<AdminState>) -> Json<NodesView> {
+    Json(views::nodes(&s.cluster).await)
+}
+
+async fn groups(State(s): State<AdminState>) -> Json<GroupsView> {
+    Json(views::groups(&s.cluster).await)
+}
+
+/// The query of a change.
+#[derive(Debug, Deserialize)]
+struct ChangeQuery {
+    to: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn transfer_leader(
+    State(s): State<AdminState>,
+    Path(group): Path<u64>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let to =
+        q.to.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "`to` (a node id) is required"))?;
+    let step = OperatorStep::TransferLeader { group, to };
+    match s.cluster.operate_anywhere(&step, q.dry_run).await {
+        Ok(done) => Ok(Json(serde_json::json!({ "done": !q.dry_run, "what": done }))),
+        Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    let mut out = String::new();
+    s.metrics.render(&mut out);
+    views::render_node_metrics(&s.cluster, &mut out);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(openapi_document())
+}
+
+/// The OpenAPI 3.1 document of [`ROUTES`].
+pub fn openapi_document() -> serde_json::Value {
+    let mut paths = serde_json::Map::new();
+    for r in ROUTES {
+        let mut parameters = Vec::new();
+        if r.path.contains("{id}") {
+            parameters.push(serde_json::json!({
+                "name": "id", "in": "path", "required": true, "schema": { "type": "integer" }
+            }));
+        }
+        if r.op == Op::TransferLeader {
+            parameters.push(serde_json::json!({
+                "name": "to", "in": "query", "required": true, "schema": { "type": "integer" }
+            }));
+            parameters.push(serde_json::json!({
+                "name": "dry_run", "in": "query", "required": false, "schema": { "type": "boolean" }
+            }));
+        }
+        let content = if r.op == Op::Metrics {
+            "text/plain"
+        } else {
+            "application/json"
+        };
+        let op = serde_json::json!({
+            "summary": r.summary,
+            "parameters": parameters,
+            "security": [{ "bearer": [] }],
+            "responses": {
+                "200": { "description": "OK", "content": { content: {} } },
+                "401": { "description": "No or wrong admin token" },
+            }
+        });
+        let entry = paths
+            .entry(r.path.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(obj) = entry.as_object_mut() {
+            obj.insert(r.method.to_ascii_lowercase(), op);
+        }
+    }
+    serde_json::json!({
+        "openapi": "3.1.0",
+        "info": { "title": "nearby admin API", "version": env!("CARGO_PKG_VERSION") },
+        "components": { "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } } },
+        "paths": paths,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_lists_every_route_once_with_its_method() {
+        let doc = openapi_document();
+        let paths = doc["paths"].as_object().expect("paths");
+        for r in ROUTES {
+            assert!(
+                paths[r.path][r.method.to_ascii_lowercase()].is_object(),
+                "{} {} missing",
+                r.method,
+                r.path
+            );
+        }
+        let ops: usize = paths.values().map(|p| p.as_object().map_or(0, |o| o.len())).sum();
+        assert_eq!(ops, ROUTES.len());
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same(b"abcdef0123456789", b"abcdef0123456789"));
+        assert!(!same(b"abcdef0123456789", b"abcdef012345678"));
+        assert!(!same(b"abcdef0123456789", b"abcdef012345678a"));
+    }
+}

@@ -1,0 +1,302 @@
+//! What the admin API answers, built from the map and every node's figures.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use nearby_raft::{GroupId, NodeId, META_GROUP};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Cluster;
+use crate::metrics::{gauge, header};
+use crate::route::peer::NodeStats;
+
+/// `GET /api/v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The map's epoch, as the answering node has it.
+    pub epoch: u64,
+    /// The node that answered.
+    pub answered_by: NodeId,
+    /// The meta group's leader, if known.
+    pub meta_leader: Option<NodeId>,
+    /// Shard groups.
+    pub groups: usize,
+    /// Shard groups without a known leader.
+    pub groups_without_leader: usize,
+    /// Sessions over every node that answered.
+    pub sessions: u64,
+    /// Every node.
+    pub nodes: Vec<NodeView>,
+}
+
+/// `GET /api/v1/nodes`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodesView {
+    /// The map's epoch.
+    pub epoch: u64,
+    /// Every node.
+    pub nodes: Vec<NodeView>,
+}
+
+/// One node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Its id.
+    pub id: NodeId,
+    /// `joining`, `up`, `draining` or `down`, as the map says.
+    pub state: String,
+    /// Node-to-node address.
+    pub raft: String,
+    /// Client service address.
+    pub client: String,
+    /// Admin API address (empty if it serves none).
+    pub admin: String,
+    /// Shard-group replicas the map places on it.
+    pub replicas: usize,
+    /// Shard groups it leads, by the map.
+    pub leaders: usize,
+    /// Its own figures, if it answered.
+    pub stats: Option<NodeStatsView>,
+    /// Why it did not answer.
+    pub error: Option<String>,
+}
+
+/// A node's own figures.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatsView {
+    /// Its version.
+    pub version: String,
+    /// Seconds since it started.
+    pub uptime_s: u64,
+    /// CPU seconds used.
+    pub cpu_s: f64,
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+    /// Users with a session on it.
+    pub sessions: u64,
+    /// Replicas that hibernate.
+    pub asleep: usize,
+}
+
+/// `GET /api/v1/groups`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupsView {
+    /// The map's epoch.
+    pub epoch: u64,
+    /// Every shard group, by id.
+    pub groups: Vec<GroupView>,
+}
+
+/// One shard group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GroupView {
+    /// Its id.
+    pub id: GroupId,
+    /// The user ids it owns, `[start, end)`.
+    pub range: [u64; 2],
+    /// Its leader, by the map.
+    pub leader: Option<NodeId>,
+    /// The term the leader was recorded in.
+    pub term: u64,
+    /// Nodes holding a replica (voters and learners).
+    pub replicas: Vec<NodeId>,
+    /// Voters.
+    pub voters: Vec<NodeId>,
+    /// Learners (replicas catching up).
+    pub learners: Vec<NodeId>,
+    /// The leader's last applied index, if it answered.
+    pub applied: Option<u64>,
+    /// The leader's last log index, if it answered.
+    pub last_log: Option<u64>,
+    /// Users registered, if the leader answered.
+    pub users: Option<u64>,
+    /// Whether the leader hibernates, if it answered.
+    pub asleep: Option<bool>,
+}
+
+fn node_views(c: &Cluster, stats: &[(NodeId, Result<NodeStats, String>)]) -> Vec<NodeView> {
+    let view = c.directory().view();
+    let map = &view.map;
+    let by_node: BTreeMap<NodeId, &Result<NodeStats, String>> = stats.iter().map(|(n, s)| (*n, s)).collect();
+    map.nodes
+        .iter()
+        .map(|(&id, entry)| {
+            let answered = by_node.get(&id);
+            NodeView {
+                id,
+                state: entry.state.to_string(),
+                raft: entry.info.raft.clone(),
+                client: entry.info.client.clone(),
+                admin: entry.info.admin.clone(),
+                replicas: map.groups_of(id).filter(|(g, _)| *g != META_GROUP).count(),
+                leaders: map
+                    .groups
+                    .iter()
+                    .filter(|(g, e)| **g != META_GROUP && e.leader == Some(id))
+                    .count(),
+                stats: answered.and_then(|s| s.as_ref().ok()).map(|s| NodeStatsView {
+                    version: s.version.clone(),
+                    uptime_s: s.uptime_s,
+                    cpu_s: s.cpu_s,
+                    rss_bytes: s.rss_bytes,
+                    sessions: s.sessions,
+                    asleep: s.replicas.iter().filter(|r| r.asleep).count(),
+                }),
+                error: match answered {
+                    Some(Err(e)) => Some(e.clone()),
+                    Some(Ok(_)) => None,
+                    None => Some("not asked".into()),
+                },
+            }
+        })
+        .collect()
+}
+
+/// The cluster at a glance.
+pub(super) async fn status(c: &Cluster) -> StatusView {
+    let stats = c.cluster_stats().await;
+    let view = c.directory().view();
+    let shards = view.map.groups.iter().filter(|(g, _)| **g != META_GROUP);
+    let (groups, groups_without_leader) = shards.fold((0, 0), |(n, none), (_, e)| {
+        (n + 1, none + usize::from(e.leader.is_none()))
+    });
+    StatusView {
+        epoch: view.map.epoch,
+        answered_by: c.directory().me(),
+        meta_leader: view.map.leader(META_GROUP),
+        groups,
+        groups_without_leader,
+        sessions: stats
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().ok())
+            .map(|s| s.sessions)
+            .sum(),
+        nodes: node_views(c, &stats),
+    }
+}
+
+/// Every node.
+pub(super) async fn nodes(c: &Cluster) -> NodesView {
+    let stats = c.cluster_stats().await;
+    NodesView {
+        epoch: c.directory().epoch(),
+        nodes: node_views(c, &stats),
+    }
+}
+
+/// Every shard group, with its leader's figures.
+pub(super) async fn groups(c: &Cluster) -> GroupsView {
+    let stats = c.cluster_stats().await;
+    let view = c.directory().view();
+    let groups = view
+        .map
+        .groups
+        .iter()
+        .filter(|(g, _)| **g != META_GROUP)
+        .map(|(&id, e)| {
+            let led = e.leader.and_then(|l| {
+                stats
+                    .iter()
+                    .find(|(n, _)| *n == l)
+                    .and_then(|(_, s)| s.as_ref().ok())
+                    .and_then(|s| s.replicas.iter().find(|r| r.group == id))
+            });
+            GroupView {
+                id,
+                range: e.range.as_ref().map_or([0, 0], |r| [r.start, r.end]),
+                leader: e.leader,
+                term: e.term,
+                replicas: e.replicas().collect(),
+                voters: e.voters.iter().copied().collect(),
+                learners: e.learners.iter().copied().collect(),
+                applied: led.map(|r| r.applied),
+                last_log: led.map(|r| r.last_log),
+                users: led.map(|r| r.users),
+                asleep: led.map(|r| r.asleep),
+            }
+        })
+        .collect();
+    GroupsView {
+        epoch: view.map.epoch,
+        groups,
+    }
+}
+
+/// One figure of a replica, for a metric family.
+type ReplicaFigure = fn(&crate::route::peer::ReplicaStats) -> f64;
+
+/// Appends this node's cluster metrics: the map's epoch, and per replica it holds its role,
+/// term, indexes and users; its process's CPU and memory.
+pub(super) fn render_node_metrics(c: &Cluster, out: &mut String) {
+    let s = c.stats();
+    gauge(
+        out,
+        "nearby_map_epoch",
+        "The cluster map's epoch as this node has it.",
+        c.directory().epoch() as f64,
+    );
+    gauge(
+        out,
+        "nearby_uptime_seconds",
+        "Seconds since the node started.",
+        s.uptime_s as f64,
+    );
+    header(
+        out,
+        "nearby_process_cpu_seconds_total",
+        "CPU seconds the node's process used.",
+        "counter",
+    );
+    let _ = writeln!(out, "nearby_process_cpu_seconds_total {}", s.cpu_s);
+    gauge(
+        out,
+        "nearby_process_resident_memory_bytes",
+        "The node's resident memory.",
+        s.rss_bytes as f64,
+    );
+    gauge(
+        out,
+        "nearby_groups_led",
+        "Shard groups this node leads.",
+        s.replicas.iter().filter(|r| r.leader).count() as f64,
+    );
+    gauge(
+        out,
+        "nearby_groups_asleep",
+        "Shard-group replicas on this node that hibernate.",
+        s.replicas.iter().filter(|r| r.asleep).count() as f64,
+    );
+    let families: [(&str, &str, ReplicaFigure); 5] = [
+        (
+            "nearby_group_leader",
+            "1 if this node's replica of the group leads.",
+            |r| f64::from(u8::from(r.leader)),
+        ),
+        (
+            "nearby_group_term",
+            "The Raft term of this node's replica of the group.",
+            |r| r.term as f64,
+        ),
+        (
+            "nearby_group_applied_index",
+            "The last log index applied by this node's replica.",
+            |r| r.applied as f64,
+        ),
+        (
+            "nearby_group_last_log_index",
+            "The last log index of this node's replica.",
+            |r| r.last_log as f64,
+        ),
+        (
+            "nearby_group_users",
+            "Users registered in the group, as this replica has it.",
+            |r| r.users as f64,
+        ),
+    ];
+    for (name, help, value) in families {
+        header(out, name, help, "gauge");
+        for r in &s.replicas {
+            let _ = writeln!(out, "{name}{{group=\"{}\"}} {}", r.group, value(r));
+        }
+    }
+}

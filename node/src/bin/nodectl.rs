@@ -1,0 +1,293 @@
+//! `nodectl`: the operator's tool, on the admin API of any node (see `docs/operations.md`).
+//!
+//! It finds the cluster through `NEARBY_HOME` like `nearby` (`admin`: admin API addresses, one
+//! per line, tried in turn; `admin-token`: the bearer token) or `--admin ADDR` and
+//! `--token-file FILE`. Output is for people by default and JSON with `--json`; every change
+//! takes `--dry-run`; a refusal prints the node's reason and exits with status 2.
+
+// nodectl's output (stdout) and errors (stderr) are its interface.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use nearby_node::admin::{GroupsView, NodeView, NodesView, StatusView};
+
+#[derive(Parser)]
+#[command(
+    name = "nodectl",
+    version,
+    about = "Operate a nearby cluster through its admin API"
+)]
+struct Cli {
+    /// An admin API address (`host:port`); default: the addresses in NEARBY_HOME/admin.
+    #[arg(long, global = true)]
+    admin: Option<String>,
+    /// The file holding the admin token; default: NEARBY_HOME/admin-token.
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Where `nearby-node dev` wrote the admin addresses and token (default ~/.nearby).
+    #[arg(long, global = true, env = "NEARBY_HOME")]
+    home: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The cluster at a glance: epoch, meta leader, nodes.
+    Status,
+    /// Every node: state, addresses, version, uptime, CPU, memory, sessions, replicas, leaders.
+    Nodes,
+    /// Every shard group: range, leader, term, replicas, applied index, users.
+    Groups,
+    /// Move a group's leadership to another node holding a voter of it.
+    TransferLeader {
+        /// The group.
+        group: u64,
+        /// The node to lead it.
+        #[arg(long)]
+        to: u64,
+        /// Only check that the change is possible; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// What the admin API answered.
+struct Answer {
+    status: u16,
+    body: String,
+}
+
+/// The admin API of one cluster: its addresses (tried in turn) and token.
+struct Admin {
+    addrs: Vec<String>,
+    token: String,
+}
+
+impl Admin {
+    fn from_cli(cli: &Cli) -> anyhow::Result<Admin> {
+        let home = cli
+            .home
+            .clone()
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".nearby")));
+        let addrs = match &cli.admin {
+            Some(a) => vec![a.clone()],
+            None => {
+                let path = home
+                    .as_ref()
+                    .map(|h| h.join("admin"))
+                    .context("no --admin, and no NEARBY_HOME or HOME to find the admin addresses in")?;
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "no --admin, and cannot read {} (start `nearby-node dev`, or pass --admin)",
+                        path.display()
+                    )
+                })?;
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+        };
+        if addrs.is_empty() {
+            bail!("no admin API address to try");
+        }
+        let token_path = match &cli.token_file {
+            Some(p) => p.clone(),
+            None => home
+                .map(|h| h.join("admin-token"))
+                .context("no --token-file, and no NEARBY_HOME or HOME to find admin-token in")?,
+        };
+        let token = nearby_node::secrets::read_secret_text(&token_path)
+            .with_context(|| format!("the admin token ({})", token_path.display()))?
+            .trim()
+            .to_string();
+        Ok(Admin { addrs, token })
+    }
+
+    /// Sends `method path` to the first address that answers.
+    fn call(&self, method: &str, path: &str) -> anyhow::Result<Answer> {
+        let mut last = None;
+        for addr in &self.addrs {
+            match request(addr, method, path, &self.token) {
+                Ok(a) => return Ok(a),
+                Err(e) => last = Some(e.context(format!("admin API at {addr}"))),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("no admin API address to try")))
+    }
+
+    /// `GET path` as `T`, failing with the node's message on an error status.
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<(T, String)> {
+        let a = self.call("GET", path)?;
+        if a.status != 200 {
+            bail!("the node refused ({}): {}", a.status, error_message(&a.body));
+        }
+        let value =
+            serde_json::from_str(&a.body).with_context(|| format!("GET {path}: not the JSON expected"))?;
+        Ok((value, a.body))
+    }
+}
+
+/// One HTTP/1.0 exchange (the body ends with the connection): the admin API is small JSON.
+fn request(addr: &str, method: &str, path: &str, token: &str) -> anyhow::Result<Answer> {
+    let timeout = Duration::from_secs(30);
+    let sock = addr
+        .parse::<std::net::SocketAddr>()
+        .with_context(|| format!("{addr} is not host:port"))?;
+    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw).context("the answer is not UTF-8")?;
+    let (head, body) = text.split_once("\r\n\r\n").context("an answer without headers")?;
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .context("an answer without a status")?;
+    Ok(Answer {
+        status,
+        body: body.to_string(),
+    })
+}
+
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(String::from))
+        .unwrap_or_else(|| body.trim().to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nodectl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let admin = Admin::from_cli(cli)?;
+    match &cli.command {
+        Cmd::Status => {
+            let (s, raw): (StatusView, String) = admin.get("/api/v1/status")?;
+            if cli.json {
+                println!("{raw}");
+            } else {
+                println!(
+                    "epoch {}  meta leader {}  groups {} ({} without a leader)  sessions {}  (answered by node {})\n",
+                    s.epoch,
+                    s.meta_leader.map_or("none".into(), |n| format!("node {n}")),
+                    s.groups,
+                    s.groups_without_leader,
+                    s.sessions,
+                    s.answered_by
+                );
+                print_nodes(&s.nodes);
+            }
+        }
+        Cmd::Nodes => {
+            let (n, raw): (NodesView, String) = admin.get("/api/v1/nodes")?;
+            if cli.json {
+                println!("{raw}");
+            } else {
+                print_nodes(&n.nodes);
+            }
+        }
+        Cmd::Groups => {
+            let (g, raw): (GroupsView, String) = admin.get("/api/v1/groups")?;
+            if cli.json {
+                println!("{raw}");
+            } else {
+                println!(
+                    "{:>5}  {:>20}  {:>20}  {:>6}  {:>5}  {:<12}  {:>8}  {:>8}  asleep",
+                    "group", "range start", "range end", "leader", "term", "replicas", "applied", "users"
+                );
+                for x in &g.groups {
+                    let replicas: Vec<String> = x.replicas.iter().map(ToString::to_string).collect();
+                    println!(
+                        "{:>5}  {:>20}  {:>20}  {:>6}  {:>5}  {:<12}  {:>8}  {:>8}  {}",
+                        x.id,
+                        x.range[0],
+                        x.range[1],
+                        x.leader.map_or("-".into(), |l| l.to_string()),
+                        x.term,
+                        replicas.join(","),
+                        x.applied.map_or("?".into(), |a| a.to_string()),
+                        x.users.map_or("?".into(), |u| u.to_string()),
+                        x.asleep.map_or("?", |a| if a { "yes" } else { "no" }),
+                    );
+                }
+            }
+        }
+        Cmd::TransferLeader { group, to, dry_run } => {
+            let path = format!("/api/v1/groups/{group}/transfer-leader?to={to}&dry_run={dry_run}");
+            let a = admin.call("POST", &path)?;
+            if cli.json {
+                println!("{}", a.body.trim());
+            }
+            if a.status != 200 {
+                eprintln!("nodectl: the node refused: {}", error_message(&a.body));
+                return Ok(ExitCode::from(2));
+            }
+            if !cli.json {
+                let v: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
+                println!("{}", v["what"].as_str().unwrap_or("done"));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_nodes(nodes: &[NodeView]) {
+    println!(
+        "{:>4}  {:<9}  {:<21}  {:<21}  {:>8}  {:>7}  {:>8}  {:>8}  {:>8}  {:>8}",
+        "node", "state", "client", "admin", "replicas", "leaders", "sessions", "cpu s", "rss MiB", "uptime s"
+    );
+    for n in nodes {
+        let (sessions, cpu, rss, up) = match &n.stats {
+            Some(s) => (
+                s.sessions.to_string(),
+                format!("{:.1}", s.cpu_s),
+                format!("{:.1}", s.rss_bytes as f64 / (1024.0 * 1024.0)),
+                s.uptime_s.to_string(),
+            ),
+            None => ("?".into(), "?".into(), "?".into(), "?".into()),
+        };
+        println!(
+            "{:>4}  {:<9}  {:<21}  {:<21}  {:>8}  {:>7}  {:>8}  {:>8}  {:>8}  {:>8}{}",
+            n.id,
+            n.state,
+            n.client,
+            n.admin,
+            n.replicas,
+            n.leaders,
+            sessions,
+            cpu,
+            rss,
+            up,
+            n.error.as_ref().map_or(String::new(), |e| format!("  ({e})")),
+        );
+    }
+}
