@@ -164,6 +164,11 @@ pub enum MetaCommand {
         /// The term it leads.
         term: u64,
     },
+    /// A node leaves the cluster for good (an operator's decision, once it holds no replica).
+    RemoveNode {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 impl fmt::Display for MetaCommand {
@@ -186,6 +191,7 @@ impl fmt::Display for MetaCommand {
             MetaCommand::SetLeader { group, leader, term } => {
                 write!(f, "leader({group} = {leader} in term {term})")
             }
+            MetaCommand::RemoveNode { node } => write!(f, "remove_node({node})"),
         }
     }
 }
@@ -226,6 +232,14 @@ pub enum MetaError {
     NoVoters {
         /// The group.
         group: GroupId,
+    },
+    /// A node still holding replicas cannot leave.
+    #[error("node {node} still holds replicas of groups {groups:?}: drain it first")]
+    NodeInUse {
+        /// The node.
+        node: NodeId,
+        /// The groups it holds.
+        groups: Vec<GroupId>,
     },
 }
 
@@ -380,6 +394,17 @@ impl ClusterMap {
                     Ok(a || b)
                 }
             },
+            MetaCommand::RemoveNode { node } => {
+                let held: Vec<GroupId> = self.groups_of(*node).map(|(g, _)| g).collect();
+                if !held.is_empty() {
+                    Err(MetaError::NodeInUse {
+                        node: *node,
+                        groups: held,
+                    })
+                } else {
+                    Ok(self.nodes.remove(node).is_some())
+                }
+            }
             MetaCommand::SetLeader { group, leader, term } => match self.groups.get_mut(group) {
                 None => Err(MetaError::UnknownGroup { group: *group }),
                 Some(g) if *term < g.term || (*term == g.term && g.leader == Some(*leader)) => Ok(false),

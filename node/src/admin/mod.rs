@@ -133,6 +133,12 @@ pub enum Op {
     Groups,
     /// Move a group's leadership.
     TransferLeader,
+    /// Start emptying a node.
+    Drain,
+    /// Stop emptying a node.
+    Undrain,
+    /// Take an empty node out of the cluster.
+    RemoveNode,
     /// Prometheus text.
     Metrics,
     /// This API's OpenAPI document.
@@ -150,7 +156,26 @@ pub struct RouteDoc {
     pub summary: &'static str,
     /// What it does, as a handler.
     pub op: Op,
+    /// Its query parameters.
+    pub query: &'static [Param],
 }
+
+/// A query parameter.
+#[derive(Clone, Copy, Debug)]
+pub struct Param {
+    /// Its name.
+    pub name: &'static str,
+    /// `integer` or `boolean`.
+    pub kind: &'static str,
+    /// Whether it must be given.
+    pub required: bool,
+}
+
+const DRY_RUN: Param = Param {
+    name: "dry_run",
+    kind: "boolean",
+    required: false,
+};
 
 /// Every route (see the module doc).
 pub const ROUTES: &[RouteDoc] = &[
@@ -159,36 +184,77 @@ pub const ROUTES: &[RouteDoc] = &[
         path: "/api/v1/status",
         summary: "The cluster at a glance: the map's epoch, the meta leader, every node with its state, addresses and figures.",
         op: Op::Status,
+        query: &[],
     },
     RouteDoc {
         method: "GET",
         path: "/api/v1/nodes",
         summary: "Every node: state, addresses, version, uptime, CPU seconds, resident memory, sessions, replicas and leaders.",
         op: Op::Nodes,
+        query: &[],
     },
     RouteDoc {
         method: "GET",
         path: "/api/v1/groups",
         summary: "Every shard group: range, replicas, leader, term, applied and last log index, users, whether it hibernates.",
         op: Op::Groups,
+        query: &[],
     },
     RouteDoc {
         method: "POST",
         path: "/api/v1/groups/{id}/transfer-leader",
-        summary: "Moves the group's leadership to the node `to` (a voter of it). Query: `to`, `dry_run` (check only).",
+        summary: "Moves the group's leadership to the node `to` (a voter of it); `dry_run` only checks.",
         op: Op::TransferLeader,
+        query: &[
+            Param {
+                name: "to",
+                kind: "integer",
+                required: true,
+            },
+            DRY_RUN,
+        ],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/api/v1/nodes/{id}/drain",
+        summary: "Starts emptying the node: its leaderships handed over a group per placement round, its replicas replaced elsewhere. Refused if fewer than three nodes would stay up, unless `force`.",
+        op: Op::Drain,
+        query: &[
+            DRY_RUN,
+            Param {
+                name: "force",
+                kind: "boolean",
+                required: false,
+            },
+        ],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/api/v1/nodes/{id}/undrain",
+        summary: "Stops a drain: the node is up again (what moved stays moved).",
+        op: Op::Undrain,
+        query: &[DRY_RUN],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/api/v1/nodes/{id}/remove",
+        summary: "Takes a drained (or down and emptied) node out of the cluster map.",
+        op: Op::RemoveNode,
+        query: &[DRY_RUN],
     },
     RouteDoc {
         method: "GET",
         path: "/metrics",
         summary: "Prometheus text format (0.0.4): this node's metrics.",
         op: Op::Metrics,
+        query: &[],
     },
     RouteDoc {
         method: "GET",
         path: "/openapi.json",
         summary: "This document.",
         op: Op::OpenApi,
+        query: &[],
     },
 ];
 
@@ -198,6 +264,9 @@ fn handler(op: Op) -> MethodRouter<AdminState> {
         Op::Nodes => get(nodes),
         Op::Groups => get(groups),
         Op::TransferLeader => post(transfer_leader),
+        Op::Drain => post(drain),
+        Op::Undrain => post(undrain),
+        Op::RemoveNode => post(remove_node),
         Op::Metrics => get(metrics),
         Op::OpenApi => get(openapi),
     }
@@ -276,6 +345,44 @@ struct ChangeQuery {
     to: Option<u64>,
     #[serde(default)]
     dry_run: bool,
+    #[serde(default)]
+    force: bool,
+}
+
+/// Takes `step` (or checks it) on the meta leader; 409 with the reason if refused.
+async fn change(
+    s: &AdminState,
+    step: OperatorStep,
+    dry_run: bool,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match s.cluster.operate_anywhere(&step, dry_run).await {
+        Ok(what) => Ok(Json(serde_json::json!({ "done": !dry_run, "what": what }))),
+        Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+    }
+}
+
+async fn drain(
+    State(s): State<AdminState>,
+    Path(node): Path<u64>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    change(&s, OperatorStep::Drain { node, force: q.force }, q.dry_run).await
+}
+
+async fn undrain(
+    State(s): State<AdminState>,
+    Path(node): Path<u64>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    change(&s, OperatorStep::Undrain { node }, q.dry_run).await
+}
+
+async fn remove_node(
+    State(s): State<AdminState>,
+    Path(node): Path<u64>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    change(&s, OperatorStep::RemoveNode { node }, q.dry_run).await
 }
 
 async fn transfer_leader(
@@ -285,11 +392,7 @@ async fn transfer_leader(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let to =
         q.to.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "`to` (a node id) is required"))?;
-    let step = OperatorStep::TransferLeader { group, to };
-    match s.cluster.operate_anywhere(&step, q.dry_run).await {
-        Ok(done) => Ok(Json(serde_json::json!({ "done": !q.dry_run, "what": done }))),
-        Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
-    }
+    change(&s, OperatorStep::TransferLeader { group, to }, q.dry_run).await
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -317,12 +420,9 @@ pub fn openapi_document() -> serde_json::Value {
                 "name": "id", "in": "path", "required": true, "schema": { "type": "integer" }
             }));
         }
-        if r.op == Op::TransferLeader {
+        for q in r.query {
             parameters.push(serde_json::json!({
-                "name": "to", "in": "query", "required": true, "schema": { "type": "integer" }
-            }));
-            parameters.push(serde_json::json!({
-                "name": "dry_run", "in": "query", "required": false, "schema": { "type": "boolean" }
+                "name": q.name, "in": "query", "required": q.required, "schema": { "type": q.kind }
             }));
         }
         let content = if r.op == Op::Metrics {

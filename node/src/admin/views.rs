@@ -55,6 +55,10 @@ pub struct NodeView {
     pub replicas: usize,
     /// Shard groups it leads, by the map.
     pub leaders: usize,
+    /// Whether it holds a replica of the meta group (the cluster map).
+    pub meta_replica: bool,
+    /// Whether it leads the meta group.
+    pub meta_leader: bool,
     /// Its own figures, if it answered.
     pub stats: Option<NodeStatsView>,
     /// Why it did not answer.
@@ -134,6 +138,8 @@ fn node_views(c: &Cluster, stats: &[(NodeId, Result<NodeStats, String>)]) -> Vec
                     .iter()
                     .filter(|(g, e)| **g != META_GROUP && e.leader == Some(id))
                     .count(),
+                meta_replica: map.groups.get(&META_GROUP).is_some_and(|m| m.has_replica(id)),
+                meta_leader: map.leader(META_GROUP) == Some(id),
                 stats: answered.and_then(|s| s.as_ref().ok()).map(|s| NodeStatsView {
                     version: s.version.clone(),
                     uptime_s: s.uptime_s,

@@ -60,6 +60,40 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Empty a node: its leaderships handed over a group at a time (its clients follow), its
+    /// replicas replaced on other nodes; waits, showing progress, until it holds nothing.
+    Drain {
+        /// The node.
+        node: u64,
+        /// Only check; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Drain even if groups are left with fewer than three replicas.
+        #[arg(long)]
+        force: bool,
+        /// Start the drain and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (exit code 3; the drain goes on).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+    /// Stop a drain: the node is up again (what moved stays moved).
+    Undrain {
+        /// The node.
+        node: u64,
+        /// Only check; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Take a drained node out of the cluster (then stop its process).
+    Remove {
+        /// The node.
+        node: u64,
+        /// Only check; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// What the admin API answered.
@@ -242,22 +276,130 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::TransferLeader { group, to, dry_run } => {
-            let path = format!("/api/v1/groups/{group}/transfer-leader?to={to}&dry_run={dry_run}");
-            let a = admin.call("POST", &path)?;
-            if cli.json {
-                println!("{}", a.body.trim());
+            return change(
+                &admin,
+                cli.json,
+                &format!("/api/v1/groups/{group}/transfer-leader?to={to}&dry_run={dry_run}"),
+            );
+        }
+        Cmd::Drain {
+            node,
+            dry_run,
+            force,
+            no_wait,
+            timeout,
+        } => {
+            let code = change(
+                &admin,
+                cli.json,
+                &format!("/api/v1/nodes/{node}/drain?dry_run={dry_run}&force={force}"),
+            )?;
+            if code != ExitCode::SUCCESS || *dry_run || *no_wait {
+                return Ok(code);
             }
-            if a.status != 200 {
-                eprintln!("nodectl: the node refused: {}", error_message(&a.body));
-                return Ok(ExitCode::from(2));
-            }
-            if !cli.json {
-                let v: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
-                println!("{}", v["what"].as_str().unwrap_or("done"));
-            }
+            let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs(t));
+            return wait_drained(&admin, *node, cli.json, deadline);
+        }
+        Cmd::Undrain { node, dry_run } => {
+            return change(
+                &admin,
+                cli.json,
+                &format!("/api/v1/nodes/{node}/undrain?dry_run={dry_run}"),
+            );
+        }
+        Cmd::Remove { node, dry_run } => {
+            return change(
+                &admin,
+                cli.json,
+                &format!("/api/v1/nodes/{node}/remove?dry_run={dry_run}"),
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// POSTs a change; prints what was (or would be) done, or the node's refusal (exit 2).
+fn change(admin: &Admin, json: bool, path: &str) -> anyhow::Result<ExitCode> {
+    let a = admin.call("POST", path)?;
+    if json {
+        println!("{}", a.body.trim());
+    }
+    if a.status != 200 {
+        eprintln!("nodectl: the node refused: {}", error_message(&a.body));
+        return Ok(ExitCode::from(2));
+    }
+    if !json {
+        let v: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
+        println!("{}", v["what"].as_str().unwrap_or("done"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Follows a drain until the node holds nothing, printing progress (a bar on stderr; with
+/// `--json`, one JSON line per change on stdout).
+fn wait_drained(
+    admin: &Admin,
+    node: u64,
+    json: bool,
+    deadline: Option<std::time::Instant>,
+) -> anyhow::Result<ExitCode> {
+    let mut first: Option<usize> = None;
+    let mut last = None;
+    loop {
+        let (view, _): (NodesView, String) = admin.get("/api/v1/nodes")?;
+        let Some(n) = view.nodes.iter().find(|n| n.id == node) else {
+            bail!("node {node} is no longer in the cluster");
+        };
+        if n.state != "draining" {
+            bail!(
+                "node {node} is {} now, not draining (someone undrained it?)",
+                n.state
+            );
+        }
+        let sessions = n.stats.as_ref().map(|s| s.sessions);
+        let meta = usize::from(n.meta_replica) + usize::from(n.meta_leader);
+        let left = n.replicas + n.leaders + meta;
+        let start = *first.get_or_insert(left.max(1));
+        let now = (n.replicas, n.leaders, meta, sessions);
+        if last != Some(now) {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"node": node, "replicas": n.replicas, "leaders": n.leaders,
+                        "meta_replica": n.meta_replica, "meta_leader": n.meta_leader, "sessions": sessions})
+                );
+            } else {
+                let done = start.saturating_sub(left);
+                let width = 30;
+                let filled = done * width / start;
+                eprintln!(
+                    "[{}{}] node {node}: {} replica(s), {} leadership(s) left{}, {} session(s)",
+                    "#".repeat(filled),
+                    ".".repeat(width - filled),
+                    n.replicas,
+                    n.leaders,
+                    match (n.meta_replica, n.meta_leader) {
+                        (_, true) => " (and it leads the meta group)",
+                        (true, false) => " (and a meta replica)",
+                        _ => "",
+                    },
+                    sessions.map_or("?".into(), |s| s.to_string())
+                );
+            }
+            last = Some(now);
+        }
+        if left == 0 {
+            if !json {
+                println!("node {node} holds nothing now: stop its process, then `nodectl remove {node}`");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            eprintln!("nodectl: gave up waiting; node {node} is still draining (see `nodectl nodes`)");
+            return Ok(ExitCode::from(3));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn print_nodes(nodes: &[NodeView]) {

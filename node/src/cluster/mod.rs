@@ -438,6 +438,14 @@ impl Cluster {
         let mut rotate = 0usize;
         loop {
             if let Some(meta) = self.host.meta() {
+                if removed_from(meta.raft(), self.me) {
+                    // A drain took this node out of the meta group: its replica gets no more
+                    // entries (not even the map's own record of the removal), so it is closed
+                    // and the map is watched on the nodes that hold the group.
+                    tracing::info!("meta replica removed from this node; closing it");
+                    self.host.close_group(META_GROUP).await;
+                    continue;
+                }
                 let mut applied = meta.watch_applied();
                 let map = meta.read(Clone::clone);
                 if map.is_bootstrapped() && self.directory.install(map) {
@@ -1026,14 +1034,19 @@ impl Cluster {
         Ok(())
     }
 
-    /// On `group`'s leader: makes `node` a learner, waits until it has caught up, then a voter.
-    pub(crate) async fn add_replica_here(&self, group: GroupId, node: NodeId) -> Result<(), String> {
-        let raft = if group == META_GROUP {
+    /// This node's Raft of `group` (shard or meta).
+    fn raft_of(&self, group: GroupId) -> Result<nearby_raft::Raft, String> {
+        if group == META_GROUP {
             self.host.meta().map(|m| m.raft().clone())
         } else {
             self.host.shard(group).map(|g| g.raft().clone())
         }
-        .ok_or("this node has no replica of the group")?;
+        .ok_or_else(|| "this node has no replica of the group".into())
+    }
+
+    /// On `group`'s leader: makes `node` a learner, waits until it has caught up, then a voter.
+    pub(crate) async fn add_replica_here(&self, group: GroupId, node: NodeId) -> Result<(), String> {
+        let raft = self.raft_of(group)?;
         let info = self.directory.node(node).ok_or("the node is not in the map")?;
         let already_voter = raft
             .metrics()
@@ -1078,11 +1091,7 @@ impl Cluster {
 
     /// On `group`'s leader: removes `node` from the group's voters and learners.
     pub(crate) async fn remove_replica_here(&self, group: GroupId, node: NodeId) -> Result<(), String> {
-        let raft = self
-            .host
-            .shard(group)
-            .map(|g| g.raft().clone())
-            .ok_or("this node has no replica of the group")?;
+        let raft = self.raft_of(group)?;
         let present = raft
             .metrics()
             .borrow()
@@ -1156,4 +1165,18 @@ fn new_cluster_id() -> String {
         bytes = t.to_le_bytes();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `me` is being or has been taken out of the group `raft` replicates: its membership is
+/// known (the replica has been initialised or has joined) and its newest configuration names it
+/// neither as a voter nor as a learner. The newest half of a joint configuration counts: a
+/// removed node takes part in the joint step but may never hear of the one that ends it.
+fn removed_from(raft: &nearby_raft::Raft, me: NodeId) -> bool {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    let membership = metrics.membership_config.membership();
+    let Some(newest) = membership.get_joint_config().last() else {
+        return false;
+    };
+    !newest.is_empty() && !newest.contains(&me) && !membership.learner_ids().any(|n| n == me)
 }

@@ -5,15 +5,17 @@
 //! two never change one group at once from two places: any node forwards it there. It is checked
 //! first (the group exists, the target holds a voter and is up) and refused with the reason;
 //! `dry_run` stops after the check. Placement keeps leaders even afterwards: a transfer that
-//! leaves one node leading two more groups than another is evened out again.
+//! leaves one node leading two more groups than another is evened out again. A drain only marks
+//! the node draining in the map: placement then empties it (see [`crate::cluster::placement`]);
+//! a node is removed only once it holds nothing.
 
 use std::time::Duration;
 
-use nearby_raft::meta::NodeState;
+use nearby_raft::meta::{MetaCommand, NodeState};
 use nearby_raft::{NodeId, META_GROUP};
 
 use super::Cluster;
-use crate::cluster::placement::Step;
+use crate::cluster::placement::{Step, REPLICAS};
 use crate::route::peer::{NodeStats, OperatorStep, PeerRequest, PeerResponse, ReplicaStats};
 
 /// How long the admin API waits for a node's figures.
@@ -118,6 +120,87 @@ impl Cluster {
                 tracing::info!(group, to, "operator: transferring leadership");
                 self.take(&Step::TransferLeader { group, to }).await?;
                 Ok(format!("done: {what}"))
+            }
+            OperatorStep::Drain { node, force } => {
+                let entry = map
+                    .nodes
+                    .get(&node)
+                    .ok_or_else(|| format!("node {node} is not in the cluster"))?;
+                if entry.state == NodeState::Draining {
+                    return Ok(format!("node {node} is already draining"));
+                }
+                let left = map
+                    .nodes
+                    .iter()
+                    .filter(|(n, e)| **n != node && e.state == NodeState::Up)
+                    .count();
+                if left == 0 {
+                    return Err(format!(
+                        "node {node} is the only node up: nothing could take its groups"
+                    ));
+                }
+                if left < REPLICAS && !force {
+                    return Err(format!(
+                        "draining node {node} leaves {left} node(s) up: groups would keep {left} replica(s) \
+                         instead of {REPLICAS}; add a node first, or pass --force"
+                    ));
+                }
+                let replicas = map.groups_of(node).count();
+                let leaders = map.groups.values().filter(|g| g.leader == Some(node)).count();
+                let what = format!(
+                    "drain node {node} ({}): hand over {leaders} leadership(s), one group per round, and \
+                     replace {replicas} replica(s) on the {left} other node(s) up",
+                    entry.state
+                );
+                if dry_run {
+                    return Ok(format!("would {what}"));
+                }
+                tracing::info!(node, "operator: draining");
+                self.propose_map(MetaCommand::SetNodeState {
+                    node,
+                    state: NodeState::Draining,
+                })
+                .await?;
+                Ok(format!("started: {what}"))
+            }
+            OperatorStep::Undrain { node } => {
+                match map.nodes.get(&node).map(|e| e.state) {
+                    None => return Err(format!("node {node} is not in the cluster")),
+                    Some(NodeState::Draining) => {}
+                    Some(state) => return Err(format!("node {node} is {state}, not draining")),
+                }
+                if dry_run {
+                    return Ok(format!("would stop draining node {node}"));
+                }
+                self.propose_map(MetaCommand::SetNodeState {
+                    node,
+                    state: NodeState::Up,
+                })
+                .await?;
+                Ok(format!("node {node} is up again; what moved stays moved"))
+            }
+            OperatorStep::RemoveNode { node } => {
+                let entry = map
+                    .nodes
+                    .get(&node)
+                    .ok_or_else(|| format!("node {node} is not in the cluster"))?;
+                if entry.state == NodeState::Up {
+                    return Err(format!(
+                        "node {node} is up: drain it first (`nodectl drain {node}`)"
+                    ));
+                }
+                let held: Vec<String> = map.groups_of(node).map(|(g, _)| g.to_string()).collect();
+                if !held.is_empty() {
+                    return Err(format!(
+                        "node {node} still holds replicas of groups {}: wait for its drain to finish",
+                        held.join(", ")
+                    ));
+                }
+                if dry_run {
+                    return Ok(format!("would remove node {node} from the cluster"));
+                }
+                self.propose_map(MetaCommand::RemoveNode { node }).await?;
+                Ok(format!("node {node} removed from the cluster: stop its process"))
             }
         }
     }

@@ -13,6 +13,12 @@
 //! 4. Once everything is placed, leaders are spread evenly: a node leading two more groups than
 //!    another hands one over to a replica on the other.
 //!
+//! A **draining** node (`nodectl drain`) comes before all of these but finishing half-added
+//! replicas: it gets nothing new, hands the leadership of each group it leads to another voter
+//! (at most [`DRAIN_TRANSFERS_PER_ROUND`] per round, so its clients move to the new leaders at a
+//! bounded rate), and each of its replicas is replaced — a new one added elsewhere first, then its
+//! own removed — until it holds nothing.
+//!
 //! Steps go in rounds: [`plan_round`] picks up to a limit of steps for distinct groups, planned
 //! one after another on a copy of the map where each earlier one is assumed done, so they agree
 //! with each other (two new replicas land on different nodes). A group changes one step at a
@@ -28,6 +34,10 @@ use nearby_raft::{ClusterMap, GroupId, NodeId, META_GROUP};
 
 /// Replicas per group (and meta voters) in a cluster large enough.
 pub const REPLICAS: usize = 3;
+
+/// Leaderships a draining node hands over per placement round: each moves that group's online
+/// users to another node, so a drain redirects clients a group at a time.
+pub const DRAIN_TRANSFERS_PER_ROUND: usize = 1;
 
 /// One step towards the placement the rules ask for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,10 +120,25 @@ pub fn plan_round(map: &ClusterMap, limit: usize) -> Vec<Step> {
     let mut round: Vec<Step> = Vec::new();
     // A later step of a group already in the round is assumed (so planning moves past it) but
     // left for the next round; the bound stops planning a map whose steps are all of those.
+    let draining = |n: NodeId| map.nodes.get(&n).is_some_and(|e| e.state == NodeState::Draining);
+    let mut transfers = 0;
+    // Groups whose drain transfer waits for a later round: nothing else of theirs goes first (a
+    // replacement replica added before the handover would leave the group with four voters, and
+    // a new leader then needs a vote from a follower still loyal to the old one).
+    let mut deferred: Vec<GroupId> = Vec::new();
     for _ in 0..limit.saturating_mul(4) {
         let Some(step) = plan(&future) else { break };
+        let drain_transfer = matches!(step, Step::TransferLeader { group, .. }
+            if map.groups.get(&group).and_then(|g| g.leader).is_some_and(draining));
         step.assume_done(&mut future);
-        if round.iter().all(|s| s.group() != step.group()) {
+        if drain_transfer {
+            if transfers >= DRAIN_TRANSFERS_PER_ROUND {
+                deferred.push(step.group());
+                continue;
+            }
+            transfers += 1;
+        }
+        if !deferred.contains(&step.group()) && round.iter().all(|s| s.group() != step.group()) {
             round.push(step);
             if round.len() >= limit {
                 break;
@@ -141,6 +166,9 @@ pub fn plan(map: &ClusterMap) -> Option<Step> {
         if let Some(&node) = g.learners.iter().find(|n| up.contains(n)) {
             return Some(Step::AddReplica { group: *id, node });
         }
+    }
+    if let Some(step) = drain(map, &up, want) {
+        return Some(step);
     }
     if let Some(meta) = map.groups.get(&META_GROUP) {
         let missing = up.iter().take(REPLICAS).find(|n| !meta.has_replica(**n));
@@ -222,6 +250,68 @@ pub fn plan(map: &ClusterMap) -> Option<Step> {
             group: *id,
             node: light,
         })
+}
+
+/// The next step off a draining node (see the module doc): its leaderships first, then each of
+/// its replicas replaced (added elsewhere, then removed).
+fn drain(map: &ClusterMap, up: &[NodeId], want: usize) -> Option<Step> {
+    let draining: Vec<NodeId> = map
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.state == NodeState::Draining)
+        .map(|(id, _)| *id)
+        .collect();
+    if draining.is_empty() {
+        return None;
+    }
+    let mut leading: BTreeMap<NodeId, usize> = up.iter().map(|n| (*n, 0)).collect();
+    let mut load: BTreeMap<NodeId, usize> = up.iter().map(|n| (*n, 0)).collect();
+    for g in map.groups.values() {
+        if let Some(c) = g.leader.and_then(|l| leading.get_mut(&l)) {
+            *c += 1;
+        }
+        for n in g.replicas() {
+            if let Some(c) = load.get_mut(&n) {
+                *c += 1;
+            }
+        }
+    }
+    for (id, g) in &map.groups {
+        if g.leader.is_some_and(|l| draining.contains(&l)) {
+            let to = g
+                .voters
+                .iter()
+                .filter(|n| leading.contains_key(n))
+                .min_by_key(|n| (leading.get(n).copied().unwrap_or(usize::MAX), **n));
+            if let Some(&to) = to {
+                return Some(Step::TransferLeader { group: *id, to });
+            }
+        }
+    }
+    for (id, g) in &map.groups {
+        let Some(&on) = g
+            .replicas()
+            .collect::<Vec<_>>()
+            .iter()
+            .find(|n| draining.contains(n))
+        else {
+            continue;
+        };
+        let healthy = g.replicas().filter(|n| !draining.contains(n)).count();
+        if healthy < want {
+            let target = load
+                .iter()
+                .filter(|(n, _)| !g.has_replica(**n))
+                .min_by_key(|(n, c)| (**c, **n))
+                .map(|(n, _)| *n);
+            if let Some(node) = target {
+                return Some(Step::AddReplica { group: *id, node });
+            }
+        } else if g.leader != Some(on) && g.learners.is_empty() {
+            return Some(Step::RemoveReplica { group: *id, node: on });
+        }
+    }
+    None
 }
 
 /// Leaders evened out: a node leading two more groups than another hands one to a replica there.
@@ -332,6 +422,53 @@ mod tests {
         };
         assert!(spread(&leaders) <= 1 && leaders.len() == 3, "{leaders:?}");
         assert!(spread(&replicas) <= 1, "{replicas:?}");
+    }
+
+    #[test]
+    fn a_draining_node_hands_over_its_leaders_a_group_at_a_time_then_ends_up_holding_nothing() {
+        let mut m = cluster(4, 8);
+        converge(&mut m);
+        let led = |m: &ClusterMap, n: NodeId| m.groups.values().filter(|g| g.leader == Some(n)).count();
+        let held = |m: &ClusterMap, n: NodeId| m.groups.values().filter(|g| g.has_replica(n)).count();
+        let victim = (1..=4).max_by_key(|n| led(&m, *n)).expect("a node");
+        assert!(led(&m, victim) >= 2 && held(&m, victim) >= 2);
+        m.apply(&MetaCommand::SetNodeState {
+            node: victim,
+            state: NodeState::Draining,
+        });
+        // Rounds may move many replicas at once, but one leadership at a time.
+        let mut rounds = 0;
+        loop {
+            let round = plan_round(&m, 32);
+            if round.is_empty() {
+                break;
+            }
+            let transfers = round
+                .iter()
+                .filter(|s| {
+                    matches!(s, Step::TransferLeader { group, .. }
+                    if m.groups.get(group).and_then(|g| g.leader) == Some(victim))
+                })
+                .count();
+            assert!(transfers <= DRAIN_TRANSFERS_PER_ROUND, "{round:?}");
+            for step in &round {
+                // A handover needs the old leader's vote to be enough: never in four voters.
+                if let Step::TransferLeader { group, .. } = step {
+                    assert!(m.groups[group].voters.len() <= 3, "{step:?} in {m:?}");
+                }
+                assert!(
+                    !matches!(step, Step::AddReplica { node, .. } if *node == victim),
+                    "a draining node got a replica: {step:?}"
+                );
+                step.assume_done(&mut m);
+            }
+            rounds += 1;
+            assert!(rounds < 100, "the drain does not converge");
+        }
+        assert_eq!((led(&m, victim), held(&m, victim)), (0, 0), "{m:?}");
+        for (id, g) in &m.groups {
+            assert_eq!(g.voters.len(), 3, "group {id} keeps three voters");
+        }
     }
 
     #[test]

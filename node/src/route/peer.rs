@@ -225,6 +225,24 @@ pub enum OperatorStep {
         /// The node to lead it.
         to: NodeId,
     },
+    /// Empty `node`: hand over its leaderships, replace its replicas (placement does it).
+    /// Refused if fewer than three nodes would be left up, unless `force`.
+    Drain {
+        /// The node.
+        node: NodeId,
+        /// Drain even if groups are left with fewer than three replicas.
+        force: bool,
+    },
+    /// Stop draining `node`: it is up again (what moved stays moved).
+    Undrain {
+        /// The node.
+        node: NodeId,
+    },
+    /// Take `node` out of the map; it must hold no replica (drain it first).
+    RemoveNode {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 /// A node's figures ([`PeerRequest::Stats`]).
