@@ -150,12 +150,7 @@ pub fn plan_round(map: &ClusterMap, limit: usize) -> Vec<Step> {
 
 /// The next step, or `None` if the map is where the rules want it.
 pub fn plan(map: &ClusterMap) -> Option<Step> {
-    let up: Vec<NodeId> = map
-        .nodes
-        .iter()
-        .filter(|(_, n)| n.state == NodeState::Up)
-        .map(|(id, _)| *id)
-        .collect();
+    let up = nodes_in(map, NodeState::Up);
     if up.is_empty() {
         return None;
     }
@@ -252,15 +247,19 @@ pub fn plan(map: &ClusterMap) -> Option<Step> {
         })
 }
 
+/// The nodes of the map in `state`, by id.
+fn nodes_in(map: &ClusterMap, state: NodeState) -> Vec<NodeId> {
+    map.nodes
+        .iter()
+        .filter(|(_, n)| n.state == state)
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 /// The next step off a draining node (see the module doc): its leaderships first, then each of
 /// its replicas replaced (added elsewhere, then removed).
 fn drain(map: &ClusterMap, up: &[NodeId], want: usize) -> Option<Step> {
-    let draining: Vec<NodeId> = map
-        .nodes
-        .iter()
-        .filter(|(_, n)| n.state == NodeState::Draining)
-        .map(|(id, _)| *id)
-        .collect();
+    let draining = nodes_in(map, NodeState::Draining);
     if draining.is_empty() {
         return None;
     }
