@@ -369,7 +369,9 @@ pub async fn run_many(
         write(&config_path, config.as_bytes())?;
         let member = crate::cluster::identity::is_member(&dir).map_err(|e| files_err(&dir, e))?;
         let mut cmd = tokio::process::Command::new(&exe);
-        cmd.arg(if i == 1 && !member { "init" } else { "run" })
+        // The nodes log text: this process relays their lines with a node prefix.
+        cmd.args(["--log-format", "text"])
+            .arg(if i == 1 && !member { "init" } else { "run" })
             .arg("--config")
             .arg(&config_path)
             .arg("--dev-token-key")

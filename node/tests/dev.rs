@@ -112,6 +112,37 @@ fn dev_node_starts_stops_cleanly_and_recovers_its_groups() {
 }
 
 #[test]
+fn logs_come_as_one_json_object_per_line_when_asked() {
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    cmd.env("NEARBY_LOG_FORMAT", "json")
+        .args(["dev", "--listen", "127.0.0.1:0", "--raft-listen", "127.0.0.1:0"])
+        .arg("--data")
+        .arg(dir.path())
+        .arg("--home")
+        .arg(dir.path().join("home"));
+    let (child, rx) = spawn_logged(cmd);
+    let lines = wait_for(&rx, "nearby dev node is ready");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["timestamp"].is_string(), "{line}");
+        assert!(v["level"].is_string() && v["target"].is_string(), "{line}");
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+    let ready: serde_json::Value = serde_json::from_str(lines.last().expect("a line")).expect("json");
+    assert_eq!(ready["level"], "INFO");
+    // A bad value is refused by name.
+    let out = Command::new(env!("CARGO_BIN_EXE_nearby-node"))
+        .args(["--log-format", "xml", "dev"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values: text, json"));
+    terminate(child, &rx);
+}
+
+#[test]
 fn a_second_dev_node_on_the_same_data_is_refused() {
     let dir = tempfile::TempDir::new().expect("tmp");
     let (child, rx) = start(dir.path());
@@ -375,26 +406,7 @@ fn list_until(home: &std::path::Path, user: u64, what: &str, cond: impl Fn(&[ser
 
 #[test]
 fn a_three_node_dev_cluster_serves_followers_and_ghost_mode_through_the_cli() {
-    let dir = tempfile::TempDir::new().expect("tmp");
-    let home = dir.path().join("home");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
-    // A loopback block of its own, so concurrent tests never meet.
-    cmd.args([
-        "dev",
-        "--nodes",
-        "3",
-        "--listen",
-        "127.77.3.1:7400",
-        "--raft-listen",
-        "127.77.3.1:7401",
-        "--data",
-    ])
-    .arg(dir.path())
-    .arg("--home")
-    .arg(&home);
-    let (child, rx) = spawn_logged(cmd);
-    let cluster = DevCluster { child, rx };
-    wait_for(&cluster.rx, "nearby dev cluster is ready");
+    let (dir, home, cluster) = DevCluster::start(3, 3);
     // Users spread over the groups (dev ranges split the id space evenly).
     // Ids whose 8 bytes cannot turn up in a file by chance (history files are searched).
     let (ann, bob) = (0x0123_4567_89ab_cdef_u64, u64::MAX / 2 + 9);
@@ -556,6 +568,26 @@ struct DevCluster {
 }
 
 impl DevCluster {
+    /// Starts `nearby-node dev --nodes NODES` on the loopback block 127.77.BLOCK.x (a block of
+    /// its own per test, so concurrent tests never meet) and waits until it is ready. Returns
+    /// its data directory (removed when dropped), its `NEARBY_HOME` and the cluster.
+    fn start(nodes: u8, block: u8) -> (tempfile::TempDir, std::path::PathBuf, DevCluster) {
+        let dir = tempfile::TempDir::new().expect("tmp");
+        let home = dir.path().join("home");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+        cmd.args(["dev", "--nodes", &nodes.to_string()])
+            .args(["--listen", &format!("127.77.{block}.1:7400")])
+            .args(["--raft-listen", &format!("127.77.{block}.1:7401")])
+            .arg("--data")
+            .arg(dir.path())
+            .arg("--home")
+            .arg(&home);
+        let (child, rx) = spawn_logged(cmd);
+        let cluster = DevCluster { child, rx };
+        wait_for(&cluster.rx, "nearby dev cluster is ready");
+        (dir, home, cluster)
+    }
+
     /// Stops the cluster and checks that it exited cleanly.
     fn stop(mut self) {
         let exit = self.terminate();
@@ -751,25 +783,7 @@ fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
 
 #[test]
 fn an_operator_sees_the_cluster_and_moves_a_leader_with_nodectl() {
-    let dir = tempfile::TempDir::new().expect("tmp");
-    let home = dir.path().join("home");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
-    cmd.args([
-        "dev",
-        "--nodes",
-        "3",
-        "--listen",
-        "127.77.4.1:7400",
-        "--raft-listen",
-        "127.77.4.1:7401",
-        "--data",
-    ])
-    .arg(dir.path())
-    .arg("--home")
-    .arg(&home);
-    let (child, rx) = spawn_logged(cmd);
-    let cluster = DevCluster { child, rx };
-    wait_for(&cluster.rx, "nearby dev cluster is ready");
+    let (_dir, home, cluster) = DevCluster::start(3, 4);
 
     // What `nearby-node dev` leaves for nodectl: every node's admin address, and the token,
     // private.
@@ -939,25 +953,7 @@ fn an_operator_sees_the_cluster_and_moves_a_leader_with_nodectl() {
 
 #[test]
 fn a_drained_node_hands_everything_over_and_leaves_while_users_stay_served() {
-    let dir = tempfile::TempDir::new().expect("tmp");
-    let home = dir.path().join("home");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
-    cmd.args([
-        "dev",
-        "--nodes",
-        "4",
-        "--listen",
-        "127.77.5.1:7400",
-        "--raft-listen",
-        "127.77.5.1:7401",
-        "--data",
-    ])
-    .arg(dir.path())
-    .arg("--home")
-    .arg(&home);
-    let (child, rx) = spawn_logged(cmd);
-    let cluster = DevCluster { child, rx };
-    wait_for(&cluster.rx, "nearby dev cluster is ready");
+    let (_dir, home, cluster) = DevCluster::start(4, 5);
     // Two friends with homes spread over the id space.
     let (ann, bob) = (7_u64, u64::MAX / 4 * 3);
     for user in [ann, bob] {
