@@ -887,6 +887,30 @@ fn an_operator_sees_the_cluster_and_moves_a_leader_with_nodectl() {
     ] {
         assert!(samples.contains_key(name), "{name} missing:\n{text}");
     }
+    // Every series the Grafana dashboard in deploy/ draws is one the node serves.
+    let dashboard = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/nearby.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dashboard).expect("dashboard")).expect("json");
+    let mut drawn = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let names = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("nearby_"));
+            for name in names {
+                drawn += 1;
+                assert!(
+                    samples
+                        .keys()
+                        .any(|k| k == name || k.starts_with(&format!("{name}{{"))),
+                    "the dashboard's panel {} draws {name}, which /metrics does not serve",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    assert!(drawn >= 12, "the dashboard draws too little: {drawn} series");
     assert_eq!(
         samples
             .keys()
