@@ -983,6 +983,18 @@ impl Cluster {
                 self.propose_map(MetaCommand::RemoveReplica { group, node }).await
             }
             Step::TransferLeader { group, to } => {
+                // A candidate missing entries the leader has is refused by it; when the step is
+                // taken on the group's leader (always for the meta group, whose log the map's
+                // own changes keep busy), the target first catches up with its log.
+                if let Ok(raft) = self.raft_of(group) {
+                    let metrics = raft.metrics().borrow().clone();
+                    if metrics.current_leader == Some(self.me) {
+                        let last = metrics.last_log_index.unwrap_or(0);
+                        if !caught_up(&raft, to, last, Duration::from_secs(2)).await {
+                            return Err(format!("node {to} is behind group {group}'s log"));
+                        }
+                    }
+                }
                 // A sleeping group's replicas refuse votes while its leader is alive: the
                 // leader wakes them all first (it tells its followers).
                 match self.directory.leader(group) {
@@ -1062,25 +1074,10 @@ impl Cluster {
             .add_learner(node, info, false)
             .await
             .map_err(|e| e.to_string())?;
-        let target = added.log_id.index;
-        let deadline = Instant::now() + CATCH_UP;
-        loop {
-            let matched = raft
-                .metrics()
-                .borrow()
-                .replication
-                .as_ref()
-                .and_then(|r| r.get(&node).copied().flatten())
-                .map(|l| l.index);
-            if matched.is_some_and(|m| m >= target) {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "node {node} did not catch up with group {group} in {CATCH_UP:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !caught_up(&raft, node, added.log_id.index, CATCH_UP).await {
+            return Err(format!(
+                "node {node} did not catch up with group {group} in {CATCH_UP:?}"
+            ));
         }
         raft.change_membership(ChangeMembers::AddVoterIds([node].into()), false)
             .await
@@ -1179,4 +1176,26 @@ fn removed_from(raft: &nearby_raft::Raft, me: NodeId) -> bool {
         return false;
     };
     !newest.is_empty() && !newest.contains(&me) && !membership.learner_ids().any(|n| n == me)
+}
+
+/// On a group's leader: waits until `node`'s replica has the log up to `index`, or `within`
+/// passes (false then).
+async fn caught_up(raft: &nearby_raft::Raft, node: NodeId, index: u64, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let matched = raft
+            .metrics()
+            .borrow()
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&node).copied().flatten())
+            .map(|l| l.index);
+        if matched.is_some_and(|m| m >= index) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -122,15 +122,31 @@ pub fn plan_round(map: &ClusterMap, limit: usize) -> Vec<Step> {
     // left for the next round; the bound stops planning a map whose steps are all of those.
     let draining = |n: NodeId| map.nodes.get(&n).is_some_and(|e| e.state == NodeState::Draining);
     let mut transfers = 0;
-    // Groups whose drain transfer waits for a later round: nothing else of theirs goes first (a
-    // replacement replica added before the handover would leave the group with four voters, and
-    // a new leader then needs a vote from a follower still loyal to the old one).
+    // Groups whose leadership move waits for a later round (a drain's beyond the pace, or the
+    // meta group's): nothing else of theirs goes first (a replacement replica added before the
+    // handover would leave the group with four voters, and a new leader then needs a vote from a
+    // follower still loyal to the old one).
     let mut deferred: Vec<GroupId> = Vec::new();
     for _ in 0..limit.saturating_mul(4) {
         let Some(step) = plan(&future) else { break };
         let drain_transfer = matches!(step, Step::TransferLeader { group, .. }
             if map.groups.get(&group).and_then(|g| g.leader).is_some_and(draining));
         step.assume_done(&mut future);
+        // The meta group's leadership moves in a round of its own: the round's other steps
+        // write the map, and a candidate behind the leader's log cannot win.
+        if matches!(
+            step,
+            Step::TransferLeader {
+                group: META_GROUP,
+                ..
+            }
+        ) {
+            if round.is_empty() {
+                return vec![step];
+            }
+            deferred.push(META_GROUP);
+            continue;
+        }
         if drain_transfer {
             if transfers >= DRAIN_TRANSFERS_PER_ROUND {
                 deferred.push(step.group());
@@ -468,6 +484,28 @@ mod tests {
         for (id, g) in &m.groups {
             assert_eq!(g.voters.len(), 3, "group {id} keeps three voters");
         }
+    }
+
+    #[test]
+    fn the_meta_leadership_moves_in_a_round_of_its_own() {
+        let mut m = cluster(4, 8);
+        converge(&mut m);
+        let meta_leader = m.groups[&META_GROUP].leader.expect("meta leader");
+        m.apply(&MetaCommand::SetNodeState {
+            node: meta_leader,
+            state: NodeState::Draining,
+        });
+        let round = plan_round(&m, 32);
+        assert!(
+            matches!(
+                round.as_slice(),
+                [Step::TransferLeader {
+                    group: META_GROUP,
+                    ..
+                }]
+            ),
+            "{round:?}"
+        );
     }
 
     #[test]
