@@ -209,12 +209,7 @@ pub fn plan(map: &ClusterMap) -> Option<Step> {
         // A replica on a node that is down still counts: the node may come back, and replacing a
         // node is an operator's decision (it touches only the groups the node held).
         if g.replicas().count() < want {
-            let target = load
-                .iter()
-                .filter(|(n, _)| !g.has_replica(**n))
-                .min_by_key(|(n, c)| (**c, **n))
-                .map(|(n, _)| *n);
-            if let Some(node) = target {
+            if let Some(node) = lightest_without(&load, g) {
                 return Some(Step::AddReplica { group: *id, node });
             }
         }
@@ -261,6 +256,15 @@ pub fn plan(map: &ClusterMap) -> Option<Step> {
             group: *id,
             node: light,
         })
+}
+
+/// The node holding the fewest replicas (lowest id first) among those in `load` without one of
+/// the group `g`: where its next replica goes.
+fn lightest_without(load: &BTreeMap<NodeId, usize>, g: &nearby_raft::meta::GroupEntry) -> Option<NodeId> {
+    load.iter()
+        .filter(|(n, _)| !g.has_replica(**n))
+        .min_by_key(|(n, c)| (**c, **n))
+        .map(|(n, _)| *n)
 }
 
 /// The nodes of the map in `state`, by id.
@@ -314,12 +318,7 @@ fn drain(map: &ClusterMap, up: &[NodeId], want: usize) -> Option<Step> {
         };
         let healthy = g.replicas().filter(|n| !draining.contains(n)).count();
         if healthy < want {
-            let target = load
-                .iter()
-                .filter(|(n, _)| !g.has_replica(**n))
-                .min_by_key(|(n, c)| (**c, **n))
-                .map(|(n, _)| *n);
-            if let Some(node) = target {
+            if let Some(node) = lightest_without(&load, g) {
                 return Some(Step::AddReplica { group: *id, node });
             }
         } else if g.leader != Some(on) && g.learners.is_empty() {
