@@ -594,6 +594,34 @@ mod tests {
     }
 
     #[test]
+    fn a_node_leaves_the_map_only_once_it_holds_no_replica() {
+        let mut m = bootstrapped();
+        m.apply(&MetaCommand::AddNode {
+            node: 2,
+            info: info(2),
+        });
+        // Node 1 holds every group: refused, and the map is as it was.
+        let before = m.clone();
+        match m.apply(&MetaCommand::RemoveNode { node: 1 }) {
+            MetaResult::Rejected(MetaError::NodeInUse { node: 1, groups }) => {
+                assert_eq!(groups.len(), 3, "{groups:?}")
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        assert_eq!(m, before);
+        // Node 2 holds nothing: it leaves, once.
+        assert!(matches!(
+            m.apply(&MetaCommand::RemoveNode { node: 2 }),
+            MetaResult::Changed { .. }
+        ));
+        assert!(!m.nodes.contains_key(&2));
+        assert_eq!(
+            m.apply(&MetaCommand::RemoveNode { node: 2 }),
+            MetaResult::Unchanged
+        );
+    }
+
+    #[test]
     fn replica_changes_are_relative_so_interleaved_steps_never_undo_each_other() {
         let mut m = bootstrapped();
         for n in [2, 3] {

@@ -987,12 +987,13 @@ impl Cluster {
                 // taken on the group's leader (always for the meta group, whose log the map's
                 // own changes keep busy), the target first catches up with its log.
                 if let Ok(raft) = self.raft_of(group) {
-                    let metrics = raft.metrics().borrow().clone();
-                    if metrics.current_leader == Some(self.me) {
-                        let last = metrics.last_log_index.unwrap_or(0);
-                        if !caught_up(&raft, to, last, Duration::from_secs(2)).await {
-                            return Err(format!("node {to} is behind group {group}'s log"));
-                        }
+                    let (leader, last) = {
+                        let m = raft.metrics();
+                        let m = m.borrow();
+                        (m.current_leader, m.last_log_index.unwrap_or(0))
+                    };
+                    if leader == Some(self.me) && !caught_up(&raft, to, last, Duration::from_secs(2)).await {
+                        return Err(format!("node {to} is behind group {group}'s log"));
                     }
                 }
                 // A sleeping group's replicas refuse votes while its leader is alive: the

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use nearby_raft::meta::{MetaCommand, NodeState};
+use nearby_raft::meta::{MetaCommand, MetaResult, NodeState};
 use nearby_raft::{NodeId, META_GROUP};
 
 use super::Cluster;
@@ -23,6 +23,14 @@ pub const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long an operator's step may take (a transfer waits for the map to show it).
 pub const OPERATE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `node`'s state in `map`, or why it has none.
+fn state_of(map: &nearby_raft::ClusterMap, node: NodeId) -> Result<NodeState, String> {
+    map.nodes
+        .get(&node)
+        .map(|e| e.state)
+        .ok_or_else(|| format!("node {node} is not in the cluster"))
+}
 
 impl Cluster {
     /// This node's figures.
@@ -101,10 +109,9 @@ impl Cluster {
                         voters.join(", ")
                     ));
                 }
-                match map.nodes.get(&to).map(|n| n.state) {
-                    Some(NodeState::Up) => {}
-                    Some(state) => return Err(format!("node {to} is {state}, not up")),
-                    None => return Err(format!("node {to} is not in the cluster")),
+                match state_of(&map, to)? {
+                    NodeState::Up => {}
+                    state => return Err(format!("node {to} is {state}, not up")),
                 }
                 let from = entry.leader;
                 if from == Some(to) {
@@ -122,11 +129,8 @@ impl Cluster {
                 Ok(format!("done: {what}"))
             }
             OperatorStep::Drain { node, force } => {
-                let entry = map
-                    .nodes
-                    .get(&node)
-                    .ok_or_else(|| format!("node {node} is not in the cluster"))?;
-                if entry.state == NodeState::Draining {
+                let state = state_of(&map, node)?;
+                if state == NodeState::Draining {
                     return Ok(format!("node {node} is already draining"));
                 }
                 let left = map
@@ -148,9 +152,8 @@ impl Cluster {
                 let replicas = map.groups_of(node).count();
                 let leaders = map.groups.values().filter(|g| g.leader == Some(node)).count();
                 let what = format!(
-                    "drain node {node} ({}): hand over {leaders} leadership(s), one group per round, and \
-                     replace {replicas} replica(s) on the {left} other node(s) up",
-                    entry.state
+                    "drain node {node} ({state}): hand over {leaders} leadership(s), one group per round, and \
+                     replace {replicas} replica(s) on the {left} other node(s) up"
                 );
                 if dry_run {
                     return Ok(format!("would {what}"));
@@ -164,10 +167,9 @@ impl Cluster {
                 Ok(format!("started: {what}"))
             }
             OperatorStep::Undrain { node } => {
-                match map.nodes.get(&node).map(|e| e.state) {
-                    None => return Err(format!("node {node} is not in the cluster")),
-                    Some(NodeState::Draining) => {}
-                    Some(state) => return Err(format!("node {node} is {state}, not draining")),
+                match state_of(&map, node)? {
+                    NodeState::Draining => {}
+                    state => return Err(format!("node {node} is {state}, not draining")),
                 }
                 if dry_run {
                     return Ok(format!("would stop draining node {node}"));
@@ -180,26 +182,20 @@ impl Cluster {
                 Ok(format!("node {node} is up again; what moved stays moved"))
             }
             OperatorStep::RemoveNode { node } => {
-                let entry = map
-                    .nodes
-                    .get(&node)
-                    .ok_or_else(|| format!("node {node} is not in the cluster"))?;
-                if entry.state == NodeState::Up {
+                if state_of(&map, node)? == NodeState::Up {
                     return Err(format!(
                         "node {node} is up: drain it first (`nodectl drain {node}`)"
                     ));
                 }
-                let held: Vec<String> = map.groups_of(node).map(|(g, _)| g.to_string()).collect();
-                if !held.is_empty() {
-                    return Err(format!(
-                        "node {node} still holds replicas of groups {}: wait for its drain to finish",
-                        held.join(", ")
-                    ));
+                // The map's own rule (no replica left) decides, tried on a copy.
+                let cmd = MetaCommand::RemoveNode { node };
+                if let MetaResult::Rejected(e) = map.clone().apply(&cmd) {
+                    return Err(e.to_string());
                 }
                 if dry_run {
                     return Ok(format!("would remove node {node} from the cluster"));
                 }
-                self.propose_map(MetaCommand::RemoveNode { node }).await?;
+                self.propose_map(cmd).await?;
                 Ok(format!("node {node} removed from the cluster: stop its process"))
             }
         }
