@@ -19,7 +19,7 @@ use crate::geo::UserId;
 /// Serialises as roaring's portable format (the format the C/Java/Go roaring libraries share),
 /// wrapped as a byte string. Id 0 is never a user: callers validate ids with
 /// [`crate::geo::check_user_id`] before inserting.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct FriendSet(RoaringTreemap);
 

@@ -17,10 +17,13 @@
 //!   set by owner.
 //! - [`query`]: the nearby page — filter by radius, nearest first, paged with an opaque
 //!   [`Cursor`] whose guarantee under movement is documented there.
+//! - [`activity`]: located users counted by coarse H3 cell ([`CellCounts`]), counts only, for
+//!   an operator's map of activity.
 //! - [`cells`]: H3 cells, the resolution policy, and the radius cover of a cell used by the
 //!   "nearby random users" channels.
 //! - [`error`]: the typed errors of all of the above.
 
+pub mod activity;
 pub mod cells;
 pub mod codec;
 pub mod error;
@@ -29,6 +32,7 @@ pub mod geo;
 pub mod query;
 pub mod ttl;
 
+pub use activity::{CellCounts, ACTIVITY_RESOLUTION};
 pub use cells::{CellIndexer, DEFAULT_RESOLUTION};
 pub use error::{CellError, CodecError, GeoError, QueryError, RangeError};
 pub use friends::{FriendSet, RangeSplit, RangeTable, UserRange};

@@ -28,6 +28,10 @@
 //! | `set`, `remove` | O(log n) amortised |
 //! | `get`, `len`, `next_expiry` | O(1) |
 //! | `expire` | O((e + s) log n): `e` users expired, `s` stale entries discarded (each entry is discarded once in its life) |
+//!
+//! A table made [`LocationTable::with_cell_counts`] also keeps [`CellCounts`] (located users by
+//! coarse cell) in step with every `set`, `remove` and `expire`, for one or two point-to-cell
+//! conversions per change.
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
@@ -36,6 +40,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::activity::CellCounts;
 use crate::geo::{duration_ms, LatLng, Millis, UserId};
 
 /// Extra stale heap entries tolerated before a rebuild, so tiny tables do not rebuild often.
@@ -81,6 +86,8 @@ pub struct LocationTable {
     users: HashMap<UserId, LatestLocation>,
     /// Min-heap of `(expiry ms, user)`; see the module doc for the invariants.
     queue: BinaryHeap<Reverse<(u64, UserId)>>,
+    /// The users of `users` by coarse cell, if asked for.
+    cells: Option<CellCounts>,
 }
 
 impl LocationTable {
@@ -91,7 +98,22 @@ impl LocationTable {
             ttl_ms: duration_ms(ttl),
             users: HashMap::new(),
             queue: BinaryHeap::new(),
+            cells: None,
         }
+    }
+
+    /// This table, also counting its users by cell (see [`CellCounts`]) from now on.
+    pub fn with_cell_counts(mut self, mut counts: CellCounts) -> Self {
+        for l in self.users.values() {
+            counts.add(l.loc);
+        }
+        self.cells = Some(counts);
+        self
+    }
+
+    /// The users by coarse cell, if the table was made [`with_cell_counts`](Self::with_cell_counts).
+    pub fn cell_counts(&self) -> Option<&CellCounts> {
+        self.cells.as_ref()
     }
 
     /// The time-to-live this table was built with.
@@ -108,10 +130,16 @@ impl LocationTable {
                 if at <= e.get().updated_at {
                     return SetOutcome::Stale;
                 }
+                if let Some(c) = &mut self.cells {
+                    c.moved(e.get().loc, loc);
+                }
                 e.insert(new);
                 SetOutcome::Updated
             }
             Entry::Vacant(e) => {
+                if let Some(c) = &mut self.cells {
+                    c.add(loc);
+                }
                 e.insert(new);
                 SetOutcome::Inserted
             }
@@ -134,6 +162,9 @@ impl LocationTable {
     /// Forgets `user` (e.g. they turned sharing off) and returns what was stored.
     pub fn remove(&mut self, user: UserId) -> Option<LatestLocation> {
         let removed = self.users.remove(&user);
+        if let (Some(c), Some(l)) = (&mut self.cells, &removed) {
+            c.remove(l.loc);
+        }
         if removed.is_some() && (self.head_user() == Some(user) || self.needs_compaction()) {
             self.tidy();
         }
@@ -150,7 +181,9 @@ impl LocationTable {
             }
             self.queue.pop();
             if self.is_live(expiry, user) {
-                self.users.remove(&user);
+                if let (Some(l), Some(c)) = (self.users.remove(&user), &mut self.cells) {
+                    c.remove(l.loc);
+                }
                 out.push(user);
             }
         }
@@ -231,6 +264,28 @@ mod tests {
     }
 
     const TTL: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn cell_counts_follow_sets_removes_and_expiries() {
+        let mut t = LocationTable::new(TTL);
+        assert!(t.set(9, p(10.0), Millis(0)) == SetOutcome::Inserted);
+        let mut t = t.with_cell_counts(CellCounts::default());
+        let counts = |t: &LocationTable| t.cell_counts().map(|c| (c.len(), c.total()));
+        assert_eq!(counts(&t), Some((1, 1)), "users already held are counted");
+        assert!(t.set(1, p(1.0), Millis(10)) == SetOutcome::Inserted);
+        assert!(t.set(2, p(1.0), Millis(10)) == SetOutcome::Inserted);
+        assert_eq!(counts(&t), Some((2, 3)));
+        assert!(t.set(2, p(40.0), Millis(60)) == SetOutcome::Updated);
+        assert_eq!(counts(&t), Some((3, 3)));
+        assert!(t.set(2, p(50.0), Millis(50)) == SetOutcome::Stale);
+        assert_eq!(counts(&t), Some((3, 3)), "a stale update moves nobody");
+        t.remove(1);
+        assert_eq!(counts(&t), Some((2, 2)));
+        let mut out = Vec::new();
+        t.expire(Millis(1_000), &mut out);
+        assert_eq!(counts(&t), Some((0, 0)));
+        assert_eq!(LocationTable::new(TTL).cell_counts(), None);
+    }
 
     #[test]
     fn newer_wins_older_is_stale() {

@@ -55,11 +55,27 @@ impl ServiceError {
     }
 }
 
+/// How an error about a range that moved begins ([`ServiceError::range_moved`]).
+const RANGE_MOVED: &str = "the user's range moved to another group";
+
+impl ServiceError {
+    /// Whether the command reached a group that no longer owns the user (the range split or
+    /// merged after it was routed): it changed nothing and may be routed again.
+    pub fn range_moved(&self) -> bool {
+        self.code == ErrorCode::Unavailable && self.message.starts_with(RANGE_MOVED)
+    }
+}
+
 impl From<ProposeError> for ServiceError {
     fn from(e: ProposeError) -> Self {
         match e {
             ProposeError::Invalid(CommandError::UnknownUser { user }) => {
                 ServiceError::new(ErrorCode::UnknownUser, format!("unknown user {user}"))
+            }
+            // Routed by a map older than a split or merge of the range: worth a retry once
+            // the map shows where the user lives now (see `Gateway::commit`).
+            ProposeError::Invalid(e @ CommandError::OutOfRange { .. }) => {
+                ServiceError::new(ErrorCode::Unavailable, format!("{RANGE_MOVED}: {e}"))
             }
             ProposeError::Invalid(e) => ServiceError::new(ErrorCode::InvalidArgument, e.to_string()),
             other => ServiceError::unavailable(other.to_string()),
@@ -280,6 +296,7 @@ pub fn outcome(r: &CommandResult) -> Outcome {
         CommandResult::Registered
         | CommandResult::Updated
         | CommandResult::Imported { .. }
+        | CommandResult::Split { .. }
         | CommandResult::Rejected(_) => Outcome::Updated,
     }
 }

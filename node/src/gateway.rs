@@ -61,6 +61,10 @@ pub struct Gateway {
     history: Arc<History>,
 }
 
+/// How long a command routed by an older map waits for the map that shows where its range
+/// went (a split's map change follows its log entry within a round trip or two).
+pub const RANGE_MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn not_served(user: UserId) -> ServiceError {
     ServiceError::new(
         ErrorCode::InvalidArgument,
@@ -190,7 +194,27 @@ impl Gateway {
     }
 
     /// Commits a relation or settings change (see the module doc for when it is acknowledged).
+    /// A command that reached a group its user's range has left (a split or merge the map
+    /// showed here only after routing) changed nothing: it is routed again once the map moves
+    /// on, within [`RANGE_MOVE_WAIT`].
     pub async fn commit(&self, cmd: Command) -> Result<CommandResult, ServiceError> {
+        let deadline = tokio::time::Instant::now() + RANGE_MOVE_WAIT;
+        let mut map = self.router.directory().watch();
+        loop {
+            map.borrow_and_update();
+            match self.commit_once(cmd.clone()).await {
+                Err(e) if e.range_moved() => {
+                    tracing::debug!(error = %e, "routed by an older map; waiting for the new one");
+                    if !matches!(tokio::time::timeout_at(deadline, map.changed()).await, Ok(Ok(()))) {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn commit_once(&self, cmd: Command) -> Result<CommandResult, ServiceError> {
         let (actor, other) = cmd.users();
         let mine = self.home(actor)?;
         let Some(other) = other.filter(|_| cmd.is_two_sided()) else {
@@ -236,7 +260,18 @@ impl Gateway {
         } else {
             OWN_SIDE_WAIT
         };
-        match tokio::time::timeout(wait, self.await_delivery(mine, decider, index)).await {
+        // The intent is numbered from the decider's base (a group born of a split numbers
+        // above what it inherited), which the map records.
+        let seq = index
+            + self
+                .router
+                .directory()
+                .view()
+                .map
+                .groups
+                .get(&decider)
+                .map_or(0, |g| g.seq_base);
+        match tokio::time::timeout(wait, self.await_delivery(mine, decider, seq)).await {
             Ok(Ok(())) => Ok(result),
             _ if !ends => Ok(result),
             Ok(Err(e)) => Err(e),

@@ -69,6 +69,12 @@ impl Default for HistoryConfig {
 
 enum Job {
     Append(Record),
+    /// Move `users`' records to another group's store (a split handed them over).
+    HandOver {
+        users: Vec<UserId>,
+        to: Arc<GroupHistory>,
+        reply: oneshot::Sender<Result<u64, HistoryError>>,
+    },
     Purge {
         user: UserId,
         before: Millis,
@@ -221,6 +227,34 @@ impl History {
         Ok(removed)
     }
 
+    /// Moves the records of `users` from this node's store of `from` to its store of `to`,
+    /// after every record accepted before this call (a split of `from` handed the users to
+    /// `to`, whose reads and deletions see only its own stores). User by user: copied (synced),
+    /// then deleted from `from`, so running it again after a crash copies only what was not
+    /// moved yet. Returns the records moved.
+    pub async fn hand_over(
+        &self,
+        from: GroupId,
+        to: GroupId,
+        users: Vec<UserId>,
+    ) -> Result<u64, HistoryError> {
+        if !self.dir.join(format!("g{from}")).exists() || users.is_empty() {
+            return Ok(0);
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job::HandOver {
+            users,
+            to: self.group(to),
+            reply,
+        };
+        if self.group(from).jobs.send(job).is_err() {
+            return Err(join_error_text("the history writer stopped"));
+        }
+        answer
+            .await
+            .map_err(|_| join_error_text("the history writer stopped"))?
+    }
+
     /// Purges, in this node's store of `group`, what the group's records say was deleted:
     /// for every user with a `history_cleared` mark, what is at or before it (marks this
     /// process purged already are skipped). For a node that missed a deletion while it was down
@@ -364,6 +398,26 @@ async fn writer(group: GroupId, g: Arc<GroupHistory>, mut jobs: mpsc::UnboundedR
                     Ok(Err(e)) => tracing::warn!(group, records = n, error = %e, "history batch not written"),
                     Err(e) => tracing::warn!(group, records = n, error = %e, "history writer task failed"),
                 }
+            }
+            Job::HandOver { users, to, reply } => {
+                let g2 = Arc::clone(&g);
+                let result = tokio::task::spawn_blocking(move || {
+                    let mut moved = 0u64;
+                    for user in users {
+                        let records = g2.with_store(|s| s.read(user, 0, u64::MAX, usize::MAX))?;
+                        if records.is_empty() {
+                            continue;
+                        }
+                        to.with_store(|s| s.append(&records))?;
+                        g2.with_store(|s| s.delete_user(user))?;
+                        moved += records.len() as u64;
+                    }
+                    Ok(moved)
+                })
+                .await
+                .map_err(join_error)
+                .and_then(|r| r);
+                let _ = reply.send(result);
             }
             Job::Purge { user, before, reply } => {
                 let g2 = Arc::clone(&g);

@@ -307,8 +307,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn inspect(data: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(data.join("cluster/map"))
         .with_context(|| format!("no saved map under {}", data.display()))?;
-    let map: nearby_raft::ClusterMap =
-        nearby_index::codec::decode(&bytes).context("the saved map does not decode")?;
+    let map = nearby_raft::ClusterMap::decode_versioned(&bytes).context("the saved map does not decode")?;
     let mut out = format!("cluster {} epoch {}\nnodes:\n", map.cluster, map.epoch);
     for (id, n) in &map.nodes {
         out.push_str(&format!(

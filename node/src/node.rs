@@ -189,6 +189,7 @@ impl Node {
             sessions: Arc::clone(&sessions),
             clock: Arc::clone(&opts.clock),
             service: opts.service.clone(),
+            metrics: Arc::clone(&metrics),
         })
         .await
         {

@@ -58,6 +58,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_client::proto::{Coord, Event, FriendPosition, GoneReason, Stranger, GHOST_FOREVER};
+use nearby_index::activity::CellCounts;
 use nearby_index::friends::{FriendSet, RangeTable};
 use nearby_index::geo::{LatLng, Millis, UserId};
 use nearby_index::query::{nearby_page, Cursor, NearbyQuery, Page};
@@ -154,7 +155,7 @@ impl Presence {
         let strangers = Strangers::new(group, config.pseudonyms.clone(), config.ttl);
         Presence {
             group,
-            locations: LocationTable::new(config.ttl),
+            locations: LocationTable::new(config.ttl).with_cell_counts(CellCounts::default()),
             config,
             ranges,
             applied: 0,
@@ -245,6 +246,24 @@ impl Presence {
         self.viewers.len()
     }
 
+    /// Drops what this presence holds about users outside `kept` (the group split, and the
+    /// new group serves them now): their locations, subscribers and ghost timers. Their
+    /// sessions are moved by the node (and disconnect from here).
+    pub fn hand_over(&mut self, kept: nearby_index::friends::UserRange) {
+        let gone: Vec<UserId> = self
+            .subscribers
+            .keys()
+            .copied()
+            .chain(self.viewers.keys().copied())
+            .filter(|u| !kept.contains(*u))
+            .collect();
+        for u in gone {
+            self.locations.remove(u);
+        }
+        self.subscribers.retain(|p, _| kept.contains(*p));
+        self.ghosts.retain(|(_, u)| kept.contains(*u));
+    }
+
     /// Online users, by id.
     pub fn online_users(&self) -> impl Iterator<Item = UserId> + '_ {
         self.viewers.keys().copied()
@@ -253,6 +272,16 @@ impl Presence {
     /// Live locations held.
     pub fn active(&self) -> usize {
         self.locations.len()
+    }
+
+    /// Users with a live location, counted by coarse H3 cell
+    /// ([`nearby_index::ACTIVITY_RESOLUTION`]): at most `max` cells, the busiest first. Counts
+    /// only, never who or where exactly; kept as locations change, so this costs O(cells).
+    pub fn cell_counts(&self, max: usize) -> Vec<(u64, u32)> {
+        self.locations
+            .cell_counts()
+            .map(|c| c.busiest(max))
+            .unwrap_or_default()
     }
 
     fn send_split(

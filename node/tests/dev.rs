@@ -860,13 +860,35 @@ fn an_operator_sees_the_cluster_and_moves_a_leader_with_nodectl() {
         .find(|v| **v != g0["leader"])
         .expect("another voter")
         .clone();
+    // Every required query parameter the document lists is given, from these samples.
+    let sample = |name: &str| -> String {
+        match name {
+            "to" => other_voter.to_string(),
+            "from" => g0["leader"].to_string(),
+            "with" => list[1]["id"].to_string(),
+            other => panic!("no sample value for the documented parameter `{other}`"),
+        }
+    };
     for (path, methods) in doc["paths"].as_object().expect("paths") {
-        for method in methods.as_object().expect("methods").keys() {
+        for (method, op) in methods.as_object().expect("methods") {
             let concrete = path.replace("{id}", &g0["id"].to_string());
-            let concrete = if method == "post" {
-                format!("{concrete}?to={other_voter}&dry_run=true")
-            } else {
+            let mut query: Vec<String> = op["parameters"]
+                .as_array()
+                .expect("parameters")
+                .iter()
+                .filter(|p| p["in"] == "query" && p["required"] == true)
+                .map(|p| {
+                    let name = p["name"].as_str().expect("name");
+                    format!("{name}={}", sample(name))
+                })
+                .collect();
+            if method == "post" {
+                query.push("dry_run=true".into());
+            }
+            let concrete = if query.is_empty() {
                 concrete
+            } else {
+                format!("{concrete}?{}", query.join("&"))
             };
             let (code, body) = http(&admins[0], &method.to_uppercase(), &concrete, Some(&token));
             let answered = code == 200 || (method == "post" && code == 409 && body.contains("\"error\""));
@@ -1060,5 +1082,870 @@ fn a_drained_node_hands_everything_over_and_leaves_while_users_stay_served() {
         .filter_map(|n| n["id"].as_u64())
         .collect();
     assert_eq!(ids, vec![2, 3, 4], "{nodes}");
+    cluster.stop();
+}
+
+/// One raw HTTP/1.0 exchange with `extra` headers and a form `body`: (status, headers with
+/// lower-case names, body).
+fn http_full(
+    addr: &str,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the admin API");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(head.as_bytes()).expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("headers");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// Decodes standard base64 (what the DevTools protocol sends a screenshot in).
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let clean: Vec<u8> = text.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::with_capacity(clean.len() / 4 * 3);
+    for chunk in clean.chunks(4) {
+        let data: Vec<u8> = chunk.iter().copied().filter(|c| *c != b'=').map(value).collect();
+        let n = data
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
+        out.extend_from_slice(&n.to_be_bytes()[1..data.len().max(1)]);
+    }
+    out
+}
+
+/// The Chromium to drive: `$CHROMIUM`, or `chromium` / `chromium-browser` on the PATH. Fails
+/// with what to do when there is none: `tests/run` installs Debian's `chromium` as root.
+fn chromium() -> std::path::PathBuf {
+    let candidates: Vec<std::path::PathBuf> = match std::env::var_os("CHROMIUM") {
+        Some(p) => vec![p.into()],
+        None => vec!["chromium".into(), "chromium-browser".into()],
+    };
+    for c in &candidates {
+        let works = Command::new(c)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if works {
+            return c.clone();
+        }
+    }
+    panic!(
+        "the console test drives a headless Chromium, and none was found ({candidates:?}): \
+         run the tests with `tests/run` (as root it installs Debian's `chromium`), or \
+         `apt-get install chromium`, or set CHROMIUM to a Chromium binary"
+    );
+}
+
+/// A headless Chromium driven over the DevTools protocol through a pipe
+/// (`--remote-debugging-pipe`: it reads commands on fd 3 and writes answers on fd 4, each a
+/// JSON text ended by NUL), so no WebSocket client is needed.
+struct Browser {
+    child: Child,
+    commands: std::process::ChildStdin,
+    answers: mpsc::Receiver<serde_json::Value>,
+    next_id: u64,
+    /// The page's session (flattened target attachment).
+    session: String,
+}
+
+impl Browser {
+    /// Starts Chromium with a fresh profile under `profile` and opens a 1400×1000 page.
+    fn start(profile: &std::path::Path) -> Browser {
+        let log = std::fs::File::create(profile.with_extension("log")).expect("chromium log");
+        // fd 3 and 4 are the pipe's ends: the shell moves our stdin/stdout there.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>/dev/null"#)
+            .arg(chromium())
+            .args([
+                "--headless",
+                "--disable-gpu",
+                "--no-sandbox",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--hide-scrollbars",
+                "--remote-debugging-pipe",
+                "--window-size=1400,1000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start chromium");
+        let commands = child.stdin.take().expect("stdin");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let (tx, answers) = mpsc::channel();
+        std::thread::spawn(move || loop {
+            let mut buf = Vec::new();
+            match out.read_until(0, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    buf.pop();
+                    let Ok(v) = serde_json::from_slice(&buf) else {
+                        continue;
+                    };
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut b = Browser {
+            child,
+            commands,
+            answers,
+            next_id: 0,
+            session: String::new(),
+        };
+        let target = b.call("Target.createTarget", serde_json::json!({ "url": "about:blank" }));
+        let attached = b.call(
+            "Target.attachToTarget",
+            serde_json::json!({ "targetId": target["targetId"], "flatten": true }),
+        );
+        b.session = attached["sessionId"].as_str().expect("a session id").to_string();
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            serde_json::json!({ "width": 1400, "height": 1000, "deviceScaleFactor": 1, "mobile": false }),
+        );
+        b
+    }
+
+    /// Sends one command (to the page once attached) and waits for its result.
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = serde_json::json!({ "id": id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            msg["sessionId"] = self.session.clone().into();
+        }
+        let mut bytes = serde_json::to_vec(&msg).expect("json");
+        bytes.push(0);
+        self.commands.write_all(&bytes).expect("write to chromium");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let answer = self
+                .answers
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("chromium did not answer {method} ({e})"));
+            if answer["id"] == id {
+                assert!(answer["error"].is_null(), "{method}: {answer}");
+                return answer["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates `expr` in the page; its value.
+    fn eval(&mut self, expr: &str) -> serde_json::Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            serde_json::json!({ "expression": expr, "returnByValue": true }),
+        );
+        assert!(r["exceptionDetails"].is_null(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Evaluates `expr` until `cond` holds on its value, within `within`; the value.
+    fn eval_until(
+        &mut self,
+        expr: &str,
+        within: Duration,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let v = self.eval(expr);
+            if cond(&v) {
+                return v;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}; last: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Closes the browser and waits for it to exit.
+    fn close(mut self) {
+        self.session.clear();
+        use std::io::Write;
+        let msg = b"{\"id\":999999,\"method\":\"Browser.close\"}\0";
+        let _ = self.commands.write_all(msg);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The dataset the console page writes on `<body>` after each snapshot, as numbers.
+const CONSOLE_STATE: &str = "JSON.stringify({path: location.pathname, ready: document.readyState, \
+     data: Object.fromEntries(Object.entries(document.body ? document.body.dataset : {}).map(([k, v]) => [k, Number(v)])), \
+     nodeRows: document.querySelectorAll('#nodes tr[data-node]').length, \
+     groupRows: document.querySelectorAll('#groups tr[data-group]').length, \
+     rangeBars: document.querySelectorAll('#ranges rect[data-group]').length, \
+     cellDots: document.querySelectorAll('#map circle[data-cell]').length, \
+     updatesShown: [...document.querySelectorAll('#nodes td.updates')].map(td => td.textContent), \
+     operations: document.getElementById('operations') ? document.getElementById('operations').textContent : null})";
+
+fn console_state(b: &mut Browser) -> serde_json::Value {
+    let text = b.eval(CONSOLE_STATE);
+    serde_json::from_str(text.as_str().expect("a JSON string")).expect("console state")
+}
+
+#[test]
+fn an_operator_logs_in_to_the_console_and_watches_load_live_in_headless_chromium() {
+    chromium(); // before anything else: no browser, no test (and a clear message)
+    let (dir, home, cluster) = DevCluster::start(3, 6);
+    let admins: Vec<String> = std::fs::read_to_string(home.join("admin"))
+        .expect("NEARBY_HOME/admin")
+        .lines()
+        .map(String::from)
+        .collect();
+    let token = std::fs::read_to_string(home.join("admin-token"))
+        .expect("token")
+        .trim()
+        .to_string();
+    let admin = admins[0].as_str();
+
+    // Without credentials: the page sends a browser to the login form, the API says 401.
+    let (code, headers, _) = http_full(admin, "GET", "/console", &[], "");
+    assert_eq!(
+        (code, header_of(&headers, "location")),
+        (303, Some("/console/login"))
+    );
+    let (code, _, body) = http_full(admin, "GET", "/api/v1/events", &[], "");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    let (code, headers, form) = http_full(admin, "GET", "/console/login", &[], "");
+    assert_eq!(code, 200);
+    assert!(header_of(&headers, "content-type").is_some_and(|t| t.starts_with("text/html")));
+    assert!(form.contains("name=\"token\""), "{form}");
+
+    // A wrong token: the form again, no cookie.
+    let form_type = ("Content-Type", "application/x-www-form-urlencoded");
+    let (code, headers, body) = http_full(
+        admin,
+        "POST",
+        "/console/login",
+        &[form_type],
+        "token=wrong-token-wrong-token",
+    );
+    assert_eq!(code, 401);
+    assert!(header_of(&headers, "set-cookie").is_none(), "{headers:?}");
+    assert!(body.contains("not the admin token") && body.contains("name=\"token\""));
+
+    // The right one: a session cookie that is not the token, then the page.
+    let (code, headers, _) = http_full(
+        admin,
+        "POST",
+        "/console/login",
+        &[form_type],
+        &format!("token={token}"),
+    );
+    assert_eq!((code, header_of(&headers, "location")), (303, Some("/console")));
+    let set_cookie = header_of(&headers, "set-cookie").expect("a session cookie");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    assert!(
+        !set_cookie.contains(&token),
+        "the cookie carries the token: {set_cookie}"
+    );
+    let cookie = set_cookie.split(';').next().expect("name=value").to_string();
+    let with_cookie = [("Cookie", cookie.as_str())];
+    let (code, headers, page) = http_full(admin, "GET", "/console", &with_cookie, "");
+    assert_eq!(code, 200);
+    assert!(header_of(&headers, "content-security-policy").is_some_and(|p| p.contains("default-src 'none'")));
+    assert!(page.contains("EventSource"), "not the console page");
+    // The cookie reads, never changes; and it is this node's session only.
+    let (code, _, _) = http_full(
+        admin,
+        "POST",
+        "/api/v1/nodes/2/drain?dry_run=true",
+        &with_cookie,
+        "",
+    );
+    assert_eq!(code, 401, "a session cookie authorised a change");
+    let (code, _, _) = http_full(&admins[1], "GET", "/console", &with_cookie, "");
+    assert_eq!(code, 303, "another node knows this node's session");
+
+    // The live feed, as the page reads it: a first snapshot of the whole cluster at once.
+    let mut feed = std::net::TcpStream::connect(admin).expect("connect");
+    feed.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    {
+        use std::io::Write;
+        write!(
+            feed,
+            "GET /api/v1/events HTTP/1.0\r\nHost: {admin}\r\nAccept: text/event-stream\r\nCookie: {cookie}\r\n\r\n"
+        )
+        .expect("write");
+    }
+    let mut feed_lines = BufReader::new(feed.try_clone().expect("clone"));
+    let mut first = None;
+    let mut seen = Vec::new();
+    while first.is_none() {
+        let mut line = String::new();
+        let n = feed_lines.read_line(&mut line).expect("read the event stream");
+        assert!(n > 0, "the event stream ended: {seen:?}");
+        if let Some(data) = line.strip_prefix("data: ").filter(|_| {
+            seen.last()
+                .is_some_and(|l: &String| l.starts_with("event: snapshot"))
+        }) {
+            first = Some(serde_json::from_str::<serde_json::Value>(data.trim()).expect("snapshot json"));
+        }
+        seen.push(line);
+    }
+    assert!(seen[0].contains(" 200 "), "{seen:?}");
+    assert!(
+        seen.iter().any(|l| l
+            .to_ascii_lowercase()
+            .starts_with("content-type: text/event-stream")),
+        "{seen:?}"
+    );
+    let snap = first.expect("a snapshot");
+    assert_eq!(snap["nodes"].as_array().map(Vec::len), Some(3), "{snap}");
+    assert_eq!(snap["groups"].as_array().map(Vec::len), Some(4), "{snap}");
+    assert_eq!(snap["operations"], serde_json::json!([]), "{snap}");
+    assert!(snap["epoch"].as_u64().is_some_and(|e| e > 0), "{snap}");
+
+    // Load: bob watches (pushes), ann moves around him (updates), two more users elsewhere in
+    // the world (the map's cells).
+    let (ann, bob) = (11_u64, u64::MAX / 2 + 11);
+    let (tokyo, new_york) = (u64::MAX / 4 + 3, u64::MAX / 4 * 3 + 3);
+    for user in [ann, bob, tokyo, new_york] {
+        cli_result(&home, user, &["login"]).expect("login");
+    }
+    cli_result(&home, ann, &["friends", "add", &bob.to_string()]).expect("ask");
+    cli_result(&home, bob, &["friends", "add", &ann.to_string()]).expect("accept");
+    cli_result(&home, tokyo, &["location", "set", "35.6762", "139.6503"]).expect("tokyo");
+    cli_result(&home, new_york, &["location", "set", "40.7128", "-74.0060"]).expect("new york");
+    let mut watcher = Command::new(nearby_cli())
+        .args([
+            "--json",
+            "--user",
+            &bob.to_string(),
+            "watch",
+            "--lat",
+            "52.5200",
+            "--lon",
+            "13.4050",
+        ])
+        .env("NEARBY_HOME", &home)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nearby watch");
+    let watched = {
+        let out = watcher.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (home, stop) = (home.clone(), std::sync::Arc::clone(&stop_load));
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let lat = format!("{:.5}", 52.5300 + f64::from(i % 50) * 0.0004);
+                let _ = nearby(&home, ann, &["location", "set", &lat, "13.4100"]);
+                i += 1;
+            }
+            i
+        })
+    };
+
+    // The page in a real browser: sent to the login form, logged in through it, then live.
+    let profile = dir.path().join("chromium-profile");
+    let mut b = Browser::start(&profile);
+    b.call(
+        "Page.navigate",
+        serde_json::json!({ "url": format!("http://{admin}/console") }),
+    );
+    b.eval_until(
+        "location.pathname + ' ' + document.readyState",
+        Duration::from_secs(20),
+        "the browser was not sent to the login form",
+        |v| v == "/console/login complete",
+    );
+    b.eval(&format!(
+        "document.querySelector('input[name=token]').value = {}; document.querySelector('form').submit(); true",
+        serde_json::Value::from(token.clone())
+    ));
+    let state = |v: &serde_json::Value, k: &str| v["data"][k].as_f64().unwrap_or(0.0);
+    let first_seen = b.eval_until(
+        CONSOLE_STATE,
+        Duration::from_secs(30),
+        "the console drew no snapshot",
+        |v| {
+            let v: serde_json::Value = serde_json::from_str(v.as_str().unwrap_or("{}")).unwrap_or_default();
+            v["path"] == "/console" && state(&v, "snapshots") >= 2.0 && state(&v, "updatesTotal") > 0.0
+        },
+    );
+    let before: serde_json::Value = serde_json::from_str(first_seen.as_str().expect("json")).expect("state");
+    assert_eq!(before["nodeRows"], 3, "{before}");
+    assert_eq!(before["groupRows"], 4, "{before}");
+    assert_eq!(before["rangeBars"], 4, "{before}");
+    assert!(
+        before["operations"]
+            .as_str()
+            .is_some_and(|t| t.contains("No operations")),
+        "{before}"
+    );
+    // While the load runs, the numbers move: more snapshots, more updates and pushes, a
+    // non-zero rate, and users on the map (Berlin, Tokyo, New York: three cells).
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let now = console_state(&mut b);
+        let moved = state(&now, "snapshots") >= state(&before, "snapshots") + 3.0
+            && state(&now, "updatesTotal") > state(&before, "updatesTotal")
+            && state(&now, "pushesTotal") > state(&before, "pushesTotal")
+            && state(&now, "updatesPerS") > 0.0
+            && state(&now, "cells") >= 3.0
+            && now["cellDots"].as_u64() >= Some(3)
+            && now["updatesShown"].as_array().is_some_and(|u| {
+                u.iter().any(|t| {
+                    t.as_str()
+                        .and_then(|t| t.parse::<f64>().ok())
+                        .is_some_and(|r| r > 0.0)
+                })
+            });
+        if moved {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the console's numbers did not move under load: before {before}, now {now}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        watched.try_iter().count() > 0,
+        "bob's `nearby watch` printed no event: the load pushed nothing"
+    );
+
+    // The artifact: a screenshot of the live page (for the docs, once the activity charts have
+    // most of a minute to show).
+    let for_docs = std::env::var("NEARBY_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1");
+    if for_docs {
+        b.eval_until(
+            CONSOLE_STATE,
+            Duration::from_secs(120),
+            "the console stopped drawing",
+            |v| {
+                let v: serde_json::Value =
+                    serde_json::from_str(v.as_str().unwrap_or("{}")).unwrap_or_default();
+                state(&v, "snapshots") >= 50.0
+            },
+        );
+    }
+    let shot = b.call("Page.captureScreenshot", serde_json::json!({ "format": "png" }));
+    let png = base64_decode(shot["data"].as_str().expect("png data"));
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+    let artifact = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("the target directory")
+        .join("console.png");
+    std::fs::write(&artifact, &png).expect("write the screenshot");
+    if for_docs {
+        let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console.png");
+        std::fs::write(&docs, &png).expect("write docs/console.png");
+    }
+    b.close();
+    stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(load.join().expect("load thread") > 0);
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+
+    // A stream still open does not hold the cluster up: it ends when its node stops.
+    let pid = cluster.child.id();
+    let stopper = std::thread::spawn(move || cluster.stop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !stopper.is_finished() {
+        if std::time::Instant::now() > deadline {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("the dev cluster did not stop within 60 s with a console stream open");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Err(panic) = stopper.join() {
+        std::panic::resume_unwind(panic);
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut feed_lines, &mut rest).expect("the event stream ends");
+}
+
+#[test]
+fn a_group_splits_and_a_replica_moves_while_friends_stay_served() {
+    let (_dir, home, cluster) = DevCluster::start(4, 7);
+    // Three friends in the first group's range: ann stays, bob and cat go to the new group.
+    let (ann, bob, cat) = (7_u64, 1_000_u64, 2_000_u64);
+    for user in [ann, bob, cat] {
+        cli_result(&home, user, &["login"]).expect("login");
+    }
+    for friend in [bob, cat] {
+        cli_result(&home, ann, &["friends", "add", &friend.to_string()]).expect("ask");
+        cli_result(&home, friend, &["friends", "add", &ann.to_string()]).expect("accept");
+    }
+    let groups = nodectl_json(&home, &["groups"]);
+    let first = &groups["groups"][0];
+    let group = first["id"].as_u64().expect("id");
+    let end = first["range"][1].as_u64().expect("end");
+    let before = groups["groups"].as_array().expect("groups").len();
+
+    // A dry run changes nothing; a point outside the range is refused with the reason.
+    let dry = nodectl(&home, &["split", &group.to_string(), "--at", "1000", "--dry-run"]);
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(String::from_utf8_lossy(&dry.stdout).starts_with("would split group"));
+    let outside = nodectl(&home, &["split", &group.to_string(), "--at", &end.to_string()]);
+    assert_eq!(
+        outside.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&outside.stderr)
+    );
+    assert_eq!(
+        nodectl_json(&home, &["groups"])["groups"]
+            .as_array()
+            .map(Vec::len),
+        Some(before)
+    );
+
+    // The split runs as an operation, with progress, to the end.
+    let split = nodectl(&home, &["split", &group.to_string(), "--at", "1000"]);
+    assert!(
+        split.status.success(),
+        "{}",
+        String::from_utf8_lossy(&split.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&split.stderr).contains("6/6"),
+        "no progress shown"
+    );
+    let groups = nodectl_json(&home, &["groups"]);
+    let list = groups["groups"].as_array().expect("groups");
+    assert_eq!(list.len(), before + 1, "{groups}");
+    let old = list.iter().find(|g| g["id"] == group).expect("old group");
+    assert_eq!(old["range"][1], 1_000, "{old}");
+    let new = list.iter().find(|g| g["range"][0] == 1_000).expect("new group");
+    assert_eq!(new["range"][1], end, "{new}");
+    assert!(new["leader"].is_u64(), "{new}");
+    assert_eq!(new["users"], 2, "bob and cat went with their records: {new}");
+    let ops = nodectl_json(&home, &["operations"]);
+    assert_eq!(ops["operations"][0]["kind"], "split", "{ops}");
+    assert_eq!(ops["operations"][0]["state"], "done", "{ops}");
+
+    // No friendship moved or was lost: both sides still know it, across the new border.
+    let friends = cli(&home, ann, &["friends", "list"]);
+    let ids: Vec<u64> = friends["friends"]
+        .as_array()
+        .expect("friends")
+        .iter()
+        .filter_map(|f| f["id"].as_u64())
+        .collect();
+    assert_eq!(ids, vec![bob, cat], "{friends}");
+    for user in [ann, bob, cat] {
+        cli_result(&home, user, &["location", "set", "52.5200", "13.4050"]).expect("located");
+    }
+    list_until(&home, ann, "bob and cat listed after the split", |f| f.len() == 2);
+    // A relation change across the new border goes through the new group's intents.
+    cli_result(&home, cat, &["friends", "remove", &ann.to_string()]).expect("unfriend");
+    list_until(&home, ann, "cat gone after unfriending", |f| {
+        f.len() == 1 && f[0]["id"] == bob
+    });
+
+    // Move one of the new group's replicas to the node that has none.
+    let new_id = new["id"].as_u64().expect("id");
+    let replicas: Vec<u64> = new["replicas"]
+        .as_array()
+        .expect("r")
+        .iter()
+        .filter_map(|r| r.as_u64())
+        .collect();
+    let to = (1..=4)
+        .find(|n| !replicas.contains(n))
+        .expect("a node without a replica");
+    let from = new["leader"].as_u64().expect("leader");
+    let moved = nodectl(
+        &home,
+        &[
+            "move",
+            &new_id.to_string(),
+            "--from",
+            &from.to_string(),
+            "--to",
+            &to.to_string(),
+        ],
+    );
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    let groups = nodectl_json(&home, &["groups"]);
+    let g = groups["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .find(|g| g["id"] == new_id)
+        .expect("group");
+    let now: Vec<u64> = g["replicas"]
+        .as_array()
+        .expect("r")
+        .iter()
+        .filter_map(|r| r.as_u64())
+        .collect();
+    assert!(now.contains(&to) && !now.contains(&from), "{g}");
+    assert_ne!(g["leader"].as_u64(), Some(from), "{g}");
+    cli_result(&home, bob, &["location", "set", "52.5210", "13.4050"]).expect("bob located");
+    list_until(&home, ann, "bob still listed after the move", |f| {
+        f.len() == 1 && f[0]["id"] == bob
+    });
+
+    // Merge the two back: the new group's replicas first go back onto the old group's nodes.
+    let wrong = nodectl(&home, &["merge", &new_id.to_string(), &group.to_string()]);
+    assert_eq!(wrong.status.code(), Some(2), "the lower range comes first");
+    let merged = nodectl(&home, &["merge", &group.to_string(), &new_id.to_string()]);
+    assert!(
+        merged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    let groups = nodectl_json(&home, &["groups"]);
+    let list = groups["groups"].as_array().expect("groups");
+    assert_eq!(list.len(), before, "{groups}");
+    let old = list.iter().find(|g| g["id"] == group).expect("old group");
+    assert_eq!(
+        (old["range"][0].as_u64(), old["range"][1].as_u64()),
+        (Some(1), Some(end)),
+        "{old}"
+    );
+    assert_eq!(old["users"], 3, "{old}");
+    let ops = nodectl_json(&home, &["operations"]);
+    let last = &ops["operations"][0];
+    assert_eq!(
+        (last["kind"].as_str(), last["state"].as_str()),
+        (Some("merge"), Some("done")),
+        "{ops}"
+    );
+    let friends = cli(&home, bob, &["friends", "list"]);
+    assert_eq!(friends["friends"][0]["id"], ann, "{friends}");
+    cli_result(&home, bob, &["location", "set", "52.5220", "13.4050"]).expect("bob located");
+    list_until(&home, ann, "bob still listed after the merge", |f| {
+        f.len() == 1 && f[0]["id"] == bob
+    });
+    cli_result(&home, bob, &["friends", "remove", &ann.to_string()]).expect("unfriend");
+    list_until(&home, ann, "bob gone after unfriending", |f| f.is_empty());
+    cluster.stop();
+}
+
+/// `nearby watch` processes (sessions that stay online), killed when dropped.
+struct Watchers(Vec<Child>);
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn rebalance_spreads_the_busy_groups_of_one_node_at_the_pace_asked() {
+    let (_dir, home, cluster) = DevCluster::start(3, 8);
+    let groups = nodectl_json(&home, &["groups"]);
+    let list = groups["groups"].as_array().expect("groups").clone();
+    // Placement leaves one node leading two of the four groups: make both busy.
+    let mut leading: std::collections::BTreeMap<u64, Vec<&serde_json::Value>> = Default::default();
+    for g in &list {
+        leading
+            .entry(g["leader"].as_u64().expect("leader"))
+            .or_default()
+            .push(g);
+    }
+    let (&busy, hot) = leading
+        .iter()
+        .find(|(_, gs)| gs.len() == 2)
+        .expect("a node leading two groups");
+    let mut watchers = Watchers(Vec::new());
+    let per_group = 3;
+    for g in hot {
+        let start = g["range"][0].as_u64().expect("start");
+        for i in 0..per_group {
+            let user = start + 10 + i;
+            cli_result(&home, user, &["login"]).expect("login");
+            let child = Command::new(nearby_cli())
+                .args(["--user", &user.to_string(), "watch"])
+                .env("NEARBY_HOME", &home)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("nearby watch");
+            watchers.0.push(child);
+        }
+    }
+    let hot_ids: Vec<u64> = hot.iter().filter_map(|g| g["id"].as_u64()).collect();
+    // The leaders count them online.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let groups = nodectl_json(&home, &["groups"]);
+        let online: Vec<u64> = groups["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .filter(|g| hot_ids.contains(&g["id"].as_u64().unwrap_or(0)))
+            .filter_map(|g| g["online"].as_u64())
+            .collect();
+        if online.len() == 2 && online.iter().all(|o| *o == per_group) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sessions not online: {groups}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The plan moves one busy group off the busy node and keeps leader counts even.
+    let dry = nodectl(&home, &["rebalance", "--dry-run"]);
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    let plan = String::from_utf8_lossy(&dry.stdout).to_string();
+    assert!(plan.starts_with("would rebalance in 1 move(s)"), "{plan}");
+    assert!(
+        plan.contains(&format!("node {busy}: {}", 2 * per_group)),
+        "{plan}"
+    );
+    let placed = |v: &serde_json::Value| -> Vec<(u64, u64, String)> {
+        v["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .map(|g| {
+                (
+                    g["id"].as_u64().unwrap_or(0),
+                    g["leader"].as_u64().unwrap_or(0),
+                    g["replicas"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        placed(&nodectl_json(&home, &["groups"])),
+        placed(&groups),
+        "a dry run changes nothing"
+    );
+
+    let done = nodectl(&home, &["rebalance", "--rate", "60", "--max-concurrent", "1"]);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(
+        String::from_utf8_lossy(&done.stderr).contains("1/1"),
+        "no progress shown"
+    );
+    let after = nodectl_json(&home, &["groups"]);
+    let leaders_of_hot: Vec<u64> = after["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .filter(|g| hot_ids.contains(&g["id"].as_u64().unwrap_or(0)))
+        .filter_map(|g| g["leader"].as_u64())
+        .collect();
+    assert_eq!(leaders_of_hot.len(), 2);
+    assert_ne!(
+        leaders_of_hot[0], leaders_of_hot[1],
+        "the busy groups on two nodes: {after}"
+    );
+    // Balanced now: nothing more to do.
+    let again = nodectl(&home, &["rebalance", "--dry-run"]);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).starts_with("nothing to do"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    // The moved group's sessions followed its leader: still online.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let groups = nodectl_json(&home, &["groups"]);
+        let online: u64 = groups["groups"]
+            .as_array()
+            .expect("groups")
+            .iter()
+            .filter_map(|g| g["online"].as_u64())
+            .sum();
+        if online == 2 * per_group {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sessions did not come back: {groups}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(watchers);
     cluster.stop();
 }

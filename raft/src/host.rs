@@ -252,11 +252,13 @@ impl RaftHost {
         self.data_dir.join("groups").join(group.to_string())
     }
 
-    /// Checks (or, for a new replica, writes) the manifest of `group`.
+    /// Checks (or, for a new replica, writes) the manifest of `group`. A shard range that
+    /// starts at the same id matches (splits move where ranges end).
     fn pin_manifest(&self, group: GroupId, want: Manifest) -> Result<PathBuf, HostError> {
         let dir = self.group_dir(group);
         match read_manifest(&dir)? {
             Some(found) if found == want => {}
+            Some(Manifest::Shard(found)) if matches!(want, Manifest::Shard(w) if w.start == found.start) => {}
             Some(found) => {
                 return Err(HostError::Mismatch {
                     group,
@@ -308,9 +310,13 @@ impl RaftHost {
             });
         }
         let dir = self.pin_manifest(group, Manifest::Shard(range))?;
-        let sm = StateMachine::open(group, &dir, GroupState::new(range))?;
+        // A group born of a split starts from its seed (see `open_split_child`).
+        let initial = read_seed(&dir)?.unwrap_or_else(|| GroupState::new(range));
+        let sm = StateMachine::open(group, &dir, initial)?;
         let found = sm.shared().read(|a| a.state.range());
-        if found != range {
+        // A split changes where a range ends, never where it starts; the state's own range is
+        // the truth once its log is applied (see `note_range`).
+        if found.start != range.start {
             return Err(HostError::Mismatch {
                 group,
                 on_disk: format!("a snapshot of {}", Manifest::Shard(found)),
@@ -323,6 +329,59 @@ impl RaftHost {
             .unwrap_or_else(|p| p.into_inner())
             .insert(group, handle.clone());
         Ok(handle)
+    }
+
+    /// Records in `group`'s manifest the range its state now owns (after a split applied), so
+    /// a restart checks the files against the range they really hold.
+    pub fn note_range(&self, group: GroupId) -> Result<(), HostError> {
+        let Some(g) = self.shard(group) else {
+            return Ok(());
+        };
+        let range = g.range();
+        let dir = self.group_dir(group);
+        if read_manifest(&dir)? != Some(Manifest::Shard(range)) {
+            write_manifest(&dir, Manifest::Shard(range))?;
+        }
+        Ok(())
+    }
+
+    /// This node's replica of the group a split of `parent` makes (see [`Command::Split`]),
+    /// from the seed in `parent`'s state: its manifest and seed file written (synced) first,
+    /// then opened and given its first membership, `members` — the same on every replica,
+    /// since every replica of the parent makes the same seed at the same index. A replica that
+    /// exists already (opened before, or restarted) is returned as it is.
+    ///
+    /// [`Command::Split`]: crate::Command::Split
+    pub async fn open_split_child(
+        &self,
+        seed: &crate::shard::state::SplitSeed,
+        members: BTreeMap<NodeId, Node>,
+    ) -> Result<ShardGroup, HostError> {
+        let group = seed.new_group;
+        if let Some(g) = self.shard(group) {
+            return Ok(g);
+        }
+        let dir = self.group_dir(group);
+        let fresh = read_manifest(&dir)?.is_none();
+        if fresh {
+            let state = seed.group_state();
+            let bytes = state.encode_versioned().map_err(|e| HostError::Group {
+                group,
+                reason: format!("cannot encode the split seed: {e}"),
+            })?;
+            write_seed(&dir, &bytes)?;
+            write_manifest(&dir, Manifest::Shard(seed.range))?;
+        }
+        let g = self.open_shard(group, seed.range).await?;
+        let blank = {
+            let m = g.raft().metrics();
+            let m = m.borrow();
+            m.last_log_index.is_none() && m.current_term == 0
+        };
+        if blank {
+            g.initialize(members).await?;
+        }
+        Ok(g)
     }
 
     /// Starts this node's replica of the meta group, recovering it from disk.
@@ -423,6 +482,68 @@ fn read_manifest(dir: &Path) -> Result<Option<Manifest>, HostError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(WalError::io(&path, e).into()),
     }
+}
+
+/// The seed a group born of a split starts from (`DIR/SEED`: one checksummed record of the
+/// state), if it has one.
+fn read_seed(dir: &Path) -> Result<Option<GroupState>, HostError> {
+    let path = dir.join("SEED");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(WalError::io(&path, e).into()),
+    };
+    use crate::wal::frame::{check, Check};
+    let damaged =
+        |at: usize, what: String| -> HostError { WalError::corruption(&path, at as u64, what).into() };
+    // A record with the state's length, then the state in chunks (see `write_seed`).
+    let (len, mut at) = match check(&bytes, 0) {
+        Check::Record { payload: (a, b) } if b - a == 8 => {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[a..b]);
+            (u64::from_le_bytes(word) as usize, b)
+        }
+        other => return Err(damaged(0, format!("split seed header damaged: {other:?}"))),
+    };
+    let mut data = Vec::with_capacity(len.min(bytes.len()));
+    while data.len() < len {
+        match check(&bytes, at) {
+            Check::Record { payload: (a, b) } => {
+                data.extend_from_slice(&bytes[a..b]);
+                at = b;
+            }
+            other => return Err(damaged(at, format!("split seed chunk damaged: {other:?}"))),
+        }
+    }
+    if data.len() != len || at != bytes.len() {
+        return Err(damaged(
+            at,
+            format!("split seed holds {} bytes, header says {len}", data.len()),
+        ));
+    }
+    GroupState::decode_versioned(&data)
+        .map(Some)
+        .map_err(|e| WalError::corruption(&path, 0, format!("undecodable split seed: {e}")).into())
+}
+
+/// Writes `DIR/SEED` atomically (temporary file, sync, rename, directory sync).
+fn write_seed(dir: &Path, state: &[u8]) -> Result<(), HostError> {
+    std::fs::create_dir_all(dir).map_err(|e| WalError::io(dir, e))?;
+    let tmp = dir.join("SEED.tmp");
+    let path = dir.join("SEED");
+    let mut record = Vec::with_capacity(state.len() + 64);
+    crate::wal::frame::encode_record(&(state.len() as u64).to_le_bytes(), &mut record);
+    for chunk in state.chunks(crate::store::state_machine::SNAPSHOT_CHUNK) {
+        crate::wal::frame::encode_record(chunk, &mut record);
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &record)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| WalError::io(&path, e).into())
 }
 
 fn write_manifest(dir: &Path, m: Manifest) -> Result<(), HostError> {

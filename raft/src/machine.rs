@@ -61,6 +61,14 @@ impl Machine for ClusterMap {
             Payload::Shard(_) => Reply::WrongKind,
         }
     }
+
+    fn encode_state(&self) -> Result<Vec<u8>, CodecError> {
+        self.encode_versioned()
+    }
+
+    fn decode_state(bytes: &[u8]) -> Result<Self, CodecError> {
+        ClusterMap::decode_versioned(bytes)
+    }
 }
 
 /// What the state machine tells a subscriber (see [`crate::Replica::subscribe`]), in log order.

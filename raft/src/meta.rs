@@ -86,6 +86,12 @@ pub struct GroupEntry {
     pub leader: Option<NodeId>,
     /// The term that leader was elected in.
     pub term: u64,
+    /// The group this one was split from, until the split is done: its replicas are made by
+    /// the split itself (each from its parent's replica), never opened empty.
+    pub born_of: Option<GroupId>,
+    /// Added to its log indices to number its relation intents (its parent's split index for a
+    /// group born of a split, else 0; see `GroupState::seq_base`).
+    pub seq_base: u64,
 }
 
 impl GroupEntry {
@@ -169,6 +175,36 @@ pub enum MetaCommand {
         /// The node.
         node: NodeId,
     },
+    /// Shard group `group` split at `at` (its own log says so first): `new_group` owns `at..`
+    /// of its range, on the same voters, led by `leader` in `term`, numbering its intents from
+    /// `seq_base`. Until [`MetaCommand::SplitDone`], the new group is `born_of` the old.
+    Split {
+        /// The group that split.
+        group: GroupId,
+        /// The first user id of the new group.
+        at: u64,
+        /// The new group.
+        new_group: GroupId,
+        /// The new group's leader.
+        leader: NodeId,
+        /// Its term.
+        term: u64,
+        /// The split's index in `group`'s log.
+        seq_base: u64,
+    },
+    /// The split that made `group` is done: its replicas are ordinary ones.
+    SplitDone {
+        /// The new group.
+        group: GroupId,
+    },
+    /// Shard group `source` was absorbed by its neighbour `group` (their logs say so first):
+    /// `group` owns both ranges, and `source` leaves the map (its replicas close).
+    Merge {
+        /// The group that absorbed.
+        group: GroupId,
+        /// The group absorbed.
+        source: GroupId,
+    },
 }
 
 impl fmt::Display for MetaCommand {
@@ -192,6 +228,11 @@ impl fmt::Display for MetaCommand {
                 write!(f, "leader({group} = {leader} in term {term})")
             }
             MetaCommand::RemoveNode { node } => write!(f, "remove_node({node})"),
+            MetaCommand::Split {
+                group, at, new_group, ..
+            } => write!(f, "split({group} at {at} into {new_group})"),
+            MetaCommand::SplitDone { group } => write!(f, "split_done({group})"),
+            MetaCommand::Merge { group, source } => write!(f, "merge({source} into {group})"),
         }
     }
 }
@@ -405,6 +446,19 @@ impl ClusterMap {
                     Ok(self.nodes.remove(node).is_some())
                 }
             }
+            MetaCommand::Split {
+                group,
+                at,
+                new_group,
+                leader,
+                term,
+                seq_base,
+            } => self.split(*group, *at, *new_group, *leader, *term, *seq_base),
+            MetaCommand::SplitDone { group } => match self.groups.get_mut(group) {
+                None => Err(MetaError::UnknownGroup { group: *group }),
+                Some(g) => Ok(g.born_of.take().is_some()),
+            },
+            MetaCommand::Merge { group, source } => self.merge(*group, *source),
             MetaCommand::SetLeader { group, leader, term } => match self.groups.get_mut(group) {
                 None => Err(MetaError::UnknownGroup { group: *group }),
                 Some(g) if *term < g.term || (*term == g.term && g.leader == Some(*leader)) => Ok(false),
@@ -475,11 +529,88 @@ impl ClusterMap {
             learners: BTreeSet::new(),
             leader: Some(node),
             term: 0,
+            born_of: None,
+            seq_base: 0,
         };
         self.groups.insert(META_GROUP, on_first(None));
         for (g, r) in ranges {
             self.groups.insert(*g, on_first(Some(*r)));
         }
+        Ok(true)
+    }
+
+    fn split(
+        &mut self,
+        group: GroupId,
+        at: u64,
+        new_group: GroupId,
+        leader: NodeId,
+        term: u64,
+        seq_base: u64,
+    ) -> Result<bool, MetaError> {
+        if let Some(g) = self.groups.get(&new_group) {
+            // Applied again (a retried proposal): the same split changes nothing.
+            return if g.range.is_some_and(|r| r.start == at) {
+                Ok(false)
+            } else {
+                Err(MetaError::InvalidRanges {
+                    reason: format!("group {new_group} exists already"),
+                })
+            };
+        }
+        let old = self
+            .groups
+            .get_mut(&group)
+            .ok_or(MetaError::UnknownGroup { group })?;
+        let range = old.range.ok_or(MetaError::UnknownGroup { group })?;
+        let (Ok(kept), Ok(split_off)) = (UserRange::new(range.start, at), UserRange::new(at, range.end))
+        else {
+            return Err(MetaError::InvalidRanges {
+                reason: format!("{at} is not inside group {group}'s range {range}"),
+            });
+        };
+        old.range = Some(kept);
+        let entry = GroupEntry {
+            range: Some(split_off),
+            voters: old.voters.clone(),
+            learners: BTreeSet::new(),
+            leader: Some(leader),
+            term,
+            born_of: Some(group),
+            seq_base,
+        };
+        self.groups.insert(new_group, entry);
+        Ok(true)
+    }
+
+    fn merge(&mut self, group: GroupId, source: GroupId) -> Result<bool, MetaError> {
+        let Some(theirs) = self.groups.get(&source).and_then(|g| g.range) else {
+            // Applied again (a retried proposal): nothing left to merge. The meta group has
+            // no range to give.
+            return if !self.groups.contains_key(&source)
+                && self.groups.get(&group).is_some_and(|g| g.range.is_some())
+            {
+                Ok(false)
+            } else {
+                Err(MetaError::UnknownGroup { group })
+            };
+        };
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(MetaError::UnknownGroup { group })?;
+        let mine = g.range.ok_or(MetaError::UnknownGroup { group })?;
+        let joined = if mine.end == theirs.start {
+            UserRange::new(mine.start, theirs.end)
+        } else if theirs.end == mine.start {
+            UserRange::new(theirs.start, mine.end)
+        } else {
+            return Err(MetaError::InvalidRanges {
+                reason: format!("groups {group} ({mine}) and {source} ({theirs}) are not neighbours"),
+            });
+        };
+        g.range = joined.ok();
+        self.groups.remove(&source);
         Ok(true)
     }
 
@@ -510,6 +641,84 @@ impl ClusterMap {
         g.voters = voters.clone();
         g.learners = learners;
         Ok(true)
+    }
+}
+
+/// The first byte of a versioned map encoding: never the first byte of the first layout's (a
+/// varint length, which never starts with 255).
+const VERSIONED: u8 = 0xff;
+
+/// The map layout this version writes (2: splits).
+const LAYOUT: u8 = 2;
+
+impl ClusterMap {
+    /// The map as bytes (snapshots, the node's saved copy): [`VERSIONED`], the layout, then
+    /// the encoding.
+    pub fn encode_versioned(&self) -> Result<Vec<u8>, nearby_index::error::CodecError> {
+        let mut out = vec![VERSIONED, LAYOUT];
+        nearby_index::codec::encode_into(self, &mut out)?;
+        Ok(out)
+    }
+
+    /// A map of this layout or of the first one (before splits), which is converted.
+    pub fn decode_versioned(bytes: &[u8]) -> Result<Self, nearby_index::error::CodecError> {
+        match bytes {
+            [VERSIONED, LAYOUT, rest @ ..] => nearby_index::codec::decode(rest),
+            [VERSIONED, other, ..] => Err(nearby_index::error::CodecError::Decode {
+                total: bytes.len(),
+                reason: format!("map layout {other} is newer than this version knows ({LAYOUT})"),
+            }),
+            _ => nearby_index::codec::decode::<legacy::ClusterMapV1>(bytes).map(ClusterMap::from),
+        }
+    }
+}
+
+/// The map's first layout.
+mod legacy {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub(super) struct GroupEntryV1 {
+        range: Option<UserRange>,
+        voters: BTreeSet<NodeId>,
+        learners: BTreeSet<NodeId>,
+        leader: Option<NodeId>,
+        term: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct ClusterMapV1 {
+        cluster: String,
+        epoch: u64,
+        nodes: BTreeMap<NodeId, NodeEntry>,
+        groups: BTreeMap<GroupId, GroupEntryV1>,
+    }
+
+    impl From<ClusterMapV1> for ClusterMap {
+        fn from(v1: ClusterMapV1) -> ClusterMap {
+            let groups = v1
+                .groups
+                .into_iter()
+                .map(|(id, g)| {
+                    let entry = GroupEntry {
+                        range: g.range,
+                        voters: g.voters,
+                        learners: g.learners,
+                        leader: g.leader,
+                        term: g.term,
+                        born_of: None,
+                        seq_base: 0,
+                    };
+                    (id, entry)
+                })
+                .collect();
+            ClusterMap {
+                cluster: v1.cluster,
+                epoch: v1.epoch,
+                nodes: v1.nodes,
+                groups,
+            }
+        }
     }
 }
 
@@ -718,5 +927,109 @@ mod tests {
             assert!(matches!(m.apply(&cmd), MetaResult::Rejected(_)), "{cmd}");
         }
         assert_eq!(m, before);
+    }
+
+    #[test]
+    fn a_split_gives_the_upper_part_to_a_new_group_on_the_same_voters() {
+        let mut m = bootstrapped();
+        let split = MetaCommand::Split {
+            group: 1,
+            at: 1 << 20,
+            new_group: 3,
+            leader: 1,
+            term: 2,
+            seq_base: 40,
+        };
+        assert!(matches!(m.apply(&split), MetaResult::Changed { .. }));
+        assert_eq!(m.groups[&1].range, UserRange::new(1, 1 << 20).ok());
+        let new = &m.groups[&3];
+        assert_eq!(new.range, UserRange::new(1 << 20, 1 << 40).ok());
+        assert_eq!(
+            (new.voters.clone(), new.leader, new.born_of, new.seq_base),
+            (m.groups[&1].voters.clone(), Some(1), Some(1), 40)
+        );
+        assert_eq!(m.group_of(1 << 20), Some(3));
+        assert_eq!(m.group_of((1 << 20) - 1), Some(1));
+        assert_eq!(m.range_table().locate(1 << 30), Some(&3));
+        // A retried proposal changes nothing; a point outside the range is refused.
+        assert_eq!(m.apply(&split), MetaResult::Unchanged);
+        let outside = MetaCommand::Split {
+            group: 1,
+            at: 1 << 41,
+            new_group: 4,
+            leader: 1,
+            term: 2,
+            seq_base: 40,
+        };
+        assert!(matches!(
+            m.apply(&outside),
+            MetaResult::Rejected(MetaError::InvalidRanges { .. })
+        ));
+        assert!(matches!(
+            m.apply(&MetaCommand::SplitDone { group: 3 }),
+            MetaResult::Changed { .. }
+        ));
+        assert_eq!(m.groups[&3].born_of, None);
+        // Merged back: group 1 owns both ranges again and group 3 leaves the map.
+        assert!(matches!(
+            m.apply(&MetaCommand::Merge { group: 1, source: 3 }),
+            MetaResult::Changed { .. }
+        ));
+        assert_eq!(m.groups[&1].range, UserRange::new(1, 1 << 40).ok());
+        assert!(!m.groups.contains_key(&3));
+        assert_eq!(
+            m.apply(&MetaCommand::Merge { group: 1, source: 3 }),
+            MetaResult::Unchanged
+        );
+        assert!(matches!(
+            m.apply(&MetaCommand::Merge {
+                group: 1,
+                source: META_GROUP
+            }),
+            MetaResult::Rejected(_)
+        ));
+        // The map round-trips, and a map of the first layout still reads.
+        assert_eq!(
+            ClusterMap::decode_versioned(&m.encode_versioned().expect("encode")).expect("decode"),
+            m
+        );
+        let mut old = bootstrapped();
+        old.groups.values_mut().for_each(|g| g.term = 5);
+        #[derive(Serialize)]
+        struct EntryV1 {
+            range: Option<UserRange>,
+            voters: BTreeSet<NodeId>,
+            learners: BTreeSet<NodeId>,
+            leader: Option<NodeId>,
+            term: u64,
+        }
+        #[derive(Serialize)]
+        struct MapV1 {
+            cluster: String,
+            epoch: u64,
+            nodes: BTreeMap<NodeId, NodeEntry>,
+            groups: BTreeMap<GroupId, EntryV1>,
+        }
+        let v1 = MapV1 {
+            cluster: old.cluster.clone(),
+            epoch: old.epoch,
+            nodes: old.nodes.clone(),
+            groups: old
+                .groups
+                .iter()
+                .map(|(id, g)| {
+                    let e = EntryV1 {
+                        range: g.range,
+                        voters: g.voters.clone(),
+                        learners: g.learners.clone(),
+                        leader: g.leader,
+                        term: g.term,
+                    };
+                    (*id, e)
+                })
+                .collect(),
+        };
+        let bytes = nearby_index::codec::encode(&v1).expect("encode");
+        assert_eq!(ClusterMap::decode_versioned(&bytes).expect("first layout"), old);
     }
 }

@@ -1,5 +1,6 @@
-//! The admin API: one HTTP listener per node (axum) serving JSON for tools (`nodectl`) and
-//! Prometheus text for scrapers, behind a bearer token.
+//! The admin API: one HTTP listener per node (axum) serving JSON for tools (`nodectl`),
+//! Prometheus text for scrapers and the console for people ([`console`]: a live page of the
+//! cluster), behind a bearer token.
 //!
 //! Any node answers for the whole cluster: the map says where everything is, and each node's
 //! own figures are asked from it ([`crate::cluster::Cluster::cluster_stats`]). Changes
@@ -13,16 +14,21 @@
 //!
 //! Every route needs `Authorization: Bearer <token>`, the token from the node's
 //! `[admin] token_file` (`nearby-node admin-token` makes one; `nearby-node dev` writes it to
-//! `NEARBY_HOME/admin-token`), compared in constant time. The listener speaks plain HTTP: bind
-//! it to loopback or a private network, never to the internet.
+//! `NEARBY_HOME/admin-token`), compared in constant time — except the console's login and
+//! logout, and except reads (`GET`) by a browser logged in to the console, which carry its
+//! session cookie instead (see [`console`] for why a cookie never authorises a change). Without
+//! either, the console's page redirects to its login form; every other route answers 401 JSON.
+//! The listener speaks plain HTTP: bind it to loopback or a private network, never to the
+//! internet.
 
+pub mod console;
 mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
@@ -69,6 +75,7 @@ pub struct AdminState {
     /// The client service's counters.
     pub metrics: Arc<ServiceMetrics>,
     token: Arc<str>,
+    console: Arc<console::Console>,
 }
 
 /// A bound admin listener, not serving yet (the node puts its address in the map first).
@@ -107,12 +114,21 @@ impl AdminListener {
         metrics: Arc<ServiceMetrics>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
+        let port = self.listener.local_addr().map_or(0, |a| a.port());
+        let (stop, stopping) = tokio::sync::watch::channel(false);
         let state = AdminState {
             cluster,
             metrics,
             token: self.token,
+            console: Arc::new(console::Console::new(port, stopping)),
         };
         let app = router(state);
+        // The console's streams end when `stop` is sent: the graceful shutdown waits for every
+        // connection, and a stream would never end on its own.
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        };
         if let Err(e) = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -139,10 +155,47 @@ pub enum Op {
     Undrain,
     /// Take an empty node out of the cluster.
     RemoveNode,
+    /// Move a group's replica between nodes.
+    MoveReplica,
+    /// Split a group's range.
+    Split,
+    /// Merge two neighbouring groups.
+    Merge,
+    /// Even out the leaders' load.
+    Rebalance,
+    /// Operations in flight.
+    Operations,
     /// Prometheus text.
     Metrics,
     /// This API's OpenAPI document.
     OpenApi,
+    /// The console's page.
+    Console,
+    /// The console's login form.
+    LoginForm,
+    /// Logging in to the console.
+    Login,
+    /// Logging out of the console.
+    Logout,
+    /// The console's live feed.
+    Events,
+}
+
+impl Op {
+    /// Whether the route is served without any credentials (the console's login and logout).
+    pub fn is_public(self) -> bool {
+        matches!(self, Op::LoginForm | Op::Login | Op::Logout)
+    }
+
+    /// The media types of its successful answer.
+    pub fn content_types(self) -> &'static [&'static str] {
+        match self {
+            Op::Metrics => &["text/plain"],
+            Op::Console | Op::LoginForm | Op::Login | Op::Logout => &["text/html"],
+            Op::Events => &["text/event-stream", "application/json"],
+            _ => &["application/json"],
+        }
+    }
 }
 
 /// One route of the API.
@@ -243,6 +296,79 @@ pub const ROUTES: &[RouteDoc] = &[
         query: &[DRY_RUN],
     },
     RouteDoc {
+        method: "POST",
+        path: "/api/v1/groups/{id}/move",
+        summary: "Starts moving the group's replica from node `from` to node `to` (leadership handed over first if `from` leads; a learner on `to` catches up and votes; `from`'s replica removed). Answers with the operation's id.",
+        op: Op::MoveReplica,
+        query: &[
+            Param {
+                name: "from",
+                kind: "integer",
+                required: true,
+            },
+            Param {
+                name: "to",
+                kind: "integer",
+                required: true,
+            },
+            DRY_RUN,
+        ],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/api/v1/groups/{id}/split",
+        summary: "Starts splitting the group's range at `at` (default: the median of its users) into itself and a new group on the same nodes; finishes a split left half done. Answers with the operation's id.",
+        op: Op::Split,
+        query: &[
+            Param {
+                name: "at",
+                kind: "integer",
+                required: false,
+            },
+            DRY_RUN,
+        ],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/api/v1/groups/{id}/merge",
+        summary: "Starts merging the group `with` (the range right after this group's) into this group: its replicas moved onto this group's nodes first, then frozen, its records absorbed, and it leaves the map; finishes a merge left half done. Answers with the operation's id.",
+        op: Op::Merge,
+        query: &[
+            Param {
+                name: "with",
+                kind: "integer",
+                required: true,
+            },
+            DRY_RUN,
+        ],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/api/v1/rebalance",
+        summary: "Plans moves that even out replicas, leaders and the leaders' load (users online), and carries them out as an operation: at most `max_concurrent` at once (default 2), at most `per_minute` a minute touching any one node (default 30). `dry_run` shows the plan.",
+        op: Op::Rebalance,
+        query: &[
+            Param {
+                name: "max_concurrent",
+                kind: "integer",
+                required: false,
+            },
+            Param {
+                name: "per_minute",
+                kind: "integer",
+                required: false,
+            },
+            DRY_RUN,
+        ],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/api/v1/operations",
+        summary: "Operations in flight on every node (running first), with their progress, and the last ones finished; `silent` lists nodes that did not answer.",
+        op: Op::Operations,
+        query: &[],
+    },
+    RouteDoc {
         method: "GET",
         path: "/metrics",
         summary: "Prometheus text format (0.0.4): this node's metrics.",
@@ -256,6 +382,41 @@ pub const ROUTES: &[RouteDoc] = &[
         op: Op::OpenApi,
         query: &[],
     },
+    RouteDoc {
+        method: "GET",
+        path: console::PAGE_PATH,
+        summary: "The console: a live page of the cluster for people (nodes and their load, ranges and leaders, activity, operations). Without a session, a redirect to the login form.",
+        op: Op::Console,
+        query: &[],
+    },
+    RouteDoc {
+        method: "GET",
+        path: console::LOGIN_PATH,
+        summary: "The console's login form (needs no credentials).",
+        op: Op::LoginForm,
+        query: &[],
+    },
+    RouteDoc {
+        method: "POST",
+        path: console::LOGIN_PATH,
+        summary: "Logs in to the console: the form field `token` (the admin token) sets a session cookie (HttpOnly, SameSite=Strict, 12 h) and redirects to the console; a wrong token gets the form again (401). The cookie authorises reads only.",
+        op: Op::Login,
+        query: &[],
+    },
+    RouteDoc {
+        method: "POST",
+        path: "/console/logout",
+        summary: "Ends the console session and clears its cookie.",
+        op: Op::Logout,
+        query: &[],
+    },
+    RouteDoc {
+        method: "GET",
+        path: "/api/v1/events",
+        summary: "The console's live feed: with `Accept: text/event-stream`, a `snapshot` event every second (nodes with CPU, memory, sessions, updates/s and pushes/s; groups with range, leader and replicas; the map's epoch; operations in flight; users with a live location by coarse H3 cell, counts only). Otherwise one snapshot as JSON, without rates.",
+        op: Op::Events,
+        query: &[],
+    },
 ];
 
 fn handler(op: Op) -> MethodRouter<AdminState> {
@@ -267,19 +428,35 @@ fn handler(op: Op) -> MethodRouter<AdminState> {
         Op::Drain => post(drain),
         Op::Undrain => post(undrain),
         Op::RemoveNode => post(remove_node),
+        Op::MoveReplica => post(move_replica),
+        Op::Split => post(split),
+        Op::Merge => post(merge),
+        Op::Rebalance => post(rebalance),
+        Op::Operations => get(operations),
         Op::Metrics => get(metrics),
         Op::OpenApi => get(openapi),
+        Op::Console => get(console::page),
+        Op::LoginForm => get(console::login_form),
+        Op::Login => post(console::login),
+        Op::Logout => post(console::logout),
+        Op::Events => get(console::events),
     }
 }
 
-/// The API's router: [`ROUTES`], behind the token check.
+/// The API's router: [`ROUTES`], behind the token check (but for the public ones).
 pub fn router(state: AdminState) -> Router {
-    let mut r = Router::new();
+    let (mut private, mut public) = (Router::new(), Router::new());
     for route in ROUTES {
-        r = r.route(route.path, handler(route.op));
+        if route.op.is_public() {
+            public = public.route(route.path, handler(route.op));
+        } else {
+            private = private.route(route.path, handler(route.op));
+        }
     }
-    r.fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route: see /openapi.json") })
+    private
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route: see /openapi.json") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .merge(public)
         .with_state(state)
 }
 
@@ -319,6 +496,13 @@ async fn authenticate(State(state): State<AdminState>, request: Request, next: N
     match presented {
         Some(t) if same(t.trim().as_bytes(), state.token.as_bytes()) => next.run(request).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response(),
+        // A console session: reads only (see `console` for why).
+        None if matches!(*request.method(), Method::GET | Method::HEAD)
+            && state.console.has_session(request.headers()) =>
+        {
+            next.run(request).await
+        }
+        None if request.uri().path() == console::PAGE_PATH => console::to_login(),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "the admin API needs `Authorization: Bearer <admin token>`",
@@ -343,6 +527,11 @@ async fn groups(State(s): State<AdminState>) -> Json<GroupsView> {
 #[derive(Debug, Deserialize)]
 struct ChangeQuery {
     to: Option<u64>,
+    from: Option<u64>,
+    at: Option<u64>,
+    with: Option<u64>,
+    max_concurrent: Option<u32>,
+    per_minute: Option<u32>,
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
@@ -356,7 +545,12 @@ async fn change(
     dry_run: bool,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     match s.cluster.operate_anywhere(&step, dry_run).await {
-        Ok(what) => Ok(Json(serde_json::json!({ "done": !dry_run, "what": what }))),
+        // A long step answers once started: `operation` names it (`GET /api/v1/operations`).
+        Ok(o) => Ok(Json(serde_json::json!({
+            "done": !dry_run && o.operation.is_none(),
+            "what": o.what,
+            "operation": o.operation,
+        }))),
         Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
     }
 }
@@ -395,10 +589,63 @@ async fn transfer_leader(
     change(&s, OperatorStep::TransferLeader { group, to }, q.dry_run).await
 }
 
+async fn move_replica(
+    State(s): State<AdminState>,
+    Path(group): Path<u64>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (Some(from), Some(to)) = (q.from, q.to) else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "`from` and `to` (node ids) are required",
+        ));
+    };
+    change(&s, OperatorStep::Move { group, from, to }, q.dry_run).await
+}
+
+async fn split(
+    State(s): State<AdminState>,
+    Path(group): Path<u64>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    change(&s, OperatorStep::Split { group, at: q.at }, q.dry_run).await
+}
+
+async fn merge(
+    State(s): State<AdminState>,
+    Path(left): Path<u64>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let right = q.with.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "`with` (the group to absorb) is required",
+        )
+    })?;
+    change(&s, OperatorStep::Merge { left, right }, q.dry_run).await
+}
+
+async fn rebalance(
+    State(s): State<AdminState>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let step = OperatorStep::Rebalance {
+        max_concurrent: q.max_concurrent.unwrap_or(2),
+        per_minute: q.per_minute.unwrap_or(30),
+    };
+    change(&s, step, q.dry_run).await
+}
+
+async fn operations(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let (operations, silent) = s.cluster.cluster_operations().await;
+    Json(serde_json::json!({ "operations": operations, "silent": silent }))
+}
+
 async fn metrics(State(s): State<AdminState>) -> Response {
     let mut out = String::new();
     s.metrics.render(&mut out);
-    views::render_node_metrics(&s.cluster, &mut out);
+    let stats = s.cluster.stats().await;
+    views::render_node_metrics(&s.cluster, &stats, &mut out);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         out,
@@ -425,20 +672,42 @@ pub fn openapi_document() -> serde_json::Value {
                 "name": q.name, "in": "query", "required": q.required, "schema": { "type": q.kind }
             }));
         }
-        let content = if r.op == Op::Metrics {
-            "text/plain"
+        let content: serde_json::Map<String, serde_json::Value> =
+            r.op.content_types()
+                .iter()
+                .map(|t| (t.to_string(), serde_json::json!({})))
+                .collect();
+        let mut op = if r.op.is_public() {
+            serde_json::json!({
+                "summary": r.summary,
+                "parameters": parameters,
+                "security": [],
+                "responses": {
+                    "200": { "description": "OK", "content": content },
+                }
+            })
         } else {
-            "application/json"
+            serde_json::json!({
+                "summary": r.summary,
+                "parameters": parameters,
+                "security": [{ "bearer": [] }],
+                "responses": {
+                    "200": { "description": "OK", "content": content },
+                    "401": { "description": "No or wrong admin token" },
+                }
+            })
         };
-        let op = serde_json::json!({
-            "summary": r.summary,
-            "parameters": parameters,
-            "security": [{ "bearer": [] }],
-            "responses": {
-                "200": { "description": "OK", "content": { content: {} } },
-                "401": { "description": "No or wrong admin token" },
-            }
-        });
+        let redirect = match r.op {
+            Op::Console => Some("No console session (and no token): to the login form"),
+            Op::Login => Some("Logged in: the session cookie is set; to the console"),
+            _ => None,
+        };
+        if let Some(why) = redirect {
+            op["responses"]["303"] = serde_json::json!({ "description": why });
+        }
+        if r.op == Op::Login {
+            op["responses"]["401"] = serde_json::json!({ "description": "Wrong token: the form again" });
+        }
         let entry = paths
             .entry(r.path.to_string())
             .or_insert_with(|| serde_json::json!({}));

@@ -116,9 +116,14 @@ pub struct GroupView {
     pub users: Option<u64>,
     /// Whether the leader hibernates, if it answered.
     pub asleep: Option<bool>,
+    /// Users online (a session on the leader), if the leader answered.
+    pub online: Option<u64>,
+    /// Location updates the leader accepted since it started leading, if it answered.
+    pub updates_total: Option<u64>,
 }
 
-fn node_views(c: &Cluster, stats: &[(NodeId, Result<NodeStats, String>)]) -> Vec<NodeView> {
+/// Every node of the map, with the figures of those that answered.
+pub(super) fn node_views(c: &Cluster, stats: &[(NodeId, Result<NodeStats, String>)]) -> Vec<NodeView> {
     let view = c.directory().view();
     let map = &view.map;
     let by_node: BTreeMap<NodeId, &Result<NodeStats, String>> = stats.iter().map(|(n, s)| (*n, s)).collect();
@@ -193,9 +198,16 @@ pub(super) async fn nodes(c: &Cluster) -> NodesView {
 /// Every shard group, with its leader's figures.
 pub(super) async fn groups(c: &Cluster) -> GroupsView {
     let stats = c.cluster_stats().await;
+    GroupsView {
+        epoch: c.directory().epoch(),
+        groups: group_views(c, &stats),
+    }
+}
+
+/// Every shard group of the map, by id, with the figures of its leader if it answered.
+pub(super) fn group_views(c: &Cluster, stats: &[(NodeId, Result<NodeStats, String>)]) -> Vec<GroupView> {
     let view = c.directory().view();
-    let groups = view
-        .map
+    view.map
         .groups
         .iter()
         .filter(|(g, _)| **g != META_GROUP)
@@ -219,22 +231,19 @@ pub(super) async fn groups(c: &Cluster) -> GroupsView {
                 last_log: led.map(|r| r.last_log),
                 users: led.map(|r| r.users),
                 asleep: led.map(|r| r.asleep),
+                online: led.map(|r| r.online),
+                updates_total: led.map(|r| r.updates_total),
             }
         })
-        .collect();
-    GroupsView {
-        epoch: view.map.epoch,
-        groups,
-    }
+        .collect()
 }
 
 /// One figure of a replica, for a metric family.
 type ReplicaFigure = fn(&crate::route::peer::ReplicaStats) -> f64;
 
-/// Appends this node's cluster metrics: the map's epoch, and per replica it holds its role,
-/// term, indexes and users; its process's CPU and memory.
-pub(super) fn render_node_metrics(c: &Cluster, out: &mut String) {
-    let s = c.stats();
+/// Appends this node's cluster metrics (`s` is its [`Cluster::stats`]): the map's epoch, and
+/// per replica it holds its role, term, indexes and users; its process's CPU and memory.
+pub(super) fn render_node_metrics(c: &Cluster, s: &NodeStats, out: &mut String) {
     gauge(
         out,
         "nearby_map_epoch",

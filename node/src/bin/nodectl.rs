@@ -86,6 +86,73 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Move a group's replica from one node to another (leadership handed over first if the
+    /// source leads; a learner on the target catches up and votes; the source's is removed).
+    Move {
+        /// The group.
+        group: u64,
+        /// The node holding the replica.
+        #[arg(long)]
+        from: u64,
+        /// The node to hold it.
+        #[arg(long)]
+        to: u64,
+        /// Only check; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start it and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Split a group's range in two (at the median of its users by default): the upper part
+    /// becomes a new group on the same nodes, made from the group's own replicas (nothing is
+    /// copied over the network); a split left half done is finished.
+    Split {
+        /// The group.
+        group: u64,
+        /// The first user id of the new group.
+        #[arg(long)]
+        at: Option<u64>,
+        /// Only check; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start it and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Merge two neighbouring groups (the second's range starts where the first's ends): the
+    /// second's replicas moved onto the first's nodes, then its records absorbed by the first;
+    /// a merge left half done is finished.
+    Merge {
+        /// The group that stays (the lower range).
+        left: u64,
+        /// The group absorbed (the range right after it).
+        right: u64,
+        /// Only check; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start it and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Even out replicas, leaders and the load the leaders carry (users online): shows the
+    /// plan, then carries it out within the limits, with progress.
+    Rebalance {
+        /// Moves at once.
+        #[arg(long, default_value_t = 2)]
+        max_concurrent: u32,
+        /// Moves a minute touching any one node (its clients are redirected at this pace).
+        #[arg(long, default_value_t = 30)]
+        rate: u32,
+        /// Only show the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Start it and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Operations in flight (and the last ones finished) on every node.
+    Operations,
     /// Take a drained node out of the cluster (then stop its process).
     Remove {
         /// The node.
@@ -307,6 +374,70 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 &format!("/api/v1/nodes/{node}/undrain?dry_run={dry_run}"),
             );
         }
+        Cmd::Move {
+            group,
+            from,
+            to,
+            dry_run,
+            no_wait,
+        } => {
+            let path = format!("/api/v1/groups/{group}/move?from={from}&to={to}&dry_run={dry_run}");
+            return operation(&admin, cli.json, &path, *no_wait);
+        }
+        Cmd::Split {
+            group,
+            at,
+            dry_run,
+            no_wait,
+        } => {
+            let at = at.map_or(String::new(), |a| format!("&at={a}"));
+            let path = format!("/api/v1/groups/{group}/split?dry_run={dry_run}{at}");
+            return operation(&admin, cli.json, &path, *no_wait);
+        }
+        Cmd::Merge {
+            left,
+            right,
+            dry_run,
+            no_wait,
+        } => {
+            let path = format!("/api/v1/groups/{left}/merge?with={right}&dry_run={dry_run}");
+            return operation(&admin, cli.json, &path, *no_wait);
+        }
+        Cmd::Rebalance {
+            max_concurrent,
+            rate,
+            dry_run,
+            no_wait,
+        } => {
+            let path = format!(
+                "/api/v1/rebalance?max_concurrent={max_concurrent}&per_minute={rate}&dry_run={dry_run}"
+            );
+            return operation(&admin, cli.json, &path, *no_wait);
+        }
+        Cmd::Operations => {
+            let (ops, raw): (serde_json::Value, String) = admin.get("/api/v1/operations")?;
+            if cli.json {
+                println!("{raw}");
+            } else {
+                println!(
+                    "{:<8}  {:<9}  {:<8}  {:>7}  {:>8}  what",
+                    "id", "kind", "state", "steps", "secs"
+                );
+                for o in ops["operations"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<8}  {:<9}  {:<8}  {:>3}/{:<3}  {:>8.1}  {}{}",
+                        o["id"].as_str().unwrap_or("?"),
+                        o["kind"].as_str().unwrap_or("?"),
+                        state_word(&o["state"]),
+                        o["done_steps"],
+                        o["total_steps"],
+                        o["elapsed_s"].as_f64().unwrap_or(0.0),
+                        o["what"].as_str().unwrap_or(""),
+                        failure(&o["state"]).map_or(String::new(), |w| format!(" — failed: {w}")),
+                    );
+                }
+            }
+        }
         Cmd::Remove { node, dry_run } => {
             return change(
                 &admin,
@@ -333,6 +464,89 @@ fn change(admin: &Admin, json: bool, path: &str) -> anyhow::Result<ExitCode> {
         println!("{}", v["what"].as_str().unwrap_or("done"));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `running`, `done` or `failed`.
+fn state_word(state: &serde_json::Value) -> &str {
+    state.as_str().unwrap_or(if state.get("failed").is_some() {
+        "failed"
+    } else {
+        "?"
+    })
+}
+
+/// Why an operation failed, if it did.
+fn failure(state: &serde_json::Value) -> Option<&str> {
+    state.get("failed").and_then(|w| w.as_str())
+}
+
+/// Starts a long change and, unless `no_wait` (or a dry run: no operation), follows its
+/// operation to the end with a progress bar; exit 2 if refused, 4 if it failed.
+fn operation(admin: &Admin, json: bool, path: &str, no_wait: bool) -> anyhow::Result<ExitCode> {
+    let a = admin.call("POST", path)?;
+    if json {
+        println!("{}", a.body.trim());
+    }
+    if a.status != 200 {
+        eprintln!("nodectl: the node refused: {}", error_message(&a.body));
+        return Ok(ExitCode::from(2));
+    }
+    let v: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
+    if !json {
+        println!("{}", v["what"].as_str().unwrap_or("done"));
+    }
+    let Some(id) = v["operation"].as_str().filter(|_| !no_wait) else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let mut last = None;
+    loop {
+        let (ops, _): (serde_json::Value, String) = admin.get("/api/v1/operations")?;
+        let Some(o) = ops["operations"]
+            .as_array()
+            .and_then(|l| l.iter().find(|o| o["id"].as_str() == Some(id)))
+        else {
+            bail!("operation {id} is no longer listed (its node restarted?)");
+        };
+        let (done, total) = (
+            o["done_steps"].as_u64().unwrap_or(0),
+            o["total_steps"].as_u64().unwrap_or(1),
+        );
+        let now = (done, o["current"].as_str().unwrap_or("").to_string());
+        if last.as_ref() != Some(&now) {
+            if json {
+                println!("{o}");
+            } else {
+                let width = 30;
+                let filled = (done * width / total.max(1)).min(width) as usize;
+                eprintln!(
+                    "[{}{}] {done}/{total} {}",
+                    "#".repeat(filled),
+                    ".".repeat(width as usize - filled),
+                    now.1
+                );
+            }
+            last = Some(now);
+        }
+        match state_word(&o["state"]) {
+            "done" => {
+                if !json {
+                    println!(
+                        "operation {id} done in {:.1} s",
+                        o["elapsed_s"].as_f64().unwrap_or(0.0)
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            "failed" => {
+                eprintln!(
+                    "nodectl: operation {id} failed: {}",
+                    failure(&o["state"]).unwrap_or("?")
+                );
+                return Ok(ExitCode::from(4));
+            }
+            _ => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
 }
 
 /// Follows a drain until the node holds nothing, printing progress (a bar on stderr; with

@@ -101,7 +101,7 @@ impl Identity {
     pub fn map(&self) -> Result<Option<ClusterMap>, IdentityError> {
         let path = self.dir.join("map");
         match fs::read(&path) {
-            Ok(bytes) => nearby_index::codec::decode(&bytes)
+            Ok(bytes) => ClusterMap::decode_versioned(&bytes)
                 .map(Some)
                 .map_err(|e| IdentityError::Damaged {
                     path,
@@ -115,7 +115,7 @@ impl Identity {
     /// Saves `map` as the last one seen.
     pub fn save_map(&self, map: &ClusterMap) -> Result<(), IdentityError> {
         let path = self.dir.join("map");
-        let bytes = nearby_index::codec::encode(map).map_err(|e| IdentityError::Damaged {
+        let bytes = map.encode_versioned().map_err(|e| IdentityError::Damaged {
             path: path.clone(),
             reason: e.to_string(),
         })?;

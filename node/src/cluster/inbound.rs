@@ -45,6 +45,9 @@ impl PeerHandler for Inbound {
 }
 
 /// `Stale` with this node's map if `epoch` is older than it.
+/// How long a compaction asked by a peer may take.
+const COMPACT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn stale(c: &Cluster, epoch: u64) -> Option<PeerResponse> {
     let view = c.directory().view();
     (epoch < view.map.epoch).then(|| PeerResponse::Stale(Box::new(view.map.clone())))
@@ -249,15 +252,23 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             };
             done.unwrap_or_else(|e| PeerResponse::Failed(e.to_string()))
         }
-        PeerRequest::Stats => PeerResponse::Stats(Box::new(c.stats())),
+        PeerRequest::Stats => PeerResponse::Stats(Box::new(c.stats().await)),
         PeerRequest::Operate { step, dry_run } => {
             if !c.router().leads(META_GROUP) {
                 return not_leader(c, META_GROUP);
             }
             match c.operate(&step, dry_run).await {
-                Ok(what) => PeerResponse::Operated(what),
+                Ok(done) => PeerResponse::Operated(done),
                 Err(why) => PeerResponse::Failed(why),
             }
         }
+        PeerRequest::Operations => PeerResponse::Operations(c.operations().list()),
+        PeerRequest::Compact { group } => match c.host().shard(group) {
+            Some(g) if c.router().leads(group) => match g.compact(COMPACT_TIMEOUT).await {
+                Ok(_) => PeerResponse::Done,
+                Err(e) => PeerResponse::Failed(e.to_string()),
+            },
+            _ => not_leader(c, group),
+        },
     }
 }

@@ -24,12 +24,17 @@
 //! - [`identity`]: what the data directory remembers of the cluster.
 //! - [`inbound`]: answers peers' requests.
 //! - [`operate`]: what operators ask of the cluster (the admin API's figures and steps).
+//! - [`ops`]: the long operator steps in flight, and the groups they hold.
 //! - [`placement`]: the placement rules, as a pure planner.
+//! - [`rebalance`]: evening out the leaders' load (`nodectl rebalance`), as a pure planner and a
+//!   pace.
 
 pub mod identity;
 pub mod inbound;
 pub mod operate;
+pub mod ops;
 pub mod placement;
+pub mod rebalance;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -77,6 +82,9 @@ const HIBERNATE_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Placement steps (for distinct groups) carried out at once.
 const PLACEMENT_ROUND: usize = 32;
+
+/// How often replicas are checked for a split their log applied (see `follow_splits`).
+const SPLIT_CHECK: Duration = Duration::from_millis(250);
 
 /// How long a new replica may take to catch up before its step fails.
 const CATCH_UP: Duration = Duration::from_secs(60);
@@ -147,6 +155,9 @@ pub struct Cluster {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     fatal: tokio::sync::watch::Sender<Option<String>>,
     started: Instant,
+    ops: ops::Operations,
+    /// The client service's counters.
+    metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
 /// What [`Cluster::start`] needs.
@@ -167,6 +178,8 @@ pub struct ClusterOptions {
     pub service: crate::api::ServiceConfig,
     /// The node's location history.
     pub history: Arc<crate::history::History>,
+    /// The client service's counters (reported in [`Cluster::stats`]).
+    pub metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
 impl Cluster {
@@ -246,6 +259,8 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
             fatal: tokio::sync::watch::channel(None).0,
             started: Instant::now(),
+            ops: ops::Operations::new(me),
+            metrics: opts.metrics,
         });
         cluster
             .host
@@ -391,7 +406,9 @@ impl Cluster {
                 continue;
             };
             if let Some(entry) = view.map.groups.get(&group) {
-                if entry.range != Some(range) {
+                // A split moves where a range ends (the map may be a step ahead of or behind
+                // the group's own log), never where it starts.
+                if entry.range.map(|r| r.start) != Some(range.start) {
                     return Err(ClusterError::Mismatch {
                         group,
                         reason: format!(
@@ -411,6 +428,100 @@ impl Cluster {
         tasks.push(tokio::spawn(Arc::clone(self).manage_replicas()));
         tasks.push(tokio::spawn(Arc::clone(self).keep_alive()));
         tasks.push(tokio::spawn(Arc::clone(self).place()));
+        tasks.push(tokio::spawn(Arc::clone(self).follow_splits()));
+    }
+
+    /// Carries out what splits ask of this node (see `docs/architecture.md`, "Splitting a
+    /// range"): a replica whose group's log has split makes its replica of the new group from
+    /// the seed (before anything else can open it) and records its own new range in its
+    /// manifest; a group led here whose range shrank in the map moves the sessions of the
+    /// users it handed over to the new group's leader. Checked on every new map and every
+    /// [`SPLIT_CHECK`] (a split entry applies on its own schedule on each replica).
+    async fn follow_splits(self: Arc<Self>) {
+        let mut watch = self.directory.watch();
+        let mut noted: HashMap<GroupId, UserRange> = HashMap::new();
+        let mut served: HashMap<GroupId, UserRange> = HashMap::new();
+        loop {
+            let view = watch.borrow_and_update().clone();
+            for g in self.host.shards() {
+                let range = g.range();
+                if noted.get(&g.id()) != Some(&range) {
+                    match self.host.note_range(g.id()) {
+                        Ok(()) => {
+                            noted.insert(g.id(), range);
+                        }
+                        Err(e) => {
+                            tracing::error!(group = g.id(), error = %e, "cannot record the group's range")
+                        }
+                    }
+                }
+                let Some(seed) = g.read(|s| s.split_seed().cloned()) else {
+                    continue;
+                };
+                let child = seed.new_group;
+                // Once the map says the split is done, a missing replica is an ordinary one
+                // (its leader sends a snapshot), opened from the map.
+                let settled = view.map.groups.get(&child).is_some_and(|e| e.born_of.is_none());
+                if self.host.shard(child).is_some() || settled {
+                    continue;
+                }
+                let members: Option<BTreeMap<NodeId, NodeInfo>> = seed
+                    .voters
+                    .iter()
+                    .map(|n| self.directory.node(*n).map(|info| (*n, info)))
+                    .collect();
+                let Some(members) = members else {
+                    tracing::warn!(group = child, "a voter of the new group is not in the map yet");
+                    continue;
+                };
+                // History first (its records of the handed-over users move to the new group's
+                // store here): a crash before the replica exists repeats it harmlessly.
+                let users: Vec<u64> = seed.users().map(|(u, _)| u).collect();
+                match self.driver_ctx.history.hand_over(g.id(), child, users).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(parent = g.id(), group = child, records = n, "history handed over")
+                    }
+                    Err(e) => {
+                        tracing::warn!(parent = g.id(), group = child, error = %e, "history not handed over")
+                    }
+                }
+                match self.host.open_split_child(&seed, members).await {
+                    Ok(_) => {
+                        tracing::info!(parent = g.id(), group = child, range = %seed.range, users = seed.len(), "replica of a new group made from its split seed");
+                        self.watch_leadership(child);
+                    }
+                    Err(e) => {
+                        tracing::error!(parent = g.id(), group = child, error = %e, "cannot make the new group's replica")
+                    }
+                }
+            }
+            // Sessions of users a group led here handed over move to the new owner's leader.
+            for (group, entry) in &view.map.groups {
+                let Some(range) = entry.range else { continue };
+                let led = self.drivers.get(*group).is_some();
+                let before = served.insert(*group, range);
+                if !led {
+                    continue;
+                }
+                let Some(before) = before.filter(|b| b.start == range.start && b.end > range.end) else {
+                    continue;
+                };
+                let Ok(gone) = UserRange::new(range.end, before.end) else {
+                    continue;
+                };
+                let to = view
+                    .map
+                    .group_of(range.end)
+                    .and_then(|g| self.directory.leader_client_addr(g));
+                let moved = self
+                    .driver_ctx
+                    .sessions
+                    .close_range(gone, &CloseReason::Moved { to: to.clone() });
+                tracing::info!(group, handed_over = %gone, sessions = moved, to = ?to, "range handed over; sessions told to move");
+            }
+            let _ = tokio::time::timeout(SPLIT_CHECK, watch.changed()).await;
+        }
     }
 
     /// Stops every task and driver (the store is stopped by its owner).
@@ -501,6 +612,10 @@ impl Cluster {
         loop {
             let view = watch.borrow_and_update().clone();
             for (group, entry) in view.map.groups_of(self.me) {
+                if entry.born_of.is_some() && self.host.shard(group).is_none() {
+                    // Made from its parent's split seed (`follow_splits`), never opened empty.
+                    continue;
+                }
                 let opened = if group == META_GROUP {
                     self.host.open_meta().await.map(drop)
                 } else {
@@ -531,11 +646,36 @@ impl Cluster {
                     .groups
                     .get(&g.id())
                     .is_some_and(|e| e.has_replica(self.me));
-                if placed || !view.map.is_bootstrapped() {
+                // A group a split made here, before the map shows it.
+                let unborn = !view.map.groups.contains_key(&g.id())
+                    && self
+                        .host
+                        .shards()
+                        .iter()
+                        .any(|p| p.read(|s| s.split_seed().is_some_and(|seed| seed.new_group == g.id())));
+                if placed || unborn || !view.map.is_bootstrapped() {
                     self.watch_leadership(g.id());
                 } else {
+                    if let Some(into) = g.read(|s| s.frozen()) {
+                        // Merged away: its users' history moves to the absorbing group's store.
+                        let users: Vec<u64> = g.read(|s| s.users().map(|(u, _)| u).collect());
+                        match self.driver_ctx.history.hand_over(g.id(), into, users).await {
+                            Ok(n) => tracing::info!(
+                                group = g.id(),
+                                into,
+                                records = n,
+                                "merged away; history handed over"
+                            ),
+                            Err(e) => {
+                                tracing::warn!(group = g.id(), into, error = %e, "history not handed over")
+                            }
+                        }
+                    }
                     tracing::info!(group = g.id(), "replica moved off this node; closing it");
-                    self.stop_driver(g.id(), self.directory.leader(g.id())).await;
+                    // Its sessions go to the leader of whatever group owns its users now (itself
+                    // elsewhere, or the group that absorbed it).
+                    let owner = view.map.group_of(g.range().start).unwrap_or(g.id());
+                    self.stop_driver(g.id(), self.directory.leader(owner)).await;
                     self.host.close_group(g.id()).await;
                     self.watched
                         .lock()
@@ -874,7 +1014,8 @@ impl Cluster {
                 continue;
             }
             let view = self.directory.view();
-            let round = placement::plan_round(&view.map, PLACEMENT_ROUND);
+            // Groups an operator's operation is changing are left to it.
+            let round = placement::plan_round(&view.map, PLACEMENT_ROUND, &self.ops.held());
             if round.is_empty() {
                 if !settled {
                     // Tools (`nearby-node dev`) wait for this line before saying "ready".

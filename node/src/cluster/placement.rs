@@ -27,7 +27,7 @@
 //! bound on a round keeps moves gradual while letting a fresh cluster of hundreds of groups
 //! place them in seconds rather than one after another.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use nearby_raft::meta::{MetaCommand, NodeState};
 use nearby_raft::{ClusterMap, GroupId, NodeId, META_GROUP};
@@ -63,6 +63,18 @@ pub enum Step {
         /// The node to lead it.
         to: NodeId,
     },
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Step::AddReplica { group, node } => write!(f, "add a replica of group {group} on node {node}"),
+            Step::RemoveReplica { group, node } => {
+                write!(f, "remove the replica of group {group} on node {node}")
+            }
+            Step::TransferLeader { group, to } => write!(f, "hand group {group}'s leadership to node {to}"),
+        }
+    }
 }
 
 impl Step {
@@ -115,7 +127,7 @@ impl Step {
 
 /// Up to `limit` steps for distinct groups, each planned on the map as the ones before it will
 /// leave it (see the module doc). Empty when the map is where the rules want it.
-pub fn plan_round(map: &ClusterMap, limit: usize) -> Vec<Step> {
+pub fn plan_round(map: &ClusterMap, limit: usize, held: &BTreeSet<GroupId>) -> Vec<Step> {
     let mut future = map.clone();
     let mut round: Vec<Step> = Vec::new();
     // A later step of a group already in the round is assumed (so planning moves past it) but
@@ -126,7 +138,8 @@ pub fn plan_round(map: &ClusterMap, limit: usize) -> Vec<Step> {
     // meta group's): nothing else of theirs goes first (a replacement replica added before the
     // handover would leave the group with four voters, and a new leader then needs a vote from a
     // follower still loyal to the old one).
-    let mut deferred: Vec<GroupId> = Vec::new();
+    // So are the groups an operator's operation holds (see [`crate::cluster::ops`]).
+    let mut deferred: Vec<GroupId> = held.iter().copied().collect();
     for _ in 0..limit.saturating_mul(4) {
         let Some(step) = plan(&future) else { break };
         let drain_transfer = matches!(step, Step::TransferLeader { group, .. }
@@ -390,7 +403,7 @@ mod tests {
     fn converge_in_rounds(m: &mut ClusterMap, limit: usize) -> usize {
         let mut rounds = 0;
         loop {
-            let round = plan_round(m, limit);
+            let round = plan_round(m, limit, &BTreeSet::new());
             if round.is_empty() {
                 return rounds;
             }
@@ -453,7 +466,7 @@ mod tests {
         // Rounds may move many replicas at once, but one leadership at a time.
         let mut rounds = 0;
         loop {
-            let round = plan_round(&m, 32);
+            let round = plan_round(&m, 32, &BTreeSet::new());
             if round.is_empty() {
                 break;
             }
@@ -494,7 +507,7 @@ mod tests {
             node: meta_leader,
             state: NodeState::Draining,
         });
-        let round = plan_round(&m, 32);
+        let round = plan_round(&m, 32, &BTreeSet::new());
         assert!(
             matches!(
                 round.as_slice(),

@@ -145,7 +145,9 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
         depth: Arc::clone(&depth),
         next_deadline: Arc::clone(&next_deadline),
         last_write: Arc::clone(&last_write),
+        activity: Arc::default(),
     };
+    let activity = Arc::clone(&handle.activity);
     let directory = Arc::clone(ctx.router.directory());
     let map = directory.watch();
     let view = map.borrow().clone();
@@ -183,6 +185,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
         awaiting_delivery: HashMap::new(),
         starting: Vec::new(),
         outbox: Arc::clone(&outbox),
+        activity,
     };
     let outbox_task = tokio::spawn(crate::group::outbox::run(group, Arc::clone(&ctx.router), outbox));
     let join = tokio::spawn(async move {
@@ -196,13 +199,16 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     }
 }
 
-/// Each group's leader and term, as the map says (including the groups this node leads: a
-/// group whose leadership moves here or away has a new leader too).
-fn leaders_of(view: &MapView) -> HashMap<GroupId, (Option<NodeId>, u64)> {
+/// Where each group is, as the map says: its leader, term and range (including the groups
+/// this node leads: a group whose leadership moves here or away has a new leader too, and one
+/// that split owns another range).
+type Placement = (Option<NodeId>, u64, Option<nearby_index::friends::UserRange>);
+
+fn leaders_of(view: &MapView) -> HashMap<GroupId, Placement> {
     view.map
         .groups
         .iter()
-        .map(|(id, g)| (*id, (g.leader, g.term)))
+        .map(|(id, g)| (*id, (g.leader, g.term, g.range)))
         .collect()
 }
 
@@ -218,7 +224,7 @@ struct Driver {
     next_deadline: Arc<AtomicU64>,
     applied: mpsc::UnboundedReceiver<AppliedEntry>,
     map: watch::Receiver<Arc<MapView>>,
-    leaders: HashMap<GroupId, (Option<NodeId>, u64)>,
+    leaders: HashMap<GroupId, Placement>,
     /// The last applied index this driver has reacted to.
     processed: u64,
     started: Instant,
@@ -232,6 +238,7 @@ struct Driver {
     awaiting_delivery: HashMap<GroupId, Vec<(u64, Waiter)>>,
     starting: Vec<Starting>,
     outbox: Arc<Notify>,
+    activity: Arc<crate::group::Activity>,
 }
 
 impl Driver {
@@ -483,12 +490,21 @@ impl Driver {
         let view = self.map.borrow_and_update().clone();
         self.presence.set_ranges(Arc::clone(&view.ranges));
         let leaders = leaders_of(&view);
+        // A group with a new leader, a new group (born of a split) and a group whose range
+        // changed know none of our viewers that are theirs now.
         let changed: Vec<GroupId> = leaders
             .iter()
-            .filter(|(g, l)| **g != self.id && self.leaders.get(g).is_some_and(|old| old != *l))
+            .filter(|(g, l)| **g != self.id && self.leaders.get(g) != Some(*l))
             .map(|(g, _)| *g)
             .collect();
+        let mine_moved = leaders.get(&self.id).map(|l| l.2) != self.leaders.get(&self.id).map(|l| l.2);
         self.leaders = leaders;
+        if mine_moved {
+            // This group split: what it handed over is served by the new group from now on.
+            let kept = self.group.read(|s| s.range());
+            tracing::info!(group = self.id, range = %kept, "the group's range changed: handing over the rest");
+            self.presence.hand_over(kept);
+        }
         let now = self.now();
         for g in changed {
             // Its new leader knows none of our viewers: subscribe them again.
@@ -510,8 +526,16 @@ impl Driver {
             GroupMsg::Connect { user } => {
                 let presence = &mut self.presence;
                 self.group.read(|s| presence.handle_connect(s, user, None));
+                self.activity
+                    .online
+                    .store(self.presence.online() as u64, Ordering::Relaxed);
             }
-            GroupMsg::Disconnect { user } => self.presence.handle_disconnect(user),
+            GroupMsg::Disconnect { user } => {
+                self.presence.handle_disconnect(user);
+                self.activity
+                    .online
+                    .store(self.presence.online() as u64, Ordering::Relaxed);
+            }
             GroupMsg::Location {
                 user,
                 loc,
@@ -525,12 +549,23 @@ impl Driver {
                     _ => now,
                 };
                 let presence = &mut self.presence;
-                let (accepted, record) = self.group.read(|s| {
+                let (accepted, record, store) = self.group.read(|s| {
                     let accepted = presence.handle_location(s, user, loc, at, now, first);
-                    (accepted, s.user(user).is_some_and(|r| !r.history_off))
+                    // A user a split handed over (served here until its session moves) is
+                    // recorded in the new group's store, where its history now lives.
+                    let store = match (s.split_seed(), s.frozen()) {
+                        (Some(seed), _) if seed.range.contains(user) => seed.new_group,
+                        // Frozen for a merge: the absorbing group's store gets its history.
+                        (_, Some(into)) => into,
+                        _ => self.id,
+                    };
+                    (accepted, s.user(user).is_some_and(|r| !r.history_off), store)
                 });
+                if accepted {
+                    self.activity.updates.fetch_add(1, Ordering::Relaxed);
+                }
                 if accepted && record {
-                    self.ctx.history.append(self.id, user, at, loc.lat(), loc.lon());
+                    self.ctx.history.append(store, user, at, loc.lat(), loc.lon());
                 }
                 let outputs = self.presence.poll_outputs();
                 self.deliver(outputs);
@@ -592,6 +627,10 @@ impl Driver {
             }
             GroupMsg::HasLocation { user, reply } => {
                 let _ = reply.send(self.presence.location(user).is_some());
+                return;
+            }
+            GroupMsg::CellCounts { max, reply } => {
+                let _ = reply.send(self.presence.cell_counts(max));
                 return;
             }
             GroupMsg::SetRadius { user, meters } => self.presence.set_radius(user, f64::from(meters)),

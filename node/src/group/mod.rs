@@ -103,6 +103,14 @@ pub enum GroupMsg {
         /// The answer.
         reply: oneshot::Sender<Result<(), ServiceError>>,
     },
+    /// Users with a live location by coarse cell, for the admin console's activity map (see
+    /// [`crate::presence::Presence::cell_counts`]).
+    CellCounts {
+        /// At most this many cells, the busiest.
+        max: usize,
+        /// The answer: (H3 cell index, users).
+        reply: oneshot::Sender<Vec<(u64, u32)>>,
+    },
     /// Time passed the group's next deadline.
     Tick,
 }
@@ -116,6 +124,16 @@ pub struct DriverHandle {
     next_deadline: Arc<AtomicU64>,
     /// When the group last applied a write, as milliseconds since [`base`].
     last_write: Arc<AtomicU64>,
+    activity: Arc<Activity>,
+}
+
+/// What a driver counts of its group's load, for the admin API and rebalancing.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Users with a session on the group's leader.
+    pub online: AtomicU64,
+    /// Location updates accepted since the driver started.
+    pub updates: AtomicU64,
 }
 
 /// The instant activity times are counted from (the first use in this process).
@@ -143,6 +161,11 @@ impl DriverHandle {
             self.depth.fetch_sub(1, Ordering::Relaxed);
         }
         ok
+    }
+
+    /// The group's load as its driver counts it.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// Messages waiting in the mailbox: the driver's backlog.

@@ -66,6 +66,18 @@ pub enum ReadQuery {
     Registered(Vec<UserId>),
     /// The display names of these users (those registered).
     Names(Vec<UserId>),
+    /// Where the group would split (the median of its users) and the split under way, if any.
+    SplitState,
+    /// What a merge needs to know of the group: whether it is frozen, its pending intents,
+    /// its range, its users and what it applied from each source.
+    MergeState,
+    /// Up to `limit` records of the group's users above `after`, ascending.
+    Records {
+        /// Only users above this id.
+        after: UserId,
+        /// At most this many.
+        limit: u32,
+    },
 }
 
 /// The answer to a [`ReadQuery`].
@@ -75,6 +87,17 @@ pub enum ReadAnswer {
     Registered(Vec<UserId>),
     /// `(user, name)` of the registered users among those asked.
     Names(Vec<(UserId, String)>),
+    /// The answer to [`ReadQuery::SplitState`].
+    SplitState {
+        /// The median of the group's users (`None` with fewer than two).
+        median: Option<UserId>,
+        /// A split under way: the new group, where it starts, the split's index.
+        pending: Option<(GroupId, UserId, u64)>,
+    },
+    /// The answer to [`ReadQuery::MergeState`].
+    MergeState(MergeView),
+    /// The answer to [`ReadQuery::Records`].
+    Records(Vec<(UserId, nearby_raft::UserRecord)>),
 }
 
 /// A user's record as a replica holds it, for comparison across replicas.
@@ -213,6 +236,33 @@ pub enum PeerRequest {
         /// Only check.
         dry_run: bool,
     },
+    /// The node's operations, running and recently finished (see `cluster::ops`).
+    Operations,
+    /// On `group`'s leader: snapshot the group and drop its log up to it (a group born of a
+    /// split, so replicas added later copy its state rather than replay a log that lacks it).
+    Compact {
+        /// The group.
+        group: GroupId,
+    },
+}
+
+/// What a merge needs to know of a group ([`ReadQuery::MergeState`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeView {
+    /// The group it is frozen into, if any.
+    pub frozen: Option<GroupId>,
+    /// The group whose records it is absorbing, if any.
+    pub absorbing: Option<GroupId>,
+    /// Intents it has not delivered yet.
+    pub pending_intents: u64,
+    /// Its range.
+    pub range: nearby_index::friends::UserRange,
+    /// Its users.
+    pub users: u64,
+    /// The highest intent number it applied from each source group.
+    pub inbox: std::collections::BTreeMap<GroupId, u64>,
+    /// A split under way.
+    pub splitting: bool,
 }
 
 /// A change an operator asks for.
@@ -243,6 +293,63 @@ pub enum OperatorStep {
         /// The node.
         node: NodeId,
     },
+    /// Split `group` at `at` (by default the median of its users): an operation (see
+    /// `docs/architecture.md`, "Splitting a range"); a split left half done is resumed.
+    Split {
+        /// The group.
+        group: GroupId,
+        /// The first user id of the new group.
+        at: Option<u64>,
+    },
+    /// Merge the neighbouring shard groups `left` and `right` (`right` starts where `left`
+    /// ends): `right`'s replicas first moved onto `left`'s nodes, then `right` frozen, its
+    /// records absorbed by `left`, and `right` taken out of the map. An operation; a merge
+    /// left half done is resumed.
+    Merge {
+        /// The group that stays.
+        left: GroupId,
+        /// The group absorbed.
+        right: GroupId,
+    },
+    /// Even out the leaders' load (and whatever placement has left to even out): plans moves
+    /// (see `cluster::rebalance`) and carries them out as an operation, at most
+    /// `max_concurrent` at once and at most `per_minute` moves a minute touching any one node.
+    Rebalance {
+        /// Moves at once.
+        max_concurrent: u32,
+        /// Moves a minute per node.
+        per_minute: u32,
+    },
+    /// Move `group`'s replica from node `from` to node `to` (an operation: the leadership
+    /// handed over first if `from` leads, then a learner on `to` that catches up and votes,
+    /// then `from`'s replica removed).
+    Move {
+        /// The group.
+        group: GroupId,
+        /// The node that holds a replica now.
+        from: NodeId,
+        /// The node to hold it.
+        to: NodeId,
+    },
+}
+
+/// What an operator's step did (or, on a dry run, would do).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operated {
+    /// What, in words.
+    pub what: String,
+    /// The operation carrying it out, when it runs on (see `cluster::ops`).
+    pub operation: Option<String>,
+}
+
+impl Operated {
+    /// A step that is finished once answered.
+    pub fn said(what: impl Into<String>) -> Self {
+        Operated {
+            what: what.into(),
+            operation: None,
+        }
+    }
 }
 
 /// A node's figures ([`PeerRequest::Stats`]).
@@ -260,7 +367,22 @@ pub struct NodeStats {
     pub sessions: u64,
     /// The shard-group replicas it holds.
     pub replicas: Vec<ReplicaStats>,
+    /// Location updates its client service accepted since it started (a counter: the admin
+    /// console turns two readings into a rate).
+    #[serde(default)]
+    pub updates_total: u64,
+    /// Events it wrote to sessions since it started (a counter).
+    #[serde(default)]
+    pub pushes_total: u64,
+    /// Users with a live location in the groups it leads, by H3 cell at
+    /// [`nearby_index::ACTIVITY_RESOLUTION`]: `(cell index, users)`, the busiest
+    /// [`MAX_ACTIVITY_CELLS`] cells. Counts only, never a user or a position.
+    #[serde(default)]
+    pub cells: Vec<(u64, u32)>,
 }
+
+/// The most cells a node reports in [`NodeStats::cells`] (keeps the answer small).
+pub const MAX_ACTIVITY_CELLS: usize = 500;
 
 /// One shard-group replica's figures.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -279,6 +401,12 @@ pub struct ReplicaStats {
     pub asleep: bool,
     /// Users registered in the group.
     pub users: u64,
+    /// Users online (a session on this node), if this replica leads.
+    #[serde(default)]
+    pub online: u64,
+    /// Location updates its driver accepted since it started leading here.
+    #[serde(default)]
+    pub updates_total: u64,
 }
 
 /// What [`PeerRequest::History`] asks.
@@ -348,8 +476,10 @@ pub enum PeerResponse {
     History(Vec<(Millis, f64, f64)>),
     /// The answer to [`PeerRequest::Stats`].
     Stats(Box<NodeStats>),
-    /// An operator's step was taken (or, on a dry run, would be): what.
-    Operated(String),
+    /// An operator's step was taken or started (or, on a dry run, would be).
+    Operated(Operated),
+    /// The answer to [`PeerRequest::Operations`].
+    Operations(Vec<crate::cluster::ops::OperationView>),
     /// The request failed; nothing was done.
     Failed(String),
 }

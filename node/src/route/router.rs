@@ -272,6 +272,30 @@ impl Router {
                     .filter_map(|u| s.user(*u).map(|r| (*u, r.name.clone())))
                     .collect(),
             ),
+            ReadQuery::MergeState => ReadAnswer::MergeState(crate::route::peer::MergeView {
+                frozen: s.frozen(),
+                absorbing: s.absorbing(),
+                pending_intents: s.outbox().count() as u64,
+                range: s.range(),
+                users: s.len() as u64,
+                inbox: s.inbox().clone(),
+                splitting: s.split_seed().is_some(),
+            }),
+            ReadQuery::Records { after, limit } => ReadAnswer::Records(
+                s.users()
+                    .filter(|(u, _)| *u > *after)
+                    .take(*limit as usize)
+                    .map(|(u, r)| (u, r.clone()))
+                    .collect(),
+            ),
+            ReadQuery::SplitState => ReadAnswer::SplitState {
+                median: (s.len() >= 2)
+                    .then(|| s.users().nth(s.len() / 2).map(|(u, _)| u))
+                    .flatten(),
+                pending: s
+                    .split_seed()
+                    .map(|seed| (seed.new_group, seed.range.start, seed.index)),
+            },
         })
         .await
     }

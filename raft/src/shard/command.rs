@@ -221,6 +221,48 @@ pub enum Command {
         /// Everything recorded at or before this time goes.
         before: Millis,
     },
+    /// Splits the group at `at`: from this entry on, the group owns only the ids below `at`;
+    /// the users at and above it (with the relation intents they own) are frozen in the state
+    /// as the seed of the new group `new_group`, owning `at..` (see
+    /// [`crate::shard::state::GroupState::split_seed`]). Every replica applies it at the same
+    /// index, so each makes the same seed without copying anything over the network; the new
+    /// group's replicas start on `voters`.
+    Split {
+        /// The first user id of the new group.
+        at: UserId,
+        /// The new group's id.
+        new_group: GroupId,
+        /// The nodes of the new group's first replicas (this group's voters when proposed).
+        voters: Vec<crate::NodeId>,
+    },
+    /// The new group of the last [`Command::Split`] is running on its own: the seed is dropped.
+    SplitDone,
+    /// The group is being merged into `into`, its neighbour: from this entry on it refuses every
+    /// change (as out of range; its records are read and absorbed by `into`) but the record of
+    /// its own intents' delivery, so its outbox empties.
+    Freeze {
+        /// The group that absorbs it.
+        into: GroupId,
+    },
+    /// Records of users of group `source` (frozen, being merged into this one), copied as they
+    /// are. They join the range with [`Command::AbsorbDone`]; until then nothing can change them.
+    AbsorbUsers {
+        /// The frozen group.
+        source: GroupId,
+        /// Its users' records.
+        users: Vec<(UserId, crate::UserRecord)>,
+    },
+    /// Group `source` is absorbed: its range (next to this group's) joins this one, and so does
+    /// what it had applied from each source group (`inbox`), kept apart for its users so an
+    /// intent it already applied is never applied again here.
+    AbsorbDone {
+        /// The frozen group.
+        source: GroupId,
+        /// Its range.
+        range: UserRange,
+        /// The highest intent number it applied from each source group.
+        inbox: std::collections::BTreeMap<GroupId, u64>,
+    },
 }
 
 impl fmt::Display for Command {
@@ -254,6 +296,17 @@ impl fmt::Display for Command {
             Command::Unfollow { follower, user } => write!(f, "unfollow({follower} -> {user})"),
             Command::SetHistory { user, on } => write!(f, "history({user}, {on})"),
             Command::DeleteHistory { user, before } => write!(f, "delete_history({user}, {before:?})"),
+            Command::Split {
+                at,
+                new_group,
+                voters,
+            } => {
+                write!(f, "split(at {at} into group {new_group} on {voters:?})")
+            }
+            Command::SplitDone => f.write_str("split_done"),
+            Command::Freeze { into } => write!(f, "freeze(into {into})"),
+            Command::AbsorbUsers { source, users } => write!(f, "absorb({} users of {source})", users.len()),
+            Command::AbsorbDone { source, range, .. } => write!(f, "absorb_done({source}: {range})"),
         }
     }
 }
@@ -308,6 +361,12 @@ pub enum CommandError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A split while the seed of the previous one is still held.
+    #[error("the group is still handing over the range it split off")]
+    Splitting,
+    /// A change of a group being merged, or a second merge into one.
+    #[error("the group is being merged")]
+    Merging,
 }
 
 /// What applying a command did, for the caller to show.
@@ -340,6 +399,11 @@ pub enum CommandResult {
     FriendRemoved,
     /// The command failed validation at apply time and changed nothing.
     Rejected(CommandError),
+    /// The group split: how many users went to the seed of the new group.
+    Split {
+        /// Users handed over.
+        users: u64,
+    },
 }
 
 impl fmt::Display for CommandResult {
@@ -371,7 +435,13 @@ impl Command {
             Command::Deliver { mirror, .. } => (mirror.user, Some(mirror.other)),
             Command::Unfollow { follower, user } => (follower, Some(user)),
             // An import acts for nobody; validation looks at its contents.
-            Command::Import(_) | Command::Delivered { .. } => (0, None),
+            Command::Import(_)
+            | Command::Delivered { .. }
+            | Command::Split { .. }
+            | Command::SplitDone
+            | Command::Freeze { .. }
+            | Command::AbsorbUsers { .. }
+            | Command::AbsorbDone { .. } => (0, None),
         }
     }
 
@@ -409,8 +479,53 @@ impl Command {
     pub fn validate(&self, state: &GroupState) -> Result<(), CommandError> {
         let range = state.range();
         match self {
-            Command::Import(batch) => return validate_import(batch),
             Command::Delivered { .. } => return Ok(()),
+            // A frozen group (being merged) changes nothing more but its outbox's bookkeeping.
+            _ if state.frozen().is_some() => return Err(CommandError::OutOfRange { range }),
+            Command::Import(batch) => return validate_import(batch),
+            Command::Freeze { into } => {
+                if state.split_seed().is_some() {
+                    return Err(CommandError::Splitting);
+                }
+                // A group in the middle of absorbing another is not given away itself.
+                if state.absorbing().is_some() || *into == 0 {
+                    return Err(CommandError::Merging);
+                }
+                return Ok(());
+            }
+            Command::AbsorbUsers { source, users } => {
+                if state.absorbing().is_some_and(|a| a != *source) {
+                    return Err(CommandError::Merging);
+                }
+                // Records of users outside this group's range only: its own are never replaced.
+                if users.iter().any(|(u, _)| range.contains(*u) || *u == 0) {
+                    return Err(CommandError::OutOfRange { range });
+                }
+                return Ok(());
+            }
+            Command::AbsorbDone {
+                source,
+                range: theirs,
+                ..
+            } => {
+                if state.absorbing().is_some_and(|a| a != *source) {
+                    return Err(CommandError::Merging);
+                }
+                if theirs.start != range.end && theirs.end != range.start {
+                    return Err(CommandError::OutOfRange { range: *theirs });
+                }
+                return Ok(());
+            }
+            Command::Split { at, .. } => {
+                if state.split_seed().is_some() {
+                    return Err(CommandError::Splitting);
+                }
+                if *at <= range.start || *at >= range.end {
+                    return Err(CommandError::OutOfRange { range });
+                }
+                return Ok(());
+            }
+            Command::SplitDone => return Ok(()),
             _ => {}
         }
         let (user, other) = self.users();

@@ -32,11 +32,11 @@ use nearby_index::friends::{FriendSet, UserRange};
 use nearby_index::geo::{Millis, UserId};
 use serde::{Deserialize, Serialize};
 
-use crate::shard::command::{pair_owner, Command, CommandResult, ImportBatch, Mirror};
+use crate::shard::command::{pair_owner, Command, CommandError, CommandResult, ImportBatch, Mirror};
 use crate::GroupId;
 
 /// Everything the group stores about one of its users.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
     /// Display name shown to friends.
     pub name: String,
@@ -86,10 +86,93 @@ pub struct GroupState {
     range: UserRange,
     users: BTreeMap<UserId, UserRecord>,
     /// Relation changes whose other side lives in another group and has not been delivered
-    /// yet, by intent number (the log index of the entry that made them).
+    /// yet, by intent number ([`GroupState::seq_base`] plus the log index of the entry that
+    /// made them).
     outbox: BTreeMap<u64, Mirror>,
     /// The highest intent number applied from each source group.
     inbox: BTreeMap<GroupId, u64>,
+    /// What the last split hands to the new group, until it runs on its own.
+    seed: Option<SplitSeed>,
+    /// Added to log indices to number intents: 0 for a group of the first ranges, the parent's
+    /// split index for a group born of a split, so its intents are numbered above the ones it
+    /// inherited (a destination drops any intent not above the last it applied from a source).
+    seq_base: u64,
+    /// Being merged into this group: it changes nothing more (see [`Command::Freeze`]).
+    frozen: Option<GroupId>,
+    /// The group whose records it is absorbing (see [`Command::AbsorbUsers`]).
+    absorbing: Option<GroupId>,
+    /// Ranges it absorbed, each with what its old group had applied from each source: an
+    /// intent for a user there is new only above that (sources deliver in order per
+    /// destination group, so one that delivered here and there kept two orders).
+    absorbed: Vec<(UserRange, BTreeMap<GroupId, u64>)>,
+}
+
+/// The part of `r` inside `within`, if any.
+fn clip(r: UserRange, within: UserRange) -> Option<UserRange> {
+    UserRange::new(r.start.max(within.start), r.end.min(within.end)).ok()
+}
+
+/// The ranges of `absorbed` clipped to `within`.
+fn clip_all(
+    absorbed: &[(UserRange, BTreeMap<GroupId, u64>)],
+    within: UserRange,
+) -> Vec<(UserRange, BTreeMap<GroupId, u64>)> {
+    absorbed
+        .iter()
+        .filter_map(|(r, inbox)| clip(*r, within).map(|c| (c, inbox.clone())))
+        .collect()
+}
+
+/// What a split hands to the new group ([`Command::Split`]): the users of its range and the
+/// intents they own, frozen at the split's index, identical on every replica of the parent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SplitSeed {
+    /// The new group.
+    pub new_group: GroupId,
+    /// Its range.
+    pub range: UserRange,
+    /// The nodes of its first replicas.
+    pub voters: Vec<crate::NodeId>,
+    /// The log index of the split.
+    pub index: u64,
+    users: BTreeMap<UserId, UserRecord>,
+    outbox: BTreeMap<u64, Mirror>,
+    inbox: BTreeMap<GroupId, u64>,
+    absorbed: Vec<(UserRange, BTreeMap<GroupId, u64>)>,
+}
+
+impl SplitSeed {
+    /// How many users it hands over.
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether it hands over no user.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// The users it hands over, ascending by id.
+    pub fn users(&self) -> impl Iterator<Item = (UserId, &UserRecord)> {
+        self.users.iter().map(|(id, r)| (*id, r))
+    }
+
+    /// The new group's first state. Its intents are numbered above every one it inherits
+    /// (which were numbered below the split's index); it has applied everything its parent had
+    /// from each source.
+    pub fn group_state(&self) -> GroupState {
+        GroupState {
+            range: self.range,
+            users: self.users.clone(),
+            outbox: self.outbox.clone(),
+            inbox: self.inbox.clone(),
+            seed: None,
+            seq_base: self.index,
+            frozen: None,
+            absorbing: None,
+            absorbed: self.absorbed.clone(),
+        }
+    }
 }
 
 impl GroupState {
@@ -100,12 +183,54 @@ impl GroupState {
             users: BTreeMap::new(),
             outbox: BTreeMap::new(),
             inbox: BTreeMap::new(),
+            seed: None,
+            seq_base: 0,
+            frozen: None,
+            absorbing: None,
+            absorbed: Vec::new(),
         }
+    }
+
+    /// The group it is being merged into, once frozen.
+    pub fn frozen(&self) -> Option<GroupId> {
+        self.frozen
+    }
+
+    /// The group whose records it is absorbing, until the merge is done.
+    pub fn absorbing(&self) -> Option<GroupId> {
+        self.absorbing
+    }
+
+    /// The highest intent number applied from `source` for `user`: from the table of the
+    /// range `user` was absorbed with, if any, else the group's own.
+    pub fn delivered_to(&self, user: UserId, source: GroupId) -> u64 {
+        let table = self
+            .absorbed
+            .iter()
+            .find(|(r, _)| r.contains(user))
+            .map_or(&self.inbox, |(_, t)| t);
+        table.get(&source).copied().unwrap_or(0)
+    }
+
+    /// What the last split hands to its new group, while it is held (see [`SplitSeed`]).
+    pub fn split_seed(&self) -> Option<&SplitSeed> {
+        self.seed.as_ref()
+    }
+
+    /// Added to a log index to number the intent its entry leaves (see the field's doc).
+    pub fn seq_base(&self) -> u64 {
+        self.seq_base
     }
 
     /// Intents not yet delivered, in order: `(number, the other side's new state)`.
     pub fn outbox(&self) -> impl Iterator<Item = (u64, &Mirror)> {
         self.outbox.iter().map(|(seq, m)| (*seq, m))
+    }
+
+    /// The highest intent number applied from each source group (the group's own table; see
+    /// [`GroupState::delivered_to`] for absorbed ranges).
+    pub fn inbox(&self) -> &BTreeMap<GroupId, u64> {
+        &self.inbox
     }
 
     /// The highest intent number applied from `source`.
@@ -118,9 +243,13 @@ impl GroupState {
         self.range
     }
 
-    /// The record of `user`, if registered here.
+    /// The record of `user`, if registered here — or handed over by a split that is not done
+    /// yet (frozen: its group's sessions keep being served until they move; every change is
+    /// refused here, as out of range).
     pub fn user(&self, user: UserId) -> Option<&UserRecord> {
-        self.users.get(&user)
+        self.users
+            .get(&user)
+            .or_else(|| self.seed.as_ref().and_then(|s| s.users.get(&user)))
     }
 
     /// All registered users, ascending by id.
@@ -148,15 +277,43 @@ impl GroupState {
         }
         match cmd {
             Command::Deliver { source, seq, mirror } => {
-                if *seq <= self.delivered_from(*source) {
+                if *seq <= self.delivered_to(mirror.user, *source) {
                     return CommandResult::Unchanged;
                 }
-                self.inbox.insert(*source, *seq);
+                let table = match self.absorbed.iter_mut().find(|(r, _)| r.contains(mirror.user)) {
+                    Some((_, t)) => t,
+                    None => &mut self.inbox,
+                };
+                table.insert(*source, *seq);
                 return self.set_mirror(mirror);
+            }
+            Command::Freeze { into } => return changed(self.frozen.replace(*into) != Some(*into)),
+            Command::AbsorbUsers { source, users } => {
+                self.absorbing = Some(*source);
+                for (u, r) in users {
+                    self.users.insert(*u, r.clone());
+                }
+                return CommandResult::Updated;
+            }
+            Command::AbsorbDone { range, inbox, .. } => {
+                let joined = UserRange::new(self.range.start.min(range.start), self.range.end.max(range.end));
+                let Ok(joined) = joined else {
+                    return CommandResult::Rejected(CommandError::OutOfRange { range: *range });
+                };
+                self.range = joined;
+                self.absorbed.push((*range, inbox.clone()));
+                self.absorbing = None;
+                return CommandResult::Updated;
             }
             Command::Delivered { seq } => {
                 return changed(self.outbox.remove(seq).is_some());
             }
+            Command::Split {
+                at,
+                new_group,
+                voters,
+            } => return self.split(*at, *new_group, voters, index),
+            Command::SplitDone => return changed(self.seed.take().is_some()),
             _ => {}
         }
         let result = self.apply_sides(cmd);
@@ -172,11 +329,48 @@ impl GroupState {
             let (owner, other) = if pair_owner(a, b) == a { (a, b) } else { (b, a) };
             if !self.range.contains(other) {
                 if let Some(m) = self.mirror_of(other, owner) {
-                    self.outbox.insert(index, m);
+                    self.outbox.insert(self.seq_base + index, m);
                 }
             }
         }
         result
+    }
+
+    /// [`Command::Split`] (validated): the ids from `at` on, their records and the intents
+    /// their users own, leave the range for the seed.
+    fn split(
+        &mut self,
+        at: UserId,
+        new_group: GroupId,
+        voters: &[crate::NodeId],
+        index: u64,
+    ) -> CommandResult {
+        let (Ok(kept), Ok(range)) = (
+            UserRange::new(self.range.start, at),
+            UserRange::new(at, self.range.end),
+        ) else {
+            return CommandResult::Rejected(CommandError::OutOfRange { range: self.range });
+        };
+        let users = self.users.split_off(&at);
+        let (moved, stay): (BTreeMap<u64, Mirror>, BTreeMap<u64, Mirror>) = std::mem::take(&mut self.outbox)
+            .into_iter()
+            .partition(|(_, m)| range.contains(m.other));
+        self.outbox = stay;
+        let n = users.len() as u64;
+        let absorbed = clip_all(&self.absorbed, range);
+        self.absorbed = clip_all(&self.absorbed, kept);
+        self.range = kept;
+        self.seed = Some(SplitSeed {
+            new_group,
+            range,
+            voters: voters.to_vec(),
+            index,
+            users,
+            outbox: moved,
+            inbox: self.inbox.clone(),
+            absorbed,
+        });
+        CommandResult::Split { users: n }
     }
 
     /// `user`'s side of its relation with `owner` (a user of this group), as `owner`'s record
@@ -259,7 +453,13 @@ impl GroupState {
             }),
             Command::Import(batch) => self.import(batch),
             // Handled by `apply`; a nested delivery is refused by validation.
-            Command::Deliver { .. } | Command::Delivered { .. } => CommandResult::Unchanged,
+            Command::Deliver { .. }
+            | Command::Delivered { .. }
+            | Command::Split { .. }
+            | Command::SplitDone
+            | Command::Freeze { .. }
+            | Command::AbsorbUsers { .. }
+            | Command::AbsorbDone { .. } => CommandResult::Unchanged,
         }
     }
 
@@ -383,8 +583,8 @@ impl GroupState {
 /// (a varint, which never starts with 255).
 const VERSIONED: u8 = 0xff;
 
-/// The snapshot layout this version writes.
-const LAYOUT: u8 = 2;
+/// The snapshot layout this version writes (3: splits; 2: history settings).
+const LAYOUT: u8 = 3;
 
 impl GroupState {
     /// The state as snapshot data: [`VERSIONED`], the layout number, then the encoding.
@@ -399,6 +599,9 @@ impl GroupState {
     pub fn decode_versioned(bytes: &[u8]) -> Result<Self, CodecError> {
         match bytes {
             [VERSIONED, LAYOUT, rest @ ..] => nearby_index::codec::decode(rest),
+            [VERSIONED, 2, rest @ ..] => {
+                nearby_index::codec::decode::<legacy::GroupStateV2>(rest).map(GroupState::from)
+            }
             [VERSIONED, other, ..] => Err(CodecError::Decode {
                 total: bytes.len(),
                 reason: format!("snapshot layout {other} is newer than this version knows ({LAYOUT})"),
@@ -462,6 +665,36 @@ mod legacy {
                 users,
                 outbox: v1.outbox,
                 inbox: v1.inbox,
+                seed: None,
+                seq_base: 0,
+                frozen: None,
+                absorbing: None,
+                absorbed: Vec::new(),
+            }
+        }
+    }
+
+    /// Layout 2: before splits.
+    #[derive(Deserialize)]
+    pub(super) struct GroupStateV2 {
+        range: UserRange,
+        users: BTreeMap<UserId, UserRecord>,
+        outbox: BTreeMap<u64, Mirror>,
+        inbox: BTreeMap<GroupId, u64>,
+    }
+
+    impl From<GroupStateV2> for GroupState {
+        fn from(v2: GroupStateV2) -> GroupState {
+            GroupState {
+                range: v2.range,
+                users: v2.users,
+                outbox: v2.outbox,
+                inbox: v2.inbox,
+                seed: None,
+                seq_base: 0,
+                frozen: None,
+                absorbing: None,
+                absorbed: Vec::new(),
             }
         }
     }

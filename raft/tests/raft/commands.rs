@@ -331,9 +331,422 @@ fn a_snapshot_of_the_first_layout_restores_with_history_defaults() {
     assert_eq!(s.delivered_from(2), 11);
     // Written again, it is the current layout, and a layout from the future is refused.
     let again = s.encode_versioned().expect("encode");
-    assert_eq!(again[..2], [0xff, 2]);
+    assert_eq!(again[..2], [0xff, 3]);
     assert_eq!(GroupState::decode_versioned(&again).expect("decode"), s);
     let mut future = again.clone();
-    future[1] = 3;
+    future[1] = 4;
     assert!(GroupState::decode_versioned(&future).is_err());
+    // The second layout (before splits and merges) reads too.
+    #[derive(serde::Serialize)]
+    struct GroupStateV2<'a> {
+        range: UserRange,
+        users: BTreeMap<u64, &'a nearby_raft::UserRecord>,
+        outbox: BTreeMap<u64, nearby_raft::shard::command::Mirror>,
+        inbox: BTreeMap<u64, u64>,
+    }
+    let v2 = GroupStateV2 {
+        range: s.range(),
+        users: s.users().collect(),
+        outbox: BTreeMap::new(),
+        inbox: BTreeMap::from([(2, 11)]),
+    };
+    let mut bytes = vec![0xff, 2];
+    bytes.extend(nearby_index::codec::encode(&v2).expect("encode"));
+    assert_eq!(
+        GroupState::decode_versioned(&bytes).expect("the second layout decodes"),
+        s
+    );
+}
+
+/// Groups as the node runs them, by id: commands and intents routed by range, as the map
+/// routes them (a group that split is found by its new range from then on).
+struct Groups {
+    groups: Vec<(u64, GroupState, u64)>,
+}
+
+impl Groups {
+    fn of(&self, user: u64) -> usize {
+        self.find(user).expect("every user has a group")
+    }
+
+    fn find(&self, user: u64) -> Option<usize> {
+        self.groups.iter().position(|(_, s, _)| s.range().contains(user))
+    }
+
+    fn apply(&mut self, g: usize, cmd: &Command) -> CommandResult {
+        let (_, state, index) = &mut self.groups[g];
+        *index += 1;
+        state.apply(cmd, *index)
+    }
+
+    /// Delivers, as the node's outbox does, the first pending intent of group `g` for each
+    /// destination group (in order per destination, independently of the others), `times`
+    /// times each, where the map says its user lives.
+    fn deliver_one(&mut self, g: usize, times: usize) {
+        let source = self.groups[g].0;
+        let mut firsts: Vec<(usize, u64, nearby_raft::shard::command::Mirror)> = Vec::new();
+        for (seq, m) in self.groups[g].1.outbox() {
+            let dest = self.of(m.user);
+            if firsts.iter().all(|(d, _, _)| *d != dest) {
+                firsts.push((dest, seq, *m));
+            }
+        }
+        'next: for (dest, seq, mirror) in firsts {
+            let deliver = Command::Deliver { source, seq, mirror };
+            for _ in 0..times {
+                match self.apply(dest, &deliver) {
+                    // A frozen group (being merged) refuses: the intent waits for the map.
+                    CommandResult::Rejected(CommandError::OutOfRange { .. })
+                        if self.groups[dest].1.frozen().is_some() =>
+                    {
+                        continue 'next;
+                    }
+                    r => assert!(
+                        !matches!(r, CommandResult::Rejected(_)),
+                        "{deliver} rejected: {r}"
+                    ),
+                }
+            }
+            self.apply(g, &Command::Delivered { seq });
+        }
+    }
+
+    /// Merges group `right` into its left neighbour `left`, as the node does: `right` frozen,
+    /// its outbox delivered, its records absorbed in chunks, then its range; the map then
+    /// routes its users to `left`.
+    fn merge(&mut self, left: usize, right: usize) {
+        let into = self.groups[left].0;
+        let source = self.groups[right].0;
+        assert_eq!(
+            self.apply(right, &Command::Freeze { into }),
+            CommandResult::Updated
+        );
+        let refused = self.apply(
+            right,
+            &Command::SetSharing {
+                user: self.groups[right].1.range().start,
+                on: false,
+            },
+        );
+        assert!(
+            matches!(refused, CommandResult::Rejected(CommandError::OutOfRange { .. })),
+            "{refused}"
+        );
+        while self.groups[right].1.outbox().next().is_some() {
+            self.deliver_one(right, 1);
+        }
+        let users: Vec<(u64, nearby_raft::UserRecord)> = self.groups[right]
+            .1
+            .users()
+            .map(|(u, r)| (u, r.clone()))
+            .collect();
+        for chunk in users.chunks(2) {
+            let r = self.apply(
+                left,
+                &Command::AbsorbUsers {
+                    source,
+                    users: chunk.to_vec(),
+                },
+            );
+            assert_eq!(r, CommandResult::Updated);
+        }
+        let range = self.groups[right].1.range();
+        let inbox = (1..=8)
+            .map(|g| (g, self.groups[right].1.delivered_from(g)))
+            .filter(|(_, s)| *s > 0)
+            .collect();
+        let r = self.apply(left, &Command::AbsorbDone { source, range, inbox });
+        assert_eq!(r, CommandResult::Updated);
+        self.groups.remove(right);
+    }
+
+    /// Splits group `g` at `at` into a new group, as the node does: the parent's log entry,
+    /// then the new group made from the seed, then the parent drops the seed.
+    fn split(&mut self, g: usize, at: u64) {
+        let new_group = self.groups.iter().map(|(id, _, _)| *id).max().unwrap_or(0) + 1;
+        let r = self.apply(
+            g,
+            &Command::Split {
+                at,
+                new_group,
+                voters: vec![1],
+            },
+        );
+        assert!(matches!(r, CommandResult::Split { .. }), "{r}");
+        let seed = self.groups[g].1.split_seed().expect("a seed").clone();
+        let refused = self.apply(
+            g,
+            &Command::Split {
+                at: at + 1,
+                new_group: new_group + 1,
+                voters: vec![1],
+            },
+        );
+        assert_eq!(refused, CommandResult::Rejected(CommandError::Splitting));
+        let child = seed.group_state();
+        self.groups.push((new_group, child, 0));
+        self.apply(g, &Command::SplitDone);
+        assert!(self.groups[g].1.split_seed().is_none());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A split in the middle of a run — intents pending, delivered twice, delivered late —
+    /// leaves every relation symmetric once every outbox is empty: no friendship is lost or
+    /// made up by moving a range.
+    #[test]
+    fn a_split_in_the_middle_keeps_relations_symmetric(
+        before in proptest::collection::vec((command(), 0usize..3, 1usize..3), 0..80),
+        after in proptest::collection::vec((command(), 0usize..3, 1usize..3), 0..80),
+        at in 2u64..=12,
+    ) {
+        let mut w = Groups {
+            groups: vec![
+                (1, GroupState::new(group_range()), 0),
+                (2, GroupState::new(UserRange::new(13, 17).expect("range")), 0),
+            ],
+        };
+        for u in 1..=16 {
+            let g = w.of(u);
+            w.apply(g, &Command::RegisterUser { user: u, name: format!("u{u}") });
+        }
+        let run = |w: &mut Groups, log: &[(Command, usize, usize)]| {
+            for (cmd, deliveries, times) in log {
+                let target = match cmd.users() {
+                    (a, Some(b)) if cmd.is_two_sided() => pair_owner(a, b),
+                    (a, _) => a,
+                };
+                // An id no group owns is refused by the node before any group sees it.
+                if let Some(g) = w.find(target) {
+                    w.apply(g, cmd);
+                }
+                for _ in 0..*deliveries {
+                    for g in 0..w.groups.len() {
+                        w.deliver_one(g, *times);
+                    }
+                }
+            }
+        };
+        run(&mut w, &before);
+        w.split(0, at);
+        prop_assert_eq!(w.groups[0].1.range(), UserRange::new(1, at).expect("kept"));
+        prop_assert!((at..=12).all(|u| w.groups[2].1.user(u).is_some()), "every user went with the split");
+        prop_assert!((1..at).all(|u| w.groups[0].1.user(u).is_some() && w.groups[2].1.user(u).is_none()));
+        run(&mut w, &after);
+        while w.groups.iter().any(|(_, g, _)| g.outbox().next().is_some()) {
+            for g in 0..w.groups.len() {
+                w.deliver_one(g, 1);
+            }
+        }
+        let record = |u: u64| w.groups[w.of(u)].1.user(u).expect("registered").clone();
+        for a in 1..=16 {
+            for b in 1..=16 {
+                if a == b {
+                    continue;
+                }
+                let (ra, rb) = (record(a), record(b));
+                prop_assert_eq!(ra.friends.contains(b), rb.friends.contains(a), "friends {} {}", a, b);
+                prop_assert_eq!(ra.requests_out.contains(b), rb.requests_in.contains(a), "request {} -> {}", a, b);
+                prop_assert_eq!(ra.followers.contains(b), rb.following.contains(a), "follow {} -> {}", a, b);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_split_refuses_a_point_outside_the_range_and_commands_for_what_it_handed_over() {
+    let mut s = GroupState::new(group_range());
+    for u in [3, 9] {
+        s.apply(
+            &Command::RegisterUser {
+                user: u,
+                name: format!("u{u}"),
+            },
+            u,
+        );
+    }
+    for at in [1, 13, 40] {
+        let r = s.apply(
+            &Command::Split {
+                at,
+                new_group: 5,
+                voters: vec![1],
+            },
+            20,
+        );
+        assert!(
+            matches!(r, CommandResult::Rejected(CommandError::OutOfRange { .. })),
+            "{at}: {r}"
+        );
+    }
+    assert_eq!(
+        s.apply(
+            &Command::Split {
+                at: 6,
+                new_group: 5,
+                voters: vec![1, 2]
+            },
+            21
+        ),
+        CommandResult::Split { users: 1 }
+    );
+    // The handed-over user is still readable (its sessions are served until they move), but
+    // every change to it is refused here.
+    assert!(s.user(9).is_some());
+    let r = s.apply(&Command::SetSharing { user: 9, on: false }, 22);
+    assert!(
+        matches!(r, CommandResult::Rejected(CommandError::OutOfRange { .. })),
+        "{r}"
+    );
+    assert!(s.user(9).is_some_and(|r| r.sharing));
+    // The seed survives a snapshot (layout 3) and makes the new group's state.
+    let back = GroupState::decode_versioned(&s.encode_versioned().expect("encode")).expect("decode");
+    assert_eq!(back, s);
+    let child = s.split_seed().expect("seed").group_state();
+    assert_eq!(child.range(), UserRange::new(6, 13).expect("range"));
+    assert_eq!(child.seq_base(), 21);
+    assert!(child.user(9).is_some() && child.user(3).is_none());
+    s.apply(&Command::SplitDone, 23);
+    assert!(s.user(9).is_none() && s.split_seed().is_none());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A merge in the middle of a run (and a split of the merged group after it) leaves every
+    /// relation symmetric once every outbox is empty: intents the absorbed group had applied
+    /// are not applied again, and none is lost.
+    #[test]
+    fn a_merge_in_the_middle_keeps_relations_symmetric(
+        before in proptest::collection::vec((command(), 0usize..3, 1usize..3), 0..60),
+        middle in proptest::collection::vec((command(), 0usize..3, 1usize..3), 0..60),
+        after in proptest::collection::vec((command(), 0usize..3, 1usize..3), 0..60),
+        at in 2u64..=15,
+        upper in any::<bool>(),
+    ) {
+        let mut w = Groups {
+            groups: vec![
+                (1, GroupState::new(UserRange::new(1, 7).expect("range")), 0),
+                (2, GroupState::new(UserRange::new(7, 13).expect("range")), 0),
+                (3, GroupState::new(UserRange::new(13, 17).expect("range")), 0),
+            ],
+        };
+        for u in 1..=16 {
+            let g = w.of(u);
+            w.apply(g, &Command::RegisterUser { user: u, name: format!("u{u}") });
+        }
+        let run = |w: &mut Groups, log: &[(Command, usize, usize)]| {
+            for (cmd, deliveries, times) in log {
+                let target = match cmd.users() {
+                    (a, Some(b)) if cmd.is_two_sided() => pair_owner(a, b),
+                    (a, _) => a,
+                };
+                if let Some(g) = w.find(target) {
+                    w.apply(g, cmd);
+                }
+                for _ in 0..*deliveries {
+                    for g in 0..w.groups.len() {
+                        w.deliver_one(g, *times);
+                    }
+                }
+            }
+        };
+        run(&mut w, &before);
+        // The upper pair (7..13 and 13..17) has a source below it that delivers to both.
+        let (left, joined) = if upper { (1, UserRange::new(7, 17)) } else { (0, UserRange::new(1, 13)) };
+        let joined = joined.expect("joined");
+        w.merge(left, left + 1);
+        prop_assert_eq!(w.groups[left].1.range(), joined);
+        prop_assert!((joined.start..joined.end).all(|u| w.groups[left].1.user(u).is_some()));
+        run(&mut w, &middle);
+        let g = w.of(at);
+        if w.groups[g].1.range().start < at {
+            w.split(g, at);
+        }
+        run(&mut w, &after);
+        while w.groups.iter().any(|(_, g, _)| g.outbox().next().is_some()) {
+            for g in 0..w.groups.len() {
+                w.deliver_one(g, 1);
+            }
+        }
+        let record = |u: u64| w.groups[w.of(u)].1.user(u).expect("registered").clone();
+        for a in 1..=16 {
+            for b in 1..=16 {
+                if a == b {
+                    continue;
+                }
+                let (ra, rb) = (record(a), record(b));
+                prop_assert_eq!(ra.friends.contains(b), rb.friends.contains(a), "friends {} {}", a, b);
+                prop_assert_eq!(ra.requests_out.contains(b), rb.requests_in.contains(a), "request {} -> {}", a, b);
+                prop_assert_eq!(ra.followers.contains(b), rb.following.contains(a), "follow {} -> {}", a, b);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_intent_for_an_absorbed_range_is_applied_even_behind_the_absorbers_own_order() {
+    let range = |a, b| UserRange::new(a, b).expect("range");
+    let mut w = Groups {
+        groups: vec![
+            (1, GroupState::new(range(1, 7)), 0),
+            (2, GroupState::new(range(7, 13)), 0),
+            (3, GroupState::new(range(13, 17)), 0),
+        ],
+    };
+    for u in [1, 8, 14] {
+        let g = w.of(u);
+        w.apply(
+            g,
+            &Command::RegisterUser {
+                user: u,
+                name: format!("u{u}"),
+            },
+        );
+    }
+    // User 1 asks 14 (an intent for group 3), then 8 (an intent for group 2).
+    w.apply(0, &Command::AddFriend { from: 1, to: 14 });
+    w.apply(0, &Command::AddFriend { from: 1, to: 8 });
+    let intents: Vec<(u64, nearby_raft::shard::command::Mirror)> =
+        w.groups[0].1.outbox().map(|(s, m)| (s, *m)).collect();
+    let (to_14, to_8) = (intents[0], intents[1]);
+    assert!(to_14.0 < to_8.0);
+    // Group 2 hears of its intent first (the outbox goes in order per destination only).
+    let r = w.apply(
+        1,
+        &Command::Deliver {
+            source: 1,
+            seq: to_8.0,
+            mirror: to_8.1,
+        },
+    );
+    assert_eq!(r, CommandResult::Updated);
+    // Group 3 merges into group 2 before its own intent arrived.
+    w.merge(1, 2);
+    let r = w.apply(
+        1,
+        &Command::Deliver {
+            source: 1,
+            seq: to_14.0,
+            mirror: to_14.1,
+        },
+    );
+    assert_eq!(
+        r,
+        CommandResult::Updated,
+        "the earlier intent is new for the absorbed range"
+    );
+    assert!(w.groups[1].1.user(14).is_some_and(|r| r.requests_in.contains(1)));
+    // And delivered again, it changes nothing.
+    let r = w.apply(
+        1,
+        &Command::Deliver {
+            source: 1,
+            seq: to_14.0,
+            mirror: to_14.1,
+        },
+    );
+    assert_eq!(r, CommandResult::Unchanged);
 }

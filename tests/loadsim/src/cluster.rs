@@ -470,7 +470,7 @@ impl ProcessCluster {
     /// The map as node `i` last saved it.
     pub fn map_of(&self, i: u8) -> Option<ClusterMap> {
         let bytes = std::fs::read(self.data(i).join("cluster/map")).ok()?;
-        nearby_index::codec::decode(&bytes).ok()
+        ClusterMap::decode_versioned(&bytes).ok()
     }
 
     /// The newest map any running node has saved.
