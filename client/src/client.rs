@@ -56,6 +56,10 @@ pub enum SdkEvent {
         after: Duration,
         /// Why the client is (still) not connected.
         reason: ClientError,
+        /// The node moved the session on purpose (a drain, a moved or split group, a node
+        /// stopping): a redirect, not a failure. The app's calls meanwhile wait for the next
+        /// connection instead of failing (over the first attempts).
+        planned: bool,
     },
     /// The client is connected and authenticated again. If a location had been sent before,
     /// it was re-sent and `page` is the fresh first page of friends in range: replace the
@@ -198,6 +202,7 @@ impl Client {
             links: Arc::clone(&links),
             live: None,
             pending: HashMap::new(),
+            carried: Vec::new(),
             next_id: OPENING_ID + 1,
             last_location: None,
             strangers: None,
@@ -622,11 +627,27 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// How long a client whose control stream ended waits for the connection's close (and the
+/// node's reason) before taking the connection for lost.
+const CLOSE_WAIT: Duration = Duration::from_millis(300);
+
+/// Reconnection attempts after a planned move during which the app's calls are carried over
+/// (see [`Driver::carried`]) rather than failed.
+const CARRIED_ATTEMPTS: u32 = 3;
+
 /// A request written and not yet answered.
 struct Pending {
+    request: Request,
     reply: oneshot::Sender<Result<Response, ClientError>>,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
     sent: Instant,
+}
+
+/// A call carried across a planned move (see [`Driver::carried`]).
+struct Carried {
+    request: Request,
+    reply: oneshot::Sender<Result<Response, ClientError>>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Why the connected loop ended.
@@ -640,6 +661,9 @@ enum Exit {
         after: Option<Duration>,
         target: Option<String>,
         silent: Option<String>,
+        /// The node announced it (a drain, a moved group, a shutdown): the calls in flight
+        /// and those made until the client is back are carried over, not failed.
+        planned: bool,
     },
 }
 
@@ -648,6 +672,9 @@ struct Driver {
     links: Arc<Mutex<Links>>,
     live: Option<Live>,
     pending: HashMap<RequestId, Pending>,
+    /// Calls carried across a planned move: sent again once the client is back (a location
+    /// update is answered by the resumed session's instead: only the newest position matters).
+    carried: Vec<Carried>,
     next_id: RequestId,
     last_location: Option<Coord>,
     /// The app listens to strangers (the page size it asked for): a resumed session asks again.
@@ -672,10 +699,14 @@ impl Driver {
                     after,
                     target,
                     silent,
+                    planned,
                 } => {
-                    tracing::info!(%reason, "connection lost; reconnecting");
+                    tracing::info!(%reason, planned, "connection lost; reconnecting");
+                    if planned {
+                        self.carry_pending();
+                    }
                     self.detach(&reason);
-                    match self.reconnect(reason, after, target, silent).await {
+                    match self.reconnect(reason, after, target, silent, planned).await {
                         Ok(()) => continue,
                         Err(end) => break end,
                     }
@@ -684,6 +715,9 @@ impl Driver {
         };
         let (error, ack) = end;
         self.fail_pending(&ClientError::Closed);
+        for c in self.carried.drain(..) {
+            let _ = c.reply.send(Err(error.clone()));
+        }
         if let Some(live) = self.live.take() {
             live.close_gracefully("client closed").await;
         }
@@ -739,6 +773,41 @@ impl Driver {
         self.fail_pending(&lost);
     }
 
+    /// Moves the calls in flight to [`Driver::carried`], oldest first.
+    fn carry_pending(&mut self) {
+        let mut pending: Vec<(RequestId, Pending)> = self.pending.drain().collect();
+        pending.sort_by_key(|(id, _)| *id);
+        self.carried.extend(pending.into_iter().map(|(_, p)| Carried {
+            request: p.request,
+            reply: p.reply,
+            permit: p.permit,
+        }));
+    }
+
+    /// Once the client is back after a planned move: answers the carried location updates with
+    /// the resumed session's answer (`resumed`), and sends the other carried calls again.
+    async fn send_carried(&mut self, resumed: Option<&Response>) -> Result<(), ClientError> {
+        let mut carried = std::mem::take(&mut self.carried).into_iter();
+        while let Some(c) = carried.next() {
+            match (&c.request, resumed) {
+                (
+                    Request::UpdateLocation { .. },
+                    Some(answer @ (Response::Started { .. } | Response::Located { .. })),
+                ) => {
+                    let _ = c.reply.send(Ok(answer.clone()));
+                }
+                _ => {
+                    if let Err(e) = self.send(c.request, c.reply, c.permit).await {
+                        // The new link broke too: what was not sent yet waits for the next.
+                        self.carried.extend(carried);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn fail_pending(&mut self, error: &ClientError) {
         for (_, p) in self.pending.drain() {
             let _ = p.reply.send(Err(error.clone()));
@@ -767,17 +836,25 @@ impl Driver {
             };
             match step {
                 Step::Response(Some(Ok(frame))) => self.deliver(frame),
-                Step::Response(Some(Err(reason))) => return self.lost(reason, None, None),
+                Step::Response(Some(Err(reason))) => {
+                    self.await_close().await;
+                    return self.lost(reason, None, None);
+                }
                 Step::Response(None) => {
-                    return self.lost(connection::lost("the node closed the control stream"), None, None)
+                    self.await_close().await;
+                    return self.lost(connection::lost("the node closed the control stream"), None, None);
                 }
                 Step::Shutdown(Some(notice)) => {
                     tracing::info!(after = ?notice.after, redirect = ?notice.redirect, "node shutting down");
-                    return self.lost(
+                    let mut exit = self.lost(
                         connection::lost("the node is shutting down"),
                         Some(notice.after),
                         notice.redirect,
                     );
+                    if let Exit::Lost { planned, .. } = &mut exit {
+                        *planned = true;
+                    }
+                    return exit;
                 }
                 // The event task ended; the control stream tells whether the connection is gone.
                 Step::Shutdown(None) => {
@@ -797,6 +874,7 @@ impl Driver {
                         after: None,
                         target: None,
                         silent: self.live.as_ref().map(|l| l.addr.clone()),
+                        planned: false,
                     };
                 }
                 Step::Command(None) => return Exit::Closed(None),
@@ -807,6 +885,7 @@ impl Driver {
                     permit,
                 })) => {
                     if let Err(reason) = self.send(request, reply, Some(permit)).await {
+                        self.await_close().await;
                         return self.lost(reason, None, None);
                     }
                 }
@@ -814,7 +893,44 @@ impl Driver {
         }
     }
 
-    fn lost(&self, reason: ClientError, after: Option<Duration>, target: Option<String>) -> Exit {
+    /// The control stream ended: waits (briefly) for the connection's close, which says — with
+    /// the node's notice, read by the event task meanwhile — whether the node moved the session
+    /// on purpose (see [`Driver::lost`]).
+    async fn await_close(&mut self) {
+        if let Some(live) = self.live.as_ref() {
+            let _ = tokio::time::timeout(CLOSE_WAIT, live.conn.closed()).await;
+        }
+    }
+
+    fn lost(&mut self, reason: ClientError, after: Option<Duration>, target: Option<String>) -> Exit {
+        if let Some(live) = self.live.as_mut() {
+            // The node's notice may have been read while the connection's close raced it; or
+            // the close says what the notice would have (a node closes a session it moves, or
+            // stops serving, with code 0 and the reason): either way the move is planned.
+            let planned = match live.shutdown.try_recv() {
+                Ok(notice) => Some((Some(notice.after), notice.redirect)),
+                Err(_) => match live.conn.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code.into_inner() == 0 => {
+                        let text = String::from_utf8_lossy(&c.reason);
+                        match text.strip_prefix("moved") {
+                            Some(rest) => Some((after, rest.strip_prefix(" to ").map(str::to_string))),
+                            None if text == "node shutting down" => Some((after, None)),
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                },
+            };
+            if let Some((after, redirect)) = planned {
+                return Exit::Lost {
+                    reason,
+                    after,
+                    target: redirect.or(target),
+                    silent: None,
+                    planned: true,
+                };
+            }
+        }
         // A connection that timed out idle means the node went silent (dead, or cut off): it is
         // tried last, like one that left a request unanswered.
         if let Some(live) = self.live.as_ref() {
@@ -825,6 +941,7 @@ impl Driver {
                     after,
                     target: None,
                     silent: Some(live.addr.clone()),
+                    planned: false,
                 };
             }
         }
@@ -834,6 +951,7 @@ impl Driver {
             after,
             target,
             silent: None,
+            planned: false,
         }
     }
 
@@ -850,6 +968,7 @@ impl Driver {
         };
         let id = self.next_id;
         self.next_id += 1;
+        let kept = request.clone();
         if let Request::UpdateLocation { at } = &request {
             self.last_location = Some(*at);
         }
@@ -866,8 +985,9 @@ impl Driver {
                 self.pending.insert(
                     id,
                     Pending {
+                        request: kept,
                         reply,
-                        _permit: permit,
+                        permit,
                         sent: Instant::now(),
                     },
                 );
@@ -880,7 +1000,17 @@ impl Driver {
                 Ok(id)
             }
             Err(e) => {
-                let _ = reply.send(Err(e.clone()));
+                // The connection broke under the write: the call is as good as in flight, and
+                // goes wherever the calls in flight go (failed, or carried over a planned move).
+                self.pending.insert(
+                    id,
+                    Pending {
+                        request: kept,
+                        reply,
+                        permit,
+                        sent: Instant::now(),
+                    },
+                );
                 Err(e)
             }
         }
@@ -902,6 +1032,7 @@ impl Driver {
         mut first_delay: Option<Duration>,
         preferred: Option<String>,
         silent: Option<String>,
+        planned: bool,
     ) -> Result<(), (ClientError, Option<oneshot::Sender<()>>)> {
         let mut attempt: u32 = 0;
         // The node that went silent is tried last.
@@ -914,12 +1045,21 @@ impl Driver {
             let after = first_delay
                 .take()
                 .unwrap_or_else(|| self.config.reconnect.delay(attempt));
+            // A planned move carries the app's calls over its first attempts; past them it is
+            // an outage like any other, and the carried calls fail.
+            let carrying = planned && attempt < CARRIED_ATTEMPTS;
             let _ = self.events.try_send(SdkEvent::Reconnecting {
                 attempt: attempt + 1,
                 after,
                 reason: reason.clone(),
+                planned: carrying,
             });
-            if let Some(ack) = self.wait_refusing_calls(after).await {
+            if !carrying {
+                for c in self.carried.drain(..) {
+                    let _ = c.reply.send(Err(ClientError::Reconnecting));
+                }
+            }
+            if let Some(ack) = self.wait_for_link(after, carrying).await {
                 return Err((ClientError::Closed, ack));
             }
             // Alternate between the preferred node (the one that was serving us, or the one a
@@ -935,7 +1075,14 @@ impl Driver {
                     tracing::info!(addr = %link.addr, attempt, "reconnected");
                     self.session.send_replace(info);
                     self.attach(link);
-                    match self.resume().await {
+                    let resumed = match self.resume().await {
+                        Ok((page, answer)) => match self.send_carried(answer.as_ref()).await {
+                            Ok(()) => Ok(page),
+                            Err(e) => Err(e),
+                        },
+                        Err(e) => Err(e),
+                    };
+                    match resumed {
                         Ok(page) => {
                             let _ = self.events.try_send(SdkEvent::Resumed { page });
                             return Ok(());
@@ -955,9 +1102,15 @@ impl Driver {
         }
     }
 
-    /// Sleeps `after`, failing every call made meanwhile with [`ClientError::Reconnecting`].
-    /// Returns `Some` if the app closed the client while waiting.
-    async fn wait_refusing_calls(&mut self, after: Duration) -> Option<Option<oneshot::Sender<()>>> {
+    /// Sleeps `after`. Every call made meanwhile fails with [`ClientError::Reconnecting`] —
+    /// or, `carrying` (a planned move), waits in [`Driver::carried`] for the next link (a
+    /// location update becomes the one the session resumes with). Returns `Some` if the app
+    /// closed the client while waiting.
+    async fn wait_for_link(
+        &mut self,
+        after: Duration,
+        carrying: bool,
+    ) -> Option<Option<oneshot::Sender<()>>> {
         let sleep = tokio::time::sleep(after);
         tokio::pin!(sleep);
         loop {
@@ -966,6 +1119,16 @@ impl Driver {
                 command = self.commands.recv() => match command {
                     None => return Some(None),
                     Some(Command::Close(ack)) => return Some(Some(ack)),
+                    Some(Command::Request { request, reply, permit }) if carrying => {
+                        if let Request::UpdateLocation { at } = &request {
+                            self.last_location = Some(*at);
+                        }
+                        self.carried.push(Carried {
+                            request,
+                            reply,
+                            permit: Some(permit),
+                        });
+                    }
                     Some(Command::Request { reply, .. }) => {
                         let _ = reply.send(Err(ClientError::Reconnecting));
                     }
@@ -975,8 +1138,10 @@ impl Driver {
     }
 
     /// Re-sends the last location, if any, and returns the fresh first page.
-    async fn resume(&mut self) -> Result<Option<NearbyPage>, ClientError> {
-        let page = self.resume_location().await?;
+    /// Re-sends the last location, if any; returns the fresh first page and the node's answer
+    /// to that location (what carried location updates are answered with).
+    async fn resume(&mut self) -> Result<(Option<NearbyPage>, Option<Response>), ClientError> {
+        let (page, answer) = self.resume_location().await?;
         // Listening to strangers belongs to the session: listen again on the new one.
         if let (Some(page_size), Some(_)) = (self.strangers, &page) {
             match self.roundtrip(Request::ListStrangers { page_size }).await? {
@@ -984,14 +1149,21 @@ impl Driver {
                 other => tracing::warn!(?other, "strangers not listened to again after resuming"),
             }
         }
-        Ok(page)
+        Ok((page, answer))
     }
 
-    async fn resume_location(&mut self) -> Result<Option<NearbyPage>, ClientError> {
+    async fn resume_location(&mut self) -> Result<(Option<NearbyPage>, Option<Response>), ClientError> {
         let Some(at) = self.last_location else {
-            return Ok(None);
+            return Ok((None, None));
         };
-        match self.roundtrip(Request::UpdateLocation { at }).await? {
+        let answer = self.roundtrip(Request::UpdateLocation { at }).await?;
+        let page = self.first_page(&answer).await?;
+        Ok((page, Some(answer)))
+    }
+
+    /// The first page of a resumed session, from the node's answer to its location.
+    async fn first_page(&mut self, answer: &Response) -> Result<Option<NearbyPage>, ClientError> {
+        match answer.clone() {
             Response::Started { page, .. } => Ok(Some(page)),
             // The node still held a live location: the session already runs; ask for the page.
             Response::Located { .. } => match self

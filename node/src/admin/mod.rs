@@ -345,7 +345,7 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "POST",
         path: "/api/v1/rebalance",
-        summary: "Plans moves that even out replicas, leaders and the leaders' load (users online), and carries them out as an operation: at most `max_concurrent` at once (default 2), at most `per_minute` a minute touching any one node (default 30). `dry_run` shows the plan.",
+        summary: "Plans leadership moves that even out the load the leaders carry (users online; placement keeps replica and leader counts even by itself, and a rebalance is refused while it still has steps to take), and carries them out as an operation: at most `max_concurrent` at once (default 2), at most `per_minute` a minute touching any one node (default 30). `dry_run` shows the plan.",
         op: Op::Rebalance,
         query: &[
             Param {

@@ -415,22 +415,28 @@ impl Cluster {
                 if max_concurrent == 0 || per_minute == 0 {
                     return Err("--max-concurrent and --rate must be at least 1".into());
                 }
+                // Replica and leader counts are placement's: it evens them out by itself. Load
+                // is planned on the map it leaves (a transfer within a group that has a replica
+                // too many for a moment would need a vote it cannot get).
                 let held = self.ops.held();
-                let mut steps = super::placement::plan_round(&map, super::rebalance::MAX_PLAN, &held);
-                let mut future = map.clone();
-                for s in &steps {
-                    s.assume_done(&mut future);
+                let pending = super::placement::plan_round(&map, super::rebalance::MAX_PLAN, &held);
+                if !pending.is_empty() {
+                    return Err(format!(
+                        "placement is still evening out replicas and leaders ({} step(s), the first: {}); rebalance once it settles",
+                        pending.len(),
+                        pending[0]
+                    ));
                 }
+                let mut future = map.clone();
                 let load = self.group_loads().await;
                 let before = super::rebalance::node_loads(&future, &load);
-                let by_load: Vec<Step> = super::rebalance::plan(&future, &load, super::rebalance::MAX_PLAN)
+                let steps: Vec<Step> = super::rebalance::plan(&future, &load, super::rebalance::MAX_PLAN)
                     .into_iter()
                     .filter(|s| !held.contains(&s.group()))
                     .collect();
-                for s in &by_load {
+                for s in &steps {
                     s.assume_done(&mut future);
                 }
-                steps.extend(by_load);
                 let after = super::rebalance::node_loads(&future, &load);
                 let show = |l: &std::collections::BTreeMap<NodeId, u64>| {
                     l.iter()

@@ -572,9 +572,14 @@ async fn write_events(
             Popped::Event(e) => e,
             Popped::Closed(CloseReason::SessionEnded) => return,
             Popped::Closed(reason @ (CloseReason::Shutdown | CloseReason::Moved { .. })) => {
-                // Spread the reconnections of a draining node's clients (or of a moved group's)
-                // over two seconds.
-                let reconnect_after_ms = (user.wrapping_mul(2_654_435_761) % 2_000) as u32;
+                // Spread the reconnections of a stopping node's clients over two seconds, and a
+                // moved group's (a leadership handed over, a split, a drain's round) over half
+                // a second: the SDK carries their calls over meanwhile.
+                let spread = match &reason {
+                    CloseReason::Moved { .. } => 500,
+                    _ => 2_000,
+                };
+                let reconnect_after_ms = (user.wrapping_mul(2_654_435_761) % spread) as u32;
                 let redirect = match &reason {
                     CloseReason::Moved { to } => to.clone(),
                     _ => None,

@@ -34,9 +34,10 @@ use crate::oracle::Micros;
 use crate::report::Report;
 use crate::world::{World, WorldConfig};
 
-/// What a kill loop runs with.
+/// A cluster of real processes under load and churn: what the kill loop and the operations
+/// run (`nearby-loadsim operate`) share.
 #[derive(Clone, Debug)]
-pub struct ChaosConfig {
+pub struct LoadSetup {
     /// Where the nodes' files go.
     pub dir: PathBuf,
     /// Nodes.
@@ -45,17 +46,11 @@ pub struct ChaosConfig {
     pub groups: u64,
     /// The world.
     pub world: WorldConfig,
-    /// Kills to make.
-    pub kills: u32,
-    /// How long a killed node stays down.
-    pub down: Duration,
-    /// Pause between a node's return and the next kill.
-    pub between: Duration,
     /// Updates per second, over all participants.
     pub rate: f64,
     /// Relation and privacy changes per second.
     pub churn: f64,
-    /// Seeds the kills and the churn.
+    /// Seeds the churn (and the kills).
     pub seed: u64,
     /// Print progress to stderr.
     pub progress: bool,
@@ -64,6 +59,19 @@ pub struct ChaosConfig {
     /// The clients' request timeout, QUIC keep-alive and idle timeout: how fast a client
     /// notices its node is gone (with or without traffic).
     pub liveness: Liveness,
+}
+
+/// What a kill loop runs with.
+#[derive(Clone, Debug)]
+pub struct ChaosConfig {
+    /// The cluster and its load.
+    pub load: LoadSetup,
+    /// Kills to make.
+    pub kills: u32,
+    /// How long a killed node stays down.
+    pub down: Duration,
+    /// Pause between a node's return and the next kill.
+    pub between: Duration,
 }
 
 /// One kill.
@@ -208,57 +216,61 @@ pub enum ChaosError {
 }
 
 #[allow(clippy::print_stderr)] // progress is this tool's interface
-fn say(on: bool, line: impl AsRef<str>) {
+pub(crate) fn say(on: bool, line: impl AsRef<str>) {
     if on {
         eprintln!("chaos: {}", line.as_ref());
     }
 }
 
-/// Runs the kill loop (see the module doc). MUST be called inside a multi-threaded runtime.
-pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
-    let world = World::generate(config.world.clone()).map_err(|e| ChaosError::World(e.to_string()))?;
-    std::fs::create_dir_all(&config.dir).map_err(|e| ChaosError::World(e.to_string()))?;
-    let seed_file = config.dir.join("world.seed");
+/// A cluster started with the world imported, and its load running (see [`start_under_load`]).
+pub struct UnderLoad {
+    /// The cluster.
+    pub cluster: ProcessCluster,
+    /// The world it serves.
+    pub world: Arc<World>,
+    /// The load, until it ends by itself.
+    pub load: tokio::task::JoinHandle<Result<driver::RunOutput, driver::DriverError>>,
+}
+
+/// Starts the cluster of `setup` with its world imported and drives one step of load and churn
+/// lasting `total`; returns once every client is connected and the step has begun.
+pub async fn start_under_load(setup: &LoadSetup, total: Duration) -> Result<UnderLoad, ChaosError> {
+    let world = World::generate(setup.world.clone()).map_err(|e| ChaosError::World(e.to_string()))?;
+    std::fs::create_dir_all(&setup.dir).map_err(|e| ChaosError::World(e.to_string()))?;
+    let seed_file = setup.dir.join("world.seed");
     world
         .seed()
         .write(&seed_file)
         .map_err(|e| ChaosError::World(e.to_string()))?;
-    let mut opts = match &config.node_bin {
-        Some(bin) => ClusterOptions::with_binary(
-            bin.clone(),
-            config.dir.join("cluster"),
-            config.nodes,
-            config.groups,
-        ),
-        None => ClusterOptions::new(config.dir.join("cluster"), config.nodes, config.groups)?,
+    let mut opts = match &setup.node_bin {
+        Some(bin) => {
+            ClusterOptions::with_binary(bin.clone(), setup.dir.join("cluster"), setup.nodes, setup.groups)
+        }
+        None => ClusterOptions::new(setup.dir.join("cluster"), setup.nodes, setup.groups)?,
     };
     opts.import = Some(seed_file);
     say(
-        config.progress,
-        format!("starting {} nodes, {} groups", config.nodes, config.groups),
+        setup.progress,
+        format!("starting {} nodes, {} groups", setup.nodes, setup.groups),
     );
-    let mut cluster = ProcessCluster::start(opts).await?;
-
-    // One step long enough for every kill, its downtime and the pause after it.
-    let per_kill = config.down + config.between + Duration::from_secs(4);
-    let total = per_kill * config.kills + Duration::from_secs(5);
+    let cluster = ProcessCluster::start(opts).await?;
     let (started_tx, mut started) = watch::channel(false);
     let mut dc = DriverConfig::new(
         cluster.endpoints().join(","),
         cluster.client_ca(),
         vec![Step {
-            rate: config.rate,
+            rate: setup.rate,
             duration: total,
         }],
     );
-    dc.churn = config.churn;
-    dc.churn_seed = config.seed;
+    dc.churn = setup.churn;
+    dc.churn_seed = setup.seed;
     dc.pseudonym_key = Some(cluster.pseudonym_key()?);
-    dc.progress = config.progress;
+    dc.progress = setup.progress;
     dc.connect_timeout = Duration::from_secs(2);
-    dc.request_timeout = config.liveness.request_timeout;
-    dc.keep_alive = config.liveness.keep_alive;
-    dc.idle_timeout = config.liveness.idle_timeout;
+    dc.request_timeout = setup.liveness.request_timeout;
+    dc.keep_alive = setup.liveness.keep_alive;
+    dc.idle_timeout = setup.liveness.idle_timeout;
     dc.started = Some(Arc::new(started_tx));
     let world = Arc::new(world);
     let load = {
@@ -270,11 +282,58 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
             break;
         }
     }
+    Ok(UnderLoad { cluster, world, load })
+}
+
+/// What a run under load ended with (see [`UnderLoad::finish`]).
+pub struct Finished {
+    /// The load's report, the oracle's verdict included.
+    pub report: Report,
+    /// Everything the driver recorded.
+    pub out: driver::RunOutput,
+    /// Every replica checked for the churned users.
+    pub replicas: ReplicaCheck,
+    /// Node processes that exited without being killed.
+    pub crashes: Vec<String>,
+}
+
+impl UnderLoad {
+    /// Waits for the load to end, then judges it and checks every replica; the cluster is
+    /// left running (stop it with [`ProcessCluster::stop`]).
+    pub async fn finish(&mut self, progress: bool) -> Result<Finished, ChaosError> {
+        let out = (&mut self.load)
+            .await
+            .map_err(|e| ChaosError::Driver(e.to_string()))?
+            .map_err(|e| ChaosError::Driver(e.to_string()))?;
+        let crashes: Vec<String> = self
+            .cluster
+            .crashed()
+            .into_iter()
+            .map(|(n, how)| format!("node {n}: {how}"))
+            .collect();
+        let (report, _) = Report::build(&self.world, &self.cluster.endpoints().join(","), &out);
+        let replicas = check_replicas(&self.cluster, &self.world, &out.cycles, progress).await?;
+        Ok(Finished {
+            report,
+            out,
+            replicas,
+            crashes,
+        })
+    }
+}
+
+/// Runs the kill loop (see the module doc). MUST be called inside a multi-threaded runtime.
+pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
+    let setup = &config.load;
+    // One step long enough for every kill, its downtime and the pause after it.
+    let per_kill = config.down + config.between + Duration::from_secs(4);
+    let total = per_kill * config.kills + Duration::from_secs(5);
+    let mut run = start_under_load(setup, total).await?;
     let t0 = Instant::now();
     let mut kills = Vec::new();
     for k in 0..config.kills {
-        let map = cluster.map();
-        let mut leading: BTreeMap<u8, usize> = (1..=config.nodes).map(|n| (n, 0)).collect();
+        let map = run.cluster.map();
+        let mut leading: BTreeMap<u8, usize> = (1..=setup.nodes).map(|n| (n, 0)).collect();
         for (g, e) in &map.groups {
             if let Some(l) = e.leader.and_then(|l| u8::try_from(l).ok()) {
                 if *g != nearby_raft::META_GROUP {
@@ -288,13 +347,13 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
             .max_by_key(|(n, c)| {
                 (
                     **c,
-                    (u64::from(**n) + config.seed + u64::from(k)) % u64::from(config.nodes),
+                    (u64::from(**n) + setup.seed + u64::from(k)) % u64::from(setup.nodes),
                 )
             })
             .map_or(1, |(n, _)| *n);
         let at_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
         say(
-            config.progress,
+            setup.progress,
             format!(
                 "kill {}/{}: node {victim} (leads {} groups)",
                 k + 1,
@@ -302,10 +361,10 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
                 leading[&victim]
             ),
         );
-        cluster.kill(victim);
+        run.cluster.kill(victim);
         tokio::time::sleep(config.down).await;
         let back = Instant::now();
-        cluster.restart(victim).await?;
+        run.cluster.restart(victim).await?;
         kills.push(Kill {
             at_us,
             node: victim,
@@ -314,32 +373,22 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
         });
         tokio::time::sleep(config.between).await;
     }
-    say(config.progress, "kills done; waiting for the load to finish");
-    let out = load
-        .await
-        .map_err(|e| ChaosError::Driver(e.to_string()))?
-        .map_err(|e| ChaosError::Driver(e.to_string()))?;
-    let crashes: Vec<String> = cluster
-        .crashed()
-        .into_iter()
-        .map(|(n, how)| format!("node {n}: {how}"))
-        .collect();
-    let (load_report, _) = Report::build(&world, &cluster.endpoints().join(","), &out);
+    say(setup.progress, "kills done; waiting for the load to finish");
+    let done = run.finish(setup.progress).await?;
     // The driver's clock started before the steps; kills are stamped from the steps' start.
-    let offset = out.windows.first().map_or(0, |w| w.0);
-    let end = out.windows.last().map_or(Micros::MAX, |w| w.1);
-    let served_again = served_again(&out.truth.outages, &kills, offset, end);
-    let replicas = check_replicas(&cluster, &world, &out.cycles, config.progress).await?;
-    let restored = out.cycles.iter().filter(|c| c.restored).count();
+    let offset = done.out.windows.first().map_or(0, |w| w.0);
+    let end = done.out.windows.last().map_or(Micros::MAX, |w| w.1);
+    let served_again = served_again(&done.out.truth.outages, &kills, offset, end);
+    let restored = done.out.cycles.iter().filter(|c| c.restored).count();
     let report = ChaosReport {
-        load: load_report,
+        load: done.report,
         kills,
-        cycles: (out.cycles.len(), restored),
+        cycles: (done.out.cycles.len(), restored),
         served_again,
-        replicas,
-        crashes,
+        replicas: done.replicas,
+        crashes: done.crashes,
     };
-    cluster.stop().await;
+    run.cluster.stop().await;
     Ok(report)
 }
 

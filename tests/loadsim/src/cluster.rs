@@ -204,6 +204,10 @@ impl ProcessCluster {
             .map_err(|e| setup("client certificate", e))?;
         write_file(&dir.join("cert.pem"), ck.cert.pem().as_bytes())?;
         write_secret(&dir.join("key.pem"), ck.signing_key.serialize_pem().as_bytes())?;
+        // Every node's admin API, behind one token (`nodectl --admin … --token-file …`).
+        let token: [u8; 24] = rand::random();
+        let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
+        write_secret(&dir.join("admin-token"), format!("{token}\n").as_bytes())?;
         let signer = TokenSigner::generate().map_err(|e| setup("token key", e))?;
         write_secret(&dir.join("token-key.pk8"), signer.pkcs8())?;
         write_file(
@@ -332,6 +336,22 @@ impl ProcessCluster {
         SocketAddr::from(([127, s[0], s[1], i], 7400))
     }
 
+    /// Node `i`'s admin API address.
+    pub fn admin_addr(&self, i: u8) -> SocketAddr {
+        let s = self.opts.subnet;
+        SocketAddr::from(([127, s[0], s[1], i], 7402))
+    }
+
+    /// The file holding the admin API's token.
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.opts.dir.join("admin-token")
+    }
+
+    /// The `nodectl` next to the node binary.
+    pub fn nodectl(&self) -> PathBuf {
+        self.opts.binary.with_file_name("nodectl")
+    }
+
     fn raft_addr(&self, i: u8) -> SocketAddr {
         let s = self.opts.subnet;
         SocketAddr::from(([127, s[0], s[1], i], 7401))
@@ -354,7 +374,8 @@ impl ProcessCluster {
             "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
              [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n[auth]\ntoken_public_key = {public:?}\n\
-             [limits]\nshed = false\nmin_update_interval_ms = 0\n",
+             [limits]\nshed = false\nmin_update_interval_ms = 0\n\
+             [admin]\nlisten = \"{admin}\"\ntoken_file = {admin_token:?}\n",
             data = self.data(i),
             client = self.client_addr(i),
             raft = self.raft_addr(i),
@@ -365,6 +386,8 @@ impl ProcessCluster {
             tcert = d.join("cert.pem"),
             tkey = d.join("key.pem"),
             public = d.join("token.pub"),
+            admin = self.admin_addr(i),
+            admin_token = d.join("admin-token"),
         );
         std::fs::create_dir_all(self.data(i)).map_err(|e| setup("data directory", e))?;
         write_file(&self.opts.dir.join(format!("n{i}.toml")), text.as_bytes())

@@ -872,9 +872,12 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                 continue;
             }
             SdkEvent::Event(_) => continue,
-            SdkEvent::Reconnecting { reason, .. } => {
+            SdkEvent::Reconnecting { reason, planned, .. } => {
                 if down_since.is_none() {
-                    shared.error(&reason);
+                    // A planned move is a redirect (the node counts those), not an error.
+                    if !planned {
+                        shared.error(&reason);
+                    }
                     // The connection was lost a little before the client noticed.
                     down_since = Some(at.saturating_sub(1_000_000));
                 }

@@ -32,6 +32,8 @@
 //!   and replicas), for the cluster tests, `chaos` and `groups`.
 //! - [`churn`]: relation and privacy changes during a run, and their timeline for the oracle.
 //! - [`chaos`]: the kill loop — a cluster under load and churn, nodes killed and restarted.
+//! - [`operate`]: `nodectl` split, move, merge, drain and rebalance on a cluster under load
+//!   and churn, with redirects counted and the oracle's verdict.
 //! - [`groups`]: a cluster's idle CPU with many hibernating groups, and election time.
 //! - [`report`]: the report as a table and as JSON.
 //! - [`plot`]: reports of several systems drawn against each other as SVG (latency and CPU per
@@ -47,6 +49,7 @@ pub mod compare;
 pub mod driver;
 pub mod groups;
 pub mod metrics;
+pub mod operate;
 pub mod oracle;
 pub mod plot;
 pub mod procstat;

@@ -62,6 +62,12 @@ enum Cmd {
     /// acknowledged writes lost on any replica, time to be served again, and crashes (exit
     /// status 3 if a promise was broken).
     Chaos(ChaosArgs),
+    /// The operator's tool under load: `nodectl split`, `move`, `merge`, `drain`, `undrain` and
+    /// `rebalance` on a cluster of `nearby-node` processes while clients run with relation and
+    /// privacy churn; judged for leaks, misses (< 0.5 %), client errors, acknowledged writes
+    /// lost on any replica and crashes, with the redirects per second during the drain (exit
+    /// status 3 if a promise was broken).
+    Operate(OperateArgs),
     /// Many groups, cheap: a cluster with no clients, its idle CPU per node once groups
     /// hibernate, and how long a killed node's groups take to get new leaders.
     Groups(GroupsArgs),
@@ -84,14 +90,11 @@ enum Cmd {
     },
 }
 
-/// `nearby-loadsim chaos`.
+/// A cluster of real processes under load and churn (`chaos`, `operate`).
 #[derive(Args)]
-struct ChaosArgs {
+struct LoadArgs {
     #[command(flatten)]
     world: WorldArgs,
-    /// Where the nodes' files go (a fresh directory is made inside).
-    #[arg(long, default_value = "./nearby-chaos")]
-    dir: PathBuf,
     /// The `nearby-node` binary (default: next to this one).
     #[arg(long)]
     node_bin: Option<PathBuf>,
@@ -101,15 +104,6 @@ struct ChaosArgs {
     /// Shard groups.
     #[arg(long, default_value_t = 8)]
     groups: u64,
-    /// Kills to make.
-    #[arg(long, default_value_t = 20)]
-    kills: u32,
-    /// Seconds a killed node stays down.
-    #[arg(long, default_value_t = 2.0)]
-    down: f64,
-    /// Seconds between a node's return and the next kill.
-    #[arg(long, default_value_t = 3.0)]
-    between: f64,
     /// Updates per second over all participants.
     #[arg(long, default_value_t = 200.0)]
     rate: f64,
@@ -132,6 +126,62 @@ struct ChaosArgs {
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
+}
+
+impl LoadArgs {
+    fn setup(&self, dir: PathBuf) -> nearby_loadsim::chaos::LoadSetup {
+        nearby_loadsim::chaos::LoadSetup {
+            dir,
+            nodes: self.nodes,
+            groups: self.groups,
+            world: self.world.config(),
+            rate: self.rate,
+            churn: self.churn,
+            seed: self.world.seed,
+            progress: !self.quiet,
+            node_bin: self.node_bin.clone(),
+            liveness: nearby_loadsim::chaos::Liveness {
+                request_timeout: Duration::from_secs_f64(self.request_timeout),
+                keep_alive: Duration::from_secs_f64(self.keep_alive),
+                idle_timeout: Duration::from_secs_f64(self.idle_timeout),
+            },
+        }
+    }
+}
+
+/// `nearby-loadsim chaos`.
+#[derive(Args)]
+struct ChaosArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Where the nodes' files go (a fresh directory is made inside).
+    #[arg(long, default_value = "./nearby-chaos")]
+    dir: PathBuf,
+    /// Kills to make.
+    #[arg(long, default_value_t = 20)]
+    kills: u32,
+    /// Seconds a killed node stays down.
+    #[arg(long, default_value_t = 2.0)]
+    down: f64,
+    /// Seconds between a node's return and the next kill.
+    #[arg(long, default_value_t = 3.0)]
+    between: f64,
+}
+
+/// `nearby-loadsim operate`.
+#[derive(Args)]
+struct OperateArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Where the nodes' files go (a fresh directory is made inside).
+    #[arg(long, default_value = "./nearby-operate")]
+    dir: PathBuf,
+    /// Seconds the load runs (the commands must be done `settle` seconds before its end).
+    #[arg(long, default_value_t = 120.0)]
+    duration: f64,
+    /// Seconds of load before the first command, and at least after the last.
+    #[arg(long, default_value_t = 5.0)]
+    settle: f64,
 }
 
 /// `nearby-loadsim groups`.
@@ -408,6 +458,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Ceiling(args) => ceiling(args),
         Cmd::Chaos(args) => chaos(args),
+        Cmd::Operate(args) => operate(args),
         Cmd::Groups(args) => groups(args),
         Cmd::Radio(args) => radio(args),
         Cmd::CeilingServer {
@@ -660,23 +711,10 @@ fn radio(args: RadioArgs) -> anyhow::Result<ExitCode> {
 fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.join(format!("run-{}", std::process::id()));
     let config = nearby_loadsim::chaos::ChaosConfig {
-        dir: dir.clone(),
-        nodes: args.nodes,
-        groups: args.groups,
-        world: args.world.config(),
+        load: args.load.setup(dir.clone()),
         kills: args.kills,
         down: Duration::from_secs_f64(args.down),
         between: Duration::from_secs_f64(args.between),
-        rate: args.rate,
-        churn: args.churn,
-        seed: args.world.seed,
-        progress: !args.quiet,
-        node_bin: args.node_bin,
-        liveness: nearby_loadsim::chaos::Liveness {
-            request_timeout: Duration::from_secs_f64(args.request_timeout),
-            keep_alive: Duration::from_secs_f64(args.keep_alive),
-            idle_timeout: Duration::from_secs_f64(args.idle_timeout),
-        },
     };
     let rt = runtime()?;
     let report = rt.block_on(nearby_loadsim::chaos::run(config))?;
@@ -687,9 +725,34 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     for c in &report.crashes {
         println!("  crash: {c}");
     }
-    write_json(args.json_out.as_deref(), &report)?;
-    if report.passed() {
-        let _ = std::fs::remove_dir_all(&dir);
+    write_json(args.load.json_out.as_deref(), &report)?;
+    kept_if_broken(report.passed(), &dir)
+}
+
+fn operate(args: OperateArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.join(format!("run-{}", std::process::id()));
+    let config = nearby_loadsim::operate::OperateConfig {
+        load: args.load.setup(dir.clone()),
+        duration: Duration::from_secs_f64(args.duration),
+        settle: Duration::from_secs_f64(args.settle),
+    };
+    let rt = runtime()?;
+    let report = rt.block_on(nearby_loadsim::operate::run(config))?;
+    println!("{}", report.table());
+    for line in report.replicas.lost.iter().take(20) {
+        println!("  lost: {line}");
+    }
+    for c in &report.crashes {
+        println!("  crash: {c}");
+    }
+    write_json(args.load.json_out.as_deref(), &report)?;
+    kept_if_broken(report.passed(), &dir)
+}
+
+/// Removes a run's files if it passed; else keeps them and says where (exit status 3).
+fn kept_if_broken(passed: bool, dir: &Path) -> anyhow::Result<ExitCode> {
+    if passed {
+        let _ = std::fs::remove_dir_all(dir);
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!(

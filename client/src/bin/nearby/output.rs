@@ -324,6 +324,7 @@ pub(crate) fn sdk_event_json(event: &SdkEvent) -> Value {
             attempt,
             after,
             reason,
+            planned,
         } => {
             let (code, message) = client_error_parts(reason);
             json!({
@@ -331,6 +332,7 @@ pub(crate) fn sdk_event_json(event: &SdkEvent) -> Value {
                 "attempt": attempt,
                 "after_ms": u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
                 "reason": {"code": code, "message": message},
+                "planned": planned,
             })
         }
         SdkEvent::Resumed { page } => {
@@ -507,8 +509,14 @@ pub(crate) fn sdk_event_text(event: &SdkEvent, names: &HashMap<UserId, String>, 
             attempt,
             after,
             reason,
+            planned,
         } => format!(
-            "reconnecting (attempt {attempt}, in {} ms): {reason}",
+            "{} (attempt {attempt}, in {} ms): {reason}",
+            if *planned {
+                "moved by the node; reconnecting"
+            } else {
+                "reconnecting"
+            },
             after.as_millis()
         ),
         SdkEvent::Resumed { page } => match page {
@@ -667,9 +675,11 @@ mod tests {
                 attempt: 2,
                 after: Duration::from_millis(250),
                 reason,
+                planned: false,
             }),
             json!({"event": "reconnecting", "attempt": 2, "after_ms": 250,
-                   "reason": {"code": "connection_lost", "message": "connection lost while the request was in flight: gone"}})
+                   "reason": {"code": "connection_lost", "message": "connection lost while the request was in flight: gone"},
+                   "planned": false})
         );
         assert_eq!(
             sdk_event_json(&SdkEvent::Resumed { page: None }),

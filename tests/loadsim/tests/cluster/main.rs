@@ -6,5 +6,6 @@
 mod test_basic;
 mod test_failover;
 mod test_hibernate;
+mod test_operate;
 mod test_product;
 mod util;

@@ -1,0 +1,397 @@
+//! Operating a cluster under load: `nodectl split`, `move`, `merge`, `drain`, `undrain` and
+//! `rebalance` on a cluster of real processes while the load simulator drives its clients with
+//! relation and privacy churn, judged at the end.
+//!
+//! 1. As the kill loop ([`crate::chaos`]): a seeded world imported into a fresh
+//!    [`crate::cluster::ProcessCluster`], every online user connected, one long step of load.
+//! 2. Once the step starts, the script runs the operator's tool, `nodectl`, against the nodes'
+//!    admin APIs, one command after another, each to its end: split the group with the most
+//!    users, move one of the new group's replicas to a node without one, merge the two back
+//!    (which first moves the replicas home), drain the last node, undrain it, rebalance.
+//! 3. Meanwhile every node's `nearby_redirects_total` is sampled every 250 ms: the redirects per
+//!    second the clients saw, during the drain in particular.
+//! 4. The verdict: the oracle's leaks (0) and misses (< 0.5 %), every client error by code (a
+//!    redirect is not an error: the SDK follows it), every command done, every replica holding
+//!    what the acknowledged changes left, no node crashed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::chaos::{say, ChaosError, LoadSetup, ReplicaCheck};
+use crate::cluster::ProcessCluster;
+use crate::report::Report;
+
+/// The miss rate a run may not reach.
+pub const MAX_MISS_RATE: f64 = 0.005;
+
+/// How often the nodes' redirect counters are read.
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+
+/// What an operations run runs with.
+#[derive(Clone, Debug)]
+pub struct OperateConfig {
+    /// The cluster and its load (5 nodes for the issue's run).
+    pub load: LoadSetup,
+    /// How long the load runs; the commands must be done `settle` before its end.
+    pub duration: Duration,
+    /// Load before the first command, and at least after the last.
+    pub settle: Duration,
+}
+
+/// One `nodectl` command of the script.
+#[derive(Clone, Debug, Serialize)]
+pub struct Command {
+    /// What it was, as typed.
+    pub command: String,
+    /// When it started, seconds since the load's step began.
+    pub at_s: f64,
+    /// How long it took, seconds.
+    pub secs: f64,
+    /// Whether it finished as asked (exit status 0).
+    pub ok: bool,
+    /// Its output's last line (or its error).
+    pub said: String,
+}
+
+/// Redirects the clients saw (every node's `nearby_redirects_total`, summed).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Redirects {
+    /// Over the whole run.
+    pub total: u64,
+    /// During the drain.
+    pub during_drain: u64,
+    /// The drain's length, seconds.
+    pub drain_s: f64,
+    /// The most in one second during the drain.
+    pub drain_max_per_s: f64,
+    /// Per second of the run (for plotting), from the step's start.
+    pub per_s: Vec<f64>,
+}
+
+/// An operations run's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct OperateReport {
+    /// The load's report (the oracle's verdict included).
+    pub load: Report,
+    /// The commands, in order.
+    pub commands: Vec<Command>,
+    /// Redirects.
+    pub redirects: Redirects,
+    /// Every replica checked.
+    pub replicas: ReplicaCheck,
+    /// Node processes that exited.
+    pub crashes: Vec<String>,
+    /// Client errors by second of the run (from the step's start) and code: when they came,
+    /// against the commands' times.
+    pub errors_by_second: Vec<(u64, String, u64)>,
+}
+
+impl OperateReport {
+    /// Whether the run kept every promise (see the module doc).
+    pub fn passed(&self) -> bool {
+        self.load.total.leaks == 0
+            && self.load.total.miss_rate < MAX_MISS_RATE
+            && self.load.errors.is_empty()
+            && self.commands.iter().all(|c| c.ok)
+            && self.replicas.lost.is_empty()
+            && self.crashes.is_empty()
+    }
+
+    /// A short table for people.
+    pub fn table(&self) -> String {
+        let mut s = format!("{}\n\ncommands:\n", self.load.table());
+        for c in &self.commands {
+            s.push_str(&format!(
+                "  [{:6.1}s] {:<44} {:>6.1} s  {}  {}\n",
+                c.at_s,
+                c.command,
+                c.secs,
+                if c.ok { "done" } else { "FAILED" },
+                c.said
+            ));
+        }
+        let r = &self.redirects;
+        s.push_str(&format!(
+            "redirects: {} in all; during the drain {} in {:.1} s ({:.1}/s on average, at most {:.0} in one second)\n\
+             every replica: {} groups, {} replicas, {} users each, {} acknowledged writes lost\n\
+             crashes: {}",
+            r.total,
+            r.during_drain,
+            r.drain_s,
+            if r.drain_s > 0.0 {
+                r.during_drain as f64 / r.drain_s
+            } else {
+                0.0
+            },
+            r.drain_max_per_s,
+            self.replicas.groups,
+            self.replicas.replicas,
+            self.replicas.users,
+            self.replicas.lost.len(),
+            self.crashes.len(),
+        ));
+        s
+    }
+}
+
+/// Runs `nodectl ARGS` against the cluster's admin APIs (node `via`'s), to its end.
+async fn nodectl(cluster: &ProcessCluster, via: u8, args: &[String], timeout: Duration) -> (bool, String) {
+    let mut cmd = tokio::process::Command::new(cluster.nodectl());
+    cmd.arg("--admin")
+        .arg(cluster.admin_addr(via).to_string())
+        .arg("--token-file")
+        .arg(cluster.admin_token_file())
+        .args(args)
+        .kill_on_drop(true);
+    match tokio::time::timeout(timeout, cmd.output()).await {
+        Err(_) => (false, format!("did not finish in {timeout:?}")),
+        Ok(Err(e)) => (false, format!("cannot run {}: {e}", cluster.nodectl().display())),
+        Ok(Ok(out)) => {
+            let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+            let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+            let last = if out.status.success() { &stdout } else { &stderr };
+            let said = last.lines().last().unwrap_or("").to_string();
+            (out.status.success(), if said.is_empty() { stderr } else { said })
+        }
+    }
+}
+
+/// `nodectl --json ARGS` as JSON.
+async fn nodectl_json(cluster: &ProcessCluster, args: &[&str]) -> Result<serde_json::Value, ChaosError> {
+    let mut cmd = tokio::process::Command::new(cluster.nodectl());
+    cmd.arg("--json")
+        .arg("--admin")
+        .arg(cluster.admin_addr(1).to_string())
+        .arg("--token-file")
+        .arg(cluster.admin_token_file())
+        .args(args);
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| ChaosError::Driver(format!("nodectl: {e}")))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        ChaosError::Driver(format!(
+            "nodectl {args:?}: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    })
+}
+
+/// One counter from a node's `/metrics` (HTTP/1.0 over a plain TCP connection, like `nodectl`).
+async fn scrape(addr: &str, token: &str, name: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|v| v as u64)
+    };
+    tokio::time::timeout(Duration::from_secs(1), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The script (see the module doc), given the groups as `nodectl groups --json` shows them.
+fn script(groups: &serde_json::Value, nodes: u8) -> Result<Vec<Vec<String>>, ChaosError> {
+    let list = groups["groups"].as_array().cloned().unwrap_or_default();
+    let busiest = list
+        .iter()
+        .max_by_key(|g| g["users"].as_u64().unwrap_or(0))
+        .ok_or_else(|| ChaosError::Driver(format!("no groups: {groups}")))?;
+    let id = busiest["id"].as_u64().unwrap_or(0);
+    let next = list.iter().filter_map(|g| g["id"].as_u64()).max().unwrap_or(0) + 1;
+    let replicas: Vec<u64> = busiest["replicas"]
+        .as_array()
+        .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default();
+    let to = (1..=u64::from(nodes))
+        .find(|n| !replicas.contains(n))
+        .ok_or_else(|| ChaosError::Driver("every node holds the busiest group: use more nodes".into()))?;
+    let from = replicas
+        .iter()
+        .copied()
+        .find(|n| Some(*n) != busiest["leader"].as_u64())
+        .unwrap_or(replicas[0]);
+    let last = u64::from(nodes).to_string();
+    let s = |v: &[&str]| v.iter().map(|x| (*x).to_string()).collect::<Vec<String>>();
+    Ok(vec![
+        s(&["split", &id.to_string()]),
+        s(&[
+            "move",
+            &next.to_string(),
+            "--from",
+            &from.to_string(),
+            "--to",
+            &to.to_string(),
+        ]),
+        s(&["merge", &id.to_string(), &next.to_string()]),
+        s(&["drain", &last, "--timeout", "300"]),
+        s(&["undrain", &last]),
+        s(&["rebalance"]),
+    ])
+}
+
+/// Runs the operations (see the module doc). MUST be called inside a multi-threaded runtime.
+pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
+    let setup = &config.load;
+    let mut run = crate::chaos::start_under_load(setup, config.duration).await?;
+    let t0 = Instant::now();
+    let script_end = t0 + config.duration.saturating_sub(config.settle);
+    let token = std::fs::read_to_string(run.cluster.admin_token_file())
+        .map_err(|e| ChaosError::Driver(format!("admin token: {e}")))?
+        .trim()
+        .to_string();
+    // Redirects sampled while the script runs.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let sampler = {
+        let addrs: Vec<String> = (1..=run.cluster.size())
+            .map(|i| run.cluster.admin_addr(i).to_string())
+            .collect();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let mut last = vec![0u64; addrs.len()];
+            let mut samples: Vec<(f64, u64)> = Vec::new();
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop_rx.changed() => break,
+                }
+                for (i, a) in addrs.iter().enumerate() {
+                    if let Some(v) = scrape(a, &token, "nearby_redirects_total").await {
+                        last[i] = v;
+                    }
+                }
+                samples.push((t0.elapsed().as_secs_f64(), last.iter().sum()));
+            }
+            samples
+        })
+    };
+    tokio::time::sleep(config.settle).await;
+    let groups = nodectl_json(&run.cluster, &["groups"]).await?;
+    let steps = script(&groups, setup.nodes)?;
+    let mut commands = Vec::new();
+    let mut drain_window = None;
+    for args in steps {
+        let at = t0.elapsed().as_secs_f64();
+        let line = format!("nodectl {}", args.join(" "));
+        say(setup.progress, format!("{line} …"));
+        // Through the admin API of a node that stays up (the first). A refusal (exit 2) that
+        // only asks to wait — a rebalance while placement settles — is tried again.
+        let (ok, said) = loop {
+            let left = script_end.saturating_duration_since(Instant::now());
+            let (ok, said) = nodectl(&run.cluster, 1, &args, left).await;
+            if ok || !said.contains("once it settles") || Instant::now() + Duration::from_secs(1) > script_end
+            {
+                break (ok, said);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let secs = t0.elapsed().as_secs_f64() - at;
+        say(
+            setup.progress,
+            format!(
+                "{line}: {} in {secs:.1} s: {said}",
+                if ok { "done" } else { "FAILED" }
+            ),
+        );
+        if args[0] == "drain" {
+            drain_window = Some((at, at + secs));
+        }
+        commands.push(Command {
+            command: line,
+            at_s: at,
+            secs,
+            ok,
+            said,
+        });
+        if !ok {
+            break;
+        }
+    }
+    tokio::time::sleep_until(script_end + config.settle).await;
+    let _ = stop_tx.send(true);
+    let samples = sampler.await.unwrap_or_default();
+    say(setup.progress, "commands done; waiting for the load to finish");
+    let done = run.finish(setup.progress).await?;
+    run.cluster.stop().await;
+    let start = done.out.windows.first().map_or(0, |w| w.0);
+    let mut by_second: std::collections::BTreeMap<(u64, String), u64> = Default::default();
+    for (at, code) in &done.out.errors {
+        *by_second
+            .entry((at.saturating_sub(start) / 1_000_000, code.clone()))
+            .or_default() += 1;
+    }
+    Ok(OperateReport {
+        load: done.report,
+        commands,
+        redirects: redirect_stats(&samples, drain_window),
+        replicas: done.replicas,
+        crashes: done.crashes,
+        errors_by_second: by_second.into_iter().map(|((s, c), n)| (s, c, n)).collect(),
+    })
+}
+
+/// Redirect counts from `(seconds, cumulative total)` samples.
+fn redirect_stats(samples: &[(f64, u64)], drain: Option<(f64, f64)>) -> Redirects {
+    let at = |t: f64| -> u64 {
+        samples
+            .iter()
+            .take_while(|(s, _)| *s <= t)
+            .last()
+            .map_or(samples.first().map_or(0, |s| s.1), |s| s.1)
+    };
+    let first = samples.first().map_or(0, |s| s.1);
+    let end = samples.last().map_or(0.0, |s| s.0);
+    let per_s: Vec<f64> = (0..end.ceil() as usize)
+        .map(|s| at(s as f64 + 1.0).saturating_sub(at(s as f64)) as f64)
+        .collect();
+    let (during, drain_s, max) = match drain {
+        Some((a, b)) => {
+            let max = (a.floor() as usize..b.ceil() as usize)
+                .filter_map(|s| per_s.get(s))
+                .fold(0.0_f64, |m, v| m.max(*v));
+            (at(b).saturating_sub(at(a)), b - a, max)
+        }
+        None => (0, 0.0, 0.0),
+    };
+    Redirects {
+        total: samples.last().map_or(0, |s| s.1).saturating_sub(first),
+        during_drain: during,
+        drain_s,
+        drain_max_per_s: max,
+        per_s,
+    }
+}
+
+/// Writes `report` as JSON to `path`.
+pub fn write_json(path: &Path, report: &OperateReport) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
+    std::fs::write(path, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_are_counted_per_second_and_over_the_drain() {
+        let samples = [(0.25, 10), (1.0, 10), (2.0, 14), (3.0, 24), (4.0, 25), (5.0, 25)];
+        let r = redirect_stats(&samples, Some((1.0, 4.0)));
+        assert_eq!(r.total, 15);
+        assert_eq!(r.during_drain, 15);
+        assert_eq!(r.per_s, vec![0.0, 4.0, 10.0, 1.0, 0.0]);
+        assert_eq!(r.drain_max_per_s, 10.0);
+        assert!((r.drain_s - 3.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,72 @@
+//! The operator's tool under load: `nodectl` split, move, merge, drain, undrain and rebalance on
+//! five real nodes while the simulator's clients run with relation and privacy churn
+//! ([`nearby_loadsim::operate`]).
+
+use std::time::Duration;
+
+use nearby_loadsim::chaos::{Liveness, LoadSetup};
+use nearby_loadsim::operate::{OperateConfig, MAX_MISS_RATE};
+use nearby_loadsim::WorldConfig;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a_crash() {
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let config = OperateConfig {
+        load: LoadSetup {
+            dir: dir.path().to_path_buf(),
+            nodes: 5,
+            groups: 8,
+            world: WorldConfig {
+                seed: 3,
+                users: 1_500,
+                mean_degree: 40.0,
+                ..WorldConfig::default()
+            },
+            rate: 100.0,
+            churn: 2.0,
+            seed: 3,
+            progress: false,
+            node_bin: None,
+            liveness: Liveness::default(),
+        },
+        duration: Duration::from_secs(45),
+        settle: Duration::from_secs(4),
+    };
+    let report = nearby_loadsim::operate::run(config).await.expect("the run");
+    let table = report.table();
+    let kinds: Vec<&str> = report
+        .commands
+        .iter()
+        .filter(|c| c.ok)
+        .filter_map(|c| c.command.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["split", "move", "merge", "drain", "undrain", "rebalance"],
+        "every command done:\n{table}"
+    );
+    assert_eq!(report.load.total.leaks, 0, "{table}");
+    assert!(
+        report.replicas.lost.is_empty(),
+        "{:?}\n{table}",
+        report.replicas.lost
+    );
+    assert!(report.crashes.is_empty(), "{:?}", report.crashes);
+    assert!(
+        report.redirects.during_drain > 0,
+        "the drain moved clients:\n{table}"
+    );
+    // Misses (the goal: under MAX_MISS_RATE) and client errors (the goal: none but redirects)
+    // are reported, not asserted: on this two-core machine five nodes miss ~1 % of updates
+    // even with no command at all (`nearby-loadsim chaos --kills 0`, docs/benchmarks.md).
+    #[allow(clippy::print_stderr)] // the test's own report, shown with --nocapture
+    {
+        eprintln!(
+            "misses {:.3} % (goal < {:.1} %), client errors {:?}, redirects {}",
+            report.load.total.miss_rate * 100.0,
+            MAX_MISS_RATE * 100.0,
+            report.load.errors,
+            report.redirects.total
+        );
+    }
+}
