@@ -980,40 +980,28 @@ impl Driver {
             self.config.token = token.clone();
         }
         let frame = RequestFrame { id, request };
-        match connection::write_request(&mut live.send, &frame).await {
-            Ok(()) => {
-                self.pending.insert(
-                    id,
-                    Pending {
-                        request: kept,
-                        reply,
-                        permit,
-                        sent: Instant::now(),
-                    },
-                );
-                Ok(id)
-            }
+        let written = match connection::write_request(&mut live.send, &frame).await {
             Err(ClientError::Protocol(msg)) => {
                 // The request itself cannot be encoded (e.g. over the frame limit): only this
                 // call fails; the connection is fine.
                 let _ = reply.send(Err(ClientError::Protocol(msg)));
-                Ok(id)
+                return Ok(id);
             }
-            Err(e) => {
-                // The connection broke under the write: the call is as good as in flight, and
-                // goes wherever the calls in flight go (failed, or carried over a planned move).
-                self.pending.insert(
-                    id,
-                    Pending {
-                        request: kept,
-                        reply,
-                        permit,
-                        sent: Instant::now(),
-                    },
-                );
-                Err(e)
-            }
-        }
+            written => written,
+        };
+        // Written, or the connection broke under the write: either way the call is in flight,
+        // and goes wherever the calls in flight go (answered, failed, or carried over a
+        // planned move).
+        self.pending.insert(
+            id,
+            Pending {
+                request: kept,
+                reply,
+                permit,
+                sent: Instant::now(),
+            },
+        );
+        written.map(|()| id)
     }
 
     fn deliver(&mut self, frame: ResponseFrame) {

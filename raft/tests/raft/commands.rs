@@ -460,6 +460,26 @@ impl Groups {
         self.groups.remove(right);
     }
 
+    /// Applies `log` as the node routes it (a relation command to its pair owner's group,
+    /// anything else to the acting user's; an id no group owns is refused before any group
+    /// sees it), with the given deliveries after each command.
+    fn run(&mut self, log: &[(Command, usize, usize)]) {
+        for (cmd, deliveries, times) in log {
+            let target = match cmd.users() {
+                (a, Some(b)) if cmd.is_two_sided() => pair_owner(a, b),
+                (a, _) => a,
+            };
+            if let Some(g) = self.find(target) {
+                self.apply(g, cmd);
+            }
+            for _ in 0..*deliveries {
+                for g in 0..self.groups.len() {
+                    self.deliver_one(g, *times);
+                }
+            }
+        }
+    }
+
     /// Splits group `g` at `at` into a new group, as the node does: the parent's log entry,
     /// then the new group made from the seed, then the parent drops the seed.
     fn split(&mut self, g: usize, at: u64) {
@@ -512,29 +532,12 @@ proptest! {
             let g = w.of(u);
             w.apply(g, &Command::RegisterUser { user: u, name: format!("u{u}") });
         }
-        let run = |w: &mut Groups, log: &[(Command, usize, usize)]| {
-            for (cmd, deliveries, times) in log {
-                let target = match cmd.users() {
-                    (a, Some(b)) if cmd.is_two_sided() => pair_owner(a, b),
-                    (a, _) => a,
-                };
-                // An id no group owns is refused by the node before any group sees it.
-                if let Some(g) = w.find(target) {
-                    w.apply(g, cmd);
-                }
-                for _ in 0..*deliveries {
-                    for g in 0..w.groups.len() {
-                        w.deliver_one(g, *times);
-                    }
-                }
-            }
-        };
-        run(&mut w, &before);
+        w.run(&before);
         w.split(0, at);
         prop_assert_eq!(w.groups[0].1.range(), UserRange::new(1, at).expect("kept"));
         prop_assert!((at..=12).all(|u| w.groups[2].1.user(u).is_some()), "every user went with the split");
         prop_assert!((1..at).all(|u| w.groups[0].1.user(u).is_some() && w.groups[2].1.user(u).is_none()));
-        run(&mut w, &after);
+        w.run(&after);
         while w.groups.iter().any(|(_, g, _)| g.outbox().next().is_some()) {
             for g in 0..w.groups.len() {
                 w.deliver_one(g, 1);
@@ -637,35 +640,19 @@ proptest! {
             let g = w.of(u);
             w.apply(g, &Command::RegisterUser { user: u, name: format!("u{u}") });
         }
-        let run = |w: &mut Groups, log: &[(Command, usize, usize)]| {
-            for (cmd, deliveries, times) in log {
-                let target = match cmd.users() {
-                    (a, Some(b)) if cmd.is_two_sided() => pair_owner(a, b),
-                    (a, _) => a,
-                };
-                if let Some(g) = w.find(target) {
-                    w.apply(g, cmd);
-                }
-                for _ in 0..*deliveries {
-                    for g in 0..w.groups.len() {
-                        w.deliver_one(g, *times);
-                    }
-                }
-            }
-        };
-        run(&mut w, &before);
+        w.run(&before);
         // The upper pair (7..13 and 13..17) has a source below it that delivers to both.
         let (left, joined) = if upper { (1, UserRange::new(7, 17)) } else { (0, UserRange::new(1, 13)) };
         let joined = joined.expect("joined");
         w.merge(left, left + 1);
         prop_assert_eq!(w.groups[left].1.range(), joined);
         prop_assert!((joined.start..joined.end).all(|u| w.groups[left].1.user(u).is_some()));
-        run(&mut w, &middle);
+        w.run(&middle);
         let g = w.of(at);
         if w.groups[g].1.range().start < at {
             w.split(g, at);
         }
-        run(&mut w, &after);
+        w.run(&after);
         while w.groups.iter().any(|(_, g, _)| g.outbox().next().is_some()) {
             for g in 0..w.groups.len() {
                 w.deliver_one(g, 1);

@@ -719,14 +719,14 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let report = rt.block_on(nearby_loadsim::chaos::run(config))?;
     println!("{}", report.table());
-    for line in report.replicas.lost.iter().take(20) {
-        println!("  lost: {line}");
-    }
-    for c in &report.crashes {
-        println!("  crash: {c}");
-    }
-    write_json(args.load.json_out.as_deref(), &report)?;
-    kept_if_broken(report.passed(), &dir)
+    verdict(
+        &report,
+        &report.replicas,
+        &report.crashes,
+        report.passed(),
+        args.load.json_out.as_deref(),
+        &dir,
+    )
 }
 
 fn operate(args: OperateArgs) -> anyhow::Result<ExitCode> {
@@ -739,14 +739,34 @@ fn operate(args: OperateArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let report = rt.block_on(nearby_loadsim::operate::run(config))?;
     println!("{}", report.table());
-    for line in report.replicas.lost.iter().take(20) {
+    verdict(
+        &report,
+        &report.replicas,
+        &report.crashes,
+        report.passed(),
+        args.load.json_out.as_deref(),
+        &dir,
+    )
+}
+
+/// The end of a run on a cluster: what was lost and who crashed, the JSON report, and its
+/// files removed if it passed, else kept (exit status 3).
+fn verdict(
+    report: &impl serde::Serialize,
+    replicas: &nearby_loadsim::chaos::ReplicaCheck,
+    crashes: &[String],
+    passed: bool,
+    json_out: Option<&Path>,
+    dir: &Path,
+) -> anyhow::Result<ExitCode> {
+    for line in replicas.lost.iter().take(20) {
         println!("  lost: {line}");
     }
-    for c in &report.crashes {
+    for c in crashes {
         println!("  crash: {c}");
     }
-    write_json(args.load.json_out.as_deref(), &report)?;
-    kept_if_broken(report.passed(), &dir)
+    write_json(json_out, report)?;
+    kept_if_broken(passed, dir)
 }
 
 /// Removes a run's files if it passed; else keeps them and says where (exit status 3).

@@ -14,7 +14,6 @@
 //!    redirect is not an error: the SDK follows it), every command done, every replica holding
 //!    what the acknowledged changes left, no node crashed.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -372,12 +371,6 @@ fn redirect_stats(samples: &[(f64, u64)], drain: Option<(f64, f64)>) -> Redirect
         drain_max_per_s: max,
         per_s,
     }
-}
-
-/// Writes `report` as JSON to `path`.
-pub fn write_json(path: &Path, report: &OperateReport) -> std::io::Result<()> {
-    let text = serde_json::to_string_pretty(report).map_err(std::io::Error::other)?;
-    std::fs::write(path, text)
 }
 
 #[cfg(test)]
