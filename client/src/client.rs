@@ -58,7 +58,7 @@ pub enum SdkEvent {
         reason: ClientError,
         /// The node moved the session on purpose (a drain, a moved or split group, a node
         /// stopping): a redirect, not a failure. The app's calls meanwhile wait for the next
-        /// connection instead of failing (over the first attempts).
+        /// connection instead of failing (for up to 10 s).
         planned: bool,
     },
     /// The client is connected and authenticated again. If a location had been sent before,
@@ -627,13 +627,44 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// The longest a relation or privacy change may take to be answered: the node confirms a
+/// change that ends someone's permission only once every viewer's group has acted on it (at
+/// most 5 s, after a 3 s grace when a group's leader has just changed), the other side of a
+/// relation after its delivery, and a change routed by an older map once the map moves on
+/// (`docs/protocol.md`). A dead node is still noticed sooner by the QUIC idle timeout.
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long `request` may go unanswered before the node is taken for gone.
+fn answer_within(request: &Request, timeout: Duration) -> Duration {
+    let waits_for_others = matches!(
+        request,
+        Request::AddFriend { .. }
+            | Request::RemoveFriend { .. }
+            | Request::SetSharing { .. }
+            | Request::Hide { .. }
+            | Request::Unhide { .. }
+            | Request::SetDiscoverable { .. }
+            | Request::SetGhost { .. }
+            | Request::AllowFollower { .. }
+            | Request::RevokeFollower { .. }
+            | Request::Unfollow { .. }
+            | Request::DeleteHistory
+            | Request::SetHistory { .. }
+    );
+    if waits_for_others {
+        timeout.max(CHANGE_TIMEOUT)
+    } else {
+        timeout
+    }
+}
+
 /// How long a client whose control stream ended waits for the connection's close (and the
 /// node's reason) before taking the connection for lost.
 const CLOSE_WAIT: Duration = Duration::from_millis(300);
 
-/// Reconnection attempts after a planned move during which the app's calls are carried over
-/// (see [`Driver::carried`]) rather than failed.
-const CARRIED_ATTEMPTS: u32 = 3;
+/// How long after a planned move the app's calls are carried over (see [`Driver::carried`])
+/// rather than failed: the new leader of a moved group is elected and serving well within it.
+const CARRY_FOR: Duration = Duration::from_secs(10);
 
 /// A request written and not yet answered.
 struct Pending {
@@ -824,9 +855,9 @@ impl Driver {
             let overdue = self
                 .pending
                 .values()
-                .map(|p| p.sent)
+                .map(|p| p.sent + answer_within(&p.request, self.config.request_timeout))
                 .min()
-                .map(|sent| tokio::time::Instant::from_std(sent + self.config.request_timeout));
+                .map(tokio::time::Instant::from_std);
             let step = tokio::select! {
                 biased;
                 response = live.responses.recv() => Step::Response(response),
@@ -1023,6 +1054,7 @@ impl Driver {
         planned: bool,
     ) -> Result<(), (ClientError, Option<oneshot::Sender<()>>)> {
         let mut attempt: u32 = 0;
+        let carry_until = Instant::now() + CARRY_FOR;
         // The node that went silent is tried last.
         let avoid: HashSet<String> = silent.into_iter().collect();
         loop {
@@ -1033,9 +1065,9 @@ impl Driver {
             let after = first_delay
                 .take()
                 .unwrap_or_else(|| self.config.reconnect.delay(attempt));
-            // A planned move carries the app's calls over its first attempts; past them it is
-            // an outage like any other, and the carried calls fail.
-            let carrying = planned && attempt < CARRIED_ATTEMPTS;
+            // A planned move carries the app's calls over for a while; past it, it is an
+            // outage like any other, and the carried calls fail.
+            let carrying = planned && Instant::now() + after < carry_until;
             let _ = self.events.try_send(SdkEvent::Reconnecting {
                 attempt: attempt + 1,
                 after,

@@ -586,6 +586,28 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     })
 }
 
+/// Makes an idempotent call until the node answers it (a refusal is an answer), at most
+/// [`SETTLE_TRIES`] times: an error without an answer leaves its outcome unknown.
+async fn settled<F, Fut>(call: F) -> Result<(), ClientError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), ClientError>>,
+{
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match call().await {
+            Err(e) if !matches!(e, ClientError::Server(_)) && tries < SETTLE_TRIES => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// How often a setting whose outcome is unknown is tried.
+const SETTLE_TRIES: u32 = 5;
+
 fn micros(shared: &Shared, at: Instant) -> Micros {
     u64::try_from(at.saturating_duration_since(shared.t0).as_micros()).unwrap_or(u64::MAX)
 }
@@ -679,29 +701,35 @@ async fn participant(
         .events()
         .map(|events| tokio::spawn(read_events(events, Arc::clone(&shared))));
 
+    // The settings are the oracle's truth: a call whose outcome is unknown (no answer, the
+    // connection lost) may have been applied, so it is made again (they are idempotent) until
+    // the node answers.
     if settings.sharing_off {
-        let hidden = if settings.ghost {
-            client
-                .set_ghost(nearby_client::proto::GhostMode::On)
-                .await
-                .map(drop)
-        } else {
-            client.set_sharing(false).await.map(drop)
-        };
+        let hidden = settled(|| async {
+            if settings.ghost {
+                client
+                    .set_ghost(nearby_client::proto::GhostMode::On)
+                    .await
+                    .map(drop)
+            } else {
+                client.set_sharing(false).await.map(drop)
+            }
+        })
+        .await;
         match hidden {
             Ok(()) => out.sharing_off = true,
             Err(e) => shared.error(&e),
         }
     }
     if let Some(friend) = settings.hide_from {
-        match client.hide(friend).await {
-            Ok(_) => out.hid_from = Some(friend),
+        match settled(|| async { client.hide(friend).await.map(drop) }).await {
+            Ok(()) => out.hid_from = Some(friend),
             Err(e) => shared.error(&e),
         }
     }
     if settings.discoverable {
-        match client.set_discoverable(true).await {
-            Ok(_) => out.discoverable = true,
+        match settled(|| async { client.set_discoverable(true).await.map(drop) }).await {
+            Ok(()) => out.discoverable = true,
             Err(e) => shared.error(&e),
         }
     }

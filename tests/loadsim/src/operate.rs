@@ -10,9 +10,10 @@
 //!    (which first moves the replicas home), drain the last node, undrain it, rebalance.
 //! 3. Meanwhile every node's `nearby_redirects_total` is sampled every 250 ms: the redirects per
 //!    second the clients saw, during the drain in particular.
-//! 4. The verdict: the oracle's leaks (0) and misses (< 0.5 %), every client error by code (a
-//!    redirect is not an error: the SDK follows it), every command done, every replica holding
-//!    what the acknowledged changes left, no node crashed.
+//! 4. The verdict: the oracle's leaks (0) and misses (< 0.5 %), no client error from the first
+//!    command on (a redirect is not an error: the SDK follows it, carrying the app's calls over;
+//!    errors while the clients first connect are reported apart), every command done, every
+//!    replica holding what the acknowledged changes left, no node crashed.
 
 use std::time::Duration;
 
@@ -89,11 +90,22 @@ pub struct OperateReport {
 }
 
 impl OperateReport {
+    /// Client errors from the first command on (those before are the load's start-up, not the
+    /// operations': reported apart).
+    pub fn errors_during_commands(&self) -> u64 {
+        let from = self.commands.first().map_or(u64::MAX, |c| c.at_s.floor() as u64);
+        self.errors_by_second
+            .iter()
+            .filter(|(s, _, _)| *s >= from)
+            .map(|(_, _, n)| n)
+            .sum()
+    }
+
     /// Whether the run kept every promise (see the module doc).
     pub fn passed(&self) -> bool {
         self.load.total.leaks == 0
             && self.load.total.miss_rate < MAX_MISS_RATE
-            && self.load.errors.is_empty()
+            && self.errors_during_commands() == 0
             && self.commands.iter().all(|c| c.ok)
             && self.replicas.lost.is_empty()
             && self.crashes.is_empty()
@@ -112,6 +124,12 @@ impl OperateReport {
                 c.said
             ));
         }
+        let during = self.errors_during_commands();
+        let all: u64 = self.load.errors.values().sum();
+        s.push_str(&format!(
+            "client errors from the first command on: {during} (at start-up: {})\n",
+            all.saturating_sub(during)
+        ));
         let r = &self.redirects;
         s.push_str(&format!(
             "redirects: {} in all; during the drain {} in {:.1} s ({:.1}/s on average, at most {:.0} in one second)\n\

@@ -56,17 +56,10 @@ async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a
         report.redirects.during_drain > 0,
         "the drain moved clients:\n{table}"
     );
-    // Misses (the goal: under MAX_MISS_RATE) and client errors (the goal: none but redirects)
-    // are reported, not asserted: on this two-core machine five nodes miss ~1 % of updates
-    // even with no command at all (`nearby-loadsim chaos --kills 0`, docs/benchmarks.md).
-    #[allow(clippy::print_stderr)] // the test's own report, shown with --nocapture
-    {
-        eprintln!(
-            "misses {:.3} % (goal < {:.1} %), client errors {:?}, redirects {}",
-            report.load.total.miss_rate * 100.0,
-            MAX_MISS_RATE * 100.0,
-            report.load.errors,
-            report.redirects.total
-        );
-    }
+    assert!(report.load.total.miss_rate < MAX_MISS_RATE, "{table}");
+    // Moved clients are redirected, not failed: their calls wait for the next connection. The
+    // goal is no error at all; runs show 0, sometimes one `unavailable` answer (a node asked to
+    // retry while a group had no leader it knew of): more than two is a regression (before the
+    // SDK carried calls across moves it was ~300).
+    assert!(report.errors_during_commands() <= 2, "{table}");
 }
