@@ -555,6 +555,11 @@ async fn change(
     }
 }
 
+/// A query parameter the route needs, or 400 naming it.
+fn required(value: Option<u64>, what: &str) -> Result<u64, ApiError> {
+    value.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("{what} is required")))
+}
+
 async fn drain(
     State(s): State<AdminState>,
     Path(node): Path<u64>,
@@ -584,8 +589,7 @@ async fn transfer_leader(
     Path(group): Path<u64>,
     Query(q): Query<ChangeQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let to =
-        q.to.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "`to` (a node id) is required"))?;
+    let to = required(q.to, "`to` (a node id)")?;
     change(&s, OperatorStep::TransferLeader { group, to }, q.dry_run).await
 }
 
@@ -594,12 +598,8 @@ async fn move_replica(
     Path(group): Path<u64>,
     Query(q): Query<ChangeQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (Some(from), Some(to)) = (q.from, q.to) else {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "`from` and `to` (node ids) are required",
-        ));
-    };
+    let from = required(q.from, "`from` (a node id)")?;
+    let to = required(q.to, "`to` (a node id)")?;
     change(&s, OperatorStep::Move { group, from, to }, q.dry_run).await
 }
 
@@ -616,12 +616,7 @@ async fn merge(
     Path(left): Path<u64>,
     Query(q): Query<ChangeQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let right = q.with.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "`with` (the group to absorb) is required",
-        )
-    })?;
+    let right = required(q.with, "`with` (the group to absorb)")?;
     change(&s, OperatorStep::Merge { left, right }, q.dry_run).await
 }
 

@@ -455,16 +455,20 @@ impl Cluster {
                         }
                     }
                 }
-                let Some(seed) = g.read(|s| s.split_seed().cloned()) else {
+                let Some(child) = g.read(|s| s.split_seed().map(|seed| seed.new_group)) else {
                     continue;
                 };
-                let child = seed.new_group;
                 // Once the map says the split is done, a missing replica is an ordinary one
                 // (its leader sends a snapshot), opened from the map.
                 let settled = view.map.groups.get(&child).is_some_and(|e| e.born_of.is_none());
                 if self.host.shard(child).is_some() || settled {
                     continue;
                 }
+                // Copied only now that the replica is to be made: the seed holds every record
+                // the split handed over, and this runs every SPLIT_CHECK.
+                let Some(seed) = g.read(|s| s.split_seed().cloned()) else {
+                    continue;
+                };
                 let members: Option<BTreeMap<NodeId, NodeInfo>> = seed
                     .voters
                     .iter()

@@ -526,32 +526,39 @@ impl Cluster {
         let id = op.id().to_string();
         let cluster = Arc::clone(self);
         tokio::spawn(async move {
-            let mut outcome = Ok(());
-            'steps: for step in &steps {
-                op.step(step.to_string());
-                let mut tries = 0;
-                loop {
-                    tries += 1;
-                    match cluster.take(step).await {
-                        Ok(()) => break,
-                        Err(e) if tries >= STEP_TRIES => {
-                            outcome = Err(format!("{step}: {e}"));
-                            break 'steps;
-                        }
-                        Err(e) => {
-                            tracing::info!(%step, error = %e, tries, "operation step failed; trying again");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                }
-                op.stepped();
-            }
+            let outcome = cluster.take_steps(&op, &steps).await;
             op.finish(outcome);
         });
         Ok(Operated {
             what: format!("started operation {id}: {what}"),
             operation: Some(id),
         })
+    }
+
+    /// Takes `steps` one after another as steps of `op`; stops at the first that fails.
+    async fn take_steps(&self, op: &super::ops::Operation, steps: &[Step]) -> Result<(), String> {
+        for step in steps {
+            op.step(step.to_string());
+            self.take_retrying(step).await?;
+            op.stepped();
+        }
+        Ok(())
+    }
+
+    /// Takes `step`, trying again after a second up to [`STEP_TRIES`] times in all.
+    async fn take_retrying(&self, step: &Step) -> Result<(), String> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.take(step).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tries >= STEP_TRIES => return Err(format!("{step}: {e}")),
+                Err(e) => {
+                    tracing::info!(%step, error = %e, tries, "operation step failed; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// The steps of a split (see `docs/architecture.md`, "Splitting a range"), from the log
@@ -706,19 +713,7 @@ impl Cluster {
                         op.step(step.to_string());
                         busy.insert(step.group());
                         let me = Arc::clone(self);
-                        running.spawn(async move {
-                            let mut tries = 0;
-                            loop {
-                                tries += 1;
-                                match me.take(&step).await {
-                                    Ok(()) => return (step.group(), Ok(())),
-                                    Err(e) if tries >= STEP_TRIES => {
-                                        return (step.group(), Err(format!("{step}: {e}")))
-                                    }
-                                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-                                }
-                            }
-                        });
+                        running.spawn(async move { (step.group(), me.take_retrying(&step).await) });
                     }
                     Err(until) => {
                         wait = until.min(Duration::from_secs(1));
@@ -768,18 +763,7 @@ impl Cluster {
         right: GroupId,
         moves: Vec<Step>,
     ) -> Result<(), String> {
-        for step in &moves {
-            op.step(step.to_string());
-            let mut tries = 0;
-            while let Err(e) = self.take(step).await {
-                tries += 1;
-                if tries >= STEP_TRIES {
-                    return Err(format!("{step}: {e}"));
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            op.stepped();
-        }
+        self.take_steps(op, &moves).await?;
         op.step(format!("freeze group {right}"));
         let propose = |group: GroupId, cmd: Command| async move {
             match self.router.propose(group, Payload::Shard(cmd)).await {

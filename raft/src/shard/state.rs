@@ -162,15 +162,12 @@ impl SplitSeed {
     /// from each source.
     pub fn group_state(&self) -> GroupState {
         GroupState {
-            range: self.range,
             users: self.users.clone(),
             outbox: self.outbox.clone(),
             inbox: self.inbox.clone(),
-            seed: None,
             seq_base: self.index,
-            frozen: None,
-            absorbing: None,
             absorbed: self.absorbed.clone(),
+            ..GroupState::new(self.range)
         }
     }
 }
@@ -637,8 +634,8 @@ mod legacy {
         inbox: BTreeMap<GroupId, u64>,
     }
 
-    impl From<GroupStateV1> for GroupState {
-        fn from(v1: GroupStateV1) -> GroupState {
+    impl From<GroupStateV1> for GroupStateV2 {
+        fn from(v1: GroupStateV1) -> GroupStateV2 {
             let users = v1
                 .users
                 .into_iter()
@@ -660,17 +657,18 @@ mod legacy {
                     (id, record)
                 })
                 .collect();
-            GroupState {
+            GroupStateV2 {
                 range: v1.range,
                 users,
                 outbox: v1.outbox,
                 inbox: v1.inbox,
-                seed: None,
-                seq_base: 0,
-                frozen: None,
-                absorbing: None,
-                absorbed: Vec::new(),
             }
+        }
+    }
+
+    impl From<GroupStateV1> for GroupState {
+        fn from(v1: GroupStateV1) -> GroupState {
+            GroupStateV2::from(v1).into()
         }
     }
 
@@ -686,15 +684,10 @@ mod legacy {
     impl From<GroupStateV2> for GroupState {
         fn from(v2: GroupStateV2) -> GroupState {
             GroupState {
-                range: v2.range,
                 users: v2.users,
                 outbox: v2.outbox,
                 inbox: v2.inbox,
-                seed: None,
-                seq_base: 0,
-                frozen: None,
-                absorbing: None,
-                absorbed: Vec::new(),
+                ..GroupState::new(v2.range)
             }
         }
     }

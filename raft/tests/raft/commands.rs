@@ -365,6 +365,34 @@ struct Groups {
 }
 
 impl Groups {
+    /// Groups 1, 2, … owning `ranges`, with `users` registered.
+    fn with_users(ranges: &[(u64, u64)], users: impl IntoIterator<Item = u64>) -> Self {
+        let mut w = Groups {
+            groups: ranges
+                .iter()
+                .enumerate()
+                .map(|(i, (a, b))| {
+                    (
+                        i as u64 + 1,
+                        GroupState::new(UserRange::new(*a, *b).expect("range")),
+                        0,
+                    )
+                })
+                .collect(),
+        };
+        for u in users {
+            let g = w.of(u);
+            w.apply(
+                g,
+                &Command::RegisterUser {
+                    user: u,
+                    name: format!("u{u}"),
+                },
+            );
+        }
+        w
+    }
+
     fn of(&self, user: u64) -> usize {
         self.find(user).expect("every user has a group")
     }
@@ -551,16 +579,7 @@ proptest! {
         after in proptest::collection::vec((command(), 0usize..3, 1usize..3), 0..80),
         at in 2u64..=12,
     ) {
-        let mut w = Groups {
-            groups: vec![
-                (1, GroupState::new(group_range()), 0),
-                (2, GroupState::new(UserRange::new(13, 17).expect("range")), 0),
-            ],
-        };
-        for u in 1..=16 {
-            let g = w.of(u);
-            w.apply(g, &Command::RegisterUser { user: u, name: format!("u{u}") });
-        }
+        let mut w = Groups::with_users(&[(1, 13), (13, 17)], 1..=16);
         w.run(&before);
         w.split(0, at);
         prop_assert_eq!(w.groups[0].1.range(), UserRange::new(1, at).expect("kept"));
@@ -643,17 +662,7 @@ proptest! {
         at in 2u64..=15,
         upper in any::<bool>(),
     ) {
-        let mut w = Groups {
-            groups: vec![
-                (1, GroupState::new(UserRange::new(1, 7).expect("range")), 0),
-                (2, GroupState::new(UserRange::new(7, 13).expect("range")), 0),
-                (3, GroupState::new(UserRange::new(13, 17).expect("range")), 0),
-            ],
-        };
-        for u in 1..=16 {
-            let g = w.of(u);
-            w.apply(g, &Command::RegisterUser { user: u, name: format!("u{u}") });
-        }
+        let mut w = Groups::with_users(&[(1, 7), (7, 13), (13, 17)], 1..=16);
         w.run(&before);
         // The upper pair (7..13 and 13..17) has a source below it that delivers to both.
         let (left, joined) = if upper { (1, UserRange::new(7, 17)) } else { (0, UserRange::new(1, 13)) };
@@ -674,24 +683,7 @@ proptest! {
 
 #[test]
 fn an_intent_for_an_absorbed_range_is_applied_even_behind_the_absorbers_own_order() {
-    let range = |a, b| UserRange::new(a, b).expect("range");
-    let mut w = Groups {
-        groups: vec![
-            (1, GroupState::new(range(1, 7)), 0),
-            (2, GroupState::new(range(7, 13)), 0),
-            (3, GroupState::new(range(13, 17)), 0),
-        ],
-    };
-    for u in [1, 8, 14] {
-        let g = w.of(u);
-        w.apply(
-            g,
-            &Command::RegisterUser {
-                user: u,
-                name: format!("u{u}"),
-            },
-        );
-    }
+    let mut w = Groups::with_users(&[(1, 7), (7, 13), (13, 17)], [1, 8, 14]);
     // User 1 asks 14 (an intent for group 3), then 8 (an intent for group 2).
     w.apply(0, &Command::AddFriend { from: 1, to: 14 });
     w.apply(0, &Command::AddFriend { from: 1, to: 8 });
