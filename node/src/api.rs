@@ -46,6 +46,18 @@ impl ServiceError {
         Self::new(ErrorCode::Unavailable, message)
     }
 
+    /// The user's home group stopped being led here while the request was in it: the session
+    /// moves, and the session layer does not answer the request but closes the session as
+    /// moved, so the SDK sends it again to the group's new leader ([`ServiceError::is_moved`]).
+    pub fn moved() -> Self {
+        Self::unavailable(MOVED)
+    }
+
+    /// Whether this is [`ServiceError::moved`].
+    pub fn is_moved(&self) -> bool {
+        self.code == ErrorCode::Unavailable && self.message == MOVED
+    }
+
     /// As the wire's error body.
     pub fn body(&self) -> proto::ErrorBody {
         proto::ErrorBody {
@@ -54,6 +66,9 @@ impl ServiceError {
         }
     }
 }
+
+/// The message of [`ServiceError::moved`].
+const MOVED: &str = "this node no longer serves your home shard; reconnect";
 
 /// How an error about a range that moved begins ([`ServiceError::range_moved`]).
 const RANGE_MOVED: &str = "the user's range moved to another group";

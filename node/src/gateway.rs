@@ -73,7 +73,7 @@ fn not_served(user: UserId) -> ServiceError {
 }
 
 fn moved() -> ServiceError {
-    ServiceError::unavailable("this node no longer serves your home shard; reconnect")
+    ServiceError::moved()
 }
 
 fn shard_result(reply: Reply) -> Result<CommandResult, ServiceError> {

@@ -187,6 +187,15 @@ impl<B: Backend> Session<B> {
                         // make every idle session's future as large as the largest request's.
                         let response = match Box::pin(self.handle(f.request)).await {
                             Ok(r) => r,
+                            // The user's group left this node with the request in it: no
+                            // answer; the session moves (a `Shutdown` notice, then a close as
+                            // moved), and the SDK sends the request again where the group is.
+                            Err(e) if e.is_moved() && self.sink.is_some() => {
+                                if let Some(sink) = &self.sink {
+                                    sink.events.close(CloseReason::Moved { to: None });
+                                }
+                                continue;
+                            }
                             Err(e) => Response::Error(e.body()),
                         };
                         self.respond(f.id, response).await?;
@@ -307,6 +316,8 @@ impl<B: Backend> Session<B> {
             Request::UpdateLocation { at } => {
                 let me = self.me()?;
                 let now = Instant::now();
+                // The pace starts after the session's first location: a reconnecting client
+                // resumes with its last position, and the app's next update may follow at once.
                 if self
                     .last_update
                     .is_some_and(|t| now.duration_since(t) < self.ctx.min_update_interval)
@@ -320,7 +331,9 @@ impl<B: Backend> Session<B> {
                         ),
                     ));
                 }
-                self.last_update = Some(now);
+                if self.started {
+                    self.last_update = Some(now);
+                }
                 // Under overload a periodic update is refused before it touches anything; a
                 // session's first location (its start) always goes through.
                 if self.started && self.ctx.load.as_ref().is_some_and(|g| g.shed_update()) {

@@ -518,7 +518,13 @@ async fn updates_faster_than_the_interval_and_sessions_beyond_the_limit_are_refu
     b.at(B.0, B.1).await;
     a.at(A.0, A.1).await;
     assert!(matches!(b.next_about(ann).await, Event::FriendEntered(_)));
-    // A second update right after the first: refused, and nothing of it reaches bob.
+    // The pace counts from the update after the session's start (a resumed session's first
+    // location may be followed at once by the app's next): that one goes through, one right
+    // after it is refused, and nothing of the refused one reaches bob.
+    a.client
+        .update_location(nearby_client::proto::Coord { lat: A.0, lon: A.1 })
+        .await
+        .expect("the update right after the start");
     let e = a
         .client
         .update_location(nearby_client::proto::Coord {
