@@ -591,6 +591,82 @@ proptest! {
     }
 }
 
+/// The case: a user with 5,000 friends — some staying in the old group, some moving
+/// with it, some in another group — is split off. Its record moves whole, every other record is
+/// what it was, and nothing is sent between groups: no friendship is moved or rewritten.
+#[test]
+fn a_user_with_5000_friends_moves_whole_in_a_split_and_no_friendship_is_rewritten() {
+    const HUB: u64 = 10_000;
+    let stay = 1..=1_250u64;
+    let go = HUB + 1..=HUB + 1_250;
+    let other = 20_000..=22_499u64;
+    let friends: Vec<u64> = stay.clone().chain(go.clone()).chain(other.clone()).collect();
+    assert_eq!(friends.len(), 5_000);
+    let mut w = Groups::with_users(
+        &[(1, 20_000), (20_000, 40_000)],
+        std::iter::once(HUB).chain(friends.iter().copied()),
+    );
+    let log: Vec<(Command, usize, usize)> = friends
+        .iter()
+        .flat_map(|&f| {
+            [
+                (Command::AddFriend { from: HUB, to: f }, 0, 1),
+                (Command::AddFriend { from: f, to: HUB }, 0, 1),
+            ]
+        })
+        .collect();
+    w.run(&log);
+    w.settle();
+    let records = |w: &Groups| -> std::collections::BTreeMap<u64, nearby_raft::UserRecord> {
+        w.groups
+            .iter()
+            .flat_map(|(_, s, _)| {
+                s.users()
+                    .filter(|(u, _)| s.range().contains(*u))
+                    .map(|(u, r)| (u, r.clone()))
+            })
+            .collect()
+    };
+    let before = records(&w);
+    assert_eq!(before[&HUB].friends.len(), 5_000);
+
+    w.split(0, HUB);
+    let after = records(&w);
+    assert_eq!(
+        after, before,
+        "every record, the hub's 5,000 friendships included, is what it was"
+    );
+    let new = &w.groups[2].1;
+    assert_eq!(new.range(), UserRange::new(HUB, 20_000).expect("range"));
+    assert!(new.user(HUB).is_some() && go.clone().all(|u| new.user(u).is_some()));
+    assert!(
+        w.groups[0].1.user(HUB).is_none(),
+        "the old group dropped what it handed over"
+    );
+    for (id, s, _) in &w.groups {
+        assert_eq!(
+            s.outbox().count(),
+            0,
+            "group {id} sent intents: a friendship was rewritten"
+        );
+    }
+    // And the hub's friendships still work from the new group: one ends, on both sides.
+    let f = *go.start();
+    w.run(&[(
+        Command::RemoveFriend {
+            user: HUB,
+            friend: *other.start(),
+        },
+        0,
+        1,
+    )]);
+    w.settle();
+    let after = records(&w);
+    assert_eq!(after[&HUB].friends.len(), 4_999);
+    assert!(!after[other.start()].friends.contains(HUB));
+    assert!(after[&f].friends.contains(HUB));
+}
+
 #[test]
 fn a_split_refuses_a_point_outside_the_range_and_commands_for_what_it_handed_over() {
     let mut s = GroupState::new(group_range());
