@@ -313,6 +313,9 @@ struct WorldArgs {
     /// Simulated seconds between two updates of one user.
     #[arg(long, default_value_t = 30.0)]
     period: f64,
+    /// Make the best-connected user a hub with this many friends, online (0: no hub).
+    #[arg(long, default_value_t = 0)]
+    hub_friends: usize,
 }
 
 impl WorldArgs {
@@ -333,6 +336,7 @@ impl WorldArgs {
             discoverable: self.discoverable,
             strangers: self.strangers,
             period_s: self.period,
+            hub_friends: self.hub_friends,
         }
     }
 }

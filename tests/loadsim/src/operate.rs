@@ -219,12 +219,29 @@ async fn scrape(addr: &str, token: &str, name: &str) -> Option<u64> {
 }
 
 /// The script (see the module doc), given the groups as `nodectl groups --json` shows them.
-fn script(groups: &serde_json::Value, nodes: u8) -> Result<Vec<Vec<String>>, ChaosError> {
+/// With a `hub` (a user with thousands of friends), its group is split right at it, so the hub's
+/// record — every one of its friendships — is what moves.
+fn script(groups: &serde_json::Value, nodes: u8, hub: Option<u64>) -> Result<Vec<Vec<String>>, ChaosError> {
     let list = groups["groups"].as_array().cloned().unwrap_or_default();
-    let busiest = list
-        .iter()
-        .max_by_key(|g| g["users"].as_u64().unwrap_or(0))
-        .ok_or_else(|| ChaosError::Driver(format!("no groups: {groups}")))?;
+    let range = |g: &serde_json::Value| {
+        (
+            g["range"][0].as_u64().unwrap_or(0),
+            g["range"][1].as_u64().unwrap_or(0),
+        )
+    };
+    let hub_group = hub.and_then(|h| {
+        list.iter()
+            .find(|g| range(g).0 < h && h < range(g).1)
+            .map(|g| (g, h))
+    });
+    let busiest = match hub_group {
+        Some((g, _)) => Some(g),
+        None => list.iter().max_by_key(|g| g["users"].as_u64().unwrap_or(0)),
+    }
+    .ok_or_else(|| ChaosError::Driver(format!("no groups: {groups}")))?;
+    let split_at: Vec<String> = hub_group
+        .map(|(_, h)| vec!["--at".to_string(), h.to_string()])
+        .unwrap_or_default();
     let id = busiest["id"].as_u64().unwrap_or(0);
     let next = list.iter().filter_map(|g| g["id"].as_u64()).max().unwrap_or(0) + 1;
     let replicas: Vec<u64> = busiest["replicas"]
@@ -241,8 +258,10 @@ fn script(groups: &serde_json::Value, nodes: u8) -> Result<Vec<Vec<String>>, Cha
         .unwrap_or(replicas[0]);
     let last = u64::from(nodes).to_string();
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_string()).collect::<Vec<String>>();
+    let mut split = s(&["split", &id.to_string()]);
+    split.extend(split_at);
     Ok(vec![
-        s(&["split", &id.to_string()]),
+        split,
         s(&[
             "move",
             &next.to_string(),
@@ -296,7 +315,8 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
     };
     tokio::time::sleep(config.settle).await;
     let groups = nodectl_json(&run.cluster, &["groups"]).await?;
-    let steps = script(&groups, setup.nodes)?;
+    let hub = run.world.hub().map(|h| run.world.id(h));
+    let steps = script(&groups, setup.nodes, hub)?;
     let mut commands = Vec::new();
     let mut drain_window = None;
     for args in steps {

@@ -239,6 +239,9 @@ pub struct OracleConfig {
     pub deadline_us: Micros,
     /// A position older than this (plus the deadline) must not be shown.
     pub ttl_us: Micros,
+    /// A user whose deliveries (as viewer or sender) are also counted apart
+    /// ([`Verdict::focus`]): the world's hub.
+    pub focus: Option<UserId>,
 }
 
 impl Default for OracleConfig {
@@ -249,6 +252,7 @@ impl Default for OracleConfig {
             tolerance: 0.01,
             deadline_us: 2_000_000,
             ttl_us: 600_000_000,
+            focus: None,
         }
     }
 }
@@ -401,6 +405,8 @@ pub struct Verdict {
     /// Friends or followed users shown as strangers (not leaks: they may see each other; the
     /// product promises not to repeat them).
     pub friends_as_strangers: u64,
+    /// The deliveries to and from [`OracleConfig::focus`] (all of them also in `total`).
+    pub focus: Tally,
 }
 
 impl Verdict {
@@ -840,6 +846,11 @@ impl<'a> Judge<'a> {
         }
 
         // Pass 2: every acknowledged update against every allowed viewer.
+        let focus = self
+            .config
+            .focus
+            .and_then(|f| self.truth.ids.iter().position(|&id| id == f))
+            .map(|i| i as u32);
         for (s, ups) in self.truth.sent.iter().enumerate() {
             let s = s as u32;
             let audience = self.truth.audience.get(s as usize).map_or(&[][..], Vec::as_slice);
@@ -880,6 +891,11 @@ impl<'a> Judge<'a> {
                         None => &mut rest,
                     };
                     t.expected += 1;
+                    let focused = focus.is_some_and(|f| f == v || f == s);
+                    if focused {
+                        verdict.focus.expected += 1;
+                        verdict.focus.missed += u64::from(!delivered);
+                    }
                     if !delivered {
                         t.missed += 1;
                         if verdict.miss_samples.len() < Verdict::SAMPLES {
@@ -910,6 +926,13 @@ impl<'a> Judge<'a> {
         found: Option<Leak>,
     ) {
         let Some(leak) = found else { return };
+        if self
+            .config
+            .focus
+            .is_some_and(|f| f == leak.viewer || f == leak.sender)
+        {
+            verdict.focus.leaks += 1;
+        }
         match window_of(windows, leak.at_us) {
             Some(w) => verdict.windows[w].leaks += 1,
             None => rest.leaks += 1,

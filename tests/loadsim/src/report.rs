@@ -162,6 +162,21 @@ pub struct Report {
     /// strangers (not leaks; the product promises not to repeat them).
     #[serde(default)]
     pub strangers: (u64, u64),
+    /// The world's hub, if it has one: its id, its friends, and the oracle's counts of the
+    /// deliveries to and from it.
+    #[serde(default)]
+    pub hub: Option<HubReport>,
+}
+
+/// The hub's deliveries ([`crate::world::WorldConfig::hub_friends`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HubReport {
+    /// Its id.
+    pub user: u64,
+    /// Its friends.
+    pub friends: usize,
+    /// Deliveries to and from it.
+    pub oracle: OracleCounts,
 }
 
 impl Report {
@@ -171,6 +186,7 @@ impl Report {
         let config = OracleConfig {
             radius_m: out.radius_m,
             ttl_us: u64::from(out.ttl_s) * 1_000_000,
+            focus: world.hub().map(|h| world.id(h)),
             ..OracleConfig::default()
         };
         let verdict = oracle::judge(&out.truth, &config, &out.windows);
@@ -247,6 +263,11 @@ impl Report {
                 verdict.in_flight_after_ack.1 as f64 / 1_000.0,
             ),
             strangers: (verdict.strangers_seen, verdict.friends_as_strangers),
+            hub: world.hub().map(|h| HubReport {
+                user: world.id(h),
+                friends: world.friends(h).len(),
+                oracle: OracleCounts::of(&verdict.focus),
+            }),
         }
     }
 
@@ -366,6 +387,18 @@ impl Report {
                 s,
                 "in flight at a revocation: {} events arrived after the change was acknowledged, carrying positions processed before it (latest {:.0} ms after)",
                 self.in_flight_after_ack.0, self.in_flight_after_ack.1
+            );
+        }
+        if let Some(h) = &self.hub {
+            let _ = writeln!(
+                s,
+                "hub: user {} with {} friends: {} deliveries to and from it judged, {} missed ({:.3} %), {} leaks",
+                h.user,
+                h.friends,
+                h.oracle.expected,
+                h.oracle.missed,
+                h.oracle.miss_rate * 100.0,
+                h.oracle.leaks
             );
         }
         if self.strangers.0 > 0 {
@@ -511,6 +544,7 @@ pub(crate) mod fixtures {
             miss_samples: vec![],
             in_flight_after_ack: (0, 0.0),
             strangers: (0, 0),
+            hub: None,
         }
     }
 }

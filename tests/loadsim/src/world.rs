@@ -101,6 +101,10 @@ pub struct WorldConfig {
     pub strangers: f64,
     /// Simulated seconds between two updates of one user (what a phone would wait).
     pub period_s: f64,
+    /// If not 0: the best-connected user is made a hub with this many friends (its city's
+    /// users first, then anyone), and is online (see [`World::hub`]).
+    #[serde(default)]
+    pub hub_friends: usize,
 }
 
 fn default_discoverable() -> f64 {
@@ -130,6 +134,7 @@ impl Default for WorldConfig {
             discoverable: default_discoverable(),
             strangers: default_strangers(),
             period_s: 30.0,
+            hub_friends: 0,
         }
     }
 }
@@ -231,6 +236,7 @@ pub struct World {
     hidden: Vec<(u32, u32)>,
     discoverable: Vec<u32>,
     listeners: Vec<u32>,
+    hub: Option<u32>,
 }
 
 impl World {
@@ -367,6 +373,18 @@ impl World {
             }
         }
 
+        let hub = (config.hub_friends > 0).then(|| {
+            make_hub(
+                config.seed,
+                config.hub_friends,
+                &city,
+                &members,
+                &follows,
+                &mut friends,
+                &mut online,
+            )
+        });
+
         Ok(World {
             config,
             step,
@@ -379,6 +397,7 @@ impl World {
             hidden,
             discoverable,
             listeners,
+            hub,
         })
     }
 
@@ -449,6 +468,11 @@ impl World {
     /// Online users who look for strangers (indices, ascending).
     pub fn listeners(&self) -> &[u32] {
         &self.listeners
+    }
+
+    /// The hub (`hub_friends`), if the world has one: an online user with that many friends.
+    pub fn hub(&self) -> Option<u32> {
+        self.hub
     }
 
     /// Number of friendships (each pair once).
@@ -647,6 +671,59 @@ fn point_in_disc(rng: &mut ChaCha8Rng, c: Coord, radius_m: f64) -> Coord {
     shift(c, r * theta.cos(), r * theta.sin())
 }
 
+/// Makes the best-connected user (lowest index among equals) a hub with `want` friends: users
+/// of its city first, then anyone, in an order drawn from a stream of its own (so the rest of a
+/// seed's world is what it is without a hub); never a user in a one-way grant with it. The hub
+/// goes online. Returns its index.
+fn make_hub(
+    seed: u64,
+    want: usize,
+    city: &[u16],
+    members: &[Vec<u32>],
+    follows: &[(u32, u32)],
+    friends: &mut [Vec<u32>],
+    online: &mut Vec<u32>,
+) -> u32 {
+    let n = friends.len();
+    let hub = (0..n)
+        .max_by_key(|&i| (friends[i].len(), std::cmp::Reverse(i)))
+        .unwrap_or(0) as u32;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4855_4253);
+    let shuffle = |mut v: Vec<u32>, rng: &mut ChaCha8Rng| {
+        for i in 0..v.len() {
+            let j = rng.random_range(i..v.len());
+            v.swap(i, j);
+        }
+        v
+    };
+    let local = shuffle(members[city[hub as usize] as usize].clone(), &mut rng);
+    let all = shuffle((0..n as u32).collect(), &mut rng);
+    let granted: HashSet<u32> = follows
+        .iter()
+        .filter_map(|&(u, f)| (u == hub).then_some(f).or((f == hub).then_some(u)))
+        .collect();
+    let mut have: HashSet<u32> = friends[hub as usize].iter().copied().collect();
+    for c in local.into_iter().chain(all) {
+        if have.len() >= want.min(n - 1) {
+            break;
+        }
+        if c == hub || granted.contains(&c) || !have.insert(c) {
+            continue;
+        }
+        let theirs = &mut friends[c as usize];
+        if let Err(at) = theirs.binary_search(&hub) {
+            theirs.insert(at, hub);
+        }
+    }
+    let mut mine: Vec<u32> = have.into_iter().collect();
+    mine.sort_unstable();
+    friends[hub as usize] = mine;
+    if let Err(at) = online.binary_search(&hub) {
+        online.insert(at, hub);
+    }
+    hub
+}
+
 /// Running sums of `w` (the last is the total).
 fn cumulative(w: &[f64]) -> Vec<f64> {
     let mut acc = 0.0;
@@ -766,6 +843,56 @@ mod tests {
         }
         for &(h, f) in w.hidden() {
             assert!(w.friends(h).binary_search(&f).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_hub_gets_its_friends_both_ways_goes_online_and_leaves_the_rest_alone() {
+        let plain = small(5);
+        let w = World::generate(WorldConfig {
+            seed: 5,
+            users: 2_000,
+            hub_friends: 1_500,
+            ..WorldConfig::default()
+        })
+        .expect("world");
+        let hub = w.hub().expect("a hub");
+        assert_eq!(plain.hub(), None);
+        assert_eq!(w.friends(hub).len(), 1_500);
+        assert!(w.friends(hub).windows(2).all(|p| p[0] < p[1]));
+        assert!(w
+            .friends(hub)
+            .iter()
+            .all(|&f| w.friends(f).binary_search(&hub).is_ok()));
+        assert!(w.online().binary_search(&hub).is_ok());
+        // Its friends of its own city come first.
+        let local = w
+            .friends(hub)
+            .iter()
+            .filter(|&&f| w.city(f) == w.city(hub))
+            .count();
+        let city_size = (0..w.len() as u32).filter(|&i| w.city(i) == w.city(hub)).count();
+        // (but for those in a one-way grant with it, who never become its friends)
+        let granted = w
+            .follows()
+            .iter()
+            .filter(|&&(u, f)| {
+                (u == hub && w.city(f) == w.city(hub)) || (f == hub && w.city(u) == w.city(hub))
+            })
+            .count();
+        assert!(
+            local + granted >= (city_size - 1).min(1_500),
+            "{local} (+{granted} granted) of {city_size}"
+        );
+        // Everything else is the world without a hub, but for the hub's new friendships.
+        assert_eq!(w.follows(), plain.follows());
+        assert_eq!(w.hidden(), plain.hidden());
+        for i in (0..w.len() as u32).filter(|&i| i != hub) {
+            let mut theirs: Vec<u32> = w.friends(i).iter().copied().filter(|&f| f != hub).collect();
+            let mut before: Vec<u32> = plain.friends(i).iter().copied().filter(|&f| f != hub).collect();
+            theirs.sort_unstable();
+            before.sort_unstable();
+            assert_eq!(theirs, before, "user {i}");
         }
     }
 

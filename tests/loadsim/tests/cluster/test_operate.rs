@@ -20,6 +20,8 @@ async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a
                 seed: 3,
                 users: 1_500,
                 mean_degree: 40.0,
+                // The split cuts right at a user with 1,000 friends: its record moves whole.
+                hub_friends: 1_000,
                 ..WorldConfig::default()
             },
             rate: 100.0,
@@ -57,6 +59,20 @@ async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a
         "the drain moved clients:\n{table}"
     );
     assert!(report.load.total.miss_rate < MAX_MISS_RATE, "{table}");
+    let hub = report.load.hub.as_ref().expect("the hub's counts");
+    assert!(
+        report.commands[0]
+            .command
+            .ends_with(&format!("--at {}", hub.user)),
+        "{table}"
+    );
+    assert_eq!(hub.friends, 1_000);
+    assert_eq!(hub.oracle.leaks, 0, "{table}");
+    assert!(
+        hub.oracle.expected > 1_000,
+        "the hub's deliveries were judged:\n{table}"
+    );
+    assert!(hub.oracle.miss_rate < MAX_MISS_RATE, "{table}");
     // Moved clients are redirected, not failed: their calls wait for the next connection. The
     // goal is no error at all; runs show 0, sometimes one `unavailable` answer (a node asked to
     // retry while a group had no leader it knew of): more than two is a regression (before the
