@@ -101,13 +101,14 @@ enum Cmd {
         #[arg(long, hide = true)]
         import: Option<PathBuf>,
     },
-    /// Join the cluster of the node at SEED (its node-to-node address), then run.
+    /// Join the cluster of the node at SEED (its node-to-node address), then run. With no SEED
+    /// (and no `cluster.join` in the config), wait to be added: `nodectl add-node ADDR` with this
+    /// node's node-to-node address.
     Join {
         /// The configuration file.
         #[arg(long, short)]
         config: PathBuf,
         /// `host:port` of a node of the cluster.
-        #[arg(required = true)]
         seeds: Vec<String>,
     },
     /// Make an admin API token (`[admin] token_file`; `nodectl` reads it from
@@ -129,6 +130,19 @@ enum Cmd {
     /// The cluster's certificate authority: make one, or issue a node's certificate.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Make a self-signed certificate for the client service (`cert.pem`, and `key.pem` 0600)
+    /// for trying a cluster out; in production, use one from a CA the apps already trust.
+    TlsCert {
+        /// Directory to write the two files to.
+        #[arg(long)]
+        out: PathBuf,
+        /// A name the certificate is for (a DNS name or an IP address); repeatable.
+        #[arg(long = "name", default_value = "localhost")]
+        names: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Make a token signing key: `token-key.pk8` (keep it with the login service) and
     /// `token.pub` (give it to every node as `auth.token_public_key`).
     Keygen {
@@ -285,7 +299,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Join { config, seeds } => {
             let config = NodeConfig::load(&config, env)?;
-            rt.block_on(run_node(config, Bootstrap::Join(seeds), None, None))
+            let seeds = if seeds.is_empty() {
+                config.cluster.join.clone()
+            } else {
+                seeds
+            };
+            let bootstrap = if seeds.is_empty() {
+                Bootstrap::AwaitInvitation
+            } else {
+                Bootstrap::Join(seeds)
+            };
+            rt.block_on(run_node(config, bootstrap, None, None))
         }
         Cmd::Ca(CaCmd::Init { out, name, force }) => ca_init(&out, &name, force),
         Cmd::Ca(CaCmd::Issue {
@@ -295,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
         }) => ca_issue(&ca, node_id, &out, force),
         Cmd::Keygen { out, force } => keygen(&out, force),
+        Cmd::TlsCert { out, names, force } => tls_cert(&out, names, force),
         Cmd::AdminToken { out, force } => {
             secrets::write_admin_token(&out, force).with_context(|| format!("--out {}", out.display()))?;
             tracing::info!(path = %out.display(), "admin token written (0600)");
@@ -431,6 +456,15 @@ fn ca_issue(ca_dir: &Path, node_id: u64, out: &Path, force: bool) -> anyhow::Res
     }
     secrets::write_pseudonym_key(&out.join("pseudonym.key"), &ca_key, force)?;
     tracing::info!(node = node_id, cert = %cert.display(), key = %key.display(), "node certificate issued");
+    Ok(())
+}
+
+fn tls_cert(out: &Path, names: Vec<String>, force: bool) -> anyhow::Result<()> {
+    let ck = rcgen::generate_simple_self_signed(names.clone()).context("making the certificate")?;
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    secrets::write_secret(&key, ck.signing_key.serialize_pem().as_bytes(), force)?;
+    secrets::write_public(&cert, ck.cert.pem().as_bytes(), force)?;
+    tracing::info!(cert = %cert.display(), key = %key.display(), ?names, "self-signed client service certificate written; apps must trust cert.pem");
     Ok(())
 }
 

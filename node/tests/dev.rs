@@ -1,6 +1,9 @@
 //! `nearby-node dev` as a newcomer runs it: a real process, stopped with SIGTERM, started again
 //! on the same data directory.
 
+#[path = "dev/guide.rs"]
+mod guide;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -860,9 +863,19 @@ fn an_operator_sees_the_cluster_and_moves_a_leader_with_nodectl() {
         .find(|v| **v != g0["leader"])
         .expect("another voter")
         .clone();
+    // A member's node-to-node address: inviting it is refused at once.
+    let member = {
+        let (_, status) = http(&admins[0], "GET", "/api/v1/status", Some(&token));
+        let status: serde_json::Value = serde_json::from_str(&status).expect("status json");
+        status["nodes"][1]["raft"]
+            .as_str()
+            .expect("raft address")
+            .to_string()
+    };
     // Every required query parameter the document lists is given, from these samples.
     let sample = |name: &str| -> String {
         match name {
+            "addr" => member.clone(),
             "to" => other_voter.to_string(),
             "from" => g0["leader"].to_string(),
             "with" => list[1]["id"].to_string(),

@@ -51,6 +51,9 @@ pub enum NodeState {
     Draining,
     /// Unreachable (as last judged by the meta group's leader).
     Down,
+    /// Handing its leaderships over and taking none, but keeping its replicas: a node about to
+    /// restart (`nodectl drain --leaders-only`, a rolling upgrade).
+    Cordoned,
 }
 
 impl fmt::Display for NodeState {
@@ -60,6 +63,7 @@ impl fmt::Display for NodeState {
             NodeState::Up => "up",
             NodeState::Draining => "draining",
             NodeState::Down => "down",
+            NodeState::Cordoned => "cordoned",
         })
     }
 }

@@ -155,6 +155,8 @@ pub enum Op {
     Undrain,
     /// Take an empty node out of the cluster.
     RemoveNode,
+    /// Invite a waiting node into the cluster.
+    AddNode,
     /// Move a group's replica between nodes.
     MoveReplica,
     /// Split a group's range.
@@ -247,6 +249,20 @@ pub const ROUTES: &[RouteDoc] = &[
         query: &[],
     },
     RouteDoc {
+        method: "POST",
+        path: "/api/v1/nodes",
+        summary: "Adds the node waiting at `addr` (its node-to-node address; started with `nearby-node join` and no seeds): it is invited, joins, and the answer comes once the map lists it up (`node` is its id). 409 with the reason if it is not waiting, its id is already a member, or it does not answer. `dry_run` only asks it who it is.",
+        op: Op::AddNode,
+        query: &[
+            Param {
+                name: "addr",
+                kind: "string",
+                required: true,
+            },
+            DRY_RUN,
+        ],
+    },
+    RouteDoc {
         method: "GET",
         path: "/api/v1/groups",
         summary: "Every shard group: range, replicas, leader, term, applied and last log index, users, whether it hibernates.",
@@ -270,7 +286,7 @@ pub const ROUTES: &[RouteDoc] = &[
     RouteDoc {
         method: "POST",
         path: "/api/v1/nodes/{id}/drain",
-        summary: "Starts emptying the node: its leaderships handed over a group per placement round, its replicas replaced elsewhere. Refused if fewer than three nodes would stay up, unless `force`.",
+        summary: "Starts emptying the node: its leaderships handed over a group per placement round, its replicas replaced elsewhere. Refused if fewer than three nodes would stay up, unless `force`. With `leaders_only`, the node is cordoned instead: its leaderships handed over the same way, none given to it, its replicas kept (before a restart).",
         op: Op::Drain,
         query: &[
             DRY_RUN,
@@ -279,12 +295,17 @@ pub const ROUTES: &[RouteDoc] = &[
                 kind: "boolean",
                 required: false,
             },
+            Param {
+                name: "leaders_only",
+                kind: "boolean",
+                required: false,
+            },
         ],
     },
     RouteDoc {
         method: "POST",
         path: "/api/v1/nodes/{id}/undrain",
-        summary: "Stops a drain: the node is up again (what moved stays moved).",
+        summary: "Stops a drain or a cordon: the node is up again (what moved stays moved; placement spreads leaders back to it).",
         op: Op::Undrain,
         query: &[DRY_RUN],
     },
@@ -428,6 +449,7 @@ fn handler(op: Op) -> MethodRouter<AdminState> {
         Op::Drain => post(drain),
         Op::Undrain => post(undrain),
         Op::RemoveNode => post(remove_node),
+        Op::AddNode => post(add_node),
         Op::MoveReplica => post(move_replica),
         Op::Split => post(split),
         Op::Merge => post(merge),
@@ -532,10 +554,13 @@ struct ChangeQuery {
     with: Option<u64>,
     max_concurrent: Option<u32>,
     per_minute: Option<u32>,
+    addr: Option<String>,
     #[serde(default)]
     dry_run: bool,
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    leaders_only: bool,
 }
 
 /// Takes `step` (or checks it) on the meta leader; 409 with the reason if refused.
@@ -546,11 +571,17 @@ async fn change(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     match s.cluster.operate_anywhere(&step, dry_run).await {
         // A long step answers once started: `operation` names it (`GET /api/v1/operations`).
-        Ok(o) => Ok(Json(serde_json::json!({
-            "done": !dry_run && o.operation.is_none(),
-            "what": o.what,
-            "operation": o.operation,
-        }))),
+        Ok(o) => {
+            if !dry_run {
+                // Read your writes: what this node answers next shows the change.
+                s.cluster.catch_up_map().await;
+            }
+            Ok(Json(serde_json::json!({
+                "done": !dry_run && o.operation.is_none(),
+                "what": o.what,
+                "operation": o.operation,
+            })))
+        }
         Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
     }
 }
@@ -565,7 +596,12 @@ async fn drain(
     Path(node): Path<u64>,
     Query(q): Query<ChangeQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    change(&s, OperatorStep::Drain { node, force: q.force }, q.dry_run).await
+    let step = if q.leaders_only {
+        OperatorStep::Cordon { node }
+    } else {
+        OperatorStep::Drain { node, force: q.force }
+    };
+    change(&s, step, q.dry_run).await
 }
 
 async fn undrain(
@@ -582,6 +618,29 @@ async fn remove_node(
     Query(q): Query<ChangeQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     change(&s, OperatorStep::RemoveNode { node }, q.dry_run).await
+}
+
+async fn add_node(
+    State(s): State<AdminState>,
+    Query(q): Query<ChangeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let addr = q.addr.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "`addr` (the node's node-to-node address) is required",
+        )
+    })?;
+    match s.cluster.invite(&addr, q.dry_run).await {
+        Ok(invited) => Ok(Json(serde_json::json!({
+            "done": !q.dry_run,
+            "what": invited.what,
+            "node": invited.node,
+            "raft": invited.info.raft,
+            "client": invited.info.client,
+            "admin": invited.info.admin,
+        }))),
+        Err(why) => Err(ApiError::new(StatusCode::CONFLICT, why)),
+    }
 }
 
 async fn transfer_leader(

@@ -25,6 +25,10 @@ pub struct StatusView {
     pub groups_without_leader: usize,
     /// Sessions over every node that answered.
     pub sessions: u64,
+    /// Steps placement would take next on this map (replicas to add, move or promote, leaders
+    /// to spread; at most a round's 32): 0 once every group is replicated and leaders spread.
+    #[serde(default)]
+    pub placement_pending: usize,
     /// Every node.
     pub nodes: Vec<NodeView>,
 }
@@ -177,6 +181,7 @@ pub(super) async fn status(c: &Cluster) -> StatusView {
         meta_leader: view.map.leader(META_GROUP),
         groups,
         groups_without_leader,
+        placement_pending: crate::cluster::placement::plan_round(&view.map, 32, &Default::default()).len(),
         sessions: stats
             .iter()
             .filter_map(|(_, s)| s.as_ref().ok())

@@ -61,10 +61,15 @@ enum Cmd {
         dry_run: bool,
     },
     /// Empty a node: its leaderships handed over a group at a time (its clients follow), its
-    /// replicas replaced on other nodes; waits, showing progress, until it holds nothing.
+    /// replicas replaced on other nodes; waits, showing progress, until it holds nothing. With
+    /// `--leaders-only` (before a restart), only its leaderships move and it keeps its replicas.
     Drain {
         /// The node.
         node: u64,
+        /// Only hand its leaderships over (the node is cordoned: it leads nothing until
+        /// `undrain`, and keeps its replicas).
+        #[arg(long)]
+        leaders_only: bool,
         /// Only check; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -153,6 +158,24 @@ enum Cmd {
     },
     /// Operations in flight (and the last ones finished) on every node.
     Operations,
+    /// Is the cluster whole? Every node up and answering, every group led, placement settled,
+    /// no operation running. Exit 0 if so, 1 (with what is not) if not.
+    Health {
+        /// Wait up to this many seconds for it to become healthy, showing what is still missing
+        /// (exit 3 if it does not).
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// Add a node: the one waiting at ADDR (its node-to-node address; started with
+    /// `nearby-node join --config FILE` and no seeds) is invited, joins, and placement gives it
+    /// replicas and leaders.
+    AddNode {
+        /// The new node's node-to-node address (`host:port`, its `raft_listen`/`advertise`).
+        addr: String,
+        /// Only ask it who it is; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Take a drained node out of the cluster (then stop its process).
     Remove {
         /// The node.
@@ -162,6 +185,9 @@ enum Cmd {
         dry_run: bool,
     },
 }
+
+/// How long a change may take to show in the map of the node `nodectl` asks.
+const MAP_LAG: Duration = Duration::from_secs(5);
 
 /// What the admin API answered.
 struct Answer {
@@ -243,7 +269,8 @@ impl Admin {
 
 /// One HTTP/1.0 exchange (the body ends with the connection): the admin API is small JSON.
 fn request(addr: &str, method: &str, path: &str, token: &str) -> anyhow::Result<Answer> {
-    let timeout = Duration::from_secs(30);
+    // `add-node` answers once the node is in (up to a minute).
+    let timeout = Duration::from_secs(90);
     let sock = addr
         .parse::<std::net::SocketAddr>()
         .with_context(|| format!("{addr} is not host:port"))?;
@@ -322,21 +349,33 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 println!("{raw}");
             } else {
                 println!(
-                    "{:>5}  {:>20}  {:>20}  {:>6}  {:>5}  {:<12}  {:>8}  {:>8}  asleep",
-                    "group", "range start", "range end", "leader", "term", "replicas", "applied", "users"
+                    "{:>5}  {:>20}  {:>20}  {:>6}  {:>5}  {:<12}  {:>8}  {:>8}  {:>8}  {:>10}  asleep",
+                    "group",
+                    "range start",
+                    "range end",
+                    "leader",
+                    "term",
+                    "replicas",
+                    "applied",
+                    "users",
+                    "online",
+                    "updates"
                 );
+                let figure = |v: Option<u64>| v.map_or("?".into(), |v| v.to_string());
                 for x in &g.groups {
                     let replicas: Vec<String> = x.replicas.iter().map(ToString::to_string).collect();
                     println!(
-                        "{:>5}  {:>20}  {:>20}  {:>6}  {:>5}  {:<12}  {:>8}  {:>8}  {}",
+                        "{:>5}  {:>20}  {:>20}  {:>6}  {:>5}  {:<12}  {:>8}  {:>8}  {:>8}  {:>10}  {}",
                         x.id,
                         x.range[0],
                         x.range[1],
                         x.leader.map_or("-".into(), |l| l.to_string()),
                         x.term,
                         replicas.join(","),
-                        x.applied.map_or("?".into(), |a| a.to_string()),
-                        x.users.map_or("?".into(), |u| u.to_string()),
+                        figure(x.applied),
+                        figure(x.users),
+                        figure(x.online),
+                        figure(x.updates_total),
                         x.asleep.map_or("?", |a| if a { "yes" } else { "no" }),
                     );
                 }
@@ -351,6 +390,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Drain {
             node,
+            leaders_only,
             dry_run,
             force,
             no_wait,
@@ -359,13 +399,15 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let code = change(
                 &admin,
                 cli.json,
-                &format!("/api/v1/nodes/{node}/drain?dry_run={dry_run}&force={force}"),
+                &format!(
+                    "/api/v1/nodes/{node}/drain?dry_run={dry_run}&force={force}&leaders_only={leaders_only}"
+                ),
             )?;
             if code != ExitCode::SUCCESS || *dry_run || *no_wait {
                 return Ok(code);
             }
             let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs(t));
-            return wait_drained(&admin, *node, cli.json, deadline);
+            return wait_drained(&admin, *node, *leaders_only, cli.json, deadline);
         }
         Cmd::Undrain { node, dry_run } => {
             return change(
@@ -438,6 +480,17 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Cmd::AddNode { addr, dry_run } => {
+            return change(
+                &admin,
+                cli.json,
+                &format!("/api/v1/nodes?addr={addr}&dry_run={dry_run}"),
+            );
+        }
+        Cmd::Health { wait } => {
+            let deadline = wait.map(|w| std::time::Instant::now() + Duration::from_secs(w));
+            return health(&admin, cli.json, deadline);
+        }
         Cmd::Remove { node, dry_run } => {
             return change(
                 &admin,
@@ -447,6 +500,73 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What keeps the cluster from being whole (empty if it is): nodes not up or not answering,
+/// groups without a leader, placement's pending steps, operations running.
+fn unhealthy(admin: &Admin) -> anyhow::Result<Vec<String>> {
+    let (s, _): (StatusView, String) = admin.get("/api/v1/status")?;
+    let mut why = Vec::new();
+    for n in &s.nodes {
+        if n.state != "up" {
+            why.push(format!("node {} is {}", n.id, n.state));
+        } else if let Some(e) = &n.error {
+            why.push(format!("node {} does not answer: {e}", n.id));
+        }
+    }
+    if s.meta_leader.is_none() {
+        why.push("the meta group has no leader".into());
+    }
+    if s.groups_without_leader > 0 {
+        why.push(format!("{} group(s) without a leader", s.groups_without_leader));
+    }
+    if s.placement_pending > 0 {
+        why.push(format!("placement has {} step(s) to take", s.placement_pending));
+    }
+    let (ops, _): (serde_json::Value, String) = admin.get("/api/v1/operations")?;
+    let running = ops["operations"]
+        .as_array()
+        .map_or(0, |o| o.iter().filter(|o| o["state"] == "running").count());
+    if running > 0 {
+        why.push(format!("{running} operation(s) running"));
+    }
+    Ok(why)
+}
+
+/// `nodectl health [--wait SECS]`.
+fn health(admin: &Admin, json: bool, deadline: Option<std::time::Instant>) -> anyhow::Result<ExitCode> {
+    let mut shown = Vec::new();
+    loop {
+        // While waiting, a node that cannot answer yet (restarting) is one more thing to wait for.
+        let why = match (unhealthy(admin), deadline) {
+            (Ok(why), _) => why,
+            (Err(e), Some(_)) => vec![format!("{e:#}")],
+            (Err(e), None) => return Err(e),
+        };
+        let done = why.is_empty();
+        let late = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+        if done || deadline.is_none() || late {
+            if json {
+                println!("{}", serde_json::json!({ "healthy": done, "problems": why }));
+            } else if done {
+                println!("healthy: every node up, every group led, placement settled, no operation running");
+            } else {
+                for w in &why {
+                    println!("not healthy: {w}");
+                }
+            }
+            return Ok(match (done, late) {
+                (true, _) => ExitCode::SUCCESS,
+                (false, true) => ExitCode::from(3),
+                (false, false) => ExitCode::from(1),
+            });
+        }
+        if why != shown && !json {
+            eprintln!("waiting: {}", why.join("; "));
+            shown = why;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// POSTs a change; prints what was (or would be) done, or the node's refusal (exit 2).
@@ -554,27 +674,38 @@ fn operation(admin: &Admin, json: bool, path: &str, no_wait: bool) -> anyhow::Re
 fn wait_drained(
     admin: &Admin,
     node: u64,
+    leaders_only: bool,
     json: bool,
     deadline: Option<std::time::Instant>,
 ) -> anyhow::Result<ExitCode> {
     let mut first: Option<usize> = None;
     let mut last = None;
+    let state = if leaders_only { "cordoned" } else { "draining" };
+    // The node answering may see the map a moment after the meta leader that took the change.
+    let started = std::time::Instant::now();
     loop {
         let (view, _): (NodesView, String) = admin.get("/api/v1/nodes")?;
         let Some(n) = view.nodes.iter().find(|n| n.id == node) else {
             bail!("node {node} is no longer in the cluster");
         };
-        if n.state != "draining" {
+        if n.state != state {
+            if started.elapsed() < MAP_LAG {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
             bail!(
-                "node {node} is {} now, not draining (someone undrained it?)",
+                "node {node} is {} now, not {state} (someone undrained it?)",
                 n.state
             );
         }
         let sessions = n.stats.as_ref().map(|s| s.sessions);
-        let meta = usize::from(n.meta_replica) + usize::from(n.meta_leader);
-        let left = n.replicas + n.leaders + meta;
+        let left = if leaders_only {
+            n.leaders + usize::from(n.meta_leader)
+        } else {
+            n.replicas + n.leaders + usize::from(n.meta_replica) + usize::from(n.meta_leader)
+        };
         let start = *first.get_or_insert(left.max(1));
-        let now = (n.replicas, n.leaders, meta, sessions);
+        let now = (n.replicas, n.leaders, n.meta_replica, n.meta_leader, sessions);
         if last != Some(now) {
             if json {
                 println!(
@@ -604,12 +735,21 @@ fn wait_drained(
         }
         if left == 0 {
             if !json {
-                println!("node {node} holds nothing now: stop its process, then `nodectl remove {node}`");
+                println!(
+                    "{}",
+                    if leaders_only {
+                        format!("node {node} leads nothing now: restart it, then `nodectl undrain {node}`")
+                    } else {
+                        format!(
+                            "node {node} holds nothing now: stop its process, then `nodectl remove {node}`"
+                        )
+                    }
+                );
             }
             return Ok(ExitCode::SUCCESS);
         }
         if deadline.is_some_and(|d| std::time::Instant::now() > d) {
-            eprintln!("nodectl: gave up waiting; node {node} is still draining (see `nodectl nodes`)");
+            eprintln!("nodectl: gave up waiting; node {node} is still {state} (see `nodectl nodes`)");
             return Ok(ExitCode::from(3));
         }
         std::thread::sleep(Duration::from_millis(500));

@@ -23,6 +23,7 @@
 //!
 //! - [`identity`]: what the data directory remembers of the cluster.
 //! - [`inbound`]: answers peers' requests.
+//! - [`invite`]: adding a node by invitation (`nodectl add-node`).
 //! - [`operate`]: what operators ask of the cluster (the admin API's figures and steps).
 //! - [`ops`]: the long operator steps in flight, and the groups they hold.
 //! - [`placement`]: the placement rules, as a pure planner.
@@ -31,6 +32,7 @@
 
 pub mod identity;
 pub mod inbound;
+pub mod invite;
 pub mod operate;
 pub mod ops;
 pub mod placement;
@@ -138,6 +140,9 @@ pub enum Bootstrap {
     },
     /// Join the cluster one of these nodes (Raft addresses) belongs to.
     Join(Vec<String>),
+    /// Wait for a member's invitation (`nodectl add-node`), then join through the seeds it
+    /// brings (see [`invite`]).
+    AwaitInvitation,
 }
 
 /// The node's part in the cluster (see the module doc).
@@ -156,6 +161,7 @@ pub struct Cluster {
     fatal: tokio::sync::watch::Sender<Option<String>>,
     started: Instant,
     ops: ops::Operations,
+    invitation: Mutex<invite::Invitation>,
     /// The client service's counters.
     metrics: Arc<crate::metrics::ServiceMetrics>,
 }
@@ -260,6 +266,7 @@ impl Cluster {
             fatal: tokio::sync::watch::channel(None).0,
             started: Instant::now(),
             ops: ops::Operations::new(me),
+            invitation: Mutex::new(invite::Invitation::NotWaiting),
             metrics: opts.metrics,
         });
         cluster
@@ -272,6 +279,10 @@ impl Cluster {
             (Some(id), _) => tracing::info!(cluster = %id, node = me, "restarting as a member"),
             (None, Bootstrap::Init { groups }) => cluster.init(*groups).await?,
             (None, Bootstrap::Join(seeds)) => cluster.join(seeds).await?,
+            (None, Bootstrap::AwaitInvitation) => {
+                let seeds = cluster.await_invitation().await;
+                cluster.join(&seeds).await?
+            }
             (None, Bootstrap::Existing) => {
                 return Err(ClusterError::NotInitialised(opts.data.display().to_string()))
             }
@@ -551,14 +562,36 @@ impl Cluster {
     /// Keeps the directory's map current (see the module doc).
     async fn watch_map(self: Arc<Self>) {
         let mut rotate = 0usize;
+        // Whether the open meta replica has seen this node in the group's membership: a new
+        // replica catching up applies older memberships without it first, and is not "removed".
+        let mut member_once = false;
         loop {
             if let Some(meta) = self.host.meta() {
-                if removed_from(meta.raft(), self.me) {
-                    // A drain took this node out of the meta group: its replica gets no more
-                    // entries (not even the map's own record of the removal), so it is closed
-                    // and the map is watched on the nodes that hold the group.
-                    tracing::info!("meta replica removed from this node; closing it");
+                let membership = membership_of(meta.raft(), self.me);
+                member_once |= membership == Membership::Member;
+                let listed = self
+                    .directory
+                    .view()
+                    .map
+                    .groups
+                    .get(&META_GROUP)
+                    .is_some_and(|g| g.has_replica(self.me));
+                // Removed: a drain took this node out of the meta group, and its replica gets
+                // no more entries (not even the map's own record of the removal). Unwanted: a
+                // replica that never became a member and that the map no longer places here.
+                let removed = membership == Membership::NotMember && member_once;
+                let unwanted = membership != Membership::Member && !listed;
+                if removed || unwanted {
+                    // Closed, and the map watched on the nodes that hold the group. Its
+                    // leadership watcher ends with it; a replica opened here again later gets a
+                    // new one.
+                    tracing::info!(removed, "meta replica no longer this node's; closing it");
                     self.host.close_group(META_GROUP).await;
+                    self.watched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&META_GROUP);
+                    member_once = false;
                     continue;
                 }
                 let mut applied = meta.watch_applied();
@@ -1314,14 +1347,29 @@ fn new_cluster_id() -> String {
 /// known (the replica has been initialised or has joined) and its newest configuration names it
 /// neither as a voter nor as a learner. The newest half of a joint configuration counts: a
 /// removed node takes part in the joint step but may never hear of the one that ends it.
-fn removed_from(raft: &nearby_raft::Raft, me: NodeId) -> bool {
+/// Where a node stands in a replica's newest known membership.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Membership {
+    /// No membership known yet (a replica that has applied nothing).
+    Unknown,
+    /// A voter or a learner.
+    Member,
+    /// Neither.
+    NotMember,
+}
+
+fn membership_of(raft: &nearby_raft::Raft, me: NodeId) -> Membership {
     let metrics = raft.metrics();
     let metrics = metrics.borrow();
     let membership = metrics.membership_config.membership();
-    let Some(newest) = membership.get_joint_config().last() else {
-        return false;
-    };
-    !newest.is_empty() && !newest.contains(&me) && !membership.learner_ids().any(|n| n == me)
+    match membership.get_joint_config().last() {
+        None => Membership::Unknown,
+        Some(newest) if newest.is_empty() => Membership::Unknown,
+        Some(newest) if newest.contains(&me) || membership.learner_ids().any(|n| n == me) => {
+            Membership::Member
+        }
+        Some(_) => Membership::NotMember,
+    }
 }
 
 /// On a group's leader: waits until `node`'s replica has the log up to `index`, or `within`

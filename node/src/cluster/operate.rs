@@ -53,6 +53,9 @@ const MERGE_CHUNK: u32 = 128;
 /// How often a step of an operation is tried before the operation fails.
 const STEP_TRIES: u32 = 3;
 
+/// How long an operator's step waits for the meta group to have a leader.
+const META_LEADER_WAIT: Duration = Duration::from_secs(10);
+
 /// `node`'s state in `map`, or why it has none.
 fn state_of(map: &nearby_raft::ClusterMap, node: NodeId) -> Result<NodeState, String> {
     map.nodes
@@ -235,13 +238,49 @@ impl Cluster {
                 .await?;
                 Ok(Operated::said(format!("started: {what}")))
             }
-            OperatorStep::Undrain { node } => {
+            OperatorStep::Cordon { node } => {
                 match state_of(&map, node)? {
-                    NodeState::Draining => {}
-                    state => return Err(format!("node {node} is {state}, not draining")),
+                    NodeState::Up => {}
+                    NodeState::Cordoned => {
+                        return Ok(Operated::said(format!("node {node} is already cordoned")))
+                    }
+                    state => return Err(format!("node {node} is {state}, not up")),
                 }
+                let others = map
+                    .nodes
+                    .iter()
+                    .filter(|(n, e)| **n != node && e.state == NodeState::Up)
+                    .count();
+                if others == 0 {
+                    return Err(format!(
+                        "node {node} is the only node up: nobody could lead its groups"
+                    ));
+                }
+                let leaders = map.groups.values().filter(|g| g.leader == Some(node)).count();
+                let what = format!(
+                    "cordon node {node}: hand over its {leaders} leadership(s), one group per round, and give it none; \
+                     its replicas stay (undrain it once it is back)"
+                );
                 if dry_run {
-                    return Ok(Operated::said(format!("would stop draining node {node}")));
+                    return Ok(Operated::said(format!("would {what}")));
+                }
+                tracing::info!(node, "operator: cordoning");
+                self.propose_map(MetaCommand::SetNodeState {
+                    node,
+                    state: NodeState::Cordoned,
+                })
+                .await?;
+                Ok(Operated::said(format!("started: {what}")))
+            }
+            OperatorStep::Undrain { node } => {
+                let state = state_of(&map, node)?;
+                let doing = match state {
+                    NodeState::Draining => "draining",
+                    NodeState::Cordoned => "cordoning",
+                    state => return Err(format!("node {node} is {state}, neither draining nor cordoned")),
+                };
+                if dry_run {
+                    return Ok(Operated::said(format!("would stop {doing} node {node}")));
                 }
                 self.propose_map(MetaCommand::SetNodeState {
                     node,
@@ -632,29 +671,9 @@ impl Cluster {
         op.step(format!(
             "snapshot group {new_group}, so later replicas copy its state"
         ));
-        let leader = self.directory.leader(new_group).unwrap_or(leader);
-        let compacted = if leader == self.me {
-            match self.host.shard(new_group) {
-                Some(g) => g
-                    .compact(SPLIT_ELECTION)
-                    .await
-                    .map(drop)
-                    .map_err(|e| e.to_string()),
-                None => Err("no replica here".into()),
-            }
-        } else {
-            match self
-                .router
-                .peers()
-                .call_within(leader, &PeerRequest::Compact { group: new_group }, SPLIT_ELECTION)
-                .await
-            {
-                Ok(PeerResponse::Done) => Ok(()),
-                Ok(other) => Err(format!("{other:?}")),
-                Err(e) => Err(e.to_string()),
-            }
-        };
-        compacted.map_err(|e| format!("cannot snapshot group {new_group}: {e}"))?;
+        self.compact_on_leader(new_group, SPLIT_ELECTION)
+            .await
+            .map_err(|e| format!("cannot snapshot group {new_group}: {e}"))?;
         op.stepped();
         op.step(format!("drop group {group}'s copy of what it handed over"));
         self.router
@@ -667,6 +686,42 @@ impl Cluster {
             .await?;
         op.stepped();
         Ok(())
+    }
+
+    /// Snapshots `group` on its leader, wherever that is, following leadership changes (a young
+    /// group may still change leaders) until `within` has passed.
+    async fn compact_on_leader(&self, group: GroupId, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1));
+            let attempt = match self.directory.leader(group) {
+                None => Err("no known leader".to_string()),
+                Some(l) if l == self.me => match self.host.shard(group) {
+                    Some(g) => g.compact(left).await.map(drop).map_err(|e| e.to_string()),
+                    None => Err("no replica here".into()),
+                },
+                Some(l) => match self
+                    .router
+                    .peers()
+                    .call_within(l, &PeerRequest::Compact { group }, left)
+                    .await
+                {
+                    Ok(PeerResponse::Done) => Ok(()),
+                    Ok(other) => Err(format!("node {l} answered {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::info!(group, error = %e, "snapshot on the group's leader failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
     }
 
     /// Each shard group's load as its leader reports it: users online.
@@ -883,33 +938,60 @@ impl Cluster {
         (all, silent)
     }
 
+    /// Brings this node's map up to the meta leader's (within 2 s): a change an operator made
+    /// through this node is then in what this node shows next.
+    pub async fn catch_up_map(&self) {
+        let Some(leader) = self.directory.leader(META_GROUP).filter(|l| *l != self.me) else {
+            return;
+        };
+        let req = PeerRequest::WatchMap { since: 0, wait_ms: 0 };
+        if let Ok(PeerResponse::Map(map)) = self.router.peers().call_within(leader, &req, STATS_TIMEOUT).await
+        {
+            if self.directory.install(*map) {
+                self.saved();
+            }
+        }
+    }
+
     /// [`Cluster::operate`] on the meta group's leader, wherever it is.
     pub async fn operate_anywhere(
         self: &Arc<Self>,
         step: &OperatorStep,
         dry_run: bool,
     ) -> Result<Operated, String> {
-        if self.router.leads(META_GROUP) {
-            return self.operate(step, dry_run).await;
-        }
-        let leader = self
-            .directory
-            .leader(META_GROUP)
-            .ok_or("the meta group has no known leader; try again")?;
+        // The meta group may be between leaders (a restart, a cordon): the step waits for one,
+        // as a client's change waits for its group's. Only a "not the leader" answer is retried:
+        // the step was not taken then.
+        let deadline = Instant::now() + META_LEADER_WAIT;
         let req = PeerRequest::Operate {
             step: step.clone(),
             dry_run,
         };
-        match self
-            .router
-            .peers()
-            .call_within(leader, &req, OPERATE_TIMEOUT)
-            .await
-        {
-            Ok(PeerResponse::Failed(why)) => Err(why),
-            Ok(PeerResponse::Operated(done)) => Ok(done),
-            Ok(other) => Err(format!("node {leader} answered {other:?}")),
-            Err(e) => Err(e.to_string()),
+        loop {
+            if self.router.leads(META_GROUP) {
+                return self.operate(step, dry_run).await;
+            }
+            let why = match self.directory.leader(META_GROUP) {
+                None => "the meta group has no known leader; try again".to_string(),
+                Some(leader) => match self
+                    .router
+                    .peers()
+                    .call_within(leader, &req, OPERATE_TIMEOUT)
+                    .await
+                {
+                    Ok(PeerResponse::Failed(why)) => return Err(why),
+                    Ok(PeerResponse::Operated(done)) => return Ok(done),
+                    Ok(PeerResponse::NotLeader { .. }) => {
+                        format!("node {leader} no longer leads the meta group; try again")
+                    }
+                    Ok(other) => return Err(format!("node {leader} answered {other:?}")),
+                    Err(e) => return Err(e.to_string()),
+                },
+            };
+            if Instant::now() >= deadline {
+                return Err(why);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

@@ -17,7 +17,9 @@
 //! replicas: it gets nothing new, hands the leadership of each group it leads to another voter
 //! (at most [`DRAIN_TRANSFERS_PER_ROUND`] per round, so its clients move to the new leaders at a
 //! bounded rate), and each of its replicas is replaced — a new one added elsewhere first, then its
-//! own removed — until it holds nothing.
+//! own removed — until it holds nothing. A **cordoned** node (`nodectl drain --leaders-only`,
+//! before a restart) hands its leaderships over the same way and gets nothing new, but keeps its
+//! replicas: it still votes and stores, so a restart costs no copy and no election.
 //!
 //! Steps go in rounds: [`plan_round`] picks up to a limit of steps for distinct groups, planned
 //! one after another on a copy of the map where each earlier one is assumed done, so they agree
@@ -132,7 +134,7 @@ pub fn plan_round(map: &ClusterMap, limit: usize, held: &BTreeSet<GroupId>) -> V
     let mut round: Vec<Step> = Vec::new();
     // A later step of a group already in the round is assumed (so planning moves past it) but
     // left for the next round; the bound stops planning a map whose steps are all of those.
-    let draining = |n: NodeId| map.nodes.get(&n).is_some_and(|e| e.state == NodeState::Draining);
+    let draining = |n: NodeId| map.nodes.get(&n).is_some_and(|e| leaves_leadership(e.state));
     let mut transfers = 0;
     // Groups whose leadership move waits for a later round (a drain's beyond the pace, or the
     // meta group's): nothing else of theirs goes first (a replacement replica added before the
@@ -289,11 +291,22 @@ fn nodes_in(map: &ClusterMap, state: NodeState) -> Vec<NodeId> {
         .collect()
 }
 
-/// The next step off a draining node (see the module doc): its leaderships first, then each of
-/// its replicas replaced (added elsewhere, then removed).
+/// Whether a node in `state` hands its leaderships over (draining or cordoned).
+fn leaves_leadership(state: NodeState) -> bool {
+    matches!(state, NodeState::Draining | NodeState::Cordoned)
+}
+
+/// The next step off a draining or cordoned node (see the module doc): its leaderships first,
+/// then (draining only) each of its replicas replaced (added elsewhere, then removed).
 fn drain(map: &ClusterMap, up: &[NodeId], want: usize) -> Option<Step> {
     let draining = nodes_in(map, NodeState::Draining);
-    if draining.is_empty() {
+    let leaving: Vec<NodeId> = map
+        .nodes
+        .iter()
+        .filter(|(_, e)| leaves_leadership(e.state))
+        .map(|(id, _)| *id)
+        .collect();
+    if leaving.is_empty() {
         return None;
     }
     let mut leading: BTreeMap<NodeId, usize> = up.iter().map(|n| (*n, 0)).collect();
@@ -309,7 +322,7 @@ fn drain(map: &ClusterMap, up: &[NodeId], want: usize) -> Option<Step> {
         }
     }
     for (id, g) in &map.groups {
-        if g.leader.is_some_and(|l| draining.contains(&l)) {
+        if g.leader.is_some_and(|l| leaving.contains(&l)) {
             let to = g
                 .voters
                 .iter()
@@ -496,6 +509,44 @@ mod tests {
         for (id, g) in &m.groups {
             assert_eq!(g.voters.len(), 3, "group {id} keeps three voters");
         }
+    }
+
+    #[test]
+    fn a_cordoned_node_of_three_hands_over_its_leaders_keeps_its_replicas_and_leads_again_when_up() {
+        let mut m = cluster(3, 6);
+        converge(&mut m);
+        let led = |m: &ClusterMap, n: NodeId| m.groups.values().filter(|g| g.leader == Some(n)).count();
+        let held = |m: &ClusterMap, n: NodeId| m.groups.values().filter(|g| g.has_replica(n)).count();
+        let before = m.clone();
+        // Node 1 leads the meta group and shard groups: a rolling restart's first node.
+        assert!(led(&m, 1) >= 2, "{m:?}");
+        m.apply(&MetaCommand::SetNodeState {
+            node: 1,
+            state: NodeState::Cordoned,
+        });
+        let steps = converge(&mut m);
+        assert!(
+            steps
+                .iter()
+                .all(|s| matches!(s, Step::TransferLeader { to, .. } if *to != 1)),
+            "only leaderships move, never to the cordoned node: {steps:?}"
+        );
+        assert_eq!(led(&m, 1), 0, "{m:?}");
+        assert_eq!(held(&m, 1), held(&before, 1), "it keeps every replica");
+        for (id, g) in &m.groups {
+            assert_eq!(g.voters, before.groups[id].voters, "group {id}");
+        }
+        // Up again: leaders are spread back to it, and still no replica moves.
+        m.apply(&MetaCommand::SetNodeState {
+            node: 1,
+            state: NodeState::Up,
+        });
+        let steps = converge(&mut m);
+        assert!(
+            steps.iter().all(|s| matches!(s, Step::TransferLeader { .. })),
+            "{steps:?}"
+        );
+        assert!(led(&m, 1) >= 1, "{m:?}");
     }
 
     #[test]

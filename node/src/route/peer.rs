@@ -244,6 +244,15 @@ pub enum PeerRequest {
         /// The group.
         group: GroupId,
     },
+    /// To a node waiting to be added (`nearby-node join` with no seeds): join the cluster
+    /// through these members' Raft addresses; with `dry_run`, only say who you are
+    /// (see `cluster::invite`).
+    Invite {
+        /// Raft addresses of members that are up.
+        seeds: Vec<String>,
+        /// Only answer with the node's id and addresses.
+        dry_run: bool,
+    },
 }
 
 /// What a merge needs to know of a group ([`ReadQuery::MergeState`]).
@@ -283,7 +292,7 @@ pub enum OperatorStep {
         /// Drain even if groups are left with fewer than three replicas.
         force: bool,
     },
-    /// Stop draining `node`: it is up again (what moved stays moved).
+    /// Stop draining or cordoning `node`: it is up again (what moved stays moved).
     Undrain {
         /// The node.
         node: NodeId,
@@ -330,6 +339,12 @@ pub enum OperatorStep {
         from: NodeId,
         /// The node to hold it.
         to: NodeId,
+    },
+    /// Cordon `node` (`nodectl drain --leaders-only`): hand its leaderships over, give it none,
+    /// leave its replicas where they are — before a restart. `Undrain` ends it.
+    Cordon {
+        /// The node.
+        node: NodeId,
     },
 }
 
@@ -482,6 +497,13 @@ pub enum PeerResponse {
     Operations(Vec<crate::cluster::ops::OperationView>),
     /// The request failed; nothing was done.
     Failed(String),
+    /// The answer to [`PeerRequest::Invite`]: the invited node's id and addresses.
+    Invited {
+        /// Its id (its certificate's).
+        node: NodeId,
+        /// Its addresses.
+        info: NodeInfo,
+    },
 }
 
 /// Why a peer request failed.
@@ -624,7 +646,8 @@ impl Peers {
         self.call_addr_within(addr, node, req, CALL_TIMEOUT).await
     }
 
-    async fn call_addr_within(
+    /// [`Peers::call_addr`] with its own timeout.
+    pub async fn call_addr_within(
         &self,
         addr: SocketAddr,
         node: Option<NodeId>,
