@@ -16,8 +16,10 @@
 //! A change applied at index `i` that ends someone's permission to see a user makes the
 //! presence send revocations that ask for an acknowledgement under `Barrier { group, index: i }`.
 //! The driver counts them; [`GroupMsg::AwaitBarrier`] answers once every one is acknowledged —
-//! each viewer's group has forgotten the user and purged its sessions' queues. The wait is
-//! bounded by [`ACK_WAIT`]: a viewer group that cannot be reached in that time makes the wait
+//! each viewer's group has forgotten the user and purged its sessions' queues. A revocation not
+//! acknowledged within [`RESEND_AFTER`] is sent again (to where its viewers are now): a message
+//! lost on its way costs a second, not the bound. The wait is bounded by [`ACK_WAIT`]: a viewer
+//! group that cannot be reached in that time makes the wait
 //! fail (the change stays committed; the client is told it is not yet confirmed). A driver that
 //! has just started (a failover) also holds barriers until [`RESUBSCRIBE_GRACE`] has passed:
 //! viewer groups that still knew the user through the previous leader subscribe again within it,
@@ -70,10 +72,19 @@ type Waiter = oneshot::Sender<Result<(), ServiceError>>;
 struct BarrierState {
     /// Revocations (their parts) not acknowledged yet.
     pending: std::collections::HashSet<u32>,
+    /// The revocations that ask for acknowledgements, by part: sent again while unacknowledged
+    /// (a message lost on its way — a leader that moved, a node that refused it — would
+    /// otherwise hold the change until `deadline`; handling one twice changes nothing).
+    sent: Vec<(u32, GroupId, GroupMessage)>,
+    /// When the unacknowledged parts are sent again.
+    resend_at: Instant,
     not_before: Instant,
     deadline: Instant,
     waiters: Vec<Waiter>,
 }
+
+/// How long a revocation waits for its acknowledgement before it is sent again.
+const RESEND_AFTER: Duration = Duration::from_secs(1);
 
 /// A request that waits for the user's subscriptions to be answered (a first page).
 struct Starting {
@@ -314,7 +325,7 @@ impl Driver {
                 if b.pending.is_empty() {
                     b.not_before
                 } else {
-                    b.deadline
+                    b.deadline.min(b.resend_at)
                 }
             })
             .min();
@@ -352,15 +363,18 @@ impl Driver {
         let outputs = self.presence.poll_outputs();
         // The barrier exists before its revocations go out: those to this group are answered
         // inline, during `deliver`.
-        let pending = asked_acks(&outputs, self.id, index);
-        if !pending.is_empty() || self.started.elapsed() < self.grace {
+        let asked = asked_acks(&outputs, self.id, index);
+        if !asked.is_empty() || self.started.elapsed() < self.grace {
             let b = self.barriers.entry(index).or_insert_with(|| BarrierState {
                 pending: Default::default(),
+                sent: Vec::new(),
+                resend_at: Instant::now() + RESEND_AFTER,
                 not_before: self.started + self.grace,
                 deadline: Instant::now() + ACK_WAIT,
                 waiters: Vec::new(),
             });
-            b.pending.extend(pending);
+            b.pending.extend(asked.iter().map(|(part, _, _)| *part));
+            b.sent.extend(asked);
         }
         self.deliver(outputs);
         // Waiters that asked before this entry was processed.
@@ -417,6 +431,8 @@ impl Driver {
             .entry(0)
             .or_insert_with(|| BarrierState {
                 pending: Default::default(),
+                sent: Vec::new(),
+                resend_at: not_before,
                 not_before,
                 deadline: not_before + ACK_WAIT,
                 waiters: Vec::new(),
@@ -425,9 +441,38 @@ impl Driver {
             .push(w);
     }
 
-    /// Answers the waiters of barriers that are complete, and fails those past their bound.
+    /// Answers the waiters of barriers that are complete, and fails those past their bound;
+    /// sends again the revocations still unacknowledged after [`RESEND_AFTER`].
     fn settle_barriers(&mut self) {
         let now = Instant::now();
+        let mut again = Vec::new();
+        for b in self.barriers.values_mut() {
+            if b.pending.is_empty() || now < b.resend_at {
+                continue;
+            }
+            b.resend_at = now + RESEND_AFTER;
+            for (part, to, msg) in &b.sent {
+                if b.pending.contains(part) {
+                    again.push((*to, msg.clone()));
+                }
+            }
+        }
+        for (to, msg) in again {
+            // Where its viewers are now (a range may have moved since).
+            let to = match &msg {
+                GroupMessage::Revoke { viewers, .. } => viewers
+                    .first()
+                    .and_then(|v| self.ctx.router.directory().group_of(*v))
+                    .unwrap_or(to),
+                _ => to,
+            };
+            tracing::debug!(group = self.id, to, "revocation unacknowledged: sent again");
+            if to == self.id {
+                self.deliver(vec![Output::Send { to, msg }]);
+            } else {
+                self.ctx.router.send(to, msg);
+            }
+        }
         let done: Vec<u64> = self
             .barriers
             .iter()
@@ -497,15 +542,27 @@ impl Driver {
             .filter(|(g, l)| **g != self.id && self.leaders.get(g) != Some(*l))
             .map(|(g, _)| *g)
             .collect();
-        let mine_moved = leaders.get(&self.id).map(|l| l.2) != self.leaders.get(&self.id).map(|l| l.2);
+        let (before, after) = (
+            self.leaders.get(&self.id).and_then(|l| l.2),
+            leaders.get(&self.id).and_then(|l| l.2),
+        );
+        let mine_moved = before != after;
         self.leaders = leaders;
+        let now = self.now();
         if mine_moved {
             // This group split: what it handed over is served by the new group from now on.
             let kept = self.group.read(|s| s.range());
             tracing::info!(group = self.id, range = %kept, "the group's range changed: handing over the rest");
             self.presence.hand_over(kept);
+            // It absorbed a neighbour (a merge): its own viewers who follow the users that came
+            // with it subscribed to the absorbed group, which is gone; they subscribe here now.
+            if let (Some(b), Some(a)) = (before, after) {
+                if a.end > b.end || a.start < b.start {
+                    let presence = &mut self.presence;
+                    self.group.read(|s| presence.resubscribe(s, self.id, now));
+                }
+            }
         }
-        let now = self.now();
         for g in changed {
             // Its new leader knows none of our viewers: subscribe them again.
             let presence = &mut self.presence;
@@ -746,18 +803,18 @@ impl Driver {
     }
 }
 
-/// The parts of the revocations in `outputs` that ask this group to acknowledge the change at
-/// `index`.
-fn asked_acks(outputs: &[Output], group: GroupId, index: u64) -> Vec<u32> {
+/// The revocations in `outputs` that ask this group to acknowledge the change at `index`:
+/// their parts, where they go, and the messages (to send again if unacknowledged).
+fn asked_acks(outputs: &[Output], group: GroupId, index: u64) -> Vec<(u32, GroupId, GroupMessage)> {
     outputs
         .iter()
         .filter_map(|o| match o {
             Output::Send {
+                to,
                 msg:
-                    GroupMessage::Revoke { ack: Some(b), .. }
-                    | GroupMessage::Cell(CellMessage::Retract { ack: Some(b), .. }),
-                ..
-            } if b.group == group && b.index == index => Some(b.part),
+                    msg @ (GroupMessage::Revoke { ack: Some(b), .. }
+                    | GroupMessage::Cell(CellMessage::Retract { ack: Some(b), .. })),
+            } if b.group == group && b.index == index => Some((b.part, *to, msg.clone())),
             _ => None,
         })
         .collect()
