@@ -484,12 +484,15 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let mut readings = Vec::new();
     let total: Duration = config.steps.iter().map(|s| s.duration).sum();
     let churn = (config.churn > 0.0).then(|| {
-        let plan = crate::churn::Plan::new(
-            world,
-            &sharing_settings(world, online),
-            config.churn,
-            config.churn_seed,
-        );
+        // Users with settings of their own are left alone, and so is the hub: a pair that
+        // churns is not judged for misses, and the hub's deliveries are what it is there for.
+        let mut special = sharing_settings(world, online);
+        if let Some(p) = world.hub().and_then(|h| online.binary_search(&h).ok()) {
+            if let Some(s) = special.get_mut(p) {
+                *s = true;
+            }
+        }
+        let plan = crate::churn::Plan::new(world, &special, config.churn, config.churn_seed);
         tokio::spawn(crate::churn::run(Arc::clone(&shared), plan, start, start + total))
     });
     tokio::time::sleep_until(start).await;

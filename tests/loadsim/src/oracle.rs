@@ -1016,6 +1016,21 @@ mod tests {
     }
 
     #[test]
+    fn a_focused_user_has_its_deliveries_counted_apart() {
+        let t = truth();
+        let config = |focus| OracleConfig {
+            focus,
+            ..OracleConfig::default()
+        };
+        // A's update expected at B: counted for A (the sender) and for B (the viewer), not C.
+        for (who, expected) in [(A, 1), (B, 1), (C, 0)] {
+            let v = judge(&t, &config(Some(who)), &[(0, 10_000_000)]);
+            assert_eq!((v.focus.expected, v.focus.missed), (expected, expected), "{who}");
+            assert_eq!(v.total.expected, 1);
+        }
+    }
+
+    #[test]
     fn with_server_stamps_an_event_processed_before_the_acknowledgement_is_in_flight_not_a_leak() {
         let mut t = truth();
         t.t0_unix_ms = Some(1_000_000);

@@ -175,6 +175,10 @@ pub struct HubReport {
     pub user: u64,
     /// Its friends.
     pub friends: usize,
+    /// Its updates the node acknowledged, and events it received.
+    pub updates: usize,
+    /// Events it received.
+    pub received: usize,
     /// Deliveries to and from it.
     pub oracle: OracleCounts,
 }
@@ -263,10 +267,20 @@ impl Report {
                 verdict.in_flight_after_ack.1 as f64 / 1_000.0,
             ),
             strangers: (verdict.strangers_seen, verdict.friends_as_strangers),
-            hub: world.hub().map(|h| HubReport {
-                user: world.id(h),
-                friends: world.friends(h).len(),
-                oracle: OracleCounts::of(&verdict.focus),
+            hub: world.hub().map(|h| {
+                let p = out.truth.ids.iter().position(|&id| id == world.id(h));
+                HubReport {
+                    user: world.id(h),
+                    friends: world.friends(h).len(),
+                    updates: p.map_or(0, |p| {
+                        out.truth.sent[p]
+                            .iter()
+                            .filter(|u| matches!(u.outcome, oracle::Outcome::Acked(_)))
+                            .count()
+                    }),
+                    received: p.map_or(0, |p| out.truth.received[p].len()),
+                    oracle: OracleCounts::of(&verdict.focus),
+                }
             }),
         }
     }
@@ -392,9 +406,11 @@ impl Report {
         if let Some(h) = &self.hub {
             let _ = writeln!(
                 s,
-                "hub: user {} with {} friends: {} deliveries to and from it judged, {} missed ({:.3} %), {} leaks",
+                "hub: user {} with {} friends ({} updates acknowledged, {} events received): {} deliveries to and from it judged, {} missed ({:.3} %), {} leaks",
                 h.user,
                 h.friends,
+                h.updates,
+                h.received,
                 h.oracle.expected,
                 h.oracle.missed,
                 h.oracle.miss_rate * 100.0,
