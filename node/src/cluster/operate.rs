@@ -205,11 +205,7 @@ impl Cluster {
                 if state == NodeState::Draining {
                     return Ok(Operated::said(format!("node {node} is already draining")));
                 }
-                let left = map
-                    .nodes
-                    .iter()
-                    .filter(|(n, e)| **n != node && e.state == NodeState::Up)
-                    .count();
+                let left = up_besides(&map, node);
                 if left == 0 {
                     return Err(format!(
                         "node {node} is the only node up: nothing could take its groups"
@@ -227,16 +223,8 @@ impl Cluster {
                     "drain node {node} ({state}): hand over {leaders} leadership(s), one group per round, and \
                      replace {replicas} replica(s) on the {left} other node(s) up"
                 );
-                if dry_run {
-                    return Ok(Operated::said(format!("would {what}")));
-                }
-                tracing::info!(node, "operator: draining");
-                self.propose_map(MetaCommand::SetNodeState {
-                    node,
-                    state: NodeState::Draining,
-                })
-                .await?;
-                Ok(Operated::said(format!("started: {what}")))
+                self.start_node_state(node, NodeState::Draining, what, dry_run)
+                    .await
             }
             OperatorStep::Cordon { node } => {
                 match state_of(&map, node)? {
@@ -246,12 +234,7 @@ impl Cluster {
                     }
                     state => return Err(format!("node {node} is {state}, not up")),
                 }
-                let others = map
-                    .nodes
-                    .iter()
-                    .filter(|(n, e)| **n != node && e.state == NodeState::Up)
-                    .count();
-                if others == 0 {
+                if up_besides(&map, node) == 0 {
                     return Err(format!(
                         "node {node} is the only node up: nobody could lead its groups"
                     ));
@@ -261,16 +244,8 @@ impl Cluster {
                     "cordon node {node}: hand over its {leaders} leadership(s), one group per round, and give it none; \
                      its replicas stay (undrain it once it is back)"
                 );
-                if dry_run {
-                    return Ok(Operated::said(format!("would {what}")));
-                }
-                tracing::info!(node, "operator: cordoning");
-                self.propose_map(MetaCommand::SetNodeState {
-                    node,
-                    state: NodeState::Cordoned,
-                })
-                .await?;
-                Ok(Operated::said(format!("started: {what}")))
+                self.start_node_state(node, NodeState::Cordoned, what, dry_run)
+                    .await
             }
             OperatorStep::Undrain { node } => {
                 let state = state_of(&map, node)?;
@@ -938,6 +913,24 @@ impl Cluster {
         (all, silent)
     }
 
+    /// Puts `node` in `state` (draining, cordoned: placement does the rest), or on a dry run
+    /// says it would; `what` says what that starts.
+    async fn start_node_state(
+        &self,
+        node: NodeId,
+        state: NodeState,
+        what: String,
+        dry_run: bool,
+    ) -> Result<Operated, String> {
+        if dry_run {
+            return Ok(Operated::said(format!("would {what}")));
+        }
+        tracing::info!(node, %state, "operator: node state");
+        self.propose_map(MetaCommand::SetNodeState { node, state })
+            .await?;
+        Ok(Operated::said(format!("started: {what}")))
+    }
+
     /// Brings this node's map up to the meta leader's (within 2 s): a change an operator made
     /// through this node is then in what this node shows next.
     pub async fn catch_up_map(&self) {
@@ -994,6 +987,14 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Nodes up in `map` other than `node`.
+fn up_besides(map: &nearby_raft::ClusterMap, node: NodeId) -> usize {
+    map.nodes
+        .iter()
+        .filter(|(n, e)| **n != node && e.state == NodeState::Up)
+        .count()
 }
 
 /// The steps that move `group`'s replica from `from` to `to`: a leader on `from` hands over

@@ -73,9 +73,9 @@ async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a
         "the hub's deliveries were judged:\n{table}"
     );
     assert!(hub.oracle.miss_rate < MAX_MISS_RATE, "{table}");
-    // Moved clients are redirected, not failed: their calls wait for the next connection. The
-    // goal is no error at all; runs show 0, sometimes one `unavailable` answer (a node asked to
-    // retry while a group had no leader it knew of): more than two is a regression (before the
+    // Moved clients are redirected, not failed: their calls wait for the next connection, and
+    // a request caught in its group's move is carried too. The goal is no error at all, and
+    // runs show 0; the margin of two is for load shedding on a loaded CI machine (before the
     // SDK carried calls across moves it was ~300).
     assert!(report.errors_during_commands() <= 2, "{table}");
 }
