@@ -701,7 +701,9 @@ impl Presence {
         };
         if let (Some(event), true) = (event, notify) {
             self.outputs.push(Output::Push { viewer, event });
-            self.retune(viewer);
+            if inside {
+                self.retune(viewer, d);
+            }
         }
     }
 
@@ -721,12 +723,20 @@ impl Presence {
     /// Tells `viewer` at once to update at [`cadence::NEAR_S`] when a friend's move brings
     /// them close (meeting up should not wait for a slow phone's next update). Every other
     /// change waits for the viewer's next update, whose answer carries it: one packet fewer.
-    fn retune(&mut self, viewer: UserId) {
-        let c = self.cadence_s(viewer);
+    ///
+    /// Only the friend that moved, `distance_m` away now, can make the cadence faster: any
+    /// other friend already that close made it [`cadence::NEAR_S`] when it came (here) or at
+    /// the viewer's last update ([`Presence::tell_cadence`]). So this costs one comparison per
+    /// push, not a scan of the viewer's friends (which was the hottest function of a profile).
+    fn retune(&mut self, viewer: UserId, distance_m: f64) {
+        if distance_m > cadence::NEAR_M {
+            return;
+        }
         let Some(v) = self.viewers.get_mut(&viewer) else {
             return;
         };
-        if v.told != 0 && c == cadence::NEAR_S && c < v.told {
+        let c = cadence::NEAR_S;
+        if v.told != 0 && c < v.told {
             v.told = c;
             self.outputs.push(Output::Push {
                 viewer,
