@@ -564,6 +564,20 @@ impl Cluster {
         let mut tries = 0;
         loop {
             tries += 1;
+            // The replica to remove may lead again by now (an election after the handover):
+            // its leadership goes to another voter first.
+            if let Step::RemoveReplica { group, node } = *step {
+                let view = self.directory.view();
+                let other = view.map.groups.get(&group).and_then(|g| {
+                    g.voters.iter().copied().find(|v| {
+                        *v != node && view.map.nodes.get(v).is_some_and(|e| e.state == NodeState::Up)
+                    })
+                });
+                if let (Some(to), true) = (other, view.map.leader(group) == Some(node)) {
+                    tracing::info!(group, node, to, "the replica to remove leads: handing over first");
+                    let _ = self.take(&Step::TransferLeader { group, to }).await;
+                }
+            }
             match self.take(step).await {
                 Ok(()) => return Ok(()),
                 Err(e) if tries >= STEP_TRIES => return Err(format!("{step}: {e}")),
