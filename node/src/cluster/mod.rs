@@ -596,8 +596,8 @@ impl Cluster {
                 }
                 let mut applied = meta.watch_applied();
                 let map = meta.read(Clone::clone);
-                if map.is_bootstrapped() && self.directory.install(map) {
-                    self.saved();
+                if map.is_bootstrapped() {
+                    self.adopt(map);
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(1), applied.changed()).await;
                 continue;
@@ -622,11 +622,7 @@ impl Cluster {
                 wait_ms: 4_000,
             };
             match self.router.peers().call(node, &req).await {
-                Ok(PeerResponse::Map(map)) => {
-                    if self.directory.install(*map) {
-                        self.saved();
-                    }
-                }
+                Ok(PeerResponse::Map(map)) => self.adopt(*map),
                 Ok(other) => tracing::debug!(node, ?other, "unexpected answer to a map watch"),
                 Err(e) => {
                     tracing::debug!(node, error = %e, "map watch failed");
@@ -636,7 +632,11 @@ impl Cluster {
         }
     }
 
-    fn saved(&self) {
+    /// Installs `map` if it is newer than this node's, and saves it to `DATA/cluster/map`.
+    fn adopt(&self, map: nearby_raft::ClusterMap) {
+        if !self.directory.install(map) {
+            return;
+        }
         let view = self.directory.view();
         if let Err(e) = self.identity.save_map(&view.map) {
             tracing::warn!(error = %e, "cannot save the cluster map");

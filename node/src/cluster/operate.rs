@@ -954,9 +954,7 @@ impl Cluster {
         let req = PeerRequest::WatchMap { since: 0, wait_ms: 0 };
         if let Ok(PeerResponse::Map(map)) = self.router.peers().call_within(leader, &req, STATS_TIMEOUT).await
         {
-            if self.directory.install(*map) {
-                self.saved();
-            }
+            self.adopt(*map);
         }
     }
 

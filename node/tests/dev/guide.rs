@@ -164,29 +164,9 @@ impl Drop for Shell {
     }
 }
 
-/// `nodectl --json ARGS` against the guide's cluster.
-fn nodectl_json(ops: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_nodectl"))
-        .env("NEARBY_HOME", ops)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("nodectl");
-    assert!(
-        out.status.success(),
-        "nodectl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("nodectl json")
-}
-
 /// `nodectl ARGS`, which must be refused (exit 2): its reason.
 fn nodectl_refused(ops: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_nodectl"))
-        .env("NEARBY_HOME", ops)
-        .args(args)
-        .output()
-        .expect("nodectl");
+    let out = super::nodectl(ops, args);
     let why = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(
         out.status.code(),
@@ -321,7 +301,7 @@ fn the_operations_guide_runs_as_written() {
                 .expect("kill");
             assert!(killed.success(), "kill -KILL {pid}");
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !nodectl_json(&ops, &["status"])["nodes"]
+            while !super::nodectl_json(&ops, &["status"])["nodes"]
                 .as_array()
                 .expect("nodes")
                 .iter()
@@ -341,7 +321,7 @@ fn the_operations_guide_runs_as_written() {
         }
         if i == 1 {
             // The cluster is up: users come online in group 3's range (which the guide splits).
-            let groups = nodectl_json(&ops, &["groups"]);
+            let groups = super::nodectl_json(&ops, &["groups"]);
             let g3 = groups["groups"]
                 .as_array()
                 .expect("groups")
@@ -356,10 +336,10 @@ fn the_operations_guide_runs_as_written() {
         }
     }
     // The split happened where the guide says: group 3's users now live in two groups.
-    let groups = nodectl_json(&ops, &["groups"]);
+    let groups = super::nodectl_json(&ops, &["groups"]);
     let list = groups["groups"].as_array().expect("groups");
     assert_eq!(list.len(), 5, "four groups and the split's new one: {groups}");
-    let states: Vec<(u64, String)> = nodectl_json(&ops, &["status"])["nodes"]
+    let states: Vec<(u64, String)> = super::nodectl_json(&ops, &["status"])["nodes"]
         .as_array()
         .expect("nodes")
         .iter()

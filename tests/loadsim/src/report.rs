@@ -175,7 +175,7 @@ pub struct HubReport {
     pub user: u64,
     /// Its friends.
     pub friends: usize,
-    /// Its updates the node acknowledged, and events it received.
+    /// Its updates the node acknowledged.
     pub updates: usize,
     /// Events it received.
     pub received: usize,
