@@ -27,7 +27,15 @@
 //! acknowledges. Every location a publisher group sends carries the index of the state it was
 //! decided on ([`GroupMessage::Update::decided_at`]); the viewer's group drops any that was
 //! decided before a revocation it has seen, so a message delayed behind a revocation (a deposed
-//! leader's, say) cannot bring the publisher back.
+//! leader's, say) cannot bring the publisher back. Revocations are remembered for
+//! [`REVOKED_MEMORY`] whether the viewer is online or not (it may connect after one).
+//!
+//! A group acknowledges only a revocation whose viewers it serves by its map: one that reached a
+//! group which split or merged them away is processed there but confirmed by their group. And
+//! the publisher's group revokes a viewer also where the viewer subscribed from, when that is not
+//! where its own map routes it (one of the two maps is behind): the place that may hold the
+//! publisher is told, whichever map is right. (The driver adds the third rule: only a confirmed
+//! leader's acknowledgements leave the node.)
 //!
 //! # Subscriptions are soft state, rebuilt by reconciliation
 //!
@@ -103,8 +111,6 @@ struct Viewer {
     visible: HashSet<UserId>,
     /// Snapshots still expected after connect.
     pending: usize,
-    /// Publisher → log index (in its group) of the last revocation seen: older news is stale.
-    revoked: HashMap<UserId, u64>,
     /// The cadence the viewer was last told (0: not yet).
     told: u32,
 }
@@ -138,8 +144,59 @@ pub struct Presence {
     /// Timed ghost modes of this group's users that have not ended yet: (end, user). Soft
     /// state: a new leader rebuilds it from the replicated records ([`Presence::load`]).
     ghosts: BTreeSet<(Millis, UserId)>,
+    /// Revocations seen, online viewer or not (see [`Revoked`]).
+    revoked: Revoked,
     strangers: Strangers,
     outputs: Vec<Output>,
+}
+
+/// How long a revocation is remembered: longer than any message can be delayed in a queue or
+/// on a connection (a QUIC connection silent for that long is closed), so that nothing decided
+/// before it, however late, brings the publisher back.
+pub const REVOKED_MEMORY: Duration = Duration::from_secs(120);
+
+/// (viewer, publisher) → the log index, in the publisher's group, of the last revocation this
+/// presence handled: news of the publisher decided before it is stale. Kept whether or not the
+/// viewer is online here: a viewer who connects (or reconnects) after the revocation was
+/// acknowledged may still be reached by a message sent before it.
+#[derive(Default)]
+struct Revoked {
+    /// The index, and when it was last recorded.
+    at: HashMap<(UserId, UserId), (u64, Millis)>,
+    /// When each record was made, oldest first, to forget them after [`REVOKED_MEMORY`].
+    order: std::collections::VecDeque<(Millis, UserId, UserId)>,
+}
+
+impl Revoked {
+    fn record(&mut self, viewer: UserId, publisher: UserId, index: u64, now: Millis) {
+        let seen = self.at.entry((viewer, publisher)).or_insert((index, now));
+        *seen = (seen.0.max(index), now);
+        self.order.push_back((now, viewer, publisher));
+    }
+
+    /// Whether news of `publisher` decided at `decided_at` is older than a revocation.
+    fn covers(&self, viewer: UserId, publisher: UserId, decided_at: u64) -> bool {
+        self.at
+            .get(&(viewer, publisher))
+            .is_some_and(|(at, _)| decided_at < *at)
+    }
+
+    fn expire(&mut self, now: Millis) {
+        while let Some(&(when, viewer, publisher)) = self.order.front() {
+            if when.saturating_add(REVOKED_MEMORY) > now {
+                break;
+            }
+            self.order.pop_front();
+            // Recorded again since: that record's own turn in `order` comes later.
+            if self
+                .at
+                .get(&(viewer, publisher))
+                .is_some_and(|(_, last)| *last == when)
+            {
+                self.at.remove(&(viewer, publisher));
+            }
+        }
+    }
 }
 
 fn coord(loc: LatLng) -> Coord {
@@ -162,6 +219,7 @@ impl Presence {
             subscribers: HashMap::new(),
             viewers: HashMap::new(),
             ghosts: BTreeSet::new(),
+            revoked: Revoked::default(),
             strangers,
             outputs: Vec::new(),
         }
@@ -598,10 +656,16 @@ impl Presence {
                 at,
                 ack,
             } => {
+                // Acknowledged only for viewers this group serves (by its map): a revocation
+                // that reached a group which handed them over (a split or merge the publisher's
+                // group has not seen yet) is not confirmed by it. Their group is told when it
+                // is sent again.
+                let ours = viewers
+                    .iter()
+                    .all(|v| self.ranges.locate(*v) == Some(&self.group));
                 for viewer in viewers {
-                    if let Some(v) = self.viewers.get_mut(&viewer) {
-                        let seen = v.revoked.entry(from).or_insert(at);
-                        *seen = (*seen).max(at);
+                    if at > 0 {
+                        self.revoked.record(viewer, from, at, now);
                     }
                     // Whatever is still queued about the publisher goes, shown or not (a
                     // "left" may be waiting behind an exact position).
@@ -610,11 +674,19 @@ impl Presence {
                     }
                     self.forget(viewer, from, reason);
                 }
-                if let Some(barrier) = ack {
-                    self.outputs.push(Output::Send {
+                match ack {
+                    Some(barrier) if ours => self.outputs.push(Output::Send {
                         to: barrier.group,
                         msg: GroupMessage::RevokeAck { barrier },
-                    });
+                    }),
+                    Some(barrier) => {
+                        tracing::debug!(
+                            group = self.group,
+                            ?barrier,
+                            "a revocation for viewers served elsewhere: not acknowledged here"
+                        );
+                    }
+                    None => {}
                 }
             }
             // Barriers are the driver's business; presence only routes acknowledgements.
@@ -627,10 +699,7 @@ impl Presence {
     }
 
     fn is_revoked(&self, viewer: UserId, publisher: UserId, decided_at: u64) -> bool {
-        self.viewers
-            .get(&viewer)
-            .and_then(|v| v.revoked.get(&publisher))
-            .is_some_and(|at| decided_at < *at)
+        self.revoked.covers(viewer, publisher, decided_at)
     }
 
     /// Replaces what `viewer` knew of the publishers `asked` with the snapshot.
@@ -775,6 +844,7 @@ impl Presence {
             let (strangers, mut cx) = self.cx();
             strangers.expire(&mut cx, now);
         }
+        self.revoked.expire(now);
         let mut expired = Vec::new();
         self.locations.expire(now, &mut expired);
         for user in expired {
@@ -954,18 +1024,51 @@ impl Presence {
         let relation_gone = |v: &UserId| !record.friends.contains(*v) && !record.followers.contains(*v);
         let (unfriended, hidden): (Vec<UserId>, Vec<UserId>) = denied.into_iter().partition(relation_gone);
         let at = barrier.index;
-        for (viewers, reason) in [(unfriended, GoneReason::Unfriended), (hidden, GoneReason::Hidden)] {
-            self.send_split(viewers, |viewers| {
-                let ack = *barrier;
-                barrier.part += 1;
-                GroupMessage::Revoke {
-                    from: user,
-                    reason,
-                    viewers,
-                    at,
-                    ack: Some(ack),
+        // A viewer that subscribed from a group other than the one this map routes it to (one
+        // of the two maps is behind a split or merge) may hold the user there: that group is
+        // told too, under a part of its own.
+        let subscribed_from = self.subscribers.get(&user);
+        let mut elsewhere: HashMap<GroupId, Vec<(UserId, GoneReason)>> = HashMap::new();
+        for (viewers, reason) in [
+            (&unfriended, GoneReason::Unfriended),
+            (&hidden, GoneReason::Hidden),
+        ] {
+            for v in viewers {
+                let from = subscribed_from.and_then(|s| s.get(v));
+                if let Some(g) = from.filter(|g| self.ranges.locate(*v) != Some(*g)) {
+                    let list = elsewhere.entry(*g).or_default();
+                    if !list.contains(&(*v, reason)) {
+                        list.push((*v, reason));
+                    }
                 }
-            });
+            }
+        }
+        let mut revoke = |viewers, reason| {
+            let ack = *barrier;
+            barrier.part += 1;
+            GroupMessage::Revoke {
+                from: user,
+                reason,
+                viewers,
+                at,
+                ack: Some(ack),
+            }
+        };
+        for (viewers, reason) in [(unfriended, GoneReason::Unfriended), (hidden, GoneReason::Hidden)] {
+            self.send_split(viewers, |viewers| revoke(viewers, reason));
+        }
+        for (to, viewers) in elsewhere {
+            for reason in [GoneReason::Unfriended, GoneReason::Hidden] {
+                let ids: Vec<UserId> = viewers
+                    .iter()
+                    .filter(|(_, r)| *r == reason)
+                    .map(|(v, _)| *v)
+                    .collect();
+                if !ids.is_empty() {
+                    let msg = revoke(ids, reason);
+                    self.outputs.push(Output::Send { to, msg });
+                }
+            }
         }
         if let Some(at) = self.locations.get(user) {
             let decided_at = self.applied;
@@ -1081,6 +1184,8 @@ mod tests {
         presences: HashMap<GroupId, Presence>,
         pushed: Vec<(UserId, Event)>,
         acks: Vec<Barrier>,
+        /// Messages to groups this world does not run.
+        elsewhere: Vec<(GroupId, GroupMessage)>,
         now: Millis,
     }
 
@@ -1095,6 +1200,7 @@ mod tests {
                 presences: HashMap::new(),
                 pushed: Vec::new(),
                 acks: Vec::new(),
+                elsewhere: Vec::new(),
                 now: Millis(1_000_000),
             };
             for (g, r) in [(1, r1), (2, r2)] {
@@ -1161,6 +1267,9 @@ mod tests {
                             msg: GroupMessage::RevokeAck { barrier },
                             ..
                         } => self.acks.push(barrier),
+                        Output::Send { to, msg } if !self.presences.contains_key(&to) => {
+                            self.elsewhere.push((to, msg));
+                        }
                         Output::Send { to, msg } => {
                             let p = self.presences.get_mut(&to).expect("p");
                             p.handle_message(&self.states[&to], msg, self.now);
@@ -1405,6 +1514,113 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_is_remembered_for_a_viewer_who_connects_after_it() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        w.at(150, B.0, B.1);
+        // An update of 150 to viewer 1 decided now, held back in the network (from a session
+        // of 1 that closed) ...
+        let late = GroupMessage::Update {
+            from: 150,
+            at: LatestLocation {
+                loc: LatLng::new(B.0, B.1 + 0.002).expect("ll"),
+                updated_at: Millis(w.now.0 + 500),
+            },
+            viewers: vec![1],
+            decided_at: w.index[&2],
+        };
+        // ... while 150 hides from 1, who is offline; the revocation is acknowledged.
+        w.commit(Command::Hide { user: 150, from: 1 });
+        assert!(w.acks.iter().any(|b| b.group == 2), "acknowledged");
+        // 1 comes online: its snapshot leaves 150 out; then the late update arrives.
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        let p = w.presences.get_mut(&1).expect("p");
+        p.handle_message(&w.states[&1], late, w.now);
+        w.drain(1);
+        assert!(
+            w.take(1).is_empty(),
+            "a stale update leaked to a viewer who reconnected"
+        );
+        let (page, _) = w.presences[&1].page(1, 20, None).expect("live").expect("page");
+        assert!(page.entries.is_empty(), "{page:?}");
+    }
+
+    #[test]
+    fn a_group_acknowledges_a_revocation_only_for_viewers_it_serves() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        let barrier = |part| Barrier {
+            group: 2,
+            index: 7,
+            part,
+        };
+        let revoke = |viewers: Vec<UserId>, part| GroupMessage::Revoke {
+            from: 150,
+            reason: GoneReason::Hidden,
+            viewers,
+            at: 7,
+            ack: Some(barrier(part)),
+        };
+        // Group 1 serves 1, not 150 (a group that split or merged it away, as a publisher with
+        // an older map may believe): only its own viewers are confirmed.
+        for (viewers, part, acked) in [
+            (vec![1], 0, true),
+            (vec![150], 1, false),
+            (vec![1, 150], 2, false),
+        ] {
+            let p = w.presences.get_mut(&1).expect("p");
+            p.handle_message(&w.states[&1], revoke(viewers.clone(), part), w.now);
+            let outputs = p.poll_outputs();
+            let ack = outputs.iter().any(|o| {
+                matches!(o, Output::Send { to: 2, msg: GroupMessage::RevokeAck { barrier: b } } if *b == barrier(part))
+            });
+            assert_eq!(ack, acked, "viewers {viewers:?}: {outputs:?}");
+        }
+    }
+
+    #[test]
+    fn a_viewer_subscribed_from_a_group_the_map_does_not_name_is_revoked_there_too() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        w.at(150, B.0, B.1);
+        // Viewer 1 subscribed from group 7, which serves it by a newer map than group 2's.
+        let p = w.presences.get_mut(&2).expect("p");
+        p.handle_message(
+            &w.states[&2],
+            GroupMessage::Subscribe {
+                viewer: 1,
+                viewer_group: 7,
+                publishers: vec![150],
+            },
+            w.now,
+        );
+        w.drain(2);
+        assert!(
+            matches!(&w.elsewhere[..], [(7, GroupMessage::Snapshot { entries, .. })] if entries.len() == 1),
+            "{:?}",
+            w.elsewhere
+        );
+        w.elsewhere.clear();
+        w.acks.clear();
+        w.commit(Command::Hide { user: 150, from: 1 });
+        let to_7: Vec<&GroupMessage> = w
+            .elsewhere
+            .iter()
+            .filter(|(g, _)| *g == 7)
+            .map(|(_, m)| m)
+            .collect();
+        assert!(
+            matches!(&to_7[..], [GroupMessage::Revoke { viewers, ack: Some(b), .. }] if viewers == &vec![1] && b.group == 2),
+            "{to_7:?}"
+        );
+        // The group the map names (1) was told as well, under another part.
+        assert_eq!(w.acks.iter().filter(|b| b.group == 2).count(), 1);
+    }
+
+    #[test]
     fn a_friendship_formed_live_shows_the_friend_at_once() {
         let mut w = World::new();
         w.register(&[1, 150]);
@@ -1517,6 +1733,7 @@ mod tests {
         // Group 2's leader changes: its successor starts from the replicated state alone.
         let ranges = Arc::clone(&w.presences[&2].ranges);
         let mut fresh = Presence::new(2, PresenceConfig::default(), ranges);
+        fresh.set_applied(w.index[&2]);
         fresh.load(&w.states[&2], w.now);
         w.presences.insert(2, fresh);
         w.connect(1);

@@ -16,8 +16,11 @@
 //! A change applied at index `i` that ends someone's permission to see a user makes the
 //! presence send revocations that ask for an acknowledgement under `Barrier { group, index: i }`.
 //! The driver counts them; [`GroupMsg::AwaitBarrier`] answers once every one is acknowledged —
-//! each viewer's group has forgotten the user and purged its sessions' queues. A revocation not
-//! acknowledged within [`RESEND_AFTER`] is sent again (to where its viewers are now): a message
+//! each viewer's group has forgotten the user and purged its sessions' queues. A viewer group's
+//! driver sends its acknowledgements only once its leadership is confirmed by a quorum round (a
+//! leader deposed without knowing it must not confirm what its successor may not have seen).
+//! A revocation not acknowledged within [`RESEND_AFTER`] is sent again (to where its viewers are
+//! now, cut by group): a message
 //! lost on its way costs a second, not the bound. The wait is bounded by [`ACK_WAIT`]: a viewer
 //! group that cannot be reached in that time makes the wait
 //! fail (the change stays committed; the client is told it is not yet confirmed). A driver that
@@ -81,6 +84,65 @@ struct BarrierState {
     not_before: Instant,
     deadline: Instant,
     waiters: Vec<Waiter>,
+}
+
+impl BarrierState {
+    /// The unacknowledged parts, addressed to where their viewers are now (a range may have
+    /// split or merged since): a part whose viewers are now in several groups is replaced by
+    /// one new part per group, since a group acknowledges only viewers it serves.
+    fn resend(
+        &mut self,
+        directory: &crate::route::directory::Directory,
+        out: &mut Vec<(GroupId, GroupMessage)>,
+    ) {
+        let unacked: Vec<(u32, GroupId, GroupMessage)> = self
+            .sent
+            .iter()
+            .filter(|(part, _, _)| self.pending.contains(part))
+            .cloned()
+            .collect();
+        let mut next = self.sent.iter().map(|(part, _, _)| *part + 1).max().unwrap_or(0);
+        for (part, to, msg) in unacked {
+            let GroupMessage::Revoke {
+                from,
+                reason,
+                viewers,
+                at,
+                ack: Some(barrier),
+            } = msg
+            else {
+                out.push((to, msg));
+                continue;
+            };
+            let mut by_group: BTreeMap<GroupId, Vec<UserId>> = BTreeMap::new();
+            for v in viewers {
+                by_group
+                    .entry(directory.group_of(v).unwrap_or(to))
+                    .or_default()
+                    .push(v);
+            }
+            let single = by_group.len() == 1;
+            if !single {
+                self.pending.remove(&part);
+            }
+            for (group, viewers) in by_group {
+                let part = if single { part } else { next };
+                let msg = GroupMessage::Revoke {
+                    from,
+                    reason,
+                    viewers,
+                    at,
+                    ack: Some(crate::presence::Barrier { part, ..barrier }),
+                };
+                if !single {
+                    next += 1;
+                    self.pending.insert(part);
+                    self.sent.push((part, group, msg.clone()));
+                }
+                out.push((group, msg));
+            }
+        }
+    }
 }
 
 /// How long a revocation waits for its acknowledgement before it is sent again.
@@ -197,6 +259,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
         starting: Vec::new(),
         outbox: Arc::clone(&outbox),
         activity,
+        acks: Confirming::default(),
     };
     let outbox_task = tokio::spawn(crate::group::outbox::run(group, Arc::clone(&ctx.router), outbox));
     let join = tokio::spawn(async move {
@@ -250,6 +313,32 @@ struct Driver {
     starting: Vec<Starting>,
     outbox: Arc<Notify>,
     activity: Arc<crate::group::Activity>,
+    acks: Confirming,
+}
+
+/// Acknowledgements of revocations to other groups, sent only once this node is confirmed to
+/// lead the group (a quorum still follows it). A leader that was deposed without knowing it
+/// yet must not acknowledge: the new leader may hold the publisher from a snapshot decided
+/// before the change, and would show it after the author was told the change took effect.
+/// Confirmations come in rounds; what arrives during one waits for the next.
+#[derive(Default)]
+struct Confirming {
+    waiting: Vec<Ack>,
+    round: Option<Round>,
+}
+
+/// An acknowledgement and the group it goes to.
+type Ack = (GroupId, GroupMessage);
+
+/// A confirmation in flight (whether this node still leads) and the acknowledgements it covers.
+type Round = (tokio::task::JoinHandle<bool>, Vec<Ack>);
+
+/// Waits for the confirmation round in flight; never ready without one.
+async fn confirmed(round: &mut Option<Round>) -> bool {
+    match round {
+        Some((task, _)) => task.await.unwrap_or(false),
+        None => std::future::pending().await,
+    }
 }
 
 impl Driver {
@@ -279,13 +368,20 @@ impl Driver {
                     }
                     self.on_map();
                 }
+                leads = confirmed(&mut self.acks.round), if self.acks.round.is_some() => {
+                    self.on_confirmed(leads);
+                }
                 () = sleep_until(wake) => {}
             }
             self.on_time();
+            self.confirm_acks();
             let deadline = self.presence.next_deadline().map_or(u64::MAX, |d| d.0);
             self.next_deadline.store(deadline, Ordering::Relaxed);
         }
         self.group.unsubscribe();
+        if let Some((task, _)) = self.acks.round.take() {
+            task.abort();
+        }
         let unavailable = || Err(ServiceError::unavailable("the group's leader changed; retry"));
         for (_, b) in std::mem::take(&mut self.barriers) {
             for w in b.waiters {
@@ -445,27 +541,16 @@ impl Driver {
     /// sends again the revocations still unacknowledged after [`RESEND_AFTER`].
     fn settle_barriers(&mut self) {
         let now = Instant::now();
+        let directory = Arc::clone(self.ctx.router.directory());
         let mut again = Vec::new();
         for b in self.barriers.values_mut() {
             if b.pending.is_empty() || now < b.resend_at {
                 continue;
             }
             b.resend_at = now + RESEND_AFTER;
-            for (part, to, msg) in &b.sent {
-                if b.pending.contains(part) {
-                    again.push((*to, msg.clone()));
-                }
-            }
+            b.resend(&directory, &mut again);
         }
         for (to, msg) in again {
-            // Where its viewers are now (a range may have moved since).
-            let to = match &msg {
-                GroupMessage::Revoke { viewers, .. } => viewers
-                    .first()
-                    .and_then(|v| self.ctx.router.directory().group_of(*v))
-                    .unwrap_or(to),
-                _ => to,
-            };
             tracing::debug!(group = self.id, to, "revocation unacknowledged: sent again");
             if to == self.id {
                 self.deliver(vec![Output::Send { to, msg }]);
@@ -723,6 +808,35 @@ impl Driver {
         self.deliver(outputs);
     }
 
+    /// Starts a confirmation round for the acknowledgements waiting, if none is in flight.
+    fn confirm_acks(&mut self) {
+        if self.acks.round.is_some() || self.acks.waiting.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.acks.waiting);
+        let group = self.group.clone();
+        let task = tokio::spawn(async move { group.read_linearizable(|_| ()).await.is_ok() });
+        self.acks.round = Some((task, batch));
+    }
+
+    fn on_confirmed(&mut self, leads: bool) {
+        let Some((_, batch)) = self.acks.round.take() else {
+            return;
+        };
+        if !leads {
+            // The publishers' groups send their revocations again, to the leader there is now.
+            tracing::debug!(
+                group = self.id,
+                acks = batch.len(),
+                "leadership not confirmed: acknowledgements withheld"
+            );
+            return;
+        }
+        for (to, msg) in batch {
+            self.ctx.router.send(to, msg);
+        }
+    }
+
     fn acked(&mut self, barrier: crate::presence::Barrier) {
         if barrier.index == RELAY_INDEX {
             // A listener group's part of a retraction this group relays as a channel.
@@ -792,6 +906,10 @@ impl Driver {
                     to,
                     msg: GroupMessage::RevokeAck { barrier },
                 } if to == self.id => self.acked(barrier),
+                Output::Send {
+                    to,
+                    msg: msg @ GroupMessage::RevokeAck { .. },
+                } => self.acks.waiting.push((to, msg)),
                 Output::Send { to, msg } if to == self.id => {
                     let presence = &mut self.presence;
                     self.group.read(|s| presence.handle_message(s, msg, now));
@@ -818,4 +936,93 @@ fn asked_acks(outputs: &[Output], group: GroupId, index: u64) -> Vec<(u32, Group
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence::Barrier;
+    use crate::route::directory::Directory;
+    use nearby_client::proto::GoneReason;
+    use nearby_raft::meta::{initial_ranges, ClusterMap, MetaCommand};
+    use nearby_raft::NodeInfo;
+
+    const LOW: UserId = 10;
+    const HIGH: UserId = u64::MAX - 10;
+
+    fn directory() -> Directory {
+        let mut m = ClusterMap::default();
+        m.apply(&MetaCommand::Bootstrap {
+            cluster: "c".into(),
+            node: 1,
+            info: NodeInfo::new("r1", "c1", ""),
+            ranges: initial_ranges(2),
+        });
+        Directory::new(1, m)
+    }
+
+    fn revoke(viewers: Vec<UserId>, part: u32) -> GroupMessage {
+        GroupMessage::Revoke {
+            from: 5,
+            reason: GoneReason::Hidden,
+            viewers,
+            at: 9,
+            ack: Some(Barrier {
+                group: 3,
+                index: 9,
+                part,
+            }),
+        }
+    }
+
+    #[test]
+    fn an_unacknowledged_revocation_is_sent_again_to_the_groups_its_viewers_are_in_now() {
+        let directory = directory();
+        let now = Instant::now();
+        let mut b = BarrierState {
+            pending: [0, 1, 2].into_iter().collect(),
+            sent: vec![
+                // Sent to group 1, its viewers now in both groups (a split the sender had
+                // not seen): one new part per group.
+                (0, 1, revoke(vec![LOW, HIGH], 0)),
+                // Sent to group 1, its viewer now in group 2: the same part, to group 2.
+                (1, 1, revoke(vec![HIGH], 1)),
+                // Acknowledged: not sent again.
+                (2, 2, revoke(vec![HIGH], 2)),
+            ],
+            resend_at: now,
+            not_before: now,
+            deadline: now + ACK_WAIT,
+            waiters: Vec::new(),
+        };
+        b.pending.remove(&2);
+        let mut out = Vec::new();
+        b.resend(&directory, &mut out);
+        let sent: Vec<(GroupId, Vec<UserId>, u32)> = out
+            .iter()
+            .map(|(to, m)| match m {
+                GroupMessage::Revoke {
+                    viewers,
+                    ack: Some(a),
+                    ..
+                } => (*to, viewers.clone(), a.part),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            vec![(1, vec![LOW], 3), (2, vec![HIGH], 4), (2, vec![HIGH], 1)]
+        );
+        let mut pending: Vec<u32> = b.pending.iter().copied().collect();
+        pending.sort_unstable();
+        assert_eq!(
+            pending,
+            vec![1, 3, 4],
+            "the split part is replaced by its two halves"
+        );
+        // Sent again later, the new parts keep their numbers.
+        let mut again = Vec::new();
+        b.resend(&directory, &mut again);
+        assert_eq!(again.len(), 3);
+    }
 }
