@@ -533,8 +533,12 @@ impl Backend for Gateway {
                 ),
             ));
         }
-        let (sink, first) = self.sessions.open(user);
-        if first && !d.send(GroupMsg::Connect { user }) {
+        // Every session tells the driver, not only the user's first on this node: a session
+        // still closing here (its group moved away, or split or merged, and came back) would
+        // make a new one look like a second, and the driver serving the user now has never
+        // seen it. A driver that already has the user online ignores the repeat.
+        let sink = self.sessions.open(user);
+        if !d.send(GroupMsg::Connect { user }) {
             self.sessions.close(user, sink.id());
             return Err(moved());
         }

@@ -36,14 +36,12 @@ impl Sessions {
         self.by_user.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new session of `user`; returns its sink and whether it is the user's first.
-    pub fn open(&self, user: UserId) -> (SessionSink, bool) {
+    /// Registers a new session of `user`; returns its sink.
+    pub fn open(&self, user: UserId) -> SessionSink {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let sink = SessionSink::new(id, Arc::new(EventQueue::new(self.queue_capacity)));
-        let mut all = self.lock();
-        let list = all.entry(user).or_default();
-        list.push(sink.clone());
-        (sink, list.len() == 1)
+        self.lock().entry(user).or_default().push(sink.clone());
+        sink
     }
 
     /// Sessions `user` has open here.

@@ -224,10 +224,7 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
                 c.host().shard(group).map(|g| g.raft().clone())
             };
             match raft {
-                Some(r) => match r.trigger().elect().await {
-                    Ok(()) => PeerResponse::Done,
-                    Err(e) => PeerResponse::Failed(e.to_string()),
-                },
+                Some(r) => campaign(&r, c.me).await,
                 None => PeerResponse::Failed(format!("no replica of group {group} here")),
             }
         }
@@ -271,5 +268,42 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             },
             _ => not_leader(c, group),
         },
+    }
+}
+
+/// How long a campaign asked of this node keeps standing.
+const CAMPAIGN_FOR: Duration = Duration::from_secs(2);
+
+/// How often a campaign that has not won stands again.
+const CAMPAIGN_EVERY: Duration = Duration::from_millis(100);
+
+/// Stands for election until this node leads (or [`CAMPAIGN_FOR`] passes). openraft 0.9 has no
+/// leadership transfer: the first election deposes the leader (it sees the higher term) but is
+/// refused by the other followers while their leader lease runs. The deposed leader's own vote is
+/// no longer committed, so it grants the next election of a candidate as up to date as it is:
+/// standing again soon wins that, before the deposed leader's election timer (400–800 ms) lets it
+/// take the group back, which a single campaign loses about half of the time.
+async fn campaign(raft: &nearby_raft::Raft, me: NodeId) -> PeerResponse {
+    let deadline = tokio::time::Instant::now() + CAMPAIGN_FOR;
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(e) = raft.trigger().elect().await {
+            return PeerResponse::Failed(e.to_string());
+        }
+        let next = (tokio::time::Instant::now() + CAMPAIGN_EVERY).min(deadline);
+        loop {
+            if metrics.borrow().current_leader == Some(me) {
+                return PeerResponse::Done;
+            }
+            match tokio::time::timeout_at(next, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return PeerResponse::Failed("the replica closed".into()),
+                Err(_) => break,
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // The caller checks the map for the outcome.
+            return PeerResponse::Done;
+        }
     }
 }

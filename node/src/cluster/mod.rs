@@ -1164,14 +1164,28 @@ impl Cluster {
                 // A candidate missing entries the leader has is refused by it; when the step is
                 // taken on the group's leader (always for the meta group, whose log the map's
                 // own changes keep busy), the target first catches up with its log.
-                if let Ok(raft) = self.raft_of(group) {
-                    let (leader, last) = {
-                        let m = raft.metrics();
-                        let m = m.borrow();
-                        (m.current_leader, m.last_log_index.unwrap_or(0))
-                    };
-                    if leader == Some(self.me) && !caught_up(&raft, to, last, Duration::from_secs(2)).await {
+                let here = self
+                    .raft_of(group)
+                    .ok()
+                    .filter(|r| r.metrics().borrow().current_leader == Some(self.me));
+                if let Some(raft) = here {
+                    let last = raft.metrics().borrow().last_log_index.unwrap_or(0);
+                    if !caught_up(&raft, to, last, Duration::from_secs(2)).await {
                         return Err(format!("node {to} is behind group {group}'s log"));
+                    }
+                } else if group != META_GROUP {
+                    // Taken elsewhere (an operation runs on the meta leader): the target waits
+                    // until it has applied what the leader had.
+                    if let Some(leader) = self.directory.leader(group).filter(|l| *l != to) {
+                        if let Some(index) = self.applied_on(leader, group).await {
+                            let deadline = Instant::now() + Duration::from_secs(2);
+                            while self.applied_on(to, group).await.is_none_or(|a| a < index) {
+                                if Instant::now() > deadline {
+                                    return Err(format!("node {to} is behind group {group}'s log"));
+                                }
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
                     }
                 }
                 // A sleeping group's replicas refuse votes while its leader is alive: the
@@ -1226,6 +1240,24 @@ impl Cluster {
     }
 
     /// This node's Raft of `group` (shard or meta).
+    /// The index `node`'s replica of shard group `group` has applied, if it answers.
+    async fn applied_on(&self, node: NodeId, group: GroupId) -> Option<u64> {
+        if node == self.me {
+            return self
+                .host
+                .shard(group)
+                .map(|g| g.last_applied().map_or(0, |l| l.index));
+        }
+        let req = PeerRequest::ReplicaState {
+            group,
+            users: Vec::new(),
+        };
+        match self.router.peers().call(node, &req).await {
+            Ok(PeerResponse::Replica { applied, .. }) => Some(applied),
+            _ => None,
+        }
+    }
+
     fn raft_of(&self, group: GroupId) -> Result<nearby_raft::Raft, String> {
         if group == META_GROUP {
             self.host.meta().map(|m| m.raft().clone())

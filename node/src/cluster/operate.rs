@@ -16,6 +16,7 @@ use nearby_raft::meta::{GroupEntry, MetaCommand, MetaResult, NodeState};
 use nearby_raft::{Command, CommandResult, GroupId, NodeId, Payload, Reply, META_GROUP};
 
 use super::Cluster;
+use crate::api::ServiceError;
 use crate::cluster::ops::{OperationState, OperationView};
 use crate::cluster::placement::{Step, REPLICAS};
 use crate::group::GroupMsg;
@@ -23,6 +24,7 @@ use crate::route::peer::{
     MergeView, NodeStats, Operated, OperatorStep, PeerRequest, PeerResponse, ReadAnswer, ReadQuery,
     ReplicaStats, MAX_ACTIVITY_CELLS,
 };
+use nearby_client::proto::ErrorCode;
 
 /// How long the admin API waits for a node's figures.
 pub const STATS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -55,6 +57,10 @@ const STEP_TRIES: u32 = 3;
 
 /// How long an operator's step waits for the meta group to have a leader.
 const META_LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long an operation's read or write waits for its group to have a leader (a move or a
+/// transfer the operation itself made may have started an election).
+const GROUP_LEADER_WAIT: Duration = Duration::from_secs(10);
 
 /// `node`'s state in `map`, or why it has none.
 fn state_of(map: &nearby_raft::ClusterMap, node: NodeId) -> Result<NodeState, String> {
@@ -295,7 +301,7 @@ impl Cluster {
                         "group {group} is adding a replica: try again once it is placed"
                     ));
                 }
-                let state = match self.router.read(group, ReadQuery::SplitState).await {
+                let state = match self.read_patiently(group, ReadQuery::SplitState).await {
                     Ok(ReadAnswer::SplitState { median, pending }) => (median, pending),
                     Ok(other) => return Err(format!("unexpected answer {other:?}")),
                     Err(e) => return Err(format!("cannot read group {group}: {}", e.message)),
@@ -789,9 +795,43 @@ impl Cluster {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// [`Router::read`](crate::route::router::Router::read), waiting up to
+    /// [`GROUP_LEADER_WAIT`] for the group to have a leader.
+    async fn read_patiently(&self, group: GroupId, query: ReadQuery) -> Result<ReadAnswer, ServiceError> {
+        let deadline = Instant::now() + GROUP_LEADER_WAIT;
+        loop {
+            match self.router.read(group, query.clone()).await {
+                Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => {
+                    tracing::debug!(group, error = %e.message, "operation's read waits for a leader");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// [`Router::propose`](crate::route::router::Router::propose) of an idempotent command,
+    /// waiting up to [`GROUP_LEADER_WAIT`] for the group to have a leader.
+    async fn propose_patiently(
+        &self,
+        group: GroupId,
+        payload: Payload,
+    ) -> Result<(u64, Reply), ServiceError> {
+        let deadline = Instant::now() + GROUP_LEADER_WAIT;
+        loop {
+            match self.router.propose(group, payload.clone()).await {
+                Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => {
+                    tracing::debug!(group, error = %e.message, "operation's write waits for a leader");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// What a merge needs to know of `group`, from its leader.
     async fn merge_state(&self, group: GroupId) -> Result<MergeView, String> {
-        match self.router.read(group, ReadQuery::MergeState).await {
+        match self.read_patiently(group, ReadQuery::MergeState).await {
             Ok(ReadAnswer::MergeState(view)) => Ok(view),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
             Err(e) => Err(format!("cannot read group {group}: {}", e.message)),
@@ -810,7 +850,9 @@ impl Cluster {
         self.take_steps(op, &moves).await?;
         op.step(format!("freeze group {right}"));
         let propose = |group: GroupId, cmd: Command| async move {
-            match self.router.propose(group, Payload::Shard(cmd)).await {
+            // Every step is idempotent (a resumed merge takes them again), so one whose
+            // outcome is unknown is simply tried again.
+            match self.propose_patiently(group, Payload::Shard(cmd)).await {
                 Ok((_, Reply::Shard(CommandResult::Rejected(e)))) => {
                     Err(format!("group {group} refused: {e}"))
                 }
@@ -850,7 +892,7 @@ impl Cluster {
                     after,
                     limit: MERGE_CHUNK,
                 };
-                let users = match self.router.read(right, query).await {
+                let users = match self.read_patiently(right, query).await {
                     Ok(ReadAnswer::Records(users)) => users,
                     Ok(other) => return Err(format!("unexpected answer {other:?}")),
                     Err(e) => return Err(format!("cannot read group {right}: {}", e.message)),
