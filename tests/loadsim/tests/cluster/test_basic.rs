@@ -58,6 +58,7 @@ async fn friends_on_different_nodes_see_each_other_move(c: &ProcessCluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_spread_replicas_and_leaders_and_friends_across_nodes_see_each_other() {
+    let _serial = crate::util::one_at_a_time().await;
     let (c, _dir) = cluster(3, 6).await;
     let map = c.map();
     assert_eq!(map.groups[&META_GROUP].voters.len(), 3);
@@ -72,6 +73,7 @@ async fn three_nodes_spread_replicas_and_leaders_and_friends_across_nodes_see_ea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_place_three_replicas_per_group_evenly() {
+    let _serial = crate::util::one_at_a_time().await;
     let (c, _dir) = cluster(5, 10).await;
     // Replicas even out by moves after the first ones are placed.
     c.wait_map("replicas spread evenly", Duration::from_secs(90), |m| {
@@ -100,6 +102,7 @@ async fn five_nodes_place_three_replicas_per_group_evenly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_of_the_wrong_node_is_redirected_and_served() {
+    let _serial = crate::util::one_at_a_time().await;
     let (c, _dir) = cluster(3, 3).await;
     let g = c.shard_groups()[0];
     let user = c.user_in(g, 1).expect("user");

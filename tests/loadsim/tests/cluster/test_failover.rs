@@ -26,6 +26,7 @@ async fn relation(v: &Viewer, other: u64) -> Option<Relation> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_accepted_while_the_second_groups_leader_is_killed_is_on_both_sides() {
+    let _serial = crate::util::one_at_a_time().await;
     let (mut c, _dir) = cluster(3, 3).await;
     let groups = c.shard_groups();
     // ann owns the pair (the smaller id): her group decides; bob's group is the second.
@@ -84,6 +85,7 @@ async fn a_request_accepted_while_the_second_groups_leader_is_killed_is_on_both_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_clients_come_back_and_friends_reappear() {
+    let _serial = crate::util::one_at_a_time().await;
     let (mut c, _dir) = cluster(3, 3).await;
     let groups = c.shard_groups();
     let (ann, bob) = (
@@ -120,6 +122,7 @@ async fn a_killed_nodes_clients_come_back_and_friends_reappear() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_a_node_with_another_groups_value_loses_nothing() {
+    let _serial = crate::util::one_at_a_time().await;
     let (mut c, _dir) = cluster(3, 3).await;
     let groups = c.shard_groups();
     let (ann, bob) = (

@@ -49,6 +49,7 @@ async fn wait_asleep(c: &ProcessCluster, groups: &[GroupId], within: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_sleep_a_write_wakes_its_group_and_a_dead_node_wakes_only_its_groups() {
+    let _serial = crate::util::one_at_a_time().await;
     let (mut c, _dir) = cluster(3, 6).await;
     let groups = c.shard_groups();
     // No client, no write: every replica of every group goes to sleep.

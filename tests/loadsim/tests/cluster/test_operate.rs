@@ -11,6 +11,13 @@ use nearby_loadsim::WorldConfig;
 /// The run on seed 3's world (1,500 users), with a hub of `hub_friends` friends if not 0, and
 /// the verdict every run must meet.
 async fn operate(hub_friends: usize) -> OperateReport {
+    // The clients' reconnects and unanswered requests, shown if the test fails.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,nearby_client=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::TempDir::new().expect("tmp");
     let config = OperateConfig {
         load: LoadSetup {
@@ -42,34 +49,50 @@ async fn operate(hub_friends: usize) -> OperateReport {
         .filter(|c| c.ok)
         .filter_map(|c| c.command.split_whitespace().nth(1))
         .collect();
-    assert_eq!(
-        kinds,
-        ["split", "move", "merge", "drain", "undrain", "rebalance"],
-        "every command done:\n{table}"
+    let mut failed = Vec::new();
+    let mut check = |ok: bool, what: &str| {
+        if !ok {
+            failed.push(what.to_string());
+        }
+    };
+    check(
+        kinds == ["split", "move", "merge", "drain", "undrain", "rebalance"],
+        "every command done",
     );
-    assert_eq!(report.load.total.leaks, 0, "{table}");
-    assert!(
+    check(report.load.total.leaks == 0, "no leak");
+    check(
         report.replicas.lost.is_empty(),
-        "{:?}\n{table}",
-        report.replicas.lost
+        &format!("no acknowledged write lost: {:?}", report.replicas.lost),
     );
-    assert!(report.crashes.is_empty(), "{:?}", report.crashes);
-    assert!(
-        report.redirects.during_drain > 0,
-        "the drain moved clients:\n{table}"
+    check(
+        report.crashes.is_empty(),
+        &format!("no crash: {:?}", report.crashes),
     );
-    assert!(report.load.total.miss_rate < MAX_MISS_RATE, "{table}");
+    check(report.redirects.during_drain > 0, "the drain moved clients");
+    check(
+        report.load.total.miss_rate < MAX_MISS_RATE,
+        "misses under the bound",
+    );
     // Moved clients are redirected, not failed: their calls wait for the next connection, and
     // a request caught in its group's move is carried too. The goal is no error at all, and
     // runs show 0; the margin of two is for load shedding on a loaded CI machine (before the
     // SDK carried calls across moves it was ~300).
-    assert!(report.errors_during_commands() <= 2, "{table}");
+    check(report.errors_during_commands() <= 2, "at most two client errors");
+    if !failed.is_empty() {
+        // The nodes' logs and data stay for a look.
+        let kept = dir.keep();
+        panic!(
+            "failed: {failed:?}\nthe nodes' files are kept in {}\n{table}",
+            kept.display()
+        );
+    }
     report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "quarantined: in recent runs of the whole cluster binary, a request timeout (4-5 client errors at one second) or a merge step failing; open, see docs/status.md"]
 async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a_crash() {
+    let _serial = crate::util::one_at_a_time().await;
     operate(0).await;
 }
 
@@ -78,6 +101,7 @@ async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "open bug: about half the runs of the whole cluster binary show one leak (a page entry ~0.5 s after a revocation's acknowledgement, during the leader moves that follow the undrain); see docs/status.md"]
 async fn a_split_at_a_user_with_1000_friends_under_load_loses_nothing_and_leaks_nothing() {
+    let _serial = crate::util::one_at_a_time().await;
     let report = operate(1_000).await;
     let table = report.table();
     let hub = report.load.hub.as_ref().expect("the hub's counts");

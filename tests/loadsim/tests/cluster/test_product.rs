@@ -51,6 +51,7 @@ fn now_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ghost_timer_ends_by_itself_after_a_leader_change_and_strangers_cross_nodes() {
+    let _serial = crate::util::one_at_a_time().await;
     let (mut c, _dir) = cluster(3, 3).await;
     let (ga, gc) = groups_on_two_nodes(&c);
     // carl's id is searched for in history files: 8 bytes that cannot turn up by chance.

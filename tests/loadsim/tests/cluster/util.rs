@@ -9,6 +9,15 @@ use nearby_index::geo::UserId;
 use nearby_loadsim::cluster::{ClusterOptions, ProcessCluster};
 use tokio::sync::mpsc;
 
+/// One cluster test at a time. Each starts three to five node processes and clients on a
+/// machine that may have two cores: two at once starve each other's heartbeats and turn a
+/// test of timing (elections, hibernation, operations under load) into a test of the
+/// scheduler. Every test takes this first and holds it to the end.
+pub(crate) async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
 /// A cluster of `n` processes with `groups` groups in a fresh temporary directory (kept alive
 /// with the returned guard).
 pub(crate) async fn cluster(n: u8, groups: u64) -> (ProcessCluster, tempfile::TempDir) {
