@@ -347,15 +347,19 @@ impl RaftHost {
 
     /// This node's replica of the group a split of `parent` makes (see [`Command::Split`]),
     /// from the seed in `parent`'s state: its manifest and seed file written (synced) first,
-    /// then opened and given its first membership, `members` — the same on every replica,
-    /// since every replica of the parent makes the same seed at the same index. A replica that
-    /// exists already (opened before, or restarted) is returned as it is.
+    /// then opened. With `stand_first` (on one replica: the parent's leader's) it is given its
+    /// first membership, `members` — the same on every replica, since every replica of the
+    /// parent makes the same seed at the same index — and stands in the first election; the
+    /// others learn the membership from that leader, and initialize themselves only if it has
+    /// not reached them within [`SPLIT_FIRST_LEADER_WAIT`]. A replica that exists already
+    /// (opened before, or restarted) is returned as it is.
     ///
     /// [`Command::Split`]: crate::Command::Split
     pub async fn open_split_child(
         &self,
         seed: &crate::shard::state::SplitSeed,
         members: BTreeMap<NodeId, Node>,
+        stand_first: bool,
     ) -> Result<ShardGroup, HostError> {
         let group = seed.new_group;
         if let Some(g) = self.shard(group) {
@@ -373,12 +377,25 @@ impl RaftHost {
             write_manifest(&dir, Manifest::Shard(seed.range))?;
         }
         let g = self.open_shard(group, seed.range).await?;
-        let blank = {
-            let m = g.raft().metrics();
-            let m = m.borrow();
-            m.last_log_index.is_none() && m.current_term == 0
-        };
-        if blank {
+        if !stand_first {
+            // Another replica (the parent's leader) initializes the group and stands first: its
+            // leader's messages bring this replica the membership. Initializing here too would
+            // start an election at once (openraft's `initialize` does), and replicas are made at
+            // different moments, so a late one would depose the first leader. Only if nothing
+            // came within the hold (that node failed) does this replica initialize itself.
+            let waiting = g.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SPLIT_FIRST_LEADER_WAIT).await;
+                if is_blank(&waiting) {
+                    tracing::info!(group, "no leader of the new group yet: this replica stands");
+                    if let Err(e) = waiting.initialize(members).await {
+                        tracing::debug!(group, error = %e, "the new group's replica not initialized");
+                    }
+                }
+            });
+            return Ok(g);
+        }
+        if is_blank(&g) {
             g.initialize(members).await?;
         }
         Ok(g)
@@ -776,4 +793,15 @@ impl Replica<ClusterMap> {
             }),
         }
     }
+}
+
+/// How long a replica of a split's new group that does not stand first waits for the first
+/// leader's messages before it initializes the group itself.
+pub const SPLIT_FIRST_LEADER_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether a replica has neither a log nor a vote: never initialized, never heard of a leader.
+fn is_blank(g: &ShardGroup) -> bool {
+    let m = g.raft().metrics();
+    let m = m.borrow();
+    m.last_log_index.is_none() && m.current_term == 0
 }

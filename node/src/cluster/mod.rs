@@ -501,9 +501,12 @@ impl Cluster {
                         tracing::warn!(parent = g.id(), group = child, error = %e, "history not handed over")
                     }
                 }
-                match self.host.open_split_child(&seed, members).await {
+                // The parent's leader stands first: the handed-over users' sessions are there,
+                // and replicas made later must not depose the leader made first.
+                let stand_first = self.router.leads(g.id());
+                match self.host.open_split_child(&seed, members, stand_first).await {
                     Ok(_) => {
-                        tracing::info!(parent = g.id(), group = child, range = %seed.range, users = seed.len(), "replica of a new group made from its split seed");
+                        tracing::info!(parent = g.id(), group = child, range = %seed.range, users = seed.len(), stand_first, "replica of a new group made from its split seed");
                         self.watch_leadership(child);
                     }
                     Err(e) => {
