@@ -58,6 +58,9 @@ const STEP_TRIES: u32 = 3;
 /// How long an operator's step waits for the meta group to have a leader.
 const META_LEADER_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a merge waits for placement to finish a move of one of its groups.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(10);
+
 /// How long an operation's read or write waits for its group to have a leader (a move or a
 /// transfer the operation itself made may have started an election).
 const GROUP_LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -342,6 +345,10 @@ impl Cluster {
                 })
             }
             OperatorStep::Merge { left, right } => {
+                // Placement may be in the middle of a move of one of them (a replica added, the
+                // old one not yet removed): that finishes in a moment, and the merge then plans
+                // on the settled map instead of refusing.
+                let map = self.settled_for_merge(left, right, map).await;
                 let (l, r) = (shard_entry(&map, left)?, shard_entry(&map, right)?);
                 let (Some(lr), Some(rr)) = (l.range, r.range) else {
                     return Err("a group without a range".into());
@@ -793,6 +800,34 @@ impl Cluster {
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// The map once neither group has a replica change under way (a learner, a split not yet
+    /// done, a voter added and the old one not yet removed), or `map` again after
+    /// [`PLACEMENT_WAIT`].
+    async fn settled_for_merge(
+        &self,
+        left: GroupId,
+        right: GroupId,
+        mut map: nearby_raft::ClusterMap,
+    ) -> nearby_raft::ClusterMap {
+        let deadline = Instant::now() + PLACEMENT_WAIT;
+        loop {
+            let busy = |g: GroupId| {
+                map.groups
+                    .get(&g)
+                    .is_some_and(|e| e.born_of.is_some() || !e.learners.is_empty())
+            };
+            let counts = |g: GroupId| map.groups.get(&g).map(|e| e.voters.len());
+            if !(busy(left) || busy(right)) && counts(left) == counts(right) {
+                return map;
+            }
+            if Instant::now() >= deadline {
+                return map;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            map = self.directory.view().map.clone();
+        }
     }
 
     /// [`Router::read`](crate::route::router::Router::read), waiting up to
