@@ -895,7 +895,13 @@ impl Driver {
                 }
                 Step::Overdue => {
                     let after_ms = u64::try_from(self.config.request_timeout.as_millis()).unwrap_or(u64::MAX);
-                    tracing::info!(after_ms, "a request went unanswered; the node is taken for gone");
+                    let oldest = self
+                        .pending
+                        .values()
+                        .min_by_key(|p| p.sent)
+                        .map(|p| request_name(&p.request));
+                    let addr = self.live.as_ref().map(|l| l.addr.clone());
+                    tracing::info!(after_ms, request = ?oldest, ?addr, "a request went unanswered; the node is taken for gone");
                     // Not back to the silent node: the configured ones redirect as needed.
                     return Exit::Lost {
                         reason: ClientError::Timeout {
