@@ -146,6 +146,21 @@ impl Default for Liveness {
     }
 }
 
+impl Liveness {
+    /// What an app gets from the SDK unless it asks otherwise (`ClientConfig::new`): a 5 s
+    /// request timeout, QUIC keep-alive and idle timeout from `nearby_client::tls`. Runs with
+    /// no failure in them (planned operations) use these: a client that takes a busy node's
+    /// two-second pause for its death is an error of the test's making, not the product's.
+    pub fn app_defaults() -> Self {
+        let c = nearby_client::ClientConfig::new("", "", 1, "");
+        Liveness {
+            request_timeout: c.request_timeout,
+            keep_alive: c.keep_alive,
+            idle_timeout: c.idle_timeout,
+        }
+    }
+}
+
 /// A kill loop's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct ChaosReport {

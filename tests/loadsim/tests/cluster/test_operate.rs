@@ -36,7 +36,10 @@ async fn operate(hub_friends: usize) -> OperateReport {
             seed: 3,
             progress: false,
             node_bin: None,
-            liveness: Liveness::default(),
+            // No node fails here: clients as apps configure them by default. (With the
+            // failover tests' 2 s request timeout, a debug-build node busy restoring snapshots on
+            // two shared cores after the undrain occasionally answered one request after 2 s.)
+            liveness: Liveness::app_defaults(),
         },
         duration: Duration::from_secs(45),
         settle: Duration::from_secs(4),
@@ -90,7 +93,6 @@ async fn operate(hub_friends: usize) -> OperateReport {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "quarantined: in recent runs of the whole cluster binary, a request timeout (4-5 client errors at one second) or a merge step failing; open, see docs/status.md"]
 async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a_crash() {
     let _serial = crate::util::one_at_a_time().await;
     operate(0).await;
@@ -99,7 +101,6 @@ async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a
 /// The split cuts right at a user with 1,000 friends: its record moves whole, and its
 /// deliveries are judged apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: about half the runs of the whole cluster binary show one leak (a page entry ~0.5 s after a revocation's acknowledgement, during the leader moves that follow the undrain); see docs/status.md"]
 async fn a_split_at_a_user_with_1000_friends_under_load_loses_nothing_and_leaks_nothing() {
     let _serial = crate::util::one_at_a_time().await;
     let report = operate(1_000).await;
