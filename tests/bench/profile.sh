@@ -7,6 +7,8 @@
 #
 #   tests/bench/profile.sh [RATE] [SECONDS]     updates/s (default 600, near the 2-core knee)
 #                                               and how long to record (default 20)
+#   NEARBY_BIN=DIR tests/bench/profile.sh       profile the binaries in DIR (e.g. a copy of an
+#                                               earlier build, for a before/after pair)
 #
 # Output: the grouped table, the 25 hottest symbols, and `perf.data` kept in target/profile/ for
 # `perf report -i target/profile/perf.data`. Needs `perf` (Debian: linux-perf) and, unless run as
@@ -17,9 +19,13 @@ cd "$(dirname "$0")/../.."
 rate=${1:-600} secs=${2:-20}
 users=20000 online=0.1 seed=7
 command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
-cargo build --release -p nearby-node -p nearby-loadsim
-bin=target/release
-out=target/profile
+if [ -n "${NEARBY_BIN:-}" ]; then
+  bin=$NEARBY_BIN
+else
+  cargo build --release -p nearby-node -p nearby-loadsim
+  bin=target/release
+fi
+out=${NEARBY_PROFILE_OUT:-target/profile}
 mkdir -p "$out"
 
 on_server=() on_load=()
@@ -54,3 +60,6 @@ wait "$load" || true
 
 perf report -i "$out/perf.data" --no-children --sort sym --stdio -g none --percent-limit 0.01 2>/dev/null \
   | python3 tests/bench/profile_groups.py
+
+echo "== the load's report (server CPU per push and peak RSS, measured over the whole run)"
+sed -n '/^step /,/^total:/p' "$work/load.log"
