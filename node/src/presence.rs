@@ -1327,6 +1327,20 @@ mod tests {
             self.drain(g);
         }
 
+        /// An update of user 150 (group 2) to viewer 1, decided at group 2's current state:
+        /// to be delivered late.
+        fn late_update_of_150_to_1(&self) -> GroupMessage {
+            GroupMessage::Update {
+                from: 150,
+                at: LatestLocation {
+                    loc: LatLng::new(B.0, B.1 + 0.002).expect("ll"),
+                    updated_at: Millis(self.now.0 + 500),
+                },
+                viewers: vec![1],
+                decided_at: self.index[&2],
+            }
+        }
+
         fn take(&mut self, viewer: UserId) -> Vec<Event> {
             let (mine, rest): (Vec<_>, Vec<_>) = self.pushed.drain(..).partition(|(v, _)| *v == viewer);
             self.pushed = rest;
@@ -1495,15 +1509,7 @@ mod tests {
         w.at(150, B.0, B.1);
         w.take(1);
         // An update of 150 decided at group 2's current state, held back in the network ...
-        let late = GroupMessage::Update {
-            from: 150,
-            at: LatestLocation {
-                loc: LatLng::new(B.0, B.1 + 0.002).expect("ll"),
-                updated_at: Millis(w.now.0 + 500),
-            },
-            viewers: vec![1],
-            decided_at: w.index[&2],
-        };
+        let late = w.late_update_of_150_to_1();
         // ... while 150 hides from 1.
         w.commit(Command::Hide { user: 150, from: 1 });
         assert!(matches!(&w.take(1)[..], [Event::FriendGone { .. }]));
@@ -1521,15 +1527,7 @@ mod tests {
         w.at(150, B.0, B.1);
         // An update of 150 to viewer 1 decided now, held back in the network (from a session
         // of 1 that closed) ...
-        let late = GroupMessage::Update {
-            from: 150,
-            at: LatestLocation {
-                loc: LatLng::new(B.0, B.1 + 0.002).expect("ll"),
-                updated_at: Millis(w.now.0 + 500),
-            },
-            viewers: vec![1],
-            decided_at: w.index[&2],
-        };
+        let late = w.late_update_of_150_to_1();
         // ... while 150 hides from 1, who is offline; the revocation is acknowledged.
         w.commit(Command::Hide { user: 150, from: 1 });
         assert!(w.acks.iter().any(|b| b.group == 2), "acknowledged");

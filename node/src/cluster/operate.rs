@@ -73,6 +73,24 @@ fn state_of(map: &nearby_raft::ClusterMap, node: NodeId) -> Result<NodeState, St
         .ok_or_else(|| format!("node {node} is not in the cluster"))
 }
 
+/// Runs `call` until it answers anything but `unavailable` (a group between leaders), for at
+/// most [`GROUP_LEADER_WAIT`].
+async fn patiently<T, F: std::future::Future<Output = Result<T, ServiceError>>>(
+    group: GroupId,
+    mut call: impl FnMut() -> F,
+) -> Result<T, ServiceError> {
+    let deadline = Instant::now() + GROUP_LEADER_WAIT;
+    loop {
+        match call().await {
+            Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => {
+                tracing::debug!(group, error = %e.message, "an operation's step waits for the group's leader");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Cluster {
     /// This node's figures: its process, its replicas, its client service's counters, and
     /// where the users of the groups it leads are, by coarse cell (each group's driver is asked,
@@ -833,16 +851,7 @@ impl Cluster {
     /// [`Router::read`](crate::route::router::Router::read), waiting up to
     /// [`GROUP_LEADER_WAIT`] for the group to have a leader.
     async fn read_patiently(&self, group: GroupId, query: ReadQuery) -> Result<ReadAnswer, ServiceError> {
-        let deadline = Instant::now() + GROUP_LEADER_WAIT;
-        loop {
-            match self.router.read(group, query.clone()).await {
-                Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => {
-                    tracing::debug!(group, error = %e.message, "operation's read waits for a leader");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                other => return other,
-            }
-        }
+        patiently(group, || self.router.read(group, query.clone())).await
     }
 
     /// [`Router::propose`](crate::route::router::Router::propose) of an idempotent command,
@@ -852,16 +861,7 @@ impl Cluster {
         group: GroupId,
         payload: Payload,
     ) -> Result<(u64, Reply), ServiceError> {
-        let deadline = Instant::now() + GROUP_LEADER_WAIT;
-        loop {
-            match self.router.propose(group, payload.clone()).await {
-                Err(e) if e.code == ErrorCode::Unavailable && Instant::now() < deadline => {
-                    tracing::debug!(group, error = %e.message, "operation's write waits for a leader");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                other => return other,
-            }
-        }
+        patiently(group, || self.router.propose(group, payload.clone())).await
     }
 
     /// What a merge needs to know of `group`, from its leader.
