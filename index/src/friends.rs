@@ -1,27 +1,32 @@
 //! Friend sets and the routing of user ids to the shard groups that own them.
 //!
-//! Owns [`FriendSet`] (a compressed roaring bitmap over 64-bit user ids), [`UserRange`] (a
-//! half-open id range `[start, end)`) and [`RangeTable`] (which group owns which range), plus
-//! the one-pass split of a friend set by owner, [`FriendSet::split_by_ranges`], that a home
-//! shard uses to forward an update to the shard groups of the user's friends. This module never
-//! decides *who may see whom* (privacy is the caller's), and never looks at locations.
+//! Owns [`FriendSet`] (a user's friends or followers: a sorted array of 64-bit user ids),
+//! [`UserRange`] (a half-open id range `[start, end)`) and [`RangeTable`] (which group owns which
+//! range), plus the one-pass split of a friend set by owner, [`FriendSet::split_by_ranges`], that
+//! a home shard uses to forward an update to the shard groups of the user's friends. This module
+//! never decides *who may see whom* (privacy is the caller's), and never looks at locations.
 
 use std::fmt;
 
 use roaring::RoaringTreemap;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::RangeError;
 use crate::geo::UserId;
 
-/// A set of user ids (someone's friends, or followers), stored as a roaring bitmap.
+/// A set of user ids (someone's friends, or followers): a sorted, exactly sized array.
+///
+/// User ids are spread over the whole 64-bit space (ranges are cut evenly across it), where a
+/// roaring bitmap keeps one container per distinct upper half and cost ~65 bytes per id; an
+/// exact array costs 8 bytes per id and 16 per set, and answers `contains` with a binary search
+/// over a few hundred ids. Sets change rarely (a friendship) and are read on every update, so
+/// an insert copies the array once.
 ///
 /// Serialises as roaring's portable format (the format the C/Java/Go roaring libraries share),
-/// wrapped as a byte string. Id 0 is never a user: callers validate ids with
-/// [`crate::geo::check_user_id`] before inserting.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct FriendSet(RoaringTreemap);
+/// wrapped as a byte string, as it always has: snapshots written before read the same. Id 0 is
+/// never a user: callers validate ids with [`crate::geo::check_user_id`] before inserting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct FriendSet(Box<[UserId]>);
 
 impl FriendSet {
     /// An empty set.
@@ -31,22 +36,37 @@ impl FriendSet {
 
     /// Adds `id`; returns true if it was not already present.
     pub fn insert(&mut self, id: UserId) -> bool {
-        self.0.insert(id)
+        let Err(at) = self.0.binary_search(&id) else {
+            return false;
+        };
+        let mut ids = Vec::with_capacity(self.0.len() + 1);
+        ids.extend_from_slice(&self.0[..at]);
+        ids.push(id);
+        ids.extend_from_slice(&self.0[at..]);
+        self.0 = ids.into_boxed_slice();
+        true
     }
 
     /// Removes `id`; returns true if it was present.
     pub fn remove(&mut self, id: UserId) -> bool {
-        self.0.remove(id)
+        let Ok(at) = self.0.binary_search(&id) else {
+            return false;
+        };
+        let mut ids = Vec::with_capacity(self.0.len() - 1);
+        ids.extend_from_slice(&self.0[..at]);
+        ids.extend_from_slice(&self.0[at + 1..]);
+        self.0 = ids.into_boxed_slice();
+        true
     }
 
     /// True if `id` is in the set.
     pub fn contains(&self, id: UserId) -> bool {
-        self.0.contains(id)
+        self.0.binary_search(&id).is_ok()
     }
 
     /// Number of ids.
     pub fn len(&self) -> u64 {
-        self.0.len()
+        self.0.len() as u64
     }
 
     /// True if the set has no ids.
@@ -56,7 +76,12 @@ impl FriendSet {
 
     /// The ids in ascending order.
     pub fn iter(&self) -> impl Iterator<Item = UserId> + '_ {
-        self.0.iter()
+        self.0.iter().copied()
+    }
+
+    /// The ids in ascending order, as a slice.
+    pub fn as_slice(&self) -> &[UserId] {
+        &self.0
     }
 
     /// Splits the set by owner: one pass over the (ascending) ids and the (ascending) ranges,
@@ -68,10 +93,9 @@ impl FriendSet {
     /// ([`RangeSplit::unrouted`]): a table with holes (e.g. during a range move) must not
     /// silently drop friends, so the caller decides whether to retry or report them.
     pub fn split_by_ranges<'a, G>(&self, table: &'a RangeTable<G>) -> RangeSplit<'a, G> {
-        // Materialise the ids once (one exact-size allocation), then cut them into runs with a
-        // single forward walk over ids and ranges together: O(friends + ranges), and one
-        // exact-size `Vec` per non-empty range instead of many growing ones.
-        let ids: Vec<UserId> = self.0.iter().collect();
+        // A single forward walk over ids and ranges together: O(friends + ranges), and one
+        // exact-size `Vec` per non-empty range.
+        let ids = &self.0;
         let mut groups: Vec<(&'a G, Vec<UserId>)> = Vec::new();
         let mut unrouted = Vec::new();
         let mut pos = 0;
@@ -98,7 +122,26 @@ impl FriendSet {
 
 impl FromIterator<UserId> for FriendSet {
     fn from_iter<I: IntoIterator<Item = UserId>>(iter: I) -> Self {
-        Self(RoaringTreemap::from_iter(iter))
+        let mut ids: Vec<UserId> = iter.into_iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Self(ids.into_boxed_slice())
+    }
+}
+
+impl Serialize for FriendSet {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The ids are sorted and unique, so this cannot fail; the fallback is never taken.
+        let bitmap = RoaringTreemap::from_sorted_iter(self.iter()).unwrap_or_else(|_| self.iter().collect());
+        bitmap.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for FriendSet {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Roaring iterates in ascending order: the array comes out sorted and unique.
+        let bitmap = RoaringTreemap::deserialize(deserializer)?;
+        Ok(Self(bitmap.iter().collect()))
     }
 }
 
@@ -249,6 +292,20 @@ mod tests {
         assert_eq!(crate::codec::decode::<FriendSet>(&bytes).unwrap(), s);
     }
 
+    /// Snapshots written before sets were arrays (as a `RoaringTreemap`) read back the same,
+    /// and a set writes the very same bytes.
+    #[test]
+    fn friend_sets_keep_the_roaring_wire_format() {
+        let ids = [3u64, 9, 1 << 33, (1 << 33) + 7, u64::MAX - 2];
+        let bitmap: RoaringTreemap = ids.iter().copied().collect();
+        let old = crate::codec::encode(&bitmap).unwrap();
+        let set: FriendSet = crate::codec::decode(&old).unwrap();
+        assert_eq!(set.as_slice(), &ids);
+        assert_eq!(crate::codec::encode(&set).unwrap(), old);
+        let empty = crate::codec::encode(&FriendSet::new()).unwrap();
+        assert_eq!(empty, crate::codec::encode(&RoaringTreemap::new()).unwrap());
+    }
+
     #[test]
     fn garbage_friend_set_bytes_are_rejected() {
         let bytes = crate::codec::encode(&b"\x01\x02\x03\x04garbage"[..]).unwrap();
@@ -322,6 +379,30 @@ mod tests {
     }
 
     proptest! {
+        /// A set behaves as a `BTreeSet` under any sequence of inserts and removes, stays sorted
+        /// and exactly sized, and survives encoding.
+        #[test]
+        fn a_friend_set_behaves_as_a_sorted_set(
+            ops in proptest::collection::vec((any::<bool>(), 1..200u64), 0..300),
+        ) {
+            let mut set = FriendSet::new();
+            let mut model = std::collections::BTreeSet::new();
+            for (add, id) in ops {
+                // Spread over the whole id space, as ids of other groups are.
+                let id = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                if add {
+                    prop_assert_eq!(set.insert(id), model.insert(id));
+                } else {
+                    prop_assert_eq!(set.remove(id), model.remove(&id));
+                }
+                prop_assert_eq!(set.contains(id), model.contains(&id));
+            }
+            prop_assert_eq!(set.len(), model.len() as u64);
+            prop_assert!(set.as_slice().iter().copied().eq(model.iter().copied()));
+            let bytes = crate::codec::encode(&set).unwrap();
+            prop_assert_eq!(crate::codec::decode::<FriendSet>(&bytes).unwrap(), set);
+        }
+
         /// Every id lands exactly once: in the group `locate` names, or in `unrouted`.
         #[test]
         fn split_partitions_exactly(

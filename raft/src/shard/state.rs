@@ -2,8 +2,8 @@
 //!
 //! [`GroupState`] holds, for every registered user of the group's id range, a [`UserRecord`]:
 //! profile, privacy settings, friend set, pending requests in both directions, and one-way
-//! follower grants, all relation sets as roaring bitmaps. [`GroupState::apply`] is the only way it
-//! changes.
+//! follower grants, all relation sets as sorted id arrays ([`FriendSet`]).
+//! [`GroupState::apply`] is the only way it changes.
 //!
 //! This module never does I/O, never reads a clock and never draws randomness: applying the same
 //! commands in the same order to the same state gives the same state on every replica (the

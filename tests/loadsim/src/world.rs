@@ -13,8 +13,8 @@
 //! - **Ids** are dense within [`ID_BLOCKS`] blocks that cut the whole `u64` space evenly: user
 //!   `i` is number `i / 64` of block `i % 64`. Users land in every shard group whatever the
 //!   node's ranges (any power-of-two cut up to 64 groups), and friend ids stay dense the way real
-//!   ids are — sparse 64-bit ids would be the worst case for roaring bitmaps (one per id) and
-//!   would measure that instead of the system.
+//!   ids are. (Friend sets are sorted id arrays, 8 bytes an id whatever the ids: the density
+//!   no longer changes what memory measures.)
 //! - **Cities**: `cities` dense discs of `city_radius_m` around real city centres, sized by a Zipf
 //!   law (the first city is the largest). Users are placed uniformly in their city's disc.
 //! - **Friends**: a Chung–Lu graph. Each user draws a weight from a Pareto law (α = 2.2, so a few
