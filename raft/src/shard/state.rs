@@ -300,6 +300,22 @@ impl GroupState {
                 self.range = joined;
                 self.absorbed.push((*range, inbox.clone()));
                 self.absorbing = None;
+                // This group's own intents for the range it absorbed are for itself now: applied
+                // here, in order, at this entry. Delivered later, one would land after newer
+                // changes of the same pair that this group now applies to both sides at once,
+                // and undo them. Intents are whole states of the other side, the latest last, so
+                // applying one the absorbed group had applied already changes nothing.
+                let own: Vec<u64> = self
+                    .outbox
+                    .iter()
+                    .filter(|(_, m)| range.contains(m.user))
+                    .map(|(seq, _)| *seq)
+                    .collect();
+                for seq in own {
+                    if let Some(m) = self.outbox.remove(&seq) {
+                        self.set_mirror(&m);
+                    }
+                }
                 return CommandResult::Updated;
             }
             Command::Delivered { seq } => {
