@@ -61,7 +61,7 @@
 //! After each call, the caller MUST take the outputs with [`Presence::poll_outputs`] and deliver
 //! them, in order.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1019,30 +1019,13 @@ impl Presence {
         let (allowed, mut denied): (Vec<UserId>, Vec<UserId>) =
             subs.into_iter().partition(|v| record.may_see_me(*v, now));
         denied.extend(targets.iter().copied().filter(|v| !record.may_see_me(*v, now)));
+        denied.sort_unstable();
+        denied.dedup();
         // Viewers who lost the relation read "unfriended"; the others (hidden from, sharing off,
         // ghost mode) read "hidden".
         let relation_gone = |v: &UserId| !record.friends.contains(*v) && !record.followers.contains(*v);
         let (unfriended, hidden): (Vec<UserId>, Vec<UserId>) = denied.into_iter().partition(relation_gone);
         let at = barrier.index;
-        // A viewer that subscribed from a group other than the one this map routes it to (one
-        // of the two maps is behind a split or merge) may hold the user there: that group is
-        // told too, under a part of its own.
-        let subscribed_from = self.subscribers.get(&user);
-        let mut elsewhere: HashMap<GroupId, Vec<(UserId, GoneReason)>> = HashMap::new();
-        for (viewers, reason) in [
-            (&unfriended, GoneReason::Unfriended),
-            (&hidden, GoneReason::Hidden),
-        ] {
-            for v in viewers {
-                let from = subscribed_from.and_then(|s| s.get(v));
-                if let Some(g) = from.filter(|g| self.ranges.locate(*v) != Some(*g)) {
-                    let list = elsewhere.entry(*g).or_default();
-                    if !list.contains(&(*v, reason)) {
-                        list.push((*v, reason));
-                    }
-                }
-            }
-        }
         let mut revoke = |viewers, reason| {
             let ack = *barrier;
             barrier.part += 1;
@@ -1055,19 +1038,21 @@ impl Presence {
             }
         };
         for (viewers, reason) in [(unfriended, GoneReason::Unfriended), (hidden, GoneReason::Hidden)] {
-            self.send_split(viewers, |viewers| revoke(viewers, reason));
-        }
-        for (to, viewers) in elsewhere {
-            for reason in [GoneReason::Unfriended, GoneReason::Hidden] {
-                let ids: Vec<UserId> = viewers
-                    .iter()
-                    .filter(|(_, r)| *r == reason)
-                    .map(|(v, _)| *v)
-                    .collect();
-                if !ids.is_empty() {
-                    let msg = revoke(ids, reason);
-                    self.outputs.push(Output::Send { to, msg });
+            // A viewer that subscribed from a group other than the one this map routes it to
+            // (one of the two maps is behind a split or merge) may hold the user there: that
+            // group is told too, under a part of its own.
+            let mut elsewhere: BTreeMap<GroupId, Vec<UserId>> = BTreeMap::new();
+            if let Some(subscribed) = self.subscribers.get(&user) {
+                for v in &viewers {
+                    if let Some(&g) = subscribed.get(v).filter(|g| self.ranges.locate(*v) != Some(*g)) {
+                        elsewhere.entry(g).or_default().push(*v);
+                    }
                 }
+            }
+            self.send_split(viewers, |viewers| revoke(viewers, reason));
+            for (to, viewers) in elsewhere {
+                let msg = revoke(viewers, reason);
+                self.outputs.push(Output::Send { to, msg });
             }
         }
         if let Some(at) = self.locations.get(user) {

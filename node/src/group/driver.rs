@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_client::proto::{ErrorCode, Relation};
+use nearby_index::friends::RangeTable;
 use nearby_index::geo::{Millis, UserId};
 use nearby_raft::{AppliedEntry, Command, GroupId, NodeId, Payload, Reply, ShardGroup};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -90,11 +91,7 @@ impl BarrierState {
     /// The unacknowledged parts, addressed to where their viewers are now (a range may have
     /// split or merged since): a part whose viewers are now in several groups is replaced by
     /// one new part per group, since a group acknowledges only viewers it serves.
-    fn resend(
-        &mut self,
-        directory: &crate::route::directory::Directory,
-        out: &mut Vec<(GroupId, GroupMessage)>,
-    ) {
+    fn resend(&mut self, ranges: &RangeTable<GroupId>, out: &mut Vec<(GroupId, GroupMessage)>) {
         let unacked: Vec<(u32, GroupId, GroupMessage)> = self
             .sent
             .iter()
@@ -117,7 +114,7 @@ impl BarrierState {
             let mut by_group: BTreeMap<GroupId, Vec<UserId>> = BTreeMap::new();
             for v in viewers {
                 by_group
-                    .entry(directory.group_of(v).unwrap_or(to))
+                    .entry(ranges.locate(v).copied().unwrap_or(to))
                     .or_default()
                     .push(v);
             }
@@ -541,14 +538,14 @@ impl Driver {
     /// sends again the revocations still unacknowledged after [`RESEND_AFTER`].
     fn settle_barriers(&mut self) {
         let now = Instant::now();
-        let directory = Arc::clone(self.ctx.router.directory());
+        let ranges = Arc::clone(&self.ctx.router.directory().view().ranges);
         let mut again = Vec::new();
         for b in self.barriers.values_mut() {
             if b.pending.is_empty() || now < b.resend_at {
                 continue;
             }
             b.resend_at = now + RESEND_AFTER;
-            b.resend(&directory, &mut again);
+            b.resend(&ranges, &mut again);
         }
         for (to, msg) in again {
             tracing::debug!(group = self.id, to, "revocation unacknowledged: sent again");
@@ -942,23 +939,16 @@ fn asked_acks(outputs: &[Output], group: GroupId, index: u64) -> Vec<(u32, Group
 mod tests {
     use super::*;
     use crate::presence::Barrier;
-    use crate::route::directory::Directory;
     use nearby_client::proto::GoneReason;
-    use nearby_raft::meta::{initial_ranges, ClusterMap, MetaCommand};
-    use nearby_raft::NodeInfo;
+    use nearby_raft::meta::initial_ranges;
 
     const LOW: UserId = 10;
     const HIGH: UserId = u64::MAX - 10;
 
-    fn directory() -> Directory {
-        let mut m = ClusterMap::default();
-        m.apply(&MetaCommand::Bootstrap {
-            cluster: "c".into(),
-            node: 1,
-            info: NodeInfo::new("r1", "c1", ""),
-            ranges: initial_ranges(2),
-        });
-        Directory::new(1, m)
+    /// Groups 1 and 2, each half of the id space.
+    fn ranges() -> RangeTable<GroupId> {
+        let entries = initial_ranges(2).into_iter().map(|(g, r)| (r, g)).collect();
+        RangeTable::new(entries).expect("ranges")
     }
 
     fn revoke(viewers: Vec<UserId>, part: u32) -> GroupMessage {
@@ -977,7 +967,7 @@ mod tests {
 
     #[test]
     fn an_unacknowledged_revocation_is_sent_again_to_the_groups_its_viewers_are_in_now() {
-        let directory = directory();
+        let ranges = ranges();
         let now = Instant::now();
         let mut b = BarrierState {
             pending: [0, 1, 2].into_iter().collect(),
@@ -997,7 +987,7 @@ mod tests {
         };
         b.pending.remove(&2);
         let mut out = Vec::new();
-        b.resend(&directory, &mut out);
+        b.resend(&ranges, &mut out);
         let sent: Vec<(GroupId, Vec<UserId>, u32)> = out
             .iter()
             .map(|(to, m)| match m {
@@ -1022,7 +1012,7 @@ mod tests {
         );
         // Sent again later, the new parts keep their numbers.
         let mut again = Vec::new();
-        b.resend(&directory, &mut again);
+        b.resend(&ranges, &mut again);
         assert_eq!(again.len(), 3);
     }
 }

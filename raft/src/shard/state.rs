@@ -305,16 +305,16 @@ impl GroupState {
                 // changes of the same pair that this group now applies to both sides at once,
                 // and undo them. Intents are whole states of the other side, the latest last, so
                 // applying one the absorbed group had applied already changes nothing.
-                let own: Vec<u64> = self
-                    .outbox
-                    .iter()
-                    .filter(|(_, m)| range.contains(m.user))
-                    .map(|(seq, _)| *seq)
-                    .collect();
-                for seq in own {
-                    if let Some(m) = self.outbox.remove(&seq) {
-                        self.set_mirror(&m);
+                let mut own = Vec::new();
+                self.outbox.retain(|_, m| {
+                    let absorbed = range.contains(m.user);
+                    if absorbed {
+                        own.push(*m);
                     }
+                    !absorbed
+                });
+                for m in own {
+                    self.set_mirror(&m);
                 }
                 return CommandResult::Updated;
             }
