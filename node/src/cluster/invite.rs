@@ -27,6 +27,9 @@ const JOINED_WITHIN: Duration = Duration::from_secs(60);
 /// How long the invited node has to answer.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
+/// How long an invitation waits for a node that does not answer yet (started a moment ago).
+const START_WAIT: Duration = Duration::from_secs(5);
+
 /// Where a node stands with invitations.
 #[derive(Debug, Default)]
 pub(super) enum Invitation {
@@ -135,17 +138,29 @@ impl Cluster {
             };
             let peers = Arc::clone(self.router.peers());
             async move {
+                // `Err((true, _))`: no answer (the node may still be starting).
                 match peers.call_addr_within(socket, None, &req, ANSWER_WITHIN).await {
                     Ok(PeerResponse::Invited { node, info }) => Ok((node, info)),
-                    Ok(PeerResponse::Failed(why)) => Err(format!("{addr} refused: {why}")),
-                    Ok(other) => Err(format!("{addr} answered {other:?}")),
-                    Err(e) => Err(format!(
+                    Ok(PeerResponse::Failed(why)) => Err((false, format!("{addr} refused: {why}"))),
+                    Ok(other) => Err((false, format!("{addr} answered {other:?}"))),
+                    Err(e) => Err((true, format!(
                         "{addr} did not answer: {e} (is it running `nearby-node join` with no seeds, on this address, with a certificate of this cluster's CA?)"
-                    )),
+                    ))),
                 }
             }
         };
-        let (node, info) = ask(true).await?;
+        // A node started a moment ago may not serve peer messages yet: the operator who starts
+        // it and adds it in the next command is not refused for that.
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        let (node, info) = loop {
+            match ask(true).await {
+                Ok(found) => break found,
+                Err((true, _)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err((_, why)) => return Err(why),
+            }
+        };
         if let Some(known) = map.nodes.get(&node) {
             return Err(format!(
                 "node id {node} is already a member (at {}); a node that lost its data joins under a new id",
@@ -169,7 +184,7 @@ impl Cluster {
                 what: format!("would add {what}"),
             });
         }
-        ask(false).await?;
+        ask(false).await.map_err(|(_, why)| why)?;
         let mut watch = self.directory.watch();
         let joined = tokio::time::timeout(JOINED_WITHIN, async {
             loop {
