@@ -131,6 +131,10 @@ pub struct NodeConfig {
     /// The admin API.
     #[serde(default)]
     pub admin: Option<AdminSection>,
+    /// What carries the client connections: `"batched"` (nearby's driver, the default) or
+    /// `"tasks"` (quinn's task per connection, to measure against).
+    #[serde(default)]
+    pub client_driver: crate::service::Driver,
 }
 
 /// `[admin]`: the admin API (`crate::admin`).

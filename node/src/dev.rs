@@ -43,6 +43,8 @@ pub struct DevOptions {
     pub import: Option<PathBuf>,
     /// QUIC transport settings of the client service.
     pub transport: crate::service::tls::Transport,
+    /// What carries the client service's connections.
+    pub driver: crate::service::Driver,
     /// Shed periodic updates under overload (see [`crate::service::overload`]).
     pub shed: bool,
     /// Record users' location history (see [`crate::history`]); off only to measure its cost.
@@ -238,6 +240,7 @@ pub async fn run(
     nopts.raft_listen = opts.raft_listen;
     nopts.dev_signer = Some(signer);
     nopts.transport = opts.transport;
+    nopts.driver = opts.driver;
     nopts.service = ServiceConfig {
         shed: if opts.shed {
             ServiceConfig::default().shed
@@ -347,6 +350,7 @@ pub async fn run_many(
         };
         let config = format!(
             "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
+             client_driver = \"{driver}\"\n\
              [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n\
              [auth]\ntoken_public_key = {public:?}\n\
@@ -355,6 +359,10 @@ pub async fn run_many(
              [admin]\nlisten = \"{client}\"\ntoken_file = {admin_token:?}\n",
             data = dir,
             groups = opts.groups,
+            driver = match opts.driver {
+                crate::service::Driver::Batched => "batched",
+                crate::service::Driver::Tasks => "tasks",
+            },
             ca = dev_dir.join("ca.pem"),
             cert = dev_dir.join(format!("node-{i}.pem")),
             key = dev_dir.join(format!("node-{i}-key.pem")),

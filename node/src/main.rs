@@ -28,6 +28,24 @@ struct Cli {
 }
 
 /// How log lines are written to stderr.
+/// `--driver`: what carries client connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DriverArg {
+    /// nearby's batched driver on quinn-proto.
+    Batched,
+    /// quinn's task per connection.
+    Tasks,
+}
+
+impl From<DriverArg> for nearby_node::service::Driver {
+    fn from(d: DriverArg) -> Self {
+        match d {
+            DriverArg::Batched => nearby_node::service::Driver::Batched,
+            DriverArg::Tasks => nearby_node::service::Driver::Tasks,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     /// Human-readable lines (coloured on a terminal).
@@ -65,6 +83,10 @@ enum Cmd {
         /// Use quinn's default transport settings instead of nearby's (to measure them).
         #[arg(long, hide = true)]
         quinn_defaults: bool,
+        /// What carries client connections: `batched` (nearby's driver) or `tasks` (quinn's task
+        /// per connection, to measure against).
+        #[arg(long, value_enum, default_value = "batched")]
+        driver: DriverArg,
         /// Never shed updates under overload (to measure the raw ceiling).
         #[arg(long)]
         no_shed: bool,
@@ -226,6 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nodes,
             import,
             quinn_defaults,
+            driver,
             no_shed,
             no_history,
         } => {
@@ -248,6 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     nearby_node::service::tls::Transport::Tuned
                 },
+                driver: driver.into(),
                 shed: !no_shed,
                 history: !no_history,
             };
@@ -394,6 +418,7 @@ async fn run_node(
     opts.client_advertise = config.client_advertise();
     opts.raft_advertise = config.raft_advertise();
     opts.service = config.service();
+    opts.driver = config.client_driver;
     opts.min_update_interval =
         std::time::Duration::from_millis(u64::from(config.limits.min_update_interval_ms));
     opts.history = config.history.config();

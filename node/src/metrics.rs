@@ -78,6 +78,8 @@ pub struct ServiceMetrics {
     pushes: AtomicU64,
     redirects: AtomicU64,
     slow_closed: AtomicU64,
+    send_calls: AtomicU64,
+    datagrams_sent: AtomicU64,
     push_latency: Histogram,
 }
 
@@ -127,6 +129,20 @@ impl ServiceMetrics {
     /// A session was closed for reading too slowly.
     pub fn slow_closed(&self) {
         self.slow_closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The batched driver handed `messages` UDP messages to the kernel in one `sendmmsg`.
+    pub fn sent(&self, messages: usize) {
+        self.send_calls.fetch_add(1, Ordering::Relaxed);
+        self.datagrams_sent.fetch_add(messages as u64, Ordering::Relaxed);
+    }
+
+    /// `sendmmsg` calls of the batched driver, and the messages they carried.
+    pub fn send_calls(&self) -> (u64, u64) {
+        (
+            self.send_calls.load(Ordering::Relaxed),
+            self.datagrams_sent.load(Ordering::Relaxed),
+        )
     }
 
     /// Authenticated sessions open now.
@@ -197,6 +213,18 @@ impl ServiceMetrics {
             "nearby_sessions_closed_slow_total",
             "Sessions closed because the client read too slowly.",
             self.slow_closed.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "nearby_client_send_calls_total",
+            "sendmmsg calls of the batched client driver.",
+            self.send_calls.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "nearby_client_send_messages_total",
+            "UDP messages those calls carried (a GSO message holds several datagrams).",
+            self.datagrams_sent.load(Ordering::Relaxed),
         );
         self.push_latency.render(
             out,

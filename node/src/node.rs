@@ -60,6 +60,8 @@ pub struct NodeOptions {
     pub clock: Arc<dyn Clock>,
     /// QUIC transport settings of the client service.
     pub transport: crate::service::tls::Transport,
+    /// What carries the client service's connections.
+    pub driver: crate::service::Driver,
     /// New sessions admitted per second (after a failover, clients return at this rate).
     pub sessions_per_s: u32,
     /// openraft's settings; nearby's defaults if `None`.
@@ -99,6 +101,7 @@ impl NodeOptions {
             service: ServiceConfig::default(),
             clock,
             transport: Default::default(),
+            driver: Default::default(),
             sessions_per_s: 5_000,
             raft: None,
             history: Default::default(),
@@ -149,6 +152,7 @@ impl Node {
         let mut sopts = ServiceOptions::new(opts.client_listen, opts.server_tls, opts.verifier);
         sopts.dev_signer = opts.dev_signer;
         sopts.transport = opts.transport;
+        sopts.driver = opts.driver;
         sopts.shed = shed;
         sopts.min_update_interval = opts.min_update_interval;
         let metrics = Arc::clone(&sopts.metrics);

@@ -13,7 +13,8 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nearby_client::proto::Event;
 use tokio::sync::Notify;
@@ -56,6 +57,37 @@ pub struct EventQueue {
     /// Woken (all waiters) when the queue closes.
     on_close: Notify,
     capacity: usize,
+    /// Where a driver that serves many sessions hears of this one (see [`Doorbell`]).
+    bell: OnceLock<(Arc<Doorbell>, u64)>,
+    /// Whether the bell was rung and the driver has not looked since.
+    rung: AtomicBool,
+}
+
+/// The sessions whose queues have something new, for a driver that serves many of them from
+/// one task: a queue rings once (its key joins the list) until the driver looks at it again, so
+/// a burst of events for thousands of sessions costs the driver one wake-up.
+#[derive(Default)]
+pub struct Doorbell {
+    ready: Mutex<Vec<u64>>,
+    notify: Notify,
+}
+
+impl Doorbell {
+    /// Moves the keys of the queues that rang into `into`.
+    pub fn take(&self, into: &mut Vec<u64>) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        into.append(&mut ready);
+    }
+
+    /// Resolves when a queue rings (at once if one rang since the last wait).
+    pub async fn rung(&self) {
+        self.notify.notified().await;
+    }
+
+    fn ring(&self, key: u64) {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+        self.notify.notify_one();
+    }
 }
 
 struct State {
@@ -118,7 +150,44 @@ impl EventQueue {
             notify: Notify::new(),
             on_close: Notify::new(),
             capacity: capacity.max(1),
+            bell: OnceLock::new(),
+            rung: AtomicBool::new(false),
         }
+    }
+
+    /// Rings `bell` with `key` whenever an event or the close arrives (once until
+    /// [`EventQueue::try_pop`] is called again); rings at once if something is waiting already.
+    pub fn attach(&self, bell: Arc<Doorbell>, key: u64) {
+        if self.bell.set((bell, key)).is_ok() {
+            let waiting = {
+                let s = self.lock();
+                s.closed.is_some() || !s.events.is_empty()
+            };
+            if waiting {
+                self.wake();
+            }
+        }
+    }
+
+    /// Wakes the reader: a task waiting in [`EventQueue::pop`], or the attached driver.
+    fn wake(&self) {
+        self.notify.notify_one();
+        if let Some((bell, key)) = self.bell.get() {
+            if !self.rung.swap(true, Ordering::AcqRel) {
+                bell.ring(*key);
+            }
+        }
+    }
+
+    /// The next event or the close, if there is one now. Re-arms the bell first: whatever
+    /// arrives after this call rings it again.
+    pub fn try_pop(&self) -> Option<Popped> {
+        self.rung.store(false, Ordering::Release);
+        let mut s = self.lock();
+        if let Some(reason) = &s.closed {
+            return Some(Popped::Closed(reason.clone()));
+        }
+        s.events.pop_front().map(Popped::Event)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -152,7 +221,7 @@ impl EventQueue {
                 s.events[i] = event;
                 s.superseded += 1;
                 drop(s);
-                self.notify.notify_one();
+                self.wake();
                 return;
             }
             match s.events.iter().position(is_position) {
@@ -164,7 +233,7 @@ impl EventQueue {
                     s.closed = Some(CloseReason::Slow);
                     s.events.clear();
                     drop(s);
-                    self.notify.notify_one();
+                    self.wake();
                     self.on_close.notify_waiters();
                     return;
                 }
@@ -172,7 +241,7 @@ impl EventQueue {
         }
         s.events.push_back(event);
         drop(s);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Drops every queued event about where `who` is or whether they are shown.
@@ -188,7 +257,7 @@ impl EventQueue {
         let mut s = self.lock();
         s.closed.get_or_insert(reason);
         drop(s);
-        self.notify.notify_one();
+        self.wake();
         self.on_close.notify_waiters();
     }
 

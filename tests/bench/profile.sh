@@ -7,6 +7,7 @@
 #
 #   tests/bench/profile.sh [RATE] [SECONDS]     updates/s (default 600, near the 2-core knee)
 #                                               and how long to record (default 20)
+#   NEARBY_DRIVER=tasks tests/bench/profile.sh  the client service on quinn's tasks (default: batched)
 #   NEARBY_BIN=DIR tests/bench/profile.sh       profile the binaries in DIR (e.g. a copy of an
 #                                               earlier build, for a before/after pair)
 #
@@ -40,7 +41,7 @@ fi
 echo "== world: $users users, $online online (seed $seed)"
 "$bin/nearby-loadsim" world --seed "$seed" --users "$users" --online "$online" --out "$work/seed.bin" >/dev/null
 echo "== nearby-node dev (shedding off)"
-"${on_server[@]}" "$bin/nearby-node" dev --data "$work/data" --home "$work/home" --no-shed \
+"${on_server[@]}" "$bin/nearby-node" dev --data "$work/data" --home "$work/home" --no-shed --driver "${NEARBY_DRIVER:-batched}" \
   --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" 2>"$work/node.log" &
 node=$!; pids+=("$node")
 wait_file "$work/home/endpoint" 300 "$work/node.log"

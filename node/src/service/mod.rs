@@ -1,26 +1,42 @@
 //! The client-facing QUIC service: accepts connections, runs one [`session`] per connection, and
 //! shuts down by telling every session to reconnect elsewhere.
 //!
-//! This module owns the endpoint and its limits; [`session`] owns the streams of one connection;
-//! everything a request *does* is behind [`Backend`] (nearby's is [`crate::gateway::Gateway`]).
+//! This module owns the socket and its limits; a transport carries the connections — [`driver`]
+//! (nearby's own, on quinn-proto: one task for all of them, packets sent in batches; the
+//! default) or [`tasks`] (quinn's tasks per connection; the original design's baseline runs on
+//! it); [`session`] is one client's session over either; everything a request *does* is behind
+//! [`Backend`] (nearby's is [`crate::gateway::Gateway`]).
 
+pub mod driver;
 pub mod overload;
 pub mod session;
+mod tasks;
 pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
-
 use crate::api::Backend;
 use crate::auth::{TokenSigner, TokenVerifier};
 use crate::metrics::ServiceMetrics;
-use crate::queue::CloseReason;
+
+/// What carries the service's connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Driver {
+    /// nearby's driver on quinn-proto: one task owns the socket and every connection, and sends
+    /// the packets of a wake-up in batches (`sendmmsg`, GSO).
+    #[default]
+    Batched,
+    /// quinn's: a task per connection and two per session, a system call per packet.
+    Tasks,
+}
 
 /// How the service runs.
 pub struct ServiceOptions {
+    /// What carries the connections.
+    pub driver: Driver,
     /// UDP address to bind.
     pub listen: SocketAddr,
     /// The server's TLS identity.
@@ -52,6 +68,7 @@ impl ServiceOptions {
     /// Options with nearby's defaults.
     pub fn new(listen: SocketAddr, tls: tls::ServerTls, verifier: TokenVerifier) -> Self {
         ServiceOptions {
+            driver: Driver::default(),
             listen,
             tls,
             verifier,
@@ -87,9 +104,24 @@ pub enum ServiceStartError {
 
 /// A running client service over backend `B`.
 pub struct Service<B: Backend> {
-    endpoint: quinn::Endpoint,
+    transport: Bound,
     core: Arc<B>,
     ctx: Arc<session::Context<B>>,
+}
+
+/// The bound socket, with what carries its connections.
+enum Bound {
+    Batched(driver::Bound),
+    Tasks(quinn::Endpoint),
+}
+
+impl Bound {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Bound::Batched(b) => b.local_addr(),
+            Bound::Tasks(e) => e.local_addr(),
+        }
+    }
 }
 
 /// Socket buffer the client service asks the kernel for, each way. Linux's default (~208 KiB)
@@ -99,9 +131,9 @@ pub struct Service<B: Backend> {
 /// the request at `net.core.rmem_max` / `wmem_max` (see `docs/operations.md`).
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
-/// A QUIC server endpoint on `addr` with [`SOCKET_BUFFER`]-sized socket buffers (as far as the
-/// kernel allows; a smaller grant is logged, not fatal).
-pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`]-sized buffers (as far as the kernel
+/// allows; a smaller grant is logged, not fatal).
+pub(crate) fn bind_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::DGRAM,
@@ -132,6 +164,12 @@ pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> std::io
         );
     }
     socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// A quinn server endpoint on `addr` (see [`bind_socket`]).
+pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = bind_socket(addr)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
     quinn::Endpoint::new(
@@ -145,28 +183,34 @@ pub fn server_endpoint(config: quinn::ServerConfig, addr: SocketAddr) -> std::io
 /// A bound client endpoint that has no backend yet: a node learns its client address (to put in
 /// the cluster map) before the layer behind the service exists.
 pub struct Listener {
-    endpoint: quinn::Endpoint,
+    transport: Bound,
     opts: ServiceOptions,
 }
 
 impl Listener {
     /// Binds the endpoint.
     pub fn bind(opts: ServiceOptions) -> Result<Listener, ServiceStartError> {
+        let batched = opts.driver == Driver::Batched;
         let server_config = opts
             .tls
-            .quinn_config(opts.transport)
+            .quinn_config(opts.transport, batched)
             .map_err(ServiceStartError::Tls)?;
-        let endpoint =
-            server_endpoint(server_config, opts.listen).map_err(|source| ServiceStartError::Bind {
-                addr: opts.listen,
-                source,
-            })?;
-        Ok(Listener { endpoint, opts })
+        let bind_err = |source| ServiceStartError::Bind {
+            addr: opts.listen,
+            source,
+        };
+        let transport = match opts.driver {
+            Driver::Batched => {
+                Bound::Batched(driver::Bound::bind(opts.listen, server_config).map_err(bind_err)?)
+            }
+            Driver::Tasks => Bound::Tasks(server_endpoint(server_config, opts.listen).map_err(bind_err)?),
+        };
+        Ok(Listener { transport, opts })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.transport.local_addr()
     }
 
     /// The service over `core`.
@@ -186,7 +230,7 @@ impl Listener {
             metrics: opts.metrics,
         });
         Service {
-            endpoint: self.endpoint,
+            transport: self.transport,
             core,
             ctx,
         }
@@ -201,7 +245,7 @@ impl<B: Backend> Service<B> {
 
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.transport.local_addr()
     }
 
     /// Serves until `shutdown` completes; then tells sessions to go, waits briefly for them, and
@@ -222,40 +266,17 @@ impl<B: Backend> Service<B> {
             .load
             .as_ref()
             .map(|guard| tokio::spawn(Arc::clone(guard).probe()));
-        let mut sessions = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                incoming = self.endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    if self.ctx.connections.load(std::sync::atomic::Ordering::Relaxed) >= self.ctx.max_connections {
-                        tracing::warn!("connection limit reached; refusing");
-                        incoming.refuse();
-                        continue;
-                    }
-                    sessions.spawn(session::serve(incoming, Arc::clone(&self.ctx)));
+        match self.transport {
+            Bound::Batched(bound) => {
+                if let Err(e) = driver::run(bound, Arc::clone(&self.ctx), shutdown).await {
+                    tracing::error!(error = %e, "the client service's socket failed");
                 }
-                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-                () = &mut shutdown => break,
             }
-        }
-        tracing::info!(
-            sessions = sessions.len(),
-            "client service stopping; telling sessions to reconnect"
-        );
-        self.core.close_all(CloseReason::Shutdown);
-        let drained = tokio::time::timeout(Duration::from_secs(3), async {
-            while sessions.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            sessions.abort_all();
+            Bound::Tasks(endpoint) => tasks::run(endpoint, Arc::clone(&self.ctx), shutdown).await,
         }
         ticker.abort();
         if let Some(probe) = probe {
             probe.abort();
         }
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }

@@ -1,19 +1,21 @@
-//! One client connection: the control stream (requests in, responses out, in order), the event
-//! stream (pushes out), authentication, limits, and the mapping of requests onto the core.
+//! One client session, whatever carries it: authentication, limits, the token's clock, and the
+//! mapping of requests onto the core. The transports ([`super::tasks`], quinn's tasks per
+//! connection; [`super::driver`], nearby's own batched driver on quinn-proto) own the streams
+//! and hand this module whole requests; it answers each with a response, or with none when the
+//! user's group moved away with the request in it.
 //!
-//! A session never trusts the client: frames are bounded before allocation, the first request
-//! must authenticate, every request acts as the authenticated user only, requests are rate
-//! limited, and a malformed frame ends the connection (its frame boundaries are lost) after a
-//! `bad_frame` error.
+//! A session never trusts the client: frames are bounded before allocation (by the transport's
+//! [`FrameBuffer`]), the first request must authenticate, every request acts as the
+//! authenticated user only, requests are rate limited, and a malformed frame ends the connection
+//! (its frame boundaries are lost) after a `bad_frame` error.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_client::proto::{
-    frame, ErrorCode, Event, FrameBuffer, FrameError, GhostMode, Request, RequestFrame, Response,
-    ResponseFrame, SessionInfo, GHOST_FOREVER, MAX_FRIENDS_PAGE, MAX_GHOST_S, MAX_HISTORY_PAGE,
-    PROTOCOL_VERSION,
+    frame, ErrorCode, Event, FrameError, GhostMode, Request, Response, ResponseFrame, SessionInfo,
+    GHOST_FOREVER, MAX_FRIENDS_PAGE, MAX_GHOST_S, MAX_HISTORY_PAGE, PROTOCOL_VERSION,
 };
 use nearby_index::geo::{Millis, UserId};
 use nearby_raft::Command;
@@ -21,22 +23,26 @@ use tokio::time::Instant;
 
 use crate::api::{outcome, Admission, Backend, LocationAck, ServiceError, SessionSink};
 use crate::auth::{AuthError, Claims, TokenSigner, TokenVerifier};
-use crate::clock::sleep_until;
-use crate::metrics::{Refusal, ServiceMetrics};
-use crate::queue::{CloseReason, EventQueue, Popped};
+use crate::metrics::Refusal;
+use crate::queue::CloseReason;
 use crate::service::overload::TokenBucket;
 
 /// QUIC application error code for a connection closed normally (shutdown, or the client done).
-const CLOSE_DONE: u32 = 0;
+pub(crate) const CLOSE_DONE: u32 = 0;
 /// QUIC application error code for a connection closed because of a protocol violation.
-const CLOSE_PROTOCOL: u32 = 1;
+pub(crate) const CLOSE_PROTOCOL: u32 = 1;
 /// QUIC application error code for a connection closed because the client read too slowly.
-const CLOSE_SLOW: u32 = 2;
+pub(crate) const CLOSE_SLOW: u32 = 2;
 /// QUIC application error code for a connection closed because its token expired unrenewed.
-const CLOSE_EXPIRED: u32 = 3;
+pub(crate) const CLOSE_EXPIRED: u32 = 3;
 
 /// How long before its token expires a session is asked to renew it.
 const RENEW_LEAD: Duration = Duration::from_secs(60);
+
+/// How long a client that sent a malformed frame gets to receive its error before the close.
+pub(crate) const BAD_FRAME_LINGER: Duration = Duration::from_millis(500);
+/// How long a client that is told to go (shutdown, moved) gets to receive that before the close.
+pub(crate) const GOODBYE_LINGER: Duration = Duration::from_secs(1);
 
 /// When the session's token expires, in the node's time and on this process's timer.
 struct Expiry {
@@ -61,8 +67,21 @@ pub(crate) struct Context<B> {
     pub(crate) metrics: Arc<crate::metrics::ServiceMetrics>,
 }
 
+impl<B: Backend> Context<B> {
+    /// Counts a new connection against the limit: `None` when the service is full.
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<ConnectionCount<B>> {
+        let before = self.connections.fetch_add(1, Ordering::Relaxed);
+        if before >= self.max_connections {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!("connection limit reached; refusing");
+            return None;
+        }
+        Some(ConnectionCount(Arc::clone(self)))
+    }
+}
+
 /// Counts a connection for the service's limit while it lives.
-struct ConnectionCount<B: Backend>(Arc<Context<B>>);
+pub(crate) struct ConnectionCount<B: Backend>(Arc<Context<B>>);
 
 impl<B: Backend> Drop for ConnectionCount<B> {
     fn drop(&mut self) {
@@ -70,10 +89,9 @@ impl<B: Backend> Drop for ConnectionCount<B> {
     }
 }
 
-struct Session<B> {
+/// One client's session: who it is, once authenticated, and what it may still do.
+pub(crate) struct Session<B: Backend> {
     ctx: Arc<Context<B>>,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
     user: Option<UserId>,
     sink: Option<SessionSink>,
     started: bool,
@@ -82,65 +100,15 @@ struct Session<B> {
     last_update: Option<Instant>,
     /// The token's expiry, once authenticated.
     expiry: Option<Expiry>,
-    out: Vec<u8>,
+    /// The deadline for the first request, `Hello`.
+    hello_by: Instant,
+    /// Counted against the connection limit while the session lives.
+    _count: ConnectionCount<B>,
 }
 
-/// Serves one incoming connection to its end.
-pub(crate) async fn serve<B: Backend>(incoming: quinn::Incoming, ctx: Arc<Context<B>>) {
-    ctx.connections.fetch_add(1, Ordering::Relaxed);
-    let _count = ConnectionCount(Arc::clone(&ctx));
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "handshake failed");
-            return;
-        }
-    };
-    // One deadline for the whole opening: control stream and Hello.
-    let hello_by = Instant::now() + ctx.hello_timeout;
-    let (send, recv) = match tokio::time::timeout_at(hello_by, conn.accept_bi()).await {
-        Ok(Ok(streams)) => streams,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "connection ended before its control stream");
-            return;
-        }
-        Err(_) => {
-            conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no control stream");
-            return;
-        }
-    };
-    let mut s = Session {
-        limit: TokenBucket::new(ctx.requests_per_s),
-        ctx,
-        conn,
-        send,
-        user: None,
-        sink: None,
-        started: false,
-        last_update: None,
-        expiry: None,
-        out: Vec::new(),
-    };
-    match s.run(recv, hello_by).await {
-        // The client finished its control stream: the session is over.
-        Ok(()) => s.conn.close(quinn::VarInt::from_u32(CLOSE_DONE), b"bye"),
-        Err(SessionEnd::HelloTimeout) => {
-            s.conn
-                .close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no hello in time");
-        }
-        Err(e) => tracing::debug!(user = ?s.user, error = %e, "session ended"),
-    }
-    if let (Some(user), Some(sink)) = (s.user, s.sink.take()) {
-        s.ctx.metrics.session_closed();
-        // Ends the event writer too.
-        sink.events.close(CloseReason::SessionEnded);
-        Box::pin(s.ctx.core.close_session(user, sink)).await;
-    }
-}
-
-/// Why a session loop ended early.
+/// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
-enum SessionEnd {
+pub(crate) enum SessionEnd {
     #[error("read: {0}")]
     Read(#[from] quinn::ReadError),
     #[error("write: {0}")]
@@ -153,90 +121,171 @@ enum SessionEnd {
     Expired,
 }
 
-impl<B: Backend> Session<B> {
-    async fn run(&mut self, mut recv: quinn::RecvStream, hello_by: Instant) -> Result<(), SessionEnd> {
-        let mut frames = FrameBuffer::new();
-        loop {
-            // Chunks are quinn's own buffers: an idle session holds no read buffer of its own.
-            let read = if self.user.is_none() {
-                tokio::time::timeout_at(hello_by, recv.read_chunk(usize::MAX, true))
-                    .await
-                    .map_err(|_| SessionEnd::HelloTimeout)?
-            } else {
-                let next = self
-                    .expiry
-                    .as_ref()
-                    .map(|e| if e.warned { e.close_at } else { e.warn_at });
-                // `read_chunk` is cancel-safe: a timer firing first loses no data.
-                tokio::select! {
-                    read = recv.read_chunk(usize::MAX, true) => read,
-                    () = sleep_until(next) => {
-                        self.on_expiry()?;
-                        continue;
-                    }
-                }
+impl SessionEnd {
+    /// How the connection is closed for this end: the QUIC application code and reason, or
+    /// `None` when it ended by itself.
+    pub(crate) fn close(&self) -> Option<(u32, &'static [u8])> {
+        match self {
+            SessionEnd::HelloTimeout => Some((CLOSE_PROTOCOL, b"no hello in time")),
+            SessionEnd::Expired => Some((CLOSE_EXPIRED, b"token expired")),
+            SessionEnd::Read(_) | SessionEnd::Write(_) | SessionEnd::Protocol(_) => None,
+        }
+    }
+}
+
+/// The error answer to a malformed frame (sent with request id 0) and the close reason after it.
+pub(crate) fn bad_frame(e: &FrameError) -> (Response, &'static str) {
+    let code = match e {
+        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+        _ => ErrorCode::BadFrame,
+    };
+    (
+        Response::Error(ServiceError::new(code, e.to_string()).body()),
+        code.name(),
+    )
+}
+
+/// Appends the frame of response `response` to request `id` to `out`; a response too large to
+/// encode becomes an `internal` error. `false` only if not even that could be encoded.
+pub(crate) fn encode_response(id: u64, response: Response, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    if let Err(e) = frame::encode(&ResponseFrame { id, response }, out) {
+        tracing::error!(error = %e, "cannot encode a response");
+        out.truncate(start);
+        let fallback = ResponseFrame {
+            id,
+            response: Response::Error(ServiceError::new(ErrorCode::Internal, "response too large").body()),
+        };
+        if frame::encode(&fallback, out).is_err() {
+            out.truncate(start);
+            return false;
+        }
+    }
+    true
+}
+
+/// How a closed event queue ends its connection.
+pub(crate) enum Goodbye {
+    /// Tell the client where to go (`Event::Shutdown`), give it [`GOODBYE_LINGER`] to read that,
+    /// then close normally with this reason.
+    Notice(Event, String),
+    /// Close at once with this code and reason (slow reader, failure).
+    Close(u32, String),
+    /// The session itself ended: nothing to say.
+    Quiet,
+}
+
+/// What a session's event stream does when its queue closes for `reason`.
+pub(crate) fn goodbye(
+    user: UserId,
+    reason: &CloseReason,
+    metrics: &crate::metrics::ServiceMetrics,
+) -> Goodbye {
+    match reason {
+        CloseReason::SessionEnded => Goodbye::Quiet,
+        CloseReason::Shutdown | CloseReason::Moved { .. } => {
+            // Spread the reconnections of a stopping node's clients over two seconds, and a
+            // moved group's (a leadership handed over, a split, a drain's round) over half a
+            // second: the SDK carries their calls over meanwhile.
+            let spread = match reason {
+                CloseReason::Moved { .. } => 500,
+                _ => 2_000,
             };
-            match read? {
-                Some(chunk) => frames.extend(&chunk.bytes),
-                None => return Ok(()),
+            let reconnect_after_ms = (user.wrapping_mul(2_654_435_761) % spread) as u32;
+            let redirect = match reason {
+                CloseReason::Moved { to } => to.clone(),
+                _ => None,
+            };
+            metrics.redirected();
+            Goodbye::Notice(
+                Event::Shutdown {
+                    reconnect_after_ms,
+                    redirect,
+                },
+                reason.to_string(),
+            )
+        }
+        CloseReason::Slow | CloseReason::Failed(_) => {
+            tracing::info!(user, %reason, "closing a session");
+            if matches!(reason, CloseReason::Slow) {
+                metrics.slow_closed();
             }
-            loop {
-                match frames.next_frame::<RequestFrame>() {
-                    Ok(Some(f)) => {
-                        // Boxed: the request's future is large and short-lived; inline, it would
-                        // make every idle session's future as large as the largest request's.
-                        let response = match Box::pin(self.handle(f.request)).await {
-                            Ok(r) => r,
-                            // The user's group left this node with the request in it: no
-                            // answer; the session moves (a `Shutdown` notice, then a close as
-                            // moved), and the SDK sends the request again where the group is.
-                            Err(e) if e.is_moved() && self.sink.is_some() => {
-                                if let Some(sink) = &self.sink {
-                                    sink.events.close(CloseReason::Moved { to: None });
-                                }
-                                continue;
-                            }
-                            Err(e) => Response::Error(e.body()),
-                        };
-                        self.respond(f.id, response).await?;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let code = match e {
-                            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-                            _ => ErrorCode::BadFrame,
-                        };
-                        let body = ServiceError::new(code, e.to_string()).body();
-                        self.respond(0, Response::Error(body)).await?;
-                        let _ = self.send.finish();
-                        // Give the error a moment to reach the client before the close.
-                        let _ = tokio::time::timeout(Duration::from_millis(500), self.send.stopped()).await;
-                        self.conn
-                            .close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), code.name().as_bytes());
-                        return Err(SessionEnd::Protocol(e));
-                    }
-                }
-            }
+            Goodbye::Close(CLOSE_SLOW, reason.to_string())
+        }
+    }
+}
+
+impl<B: Backend> Session<B> {
+    /// A new session on a connection counted by `count`, which must say `Hello` by `hello_by`.
+    pub(crate) fn new(ctx: Arc<Context<B>>, count: ConnectionCount<B>, hello_by: Instant) -> Self {
+        Session {
+            limit: TokenBucket::new(ctx.requests_per_s),
+            ctx,
+            user: None,
+            sink: None,
+            started: false,
+            last_update: None,
+            expiry: None,
+            hello_by,
+            _count: count,
         }
     }
 
-    async fn respond(&mut self, id: u64, response: Response) -> Result<(), SessionEnd> {
-        self.out.clear();
-        if let Err(e) = frame::encode(&ResponseFrame { id, response }, &mut self.out) {
-            tracing::error!(error = %e, "cannot encode a response");
-            let fallback = ResponseFrame {
-                id,
-                response: Response::Error(
-                    ServiceError::new(ErrorCode::Internal, "response too large").body(),
-                ),
-            };
-            self.out.clear();
-            if frame::encode(&fallback, &mut self.out).is_err() {
-                return Ok(());
-            }
+    /// The authenticated user.
+    pub(crate) fn user(&self) -> Option<UserId> {
+        self.user
+    }
+
+    /// Where the session's events come from, once authenticated.
+    pub(crate) fn sink(&self) -> Option<&SessionSink> {
+        self.sink.as_ref()
+    }
+
+    /// When the session's timer next fires: the Hello deadline, then the token's warnings.
+    pub(crate) fn next_timer(&self) -> Instant {
+        match (&self.user, &self.expiry) {
+            (None, _) => self.hello_by,
+            (Some(_), Some(e)) if e.warned => e.close_at,
+            (Some(_), Some(e)) => e.warn_at,
+            // Authenticated sessions always have an expiry; never is far away.
+            (Some(_), None) => self.hello_by + Duration::from_secs(365 * 24 * 3600),
         }
-        self.send.write_all(&self.out).await?;
-        Ok(())
+    }
+
+    /// The session's timer fired: `Err` ends the session.
+    pub(crate) fn on_timer(&mut self) -> Result<(), SessionEnd> {
+        if self.user.is_none() {
+            return Err(SessionEnd::HelloTimeout);
+        }
+        self.on_expiry()
+    }
+
+    /// Answers `request`; `None` when the user's group left this node with the request in it:
+    /// no answer then, the session moves (a `Shutdown` notice, then a close as moved), and the
+    /// SDK sends the request again where the group is.
+    pub(crate) async fn answer(&mut self, request: Request) -> Option<Response> {
+        // Boxed: the request's future is large and short-lived; inline, it would make every idle
+        // session's future as large as the largest request's.
+        match Box::pin(self.handle(request)).await {
+            Ok(r) => Some(r),
+            Err(e) if e.is_moved() && self.sink.is_some() => {
+                if let Some(sink) = &self.sink {
+                    sink.events.close(CloseReason::Moved { to: None });
+                }
+                None
+            }
+            Err(e) => Some(Response::Error(e.body())),
+        }
+    }
+
+    /// The session is over: its events stop and the core forgets it.
+    pub(crate) async fn end(mut self) {
+        if let (Some(user), Some(sink)) = (self.user, self.sink.take()) {
+            self.ctx.metrics.session_closed();
+            // Ends the event writer too.
+            sink.events.close(CloseReason::SessionEnded);
+            Box::pin(self.ctx.core.close_session(user, sink)).await;
+        }
     }
 
     /// Starts the token's clock: a renewal request `RENEW_LEAD` before `expires_at` (at once if
@@ -253,8 +302,8 @@ impl<B: Backend> Session<B> {
         });
     }
 
-    /// The token's timer fired: ask for a renewal, or close.
-    fn on_expiry(&mut self) -> Result<(), SessionEnd> {
+    /// The token's timer fired: ask for a renewal (`Ok`), or end the session (`Expired`).
+    pub(crate) fn on_expiry(&mut self) -> Result<(), SessionEnd> {
         let Some(e) = self.expiry.as_mut() else {
             return Ok(());
         };
@@ -268,8 +317,6 @@ impl<B: Backend> Session<B> {
             return Ok(());
         }
         tracing::info!(user = ?self.user, "closing a session whose token expired unrenewed");
-        self.conn
-            .close(quinn::VarInt::from_u32(CLOSE_EXPIRED), b"token expired");
         Err(SessionEnd::Expired)
     }
 
@@ -498,12 +545,6 @@ impl<B: Backend> Session<B> {
             }
         };
         self.ctx.metrics.session_opened();
-        tokio::spawn(write_events(
-            self.conn.clone(),
-            Arc::clone(&sink.events),
-            user,
-            Arc::clone(&self.ctx.metrics),
-        ));
         self.sink = Some(sink);
         self.user = Some(user);
         self.arm(claims.expires_at);
@@ -553,7 +594,7 @@ fn ghost_until(mode: GhostMode, now: Millis) -> Result<Option<Millis>, ServiceEr
 
 /// For an event carrying a location, how long ago the node took it (by this machine's clock,
 /// which stamped it).
-fn since_taken(event: &Event) -> Option<Duration> {
+pub(crate) fn since_taken(event: &Event) -> Option<Duration> {
     let stamp = match event {
         Event::FriendMoved(f) | Event::FriendEntered(f) => f.updated_at,
         _ => return None,
@@ -563,83 +604,4 @@ fn since_taken(event: &Event) -> Option<Duration> {
         .ok()?;
     let now_ms = u64::try_from(now.as_millis()).ok()?;
     Some(Duration::from_millis(now_ms.saturating_sub(stamp.0)))
-}
-
-/// Pushes the session's events on a unidirectional stream until the queue closes.
-async fn write_events(
-    conn: quinn::Connection,
-    queue: Arc<EventQueue>,
-    user: UserId,
-    metrics: Arc<ServiceMetrics>,
-) {
-    let mut stream = match conn.open_uni().await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(user, error = %e, "cannot open the event stream");
-            return;
-        }
-    };
-    let mut buf = Vec::new();
-    loop {
-        let event = match queue.pop().await {
-            Popped::Event(e) => e,
-            Popped::Closed(CloseReason::SessionEnded) => return,
-            Popped::Closed(reason @ (CloseReason::Shutdown | CloseReason::Moved { .. })) => {
-                // Spread the reconnections of a stopping node's clients over two seconds, and a
-                // moved group's (a leadership handed over, a split, a drain's round) over half
-                // a second: the SDK carries their calls over meanwhile.
-                let spread = match &reason {
-                    CloseReason::Moved { .. } => 500,
-                    _ => 2_000,
-                };
-                let reconnect_after_ms = (user.wrapping_mul(2_654_435_761) % spread) as u32;
-                let redirect = match &reason {
-                    CloseReason::Moved { to } => to.clone(),
-                    _ => None,
-                };
-                metrics.redirected();
-                buf.clear();
-                let bye = Event::Shutdown {
-                    reconnect_after_ms,
-                    redirect,
-                };
-                // A client that stopped reading gets no more than a second of our time.
-                let wrote = frame::encode(&bye, &mut buf).is_ok()
-                    && matches!(
-                        tokio::time::timeout(Duration::from_secs(1), stream.write_all(&buf)).await,
-                        Ok(Ok(()))
-                    );
-                if wrote {
-                    let _ = stream.finish();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.stopped()).await;
-                }
-                conn.close(quinn::VarInt::from_u32(CLOSE_DONE), reason.to_string().as_bytes());
-                return;
-            }
-            Popped::Closed(reason) => {
-                tracing::info!(user, %reason, "closing a session");
-                if matches!(reason, CloseReason::Slow) {
-                    metrics.slow_closed();
-                }
-                conn.close(quinn::VarInt::from_u32(CLOSE_SLOW), reason.to_string().as_bytes());
-                return;
-            }
-        };
-        buf.clear();
-        if let Err(e) = frame::encode(&event, &mut buf) {
-            tracing::error!(user, error = %e, "cannot encode an event");
-            continue;
-        }
-        // A client that stops reading blocks this write (QUIC flow control) while the queue
-        // fills behind it; when the queue gives up on the client, so does the write.
-        tokio::select! {
-            written = stream.write_all(&buf) => {
-                if written.is_err() {
-                    return;
-                }
-                metrics.pushed(since_taken(&event));
-            }
-            () = queue.closed() => {}
-        }
-    }
 }

@@ -54,7 +54,10 @@ impl ServerTls {
     /// quinn's server configuration: TLS 1.3, ALPN `nearby/1`, and — unless `transport` is
     /// [`Transport::QuinnDefaults`], kept to measure against — transport limits for many small,
     /// mostly idle connections.
-    pub fn quinn_config(&self, transport: Transport) -> Result<quinn::ServerConfig, String> {
+    ///
+    /// `batched`: for the batched driver, which sends every connection's packets from one
+    /// shared buffer, so a connection with several packets may send them in one GSO message.
+    pub fn quinn_config(&self, transport: Transport, batched: bool) -> Result<quinn::ServerConfig, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -76,10 +79,11 @@ impl ServerTls {
         t.stream_receive_window(quinn::VarInt::from_u32(128 * 1024));
         t.receive_window(quinn::VarInt::from_u32(256 * 1024));
         t.send_window(512 * 1024);
-        // One datagram per transmit: pushes are small, and a connection keeps its transmit buffer
-        // at the largest size it ever used, so batching (GSO) would cost ~10 KiB per idle
-        // connection after the handshake's burst.
-        t.enable_segmentation_offload(false);
+        // On quinn's tasks, one datagram per transmit: pushes are small, and a connection keeps
+        // its transmit buffer at the largest size it ever used, so batching (GSO) would cost
+        // ~10 KiB per idle connection after the handshake's burst. The batched driver's buffer
+        // is shared by all connections.
+        t.enable_segmentation_offload(batched);
         // Phones update every ~30 s; silence for 3 minutes means gone.
         t.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(Duration::from_secs(180)).map_err(|e| e.to_string())?,

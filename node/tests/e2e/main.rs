@@ -2,6 +2,7 @@
 //! input) against a node started in-process on real files, with an injected clock.
 
 mod bad_input;
+mod driver;
 mod live;
 mod product;
 mod protocol_doc;

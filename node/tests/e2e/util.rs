@@ -30,6 +30,7 @@ pub(crate) struct TestNode {
     pub(crate) signer: Arc<TokenSigner>,
     pub(crate) clock: ManualClock,
     pub(crate) core: Arc<Gateway>,
+    pub(crate) metrics: Arc<nearby_node::metrics::ServiceMetrics>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -97,6 +98,7 @@ impl TestNode {
         }
         let addr = node.client_addr().to_string();
         let core = Arc::clone(node.gateway());
+        let metrics = Arc::clone(node.metrics());
         let (tx, rx) = oneshot::channel();
         let done = tokio::spawn(node.run(async {
             let _ = rx.await;
@@ -107,6 +109,7 @@ impl TestNode {
             signer,
             clock,
             core,
+            metrics,
             stop: Some(tx),
             done: Some(done),
             _dir: dir,
@@ -126,7 +129,12 @@ impl TestNode {
     }
 
     pub(crate) async fn client(&self, user: UserId) -> Viewer {
-        let cfg = ClientConfig::new(self.addr.clone(), self.ca_pem.clone(), user, self.token(user));
+        self.client_at(&self.addr, user).await
+    }
+
+    /// A client that reaches the node at `addr` (a relay in front of it, say).
+    pub(crate) async fn client_at(&self, addr: &str, user: UserId) -> Viewer {
+        let cfg = ClientConfig::new(addr.to_string(), self.ca_pem.clone(), user, self.token(user));
         let client = Client::connect(cfg).await.expect("connect");
         let events = client.events().expect("events");
         Viewer { user, client, events }

@@ -76,6 +76,9 @@ impl Server {
         let ca_pem = tls.chain_pem.clone();
         let signer = Arc::new(TokenSigner::generate().map_err(|e| BaselineError::Setup(e.to_string()))?);
         let mut sopts = ServiceOptions::new(opts.listen, tls, signer.verifier());
+        // The original design serves each user from a handler of its own: quinn's task per
+        // connection stands for that. nearby's batched driver is nearby's, not the baseline's.
+        sopts.driver = nearby_node::service::Driver::Tasks;
         sopts.dev_signer = Some(signer);
         if !opts.shed {
             sopts.shed = None;

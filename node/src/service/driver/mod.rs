@@ -1,0 +1,908 @@
+//! nearby's own client-service driver: one task owns the UDP socket and every connection on it,
+//! as quinn-proto state machines, and wakes once per batch of work rather than once per packet.
+//!
+//! ```text
+//!            recvmmsg (GRO)                                  sendmmsg (GSO)
+//!  socket ───────────────▶ Endpoint::handle ─▶ Connection ─▶ poll_transmit ─▶ Batch ──▶ socket
+//!                                               │   ▲
+//!                requests (one in flight each) ─┘   └─ events: queues ring the Doorbell,
+//!                run as futures in this task           drained into their streams per wake-up
+//! ```
+//!
+//! What quinn does with a task, a channel and a transmit buffer per connection, this does with
+//! none: a connection is its `quinn_proto::Connection`, its session ([`super::session`]), its
+//! frame buffer and at most one encoded event waiting for flow control. Per wake-up the driver
+//! takes whatever is ready — datagrams (up to [`RECV_ROUNDS`] `recvmmsg` calls), answered
+//! requests, sessions whose event queues rang, expired timers — then polls every connection it
+//! touched for packets and sends them all in as few `sendmmsg` calls as the kernel takes. The
+//! events of one session that arrive together leave in one packet.
+//!
+//! Requests run as futures inside this task (one in flight per connection, as the protocol
+//! says); the session's state moves into the future and comes back with the answer. A session
+//! whose request is in flight is not read from: its client's further frames wait in quinn-proto's
+//! stream buffer, bounded by the stream's receive window.
+//!
+//! Known limits: the socket's source address is not set per packet (bind the service to a
+//! specific address on a multi-homed host); no QUIC Retry yet.
+
+mod udp;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::future::Future;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use nearby_client::proto::{frame, Event as PushEvent, FrameBuffer, RequestFrame, Response};
+use nearby_index::geo::UserId;
+use quinn_proto::{
+    ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event, ReadError, StreamEvent, StreamId, VarInt,
+    WriteError,
+};
+use tokio::io::Interest;
+
+use crate::api::Backend;
+use crate::metrics::ServiceMetrics;
+use crate::queue::{CloseReason, Doorbell, EventQueue, Popped};
+use crate::service::session::{
+    bad_frame, encode_response, goodbye, since_taken, Context, Goodbye, Session, BAD_FRAME_LINGER,
+    CLOSE_DONE, CLOSE_PROTOCOL, GOODBYE_LINGER,
+};
+
+/// `recvmmsg` calls per wake-up before the driver sends what it has and looks at its other work.
+pub(crate) const RECV_ROUNDS: usize = 8;
+/// Receive buffer per message of a `recvmmsg` (room for GRO's coalesced datagrams).
+const RECV_SLOT: usize = 64 * 1024;
+/// GSO segments per transmit at most (quinn's own cap).
+const MAX_SEGMENTS: usize = 10;
+/// How long a stopping service waits for its clients to take their goodbyes.
+const STOP_WAIT: Duration = Duration::from_secs(3);
+
+/// A bound socket and the QUIC server configuration, before the layer behind the service exists.
+pub(crate) struct Bound {
+    socket: std::net::UdpSocket,
+    config: Arc<quinn_proto::ServerConfig>,
+}
+
+impl Bound {
+    /// Binds `addr` (with the service's socket buffers) for `config`.
+    pub(crate) fn bind(addr: SocketAddr, config: quinn::ServerConfig) -> io::Result<Bound> {
+        let socket: std::net::UdpSocket = super::bind_socket(addr)?.into();
+        socket.set_nonblocking(true)?;
+        Ok(Bound {
+            socket,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The bound address.
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+}
+
+/// Serves connections on `bound` until `shutdown`; then tells every session to go, waits up to
+/// [`STOP_WAIT`] for them, and closes what is left.
+pub(crate) async fn run<B: Backend>(
+    bound: Bound,
+    ctx: Arc<Context<B>>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let mut driver = Driver::new(bound, ctx)?;
+    let socket = Arc::clone(&driver.socket);
+    let bell = Arc::clone(&driver.bell);
+    let mut requests: FuturesUnordered<Pending<B>> = FuturesUnordered::new();
+    let mut stop: Option<Stop> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let next = driver
+            .next_deadline()
+            .into_iter()
+            .chain(stop.as_ref().map(|s| s.at))
+            .min();
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let answered = tokio::select! {
+            biased;
+            () = &mut shutdown, if stop.is_none() => {
+                tracing::info!(sessions = driver.open(), "client service stopping; telling sessions to reconnect");
+                driver.accepting = false;
+                driver.ctx.core.close_all(CloseReason::Shutdown);
+                stop = Some(Stop { at: Instant::now() + STOP_WAIT, forced: false });
+                None
+            }
+            readable = socket.readable() => {
+                readable?;
+                driver.receive(Instant::now());
+                None
+            }
+            Some(done) = requests.next(), if !requests.is_empty() => Some(done),
+            () = bell.rung() => None,
+            () = sleep => None,
+        };
+        let now = Instant::now();
+        if let Some(done) = answered {
+            driver.answered(done);
+        }
+        while let Some(Some(done)) = requests.next().now_or_never() {
+            driver.answered(done);
+        }
+        driver.ring();
+        driver.expire(now);
+        driver.flush(now).await?;
+        requests.extend(driver.started.drain(..));
+        if let Some(s) = &mut stop {
+            if driver.open() == 0 {
+                break;
+            }
+            if now >= s.at {
+                if s.forced {
+                    tracing::info!(
+                        left = driver.open(),
+                        "client service stopped with connections still draining"
+                    );
+                    break;
+                }
+                driver.close_all(now);
+                driver.flush(now).await?;
+                *s = Stop {
+                    at: now + Duration::from_secs(1),
+                    forced: true,
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A stopping service's deadline: for its sessions' goodbyes, then (`forced`) for the closes.
+struct Stop {
+    at: Instant,
+    forced: bool,
+}
+
+/// A request's answer, back from its future: where it goes, its id, and the session.
+type Answered<B> = (Key, u64, Box<Session<B>>, Option<Response>);
+type Pending<B> = Pin<Box<dyn Future<Output = Answered<B>> + Send>>;
+
+/// A connection's slot (its quinn-proto handle) and a tag that tells it from an earlier
+/// connection in the same slot; packed in a `u64` for the [`Doorbell`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Key(u64);
+
+impl Key {
+    fn new(slot: usize, tag: u32) -> Key {
+        Key((u64::from(tag) << 32) | slot as u64)
+    }
+
+    fn slot(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+
+    fn tag(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+struct Driver<B: Backend> {
+    ctx: Arc<Context<B>>,
+    socket: Arc<tokio::net::UdpSocket>,
+    udp: quinn_udp::UdpSocketState,
+    endpoint: quinn_proto::Endpoint,
+    /// Connections by their quinn-proto handle (a dense index).
+    conns: Vec<Option<Conn<B>>>,
+    live: usize,
+    next_tag: u32,
+    /// Every connection's next deadline; entries a connection moved away from are skipped.
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// Connections touched since the last flush.
+    dirty: Vec<usize>,
+    bell: Arc<Doorbell>,
+    rang: Vec<u64>,
+    /// Requests taken since the last turn, to join the running ones.
+    started: Vec<Pending<B>>,
+    batch: udp::Batch,
+    /// quinn-proto writes each transmit here before it joins the batch.
+    scratch: Vec<u8>,
+    recv_buf: Vec<u8>,
+    segments: usize,
+    accepting: bool,
+}
+
+impl<B: Backend> Driver<B> {
+    fn new(bound: Bound, ctx: Arc<Context<B>>) -> io::Result<Self> {
+        let udp = quinn_udp::UdpSocketState::new((&bound.socket).into())?;
+        let socket = Arc::new(tokio::net::UdpSocket::from_std(bound.socket)?);
+        let endpoint = quinn_proto::Endpoint::new(
+            Arc::new(quinn_proto::EndpointConfig::default()),
+            Some(bound.config),
+            !udp.may_fragment(),
+            None,
+        );
+        let segments = udp.max_gso_segments().clamp(1, MAX_SEGMENTS);
+        Ok(Driver {
+            ctx,
+            socket,
+            recv_buf: vec![0; RECV_SLOT * quinn_udp::BATCH_SIZE],
+            udp,
+            endpoint,
+            conns: Vec::new(),
+            live: 0,
+            next_tag: 0,
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            bell: Arc::default(),
+            rang: Vec::new(),
+            started: Vec::new(),
+            batch: udp::Batch::default(),
+            scratch: Vec::new(),
+            segments,
+            accepting: true,
+        })
+    }
+
+    /// Connections not yet drained.
+    fn open(&self) -> usize {
+        self.live
+    }
+
+    fn conn(&mut self, key: Key) -> Option<&mut Conn<B>> {
+        self.conns
+            .get_mut(key.slot())
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.tag == key.tag())
+    }
+
+    fn touch(&mut self, slot: usize) {
+        if let Some(Some(c)) = self.conns.get_mut(slot) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    /// Reads datagrams until the socket is empty or [`RECV_ROUNDS`] calls are done.
+    fn receive(&mut self, now: Instant) {
+        let mut buf = std::mem::take(&mut self.recv_buf);
+        for _ in 0..RECV_ROUNDS {
+            let mut metas = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+            let received = {
+                let mut iovs: Vec<IoSliceMut<'_>> = buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
+                let (socket, udp) = (&self.socket, &self.udp);
+                socket.try_io(Interest::READABLE, || {
+                    udp.recv((&**socket).into(), &mut iovs, &mut metas)
+                })
+            };
+            let n = match received {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ICMP errors surface here on some kernels; the next datagram is fine.
+                    tracing::debug!(error = %e, "client socket receive error");
+                    continue;
+                }
+            };
+            for (i, meta) in metas.iter().take(n).enumerate() {
+                let data = &buf[i * RECV_SLOT..i * RECV_SLOT + meta.len];
+                let stride = meta.stride.max(1);
+                for datagram in data.chunks(stride) {
+                    self.datagram(now, meta, BytesMut::from(datagram));
+                }
+            }
+        }
+        self.recv_buf = buf;
+    }
+
+    fn datagram(&mut self, now: Instant, meta: &quinn_udp::RecvMeta, data: BytesMut) {
+        self.scratch.clear();
+        let ecn = meta.ecn.and_then(|e| EcnCodepoint::from_bits(e as u8));
+        match self
+            .endpoint
+            .handle(now, meta.addr, meta.dst_ip, ecn, data, &mut self.scratch)
+        {
+            Some(DatagramEvent::NewConnection(incoming)) => self.accept(incoming, now),
+            Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                if let Some(Some(c)) = self.conns.get_mut(handle.0) {
+                    c.q.handle_event(event);
+                    self.touch(handle.0);
+                }
+            }
+            Some(DatagramEvent::Response(t)) => {
+                self.batch
+                    .push(t.destination, &self.scratch[..t.size], t.segment_size)
+            }
+            None => {}
+        }
+    }
+
+    fn accept(&mut self, incoming: quinn_proto::Incoming, now: Instant) {
+        self.scratch.clear();
+        let count = if self.accepting { self.ctx.admit() } else { None };
+        let Some(count) = count else {
+            let t = self.endpoint.refuse(incoming, &mut self.scratch);
+            self.batch
+                .push(t.destination, &self.scratch[..t.size], t.segment_size);
+            return;
+        };
+        match self.endpoint.accept(incoming, now, &mut self.scratch, None) {
+            Ok((handle, q)) => {
+                let slot = handle.0;
+                if self.conns.len() <= slot {
+                    self.conns.resize_with(slot + 1, || None);
+                }
+                self.next_tag = self.next_tag.wrapping_add(1);
+                let hello_by = tokio::time::Instant::now() + self.ctx.hello_timeout;
+                let session = Box::new(Session::new(Arc::clone(&self.ctx), count, hello_by));
+                self.conns[slot] = Some(Conn::new(
+                    q,
+                    self.next_tag,
+                    session,
+                    Arc::clone(&self.ctx.metrics),
+                ));
+                self.live += 1;
+                self.touch(slot);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e.cause, "handshake refused");
+                if let Some(t) = e.response {
+                    self.batch
+                        .push(t.destination, &self.scratch[..t.size], t.segment_size);
+                }
+            }
+        }
+    }
+
+    /// A request's answer is back: the session returns to its connection, the answer goes out.
+    fn answered(&mut self, (key, id, session, answer): Answered<B>) {
+        let bell = Arc::clone(&self.bell);
+        let Some(c) = self.conn(key).filter(|c| !c.ended) else {
+            tokio::spawn(session.end());
+            return;
+        };
+        if c.events.queue.is_none() {
+            if let (Some(sink), Some(user)) = (session.sink(), session.user()) {
+                sink.events.attach(bell, key.0);
+                c.events.queue = Some(Arc::clone(&sink.events));
+                c.events.user = user;
+            }
+        }
+        if let Some(response) = answer {
+            encode_response(id, response, &mut c.control_out);
+        }
+        c.session = Some(session);
+        c.want_read = true;
+        self.touch(key.slot());
+    }
+
+    /// Marks the sessions whose event queues rang.
+    fn ring(&mut self) {
+        self.bell.take(&mut self.rang);
+        let rang = std::mem::take(&mut self.rang);
+        for &key in &rang {
+            let key = Key(key);
+            if let Some(c) = self.conn(key) {
+                c.events.wanted = true;
+                self.touch(key.slot());
+            }
+        }
+        self.rang = rang;
+        self.rang.clear();
+    }
+
+    /// The earliest deadline of any connection.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            let current = self.conn(key).is_some_and(|c| c.scheduled == Some(at));
+            if current {
+                return Some(at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Fires every deadline that has passed.
+    fn expire(&mut self, now: Instant) {
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.conn(key).filter(|c| c.scheduled == Some(at)) else {
+                continue;
+            };
+            c.scheduled = None;
+            c.on_timer(now);
+            self.touch(key.slot());
+        }
+    }
+
+    /// Closes every connection (a stopping service whose clients did not leave in time).
+    fn close_all(&mut self, now: Instant) {
+        for slot in 0..self.conns.len() {
+            if let Some(c) = self.conns[slot].as_mut() {
+                c.close(now, CLOSE_DONE, "shutdown");
+                self.touch(slot);
+            }
+        }
+    }
+
+    /// Drives every touched connection and sends what they have to send.
+    async fn flush(&mut self, now: Instant) -> io::Result<()> {
+        while !self.dirty.is_empty() {
+            let dirty = std::mem::take(&mut self.dirty);
+            for &slot in &dirty {
+                let Some(Some(c)) = self.conns.get_mut(slot) else {
+                    continue;
+                };
+                c.dirty = false;
+                let key = Key::new(slot, c.tag);
+                let mut cx = Cx {
+                    key,
+                    now,
+                    started: &mut self.started,
+                };
+                c.drive(&mut cx);
+                loop {
+                    self.scratch.clear();
+                    let Some(t) = c.q.poll_transmit(now, self.segments, &mut self.scratch) else {
+                        break;
+                    };
+                    self.batch
+                        .push(t.destination, &self.scratch[..t.size], t.segment_size);
+                    if self.batch.is_full() {
+                        send(&self.socket, &mut self.batch, &self.ctx.metrics).await?;
+                    }
+                }
+                let mut drained = false;
+                while let Some(event) = c.q.poll_endpoint_events() {
+                    drained |= event.is_drained();
+                    if let Some(back) = self.endpoint.handle_event(ConnectionHandle(slot), event) {
+                        c.q.handle_event(back);
+                        c.dirty = true;
+                    }
+                }
+                if drained {
+                    if let Some(mut c) = self.conns[slot].take() {
+                        c.end();
+                    }
+                    self.live -= 1;
+                    continue;
+                }
+                if c.dirty {
+                    // An endpoint event came back: drive it again in the next round.
+                    self.dirty.push(slot);
+                }
+                let next = c.next_deadline();
+                if next != c.scheduled {
+                    c.scheduled = next;
+                    if let Some(at) = next {
+                        self.timers.push(Reverse((at, key)));
+                    }
+                }
+            }
+        }
+        if !self.batch.is_empty() {
+            send(&self.socket, &mut self.batch, &self.ctx.metrics).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends the batch, waiting for room in the socket's buffer if it is full.
+async fn send(
+    socket: &tokio::net::UdpSocket,
+    batch: &mut udp::Batch,
+    metrics: &ServiceMetrics,
+) -> io::Result<()> {
+    loop {
+        match socket.try_io(Interest::WRITABLE, || {
+            batch.send(socket.as_fd(), |n| metrics.sent(n))
+        }) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What a connection needs from its driver while it is driven.
+struct Cx<'a, B: Backend> {
+    key: Key,
+    now: Instant,
+    started: &'a mut Vec<Pending<B>>,
+}
+
+/// A close on its way: after the stream's data is acknowledged, or at `until`, whichever first.
+struct Linger {
+    until: Instant,
+    stream: Option<StreamId>,
+    code: u32,
+    reason: String,
+}
+
+/// The event stream of an authenticated session.
+#[derive(Default)]
+struct Events {
+    queue: Option<Arc<EventQueue>>,
+    user: UserId,
+    stream: Option<StreamId>,
+    /// Encoded bytes the stream did not take yet (flow control).
+    out: Vec<u8>,
+    /// The queue rang, or the stream has room again.
+    wanted: bool,
+    /// The queue's close was handled.
+    closed: bool,
+    /// Finish the stream once `out` is written (a goodbye).
+    finish: bool,
+    /// The client stopped the stream: nothing more is written.
+    dead: bool,
+}
+
+/// One client connection.
+struct Conn<B: Backend> {
+    q: quinn_proto::Connection,
+    tag: u32,
+    metrics: Arc<ServiceMetrics>,
+    /// The session; `None` while a request is in flight (it is in the request's future).
+    session: Option<Box<Session<B>>>,
+    control: Option<StreamId>,
+    frames: FrameBuffer,
+    want_read: bool,
+    /// The client finished its control stream.
+    client_done: bool,
+    /// Encoded responses the control stream did not take yet.
+    control_out: Vec<u8>,
+    finish_control: bool,
+    events: Events,
+    linger: Option<Linger>,
+    /// The connection is closed (or lost): the session is over.
+    ended: bool,
+    scheduled: Option<Instant>,
+    dirty: bool,
+}
+
+impl<B: Backend> Conn<B> {
+    fn new(
+        q: quinn_proto::Connection,
+        tag: u32,
+        session: Box<Session<B>>,
+        metrics: Arc<ServiceMetrics>,
+    ) -> Self {
+        Conn {
+            q,
+            tag,
+            metrics,
+            session: Some(session),
+            control: None,
+            frames: FrameBuffer::new(),
+            want_read: false,
+            client_done: false,
+            control_out: Vec::new(),
+            finish_control: false,
+            events: Events::default(),
+            linger: None,
+            ended: false,
+            scheduled: None,
+            dirty: false,
+        }
+    }
+
+    /// Handles quinn-proto's events, then moves the streams along.
+    fn drive(&mut self, cx: &mut Cx<'_, B>) {
+        while let Some(event) = self.q.poll() {
+            match event {
+                Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    if self.control.is_none() {
+                        self.control = self.q.streams().accept(Dir::Bi);
+                    }
+                    self.want_read = true;
+                }
+                Event::Stream(StreamEvent::Readable { id }) if Some(id) == self.control => {
+                    self.want_read = true
+                }
+                Event::Stream(StreamEvent::Writable { id }) if Some(id) == self.events.stream => {
+                    self.events.wanted = true;
+                }
+                Event::Stream(StreamEvent::Available { dir: Dir::Uni }) => self.events.wanted = true,
+                Event::Stream(StreamEvent::Finished { id })
+                    if self.linger.as_ref().is_some_and(|l| l.stream == Some(id)) =>
+                {
+                    if let Some(l) = self.linger.take() {
+                        self.close(cx.now, l.code, &l.reason);
+                    }
+                }
+                Event::Stream(StreamEvent::Stopped { id, .. }) if Some(id) == self.events.stream => {
+                    self.events.dead = true;
+                    self.events.out.clear();
+                }
+                Event::ConnectionLost { reason } => {
+                    tracing::debug!(user = ?self.user(), %reason, "connection lost");
+                    self.end();
+                }
+                _ => {}
+            }
+        }
+        if self.ended {
+            return;
+        }
+        self.requests(cx);
+        self.write_control();
+        self.write_events(cx.now);
+    }
+
+    fn user(&self) -> Option<UserId> {
+        self.events.queue.as_ref().map(|_| self.events.user)
+    }
+
+    /// Takes the next request if the session is free: from the frames read, else from the
+    /// control stream.
+    fn requests(&mut self, cx: &mut Cx<'_, B>) {
+        while self.session.is_some() && self.linger.is_none() && !self.ended {
+            match self.frames.next_frame::<RequestFrame>() {
+                Ok(Some(f)) => {
+                    let Some(mut session) = self.session.take() else {
+                        return;
+                    };
+                    let key = cx.key;
+                    cx.started.push(Box::pin(async move {
+                        let answer = session.answer(f.request).await;
+                        (key, f.id, session, answer)
+                    }));
+                    return;
+                }
+                Ok(None) if self.want_read && !self.client_done => self.read_control(),
+                Ok(None) => {
+                    if self.client_done {
+                        // The client finished its control stream: the session is over.
+                        self.close(cx.now, CLOSE_DONE, "bye");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    let (response, reason) = bad_frame(&e);
+                    tracing::debug!(user = ?self.user(), error = %e, "closing a session that sent a malformed frame");
+                    encode_response(0, response, &mut self.control_out);
+                    self.finish_control = true;
+                    // Give the error a moment to reach the client before the close.
+                    self.linger = Some(Linger {
+                        until: cx.now + BAD_FRAME_LINGER,
+                        stream: self.control,
+                        code: CLOSE_PROTOCOL,
+                        reason: reason.to_string(),
+                    });
+                    if let Some(s) = self.session.take() {
+                        tokio::spawn(s.end());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves what the control stream has into the frame buffer.
+    fn read_control(&mut self) {
+        self.want_read = false;
+        let Some(id) = self.control else {
+            return;
+        };
+        let mut stream = self.q.recv_stream(id);
+        let Ok(mut chunks) = stream.read(true) else {
+            self.client_done = true;
+            return;
+        };
+        loop {
+            match chunks.next(usize::MAX) {
+                Ok(Some(chunk)) => self.frames.extend(&chunk.bytes),
+                Ok(None) => {
+                    self.client_done = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(code)) => {
+                    tracing::debug!(code = %code, "the client reset its control stream");
+                    self.client_done = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+    }
+
+    fn write_control(&mut self) {
+        let Some(id) = self.control else {
+            return;
+        };
+        if !self.control_out.is_empty() {
+            match self.q.send_stream(id).write(&self.control_out) {
+                Ok(n) => {
+                    self.control_out.drain(..n);
+                }
+                Err(WriteError::Blocked) => {}
+                Err(_) => self.control_out.clear(),
+            }
+        }
+        if self.control_out.is_empty() {
+            shrink(&mut self.control_out);
+            if std::mem::take(&mut self.finish_control) {
+                let _ = self.q.send_stream(id).finish();
+            }
+        }
+    }
+
+    /// Moves the session's queued events into its event stream, as far as flow control lets.
+    fn write_events(&mut self, now: Instant) {
+        if !self.events.wanted || self.events.dead {
+            return;
+        }
+        let Some(queue) = self.events.queue.clone() else {
+            return;
+        };
+        let id = match self.events.stream {
+            Some(id) => id,
+            None => match self.q.streams().open(Dir::Uni) {
+                Some(id) => {
+                    self.events.stream = Some(id);
+                    id
+                }
+                // The client allows no stream yet: `Available` comes when it does.
+                None => return,
+            },
+        };
+        loop {
+            if !self.events.out.is_empty() {
+                match self.q.send_stream(id).write(&self.events.out) {
+                    Ok(n) => {
+                        self.events.out.drain(..n);
+                    }
+                    Err(WriteError::Blocked) => {}
+                    Err(_) => {
+                        self.events.dead = true;
+                        self.events.out.clear();
+                        return;
+                    }
+                }
+                if !self.events.out.is_empty() {
+                    // A client that stops reading blocks the stream while its queue fills
+                    // behind it; `Writable` resumes here — unless the queue gives up on the
+                    // client first (it rings then).
+                    if !self.events.closed && queue.is_closed() {
+                        if let Some(Popped::Closed(reason)) = queue.try_pop() {
+                            self.events.closed = true;
+                            self.goodbye(now, id, &reason);
+                        }
+                    }
+                    return;
+                }
+                shrink(&mut self.events.out);
+            }
+            if std::mem::take(&mut self.events.finish) {
+                let _ = self.q.send_stream(id).finish();
+                return;
+            }
+            if self.events.closed {
+                self.events.wanted = false;
+                return;
+            }
+            match queue.try_pop() {
+                None => {
+                    self.events.wanted = false;
+                    return;
+                }
+                Some(Popped::Event(event)) => {
+                    if let Err(e) = frame::encode(&event, &mut self.events.out) {
+                        tracing::error!(user = self.events.user, error = %e, "cannot encode an event");
+                        continue;
+                    }
+                    self.metrics.pushed(since_taken(&event));
+                }
+                Some(Popped::Closed(reason)) => {
+                    self.events.closed = true;
+                    self.goodbye(now, id, &reason);
+                }
+            }
+        }
+    }
+
+    /// The session's queue closed for `reason`.
+    fn goodbye(&mut self, now: Instant, stream: StreamId, reason: &CloseReason) {
+        match goodbye(self.events.user, reason, &self.metrics) {
+            Goodbye::Quiet => {}
+            Goodbye::Notice(bye, why) => self.say_goodbye(now, stream, &bye, why),
+            Goodbye::Close(code, why) => self.close(now, code, &why),
+        }
+    }
+
+    /// Writes `bye` as the stream's last event and closes once the client has it.
+    fn say_goodbye(&mut self, now: Instant, stream: StreamId, bye: &PushEvent, why: String) {
+        if frame::encode(bye, &mut self.events.out).is_ok() {
+            self.events.finish = true;
+        }
+        // A client that stopped reading gets no more than this of our time.
+        self.linger = Some(Linger {
+            until: now + 2 * GOODBYE_LINGER,
+            stream: Some(stream),
+            code: CLOSE_DONE,
+            reason: why,
+        });
+    }
+
+    /// The connection's next deadline: quinn-proto's, the session's, a close's.
+    fn next_deadline(&mut self) -> Option<Instant> {
+        let quic = self.q.poll_timeout();
+        let linger = self.linger.as_ref().map(|l| l.until);
+        let session = match (&self.session, self.ended || self.linger.is_some()) {
+            (Some(s), false) => Some(s.next_timer().into_std()),
+            _ => None,
+        };
+        [quic, linger, session].into_iter().flatten().min()
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        if self.q.poll_timeout().is_some_and(|t| t <= now) {
+            self.q.handle_timeout(now);
+        }
+        if let Some(l) = self.linger.take() {
+            if l.until <= now {
+                self.close(now, l.code, &l.reason);
+            } else {
+                self.linger = Some(l);
+            }
+            return;
+        }
+        if self.ended {
+            return;
+        }
+        let fired = self
+            .session
+            .as_mut()
+            .filter(|s| s.next_timer().into_std() <= now)
+            .map(|s| s.on_timer());
+        if let Some(Err(end)) = fired {
+            match end.close() {
+                Some((code, reason)) => self.close(now, code, std::str::from_utf8(reason).unwrap_or("")),
+                None => self.close(now, CLOSE_DONE, ""),
+            }
+        }
+    }
+
+    /// Closes the connection with `code` and `reason`; the session ends.
+    fn close(&mut self, now: Instant, code: u32, reason: &str) {
+        if !self.ended {
+            self.q.close(
+                now,
+                VarInt::from_u32(code),
+                Bytes::copy_from_slice(reason.as_bytes()),
+            );
+        }
+        self.linger = None;
+        self.end();
+    }
+
+    /// The session is over (its connection closed or lost).
+    fn end(&mut self) {
+        self.ended = true;
+        if let Some(s) = self.session.take() {
+            tokio::spawn(s.end());
+        }
+    }
+}
+
+/// Gives back a buffer a burst grew, once it is empty.
+fn shrink(buf: &mut Vec<u8>) {
+    if buf.capacity() > 4096 {
+        *buf = Vec::new();
+    }
+}
