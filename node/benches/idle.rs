@@ -1,6 +1,6 @@
 //! Memory per idle online user: RSS of a real `nearby-node dev` process holding 1,000 and 5,000
-//! idle sessions (each authenticated, with one location sent), with nearby's QUIC transport
-//! settings and with quinn's defaults.
+//! idle sessions (each authenticated, with one location sent): on nearby's batched driver, on
+//! quinn's tasks with nearby's transport settings, and on quinn's tasks with quinn's defaults.
 //!
 //! Run: `cargo bench -p nearby-node --bench idle` (`NEARBY_IDLE_SESSIONS=1000,5000` to choose).
 //! The clients run in this process; the node is its own process, so its RSS is the node's alone.
@@ -42,7 +42,7 @@ fn wait_for_file(path: &Path, child: &mut Child) -> String {
 }
 
 /// Starts a node, holds `n` idle sessions, returns (RSS before, RSS with the sessions) in KiB.
-async fn measure(n: usize, quinn_defaults: bool) -> (u64, u64) {
+async fn measure(n: usize, setup: Setup) -> (u64, u64) {
     let dir = tempfile::TempDir::new().expect("tmp");
     let home = dir.path().join("home");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
@@ -60,7 +60,8 @@ async fn measure(n: usize, quinn_defaults: bool) -> (u64, u64) {
     .env("RUST_LOG", "warn")
     .stdout(Stdio::null())
     .stderr(Stdio::null());
-    if quinn_defaults {
+    cmd.args(["--driver", setup.driver]);
+    if setup.quinn_defaults {
         cmd.arg("--quinn-defaults");
     }
     let mut child = cmd.spawn().expect("spawn nearby-node");
@@ -115,6 +116,32 @@ async fn measure(n: usize, quinn_defaults: bool) -> (u64, u64) {
     (before, after)
 }
 
+/// What carries the node's client connections.
+#[derive(Clone, Copy)]
+struct Setup {
+    name: &'static str,
+    driver: &'static str,
+    quinn_defaults: bool,
+}
+
+const SETUPS: [Setup; 3] = [
+    Setup {
+        name: "nearby's batched driver",
+        driver: "batched",
+        quinn_defaults: false,
+    },
+    Setup {
+        name: "quinn tasks, nearby's settings",
+        driver: "tasks",
+        quinn_defaults: false,
+    },
+    Setup {
+        name: "quinn tasks, quinn's defaults",
+        driver: "tasks",
+        quinn_defaults: true,
+    },
+];
+
 fn main() {
     let sizes: Vec<usize> = std::env::var("NEARBY_IDLE_SESSIONS")
         .ok()
@@ -129,20 +156,13 @@ fn main() {
         "| transport | idle sessions | node RSS before (MiB) | with sessions (MiB) | per session (KiB) |"
     );
     println!("|---|---:|---:|---:|---:|");
-    for quinn_defaults in [false, true] {
+    for setup in SETUPS {
         for &n in &sizes {
-            eprintln!(
-                "{n} idle sessions, {}",
-                if quinn_defaults { "quinn defaults" } else { "tuned" }
-            );
-            let (before, after) = rt.block_on(measure(n, quinn_defaults));
+            eprintln!("{n} idle sessions, {}", setup.name);
+            let (before, after) = rt.block_on(measure(n, setup));
             println!(
                 "| {} | {n} | {:.1} | {:.1} | {:.1} |",
-                if quinn_defaults {
-                    "quinn defaults"
-                } else {
-                    "nearby (tuned)"
-                },
+                setup.name,
                 before as f64 / 1024.0,
                 after as f64 / 1024.0,
                 (after.saturating_sub(before)) as f64 / n as f64
