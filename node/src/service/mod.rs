@@ -268,8 +268,25 @@ impl<B: Backend> Service<B> {
             .map(|guard| tokio::spawn(Arc::clone(guard).probe()));
         match self.transport {
             Bound::Batched(bound) => {
-                if let Err(e) = driver::run(bound, Arc::clone(&self.ctx), shutdown).await {
-                    tracing::error!(error = %e, "the client service's socket failed");
+                // A task of its own, on a runtime worker: where `run` is awaited may be the
+                // thread that blocks on the runtime, and every wake-up from a worker would then
+                // be a thread switch.
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let mut task = tokio::spawn(driver::run(bound, Arc::clone(&self.ctx), async move {
+                    let _ = stopped.await;
+                }));
+                tokio::pin!(shutdown);
+                let ended = tokio::select! {
+                    ended = &mut task => ended,
+                    () = &mut shutdown => {
+                        let _ = stop.send(());
+                        task.await
+                    }
+                };
+                match ended {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "the client service's socket failed"),
+                    Err(e) => tracing::error!(error = %e, "the client service's driver failed"),
                 }
             }
             Bound::Tasks(endpoint) => tasks::run(endpoint, Arc::clone(&self.ctx), shutdown).await,

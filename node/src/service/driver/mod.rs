@@ -113,28 +113,33 @@ pub(crate) async fn run<B: Backend>(
                 None => std::future::pending().await,
             }
         };
-        let answered = tokio::select! {
+        let work = tokio::select! {
             biased;
             () = &mut shutdown, if stop.is_none() => {
                 tracing::info!(sessions = driver.open(), "client service stopping; telling sessions to reconnect");
                 driver.accepting = false;
                 driver.ctx.core.close_all(CloseReason::Shutdown);
                 stop = Some(Stop { at: Instant::now() + STOP_WAIT, forced: false });
-                None
+                false
             }
             readable = socket.readable() => {
                 readable?;
-                driver.receive(Instant::now());
-                None
+                true
             }
-            Some(done) = requests.next(), if !requests.is_empty() => Some(done),
-            () = bell.rung() => None,
-            () = sleep => None,
+            Some(done) = requests.next(), if !requests.is_empty() => {
+                driver.answered(done);
+                true
+            }
+            () = bell.rung() => true,
+            () = sleep => false,
         };
-        let now = Instant::now();
-        if let Some(done) = answered {
-            driver.answered(done);
+        if work {
+            // The first sign of work lets the tasks that are ready run first (the group drivers
+            // fanning an update out): the turn then takes every event they queued at once.
+            tokio::task::yield_now().await;
         }
+        let now = Instant::now();
+        driver.receive(now);
         while let Some(Some(done)) = requests.next().now_or_never() {
             driver.answered(done);
         }
