@@ -490,10 +490,12 @@ impl<B: Backend> Driver<B> {
                     // An endpoint event came back: drive it again in the next round.
                     self.dirty.push(slot);
                 }
-                let next = c.next_deadline();
-                if next != c.scheduled {
-                    c.scheduled = next;
-                    if let Some(at) = next {
+                // Only an earlier deadline takes a new heap entry: most packets push quinn's
+                // deadlines later (the idle timer), and a deadline that fires early finds nothing
+                // due and is set again from the connection's state.
+                if let Some(at) = c.next_deadline() {
+                    if c.scheduled.is_none_or(|s| at < s) {
+                        c.scheduled = Some(at);
                         self.timers.push(Reverse((at, key)));
                     }
                 }
@@ -631,6 +633,7 @@ impl<B: Backend> Conn<B> {
                 }
                 Event::Stream(StreamEvent::Stopped { id, .. }) if Some(id) == self.events.stream => {
                     self.events.dead = true;
+                    self.events.wanted = true;
                     self.events.out.clear();
                 }
                 Event::ConnectionLost { reason } => {
@@ -749,12 +752,26 @@ impl<B: Backend> Conn<B> {
 
     /// Moves the session's queued events into its event stream, as far as flow control lets.
     fn write_events(&mut self, now: Instant) {
-        if !self.events.wanted || self.events.dead {
+        if !self.events.wanted {
             return;
         }
         let Some(queue) = self.events.queue.clone() else {
             return;
         };
+        if self.events.dead {
+            // The client stopped the event stream: its events go nowhere, but a close of its
+            // queue (moved, shut down) still ends the connection.
+            self.events.wanted = false;
+            while let Some(popped) = queue.try_pop() {
+                if let Popped::Closed(reason) = popped {
+                    if !std::mem::replace(&mut self.events.closed, true) {
+                        self.goodbye_closed(now, &reason);
+                    }
+                    break;
+                }
+            }
+            return;
+        }
         let id = match self.events.stream {
             Some(id) => id,
             None => match self.q.streams().open(Dir::Uni) {
@@ -826,6 +843,15 @@ impl<B: Backend> Conn<B> {
         match goodbye(self.events.user, reason, &self.metrics) {
             Goodbye::Quiet => {}
             Goodbye::Notice(bye, why) => self.say_goodbye(now, stream, &bye, why),
+            Goodbye::Close(code, why) => self.close(now, code, &why),
+        }
+    }
+
+    /// The queue closed for `reason` with no event stream to say so on: the connection closes.
+    fn goodbye_closed(&mut self, now: Instant, reason: &CloseReason) {
+        match goodbye(self.events.user, reason, &self.metrics) {
+            Goodbye::Quiet => {}
+            Goodbye::Notice(_, why) => self.close(now, CLOSE_DONE, &why),
             Goodbye::Close(code, why) => self.close(now, code, &why),
         }
     }
