@@ -95,6 +95,8 @@ pub(crate) struct Session<B: Backend> {
     user: Option<UserId>,
     sink: Option<SessionSink>,
     started: bool,
+    /// Whether the session sent a location yet (its first is neither paced nor shed).
+    located: bool,
     limit: TokenBucket,
     /// When the session's last location update was taken.
     last_update: Option<Instant>,
@@ -224,6 +226,7 @@ impl<B: Backend> Session<B> {
             user: None,
             sink: None,
             started: false,
+            located: false,
             last_update: None,
             expiry: None,
             hello_by,
@@ -363,11 +366,14 @@ impl<B: Backend> Session<B> {
             Request::UpdateLocation { at } => {
                 let me = self.me()?;
                 let now = Instant::now();
-                // The pace starts after the session's first location: a reconnecting client
-                // resumes with its last position, and the app's next update may follow at once.
-                if self
-                    .last_update
-                    .is_some_and(|t| now.duration_since(t) < self.ctx.min_update_interval)
+                // The session's first location — a start, or a reconnecting client resuming with
+                // its last position — is neither paced nor shed, and the app's next update may
+                // follow it at once: the pace counts from the second.
+                let periodic = self.located;
+                if periodic
+                    && self
+                        .last_update
+                        .is_some_and(|t| now.duration_since(t) < self.ctx.min_update_interval)
                 {
                     self.ctx.metrics.refused(Refusal::TooSoon);
                     return Err(ServiceError::new(
@@ -378,19 +384,20 @@ impl<B: Backend> Session<B> {
                         ),
                     ));
                 }
-                if self.started {
-                    self.last_update = Some(now);
-                }
-                // Under overload a periodic update is refused before it touches anything; a
-                // session's first location (its start) always goes through.
-                if self.started && self.ctx.load.as_ref().is_some_and(|g| g.shed_update()) {
+                // Under overload a periodic update is refused before it touches anything (and
+                // does not count for the pace: the client may send its next one at once).
+                if periodic && self.ctx.load.as_ref().is_some_and(|g| g.shed_update()) {
                     self.ctx.metrics.refused(Refusal::Shed);
                     return Err(ServiceError::new(
                         ErrorCode::RateLimited,
                         "the node is overloaded: this update was not applied; send the next one as usual",
                     ));
                 }
+                if periodic {
+                    self.last_update = Some(now);
+                }
                 let ack = core.update_location(me, at, !self.started).await?;
+                self.located = true;
                 self.ctx.metrics.update();
                 match ack {
                     LocationAck::Started { page, next_update_s } => {
