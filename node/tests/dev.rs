@@ -3,6 +3,8 @@
 
 #[path = "dev/guide.rs"]
 mod guide;
+#[path = "dev/interop.rs"]
+mod interop;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
