@@ -118,6 +118,71 @@ pub fn markdown(nearby: &Summary, baseline: &Summary) -> String {
     out
 }
 
+/// One step both systems ran at the same rate and both held within the bounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EqualLoad {
+    /// Updates/s asked of both.
+    pub rate: f64,
+    /// nearby's server CPU µs per push.
+    pub nearby_us: f64,
+    /// The baseline's, Redis counted.
+    pub baseline_us: f64,
+    /// nearby / baseline.
+    pub ratio: f64,
+}
+
+/// Server CPU per delivered push of `nearby` over `baseline`'s (Redis counted) at equal load:
+/// the steps both ran at the same target rate and both held within the bounds, one ratio each,
+/// and their median (`None` when no step qualifies).
+pub fn equal_load_ratios(nearby: &Report, baseline: &Report) -> (Vec<EqualLoad>, Option<f64>) {
+    let mut rows = Vec::new();
+    for n in nearby.steps.iter().filter(|s| within_bounds(s)) {
+        let b = baseline
+            .steps
+            .iter()
+            .find(|b| (b.target_rate - n.target_rate).abs() < 1e-9 && within_bounds(b));
+        let (Some(nc), Some(bc)) = (n.cpu_s_per_m_pushes(), b.and_then(StepReport::cpu_s_per_m_pushes))
+        else {
+            continue;
+        };
+        if bc > 0.0 {
+            rows.push(EqualLoad {
+                rate: n.target_rate,
+                nearby_us: nc,
+                baseline_us: bc,
+                ratio: nc / bc,
+            });
+        }
+    }
+    let mut ratios: Vec<f64> = rows.iter().map(|r| r.ratio).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = match ratios.len() {
+        0 => None,
+        k if k % 2 == 1 => Some(ratios[k / 2]),
+        k => Some((ratios[k / 2 - 1] + ratios[k / 2]) / 2.0),
+    };
+    (rows, median)
+}
+
+/// [`equal_load_ratios`] as a markdown table.
+pub fn equal_load_markdown(nearby: &Report, baseline: &Report) -> String {
+    let (rows, median) = equal_load_ratios(nearby, baseline);
+    let mut out = String::from(
+        "| updates/s (both within bounds) | nearby µs/push | baseline µs/push (Redis counted) | nearby / baseline |\n|---:|---:|---:|---:|\n",
+    );
+    for r in &rows {
+        out.push_str(&format!(
+            "| {:.0} | {:.1} | {:.1} | {:.2} |\n",
+            r.rate, r.nearby_us, r.baseline_us, r.ratio
+        ));
+    }
+    out.push_str(&format!(
+        "| **median** | | | **{}** |\n",
+        median.map_or("–".to_string(), |m| format!("{m:.2}"))
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +210,31 @@ mod tests {
         assert_eq!(s.rss_kib_per_session, Some(100.0));
         let md = markdown(&s, &s);
         assert!(md.contains("| **nearby / baseline** | 1.00 |"), "{md}");
+    }
+
+    #[test]
+    fn equal_load_compares_only_steps_both_held_and_takes_the_median() {
+        let nearby = report(vec![
+            step(1, 1000.0, 1.0, 5.0, 0.0, 1.0),
+            step(2, 2000.0, 1.0, 10.0, 0.0, 1.5),
+            step(3, 3000.0, 1.0, 20.0, 0.0, 2.0),
+        ]);
+        let baseline = report(vec![
+            step(1, 1000.0, 1.0, 5.0, 0.0, 2.0),
+            step(2, 2000.0, 1.0, 10.0, 0.0, 2.0),
+            // Past its knee: not compared.
+            step(3, 3000.0, 1.0, 500.0, 0.0, 2.0),
+        ]);
+        let (rows, median) = equal_load_ratios(&nearby, &baseline);
+        assert_eq!(rows.len(), 2);
+        assert!(
+            (rows[0].ratio - 0.5).abs() < 1e-9 && (rows[1].ratio - 0.75).abs() < 1e-9,
+            "{rows:?}"
+        );
+        assert!((median.expect("median") - 0.625).abs() < 1e-9);
+        assert!(
+            equal_load_markdown(&nearby, &baseline).contains("**0.62**")
+                || equal_load_markdown(&nearby, &baseline).contains("**0.63**")
+        );
     }
 }

@@ -129,12 +129,12 @@ struct LoadArgs {
 }
 
 impl LoadArgs {
-    fn setup(&self, dir: PathBuf) -> nearby_loadsim::chaos::LoadSetup {
-        nearby_loadsim::chaos::LoadSetup {
+    fn setup(&self, dir: PathBuf) -> anyhow::Result<nearby_loadsim::chaos::LoadSetup> {
+        Ok(nearby_loadsim::chaos::LoadSetup {
             dir,
             nodes: self.nodes,
             groups: self.groups,
-            world: self.world.config(),
+            world: self.world.config()?,
             rate: self.rate,
             churn: self.churn,
             seed: self.world.seed,
@@ -145,7 +145,7 @@ impl LoadArgs {
                 keep_alive: Duration::from_secs_f64(self.keep_alive),
                 idle_timeout: Duration::from_secs_f64(self.idle_timeout),
             },
-        }
+        })
     }
 }
 
@@ -289,6 +289,10 @@ struct WorldArgs {
     /// Share of friendships inside the user's city.
     #[arg(long, default_value_t = 0.8)]
     local_share: f64,
+    /// Aim for this share of friendships within 8 km (sets the cities' radius, and the local
+    /// share if needed; the world reports what it got). The default world's is ~0.7.
+    #[arg(long)]
+    near_share: Option<f64>,
     /// One-way follower grants, as a share of friendships.
     #[arg(long, default_value_t = 0.02)]
     follow_share: f64,
@@ -319,8 +323,8 @@ struct WorldArgs {
 }
 
 impl WorldArgs {
-    fn config(&self) -> WorldConfig {
-        WorldConfig {
+    fn config(&self) -> Result<WorldConfig, nearby_loadsim::world::WorldError> {
+        let config = WorldConfig {
             seed: self.seed,
             users: self.users,
             mean_degree: self.mean_degree,
@@ -337,6 +341,10 @@ impl WorldArgs {
             strangers: self.strangers,
             period_s: self.period,
             hub_friends: self.hub_friends,
+        };
+        match self.near_share {
+            Some(share) => config.with_near_share(share),
+            None => Ok(config),
         }
     }
 }
@@ -415,7 +423,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::World { world, out } => {
             let started = std::time::Instant::now();
-            let config = world.config();
+            let config = world.config()?;
             let w = World::generate(config.clone())?;
             w.seed()
                 .write(&out)
@@ -446,15 +454,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ceiling,
         } => {
             let read = nearby_loadsim::plot::read_report;
-            let n = nearby_loadsim::compare::summarize("nearby", &read(&nearby)?);
-            let b = nearby_loadsim::compare::summarize("baseline (Redis)", &read(&baseline)?);
+            let (nearby, baseline) = (read(&nearby)?, read(&baseline)?);
+            let n = nearby_loadsim::compare::summarize("nearby", &nearby);
+            let b = nearby_loadsim::compare::summarize("baseline (Redis)", &baseline);
             print!("{}", nearby_loadsim::compare::markdown(&n, &b));
+            println!();
+            print!(
+                "{}",
+                nearby_loadsim::compare::equal_load_markdown(&nearby, &baseline)
+            );
             if let Some(path) = ceiling {
                 let c = read_ceiling(&path)?;
                 println!();
                 print!("{}", nearby_loadsim::ceiling::share_markdown(&c, &n));
             }
-            Ok(if n.leaks == 0 && b.leaks == 0 {
+            // The table shows both systems' leaks; only nearby's fail the comparison (the
+            // original design's may leak past its knee, and that is a finding, not an error).
+            Ok(if n.leaks == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(3)
@@ -564,7 +580,7 @@ fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
             serde_json::from_str::<WorldConfig>(&text)
                 .with_context(|| format!("{}: not a world description", path.display()))?
         }
-        None => args.world.config(),
+        None => args.world.config()?,
     };
     let world = World::generate(config.clone())?;
     let home = args
@@ -715,7 +731,7 @@ fn radio(args: RadioArgs) -> anyhow::Result<ExitCode> {
 fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.join(format!("run-{}", std::process::id()));
     let config = nearby_loadsim::chaos::ChaosConfig {
-        load: args.load.setup(dir.clone()),
+        load: args.load.setup(dir.clone())?,
         kills: args.kills,
         down: Duration::from_secs_f64(args.down),
         between: Duration::from_secs_f64(args.between),
@@ -736,7 +752,7 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
 fn operate(args: OperateArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.join(format!("run-{}", std::process::id()));
     let config = nearby_loadsim::operate::OperateConfig {
-        load: args.load.setup(dir.clone()),
+        load: args.load.setup(dir.clone())?,
         duration: Duration::from_secs_f64(args.duration),
         settle: Duration::from_secs_f64(args.settle),
     };

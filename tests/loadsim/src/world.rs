@@ -171,7 +171,74 @@ fn share(name: &'static str, v: f64) -> Result<(), WorldError> {
     check((0.0..=1.0).contains(&v), name, v, "must be within 0..=1")
 }
 
+/// The radius the comparison counts a friend "near" within (the node's default radius).
+pub const NEAR_M: f64 = 8_000.0;
+
+/// The share of pairs of points drawn uniformly in one disc of `radius_m` that lie within
+/// [`NEAR_M`] of each other (a fixed Monte Carlo sample: the same answer on every machine).
+pub fn near_probability(radius_m: f64) -> f64 {
+    if radius_m * 2.0 <= NEAR_M {
+        return 1.0;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(0x6e65_6172);
+    let point = |rng: &mut ChaCha8Rng| {
+        // Uniform in the unit disc: radius by the square root.
+        let (r, a) = (
+            rng.random::<f64>().sqrt(),
+            rng.random::<f64>() * std::f64::consts::TAU,
+        );
+        (r * a.cos(), r * a.sin())
+    };
+    const SAMPLES: u32 = 200_000;
+    let near = (0..SAMPLES)
+        .filter(|_| {
+            let ((x1, y1), (x2, y2)) = (point(&mut rng), point(&mut rng));
+            (x1 - x2).hypot(y1 - y2) * radius_m <= NEAR_M
+        })
+        .count();
+    near as f64 / f64::from(SAMPLES)
+}
+
 impl WorldConfig {
+    /// Sets the cities' radius (and, past what the current `local_share` allows, the local
+    /// share) so that about `share` of friendships have both homes within [`NEAR_M`]: the seed's
+    /// profile has ~40 online friends of whom only a part are near, while the dense-city default
+    /// puts ~70 % of them within reach. Friendships across cities are never near (the cities are
+    /// hundreds of km apart), so the share is `local_share` × the chance that two homes of one
+    /// city lie within [`NEAR_M`]. The world's `friends_within_8km` reports what came out.
+    pub fn with_near_share(mut self, share: f64) -> Result<Self, WorldError> {
+        check(
+            share.is_finite() && share > 0.0 && share <= 1.0,
+            "near_share",
+            share,
+            "within 0 (exclusive) ..= 1",
+        )?;
+        if share > self.local_share {
+            self.local_share = share;
+        }
+        let want = share / self.local_share;
+        // The chance falls as the radius grows: bisect between a city that fits inside the
+        // radius and the largest city allowed.
+        let (mut lo, mut hi) = (NEAR_M / 2.0, 100_000.0);
+        if near_probability(hi) > want {
+            return Err(WorldError::Parameter {
+                name: "near_share",
+                value: share.to_string(),
+                reason: "too small for cities of at most 100 km (lower local_share)",
+            });
+        }
+        for _ in 0..30 {
+            let mid = (lo + hi) / 2.0;
+            if near_probability(mid) > want {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        self.city_radius_m = ((lo + hi) / 2.0).round();
+        Ok(self)
+    }
+
     /// Checks every parameter.
     pub fn validate(&self) -> Result<(), WorldError> {
         check(self.users >= 2, "users", self.users, "at least 2")?;
@@ -770,6 +837,34 @@ mod tests {
             ..WorldConfig::default()
         })
         .expect("world")
+    }
+
+    #[test]
+    fn a_near_share_sets_how_many_friends_live_within_reach() {
+        for want in [0.2, 0.5, 0.9] {
+            let config = WorldConfig {
+                seed: 3,
+                users: 2_000,
+                ..WorldConfig::default()
+            }
+            .with_near_share(want)
+            .expect("reachable share");
+            let got = World::generate(config.clone())
+                .expect("world")
+                .summary()
+                .friends_within_8km;
+            assert!(
+                (got - want).abs() < 0.06,
+                "asked {want}, got {got} (city radius {} m, local share {})",
+                config.city_radius_m,
+                config.local_share
+            );
+        }
+        assert!(WorldConfig::default().with_near_share(0.0).is_err());
+        assert!(
+            WorldConfig::default().with_near_share(0.001).is_err(),
+            "needs cities over 100 km"
+        );
     }
 
     #[test]
