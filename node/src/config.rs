@@ -9,6 +9,7 @@
 //! raft_listen = "0.0.0.0:7401"   # node-to-node transport (UDP)
 //! advertise = "10.0.0.1"         # the host peers and clients reach this node at
 //! groups = 16                    # `nearby-node init` only: shard groups of a new cluster
+//! client_driver = "batched"      # or "tasks": quinn's task per connection (to measure against)
 //!
 //! [cluster]                      # the node's identity in the cluster (`nearby-node ca`)
 //! ca = "/etc/nearby/ca.pem"
