@@ -92,8 +92,13 @@ pub(crate) async fn serve<B: Backend>(
         out: Vec::new(),
     };
     match streams.run(&mut session, recv, &metrics).await {
-        // The client finished its control stream: the session is over.
-        Ok(()) => conn.close(quinn::VarInt::from_u32(CLOSE_DONE), b"bye"),
+        // The client finished its control stream: the session is over once the last answers
+        // are out (acknowledged, or after a moment).
+        Ok(()) => {
+            let _ = streams.send.finish();
+            let _ = tokio::time::timeout(BAD_FRAME_LINGER, streams.send.stopped()).await;
+            conn.close(quinn::VarInt::from_u32(CLOSE_DONE), b"bye");
+        }
         Err(e) => match e.close() {
             Some((code, reason)) => conn.close(quinn::VarInt::from_u32(code), reason),
             None => tracing::debug!(user = ?session.user(), error = %e, "session ended"),

@@ -228,7 +228,7 @@ async fn bad_input_gets_clear_errors_changes_nothing_and_others_are_served() {
 }
 
 /// docs/protocol.md §2: finishing the control stream ends the session and the node closes the
-/// connection with code 0, reason `bye`.
+/// connection with code 0, reason `bye` — after answering what came before the finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finishing_the_control_stream_closes_the_connection() {
     let node = TestNode::start().await;
@@ -238,7 +238,17 @@ async fn finishing_the_control_stream_closes_the_connection() {
         raw.hello(user, node.token(user)).await,
         Response::Welcome(_)
     ));
+    // A last request sent with the finish is still answered before the close.
+    let last = frame::to_bytes(&RequestFrame {
+        id: 2,
+        request: Request::Ping,
+    })
+    .expect("encode");
+    raw.send_raw(&last).await;
     raw.send.finish().expect("finish");
+    let answer = raw.response().await.expect("the last request is answered");
+    assert_eq!(answer.id, 2);
+    assert!(matches!(answer.response, Response::Pong), "{answer:?}");
     let why = tokio::time::timeout(Duration::from_secs(10), raw.conn.closed())
         .await
         .expect("the node closes the connection");

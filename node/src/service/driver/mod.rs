@@ -674,8 +674,15 @@ impl<B: Backend> Conn<B> {
                 Ok(None) if self.want_read && !self.client_done => self.read_control(),
                 Ok(None) => {
                     if self.client_done {
-                        // The client finished its control stream: the session is over.
-                        self.close(cx.now, CLOSE_DONE, "bye");
+                        // The client finished its control stream: the session is over once the
+                        // last answers are out (acknowledged, or after a moment).
+                        self.finish_control = true;
+                        self.linger = Some(Linger {
+                            until: cx.now + BAD_FRAME_LINGER,
+                            stream: self.control,
+                            code: CLOSE_DONE,
+                            reason: "bye".to_string(),
+                        });
                     }
                     return;
                 }
