@@ -126,10 +126,10 @@ pub(crate) enum SessionEnd {
 impl SessionEnd {
     /// How the connection is closed for this end: the QUIC application code and reason, or
     /// `None` when it ended by itself.
-    pub(crate) fn close(&self) -> Option<(u32, &'static [u8])> {
+    pub(crate) fn close(&self) -> Option<(u32, &'static str)> {
         match self {
-            SessionEnd::HelloTimeout => Some((CLOSE_PROTOCOL, b"no hello in time")),
-            SessionEnd::Expired => Some((CLOSE_EXPIRED, b"token expired")),
+            SessionEnd::HelloTimeout => Some((CLOSE_PROTOCOL, "no hello in time")),
+            SessionEnd::Expired => Some((CLOSE_EXPIRED, "token expired")),
             SessionEnd::Read(_) | SessionEnd::Write(_) | SessionEnd::Protocol(_) => None,
         }
     }
@@ -245,13 +245,12 @@ impl<B: Backend> Session<B> {
     }
 
     /// When the session's timer next fires: the Hello deadline, then the token's warnings.
-    pub(crate) fn next_timer(&self) -> Instant {
+    pub(crate) fn next_timer(&self) -> Option<Instant> {
         match (&self.user, &self.expiry) {
-            (None, _) => self.hello_by,
-            (Some(_), Some(e)) if e.warned => e.close_at,
-            (Some(_), Some(e)) => e.warn_at,
-            // Authenticated sessions always have an expiry; never is far away.
-            (Some(_), None) => self.hello_by + Duration::from_secs(365 * 24 * 3600),
+            (None, _) => Some(self.hello_by),
+            (Some(_), Some(e)) if e.warned => Some(e.close_at),
+            (Some(_), Some(e)) => Some(e.warn_at),
+            (Some(_), None) => None,
         }
     }
 

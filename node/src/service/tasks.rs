@@ -11,6 +11,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::api::Backend;
+use crate::clock::sleep_until;
 use crate::metrics::ServiceMetrics;
 use crate::queue::{CloseReason, EventQueue, Popped};
 use crate::service::session::{
@@ -100,7 +101,7 @@ pub(crate) async fn serve<B: Backend>(
             conn.close(quinn::VarInt::from_u32(CLOSE_DONE), b"bye");
         }
         Err(e) => match e.close() {
-            Some((code, reason)) => conn.close(quinn::VarInt::from_u32(code), reason),
+            Some((code, reason)) => conn.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
             None => tracing::debug!(user = ?session.user(), error = %e, "session ended"),
         },
     }
@@ -127,7 +128,7 @@ impl Streams {
             // `read_chunk` is cancel-safe: a timer firing first loses no data.
             let read = tokio::select! {
                 read = recv.read_chunk(usize::MAX, true) => read,
-                () = tokio::time::sleep_until(s.next_timer()) => {
+                () = sleep_until(s.next_timer()) => {
                     s.on_timer()?;
                     continue;
                 }

@@ -284,7 +284,10 @@ impl<B: Backend> Driver<B> {
         for _ in 0..RECV_ROUNDS {
             let mut metas = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
             let received = {
-                let mut iovs: Vec<IoSliceMut<'_>> = buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
+                // One slot per message of a `recvmmsg`: no allocation per call.
+                let mut slots = buf.chunks_mut(RECV_SLOT);
+                let mut iovs: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+                    std::array::from_fn(|_| IoSliceMut::new(slots.next().unwrap_or_default()));
                 let (socket, udp) = (&self.socket, &self.udp);
                 socket.try_io(Interest::READABLE, || {
                     udp.recv((&**socket).into(), &mut iovs, &mut metas)
@@ -324,10 +327,7 @@ impl<B: Backend> Driver<B> {
                     self.touch(handle.0);
                 }
             }
-            Some(DatagramEvent::Response(t)) => {
-                self.batch
-                    .push(t.destination, &self.scratch[..t.size], t.segment_size)
-            }
+            Some(DatagramEvent::Response(t)) => self.batch.push_transmit(&t, &self.scratch),
             None => {}
         }
     }
@@ -337,8 +337,7 @@ impl<B: Backend> Driver<B> {
         let count = if self.accepting { self.ctx.admit() } else { None };
         let Some(count) = count else {
             let t = self.endpoint.refuse(incoming, &mut self.scratch);
-            self.batch
-                .push(t.destination, &self.scratch[..t.size], t.segment_size);
+            self.batch.push_transmit(&t, &self.scratch);
             return;
         };
         match self.endpoint.accept(incoming, now, &mut self.scratch, None) {
@@ -362,8 +361,7 @@ impl<B: Backend> Driver<B> {
             Err(e) => {
                 tracing::debug!(error = %e.cause, "handshake refused");
                 if let Some(t) = e.response {
-                    self.batch
-                        .push(t.destination, &self.scratch[..t.size], t.segment_size);
+                    self.batch.push_transmit(&t, &self.scratch);
                 }
             }
         }
@@ -465,8 +463,7 @@ impl<B: Backend> Driver<B> {
                     let Some(t) = c.q.poll_transmit(now, self.segments, &mut self.scratch) else {
                         break;
                     };
-                    self.batch
-                        .push(t.destination, &self.scratch[..t.size], t.segment_size);
+                    self.batch.push_transmit(&t, &self.scratch);
                     if self.batch.is_full() {
                         send(&self.socket, &mut self.batch, &self.ctx.metrics).await?;
                     }
@@ -675,14 +672,8 @@ impl<B: Backend> Conn<B> {
                 Ok(None) => {
                     if self.client_done {
                         // The client finished its control stream: the session is over once the
-                        // last answers are out (acknowledged, or after a moment).
-                        self.finish_control = true;
-                        self.linger = Some(Linger {
-                            until: cx.now + BAD_FRAME_LINGER,
-                            stream: self.control,
-                            code: CLOSE_DONE,
-                            reason: "bye".to_string(),
-                        });
+                        // last answers are out.
+                        self.finish_then_close(cx.now, CLOSE_DONE, "bye");
                     }
                     return;
                 }
@@ -690,14 +681,7 @@ impl<B: Backend> Conn<B> {
                     let (response, reason) = bad_frame(&e);
                     tracing::debug!(user = ?self.user(), error = %e, "closing a session that sent a malformed frame");
                     encode_response(0, response, &mut self.control_out);
-                    self.finish_control = true;
-                    // Give the error a moment to reach the client before the close.
-                    self.linger = Some(Linger {
-                        until: cx.now + BAD_FRAME_LINGER,
-                        stream: self.control,
-                        code: CLOSE_PROTOCOL,
-                        reason: reason.to_string(),
-                    });
+                    self.finish_then_close(cx.now, CLOSE_PROTOCOL, reason);
                     if let Some(s) = self.session.take() {
                         tokio::spawn(s.end());
                     }
@@ -705,6 +689,18 @@ impl<B: Backend> Conn<B> {
                 }
             }
         }
+    }
+
+    /// Finishes the control stream after what is written, and closes with `code` once the
+    /// client acknowledged it — or after [`BAD_FRAME_LINGER`].
+    fn finish_then_close(&mut self, now: Instant, code: u32, reason: &str) {
+        self.finish_control = true;
+        self.linger = Some(Linger {
+            until: now + BAD_FRAME_LINGER,
+            stream: self.control,
+            code,
+            reason: reason.to_string(),
+        });
     }
 
     /// Moves what the control stream has into the frame buffer.
@@ -771,9 +767,7 @@ impl<B: Backend> Conn<B> {
             self.events.wanted = false;
             while let Some(popped) = queue.try_pop() {
                 if let Popped::Closed(reason) = popped {
-                    if !std::mem::replace(&mut self.events.closed, true) {
-                        self.goodbye_closed(now, &reason);
-                    }
+                    self.goodbye(now, &reason);
                     break;
                 }
             }
@@ -809,8 +803,7 @@ impl<B: Backend> Conn<B> {
                     // client first (it rings then).
                     if !self.events.closed && queue.is_closed() {
                         if let Some(Popped::Closed(reason)) = queue.try_pop() {
-                            self.events.closed = true;
-                            self.goodbye(now, id, &reason);
+                            self.goodbye(now, &reason);
                         }
                     }
                     return;
@@ -837,28 +830,23 @@ impl<B: Backend> Conn<B> {
                     }
                     self.metrics.pushed(since_taken(&event));
                 }
-                Some(Popped::Closed(reason)) => {
-                    self.events.closed = true;
-                    self.goodbye(now, id, &reason);
-                }
+                Some(Popped::Closed(reason)) => self.goodbye(now, &reason),
             }
         }
     }
 
-    /// The session's queue closed for `reason`.
-    fn goodbye(&mut self, now: Instant, stream: StreamId, reason: &CloseReason) {
-        match goodbye(self.events.user, reason, &self.metrics) {
-            Goodbye::Quiet => {}
-            Goodbye::Notice(bye, why) => self.say_goodbye(now, stream, &bye, why),
-            Goodbye::Close(code, why) => self.close(now, code, &why),
+    /// The session's queue closed for `reason` (handled once): a notice on the event stream if
+    /// the client still reads it, else a close.
+    fn goodbye(&mut self, now: Instant, reason: &CloseReason) {
+        if std::mem::replace(&mut self.events.closed, true) {
+            return;
         }
-    }
-
-    /// The queue closed for `reason` with no event stream to say so on: the connection closes.
-    fn goodbye_closed(&mut self, now: Instant, reason: &CloseReason) {
         match goodbye(self.events.user, reason, &self.metrics) {
             Goodbye::Quiet => {}
-            Goodbye::Notice(_, why) => self.close(now, CLOSE_DONE, &why),
+            Goodbye::Notice(bye, why) => match self.events.stream.filter(|_| !self.events.dead) {
+                Some(stream) => self.say_goodbye(now, stream, &bye, why),
+                None => self.close(now, CLOSE_DONE, &why),
+            },
             Goodbye::Close(code, why) => self.close(now, code, &why),
         }
     }
@@ -882,7 +870,7 @@ impl<B: Backend> Conn<B> {
         let quic = self.q.poll_timeout();
         let linger = self.linger.as_ref().map(|l| l.until);
         let session = match (&self.session, self.ended || self.linger.is_some()) {
-            (Some(s), false) => Some(s.next_timer().into_std()),
+            (Some(s), false) => s.next_timer().map(|t| t.into_std()),
             _ => None,
         };
         [quic, linger, session].into_iter().flatten().min()
@@ -906,13 +894,11 @@ impl<B: Backend> Conn<B> {
         let fired = self
             .session
             .as_mut()
-            .filter(|s| s.next_timer().into_std() <= now)
+            .filter(|s| s.next_timer().is_some_and(|t| t.into_std() <= now))
             .map(|s| s.on_timer());
         if let Some(Err(end)) = fired {
-            match end.close() {
-                Some((code, reason)) => self.close(now, code, std::str::from_utf8(reason).unwrap_or("")),
-                None => self.close(now, CLOSE_DONE, ""),
-            }
+            let (code, reason) = end.close().unwrap_or((CLOSE_DONE, ""));
+            self.close(now, code, reason);
         }
     }
 

@@ -68,6 +68,11 @@ impl Batch {
         });
     }
 
+    /// Adds what quinn-proto wrote into `buf` for transmit `t`.
+    pub(crate) fn push_transmit(&mut self, t: &quinn_proto::Transmit, buf: &[u8]) {
+        self.push(t.destination, &buf[..t.size], t.segment_size);
+    }
+
     fn clear(&mut self) {
         self.buf.clear();
         self.messages.clear();
