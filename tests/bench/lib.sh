@@ -22,3 +22,12 @@ wait_file() {
     fi
   done
 }
+
+# wait_redis PORT LOG: waits up to 10 s for a redis-server on PORT to answer; else prints LOG, exits.
+wait_redis() {
+  local i=0
+  until redis-cli -p "$1" ping >/dev/null 2>&1; do
+    sleep 0.1; i=$((i + 1))
+    [ $i -lt 100 ] || { echo "redis-server did not start:" >&2; cat "$2" >&2; exit 1; }
+  done
+}

@@ -47,7 +47,7 @@ kill -TERM "$node"; wait "$node" || true
 port=$(( 20000 + RANDOM % 20000 ))
 "${on_server[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" &
 redis=$!; pids+=("$redis")
-until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
+wait_redis "$port" "$work/redis.log"
 "${on_server[@]}" "$bin/nearby-baseline" --redis "127.0.0.1:$port" --listen 127.0.0.1:0 --home "$work/b-home" \
   --import "$work/seed.bin" --no-shed 2>"$work/baseline.log" &
 base=$!; pids+=("$base")

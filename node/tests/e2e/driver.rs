@@ -106,8 +106,9 @@ async fn sees_at(viewer: &mut Viewer, friend: u64, lat: f64) {
     }
 }
 
-/// `n` viewers who are all `publisher`'s friends, located next to `A`.
-async fn crowd(node: &TestNode, publisher: u64, n: u64) -> Vec<Viewer> {
+/// `publisher` at `A` and `n` viewers who are all its friends, located next to it, each having
+/// seen it there.
+async fn crowd(node: &TestNode, publisher: u64, n: u64) -> (Viewer, Vec<Viewer>) {
     let mut viewers = Vec::new();
     for i in 0..n {
         let v = uid((i % 4) as usize, 1_000 + i);
@@ -116,19 +117,19 @@ async fn crowd(node: &TestNode, publisher: u64, n: u64) -> Vec<Viewer> {
         c.at(A.0 + 0.001, A.1).await;
         viewers.push(c);
     }
-    viewers
+    let p = node.client(publisher).await;
+    p.at(A.0, A.1).await;
+    for v in &mut viewers {
+        sees_at(v, publisher, A.0).await;
+    }
+    (p, viewers)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_send_call_carries_the_pushes_of_many_sessions() {
     let node = TestNode::start().await;
     let p = uid(0, 1);
-    let mut viewers = crowd(&node, p, 40).await;
-    let publisher = node.client(p).await;
-    publisher.at(A.0, A.1).await;
-    for v in &mut viewers {
-        sees_at(v, p, A.0).await;
-    }
+    let (publisher, mut viewers) = crowd(&node, p, 40).await;
     let (calls, messages) = node.metrics.send_calls();
     for step in 1..=5 {
         let lat = A.0 + f64::from(step) * 1e-4;
@@ -156,12 +157,7 @@ async fn one_send_call_carries_the_pushes_of_many_sessions() {
 async fn a_connection_closed_mid_batch_leaves_the_others_whole() {
     let node = TestNode::start().await;
     let p = uid(0, 2);
-    let mut viewers = crowd(&node, p, 12).await;
-    let publisher = node.client(p).await;
-    publisher.at(A.0, A.1).await;
-    for v in &mut viewers {
-        sees_at(v, p, A.0).await;
-    }
+    let (publisher, mut viewers) = crowd(&node, p, 12).await;
     // Three rounds: a viewer leaves at the very moment a move fans out to everyone.
     for round in 1..=3 {
         let leaving = viewers.remove(0);
