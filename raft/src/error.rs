@@ -28,6 +28,13 @@ pub enum WalError {
         /// What is wrong.
         reason: String,
     },
+    /// The disk is full: nothing was written (a partial write was undone), and the same write
+    /// may succeed once space returns.
+    #[error("no space left on the disk of {path}")]
+    NoSpace {
+        /// The file or directory.
+        path: PathBuf,
+    },
     /// An earlier write or sync failed; the log refuses further writes until the node restarts
     /// and recovers from its files.
     #[error("the write-ahead log is poisoned by an earlier failure: {0}")]
@@ -43,8 +50,19 @@ pub enum WalError {
     },
 }
 
+/// Whether `e` says the disk (or the user's quota) is full.
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
 impl WalError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        if is_no_space(&source) {
+            return WalError::NoSpace {
+                path: path.to_path_buf(),
+            };
+        }
         WalError::Io {
             path: path.to_path_buf(),
             source,

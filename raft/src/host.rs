@@ -293,6 +293,7 @@ impl RaftHost {
             id: group,
             raft,
             shared,
+            wal: Arc::clone(&self.wal),
         })
     }
 
@@ -480,6 +481,8 @@ impl RaftHost {
             rafts.push((META_GROUP, m.raft));
         }
         self.registry.write().unwrap_or_else(|p| p.into_inner()).clear();
+        // A group waiting for disk space would never stop.
+        self.wal.close();
         for (id, raft) in rafts {
             if let Err(e) = raft.shutdown().await {
                 tracing::warn!(group = id, error = %e, "group did not shut down cleanly");
@@ -602,6 +605,8 @@ pub struct Replica<M> {
     id: GroupId,
     raft: Raft,
     shared: Arc<Shared<M>>,
+    /// The node's log, asked for disk space before a proposal that adds data.
+    wal: Arc<Wal>,
 }
 
 impl<M> Clone for Replica<M> {
@@ -610,6 +615,7 @@ impl<M> Clone for Replica<M> {
             id: self.id,
             raft: self.raft.clone(),
             shared: Arc::clone(&self.shared),
+            wal: Arc::clone(&self.wal),
         }
     }
 }
@@ -770,7 +776,15 @@ impl Replica<GroupState> {
 
     /// [`propose`](Self::propose), also returning the entry's log id.
     pub async fn propose_at(&self, cmd: Command) -> Result<(LogId, CommandResult), ProposeError> {
-        self.read(|s| cmd.validate(s))?;
+        self.read(|s| cmd.validate(s).and_then(|()| cmd.check_limits(s)))?;
+        if cmd.adds_data() {
+            if let Some(reason) = self.wal.space_low() {
+                return Err(ProposeError::Unavailable {
+                    group: self.id,
+                    reason: format!("{reason}; changes that add data are refused until there is room"),
+                });
+            }
+        }
         match self.write(Payload::Shard(cmd)).await? {
             (_, Reply::Shard(CommandResult::Rejected(e))) => Err(ProposeError::Invalid(e)),
             (at, Reply::Shard(r)) => Ok((at, r)),

@@ -54,6 +54,9 @@ pub mod timers;
 pub mod transport;
 pub mod wal;
 
+#[doc(hidden)]
+pub mod test_support;
+
 use std::fmt;
 use std::io::Cursor;
 

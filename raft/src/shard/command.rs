@@ -33,6 +33,10 @@ use crate::GroupId;
 /// The longest display name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 64;
 
+/// The most relations of one kind a user may have: friends and requests sent together,
+/// requests received, followers. (Bulk imports are not held to it.)
+pub const MAX_RELATIONS: usize = 5_000;
+
 /// The most users plus relations one [`ImportBatch`] may carry (it is one log entry).
 pub const MAX_IMPORT_ITEMS: usize = 50_000;
 
@@ -367,6 +371,16 @@ pub enum CommandError {
     /// A change of a group being merged, or a second merge into one.
     #[error("the group is being merged")]
     Merging,
+    /// A relation beyond what one user may have (see [`MAX_RELATIONS`]).
+    #[error("user {user} has {count} {what}, the most allowed")]
+    TooManyRelations {
+        /// The user at the limit.
+        user: UserId,
+        /// Which relations.
+        what: String,
+        /// How many they have.
+        count: usize,
+    },
 }
 
 /// What applying a command did, for the caller to show.
@@ -457,6 +471,73 @@ impl Command {
                 | Command::RevokeFollow { .. }
                 | Command::Unfollow { .. }
         )
+    }
+
+    /// Whether the command only adds to what the group holds, so that a node short of disk
+    /// space refuses it ([`crate::wal::Wal::space_low`]). Everything else — changes that end
+    /// visibility, removals, deletions, the delivery of changes already decided, splits and
+    /// merges under way — still goes through on the space kept for it: privacy and the cluster's
+    /// own work come before growth.
+    pub fn adds_data(&self) -> bool {
+        match self {
+            Command::RegisterUser { .. }
+            | Command::SetName { .. }
+            | Command::Unhide { .. }
+            | Command::AddFriend { .. }
+            | Command::GrantFollow { .. }
+            | Command::Import(_) => true,
+            Command::SetSharing { on, .. }
+            | Command::SetDiscoverable { on, .. }
+            | Command::SetHistory { on, .. } => *on,
+            Command::SetGhost { until, .. } => until.is_none(),
+            _ => false,
+        }
+    }
+
+    /// Refuses a new relation that would take a user past [`MAX_RELATIONS`]: the asking user's
+    /// friends and requests sent, the asked user's requests received, the sharing user's
+    /// followers — for the sides whose records `state` holds.
+    ///
+    /// Checked when a command is proposed, never when it is applied: a limit that moved between
+    /// versions must not make replicas replaying an old log decide differently. Concurrent
+    /// requests may pass it by the few in flight.
+    pub fn check_limits(&self, state: &GroupState) -> Result<(), CommandError> {
+        let over = |user: UserId, what: &str, count: u64| {
+            let count = usize::try_from(count).unwrap_or(usize::MAX);
+            if count >= MAX_RELATIONS {
+                Err(CommandError::TooManyRelations {
+                    user,
+                    what: what.into(),
+                    count,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match *self {
+            Command::AddFriend { from, to } => {
+                if let Some(r) = state.user(from) {
+                    if !r.requests_in.contains(to) {
+                        over(
+                            from,
+                            "friends and friend requests",
+                            r.friends.len() + r.requests_out.len(),
+                        )?;
+                    }
+                }
+                if let Some(r) = state.user(to) {
+                    if !r.requests_out.contains(from) {
+                        over(to, "friend requests waiting", r.requests_in.len())?;
+                    }
+                }
+                Ok(())
+            }
+            Command::GrantFollow { user, .. } => match state.user(user) {
+                Some(r) => over(user, "followers", r.followers.len()),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
     }
 
     /// Whether applying the command can end someone's permission to see the acting user: the

@@ -71,7 +71,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.wal.save_committed(self.group, committed).map_err(write_err)
+        self.wal
+            .save_committed(self.group, committed)
+            .await
+            .map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -83,11 +86,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        self.wal.append(self.group, entries, callback).map_err(write_err)
+        self.wal
+            .append(self.group, entries, callback)
+            .await
+            .map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.wal.truncate(self.group, log_id.index).map_err(write_err)
+        self.wal
+            .truncate(self.group, log_id.index)
+            .await
+            .map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {

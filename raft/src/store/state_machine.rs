@@ -26,6 +26,7 @@ use std::fs::{self, File};
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use openraft::storage::{RaftStateMachine, Snapshot, SnapshotMeta};
 use openraft::{AnyError, EntryPayload, RaftSnapshotBuilder, StorageIOError, StoredMembership};
@@ -213,6 +214,18 @@ fn snapshot_files(dir: &Path) -> Result<Vec<PathBuf>, WalError> {
     Ok(names)
 }
 
+/// Decodes a snapshot file's bytes as a replica's start does, then its state as a shard
+/// group's and as the cluster map's: the entry point for fuzzing the snapshot decoders (`fuzz/`).
+#[doc(hidden)]
+pub fn decode_snapshot_bytes(bytes: &[u8]) -> bool {
+    let Ok((_, data)) = parse_snapshot(bytes, Path::new("fuzz.snap")) else {
+        return false;
+    };
+    let shard = crate::GroupState::decode_versioned(&data).is_ok();
+    let map = crate::meta::ClusterMap::decode_versioned(&data).is_ok();
+    shard || map
+}
+
 fn newest_snapshot(dir: &Path) -> Result<Option<PathBuf>, WalError> {
     Ok(snapshot_files(dir)?.pop())
 }
@@ -220,8 +233,13 @@ fn newest_snapshot(dir: &Path) -> Result<Option<PathBuf>, WalError> {
 /// Reads a snapshot file: its metadata and its encoded state.
 fn read_snapshot(path: &Path) -> Result<(SnapshotMeta<NodeId, Node>, Vec<u8>), WalError> {
     let bytes = fs::read(path).map_err(|e| WalError::io(path, e))?;
+    parse_snapshot(&bytes, path)
+}
+
+/// Decodes a snapshot file's bytes (`path` names it in errors): its metadata and its state.
+fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<(SnapshotMeta<NodeId, Node>, Vec<u8>), WalError> {
     let damaged = |offset: usize, what: String| WalError::corruption(path, offset as u64, what);
-    let (start, end) = match frame::check(&bytes, 0) {
+    let (start, end) = match frame::check(bytes, 0) {
         Check::Record { payload } => payload,
         other => return Err(damaged(0, format!("snapshot header damaged: {other:?}"))),
     };
@@ -231,7 +249,7 @@ fn read_snapshot(path: &Path) -> Result<(SnapshotMeta<NodeId, Node>, Vec<u8>), W
     let mut data = Vec::with_capacity(len.min(bytes.len()));
     let mut at = end;
     while data.len() < len {
-        match frame::check(&bytes, at) {
+        match frame::check(bytes, at) {
             Check::Record { payload } => {
                 data.extend_from_slice(&bytes[payload.0..payload.1]);
                 at = payload.1;
@@ -274,23 +292,12 @@ impl SnapshotDir {
         let header = nearby_index::codec::encode(&header).map_err(|e| WalError::Encode(e.to_string()))?;
         let tmp = dir.join(format!("{name}.tmp"));
         let dst = dir.join(&name);
-        let mut f = std::io::BufWriter::new(File::create(&tmp).map_err(|e| WalError::io(&tmp, e))?);
-        let mut buf = Vec::with_capacity(frame::RECORD_HEADER_LEN + self.chunk.min(snap.data.len()));
-        let mut write = |payload: &[u8], f: &mut std::io::BufWriter<File>| {
-            buf.clear();
-            frame::encode_record(payload, &mut buf);
-            f.write_all(&buf).map_err(|e| WalError::io(&tmp, e))
-        };
-        write(&header, &mut f)?;
-        for chunk in snap.data.chunks(self.chunk) {
-            write(chunk, &mut f)?;
+        let written = self.write_file(&tmp, &dst, &header, snap);
+        if written.is_err() {
+            // A half-written snapshot must not keep the space a full disk needs back.
+            let _ = fs::remove_file(&tmp);
         }
-        let f = f.into_inner().map_err(|e| WalError::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| WalError::io(&tmp, e))?;
-        fs::rename(&tmp, &dst).map_err(|e| WalError::io(&dst, e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| WalError::io(dir, e))?;
+        written?;
         for path in snapshot_files(dir)? {
             let older = path
                 .file_name()
@@ -303,14 +310,61 @@ impl SnapshotDir {
         Ok(true)
     }
 
+    /// Writes the snapshot to `tmp`, syncs it and renames it to `dst`.
+    fn write_file(
+        &self,
+        tmp: &Path,
+        dst: &Path,
+        header: &[u8],
+        snap: &StoredSnapshot,
+    ) -> Result<(), WalError> {
+        let dir = &self.dir;
+        let mut f = std::io::BufWriter::new(File::create(tmp).map_err(|e| WalError::io(tmp, e))?);
+        let mut buf = Vec::with_capacity(frame::RECORD_HEADER_LEN + self.chunk.min(snap.data.len()));
+        let mut write = |payload: &[u8], f: &mut std::io::BufWriter<File>| {
+            buf.clear();
+            frame::encode_record(payload, &mut buf);
+            f.write_all(&buf).map_err(|e| WalError::io(tmp, e))
+        };
+        write(header, &mut f)?;
+        for chunk in snap.data.chunks(self.chunk) {
+            write(chunk, &mut f)?;
+        }
+        let f = f.into_inner().map_err(|e| WalError::io(tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| WalError::io(tmp, e))?;
+        fs::rename(tmp, dst).map_err(|e| WalError::io(dst, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| WalError::io(dir, e))
+    }
+
+    /// [`persist`](Self::persist) off the async workers. A full disk is waited out (tried again
+    /// every second): openraft takes any error of a snapshot's build or install for the end of
+    /// the replica.
     async fn persist_async(&self, snap: &StoredSnapshot) -> Result<bool, StorageError> {
-        let files = self.clone();
-        let to_write = snap.clone();
         let signature = snap.meta.signature();
-        tokio::task::spawn_blocking(move || files.persist(&to_write))
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), AnyError::new(&e)))?
-            .map_err(|e| StorageIOError::write_snapshot(Some(signature), AnyError::new(&e)).into())
+        let mut wait = crate::wal::SpaceWait::new("snapshot");
+        loop {
+            let files = self.clone();
+            let to_write = snap.clone();
+            let result = tokio::task::spawn_blocking(move || files.persist(&to_write))
+                .await
+                .map_err(|e| StorageIOError::write_snapshot(Some(signature.clone()), AnyError::new(&e)))?;
+            match result {
+                Err(e @ WalError::NoSpace { .. }) => {
+                    wait.waiting(&e);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => {
+                    if other.is_ok() {
+                        wait.done();
+                    }
+                    return other.map_err(|e| {
+                        StorageIOError::write_snapshot(Some(signature), AnyError::new(&e)).into()
+                    });
+                }
+            }
+        }
     }
 }
 

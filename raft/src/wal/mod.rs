@@ -24,7 +24,19 @@
 //! - [`Wal::save_vote`] and [`Wal::purge`] return only after their record is synced.
 //! - An I/O error on write or sync *poisons* the log: after a failed `fdatasync` the page cache
 //!   can no longer be trusted, so every later call fails ([`WalError::Poisoned`]) and the node
-//!   must restart and recover from the files.
+//!   must restart and recover from the files. That includes writes made *before* the failure
+//!   whose own sync comes after it: a later `fdatasync` that succeeds says nothing about pages
+//!   the kernel already dropped, so nothing written before a failed sync is ever acknowledged.
+//!
+//! # A full disk
+//!
+//! A write refused for want of space ([`WalError::NoSpace`]) is undone and does not poison the
+//! log. The group's writes ([`Wal::append`], votes, truncations) wait for space instead of
+//! failing, since openraft takes any storage error for the end of the replica: the group stalls
+//! on this node (its peers elect another leader if it led) and carries on once space returns.
+//! Before that point [`Wal::space_low`] tells the node to refuse new proposals with a clear
+//! error: below [`WalOptions::min_free_bytes`] free, or after a write was refused, until one
+//! succeeds again. Reads never need space.
 //!
 //! # Recovery
 //!
@@ -43,8 +55,9 @@ use std::io;
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
 use openraft::storage::LogFlushed;
@@ -59,12 +72,51 @@ use crate::{Entry, GroupId, LogId, TypeConfig, Vote};
 pub struct WalOptions {
     /// A segment is sealed and a new one started once it grows past this many bytes.
     pub segment_bytes: u64,
+    /// Below this much free space on the log's file system, [`Wal::space_low`] says so and the
+    /// node refuses new proposals: the rest is kept for what Raft must still write (votes,
+    /// entries from other leaders, a new segment's checkpoint).
+    pub min_free_bytes: u64,
 }
 
 impl Default for WalOptions {
     fn default() -> Self {
         WalOptions {
             segment_bytes: 64 << 20,
+            min_free_bytes: 64 << 20,
+        }
+    }
+}
+
+/// How often a write waiting for space tries again.
+const SPACE_RETRY: Duration = Duration::from_millis(100);
+
+/// What a write waiting out a full disk tells the log: that it waits (at most every 10 s), and
+/// that it goes on. Shared by the log's writes and the state machine's snapshots.
+pub(crate) struct SpaceWait {
+    what: &'static str,
+    warned: Option<Instant>,
+}
+
+impl SpaceWait {
+    pub(crate) fn new(what: &'static str) -> Self {
+        SpaceWait { what, warned: None }
+    }
+
+    /// `e` (a [`WalError::NoSpace`]) stopped the write; it will try again.
+    pub(crate) fn waiting(&mut self, e: &WalError) {
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(error = %e, "{} waits for disk space", self.what);
+            self.warned = Some(Instant::now());
+        }
+    }
+
+    /// The write went through.
+    pub(crate) fn done(&self) {
+        if self.warned.is_some() {
+            tracing::info!("{} goes on: disk space is back", self.what);
         }
     }
 }
@@ -89,6 +141,8 @@ pub struct WalStats {
     pub sync_requests: u64,
     /// `fdatasync` calls made for them; `sync_requests / syncs` is the group-commit factor.
     pub syncs: u64,
+    /// Writes refused for want of space (each then waited and tried again).
+    pub no_space: u64,
 }
 
 #[derive(Default)]
@@ -96,6 +150,59 @@ struct Counters {
     records: AtomicU64,
     sync_requests: AtomicU64,
     syncs: AtomicU64,
+    no_space: AtomicU64,
+    /// `fdatasync` calls still to fail on purpose (a test's fault).
+    fail_syncs: AtomicU64,
+}
+
+/// What the log knows of its file system's free space.
+struct Space {
+    dir: PathBuf,
+    min_free: u64,
+    /// A write was refused for want of space and none has succeeded since.
+    refused: AtomicBool,
+}
+
+impl Space {
+    /// Looks at the file system each time (a `statvfs`, about a microsecond: proposals that add
+    /// data are far rarer than that matters).
+    fn low(&self) -> Option<String> {
+        if self.refused.load(Ordering::Relaxed) {
+            return Some(format!("the disk of {} is full", self.dir.display()));
+        }
+        let free = match free_bytes(&self.dir) {
+            Ok(free) => free,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the disk's free space");
+                return None;
+            }
+        };
+        (free < self.min_free).then(|| {
+            format!(
+                "the disk of {} is nearly full ({} MiB free, {} MiB kept for the log)",
+                self.dir.display(),
+                free >> 20,
+                self.min_free >> 20
+            )
+        })
+    }
+}
+
+/// Free bytes on the file system holding `dir`, as an unprivileged user may use them.
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and outlives the call; `st` is valid for writes.
+    if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // `fsblkcnt_t` and `c_ulong` are 32 bits wide on some targets.
+    #[allow(clippy::useless_conversion)]
+    let (blocks, size) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(blocks.saturating_mul(size))
 }
 
 /// One record of the log. Every record names the group it belongs to, except checkpoints.
@@ -205,6 +312,9 @@ pub struct Wal {
     inner: Arc<Mutex<Inner>>,
     sync_tx: Mutex<mpsc::Sender<SyncRequest>>,
     counters: Arc<Counters>,
+    space: Space,
+    /// Set when the node stops: writes waiting for space give up.
+    closing: AtomicBool,
 }
 
 enum Source {
@@ -246,6 +356,11 @@ impl Wal {
             None => create_segment(dir, 1, &groups)?,
         };
         let sealed = segments.into_iter().map(|s| (s.id, s)).collect();
+        let space = Space {
+            dir: dir.to_path_buf(),
+            min_free: opts.min_free_bytes,
+            refused: AtomicBool::new(false),
+        };
         let inner = Arc::new(Mutex::new(Inner {
             dir: dir.to_path_buf(),
             opts,
@@ -268,6 +383,8 @@ impl Wal {
                 inner,
                 sync_tx: Mutex::new(tx),
                 counters,
+                space,
+                closing: AtomicBool::new(false),
             },
             report,
         ))
@@ -289,15 +406,66 @@ impl Wal {
     /// Writes records (not yet synced) and returns the file a sync must cover.
     fn write(&self, records: &[Record]) -> Result<Arc<File>, WalError> {
         let mut inner = self.lock();
-        inner.write(records)?;
+        match inner.write(records) {
+            Ok(()) => self.space.refused.store(false, Ordering::Relaxed),
+            Err(e) => {
+                if matches!(e, WalError::NoSpace { .. }) {
+                    self.space.refused.store(true, Ordering::Relaxed);
+                    self.counters.no_space.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        }
         self.counters
             .records
             .fetch_add(records.len() as u64, Ordering::Relaxed);
         Ok(Arc::clone(&inner.active.file))
     }
 
+    /// [`Wal::write`], waiting out a full disk (see the module doc) unless the node is
+    /// stopping.
+    async fn write_when_space(&self, records: &[Record]) -> Result<Arc<File>, WalError> {
+        let mut wait = SpaceWait::new("wal write");
+        loop {
+            match self.write(records) {
+                Err(e @ WalError::NoSpace { .. }) => {
+                    if self.closing.load(Ordering::Relaxed) {
+                        return Err(e);
+                    }
+                    wait.waiting(&e);
+                    tokio::time::sleep(SPACE_RETRY).await;
+                }
+                other => {
+                    if other.is_ok() {
+                        wait.done();
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
+    /// Why new proposals should be refused for want of disk space, if they should: the file
+    /// system holding the log has less than [`WalOptions::min_free_bytes`] free, or a write was
+    /// refused as the disk was full and none has succeeded since.
+    pub fn space_low(&self) -> Option<String> {
+        self.space.low()
+    }
+
+    /// The node is stopping: writes waiting for disk space give up (with
+    /// [`WalError::NoSpace`]) so their groups can shut down.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// Test hook: the next `n` `fdatasync` calls of the log fail as a failing disk's would.
+    #[doc(hidden)]
+    pub fn fail_next_syncs(&self, n: u64) {
+        self.counters.fail_syncs.store(n, Ordering::Relaxed);
+    }
+
     async fn write_and_sync(&self, records: &[Record]) -> Result<(), WalError> {
-        let file = self.write(records)?;
+        let file = self.write_when_space(records).await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.request_sync(file, Waiter::Notify(tx))?;
         match rx.await {
@@ -310,7 +478,7 @@ impl Wal {
     /// Appends a group's entries; `callback` is called once they are durable. Entries must be
     /// consecutive; writing index `i` discards the group's entries `>= i` first (Raft's rule
     /// for a conflicting suffix).
-    pub fn append(
+    pub async fn append(
         &self,
         group: GroupId,
         entries: impl IntoIterator<Item = Entry>,
@@ -320,7 +488,7 @@ impl Wal {
             .into_iter()
             .map(|entry| Record::Entry { group, entry })
             .collect();
-        let file = self.write(&records)?;
+        let file = self.write_when_space(&records).await?;
         self.request_sync(file, Waiter::Log(callback))
     }
 
@@ -331,13 +499,17 @@ impl Wal {
 
     /// Records the group's committed log id. Not synced on its own: losing it only means
     /// re-applying from an older point after a crash.
-    pub fn save_committed(&self, group: GroupId, committed: Option<LogId>) -> Result<(), WalError> {
-        self.write(&[Record::Committed { group, committed }]).map(drop)
+    pub async fn save_committed(&self, group: GroupId, committed: Option<LogId>) -> Result<(), WalError> {
+        self.write_when_space(&[Record::Committed { group, committed }])
+            .await
+            .map(drop)
     }
 
     /// Discards the group's entries `>= since`.
-    pub fn truncate(&self, group: GroupId, since: u64) -> Result<(), WalError> {
-        self.write(&[Record::Truncate { group, since }]).map(drop)
+    pub async fn truncate(&self, group: GroupId, since: u64) -> Result<(), WalError> {
+        self.write_when_space(&[Record::Truncate { group, since }])
+            .await
+            .map(drop)
     }
 
     /// Discards the group's entries `<= upto` (they are in a durable snapshot) and deletes every
@@ -426,6 +598,7 @@ impl Wal {
             records: self.counters.records.load(Ordering::Relaxed),
             sync_requests: self.counters.sync_requests.load(Ordering::Relaxed),
             syncs: self.counters.syncs.load(Ordering::Relaxed),
+            no_space: self.counters.no_space.load(Ordering::Relaxed),
         }
     }
 
@@ -610,8 +783,15 @@ fn create_segment(dir: &Path, id: u64, groups: &HashMap<GroupId, GroupLog>) -> R
         .map_err(|e| WalError::Encode(e.to_string()))?;
     let mut buf = frame::segment_header(id).to_vec();
     frame::encode_record(&payload, &mut buf);
-    file.write_all_at(&buf, 0).map_err(|e| WalError::io(&path, e))?;
-    file.sync_all().map_err(|e| WalError::io(&path, e))?;
+    if let Err(e) = file.write_all_at(&buf, 0).and_then(|()| file.sync_all()) {
+        // A segment that never got its checkpoint is no segment: remove it, so the next roll
+        // (once there is space again) can create it afresh.
+        drop(file);
+        if let Err(e2) = fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e2, "cannot remove a half-made wal segment");
+        }
+        return Err(WalError::io(&path, e));
+    }
     sync_dir(dir)?;
     Ok(Segment {
         id,
@@ -675,37 +855,7 @@ fn replay_segment(
         None => return Err(WalError::corruption(path, 0, "bad segment header")),
     }
     let mut max_index = HashMap::new();
-    let mut offset = SEGMENT_HEADER_LEN;
-    let valid_len = loop {
-        match frame::check(buf, offset) {
-            Check::Record { payload } => {
-                let record: Record =
-                    nearby_index::codec::decode(&buf[payload.0..payload.1]).map_err(|e| {
-                        WalError::corruption(path, offset as u64, format!("undecodable record: {e}"))
-                    })?;
-                let loc = Loc {
-                    segment: id,
-                    offset: offset as u64,
-                    len: (payload.1 - offset) as u32,
-                };
-                apply_record(groups, &mut max_index, &record, loc);
-                report.records += 1;
-                offset = payload.1;
-            }
-            Check::End => break offset,
-            damage => {
-                if newest && !frame::any_record_after(buf, offset) {
-                    tracing::warn!(
-                        path = %path.display(), offset, bytes = buf.len() - offset, ?damage,
-                        "cutting a torn write off the end of the wal"
-                    );
-                    report.torn_tail_bytes += (buf.len() - offset) as u64;
-                    break offset;
-                }
-                return Err(WalError::corruption(path, offset as u64, format!("{damage:?}")));
-            }
-        }
-    };
+    let valid_len = replay_records(buf, id, newest, path, groups, &mut max_index, report)?;
     drop(map);
     if valid_len as u64 != file_len {
         file.set_len(valid_len as u64)
@@ -722,22 +872,103 @@ fn replay_segment(
     })
 }
 
+/// Replays the records of a segment's bytes (after its header) into `groups`, and returns where
+/// the valid records end. In the newest segment, damage followed by nothing valid is a torn
+/// tail (cut there); any other damage is corruption.
+fn replay_records(
+    buf: &[u8],
+    id: u64,
+    newest: bool,
+    path: &Path,
+    groups: &mut HashMap<GroupId, GroupLog>,
+    max_index: &mut HashMap<GroupId, u64>,
+    report: &mut RecoveryReport,
+) -> Result<usize, WalError> {
+    let mut offset = SEGMENT_HEADER_LEN;
+    loop {
+        match frame::check(buf, offset) {
+            Check::Record { payload } => {
+                let record: Record =
+                    nearby_index::codec::decode(&buf[payload.0..payload.1]).map_err(|e| {
+                        WalError::corruption(path, offset as u64, format!("undecodable record: {e}"))
+                    })?;
+                let loc = Loc {
+                    segment: id,
+                    offset: offset as u64,
+                    len: (payload.1 - offset) as u32,
+                };
+                apply_record(groups, max_index, &record, loc);
+                report.records += 1;
+                offset = payload.1;
+            }
+            Check::End => return Ok(offset),
+            damage => {
+                if newest && !frame::any_record_after(buf, offset) {
+                    tracing::warn!(
+                        path = %path.display(), offset, bytes = buf.len() - offset, ?damage,
+                        "cutting a torn write off the end of the wal"
+                    );
+                    report.torn_tail_bytes += (buf.len() - offset) as u64;
+                    return Ok(offset);
+                }
+                return Err(WalError::corruption(path, offset as u64, format!("{damage:?}")));
+            }
+        }
+    }
+}
+
+/// Replays a segment file's bytes as recovery does, without a file: the entry point for fuzzing
+/// the WAL's decoders (`fuzz/`). Returns what recovery would report.
+#[doc(hidden)]
+pub fn replay_bytes(bytes: &[u8], newest: bool) -> Result<RecoveryReport, WalError> {
+    let path = Path::new("fuzz.wal");
+    let Some(id) = frame::parse_segment_header(bytes) else {
+        return Err(WalError::corruption(path, 0, "bad segment header"));
+    };
+    let mut report = RecoveryReport::default();
+    let mut groups = HashMap::new();
+    replay_records(
+        bytes,
+        id,
+        newest,
+        path,
+        &mut groups,
+        &mut HashMap::new(),
+        &mut report,
+    )?;
+    Ok(report)
+}
+
 /// The sync thread: takes every waiting request, syncs each distinct file once, then answers all
 /// of them. Writes that arrive while a sync runs are answered by the next one (group commit).
 fn sync_loop(rx: mpsc::Receiver<SyncRequest>, inner: Arc<Mutex<Inner>>, counters: &Counters) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let mut result: Result<(), String> = Ok(());
+        // Once a sync has failed, no later one may answer `Ok`: the writes it would cover may
+        // sit after records the kernel has already lost.
+        let mut result: Result<(), String> = match &inner.lock().unwrap_or_else(|p| p.into_inner()).poisoned {
+            Some(msg) => Err(msg.clone()),
+            None => Ok(()),
+        };
         let mut synced: Vec<*const File> = Vec::new();
-        for req in &batch {
+        for req in batch.iter().take_while(|_| result.is_ok()) {
             let ptr = Arc::as_ptr(&req.file);
             if synced.contains(&ptr) {
                 continue;
             }
             synced.push(ptr);
             counters.syncs.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = req.file.sync_data() {
+            let injected = counters
+                .fail_syncs
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            let synced_ok = if injected {
+                Err(io::Error::other("injected fdatasync failure"))
+            } else {
+                req.file.sync_data()
+            };
+            if let Err(e) = synced_ok {
                 let msg = format!("fdatasync failed: {e}");
                 tracing::error!(%msg, "wal poisoned");
                 let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -783,3 +1014,37 @@ pub fn record_offsets(bytes: &[u8]) -> Vec<usize> {
 /// Bytes of a record header (test hook).
 #[doc(hidden)]
 pub const RECORD_HEADER_BYTES: usize = RECORD_HEADER_LEN;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write made before a failed `fdatasync`, whose own sync comes after the failure, is
+    /// never acknowledged, although that later sync would succeed: the kernel may already have
+    /// dropped the pages of the records before it.
+    #[tokio::test]
+    async fn nothing_written_before_a_failed_sync_is_acknowledged() {
+        let dir = tempfile::TempDir::new().expect("tmp");
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open");
+        let vote = Vote::new(1, 1);
+        // Written, its sync not asked for yet.
+        let written_before = wal.write(&[Record::Vote { group: 2, vote }]).expect("write");
+        wal.fail_next_syncs(1);
+        assert!(
+            matches!(wal.save_vote(1, vote).await, Err(WalError::Poisoned(_))),
+            "the failed sync is reported"
+        );
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        wal.request_sync(written_before, Waiter::Notify(tx)).expect("ask");
+        let answer = rx.await.expect("answered");
+        assert!(
+            answer.is_err(),
+            "a write from before the failure must not be acknowledged, got {answer:?}"
+        );
+        assert!(
+            matches!(wal.save_vote(3, vote).await, Err(WalError::Poisoned(_))),
+            "and nothing new is written"
+        );
+        assert_eq!(wal.stats().syncs, 1, "no sync is even tried once poisoned");
+    }
+}

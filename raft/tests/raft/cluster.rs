@@ -108,7 +108,10 @@ async fn a_replica_far_behind_catches_up_by_snapshot() {
         purge_batch_size: 1,
         ..nearby_raft::host::default_raft_config()
     };
-    let wal = nearby_raft::wal::WalOptions { segment_bytes: 4096 };
+    let wal = nearby_raft::wal::WalOptions {
+        segment_bytes: 4096,
+        ..Default::default()
+    };
     let mut c = Cluster::start_with_config(3, raft, wal).await;
     c.create_group(3, range(), 0).await;
     let leader = c.leader(3).await;

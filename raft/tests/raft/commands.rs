@@ -804,3 +804,62 @@ fn an_intent_for_an_absorbed_range_is_applied_even_behind_the_absorbers_own_orde
     );
     assert_eq!(r, CommandResult::Unchanged);
 }
+
+#[test]
+fn relations_past_the_limit_are_refused_when_proposed_but_answering_a_request_is_not() {
+    use nearby_raft::shard::command::MAX_RELATIONS;
+    let n = MAX_RELATIONS as u64;
+    let mut s = GroupState::new(UserRange::new(1, 100_000).expect("range"));
+    let (hub, victim, late) = (1, 50_000, 60_000);
+    for u in (1..=n + 2).chain([victim, late]) {
+        s.apply(
+            &Command::RegisterUser {
+                user: u,
+                name: format!("u{u}"),
+            },
+            0,
+        );
+    }
+    for f in 2..=n + 1 {
+        s.apply(&Command::AddFriend { from: hub, to: f }, 0);
+        s.apply(&Command::AddFriend { from: f, to: victim }, 0);
+    }
+    // The hub's friend requests sent reached the limit: one more is refused.
+    let more = Command::AddFriend { from: hub, to: n + 2 };
+    assert!(matches!(
+        more.check_limits(&s),
+        Err(CommandError::TooManyRelations { user: 1, .. })
+    ));
+    // Answering a request the hub received still passes: it was counted when it came.
+    s.apply(&Command::AddFriend { from: late, to: hub }, 0);
+    assert_eq!(
+        Command::AddFriend { from: hub, to: late }.check_limits(&s),
+        Ok(())
+    );
+    // The victim has as many requests waiting as a user may: a new asker is refused.
+    assert!(matches!(
+        Command::AddFriend {
+            from: late,
+            to: victim
+        }
+        .check_limits(&s),
+        Err(CommandError::TooManyRelations { user: 50_000, .. })
+    ));
+    // Below the limits nothing is in the way.
+    assert_eq!(
+        Command::AddFriend {
+            from: late,
+            to: n + 2
+        }
+        .check_limits(&s),
+        Ok(())
+    );
+    assert_eq!(
+        Command::GrantFollow {
+            user: late,
+            follower: hub
+        }
+        .check_limits(&s),
+        Ok(())
+    );
+}

@@ -23,6 +23,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine<GroupState>, TempDir> for B
             &dir.path().join("wal"),
             WalOptions {
                 segment_bytes: self.segment_bytes,
+                ..WalOptions::default()
             },
         )
         .map_err(|e| io(&e))?;
