@@ -216,6 +216,47 @@ pub struct LimitsSection {
     /// (`too_many_sessions`).
     #[serde(default = "default_sessions_per_user")]
     pub sessions_per_user: u16,
+    /// Below this many MiB free on the data directory's disk, changes that only add data (new
+    /// users, friend requests, settings turned on) are refused (`unavailable`, saying why);
+    /// the rest is kept for Raft's own writes and for changes that end someone's visibility.
+    #[serde(default = "default_min_free_disk_mb")]
+    pub min_free_disk_mb: u64,
+    /// Client connections from one IP address at once (generous: carrier-grade NAT puts many
+    /// phones behind one address).
+    #[serde(default = "default_connections_per_address")]
+    pub connections_per_address: u32,
+    /// Client connections from one IP address not yet past `Hello`, at once.
+    #[serde(default = "default_handshakes_per_address")]
+    pub handshakes_per_address: u32,
+    /// Above this many connections not yet past `Hello`, new ones must first validate their
+    /// address with a QUIC Retry (a flood from spoofed addresses then costs one packet each).
+    #[serde(default = "default_retry_above_handshakes")]
+    pub retry_above_handshakes: u32,
+}
+
+impl LimitsSection {
+    /// As the client service's limits on connections from outside.
+    pub fn abuse(&self) -> crate::service::AbuseLimits {
+        crate::service::AbuseLimits {
+            connections_per_address: self.connections_per_address,
+            handshakes_per_address: self.handshakes_per_address,
+            retry_above: self.retry_above_handshakes,
+        }
+    }
+}
+
+fn default_connections_per_address() -> u32 {
+    crate::service::AbuseLimits::default().connections_per_address
+}
+fn default_handshakes_per_address() -> u32 {
+    crate::service::AbuseLimits::default().handshakes_per_address
+}
+fn default_retry_above_handshakes() -> u32 {
+    crate::service::AbuseLimits::default().retry_above
+}
+
+fn default_min_free_disk_mb() -> u64 {
+    64
 }
 
 fn default_min_update_interval_ms() -> u32 {
@@ -233,6 +274,10 @@ impl Default for LimitsSection {
             shed_lag_ms: default_shed_lag_ms(),
             min_update_interval_ms: default_min_update_interval_ms(),
             sessions_per_user: default_sessions_per_user(),
+            min_free_disk_mb: default_min_free_disk_mb(),
+            connections_per_address: default_connections_per_address(),
+            handshakes_per_address: default_handshakes_per_address(),
+            retry_above_handshakes: default_retry_above_handshakes(),
         }
     }
 }
@@ -280,7 +325,8 @@ pub struct TlsConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// File holding the Ed25519 public key that signs session tokens (base64url, one line).
+    /// File holding the Ed25519 public keys whose session tokens are accepted (base64url, one
+    /// per line: two while the issuer rotates its key).
     pub token_public_key: PathBuf,
 }
 

@@ -236,6 +236,13 @@ impl Gateway {
             ));
         }
         let decider = self.home(pair_owner(actor, other))?;
+        if decider != mine {
+            // The pair's owner checks the limits of the records it holds; the acting user's
+            // record is here, where the user's session is.
+            if let Some(d) = self.drivers.get(mine) {
+                d.group().read(|s| cmd.check_limits(s)).map_err(Router::invalid)?;
+            }
+        }
         let (index, reply) = self.router.propose(decider, Payload::Shard(cmd.clone())).await?;
         let result = shard_result(reply)?;
         let changed = !matches!(result, CommandResult::Unchanged | CommandResult::AlreadyFriends);

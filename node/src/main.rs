@@ -393,9 +393,16 @@ async fn run_node(
     let tls_key = secrets::read_secret_text(&config.tls.key).context("config field `tls.key`")?;
     let tls = ServerTls::from_pem(&read(&config.tls.cert)?, &tls_key)
         .map_err(|e| anyhow::anyhow!("config field `tls`: {e}"))?;
-    let public = nearby_index::codec::base64url_decode(read(&config.auth.token_public_key)?.trim())
-        .filter(|k| k.len() == 32)
-        .context("config field `auth.token_public_key`: not a base64url Ed25519 public key")?;
+    // One key per line: two while the issuer's key is rotated (see `nearby_node::auth`).
+    let keys = read(&config.auth.token_public_key)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| nearby_index::codec::base64url_decode(l).filter(|k| k.len() == 32))
+        .collect::<Option<Vec<_>>>()
+        .context("config field `auth.token_public_key`: a line is not a base64url Ed25519 public key")?;
+    let verifier = nearby_node::auth::TokenVerifier::with_keys(keys)
+        .map_err(|e| anyhow::anyhow!("config field `auth.token_public_key`: {e}"))?;
     let node_key = secrets::read_secret_text(&config.cluster.key).context("config field `cluster.key`")?;
     let node_tls = nearby_raft::transport::NodeTls::from_pem(
         config.node_id,
@@ -410,7 +417,7 @@ async fn run_node(
         bootstrap,
         tls,
         node_tls,
-        nearby_node::auth::TokenVerifier::new(public),
+        verifier,
         Arc::new(nearby_node::clock::SystemClock),
     );
     opts.client_listen = config.listen;
@@ -422,6 +429,8 @@ async fn run_node(
     opts.min_update_interval =
         std::time::Duration::from_millis(u64::from(config.limits.min_update_interval_ms));
     opts.history = config.history.config();
+    opts.wal.min_free_bytes = config.limits.min_free_disk_mb.saturating_mul(1 << 20);
+    opts.abuse = config.limits.abuse();
     match &config.cluster.pseudonym_key {
         Some(path) => {
             let key = secrets::read_pseudonym_key(path).context("config field `cluster.pseudonym_key`")?;

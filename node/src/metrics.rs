@@ -80,6 +80,8 @@ pub struct ServiceMetrics {
     slow_closed: AtomicU64,
     send_calls: AtomicU64,
     datagrams_sent: AtomicU64,
+    retries: AtomicU64,
+    refused_by_address: AtomicU64,
     push_latency: Histogram,
 }
 
@@ -135,6 +137,24 @@ impl ServiceMetrics {
     pub fn sent(&self, messages: usize) {
         self.send_calls.fetch_add(1, Ordering::Relaxed);
         self.datagrams_sent.fetch_add(messages as u64, Ordering::Relaxed);
+    }
+
+    /// A new connection was asked to validate its address (QUIC Retry).
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A new connection was refused: its address had too many connections or handshakes.
+    pub fn refused_by_address(&self) {
+        self.refused_by_address.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Retries sent, and connections refused per address (see [`Self::retried`]).
+    pub fn handshake_defences(&self) -> (u64, u64) {
+        (
+            self.retries.load(Ordering::Relaxed),
+            self.refused_by_address.load(Ordering::Relaxed),
+        )
     }
 
     /// `sendmmsg` calls of the batched driver, and the messages they carried.
@@ -225,6 +245,18 @@ impl ServiceMetrics {
             "nearby_client_send_messages_total",
             "UDP messages those calls carried (a GSO message holds several datagrams).",
             self.datagrams_sent.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "nearby_client_retries_total",
+            "New connections asked to validate their address first (QUIC Retry, under a handshake flood).",
+            self.retries.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "nearby_client_refused_by_address_total",
+            "New connections refused: their address had too many connections or handshakes.",
+            self.refused_by_address.load(Ordering::Relaxed),
         );
         self.push_latency.render(
             out,

@@ -72,6 +72,12 @@ pub struct NodeOptions {
     pub min_update_interval: Duration,
     /// The admin API (`crate::admin`); none if `None`.
     pub admin: Option<crate::admin::AdminOptions>,
+    /// The write-ahead log's settings (segment size, the disk space it keeps free).
+    pub wal: nearby_raft::wal::WalOptions,
+    /// Limits on connections and handshakes per address; QUIC Retry under a flood.
+    pub abuse: crate::service::AbuseLimits,
+    /// How long a new connection may take to say `Hello`.
+    pub hello_timeout: Duration,
 }
 
 impl NodeOptions {
@@ -107,6 +113,9 @@ impl NodeOptions {
             history: Default::default(),
             min_update_interval: Duration::from_millis(250),
             admin: None,
+            wal: Default::default(),
+            abuse: Default::default(),
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -155,6 +164,8 @@ impl Node {
         sopts.driver = opts.driver;
         sopts.shed = shed;
         sopts.min_update_interval = opts.min_update_interval;
+        sopts.abuse = opts.abuse;
+        sopts.hello_timeout = opts.hello_timeout;
         let metrics = Arc::clone(&sopts.metrics);
         let listener = Listener::bind(sopts)?;
         let admin = match opts.admin {
@@ -173,6 +184,7 @@ impl Node {
             .map_err(|e| NodeError::Setup(format!("client service address: {e}")))?;
         let mut hc = HostConfig::new(opts.node_id, &opts.data, opts.raft_listen, opts.node_tls);
         hc.advertise = opts.raft_advertise;
+        hc.wal = opts.wal;
         if let Some(raft) = opts.raft {
             hc.raft = raft;
         }
@@ -360,3 +372,4 @@ impl Node {
         self.host.shutdown().await;
     }
 }
+

@@ -863,6 +863,13 @@ fn an_operator_sees_the_cluster_and_moves_a_leader_with_nodectl() {
         401
     );
 
+    // The readiness probe needs no token (a kubelet has none); a settled cluster is ready on
+    // every node.
+    for a in &admins {
+        let (code, body) = http(a, "GET", "/readyz", None);
+        assert_eq!((code, body.trim()), (200, "ready"), "{a}");
+    }
+
     // Every route the OpenAPI document lists is served: reads answer, changes are only checked
     // (dry run) and either would be done or are refused with a reason (draining one of three
     // nodes is, without --force).

@@ -169,6 +169,8 @@ pub enum Op {
     Operations,
     /// Prometheus text.
     Metrics,
+    /// Whether this node is caught up and serving (for load balancers and Kubernetes).
+    Ready,
     /// This API's OpenAPI document.
     OpenApi,
     /// The console's page.
@@ -184,15 +186,16 @@ pub enum Op {
 }
 
 impl Op {
-    /// Whether the route is served without any credentials (the console's login and logout).
+    /// Whether the route is served without any credentials (the console's login and logout,
+    /// and the readiness probe, which says only "ready" or why not).
     pub fn is_public(self) -> bool {
-        matches!(self, Op::LoginForm | Op::Login | Op::Logout)
+        matches!(self, Op::LoginForm | Op::Login | Op::Logout | Op::Ready)
     }
 
     /// The media types of its successful answer.
     pub fn content_types(self) -> &'static [&'static str] {
         match self {
-            Op::Metrics => &["text/plain"],
+            Op::Metrics | Op::Ready => &["text/plain"],
             Op::Console | Op::LoginForm | Op::Login | Op::Logout => &["text/html"],
             Op::Events => &["text/event-stream", "application/json"],
             _ => &["application/json"],
@@ -398,6 +401,13 @@ pub const ROUTES: &[RouteDoc] = &[
     },
     RouteDoc {
         method: "GET",
+        path: "/readyz",
+        summary: "200 once this node has the cluster map and every replica it holds knows its leader and has applied its whole log (caught up and serving); 503 with the reason otherwise. No token needed.",
+        op: Op::Ready,
+        query: &[],
+    },
+    RouteDoc {
+        method: "GET",
         path: "/openapi.json",
         summary: "This document.",
         op: Op::OpenApi,
@@ -456,6 +466,7 @@ fn handler(op: Op) -> MethodRouter<AdminState> {
         Op::Rebalance => post(rebalance),
         Op::Operations => get(operations),
         Op::Metrics => get(metrics),
+        Op::Ready => get(ready),
         Op::OpenApi => get(openapi),
         Op::Console => get(console::page),
         Op::LoginForm => get(console::login_form),
@@ -705,6 +716,13 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         out,
     )
         .into_response()
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    match s.cluster.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response(),
+    }
 }
 
 async fn openapi() -> Json<serde_json::Value> {

@@ -274,6 +274,33 @@ pub(super) fn render_node_metrics(c: &Cluster, s: &NodeStats, out: &mut String) 
         "The node's resident memory.",
         s.rss_bytes as f64,
     );
+    let wal = c.host().wal();
+    let ws = wal.stats();
+    for (name, help, v) in [
+        (
+            "nearby_wal_records_total",
+            "Records written to the write-ahead log.",
+            ws.records,
+        ),
+        (
+            "nearby_wal_syncs_total",
+            "fdatasync calls of the write-ahead log (group commits).",
+            ws.syncs,
+        ),
+        (
+            "nearby_wal_no_space_total",
+            "Write-ahead log writes that found the disk full (each waited and tried again).",
+            ws.no_space,
+        ),
+    ] {
+        crate::metrics::counter(out, name, help, v);
+    }
+    gauge(
+        out,
+        "nearby_wal_space_low",
+        "1 while the data disk is below limits.min_free_disk_mb free (changes that add data are refused).",
+        if wal.space_low().is_some() { 1.0 } else { 0.0 },
+    );
     gauge(
         out,
         "nearby_groups_led",

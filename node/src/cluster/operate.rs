@@ -92,6 +92,31 @@ async fn patiently<T, F: std::future::Future<Output = Result<T, ServiceError>>>(
 }
 
 impl Cluster {
+    /// Whether this node is caught up and serving: it has the cluster map, and every shard
+    /// replica it holds knows its group's leader and has applied everything in its log. The
+    /// reason otherwise (readiness probes: a restarted node is ready once it caught up).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.router.directory().epoch() == 0 {
+            return Err("no cluster map yet".into());
+        }
+        let mut leaderless = Vec::new();
+        let mut behind = Vec::new();
+        for g in self.host.shards() {
+            let m = g.raft().metrics().borrow().clone();
+            if m.current_leader.is_none() {
+                leaderless.push(g.id());
+            }
+            if m.last_applied.map_or(0, |l| l.index) < m.last_log_index.unwrap_or(0) {
+                behind.push(g.id());
+            }
+        }
+        match (leaderless.is_empty(), behind.is_empty()) {
+            (true, true) => Ok(()),
+            (false, _) => Err(format!("groups {leaderless:?} have no known leader")),
+            (true, false) => Err(format!("groups {behind:?} are applying their log")),
+        }
+    }
+
     /// This node's figures: its process, its replicas, its client service's counters, and
     /// where the users of the groups it leads are, by coarse cell (each group's driver is asked,
     /// waiting at most [`CELLS_WAIT`]; a driver that is busier than that is left out).

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::driver::AbuseLimits;
 use crate::api::Backend;
 use crate::auth::{TokenSigner, TokenVerifier};
 use crate::metrics::ServiceMetrics;
@@ -56,6 +57,9 @@ pub struct ServiceOptions {
     pub min_update_interval: Duration,
     /// How long a new connection may take to authenticate.
     pub hello_timeout: Duration,
+    /// Limits on connections and handshakes per address, and when to ask for a QUIC Retry
+    /// (the batched driver; quinn's tasks apply only `max_connections`).
+    pub abuse: AbuseLimits,
     /// QUIC transport settings.
     pub transport: tls::Transport,
     /// Shed periodic location updates above these limits (`None`: never).
@@ -78,6 +82,7 @@ impl ServiceOptions {
             requests_per_s: 20,
             min_update_interval: Duration::from_millis(250),
             hello_timeout: Duration::from_secs(10),
+            abuse: AbuseLimits::default(),
             transport: tls::Transport::default(),
             shed: Some(overload::Limits::default()),
             metrics: Arc::default(),
@@ -201,7 +206,7 @@ impl Listener {
         };
         let transport = match opts.driver {
             Driver::Batched => {
-                Bound::Batched(driver::Bound::bind(opts.listen, server_config).map_err(bind_err)?)
+                Bound::Batched(driver::Bound::bind(opts.listen, server_config, opts.abuse).map_err(bind_err)?)
             }
             Driver::Tasks => Bound::Tasks(server_endpoint(server_config, opts.listen).map_err(bind_err)?),
         };

@@ -14,6 +14,25 @@ use rustls::pki_types::CertificateDer;
 
 use crate::util::{uid, TestNode};
 
+/// A QUIC client endpoint that trusts `ca_pem` and speaks nearby's ALPN, nothing more.
+pub(crate) fn raw_endpoint(ca_pem: &str) -> quinn::Endpoint {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    crypto.alpn_protocols = vec![nearby_client::proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).expect("quic");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    endpoint
+}
+
 /// A raw protocol connection: frames in, frames out, nothing checked on the client side.
 struct Raw {
     conn: quinn::Connection,
@@ -25,20 +44,7 @@ struct Raw {
 
 impl Raw {
     async fn connect(node: &TestNode) -> Raw {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(node.ca_pem.as_bytes()) {
-            roots.add(cert.expect("pem")).expect("root");
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        crypto.alpn_protocols = vec![nearby_client::proto::ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).expect("quic");
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let endpoint = raw_endpoint(&node.ca_pem);
         let conn = endpoint
             .connect(node.addr.parse().expect("addr"), "localhost")
             .expect("connect")
@@ -259,5 +265,29 @@ async fn finishing_the_control_stream_closes_the_connection() {
         }
         other => panic!("closed otherwise: {other:?}"),
     }
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_production_node_refuses_the_dev_login_and_takes_issued_tokens() {
+    let node = TestNode::start_production().await;
+    let user = uid(0, 78);
+    let mut raw = Raw::connect(&node).await;
+    let answer = raw.request(1, Request::DevLogin { user }).await;
+    assert_eq!(code(&answer), ErrorCode::Forbidden);
+    // The same connection still authenticates with a token from the issuer.
+    assert!(matches!(
+        raw.request(
+            2,
+            Request::Hello {
+                version: PROTOCOL_VERSION,
+                user,
+                token: node.token(user),
+                client: "raw test".into(),
+            },
+        )
+        .await,
+        Response::Welcome(_)
+    ));
     node.stop().await;
 }

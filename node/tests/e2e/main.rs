@@ -2,7 +2,9 @@
 //! input) against a node started in-process on real files, with an injected clock.
 
 mod bad_input;
+mod disk;
 mod driver;
+mod guard;
 mod live;
 mod product;
 mod protocol_doc;

@@ -8,7 +8,7 @@ use nearby_client::proto::{ErrorCode, Event, GhostMode, GoneReason, Relation, GH
 use nearby_client::{ClientError, Millis};
 use nearby_node::api::Backend;
 
-use crate::util::{uid, TestNode, Viewer};
+use crate::util::{uid, until_ok, TestNode, Viewer};
 
 const A: (f64, f64) = (52.5200, 13.4050);
 const B: (f64, f64) = (52.5470, 13.4050);
@@ -751,5 +751,47 @@ async fn a_session_is_asked_to_renew_its_token_and_closed_when_it_does_not() {
     // A renewal with another user's token is refused and changes nothing.
     let e = a.renew(node.token(bob)).await.expect_err("someone else's token");
     assert_eq!(code(e), ErrorCode::Forbidden);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_and_requests_beyond_the_rate_are_refused_and_change_nothing() {
+    let node = TestNode::start().await;
+    let (ann, bob) = (uid(0, 81), uid(1, 81));
+    node.befriend(ann, bob).await;
+    let a = node.client(ann).await;
+    let b = node.client(bob).await;
+    a.client.set_name("Ann").await.expect("a good name");
+    let too_long = "x".repeat(nearby_raft::shard::command::MAX_NAME_CHARS + 1);
+    for bad in ["Ann\u{7}", "An\nn", "Ann\u{202e}\u{0}", "   ", too_long.as_str()] {
+        let e = a.client.set_name(bad).await.expect_err("a bad name");
+        assert_eq!(code(e), ErrorCode::InvalidArgument, "{bad:?}");
+    }
+    let list = b.client.list_friends().await.expect("list");
+    let entry = list
+        .entries
+        .iter()
+        .find(|e| e.id == ann)
+        .expect("ann is bob's friend");
+    assert_eq!(entry.name.as_deref(), Some("Ann"), "no refused name was stored");
+
+    // 20 requests a second, bursts of 40: a client that sends more back to back is refused
+    // the excess, with nothing done, and served again once its bucket refills.
+    let mut limited = 0;
+    for _ in 0..100 {
+        if let Err(e) = a.client.ping().await {
+            assert_eq!(code(e), ErrorCode::RateLimited);
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "100 requests at once must meet the limit");
+    until_ok("the session is served again", Duration::from_secs(5), || async {
+        let r = a.client.ping().await;
+        if let Err(e) = &r {
+            assert_eq!(e.code(), Some(ErrorCode::RateLimited), "{e}");
+        }
+        r
+    })
+    .await;
     node.stop().await;
 }

@@ -24,6 +24,53 @@ pub(crate) fn uid(g: usize, n: u64) -> UserId {
     initial_ranges(GROUPS)[g].1.start + n
 }
 
+/// Tries `attempt` every 50 ms until it succeeds, and returns what it gave; fails after `within`
+/// with `what` and the last error.
+pub(crate) async fn until_ok<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    within: Duration,
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{what}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// How a test node is set up: what each `start_*` changes from the defaults.
+struct Setup {
+    seed: Option<nearby_raft::seed::Seed>,
+    service: ServiceConfig,
+    min_update_interval: Duration,
+    data: Option<std::path::PathBuf>,
+    wal: nearby_raft::wal::WalOptions,
+    abuse: nearby_node::service::AbuseLimits,
+    hello_timeout: Duration,
+    /// Dev mode: the node signs tokens for `DevLogin` (production nodes do not).
+    dev_login: bool,
+}
+
+impl Setup {
+    fn new(service: ServiceConfig) -> Setup {
+        Setup {
+            seed: None,
+            service,
+            min_update_interval: Duration::ZERO,
+            data: None,
+            wal: Default::default(),
+            abuse: Default::default(),
+            hello_timeout: Duration::from_secs(10),
+            dev_login: true,
+        }
+    }
+}
+
 pub(crate) struct TestNode {
     pub(crate) addr: String,
     pub(crate) ca_pem: String,
@@ -33,6 +80,7 @@ pub(crate) struct TestNode {
     pub(crate) metrics: Arc<nearby_node::metrics::ServiceMetrics>,
     stop: Option<oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
+    data: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -68,18 +116,74 @@ impl TestNode {
         service: ServiceConfig,
         min_update_interval: Duration,
     ) -> TestNode {
+        let mut setup = Setup::new(service);
+        setup.seed = seed;
+        setup.min_update_interval = min_update_interval;
+        Self::start_in(setup).await
+    }
+
+    /// Starts a node (shedding off) that admits connections within `abuse` and gives each
+    /// `hello_timeout` to say `Hello`.
+    pub(crate) async fn start_guarded(
+        abuse: nearby_node::service::AbuseLimits,
+        hello_timeout: Duration,
+    ) -> TestNode {
+        let service = ServiceConfig {
+            shed: None,
+            ..ServiceConfig::default()
+        };
+        let mut setup = Setup::new(service);
+        setup.abuse = abuse;
+        setup.hello_timeout = hello_timeout;
+        Self::start_in(setup).await
+    }
+
+    /// Starts a node as in production: no dev login (tokens come from the test's signer).
+    pub(crate) async fn start_production() -> TestNode {
+        let mut setup = Setup::new(ServiceConfig {
+            shed: None,
+            ..ServiceConfig::default()
+        });
+        setup.dev_login = false;
+        Self::start_in(setup).await
+    }
+
+    /// Starts a node (shedding off) keeping its data in `data`, its log set up by `wal`.
+    pub(crate) async fn start_on(data: std::path::PathBuf, wal: nearby_raft::wal::WalOptions) -> TestNode {
+        let service = ServiceConfig {
+            shed: None,
+            ..ServiceConfig::default()
+        };
+        let mut setup = Setup::new(service);
+        setup.data = Some(data);
+        setup.wal = wal;
+        Self::start_in(setup).await
+    }
+
+    async fn start_in(setup: Setup) -> TestNode {
+        let Setup {
+            seed,
+            service,
+            min_update_interval,
+            data,
+            wal,
+            abuse,
+            hello_timeout,
+            dev_login,
+        } = setup;
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let dir = tempfile::TempDir::new().expect("tmp");
+        let data = data.unwrap_or_else(|| dir.path().to_path_buf());
         let tls = ServerTls::self_signed().expect("tls");
         let ca_pem = tls.chain_pem.clone();
         let signer = Arc::new(TokenSigner::generate().expect("key"));
         let clock = ManualClock::new(Millis(1_700_000_000_000));
         let mut opts = NodeOptions::new(
             1,
-            dir.path().to_path_buf(),
+            data.clone(),
             Bootstrap::Init { groups: GROUPS },
             tls,
             ClusterCa::generate("t")
@@ -89,9 +193,14 @@ impl TestNode {
             signer.verifier(),
             Arc::new(clock.clone()),
         );
-        opts.dev_signer = Some(Arc::clone(&signer));
+        if dev_login {
+            opts.dev_signer = Some(Arc::clone(&signer));
+        }
         opts.service = service;
         opts.min_update_interval = min_update_interval;
+        opts.wal = wal;
+        opts.abuse = abuse;
+        opts.hello_timeout = hello_timeout;
         let node = Node::start(opts).await.expect("node starts");
         if let Some(seed) = seed {
             node.import(&seed).await.expect("import");
@@ -112,13 +221,14 @@ impl TestNode {
             metrics,
             stop: Some(tx),
             done: Some(done),
+            data,
             _dir: dir,
         }
     }
 
     /// The node's data directory.
     pub(crate) fn data(&self) -> &std::path::Path {
-        self._dir.path()
+        &self.data
     }
 
     pub(crate) fn token(&self, user: UserId) -> String {

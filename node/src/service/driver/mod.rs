@@ -22,10 +22,16 @@
 //! whose request is in flight is not read from: its client's further frames wait in quinn-proto's
 //! stream buffer, bounded by the stream's receive window.
 //!
+//! New connections pass the [`guard`] first: per-address limits on connections and handshakes,
+//! and a QUIC Retry for unvalidated addresses during a handshake flood.
+//!
 //! Known limits: the socket's source address is not set per packet (bind the service to a
-//! specific address on a multi-homed host); no QUIC Retry yet.
+//! specific address on a multi-homed host).
 
+mod guard;
 mod udp;
+
+pub use guard::AbuseLimits;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -69,16 +75,23 @@ const STOP_WAIT: Duration = Duration::from_secs(3);
 pub(crate) struct Bound {
     socket: std::net::UdpSocket,
     config: Arc<quinn_proto::ServerConfig>,
+    limits: AbuseLimits,
 }
 
 impl Bound {
-    /// Binds `addr` (with the service's socket buffers) for `config`.
-    pub(crate) fn bind(addr: SocketAddr, config: quinn::ServerConfig) -> io::Result<Bound> {
+    /// Binds `addr` (with the service's socket buffers) for `config`, to admit connections
+    /// within `limits`.
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        config: quinn::ServerConfig,
+        limits: AbuseLimits,
+    ) -> io::Result<Bound> {
         let socket: std::net::UdpSocket = super::bind_socket(addr)?.into();
         socket.set_nonblocking(true)?;
         Ok(Bound {
             socket,
             config: Arc::new(config),
+            limits,
         })
     }
 
@@ -223,10 +236,12 @@ struct Driver<B: Backend> {
     recv_buf: Vec<u8>,
     segments: usize,
     accepting: bool,
+    guard: guard::Guard,
 }
 
 impl<B: Backend> Driver<B> {
     fn new(bound: Bound, ctx: Arc<Context<B>>) -> io::Result<Self> {
+        let limits = bound.limits;
         let udp = quinn_udp::UdpSocketState::new((&bound.socket).into())?;
         let socket = Arc::new(tokio::net::UdpSocket::from_std(bound.socket)?);
         let endpoint = quinn_proto::Endpoint::new(
@@ -254,6 +269,7 @@ impl<B: Backend> Driver<B> {
             scratch: Vec::new(),
             segments,
             accepting: true,
+            guard: guard::Guard::new(limits),
         })
     }
 
@@ -332,8 +348,33 @@ impl<B: Backend> Driver<B> {
         }
     }
 
-    fn accept(&mut self, incoming: quinn_proto::Incoming, now: Instant) {
+    fn accept(&mut self, mut incoming: quinn_proto::Incoming, now: Instant) {
         self.scratch.clear();
+        let ip = incoming.remote_address().ip().to_canonical();
+        if self.accepting {
+            let validated = incoming.remote_address_validated();
+            match self.guard.judge(ip, validated, incoming.may_retry()) {
+                guard::Verdict::Accept => {}
+                guard::Verdict::Retry => match self.endpoint.retry(incoming, &mut self.scratch) {
+                    Ok(t) => {
+                        self.ctx.metrics.retried();
+                        self.batch.push_transmit(&t, &self.scratch);
+                        return;
+                    }
+                    Err(e) => {
+                        self.scratch.clear();
+                        incoming = e.into_incoming();
+                    }
+                },
+                guard::Verdict::Refuse(why) => {
+                    tracing::debug!(%ip, why, "connection refused");
+                    self.ctx.metrics.refused_by_address();
+                    let t = self.endpoint.refuse(incoming, &mut self.scratch);
+                    self.batch.push_transmit(&t, &self.scratch);
+                    return;
+                }
+            }
+        }
         let count = if self.accepting { self.ctx.admit() } else { None };
         let Some(count) = count else {
             let t = self.endpoint.refuse(incoming, &mut self.scratch);
@@ -354,7 +395,9 @@ impl<B: Backend> Driver<B> {
                     self.next_tag,
                     session,
                     Arc::clone(&self.ctx.metrics),
+                    ip,
                 ));
+                self.guard.opened(ip);
                 self.live += 1;
                 self.touch(slot);
             }
@@ -374,11 +417,13 @@ impl<B: Backend> Driver<B> {
             tokio::spawn(session.end());
             return;
         };
+        let mut authenticated = None;
         if c.events.queue.is_none() {
             if let (Some(sink), Some(user)) = (session.sink(), session.user()) {
                 sink.events.attach(bell, key.0);
                 c.events.queue = Some(Arc::clone(&sink.events));
                 c.events.user = user;
+                authenticated = Some(c.ip);
             }
         }
         if let Some(response) = answer {
@@ -386,6 +431,9 @@ impl<B: Backend> Driver<B> {
         }
         c.session = Some(session);
         c.want_read = true;
+        if let Some(ip) = authenticated {
+            self.guard.authenticated(ip);
+        }
         self.touch(key.slot());
     }
 
@@ -478,6 +526,7 @@ impl<B: Backend> Driver<B> {
                 }
                 if drained {
                     if let Some(mut c) = self.conns[slot].take() {
+                        self.guard.closed(c.ip, c.events.queue.is_some());
                         c.end();
                     }
                     self.live -= 1;
@@ -574,6 +623,8 @@ struct Conn<B: Backend> {
     linger: Option<Linger>,
     /// The connection is closed (or lost): the session is over.
     ended: bool,
+    /// The client's address, as the [`guard::Guard`] counts it.
+    ip: std::net::IpAddr,
     scheduled: Option<Instant>,
     dirty: bool,
 }
@@ -584,9 +635,11 @@ impl<B: Backend> Conn<B> {
         tag: u32,
         session: Box<Session<B>>,
         metrics: Arc<ServiceMetrics>,
+        ip: std::net::IpAddr,
     ) -> Self {
         Conn {
             q,
+            ip,
             tag,
             metrics,
             session: Some(session),
