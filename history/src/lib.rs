@@ -155,6 +155,38 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::HistoryError;
+
+/// Entry points for fuzzing the decoders of segment files (`fuzz/`): they read bytes exactly
+/// as opening a store does, and must never panic, hang or allocate without bound.
+#[doc(hidden)]
+pub mod fuzz {
+    use crate::format;
+
+    /// An active segment's bytes, scanned as recovery scans them.
+    pub fn active_segment(bytes: &[u8]) -> usize {
+        let mut records = 0;
+        let _ = format::scan_active(bytes, |_, _| records += 1);
+        records
+    }
+
+    /// A sealed segment's bytes: the header and index checked, then every block and record read.
+    pub fn sealed_segment(bytes: &[u8]) -> usize {
+        let Ok(h) = format::check_sealed(bytes) else {
+            return 0;
+        };
+        let mut records = 0;
+        for b in 0..format::block_count(h.count, h.block_records) as usize {
+            let _ = format::index_entry(bytes, &h, b);
+            if let Ok(block) = format::check_block(bytes, &h, b) {
+                records += block
+                    .chunks_exact(format::RECORD_LEN)
+                    .map(format::decode_record)
+                    .count();
+            }
+        }
+        records
+    }
+}
 pub use crate::store::HistoryStore;
 
 /// One accepted location of a user.
