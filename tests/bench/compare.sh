@@ -113,14 +113,7 @@ if [ "$mode" = full ] && [ "${NEARBY_COMPARE_SHED:-1}" = 1 ]; then
 fi
 
 echo "== baseline (Redis)"
-port=$(( 20000 + RANDOM % 20000 ))
-"${on_server[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" &
-redis=$!; pids+=("$redis")
-wait_redis "$port" "$work/redis.log"
-"${on_server[@]}" "$bin/nearby-baseline" --redis "127.0.0.1:$port" --listen 127.0.0.1:0 --home "$work/base-home" \
-  --import "$work/seed.bin" --no-shed 2>"$work/baseline.log" &
-base=$!; pids+=("$base")
-wait_file "$work/base-home/endpoint" 300 "$work/baseline.log"
+start_baseline "$bin" "$work/base-home"
 run_load baseline "$work/base-home" "$base" "$redis"
 kill -TERM "$base"; wait "$base" || true
 

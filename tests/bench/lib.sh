@@ -23,6 +23,20 @@ wait_file() {
   done
 }
 
+# start_baseline BIN HOME: starts a redis-server and the original design's server on it (both on
+# `on_server` CPUs, if set), importing $work/seed.bin, and waits until it serves; sets `redis` and
+# `base` to their pids (stopped at exit). Logs: $work/redis.log, $work/baseline.log.
+start_baseline() {
+  local port=$(( 20000 + RANDOM % 20000 ))
+  "${on_server[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" &
+  redis=$!; pids+=("$redis")
+  wait_redis "$port" "$work/redis.log"
+  "${on_server[@]}" "$1/nearby-baseline" --redis "127.0.0.1:$port" --listen 127.0.0.1:0 --home "$2" \
+    --import "$work/seed.bin" --no-shed 2>"$work/baseline.log" &
+  base=$!; pids+=("$base")
+  wait_file "$2/endpoint" 300 "$work/baseline.log"
+}
+
 # wait_redis PORT LOG: waits up to 10 s for a redis-server on PORT to answer; else prints LOG, exits.
 wait_redis() {
   local i=0

@@ -10,6 +10,12 @@
 #   NEARBY_DRIVER=tasks tests/bench/profile.sh  the client service on quinn's tasks (default: batched)
 #   NEARBY_BIN=DIR tests/bench/profile.sh       profile the binaries in DIR (e.g. a copy of an
 #                                               earlier build, for a before/after pair)
+#   NEARBY_KEEP_ALIVE=25 tests/bench/profile.sh 67 30
+#                                               the clients' QUIC keep-alive in seconds (default
+#                                               5; 25 is the SDK's, with its 60 s idle timeout):
+#                                               with the seed's cadence, the idle session's cost
+#   NEARBY_NEAR=0.2 tests/bench/profile.sh      the world with ~20 % of friendships within 8 km
+#                                               (the seed's; default: the dense comparison world)
 #
 # Output: the grouped table, the 25 hottest symbols, and `perf.data` kept in target/profile/ for
 # `perf report -i target/profile/perf.data`. Needs `perf` (Debian: linux-perf) and, unless run as
@@ -39,7 +45,8 @@ fi
 . tests/bench/lib.sh
 
 echo "== world: $users users, $online online (seed $seed)"
-"$bin/nearby-loadsim" world --seed "$seed" --users "$users" --online "$online" --out "$work/seed.bin" >/dev/null
+"$bin/nearby-loadsim" world --seed "$seed" --users "$users" --online "$online" \
+  ${NEARBY_NEAR:+--near-share "$NEARBY_NEAR"} --out "$work/seed.bin" >/dev/null
 echo "== nearby-node dev (shedding off)"
 "${on_server[@]}" "$bin/nearby-node" dev --data "$work/data" --home "$work/home" --no-shed --driver "${NEARBY_DRIVER:-batched}" \
   --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" 2>"$work/node.log" &
@@ -49,6 +56,7 @@ wait_file "$work/home/endpoint" 300 "$work/node.log"
 # The load runs a little longer than the recording, which starts once every session is up.
 "${on_load[@]}" "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$work/home" \
   --rate "$rate" --duration $((secs + 10)) --server-pid "$node" \
+  --keep-alive "${NEARBY_KEEP_ALIVE:-5}" --idle-timeout "$(( ${NEARBY_KEEP_ALIVE:-5} > 10 ? 60 : 20 ))" \
   --json-out "$out/load.json" >"$work/load.log" 2>&1 &
 load=$!; pids+=("$load")
 echo "== waiting for the load's step to start"

@@ -5,6 +5,12 @@
 # for the original design on Redis, idle costs (keep-alives, timers, Raft ticks) included.
 #
 #   tests/bench/seed_profile.sh [SECONDS]     how long to hold the load (default 60)
+#   NEARBY_SEED_USERS=60000 tests/bench/seed_profile.sh
+#                                             a bigger world (default 20,000 users): more online
+#                                             users per core, as a production node holds
+#
+# The clients keep the SDK's liveness (a QUIC keep-alive every 25 s, 60 s idle timeout), which is
+# what phones run; the comparison's 5 s keep-alive would charge each idle session five times over.
 #
 # One world of 20,000 users (2,000 online) drives each system in turn, pinned to CPU 0 (the load
 # generator on CPU 1), at online / 30 s = 67 updates/s. Cores and peak RSS are the server's
@@ -14,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 secs=${1:-60}
-users=20000 online=0.1 seed=7 near=0.2
+users=${NEARBY_SEED_USERS:-20000} online=0.1 seed=7 near=0.2
 cargo build --release -p nearby-node -p nearby-baseline -p nearby-loadsim
 bin=target/release
 command -v redis-server >/dev/null || { echo "redis-server is not installed (apt-get install redis-server)" >&2; exit 1; }
@@ -33,7 +39,7 @@ rate=$(python3 -c "print(round($users * $online / 30.0, 1))")
 load() { # name home server-pid [extra-pid]
   echo "== $1: $rate updates/s for $secs s"
   "${on_load[@]}" "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$2" \
-    --rate "$rate" --duration "$secs" --server-pid "$3" ${4:+--extra-pid "$4"} \
+    --rate "$rate" --duration "$secs" --server-pid "$3" --keep-alive 25 --idle-timeout 60 ${4:+--extra-pid "$4"} \
     --json-out "$work/$1.json" >"$work/$1.load.log" 2>&1 || { tail -20 "$work/$1.load.log" >&2; exit 1; }
 }
 
@@ -44,14 +50,7 @@ wait_file "$work/n-home/endpoint" 300 "$work/nearby.log"
 load nearby "$work/n-home" "$node"
 kill -TERM "$node"; wait "$node" || true
 
-port=$(( 20000 + RANDOM % 20000 ))
-"${on_server[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" >"$work/redis.log" &
-redis=$!; pids+=("$redis")
-wait_redis "$port" "$work/redis.log"
-"${on_server[@]}" "$bin/nearby-baseline" --redis "127.0.0.1:$port" --listen 127.0.0.1:0 --home "$work/b-home" \
-  --import "$work/seed.bin" --no-shed 2>"$work/baseline.log" &
-base=$!; pids+=("$base")
-wait_file "$work/b-home/endpoint" 300 "$work/baseline.log"
+start_baseline "$bin" "$work/b-home"
 load baseline "$work/b-home" "$base" "$redis"
 
 python3 - "$work/nearby.json" "$work/baseline.json" "$users" "$online" <<'PY'
