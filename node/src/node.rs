@@ -189,6 +189,9 @@ impl Node {
             hc.raft = raft;
         }
         let host = Arc::new(RaftHost::start(hc).await?);
+        if let Some(file) = std::env::var_os(FAULT_DELAY_ENV) {
+            watch_fault_delay(&host, file.into());
+        }
         let info = NodeInfo::new(
             host.addr(),
             opts.client_advertise.unwrap_or_else(|| client_addr.to_string()),
@@ -373,3 +376,29 @@ impl Node {
     }
 }
 
+/// Names a file whose content, a number of milliseconds, delays every request this node sends
+/// to another node (re-read every 100 ms; missing or empty: no delay). For the fault harness
+/// only (`tests/faults/`, `docs/reliability.md`): a slow network where the kernel has no netem.
+pub const FAULT_DELAY_ENV: &str = "NEARBY_FAULT_DELAY_FILE";
+
+/// Follows the [`FAULT_DELAY_ENV`] file for as long as the runtime runs.
+fn watch_fault_delay(host: &Arc<RaftHost>, file: std::path::PathBuf) {
+    tracing::warn!(file = %file.display(), "fault injection: node-to-node requests delayed as that file says");
+    let transport = Arc::clone(host.transport());
+    tokio::spawn(async move {
+        let mut now = Duration::ZERO;
+        loop {
+            let ms = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let want = Duration::from_millis(ms);
+            if want != now {
+                tracing::warn!(delay_ms = ms, "fault injection: node-to-node delay changed");
+                transport.set_send_delay(want);
+                now = want;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}

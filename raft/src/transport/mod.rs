@@ -37,6 +37,13 @@
 //! Every Raft RPC has a deadline (openraft's `RPCOption::hard_ttl`); peer messages get the
 //! caller's. A failed connection is dropped and the next request to that peer reconnects. A peer
 //! that does not host the group (yet) answers [`RpcResponse::UnknownGroup`].
+//!
+//! # Delay, for fault tests
+//!
+//! [`RaftTransport::set_send_delay`] holds every outgoing request for a random time between half
+//! the delay and the delay (so requests also arrive out of order): the fault harness's stand-in
+//! for a slow network, which this project's test kernels cannot make (no netem). Zero, the
+//! default, costs one atomic load per request.
 
 pub mod network;
 pub mod tls;
@@ -45,6 +52,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -190,6 +198,8 @@ pub struct RaftTransport {
     append_hook: Arc<RwLock<Option<AppendHook>>>,
     vote_gate: Arc<RwLock<Option<VoteGate>>>,
     serve: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Outgoing requests wait up to this long, µs (see the module doc; 0: not at all).
+    send_delay_us: AtomicU64,
 }
 
 impl RaftTransport {
@@ -215,6 +225,7 @@ impl RaftTransport {
             append_hook: Arc::clone(&append_hook),
             vote_gate: Arc::clone(&vote_gate),
             serve: Mutex::new(None),
+            send_delay_us: AtomicU64::new(0),
         });
         let handle = tokio::spawn(serve(
             endpoint,
@@ -232,6 +243,13 @@ impl RaftTransport {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.me
+    }
+
+    /// Holds every outgoing request for a random time in `[delay / 2, delay]` from now on
+    /// (zero: none). For fault tests only: see the module doc.
+    pub fn set_send_delay(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.send_delay_us.store(us, Ordering::Relaxed);
     }
 
     /// Registers the hook told of every write replicated to this node (see [`AppendHook`]).
@@ -389,6 +407,15 @@ impl RaftTransport {
         expect: Option<NodeId>,
         body: RpcBody,
     ) -> Result<RpcResponse, TransportError> {
+        let delay = self.send_delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            // Jitter from the clock's nanoseconds: random enough to reorder, no generator.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::from(d.subsec_nanos()));
+            let us = delay - nanos % (delay / 2 + 1);
+            tokio::time::sleep(Duration::from_micros(us)).await;
+        }
         let conn = self.connection(addr, expect).await?;
         let rpc_err = |reason: String| TransportError::Rpc {
             addr: addr.to_string(),

@@ -59,6 +59,13 @@ pub struct LoadSetup {
     /// The clients' request timeout, QUIC keep-alive and idle timeout: how fast a client
     /// notices its node is gone (with or without traffic).
     pub liveness: Liveness,
+    /// Every node in its own network namespace, with the first three bytes of the nodes'
+    /// addresses there (the fault harness; loopback addresses if `None`).
+    pub netns: Option<(crate::cluster::Netns, [u8; 3])>,
+    /// One node's data on a small disk: `(node, bytes)` (the fault harness's full disk).
+    pub small_disk: Option<(u8, u64)>,
+    /// The nodes follow delay files (the fault harness's node-to-node delay).
+    pub delay_files: bool,
 }
 
 /// What a kill loop runs with.
@@ -228,6 +235,9 @@ pub enum ChaosError {
     /// The load could not be driven.
     #[error("driver: {0}")]
     Driver(String),
+    /// The run was asked for something it cannot do, or a fault could not be applied.
+    #[error("{0}")]
+    Setup(String),
 }
 
 #[allow(clippy::print_stderr)] // progress is this tool's interface
@@ -264,6 +274,12 @@ pub async fn start_under_load(setup: &LoadSetup, total: Duration) -> Result<Unde
         None => ClusterOptions::new(setup.dir.join("cluster"), setup.nodes, setup.groups)?,
     };
     opts.import = Some(seed_file);
+    if let Some((ns, host)) = &setup.netns {
+        opts.netns = Some(ns.clone());
+        opts.host = *host;
+    }
+    opts.small_disk = setup.small_disk;
+    opts.delay_files = setup.delay_files;
     say(
         setup.progress,
         format!("starting {} nodes, {} groups", setup.nodes, setup.groups),
@@ -393,7 +409,8 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     // The driver's clock started before the steps; kills are stamped from the steps' start.
     let offset = done.out.windows.first().map_or(0, |w| w.0);
     let end = done.out.windows.last().map_or(Micros::MAX, |w| w.1);
-    let served_again = served_again(&done.out.truth.outages, &kills, offset, end);
+    let kill_times: Vec<Micros> = kills.iter().map(|k| k.at_us).collect();
+    let served_again = served_again(&done.out.truth.outages, &kill_times, offset, end);
     let restored = done.out.cycles.iter().filter(|c| c.restored).count();
     let report = ChaosReport {
         load: done.report,
@@ -407,15 +424,15 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     Ok(report)
 }
 
-/// For every outage that began after a kill (and before the next), the time from that kill to
-/// the session's return.
-fn served_again(
+/// For every outage that began after a fault (a kill; times from the steps' start) and before
+/// the next, the time from that fault to the session's return.
+pub(crate) fn served_again(
     outages: &[Vec<(Micros, Micros)>],
-    kills: &[Kill],
+    faults: &[Micros],
     offset: Micros,
     end: Micros,
 ) -> ServedAgain {
-    let kill_times: Vec<Micros> = kills.iter().map(|k| k.at_us + offset).collect();
+    let kill_times: Vec<Micros> = faults.iter().map(|k| k + offset).collect();
     let mut times = Vec::new();
     let mut reconnects = Vec::new();
     let mut never = 0;

@@ -1,8 +1,10 @@
-//! A cluster of real `nearby-node` processes, for the cluster tests and the kill loop
-//! (`nearby-loadsim chaos`): each node its own process with its own data directory, on its own
-//! loopback address (127.A.B.1, .2, …, A.B chosen so concurrent clusters never meet), sharing a
-//! cluster CA, a client certificate and a token key made here. Node 1 initialises the cluster;
-//! the others join it. Everything waits on conditions with deadlines; nothing sleeps for luck.
+//! A cluster of real `nearby-node` processes, for the cluster tests, the kill loop
+//! (`nearby-loadsim chaos`) and the fault harness (`nearby-loadsim faults`): each node its own
+//! process with its own data directory, on its own loopback address (127.A.B.1, .2, …, A.B chosen
+//! so concurrent clusters never meet) or, for the fault harness, in its own network namespace
+//! ([`Netns`]), sharing a cluster CA, a client certificate and a token key made here. Node 1
+//! initialises the cluster; the others join it. Everything waits on conditions with deadlines;
+//! nothing sleeps for luck.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -126,8 +128,17 @@ pub struct ClusterOptions {
     pub nodes: u8,
     /// Shard groups of the new cluster.
     pub groups: u64,
-    /// Node `i` listens on `127.subnet[0].subnet[1].i`.
-    pub subnet: [u8; 2],
+    /// Node `i` listens on `host[0].host[1].host[2].i` (by default `127.A.B.i`, see
+    /// [`fresh_subnet`]).
+    pub host: [u8; 3],
+    /// Run every node in its own network namespace (made beforehand, see `tests/faults/`).
+    pub netns: Option<Netns>,
+    /// Node `i`'s data directory on a tmpfs of this many bytes, mounted here (needs root): a
+    /// disk that can be filled for real.
+    pub small_disk: Option<(u8, u64)>,
+    /// Every node follows its delay file ([`ProcessCluster::delay_file`]): the fault harness's
+    /// node-to-node delay.
+    pub delay_files: bool,
     /// A bulk-import file node 1 loads once it serves.
     pub import: Option<PathBuf>,
     /// The nodes' `RUST_LOG`.
@@ -155,7 +166,13 @@ impl ClusterOptions {
             dir: dir.into(),
             nodes,
             groups,
-            subnet: fresh_subnet(),
+            host: {
+                let [a, b] = fresh_subnet();
+                [127, a, b]
+            },
+            netns: None,
+            small_disk: None,
+            delay_files: false,
             import: None,
             log_filter: std::env::var("NEARBY_TEST_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
             echo: std::env::var_os("NEARBY_TEST_ECHO").is_some(),
@@ -163,9 +180,27 @@ impl ClusterOptions {
     }
 }
 
+/// Where the nodes of a [`ProcessCluster`] run when each has its own network namespace: node `i`
+/// runs in the namespace `{prefix}{i}` (through `ip netns exec`), listening on its address there.
+/// Making the namespaces, their links and their addresses is the caller's (`tests/faults/run.sh`).
+#[derive(Clone, Debug)]
+pub struct Netns {
+    /// Namespace names without the node's number.
+    pub prefix: String,
+}
+
+impl Netns {
+    /// Node `i`'s namespace.
+    pub fn name(&self, i: u8) -> String {
+        format!("{}{i}", self.prefix)
+    }
+}
+
 /// The cluster (see the module doc).
 pub struct ProcessCluster {
     opts: ClusterOptions,
+    /// Small disks mounted for nodes' data, unmounted when the cluster is dropped.
+    _disks: Vec<nearby_raft::test_support::SmallDisk>,
     ca: ClusterCa,
     nodes: Vec<Option<NodeProc>>,
     client_ca: String,
@@ -214,7 +249,15 @@ impl ProcessCluster {
             &dir.join("token.pub"),
             format!("{}\n", signer.verifier().public_base64url()).as_bytes(),
         )?;
+        let mut disks = Vec::new();
+        if let Some((i, bytes)) = opts.small_disk {
+            let parent = dir.join(format!("n{i}"));
+            let disk = nearby_raft::test_support::SmallDisk::mount(&parent, bytes)
+                .map_err(|e| setup("a small disk", e))?;
+            disks.push(disk);
+        }
         let mut c = ProcessCluster {
+            _disks: disks,
             ca,
             nodes: (0..n).map(|_| None).collect(),
             client_ca: ck.cert.pem(),
@@ -269,8 +312,11 @@ impl ProcessCluster {
             .ca
             .issue_node(TOOL)
             .map_err(|e| setup("tool certificate", e))?;
-        let s = self.opts.subnet;
-        let bind = SocketAddr::from(([127, s[0], s[1], 250], 0));
+        // On loopback a tool address of the cluster's own; in namespaces whatever this one has.
+        let bind = match self.opts.netns {
+            Some(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            None => SocketAddr::from((self.ip(250), 0)),
+        };
         let transport = nearby_raft::transport::RaftTransport::bind(bind, &tls, Default::default())
             .map_err(|e| setup("tool transport", e))?;
         let map = self.map();
@@ -332,14 +378,23 @@ impl ProcessCluster {
 
     /// Node `i`'s client address.
     pub fn client_addr(&self, i: u8) -> SocketAddr {
-        let s = self.opts.subnet;
-        SocketAddr::from(([127, s[0], s[1], i], 7400))
+        SocketAddr::from((self.ip(i), 7400))
+    }
+
+    /// Node `i`'s IP address.
+    pub fn ip(&self, i: u8) -> [u8; 4] {
+        let h = self.opts.host;
+        [h[0], h[1], h[2], i]
+    }
+
+    /// The namespaces the nodes run in, if they have their own.
+    pub fn netns(&self) -> Option<&Netns> {
+        self.opts.netns.as_ref()
     }
 
     /// Node `i`'s admin API address.
     pub fn admin_addr(&self, i: u8) -> SocketAddr {
-        let s = self.opts.subnet;
-        SocketAddr::from(([127, s[0], s[1], i], 7402))
+        SocketAddr::from((self.ip(i), 7402))
     }
 
     /// The file holding the admin API's token.
@@ -353,13 +408,22 @@ impl ProcessCluster {
     }
 
     fn raft_addr(&self, i: u8) -> SocketAddr {
-        let s = self.opts.subnet;
-        SocketAddr::from(([127, s[0], s[1], i], 7401))
+        SocketAddr::from((self.ip(i), 7401))
     }
 
-    /// Node `i`'s data directory.
+    /// The file node `i` reads its node-to-node delay from (ms; see
+    /// [`nearby_node::node::FAULT_DELAY_ENV`]).
+    pub fn delay_file(&self, i: u8) -> PathBuf {
+        self.opts.dir.join(format!("n{i}.delay"))
+    }
+
+    /// Node `i`'s data directory (on its small disk if it has one).
     pub fn data(&self, i: u8) -> PathBuf {
-        self.opts.dir.join(format!("n{i}"))
+        let dir = self.opts.dir.join(format!("n{i}"));
+        match self.opts.small_disk {
+            Some((d, _)) if d == i => dir.join("disk"),
+            _ => dir,
+        }
     }
 
     /// (Re)writes node `i`'s configuration, with `groups` as its `groups` setting.
@@ -394,7 +458,15 @@ impl ProcessCluster {
     }
 
     fn spawn(&mut self, i: u8, command: &str) -> Result<(), ClusterError> {
-        let mut cmd = Command::new(&self.opts.binary);
+        let mut cmd = match &self.opts.netns {
+            // `ip netns exec` enters the namespace and execs the node: the child is the node.
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns.name(i)]).arg(&self.opts.binary);
+                cmd
+            }
+            None => Command::new(&self.opts.binary),
+        };
         cmd.arg(command)
             .arg("--config")
             .arg(self.opts.dir.join(format!("n{i}.toml")))
@@ -402,6 +474,9 @@ impl ProcessCluster {
             .arg(self.opts.dir.join("token-key.pk8"));
         if let (1, "init", Some(import)) = (i, command, &self.opts.import) {
             cmd.arg("--import").arg(import);
+        }
+        if self.opts.delay_files {
+            cmd.env(nearby_node::node::FAULT_DELAY_ENV, self.delay_file(i));
         }
         let mut child = cmd
             .env("RUST_LOG", &self.opts.log_filter)
@@ -550,6 +625,31 @@ impl ProcessCluster {
             let _ = node.child.kill();
             let _ = node.child.wait();
         }
+    }
+
+    /// Sends node `i`'s process `signal` (`SIGSTOP` pauses it, `SIGCONT` lets it go on).
+    pub fn signal(&self, i: u8, signal: libc::c_int) {
+        if let Some(node) = self.node(i) {
+            // SAFETY: kill(2) on a child this cluster spawned (still its child: not yet
+            // waited for), with a valid signal.
+            unsafe {
+                libc::kill(node.pid() as libc::pid_t, signal);
+            }
+        }
+    }
+
+    /// Lines of every node's log files (all its runs) that tell of a panic, with the node.
+    pub fn panics(&self) -> Vec<String> {
+        (1..=self.opts.nodes)
+            .flat_map(|i| {
+                let log =
+                    std::fs::read_to_string(self.opts.dir.join(format!("n{i}.log"))).unwrap_or_default();
+                log.lines()
+                    .filter(|l| l.contains("panicked"))
+                    .map(|l| format!("node {i}: {l}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Starts node `i` again on its data directory, and waits until it serves.

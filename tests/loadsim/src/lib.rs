@@ -34,12 +34,15 @@
 //! - [`chaos`]: the kill loop — a cluster under load and churn, nodes killed and restarted.
 //! - [`operate`]: `nodectl` split, move, merge, drain and rebalance on a cluster under load
 //!   and churn, with redirects counted and the oracle's verdict.
+//! - [`faults`]: the fault harness's loop: nodes in network namespaces, faults drawn from a seed
+//!   (kills, pauses, isolation, partitions, one-way cuts, loss, a full disk), judged like the
+//!   kill loop, with time to be ready again and peak memory.
 //! - [`groups`]: a cluster's idle CPU with many hibernating groups, and election time.
 //! - [`report`]: the report as a table and as JSON.
 //! - [`plot`]: reports of several systems drawn against each other as SVG (latency and CPU per
 //!   push against load).
 //! - `src/main.rs`: the `nearby-loadsim` command line (`world`, `run`, `compare`, `plot`,
-//!   `ceiling`, `chaos`, `groups`); the only place `anyhow` is used.
+//!   `ceiling`, `chaos`, `faults`, `operate`, `groups`, `radio`); the only place `anyhow` is used.
 
 pub mod ceiling;
 pub mod chaos;
@@ -47,6 +50,7 @@ pub mod churn;
 pub mod cluster;
 pub mod compare;
 pub mod driver;
+pub mod faults;
 pub mod groups;
 pub mod metrics;
 pub mod operate;

@@ -62,6 +62,13 @@ enum Cmd {
     /// acknowledged writes lost on any replica, time to be served again, and crashes (exit
     /// status 3 if a promise was broken).
     Chaos(ChaosArgs),
+    /// The fault harness's loop (`tests/faults/run.sh` makes the network namespaces and runs
+    /// this inside one): faults drawn from a seed — kill -9, SIGSTOP, a link down, a minority
+    /// partition, a one-way cut, packet loss, node-to-node delay, a full disk — applied one after another to a
+    /// cluster under load and churn; judged for leaks, acknowledged writes lost on any
+    /// replica, crashes and panics, readiness after every heal and peak memory (exit status 3
+    /// if a promise was broken; the seed and schedule are printed to reproduce it).
+    Faults(FaultsArgs),
     /// The operator's tool under load: `nodectl split`, `move`, `merge`, `drain`, `undrain` and
     /// `rebalance` on a cluster of `nearby-node` processes while clients run with relation and
     /// privacy churn; judged for leaks, misses (< 0.5 %), client errors, acknowledged writes
@@ -145,6 +152,9 @@ impl LoadArgs {
                 keep_alive: Duration::from_secs_f64(self.keep_alive),
                 idle_timeout: Duration::from_secs_f64(self.idle_timeout),
             },
+            netns: None,
+            small_disk: None,
+            delay_files: false,
         })
     }
 }
@@ -166,6 +176,52 @@ struct ChaosArgs {
     /// Seconds between a node's return and the next kill.
     #[arg(long, default_value_t = 3.0)]
     between: f64,
+}
+
+/// `nearby-loadsim faults` (an option given twice: the last one counts, so a preset such as
+/// `tests/faults/run.sh --short` can be overridden).
+#[derive(Args)]
+#[command(args_override_self = true)]
+struct FaultsArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Where the nodes' files go (a fresh directory is made inside).
+    #[arg(long, default_value = "./nearby-faults")]
+    dir: PathBuf,
+    /// Faults to apply.
+    #[arg(long, default_value_t = 20)]
+    faults: u32,
+    /// Kinds of fault, comma-separated (kill, pause, isolate, partition, one-way, loss, delay,
+    /// disk-full); all by default.
+    #[arg(long, value_delimiter = ',')]
+    kinds: Vec<nearby_loadsim::faults::FaultKind>,
+    /// Node `i` runs in the network namespace PREFIXi (made beforehand: `tests/faults/run.sh`).
+    #[arg(long)]
+    netns: Option<String>,
+    /// The nodes' addresses in their namespaces: A.B.C.i.
+    #[arg(long, default_value = "10.77.0")]
+    hosts: String,
+    /// The node whose data lives on a small disk (for the disk-full fault).
+    #[arg(long, default_value_t = 1)]
+    disk_node: u8,
+    /// That disk's size, MiB.
+    #[arg(long, default_value_t = 256)]
+    disk_mib: u64,
+    /// Shortest and longest a fault holds, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    hold_min: f64,
+    /// See `--hold-min`.
+    #[arg(long, default_value_t = 4.0)]
+    hold_max: f64,
+    /// Seconds between every node being ready again and the next fault.
+    #[arg(long, default_value_t = 2.0)]
+    between: f64,
+    /// Seconds within which every node must be ready again after a fault heals.
+    #[arg(long, default_value_t = 30.0)]
+    recovery_bound: f64,
+    /// No node's resident memory may pass this, MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory_bound_mib: u64,
 }
 
 /// `nearby-loadsim operate`.
@@ -382,6 +438,13 @@ struct RunArgs {
     /// Seconds to wait after the last step for pushes in flight.
     #[arg(long, default_value_t = 3.0)]
     drain: f64,
+    /// The clients' QUIC keep-alive interval, seconds. The comparison's 5 s keeps its
+    /// accelerated steps honest; the SDK's default (what phones run) is 25.
+    #[arg(long, default_value_t = 5.0)]
+    keep_alive: f64,
+    /// The clients' QUIC idle timeout, seconds (the SDK's default is 60).
+    #[arg(long, default_value_t = 20.0)]
+    idle_timeout: f64,
     /// The server's process id, to report its CPU time and peak RSS; a comma-separated list
     /// (a cluster's nodes) is reported as one system, summed.
     #[arg(long, value_delimiter = ',')]
@@ -478,6 +541,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Ceiling(args) => ceiling(args),
         Cmd::Chaos(args) => chaos(args),
+        Cmd::Faults(args) => faults(args),
         Cmd::Operate(args) => operate(args),
         Cmd::Groups(args) => groups(args),
         Cmd::Radio(args) => radio(args),
@@ -620,6 +684,13 @@ fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
     if !(args.drain.is_finite() && args.drain >= 2.0) {
         bail!("--drain must be at least the oracle's 2 s deadline");
     }
+    if !(args.keep_alive.is_finite()
+        && args.idle_timeout.is_finite()
+        && args.keep_alive > 0.0
+        && args.keep_alive < args.idle_timeout)
+    {
+        bail!("--keep-alive must be positive and shorter than --idle-timeout");
+    }
     let steps: Vec<Step> = rates
         .iter()
         .map(|&rate| Step {
@@ -642,6 +713,8 @@ fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
     dc.server_name = server_name;
     dc.connect_concurrency = args.connect_concurrency;
     dc.drain = Duration::from_secs_f64(args.drain);
+    dc.keep_alive = Duration::from_secs_f64(args.keep_alive);
+    dc.idle_timeout = Duration::from_secs_f64(args.idle_timeout);
     dc.progress = !args.quiet;
     dc.server_pids = args.server_pid;
     dc.extra_pid = args.extra_pid;
@@ -739,6 +812,68 @@ fn chaos(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let report = rt.block_on(nearby_loadsim::chaos::run(config))?;
     println!("{}", report.table());
+    verdict(
+        &report,
+        &report.replicas,
+        &report.crashes,
+        report.passed(),
+        args.load.json_out.as_deref(),
+        &dir,
+    )
+}
+
+fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
+    use nearby_loadsim::faults::FaultKind;
+    let dir = args.dir.join(format!("run-{}", std::process::id()));
+    let mut load = args.load.setup(dir.clone())?;
+    let kinds = if args.kinds.is_empty() {
+        FaultKind::ALL.to_vec()
+    } else {
+        args.kinds.clone()
+    };
+    if let Some(prefix) = &args.netns {
+        let parts: Vec<u8> = args
+            .hosts
+            .split('.')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .context("--hosts: three numbers, as 10.77.0")?;
+        let host: [u8; 3] = parts
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("--hosts: three numbers, as 10.77.0"))?;
+        load.netns = Some((
+            nearby_loadsim::cluster::Netns {
+                prefix: prefix.clone(),
+            },
+            host,
+        ));
+    }
+    load.delay_files = kinds.contains(&FaultKind::Delay);
+    if kinds.contains(&FaultKind::DiskFull) {
+        load.small_disk = Some((args.disk_node, args.disk_mib << 20));
+    }
+    let config = nearby_loadsim::faults::FaultsConfig {
+        load,
+        faults: args.faults,
+        kinds,
+        hold: (
+            Duration::from_secs_f64(args.hold_min),
+            Duration::from_secs_f64(args.hold_max),
+        ),
+        between: Duration::from_secs_f64(args.between),
+        recovery_bound: Duration::from_secs_f64(args.recovery_bound),
+        memory_bound_mib: args.memory_bound_mib,
+    };
+    let rt = runtime()?;
+    let report = rt.block_on(nearby_loadsim::faults::run(config))?;
+    println!("{}", report.table());
+    if !report.passed() {
+        println!(
+            "the schedule (seed {}):\n{}",
+            report.seed,
+            report.schedule_lines()
+        );
+    }
     verdict(
         &report,
         &report.replicas,

@@ -36,6 +36,9 @@ async fn operate(hub_friends: usize) -> OperateReport {
             seed: 3,
             progress: false,
             node_bin: None,
+            netns: None,
+            small_disk: None,
+            delay_files: false,
             // No node fails here: clients as apps configure them by default. (With the
             // failover tests' 2 s request timeout, a debug-build node busy restoring snapshots on
             // two shared cores after the undrain occasionally answered one request after 2 s.)

@@ -1,0 +1,758 @@
+//! The fault harness's loop (`nearby-loadsim faults`; `tests/faults/run.sh` makes the network
+//! namespaces and runs it inside one of them): a cluster of real processes, each node in its own
+//! network namespace, under load and relation churn, with faults drawn from a seed and applied
+//! one after another; the whole history judged at the end.
+//!
+//! 1. The schedule is drawn before anything runs ([`schedule`]): for each fault its kind, the
+//!    node(s) it hits and how long it holds. The seed alone reproduces it; a failed run prints
+//!    both.
+//! 2. Each fault is applied, held, healed; then the loop waits until every node answers
+//!    `GET /readyz` (caught up and serving) — how long that took is the fault's *recovery* —
+//!    and pauses before the next one. A node not ready within the bound is a finding.
+//! 3. The judge is the kill loop's ([`crate::chaos`]): the oracle's leaks over every event,
+//!    every acknowledged relation and privacy change checked on every replica, sessions served
+//!    again after each fault (from its start, and after its heal), node processes that exited or
+//!    logged a panic, and each node's peak memory.
+//!
+//! Faults: `kill -9` and restart; `SIGSTOP` / `SIGCONT`; a node's link down (isolated); a
+//! minority cut from the majority (both ways); a node that hears no other node but is heard
+//! (one way); random loss of a share of every node's incoming packets; a full disk on one node
+//! (its data on a small tmpfs, filled for real); every node-to-node request held up to 250 ms
+//! and reordered (the nodes' test-only delay, `NEARBY_FAULT_DELAY_FILE`: this kernel has no
+//! netem). The network faults are nftables rules and link
+//! states inside the nodes' namespaces; the clients (this process) reach every node throughout.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::process::Command;
+use std::str::FromStr;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::chaos::{self, say, ChaosError, LoadSetup, ReplicaCheck, ServedAgain};
+use crate::cluster::ProcessCluster;
+use crate::oracle::Micros;
+use crate::report::Report;
+
+/// A kind of fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// `kill -9`, then started again on its data.
+    Kill,
+    /// `SIGSTOP`, then `SIGCONT`.
+    Pause,
+    /// The node's link down, then up.
+    Isolate,
+    /// A minority of the nodes cut from the rest, both ways.
+    Partition,
+    /// The node hears no other node; they still hear it.
+    OneWay,
+    /// Every node drops a share of the packets it receives.
+    Loss,
+    /// Every node's requests to other nodes held for a while (and reordered).
+    Delay,
+    /// The node's data disk filled, then freed.
+    DiskFull,
+}
+
+impl FaultKind {
+    /// Every kind, in order.
+    pub const ALL: [FaultKind; 8] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::Isolate,
+        FaultKind::Partition,
+        FaultKind::OneWay,
+        FaultKind::Loss,
+        FaultKind::Delay,
+        FaultKind::DiskFull,
+    ];
+
+    /// Whether it needs the nodes in their own network namespaces.
+    pub fn needs_netns(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Isolate | FaultKind::Partition | FaultKind::OneWay | FaultKind::Loss
+        )
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::Isolate => "isolate",
+            FaultKind::Partition => "partition",
+            FaultKind::OneWay => "one-way",
+            FaultKind::Loss => "loss",
+            FaultKind::Delay => "delay",
+            FaultKind::DiskFull => "disk-full",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for FaultKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<_> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown fault {s:?} (one of {})", names.join(", "))
+        })
+    }
+}
+
+/// One fault of the schedule.
+#[derive(Clone, Debug, Serialize)]
+pub struct Fault {
+    /// What.
+    pub kind: FaultKind,
+    /// The node(s) it hits: the minority of a partition, every node for loss.
+    pub nodes: Vec<u8>,
+    /// How long it holds.
+    pub hold_ms: u64,
+    /// For loss: the share of packets dropped, percent.
+    pub loss_percent: u8,
+    /// For delay: the most a request is held, ms.
+    pub delay_ms: u64,
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:?} for {} ms", self.kind, self.nodes, self.hold_ms)?;
+        match self.kind {
+            FaultKind::Loss => write!(f, " ({} % loss)", self.loss_percent)?,
+            FaultKind::Delay => write!(f, " (up to {} ms)", self.delay_ms)?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Draws `count` faults of `kinds` (in turn, shuffled) on a cluster of `nodes` nodes; the disk
+/// fault always hits `disk_node`.
+pub fn schedule(
+    seed: u64,
+    nodes: u8,
+    count: u32,
+    kinds: &[FaultKind],
+    hold: (Duration, Duration),
+    disk_node: u8,
+) -> Vec<Fault> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xfa17_5eed);
+    let mut out = Vec::new();
+    let mut bag: Vec<FaultKind> = Vec::new();
+    let (lo, hi) = (
+        hold.0.as_millis() as u64,
+        hold.1.as_millis().max(hold.0.as_millis()) as u64,
+    );
+    for _ in 0..count {
+        if bag.is_empty() {
+            bag = kinds.to_vec();
+            // Every kind once per round, in a seeded order.
+            for i in (1..bag.len()).rev() {
+                bag.swap(i, rng.random_range(0..=i));
+            }
+        }
+        let Some(kind) = bag.pop() else { break };
+        let one = rng.random_range(1..=nodes);
+        let nodes_hit = match kind {
+            FaultKind::Partition => {
+                // A minority: as many as can be cut with a majority left.
+                let size = usize::from((nodes - 1) / 2).max(1);
+                let mut all: Vec<u8> = (1..=nodes).collect();
+                for i in (1..all.len()).rev() {
+                    all.swap(i, rng.random_range(0..=i));
+                }
+                let mut m = all[..size].to_vec();
+                m.sort_unstable();
+                m
+            }
+            FaultKind::Loss | FaultKind::Delay => (1..=nodes).collect(),
+            FaultKind::DiskFull => vec![disk_node],
+            _ => vec![one],
+        };
+        out.push(Fault {
+            kind,
+            nodes: nodes_hit,
+            hold_ms: rng.random_range(lo..=hi),
+            loss_percent: rng.random_range(5..=25),
+            delay_ms: rng.random_range(20..=250),
+        });
+    }
+    out
+}
+
+/// What a fault run runs with.
+#[derive(Clone, Debug)]
+pub struct FaultsConfig {
+    /// The cluster and its load (`load.netns` for the network faults, `load.small_disk` for
+    /// the disk fault, `load.delay_files` for the delay).
+    pub load: LoadSetup,
+    /// Faults to apply.
+    pub faults: u32,
+    /// Of these kinds.
+    pub kinds: Vec<FaultKind>,
+    /// How long a fault holds: drawn between these.
+    pub hold: (Duration, Duration),
+    /// Pause after every node is ready again, before the next fault.
+    pub between: Duration,
+    /// Every node must be ready again within this after a fault heals.
+    pub recovery_bound: Duration,
+    /// No node's resident memory may pass this, MiB.
+    pub memory_bound_mib: u64,
+}
+
+/// One fault as it went.
+#[derive(Clone, Debug, Serialize)]
+pub struct Applied {
+    /// The fault.
+    pub fault: Fault,
+    /// When it began, µs since the run started.
+    pub at_us: Micros,
+    /// When it healed, µs since the run started.
+    pub healed_us: Micros,
+    /// From its heal until every node answered ready, ms (`None`: not within the bound).
+    pub recovered_ms: Option<u64>,
+}
+
+/// A fault run's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultsReport {
+    /// The seed (it reproduces the schedule).
+    pub seed: u64,
+    /// Nodes.
+    pub nodes: u8,
+    /// The faults, as applied.
+    pub faults: Vec<Applied>,
+    /// The load's report (the oracle's verdict included).
+    pub load: Report,
+    /// Relation/privacy cycles made, and of those completed with every request acknowledged.
+    pub cycles: (usize, usize),
+    /// Sessions served again, from the start of the fault that cost them their node.
+    pub served_again: ServedAgain,
+    /// Of those, how long after the fault healed, ms: median, 99th percentile, longest.
+    pub after_heal_ms: (u64, u64, u64),
+    /// Every replica checked.
+    pub replicas: ReplicaCheck,
+    /// Node processes that exited without being killed, and panics in any node's logs.
+    pub crashes: Vec<String>,
+    /// Each node's peak resident memory, MiB.
+    pub peak_rss_mib: BTreeMap<u8, u64>,
+    /// The memory bound, MiB.
+    pub memory_bound_mib: u64,
+}
+
+impl FaultsReport {
+    /// Faults after which some node was not ready again within the bound.
+    pub fn unrecovered(&self) -> Vec<&Applied> {
+        self.faults.iter().filter(|a| a.recovered_ms.is_none()).collect()
+    }
+
+    /// Whether the run kept every promise: no leak, nothing acknowledged lost, no crash or
+    /// panic, every node ready again after every fault, every session that lost its node
+    /// served again before the run ended, memory within its bound.
+    pub fn passed(&self) -> bool {
+        self.load.total.leaks == 0
+            && self.served_again.never == 0
+            && self.replicas.lost.is_empty()
+            && self.crashes.is_empty()
+            && self.unrecovered().is_empty()
+            && self.peak_rss_mib.values().all(|m| *m <= self.memory_bound_mib)
+    }
+
+    /// The schedule, one fault a line (what a failed run prints to be reproduced).
+    pub fn schedule_lines(&self) -> String {
+        self.faults
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let rec = a.recovered_ms.map_or_else(
+                    || "NOT recovered".to_string(),
+                    |ms| format!("ready again in {ms} ms"),
+                );
+                format!(
+                    "  {:>3}. at {:>7} ms: {} — {rec}",
+                    i + 1,
+                    a.at_us / 1_000,
+                    a.fault
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A short table for people.
+    pub fn table(&self) -> String {
+        let mut by_kind: BTreeMap<FaultKind, (usize, Vec<u64>)> = BTreeMap::new();
+        for a in &self.faults {
+            let e = by_kind.entry(a.fault.kind).or_default();
+            e.0 += 1;
+            e.1.extend(a.recovered_ms);
+        }
+        let kinds: Vec<String> = by_kind
+            .iter()
+            .map(|(k, (n, rec))| {
+                let max = rec.iter().max().copied().unwrap_or(0);
+                format!("{k} {n} (ready again ≤ {max} ms)")
+            })
+            .collect();
+        let s = &self.served_again;
+        let rss: Vec<String> = self
+            .peak_rss_mib
+            .iter()
+            .map(|(n, m)| format!("n{n} {m}"))
+            .collect();
+        format!(
+            "{load}\n\nseed {seed}, {nodes} nodes, {f} faults: {kinds}\n\
+             relation/privacy cycles: {c} ({done} with every request acknowledged)\n\
+             served again after losing their node: {n} sessions, from the fault p50 {p50} ms, p99 {p99} ms, \
+             max {max} ms, {never} never; after the heal p50 {h50} ms, p99 {h99} ms, max {hmax} ms\n\
+             every replica: {g} groups, {r} replicas, {u} users each, {lost} acknowledged writes lost\n\
+             crashes and panics: {crashes}; faults not recovered from: {unrec}\n\
+             peak memory, MiB (bound {bound}): {rss}",
+            load = self.load.table(),
+            seed = self.seed,
+            nodes = self.nodes,
+            f = self.faults.len(),
+            kinds = kinds.join(", "),
+            c = self.cycles.0,
+            done = self.cycles.1,
+            n = s.sessions,
+            p50 = s.p50_ms,
+            p99 = s.p99_ms,
+            max = s.max_ms,
+            never = s.never,
+            h50 = self.after_heal_ms.0,
+            h99 = self.after_heal_ms.1,
+            hmax = self.after_heal_ms.2,
+            g = self.replicas.groups,
+            r = self.replicas.replicas,
+            u = self.replicas.users,
+            lost = self.replicas.lost.len(),
+            crashes = self.crashes.len(),
+            unrec = self.unrecovered().len(),
+            bound = self.memory_bound_mib,
+            rss = rss.join(", "),
+        )
+    }
+}
+
+/// Runs the fault loop (see the module doc). MUST be called inside a multi-threaded runtime.
+pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
+    let setup = &config.load;
+    if setup.netns.is_none() {
+        if let Some(k) = config.kinds.iter().find(|k| k.needs_netns()) {
+            return Err(ChaosError::Setup(format!(
+                "the {k} fault needs the nodes in network namespaces (run tests/faults/run.sh)"
+            )));
+        }
+    }
+    let disk_node = match setup.small_disk {
+        Some((n, _)) => n,
+        None if config.kinds.contains(&FaultKind::DiskFull) => {
+            return Err(ChaosError::Setup(
+                "the disk-full fault needs a node on a small disk".into(),
+            ))
+        }
+        None => 1,
+    };
+    if config.kinds.contains(&FaultKind::Delay) && !setup.delay_files {
+        return Err(ChaosError::Setup(
+            "the delay fault needs the nodes' delay files".into(),
+        ));
+    }
+    let plan = schedule(
+        setup.seed,
+        setup.nodes,
+        config.faults,
+        &config.kinds,
+        config.hold,
+        disk_node,
+    );
+    say(
+        setup.progress,
+        format!("seed {}: {} faults drawn", setup.seed, plan.len()),
+    );
+    // One step long enough for every fault, its recovery and the pause after it.
+    let per = config.hold.1 + config.between + Duration::from_secs(6);
+    let total = per * config.faults + Duration::from_secs(10);
+    let mut run = chaos::start_under_load(setup, total).await?;
+    let t0 = Instant::now();
+    let stamp = |t: Instant| u64::try_from(t.duration_since(t0).as_micros()).unwrap_or(u64::MAX);
+    let mut applied = Vec::new();
+    let mut peak: BTreeMap<u8, u64> = BTreeMap::new();
+    let mut failure = None;
+    for (k, fault) in plan.into_iter().enumerate() {
+        say(
+            setup.progress,
+            format!("fault {}/{}: {fault}", k + 1, config.faults),
+        );
+        let at = Instant::now();
+        if let Err(e) = apply(&mut run.cluster, &fault, at).await {
+            failure = Some(e);
+            break;
+        }
+        let healed = Instant::now();
+        let recovered = ready_within(&run.cluster, config.recovery_bound).await;
+        if recovered.is_none() {
+            say(
+                setup.progress,
+                format!(
+                    "  not every node ready {:?} after the heal",
+                    config.recovery_bound
+                ),
+            );
+        }
+        sample_memory(&run.cluster, &mut peak);
+        applied.push(Applied {
+            fault,
+            at_us: stamp(at),
+            healed_us: stamp(healed),
+            recovered_ms: recovered.map(|d| d.as_millis() as u64),
+        });
+        tokio::time::sleep(config.between).await;
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    say(setup.progress, "faults done; waiting for the load to finish");
+    let done = run.finish(setup.progress).await?;
+    sample_memory(&run.cluster, &mut peak);
+    let offset = done.out.windows.first().map_or(0, |w| w.0);
+    let end = done.out.windows.last().map_or(Micros::MAX, |w| w.1);
+    let starts: Vec<Micros> = applied.iter().map(|a| a.at_us).collect();
+    let served_again = chaos::served_again(&done.out.truth.outages, &starts, offset, end);
+    let after_heal_ms = after_heal(&done.out.truth.outages, &applied, offset, end);
+    let restored = done.out.cycles.iter().filter(|c| c.restored).count();
+    let mut crashes = done.crashes;
+    crashes.extend(run.cluster.panics());
+    let report = FaultsReport {
+        seed: setup.seed,
+        nodes: setup.nodes,
+        faults: applied,
+        load: done.report,
+        cycles: (done.out.cycles.len(), restored),
+        served_again,
+        after_heal_ms,
+        replicas: done.replicas,
+        crashes,
+        peak_rss_mib: peak,
+        memory_bound_mib: config.memory_bound_mib,
+    };
+    run.cluster.stop().await;
+    Ok(report)
+}
+
+/// Applies `fault`, holds it from `at`, heals it.
+async fn apply(cluster: &mut ProcessCluster, fault: &Fault, at: Instant) -> Result<(), ChaosError> {
+    let until = at + Duration::from_millis(fault.hold_ms);
+    let node = fault.nodes.first().copied().unwrap_or(1);
+    match fault.kind {
+        FaultKind::Kill => {
+            cluster.kill(node);
+            tokio::time::sleep_until(until).await;
+            cluster.restart(node).await?;
+        }
+        FaultKind::Pause => {
+            cluster.signal(node, libc::SIGSTOP);
+            tokio::time::sleep_until(until).await;
+            cluster.signal(node, libc::SIGCONT);
+        }
+        FaultKind::Isolate => {
+            let ns = namespace(cluster, node)?;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "down"])?;
+            tokio::time::sleep_until(until).await;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        FaultKind::Partition | FaultKind::OneWay | FaultKind::Loss => {
+            let all: Vec<u8> = (1..=cluster.size()).collect();
+            let rules = rules(cluster, fault, &all);
+            for (n, text) in &rules {
+                nft(&namespace(cluster, *n)?, text)?;
+            }
+            tokio::time::sleep_until(until).await;
+            for (n, _) in &rules {
+                // Deleting the table heals; it exists, since adding it succeeded.
+                sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &namespace(cluster, *n)?,
+                    "nft",
+                    "delete",
+                    "table",
+                    "inet",
+                    TABLE,
+                ])?;
+            }
+        }
+        FaultKind::Delay => {
+            for n in &fault.nodes {
+                set_delay(cluster, *n, fault.delay_ms)?;
+            }
+            tokio::time::sleep_until(until).await;
+            for n in &fault.nodes {
+                set_delay(cluster, *n, 0)?;
+            }
+        }
+        FaultKind::DiskFull => {
+            let fill = cluster.data(node).join("fault-fill");
+            let filled = tokio::task::spawn_blocking({
+                let fill = fill.clone();
+                move || nearby_raft::test_support::fill(&fill)
+            })
+            .await
+            .map_err(|e| ChaosError::Setup(format!("filling the disk: {e}")))?;
+            filled.map_err(|e| ChaosError::Setup(format!("filling {}: {e}", fill.display())))?;
+            tokio::time::sleep_until(until).await;
+            std::fs::remove_file(&fill)
+                .map_err(|e| ChaosError::Setup(format!("freeing {}: {e}", fill.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets node `n`'s node-to-node delay (the node re-reads its delay file every 100 ms).
+fn set_delay(cluster: &ProcessCluster, n: u8, ms: u64) -> Result<(), ChaosError> {
+    let file = cluster.delay_file(n);
+    std::fs::write(&file, format!("{ms}\n"))
+        .map_err(|e| ChaosError::Setup(format!("{}: {e}", file.display())))
+}
+
+/// The nftables table every network fault lives in (one per node namespace).
+const TABLE: &str = "nearby_fault";
+
+/// The rules of a network fault: `(node, ruleset)` for each node that gets some.
+fn rules(cluster: &ProcessCluster, fault: &Fault, all: &[u8]) -> Vec<(u8, String)> {
+    let ips = |nodes: &mut dyn Iterator<Item = &u8>| -> String {
+        let list: Vec<String> = nodes
+            .map(|n| {
+                let ip = cluster.ip(*n);
+                format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3])
+            })
+            .collect();
+        format!("{{ {} }}", list.join(", "))
+    };
+    let table = |input: &str, output: &str| {
+        format!(
+            "table inet {TABLE} {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    {input}\n  }}\n  \
+             chain output {{\n    type filter hook output priority 0; policy accept;\n    {output}\n  }}\n}}\n"
+        )
+    };
+    match fault.kind {
+        FaultKind::Partition => {
+            let others = ips(&mut all.iter().filter(|n| !fault.nodes.contains(n)));
+            fault
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        *n,
+                        table(
+                            &format!("ip saddr {others} drop"),
+                            &format!("ip daddr {others} drop"),
+                        ),
+                    )
+                })
+                .collect()
+        }
+        FaultKind::OneWay => {
+            let n = fault.nodes.first().copied().unwrap_or(1);
+            let others = ips(&mut all.iter().filter(|m| **m != n));
+            vec![(n, table(&format!("ip saddr {others} drop"), ""))]
+        }
+        FaultKind::Loss => all
+            .iter()
+            .map(|n| {
+                (
+                    *n,
+                    table(
+                        &format!("numgen random mod 100 < {} drop", fault.loss_percent),
+                        "",
+                    ),
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn namespace(cluster: &ProcessCluster, node: u8) -> Result<String, ChaosError> {
+    cluster
+        .netns()
+        .map(|ns| ns.name(node))
+        .ok_or_else(|| ChaosError::Setup("network faults need the nodes in namespaces".into()))
+}
+
+fn sh(args: &[&str]) -> Result<(), ChaosError> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| ChaosError::Setup(format!("{}: {e}", args.join(" "))))?;
+    if !out.status.success() {
+        return Err(ChaosError::Setup(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn nft(ns: &str, ruleset: &str) -> Result<(), ChaosError> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| ChaosError::Setup(format!("nft in {ns}: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(ruleset.as_bytes())
+            .map_err(|e| ChaosError::Setup(format!("nft in {ns}: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| ChaosError::Setup(format!("nft in {ns}: {e}")))?;
+    if !out.status.success() {
+        return Err(ChaosError::Setup(format!(
+            "nft in {ns}: {}\n{ruleset}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Waits until every node answers `GET /readyz` with 200; how long that took, or `None` if not
+/// within `bound`.
+async fn ready_within(cluster: &ProcessCluster, bound: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let deadline = start + bound;
+    let mut waiting: Vec<u8> = (1..=cluster.size()).collect();
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for n in waiting {
+            if !ready(cluster.admin_addr(n)).await {
+                still.push(n);
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Some(start.elapsed())
+}
+
+/// Whether the node's admin API answers `GET /readyz` with 200 within a second.
+async fn ready(addr: std::net::SocketAddr) -> bool {
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        Some(buf.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ask).await,
+        Ok(Some(true))
+    )
+}
+
+fn sample_memory(cluster: &ProcessCluster, peak: &mut BTreeMap<u8, u64>) {
+    for n in 1..=cluster.size() {
+        if let Some(p) = cluster.node(n) {
+            if let Ok(s) = crate::procstat::sample(p.pid()) {
+                let mib = s.peak_rss_kb.max(s.rss_kb) / 1024;
+                let e = peak.entry(n).or_default();
+                *e = (*e).max(mib);
+            }
+        }
+    }
+}
+
+/// For every outage that began during a fault or soon after its heal: how long after the heal
+/// the session was served again (0 if before): median, 99th percentile, longest, ms.
+fn after_heal(
+    outages: &[Vec<(Micros, Micros)>],
+    applied: &[Applied],
+    offset: Micros,
+    end: Micros,
+) -> (u64, u64, u64) {
+    let mut times = Vec::new();
+    for list in outages {
+        for &(from, to) in list.iter().filter(|(from, to)| *from < end && *to != Micros::MAX) {
+            // The driver stamps an outage a second before the client noticed it.
+            let noticed = from + 1_000_000;
+            let Some(a) = applied.iter().rev().find(|a| a.at_us + offset <= noticed) else {
+                continue;
+            };
+            times.push(to.saturating_sub(a.healed_us + offset) / 1_000);
+        }
+    }
+    times.sort_unstable();
+    let q = |p: f64| {
+        times
+            .get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    (q(0.5), q(0.99), times.last().copied().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_draws_the_same_schedule_and_every_kind_in_each_round() {
+        let hold = (Duration::from_secs(1), Duration::from_secs(3));
+        let a = schedule(7, 5, 14, &FaultKind::ALL, hold, 2);
+        let b = schedule(7, 5, 14, &FaultKind::ALL, hold, 2);
+        let show = |s: &[Fault]| s.iter().map(|f| f.to_string()).collect::<Vec<_>>();
+        assert_eq!(show(&a), show(&b));
+        assert_ne!(show(&a), show(&schedule(8, 5, 14, &FaultKind::ALL, hold, 2)));
+        for round in a.chunks(FaultKind::ALL.len()) {
+            let mut kinds: Vec<_> = round.iter().map(|f| f.kind).collect();
+            kinds.sort_unstable();
+            assert_eq!(kinds, FaultKind::ALL.to_vec());
+        }
+        for f in &a {
+            assert!((1_000..=3_000).contains(&f.hold_ms));
+            match f.kind {
+                // A minority of five is two; the majority keeps three.
+                FaultKind::Partition => assert_eq!(f.nodes.len(), 2),
+                FaultKind::Loss | FaultKind::Delay => assert_eq!(f.nodes, vec![1, 2, 3, 4, 5]),
+                FaultKind::DiskFull => assert_eq!(f.nodes, vec![2]),
+                _ => assert!(f.nodes.len() == 1 && (1..=5).contains(&f.nodes[0])),
+            }
+        }
+    }
+
+    #[test]
+    fn fault_names_read_back() {
+        for k in FaultKind::ALL {
+            assert_eq!(k.to_string().parse::<FaultKind>(), Ok(k));
+        }
+        assert!("flood".parse::<FaultKind>().is_err());
+    }
+}
