@@ -726,12 +726,15 @@ mod tests {
     #[test]
     fn a_seed_draws_the_same_schedule_and_every_kind_in_each_round() {
         let hold = (Duration::from_secs(1), Duration::from_secs(3));
-        let a = schedule(7, 5, 14, &FaultKind::ALL, hold, 2);
-        let b = schedule(7, 5, 14, &FaultKind::ALL, hold, 2);
+        // Two whole rounds and a part of a third.
+        let n = 2 * FaultKind::ALL.len() as u32 + 3;
+        let a = schedule(7, 5, n, &FaultKind::ALL, hold, 2);
+        let b = schedule(7, 5, n, &FaultKind::ALL, hold, 2);
         let show = |s: &[Fault]| s.iter().map(|f| f.to_string()).collect::<Vec<_>>();
+        assert_eq!(a.len(), n as usize);
         assert_eq!(show(&a), show(&b));
-        assert_ne!(show(&a), show(&schedule(8, 5, 14, &FaultKind::ALL, hold, 2)));
-        for round in a.chunks(FaultKind::ALL.len()) {
+        assert_ne!(show(&a), show(&schedule(8, 5, n, &FaultKind::ALL, hold, 2)));
+        for round in a.chunks_exact(FaultKind::ALL.len()) {
             let mut kinds: Vec<_> = round.iter().map(|f| f.kind).collect();
             kinds.sort_unstable();
             assert_eq!(kinds, FaultKind::ALL.to_vec());
