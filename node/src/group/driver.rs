@@ -379,23 +379,27 @@ impl Driver {
         if let Some((task, _)) = self.acks.round.take() {
             task.abort();
         }
-        let unavailable = || Err(ServiceError::unavailable("the group's leader changed; retry"));
+        // Every request still waiting here moves with the leadership, as a request whose driver
+        // is gone does (the gateway's answer to a dropped waiter): not answered, the session
+        // closed as moved, the SDK sends it again to the new leader. A change already applied
+        // comes back as a no-op there, answered after that leader's grace, by which time the
+        // viewer groups have subscribed again and learnt it (see `after_grace`).
+        let gone = ServiceError::moved;
         for (_, b) in std::mem::take(&mut self.barriers) {
             for w in b.waiters {
-                let _ = w.send(unavailable());
+                let _ = w.send(Err(gone()));
             }
         }
         for w in std::mem::take(&mut self.early).into_values().flatten() {
-            let _ = w.send(unavailable());
+            let _ = w.send(Err(gone()));
         }
         for (_, w) in std::mem::take(&mut self.awaiting_delivery)
             .into_values()
             .flatten()
         {
-            let _ = w.send(unavailable());
+            let _ = w.send(Err(gone()));
         }
         for s in std::mem::take(&mut self.starting) {
-            let gone = || ServiceError::unavailable("the group's leader changed; retry");
             match s.reply {
                 StartingReply::Location(r) => drop(r.send(Err(gone()))),
                 StartingReply::List { reply, .. } => drop(reply.send(Err(gone()))),
