@@ -351,13 +351,18 @@ impl Node {
     }
 
     /// Serves until `shutdown` completes (or the node finds its files disagree with the cluster
-    /// map), then stops cleanly: sessions are told to reconnect, drivers and groups stop, the
-    /// transport closes (the WAL holds nothing unsynced that was acknowledged).
+    /// map), then stops cleanly: its leaderships are handed over first (at most
+    /// [`HANDOVER_WITHIN`]; `cluster::leave`), sessions are told to reconnect, drivers and groups
+    /// stop, the transport closes (the WAL holds nothing unsynced that was acknowledged).
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let mut fatal = self.cluster.fatal();
+        let cluster = Arc::clone(&self.cluster);
         let stop = async move {
             tokio::select! {
-                () = shutdown => {}
+                () = async {
+                    shutdown.await;
+                    cluster.hand_over(HANDOVER_WITHIN).await;
+                } => {}
                 r = fatal.wait_for(Option::is_some) => {
                     if let Ok(reason) = r {
                         tracing::error!(reason = ?*reason, "stopping");
@@ -375,6 +380,10 @@ impl Node {
         self.host.shutdown().await;
     }
 }
+
+/// The longest a stopping node waits for its leaderships to be handed over (a service manager's
+/// stop timeout must be longer: the recipes in `deploy/` give 60 s).
+pub const HANDOVER_WITHIN: Duration = Duration::from_secs(20);
 
 /// Names a file whose content, a number of milliseconds, delays every request this node sends
 /// to another node (re-read every 100 ms; missing or empty: no delay). For the fault harness

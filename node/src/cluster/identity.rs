@@ -112,6 +112,26 @@ impl Identity {
         }
     }
 
+    /// Whether this node cordoned itself to stop (see `cluster::leave`): it undrains itself
+    /// once it is back.
+    pub fn cordoned_for_restart(&self) -> bool {
+        self.dir.join(RESTART_MARK).exists()
+    }
+
+    /// Records (or, with `false`, forgets) that this node cordoned itself to stop.
+    pub fn set_cordoned_for_restart(&self, on: bool) -> Result<(), IdentityError> {
+        let path = self.dir.join(RESTART_MARK);
+        if on {
+            write_atomic(&path, b"cordoned by this node to stop; undone when it is back\n")
+        } else {
+            match fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io(&path, e)),
+            }
+        }
+    }
+
     /// Saves `map` as the last one seen.
     pub fn save_map(&self, map: &ClusterMap) -> Result<(), IdentityError> {
         let path = self.dir.join("map");
@@ -122,6 +142,9 @@ impl Identity {
         write_atomic(&path, &bytes)
     }
 }
+
+/// The file that says this node cordoned itself to stop.
+const RESTART_MARK: &str = "cordoned-for-restart";
 
 /// Whether the data directory `data` already belongs to a cluster.
 pub fn is_member(data: &Path) -> Result<bool, IdentityError> {

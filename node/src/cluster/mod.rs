@@ -24,6 +24,8 @@
 //! - [`identity`]: what the data directory remembers of the cluster.
 //! - [`inbound`]: answers peers' requests.
 //! - [`invite`]: adding a node by invitation (`nodectl add-node`).
+//! - [`leave`]: stopping without an election (a node cordons itself on SIGTERM and undrains
+//!   itself once it is back).
 //! - [`operate`]: what operators ask of the cluster (the admin API's figures and steps).
 //! - [`ops`]: the long operator steps in flight, and the groups they hold.
 //! - [`placement`]: the placement rules, as a pure planner.
@@ -33,6 +35,7 @@
 pub mod identity;
 pub mod inbound;
 pub mod invite;
+pub mod leave;
 pub mod operate;
 pub mod ops;
 pub mod placement;
@@ -440,6 +443,7 @@ impl Cluster {
         tasks.push(tokio::spawn(Arc::clone(self).keep_alive()));
         tasks.push(tokio::spawn(Arc::clone(self).place()));
         tasks.push(tokio::spawn(Arc::clone(self).follow_splits()));
+        tasks.push(tokio::spawn(Arc::clone(self).come_back()));
     }
 
     /// Carries out what splits ask of this node (see `docs/architecture.md`, "Splitting a

@@ -640,16 +640,50 @@ impl ProcessCluster {
 
     /// Lines of every node's log files (all its runs) that tell of a panic, with the node.
     pub fn panics(&self) -> Vec<String> {
+        self.logged_ever("panicked")
+    }
+
+    /// Lines of every node's log files (all its runs) that contain `needle`, with the node.
+    pub fn logged_ever(&self, needle: &str) -> Vec<String> {
         (1..=self.opts.nodes)
             .flat_map(|i| {
                 let log =
                     std::fs::read_to_string(self.opts.dir.join(format!("n{i}.log"))).unwrap_or_default();
                 log.lines()
-                    .filter(|l| l.contains("panicked"))
+                    .filter(|l| l.contains(needle))
                     .map(|l| format!("node {i}: {l}"))
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    /// Stops node `i` as an operator does (SIGTERM) and waits up to `within` for it to exit;
+    /// `false` if it had to be killed.
+    pub async fn terminate(&mut self, i: u8, within: Duration) -> bool {
+        let Some(mut node) = self
+            .nodes
+            .get_mut(usize::from(i).wrapping_sub(1))
+            .and_then(Option::take)
+        else {
+            return true;
+        };
+        // SAFETY: kill(2) on a child this cluster spawned and has not waited for, with a valid
+        // signal.
+        unsafe {
+            libc::kill(node.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(_)) = node.child.try_wait() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                let _ = node.child.kill();
+                let _ = node.child.wait();
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts node `i` again on its data directory, and waits until it serves.

@@ -247,6 +247,7 @@ impl Shared {
     }
 
     pub(crate) fn error(&self, e: &ClientError) {
+        tracing::warn!(target: "nearby_loadsim::errors", error = %e, "client error");
         self.error_named(e.kind_name());
     }
 

@@ -238,6 +238,10 @@ struct OperateArgs {
     /// Seconds of load before the first command, and at least after the last.
     #[arg(long, default_value_t = 5.0)]
     settle: f64,
+    /// The operations: `operations` (split, move, merge, drain, undrain, rebalance) or
+    /// `upgrade` (the rolling upgrade: every node cordoned, restarted, let back, in turn).
+    #[arg(long, value_enum, default_value_t = nearby_loadsim::operate::Script::Operations)]
+    script: nearby_loadsim::operate::Script,
 }
 
 /// `nearby-loadsim groups`.
@@ -888,6 +892,7 @@ fn operate(args: OperateArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.join(format!("run-{}", std::process::id()));
     let config = nearby_loadsim::operate::OperateConfig {
         load: args.load.setup(dir.clone())?,
+        script: args.script,
         duration: Duration::from_secs_f64(args.duration),
         settle: Duration::from_secs_f64(args.settle),
     };

@@ -14,6 +14,11 @@
 //!    command on (a redirect is not an error: the SDK follows it, carrying the app's calls over;
 //!    errors while the clients first connect are reported apart), every command done, every
 //!    replica holding what the acknowledged changes left, no node crashed.
+//!
+//! The other script, [`Script::Upgrade`], is the operations guide's rolling upgrade, one node at
+//! a time: `nodectl drain N --leaders-only` (cordoned: it leads nothing and keeps its replicas),
+//! SIGTERM and a wait for the process to exit, the node started again on its data, `nodectl
+//! undrain N`, `nodectl health --wait 120` — judged the same way.
 
 use std::time::Duration;
 
@@ -30,11 +35,35 @@ pub const MAX_MISS_RATE: f64 = 0.005;
 /// How often the nodes' redirect counters are read.
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
+/// Which operations a run makes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Script {
+    /// Split, move, merge, drain, undrain, rebalance.
+    #[default]
+    Operations,
+    /// The rolling upgrade: every node cordoned, restarted and let back, one at a time.
+    Upgrade,
+    /// Every node restarted in turn with nothing but SIGTERM (the node hands its leaderships
+    /// over by itself and takes them back when it returns: `cluster::leave`).
+    Restarts,
+}
+
+/// One step of a script.
+#[derive(Clone, Debug)]
+enum Step {
+    /// `nodectl ARGS` through node `via`'s admin API.
+    Nodectl { args: Vec<String>, via: u8 },
+    /// The node stopped with SIGTERM (waiting for it to exit) and started again on its data.
+    Restart(u8),
+}
+
 /// What an operations run runs with.
 #[derive(Clone, Debug)]
 pub struct OperateConfig {
     /// The cluster and its load (5 nodes for the issue's run).
     pub load: LoadSetup,
+    /// The operations.
+    pub script: Script,
     /// How long the load runs; the commands must be done `settle` before its end.
     pub duration: Duration,
     /// Load before the first command, and at least after the last.
@@ -87,6 +116,9 @@ pub struct OperateReport {
     /// Client errors by second of the run (from the step's start) and code: when they came,
     /// against the commands' times.
     pub errors_by_second: Vec<(u64, String, u64)>,
+    /// Stops at which a node had handed all its leaderships over by itself (its log's "leads
+    /// nothing now: stopping").
+    pub handovers: usize,
 }
 
 impl OperateReport {
@@ -134,6 +166,7 @@ impl OperateReport {
         s.push_str(&format!(
             "redirects: {} in all; during the drain {} in {:.1} s ({:.1}/s on average, at most {:.0} in one second)\n\
              every replica: {} groups, {} replicas, {} users each, {} acknowledged writes lost\n\
+             stops with every leadership handed over first: {}\n\
              crashes: {}",
             r.total,
             r.during_drain,
@@ -148,6 +181,7 @@ impl OperateReport {
             self.replicas.replicas,
             self.replicas.users,
             self.replicas.lost.len(),
+            self.handovers,
             self.crashes.len(),
         ));
         s
@@ -221,7 +255,7 @@ async fn scrape(addr: &str, token: &str, name: &str) -> Option<u64> {
 /// The script (see the module doc), given the groups as `nodectl groups --json` shows them.
 /// With a `hub` (a user with thousands of friends), its group is split right at it, so the hub's
 /// record — every one of its friendships — is what moves.
-fn script(groups: &serde_json::Value, nodes: u8, hub: Option<u64>) -> Result<Vec<Vec<String>>, ChaosError> {
+fn script(groups: &serde_json::Value, nodes: u8, hub: Option<u64>) -> Result<Vec<Step>, ChaosError> {
     let list = groups["groups"].as_array().cloned().unwrap_or_default();
     let range = |g: &serde_json::Value| {
         (
@@ -260,7 +294,8 @@ fn script(groups: &serde_json::Value, nodes: u8, hub: Option<u64>) -> Result<Vec
     let s = |v: &[&str]| v.iter().map(|x| (*x).to_string()).collect::<Vec<String>>();
     let mut split = s(&["split", &id.to_string()]);
     split.extend(split_at);
-    Ok(vec![
+    let via1 = |args: Vec<String>| Step::Nodectl { args, via: 1 };
+    Ok([
         split,
         s(&[
             "move",
@@ -274,7 +309,39 @@ fn script(groups: &serde_json::Value, nodes: u8, hub: Option<u64>) -> Result<Vec
         s(&["drain", &last, "--timeout", "300"]),
         s(&["undrain", &last]),
         s(&["rebalance"]),
-    ])
+    ]
+    .into_iter()
+    .map(via1)
+    .collect())
+}
+
+/// The rolling upgrade (see the module doc) — with `cordon`, as the operations guide does it;
+/// without, by SIGTERM alone: for every node, through another node's admin API.
+fn upgrade_script(nodes: u8, cordon: bool) -> Vec<Step> {
+    let mut steps = Vec::new();
+    for n in 1..=nodes {
+        let via = if n == 1 { 2 } else { 1 };
+        let node = n.to_string();
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_string()).collect::<Vec<String>>();
+        if cordon {
+            steps.push(Step::Nodectl {
+                args: s(&["drain", &node, "--leaders-only", "--timeout", "120"]),
+                via,
+            });
+        }
+        steps.push(Step::Restart(n));
+        if cordon {
+            steps.push(Step::Nodectl {
+                args: s(&["undrain", &node]),
+                via,
+            });
+        }
+        steps.push(Step::Nodectl {
+            args: s(&["health", "--wait", "120"]),
+            via,
+        });
+    }
+    steps
 }
 
 /// Runs the operations (see the module doc). MUST be called inside a multi-threaded runtime.
@@ -314,20 +381,53 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
         })
     };
     tokio::time::sleep(config.settle).await;
-    let groups = nodectl_json(&run.cluster, &["groups"]).await?;
-    let hub = run.world.hub().map(|h| run.world.id(h));
-    let steps = script(&groups, setup.nodes, hub)?;
+    let steps = match config.script {
+        Script::Operations => {
+            let groups = nodectl_json(&run.cluster, &["groups"]).await?;
+            let hub = run.world.hub().map(|h| run.world.id(h));
+            script(&groups, setup.nodes, hub)?
+        }
+        Script::Upgrade => upgrade_script(setup.nodes, true),
+        Script::Restarts => upgrade_script(setup.nodes, false),
+    };
     let mut commands = Vec::new();
     let mut drain_window = None;
-    for args in steps {
+    for step in steps {
         let at = t0.elapsed().as_secs_f64();
-        let line = format!("nodectl {}", args.join(" "));
+        let (line, args, via) = match step {
+            Step::Nodectl { args, via } => (format!("nodectl {}", args.join(" ")), args, via),
+            Step::Restart(n) => {
+                let line = format!("restart node {n} (SIGTERM, then run)");
+                say(setup.progress, format!("{line} …"));
+                let graceful = run.cluster.terminate(n, Duration::from_secs(30)).await;
+                let back = run.cluster.restart(n).await;
+                let ok = graceful && back.is_ok();
+                let said = match back {
+                    Err(e) => e.to_string(),
+                    Ok(()) if !graceful => "did not exit within 30 s of SIGTERM (killed)".into(),
+                    Ok(()) => "ready".into(),
+                };
+                let secs = t0.elapsed().as_secs_f64() - at;
+                say(setup.progress, format!("{line}: {said} in {secs:.1} s"));
+                commands.push(Command {
+                    command: line,
+                    at_s: at,
+                    secs,
+                    ok,
+                    said,
+                });
+                if !ok {
+                    break;
+                }
+                continue;
+            }
+        };
         say(setup.progress, format!("{line} …"));
-        // Through the admin API of a node that stays up (the first). A refusal (exit 2) that
-        // only asks to wait — a rebalance while placement settles — is tried again.
+        // Through the admin API of a node that stays up. A refusal (exit 2) that only asks to
+        // wait — a rebalance while placement settles — is tried again.
         let (ok, said) = loop {
             let left = script_end.saturating_duration_since(Instant::now());
-            let (ok, said) = nodectl(&run.cluster, 1, &args, left).await;
+            let (ok, said) = nodectl(&run.cluster, via, &args, left).await;
             if ok || !said.contains("once it settles") || Instant::now() + Duration::from_secs(1) > script_end
             {
                 break (ok, said);
@@ -342,7 +442,7 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
                 if ok { "done" } else { "FAILED" }
             ),
         );
-        if args[0] == "drain" {
+        if args[0] == "drain" && config.script == Script::Operations {
             drain_window = Some((at, at + secs));
         }
         commands.push(Command {
@@ -356,11 +456,18 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
             break;
         }
     }
+    if config.script != Script::Operations {
+        // The whole upgrade is the window redirects are counted over.
+        if let (Some(first), Some(last)) = (commands.first(), commands.last()) {
+            drain_window = Some((first.at_s, last.at_s + last.secs));
+        }
+    }
     tokio::time::sleep_until(script_end + config.settle).await;
     let _ = stop_tx.send(true);
     let samples = sampler.await.unwrap_or_default();
     say(setup.progress, "commands done; waiting for the load to finish");
     let done = run.finish(setup.progress).await?;
+    let handovers = run.cluster.logged_ever("leads nothing now: stopping").len();
     run.cluster.stop().await;
     let start = done.out.windows.first().map_or(0, |w| w.0);
     let mut by_second: std::collections::BTreeMap<(u64, String), u64> = Default::default();
@@ -376,6 +483,7 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
         replicas: done.replicas,
         crashes: done.crashes,
         errors_by_second: by_second.into_iter().map(|((s, c), n)| (s, c, n)).collect(),
+        handovers,
     })
 }
 

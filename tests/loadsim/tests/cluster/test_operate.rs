@@ -1,16 +1,16 @@
 //! The operator's tool under load: `nodectl` split, move, merge, drain, undrain and rebalance on
-//! five real nodes while the simulator's clients run with relation and privacy churn
-//! ([`nearby_loadsim::operate`]).
+//! five real nodes, and the rolling upgrade on three, while the simulator's clients run with
+//! relation and privacy churn ([`nearby_loadsim::operate`]).
 
 use std::time::Duration;
 
 use nearby_loadsim::chaos::{Liveness, LoadSetup};
-use nearby_loadsim::operate::{OperateConfig, OperateReport, MAX_MISS_RATE};
+use nearby_loadsim::operate::{OperateConfig, OperateReport, Script, MAX_MISS_RATE};
 use nearby_loadsim::WorldConfig;
 
-/// The run on seed 3's world (1,500 users), with a hub of `hub_friends` friends if not 0, and
-/// the verdict every run must meet.
-async fn operate(hub_friends: usize) -> OperateReport {
+/// The run of `script` on `nodes` nodes with seed 3's world (1,500 users), with a hub of
+/// `hub_friends` friends if not 0, and the verdict every run must meet.
+async fn operate(script: Script, nodes: u8, hub_friends: usize) -> OperateReport {
     // The clients' reconnects and unanswered requests, shown if the test fails.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,nearby_client=info"));
@@ -22,7 +22,7 @@ async fn operate(hub_friends: usize) -> OperateReport {
     let config = OperateConfig {
         load: LoadSetup {
             dir: dir.path().to_path_buf(),
-            nodes: 5,
+            nodes,
             groups: 8,
             world: WorldConfig {
                 seed: 3,
@@ -44,7 +44,9 @@ async fn operate(hub_friends: usize) -> OperateReport {
             // two shared cores after the undrain occasionally answered one request after 2 s.)
             liveness: Liveness::app_defaults(),
         },
-        duration: Duration::from_secs(45),
+        script,
+        // The upgrades' every step waits for the cluster to be whole: room for three restarts.
+        duration: Duration::from_secs(if script == Script::Operations { 45 } else { 60 }),
         settle: Duration::from_secs(4),
     };
     let report = nearby_loadsim::operate::run(config).await.expect("the run");
@@ -61,10 +63,12 @@ async fn operate(hub_friends: usize) -> OperateReport {
             failed.push(what.to_string());
         }
     };
-    check(
-        kinds == ["split", "move", "merge", "drain", "undrain", "rebalance"],
-        "every command done",
-    );
+    let want: Vec<&str> = match script {
+        Script::Operations => vec!["split", "move", "merge", "drain", "undrain", "rebalance"],
+        Script::Upgrade => ["drain", "node", "undrain", "health"].repeat(usize::from(nodes)),
+        Script::Restarts => ["node", "health"].repeat(usize::from(nodes)),
+    };
+    check(kinds == want, "every command done");
     check(report.load.total.leaks == 0, "no leak");
     check(
         report.replicas.lost.is_empty(),
@@ -74,7 +78,10 @@ async fn operate(hub_friends: usize) -> OperateReport {
         report.crashes.is_empty(),
         &format!("no crash: {:?}", report.crashes),
     );
-    check(report.redirects.during_drain > 0, "the drain moved clients");
+    check(
+        report.redirects.during_drain > 0,
+        "the drain or the upgrade moved clients",
+    );
     check(
         report.load.total.miss_rate < MAX_MISS_RATE,
         "misses under the bound",
@@ -98,7 +105,26 @@ async fn operate(hub_friends: usize) -> OperateReport {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a_crash() {
     let _serial = crate::util::one_at_a_time().await;
-    operate(0).await;
+    operate(Script::Operations, 5, 0).await;
+}
+
+/// The operations guide's rolling upgrade on a loaded cluster of three: each node cordoned,
+/// stopped with SIGTERM, started again, let back, the cluster whole before the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_of_three_loaded_nodes_loses_nothing_leaks_nothing_and_fails_no_client() {
+    let _serial = crate::util::one_at_a_time().await;
+    operate(Script::Upgrade, 3, 0).await;
+}
+
+/// The same cluster restarted node by node with nothing but SIGTERM: each node hands its
+/// leaderships over before it stops and takes them back when it returns (`cluster::leave`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_restarted_by_sigterm_alone_hand_their_leaderships_over_and_fail_no_client() {
+    let _serial = crate::util::one_at_a_time().await;
+    let report = operate(Script::Restarts, 3, 0).await;
+    // Every stop of the script handed over (the cluster's own stop at the end, all nodes at
+    // once, has nobody to hand over to and is not counted).
+    assert_eq!(report.handovers, 3, "{}", report.table());
 }
 
 /// The split cuts right at a user with 1,000 friends: its record moves whole, and its
@@ -106,7 +132,7 @@ async fn nodectl_reshapes_five_nodes_under_load_without_a_leak_a_lost_write_or_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_at_a_user_with_1000_friends_under_load_loses_nothing_and_leaks_nothing() {
     let _serial = crate::util::one_at_a_time().await;
-    let report = operate(1_000).await;
+    let report = operate(Script::Operations, 5, 1_000).await;
     let table = report.table();
     let hub = report.load.hub.as_ref().expect("the hub's counts");
     assert!(
