@@ -234,7 +234,9 @@ pub struct FaultsReport {
     pub seed: u64,
     /// Nodes.
     pub nodes: u8,
-    /// The faults, as applied.
+    /// Faults drawn.
+    pub planned: usize,
+    /// The faults, as applied (all that were drawn, unless the load ended first).
     pub faults: Vec<Applied>,
     /// The load's report (the oracle's verdict included).
     pub load: Report,
@@ -260,11 +262,12 @@ impl FaultsReport {
         self.faults.iter().filter(|a| a.recovered_ms.is_none()).collect()
     }
 
-    /// Whether the run kept every promise: no leak, nothing acknowledged lost, no crash or
-    /// panic, every node ready again after every fault, every session that lost its node
-    /// served again before the run ended, memory within its bound.
+    /// Whether the run kept every promise: every fault applied under load, no leak, nothing
+    /// acknowledged lost, no crash or panic, every node ready again after every fault, every
+    /// session that lost its node served again before the run ended, memory within its bound.
     pub fn passed(&self) -> bool {
         self.load.total.leaks == 0
+            && self.faults.len() == self.planned
             && self.served_again.never == 0
             && self.replicas.lost.is_empty()
             && self.crashes.is_empty()
@@ -315,7 +318,7 @@ impl FaultsReport {
             .map(|(n, m)| format!("n{n} {m}"))
             .collect();
         format!(
-            "{load}\n\nseed {seed}, {nodes} nodes, {f} faults: {kinds}\n\
+            "{load}\n\nseed {seed}, {nodes} nodes, {f} of {planned} faults: {kinds}\n\
              relation/privacy cycles: {c} ({done} with every request acknowledged)\n\
              served again after losing their node: {n} sessions, from the fault p50 {p50} ms, p99 {p99} ms, \
              max {max} ms, {never} never; after the heal p50 {h50} ms, p99 {h99} ms, max {hmax} ms\n\
@@ -326,6 +329,7 @@ impl FaultsReport {
             seed = self.seed,
             nodes = self.nodes,
             f = self.faults.len(),
+            planned = self.planned,
             kinds = kinds.join(", "),
             c = self.cycles.0,
             done = self.cycles.1,
@@ -385,8 +389,9 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
         setup.progress,
         format!("seed {}: {} faults drawn", setup.seed, plan.len()),
     );
-    // One step long enough for every fault, its recovery and the pause after it.
-    let per = config.hold.1 + config.between + Duration::from_secs(6);
+    // One step long enough for every fault (its mean hold), its recovery and the pause after
+    // it; faults the load does not outlast are not applied, and fail the run.
+    let per = (config.hold.0 + config.hold.1) / 2 + config.between + Duration::from_secs(3);
     let total = per * config.faults + Duration::from_secs(10);
     let mut run = chaos::start_under_load(setup, total).await?;
     let t0 = Instant::now();
@@ -395,6 +400,10 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
     let mut peak: BTreeMap<u8, u64> = BTreeMap::new();
     let mut failure = None;
     for (k, fault) in plan.into_iter().enumerate() {
+        if run.load.is_finished() {
+            say(setup.progress, format!("the load ended before fault {}", k + 1));
+            break;
+        }
         say(
             setup.progress,
             format!("fault {}/{}: {fault}", k + 1, config.faults),
@@ -439,6 +448,7 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
     let mut crashes = done.crashes;
     crashes.extend(run.cluster.panics());
     let report = FaultsReport {
+        planned: config.faults as usize,
         seed: setup.seed,
         nodes: setup.nodes,
         faults: applied,

@@ -394,45 +394,33 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
     let mut drain_window = None;
     for step in steps {
         let at = t0.elapsed().as_secs_f64();
-        let (line, args, via) = match step {
-            Step::Nodectl { args, via } => (format!("nodectl {}", args.join(" ")), args, via),
-            Step::Restart(n) => {
-                let line = format!("restart node {n} (SIGTERM, then run)");
-                say(setup.progress, format!("{line} …"));
-                let graceful = run.cluster.terminate(n, Duration::from_secs(30)).await;
-                let back = run.cluster.restart(n).await;
-                let ok = graceful && back.is_ok();
-                let said = match back {
-                    Err(e) => e.to_string(),
-                    Ok(()) if !graceful => "did not exit within 30 s of SIGTERM (killed)".into(),
-                    Ok(()) => "ready".into(),
-                };
-                let secs = t0.elapsed().as_secs_f64() - at;
-                say(setup.progress, format!("{line}: {said} in {secs:.1} s"));
-                commands.push(Command {
-                    command: line,
-                    at_s: at,
-                    secs,
-                    ok,
-                    said,
-                });
-                if !ok {
-                    break;
-                }
-                continue;
-            }
+        let (line, drain) = match &step {
+            Step::Nodectl { args, .. } => (format!("nodectl {}", args.join(" ")), args[0] == "drain"),
+            Step::Restart(n) => (format!("restart node {n} (SIGTERM, then run)"), false),
         };
         say(setup.progress, format!("{line} …"));
-        // Through the admin API of a node that stays up. A refusal (exit 2) that only asks to
-        // wait — a rebalance while placement settles — is tried again.
-        let (ok, said) = loop {
-            let left = script_end.saturating_duration_since(Instant::now());
-            let (ok, said) = nodectl(&run.cluster, via, &args, left).await;
-            if ok || !said.contains("once it settles") || Instant::now() + Duration::from_secs(1) > script_end
-            {
-                break (ok, said);
+        let (ok, said) = match step {
+            Step::Restart(n) => {
+                let graceful = run.cluster.terminate(n, Duration::from_secs(30)).await;
+                match run.cluster.restart(n).await {
+                    Err(e) => (false, e.to_string()),
+                    Ok(()) if !graceful => (false, "did not exit within 30 s of SIGTERM (killed)".into()),
+                    Ok(()) => (true, "ready".into()),
+                }
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Through the admin API of a node that stays up. A refusal (exit 2) that only asks
+            // to wait — a rebalance while placement settles — is tried again.
+            Step::Nodectl { args, via } => loop {
+                let left = script_end.saturating_duration_since(Instant::now());
+                let (ok, said) = nodectl(&run.cluster, via, &args, left).await;
+                if ok
+                    || !said.contains("once it settles")
+                    || Instant::now() + Duration::from_secs(1) > script_end
+                {
+                    break (ok, said);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            },
         };
         let secs = t0.elapsed().as_secs_f64() - at;
         say(
@@ -442,7 +430,7 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
                 if ok { "done" } else { "FAILED" }
             ),
         );
-        if args[0] == "drain" && config.script == Script::Operations {
+        if drain && config.script == Script::Operations {
             drain_window = Some((at, at + secs));
         }
         commands.push(Command {
