@@ -87,12 +87,7 @@ impl Cluster {
 
     /// Whether the map has another node up (one that could lead this node's groups).
     fn others_up(&self) -> bool {
-        self.directory
-            .view()
-            .map
-            .nodes
-            .iter()
-            .any(|(n, e)| *n != self.me && e.state == NodeState::Up)
+        super::operate::up_besides(&self.directory.view().map, self.me) > 0
     }
 
     /// Groups (the meta group included) the map says this node leads.

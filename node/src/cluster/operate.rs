@@ -1104,7 +1104,7 @@ impl Cluster {
 }
 
 /// Nodes up in `map` other than `node`.
-fn up_besides(map: &nearby_raft::ClusterMap, node: NodeId) -> usize {
+pub(super) fn up_besides(map: &nearby_raft::ClusterMap, node: NodeId) -> usize {
     map.nodes
         .iter()
         .filter(|(n, e)| **n != node && e.state == NodeState::Up)

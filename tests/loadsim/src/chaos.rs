@@ -454,11 +454,7 @@ pub(crate) fn served_again(
     }
     times.sort_unstable();
     reconnects.sort_unstable();
-    let q = |v: &[u64], p: f64| {
-        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
+    let q = quantile;
     ServedAgain {
         sessions: times.len(),
         p50_ms: q(&times, 0.5),
@@ -469,6 +465,14 @@ pub(crate) fn served_again(
         reconnect_p50_ms: q(&reconnects, 0.5),
         reconnect_p99_ms: q(&reconnects, 0.99),
     }
+}
+
+/// The `p` quantile of `sorted` (0 when empty).
+pub(crate) fn quantile(sorted: &[u64], p: f64) -> u64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Checks every replica of every group for the users whose relations churned (see the module

@@ -70,6 +70,27 @@ pub async fn wait_until(
     Ok(())
 }
 
+/// `GET path` from a node's admin API (HTTP/1.0 over a plain TCP connection, like `nodectl`),
+/// with a bearer `token` if given: the status code and the whole response, or `None` if no
+/// answer came within a second.
+pub async fn admin_get(addr: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).await.ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, response))
+    };
+    tokio::time::timeout(Duration::from_secs(1), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// A second octet pair unlikely to be used by another cluster on this machine: derived from the
 /// process id, and distinct for every call in one process.
 pub fn fresh_subnet() -> [u8; 2] {
@@ -114,6 +135,31 @@ impl NodeProc {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends the process `signal`.
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on a child this cluster spawned and has not waited for (a waited-for
+        // node is dropped), with a valid signal.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+    }
+
+    /// Waits up to `within` for the process to exit; kills it if it has not (`false`).
+    async fn exit_within(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -630,11 +676,7 @@ impl ProcessCluster {
     /// Sends node `i`'s process `signal` (`SIGSTOP` pauses it, `SIGCONT` lets it go on).
     pub fn signal(&self, i: u8, signal: libc::c_int) {
         if let Some(node) = self.node(i) {
-            // SAFETY: kill(2) on a child this cluster spawned (still its child: not yet
-            // waited for), with a valid signal.
-            unsafe {
-                libc::kill(node.pid() as libc::pid_t, signal);
-            }
+            node.signal(signal);
         }
     }
 
@@ -667,23 +709,8 @@ impl ProcessCluster {
         else {
             return true;
         };
-        // SAFETY: kill(2) on a child this cluster spawned and has not waited for, with a valid
-        // signal.
-        unsafe {
-            libc::kill(node.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + within;
-        loop {
-            if let Ok(Some(_)) = node.child.try_wait() {
-                return true;
-            }
-            if Instant::now() > deadline {
-                let _ = node.child.kill();
-                let _ = node.child.wait();
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        node.signal(libc::SIGTERM);
+        node.exit_within(within).await
     }
 
     /// Starts node `i` again on its data directory, and waits until it serves.
@@ -746,24 +773,10 @@ impl ProcessCluster {
     /// Stops every node with SIGTERM and waits for them.
     pub async fn stop(mut self) {
         for node in self.nodes.iter_mut().flatten() {
-            // SAFETY: kill(2) on a child this test spawned, with a valid signal.
-            unsafe {
-                libc::kill(node.child.id() as libc::pid_t, libc::SIGTERM);
-            }
+            node.signal(libc::SIGTERM);
         }
         for node in self.nodes.iter_mut().flatten() {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = node.child.try_wait() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = node.child.kill();
-                    let _ = node.child.wait();
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            node.exit_within(Duration::from_secs(10)).await;
         }
     }
 }

@@ -31,7 +31,6 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::chaos::{self, say, ChaosError, LoadSetup, ReplicaCheck, ServedAgain};
@@ -606,44 +605,42 @@ fn namespace(cluster: &ProcessCluster, node: u8) -> Result<String, ChaosError> {
         .ok_or_else(|| ChaosError::Setup("network faults need the nodes in namespaces".into()))
 }
 
+/// Runs `args` (the program first) to its end; a failure says what ran and what it printed.
 fn sh(args: &[&str]) -> Result<(), ChaosError> {
-    let out = Command::new(args[0])
+    sh_with_input(args, None)
+}
+
+/// [`sh`], with `input` on the program's standard input.
+fn sh_with_input(args: &[&str], input: Option<&str>) -> Result<(), ChaosError> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let what = |e: &dyn fmt::Display| ChaosError::Setup(format!("{}: {e}", args.join(" ")));
+    let mut child = Command::new(args[0])
         .args(&args[1..])
-        .output()
-        .map_err(|e| ChaosError::Setup(format!("{}: {e}", args.join(" "))))?;
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| what(&e))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes()).map_err(|e| what(&e))?;
+    }
+    let out = child.wait_with_output().map_err(|e| what(&e))?;
     if !out.status.success() {
-        return Err(ChaosError::Setup(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        let said = String::from_utf8_lossy(&out.stderr);
+        let with = input.map_or_else(String::new, |t| format!("\n{t}"));
+        return Err(what(&format!("{}{with}", said.trim())));
     }
     Ok(())
 }
 
+/// Loads an nftables `ruleset` in namespace `ns`.
 fn nft(ns: &str, ruleset: &str) -> Result<(), ChaosError> {
-    use std::io::Write;
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| ChaosError::Setup(format!("nft in {ns}: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(ruleset.as_bytes())
-            .map_err(|e| ChaosError::Setup(format!("nft in {ns}: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| ChaosError::Setup(format!("nft in {ns}: {e}")))?;
-    if !out.status.success() {
-        return Err(ChaosError::Setup(format!(
-            "nft in {ns}: {}\n{ruleset}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    sh_with_input(&["ip", "netns", "exec", ns, "nft", "-f", "-"], Some(ruleset))
 }
 
 /// Waits until every node answers `GET /readyz` with 200; how long that took, or `None` if not
@@ -673,19 +670,8 @@ async fn ready_within(cluster: &ProcessCluster, bound: Duration) -> Option<Durat
 
 /// Whether the node's admin API answers `GET /readyz` with 200 within a second.
 async fn ready(addr: std::net::SocketAddr) -> bool {
-    let ask = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        Some(buf.starts_with(b"HTTP/1.1 200"))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), ask).await,
-        Ok(Some(true))
-    )
+    let answer = crate::cluster::admin_get(&addr.to_string(), "/readyz", None).await;
+    matches!(answer, Some((200, _)))
 }
 
 fn sample_memory(cluster: &ProcessCluster, peak: &mut BTreeMap<u8, u64>) {
@@ -720,13 +706,11 @@ fn after_heal(
         }
     }
     times.sort_unstable();
-    let q = |p: f64| {
-        times
-            .get(((times.len() as f64 * p) as usize).min(times.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    (q(0.5), q(0.99), times.last().copied().unwrap_or(0))
+    (
+        chaos::quantile(&times, 0.5),
+        chaos::quantile(&times, 0.99),
+        times.last().copied().unwrap_or(0),
+    )
 }
 
 #[cfg(test)]

@@ -233,23 +233,12 @@ async fn nodectl_json(cluster: &ProcessCluster, args: &[&str]) -> Result<serde_j
 
 /// One counter from a node's `/metrics` (HTTP/1.0 over a plain TCP connection, like `nodectl`).
 async fn scrape(addr: &str, token: &str, name: &str) -> Option<u64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map(|v| v as u64)
-    };
-    tokio::time::timeout(Duration::from_secs(1), exchange)
-        .await
-        .ok()
-        .flatten()
+    let (_, body) = crate::cluster::admin_get(addr, "/metrics", Some(token)).await?;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 /// The script (see the module doc), given the groups as `nodectl groups --json` shows them.
