@@ -385,29 +385,62 @@ impl Node {
 /// stop timeout must be longer: the recipes in `deploy/` give 60 s).
 pub const HANDOVER_WITHIN: Duration = Duration::from_secs(20);
 
-/// Names a file whose content, a number of milliseconds, delays every request this node sends
-/// to another node (re-read every 100 ms; missing or empty: no delay). For the fault harness
-/// only (`tests/faults/`, `docs/reliability.md`): a slow network where the kernel has no netem.
+/// Names a file that injects faults into this node's requests to other nodes (re-read every
+/// 100 ms; missing or empty: none): a number of milliseconds that delays every request, then
+/// optionally `cut` and the Raft addresses of peers this node sends nothing to — e.g.
+/// `0 cut 127.0.0.2:7401 127.0.0.3:7401`. For fault tests only (`tests/faults/`, the cluster
+/// tests, `docs/reliability.md`): a slow network where the kernel has no netem, a partition
+/// where the nodes share one host.
 pub const FAULT_DELAY_ENV: &str = "NEARBY_FAULT_DELAY_FILE";
+
+/// The faults a [`FAULT_DELAY_ENV`] file asks for: the delay and the peers cut off. Anything
+/// unreadable counts as no fault.
+fn parse_faults(text: &str) -> (Duration, Vec<std::net::SocketAddr>) {
+    let mut words = text.split_whitespace();
+    let ms = words.next().and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
+    let cut = match words.next() {
+        Some("cut") => words.filter_map(|w| w.parse().ok()).collect(),
+        _ => Vec::new(),
+    };
+    (Duration::from_millis(ms), cut)
+}
 
 /// Follows the [`FAULT_DELAY_ENV`] file for as long as the runtime runs.
 fn watch_fault_delay(host: &Arc<RaftHost>, file: std::path::PathBuf) {
-    tracing::warn!(file = %file.display(), "fault injection: node-to-node requests delayed as that file says");
+    tracing::warn!(file = %file.display(), "fault injection: node-to-node requests delayed or cut as that file says");
     let transport = Arc::clone(host.transport());
     tokio::spawn(async move {
-        let mut now = Duration::ZERO;
+        let mut now = (Duration::ZERO, Vec::new());
         loop {
-            let ms = std::fs::read_to_string(&file)
-                .ok()
-                .and_then(|t| t.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-            let want = Duration::from_millis(ms);
+            let want = parse_faults(&std::fs::read_to_string(&file).unwrap_or_default());
             if want != now {
-                tracing::warn!(delay_ms = ms, "fault injection: node-to-node delay changed");
-                transport.set_send_delay(want);
+                tracing::warn!(delay_ms = want.0.as_millis() as u64, cut = ?want.1, "fault injection: changed");
+                transport.set_send_delay(want.0);
+                transport.set_cut(want.1.clone());
                 now = want;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fault_file_gives_a_delay_and_the_peers_cut_off() {
+        assert_eq!(parse_faults(""), (Duration::ZERO, vec![]));
+        assert_eq!(parse_faults("250\n"), (Duration::from_millis(250), vec![]));
+        let (delay, cut) = parse_faults("0 cut 127.0.0.2:7401 nonsense 127.0.0.3:7401");
+        assert_eq!(delay, Duration::ZERO);
+        assert_eq!(
+            cut,
+            vec![
+                "127.0.0.2:7401".parse::<std::net::SocketAddr>().expect("addr"),
+                "127.0.0.3:7401".parse().expect("addr")
+            ]
+        );
+        assert_eq!(parse_faults("soon cut 127.0.0.2:7401").0, Duration::ZERO);
+    }
 }

@@ -80,6 +80,15 @@ impl HostConfig {
     }
 }
 
+/// The longest silence, in milliseconds, after which a follower stands for election.
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 800;
+
+/// How long a follower refuses to vote for anyone else after it last heard from its leader
+/// (openraft's leader lease, which it sets to the longest election timeout). A leader whose
+/// heartbeats a quorum answered, sent at `t`, is therefore the only leader until `t` plus this:
+/// what `node` serves from live state relies on it (see `node::group::lease`).
+pub const LEADER_LEASE: std::time::Duration = std::time::Duration::from_millis(ELECTION_TIMEOUT_MAX_MS);
+
 /// nearby's openraft settings: heartbeats every 100 ms, elections after 400–800 ms of silence,
 /// at most 64 entries per `AppendEntries` (a follower catching up gets many small appends rather
 /// than a few it cannot write in time), a snapshot every 10,000 entries, and 1,000 entries kept
@@ -89,7 +98,7 @@ pub fn default_raft_config() -> openraft::Config {
         cluster_name: "nearby".into(),
         heartbeat_interval: 100,
         election_timeout_min: 400,
-        election_timeout_max: 800,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
         max_payload_entries: 64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(10_000),
         max_in_snapshot_log_to_keep: 1_000,

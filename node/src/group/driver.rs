@@ -51,6 +51,7 @@ use tokio::time::Instant;
 
 use crate::api::{wire_page, LocationAck, ServiceConfig, ServiceError};
 use crate::clock::{sleep_until, Clock};
+use crate::group::lease::{Answer, Item, Lease};
 use crate::group::{DriverHandle, GroupMsg};
 use crate::presence::{GroupMessage, Output, Presence};
 use crate::route::directory::MapView;
@@ -256,7 +257,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
         starting: Vec::new(),
         outbox: Arc::clone(&outbox),
         activity,
-        acks: Confirming::default(),
+        lease: Lease::new(group.clone()),
     };
     let outbox_task = tokio::spawn(crate::group::outbox::run(group, Arc::clone(&ctx.router), outbox));
     let join = tokio::spawn(async move {
@@ -310,31 +311,19 @@ struct Driver {
     starting: Vec<Starting>,
     outbox: Arc<Notify>,
     activity: Arc<crate::group::Activity>,
-    acks: Confirming,
+    /// What leaves the driver waits for it (see [`crate::group::lease`]).
+    lease: Lease,
 }
 
-/// Acknowledgements of revocations to other groups, sent only once this node is confirmed to
-/// lead the group (a quorum still follows it). A leader that was deposed without knowing it
-/// yet must not acknowledge: the new leader may hold the publisher from a snapshot decided
-/// before the change, and would show it after the author was told the change took effect.
-/// Confirmations come in rounds; what arrives during one waits for the next.
-#[derive(Default)]
-struct Confirming {
-    waiting: Vec<Ack>,
-    round: Option<Round>,
-}
-
-/// An acknowledgement and the group it goes to.
-type Ack = (GroupId, GroupMessage);
-
-/// A confirmation in flight (whether this node still leads) and the acknowledgements it covers.
-type Round = (tokio::task::JoinHandle<bool>, Vec<Ack>);
-
-/// Waits for the confirmation round in flight; never ready without one.
-async fn confirmed(round: &mut Option<Round>) -> bool {
-    match round {
-        Some((task, _)) => task.await.unwrap_or(false),
-        None => std::future::pending().await,
+/// Lets `item` leave the driver: to a session, another group, or a waiting request.
+fn release(ctx: &DriverContext, item: Item) {
+    match item {
+        Item::Output(Output::Push { viewer, event }) => ctx.sessions.push(viewer, event),
+        Item::Output(Output::Purge { viewer, about }) => {
+            ctx.sessions.purge(viewer, crate::queue::Subject::User(about));
+        }
+        Item::Output(Output::Send { to, msg }) => ctx.router.send(to, msg),
+        Item::Answer(a) => a.send(),
     }
 }
 
@@ -365,20 +354,19 @@ impl Driver {
                     }
                     self.on_map();
                 }
-                leads = confirmed(&mut self.acks.round), if self.acks.round.is_some() => {
-                    self.on_confirmed(leads);
+                leads = self.lease.confirmed() => {
+                    let ctx = &self.ctx;
+                    self.lease.concluded(leads, &mut |item| release(ctx, item));
                 }
                 () = sleep_until(wake) => {}
             }
             self.on_time();
-            self.confirm_acks();
+            self.lease.renew();
             let deadline = self.presence.next_deadline().map_or(u64::MAX, |d| d.0);
             self.next_deadline.store(deadline, Ordering::Relaxed);
         }
         self.group.unsubscribe();
-        if let Some((task, _)) = self.acks.round.take() {
-            task.abort();
-        }
+        self.lease.drop_held();
         // Every request still waiting here moves with the leadership, as a request whose driver
         // is gone does (the gateway's answer to a dropped waiter): not answered, the session
         // closed as moved, the SDK sends it again to the new leader. A change already applied
@@ -604,15 +592,16 @@ impl Driver {
                 .partition(|s| ready(s, &self.presence));
             self.starting = waiting;
             for s in ready {
-                match s.reply {
-                    StartingReply::Location(r) => drop(r.send(self.ack(s.user, true))),
+                let answer = match s.reply {
+                    StartingReply::Location(r) => Answer::Location(r, self.ack(s.user, true)),
                     StartingReply::List { cursor, size, reply } => {
-                        drop(reply.send(self.page(s.user, cursor.as_ref(), size)));
+                        Answer::Page(reply, self.page(s.user, cursor.as_ref(), size))
                     }
                     StartingReply::Strangers { size, reply } => {
-                        drop(reply.send(Ok(self.strangers(s.user, size))));
+                        Answer::Strangers(reply, Ok(self.strangers(s.user, size)))
                     }
-                }
+                };
+                self.emit(Item::Answer(answer));
             }
         }
     }
@@ -718,8 +707,12 @@ impl Driver {
                         deadline: Instant::now() + FIRST_PAGE_WAIT,
                         reply: StartingReply::Location(reply),
                     });
+                } else if first {
+                    // The first page shows others' locations: under the lease.
+                    let answer = Answer::Location(reply, self.ack(user, true));
+                    self.emit(Item::Answer(answer));
                 } else {
-                    let _ = reply.send(self.ack(user, first));
+                    let _ = reply.send(self.ack(user, false));
                 }
                 return;
             }
@@ -737,7 +730,8 @@ impl Driver {
                         reply: StartingReply::List { cursor, size, reply },
                     });
                 } else {
-                    let _ = reply.send(self.page(user, cursor.as_ref(), size));
+                    let answer = Answer::Page(reply, self.page(user, cursor.as_ref(), size));
+                    self.emit(Item::Answer(answer));
                 }
                 return;
             }
@@ -764,7 +758,8 @@ impl Driver {
                         reply: StartingReply::Strangers { size, reply },
                     });
                 } else {
-                    let _ = reply.send(Ok(self.strangers(user, size)));
+                    let answer = Answer::Strangers(reply, Ok(self.strangers(user, size)));
+                    self.emit(Item::Answer(answer));
                 }
                 return;
             }
@@ -809,35 +804,6 @@ impl Driver {
         self.deliver(outputs);
     }
 
-    /// Starts a confirmation round for the acknowledgements waiting, if none is in flight.
-    fn confirm_acks(&mut self) {
-        if self.acks.round.is_some() || self.acks.waiting.is_empty() {
-            return;
-        }
-        let batch = std::mem::take(&mut self.acks.waiting);
-        let group = self.group.clone();
-        let task = tokio::spawn(async move { group.read_linearizable(|_| ()).await.is_ok() });
-        self.acks.round = Some((task, batch));
-    }
-
-    fn on_confirmed(&mut self, leads: bool) {
-        let Some((_, batch)) = self.acks.round.take() else {
-            return;
-        };
-        if !leads {
-            // The publishers' groups send their revocations again, to the leader there is now.
-            tracing::debug!(
-                group = self.id,
-                acks = batch.len(),
-                "leadership not confirmed: acknowledgements withheld"
-            );
-            return;
-        }
-        for (to, msg) in batch {
-            self.ctx.router.send(to, msg);
-        }
-    }
-
     fn acked(&mut self, barrier: crate::presence::Barrier) {
         if barrier.index == RELAY_INDEX {
             // A listener group's part of a retraction this group relays as a channel.
@@ -850,6 +816,12 @@ impl Driver {
             b.pending.remove(&barrier.part);
         }
         self.settle_barriers();
+    }
+
+    /// Lets `item` leave now if this node serves under its lease, holds it otherwise.
+    fn emit(&mut self, item: Item) {
+        let ctx = &self.ctx;
+        self.lease.emit(item, &mut |item| release(ctx, item));
     }
 
     fn page(
@@ -897,26 +869,26 @@ impl Driver {
         let now = self.now();
         while let Some(out) = queue.pop_front() {
             match out {
-                Output::Push { viewer, event } => self.ctx.sessions.push(viewer, event),
                 Output::Purge { viewer, about } => {
+                    // Whatever is queued goes now; whatever is held goes when it is released.
                     self.ctx
                         .sessions
                         .purge(viewer, crate::queue::Subject::User(about));
+                    if self.lease.holds() {
+                        self.emit(Item::Output(Output::Purge { viewer, about }));
+                    }
                 }
                 Output::Send {
                     to,
                     msg: GroupMessage::RevokeAck { barrier },
                 } if to == self.id => self.acked(barrier),
-                Output::Send {
-                    to,
-                    msg: msg @ GroupMessage::RevokeAck { .. },
-                } => self.acks.waiting.push((to, msg)),
                 Output::Send { to, msg } if to == self.id => {
                     let presence = &mut self.presence;
                     self.group.read(|s| presence.handle_message(s, msg, now));
                     queue.extend(self.presence.poll_outputs());
                 }
-                Output::Send { to, msg } => self.ctx.router.send(to, msg),
+                // Events, messages to other groups (locations, acknowledgements): under the lease.
+                out => self.emit(Item::Output(out)),
             }
         }
     }

@@ -7,10 +7,12 @@
 //!
 //! - [`driver`]: the driver task: mailbox, applied entries, presence, barriers, deadlines.
 //! - [`outbox`]: delivers the group's relation intents to the groups of the other sides.
+//! - [`lease`]: nothing derived from live state leaves a driver unless its node surely leads.
 //! - [`hibernate`]: idle groups stop their Raft timers.
 
 pub mod driver;
 pub mod hibernate;
+pub mod lease;
 pub mod outbox;
 
 use std::collections::HashMap;

@@ -43,7 +43,9 @@
 //! [`RaftTransport::set_send_delay`] holds every outgoing request for a random time between half
 //! the delay and the delay (so requests also arrive out of order): the fault harness's stand-in
 //! for a slow network, which this project's test kernels cannot make (no netem). Zero, the
-//! default, costs one atomic load per request.
+//! default, costs one atomic load per request. [`RaftTransport::set_cut`] sends nothing to the
+//! peers it names: a partition between nodes that leaves their clients' traffic alone, for
+//! cluster tests on one host that have no network namespaces to cut.
 
 pub mod network;
 pub mod tls;
@@ -200,6 +202,10 @@ pub struct RaftTransport {
     serve: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Outgoing requests wait up to this long, µs (see the module doc; 0: not at all).
     send_delay_us: AtomicU64,
+    /// Peers this node sends nothing to (see the module doc; fault tests only).
+    cut: RwLock<Vec<SocketAddr>>,
+    /// Whether `cut` names anyone: one atomic load per request when it does not.
+    any_cut: std::sync::atomic::AtomicBool,
 }
 
 impl RaftTransport {
@@ -226,6 +232,8 @@ impl RaftTransport {
             vote_gate: Arc::clone(&vote_gate),
             serve: Mutex::new(None),
             send_delay_us: AtomicU64::new(0),
+            cut: RwLock::new(Vec::new()),
+            any_cut: std::sync::atomic::AtomicBool::new(false),
         });
         let handle = tokio::spawn(serve(
             endpoint,
@@ -250,6 +258,13 @@ impl RaftTransport {
     pub fn set_send_delay(&self, delay: Duration) {
         let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
         self.send_delay_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Sends nothing to the peers at `addrs` from now on (empty: to everyone again): a partition
+    /// at the application's level, for fault tests on one host only (see the module doc).
+    pub fn set_cut(&self, addrs: Vec<SocketAddr>) {
+        self.any_cut.store(!addrs.is_empty(), Ordering::Relaxed);
+        *self.cut.write().unwrap_or_else(|p| p.into_inner()) = addrs;
     }
 
     /// Registers the hook told of every write replicated to this node (see [`AppendHook`]).
@@ -407,6 +422,14 @@ impl RaftTransport {
         expect: Option<NodeId>,
         body: RpcBody,
     ) -> Result<RpcResponse, TransportError> {
+        if self.any_cut.load(Ordering::Relaxed)
+            && self.cut.read().unwrap_or_else(|p| p.into_inner()).contains(&addr)
+        {
+            return Err(TransportError::Rpc {
+                addr: addr.to_string(),
+                reason: "cut off from this peer by a fault test".into(),
+            });
+        }
         let delay = self.send_delay_us.load(Ordering::Relaxed);
         if delay > 0 {
             // Jitter from the clock's nanoseconds: random enough to reorder, no generator.

@@ -457,10 +457,34 @@ impl ProcessCluster {
         SocketAddr::from((self.ip(i), 7401))
     }
 
-    /// The file node `i` reads its node-to-node delay from (ms; see
+    /// The file node `i` reads its node-to-node faults from (a delay in ms, peers cut off; see
     /// [`nearby_node::node::FAULT_DELAY_ENV`]).
     pub fn delay_file(&self, i: u8) -> PathBuf {
         self.opts.dir.join(format!("n{i}.delay"))
+    }
+
+    /// Cuts node `i` off from the other nodes (`false`: heals every cut): neither side sends the
+    /// other anything, while clients still reach every node — a partition where the nodes share
+    /// one host. Needs [`ClusterOptions::delay_files`]; the nodes re-read their files every 100 ms.
+    pub fn cut_off(&self, i: u8, cut: bool) -> Result<(), ClusterError> {
+        for j in 1..=self.size() {
+            let peers: Vec<String> = match (cut, j == i) {
+                (false, _) => Vec::new(),
+                (true, true) => (1..=self.size())
+                    .filter(|k| *k != i)
+                    .map(|k| self.raft_addr(k).to_string())
+                    .collect(),
+                (true, false) => vec![self.raft_addr(i).to_string()],
+            };
+            let text = if peers.is_empty() {
+                "0\n".to_string()
+            } else {
+                format!("0 cut {}\n", peers.join(" "))
+            };
+            let file = self.delay_file(j);
+            std::fs::write(&file, text).map_err(|e| setup(&file.display().to_string(), e))?;
+        }
+        Ok(())
     }
 
     /// Node `i`'s data directory (on its small disk if it has one).

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use nearby_client::proto::{Event, Relation};
 
 use crate::util::{befriend, cluster, viewer, wait_until, Viewer};
+use nearby_loadsim::cluster::ProcessCluster;
 
 const A: (f64, f64) = (52.5200, 13.4050);
 const B: (f64, f64) = (52.5470, 13.4050);
@@ -150,5 +151,97 @@ async fn restarting_a_node_with_another_groups_value_loses_nothing() {
     );
     assert_eq!(relation(&a, bob).await, Some(Relation::Friend));
     assert_eq!(relation(&b, ann).await, Some(Relation::Friend));
+    c.stop().await;
+}
+
+/// Retries `call` while the cluster is between leaders, for up to 20 s.
+async fn settled<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, nearby_client::ClientError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+/// Two users of groups led by different nodes: (viewer, the other), or `None`.
+fn apart(c: &ProcessCluster) -> Option<(u64, u64)> {
+    let groups = c.shard_groups();
+    for &g in &groups {
+        for &h in &groups {
+            if c.leader(g).is_some() && c.leader(h).is_some() && c.leader(g) != c.leader(h) {
+                return Some((c.user_in(g, 7)?, c.user_in(h, 7)?));
+            }
+        }
+    }
+    None
+}
+
+/// A leader cut off from the other nodes (not from its clients) while they elect another, asked
+/// for a page after a friend of its viewer hid from her — the hide acknowledged through the
+/// group's new leader — shows that friend on no page: what the deposed node still holds in
+/// memory is not served without a lease (a quorum's answer to a round of heartbeats), and it
+/// gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_its_quorum_shows_nothing_hidden_since() {
+    let _serial = crate::util::one_at_a_time().await;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let mut opts = nearby_loadsim::cluster::ClusterOptions::new(dir.path(), 3, 3).expect("options");
+    opts.delay_files = true;
+    let c = ProcessCluster::start(opts).await.expect("cluster starts");
+    let (ann, bob) = apart(&c).expect("two groups led by different nodes");
+    let ga = c.group_of(ann).expect("group");
+    // Ann's client knows only her group's leader: it keeps asking there.
+    let deposed = c.leader(ga).expect("leader") as u8;
+    let mut cfg = c.client_config(ann, &[deposed]);
+    cfg.request_timeout = Duration::from_secs(10);
+    let client = c.connect(cfg).await.expect("ann connects");
+    let events = client.events().expect("events");
+    let a = Viewer {
+        user: ann,
+        client,
+        events,
+    };
+    let b = viewer(&c, bob).await;
+    befriend(&a, &b).await;
+    a.at(A.0, A.1).await;
+    b.at(B.0, B.1).await;
+    a.sees(bob, Duration::from_secs(10)).await;
+
+    c.cut_off(deposed, true).expect("cut");
+    c.wait_map("a new leader of ann's group", Duration::from_secs(20), |m| {
+        m.leader(ga).is_some_and(|l| l != u64::from(deposed))
+    })
+    .await
+    .expect("a new leader");
+    // Bob hides from ann; acknowledged once her group's new leader has forgotten him.
+    settled("bob hides from ann", || b.client.hide(ann)).await;
+
+    // Every page the cut-off node answers from now on omits bob (it answers none: it cannot
+    // confirm that it leads).
+    for _ in 0..3 {
+        match a.client.list_nearby(None, None).await {
+            Ok(page) => assert!(
+                page.friends.iter().all(|f| f.id != bob),
+                "a page after the hide's acknowledgement shows bob: {page:?}"
+            ),
+            Err(e) => tracing::info!(%e, "the cut-off node did not answer the page"),
+        }
+    }
+    c.cut_off(deposed, false).expect("heal");
+    let page = settled("ann's page", || a.client.list_nearby(None, None)).await;
+    assert!(page.friends.iter().all(|f| f.id != bob), "bob is back: {page:?}");
     c.stop().await;
 }
