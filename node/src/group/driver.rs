@@ -401,7 +401,7 @@ impl Driver {
         self.ctx.clock.now()
     }
 
-    /// The next instant the loop must wake for a barrier or a waiting first page.
+    /// The next instant the loop must wake for a barrier, a waiting first page or a lease round.
     fn next_wake(&self) -> Option<Instant> {
         let barrier = self
             .barriers
@@ -415,7 +415,11 @@ impl Driver {
             })
             .min();
         let page = self.starting.iter().map(|s| s.deadline).min();
-        barrier.into_iter().chain(page).min()
+        barrier
+            .into_iter()
+            .chain(page)
+            .chain(self.lease.next_wake())
+            .min()
     }
 
     fn on_applied(&mut self, entry: AppliedEntry) {

@@ -48,6 +48,10 @@ pub const RENEW_BEFORE: Duration = Duration::from_millis(READ_LEASE.as_millis() 
 /// A round not answered in this time is given up (and another started while items wait).
 const ROUND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// After a round that neither confirmed nor found another leader (a quorum out of reach), the
+/// next waits this long: a cut-off leader does not spin on rounds that fail at once.
+const RETRY_AFTER: Duration = Duration::from_millis(50);
+
 /// The most items held: a driver whose rounds keep failing to conclude drops the oldest
 /// (positions only matter when current; its supervisor stops it within seconds anyway).
 const MAX_HELD: usize = 65_536;
@@ -115,6 +119,8 @@ pub struct Lease {
     held: VecDeque<(Instant, Item)>,
     /// When something last left under the lease (a busy group renews ahead of time).
     last_out: Option<Instant>,
+    /// No round before this (see [`RETRY_AFTER`]).
+    not_before: Option<Instant>,
 }
 
 impl Lease {
@@ -127,6 +133,7 @@ impl Lease {
             round: None,
             held: VecDeque::new(),
             last_out: None,
+            not_before: None,
         }
     }
 
@@ -168,10 +175,10 @@ impl Lease {
 
     /// Starts a round if something waits, or if the group is busy and its lease ends soon.
     pub fn renew(&mut self) {
-        if self.round.is_some() {
+        let now = Instant::now();
+        if self.round.is_some() || self.not_before.is_some_and(|t| now < t) {
             return;
         }
-        let now = Instant::now();
         let busy = self.last_out.is_some_and(|t| now.duration_since(t) < READ_LEASE);
         let ending = self
             .until
@@ -187,6 +194,14 @@ impl Lease {
             )
         });
         self.round = Some((task, now));
+    }
+
+    /// When the driver must wake to start a round for what it holds (none: no need).
+    pub fn next_wake(&self) -> Option<Instant> {
+        match self.not_before {
+            Some(t) if self.round.is_none() && !self.held.is_empty() => Some(t),
+            _ => None,
+        }
     }
 
     /// Waits for the round in flight; never ready without one.
@@ -221,12 +236,13 @@ impl Lease {
             return;
         }
         if self.leads() {
-            // Not confirmed, not deposed either (a slow quorum): the next round decides.
+            // Not confirmed, not deposed either (a quorum out of reach): a later round decides.
             tracing::debug!(
                 group = self.group.id(),
                 held = self.held.len(),
                 "lease round inconclusive"
             );
+            self.not_before = Some(Instant::now() + RETRY_AFTER);
             return;
         }
         tracing::debug!(
