@@ -220,7 +220,9 @@ impl Gateway {
         let Some(other) = other.filter(|_| cmd.is_two_sided()) else {
             let (index, reply) = self.router.propose(mine, Payload::Shard(cmd.clone())).await?;
             let result = shard_result(reply)?;
-            if cmd.ends_visibility() && result != CommandResult::Unchanged {
+            // Confirmed even when it changed nothing: it may be the retry of a change whose
+            // barrier is still pending (the driver settles a user's barriers in order).
+            if cmd.ends_visibility() {
                 self.await_barrier(mine, index).await?;
             }
             return Ok(result);

@@ -37,7 +37,7 @@
 //! 3. [`DriverTask::stop`] when leadership is lost; the driver drops its live state (a new
 //!    leader rebuilds it from clients and peers).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +86,11 @@ struct BarrierState {
     not_before: Instant,
     deadline: Instant,
     waiters: Vec<Waiter>,
+    /// The user whose visibility-ending change the entry is, if it is one: the user's later
+    /// barriers settle only after this one (see [`Driver::settle_barriers`]).
+    actor: Option<UserId>,
+    /// An earlier barrier of the same actor failed: this one fails too.
+    earlier_failed: bool,
 }
 
 impl BarrierState {
@@ -453,7 +458,11 @@ impl Driver {
         // The barrier exists before its revocations go out: those to this group are answered
         // inline, during `deliver`.
         let asked = asked_acks(&outputs, self.id, index);
-        if !asked.is_empty() || self.started.elapsed() < self.grace {
+        // Every visibility-ending command gets a barrier, revocations or not: one that changed
+        // nothing may be the retry of a change whose barrier is still pending here, and must
+        // not be confirmed before it.
+        let actor = cmd.ends_visibility().then(|| cmd.users().0);
+        if !asked.is_empty() || actor.is_some() || self.started.elapsed() < self.grace {
             let b = self.barriers.entry(index).or_insert_with(|| BarrierState {
                 pending: Default::default(),
                 sent: Vec::new(),
@@ -461,6 +470,8 @@ impl Driver {
                 not_before: self.started + self.grace,
                 deadline: Instant::now() + ACK_WAIT,
                 waiters: Vec::new(),
+                actor,
+                earlier_failed: false,
             });
             b.pending.extend(asked.iter().map(|(part, _, _)| *part));
             b.sent.extend(asked);
@@ -525,6 +536,8 @@ impl Driver {
                 not_before,
                 deadline: not_before + ACK_WAIT,
                 waiters: Vec::new(),
+                actor: None,
+                earlier_failed: false,
             })
             .waiters
             .push(w);
@@ -551,23 +564,19 @@ impl Driver {
                 self.ctx.router.send(to, msg);
             }
         }
-        let done: Vec<u64> = self
-            .barriers
-            .iter()
-            .filter(|(_, b)| (b.pending.is_empty() && now >= b.not_before) || now >= b.deadline)
-            .map(|(i, _)| *i)
-            .collect();
-        for i in done {
+        let finished = settle_in_order(&mut self.barriers, now);
+        for (i, ok) in finished {
             let Some(b) = self.barriers.remove(&i) else {
                 continue;
             };
-            let result = if b.pending.is_empty() {
+            let result = if ok {
                 Ok(())
             } else {
                 tracing::warn!(
                     group = self.id,
                     index = i,
                     unacknowledged = b.pending.len(),
+                    earlier_failed = b.earlier_failed,
                     "revocations not acknowledged in time"
                 );
                 Err(ServiceError::unavailable(
@@ -898,6 +907,33 @@ impl Driver {
     }
 }
 
+/// The barriers that settle at `now`, in log order, and whether each succeeded: complete (every
+/// part acknowledged, past its grace) or past its deadline. A user's barrier waits for the
+/// user's earlier ones and fails if one of them failed: a retried "hide" that changed nothing
+/// is confirmed only once the first one is.
+fn settle_in_order(barriers: &mut BTreeMap<u64, BarrierState>, now: Instant) -> Vec<(u64, bool)> {
+    let mut waiting: HashSet<UserId> = HashSet::new();
+    let mut failed: HashSet<UserId> = HashSet::new();
+    let mut finished = Vec::new();
+    for (i, b) in barriers.iter_mut() {
+        if b.actor.is_some_and(|a| failed.contains(&a)) {
+            b.earlier_failed = true;
+        }
+        let blocked = b.actor.is_some_and(|a| waiting.contains(&a));
+        let complete = b.pending.is_empty() && now >= b.not_before && !blocked;
+        if !complete && now < b.deadline {
+            waiting.extend(b.actor);
+            continue;
+        }
+        let ok = complete && !b.earlier_failed;
+        if !ok {
+            failed.extend(b.actor);
+        }
+        finished.push((*i, ok));
+    }
+    finished
+}
+
 /// The revocations in `outputs` that ask this group to acknowledge the change at `index`:
 /// their parts, where they go, and the messages (to send again if unacknowledged).
 fn asked_acks(outputs: &[Output], group: GroupId, index: u64) -> Vec<(u32, GroupId, GroupMessage)> {
@@ -945,6 +981,51 @@ mod tests {
         }
     }
 
+    fn barrier(actor: Option<UserId>, parts: &[u32], deadline: Instant) -> BarrierState {
+        BarrierState {
+            pending: parts.iter().copied().collect(),
+            sent: Vec::new(),
+            resend_at: deadline,
+            not_before: deadline.checked_sub(ACK_WAIT).unwrap_or(deadline),
+            deadline,
+            waiters: Vec::new(),
+            actor,
+            earlier_failed: false,
+        }
+    }
+
+    #[test]
+    fn a_users_barrier_settles_only_after_that_users_earlier_ones() {
+        let now = Instant::now();
+        let later = now + ACK_WAIT;
+        let mut barriers = BTreeMap::new();
+        // User 7's hide waits for a viewer group; its retry (changed nothing) waits for it;
+        // user 8's change, acknowledged, does not.
+        barriers.insert(10, barrier(Some(7), &[0], later));
+        barriers.insert(11, barrier(Some(8), &[], later));
+        barriers.insert(12, barrier(Some(7), &[], later));
+        assert_eq!(settle_in_order(&mut barriers, now), vec![(11, true)]);
+        barriers.remove(&11);
+        if let Some(b) = barriers.get_mut(&10) {
+            b.pending.clear();
+        }
+        assert_eq!(settle_in_order(&mut barriers, now), vec![(10, true), (12, true)]);
+    }
+
+    #[test]
+    fn a_users_barrier_fails_when_an_earlier_one_of_theirs_failed() {
+        let now = Instant::now();
+        let mut barriers = BTreeMap::new();
+        // The first is past its deadline, unacknowledged: the retry fails with it, at once.
+        barriers.insert(10, barrier(Some(7), &[0], now));
+        barriers.insert(12, barrier(Some(7), &[], now + ACK_WAIT));
+        barriers.insert(13, barrier(None, &[], now + ACK_WAIT));
+        assert_eq!(
+            settle_in_order(&mut barriers, now),
+            vec![(10, false), (12, false), (13, true)]
+        );
+    }
+
     #[test]
     fn an_unacknowledged_revocation_is_sent_again_to_the_groups_its_viewers_are_in_now() {
         let ranges = ranges();
@@ -964,6 +1045,8 @@ mod tests {
             not_before: now,
             deadline: now + ACK_WAIT,
             waiters: Vec::new(),
+            actor: None,
+            earlier_failed: false,
         };
         b.pending.remove(&2);
         let mut out = Vec::new();

@@ -245,3 +245,59 @@ async fn a_leader_cut_off_from_its_quorum_shows_nothing_hidden_since() {
     assert!(page.friends.iter().all(|f| f.id != bob), "bob is back: {page:?}");
     c.stop().await;
 }
+
+/// A "hide" sent again while its first attempt still waits for the viewers' group (a second
+/// device, an app that retried after a reconnect) is confirmed only once that group has
+/// confirmed it — not at once because the second attempt changed nothing. The viewer's group
+/// leader is cut off, so no confirmation can come before the group has another leader:
+/// followers refuse to elect one for 800 ms after they last heard from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hide_sent_again_is_confirmed_only_once_the_viewers_group_confirmed_it() {
+    let _serial = crate::util::one_at_a_time().await;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let mut opts = nearby_loadsim::cluster::ClusterOptions::new(dir.path(), 3, 3).expect("options");
+    opts.delay_files = true;
+    let c = ProcessCluster::start(opts).await.expect("cluster starts");
+    let (ann, bob) = apart(&c).expect("two groups led by different nodes");
+    let ga = c.group_of(ann).expect("group");
+    let a = viewer(&c, ann).await;
+    let b = viewer(&c, bob).await;
+    // Bob's second device.
+    let again = viewer(&c, bob).await;
+    befriend(&a, &b).await;
+    a.at(A.0, A.1).await;
+    b.at(B.0, B.1).await;
+    a.sees(bob, Duration::from_secs(10)).await;
+
+    let cut = c.leader(ga).expect("leader") as u8;
+    assert_ne!(c.leader(c.group_of(bob).expect("group")), Some(u64::from(cut)));
+    c.cut_off(cut, true).expect("cut");
+    // The cut takes effect within the nodes' 100 ms re-read of their fault files.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let first = {
+        let client = b.client.clone();
+        tokio::spawn(async move { client.hide(ann).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    settled("bob hides ann again from his second device", || {
+        again.client.hide(ann)
+    })
+    .await;
+    let confirmed = started.elapsed();
+    tracing::info!(?confirmed, "the second hide was confirmed");
+    assert!(
+        confirmed >= nearby_raft::LEADER_LEASE,
+        "the second hide was confirmed {confirmed:?} after ann's group leader was cut off: \
+         before any other node could lead that group"
+    );
+    if let Err(e) = first.await.expect("task") {
+        assert!(e.is_retryable(), "the first hide failed: {e}");
+    }
+    c.cut_off(cut, false).expect("heal");
+    c.stop().await;
+}
