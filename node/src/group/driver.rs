@@ -720,12 +720,13 @@ impl Driver {
                         deadline: Instant::now() + FIRST_PAGE_WAIT,
                         reply: StartingReply::Location(reply),
                     });
-                } else if first {
-                    // The first page shows others' locations: under the lease.
-                    let answer = Answer::Location(reply, self.ack(user, true));
-                    self.emit(Item::Answer(answer));
                 } else {
-                    let _ = reply.send(self.ack(user, false));
+                    // Under the lease, after the location's fan-out: a first page shows others'
+                    // locations, and an update is acknowledged only once its fan-out has left.
+                    // A leader that turns out to be deposed drops the fan-out and answers
+                    // `moved`: the SDK sends the update again to the leader there is now.
+                    let answer = Answer::Location(reply, self.ack(user, first));
+                    self.emit(Item::Answer(answer));
                 }
                 return;
             }

@@ -58,9 +58,10 @@ const MAX_HELD: usize = 65_536;
 
 const _: () = assert!(READ_LEASE.as_millis() < LEADER_LEASE.as_millis());
 
-/// An answer to a request that carries others' live state.
+/// An answer that carries others' live state, or confirms what this node fanned out.
 pub enum Answer {
-    /// A session's first location, answered with its first page.
+    /// A location: acknowledged once its fan-out has left (a session's first, with its first
+    /// page).
     Location(
         oneshot::Sender<Result<LocationAck, ServiceError>>,
         Result<LocationAck, ServiceError>,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nearby_client::proto::{Event, Relation};
 
-use crate::util::{befriend, cluster, viewer, wait_until, Viewer};
+use crate::util::{befriend, cluster, cluster_with_cuts, retrying, viewer, wait_until, Viewer};
 use nearby_loadsim::cluster::ProcessCluster;
 
 const A: (f64, f64) = (52.5200, 13.4050);
@@ -154,24 +154,6 @@ async fn restarting_a_node_with_another_groups_value_loses_nothing() {
     c.stop().await;
 }
 
-/// Retries `call` while the cluster is between leaders, for up to 20 s.
-async fn settled<T, F, Fut>(what: &str, mut call: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, nearby_client::ClientError>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match call().await {
-            Ok(v) => return v,
-            Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
-}
-
 /// Two users of groups led by different nodes: (viewer, the other), or `None`.
 fn apart(c: &ProcessCluster) -> Option<(u64, u64)> {
     let groups = c.shard_groups();
@@ -193,14 +175,7 @@ fn apart(c: &ProcessCluster) -> Option<(u64, u64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_its_quorum_shows_nothing_hidden_since() {
     let _serial = crate::util::one_at_a_time().await;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let dir = tempfile::TempDir::new().expect("tmp");
-    let mut opts = nearby_loadsim::cluster::ClusterOptions::new(dir.path(), 3, 3).expect("options");
-    opts.delay_files = true;
-    let c = ProcessCluster::start(opts).await.expect("cluster starts");
+    let (c, _dir) = cluster_with_cuts(3, 3).await;
     let (ann, bob) = apart(&c).expect("two groups led by different nodes");
     let ga = c.group_of(ann).expect("group");
     // Ann's client knows only her group's leader: it keeps asking there.
@@ -227,7 +202,7 @@ async fn a_leader_cut_off_from_its_quorum_shows_nothing_hidden_since() {
     .await
     .expect("a new leader");
     // Bob hides from ann; acknowledged once her group's new leader has forgotten him.
-    settled("bob hides from ann", || b.client.hide(ann)).await;
+    retrying("bob hides from ann", || b.client.hide(ann)).await;
 
     // Every page the cut-off node answers from now on omits bob (it answers none: it cannot
     // confirm that it leads).
@@ -241,7 +216,7 @@ async fn a_leader_cut_off_from_its_quorum_shows_nothing_hidden_since() {
         }
     }
     c.cut_off(deposed, false).expect("heal");
-    let page = settled("ann's page", || a.client.list_nearby(None, None)).await;
+    let page = retrying("ann's page", || a.client.list_nearby(None, None)).await;
     assert!(page.friends.iter().all(|f| f.id != bob), "bob is back: {page:?}");
     c.stop().await;
 }
@@ -254,14 +229,7 @@ async fn a_leader_cut_off_from_its_quorum_shows_nothing_hidden_since() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hide_sent_again_is_confirmed_only_once_the_viewers_group_confirmed_it() {
     let _serial = crate::util::one_at_a_time().await;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let dir = tempfile::TempDir::new().expect("tmp");
-    let mut opts = nearby_loadsim::cluster::ClusterOptions::new(dir.path(), 3, 3).expect("options");
-    opts.delay_files = true;
-    let c = ProcessCluster::start(opts).await.expect("cluster starts");
+    let (c, _dir) = cluster_with_cuts(3, 3).await;
     let (ann, bob) = apart(&c).expect("two groups led by different nodes");
     let ga = c.group_of(ann).expect("group");
     let a = viewer(&c, ann).await;
@@ -284,7 +252,7 @@ async fn a_hide_sent_again_is_confirmed_only_once_the_viewers_group_confirmed_it
         tokio::spawn(async move { client.hide(ann).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    settled("bob hides ann again from his second device", || {
+    retrying("bob hides ann again from his second device", || {
         again.client.hide(ann)
     })
     .await;

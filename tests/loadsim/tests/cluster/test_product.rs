@@ -5,10 +5,9 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nearby_client::proto::{Event, GhostMode};
-use nearby_client::ClientError;
 use nearby_loadsim::cluster::ProcessCluster;
 
-use crate::util::{befriend, cluster, viewer, Viewer};
+use crate::util::{befriend, cluster, retrying, viewer, Viewer};
 
 const A: (f64, f64) = (52.5200, 13.4050);
 const B: (f64, f64) = (52.5470, 13.4050);
@@ -24,23 +23,6 @@ fn groups_on_two_nodes(c: &ProcessCluster) -> (u64, u64) {
         }
     }
     panic!("every group is led by one node: {:?}", c.map());
-}
-
-/// Retries `call` while the cluster is between leaders.
-async fn retrying<T, F: std::future::Future<Output = Result<T, ClientError>>>(
-    what: &str,
-    mut call: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match call().await {
-            Ok(v) => return v,
-            Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("{what}: {e}"),
-        }
-    }
 }
 
 fn now_ms() -> u64 {

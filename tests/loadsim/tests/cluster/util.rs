@@ -21,14 +21,43 @@ pub(crate) async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
 /// A cluster of `n` processes with `groups` groups in a fresh temporary directory (kept alive
 /// with the returned guard).
 pub(crate) async fn cluster(n: u8, groups: u64) -> (ProcessCluster, tempfile::TempDir) {
+    start(n, groups, false).await
+}
+
+/// Like [`cluster`], with every node following its fault file: the test may cut nodes off from
+/// each other ([`ProcessCluster::cut_off`]).
+pub(crate) async fn cluster_with_cuts(n: u8, groups: u64) -> (ProcessCluster, tempfile::TempDir) {
+    start(n, groups, true).await
+}
+
+async fn start(n: u8, groups: u64, cuts: bool) -> (ProcessCluster, tempfile::TempDir) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let dir = tempfile::TempDir::new().expect("tmp");
-    let opts = ClusterOptions::new(dir.path(), n, groups).expect("options");
+    let mut opts = ClusterOptions::new(dir.path(), n, groups).expect("options");
+    opts.delay_files = cuts;
     let c = ProcessCluster::start(opts).await.expect("cluster starts");
     (c, dir)
+}
+
+/// Retries `call` while the cluster is between leaders, for up to 20 s; panics naming `what`
+/// on any other error.
+pub(crate) async fn retrying<T, F: std::future::Future<Output = Result<T, nearby_client::ClientError>>>(
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
 }
 
 /// Polls `cond` every 50 ms until it holds or `within` passes; panics naming `what`.
