@@ -693,7 +693,7 @@ impl Presence {
             GroupMessage::RevokeAck { .. } => {}
             GroupMessage::Cell(m) => {
                 let (strangers, mut cx) = self.cx();
-                strangers.handle(&mut cx, state, m);
+                strangers.handle(&mut cx, state, m, now);
             }
         }
     }

@@ -192,7 +192,20 @@ pub struct Strangers {
     /// Listener role.
     mirrors: HashMap<u64, Mirror>,
     listeners: HashMap<UserId, Listener>,
+    /// Users whose visibility to strangers ended (a retraction that asked for an
+    /// acknowledgement), with when it reached this group: a position stamped before is stale —
+    /// it was published before the change — however late it arrives (a message re-routed
+    /// behind the retraction, a channel's contents; positions wait at most
+    /// `LOCATION_TTL` in a queue). Both roles keep it, for [`WITHDRAWN_MEMORY`].
+    withdrawn: HashMap<UserId, Millis>,
 }
+
+/// How long a withdrawal is remembered, ms (see `Strangers::withdrawn`): twice the longest a
+/// position waits in a node's queues before it is dropped
+/// ([`crate::route::peer::LOCATION_TTL`]). Short on purpose: a user who becomes discoverable
+/// again is published with their last position, stamped before the withdrawal — within this
+/// time of it they reappear to strangers only with their next location.
+pub const WITHDRAWN_MEMORY: u64 = 2 * crate::route::peer::LOCATION_TTL.as_millis() as u64;
 
 /// Everything a stranger handler needs from its presence.
 pub(crate) struct Ctx<'a> {
@@ -235,7 +248,19 @@ impl Strangers {
             next_relay: 0,
             mirrors: HashMap::new(),
             listeners: HashMap::new(),
+            withdrawn: HashMap::new(),
         }
+    }
+
+    /// Whether a position of `user` stamped `at` predates a withdrawal seen here.
+    fn stale(&self, user: UserId, at: Millis) -> bool {
+        self.withdrawn.get(&user).is_some_and(|w| at <= *w)
+    }
+
+    /// A retraction that ends `user`'s visibility reached this group at `now`.
+    fn withdraw(&mut self, user: UserId, now: Millis) {
+        let w = self.withdrawn.entry(user).or_insert(now);
+        *w = (*w).max(now);
     }
 
     /// Whether this node can show strangers (it has the cluster's pseudonym key).
@@ -338,7 +363,7 @@ impl Strangers {
     // ---------------------------------------------------------------- channel role
 
     /// Handles a message of the stranger roles (see [`CellMessage`]).
-    pub(crate) fn handle(&mut self, cx: &mut Ctx<'_>, state: &GroupState, msg: CellMessage) {
+    pub(crate) fn handle(&mut self, cx: &mut Ctx<'_>, state: &GroupState, msg: CellMessage, now: Millis) {
         match msg {
             CellMessage::Publish {
                 cell,
@@ -347,6 +372,9 @@ impl Strangers {
                 at,
                 home,
             } => {
+                if self.stale(user, at.updated_at) {
+                    return;
+                }
                 let channel = self.channels.entry(cell).or_default();
                 if let Some(old) = channel.entries.get(&user) {
                     if old.at.updated_at >= at.updated_at {
@@ -377,7 +405,12 @@ impl Strangers {
                     );
                 }
             }
-            CellMessage::Retract { cell, user, ack } => self.drop_entry(cx, cell, user, ack),
+            CellMessage::Retract { cell, user, ack } => {
+                if ack.is_some() {
+                    self.withdraw(user, now);
+                }
+                self.drop_entry(cx, cell, user, ack);
+            }
             CellMessage::Listen { cell, group } => {
                 let channel = self.channels.entry(cell).or_default();
                 channel.listeners.insert(group);
@@ -401,13 +434,21 @@ impl Strangers {
                     return;
                 };
                 mirror.pending = false;
-                mirror.strangers = entries.into_iter().map(|(u, n, at)| (u, (n, at))).collect();
+                let withdrawn = &self.withdrawn;
+                mirror.strangers = entries
+                    .into_iter()
+                    .filter(|(u, _, at)| withdrawn.get(u).is_none_or(|w| at.updated_at > *w))
+                    .map(|(u, n, at)| (u, (n, at)))
+                    .collect();
                 let listeners: Vec<UserId> = mirror.listeners.iter().copied().collect();
                 for l in listeners {
                     self.refresh(cx, state, l);
                 }
             }
             CellMessage::Seen { cell, user, name, at } => {
+                if self.stale(user, at.updated_at) {
+                    return;
+                }
                 let Some(mirror) = self.mirrors.get_mut(&cell) else {
                     return;
                 };
@@ -425,6 +466,9 @@ impl Strangers {
                 }
             }
             CellMessage::Unseen { cell, user, ack } => {
+                if ack.is_some() {
+                    self.withdraw(user, now);
+                }
                 if let Some(mirror) = self.mirrors.get_mut(&cell) {
                     mirror.strangers.remove(&user);
                     let listeners: Vec<UserId> = mirror.listeners.iter().copied().collect();
@@ -524,6 +568,8 @@ impl Strangers {
 
     /// Expires channel entries not updated within the TTL (a publisher group that vanished).
     pub(crate) fn expire(&mut self, cx: &mut Ctx<'_>, now: Millis) {
+        self.withdrawn
+            .retain(|_, w| w.0.saturating_add(WITHDRAWN_MEMORY) > now.0);
         while let Some(&(at, cell, user)) = self.expiry.first() {
             if at > now {
                 break;
@@ -896,6 +942,81 @@ mod tests {
     }
 
     #[test]
+    fn a_publication_stamped_before_a_withdrawal_reached_the_channel_is_dropped_however_late() {
+        let table = RangeTable::new(
+            nearby_raft::meta::initial_ranges(4)
+                .into_iter()
+                .map(|(g, r)| (r, g))
+                .collect(),
+        )
+        .expect("ranges");
+        let mut outputs = Vec::new();
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut outputs,
+        };
+        let state = GroupState::new(nearby_raft::meta::initial_ranges(4)[0].1);
+        let mut channel = Strangers::new(1, None, std::time::Duration::from_secs(600));
+        let cell = 42;
+        channel.handle(
+            &mut cx,
+            &state,
+            CellMessage::Listen { cell, group: 2 },
+            Millis(1_000),
+        );
+        let publish = |stamp: u64| CellMessage::Publish {
+            cell,
+            user: 7,
+            name: "s".into(),
+            at: LatestLocation {
+                loc: LatLng::new(52.52, 13.405).expect("ll"),
+                updated_at: Millis(stamp),
+            },
+            home: 4,
+        };
+        let ack = Barrier {
+            group: 4,
+            index: 99,
+            part: 0,
+        };
+        // "Not discoverable" reaches the channel at 2,000; a position stamped at 1,500, routed
+        // again behind it, comes after.
+        let retract = CellMessage::Retract {
+            cell,
+            user: 7,
+            ack: Some(ack),
+        };
+        channel.handle(&mut cx, &state, retract, Millis(2_000));
+        cx.outputs.clear();
+        channel.handle(&mut cx, &state, publish(1_500), Millis(2_010));
+        assert!(
+            cx.outputs.is_empty(),
+            "a stale position was relayed: {:?}",
+            cx.outputs
+        );
+        // Discoverable again: positions stamped after it are relayed.
+        channel.handle(&mut cx, &state, publish(2_500), Millis(2_510));
+        assert!(
+            cx.outputs.iter().any(|o| matches!(
+                o,
+                Output::Send {
+                    to: 2,
+                    msg: GroupMessage::Cell(CellMessage::Seen { user: 7, .. })
+                }
+            )),
+            "{:?}",
+            cx.outputs
+        );
+        // Forgotten after the memory: only the clock tells.
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut Vec::new(),
+        };
+        channel.expire(&mut cx, Millis(2_000 + WITHDRAWN_MEMORY));
+        assert!(!channel.stale(7, Millis(1_500)));
+    }
+
+    #[test]
     fn a_relayed_retraction_is_acknowledged_once_every_listener_group_dropped_or_changed_leader() {
         let table = RangeTable::new(
             nearby_raft::meta::initial_ranges(4)
@@ -913,7 +1034,7 @@ mod tests {
         let mut channel = Strangers::new(1, None, std::time::Duration::from_secs(600));
         let cell = 42;
         for group in [2, 3] {
-            channel.handle(&mut cx, &state, CellMessage::Listen { cell, group });
+            channel.handle(&mut cx, &state, CellMessage::Listen { cell, group }, Millis(10));
         }
         let at = LatestLocation {
             loc: LatLng::new(52.52, 13.405).expect("ll"),
@@ -929,6 +1050,7 @@ mod tests {
                 at,
                 home: 4,
             },
+            Millis(10),
         );
         let upstream = Barrier {
             group: 4,
@@ -944,6 +1066,7 @@ mod tests {
                 user: 7,
                 ack: Some(upstream),
             },
+            Millis(10),
         );
         let parts: Vec<(GroupId, u32)> = cx
             .outputs
@@ -987,6 +1110,7 @@ mod tests {
                 at,
                 home: 4,
             },
+            Millis(10),
         );
         let to: Vec<GroupId> = cx
             .outputs

@@ -837,7 +837,15 @@ impl Peers {
 
 fn ttl_of(msg: &GroupMessage) -> Duration {
     match msg {
-        GroupMessage::Update { .. } | GroupMessage::Snapshot { .. } => LOCATION_TTL,
+        // Positions, to friends or strangers: a newer one follows (and a stranger's channel
+        // and listeners remember withdrawals for twice this, `strangers::WITHDRAWN_MEMORY`).
+        GroupMessage::Update { .. }
+        | GroupMessage::Snapshot { .. }
+        | GroupMessage::Cell(
+            crate::messages::CellMessage::Publish { .. }
+            | crate::messages::CellMessage::Seen { .. }
+            | crate::messages::CellMessage::Contents { .. },
+        ) => LOCATION_TTL,
         _ => MESSAGE_TTL,
     }
 }
