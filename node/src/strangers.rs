@@ -941,22 +941,23 @@ mod tests {
         assert!(!s.contains("42"));
     }
 
+    /// Four groups; the stranger roles of group 1 and its state.
+    fn channel_of_group_one() -> (RangeTable<GroupId>, GroupState, Strangers) {
+        let ranges = nearby_raft::meta::initial_ranges(4);
+        let table = RangeTable::new(ranges.iter().map(|(g, r)| (*r, *g)).collect()).expect("ranges");
+        let state = GroupState::new(ranges[0].1);
+        let channel = Strangers::new(1, None, std::time::Duration::from_secs(600));
+        (table, state, channel)
+    }
+
     #[test]
     fn a_publication_stamped_before_a_withdrawal_reached_the_channel_is_dropped_however_late() {
-        let table = RangeTable::new(
-            nearby_raft::meta::initial_ranges(4)
-                .into_iter()
-                .map(|(g, r)| (r, g))
-                .collect(),
-        )
-        .expect("ranges");
+        let (table, state, mut channel) = channel_of_group_one();
         let mut outputs = Vec::new();
         let mut cx = Ctx {
             ranges: &table,
             outputs: &mut outputs,
         };
-        let state = GroupState::new(nearby_raft::meta::initial_ranges(4)[0].1);
-        let mut channel = Strangers::new(1, None, std::time::Duration::from_secs(600));
         let cell = 42;
         channel.handle(
             &mut cx,
@@ -1018,20 +1019,12 @@ mod tests {
 
     #[test]
     fn a_relayed_retraction_is_acknowledged_once_every_listener_group_dropped_or_changed_leader() {
-        let table = RangeTable::new(
-            nearby_raft::meta::initial_ranges(4)
-                .into_iter()
-                .map(|(g, r)| (r, g))
-                .collect(),
-        )
-        .expect("ranges");
+        let (table, state, mut channel) = channel_of_group_one();
         let mut outputs = Vec::new();
         let mut cx = Ctx {
             ranges: &table,
             outputs: &mut outputs,
         };
-        let state = GroupState::new(nearby_raft::meta::initial_ranges(4)[0].1);
-        let mut channel = Strangers::new(1, None, std::time::Duration::from_secs(600));
         let cell = 42;
         for group in [2, 3] {
             channel.handle(&mut cx, &state, CellMessage::Listen { cell, group }, Millis(10));

@@ -87,7 +87,7 @@ struct BarrierState {
     deadline: Instant,
     waiters: Vec<Waiter>,
     /// The user whose visibility-ending change the entry is, if it is one: the user's later
-    /// barriers settle only after this one (see [`Driver::settle_barriers`]).
+    /// barriers settle only after this one (see [`settle_in_order`]).
     actor: Option<UserId>,
     /// An earlier barrier of the same actor failed: this one fails too.
     earlier_failed: bool,
@@ -883,14 +883,12 @@ impl Driver {
         let now = self.now();
         while let Some(out) = queue.pop_front() {
             match out {
-                Output::Purge { viewer, about } => {
+                purge @ Output::Purge { .. } => {
                     // Whatever is queued goes now; whatever is held goes when it is released.
-                    self.ctx
-                        .sessions
-                        .purge(viewer, crate::queue::Subject::User(about));
                     if self.lease.holds() {
-                        self.emit(Item::Output(Output::Purge { viewer, about }));
+                        self.emit(Item::Output(purge.clone()));
                     }
+                    release(&self.ctx, Item::Output(purge));
                 }
                 Output::Send {
                     to,

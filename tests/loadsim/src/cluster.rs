@@ -468,23 +468,29 @@ impl ProcessCluster {
     /// one host. Needs [`ClusterOptions::delay_files`]; the nodes re-read their files every 100 ms.
     pub fn cut_off(&self, i: u8, cut: bool) -> Result<(), ClusterError> {
         for j in 1..=self.size() {
-            let peers: Vec<String> = match (cut, j == i) {
+            let peers: Vec<u8> = match (cut, j == i) {
                 (false, _) => Vec::new(),
-                (true, true) => (1..=self.size())
-                    .filter(|k| *k != i)
-                    .map(|k| self.raft_addr(k).to_string())
-                    .collect(),
-                (true, false) => vec![self.raft_addr(i).to_string()],
+                (true, true) => (1..=self.size()).filter(|k| *k != i).collect(),
+                (true, false) => vec![i],
             };
-            let text = if peers.is_empty() {
-                "0\n".to_string()
-            } else {
-                format!("0 cut {}\n", peers.join(" "))
-            };
-            let file = self.delay_file(j);
-            std::fs::write(&file, text).map_err(|e| setup(&file.display().to_string(), e))?;
+            self.set_faults(j, 0, &peers)?;
         }
         Ok(())
+    }
+
+    /// Writes node `i`'s fault file ([`nearby_node::node::FAULT_DELAY_ENV`]): its requests to
+    /// other nodes held up to `delay_ms`, none sent to the nodes `cut`.
+    pub fn set_faults(&self, i: u8, delay_ms: u64, cut: &[u8]) -> Result<(), ClusterError> {
+        let mut text = delay_ms.to_string();
+        if !cut.is_empty() {
+            text.push_str(" cut");
+            for k in cut {
+                text.push_str(&format!(" {}", self.raft_addr(*k)));
+            }
+        }
+        text.push('\n');
+        let file = self.delay_file(i);
+        std::fs::write(&file, text).map_err(|e| setup(&file.display().to_string(), e))
     }
 
     /// Node `i`'s data directory (on its small disk if it has one).

@@ -509,11 +509,11 @@ async fn apply(cluster: &mut ProcessCluster, fault: &Fault, at: Instant) -> Resu
         }
         FaultKind::Delay => {
             for n in &fault.nodes {
-                set_delay(cluster, *n, fault.delay_ms)?;
+                cluster.set_faults(*n, fault.delay_ms, &[])?;
             }
             tokio::time::sleep_until(until).await;
             for n in &fault.nodes {
-                set_delay(cluster, *n, 0)?;
+                cluster.set_faults(*n, 0, &[])?;
             }
         }
         FaultKind::DiskFull => {
@@ -531,13 +531,6 @@ async fn apply(cluster: &mut ProcessCluster, fault: &Fault, at: Instant) -> Resu
         }
     }
     Ok(())
-}
-
-/// Sets node `n`'s node-to-node delay (the node re-reads its delay file every 100 ms).
-fn set_delay(cluster: &ProcessCluster, n: u8, ms: u64) -> Result<(), ChaosError> {
-    let file = cluster.delay_file(n);
-    std::fs::write(&file, format!("{ms}\n"))
-        .map_err(|e| ChaosError::Setup(format!("{}: {e}", file.display())))
 }
 
 /// The nftables table every network fault lives in (one per node namespace).
