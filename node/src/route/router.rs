@@ -4,7 +4,8 @@
 //! [`Router::send`] delivers a group message to a local driver's mailbox when this node leads the
 //! group, and otherwise queues it for the leader's node ([`Peers`], batched). [`Router::propose`]
 //! and [`Router::read`] do the same for Raft proposals and linearizable reads, following "not the
-//! leader" answers and newer maps for a few hops. Nothing here waits on a lock while it sends.
+//! leader" answers, newer maps and their own replica's view of the group for up to
+//! [`FIND_LEADER_WITHIN`]. Nothing here waits on a lock while it sends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +20,45 @@ use crate::presence::GroupMessage;
 use crate::route::directory::Directory;
 use crate::route::peer::{Envelope, PeerRequest, PeerResponse, Peers, ReadAnswer, ReadQuery, Reroute};
 
-/// How many leaders a proposal or read tries before it gives up.
-const HOPS: usize = 5;
+/// How long a proposal or read keeps looking for its group's leader — through "not the
+/// leader" answers, an election, a node just restarted that has not caught up the map yet —
+/// before it answers `unavailable`: longer than an election, shorter than the SDK's 5 s request
+/// timeout.
+const FIND_LEADER_WITHIN: Duration = Duration::from_millis(3_000);
+
+/// The pause before attempt `hop` (none before the first): 40, 80, 160, then 250 ms.
+fn backoff(hop: u32) -> Duration {
+    Duration::from_millis((20u64 << hop.min(4)).min(250))
+}
+
+/// Attempts of one proposal or read: the first at once, the others after [`backoff`], until
+/// [`FIND_LEADER_WITHIN`] has passed.
+struct Attempts {
+    hop: u32,
+    deadline: tokio::time::Instant,
+}
+
+impl Attempts {
+    fn new() -> Self {
+        Attempts {
+            hop: 0,
+            deadline: tokio::time::Instant::now() + FIND_LEADER_WITHIN,
+        }
+    }
+
+    /// Waits for the next attempt; `false` once there is none left.
+    async fn next(&mut self) -> bool {
+        if self.hop > 0 {
+            let at = tokio::time::Instant::now() + backoff(self.hop);
+            if at > self.deadline {
+                return false;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+        self.hop += 1;
+        true
+    }
+}
 
 /// The node's router (see the module doc).
 pub struct Router {
@@ -103,15 +141,32 @@ impl Router {
         if group != META_GROUP && self.drivers.get(group).is_none() {
             return false;
         }
-        let raft = if group == META_GROUP {
-            self.host.meta().map(|m| m.raft().clone())
-        } else {
-            self.host.shard(group).map(|g| g.raft().clone())
-        };
-        raft.is_some_and(|r| {
+        self.replica(group).is_some_and(|r| {
             let m = r.metrics().borrow().clone();
             m.state.is_leader() && m.current_leader == Some(self.me)
         })
+    }
+
+    /// This node's replica of `group`, if it has one.
+    fn replica(&self, group: GroupId) -> Option<nearby_raft::Raft> {
+        if group == META_GROUP {
+            self.host.meta().map(|m| m.raft().clone())
+        } else {
+            self.host.shard(group).map(|g| g.raft().clone())
+        }
+    }
+
+    /// The node leading `group` if not this one, as best known: what this node's own replica
+    /// heard from Raft (first-hand, often ahead of the map on a node that just restarted) is
+    /// recorded in the directory first.
+    fn leader_elsewhere(&self, group: GroupId) -> Option<NodeId> {
+        if let Some(r) = self.replica(group) {
+            let m = r.metrics().borrow().clone();
+            if let Some(l) = m.current_leader.filter(|l| *l != self.me) {
+                self.directory.hint_leader(group, l, m.current_term);
+            }
+        }
+        self.directory.leader(group).filter(|l| *l != self.me)
     }
 
     /// Proposes `payload` at the leader of `group`, wherever it is; returns the entry's index
@@ -119,10 +174,8 @@ impl Router {
     /// with its error and never proposed.
     pub async fn propose(&self, group: GroupId, payload: Payload) -> Result<(u64, Reply), ServiceError> {
         let mut last = String::from("no leader known");
-        for hop in 0..HOPS {
-            if hop > 0 {
-                tokio::time::sleep(Duration::from_millis(20 << hop)).await;
-            }
+        let mut attempts = Attempts::new();
+        while attempts.next().await {
             if self.leads(group) {
                 match self.propose_here(group, payload.clone()).await {
                     Ok(r) => return Ok(r),
@@ -136,7 +189,7 @@ impl Router {
                     Err(e) => return Err(e.into()),
                 }
             }
-            let Some(leader) = self.directory.leader(group).filter(|l| *l != self.me) else {
+            let Some(leader) = self.leader_elsewhere(group) else {
                 last = format!("group {group} has no known leader");
                 continue;
             };
@@ -218,10 +271,8 @@ impl Router {
     /// Reads from `group` at its leader, seeing every acknowledged write.
     pub async fn read(&self, group: GroupId, query: ReadQuery) -> Result<ReadAnswer, ServiceError> {
         let mut last = String::from("no leader known");
-        for hop in 0..HOPS {
-            if hop > 0 {
-                tokio::time::sleep(Duration::from_millis(20 << hop)).await;
-            }
+        let mut attempts = Attempts::new();
+        while attempts.next().await {
             if self.leads(group) {
                 match self.read_here(group, &query).await {
                     Ok(a) => return Ok(a),
@@ -231,7 +282,8 @@ impl Router {
                     }
                 }
             }
-            let Some(leader) = self.directory.leader(group).filter(|l| *l != self.me) else {
+            let Some(leader) = self.leader_elsewhere(group) else {
+                last = format!("group {group} has no known leader");
                 continue;
             };
             let req = PeerRequest::Read {

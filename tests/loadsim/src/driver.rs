@@ -194,6 +194,9 @@ pub struct RunOutput {
     pub connect_phase: Duration,
     /// Errors, with when they happened and their code name.
     pub errors: Vec<(Micros, String)>,
+    /// The first [`KEPT_MESSAGES`] errors' full messages, with when they happened: where an
+    /// error came from, for a failed run's report.
+    pub error_messages: Vec<(Micros, String)>,
     /// Process readings at the start of the first step and the end of every step.
     pub readings: Vec<ProcReadings>,
     /// Schedule slots skipped because the previous update was still unanswered.
@@ -215,10 +218,13 @@ struct Live {
     latency: Mutex<Histogram<u64>>,
 }
 
-/// What every participant task shares.
+/// How many client errors' full messages a run keeps.
+pub const KEPT_MESSAGES: usize = 64;
+
 /// UDP endpoints the simulator's clients share.
 const SHARED_ENDPOINTS: usize = 4;
 
+/// What every participant task shares.
 pub(crate) struct Shared {
     pub(crate) t0: Instant,
     /// The wall clock at `t0` (UNIX ms): the nodes stamp positions with it.
@@ -229,6 +235,7 @@ pub(crate) struct Shared {
     sent: Vec<Mutex<Vec<SentUpdate>>>,
     live: Live,
     errors: Mutex<Vec<(Micros, String)>>,
+    error_messages: Mutex<Vec<(Micros, String)>>,
     late: AtomicU64,
     session: Mutex<Option<(f64, u32)>>,
     period_s: f64,
@@ -249,6 +256,10 @@ impl Shared {
     pub(crate) fn error(&self, e: &ClientError) {
         tracing::warn!(target: "nearby_loadsim::errors", error = %e, "client error");
         self.error_named(e.kind_name());
+        let mut kept = lock(&self.error_messages);
+        if kept.len() < KEPT_MESSAGES {
+            kept.push((self.now(), e.to_string()));
+        }
     }
 
     fn error_named(&self, code: &str) {
@@ -405,6 +416,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
             latency: Mutex::new(latency_histogram()),
         },
         errors: Mutex::new(Vec::new()),
+        error_messages: Mutex::new(Vec::new()),
         late: AtomicU64::new(0),
         session: Mutex::new(None),
         period_s: world.config().period_s,
@@ -563,6 +575,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let sent = shared.sent.iter().map(|s| lock(s).clone()).collect();
     let (radius_m, ttl_s) = lock(&shared.session).unwrap_or((8_000.0, 600));
     let errors = lock(&shared.errors).clone();
+    let error_messages = lock(&shared.error_messages).clone();
     let changes = std::mem::take(&mut *lock(&shared.changes));
     Ok(RunOutput {
         truth: Truth {
@@ -582,6 +595,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
         startups,
         connect_phase,
         errors,
+        error_messages,
         readings,
         late_slots: shared.late.load(Ordering::Relaxed),
         radius_m,

@@ -116,6 +116,8 @@ pub struct OperateReport {
     /// Client errors by second of the run (from the step's start) and code: when they came,
     /// against the commands' times.
     pub errors_by_second: Vec<(u64, String, u64)>,
+    /// The first client errors' messages, by second of the run as `errors_by_second`.
+    pub error_messages: Vec<(u64, String)>,
     /// Stops at which a node had handed all its leaderships over by itself (its log's "leads
     /// nothing now: stopping").
     pub handovers: usize,
@@ -125,12 +127,17 @@ impl OperateReport {
     /// Client errors from the first command on (those before are the load's start-up, not the
     /// operations': reported apart).
     pub fn errors_during_commands(&self) -> u64 {
-        let from = self.commands.first().map_or(u64::MAX, |c| c.at_s.floor() as u64);
+        let from = self.first_command_s();
         self.errors_by_second
             .iter()
             .filter(|(s, _, _)| *s >= from)
             .map(|(_, _, n)| n)
             .sum()
+    }
+
+    /// The second of the run the first command started in (none: never).
+    fn first_command_s(&self) -> u64 {
+        self.commands.first().map_or(u64::MAX, |c| c.at_s.floor() as u64)
     }
 
     /// Whether the run kept every promise (see the module doc).
@@ -162,6 +169,10 @@ impl OperateReport {
             "client errors from the first command on: {during} (at start-up: {})\n",
             all.saturating_sub(during)
         ));
+        let from = self.first_command_s();
+        for (at, message) in self.error_messages.iter().filter(|(at, _)| *at >= from).take(10) {
+            s.push_str(&format!("  [{at:4}s] {message}\n"));
+        }
         let r = &self.redirects;
         s.push_str(&format!(
             "redirects: {} in all; during the drain {} in {:.1} s ({:.1}/s on average, at most {:.0} in one second)\n\
@@ -460,6 +471,12 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
         replicas: done.replicas,
         crashes: done.crashes,
         errors_by_second: by_second.into_iter().map(|((s, c), n)| (s, c, n)).collect(),
+        error_messages: done
+            .out
+            .error_messages
+            .iter()
+            .map(|(at, m)| (at.saturating_sub(start) / 1_000_000, m.clone()))
+            .collect(),
         handovers,
     })
 }
