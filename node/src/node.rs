@@ -23,7 +23,7 @@ use nearby_raft::{HostConfig, NodeId, NodeInfo, Payload, RaftHost, Reply};
 
 use crate::api::ServiceConfig;
 use crate::auth::{TokenSigner, TokenVerifier};
-use crate::clock::Clock;
+use crate::clock::{Clock, OffsetClock};
 use crate::cluster::{Bootstrap, Cluster, ClusterOptions};
 use crate::gateway::Gateway;
 use crate::service::tls::ServerTls;
@@ -156,7 +156,7 @@ pub struct Node {
 
 impl Node {
     /// Starts the node (see the start order in the module doc).
-    pub async fn start(opts: NodeOptions) -> Result<Node, NodeError> {
+    pub async fn start(mut opts: NodeOptions) -> Result<Node, NodeError> {
         let shed = opts.service.shed;
         let mut sopts = ServiceOptions::new(opts.client_listen, opts.server_tls, opts.verifier);
         sopts.dev_signer = opts.dev_signer;
@@ -190,7 +190,10 @@ impl Node {
         }
         let host = Arc::new(RaftHost::start(hc).await?);
         if let Some(file) = std::env::var_os(FAULT_DELAY_ENV) {
-            watch_fault_delay(&host, file.into());
+            // Every part of the node reads time through this clock from here on.
+            let clock = Arc::new(OffsetClock::new(Arc::clone(&opts.clock)));
+            opts.clock = Arc::clone(&clock) as Arc<dyn Clock>;
+            watch_faults(&host, clock, file.into());
         }
         let info = NodeInfo::new(
             host.addr(),
@@ -385,38 +388,62 @@ impl Node {
 /// stop timeout must be longer: the recipes in `deploy/` give 60 s).
 pub const HANDOVER_WITHIN: Duration = Duration::from_secs(20);
 
-/// Names a file that injects faults into this node's requests to other nodes (re-read every
-/// 100 ms; missing or empty: none): a number of milliseconds that delays every request, then
-/// optionally `cut` and the Raft addresses of peers this node sends nothing to — e.g.
-/// `0 cut 127.0.0.2:7401 127.0.0.3:7401`. For fault tests only (`tests/faults/`, the cluster
-/// tests, `docs/reliability.md`): a slow network where the kernel has no netem, a partition
-/// where the nodes share one host.
+/// Names a file that injects faults into this node (re-read every 100 ms; missing or empty:
+/// none): a number of milliseconds that delays every request to other nodes, then optionally
+/// `skew` and a signed number of milliseconds this node's clock is moved by, then optionally
+/// `cut` and the Raft addresses of peers this node sends nothing to — e.g.
+/// `0 skew -30000 cut 127.0.0.2:7401 127.0.0.3:7401`. For fault tests only (`tests/faults/`,
+/// the cluster tests, `docs/reliability.md`): a slow network where the kernel has no netem, a
+/// clock stepped by a misbehaving time source, a partition where the nodes share one host.
 pub const FAULT_DELAY_ENV: &str = "NEARBY_FAULT_DELAY_FILE";
 
-/// The faults a [`FAULT_DELAY_ENV`] file asks for: the delay and the peers cut off. Anything
-/// unreadable counts as no fault.
-fn parse_faults(text: &str) -> (Duration, Vec<std::net::SocketAddr>) {
-    let mut words = text.split_whitespace();
+/// What a [`FAULT_DELAY_ENV`] file asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Faults {
+    /// Every request to another node held this long.
+    delay: Duration,
+    /// The node's clock moved by this many milliseconds.
+    skew_ms: i64,
+    /// Peers (Raft addresses) this node sends nothing to.
+    cut: Vec<SocketAddr>,
+}
+
+/// Reads a [`FAULT_DELAY_ENV`] file's text. Anything unreadable counts as no fault.
+fn parse_faults(text: &str) -> Faults {
+    let mut words = text.split_whitespace().peekable();
     let ms = words.next().and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
-    let cut = match words.next() {
-        Some("cut") => words.filter_map(|w| w.parse().ok()).collect(),
-        _ => Vec::new(),
+    let mut faults = Faults {
+        delay: Duration::from_millis(ms),
+        ..Faults::default()
     };
-    (Duration::from_millis(ms), cut)
+    if words.peek() == Some(&"skew") {
+        words.next();
+        faults.skew_ms = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    }
+    if words.next() == Some("cut") {
+        faults.cut = words.filter_map(|w| w.parse().ok()).collect();
+    }
+    faults
 }
 
 /// Follows the [`FAULT_DELAY_ENV`] file for as long as the runtime runs.
-fn watch_fault_delay(host: &Arc<RaftHost>, file: std::path::PathBuf) {
-    tracing::warn!(file = %file.display(), "fault injection: node-to-node requests delayed or cut as that file says");
+fn watch_faults(host: &Arc<RaftHost>, clock: Arc<OffsetClock>, file: std::path::PathBuf) {
+    tracing::warn!(file = %file.display(), "fault injection: node-to-node requests delayed or cut, the clock moved, as that file says");
     let transport = Arc::clone(host.transport());
     tokio::spawn(async move {
-        let mut now = (Duration::ZERO, Vec::new());
+        let mut now = Faults::default();
         loop {
             let want = parse_faults(&std::fs::read_to_string(&file).unwrap_or_default());
             if want != now {
-                tracing::warn!(delay_ms = want.0.as_millis() as u64, cut = ?want.1, "fault injection: changed");
-                transport.set_send_delay(want.0);
-                transport.set_cut(want.1.clone());
+                tracing::warn!(
+                    delay_ms = want.delay.as_millis() as u64,
+                    skew_ms = want.skew_ms,
+                    cut = ?want.cut,
+                    "fault injection: changed"
+                );
+                transport.set_send_delay(want.delay);
+                transport.set_cut(want.cut.clone());
+                clock.set_offset(want.skew_ms);
                 now = want;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -429,18 +456,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_fault_file_gives_a_delay_and_the_peers_cut_off() {
-        assert_eq!(parse_faults(""), (Duration::ZERO, vec![]));
-        assert_eq!(parse_faults("250\n"), (Duration::from_millis(250), vec![]));
-        let (delay, cut) = parse_faults("0 cut 127.0.0.2:7401 nonsense 127.0.0.3:7401");
-        assert_eq!(delay, Duration::ZERO);
+    fn a_fault_file_gives_a_delay_a_clock_offset_and_the_peers_cut_off() {
+        assert_eq!(parse_faults(""), Faults::default());
+        assert_eq!(parse_faults("250\n").delay, Duration::from_millis(250));
+        let f = parse_faults("0 cut 127.0.0.2:7401 nonsense 127.0.0.3:7401");
+        assert_eq!((f.delay, f.skew_ms), (Duration::ZERO, 0));
         assert_eq!(
-            cut,
+            f.cut,
             vec![
                 "127.0.0.2:7401".parse::<std::net::SocketAddr>().expect("addr"),
                 "127.0.0.3:7401".parse().expect("addr")
             ]
         );
-        assert_eq!(parse_faults("soon cut 127.0.0.2:7401").0, Duration::ZERO);
+        assert_eq!(parse_faults("soon cut 127.0.0.2:7401").delay, Duration::ZERO);
+        let f = parse_faults("40 skew -30000 cut 127.0.0.2:7401");
+        assert_eq!((f.delay, f.skew_ms), (Duration::from_millis(40), -30_000));
+        assert_eq!(f.cut.len(), 1);
+        assert_eq!(parse_faults("0 skew 2500\n").skew_ms, 2_500);
     }
 }

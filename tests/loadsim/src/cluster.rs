@@ -242,6 +242,17 @@ impl Netns {
     }
 }
 
+/// The faults a node injects into itself (see [`ProcessCluster::set_faults`]).
+#[derive(Clone, Debug, Default)]
+pub struct NodeFaults {
+    /// Its requests to other nodes held up to this long, ms.
+    pub delay_ms: u64,
+    /// Its clock moved by this much, ms.
+    pub skew_ms: i64,
+    /// The nodes it sends nothing to.
+    pub cut: Vec<u8>,
+}
+
 /// The cluster (see the module doc).
 pub struct ProcessCluster {
     opts: ClusterOptions,
@@ -473,18 +484,27 @@ impl ProcessCluster {
                 (true, true) => (1..=self.size()).filter(|k| *k != i).collect(),
                 (true, false) => vec![i],
             };
-            self.set_faults(j, 0, &peers)?;
+            self.set_faults(
+                j,
+                &NodeFaults {
+                    cut: peers,
+                    ..NodeFaults::default()
+                },
+            )?;
         }
         Ok(())
     }
 
-    /// Writes node `i`'s fault file ([`nearby_node::node::FAULT_DELAY_ENV`]): its requests to
-    /// other nodes held up to `delay_ms`, none sent to the nodes `cut`.
-    pub fn set_faults(&self, i: u8, delay_ms: u64, cut: &[u8]) -> Result<(), ClusterError> {
-        let mut text = delay_ms.to_string();
-        if !cut.is_empty() {
+    /// Writes node `i`'s fault file ([`nearby_node::node::FAULT_DELAY_ENV`]): what it replaces
+    /// heals.
+    pub fn set_faults(&self, i: u8, faults: &NodeFaults) -> Result<(), ClusterError> {
+        let mut text = faults.delay_ms.to_string();
+        if faults.skew_ms != 0 {
+            text.push_str(&format!(" skew {}", faults.skew_ms));
+        }
+        if !faults.cut.is_empty() {
             text.push_str(" cut");
-            for k in cut {
+            for k in &faults.cut {
                 text.push_str(&format!(" {}", self.raft_addr(*k)));
             }
         }

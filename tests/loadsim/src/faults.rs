@@ -19,7 +19,8 @@
 //! (one way); random loss of a share of every node's incoming packets; a full disk on one node
 //! (its data on a small tmpfs, filled for real); every node-to-node request held up to 250 ms
 //! and reordered (the nodes' test-only delay, `NEARBY_FAULT_DELAY_FILE`: this kernel has no
-//! netem). The network faults are nftables rules and link
+//! netem); one node's clock stepped a second to a minute forward or back, then back (the same
+//! file moves the node's injected clock). The network faults are nftables rules and link
 //! states inside the nodes' namespaces; the clients (this process) reach every node throughout.
 
 use std::collections::BTreeMap;
@@ -34,7 +35,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::chaos::{self, say, ChaosError, LoadSetup, ReplicaCheck, ServedAgain};
-use crate::cluster::ProcessCluster;
+use crate::cluster::{NodeFaults, ProcessCluster};
 use crate::oracle::Micros;
 use crate::report::Report;
 
@@ -58,11 +59,13 @@ pub enum FaultKind {
     Delay,
     /// The node's data disk filled, then freed.
     DiskFull,
+    /// The node's clock stepped forward or back, then back to the true time.
+    ClockJump,
 }
 
 impl FaultKind {
     /// Every kind, in order.
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::Isolate,
@@ -71,6 +74,7 @@ impl FaultKind {
         FaultKind::Loss,
         FaultKind::Delay,
         FaultKind::DiskFull,
+        FaultKind::ClockJump,
     ];
 
     /// Whether it needs the nodes in their own network namespaces.
@@ -91,6 +95,7 @@ impl FaultKind {
             FaultKind::Loss => "loss",
             FaultKind::Delay => "delay",
             FaultKind::DiskFull => "disk-full",
+            FaultKind::ClockJump => "clock",
         }
     }
 }
@@ -125,6 +130,8 @@ pub struct Fault {
     pub loss_percent: u8,
     /// For delay: the most a request is held, ms.
     pub delay_ms: u64,
+    /// For a clock jump: how far, ms (negative: back).
+    pub skew_ms: i64,
 }
 
 impl fmt::Display for Fault {
@@ -133,6 +140,7 @@ impl fmt::Display for Fault {
         match self.kind {
             FaultKind::Loss => write!(f, " ({} % loss)", self.loss_percent)?,
             FaultKind::Delay => write!(f, " (up to {} ms)", self.delay_ms)?,
+            FaultKind::ClockJump => write!(f, " ({:+} ms)", self.skew_ms)?,
             _ => {}
         }
         Ok(())
@@ -188,6 +196,8 @@ pub fn schedule(
             hold_ms: rng.random_range(lo..=hi),
             loss_percent: rng.random_range(5..=25),
             delay_ms: rng.random_range(20..=250),
+            // NTP steps, a VM resumed, a bad time source: a second to a minute, either way.
+            skew_ms: rng.random_range(1_000..=60_000) * if rng.random_bool(0.5) { 1 } else { -1 },
         });
     }
     out
@@ -371,10 +381,12 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
         }
         None => 1,
     };
-    if config.kinds.contains(&FaultKind::Delay) && !setup.delay_files {
-        return Err(ChaosError::Setup(
-            "the delay fault needs the nodes' delay files".into(),
-        ));
+    for k in [FaultKind::Delay, FaultKind::ClockJump] {
+        if config.kinds.contains(&k) && !setup.delay_files {
+            return Err(ChaosError::Setup(format!(
+                "the {k} fault needs the nodes' fault files"
+            )));
+        }
     }
     let plan = schedule(
         setup.seed,
@@ -508,13 +520,26 @@ async fn apply(cluster: &mut ProcessCluster, fault: &Fault, at: Instant) -> Resu
             }
         }
         FaultKind::Delay => {
+            let delayed = NodeFaults {
+                delay_ms: fault.delay_ms,
+                ..NodeFaults::default()
+            };
             for n in &fault.nodes {
-                cluster.set_faults(*n, fault.delay_ms, &[])?;
+                cluster.set_faults(*n, &delayed)?;
             }
             tokio::time::sleep_until(until).await;
             for n in &fault.nodes {
-                cluster.set_faults(*n, 0, &[])?;
+                cluster.set_faults(*n, &NodeFaults::default())?;
             }
+        }
+        FaultKind::ClockJump => {
+            let jumped = NodeFaults {
+                skew_ms: fault.skew_ms,
+                ..NodeFaults::default()
+            };
+            cluster.set_faults(node, &jumped)?;
+            tokio::time::sleep_until(until).await;
+            cluster.set_faults(node, &NodeFaults::default())?;
         }
         FaultKind::DiskFull => {
             let fill = cluster.data(node).join("fault-fill");
@@ -734,6 +759,9 @@ mod tests {
                 FaultKind::Loss | FaultKind::Delay => assert_eq!(f.nodes, vec![1, 2, 3, 4, 5]),
                 FaultKind::DiskFull => assert_eq!(f.nodes, vec![2]),
                 _ => assert!(f.nodes.len() == 1 && (1..=5).contains(&f.nodes[0])),
+            }
+            if f.kind == FaultKind::ClockJump {
+                assert!((1_000..=60_000).contains(&f.skew_ms.abs()), "{f}");
             }
         }
     }

@@ -192,7 +192,7 @@ struct FaultsArgs {
     #[arg(long, default_value_t = 20)]
     faults: u32,
     /// Kinds of fault, comma-separated (kill, pause, isolate, partition, one-way, loss, delay,
-    /// disk-full); all by default.
+    /// disk-full, clock); all by default.
     #[arg(long, value_delimiter = ',')]
     kinds: Vec<nearby_loadsim::faults::FaultKind>,
     /// Node `i` runs in the network namespace PREFIXi (made beforehand: `tests/faults/run.sh`).
@@ -852,7 +852,7 @@ fn faults(args: FaultsArgs) -> anyhow::Result<ExitCode> {
             host,
         ));
     }
-    load.delay_files = kinds.contains(&FaultKind::Delay);
+    load.delay_files = kinds.contains(&FaultKind::Delay) || kinds.contains(&FaultKind::ClockJump);
     if kinds.contains(&FaultKind::DiskFull) {
         load.small_disk = Some((args.disk_node, args.disk_mib << 20));
     }
