@@ -237,6 +237,7 @@ pub async fn run(
         Arc::new(SystemClock),
     );
     nopts.client_listen = opts.listen;
+    nopts.guard_clock = true;
     nopts.raft_listen = opts.raft_listen;
     nopts.dev_signer = Some(signer);
     nopts.transport = opts.transport;

@@ -421,6 +421,7 @@ async fn run_node(
         Arc::new(nearby_node::clock::SystemClock),
     );
     opts.client_listen = config.listen;
+    opts.guard_clock = true;
     opts.raft_listen = config.raft_listen;
     opts.client_advertise = config.client_advertise();
     opts.raft_advertise = config.raft_advertise();

@@ -23,7 +23,7 @@ use nearby_raft::{HostConfig, NodeId, NodeInfo, Payload, RaftHost, Reply};
 
 use crate::api::ServiceConfig;
 use crate::auth::{TokenSigner, TokenVerifier};
-use crate::clock::{Clock, OffsetClock};
+use crate::clock::{Clock, GuardedClock, OffsetClock};
 use crate::cluster::{Bootstrap, Cluster, ClusterOptions};
 use crate::gateway::Gateway;
 use crate::service::tls::ServerTls;
@@ -58,6 +58,10 @@ pub struct NodeOptions {
     pub service: ServiceConfig,
     /// The clock (tests inject a manual one).
     pub clock: Arc<dyn Clock>,
+    /// Read `clock` through a [`GuardedClock`] that ignores its steps unless the other nodes
+    /// confirm them (`crate::clock`): on for a real node (`nearby-node run` and `dev`); off by
+    /// default, so a test's manual clock moves when the test moves it.
+    pub guard_clock: bool,
     /// QUIC transport settings of the client service.
     pub transport: crate::service::tls::Transport,
     /// What carries the client service's connections.
@@ -116,6 +120,7 @@ impl NodeOptions {
             wal: Default::default(),
             abuse: Default::default(),
             hello_timeout: Duration::from_secs(10),
+            guard_clock: false,
         }
     }
 }
@@ -189,11 +194,18 @@ impl Node {
             hc.raft = raft;
         }
         let host = Arc::new(RaftHost::start(hc).await?);
+        // Every part of the node reads time through `opts.clock` from here on: the source (the
+        // system's), moved by the fault file in fault tests, guarded against steps.
         if let Some(file) = std::env::var_os(FAULT_DELAY_ENV) {
-            // Every part of the node reads time through this clock from here on.
             let clock = Arc::new(OffsetClock::new(Arc::clone(&opts.clock)));
             opts.clock = Arc::clone(&clock) as Arc<dyn Clock>;
             watch_faults(&host, clock, file.into());
+        }
+        let clock_guard = opts
+            .guard_clock
+            .then(|| Arc::new(GuardedClock::new(Arc::clone(&opts.clock))));
+        if let Some(g) = &clock_guard {
+            opts.clock = Arc::clone(g) as Arc<dyn Clock>;
         }
         let info = NodeInfo::new(
             host.addr(),
@@ -210,6 +222,7 @@ impl Node {
             bootstrap: opts.bootstrap,
             sessions: Arc::clone(&sessions),
             clock: Arc::clone(&opts.clock),
+            clock_guard,
             service: opts.service.clone(),
             metrics: Arc::clone(&metrics),
         })

@@ -301,6 +301,20 @@ pub(super) fn render_node_metrics(c: &Cluster, s: &NodeStats, out: &mut String) 
         "1 while the data disk is below limits.min_free_disk_mb free (changes that add data are refused).",
         if wal.space_low().is_some() { 1.0 } else { 0.0 },
     );
+    if let Some(clock) = c.clock_status() {
+        gauge(
+            out,
+            "nearby_clock_holding",
+            "1 while the node ignores a step of its system clock that the other nodes do not confirm, or keeps the cluster's time.",
+            if clock.holding { 1.0 } else { 0.0 },
+        );
+        gauge(
+            out,
+            "nearby_clock_offset_ms",
+            "The node's time minus its system clock's, ms (0 while it follows the system clock).",
+            clock.offset_ms as f64,
+        );
+    }
     gauge(
         out,
         "nearby_groups_led",

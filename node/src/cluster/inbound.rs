@@ -261,6 +261,9 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
         }
         PeerRequest::Operations => PeerResponse::Operations(c.operations().list()),
         PeerRequest::Invite { seeds, dry_run } => c.answer_invitation(from, seeds, dry_run),
+        PeerRequest::Clock => PeerResponse::Clock {
+            now_ms: c.clock().now().0,
+        },
         PeerRequest::Compact { group } => match c.host().shard(group) {
             Some(g) if c.router().leads(group) => match g.compact(COMPACT_TIMEOUT).await {
                 Ok(_) => PeerResponse::Done,

@@ -32,6 +32,7 @@
 //! - [`rebalance`]: evening out the leaders' load (`nodectl rebalance`), as a pure planner and a
 //!   pace.
 
+pub mod clocks;
 pub mod identity;
 pub mod inbound;
 pub mod invite;
@@ -167,6 +168,8 @@ pub struct Cluster {
     invitation: Mutex<invite::Invitation>,
     /// The client service's counters.
     metrics: Arc<crate::metrics::ServiceMetrics>,
+    /// The node's clock guard, if it has one (see `clocks`).
+    clock_guard: Option<Arc<crate::clock::GuardedClock>>,
 }
 
 /// What [`Cluster::start`] needs.
@@ -183,6 +186,8 @@ pub struct ClusterOptions {
     pub sessions: Arc<Sessions>,
     /// The node's clock.
     pub clock: Arc<dyn crate::clock::Clock>,
+    /// The guard `clock` reads through, if any: fed the other nodes' offsets (see `clocks`).
+    pub clock_guard: Option<Arc<crate::clock::GuardedClock>>,
     /// Client-facing settings (drivers use them).
     pub service: crate::api::ServiceConfig,
     /// The node's location history.
@@ -271,6 +276,7 @@ impl Cluster {
             ops: ops::Operations::new(me),
             invitation: Mutex::new(invite::Invitation::NotWaiting),
             metrics: opts.metrics,
+            clock_guard: opts.clock_guard,
         });
         cluster
             .host
@@ -293,6 +299,16 @@ impl Cluster {
         cluster.check_against_map()?;
         cluster.spawn_tasks();
         Ok(cluster)
+    }
+
+    /// The node's clock.
+    pub fn clock(&self) -> &Arc<dyn crate::clock::Clock> {
+        &self.driver_ctx.clock
+    }
+
+    /// What the node's clock guard does, if it has one.
+    pub fn clock_status(&self) -> Option<crate::clock::ClockStatus> {
+        self.clock_guard.as_ref().map(|g| g.status())
     }
 
     /// The node's directory.
@@ -444,6 +460,7 @@ impl Cluster {
         tasks.push(tokio::spawn(Arc::clone(self).place()));
         tasks.push(tokio::spawn(Arc::clone(self).follow_splits()));
         tasks.push(tokio::spawn(Arc::clone(self).come_back()));
+        tasks.push(tokio::spawn(Arc::clone(self).check_clocks()));
     }
 
     /// Carries out what splits ask of this node (see `docs/architecture.md`, "Splitting a

@@ -253,6 +253,9 @@ pub enum PeerRequest {
         /// Only answer with the node's id and addresses.
         dry_run: bool,
     },
+    /// The receiver's wall time (see `cluster::clocks`). Last of the requests: a node that
+    /// does not know it fails to decode only this request.
+    Clock,
 }
 
 /// What a merge needs to know of a group ([`ReadQuery::MergeState`]).
@@ -503,6 +506,11 @@ pub enum PeerResponse {
         node: NodeId,
         /// Its addresses.
         info: NodeInfo,
+    },
+    /// The answer to [`PeerRequest::Clock`]: the node's time, ms since the epoch.
+    Clock {
+        /// Its time.
+        now_ms: u64,
     },
 }
 

@@ -1,13 +1,13 @@
 //! The product beyond friends on three processes: a ghost timer that ends by itself on the
 //! node that leads the group after its first leader was killed, and strangers seen and
-//! retracted across nodes.
+//! retracted across nodes; a ghost timer that a node's clock jumping ahead does not end.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nearby_client::proto::{Event, GhostMode};
-use nearby_loadsim::cluster::ProcessCluster;
+use nearby_loadsim::cluster::{NodeFaults, ProcessCluster};
 
-use crate::util::{befriend, cluster, retrying, viewer, Viewer};
+use crate::util::{befriend, cluster, cluster_with_cuts, retrying, viewer, Viewer};
 
 const A: (f64, f64) = (52.5200, 13.4050);
 const B: (f64, f64) = (52.5470, 13.4050);
@@ -191,4 +191,76 @@ impl Viewer {
             self.user
         );
     }
+}
+
+/// A timed ghost mode is a promise in people's time: the node leading the user's group having
+/// its system clock stepped a minute ahead must not end it (without the clock guard, the
+/// node's next tick ended it and the friend saw the user at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_jumps_ahead_ends_no_ghost_mode_early() {
+    let _serial = crate::util::one_at_a_time().await;
+    let (c, _dir) = cluster_with_cuts(3, 3).await;
+    let (ga, gc) = groups_on_two_nodes(&c);
+    let (ann, carl) = (c.user_in(ga, 21).expect("user"), c.user_in(gc, 22).expect("user"));
+    let mut a = viewer(&c, ann).await;
+    let cl = viewer(&c, carl).await;
+    a.at(A.0, A.1).await;
+    cl.at(B.0, B.1).await;
+    befriend(&a, &cl).await;
+    a.expect_about(carl, Duration::from_secs(10), |e| {
+        matches!(e, Event::FriendEntered(_))
+    })
+    .await;
+    let until = retrying("ghost", || cl.client.set_ghost(GhostMode::For { seconds: 20 }))
+        .await
+        .expect("ghost on");
+    a.expect_about(carl, Duration::from_secs(5), |e| {
+        matches!(e, Event::FriendGone { .. })
+    })
+    .await;
+
+    let leader = c.leader(gc).expect("a leader") as u8;
+    c.set_faults(
+        leader,
+        &NodeFaults {
+            skew_ms: 60_000,
+            ..NodeFaults::default()
+        },
+    )
+    .expect("fault file");
+    // The node reads its fault file every 100 ms and ticks every second; carl keeps moving, and
+    // each of his locations would reach ann if his ghost mode had ended.
+    let watch_until = Instant::now() + Duration::from_secs(4);
+    let mut step = 0.0;
+    while Instant::now() < watch_until {
+        step += 0.0005;
+        cl.at(B.0, B.1 + step).await;
+        if let Some(e) = a.next_within(Duration::from_millis(400)).await {
+            assert_ne!(
+                e.friend(),
+                Some(carl),
+                "carl shown during his ghost mode by a clock a minute ahead: {e:?}"
+            );
+        }
+    }
+    let page = retrying("page", || a.client.list_nearby(None, None)).await;
+    assert!(page.friends.iter().all(|f| f.id != carl), "{page:?}");
+    assert!(
+        !c.logged_ever("the system clock stepped").is_empty(),
+        "the node never noticed its clock's step"
+    );
+
+    // Healed: the ghost mode still ends on time by the true clock.
+    c.set_faults(leader, &NodeFaults::default()).expect("fault file");
+    let back = a
+        .expect_about(carl, Duration::from_secs(30), |e| {
+            matches!(e, Event::FriendEntered(_))
+        })
+        .await;
+    let at = now_ms();
+    assert!(
+        at + 500 >= until.0,
+        "carl was back {} ms before his ghost mode ended: {back:?}",
+        until.0.saturating_sub(at)
+    );
 }
