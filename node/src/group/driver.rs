@@ -583,8 +583,9 @@ impl Driver {
                     "the change is committed and will take effect, but not every viewer's node confirmed it in time",
                 ))
             };
-            for w in b.waiters {
-                let _ = w.send(result.clone());
+            // Behind whatever the lease still holds (see `lease::Answer::Settled`).
+            if !b.waiters.is_empty() {
+                self.emit(Item::Answer(Answer::Settled(b.waiters, result)));
             }
         }
     }

@@ -1,6 +1,8 @@
 //! The read lease of a led group: nothing derived from the group's live state leaves its driver —
 //! no event to a session, no message to another group, no acknowledgement, no page — unless this
-//! node is known to lead the group at that moment.
+//! node is known to lead the group at that moment. Everything leaves in the order it was made,
+//! the answers to authors of visibility-ending changes included: an author is never told before
+//! an event or page made earlier has left.
 //!
 //! A deposed leader learns that it was deposed only when it hears of the new term. Cut off from
 //! its quorum (a partition, a one-way cut) or frozen (a paused process, a long GC-like stall), it
@@ -76,6 +78,14 @@ pub enum Answer {
         oneshot::Sender<Result<StrangerPage, ServiceError>>,
         Result<StrangerPage, ServiceError>,
     ),
+    /// A visibility-ending change settled (its revocations confirmed, or not in time): its
+    /// author is told only after everything this group made before has left — a page or an
+    /// event about the author made before the change must not reach a viewer after the author
+    /// was told it ended.
+    Settled(
+        Vec<oneshot::Sender<Result<(), ServiceError>>>,
+        Result<(), ServiceError>,
+    ),
 }
 
 impl Answer {
@@ -85,6 +95,11 @@ impl Answer {
             Answer::Location(tx, r) => drop(tx.send(r)),
             Answer::Page(tx, r) => drop(tx.send(r)),
             Answer::Strangers(tx, r) => drop(tx.send(r)),
+            Answer::Settled(waiters, r) => {
+                for w in waiters {
+                    let _ = w.send(r.clone());
+                }
+            }
         }
     }
 
@@ -95,6 +110,11 @@ impl Answer {
             Answer::Location(tx, _) => drop(tx.send(Err(gone()))),
             Answer::Page(tx, _) => drop(tx.send(Err(gone()))),
             Answer::Strangers(tx, _) => drop(tx.send(Err(gone()))),
+            Answer::Settled(waiters, _) => {
+                for w in waiters {
+                    let _ = w.send(Err(gone()));
+                }
+            }
         }
     }
 }
