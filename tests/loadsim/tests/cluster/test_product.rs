@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nearby_client::proto::{Event, GhostMode};
+use nearby_client::{Millis, UserId};
 use nearby_loadsim::cluster::{NodeFaults, ProcessCluster};
 
 use crate::util::{befriend, cluster, cluster_with_cuts, retrying, viewer, Viewer};
@@ -74,18 +75,7 @@ async fn a_ghost_timer_ends_by_itself_after_a_leader_change_and_strangers_cross_
     assert!(page.strangers.is_empty(), "{page:?}");
 
     // --- a timed ghost mode outlives its group's leader.
-    befriend(&a, &cl).await;
-    a.expect_about(carl, Duration::from_secs(10), |e| {
-        matches!(e, Event::FriendEntered(_))
-    })
-    .await;
-    let until = retrying("ghost", || cl.client.set_ghost(GhostMode::For { seconds: 15 }))
-        .await
-        .expect("ghost on");
-    a.expect_about(carl, Duration::from_secs(5), |e| {
-        matches!(e, Event::FriendGone { .. })
-    })
-    .await;
+    let until = befriend_then_ghost(&mut a, &cl, 15).await;
     let victim = c.leader(gc).expect("leader") as u8;
     assert_ne!(c.leader(ga), Some(u64::from(victim)));
     c.kill(victim);
@@ -101,17 +91,7 @@ async fn a_ghost_timer_ends_by_itself_after_a_leader_change_and_strangers_cross_
         now_ms() + 2_000 < until.0,
         "the failover took too long to show anything: the ghost mode is almost over"
     );
-    let back = a
-        .expect_about(carl, Duration::from_secs(30), |e| {
-            matches!(e, Event::FriendEntered(_))
-        })
-        .await;
-    let at = now_ms();
-    assert!(
-        at + 500 >= until.0,
-        "carl was back {} ms before his ghost mode ended: {back:?}",
-        until.0 - at
-    );
+    back_once_the_ghost_mode_ends(&mut a, carl, until).await;
 
     // --- a history deletion the killed node missed: it purges its files once back.
     let dirs: Vec<std::path::PathBuf> = (1..=3).map(|n| c.data(n).join("history")).collect();
@@ -206,18 +186,7 @@ async fn a_node_whose_clock_jumps_ahead_ends_no_ghost_mode_early() {
     let cl = viewer(&c, carl).await;
     a.at(A.0, A.1).await;
     cl.at(B.0, B.1).await;
-    befriend(&a, &cl).await;
-    a.expect_about(carl, Duration::from_secs(10), |e| {
-        matches!(e, Event::FriendEntered(_))
-    })
-    .await;
-    let until = retrying("ghost", || cl.client.set_ghost(GhostMode::For { seconds: 20 }))
-        .await
-        .expect("ghost on");
-    a.expect_about(carl, Duration::from_secs(5), |e| {
-        matches!(e, Event::FriendGone { .. })
-    })
-    .await;
+    let until = befriend_then_ghost(&mut a, &cl, 20).await;
 
     let leader = c.leader(gc).expect("a leader") as u8;
     c.set_faults(
@@ -252,15 +221,39 @@ async fn a_node_whose_clock_jumps_ahead_ends_no_ghost_mode_early() {
 
     // Healed: the ghost mode still ends on time by the true clock.
     c.set_faults(leader, &NodeFaults::default()).expect("fault file");
+    back_once_the_ghost_mode_ends(&mut a, carl, until).await;
+}
+
+/// Makes `a` and `ghost` friends, then puts `ghost` in a ghost mode of `seconds`; returns when it
+/// ends, once `a` was told `ghost` went.
+async fn befriend_then_ghost(a: &mut Viewer, ghost: &Viewer, seconds: u64) -> Millis {
+    befriend(a, ghost).await;
+    a.expect_about(ghost.user, Duration::from_secs(10), |e| {
+        matches!(e, Event::FriendEntered(_))
+    })
+    .await;
+    let until = retrying("ghost", || ghost.client.set_ghost(GhostMode::For { seconds }))
+        .await
+        .expect("ghost on");
+    a.expect_about(ghost.user, Duration::from_secs(5), |e| {
+        matches!(e, Event::FriendGone { .. })
+    })
+    .await;
+    until
+}
+
+/// Waits until `a` sees `friend` again by itself, and checks it was not before `until`, when
+/// the friend's ghost mode ended.
+async fn back_once_the_ghost_mode_ends(a: &mut Viewer, friend: UserId, until: Millis) {
     let back = a
-        .expect_about(carl, Duration::from_secs(30), |e| {
+        .expect_about(friend, Duration::from_secs(30), |e| {
             matches!(e, Event::FriendEntered(_))
         })
         .await;
     let at = now_ms();
     assert!(
         at + 500 >= until.0,
-        "carl was back {} ms before his ghost mode ended: {back:?}",
+        "{friend} was back {} ms before the ghost mode ended: {back:?}",
         until.0.saturating_sub(at)
     );
 }
