@@ -281,6 +281,11 @@ impl HistoryStore {
         })
     }
 
+    /// Whether a failure poisoned the store: it must be dropped and opened again.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
     /// What [`open`](Self::open) found and repaired.
     pub fn recovery(&self) -> &RecoveryReport {
         &self.recovery

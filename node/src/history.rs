@@ -87,8 +87,15 @@ struct GroupHistory {
     dir: PathBuf,
     config: StoreConfig,
     store: Mutex<Option<HistoryStore>>,
+    /// When a failure last poisoned the store (it is opened again [`REOPEN_AFTER`] later).
+    poisoned_at: Mutex<Option<std::time::Instant>>,
     jobs: mpsc::UnboundedSender<Job>,
 }
+
+/// How long after a failure poisoned a group's store (a full disk, a failed sync) it is opened
+/// again from its files: recovery cuts off what the failure left half-written, and writes go on
+/// once there is room, with no restart.
+const REOPEN_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl GroupHistory {
     /// Runs `f` on the store, opening it first if needed (blocking: call off the async workers).
@@ -97,16 +104,31 @@ impl GroupHistory {
         f: impl FnOnce(&mut HistoryStore) -> Result<T, HistoryError>,
     ) -> Result<T, HistoryError> {
         let mut slot = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut poisoned_at = self.poisoned_at.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
+            if let Some(at) = *poisoned_at {
+                if at.elapsed() < REOPEN_AFTER {
+                    return Err(HistoryError::Poisoned {
+                        why: "a write failed; the store opens again in a moment".into(),
+                    });
+                }
+            }
             let store = HistoryStore::open(&self.dir, self.config.clone())?;
             let report = store.recovery();
             tracing::info!(dir = %self.dir.display(), ?report, "history store opened");
             *slot = Some(store);
         }
-        match slot.as_mut() {
-            Some(store) => f(store),
-            None => unreachable!("opened above"),
+        let Some(store) = slot.as_mut() else {
+            unreachable!("opened above")
+        };
+        let result = f(store);
+        if store.is_poisoned() {
+            // Dropped now, opened again from its files on a later call.
+            tracing::warn!(dir = %self.dir.display(), "history store poisoned: opening it again in {REOPEN_AFTER:?}");
+            *slot = None;
+            *poisoned_at = Some(std::time::Instant::now());
         }
+        result
     }
 }
 
@@ -173,6 +195,7 @@ impl History {
             dir: self.dir.join(format!("g{group}")),
             config,
             store: Mutex::new(None),
+            poisoned_at: Mutex::new(None),
             jobs: tx,
         });
         tokio::spawn(writer(group, Arc::clone(&g), rx));
