@@ -14,8 +14,10 @@
 //! acknowledgement. So when the oracle asks "where was the viewer when the server handled the
 //! sender's update", the answer is a *set*: every viewer update that may have been the latest one
 //! stored at some instant of a window — sent before the window ends, and not superseded by a later
-//! viewer update acknowledged before the window starts. Updates the server refused are never
-//! candidates; updates with no answer (lost connection) may or may not have been stored.
+//! viewer update acknowledged before the window starts. Updates with no answer (lost connection)
+//! may or may not have been stored. Updates the server refused were not — but the SDK sends its
+//! last location again when it resumes a session, so a refused one may be stored later: it is a
+//! candidate when judging what a viewer was shown, never when deciding what it must be shown.
 //!
 //! # Definitions
 //!
@@ -100,6 +102,18 @@ pub enum Outcome {
     Refused(Micros),
     /// No answer (connection lost, timeout): it may or may not have been stored.
     Unknown,
+}
+
+/// Whether a refused update may be what the node holds. A refusal stored nothing, but the SDK
+/// sends its last location again when it resumes a session, whatever the answer to it was: a
+/// refused update can be stored later. What a viewer was shown is judged with it (no false
+/// leak); what a viewer must be shown, without it (no false expectation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// It may be held.
+    MayBeHeld,
+    /// It is not.
+    NotHeld,
 }
 
 /// One location update a participant sent.
@@ -676,11 +690,11 @@ impl<'a> Judge<'a> {
         let mut any = false;
         let mut fresh = false;
         let mut closest = f64::INFINITY;
-        for u in self.held(s, from, to) {
+        for u in self.held(s, from, to, Refused::MayBeHeld) {
             any = true;
             fresh |= r.at.saturating_sub(u.sent) <= self.config.ttl_us + self.config.deadline_us;
             let d = self
-                .candidates(v, u.sent, r.at)
+                .candidates(v, u.sent, r.at, Refused::MayBeHeld)
                 .map(|c| distance(c, u.pos))
                 .fold(f64::INFINITY, f64::min);
             closest = closest.min(d);
@@ -706,15 +720,27 @@ impl<'a> Judge<'a> {
     }
 
     /// Positions `viewer` may have had stored at some instant of `[from, to]` (see the module
-    /// doc).
-    fn candidates(&self, viewer: u32, from: Micros, to: Micros) -> impl Iterator<Item = Coord> + '_ {
-        self.held(viewer, from, to).map(|u| u.pos)
+    /// doc), refused updates included when judging what was shown ([`Refused::MayBeHeld`]).
+    fn candidates(
+        &self,
+        viewer: u32,
+        from: Micros,
+        to: Micros,
+        refused: Refused,
+    ) -> impl Iterator<Item = Coord> + '_ {
+        self.held(viewer, from, to, refused).map(|u| u.pos)
     }
 
     /// The updates of participant `p` that may have been its latest stored one at some instant
-    /// of `[from, to]`: sent by `to`, not refused, not superseded by a later update acknowledged
-    /// before `from`.
-    fn held(&self, p: u32, from: Micros, to: Micros) -> impl Iterator<Item = &SentUpdate> + '_ {
+    /// of `[from, to]`: sent by `to`, not superseded by a later update acknowledged before
+    /// `from`, and not refused unless `refused` says they may be held.
+    fn held(
+        &self,
+        p: u32,
+        from: Micros,
+        to: Micros,
+        refused: Refused,
+    ) -> impl Iterator<Item = &SentUpdate> + '_ {
         let sent = &self.truth.sent[p as usize];
         let end = sent.partition_point(|u| u.sent <= to);
         let mut start = end;
@@ -726,7 +752,7 @@ impl<'a> Judge<'a> {
         }
         sent[start..end]
             .iter()
-            .filter(|u| !matches!(u.outcome, Outcome::Refused(_)))
+            .filter(move |u| refused == Refused::MayBeHeld || !matches!(u.outcome, Outcome::Refused(_)))
     }
 
     fn in_outage(&self, viewer: u32, from: Micros, to: Micros) -> bool {
@@ -814,7 +840,7 @@ impl<'a> Judge<'a> {
                             stamps.entry((s, j)).or_insert(updated_at);
                             let u = self.truth.sent[s as usize][j as usize];
                             let closest = self
-                                .candidates(v, u.sent, r.at)
+                                .candidates(v, u.sent, r.at, Refused::MayBeHeld)
                                 .map(|c| distance(c, at))
                                 .fold(f64::INFINITY, f64::min);
                             if r.at.saturating_sub(u.sent) > self.config.ttl_us + self.config.deadline_us {
@@ -867,7 +893,7 @@ impl<'a> Judge<'a> {
                         continue;
                     }
                     let mut any = false;
-                    let all_near = self.candidates(v, u.sent, acked).all(|c| {
+                    let all_near = self.candidates(v, u.sent, acked, Refused::NotHeld).all(|c| {
                         any = true;
                         distance(c, u.pos) <= near
                     });
@@ -1164,6 +1190,30 @@ mod tests {
         });
         t.received[1].push(moved(3_020_000, A, 52.51));
         assert_eq!(judge1(&t).total.leaks, 0);
+    }
+
+    #[test]
+    fn a_refused_location_the_sdk_sends_again_on_resume_may_be_what_the_node_judges_by() {
+        let mut t = truth();
+        // The viewer moved 20 km north; the node refused that update, but the SDK sent it again
+        // when the session resumed, and the node judged A's next position by it.
+        t.sent[1].push(SentUpdate {
+            sent: 2_000_000,
+            pos: at(52.70),
+            outcome: Outcome::Refused(2_001_000),
+        });
+        t.sent[0].push(sent(4_000_000, 52.69));
+        t.received[1].push(moved(4_002_000, A, 52.69));
+        assert_eq!(judge1(&t).total.leaks, 0);
+        // Far from anywhere the viewer was, it is a leak still.
+        t.sent[0].push(sent(4_100_000, 52.30));
+        t.received[1].push(moved(4_102_000, A, 52.30));
+        let v = judge1(&t);
+        assert_eq!(v.total.leaks, 1);
+        assert!(
+            matches!(v.leak_samples[0].reason, LeakReason::OutOfRange { .. }),
+            "{v:?}"
+        );
     }
 
     #[test]
