@@ -607,9 +607,9 @@ impl Driver {
             self.starting = waiting;
             for s in ready {
                 let answer = match s.reply {
-                    StartingReply::Location(r) => Answer::Location(r, self.ack(s.user, true)),
+                    StartingReply::Location(r) => Answer::Location(s.user, r, self.ack(s.user, true)),
                     StartingReply::List { cursor, size, reply } => {
-                        Answer::Page(reply, self.page(s.user, cursor.as_ref(), size))
+                        Answer::Page(s.user, reply, self.page(s.user, cursor.as_ref(), size))
                     }
                     StartingReply::Strangers { size, reply } => {
                         Answer::Strangers(reply, Ok(self.strangers(s.user, size)))
@@ -726,7 +726,7 @@ impl Driver {
                     // locations, and an update is acknowledged only once its fan-out has left.
                     // A leader that turns out to be deposed drops the fan-out and answers
                     // `moved`: the SDK sends the update again to the leader there is now.
-                    let answer = Answer::Location(reply, self.ack(user, first));
+                    let answer = Answer::Location(user, reply, self.ack(user, first));
                     self.emit(Item::Answer(answer));
                 }
                 return;
@@ -745,7 +745,7 @@ impl Driver {
                         reply: StartingReply::List { cursor, size, reply },
                     });
                 } else {
-                    let answer = Answer::Page(reply, self.page(user, cursor.as_ref(), size));
+                    let answer = Answer::Page(user, reply, self.page(user, cursor.as_ref(), size));
                     self.emit(Item::Answer(answer));
                 }
                 return;
@@ -885,7 +885,11 @@ impl Driver {
         while let Some(out) = queue.pop_front() {
             match out {
                 purge @ Output::Purge { .. } => {
-                    // Whatever is queued goes now; whatever is held goes when it is released.
+                    // Whatever is held forgets the user now; whatever is queued goes now;
+                    // whatever was held and is pushed later goes when it is released.
+                    if let Output::Purge { viewer, about } = &purge {
+                        self.lease.retract(*viewer, *about);
+                    }
                     if self.lease.holds() {
                         self.emit(Item::Output(purge.clone()));
                     }

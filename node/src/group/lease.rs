@@ -31,6 +31,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use nearby_client::proto::{NearbyPage, StrangerPage};
+use nearby_index::geo::UserId;
 use nearby_raft::{ShardGroup, LEADER_LEASE};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -62,14 +63,16 @@ const _: () = assert!(READ_LEASE.as_millis() < LEADER_LEASE.as_millis());
 
 /// An answer that carries others' live state, or confirms what this node fanned out.
 pub enum Answer {
-    /// A location: acknowledged once its fan-out has left (a session's first, with its first
-    /// page).
+    /// A location of the user: acknowledged once its fan-out has left (a session's first, with
+    /// its first page).
     Location(
+        UserId,
         oneshot::Sender<Result<LocationAck, ServiceError>>,
         Result<LocationAck, ServiceError>,
     ),
-    /// A page of friends nearby.
+    /// A page of friends nearby, for the user.
     Page(
+        UserId,
         oneshot::Sender<Result<NearbyPage, ServiceError>>,
         Result<NearbyPage, ServiceError>,
     ),
@@ -92,8 +95,8 @@ impl Answer {
     /// Sends the answer.
     pub fn send(self) {
         match self {
-            Answer::Location(tx, r) => drop(tx.send(r)),
-            Answer::Page(tx, r) => drop(tx.send(r)),
+            Answer::Location(_, tx, r) => drop(tx.send(r)),
+            Answer::Page(_, tx, r) => drop(tx.send(r)),
             Answer::Strangers(tx, r) => drop(tx.send(r)),
             Answer::Settled(waiters, r) => {
                 for w in waiters {
@@ -107,8 +110,8 @@ impl Answer {
     pub fn moved(self) {
         let gone = ServiceError::moved;
         match self {
-            Answer::Location(tx, _) => drop(tx.send(Err(gone()))),
-            Answer::Page(tx, _) => drop(tx.send(Err(gone()))),
+            Answer::Location(_, tx, _) => drop(tx.send(Err(gone()))),
+            Answer::Page(_, tx, _) => drop(tx.send(Err(gone()))),
             Answer::Strangers(tx, _) => drop(tx.send(Err(gone()))),
             Answer::Settled(waiters, _) => {
                 for w in waiters {
@@ -187,6 +190,12 @@ impl Lease {
             }
         }
         self.held.push_back((now, item));
+    }
+
+    /// `viewer` may no longer see `about`: what is held for the viewer forgets `about` (see
+    /// [`retract`]).
+    pub fn retract(&mut self, viewer: UserId, about: UserId) {
+        retract(&mut self.held, viewer, about);
     }
 
     /// Whether something waits for a round.
@@ -286,8 +295,126 @@ impl Lease {
     }
 }
 
+/// Removes from `held` what would show `about` to `viewer`: events about `about` pushed to
+/// the viewer, and `about`'s entries in pages answered to the viewer. Held output has not left
+/// the node, so a revocation processed while it waits must reach it too: otherwise a page made
+/// just before a hide left with the hidden friend in it together with — or after — the
+/// acknowledgement that the hide took effect.
+fn retract(held: &mut VecDeque<(Instant, Item)>, viewer: UserId, about: UserId) {
+    let forget = |page: &mut NearbyPage| page.friends.retain(|f| f.id != about);
+    held.retain_mut(|(_, item)| match item {
+        Item::Output(Output::Push { viewer: v, event }) => *v != viewer || event.friend() != Some(about),
+        Item::Answer(Answer::Page(v, _, Ok(page))) if *v == viewer => {
+            forget(page);
+            true
+        }
+        Item::Answer(Answer::Location(v, _, Ok(LocationAck::Started { page, .. }))) if *v == viewer => {
+            forget(page);
+            true
+        }
+        _ => true,
+    });
+}
+
 fn drop_item(item: Item) {
     if let Item::Answer(a) = item {
         a.moved();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nearby_client::proto::{Coord, Event, FriendPosition, NearbyFriend, Relation};
+    use nearby_index::geo::Millis;
+
+    fn friend(id: UserId) -> NearbyFriend {
+        NearbyFriend {
+            id,
+            relation: Relation::Friend,
+            name: format!("user {id}"),
+            distance_m: 100.0,
+            updated_at: Millis(1),
+        }
+    }
+
+    fn moved(viewer: UserId, about: UserId) -> Item {
+        Item::Output(Output::Push {
+            viewer,
+            event: Event::FriendMoved(FriendPosition {
+                id: about,
+                at: Coord { lat: 52.5, lon: 13.4 },
+                distance_m: 100.0,
+                updated_at: Millis(1),
+            }),
+        })
+    }
+
+    #[test]
+    fn a_revocation_reaches_what_is_held_for_the_viewer_and_nothing_else() {
+        let (viewer, other_viewer, hidden, friend_still) = (1, 2, 10, 11);
+        let page = |v| {
+            let (tx, rx) = oneshot::channel();
+            let page = NearbyPage {
+                friends: vec![friend(hidden), friend(friend_still)],
+                next: None,
+            };
+            (Item::Answer(Answer::Page(v, tx, Ok(page))), rx)
+        };
+        let (first_tx, first_rx) = oneshot::channel();
+        let first = Item::Answer(Answer::Location(
+            viewer,
+            first_tx,
+            Ok(LocationAck::Started {
+                page: NearbyPage {
+                    friends: vec![friend(hidden)],
+                    next: None,
+                },
+                next_update_s: 30,
+            }),
+        ));
+        let (mine, mut mine_rx) = page(viewer);
+        let (theirs, mut theirs_rx) = page(other_viewer);
+        let now = Instant::now();
+        let mut held: VecDeque<(Instant, Item)> = [
+            moved(viewer, hidden),
+            moved(viewer, friend_still),
+            moved(other_viewer, hidden),
+            mine,
+            theirs,
+            first,
+        ]
+        .into_iter()
+        .map(|i| (now, i))
+        .collect();
+
+        retract(&mut held, viewer, hidden);
+
+        // The event about the hidden friend to the viewer is gone; the others stay, in order.
+        let pushes: Vec<(UserId, Option<UserId>)> = held
+            .iter()
+            .filter_map(|(_, i)| match i {
+                Item::Output(Output::Push { viewer, event }) => Some((*viewer, event.friend())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            pushes,
+            vec![(viewer, Some(friend_still)), (other_viewer, Some(hidden))]
+        );
+        for (_, item) in held {
+            if let Item::Answer(a) = item {
+                a.send();
+            }
+        }
+        let ids = |p: NearbyPage| p.friends.iter().map(|f| f.id).collect::<Vec<_>>();
+        let mine = mine_rx.try_recv().expect("answered").expect("a page");
+        assert_eq!(ids(mine), vec![friend_still]);
+        let theirs = theirs_rx.try_recv().expect("answered").expect("a page");
+        assert_eq!(ids(theirs), vec![hidden, friend_still]);
+        match first_rx.blocking_recv().expect("answered").expect("started") {
+            LocationAck::Started { page, .. } => assert!(page.friends.is_empty()),
+            other => panic!("{other:?}"),
+        }
     }
 }
