@@ -567,7 +567,8 @@ fn rss() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_with_bounded_memory_while_others_keep_their_latency() {
-    let node = TestNode::start().await;
+    // The process's memory is measured: no other test's node may run beside.
+    let node = TestNode::start_alone().await;
     let (slow, carl) = (uid(0, 90), uid(1, 90));
     // 30 friends of the slow reader cross the edge of its radius again and again ("entered" and
     // "left" may not be dropped); the first of them is also carl's friend.

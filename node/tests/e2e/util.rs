@@ -54,6 +54,32 @@ struct Setup {
     hello_timeout: Duration,
     /// Dev mode: the node signs tokens for `DevLogin` (production nodes do not).
     dev_login: bool,
+    /// Runs with no other test's node in the process (see [`Share`]).
+    alone: bool,
+}
+
+/// The client-facing settings most tests run with: no load shedding (these tests check
+/// behaviour, and a loaded CI machine must not make a periodic update come back
+/// `rate_limited`; the shedding test turns it on), strangers' pseudonyms on.
+fn tests_service() -> ServiceConfig {
+    let mut service = ServiceConfig {
+        shed: None,
+        ..ServiceConfig::default()
+    };
+    service.presence.pseudonyms = Some(nearby_node::strangers::Pseudonyms::new(b"e2e cluster key"));
+    service
+}
+
+/// The tests of this binary share one process, so a test that measures the process (its
+/// memory) runs alone: each node holds a read guard of this lock while it lives, a measuring
+/// test's node the write guard. No test starts two nodes at once, so the lock's fairness
+/// cannot deadlock.
+static PROCESS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// What a [`TestNode`] holds of [`PROCESS`].
+enum Share {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 impl Setup {
@@ -67,6 +93,7 @@ impl Setup {
             abuse: Default::default(),
             hello_timeout: Duration::from_secs(10),
             dev_login: true,
+            alone: false,
         }
     }
 }
@@ -82,6 +109,7 @@ pub(crate) struct TestNode {
     done: Option<tokio::task::JoinHandle<()>>,
     data: std::path::PathBuf,
     _dir: tempfile::TempDir,
+    _share: Share,
 }
 
 impl TestNode {
@@ -89,16 +117,17 @@ impl TestNode {
         Self::start_with(None).await
     }
 
+    /// Like [`TestNode::start`], with no other test's node in the process while it lives: for
+    /// a test that measures the process.
+    pub(crate) async fn start_alone() -> TestNode {
+        let mut setup = Setup::new(tests_service());
+        setup.alone = true;
+        Self::start_in(setup).await
+    }
+
     /// Starts a node that first imports `seed`.
     pub(crate) async fn start_with(seed: Option<nearby_raft::seed::Seed>) -> TestNode {
-        // No load shedding: these tests check behaviour, and a loaded CI machine must not make a
-        // periodic update come back `rate_limited` (the shedding test turns it on).
-        let mut service = ServiceConfig {
-            shed: None,
-            ..ServiceConfig::default()
-        };
-        service.presence.pseudonyms = Some(nearby_node::strangers::Pseudonyms::new(b"e2e cluster key"));
-        Self::start_configured(seed, service).await
+        Self::start_configured(seed, tests_service()).await
     }
 
     /// Starts a node with client-facing settings `service`, importing `seed` first.
@@ -170,7 +199,13 @@ impl TestNode {
             abuse,
             hello_timeout,
             dev_login,
+            alone,
         } = setup;
+        let share = if alone {
+            Share::Alone(PROCESS.write().await)
+        } else {
+            Share::Shared(PROCESS.read().await)
+        };
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -223,6 +258,7 @@ impl TestNode {
             done: Some(done),
             data,
             _dir: dir,
+            _share: share,
         }
     }
 
