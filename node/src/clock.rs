@@ -183,8 +183,11 @@ impl Steady {
         }
     }
 
-    /// The other nodes' verdict: their time minus the system clock's is `peers_minus_sys`.
-    fn confirm(&mut self, sys: u64, mono: u64, peers_minus_sys: i64) -> Change {
+    /// The other nodes' verdict: their time minus the system clock's is `peers_minus_sys`;
+    /// `agreed` if a majority of the cluster, not counting this node, agrees on it (only then
+    /// is the cluster's time taken: nodes whose clocks are all apart would otherwise take each
+    /// other's in turn).
+    fn confirm(&mut self, sys: u64, mono: u64, peers_minus_sys: i64, agreed: bool) -> Change {
         let expected = self.expected(mono);
         if peers_minus_sys.unsigned_abs() <= MAX_OFFSET_MS {
             if self.holding_since.is_none() {
@@ -197,10 +200,14 @@ impl Steady {
         // the cluster's time.
         let peers = sys.saturating_add_signed(peers_minus_sys);
         let off = peers as i64 - expected as i64;
-        self.holding_since = Some(mono);
         if off.unsigned_abs() <= MAX_OFFSET_MS {
+            self.holding_since = Some(mono);
             return Change::None;
         }
+        if !agreed {
+            return Change::None;
+        }
+        self.holding_since = Some(mono);
         self.anchor = peers;
         self.anchor_mono = mono;
         Change::Corrected(off)
@@ -248,10 +255,11 @@ impl GuardedClock {
         self.source.now()
     }
 
-    /// The other nodes' time minus the source's, measured just now (`cluster::clocks`).
-    pub fn confirm(&self, peers_minus_source: i64) {
+    /// The other nodes' time minus the source's, measured just now, and whether a majority of
+    /// the cluster without this node agrees on it (`cluster::clocks`).
+    pub fn confirm(&self, peers_minus_source: i64, agreed: bool) {
         let (sys, mono) = (self.source.now().0, self.mono());
-        let change = self.steady().confirm(sys, mono, peers_minus_source);
+        let change = self.steady().confirm(sys, mono, peers_minus_source, agreed);
         log(change, peers_minus_source);
     }
 
@@ -348,19 +356,21 @@ mod tests {
         // They agree with the step: it was this node that was wrong.
         let mut s = Steady::new(T, 0);
         s.read(T + 61_000, 1_000);
-        assert_eq!(s.confirm(T + 61_100, 1_100, -20), Change::Adopted(60_000));
+        assert_eq!(s.confirm(T + 61_100, 1_100, -20, false), Change::Adopted(60_000));
         assert_eq!(s.read(T + 62_000, 2_000), (T + 62_000, Change::None));
         // They disagree with it and agree with this clock: it is held, past the usual limit.
         let mut s = Steady::new(T, 0);
         s.read(T + 61_000, 1_000);
         for at in (2_000..=40_000).step_by(1_000) {
-            assert_eq!(s.confirm(T + 60_000 + at, at, -60_000), Change::None);
+            assert_eq!(s.confirm(T + 60_000 + at, at, -60_000, false), Change::None);
             assert_eq!(s.read(T + 60_000 + at, at).0, T + at);
         }
-        // Neither: the cluster's time is taken.
+        // Neither: the cluster's time is taken, if the others agree on it among themselves.
         let mut s = Steady::new(T, 0);
-        assert_eq!(s.confirm(T + 1_000, 1_000, 5_000), Change::Corrected(5_000));
-        assert_eq!(s.read(T + 2_000, 2_000), (T + 7_000, Change::None));
+        assert_eq!(s.confirm(T + 1_000, 1_000, 5_000, false), Change::None);
+        assert_eq!(s.read(T + 1_500, 1_500), (T + 1_500, Change::None));
+        assert_eq!(s.confirm(T + 2_000, 2_000, 5_000, true), Change::Corrected(5_000));
+        assert_eq!(s.read(T + 3_000, 3_000), (T + 8_000, Change::None));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nearby_raft::NodeId;
 
 use super::Cluster;
-use crate::clock::GuardedClock;
+use crate::clock::{GuardedClock, MAX_OFFSET_MS};
 use crate::route::peer::{PeerRequest, PeerResponse};
 
 /// How often the other nodes are asked.
@@ -55,8 +55,8 @@ impl Cluster {
             }
             readings.retain(|n, (_, at)| others.contains(n) && at.elapsed() < FRESH);
             let fresh: Vec<i64> = readings.values().map(|(r, _)| *r).collect();
-            if let Some(v) = verdict(&fresh, others.len()) {
-                guard.confirm(v);
+            if let Some((v, agreed)) = verdict(&fresh, others.len()) {
+                guard.confirm(v, agreed);
             }
         }
     }
@@ -80,22 +80,24 @@ async fn ask(guard: &GuardedClock, peers: &crate::route::peer::Peers, node: Node
 /// The cluster's time minus this node's system clock from `readings` of some of the `others`:
 /// none unless the nodes read and this one make a majority of the cluster; their median, and of
 /// two middle readings the one nearer this node's clock (it makes a majority with this node).
-fn verdict(readings: &[i64], others: usize) -> Option<i64> {
+/// With it, whether a majority of the cluster without this node agrees on it (readings within
+/// [`MAX_OFFSET_MS`] of it): only such a verdict may move this node's time.
+fn verdict(readings: &[i64], others: usize) -> Option<(i64, bool)> {
     if readings.is_empty() || (readings.len() + 1) * 2 <= others + 1 {
         return None;
     }
     let mut v = readings.to_vec();
     v.sort_unstable();
     let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        Some(v[mid])
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else if v[mid - 1].abs() <= v[mid].abs() {
+        v[mid - 1]
     } else {
-        Some(if v[mid - 1].abs() <= v[mid].abs() {
-            v[mid - 1]
-        } else {
-            v[mid]
-        })
-    }
+        v[mid]
+    };
+    let agreeing = v.iter().filter(|r| r.abs_diff(median) <= MAX_OFFSET_MS).count();
+    Some((median, agreeing * 2 > others + 1))
 }
 
 #[cfg(test)]
@@ -107,12 +109,15 @@ mod tests {
         // Alone with no answer, or one answer of four others: no majority.
         assert_eq!(verdict(&[], 2), None);
         assert_eq!(verdict(&[10], 4), None);
-        // Three nodes: one answer makes a majority with this node.
-        assert_eq!(verdict(&[-60_000], 2), Some(-60_000));
+        // Three nodes: one answer makes a majority with this node, but only both others
+        // agreeing may move this node's time.
+        assert_eq!(verdict(&[-60_000], 2), Some((-60_000, false)));
         // Both others say this node is off: it is.
-        assert_eq!(verdict(&[-60_000, -59_990], 2), Some(-59_990));
+        assert_eq!(verdict(&[-60_000, -59_990], 2), Some((-59_990, true)));
         // One says so, the other agrees with this node: the one that agrees makes the majority.
-        assert_eq!(verdict(&[-60_000, 3], 2), Some(3));
-        assert_eq!(verdict(&[-60_000, 3, 5, 7], 4), Some(3));
+        assert_eq!(verdict(&[-60_000, 3], 2), Some((3, false)));
+        assert_eq!(verdict(&[-60_000, 3, 5, 7], 4), Some((3, true)));
+        // Two nodes never move each other's time (they would swap clocks).
+        assert_eq!(verdict(&[5_000], 1), Some((5_000, false)));
     }
 }
