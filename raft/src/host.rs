@@ -437,6 +437,16 @@ impl RaftHost {
         self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The Raft of this node's replica of `group` (the meta group or a shard group), if it
+    /// hosts one.
+    pub fn raft_of(&self, group: GroupId) -> Option<Raft> {
+        if group == META_GROUP {
+            self.meta().map(|m| m.raft().clone())
+        } else {
+            self.shard(group).map(|g| g.raft().clone())
+        }
+    }
+
     /// Every shard group this node hosts, by id.
     pub fn shards(&self) -> Vec<ShardGroup> {
         let mut v: Vec<ShardGroup> = self

@@ -788,12 +788,9 @@ impl Cluster {
 
     /// Starts and stops `group`'s driver as this node gains and loses its leadership.
     async fn follow_leadership(self: Arc<Self>, group: GroupId) {
-        let raft = if group == META_GROUP {
-            self.host.meta().map(|m| m.raft().clone())
-        } else {
-            self.host.shard(group).map(|g| g.raft().clone())
+        let Some(raft) = self.host.raft_of(group) else {
+            return;
         };
-        let Some(raft) = raft else { return };
         // Server metrics change only with the vote, the role or the membership: no wake-up per
         // heartbeat.
         let mut metrics = raft.server_metrics();
@@ -1283,12 +1280,9 @@ impl Cluster {
     }
 
     fn raft_of(&self, group: GroupId) -> Result<nearby_raft::Raft, String> {
-        if group == META_GROUP {
-            self.host.meta().map(|m| m.raft().clone())
-        } else {
-            self.host.shard(group).map(|g| g.raft().clone())
-        }
-        .ok_or_else(|| "this node has no replica of the group".into())
+        self.host
+            .raft_of(group)
+            .ok_or_else(|| "this node has no replica of the group".into())
     }
 
     /// On `group`'s leader: makes `node` a learner, waits until it has caught up, then a voter.

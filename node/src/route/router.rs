@@ -141,26 +141,17 @@ impl Router {
         if group != META_GROUP && self.drivers.get(group).is_none() {
             return false;
         }
-        self.replica(group).is_some_and(|r| {
+        self.host.raft_of(group).is_some_and(|r| {
             let m = r.metrics().borrow().clone();
             m.state.is_leader() && m.current_leader == Some(self.me)
         })
-    }
-
-    /// This node's replica of `group`, if it has one.
-    fn replica(&self, group: GroupId) -> Option<nearby_raft::Raft> {
-        if group == META_GROUP {
-            self.host.meta().map(|m| m.raft().clone())
-        } else {
-            self.host.shard(group).map(|g| g.raft().clone())
-        }
     }
 
     /// The node leading `group` if not this one, as best known: what this node's own replica
     /// heard from Raft (first-hand, often ahead of the map on a node that just restarted) is
     /// recorded in the directory first.
     fn leader_elsewhere(&self, group: GroupId) -> Option<NodeId> {
-        if let Some(r) = self.replica(group) {
+        if let Some(r) = self.host.raft_of(group) {
             let m = r.metrics().borrow().clone();
             if let Some(l) = m.current_leader.filter(|l| *l != self.me) {
                 self.directory.hint_leader(group, l, m.current_term);
