@@ -256,6 +256,12 @@ impl Presence {
         self.group
     }
 
+    /// Whether this group's leader is new, as the driver judges it (see
+    /// [`Strangers::set_young`]).
+    pub fn set_young(&mut self, young: bool) {
+        self.strangers.set_young(young);
+    }
+
     /// Routes by new ranges from now on.
     pub fn set_ranges(&mut self, ranges: Arc<RangeTable<GroupId>>) {
         self.ranges = ranges;

@@ -36,6 +36,9 @@
 //! groups drop the contents of cells whose channel changed leader. A new publisher-group leader
 //! holds visibility-ending acknowledgements for the same grace as friends' revocations
 //! ([`crate::group::driver::RESUBSCRIBE_GRACE`]), by which time the channels have seen the map.
+//! A new channel leader does not know which groups still mirror what its predecessor told them
+//! (they learn of the change from their map, which may lag): while it is young it relays a
+//! withdrawal to every group, not only to the listeners it knows ([`Strangers::set_young`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -198,6 +201,9 @@ pub struct Strangers {
     /// behind the retraction, a channel's contents; positions wait at most
     /// `LOCATION_TTL` in a queue). Both roles keep it, for [`WITHDRAWN_MEMORY`].
     withdrawn: HashMap<UserId, Millis>,
+    /// This group's leader is new (see [`Strangers::set_young`]): its channels do not know who
+    /// listened to its predecessor's, so a withdrawal goes to every group.
+    young: bool,
 }
 
 /// How long a withdrawal is remembered, ms (see `Strangers::withdrawn`): twice the longest a
@@ -206,6 +212,10 @@ pub struct Strangers {
 /// again is published with their last position, stamped before the withdrawal — within this
 /// time of it they reappear to strangers only with their next location.
 pub const WITHDRAWN_MEMORY: u64 = 2 * crate::route::peer::LOCATION_TTL.as_millis() as u64;
+
+/// How far apart two nodes' clocks may be: each is kept within
+/// [`crate::clock::MAX_OFFSET_MS`] of the cluster's.
+const CLOCK_MARGIN: std::time::Duration = std::time::Duration::from_millis(2 * crate::clock::MAX_OFFSET_MS);
 
 /// Everything a stranger handler needs from its presence.
 pub(crate) struct Ctx<'a> {
@@ -249,7 +259,17 @@ impl Strangers {
             mirrors: HashMap::new(),
             listeners: HashMap::new(),
             withdrawn: HashMap::new(),
+            young: false,
         }
+    }
+
+    /// Whether this group's leader is new: until every group can have learnt that (the new
+    /// leader's grace, and the map naming it), a listener group may still mirror what the
+    /// previous leader's channels told it, and this leader does not know which groups those
+    /// are. While young, a withdrawal that asks for an acknowledgement is relayed to every
+    /// group of the map and acknowledged once all of them have dropped the user.
+    pub(crate) fn set_young(&mut self, young: bool) {
+        self.young = young;
     }
 
     /// Whether a position of `user` stamped `at` predates a withdrawal seen here.
@@ -257,10 +277,14 @@ impl Strangers {
         self.withdrawn.get(&user).is_some_and(|w| at <= *w)
     }
 
-    /// A retraction that ends `user`'s visibility reached this group at `now`.
+    /// A retraction that ends `user`'s visibility reached this group at `now`. Positions are
+    /// stamped by the publisher group's clock, which may be up to [`CLOCK_MARGIN`] ahead of
+    /// this node's (each within `MAX_OFFSET_MS` of the cluster's): the withdrawal counts from
+    /// that much later.
     fn withdraw(&mut self, user: UserId, now: Millis) {
-        let w = self.withdrawn.entry(user).or_insert(now);
-        *w = (*w).max(now);
+        let at = now.saturating_add(CLOCK_MARGIN);
+        let w = self.withdrawn.entry(user).or_insert(at);
+        *w = (*w).max(at);
     }
 
     /// Whether this node can show strangers (it has the cluster's pseudonym key).
@@ -492,9 +516,10 @@ impl Strangers {
         }
     }
 
-    /// Removes `user` from channel `cell` and tells its listener groups; `ack` is relayed.
+    /// Removes `user` from channel `cell` and tells its listener groups (every other group,
+    /// for a withdrawal while young: see [`Strangers::set_young`]); `ack` is relayed.
     fn drop_entry(&mut self, cx: &mut Ctx<'_>, cell: u64, user: UserId, ack: Option<Barrier>) {
-        let listeners: Vec<GroupId> = match self.channels.get_mut(&cell) {
+        let mut listeners: BTreeSet<GroupId> = match self.channels.get_mut(&cell) {
             Some(channel) => {
                 if let Some(old) = channel.entries.remove(&user) {
                     self.expiry
@@ -502,8 +527,13 @@ impl Strangers {
                 }
                 channel.listeners.iter().copied().collect()
             }
-            None => Vec::new(),
+            None => BTreeSet::new(),
         };
+        if ack.is_some() && self.young {
+            // This group's own mirrors are this leader's: they never heard the predecessor.
+            let others = cx.ranges.ranges().iter().map(|(_, g)| *g);
+            listeners.extend(others.filter(|g| *g != self.group));
+        }
         let relay = ack.map(|upstream| {
             let id = self.next_relay;
             self.next_relay = self.next_relay.wrapping_add(1);
@@ -995,8 +1025,11 @@ mod tests {
             "a stale position was relayed: {:?}",
             cx.outputs
         );
+        // Nor one stamped by a clock up to the margin ahead of the channel's.
+        channel.handle(&mut cx, &state, publish(2_900), Millis(2_020));
+        assert!(cx.outputs.is_empty(), "{:?}", cx.outputs);
         // Discoverable again: positions stamped after it are relayed.
-        channel.handle(&mut cx, &state, publish(2_500), Millis(2_510));
+        channel.handle(&mut cx, &state, publish(3_500), Millis(3_510));
         assert!(
             cx.outputs.iter().any(|o| matches!(
                 o,
@@ -1013,8 +1046,74 @@ mod tests {
             ranges: &table,
             outputs: &mut Vec::new(),
         };
-        channel.expire(&mut cx, Millis(2_000 + WITHDRAWN_MEMORY));
+        channel.expire(&mut cx, Millis(3_000 + WITHDRAWN_MEMORY));
         assert!(!channel.stale(7, Millis(1_500)));
+    }
+
+    #[test]
+    fn a_young_channel_relays_a_withdrawal_to_every_group_and_an_old_one_to_its_listeners() {
+        let upstream = Barrier {
+            group: 4,
+            index: 99,
+            part: 0,
+        };
+        let retract = CellMessage::Retract {
+            cell: 42,
+            user: 7,
+            ack: Some(upstream),
+        };
+        let acked = |o: &[Output]| {
+            o.iter().any(|o| {
+                matches!(o, Output::Send { msg: GroupMessage::RevokeAck { barrier }, .. } if *barrier == upstream)
+            })
+        };
+        let relayed = |o: &[Output]| -> Vec<(GroupId, u32)> {
+            o.iter()
+                .filter_map(|o| match o {
+                    Output::Send {
+                        to,
+                        msg: GroupMessage::Cell(CellMessage::Unseen { ack: Some(b), .. }),
+                    } => Some((*to, b.part)),
+                    _ => None,
+                })
+                .collect()
+        };
+
+        // A leader of long standing knows its listeners: none, so nobody mirrors the user.
+        let (table, state, mut channel) = channel_of_group_one();
+        let mut outputs = Vec::new();
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut outputs,
+        };
+        channel.handle(&mut cx, &state, retract.clone(), Millis(10));
+        assert!(relayed(cx.outputs).is_empty(), "{:?}", cx.outputs);
+        assert!(acked(cx.outputs), "{:?}", cx.outputs);
+
+        // A new leader does not know who mirrored its predecessor's channel: every other group
+        // must drop the user before the withdrawal is acknowledged.
+        let (table, state, mut channel) = channel_of_group_one();
+        channel.set_young(true);
+        let mut outputs = Vec::new();
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut outputs,
+        };
+        channel.handle(&mut cx, &state, retract, Millis(10));
+        let parts = relayed(cx.outputs);
+        let mut to: Vec<GroupId> = parts.iter().map(|(g, _)| *g).collect();
+        to.sort_unstable();
+        assert_eq!(to, vec![2, 3, 4], "{:?}", cx.outputs);
+        assert!(
+            !acked(cx.outputs),
+            "acknowledged before any group dropped the user"
+        );
+        for (i, (_, part)) in parts.iter().enumerate() {
+            cx.outputs.clear();
+            channel.relay_acked(&mut cx, *part);
+            assert_eq!(acked(cx.outputs), i == parts.len() - 1, "{:?}", cx.outputs);
+        }
+        assert!(channel.stale(7, Millis(10)), "the withdrawal is remembered");
     }
 
     #[test]

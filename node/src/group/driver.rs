@@ -235,6 +235,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     let outbox = Arc::new(Notify::new());
     // Alone in its cluster, a group has no viewers elsewhere that knew it through an earlier
     // leader: nothing to wait for.
+    let term = group.raft().metrics().borrow().current_term;
     let grace = if view.map.nodes.len() > 1 {
         RESUBSCRIBE_GRACE
     } else {
@@ -255,6 +256,8 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
         processed,
         started: Instant::now(),
         grace,
+        term,
+        young: true,
         barriers: BTreeMap::new(),
         early: BTreeMap::new(),
         delivered: HashMap::new(),
@@ -307,6 +310,11 @@ struct Driver {
     started: Instant,
     /// How long after `started` barriers are held (see [`RESUBSCRIBE_GRACE`]).
     grace: Duration,
+    /// The Raft term this driver leads in.
+    term: u64,
+    /// Whether other groups may not know yet that this leader is new: until the grace has
+    /// passed and the map names this node in this term (see `Strangers::set_young`).
+    young: bool,
     barriers: BTreeMap<u64, BarrierState>,
     /// Waiters for indexes not processed yet.
     early: BTreeMap<u64, Vec<Waiter>>,
@@ -338,6 +346,7 @@ impl Driver {
         // Intents left by earlier leaders are delivered by this one.
         self.outbox.notify_one();
         loop {
+            self.update_youth();
             let wake = self.next_wake();
             tokio::select! {
                 biased;
@@ -618,6 +627,21 @@ impl Driver {
                 self.emit(Item::Answer(answer));
             }
         }
+    }
+
+    /// Ends this leader's youth once the grace has passed and the map names it: from then on
+    /// every group has had the map that tells it this group has a new leader.
+    fn update_youth(&mut self) {
+        if !self.young {
+            return;
+        }
+        let me = self.ctx.router.directory().me();
+        let named = self
+            .leaders
+            .get(&self.id)
+            .is_some_and(|(leader, term, _)| *leader == Some(me) && *term >= self.term);
+        self.young = !named || self.started.elapsed() < self.grace;
+        self.presence.set_young(self.young);
     }
 
     fn on_map(&mut self) {
