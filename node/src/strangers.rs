@@ -971,6 +971,27 @@ mod tests {
         assert!(!s.contains("42"));
     }
 
+    /// The listener groups a retraction was relayed to, with the part each acknowledges.
+    fn relayed(outputs: &[Output]) -> Vec<(GroupId, u32)> {
+        outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: GroupMessage::Cell(CellMessage::Unseen { ack: Some(b), .. }),
+                } => Some((*to, b.part)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether `upstream` was acknowledged.
+    fn acked(outputs: &[Output], upstream: Barrier) -> bool {
+        outputs.iter().any(|o| {
+            matches!(o, Output::Send { msg: GroupMessage::RevokeAck { barrier }, .. } if *barrier == upstream)
+        })
+    }
+
     /// Four groups; the stranger roles of group 1 and its state.
     fn channel_of_group_one() -> (RangeTable<GroupId>, GroupState, Strangers) {
         let ranges = nearby_raft::meta::initial_ranges(4);
@@ -1062,22 +1083,6 @@ mod tests {
             user: 7,
             ack: Some(upstream),
         };
-        let acked = |o: &[Output]| {
-            o.iter().any(|o| {
-                matches!(o, Output::Send { msg: GroupMessage::RevokeAck { barrier }, .. } if *barrier == upstream)
-            })
-        };
-        let relayed = |o: &[Output]| -> Vec<(GroupId, u32)> {
-            o.iter()
-                .filter_map(|o| match o {
-                    Output::Send {
-                        to,
-                        msg: GroupMessage::Cell(CellMessage::Unseen { ack: Some(b), .. }),
-                    } => Some((*to, b.part)),
-                    _ => None,
-                })
-                .collect()
-        };
 
         // A leader of long standing knows its listeners: none, so nobody mirrors the user.
         let (table, state, mut channel) = channel_of_group_one();
@@ -1088,7 +1093,7 @@ mod tests {
         };
         channel.handle(&mut cx, &state, retract.clone(), Millis(10));
         assert!(relayed(cx.outputs).is_empty(), "{:?}", cx.outputs);
-        assert!(acked(cx.outputs), "{:?}", cx.outputs);
+        assert!(acked(cx.outputs, upstream), "{:?}", cx.outputs);
 
         // A new leader does not know who mirrored its predecessor's channel: every other group
         // must drop the user before the withdrawal is acknowledged.
@@ -1105,13 +1110,18 @@ mod tests {
         to.sort_unstable();
         assert_eq!(to, vec![2, 3, 4], "{:?}", cx.outputs);
         assert!(
-            !acked(cx.outputs),
+            !acked(cx.outputs, upstream),
             "acknowledged before any group dropped the user"
         );
         for (i, (_, part)) in parts.iter().enumerate() {
             cx.outputs.clear();
             channel.relay_acked(&mut cx, *part);
-            assert_eq!(acked(cx.outputs), i == parts.len() - 1, "{:?}", cx.outputs);
+            assert_eq!(
+                acked(cx.outputs, upstream),
+                i == parts.len() - 1,
+                "{:?}",
+                cx.outputs
+            );
         }
         assert!(channel.stale(7, Millis(10)), "the withdrawal is remembered");
     }
@@ -1160,23 +1170,8 @@ mod tests {
             },
             Millis(10),
         );
-        let parts: Vec<(GroupId, u32)> = cx
-            .outputs
-            .iter()
-            .filter_map(|o| match o {
-                Output::Send {
-                    to,
-                    msg: GroupMessage::Cell(CellMessage::Unseen { ack: Some(b), .. }),
-                } => Some((*to, b.part)),
-                _ => None,
-            })
-            .collect();
+        let parts = relayed(cx.outputs);
         assert_eq!(parts.len(), 2, "{:?}", cx.outputs);
-        let acked = |o: &Vec<Output>| {
-            o.iter().any(|o| {
-                matches!(o, Output::Send { msg: GroupMessage::RevokeAck { barrier }, .. } if *barrier == upstream)
-            })
-        };
         cx.outputs.clear();
         let part_of = |g: GroupId| {
             parts
@@ -1186,10 +1181,13 @@ mod tests {
                 .expect("part")
         };
         channel.relay_acked(&mut cx, part_of(2));
-        assert!(!acked(cx.outputs), "acknowledged before every listener group");
+        assert!(
+            !acked(cx.outputs, upstream),
+            "acknowledged before every listener group"
+        );
         // Group 3's leader changed: its new leader holds nothing to drop.
         channel.leader_changed(&mut cx, &state, 3);
-        assert!(acked(cx.outputs), "{:?}", cx.outputs);
+        assert!(acked(cx.outputs, upstream), "{:?}", cx.outputs);
         // And the channel relays nothing more to it.
         cx.outputs.clear();
         channel.handle(
