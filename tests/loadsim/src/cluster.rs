@@ -530,11 +530,14 @@ impl ProcessCluster {
         } else {
             format!("join = [\"{}\"]\n", self.raft_addr(1))
         };
+        // Every simulated client comes from one address (loopback, or the load's namespace),
+        // like phones behind a NAT: the per-address abuse limits are raised for it.
         let text = format!(
             "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
              [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n[auth]\ntoken_public_key = {public:?}\n\
              [limits]\nshed = false\nmin_update_interval_ms = 0\n\
+             connections_per_address = 4096\nhandshakes_per_address = 4096\n\
              [admin]\nlisten = \"{admin}\"\ntoken_file = {admin_token:?}\n",
             data = self.data(i),
             client = self.client_addr(i),

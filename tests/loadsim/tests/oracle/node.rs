@@ -73,6 +73,7 @@ async fn the_real_node_leaks_nothing_and_misses_nothing() {
     };
     // Nor the update interval: a participant's first timed update may follow its start closely.
     opts.min_update_interval = std::time::Duration::ZERO;
+    opts.abuse = crate::util::one_address_for_everyone();
     opts.service.presence.pseudonyms = Some(nearby_node::strangers::Pseudonyms::new(&pseudonym_key));
     let node = Node::start(opts).await.expect("node starts");
     node.import(&world.seed()).await.expect("import");
