@@ -233,9 +233,9 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     presence.set_applied(processed);
     group.read(|s| presence.load(s, ctx.clock.now()));
     let outbox = Arc::new(Notify::new());
+    let term = group.raft().metrics().borrow().current_term;
     // Alone in its cluster, a group has no viewers elsewhere that knew it through an earlier
     // leader: nothing to wait for.
-    let term = group.raft().metrics().borrow().current_term;
     let grace = if view.map.nodes.len() > 1 {
         RESUBSCRIBE_GRACE
     } else {

@@ -109,6 +109,12 @@ pub fn node_binary() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// The per-address connection and handshake limits of nodes under simulated load: every
+/// simulated client comes from one address (loopback, or the load's namespace), like phones
+/// behind a NAT, and the defaults (tested with the guard) refuse part of a burst of handshakes
+/// whenever a loaded machine slows them down.
+pub const SIMULATOR_ADDRESS_LIMIT: u32 = 4_096;
+
 /// One node process and its log.
 pub struct NodeProc {
     child: Child,
@@ -530,15 +536,14 @@ impl ProcessCluster {
         } else {
             format!("join = [\"{}\"]\n", self.raft_addr(1))
         };
-        // Every simulated client comes from one address (loopback, or the load's namespace),
-        // like phones behind a NAT: the per-address abuse limits are raised for it.
         let text = format!(
             "node_id = {i}\ndata = {data:?}\nlisten = \"{client}\"\nraft_listen = \"{raft}\"\ngroups = {groups}\n\
              [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n[auth]\ntoken_public_key = {public:?}\n\
              [limits]\nshed = false\nmin_update_interval_ms = 0\n\
-             connections_per_address = 4096\nhandshakes_per_address = 4096\n\
+             connections_per_address = {limit}\nhandshakes_per_address = {limit}\n\
              [admin]\nlisten = \"{admin}\"\ntoken_file = {admin_token:?}\n",
+            limit = SIMULATOR_ADDRESS_LIMIT,
             data = self.data(i),
             client = self.client_addr(i),
             raft = self.raft_addr(i),

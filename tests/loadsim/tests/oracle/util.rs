@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use nearby_loadsim::cluster::SIMULATOR_ADDRESS_LIMIT;
 use nearby_loadsim::{driver, DriverConfig, Report, Step, Verdict, World, WorldConfig};
 use nearby_node::api::Backend;
 use nearby_node::auth::TokenSigner;
@@ -59,12 +60,11 @@ impl Served {
 }
 
 /// Abuse limits for a simulator whose every user comes from 127.0.0.1, each with a dev login
-/// and a session: the default per-address limits (tested with the guard) refuse part of a burst
-/// of handshakes whenever a loaded machine slows them down.
+/// and a session (see [`SIMULATOR_ADDRESS_LIMIT`]).
 pub(crate) fn one_address_for_everyone() -> nearby_node::service::AbuseLimits {
     nearby_node::service::AbuseLimits {
-        connections_per_address: 4_096,
-        handshakes_per_address: 4_096,
+        connections_per_address: SIMULATOR_ADDRESS_LIMIT,
+        handshakes_per_address: SIMULATOR_ADDRESS_LIMIT,
         ..Default::default()
     }
 }
