@@ -67,8 +67,10 @@ impl World {
         };
         for (r, g) in ranges {
             w.states.insert(g, GroupState::new(r));
-            w.presences
-                .insert(g, Presence::new(g, PresenceConfig::default(), Arc::clone(&table)));
+            w.presences.insert(
+                g,
+                Presence::new(g, 1, PresenceConfig::default(), Arc::clone(&table)),
+            );
         }
         w
     }

@@ -72,7 +72,7 @@ impl World {
         for &(r, g) in ranges.ranges() {
             w.states.insert(g, GroupState::new(r));
             w.presences
-                .insert(g, Presence::new(g, config.clone(), Arc::clone(&ranges)));
+                .insert(g, Presence::new(g, 1, config.clone(), Arc::clone(&ranges)));
         }
         w
     }

@@ -42,6 +42,7 @@ pub mod dev;
 pub mod gateway;
 pub mod group;
 pub mod history;
+pub mod incarnation;
 pub mod messages;
 pub mod metrics;
 pub mod node;

@@ -89,6 +89,22 @@ pub enum GroupMessage {
     /// Strangers nearby: between the publisher, channel and listener roles of groups (see
     /// [`crate::strangers`]).
     Cell(CellMessage),
+    /// A new run of `group`'s live state started (see [`crate::incarnation`]): whatever the
+    /// receiver knew of an earlier one — subscriptions, listeners, mirrors — is gone. Confirmed
+    /// with [`GroupMessage::StartedAck`].
+    Started {
+        /// The group.
+        group: GroupId,
+        /// The run's number: random, never reused.
+        incarnation: u64,
+    },
+    /// `group` has forgotten what it knew of runs before `incarnation` of the receiving group.
+    StartedAck {
+        /// The confirming group.
+        group: GroupId,
+        /// The run it confirms.
+        incarnation: u64,
+    },
 }
 
 /// One publisher in a [`GroupMessage::Snapshot`].
@@ -160,6 +176,9 @@ pub enum CellMessage {
         cell: u64,
         /// The listener group.
         group: GroupId,
+        /// The run of the listener group's live state that listens (see
+        /// [`crate::incarnation`]).
+        incarnation: u64,
     },
     /// Group `group` no longer listens to `cell`.
     Unlisten {
@@ -167,6 +186,8 @@ pub enum CellMessage {
         cell: u64,
         /// The listener group.
         group: GroupId,
+        /// The run that listened.
+        incarnation: u64,
     },
     /// The answer to `Listen`: everyone in the cell now.
     Contents {

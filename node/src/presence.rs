@@ -73,6 +73,7 @@ use nearby_index::query::{nearby_page, Cursor, NearbyQuery, Page};
 use nearby_index::ttl::{LatestLocation, LocationTable, SetOutcome};
 use nearby_raft::{Command, CommandResult, GroupId, GroupState};
 
+use crate::incarnation::Incarnations;
 pub use crate::messages::{Barrier, GroupMessage, Output, SnapshotEntry};
 use crate::strangers::{Ctx, Pseudonyms, Strangers, MAX_SHOWN};
 
@@ -147,6 +148,8 @@ pub struct Presence {
     /// Revocations seen, online viewer or not (see [`Revoked`]).
     revoked: Revoked,
     strangers: Strangers,
+    /// This run's number, who confirmed it, and the other groups' (see [`crate::incarnation`]).
+    incarnations: Incarnations,
     outputs: Vec<Output>,
 }
 
@@ -207,9 +210,16 @@ fn coord(loc: LatLng) -> Coord {
 }
 
 impl Presence {
-    /// The presence of `group`, routing by `ranges`.
-    pub fn new(group: GroupId, config: PresenceConfig, ranges: Arc<RangeTable<GroupId>>) -> Self {
-        let strangers = Strangers::new(group, config.pseudonyms.clone(), config.ttl);
+    /// The presence of `group`, routing by `ranges`: incarnation `incarnation` of its live
+    /// state (see [`crate::incarnation`]), introduced to the other groups by
+    /// [`Presence::introduce`].
+    pub fn new(
+        group: GroupId,
+        incarnation: u64,
+        config: PresenceConfig,
+        ranges: Arc<RangeTable<GroupId>>,
+    ) -> Self {
+        let strangers = Strangers::new(group, incarnation, config.pseudonyms.clone(), config.ttl);
         Presence {
             group,
             locations: LocationTable::new(config.ttl).with_cell_counts(CellCounts::default()),
@@ -221,8 +231,26 @@ impl Presence {
             ghosts: BTreeSet::new(),
             revoked: Revoked::default(),
             strangers,
+            incarnations: Incarnations::new(group, incarnation),
             outputs: Vec::new(),
         }
+    }
+
+    /// Tells every other group that this run of the group's live state started (see
+    /// [`crate::incarnation`]); young until all have confirmed.
+    pub fn introduce(&mut self, now: Millis) {
+        self.incarnations.introduce(&self.ranges, now, &mut self.outputs);
+        self.strangers.set_young(!self.incarnations.settled());
+    }
+
+    /// This run's number (see [`crate::incarnation`]).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnations.mine()
+    }
+
+    /// Whether every other group has confirmed this run (see [`crate::incarnation`]).
+    pub fn settled(&self) -> bool {
+        self.incarnations.settled()
     }
 
     /// The stranger roles' context: routing and the output list.
@@ -254,12 +282,6 @@ impl Presence {
     /// The group this presence belongs to.
     pub fn group(&self) -> GroupId {
         self.group
-    }
-
-    /// Whether this group's leader is new, as the driver judges it (see
-    /// [`Strangers::set_young`]).
-    pub fn set_young(&mut self, young: bool) {
-        self.strangers.set_young(young);
     }
 
     /// Routes by new ranges from now on.
@@ -297,11 +319,13 @@ impl Presence {
     pub fn next_deadline(&self) -> Option<Millis> {
         let ghost = self.ghosts.first().map(|(at, _)| *at);
         let channel = self.strangers.next_deadline();
+        let introduction = self.incarnations.next_deadline();
         self.locations
             .next_expiry()
             .into_iter()
             .chain(ghost)
             .chain(channel)
+            .chain(introduction)
             .min()
     }
 
@@ -407,8 +431,9 @@ impl Presence {
 
     /// Subscribes every online viewer again to its publishers in `group` (whose leader
     /// changed: the new leader starts with no subscribers). The snapshots that answer replace
-    /// what the viewers knew of those publishers.
-    pub fn resubscribe(&mut self, state: &GroupState, group: GroupId, now: Millis) {
+    /// what the viewers knew of those publishers. `incarnation`: the new run of `group`'s live
+    /// state, when it introduced itself (see [`Strangers::leader_changed`]).
+    pub fn resubscribe(&mut self, state: &GroupState, group: GroupId, incarnation: Option<u64>, now: Millis) {
         {
             let locations = &self.locations;
             let (strangers, mut cx) = (
@@ -418,7 +443,7 @@ impl Presence {
                     outputs: &mut self.outputs,
                 },
             );
-            strangers.leader_changed(&mut cx, state, group);
+            strangers.leader_changed(&mut cx, state, group, incarnation);
             strangers.republish(&mut cx, state, group, |u| locations.get(u), now);
         }
         let viewers: Vec<(UserId, FriendSet)> = self
@@ -697,6 +722,24 @@ impl Presence {
             }
             // Barriers are the driver's business; presence only routes acknowledgements.
             GroupMessage::RevokeAck { .. } => {}
+            GroupMessage::Started { group, incarnation } => {
+                tracing::debug!(
+                    group = self.group,
+                    from = group,
+                    incarnation,
+                    "another group's run introduced itself"
+                );
+                // Forget the earlier run first: the confirmation leaves after what this causes.
+                let mut confirmation = Vec::new();
+                if self.incarnations.heard(group, incarnation, &mut confirmation) {
+                    self.resubscribe(state, group, Some(incarnation), now);
+                }
+                self.outputs.extend(confirmation);
+            }
+            GroupMessage::StartedAck { group, incarnation } => {
+                self.incarnations.confirmed(group, incarnation);
+                self.strangers.set_young(!self.incarnations.settled());
+            }
             GroupMessage::Cell(m) => {
                 let (strangers, mut cx) = self.cx();
                 strangers.handle(&mut cx, state, m, now);
@@ -833,6 +876,7 @@ impl Presence {
     /// ends the ghost modes whose time is up: the viewers the user's record allows again get
     /// the user's current location, without anyone acting.
     pub fn handle_tick(&mut self, state: &GroupState, now: Millis) {
+        self.incarnations.tick(&self.ranges, now, &mut self.outputs);
         while let Some(&(until, user)) = self.ghosts.first() {
             if until > now {
                 break;
@@ -855,7 +899,7 @@ impl Presence {
         self.locations.expire(now, &mut expired);
         for user in expired {
             let (strangers, mut cx) = self.cx();
-            strangers.retract(&mut cx, user, None);
+            strangers.retract(&mut cx, user, None, now);
             let viewers: Vec<UserId> = self
                 .subscribers
                 .get(&user)
@@ -942,7 +986,7 @@ impl Presence {
                 (true, None) => {}
                 (false, _) => {
                     // The last part of this change's barrier, if it asks for one.
-                    strangers.retract(&mut cx, user, ends.then_some(barrier));
+                    strangers.retract(&mut cx, user, ends.then_some(barrier), now);
                 }
             }
         }
@@ -1199,7 +1243,7 @@ mod tests {
                 w.index.insert(g, 0);
                 w.presences.insert(
                     g,
-                    Presence::new(g, PresenceConfig::default(), Arc::clone(&ranges)),
+                    Presence::new(g, 1, PresenceConfig::default(), Arc::clone(&ranges)),
                 );
             }
             w
@@ -1637,7 +1681,7 @@ mod tests {
         // Group 2 gets a new leader: fresh presence, no subscribers, no locations.
         let ranges = Arc::clone(&w.presences[&2].ranges);
         w.presences
-            .insert(2, Presence::new(2, PresenceConfig::default(), ranges));
+            .insert(2, Presence::new(2, 2, PresenceConfig::default(), ranges));
         // 150 hides from 1 at the new leader, which does not know 1 is watching: the hide names
         // its viewer, so the revocation reaches 1's group anyway.
         w.commit(Command::Hide { user: 150, from: 1 });
@@ -1647,7 +1691,7 @@ mod tests {
         w.presences
             .get_mut(&1)
             .expect("p")
-            .resubscribe(&w.states[&1], 2, now);
+            .resubscribe(&w.states[&1], 2, None, now);
         w.drain(1);
         assert!(w.take(1).is_empty());
         let (page, _) = w.presences[&1].page(1, 20, None).expect("live").expect("page");
@@ -1667,14 +1711,52 @@ mod tests {
         // resubscription does not list 150, so 1 stops showing the old position.
         let ranges = Arc::clone(&w.presences[&2].ranges);
         w.presences
-            .insert(2, Presence::new(2, PresenceConfig::default(), ranges));
+            .insert(2, Presence::new(2, 2, PresenceConfig::default(), ranges));
         let now = w.now;
         w.presences
             .get_mut(&1)
             .expect("p")
-            .resubscribe(&w.states[&1], 2, now);
+            .resubscribe(&w.states[&1], 2, None, now);
         w.drain(1);
         assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
+    }
+
+    #[test]
+    fn a_restarted_group_introduces_itself_and_the_others_repair_without_a_map_change() {
+        let mut w = World::new();
+        w.register(&[1, 150]);
+        w.befriend(1, 150);
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        w.at(150, B.0, B.1);
+        assert!(matches!(&w.take(1)[..], [Event::FriendEntered(_)]));
+        // Group 2's driver restarts under the same leader and term (the map does not change):
+        // a new run, which never saw 150's location and knows nobody watches 150.
+        let ranges = Arc::clone(&w.presences[&2].ranges);
+        let mut fresh = Presence::new(2, 2, PresenceConfig::default(), ranges);
+        fresh.set_applied(w.index[&2]);
+        w.presences.insert(2, fresh);
+        let now = w.now;
+        w.presences.get_mut(&2).expect("p").introduce(now);
+        assert!(!w.presences[&2].settled(), "young until group 1 confirms");
+        w.drain(2);
+        assert!(w.presences[&2].settled(), "group 1 confirmed");
+        // Group 1 forgot the old run's news and subscribed again: the snapshot has no location.
+        assert!(matches!(&w.take(1)[..], [Event::FriendGone { id: 150, .. }]));
+        // And the new run knows 1 watches: 150's next move reaches 1.
+        w.at(150, B.0 + 0.001, B.1);
+        assert!(matches!(&w.take(1)[..], [Event::FriendEntered(p)] if p.id == 150));
+        // A resent introduction of the same run changes nothing.
+        let again = GroupMessage::Started {
+            group: 2,
+            incarnation: 2,
+        };
+        w.presences
+            .get_mut(&1)
+            .expect("p")
+            .handle_message(&w.states[&1], again, now);
+        w.drain(1);
+        assert!(w.take(1).is_empty());
     }
 
     #[test]
@@ -1721,7 +1803,7 @@ mod tests {
         });
         // Group 2's leader changes: its successor starts from the replicated state alone.
         let ranges = Arc::clone(&w.presences[&2].ranges);
-        let mut fresh = Presence::new(2, PresenceConfig::default(), ranges);
+        let mut fresh = Presence::new(2, 2, PresenceConfig::default(), ranges);
         fresh.set_applied(w.index[&2]);
         fresh.load(&w.states[&2], w.now);
         w.presences.insert(2, fresh);

@@ -36,11 +36,13 @@
 //! groups drop the contents of cells whose channel changed leader. A new publisher-group leader
 //! holds visibility-ending acknowledgements for the same grace as friends' revocations
 //! ([`crate::group::driver::RESUBSCRIBE_GRACE`]), by which time the channels have seen the map.
-//! A new channel leader does not know which groups still mirror what its predecessor told them
-//! (they learn of the change from their map, which may lag): while it is young it relays a
-//! withdrawal to every group, not only to the listeners it knows ([`Strangers::set_young`]).
+//! A new run of a channel's group (a new leader, or the same leader's driver restarted) does
+//! not know which groups still mirror what its predecessor told them: it introduces itself to
+//! every group ([`crate::incarnation`]), each of which drops its mirrors of the group's cells
+//! and listens again, and until all have confirmed it relays a withdrawal to every group, not
+//! only to the listeners it knows ([`Strangers::set_young`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use nearby_client::proto::{Event, Stranger, STRANGER_STEP_M};
 use nearby_index::cells::CellIndexer;
@@ -54,6 +56,9 @@ use crate::messages::{Barrier, GroupMessage, Output};
 
 /// The most strangers a listener is shown live (and a page may hold).
 pub const MAX_SHOWN: usize = 100;
+
+/// How many cells a user left are remembered for its withdrawal (see `Strangers::left`).
+pub const MAX_LEFT: usize = 8;
 
 /// The barrier index of relayed acknowledgements: never a log index.
 pub const RELAY_INDEX: u64 = u64::MAX;
@@ -137,7 +142,9 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Channel {
     entries: HashMap<UserId, Entry>,
-    listeners: HashSet<GroupId>,
+    /// Listener groups, each with the run of its live state that listened: a run's
+    /// successor holds none of its mirrors (see [`crate::incarnation`]).
+    listeners: HashMap<GroupId, u64>,
 }
 
 /// A cell this group listens to on behalf of some of its users.
@@ -166,8 +173,9 @@ struct Listener {
 #[derive(Debug)]
 struct Relay {
     upstream: Barrier,
-    /// Parts not acknowledged yet, and the listener group each went to.
-    pending: HashMap<u32, GroupId>,
+    /// Parts not acknowledged yet, and the listener group each went to, with the run that
+    /// listened (none: sent to every group by a young channel).
+    pending: HashMap<u32, (GroupId, Option<u64>)>,
 }
 
 /// Relays kept waiting at most: beyond, the oldest are forgotten (their upstream waits are
@@ -178,12 +186,19 @@ const MAX_RELAYS: usize = 10_000;
 #[derive(Debug)]
 pub struct Strangers {
     group: GroupId,
+    /// This run of the group's live state (see [`crate::incarnation`]), named when listening.
+    incarnation: u64,
     cells: CellIndexer,
     pseudonyms: Option<Pseudonyms>,
     ttl: std::time::Duration,
     covers: HashMap<(u64, u64), Vec<u64>>,
     /// Publisher role: the cell each of this group's users is published in.
     published: HashMap<UserId, u64>,
+    /// Publisher role: cells each user left whose channels may still hold it — a move's
+    /// retraction carries no acknowledgement and can be lost or overtaken — until the channel's
+    /// entry would have expired by itself; the newest [`MAX_LEFT`]. A withdrawal is sent there
+    /// too.
+    left: HashMap<UserId, Vec<(u64, Millis)>>,
     /// Channel role.
     channels: HashMap<u64, Channel>,
     /// Channel entries by expiry: (updated_at + ttl, cell, user).
@@ -201,8 +216,8 @@ pub struct Strangers {
     /// behind the retraction, a channel's contents; positions wait at most
     /// `LOCATION_TTL` in a queue). Both roles keep it, for [`WITHDRAWN_MEMORY`].
     withdrawn: HashMap<UserId, Millis>,
-    /// This group's leader is new (see [`Strangers::set_young`]): its channels do not know who
-    /// listened to its predecessor's, so a withdrawal goes to every group.
+    /// This run is new (see [`Strangers::set_young`]): its channels do not know who listened
+    /// to its predecessor's, so a withdrawal goes to every group.
     young: bool,
 }
 
@@ -243,14 +258,21 @@ impl Ctx<'_> {
 impl Strangers {
     /// The stranger roles of `group`; without pseudonym key, nobody can list strangers (users
     /// are still published, so a node with the key can serve them).
-    pub fn new(group: GroupId, pseudonyms: Option<Pseudonyms>, ttl: std::time::Duration) -> Self {
+    pub fn new(
+        group: GroupId,
+        incarnation: u64,
+        pseudonyms: Option<Pseudonyms>,
+        ttl: std::time::Duration,
+    ) -> Self {
         Strangers {
             group,
+            incarnation,
             cells: CellIndexer::default(),
             pseudonyms,
             ttl,
             covers: HashMap::new(),
             published: HashMap::new(),
+            left: HashMap::new(),
             channels: HashMap::new(),
             expiry: BTreeSet::new(),
             relays: HashMap::new(),
@@ -263,10 +285,9 @@ impl Strangers {
         }
     }
 
-    /// Whether this group's leader is new: until every group can have learnt that (the new
-    /// leader's grace, and the map naming it), a listener group may still mirror what the
-    /// previous leader's channels told it, and this leader does not know which groups those
-    /// are. While young, a withdrawal that asks for an acknowledgement is relayed to every
+    /// Whether this run of the group's live state is new: until every other group has
+    /// confirmed it ([`crate::incarnation`]), a listener group may still mirror what the
+    /// previous run's channels told it, and this run does not know which groups those are. While young, a withdrawal that asks for an acknowledgement is relayed to every
     /// group of the map and acknowledged once all of them have dropped the user.
     pub(crate) fn set_young(&mut self, young: bool) {
         self.young = young;
@@ -317,11 +338,17 @@ impl Strangers {
             return;
         };
         if !record.discoverable || record.is_hidden(now) {
-            self.retract(cx, user, None);
+            self.retract(cx, user, None, now);
             return;
         }
         let cell = self.cell_of(at.loc);
         if let Some(old) = self.published.insert(user, cell).filter(|old| *old != cell) {
+            let left = self.left.entry(user).or_default();
+            left.retain(|(c, until)| *c != old && *c != cell && *until > now);
+            left.push((old, now.saturating_add(self.ttl)));
+            if left.len() > MAX_LEFT {
+                left.remove(0);
+            }
             if let Some(to) = cx.owner(old) {
                 cx.send(
                     to,
@@ -334,6 +361,14 @@ impl Strangers {
             }
         }
         if let Some(to) = cx.owner(cell) {
+            tracing::debug!(
+                group = self.group,
+                user,
+                cell,
+                to,
+                stamp = at.updated_at.0,
+                "stranger: publish"
+            );
             let msg = CellMessage::Publish {
                 cell,
                 user,
@@ -345,19 +380,42 @@ impl Strangers {
         }
     }
 
-    /// Takes `user` out of its cell; with `ack`, the retraction is acknowledged under it once
-    /// every listener has dropped the user. Returns whether a retraction was sent.
-    pub(crate) fn retract(&mut self, cx: &mut Ctx<'_>, user: UserId, ack: Option<Barrier>) -> bool {
-        let Some(cell) = self.published.remove(&user) else {
-            return false;
-        };
-        match cx.owner(cell) {
-            Some(to) => {
-                cx.send(to, CellMessage::Retract { cell, user, ack });
-                true
+    /// Takes `user` out of its cell; with `ack` (a withdrawal), also out of the cells it left
+    /// that may still hold it, each retraction acknowledged under its own part of the barrier,
+    /// from `ack`'s part up, once every listener has dropped the user. Returns how many
+    /// retractions were sent.
+    pub(crate) fn retract(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        user: UserId,
+        ack: Option<Barrier>,
+        now: Millis,
+    ) -> u32 {
+        let mut cells: Vec<u64> = self.published.remove(&user).into_iter().collect();
+        if let Some(mut left) = self.left.remove(&user) {
+            left.retain(|(_, until)| *until > now);
+            if ack.is_some() {
+                for (c, _) in left {
+                    if !cells.contains(&c) {
+                        cells.push(c);
+                    }
+                }
+            } else if !left.is_empty() {
+                self.left.insert(user, left);
             }
-            None => false,
         }
+        let mut sent = 0;
+        for cell in cells {
+            let Some(to) = cx.owner(cell) else { continue };
+            let ack = ack.map(|b| Barrier {
+                part: b.part + sent,
+                ..b
+            });
+            tracing::debug!(group = self.group, user, cell, to, ?ack, "stranger: retract");
+            cx.send(to, CellMessage::Retract { cell, user, ack });
+            sent += 1;
+        }
+        sent
     }
 
     /// Publishes again every user published in a cell owned by `group` (whose leader changed:
@@ -376,6 +434,11 @@ impl Strangers {
             .filter(|(_, cell)| cx.owner(**cell) == Some(group))
             .map(|(u, _)| *u)
             .collect();
+        // Its channels forgot everything: nothing of ours is left there to withdraw.
+        for left in self.left.values_mut() {
+            left.retain(|(c, _)| cx.owner(*c) != Some(group));
+        }
+        self.left.retain(|_, l| !l.is_empty());
         for user in users {
             self.published.remove(&user);
             if let Some(at) = location(user) {
@@ -397,6 +460,13 @@ impl Strangers {
                 home,
             } => {
                 if self.stale(user, at.updated_at) {
+                    tracing::debug!(
+                        group = self.group,
+                        user,
+                        cell,
+                        stamp = at.updated_at.0,
+                        "stranger: stale publication dropped"
+                    );
                     return;
                 }
                 let channel = self.channels.entry(cell).or_default();
@@ -417,7 +487,7 @@ impl Strangers {
                         home,
                     },
                 );
-                for &l in &channel.listeners {
+                for &l in channel.listeners.keys() {
                     cx.send(
                         l,
                         CellMessage::Seen {
@@ -435,9 +505,20 @@ impl Strangers {
                 }
                 self.drop_entry(cx, cell, user, ack);
             }
-            CellMessage::Listen { cell, group } => {
+            CellMessage::Listen {
+                cell,
+                group,
+                incarnation,
+            } => {
+                tracing::debug!(
+                    group = self.group,
+                    cell,
+                    listener = group,
+                    incarnation,
+                    "stranger: listen"
+                );
                 let channel = self.channels.entry(cell).or_default();
-                channel.listeners.insert(group);
+                channel.listeners.insert(group, incarnation);
                 let entries = channel
                     .entries
                     .iter()
@@ -445,15 +526,35 @@ impl Strangers {
                     .collect();
                 cx.send(group, CellMessage::Contents { cell, entries });
             }
-            CellMessage::Unlisten { cell, group } => {
+            CellMessage::Unlisten {
+                cell,
+                group,
+                incarnation,
+            } => {
+                tracing::debug!(
+                    group = self.group,
+                    cell,
+                    listener = group,
+                    incarnation,
+                    "stranger: unlisten"
+                );
                 if let Some(channel) = self.channels.get_mut(&cell) {
-                    channel.listeners.remove(&group);
+                    // An earlier run's late word does not undo a later run's listening.
+                    if channel.listeners.get(&group) == Some(&incarnation) {
+                        channel.listeners.remove(&group);
+                    }
                     if channel.listeners.is_empty() && channel.entries.is_empty() {
                         self.channels.remove(&cell);
                     }
                 }
             }
             CellMessage::Contents { cell, entries } => {
+                tracing::debug!(
+                    group = self.group,
+                    cell,
+                    entries = entries.len(),
+                    "stranger: contents"
+                );
                 let Some(mirror) = self.mirrors.get_mut(&cell) else {
                     return;
                 };
@@ -471,8 +572,22 @@ impl Strangers {
             }
             CellMessage::Seen { cell, user, name, at } => {
                 if self.stale(user, at.updated_at) {
+                    tracing::debug!(
+                        group = self.group,
+                        user,
+                        cell,
+                        stamp = at.updated_at.0,
+                        "stranger: stale sighting dropped"
+                    );
                     return;
                 }
+                tracing::debug!(
+                    group = self.group,
+                    user,
+                    cell,
+                    stamp = at.updated_at.0,
+                    "stranger: seen"
+                );
                 let Some(mirror) = self.mirrors.get_mut(&cell) else {
                     return;
                 };
@@ -490,10 +605,24 @@ impl Strangers {
                 }
             }
             CellMessage::Unseen { cell, user, ack } => {
-                if ack.is_some() {
+                // A withdrawal ends the user's visibility in every mirror here, not only in
+                // this cell's: a mirror of a cell the user left may still hold it, if that
+                // move's retraction was lost or overtaken on its way.
+                let cells: Vec<u64> = if ack.is_some() {
                     self.withdraw(user, now);
-                }
-                if let Some(mirror) = self.mirrors.get_mut(&cell) {
+                    self.mirrors
+                        .iter()
+                        .filter(|(c, m)| **c == cell || m.strangers.contains_key(&user))
+                        .map(|(c, _)| *c)
+                        .collect()
+                } else {
+                    vec![cell]
+                };
+                tracing::debug!(group = self.group, user, cell, ?ack, mirrors = ?cells, "stranger: unseen");
+                for cell in cells {
+                    let Some(mirror) = self.mirrors.get_mut(&cell) else {
+                        continue;
+                    };
                     mirror.strangers.remove(&user);
                     let listeners: Vec<UserId> = mirror.listeners.iter().copied().collect();
                     for l in listeners {
@@ -519,32 +648,44 @@ impl Strangers {
     /// Removes `user` from channel `cell` and tells its listener groups (every other group,
     /// for a withdrawal while young: see [`Strangers::set_young`]); `ack` is relayed.
     fn drop_entry(&mut self, cx: &mut Ctx<'_>, cell: u64, user: UserId, ack: Option<Barrier>) {
-        let mut listeners: BTreeSet<GroupId> = match self.channels.get_mut(&cell) {
+        let mut listeners: BTreeMap<GroupId, Option<u64>> = match self.channels.get_mut(&cell) {
             Some(channel) => {
                 if let Some(old) = channel.entries.remove(&user) {
                     self.expiry
                         .remove(&(old.at.updated_at.saturating_add(self.ttl), cell, user));
                 }
-                channel.listeners.iter().copied().collect()
+                channel.listeners.iter().map(|(g, i)| (*g, Some(*i))).collect()
             }
-            None => BTreeSet::new(),
+            None => BTreeMap::new(),
         };
         if ack.is_some() && self.young {
-            // This group's own mirrors are this leader's: they never heard the predecessor.
-            let others = cx.ranges.ranges().iter().map(|(_, g)| *g);
-            listeners.extend(others.filter(|g| *g != self.group));
+            // This group's own mirrors are this run's: they never heard the predecessor.
+            for (_, g) in cx.ranges.ranges() {
+                if *g != self.group {
+                    listeners.entry(*g).or_insert(None);
+                }
+            }
         }
         let relay = ack.map(|upstream| {
             let id = self.next_relay;
             self.next_relay = self.next_relay.wrapping_add(1);
             (id, upstream)
         });
+        tracing::debug!(
+            group = self.group,
+            user,
+            cell,
+            ?ack,
+            young = self.young,
+            ?listeners,
+            "stranger: dropped from channel"
+        );
         let mut pending = HashMap::new();
-        for (i, l) in listeners.into_iter().enumerate() {
+        for (i, (l, run)) in listeners.into_iter().enumerate() {
             let ack = relay.map(|(id, _)| {
                 // One part per listener group: the relay's slot, then the group's number.
                 let part = u32::from(id) | ((i as u32) << 16);
-                pending.insert(part, l);
+                pending.insert(part, (l, run));
                 Barrier {
                     group: self.group,
                     index: RELAY_INDEX,
@@ -608,26 +749,44 @@ impl Strangers {
         }
     }
 
-    /// Group `group`'s leader changed: as a channel, forget what its users published (its new
-    /// leader could not retract it); as a listener, forget the cells it owns and listen again;
-    /// as a publisher, publish again in the cells it owns (the caller does, with
-    /// [`Strangers::republish`]).
-    pub(crate) fn leader_changed(&mut self, cx: &mut Ctx<'_>, state: &GroupState, group: GroupId) {
-        // As a channel: the listener group's new leader holds no mirror (its old leader's
-        // sessions were closed): nothing to relay to it, nothing to wait for from it.
-        for channel in self.channels.values_mut() {
-            channel.listeners.remove(&group);
-        }
-        let done: Vec<u16> = self
-            .relays
-            .iter_mut()
-            .filter_map(|(id, r)| {
-                r.pending.retain(|_, to| *to != group);
-                r.pending.is_empty().then_some(*id)
-            })
-            .collect();
-        for id in done {
-            self.finish_relay(cx, id);
+    /// Group `group` has a new run of its live state (a new leader, or the same leader's
+    /// driver restarted): as a channel, forget what its users published (the new run could not
+    /// retract it); as a listener, forget the cells it owns and listen again; as a publisher,
+    /// publish again in the cells it owns (the caller does, with [`Strangers::republish`]).
+    /// With the new run's `incarnation` (it introduced itself), also stop relaying to and
+    /// waiting for the runs before it as a listener — they hold no mirror any more. Without
+    /// (the map changed), listeners are left alone: the new run may have listened already.
+    pub(crate) fn leader_changed(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        state: &GroupState,
+        group: GroupId,
+        incarnation: Option<u64>,
+    ) {
+        tracing::debug!(
+            group = self.group,
+            other = group,
+            ?incarnation,
+            "stranger: another group's run changed"
+        );
+        if let Some(run) = incarnation {
+            // As a channel: the group's earlier runs hold no mirror (their sessions were
+            // closed): nothing to relay to them, nothing to wait for from them.
+            let earlier = |g: GroupId, r: Option<u64>| g == group && r != Some(run);
+            for channel in self.channels.values_mut() {
+                channel.listeners.retain(|g, r| !earlier(*g, Some(*r)));
+            }
+            let done: Vec<u16> = self
+                .relays
+                .iter_mut()
+                .filter_map(|(id, r)| {
+                    r.pending.retain(|_, (to, r)| !earlier(*to, *r));
+                    r.pending.is_empty().then_some(*id)
+                })
+                .collect();
+            for id in done {
+                self.finish_relay(cx, id);
+            }
         }
         let stale: Vec<(u64, UserId)> = self
             .channels
@@ -662,6 +821,7 @@ impl Strangers {
                 CellMessage::Listen {
                     cell,
                     group: self.group,
+                    incarnation: self.incarnation,
                 },
             );
         }
@@ -721,6 +881,7 @@ impl Strangers {
                             CellMessage::Listen {
                                 cell,
                                 group: self.group,
+                                incarnation: self.incarnation,
                             },
                         );
                     }
@@ -769,6 +930,7 @@ impl Strangers {
                     CellMessage::Unlisten {
                         cell,
                         group: self.group,
+                        incarnation: self.incarnation,
                     },
                 );
             }
@@ -880,6 +1042,13 @@ impl Strangers {
                 if let Some(l) = self.listeners.get_mut(&viewer) {
                     l.shown.insert(user, (d, s.pseudonym.clone()));
                 }
+                tracing::debug!(
+                    group = self.group,
+                    viewer,
+                    user,
+                    stamp = s.updated_at.0,
+                    "stranger: shown"
+                );
                 cx.push(viewer, Event::StrangerNearby(s));
             }
         }
@@ -916,6 +1085,13 @@ impl Strangers {
                     if let Some(l) = self.listeners.get_mut(&viewer) {
                         l.shown.insert(user, (d, s.pseudonym.clone()));
                     }
+                    tracing::debug!(
+                        group = self.group,
+                        viewer,
+                        user,
+                        stamp = s.updated_at.0,
+                        "stranger: moved"
+                    );
                     cx.push(viewer, Event::StrangerNearby(s));
                 }
             }
@@ -928,6 +1104,7 @@ impl Strangers {
     pub fn page(&self, state: &GroupState, viewer: UserId, size: usize) -> (Vec<Stranger>, u32) {
         let (nearest, total) = self.candidates(state, viewer, size);
         let more = total.saturating_sub(nearest.len());
+        tracing::debug!(group = self.group, viewer, users = ?nearest.iter().map(|(_, u)| *u).collect::<Vec<_>>(), "stranger: page");
         let page = nearest
             .into_iter()
             .filter_map(|(d, u)| self.stranger(viewer, u, d))
@@ -997,7 +1174,7 @@ mod tests {
         let ranges = nearby_raft::meta::initial_ranges(4);
         let table = RangeTable::new(ranges.iter().map(|(g, r)| (*r, *g)).collect()).expect("ranges");
         let state = GroupState::new(ranges[0].1);
-        let channel = Strangers::new(1, None, std::time::Duration::from_secs(600));
+        let channel = Strangers::new(1, 1, None, std::time::Duration::from_secs(600));
         (table, state, channel)
     }
 
@@ -1013,7 +1190,11 @@ mod tests {
         channel.handle(
             &mut cx,
             &state,
-            CellMessage::Listen { cell, group: 2 },
+            CellMessage::Listen {
+                cell,
+                group: 2,
+                incarnation: 1,
+            },
             Millis(1_000),
         );
         let publish = |stamp: u64| CellMessage::Publish {
@@ -1069,6 +1250,164 @@ mod tests {
         };
         channel.expire(&mut cx, Millis(3_000 + WITHDRAWN_MEMORY));
         assert!(!channel.stale(7, Millis(1_500)));
+    }
+
+    #[test]
+    fn a_withdrawal_empties_every_mirror_that_holds_the_user_and_a_move_only_its_cell() {
+        let (table, state, mut listener) = channel_of_group_one();
+        let at = LatestLocation {
+            loc: LatLng::new(52.52, 13.405).expect("ll"),
+            updated_at: Millis(1_000),
+        };
+        // Group 1 mirrors cells 10 and 20, and both hold user 7: the retraction of 7's move
+        // from 10 to 20 was lost on its way to 10's channel.
+        for cell in [10, 20] {
+            let mut mirror = Mirror::default();
+            mirror.strangers.insert(7, ("s".into(), at));
+            mirror.strangers.insert(8, ("t".into(), at));
+            listener.mirrors.insert(cell, mirror);
+        }
+        let holds = |l: &Strangers, cell: u64, user: UserId| l.mirrors[&cell].strangers.contains_key(&user);
+        let mut outputs = Vec::new();
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut outputs,
+        };
+        // A move: only the cell it names.
+        let moved = CellMessage::Unseen {
+            cell: 20,
+            user: 8,
+            ack: None,
+        };
+        listener.handle(&mut cx, &state, moved, Millis(2_000));
+        assert!(!holds(&listener, 20, 8) && holds(&listener, 10, 8));
+        // "Not discoverable", relayed by 20's channel: gone from 10's mirror too, and confirmed.
+        let ack = Barrier {
+            group: 3,
+            index: RELAY_INDEX,
+            part: 5,
+        };
+        let withdrawn = CellMessage::Unseen {
+            cell: 20,
+            user: 7,
+            ack: Some(ack),
+        };
+        listener.handle(&mut cx, &state, withdrawn, Millis(2_000));
+        assert!(!holds(&listener, 20, 7));
+        assert!(
+            !holds(&listener, 10, 7),
+            "the stale mirror still shows the withdrawn user"
+        );
+        assert!(acked(cx.outputs, ack));
+    }
+
+    #[test]
+    fn a_withdrawal_also_reaches_the_channels_of_the_cells_the_user_left() {
+        let (table, mut state, mut publisher) = channel_of_group_one();
+        let user = 7;
+        state.apply(
+            &nearby_raft::Command::RegisterUser {
+                user,
+                name: "s".into(),
+            },
+            1,
+        );
+        state.apply(&nearby_raft::Command::SetDiscoverable { user, on: true }, 2);
+        let mut outputs = Vec::new();
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut outputs,
+        };
+        // Berlin, then Paris, then Rome: three cells, two of them left.
+        let places = [(52.52, 13.405), (48.857, 2.352), (41.9, 12.5)];
+        let mut cells = Vec::new();
+        for (i, (lat, lon)) in places.into_iter().enumerate() {
+            let at = LatestLocation {
+                loc: LatLng::new(lat, lon).expect("ll"),
+                updated_at: Millis(1_000 + i as u64),
+            };
+            cells.push(publisher.cell_of(at.loc));
+            publisher.publish(&mut cx, &state, user, at, Millis(1_000 + i as u64));
+        }
+        cx.outputs.clear();
+        let ack = Barrier {
+            group: 1,
+            index: 9,
+            part: 3,
+        };
+        assert_eq!(publisher.retract(&mut cx, user, Some(ack), Millis(2_000)), 3);
+        let mut sent: Vec<(u64, u32)> = cx
+            .outputs
+            .iter()
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg:
+                        GroupMessage::Cell(CellMessage::Retract {
+                            cell, ack: Some(b), ..
+                        }),
+                } if Some(*to) == table.locate(cell_key(*cell)).copied() => Some((*cell, b.part)),
+                _ => None,
+            })
+            .collect();
+        sent.sort_by_key(|(_, part)| *part);
+        assert_eq!(
+            sent,
+            vec![(cells[2], 3), (cells[0], 4), (cells[1], 5)],
+            "the current cell, then the cells left, each under its own part"
+        );
+        // Once withdrawn, nothing is left to withdraw again; and a left cell is forgotten once
+        // its channel's entry would have expired by itself.
+        assert_eq!(publisher.retract(&mut cx, user, Some(ack), Millis(2_000)), 0);
+        for (i, (lat, lon)) in places.into_iter().enumerate() {
+            let at = LatestLocation {
+                loc: LatLng::new(lat, lon).expect("ll"),
+                updated_at: Millis(3_000 + i as u64),
+            };
+            publisher.publish(&mut cx, &state, user, at, Millis(3_000 + i as u64));
+        }
+        let after_ttl = Millis(3_001 + 600_000);
+        assert_eq!(
+            publisher.retract(&mut cx, user, Some(ack), after_ttl),
+            2,
+            "current and one left"
+        );
+    }
+
+    #[test]
+    fn a_listener_run_that_listened_before_its_introduction_arrived_stays_a_listener() {
+        let (table, state, mut channel) = channel_of_group_one();
+        let mut outputs = Vec::new();
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut outputs,
+        };
+        let cell = 42;
+        let listen = |incarnation| CellMessage::Listen {
+            cell,
+            group: 4,
+            incarnation,
+        };
+        let listeners = |c: &Strangers| c.channels[&cell].listeners.clone();
+        channel.handle(&mut cx, &state, listen(1), Millis(10));
+        // Group 4's driver restarts as run 2, which listens at once; the map's news of the
+        // change and run 2's introduction arrive after (the fault run's leak: the channel then
+        // forgot run 2, whose mirror went stale for good).
+        channel.handle(&mut cx, &state, listen(2), Millis(20));
+        channel.leader_changed(&mut cx, &state, 4, None);
+        channel.leader_changed(&mut cx, &state, 4, Some(2));
+        assert_eq!(listeners(&channel), HashMap::from([(4, 2)]));
+        // Run 1's late "unlisten" does not undo run 2's listening.
+        let unlisten = |incarnation| CellMessage::Unlisten {
+            cell,
+            group: 4,
+            incarnation,
+        };
+        channel.handle(&mut cx, &state, unlisten(1), Millis(30));
+        assert_eq!(listeners(&channel), HashMap::from([(4, 2)]));
+        // Run 3 introduces itself: run 2 holds no mirror any more.
+        channel.leader_changed(&mut cx, &state, 4, Some(3));
+        assert!(listeners(&channel).is_empty());
     }
 
     #[test]
@@ -1136,7 +1475,12 @@ mod tests {
         };
         let cell = 42;
         for group in [2, 3] {
-            channel.handle(&mut cx, &state, CellMessage::Listen { cell, group }, Millis(10));
+            let listen = CellMessage::Listen {
+                cell,
+                group,
+                incarnation: 1,
+            };
+            channel.handle(&mut cx, &state, listen, Millis(10));
         }
         let at = LatestLocation {
             loc: LatLng::new(52.52, 13.405).expect("ll"),
@@ -1185,8 +1529,12 @@ mod tests {
             !acked(cx.outputs, upstream),
             "acknowledged before every listener group"
         );
-        // Group 3's leader changed: its new leader holds nothing to drop.
-        channel.leader_changed(&mut cx, &state, 3);
+        // The map says group 3's leader changed: that alone proves nothing (its new run may
+        // have listened already), so the relay still waits for group 3.
+        channel.leader_changed(&mut cx, &state, 3, None);
+        assert!(!acked(cx.outputs, upstream), "{:?}", cx.outputs);
+        // Group 3's new run introduced itself: the run that listened holds nothing to drop.
+        channel.leader_changed(&mut cx, &state, 3, Some(2));
         assert!(acked(cx.outputs, upstream), "{:?}", cx.outputs);
         // And the channel relays nothing more to it.
         cx.outputs.clear();

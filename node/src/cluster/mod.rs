@@ -159,7 +159,8 @@ pub struct Cluster {
     drivers: Arc<Drivers>,
     router: Arc<Router>,
     driver_ctx: DriverContext,
-    running: tokio::sync::Mutex<HashMap<GroupId, DriverTask>>,
+    /// The drivers of the groups this node leads, with the term each leads in.
+    running: tokio::sync::Mutex<HashMap<GroupId, (u64, DriverTask)>>,
     watched: Mutex<HashSet<GroupId>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     fatal: tokio::sync::watch::Sender<Option<String>>,
@@ -576,8 +577,8 @@ impl Cluster {
             dropped = s.dropped,
             "messages to peers since start"
         );
-        let running: Vec<(GroupId, DriverTask)> = self.running.lock().await.drain().collect();
-        for (g, task) in running {
+        let running: Vec<(GroupId, (u64, DriverTask))> = self.running.lock().await.drain().collect();
+        for (g, (_, task)) in running {
             self.drivers.remove(g);
             task.stop().await;
         }
@@ -818,7 +819,7 @@ impl Cluster {
                 // quorum yet) is retried while this node still leads.
                 if raft.ensure_linearizable().await.is_ok() {
                     if group != META_GROUP {
-                        self.start_driver(group).await;
+                        self.start_driver(group, term).await;
                     }
                     confirmed = Some(term);
                     retry = Duration::from_millis(50);
@@ -938,7 +939,26 @@ impl Cluster {
         });
     }
 
-    async fn start_driver(&self, group: GroupId) {
+    /// Starts the driver of `group`, led here in `term`. A driver of an earlier term is
+    /// replaced: this node lost the leadership and won it back without its metrics showing the
+    /// gap, and the other groups, told of the new term by the map, have forgotten what they
+    /// knew of the old driver (its listeners, its subscriptions) — it must not carry on as if
+    /// they had not.
+    async fn start_driver(&self, group: GroupId, term: u64) {
+        let earlier = match self.running.lock().await.get(&group) {
+            Some((t, _)) if *t == term => return,
+            Some((t, _)) => Some(*t),
+            None => None,
+        };
+        if let Some(t) = earlier {
+            tracing::info!(
+                group,
+                from = t,
+                to = term,
+                "leading again in a new term: restarting the driver"
+            );
+            self.stop_driver(group, None).await;
+        }
         let mut running = self.running.lock().await;
         if running.contains_key(&group) {
             return;
@@ -948,12 +968,12 @@ impl Cluster {
         };
         let task = driver::spawn(replica, self.driver_ctx.clone());
         self.drivers.insert(group, task.handle.clone());
-        running.insert(group, task);
-        tracing::info!(group, "now leading this group");
+        running.insert(group, (term, task));
+        tracing::info!(group, term, "now leading this group");
     }
 
     async fn stop_driver(&self, group: GroupId, leader: Option<NodeId>) {
-        let Some(task) = self.running.lock().await.remove(&group) else {
+        let Some((_, task)) = self.running.lock().await.remove(&group) else {
             return;
         };
         self.drivers.remove(group);

@@ -91,6 +91,11 @@ struct BarrierState {
     actor: Option<UserId>,
     /// An earlier barrier of the same actor failed: this one fails too.
     earlier_failed: bool,
+    /// The change ends the actor's visibility to strangers: it settles only once every group
+    /// has confirmed this run of the group's live state — until then a channel may still hold
+    /// where an earlier run published the actor, which this run cannot retract (see
+    /// [`crate::incarnation`]).
+    strangers: bool,
 }
 
 impl BarrierState {
@@ -228,12 +233,17 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     let map = directory.watch();
     let view = map.borrow().clone();
     let id = group.id();
-    let mut presence = Presence::new(id, ctx.config.presence.clone(), Arc::clone(&view.ranges));
+    let incarnation = crate::incarnation::fresh();
+    let mut presence = Presence::new(
+        id,
+        incarnation,
+        ctx.config.presence.clone(),
+        Arc::clone(&view.ranges),
+    );
     let processed = group.last_applied().map_or(0, |l| l.index);
     presence.set_applied(processed);
     group.read(|s| presence.load(s, ctx.clock.now()));
     let outbox = Arc::new(Notify::new());
-    let term = group.raft().metrics().borrow().current_term;
     // Alone in its cluster, a group has no viewers elsewhere that knew it through an earlier
     // leader: nothing to wait for.
     let grace = if view.map.nodes.len() > 1 {
@@ -256,8 +266,6 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
         processed,
         started: Instant::now(),
         grace,
-        term,
-        young: true,
         barriers: BTreeMap::new(),
         early: BTreeMap::new(),
         delivered: HashMap::new(),
@@ -310,11 +318,6 @@ struct Driver {
     started: Instant,
     /// How long after `started` barriers are held (see [`RESUBSCRIBE_GRACE`]).
     grace: Duration,
-    /// The Raft term this driver leads in.
-    term: u64,
-    /// Whether other groups may not know yet that this leader is new: until the grace has
-    /// passed and the map names this node in this term (see `Strangers::set_young`).
-    young: bool,
     barriers: BTreeMap<u64, BarrierState>,
     /// Waiters for indexes not processed yet.
     early: BTreeMap<u64, Vec<Waiter>>,
@@ -342,11 +345,18 @@ fn release(ctx: &DriverContext, item: Item) {
 
 impl Driver {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
-        tracing::info!(group = self.id, "driver started");
+        tracing::info!(
+            group = self.id,
+            incarnation = self.presence.incarnation(),
+            "driver started"
+        );
         // Intents left by earlier leaders are delivered by this one.
         self.outbox.notify_one();
+        // Other groups forget what they knew of earlier runs of this group's live state.
+        self.presence.introduce(self.now());
+        let outputs = self.presence.poll_outputs();
+        self.deliver(outputs);
         loop {
-            self.update_youth();
             let wake = self.next_wake();
             tokio::select! {
                 biased;
@@ -471,6 +481,11 @@ impl Driver {
         // nothing may be the retry of a change whose barrier is still pending here, and must
         // not be confirmed before it.
         let actor = cmd.ends_visibility().then(|| cmd.users().0);
+        let strangers = actor.is_some()
+            && matches!(
+                cmd,
+                Command::SetDiscoverable { .. } | Command::SetSharing { .. } | Command::SetGhost { .. }
+            );
         if !asked.is_empty() || actor.is_some() || self.started.elapsed() < self.grace {
             let b = self.barriers.entry(index).or_insert_with(|| BarrierState {
                 pending: Default::default(),
@@ -481,6 +496,7 @@ impl Driver {
                 waiters: Vec::new(),
                 actor,
                 earlier_failed: false,
+                strangers,
             });
             b.pending.extend(asked.iter().map(|(part, _, _)| *part));
             b.sent.extend(asked);
@@ -547,6 +563,7 @@ impl Driver {
                 waiters: Vec::new(),
                 actor: None,
                 earlier_failed: false,
+                strangers: false,
             })
             .waiters
             .push(w);
@@ -573,7 +590,7 @@ impl Driver {
                 self.ctx.router.send(to, msg);
             }
         }
-        let finished = settle_in_order(&mut self.barriers, now);
+        let finished = settle_in_order(&mut self.barriers, now, self.presence.settled());
         for (i, ok) in finished {
             let Some(b) = self.barriers.remove(&i) else {
                 continue;
@@ -629,21 +646,6 @@ impl Driver {
         }
     }
 
-    /// Ends this leader's youth once the grace has passed and the map names it: from then on
-    /// every group has had the map that tells it this group has a new leader.
-    fn update_youth(&mut self) {
-        if !self.young {
-            return;
-        }
-        let me = self.ctx.router.directory().me();
-        let named = self
-            .leaders
-            .get(&self.id)
-            .is_some_and(|(leader, term, _)| *leader == Some(me) && *term >= self.term);
-        self.young = !named || self.started.elapsed() < self.grace;
-        self.presence.set_young(self.young);
-    }
-
     fn on_map(&mut self) {
         let view = self.map.borrow_and_update().clone();
         self.presence.set_ranges(Arc::clone(&view.ranges));
@@ -672,14 +674,14 @@ impl Driver {
             if let (Some(b), Some(a)) = (before, after) {
                 if a.end > b.end || a.start < b.start {
                     let presence = &mut self.presence;
-                    self.group.read(|s| presence.resubscribe(s, self.id, now));
+                    self.group.read(|s| presence.resubscribe(s, self.id, None, now));
                 }
             }
         }
         for g in changed {
             // Its new leader knows none of our viewers: subscribe them again.
             let presence = &mut self.presence;
-            self.group.read(|s| presence.resubscribe(s, g, now));
+            self.group.read(|s| presence.resubscribe(s, g, None, now));
         }
         let outputs = self.presence.poll_outputs();
         self.deliver(outputs);
@@ -936,10 +938,14 @@ impl Driver {
 }
 
 /// The barriers that settle at `now`, in log order, and whether each succeeded: complete (every
-/// part acknowledged, past its grace) or past its deadline. A user's barrier waits for the
-/// user's earlier ones and fails if one of them failed: a retried "hide" that changed nothing
-/// is confirmed only once the first one is.
-fn settle_in_order(barriers: &mut BTreeMap<u64, BarrierState>, now: Instant) -> Vec<(u64, bool)> {
+/// part acknowledged, past its grace, and — for strangers — this run `settled`) or past its
+/// deadline. A user's barrier waits for the user's earlier ones and fails if one of them
+/// failed: a retried "hide" that changed nothing is confirmed only once the first one is.
+fn settle_in_order(
+    barriers: &mut BTreeMap<u64, BarrierState>,
+    now: Instant,
+    settled: bool,
+) -> Vec<(u64, bool)> {
     let mut waiting: HashSet<UserId> = HashSet::new();
     let mut failed: HashSet<UserId> = HashSet::new();
     let mut finished = Vec::new();
@@ -948,7 +954,7 @@ fn settle_in_order(barriers: &mut BTreeMap<u64, BarrierState>, now: Instant) -> 
             b.earlier_failed = true;
         }
         let blocked = b.actor.is_some_and(|a| waiting.contains(&a));
-        let complete = b.pending.is_empty() && now >= b.not_before && !blocked;
+        let complete = b.pending.is_empty() && now >= b.not_before && !blocked && (settled || !b.strangers);
         if !complete && now < b.deadline {
             waiting.extend(b.actor);
             continue;
@@ -1019,6 +1025,7 @@ mod tests {
             waiters: Vec::new(),
             actor,
             earlier_failed: false,
+            strangers: false,
         }
     }
 
@@ -1032,12 +1039,34 @@ mod tests {
         barriers.insert(10, barrier(Some(7), &[0], later));
         barriers.insert(11, barrier(Some(8), &[], later));
         barriers.insert(12, barrier(Some(7), &[], later));
-        assert_eq!(settle_in_order(&mut barriers, now), vec![(11, true)]);
+        assert_eq!(settle_in_order(&mut barriers, now, true), vec![(11, true)]);
         barriers.remove(&11);
         if let Some(b) = barriers.get_mut(&10) {
             b.pending.clear();
         }
-        assert_eq!(settle_in_order(&mut barriers, now), vec![(10, true), (12, true)]);
+        assert_eq!(
+            settle_in_order(&mut barriers, now, true),
+            vec![(10, true), (12, true)]
+        );
+    }
+
+    #[test]
+    fn a_strangers_barrier_waits_until_every_group_confirmed_this_run() {
+        let now = Instant::now();
+        let mut barriers = BTreeMap::new();
+        let mut discoverable_off = barrier(Some(7), &[], now + ACK_WAIT);
+        discoverable_off.strangers = true;
+        barriers.insert(10, discoverable_off);
+        barriers.insert(11, barrier(Some(8), &[], now + ACK_WAIT));
+        assert_eq!(settle_in_order(&mut barriers, now, false), vec![(11, true)]);
+        barriers.remove(&11);
+        assert_eq!(settle_in_order(&mut barriers, now, true), vec![(10, true)]);
+        barriers.remove(&10);
+        // Never confirmed in time: it fails at its deadline.
+        let mut late = barrier(Some(7), &[], now);
+        late.strangers = true;
+        barriers.insert(12, late);
+        assert_eq!(settle_in_order(&mut barriers, now, false), vec![(12, false)]);
     }
 
     #[test]
@@ -1049,7 +1078,7 @@ mod tests {
         barriers.insert(12, barrier(Some(7), &[], now + ACK_WAIT));
         barriers.insert(13, barrier(None, &[], now + ACK_WAIT));
         assert_eq!(
-            settle_in_order(&mut barriers, now),
+            settle_in_order(&mut barriers, now, true),
             vec![(10, false), (12, false), (13, true)]
         );
     }
@@ -1075,6 +1104,7 @@ mod tests {
             waiters: Vec::new(),
             actor: None,
             earlier_failed: false,
+            strangers: false,
         };
         b.pending.remove(&2);
         let mut out = Vec::new();
