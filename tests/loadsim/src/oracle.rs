@@ -58,8 +58,10 @@
 //!   way (in a QUIC stream, in the viewer's socket buffer, in a starved client's queue): it is
 //!   counted apart ([`Verdict::in_flight_after_ack`]), not as a leak. Only an event carrying a
 //!   position processed after the acknowledgement is certainly one the server should not have
-//!   sent. (A server re-sending an old position after the acknowledgement would hide among the
-//!   former; the count and its latest arrival are reported so a growth is seen.)
+//!   sent. An old position re-sent after the acknowledgement (a stale copy kept somewhere) is
+//!   told apart by its age: one that arrives more than [`IN_FLIGHT_MAX_US`] after its stamp
+//!   was not on its way, and is a leak. The count and its latest arrival are reported so a
+//!   growth is seen.
 //! - a pair touched by any change (in either direction, by either user) is judged for leaks only
 //!   by that rule (and the position rules), never for misses: whether a delivery was owed while
 //!   permissions moved is not certain.
@@ -92,6 +94,10 @@ use serde::{Deserialize, Serialize};
 
 /// Microseconds since the run started, on the load generator's clock.
 pub type Micros = u64;
+
+/// The longest an event may take from the server to the reader and still count as on its way
+/// ([`Verdict::in_flight_after_ack`]), µs: twice the 5 s a position may wait in a node's queue.
+pub const IN_FLIGHT_MAX_US: Micros = 10_000_000;
 
 /// What became of one update.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -595,13 +601,14 @@ impl<'a> Judge<'a> {
     }
 
     /// Whether an event about `sender` stamped `stamp` was on its way before `ack` (see the
-    /// module doc); counts it if so.
+    /// module doc): processed before it, and not older on arrival than [`IN_FLIGHT_MAX_US`].
+    /// Counts it if so.
     fn in_flight(&self, verdict: &mut Verdict, ack: Option<Micros>, stamp: Millis, at: Micros) -> bool {
         let (Some(ack), Some(t0)) = (ack, self.truth.t0_unix_ms) else {
             return false;
         };
         let stamped_us = stamp.0.saturating_sub(t0).saturating_mul(1_000);
-        if stamped_us >= ack {
+        if stamped_us >= ack || at.saturating_sub(stamped_us) > IN_FLIGHT_MAX_US {
             return false;
         }
         verdict.in_flight_after_ack.0 += 1;
@@ -1085,6 +1092,15 @@ mod tests {
         t.received[1].push(leak);
         let v = judge1(&t);
         assert_eq!((v.total.leaks, v.in_flight_after_ack.0), (1, 1), "{v:?}");
+        // Stamped before it, but arriving 11 s after its stamp: an old copy re-sent, not one on
+        // its way (the fault run's stale mirror).
+        let mut old = moved(14_100_000, A, 52.51);
+        if let Seen::Position { updated_at, .. } = &mut old.seen {
+            *updated_at = Millis(1_000_000 + 3_050);
+        }
+        t.received[1].push(old);
+        let v = judge1(&t);
+        assert_eq!((v.total.leaks, v.in_flight_after_ack.0), (2, 1), "{v:?}");
     }
 
     #[test]
