@@ -69,7 +69,15 @@ impl World {
             w.states.insert(g, GroupState::new(r));
             w.presences.insert(
                 g,
-                Presence::new(g, 1, PresenceConfig::default(), Arc::clone(&table)),
+                Presence::new(
+                    g,
+                    nearby_node::incarnation::Incarnation {
+                        term: 1,
+                        started_ns: 0,
+                    },
+                    PresenceConfig::default(),
+                    Arc::clone(&table),
+                ),
             );
         }
         w

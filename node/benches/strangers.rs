@@ -71,8 +71,18 @@ impl World {
         };
         for &(r, g) in ranges.ranges() {
             w.states.insert(g, GroupState::new(r));
-            w.presences
-                .insert(g, Presence::new(g, 1, config.clone(), Arc::clone(&ranges)));
+            w.presences.insert(
+                g,
+                Presence::new(
+                    g,
+                    nearby_node::incarnation::Incarnation {
+                        term: 1,
+                        started_ns: 0,
+                    },
+                    config.clone(),
+                    Arc::clone(&ranges),
+                ),
+            );
         }
         w
     }

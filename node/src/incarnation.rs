@@ -2,16 +2,21 @@
 //! ([`crate::presence::Presence`]) is soft: it lives in the driver of the group's leader and is
 //! gone when that driver stops — the subscriptions it held for other groups' viewers, the
 //! listeners of its cells' channels, the mirrors it kept of other channels. Each run of a driver
-//! is an *incarnation*, named by a random number drawn when it starts.
+//! is an *incarnation*, named by its Raft term and the wall-clock instant it started: runs of
+//! one group are ordered (a term has one leader; its node starts a later run later), so a late
+//! message from an earlier run is told apart from the current one's.
 //!
 //! The cluster map tells other groups when a group's leader or term changes, but not when the
 //! same leader restarts its driver in the same term (its lease lapsed during a pause and was
 //! confirmed again), and it tells them late (the map is replicated through the meta group). So
 //! a new incarnation introduces itself: it sends [`GroupMessage::Started`] to every other group,
 //! and again every [`RESEND_AFTER`] to those that have not confirmed. A group that hears of an
-//! incarnation it did not know forgets what it knew of the previous one and subscribes, listens
-//! and publishes again ([`crate::presence::Presence::resubscribe`]) before it confirms with
-//! [`GroupMessage::StartedAck`].
+//! incarnation later than any it knew forgets what it knew of the earlier ones and subscribes,
+//! listens and publishes again ([`crate::presence::Presence::resubscribe`]) before it confirms
+//! with [`GroupMessage::StartedAck`]. These two messages carry no user's data: they leave
+//! at once unless the read lease holds output they must not overtake (a confirmation must not
+//! leave before the retractions forgetting the earlier run caused), so a sleeping group is not
+//! woken to confirm another group's new run.
 //!
 //! Until every other group has confirmed, some group may still mirror what the predecessor's
 //! channels told it, and this incarnation does not know which: it is *young*, and its channels
@@ -25,43 +30,55 @@ use std::collections::{BTreeSet, HashMap};
 use nearby_index::friends::RangeTable;
 use nearby_index::geo::Millis;
 use nearby_raft::GroupId;
+use serde::{Deserialize, Serialize};
 
 use crate::messages::{GroupMessage, Output};
 
 /// How often an introduction is sent again to groups that have not confirmed it.
 pub const RESEND_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A fresh incarnation number: random, so that no two runs of a group's driver — on any node,
-/// before or after a restart — share one.
-pub fn fresh() -> u64 {
-    let mut bytes = [0u8; 8];
-    let rng = ring::rand::SystemRandom::new();
-    if ring::rand::SecureRandom::fill(&rng, &mut bytes).is_err() {
-        // No system randomness: the wall clock's nanoseconds still differ between runs.
-        let nanos = std::time::SystemTime::now()
+/// One run of a group's live state: ordered by term, then by when it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Incarnation {
+    /// The Raft term its leader leads in.
+    pub term: u64,
+    /// When it started, ns since the Unix epoch (wall clock: a run of the same term after its
+    /// node restarted comes later).
+    pub started_ns: u64,
+}
+
+impl Incarnation {
+    /// A run starting now, in `term`.
+    pub fn starting(term: u64) -> Self {
+        let started_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
-        return nanos;
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Incarnation { term, started_ns }
     }
-    u64::from_le_bytes(bytes)
+}
+
+impl std::fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.term, self.started_ns)
+    }
 }
 
 /// This group's incarnation, who confirmed it, and the incarnations of the others.
 #[derive(Debug)]
 pub struct Incarnations {
     group: GroupId,
-    mine: u64,
+    mine: Incarnation,
     /// Other groups that have not confirmed `mine` yet.
     unconfirmed: BTreeSet<GroupId>,
     /// When the introduction is next sent again to them.
     resend_at: Millis,
     /// The latest incarnation heard of each other group.
-    known: HashMap<GroupId, u64>,
+    known: HashMap<GroupId, Incarnation>,
 }
 
 impl Incarnations {
     /// The incarnation `mine` of `group`, not introduced yet (and so young).
-    pub fn new(group: GroupId, mine: u64) -> Self {
+    pub fn new(group: GroupId, mine: Incarnation) -> Self {
         Incarnations {
             group,
             mine,
@@ -72,7 +89,7 @@ impl Incarnations {
     }
 
     /// This group's incarnation.
-    pub fn mine(&self) -> u64 {
+    pub fn mine(&self) -> Incarnation {
         self.mine
     }
 
@@ -94,10 +111,14 @@ impl Incarnations {
     }
 
     /// `group` introduced its incarnation `incarnation`: confirms it, and returns whether it is
-    /// news (the caller then forgets what it knew of `group`'s previous incarnation, before the
-    /// confirmation leaves).
-    pub fn heard(&mut self, group: GroupId, incarnation: u64, out: &mut Vec<Output>) -> bool {
-        let news = group != self.group && self.known.insert(group, incarnation) != Some(incarnation);
+    /// news — later than any heard of before (the caller then forgets what it knew of `group`'s
+    /// earlier runs, before the confirmation leaves). An earlier run's late introduction is
+    /// confirmed (it is gone) and changes nothing.
+    pub fn heard(&mut self, group: GroupId, incarnation: Incarnation, out: &mut Vec<Output>) -> bool {
+        let news = group != self.group && self.known.get(&group).is_none_or(|k| incarnation > *k);
+        if news {
+            self.known.insert(group, incarnation);
+        }
         out.push(Output::Send {
             to: group,
             msg: GroupMessage::StartedAck {
@@ -110,7 +131,7 @@ impl Incarnations {
 
     /// `group` confirmed incarnation `incarnation` of this group (an earlier one's confirmation
     /// is not this one's).
-    pub fn confirmed(&mut self, group: GroupId, incarnation: u64) {
+    pub fn confirmed(&mut self, group: GroupId, incarnation: Incarnation) {
         if incarnation == self.mine {
             self.unconfirmed.remove(&group);
         }
@@ -156,7 +177,11 @@ mod tests {
         RangeTable::new(entries).expect("ranges")
     }
 
-    fn introduced_to(out: &[Output], mine: u64) -> Vec<GroupId> {
+    fn run(term: u64, started_ns: u64) -> Incarnation {
+        Incarnation { term, started_ns }
+    }
+
+    fn introduced_to(out: &[Output], mine: Incarnation) -> Vec<GroupId> {
         out.iter()
             .filter_map(|o| match o {
                 Output::Send {
@@ -171,42 +196,48 @@ mod tests {
     #[test]
     fn an_incarnation_is_young_until_every_other_group_confirmed_it_and_is_sent_again_until_then() {
         let map = ranges(3);
-        let mut me = Incarnations::new(1, 77);
+        let mine = run(7, 77);
+        let mut me = Incarnations::new(1, mine);
         let mut out = Vec::new();
         assert!(me.settled(), "nothing introduced yet means nothing to wait for");
         me.introduce(&map, Millis(1_000), &mut out);
-        assert_eq!(introduced_to(&out, 77), vec![2, 3]);
+        assert_eq!(introduced_to(&out, mine), vec![2, 3]);
         assert!(!me.settled());
         assert_eq!(me.next_deadline(), Some(Millis(2_000)));
 
-        me.confirmed(2, 77);
-        me.confirmed(3, 76); // a predecessor's confirmation
+        me.confirmed(2, mine);
+        me.confirmed(3, run(7, 76)); // a predecessor's confirmation
         assert!(!me.settled());
         out.clear();
         me.tick(&map, Millis(1_500), &mut out);
         assert!(out.is_empty(), "not due yet");
         me.tick(&map, Millis(2_000), &mut out);
         assert_eq!(
-            introduced_to(&out, 77),
+            introduced_to(&out, mine),
             vec![3],
             "sent again only where unconfirmed"
         );
-        me.confirmed(3, 77);
+        me.confirmed(3, mine);
         assert!(me.settled());
         assert_eq!(me.next_deadline(), None);
     }
 
     #[test]
-    fn a_group_hearing_an_incarnation_confirms_it_always_and_reports_news_once() {
-        let mut me = Incarnations::new(1, 5);
+    fn a_group_hearing_an_incarnation_confirms_it_always_and_reports_only_later_ones_as_news() {
+        let mut me = Incarnations::new(1, run(1, 5));
         let mut out = Vec::new();
         assert!(
-            me.heard(2, 40, &mut out),
+            me.heard(2, run(3, 40), &mut out),
             "the first incarnation heard of is news"
         );
-        assert!(!me.heard(2, 40, &mut out), "a resend is not");
-        assert!(me.heard(2, 41, &mut out), "a restart in the same term is");
-        let acks: Vec<_> = out
+        assert!(!me.heard(2, run(3, 40), &mut out), "a resend is not");
+        assert!(me.heard(2, run(3, 41), &mut out), "a restart in the same term is");
+        assert!(
+            !me.heard(2, run(3, 40), &mut out),
+            "an earlier run's late word is not"
+        );
+        assert!(me.heard(2, run(4, 1), &mut out), "a later term is");
+        let acks: Vec<u64> = out
             .iter()
             .filter_map(|o| match o {
                 Output::Send {
@@ -216,22 +247,22 @@ mod tests {
                             group: 1,
                             incarnation,
                         },
-                } => Some(*incarnation),
+                } => Some(incarnation.started_ns),
                 _ => None,
             })
             .collect();
-        assert_eq!(acks, vec![40, 40, 41], "every introduction is confirmed");
+        assert_eq!(acks, vec![40, 40, 41, 40, 1], "every introduction is confirmed");
     }
 
     #[test]
     fn a_single_group_is_never_young_and_a_merged_away_group_is_not_waited_for() {
-        let mut alone = Incarnations::new(1, 9);
+        let mut alone = Incarnations::new(1, run(1, 9));
         let mut out = Vec::new();
         alone.introduce(&ranges(1), Millis(0), &mut out);
         assert!(alone.settled());
         assert!(out.is_empty());
 
-        let mut me = Incarnations::new(1, 9);
+        let mut me = Incarnations::new(1, run(1, 9));
         me.introduce(&ranges(2), Millis(0), &mut out);
         assert!(!me.settled());
         me.tick(&ranges(1), Millis(1_000), &mut out);
@@ -239,9 +270,10 @@ mod tests {
     }
 
     #[test]
-    fn fresh_incarnations_differ() {
-        let a = fresh();
-        let b = fresh();
-        assert_ne!(a, b);
+    fn a_later_start_in_the_same_term_is_a_later_run() {
+        let a = Incarnation::starting(5);
+        let b = Incarnation::starting(5);
+        assert!(b >= a, "{a} then {b}");
+        assert!(Incarnation::starting(6) > b);
     }
 }

@@ -9,6 +9,8 @@ use nearby_index::ttl::LatestLocation;
 use nearby_raft::GroupId;
 use serde::{Deserialize, Serialize};
 
+use crate::incarnation::Incarnation;
+
 /// Names one revocation message of one visibility-ending change: the publisher's group, the
 /// change's log index there, and the message's number among the change's revocations. Each
 /// revocation is acknowledged with its own token, so a repeated acknowledgement (a resent batch)
@@ -95,15 +97,15 @@ pub enum GroupMessage {
     Started {
         /// The group.
         group: GroupId,
-        /// The run's number: random, never reused.
-        incarnation: u64,
+        /// The run: its term and start.
+        incarnation: Incarnation,
     },
     /// `group` has forgotten what it knew of runs before `incarnation` of the receiving group.
     StartedAck {
         /// The confirming group.
         group: GroupId,
         /// The run it confirms.
-        incarnation: u64,
+        incarnation: Incarnation,
     },
 }
 
@@ -178,7 +180,7 @@ pub enum CellMessage {
         group: GroupId,
         /// The run of the listener group's live state that listens (see
         /// [`crate::incarnation`]).
-        incarnation: u64,
+        incarnation: Incarnation,
     },
     /// Group `group` no longer listens to `cell`.
     Unlisten {
@@ -187,7 +189,7 @@ pub enum CellMessage {
         /// The listener group.
         group: GroupId,
         /// The run that listened.
-        incarnation: u64,
+        incarnation: Incarnation,
     },
     /// The answer to `Listen`: everyone in the cell now.
     Contents {

@@ -73,7 +73,7 @@ use nearby_index::query::{nearby_page, Cursor, NearbyQuery, Page};
 use nearby_index::ttl::{LatestLocation, LocationTable, SetOutcome};
 use nearby_raft::{Command, CommandResult, GroupId, GroupState};
 
-use crate::incarnation::Incarnations;
+use crate::incarnation::{Incarnation, Incarnations};
 pub use crate::messages::{Barrier, GroupMessage, Output, SnapshotEntry};
 use crate::strangers::{Ctx, Pseudonyms, Strangers, MAX_SHOWN};
 
@@ -215,7 +215,7 @@ impl Presence {
     /// [`Presence::introduce`].
     pub fn new(
         group: GroupId,
-        incarnation: u64,
+        incarnation: Incarnation,
         config: PresenceConfig,
         ranges: Arc<RangeTable<GroupId>>,
     ) -> Self {
@@ -244,7 +244,7 @@ impl Presence {
     }
 
     /// This run's number (see [`crate::incarnation`]).
-    pub fn incarnation(&self) -> u64 {
+    pub fn incarnation(&self) -> Incarnation {
         self.incarnations.mine()
     }
 
@@ -433,7 +433,13 @@ impl Presence {
     /// changed: the new leader starts with no subscribers). The snapshots that answer replace
     /// what the viewers knew of those publishers. `incarnation`: the new run of `group`'s live
     /// state, when it introduced itself (see [`Strangers::leader_changed`]).
-    pub fn resubscribe(&mut self, state: &GroupState, group: GroupId, incarnation: Option<u64>, now: Millis) {
+    pub fn resubscribe(
+        &mut self,
+        state: &GroupState,
+        group: GroupId,
+        incarnation: Option<Incarnation>,
+        now: Millis,
+    ) {
         {
             let locations = &self.locations;
             let (strangers, mut cx) = (
@@ -726,7 +732,7 @@ impl Presence {
                 tracing::debug!(
                     group = self.group,
                     from = group,
-                    incarnation,
+                    %incarnation,
                     "another group's run introduced itself"
                 );
                 // Forget the earlier run first: the confirmation leaves after what this causes.
@@ -1243,7 +1249,7 @@ mod tests {
                 w.index.insert(g, 0);
                 w.presences.insert(
                     g,
-                    Presence::new(g, 1, PresenceConfig::default(), Arc::clone(&ranges)),
+                    Presence::new(g, run(1), PresenceConfig::default(), Arc::clone(&ranges)),
                 );
             }
             w
@@ -1325,6 +1331,17 @@ mod tests {
             self.drain(g);
         }
 
+        /// Users 1 (group 1) and 150 (group 2), friends; 1 online at `A`, 150 at `B`, in range.
+        fn friends_in_range() -> Self {
+            let mut w = World::new();
+            w.register(&[1, 150]);
+            w.befriend(1, 150);
+            w.connect(1);
+            w.at(1, A.0, A.1);
+            w.at(150, B.0, B.1);
+            w
+        }
+
         fn register(&mut self, users: &[UserId]) {
             for &u in users {
                 self.commit(Command::RegisterUser {
@@ -1386,6 +1403,14 @@ mod tests {
     // Two points about 3 km apart, and one 20 km away.
     const A: (f64, f64) = (52.5200, 13.4050);
     const B: (f64, f64) = (52.5470, 13.4050);
+
+    /// Run `n` of a group's live state (see [`crate::incarnation`]).
+    fn run(n: u64) -> Incarnation {
+        Incarnation {
+            term: 1,
+            started_ns: n,
+        }
+    }
     const FAR: (f64, f64) = (52.7000, 13.4050);
 
     #[test]
@@ -1536,12 +1561,7 @@ mod tests {
 
     #[test]
     fn an_update_decided_before_a_revocation_is_dropped_even_if_it_arrives_after() {
-        let mut w = World::new();
-        w.register(&[1, 150]);
-        w.befriend(1, 150);
-        w.connect(1);
-        w.at(1, A.0, A.1);
-        w.at(150, B.0, B.1);
+        let mut w = World::friends_in_range();
         w.take(1);
         // An update of 150 decided at group 2's current state, held back in the network ...
         let late = w.late_update_of_150_to_1();
@@ -1671,17 +1691,12 @@ mod tests {
 
     #[test]
     fn resubscribing_after_a_leader_change_repairs_what_a_viewer_knows() {
-        let mut w = World::new();
-        w.register(&[1, 150]);
-        w.befriend(1, 150);
-        w.connect(1);
-        w.at(1, A.0, A.1);
-        w.at(150, B.0, B.1);
+        let mut w = World::friends_in_range();
         w.take(1);
         // Group 2 gets a new leader: fresh presence, no subscribers, no locations.
         let ranges = Arc::clone(&w.presences[&2].ranges);
         w.presences
-            .insert(2, Presence::new(2, 2, PresenceConfig::default(), ranges));
+            .insert(2, Presence::new(2, run(2), PresenceConfig::default(), ranges));
         // 150 hides from 1 at the new leader, which does not know 1 is watching: the hide names
         // its viewer, so the revocation reaches 1's group anyway.
         w.commit(Command::Hide { user: 150, from: 1 });
@@ -1700,18 +1715,13 @@ mod tests {
 
     #[test]
     fn a_stale_known_location_is_forgotten_when_the_snapshot_leaves_it_out() {
-        let mut w = World::new();
-        w.register(&[1, 150]);
-        w.befriend(1, 150);
-        w.connect(1);
-        w.at(1, A.0, A.1);
-        w.at(150, B.0, B.1);
+        let mut w = World::friends_in_range();
         w.take(1);
         // Group 2 gets a new leader that never saw 150's location: the snapshot of a
         // resubscription does not list 150, so 1 stops showing the old position.
         let ranges = Arc::clone(&w.presences[&2].ranges);
         w.presences
-            .insert(2, Presence::new(2, 2, PresenceConfig::default(), ranges));
+            .insert(2, Presence::new(2, run(2), PresenceConfig::default(), ranges));
         let now = w.now;
         w.presences
             .get_mut(&1)
@@ -1723,17 +1733,12 @@ mod tests {
 
     #[test]
     fn a_restarted_group_introduces_itself_and_the_others_repair_without_a_map_change() {
-        let mut w = World::new();
-        w.register(&[1, 150]);
-        w.befriend(1, 150);
-        w.connect(1);
-        w.at(1, A.0, A.1);
-        w.at(150, B.0, B.1);
+        let mut w = World::friends_in_range();
         assert!(matches!(&w.take(1)[..], [Event::FriendEntered(_)]));
         // Group 2's driver restarts under the same leader and term (the map does not change):
         // a new run, which never saw 150's location and knows nobody watches 150.
         let ranges = Arc::clone(&w.presences[&2].ranges);
-        let mut fresh = Presence::new(2, 2, PresenceConfig::default(), ranges);
+        let mut fresh = Presence::new(2, run(2), PresenceConfig::default(), ranges);
         fresh.set_applied(w.index[&2]);
         w.presences.insert(2, fresh);
         let now = w.now;
@@ -1749,7 +1754,7 @@ mod tests {
         // A resent introduction of the same run changes nothing.
         let again = GroupMessage::Started {
             group: 2,
-            incarnation: 2,
+            incarnation: run(2),
         };
         w.presences
             .get_mut(&1)
@@ -1761,12 +1766,7 @@ mod tests {
 
     #[test]
     fn a_timed_ghost_mode_ends_by_itself_and_friends_see_the_user_again() {
-        let mut w = World::new();
-        w.register(&[1, 150]);
-        w.befriend(1, 150);
-        w.connect(1);
-        w.at(1, A.0, A.1);
-        w.at(150, B.0, B.1);
+        let mut w = World::friends_in_range();
         assert!(matches!(&w.take(1)[..], [Event::FriendEntered(_)]));
         let until = Millis(w.now.0 + 60_000);
         w.commit(Command::SetGhost {
@@ -1803,7 +1803,7 @@ mod tests {
         });
         // Group 2's leader changes: its successor starts from the replicated state alone.
         let ranges = Arc::clone(&w.presences[&2].ranges);
-        let mut fresh = Presence::new(2, 2, PresenceConfig::default(), ranges);
+        let mut fresh = Presence::new(2, run(2), PresenceConfig::default(), ranges);
         fresh.set_applied(w.index[&2]);
         fresh.load(&w.states[&2], w.now);
         w.presences.insert(2, fresh);
@@ -1899,12 +1899,7 @@ mod tests {
 
     #[test]
     fn expiry_sends_gone_to_viewers() {
-        let mut w = World::new();
-        w.register(&[1, 150]);
-        w.befriend(1, 150);
-        w.connect(1);
-        w.at(1, A.0, A.1);
-        w.at(150, B.0, B.1);
+        let mut w = World::friends_in_range();
         assert!(matches!(&w.take(1)[..], [Event::FriendEntered(_)]));
         let deadline = w.presences[&2].next_deadline().expect("deadline");
         w.now = deadline;

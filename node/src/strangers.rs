@@ -51,6 +51,8 @@ use nearby_index::geo::{LatLng, Millis, UserId};
 use nearby_index::ttl::LatestLocation;
 use nearby_raft::{GroupId, GroupState};
 
+use crate::incarnation::Incarnation;
+
 pub use crate::messages::CellMessage;
 use crate::messages::{Barrier, GroupMessage, Output};
 
@@ -144,7 +146,7 @@ struct Channel {
     entries: HashMap<UserId, Entry>,
     /// Listener groups, each with the run of its live state that listened: a run's
     /// successor holds none of its mirrors (see [`crate::incarnation`]).
-    listeners: HashMap<GroupId, u64>,
+    listeners: HashMap<GroupId, Incarnation>,
 }
 
 /// A cell this group listens to on behalf of some of its users.
@@ -175,7 +177,7 @@ struct Relay {
     upstream: Barrier,
     /// Parts not acknowledged yet, and the listener group each went to, with the run that
     /// listened (none: sent to every group by a young channel).
-    pending: HashMap<u32, (GroupId, Option<u64>)>,
+    pending: HashMap<u32, (GroupId, Option<Incarnation>)>,
 }
 
 /// Relays kept waiting at most: beyond, the oldest are forgotten (their upstream waits are
@@ -187,7 +189,7 @@ const MAX_RELAYS: usize = 10_000;
 pub struct Strangers {
     group: GroupId,
     /// This run of the group's live state (see [`crate::incarnation`]), named when listening.
-    incarnation: u64,
+    incarnation: Incarnation,
     cells: CellIndexer,
     pseudonyms: Option<Pseudonyms>,
     ttl: std::time::Duration,
@@ -260,7 +262,7 @@ impl Strangers {
     /// are still published, so a node with the key can serve them).
     pub fn new(
         group: GroupId,
-        incarnation: u64,
+        incarnation: Incarnation,
         pseudonyms: Option<Pseudonyms>,
         ttl: std::time::Duration,
     ) -> Self {
@@ -514,11 +516,13 @@ impl Strangers {
                     group = self.group,
                     cell,
                     listener = group,
-                    incarnation,
+                    %incarnation,
                     "stranger: listen"
                 );
                 let channel = self.channels.entry(cell).or_default();
-                channel.listeners.insert(group, incarnation);
+                // An earlier run's late word does not undo a later run's listening.
+                let run = channel.listeners.entry(group).or_insert(incarnation);
+                *run = (*run).max(incarnation);
                 let entries = channel
                     .entries
                     .iter()
@@ -535,7 +539,7 @@ impl Strangers {
                     group = self.group,
                     cell,
                     listener = group,
-                    incarnation,
+                    %incarnation,
                     "stranger: unlisten"
                 );
                 if let Some(channel) = self.channels.get_mut(&cell) {
@@ -648,7 +652,7 @@ impl Strangers {
     /// Removes `user` from channel `cell` and tells its listener groups (every other group,
     /// for a withdrawal while young: see [`Strangers::set_young`]); `ack` is relayed.
     fn drop_entry(&mut self, cx: &mut Ctx<'_>, cell: u64, user: UserId, ack: Option<Barrier>) {
-        let mut listeners: BTreeMap<GroupId, Option<u64>> = match self.channels.get_mut(&cell) {
+        let mut listeners: BTreeMap<GroupId, Option<Incarnation>> = match self.channels.get_mut(&cell) {
             Some(channel) => {
                 if let Some(old) = channel.entries.remove(&user) {
                     self.expiry
@@ -761,7 +765,7 @@ impl Strangers {
         cx: &mut Ctx<'_>,
         state: &GroupState,
         group: GroupId,
-        incarnation: Option<u64>,
+        incarnation: Option<Incarnation>,
     ) {
         tracing::debug!(
             group = self.group,
@@ -772,7 +776,7 @@ impl Strangers {
         if let Some(run) = incarnation {
             // As a channel: the group's earlier runs hold no mirror (their sessions were
             // closed): nothing to relay to them, nothing to wait for from them.
-            let earlier = |g: GroupId, r: Option<u64>| g == group && r != Some(run);
+            let earlier = |g: GroupId, r: Option<Incarnation>| g == group && r.is_none_or(|r| r < run);
             for channel in self.channels.values_mut() {
                 channel.listeners.retain(|g, r| !earlier(*g, Some(*r)));
             }
@@ -1148,6 +1152,14 @@ mod tests {
         assert!(!s.contains("42"));
     }
 
+    /// Run `n` of a group's live state (see [`crate::incarnation`]).
+    fn run(n: u64) -> Incarnation {
+        Incarnation {
+            term: 1,
+            started_ns: n,
+        }
+    }
+
     /// The listener groups a retraction was relayed to, with the part each acknowledges.
     fn relayed(outputs: &[Output]) -> Vec<(GroupId, u32)> {
         outputs
@@ -1174,7 +1186,7 @@ mod tests {
         let ranges = nearby_raft::meta::initial_ranges(4);
         let table = RangeTable::new(ranges.iter().map(|(g, r)| (*r, *g)).collect()).expect("ranges");
         let state = GroupState::new(ranges[0].1);
-        let channel = Strangers::new(1, 1, None, std::time::Duration::from_secs(600));
+        let channel = Strangers::new(1, run(1), None, std::time::Duration::from_secs(600));
         (table, state, channel)
     }
 
@@ -1193,7 +1205,7 @@ mod tests {
             CellMessage::Listen {
                 cell,
                 group: 2,
-                incarnation: 1,
+                incarnation: run(1),
             },
             Millis(1_000),
         );
@@ -1383,10 +1395,10 @@ mod tests {
             outputs: &mut outputs,
         };
         let cell = 42;
-        let listen = |incarnation| CellMessage::Listen {
+        let listen = |n| CellMessage::Listen {
             cell,
             group: 4,
-            incarnation,
+            incarnation: run(n),
         };
         let listeners = |c: &Strangers| c.channels[&cell].listeners.clone();
         channel.handle(&mut cx, &state, listen(1), Millis(10));
@@ -1395,18 +1407,22 @@ mod tests {
         // forgot run 2, whose mirror went stale for good).
         channel.handle(&mut cx, &state, listen(2), Millis(20));
         channel.leader_changed(&mut cx, &state, 4, None);
-        channel.leader_changed(&mut cx, &state, 4, Some(2));
-        assert_eq!(listeners(&channel), HashMap::from([(4, 2)]));
+        channel.leader_changed(&mut cx, &state, 4, Some(run(2)));
+        assert_eq!(listeners(&channel), HashMap::from([(4, run(2))]));
         // Run 1's late "unlisten" does not undo run 2's listening.
-        let unlisten = |incarnation| CellMessage::Unlisten {
+        let unlisten = |n| CellMessage::Unlisten {
             cell,
             group: 4,
-            incarnation,
+            incarnation: run(n),
         };
         channel.handle(&mut cx, &state, unlisten(1), Millis(30));
-        assert_eq!(listeners(&channel), HashMap::from([(4, 2)]));
+        assert_eq!(listeners(&channel), HashMap::from([(4, run(2))]));
+        // Nor does its late "listen" stand in for run 2's, nor its late introduction.
+        channel.handle(&mut cx, &state, listen(1), Millis(40));
+        channel.leader_changed(&mut cx, &state, 4, Some(run(1)));
+        assert_eq!(listeners(&channel), HashMap::from([(4, run(2))]));
         // Run 3 introduces itself: run 2 holds no mirror any more.
-        channel.leader_changed(&mut cx, &state, 4, Some(3));
+        channel.leader_changed(&mut cx, &state, 4, Some(run(3)));
         assert!(listeners(&channel).is_empty());
     }
 
@@ -1478,7 +1494,7 @@ mod tests {
             let listen = CellMessage::Listen {
                 cell,
                 group,
-                incarnation: 1,
+                incarnation: run(1),
             };
             channel.handle(&mut cx, &state, listen, Millis(10));
         }
@@ -1534,7 +1550,7 @@ mod tests {
         channel.leader_changed(&mut cx, &state, 3, None);
         assert!(!acked(cx.outputs, upstream), "{:?}", cx.outputs);
         // Group 3's new run introduced itself: the run that listened holds nothing to drop.
-        channel.leader_changed(&mut cx, &state, 3, Some(2));
+        channel.leader_changed(&mut cx, &state, 3, Some(run(2)));
         assert!(acked(cx.outputs, upstream), "{:?}", cx.outputs);
         // And the channel relays nothing more to it.
         cx.outputs.clear();

@@ -966,7 +966,7 @@ impl Cluster {
         let Some(replica) = self.host.shard(group) else {
             return;
         };
-        let task = driver::spawn(replica, self.driver_ctx.clone());
+        let task = driver::spawn(replica, self.driver_ctx.clone(), term);
         self.drivers.insert(group, task.handle.clone());
         running.insert(group, (term, task));
         tracing::info!(group, term, "now leading this group");

@@ -210,8 +210,8 @@ impl DriverTask {
     }
 }
 
-/// Starts the driver of `group` (see the call order in the module doc).
-pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
+/// Starts the driver of `group`, led here in `term` (see the call order in the module doc).
+pub fn spawn(group: ShardGroup, ctx: DriverContext, term: u64) -> DriverTask {
     // Subscribe first: nothing applied from here on is missed; what was applied before is in
     // the state the driver reads next.
     let applied = group.subscribe();
@@ -233,7 +233,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext) -> DriverTask {
     let map = directory.watch();
     let view = map.borrow().clone();
     let id = group.id();
-    let incarnation = crate::incarnation::fresh();
+    let incarnation = crate::incarnation::Incarnation::starting(term);
     let mut presence = Presence::new(
         id,
         incarnation,
@@ -347,7 +347,7 @@ impl Driver {
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         tracing::info!(
             group = self.id,
-            incarnation = self.presence.incarnation(),
+            incarnation = %self.presence.incarnation(),
             "driver started"
         );
         // Intents left by earlier leaders are delivered by this one.
@@ -930,6 +930,13 @@ impl Driver {
                     self.group.read(|s| presence.handle_message(s, msg, now));
                     queue.extend(self.presence.poll_outputs());
                 }
+                // A run's introduction and its confirmation carry nobody's data: with nothing
+                // held for them to overtake, they leave at once (a sleeping group is not woken
+                // by a lease round to confirm another group's new run).
+                out @ Output::Send {
+                    msg: GroupMessage::Started { .. } | GroupMessage::StartedAck { .. },
+                    ..
+                } if !self.lease.holds() => release(&self.ctx, Item::Output(out)),
                 // Events, messages to other groups (locations, acknowledgements): under the lease.
                 out => self.emit(Item::Output(out)),
             }
