@@ -28,7 +28,6 @@
 use std::collections::{BTreeSet, HashMap};
 
 use nearby_index::friends::RangeTable;
-use nearby_index::geo::Millis;
 use nearby_raft::GroupId;
 use serde::{Deserialize, Serialize};
 
@@ -70,8 +69,6 @@ pub struct Incarnations {
     mine: Incarnation,
     /// Other groups that have not confirmed `mine` yet.
     unconfirmed: BTreeSet<GroupId>,
-    /// When the introduction is next sent again to them.
-    resend_at: Millis,
     /// The latest incarnation heard of each other group.
     known: HashMap<GroupId, Incarnation>,
 }
@@ -83,7 +80,6 @@ impl Incarnations {
             group,
             mine,
             unconfirmed: BTreeSet::new(),
-            resend_at: Millis(u64::MAX),
             known: HashMap::new(),
         }
     }
@@ -94,14 +90,14 @@ impl Incarnations {
     }
 
     /// Introduces this incarnation to every other group of `ranges`.
-    pub fn introduce(&mut self, ranges: &RangeTable<GroupId>, now: Millis, out: &mut Vec<Output>) {
+    pub fn introduce(&mut self, ranges: &RangeTable<GroupId>, out: &mut Vec<Output>) {
         self.unconfirmed = ranges
             .ranges()
             .iter()
             .map(|(_, g)| *g)
             .filter(|g| *g != self.group)
             .collect();
-        self.send(now, out);
+        self.send(out);
     }
 
     /// Whether every group has confirmed this incarnation: none can still hold what a
@@ -137,23 +133,16 @@ impl Incarnations {
         }
     }
 
-    /// When [`Incarnations::tick`] must next run.
-    pub fn next_deadline(&self) -> Option<Millis> {
-        (!self.settled()).then_some(self.resend_at)
-    }
-
-    /// Sends the introduction again to the groups that have not confirmed it, if due; a group
-    /// gone from the map (merged away) is no longer waited for.
-    pub fn tick(&mut self, ranges: &RangeTable<GroupId>, now: Millis, out: &mut Vec<Output>) {
-        if self.settled() || now < self.resend_at {
-            return;
-        }
+    /// Sends the introduction again to the groups that have not confirmed it (the caller
+    /// does every [`RESEND_AFTER`] of its own monotonic time — not the injected clock, which a
+    /// test may hold still); a group gone from the map (merged away) is no longer waited for.
+    pub fn resend(&mut self, ranges: &RangeTable<GroupId>, out: &mut Vec<Output>) {
         let live: BTreeSet<GroupId> = ranges.ranges().iter().map(|(_, g)| *g).collect();
         self.unconfirmed.retain(|g| live.contains(g));
-        self.send(now, out);
+        self.send(out);
     }
 
-    fn send(&mut self, now: Millis, out: &mut Vec<Output>) {
+    fn send(&mut self, out: &mut Vec<Output>) {
         for &to in &self.unconfirmed {
             out.push(Output::Send {
                 to,
@@ -163,7 +152,6 @@ impl Incarnations {
                 },
             });
         }
-        self.resend_at = now.saturating_add(RESEND_AFTER);
     }
 }
 
@@ -194,24 +182,21 @@ mod tests {
     }
 
     #[test]
-    fn an_incarnation_is_young_until_every_other_group_confirmed_it_and_is_sent_again_until_then() {
+    fn an_incarnation_is_young_until_every_other_group_confirmed_it_and_is_resent_until_then() {
         let map = ranges(3);
         let mine = run(7, 77);
         let mut me = Incarnations::new(1, mine);
         let mut out = Vec::new();
         assert!(me.settled(), "nothing introduced yet means nothing to wait for");
-        me.introduce(&map, Millis(1_000), &mut out);
+        me.introduce(&map, &mut out);
         assert_eq!(introduced_to(&out, mine), vec![2, 3]);
         assert!(!me.settled());
-        assert_eq!(me.next_deadline(), Some(Millis(2_000)));
 
         me.confirmed(2, mine);
         me.confirmed(3, run(7, 76)); // a predecessor's confirmation
         assert!(!me.settled());
         out.clear();
-        me.tick(&map, Millis(1_500), &mut out);
-        assert!(out.is_empty(), "not due yet");
-        me.tick(&map, Millis(2_000), &mut out);
+        me.resend(&map, &mut out);
         assert_eq!(
             introduced_to(&out, mine),
             vec![3],
@@ -219,7 +204,6 @@ mod tests {
         );
         me.confirmed(3, mine);
         assert!(me.settled());
-        assert_eq!(me.next_deadline(), None);
     }
 
     #[test]
@@ -258,14 +242,14 @@ mod tests {
     fn a_single_group_is_never_young_and_a_merged_away_group_is_not_waited_for() {
         let mut alone = Incarnations::new(1, run(1, 9));
         let mut out = Vec::new();
-        alone.introduce(&ranges(1), Millis(0), &mut out);
+        alone.introduce(&ranges(1), &mut out);
         assert!(alone.settled());
         assert!(out.is_empty());
 
         let mut me = Incarnations::new(1, run(1, 9));
-        me.introduce(&ranges(2), Millis(0), &mut out);
+        me.introduce(&ranges(2), &mut out);
         assert!(!me.settled());
-        me.tick(&ranges(1), Millis(1_000), &mut out);
+        me.resend(&ranges(1), &mut out);
         assert!(me.settled(), "group 2 left the map");
     }
 

@@ -238,8 +238,15 @@ impl Presence {
 
     /// Tells every other group that this run of the group's live state started (see
     /// [`crate::incarnation`]); young until all have confirmed.
-    pub fn introduce(&mut self, now: Millis) {
-        self.incarnations.introduce(&self.ranges, now, &mut self.outputs);
+    pub fn introduce(&mut self) {
+        self.incarnations.introduce(&self.ranges, &mut self.outputs);
+        self.strangers.set_young(!self.incarnations.settled());
+    }
+
+    /// Introduces this run again to the groups that have not confirmed it (see
+    /// [`crate::incarnation::RESEND_AFTER`]).
+    pub fn introduce_again(&mut self) {
+        self.incarnations.resend(&self.ranges, &mut self.outputs);
         self.strangers.set_young(!self.incarnations.settled());
     }
 
@@ -319,13 +326,11 @@ impl Presence {
     pub fn next_deadline(&self) -> Option<Millis> {
         let ghost = self.ghosts.first().map(|(at, _)| *at);
         let channel = self.strangers.next_deadline();
-        let introduction = self.incarnations.next_deadline();
         self.locations
             .next_expiry()
             .into_iter()
             .chain(ghost)
             .chain(channel)
-            .chain(introduction)
             .min()
     }
 
@@ -882,7 +887,6 @@ impl Presence {
     /// ends the ghost modes whose time is up: the viewers the user's record allows again get
     /// the user's current location, without anyone acting.
     pub fn handle_tick(&mut self, state: &GroupState, now: Millis) {
-        self.incarnations.tick(&self.ranges, now, &mut self.outputs);
         while let Some(&(until, user)) = self.ghosts.first() {
             if until > now {
                 break;
@@ -1742,7 +1746,7 @@ mod tests {
         fresh.set_applied(w.index[&2]);
         w.presences.insert(2, fresh);
         let now = w.now;
-        w.presences.get_mut(&2).expect("p").introduce(now);
+        w.presences.get_mut(&2).expect("p").introduce();
         assert!(!w.presences[&2].settled(), "young until group 1 confirms");
         w.drain(2);
         assert!(w.presences[&2].settled(), "group 1 confirmed");

@@ -274,6 +274,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext, term: u64) -> DriverTask {
         outbox: Arc::clone(&outbox),
         activity,
         lease: Lease::new(group.clone()),
+        introduce_again: None,
     };
     let outbox_task = tokio::spawn(crate::group::outbox::run(group, Arc::clone(&ctx.router), outbox));
     let join = tokio::spawn(async move {
@@ -329,6 +330,9 @@ struct Driver {
     activity: Arc<crate::group::Activity>,
     /// What leaves the driver waits for it (see [`crate::group::lease`]).
     lease: Lease,
+    /// When this run is next introduced again to groups that have not confirmed it (see
+    /// [`crate::incarnation`]); none once all have.
+    introduce_again: Option<Instant>,
 }
 
 /// Lets `item` leave the driver: to a session, another group, or a waiting request.
@@ -353,7 +357,8 @@ impl Driver {
         // Intents left by earlier leaders are delivered by this one.
         self.outbox.notify_one();
         // Other groups forget what they knew of earlier runs of this group's live state.
-        self.presence.introduce(self.now());
+        self.presence.introduce();
+        self.introduce_again = Some(Instant::now() + crate::incarnation::RESEND_AFTER);
         let outputs = self.presence.poll_outputs();
         self.deliver(outputs);
         loop {
@@ -443,6 +448,7 @@ impl Driver {
             .into_iter()
             .chain(page)
             .chain(self.lease.next_wake())
+            .chain(self.introduce_again)
             .min()
     }
 
@@ -617,8 +623,16 @@ impl Driver {
     }
 
     fn on_time(&mut self) {
-        self.settle_barriers();
         let now = Instant::now();
+        if self.presence.settled() {
+            self.introduce_again = None;
+        } else if self.introduce_again.is_some_and(|t| now >= t) {
+            self.presence.introduce_again();
+            self.introduce_again = Some(now + crate::incarnation::RESEND_AFTER);
+            let outputs = self.presence.poll_outputs();
+            self.deliver(outputs);
+        }
+        self.settle_barriers();
         let ready = |s: &Starting, p: &Presence| {
             now >= s.deadline
                 || match s.reply {
