@@ -56,6 +56,15 @@ impl Incarnation {
     }
 }
 
+/// Run `n` of a group's live state in term 1: the tests' shorthand.
+#[cfg(test)]
+pub(crate) fn run(n: u64) -> Incarnation {
+    Incarnation {
+        term: 1,
+        started_ns: n,
+    }
+}
+
 impl std::fmt::Display for Incarnation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.term, self.started_ns)

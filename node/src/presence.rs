@@ -981,11 +981,7 @@ impl Presence {
         }
         // Strangers: a privacy change publishes the user again, or retracts it (acknowledged
         // under the change's barrier when it ends a permission).
-        if let Command::SetSharing { user, .. }
-        | Command::SetGhost { user, .. }
-        | Command::SetDiscoverable { user, .. } = cmd
-        {
-            let user = *user;
+        if let Some(user) = cmd.strangers_user() {
             let visible = state
                 .user(user)
                 .is_some_and(|r| r.discoverable && !r.is_hidden(now));
@@ -1218,6 +1214,7 @@ fn left(id: UserId, at: LatestLocation, radius_m: f64) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::incarnation::run;
     use nearby_index::friends::UserRange;
     use nearby_raft::shard::command::pair_owner;
 
@@ -1408,13 +1405,6 @@ mod tests {
     const A: (f64, f64) = (52.5200, 13.4050);
     const B: (f64, f64) = (52.5470, 13.4050);
 
-    /// Run `n` of a group's live state (see [`crate::incarnation`]).
-    fn run(n: u64) -> Incarnation {
-        Incarnation {
-            term: 1,
-            started_ns: n,
-        }
-    }
     const FAR: (f64, f64) = (52.7000, 13.4050);
 
     #[test]

@@ -289,7 +289,8 @@ impl Strangers {
 
     /// Whether this run of the group's live state is new: until every other group has
     /// confirmed it ([`crate::incarnation`]), a listener group may still mirror what the
-    /// previous run's channels told it, and this run does not know which groups those are. While young, a withdrawal that asks for an acknowledgement is relayed to every
+    /// previous run's channels told it, and this run does not know which groups those are.
+    /// While young, a withdrawal that asks for an acknowledgement is relayed to every
     /// group of the map and acknowledged once all of them have dropped the user.
     pub(crate) fn set_young(&mut self, young: bool) {
         self.young = young;
@@ -1120,6 +1121,7 @@ impl Strangers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::incarnation::run;
 
     #[test]
     fn distances_are_rounded_up_to_the_step_and_never_finer() {
@@ -1150,14 +1152,6 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("42"));
-    }
-
-    /// Run `n` of a group's live state (see [`crate::incarnation`]).
-    fn run(n: u64) -> Incarnation {
-        Incarnation {
-            term: 1,
-            started_ns: n,
-        }
     }
 
     /// The listener groups a retraction was relayed to, with the part each acknowledges.

@@ -487,11 +487,7 @@ impl Driver {
         // nothing may be the retry of a change whose barrier is still pending here, and must
         // not be confirmed before it.
         let actor = cmd.ends_visibility().then(|| cmd.users().0);
-        let strangers = actor.is_some()
-            && matches!(
-                cmd,
-                Command::SetDiscoverable { .. } | Command::SetSharing { .. } | Command::SetGhost { .. }
-            );
+        let strangers = actor.is_some() && cmd.strangers_user().is_some();
         if !asked.is_empty() || actor.is_some() || self.started.elapsed() < self.grace {
             let b = self.barriers.entry(index).or_insert_with(|| BarrierState {
                 pending: Default::default(),

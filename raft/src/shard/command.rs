@@ -552,6 +552,17 @@ impl Command {
         }
     }
 
+    /// The user whose visibility to strangers the command may change (sharing, ghost mode,
+    /// discoverable), if it is such a change.
+    pub fn strangers_user(&self) -> Option<UserId> {
+        match self {
+            Command::SetSharing { user, .. }
+            | Command::SetGhost { user, .. }
+            | Command::SetDiscoverable { user, .. } => Some(*user),
+            _ => None,
+        }
+    }
+
     /// Checks the command against `state`: ids valid, at least one side in the group's range,
     /// every in-range side registered (except for registration itself), names well formed.
     ///
