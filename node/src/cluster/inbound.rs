@@ -163,7 +163,7 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             if !c.router().leads(group) {
                 return not_leader(c, group);
             }
-            c.router().wake_group(group);
+            c.router().wake_group(group, "a replica added");
             match c.add_replica_here(group, node).await {
                 Ok(()) => PeerResponse::Done,
                 Err(e) => PeerResponse::Failed(e),
@@ -176,7 +176,7 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             if !c.router().leads(group) {
                 return not_leader(c, group);
             }
-            c.router().wake_group(group);
+            c.router().wake_group(group, "a replica removed");
             match c.remove_replica_here(group, node).await {
                 Ok(()) => PeerResponse::Done,
                 Err(e) => PeerResponse::Failed(e),
@@ -213,11 +213,11 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             }
         }
         PeerRequest::Wake { group } => {
-            c.router().wake_group(group);
+            c.router().wake_group(group, "the leader's word");
             PeerResponse::Done
         }
         PeerRequest::Campaign { group } => {
-            c.router().wake_group(group);
+            c.router().wake_group(group, "a campaign asked for");
             let raft = if group == META_GROUP {
                 c.host().meta().map(|m| m.raft().clone())
             } else {

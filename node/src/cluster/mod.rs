@@ -221,7 +221,7 @@ impl Cluster {
             opts.host.transport().set_append_hook(Arc::new(move |group| {
                 if hibernation.is_asleep(group) {
                     if let Some(g) = host.upgrade().and_then(|h| h.shard(group)) {
-                        hibernation.wake(group, g.raft());
+                        hibernation.wake(group, g.raft(), "a replicated write");
                     }
                 }
             }));
@@ -1055,7 +1055,9 @@ impl Cluster {
                 let leader = g.raft().server_metrics().borrow().current_leader;
                 if leader.is_none_or(|l| l != self.me && silent(l)) {
                     tracing::info!(group = g.id(), leader = ?leader, "the leader's node is silent: waking to elect");
-                    self.router.hibernation().wake(g.id(), g.raft());
+                    self.router
+                        .hibernation()
+                        .wake(g.id(), g.raft(), "the leader's node is silent");
                 }
             }
             if !self.router.leads(META_GROUP) || started.elapsed() < DOWN_AFTER {
@@ -1231,8 +1233,9 @@ impl Cluster {
                 }
                 // A sleeping group's replicas refuse votes while its leader is alive: the
                 // leader wakes them all first (it tells its followers).
+                tracing::info!(group, to, "waking the group for a leadership transfer");
                 match self.directory.leader(group) {
-                    Some(l) if l == self.me => self.router.wake_group(group),
+                    Some(l) if l == self.me => self.router.wake_group(group, "a leader transfer"),
                     Some(l) => {
                         let _ = self.router.peers().call(l, &PeerRequest::Wake { group }).await;
                     }

@@ -96,8 +96,9 @@ impl Hibernation {
         fresh
     }
 
-    /// Starts the timers of `group`'s local replica again; `false` if it was awake.
-    pub fn wake(&self, group: GroupId, raft: &Raft) -> bool {
+    /// Starts the timers of `group`'s local replica again, for the reason `why` (logged);
+    /// `false` if it was awake.
+    pub fn wake(&self, group: GroupId, raft: &Raft, why: &'static str) -> bool {
         let was = {
             let mut g = self.groups();
             let was = g.asleep.remove(&group);
@@ -108,7 +109,7 @@ impl Hibernation {
         };
         if was {
             raft.runtime_config().tick(true);
-            tracing::debug!(group, "waking");
+            tracing::debug!(group, why, "waking");
         }
         was
     }

@@ -207,10 +207,11 @@ impl Router {
         Err(ServiceError::unavailable(format!("group {group}: {last}")))
     }
 
-    /// Wakes `group`'s local replica, and — if it leads and was asleep — its followers.
-    pub fn wake_group(&self, group: GroupId) {
+    /// Wakes `group`'s local replica for the reason `why`, and — if it leads and was asleep —
+    /// its followers.
+    pub fn wake_group(&self, group: GroupId, why: &'static str) {
         let Some(g) = self.host.shard(group) else { return };
-        if !self.hibernation.wake(group, g.raft()) {
+        if !self.hibernation.wake(group, g.raft(), why) {
             return;
         }
         let m = g.raft().server_metrics().borrow().clone();
@@ -244,7 +245,7 @@ impl Router {
                     .shard(group)
                     .ok_or(ProposeError::UnknownGroup { group })?;
                 // A write wakes a sleeping group (and its followers) before it is proposed.
-                self.wake_group(group);
+                self.wake_group(group, "a write");
                 g.propose_at(cmd).await.map(|(at, r)| (at.index, Reply::Shard(r)))
             }
             Payload::Meta(cmd) => {

@@ -226,11 +226,15 @@ impl ClusterOptions {
             small_disk: None,
             delay_files: false,
             import: None,
-            log_filter: std::env::var("NEARBY_TEST_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            log_filter: std::env::var("NEARBY_TEST_NODE_LOG").unwrap_or_else(|_| DEFAULT_NODE_LOG.into()),
             echo: std::env::var_os("NEARBY_TEST_ECHO").is_some(),
         }
     }
 }
+
+/// The nodes' log filter unless `NEARBY_TEST_NODE_LOG` sets one: what operators see, plus why
+/// a group sleeps and wakes (rare lines, and what a failed hibernation test is read from).
+pub const DEFAULT_NODE_LOG: &str = "info,openraft=warn,nearby_node::group::hibernate=debug";
 
 /// Where the nodes of a [`ProcessCluster`] run when each has its own network namespace: node `i`
 /// runs in the namespace `{prefix}{i}` (through `ip netns exec`), listening on its address there.
@@ -845,5 +849,41 @@ impl Drop for ProcessCluster {
             let _ = node.child.kill();
             let _ = node.child.wait();
         }
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
     }
 }
+
+impl ProcessCluster {
+    /// A test failed: copies every node's log out of the (temporary) cluster directory into
+    /// `$TMPDIR/nearby-cluster-failed-<pid>-<n>/` and logs where, with each log's last lines —
+    /// what a CI run that failed once can still be diagnosed from.
+    fn keep_logs(&self) {
+        static KEPT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = KEPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kept = std::env::temp_dir().join(format!("nearby-cluster-failed-{}-{n}", std::process::id()));
+        if std::fs::create_dir_all(&kept).is_err() {
+            return;
+        }
+        for i in 1..=self.opts.nodes {
+            let name = format!("n{i}.log");
+            // The file has every run of the node, unless the test's directory is gone already
+            // (its guard dropped first); then the running process's lines, kept in memory.
+            if std::fs::copy(self.opts.dir.join(&name), kept.join(&name)).is_err() {
+                if let Some(node) = self.node(i) {
+                    let lines = node.log.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
+                    let _ = std::fs::write(kept.join(&name), lines);
+                }
+            }
+            let log = std::fs::read_to_string(kept.join(&name)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(KEPT_TAIL)..].join("\n");
+            tracing::error!("node {i}'s log ends:\n{tail}");
+        }
+        tracing::error!(dir = %kept.display(), "the failed test's node logs are kept");
+    }
+}
+
+/// How many of each node's last log lines a failed test shows.
+const KEPT_TAIL: usize = 80;

@@ -105,16 +105,23 @@ async fn idle_groups_sleep_a_write_wakes_its_group_and_a_dead_node_wakes_only_it
     .expect("new leaders");
     // The groups the dead node did not lead were not woken by its death: no heartbeat storm.
     // Once the node is marked down, placement may deliberately move one of their leaders to
-    // spread leaders again (waking that group): such a group is told apart by its new leader.
-    // A group woken by the death itself would stay awake for IDLE_AFTER (10 s), longer than
-    // this wait.
+    // spread leaders again (waking that group, whether the move then succeeds or not): such a
+    // group is told apart by its new leader or by the transfer's log line. A group woken by the
+    // death itself would stay awake for IDLE_AFTER (10 s), longer than this wait.
+    let transferred = |c: &ProcessCluster, h: GroupId| {
+        (1..=c.size()).any(|i| {
+            c.node(i).is_some_and(|n| {
+                n.logged(&format!("waking the group for a leadership transfer group={h} ")) > 0
+            })
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let now_map = c.map();
         let mut woken = Vec::new();
         for h in &others {
             let states = sleeping(&c, *h).await;
-            let moved = now_map.leader(*h) != map.leader(*h);
+            let moved = now_map.leader(*h) != map.leader(*h) || transferred(&c, *h);
             if !moved && !states.iter().all(|(_, asleep)| *asleep) {
                 woken.push((*h, states));
             }
