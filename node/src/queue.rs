@@ -9,7 +9,9 @@
 //!
 //! A `FriendGone` (a `StrangerGone`) purges every event about that friend (that stranger) still
 //! queued before it goes in: when a change that ends a viewer's permission is acknowledged to its
-//! author, nothing about the author may still be on its way to that viewer from this node.
+//! author, nothing about the author may still be on its way to that viewer from this node. The
+//! queue also remembers whom its last revocations were about, for the pages the session's task
+//! writes after the driver made them ([`EventQueue::revoked_since`]).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -94,6 +96,43 @@ struct State {
     events: VecDeque<Event>,
     closed: Option<CloseReason>,
     superseded: u64,
+    /// The last [`REVOKED_KEPT`] revocations that reached the queue, oldest first.
+    revoked: VecDeque<Revoked>,
+    /// How many revocations ever reached the queue.
+    revocations: u64,
+}
+
+/// How many revocations a queue remembers for the answers in flight (see
+/// [`EventQueue::revoked_since`]); a request is in flight for milliseconds.
+const REVOKED_KEPT: usize = 256;
+
+/// Whom a revocation that reached a session was about: what a page answered to the session after
+/// it may no longer show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Revoked {
+    /// A friend or followed user.
+    User(u64),
+    /// A stranger, by pseudonym.
+    Stranger(String),
+}
+
+impl Revoked {
+    fn of(who: Subject<'_>) -> Self {
+        match who {
+            Subject::User(u) => Revoked::User(u),
+            Subject::Stranger(p) => Revoked::Stranger(p.to_owned()),
+        }
+    }
+}
+
+impl State {
+    fn revoke(&mut self, who: Subject<'_>) {
+        if self.revoked.len() == REVOKED_KEPT {
+            self.revoked.pop_front();
+        }
+        self.revoked.push_back(Revoked::of(who));
+        self.revocations += 1;
+    }
 }
 
 /// What [`EventQueue::pop`] yields.
@@ -146,6 +185,8 @@ impl EventQueue {
                 events: VecDeque::new(),
                 closed: None,
                 superseded: 0,
+                revoked: VecDeque::new(),
+                revocations: 0,
             }),
             notify: Notify::new(),
             on_close: Notify::new(),
@@ -205,6 +246,7 @@ impl EventQueue {
                 let before = s.events.len();
                 s.events.retain(|e| !is_about_location_of(e, who));
                 s.superseded += (before - s.events.len()) as u64;
+                s.revoke(who);
             }
         }
         if s.events.len() >= self.capacity {
@@ -250,6 +292,24 @@ impl EventQueue {
         let before = s.events.len();
         s.events.retain(|e| !is_about_location_of(e, who));
         s.superseded += (before - s.events.len()) as u64;
+        s.revoke(who);
+    }
+
+    /// A mark for [`EventQueue::revoked_since`]: how many revocations reached the queue so far.
+    pub fn revocations(&self) -> u64 {
+        self.lock().revocations
+    }
+
+    /// Whom the revocations that reached the queue since `mark` were about; `None` if more came
+    /// than the queue remembers.
+    ///
+    /// A page is made by the group's driver and written by the session's task: a revocation
+    /// processed between the two (its author's acknowledgement may leave right after) must
+    /// reach the page too, as it reaches the queued events.
+    pub fn revoked_since(&self, mark: u64) -> Option<Vec<Revoked>> {
+        let s = self.lock();
+        let n = usize::try_from(s.revocations.saturating_sub(mark)).ok()?;
+        (n <= s.revoked.len()).then(|| s.revoked.iter().skip(s.revoked.len() - n).cloned().collect())
     }
 
     /// Closes the queue: the reader gets `reason` next, whatever is still queued.
@@ -316,6 +376,37 @@ mod tests {
             distance_m: 1.0,
             updated_at: Millis(t),
         })
+    }
+
+    #[test]
+    fn revocations_since_a_mark_are_remembered_for_pages_in_flight() {
+        let q = EventQueue::new(8);
+        let mark = q.revocations();
+        assert_eq!(q.revoked_since(mark), Some(vec![]));
+        q.purge(Subject::User(7));
+        q.push(Event::StrangerGone {
+            pseudonym: "p".into(),
+        });
+        q.push(moved(1, 1)); // not a revocation
+        assert_eq!(
+            q.revoked_since(mark),
+            Some(vec![Revoked::User(7), Revoked::Stranger("p".into())])
+        );
+        let later = q.revocations();
+        q.push(Event::FriendGone {
+            id: 9,
+            reason: GoneReason::Hidden,
+        });
+        assert_eq!(q.revoked_since(later), Some(vec![Revoked::User(9)]));
+        // More than the queue remembers: the caller cannot know whom, and must not guess.
+        for u in 0..REVOKED_KEPT as u64 {
+            q.purge(Subject::User(100 + u));
+        }
+        assert_eq!(q.revoked_since(mark), None);
+        assert_eq!(
+            q.revoked_since(q.revocations() - 1),
+            Some(vec![Revoked::User(99 + REVOKED_KEPT as u64)])
+        );
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::api::{outcome, Admission, Backend, LocationAck, ServiceError, SessionSink};
 use crate::auth::{AuthError, Claims, TokenSigner, TokenVerifier};
 use crate::metrics::Refusal;
-use crate::queue::CloseReason;
+use crate::queue::{CloseReason, Revoked};
 use crate::service::overload::TokenBucket;
 
 /// QUIC application error code for a connection closed normally (shutdown, or the client done).
@@ -217,6 +217,24 @@ pub(crate) fn goodbye(
     }
 }
 
+/// Drops from a page in `response` every entry about whom `revoked` names.
+fn forget_revoked(response: &mut Response, revoked: &[Revoked]) {
+    if revoked.is_empty() {
+        return;
+    }
+    match response {
+        Response::Started { page, .. } | Response::Nearby(page) => {
+            page.friends.retain(|f| !revoked.contains(&Revoked::User(f.id)));
+        }
+        Response::Strangers(page) => page.strangers.retain(|s| {
+            !revoked
+                .iter()
+                .any(|r| matches!(r, Revoked::Stranger(p) if *p == s.pseudonym))
+        }),
+        _ => {}
+    }
+}
+
 impl<B: Backend> Session<B> {
     /// A new session on a connection counted by `count`, which must say `Hello` by `hello_by`.
     pub(crate) fn new(ctx: Arc<Context<B>>, count: ConnectionCount<B>, hello_by: Instant) -> Self {
@@ -347,6 +365,36 @@ impl<B: Backend> Session<B> {
     }
 
     async fn handle(&mut self, request: Request) -> Result<Response, ServiceError> {
+        let mark = self.sink.as_ref().map(|s| s.events.revocations());
+        let response = self.respond(request).await?;
+        match mark {
+            Some(mark) => self.without_revoked(mark, response),
+            None => Ok(response),
+        }
+    }
+
+    /// `response` without the page entries about whom a revocation reached this session since
+    /// `mark` (see [`crate::queue::EventQueue::revoked_since`]).
+    fn without_revoked(&self, mark: u64, mut response: Response) -> Result<Response, ServiceError> {
+        let Some(sink) = &self.sink else {
+            return Ok(response);
+        };
+        if !matches!(
+            response,
+            Response::Started { .. } | Response::Nearby(_) | Response::Strangers(_)
+        ) {
+            return Ok(response);
+        }
+        let Some(revoked) = sink.events.revoked_since(mark) else {
+            return Err(ServiceError::unavailable(
+                "visibility changed too often while the page was made: ask again",
+            ));
+        };
+        forget_revoked(&mut response, &revoked);
+        Ok(response)
+    }
+
+    async fn respond(&mut self, request: Request) -> Result<Response, ServiceError> {
         if !self.limit.take() {
             return Err(ServiceError::new(
                 ErrorCode::RateLimited,
@@ -610,4 +658,71 @@ pub(crate) fn since_taken(event: &Event) -> Option<Duration> {
         .ok()?;
     let now_ms = u64::try_from(now.as_millis()).ok()?;
     Some(Duration::from_millis(now_ms.saturating_sub(stamp.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nearby_client::proto::{NearbyFriend, NearbyPage, Relation, Stranger, StrangerPage};
+
+    fn friend(id: UserId) -> NearbyFriend {
+        NearbyFriend {
+            id,
+            relation: Relation::Friend,
+            name: format!("u{id}"),
+            distance_m: 10.0,
+            updated_at: Millis(1),
+        }
+    }
+
+    fn stranger(p: &str) -> Stranger {
+        Stranger {
+            pseudonym: p.into(),
+            name: p.into(),
+            distance_m: 500,
+            updated_at: Millis(1),
+        }
+    }
+
+    #[test]
+    fn a_page_loses_exactly_the_users_revoked_while_it_was_on_its_way() {
+        let revoked = [Revoked::User(2), Revoked::Stranger("b".into())];
+        let mut nearby = Response::Nearby(NearbyPage {
+            friends: vec![friend(1), friend(2), friend(3)],
+            next: None,
+        });
+        forget_revoked(&mut nearby, &revoked);
+        let Response::Nearby(page) = nearby else {
+            unreachable!()
+        };
+        assert_eq!(page.friends.iter().map(|f| f.id).collect::<Vec<_>>(), [1, 3]);
+
+        let mut started = Response::Started {
+            page: NearbyPage {
+                friends: vec![friend(2)],
+                next: None,
+            },
+            next_update_s: 30,
+        };
+        forget_revoked(&mut started, &revoked);
+        assert!(matches!(started, Response::Started { page, .. } if page.friends.is_empty()));
+
+        let mut strangers = Response::Strangers(StrangerPage {
+            strangers: vec![stranger("a"), stranger("b")],
+            more: 0,
+        });
+        forget_revoked(&mut strangers, &revoked);
+        let Response::Strangers(page) = strangers else {
+            unreachable!()
+        };
+        assert_eq!(page.strangers, vec![stranger("a")]);
+
+        // Nobody revoked on the page: it stays whole.
+        let mut other = Response::Nearby(NearbyPage {
+            friends: vec![friend(1)],
+            next: None,
+        });
+        forget_revoked(&mut other, &revoked);
+        assert!(matches!(other, Response::Nearby(page) if page.friends.len() == 1));
+    }
 }
