@@ -332,6 +332,7 @@ struct Settings {
 struct ParticipantOut {
     received: Vec<Received>,
     outages: Vec<(Micros, Micros)>,
+    backoffs: Vec<(Micros, Micros)>,
     startup: Option<(Micros, bool)>,
     sharing_off: bool,
     hid_from: Option<UserId>,
@@ -365,6 +366,8 @@ struct Heard {
     received: Vec<Received>,
     strangers: Vec<StrangerSeen>,
     outages: Vec<(Micros, Micros)>,
+    /// The SDK's waits between reconnection attempts, `[from, to)`.
+    backoffs: Vec<(Micros, Micros)>,
 }
 
 /// Runs `world` against the node of `config` (see the module doc).
@@ -544,6 +547,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let mut startups = Vec::new();
     let mut received = Vec::with_capacity(m);
     let mut outages = Vec::with_capacity(m);
+    let mut backoffs = Vec::with_capacity(m);
     for (p, o) in outs.into_iter().enumerate() {
         if let Some((latency_us, started)) = o.startup {
             startups.push(Startup {
@@ -571,6 +575,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
         }
         received.push(heard);
         outages.push(o.outages);
+        backoffs.push(o.backoffs);
     }
     let sent = shared.sent.iter().map(|s| lock(s).clone()).collect();
     let (radius_m, ttl_s) = lock(&shared.session).unwrap_or((8_000.0, 600));
@@ -586,6 +591,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
             sent,
             received,
             outages,
+            backoffs,
             changes,
             // Nodes on this machine (loopback) stamp with its clock; others' clocks may differ.
             t0_unix_ms: all_loopback(&config.endpoints).then_some(shared.t0_unix_ms),
@@ -817,6 +823,7 @@ async fn participant(
             out.received = heard.received;
             out.strangers = heard.strangers;
             out.outages = heard.outages;
+            out.backoffs = heard.backoffs;
         }
     }
     out.strangers.extend(stranger_page);
@@ -898,6 +905,7 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
     let mut received = Vec::new();
     let mut strangers = Vec::new();
     let mut outages = Vec::new();
+    let mut backoffs = Vec::new();
     let mut down_since: Option<Micros> = None;
     while let Some(e) = events.recv().await {
         let at = shared.now();
@@ -918,7 +926,14 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                 continue;
             }
             SdkEvent::Event(_) => continue,
-            SdkEvent::Reconnecting { reason, planned, .. } => {
+            SdkEvent::Reconnecting {
+                reason,
+                planned,
+                after,
+                ..
+            } => {
+                let wait = u64::try_from(after.as_micros()).unwrap_or(u64::MAX);
+                backoffs.push((at, at.saturating_add(wait)));
                 if down_since.is_none() {
                     // A planned move is a redirect (the node counts those), not an error.
                     if !planned {
@@ -951,6 +966,7 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
         received,
         strangers,
         outages,
+        backoffs,
     }
 }
 

@@ -253,8 +253,8 @@ pub struct FaultsReport {
     pub cycles: (usize, usize),
     /// Sessions served again, from the start of the fault that cost them their node.
     pub served_again: ServedAgain,
-    /// Of those, how long after the fault healed, ms: median, 99th percentile, longest.
-    pub after_heal_ms: (u64, u64, u64),
+    /// Of those, how long after the fault healed, and how much of it in the clients' backoff.
+    pub after_heal: AfterHeal,
     /// Every replica checked.
     pub replicas: ReplicaCheck,
     /// Node processes that exited without being killed, and panics in any node's logs.
@@ -330,7 +330,9 @@ impl FaultsReport {
             "{load}\n\nseed {seed}, {nodes} nodes, {f} of {planned} faults: {kinds}\n\
              relation/privacy cycles: {c} ({done} with every request acknowledged)\n\
              served again after losing their node: {n} sessions, from the fault p50 {p50} ms, p99 {p99} ms, \
-             max {max} ms, {never} never; after the heal p50 {h50} ms, p99 {h99} ms, max {hmax} ms\n\
+             max {max} ms, {never} never; after the heal p50 {h50} ms, p99 {h99} ms, max {hmax} ms \
+             (of it in the clients' reconnection backoff: p50 {b50} ms, p99 {b99} ms, max {bmax} ms; \
+             the slowest {smax} ms, {sb} ms of it in backoff)\n\
              every replica: {g} groups, {r} replicas, {u} users each, {lost} acknowledged writes lost\n\
              crashes and panics: {crashes}; faults not recovered from: {unrec}\n\
              peak memory, MiB (bound {bound}): {rss}",
@@ -347,9 +349,14 @@ impl FaultsReport {
             p99 = s.p99_ms,
             max = s.max_ms,
             never = s.never,
-            h50 = self.after_heal_ms.0,
-            h99 = self.after_heal_ms.1,
-            hmax = self.after_heal_ms.2,
+            h50 = self.after_heal.ms.0,
+            h99 = self.after_heal.ms.1,
+            hmax = self.after_heal.ms.2,
+            b50 = self.after_heal.backoff_ms.0,
+            b99 = self.after_heal.backoff_ms.1,
+            bmax = self.after_heal.backoff_ms.2,
+            smax = self.after_heal.slowest_ms.0,
+            sb = self.after_heal.slowest_ms.1,
             g = self.replicas.groups,
             r = self.replicas.replicas,
             u = self.replicas.users,
@@ -454,7 +461,13 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
     let end = done.out.windows.last().map_or(Micros::MAX, |w| w.1);
     let starts: Vec<Micros> = applied.iter().map(|a| a.at_us).collect();
     let served_again = chaos::served_again(&done.out.truth.outages, &starts, offset, end);
-    let after_heal_ms = after_heal(&done.out.truth.outages, &applied, offset, end);
+    let after_heal = after_heal(
+        &done.out.truth.outages,
+        &done.out.truth.backoffs,
+        &applied,
+        offset,
+        end,
+    );
     let restored = done.out.cycles.iter().filter(|c| c.restored).count();
     let mut crashes = done.crashes;
     crashes.extend(run.cluster.panics());
@@ -466,7 +479,7 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
         load: done.report,
         cycles: (done.out.cycles.len(), restored),
         served_again,
-        after_heal_ms,
+        after_heal,
         replicas: done.replicas,
         crashes,
         peak_rss_mib: peak,
@@ -704,36 +717,107 @@ fn sample_memory(cluster: &ProcessCluster, peak: &mut BTreeMap<u8, u64>) {
     }
 }
 
+/// How long sessions that lost their node during a fault took to be served again after it
+/// healed, and how much of that the clients spent in their own reconnection backoff (the SDK's
+/// wait between attempts grows to 30 s: a session whose attempts failed through a long fault
+/// may sleep well past the heal).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct AfterHeal {
+    /// After the heal: median, 99th percentile, longest, ms.
+    pub ms: (u64, u64, u64),
+    /// Of that, spent waiting in the backoff: median, 99th percentile, longest, ms.
+    pub backoff_ms: (u64, u64, u64),
+    /// The slowest session: its time after the heal and its backoff wait in it, ms.
+    pub slowest_ms: (u64, u64),
+}
+
 /// For every outage that began during a fault or soon after its heal: how long after the heal
-/// the session was served again (0 if before): median, 99th percentile, longest, ms.
+/// the session was served again (0 if before), and how much of that it waited in its backoff.
 fn after_heal(
     outages: &[Vec<(Micros, Micros)>],
+    backoffs: &[Vec<(Micros, Micros)>],
     applied: &[Applied],
     offset: Micros,
     end: Micros,
-) -> (u64, u64, u64) {
+) -> AfterHeal {
     let mut times = Vec::new();
-    for list in outages {
+    let mut waits = Vec::new();
+    let mut slowest = (0, 0);
+    for (p, list) in outages.iter().enumerate() {
+        let sleeps = backoffs.get(p).map_or(&[][..], Vec::as_slice);
         for &(from, to) in list.iter().filter(|(from, to)| *from < end && *to != Micros::MAX) {
             // The driver stamps an outage a second before the client noticed it.
             let noticed = from + 1_000_000;
             let Some(a) = applied.iter().rev().find(|a| a.at_us + offset <= noticed) else {
                 continue;
             };
-            times.push(to.saturating_sub(a.healed_us + offset) / 1_000);
+            let healed = a.healed_us + offset;
+            let after = to.saturating_sub(healed) / 1_000;
+            let slept: Micros = sleeps
+                .iter()
+                .map(|&(a, b)| b.min(to).saturating_sub(a.max(healed)))
+                .sum::<Micros>()
+                / 1_000;
+            times.push(after);
+            waits.push(slept);
+            if after >= slowest.0 {
+                slowest = (after, slept);
+            }
         }
     }
     times.sort_unstable();
-    (
-        chaos::quantile(&times, 0.5),
-        chaos::quantile(&times, 0.99),
-        times.last().copied().unwrap_or(0),
-    )
+    waits.sort_unstable();
+    let q = |v: &[u64]| {
+        (
+            chaos::quantile(v, 0.5),
+            chaos::quantile(v, 0.99),
+            v.last().copied().unwrap_or(0),
+        )
+    };
+    AfterHeal {
+        ms: q(&times),
+        backoff_ms: q(&waits),
+        slowest_ms: slowest,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_time_after_a_heal_counts_the_clients_backoff_apart() {
+        let fault = schedule(
+            1,
+            3,
+            1,
+            &[FaultKind::Kill],
+            (Duration::from_secs(1), Duration::from_secs(1)),
+            2,
+        )
+        .remove(0);
+        let s = 1_000_000;
+        // The fault from 10 s to 12 s (the steps' clock is the outages' clock: offset 0).
+        let applied = [Applied {
+            fault,
+            at_us: 10 * s,
+            healed_us: 12 * s,
+            recovered_ms: Some(0),
+        }];
+        // Session 0 lost its node at 11 s (noticed at 12 s), waited 11–12.5 s and 13–18 s in
+        // its backoff and was served at 20 s: 8 s after the heal, 5.5 s of them asleep. Session
+        // 1 came back before the heal; session 2 never did (not counted here).
+        let outages = vec![
+            vec![(11 * s, 20 * s)],
+            vec![(11 * s, 12 * s)],
+            vec![(11 * s, Micros::MAX)],
+        ];
+        let backoffs = vec![vec![(11 * s, 12 * s + s / 2), (13 * s, 18 * s)], vec![], vec![]];
+        let a = after_heal(&outages, &backoffs, &applied, 0, Micros::MAX);
+        assert_eq!(a.ms.2, 8_000);
+        assert_eq!(a.backoff_ms.2, 5_500);
+        assert_eq!(a.slowest_ms, (8_000, 5_500));
+    }
 
     #[test]
     fn a_seed_draws_the_same_schedule_and_every_kind_in_each_round() {

@@ -208,6 +208,9 @@ pub struct Truth {
     /// Participant → intervals `[from, to)` without a working session (reconnects, and from the
     /// close on).
     pub outages: Vec<Vec<(Micros, Micros)>>,
+    /// Participant → the SDK's waits between reconnection attempts, `[from, to)`: what part of
+    /// an outage the client spent in its own backoff.
+    pub backoffs: Vec<Vec<(Micros, Micros)>>,
     /// Relation and privacy changes made during the run, in send order.
     pub changes: Vec<Change>,
     /// The wall clock (UNIX ms) at time 0 of the run, when the nodes' stamps share this
@@ -1023,6 +1026,7 @@ mod tests {
             ],
             received: vec![vec![], vec![], vec![]],
             outages: vec![vec![], vec![], vec![]],
+            backoffs: vec![vec![], vec![], vec![]],
             changes: Vec::new(),
             t0_unix_ms: None,
         }
