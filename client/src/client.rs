@@ -666,6 +666,12 @@ const CLOSE_WAIT: Duration = Duration::from_millis(300);
 /// rather than failed: the new leader of a moved group is elected and serving well within it.
 const CARRY_FOR: Duration = Duration::from_secs(10);
 
+/// A call the app makes while the client waits to reconnect brings the next attempt forward to
+/// this long after the wait began: an app in use is served again soon after its node is back,
+/// not only when a backoff grown to 30 s runs out. Attempts stay as frequent as the app's
+/// calls at most, and the backoff still grows.
+pub const EARLY_ATTEMPT_AFTER: Duration = Duration::from_secs(2);
+
 /// A request written and not yet answered.
 struct Pending {
     request: Request,
@@ -1137,6 +1143,7 @@ impl Driver {
         after: Duration,
         carrying: bool,
     ) -> Option<Option<oneshot::Sender<()>>> {
+        let began = tokio::time::Instant::now();
         let sleep = tokio::time::sleep(after);
         tokio::pin!(sleep);
         loop {
@@ -1145,7 +1152,16 @@ impl Driver {
                 command = self.commands.recv() => match command {
                     None => return Some(None),
                     Some(Command::Close(ack)) => return Some(Some(ack)),
-                    Some(Command::Request { request, reply, permit }) if carrying => {
+                    Some(Command::Request { request, reply, permit }) => {
+                        // The app is in use: the next attempt comes soon.
+                        let early = began + EARLY_ATTEMPT_AFTER;
+                        if sleep.deadline() > early {
+                            sleep.as_mut().reset(early);
+                        }
+                        if !carrying {
+                            let _ = reply.send(Err(ClientError::Reconnecting));
+                            continue;
+                        }
                         if let Request::UpdateLocation { at } = &request {
                             self.last_location = Some(*at);
                         }
@@ -1155,15 +1171,11 @@ impl Driver {
                             permit: Some(permit),
                         });
                     }
-                    Some(Command::Request { reply, .. }) => {
-                        let _ = reply.send(Err(ClientError::Reconnecting));
-                    }
                 },
             }
         }
     }
 
-    /// Re-sends the last location, if any, and returns the fresh first page.
     /// Re-sends the last location, if any; returns the fresh first page and the node's answer
     /// to that location (what carried location updates are answered with).
     async fn resume(&mut self) -> Result<(Option<NearbyPage>, Option<Response>), ClientError> {

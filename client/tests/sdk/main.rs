@@ -374,6 +374,35 @@ async fn events_are_delivered_in_order() {
 }
 
 #[tokio::test]
+async fn a_call_while_waiting_to_reconnect_brings_the_next_attempt_forward() {
+    let server = TestServer::start(8000);
+    let mut config = config(&server);
+    // A backoff grown long: left alone, the client would wait 30–60 s before its next attempt.
+    config.reconnect = Backoff {
+        base: Duration::from_secs(60),
+        max: Duration::from_secs(60),
+        max_attempts: None,
+    };
+    let client = Client::connect(config).await.expect("connect");
+    let mut events = client.events().expect("events");
+    server.kill_connections();
+    match next_event(&mut events, "reconnecting", |e| {
+        matches!(e, SdkEvent::Reconnecting { .. })
+    })
+    .await
+    {
+        SdkEvent::Reconnecting { after, .. } => assert!(after >= Duration::from_secs(30), "{after:?}"),
+        _ => unreachable!(),
+    }
+    // The app calls: answered at once (the client is between connections), and the next
+    // attempt comes EARLY_ATTEMPT_AFTER after the wait began, well within next_event's 10 s.
+    let called = client.ping().await;
+    assert!(matches!(called, Err(ClientError::Reconnecting)), "{called:?}");
+    next_event(&mut events, "resumed", |e| matches!(e, SdkEvent::Resumed { .. })).await;
+    client.ping().await.expect("served again");
+}
+
+#[tokio::test]
 async fn gives_up_after_the_configured_attempts() {
     let server = TestServer::start(8000);
     let mut config = config(&server);

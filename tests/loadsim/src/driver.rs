@@ -905,7 +905,7 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
     let mut received = Vec::new();
     let mut strangers = Vec::new();
     let mut outages = Vec::new();
-    let mut backoffs = Vec::new();
+    let mut backoffs: Vec<(Micros, Micros)> = Vec::new();
     let mut down_since: Option<Micros> = None;
     while let Some(e) = events.recv().await {
         let at = shared.now();
@@ -932,6 +932,10 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                 after,
                 ..
             } => {
+                // A wait ends at the next attempt, which an app's call may bring forward.
+                if let Some(last) = backoffs.last_mut() {
+                    last.1 = last.1.min(at);
+                }
                 let wait = u64::try_from(after.as_micros()).unwrap_or(u64::MAX);
                 backoffs.push((at, at.saturating_add(wait)));
                 if down_since.is_none() {
@@ -945,6 +949,9 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                 continue;
             }
             SdkEvent::Resumed { page } => {
+                if let Some(last) = backoffs.last_mut() {
+                    last.1 = last.1.min(at);
+                }
                 if let Some(from) = down_since.take() {
                     outages.push((from, at));
                 }
