@@ -932,7 +932,8 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                 after,
                 ..
             } => {
-                // A wait ends at the next attempt, which an app's call may bring forward.
+                // A wait ends at the next attempt, which an app's call may bring forward (seen
+                // here only when that attempt has failed: an upper bound).
                 if let Some(last) = backoffs.last_mut() {
                     last.1 = last.1.min(at);
                 }

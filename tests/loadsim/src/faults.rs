@@ -331,7 +331,7 @@ impl FaultsReport {
              relation/privacy cycles: {c} ({done} with every request acknowledged)\n\
              served again after losing their node: {n} sessions, from the fault p50 {p50} ms, p99 {p99} ms, \
              max {max} ms, {never} never; after the heal p50 {h50} ms, p99 {h99} ms, max {hmax} ms \
-             (of it in the clients' reconnection backoff: p50 {b50} ms, p99 {b99} ms, max {bmax} ms; \
+             (of it in the clients' reconnection backoff, at most: p50 {b50} ms, p99 {b99} ms, max {bmax} ms; \
              the slowest {smax} ms, {sb} ms of it in backoff)\n\
              every replica: {g} groups, {r} replicas, {u} users each, {lost} acknowledged writes lost\n\
              crashes and panics: {crashes}; faults not recovered from: {unrec}\n\
