@@ -323,12 +323,13 @@ fn drop_item(item: Item) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use nearby_client::proto::{Coord, Event, FriendPosition, NearbyFriend, Relation};
     use nearby_index::geo::Millis;
 
-    fn friend(id: UserId) -> NearbyFriend {
+    /// A friend 100 m away, for pages in tests.
+    pub(crate) fn friend(id: UserId) -> NearbyFriend {
         NearbyFriend {
             id,
             relation: Relation::Friend,

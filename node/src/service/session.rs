@@ -663,17 +663,8 @@ pub(crate) fn since_taken(event: &Event) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nearby_client::proto::{NearbyFriend, NearbyPage, Relation, Stranger, StrangerPage};
-
-    fn friend(id: UserId) -> NearbyFriend {
-        NearbyFriend {
-            id,
-            relation: Relation::Friend,
-            name: format!("u{id}"),
-            distance_m: 10.0,
-            updated_at: Millis(1),
-        }
-    }
+    use crate::group::lease::tests::friend;
+    use nearby_client::proto::{NearbyPage, Stranger, StrangerPage};
 
     fn stranger(p: &str) -> Stranger {
         Stranger {
