@@ -29,32 +29,12 @@ use std::collections::{BTreeSet, HashMap};
 
 use nearby_index::friends::RangeTable;
 use nearby_raft::GroupId;
-use serde::{Deserialize, Serialize};
 
+pub use crate::messages::Incarnation;
 use crate::messages::{GroupMessage, Output};
 
 /// How often an introduction is sent again to groups that have not confirmed it.
 pub const RESEND_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// One run of a group's live state: ordered by term, then by when it started.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Incarnation {
-    /// The Raft term its leader leads in.
-    pub term: u64,
-    /// When it started, ns since the Unix epoch (wall clock: a run of the same term after its
-    /// node restarted comes later).
-    pub started_ns: u64,
-}
-
-impl Incarnation {
-    /// A run starting now, in `term`.
-    pub fn starting(term: u64) -> Self {
-        let started_ns = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        Incarnation { term, started_ns }
-    }
-}
 
 /// Run `n` of a group's live state in term 1: the tests' shorthand.
 #[cfg(test)]
@@ -62,12 +42,6 @@ pub(crate) fn run(n: u64) -> Incarnation {
     Incarnation {
         term: 1,
         started_ns: n,
-    }
-}
-
-impl std::fmt::Display for Incarnation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.term, self.started_ns)
     }
 }
 

@@ -9,8 +9,6 @@ use nearby_index::ttl::LatestLocation;
 use nearby_raft::GroupId;
 use serde::{Deserialize, Serialize};
 
-use crate::incarnation::Incarnation;
-
 /// Names one revocation message of one visibility-ending change: the publisher's group, the
 /// change's log index there, and the message's number among the change's revocations. Each
 /// revocation is acknowledged with its own token, so a repeated acknowledgement (a resent batch)
@@ -218,4 +216,31 @@ pub enum CellMessage {
         /// Acknowledge with [`GroupMessage::RevokeAck`], if set.
         ack: Option<Barrier>,
     },
+}
+
+/// One run of a group's live state (see [`crate::incarnation`]): ordered by term, then by when
+/// it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Incarnation {
+    /// The Raft term its leader leads in.
+    pub term: u64,
+    /// When it started, ns since the Unix epoch (wall clock: a run of the same term after its
+    /// node restarted comes later).
+    pub started_ns: u64,
+}
+
+impl Incarnation {
+    /// A run starting now, in `term`.
+    pub fn starting(term: u64) -> Self {
+        let started_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Incarnation { term, started_ns }
+    }
+}
+
+impl std::fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.term, self.started_ns)
+    }
 }
