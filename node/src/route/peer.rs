@@ -32,7 +32,7 @@ use nearby_raft::transport::RaftTransport;
 use nearby_raft::{ClusterMap, GroupId, NodeId, NodeInfo, Payload, Reply};
 use serde::{Deserialize, Serialize};
 
-use crate::presence::GroupMessage;
+use crate::messages::GroupMessage;
 use crate::route::directory::Directory;
 
 /// Locations queued longer than this for an unreachable peer are dropped: a newer one follows.
