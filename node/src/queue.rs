@@ -126,7 +126,12 @@ impl Revoked {
 }
 
 impl State {
+    /// A revocation about `who` reached the queue: what is queued about where `who` is goes,
+    /// and pages answered from now on forget `who` too.
     fn revoke(&mut self, who: Subject<'_>) {
+        let before = self.events.len();
+        self.events.retain(|e| !is_about_location_of(e, who));
+        self.superseded += (before - self.events.len()) as u64;
         if self.revoked.len() == REVOKED_KEPT {
             self.revoked.pop_front();
         }
@@ -243,9 +248,6 @@ impl EventQueue {
         }
         if matches!(event, Event::FriendGone { .. } | Event::StrangerGone { .. }) {
             if let Some(who) = subject(&event) {
-                let before = s.events.len();
-                s.events.retain(|e| !is_about_location_of(e, who));
-                s.superseded += (before - s.events.len()) as u64;
                 s.revoke(who);
             }
         }
@@ -286,13 +288,10 @@ impl EventQueue {
         self.wake();
     }
 
-    /// Drops every queued event about where `who` is or whether they are shown.
+    /// Drops every queued event about where `who` is or whether they are shown, and remembers
+    /// the revocation for the pages in flight.
     pub fn purge(&self, who: Subject<'_>) {
-        let mut s = self.lock();
-        let before = s.events.len();
-        s.events.retain(|e| !is_about_location_of(e, who));
-        s.superseded += (before - s.events.len()) as u64;
-        s.revoke(who);
+        self.lock().revoke(who);
     }
 
     /// A mark for [`EventQueue::revoked_since`]: how many revocations reached the queue so far.

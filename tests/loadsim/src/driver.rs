@@ -932,11 +932,7 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                 after,
                 ..
             } => {
-                // A wait ends at the next attempt, which an app's call may bring forward (seen
-                // here only when that attempt has failed: an upper bound).
-                if let Some(last) = backoffs.last_mut() {
-                    last.1 = last.1.min(at);
-                }
+                end_wait(&mut backoffs, at);
                 let wait = u64::try_from(after.as_micros()).unwrap_or(u64::MAX);
                 backoffs.push((at, at.saturating_add(wait)));
                 if down_since.is_none() {
@@ -950,9 +946,7 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                 continue;
             }
             SdkEvent::Resumed { page } => {
-                if let Some(last) = backoffs.last_mut() {
-                    last.1 = last.1.min(at);
-                }
+                end_wait(&mut backoffs, at);
                 if let Some(from) = down_since.take() {
                     outages.push((from, at));
                 }
@@ -975,6 +969,14 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
         strangers,
         outages,
         backoffs,
+    }
+}
+
+/// The client's last wait between reconnection attempts ended by `at` (the next attempt, which
+/// an app's call may bring forward, is seen only when it failed or resumed: an upper bound).
+fn end_wait(backoffs: &mut [(Micros, Micros)], at: Micros) {
+    if let Some(last) = backoffs.last_mut() {
+        last.1 = last.1.min(at);
     }
 }
 
