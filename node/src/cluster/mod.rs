@@ -21,6 +21,8 @@
 //!
 //! # Modules
 //!
+//! - `address`: a node back at new addresses updates its map entry; peers are dialled where the
+//!   map says they are.
 //! - [`identity`]: what the data directory remembers of the cluster.
 //! - [`inbound`]: answers peers' requests.
 //! - [`invite`]: adding a node by invitation (`nodectl add-node`).
@@ -32,6 +34,7 @@
 //! - [`rebalance`]: evening out the leaders' load (`nodectl rebalance`), as a pure planner and a
 //!   pace.
 
+mod address;
 pub mod clocks;
 pub mod identity;
 pub mod inbound;
@@ -43,7 +46,6 @@ pub mod placement;
 pub mod rebalance;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -253,6 +255,10 @@ impl Cluster {
                     }
                 }));
         }
+        // Nodes are dialled where the map says they are now (see `address`).
+        opts.host
+            .transport()
+            .set_address_book(address::address_book(&directory));
         let driver_ctx = DriverContext {
             sessions: opts.sessions,
             router: Arc::clone(&router),
@@ -395,14 +401,13 @@ impl Cluster {
         let mut attempt = 0u32;
         while Instant::now() < deadline {
             for seed in seeds {
-                let addr: SocketAddr =
-                    match tokio::net::lookup_host(seed.as_str()).await.map(|mut a| a.next()) {
-                        Ok(Some(a)) => a,
-                        Ok(None) | Err(_) => {
-                            last = format!("cannot resolve {seed}");
-                            continue;
-                        }
-                    };
+                let addr = match self.host.transport().resolve(seed).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        last = format!("cannot resolve {seed}: {e}");
+                        continue;
+                    }
+                };
                 let req = PeerRequest::Join {
                     info: self.info.clone(),
                 };
@@ -456,12 +461,14 @@ impl Cluster {
     fn spawn_tasks(self: &Arc<Self>) {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.push(tokio::spawn(Arc::clone(self).watch_map()));
+        tasks.push(tokio::spawn(Arc::clone(self).save_maps()));
         tasks.push(tokio::spawn(Arc::clone(self).manage_replicas()));
         tasks.push(tokio::spawn(Arc::clone(self).keep_alive()));
         tasks.push(tokio::spawn(Arc::clone(self).place()));
         tasks.push(tokio::spawn(Arc::clone(self).follow_splits()));
         tasks.push(tokio::spawn(Arc::clone(self).come_back()));
         tasks.push(tokio::spawn(Arc::clone(self).check_clocks()));
+        tasks.push(tokio::spawn(Arc::clone(self).announce_addresses()));
     }
 
     /// Carries out what splits ask of this node (see `docs/architecture.md`, "Splitting a
@@ -657,14 +664,28 @@ impl Cluster {
         }
     }
 
-    /// Installs `map` if it is newer than this node's, and saves it to `DATA/cluster/map`.
+    /// Installs `map` if it is newer than this node's ([`Cluster::save_maps`] saves it).
     fn adopt(&self, map: nearby_raft::ClusterMap) {
-        if !self.directory.install(map) {
-            return;
-        }
-        let view = self.directory.view();
-        if let Err(e) = self.identity.save_map(&view.map) {
-            tracing::warn!(error = %e, "cannot save the cluster map");
+        self.directory.install(map);
+    }
+
+    /// Saves every map the directory installs to `DATA/cluster/map`, wherever it came from (the
+    /// meta group, a map watch, a peer's answer to a stale request), so a restart begins from
+    /// the newest map this node has seen. Runs as one of the node's tasks.
+    async fn save_maps(self: Arc<Self>) {
+        let mut watch = self.directory.watch();
+        let mut saved = 0u64;
+        loop {
+            let view = Arc::clone(&watch.borrow_and_update());
+            if view.map.epoch > saved {
+                match self.identity.save_map(&view.map) {
+                    Ok(()) => saved = view.map.epoch,
+                    Err(e) => tracing::warn!(error = %e, "cannot save the cluster map"),
+                }
+            }
+            if watch.changed().await.is_err() {
+                return;
+            }
         }
     }
 

@@ -100,6 +100,11 @@ impl Directory {
         self.view.borrow().map.node(node).cloned()
     }
 
+    /// Node `node`'s node-to-node address, if the map has the node.
+    pub fn raft_address(&self, node: NodeId) -> Option<String> {
+        self.view.borrow().map.node(node).map(|n| n.raft.clone())
+    }
+
     /// Records that `leader` leads `group` in `term` (first-hand knowledge).
     pub fn hint_leader(&self, group: GroupId, leader: NodeId, term: u64) {
         let mut hints = self.hints.lock().unwrap_or_else(|p| p.into_inner());

@@ -617,13 +617,15 @@ impl Peers {
             .copied()
     }
 
-    fn addr_of(&self, node: NodeId, info: Option<NodeInfo>) -> Result<SocketAddr, PeerError> {
-        let info = info
-            .or_else(|| self.directory.node(node))
-            .ok_or(PeerError::UnknownNode(node))?;
-        info.raft.parse().map_err(|_| PeerError::BadAddress {
-            node,
-            addr: info.raft.clone(),
+    /// Where `node` is reachable now: its cluster map entry, a host name looked up.
+    async fn addr_of(&self, node: NodeId) -> Result<SocketAddr, PeerError> {
+        let info = self.directory.node(node).ok_or(PeerError::UnknownNode(node))?;
+        self.transport.resolve(&info.raft).await.map_err(|e| match e {
+            nearby_raft::error::TransportError::BadAddress { addr } => PeerError::BadAddress { node, addr },
+            other => PeerError::Unreachable {
+                node,
+                reason: other.to_string(),
+            },
         })
     }
 
@@ -640,7 +642,7 @@ impl Peers {
         req: &PeerRequest,
         timeout: Duration,
     ) -> Result<PeerResponse, PeerError> {
-        let addr = self.addr_of(node, None)?;
+        let addr = self.addr_of(node).await?;
         self.call_addr_within(addr, Some(node), req, timeout).await
     }
 

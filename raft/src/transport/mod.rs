@@ -46,6 +46,14 @@
 //! default, costs one atomic load per request. [`RaftTransport::set_cut`] sends nothing to the
 //! peers it names: a partition between nodes that leaves their clients' traffic alone, for
 //! cluster tests on one host that have no network namespaces to cut.
+//!
+//! # Addresses
+//!
+//! A node is dialled at the address the node layer's [`AddressBook`] gives for its id (its
+//! cluster map, which a node updates when it comes back at a new address), else at the one its
+//! group's Raft membership recorded when it was added. An address is `ip:port` or `host:port`;
+//! a host name is looked up when it is dialled, at most every [`NAME_TTL`], so a node known by a
+//! stable name (a Kubernetes StatefulSet's pod DNS name) may change its IP between runs.
 
 pub mod network;
 pub mod tls;
@@ -86,6 +94,13 @@ pub type AppendHook = Arc<dyn Fn(GroupId) + Send + Sync>;
 /// candidate sees an error and tries again at its next election timeout). The node refuses
 /// votes for a hibernating replica whose leader is alive.
 pub type VoteGate = Arc<dyn Fn(GroupId, NodeId) -> bool + Send + Sync>;
+
+/// Where node `id` is reachable now (`ip:port` or `host:port`), if the node layer knows: the
+/// address a Raft membership recorded is older (see the module doc).
+pub type AddressBook = Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>;
+
+/// How long a looked-up host name's address is used before it is looked up again.
+pub const NAME_TTL: Duration = Duration::from_secs(5);
 
 /// A boxed future answering one peer message.
 pub type PeerReply = Pin<Box<dyn Future<Output = Vec<u8>> + Send + 'static>>;
@@ -199,6 +214,9 @@ pub struct RaftTransport {
     handler: Arc<RwLock<Option<Arc<dyn PeerHandler>>>>,
     append_hook: Arc<RwLock<Option<AppendHook>>>,
     vote_gate: Arc<RwLock<Option<VoteGate>>>,
+    address_book: RwLock<Option<AddressBook>>,
+    /// Looked-up host names: the address and when it was looked up.
+    names: Mutex<HashMap<String, (SocketAddr, tokio::time::Instant)>>,
     serve: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Outgoing requests wait up to this long, µs (see the module doc; 0: not at all).
     send_delay_us: AtomicU64,
@@ -230,6 +248,8 @@ impl RaftTransport {
             handler: Arc::clone(&handler),
             append_hook: Arc::clone(&append_hook),
             vote_gate: Arc::clone(&vote_gate),
+            address_book: RwLock::new(None),
+            names: Mutex::new(HashMap::new()),
             serve: Mutex::new(None),
             send_delay_us: AtomicU64::new(0),
             cut: RwLock::new(Vec::new()),
@@ -275,6 +295,76 @@ impl RaftTransport {
     /// Registers the gate of vote requests (see [`VoteGate`]).
     pub fn set_vote_gate(&self, gate: VoteGate) {
         *self.vote_gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    /// Registers where nodes are reachable now (see [`AddressBook`]).
+    pub fn set_address_book(&self, book: AddressBook) {
+        *self.address_book.write().unwrap_or_else(|p| p.into_inner()) = Some(book);
+    }
+
+    /// Where node `node` is reachable now, if the address book knows.
+    pub fn address_of(&self, node: NodeId) -> Option<String> {
+        let book = self
+            .address_book
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        book.and_then(|book| book(node))
+    }
+
+    /// `addr` (`ip:port`, or `host:port` looked up at most every [`NAME_TTL`]) as a socket
+    /// address; of a name's addresses, the first of the endpoint's family.
+    pub async fn resolve(&self, addr: &str) -> Result<SocketAddr, TransportError> {
+        if let Ok(a) = addr.parse::<SocketAddr>() {
+            return Ok(a);
+        }
+        let now = tokio::time::Instant::now();
+        if let Some((a, at)) = self.names.lock().unwrap_or_else(|p| p.into_inner()).get(addr) {
+            if now.duration_since(*at) < NAME_TTL {
+                return Ok(*a);
+            }
+        }
+        if !addr.contains(':') {
+            return Err(TransportError::BadAddress { addr: addr.into() });
+        }
+        let found: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| TransportError::Connect {
+                addr: addr.into(),
+                reason: format!("cannot look up the host name: {e}"),
+            })?
+            .collect();
+        let v4 = self.endpoint.local_addr().map_or(true, |a| a.is_ipv4());
+        let chosen = found
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .or(found.first())
+            .copied()
+            .ok_or_else(|| TransportError::Connect {
+                addr: addr.into(),
+                reason: "the host name has no address".into(),
+            })?;
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if names.get(addr).is_none_or(|(a, _)| *a != chosen) {
+            tracing::info!(name = addr, address = %chosen, "peer host name looked up");
+        }
+        names.insert(addr.into(), (chosen, now));
+        Ok(chosen)
+    }
+
+    /// Sends `body` to node `node` — at the address book's address for it, else at `known` —
+    /// checked to be that node, and waits for its answer.
+    pub async fn call_node(
+        &self,
+        node: NodeId,
+        known: &str,
+        body: RpcBody,
+    ) -> Result<RpcResponse, TransportError> {
+        let addr = match self.address_of(node) {
+            Some(now) => self.resolve(&now).await?,
+            None => self.resolve(known).await?,
+        };
+        self.call(addr, Some(node), body).await
     }
 
     /// Registers the handler of peer messages (replacing any earlier one).
@@ -739,6 +829,48 @@ mod tests {
         assert!(matches!(
             client.call_peer(addr, Some(5), b"x".to_vec()).await,
             Err(TransportError::WrongPeer { expected: 5, .. })
+        ));
+        client.shutdown().await;
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_node_is_dialled_where_the_address_book_says_by_ip_or_host_name() {
+        let ca = ClusterCa::generate("t").expect("ca");
+        let server = RaftTransport::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &ca.issue_node(1).expect("tls"),
+            GroupRegistry::default(),
+        )
+        .expect("bind");
+        server.set_peer_handler(Arc::new(Echo));
+        let port = server.local_addr().expect("addr").port();
+        let client = RaftTransport::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            &ca.issue_node(2).expect("tls"),
+            GroupRegistry::default(),
+        )
+        .expect("bind");
+        let peer = || RpcBody::Peer(b"x".to_vec());
+        // Where a membership recorded node 1 once: nothing listens there now.
+        let stale = "127.0.0.1:9".to_string();
+        assert!(client.call_node(1, &stale, peer()).await.is_err());
+        // A host name, looked up (the endpoint is IPv4: the IPv4 address of "localhost").
+        let named = format!("localhost:{port}");
+        assert_eq!(
+            client.resolve(&named).await.expect("resolve"),
+            SocketAddr::from(([127, 0, 0, 1], port))
+        );
+        assert!(client.call_node(1, &named, peer()).await.is_ok());
+        // The book's address wins over the one the caller knew.
+        client.set_address_book(Arc::new(move |node| (node == 1).then(|| named.clone())));
+        assert!(matches!(
+            client.call_node(1, &stale, peer()).await,
+            Ok(RpcResponse::Peer(_))
+        ));
+        assert!(matches!(
+            client.resolve("no-port-here").await,
+            Err(TransportError::BadAddress { .. })
         ));
         client.shutdown().await;
         server.shutdown().await;

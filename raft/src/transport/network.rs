@@ -1,7 +1,6 @@
 //! openraft's `RaftNetworkFactory`/`RaftNetwork` for one group, over the node's shared
 //! [`RaftTransport`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,7 +42,9 @@ pub struct PeerClient {
     group: GroupId,
     me: NodeId,
     target: NodeId,
-    addr: Result<SocketAddr, String>,
+    /// The address the group's membership recorded for the target (the transport's address
+    /// book may know a newer one).
+    known: String,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -55,7 +56,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             me: self.me,
             target,
-            addr: node.raft.parse().map_err(|_| node.raft.clone()),
+            known: node.raft.clone(),
         }
     }
 }
@@ -71,35 +72,31 @@ impl PeerClient {
         action: RPCTypes,
         option: &RPCOption,
     ) -> Result<RpcResponse, RPCError<NodeId, Node, RaftError<NodeId, E>>> {
-        let addr = match &self.addr {
-            Ok(a) => *a,
-            Err(bad) => {
-                let e = TransportError::BadAddress { addr: bad.clone() };
-                return Err(RPCError::Unreachable(Unreachable::new(&e)));
-            }
-        };
         let ttl = option.hard_ttl();
-        match tokio::time::timeout(ttl, self.transport.call(addr, Some(self.target), body)).await {
+        let call = self.transport.call_node(self.target, &self.known, body);
+        match tokio::time::timeout(ttl, call).await {
             Err(_) => Err(RPCError::Timeout(Timeout {
                 action,
                 id: self.me,
                 target: self.target,
                 timeout: ttl,
             })),
-            Ok(Err(e @ (TransportError::Connect { .. } | TransportError::WrongPeer { .. }))) => {
-                Err(RPCError::Unreachable(Unreachable::new(&e)))
-            }
+            Ok(Err(
+                e @ (TransportError::Connect { .. }
+                | TransportError::WrongPeer { .. }
+                | TransportError::BadAddress { .. }),
+            )) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Ok(Ok(RpcResponse::UnknownGroup)) => {
                 let e = TransportError::UnknownGroup {
-                    addr: addr.to_string(),
+                    addr: self.known.clone(),
                     group: self.group,
                 };
                 Err(RPCError::Unreachable(Unreachable::new(&e)))
             }
             Ok(Ok(RpcResponse::Malformed(reason) | RpcResponse::Refused(reason))) => {
                 let e = TransportError::Malformed {
-                    addr: addr.to_string(),
+                    addr: self.known.clone(),
                     reason,
                 };
                 Err(RPCError::Network(NetworkError::new(&e)))
@@ -113,7 +110,7 @@ impl PeerClient {
         resp: &RpcResponse,
     ) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
         let e = TransportError::Malformed {
-            addr: format!("{:?}", self.addr),
+            addr: self.known.clone(),
             reason: format!("unexpected answer {resp:?}"),
         };
         RPCError::Network(NetworkError::new(&e))

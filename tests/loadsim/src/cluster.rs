@@ -6,6 +6,7 @@
 //! initialises the cluster; the others join it. Everything waits on conditions with deadlines;
 //! nothing sleeps for luck.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -272,6 +273,8 @@ pub struct ProcessCluster {
     nodes: Vec<Option<NodeProc>>,
     client_ca: String,
     signer: Arc<TokenSigner>,
+    /// Nodes restarted at another address: the last byte of their IP now.
+    moved: HashMap<u8, u8>,
 }
 
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), ClusterError> {
@@ -329,6 +332,7 @@ impl ProcessCluster {
             nodes: (0..n).map(|_| None).collect(),
             client_ca: ck.cert.pem(),
             signer: Arc::new(signer),
+            moved: HashMap::new(),
             opts,
         };
         for i in 1..=n {
@@ -451,7 +455,7 @@ impl ProcessCluster {
     /// Node `i`'s IP address.
     pub fn ip(&self, i: u8) -> [u8; 4] {
         let h = self.opts.host;
-        [h[0], h[1], h[2], i]
+        [h[0], h[1], h[2], self.moved.get(&i).copied().unwrap_or(i)]
     }
 
     /// The namespaces the nodes run in, if they have their own.
@@ -782,6 +786,22 @@ impl ProcessCluster {
         }
         self.spawn(i, "run")?;
         self.wait_ready(i).await
+    }
+
+    /// Starts node `i` again on its data directory at another IP address (last byte `last`, on
+    /// the cluster's loopback network), as a rescheduled pod is, and waits until it serves.
+    pub async fn restart_at(&mut self, i: u8, last: u8) -> Result<(), ClusterError> {
+        if self.opts.netns.is_some() {
+            return Err(ClusterError::Setup(
+                "nodes in namespaces keep their addresses".into(),
+            ));
+        }
+        if last <= self.opts.nodes || self.moved.values().any(|m| *m == last) {
+            return Err(ClusterError::Setup(format!("address .{last} is taken")));
+        }
+        self.moved.insert(i, last);
+        self.write_config(i, self.opts.groups)?;
+        self.restart(i).await
     }
 
     /// The configured `groups` of the new cluster.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use nearby_client::proto::{Event, Relation};
 
-use crate::util::{befriend, cluster, cluster_with_cuts, retrying, viewer, wait_until, Viewer};
+use crate::util::{befriend, cluster, cluster_with_cuts, retrying, viewer, viewer_via, wait_until, Viewer};
 use nearby_loadsim::cluster::ProcessCluster;
 
 const A: (f64, f64) = (52.5200, 13.4050);
@@ -267,5 +267,80 @@ async fn a_hide_sent_again_is_confirmed_only_once_the_viewers_group_confirmed_it
         assert!(e.is_retryable(), "the first hide failed: {e}");
     }
     c.cut_off(cut, false).expect("heal");
+    c.stop().await;
+}
+
+/// Whether node `node`'s replica of `group` has `user` befriended with `friend`.
+async fn replica_has_friend(c: &ProcessCluster, node: u64, group: u64, user: u64, friend: u64) -> bool {
+    use nearby_node::route::peer::PeerResponse;
+    let Ok(answers) = c.replica_states(group, &[user]).await else {
+        return false;
+    };
+    answers.iter().any(|(n, a)| {
+        *n == node
+            && matches!(a, PeerResponse::Replica { records, .. }
+                if records.iter().any(|(u, r)| *u == user && r.friends.contains(&friend)))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_at_a_new_address_catches_up_and_serves_there() {
+    let _serial = crate::util::one_at_a_time().await;
+    let (mut c, _dir) = cluster(3, 3).await;
+    let groups = c.shard_groups();
+    let (ann, bob) = (
+        c.user_in(groups[0], 7).expect("user"),
+        c.user_in(groups[1], 7).expect("user"),
+    );
+    let (ga, gb) = (c.group_of(ann).expect("group"), c.group_of(bob).expect("group"));
+    // As a rescheduled pod: gone at once, back on its data at another IP.
+    c.kill(3);
+    c.restart_at(3, 9)
+        .await
+        .expect("node 3 starts at its new address");
+    let raft = format!("{}:7401", std::net::Ipv4Addr::from(c.ip(3)));
+    wait_until(
+        "every node's map has node 3 at its new address",
+        Duration::from_secs(20),
+        || {
+            (1..=3).all(|i| {
+                c.map_of(i)
+                    .is_some_and(|m| m.node(3).is_some_and(|n| n.raft == raft))
+            })
+        },
+    )
+    .await;
+    // A write made now reaches node 3's replicas: the groups' leaders (whose memberships still
+    // hold the old address) replicate to the new one.
+    let a = viewer_via(&c, ann, &[1, 2]).await;
+    let b = viewer_via(&c, bob, &[1, 2]).await;
+    befriend(&a, &b).await;
+    for (group, user, friend) in [(ga, ann, bob), (gb, bob, ann)] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !replica_has_friend(&c, 3, group, user, friend).await {
+            assert!(
+                Instant::now() < deadline,
+                "node 3's replica of group {group} never got the friendship made after its move"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Placement gives node 3 leaderships again; a client of one of its groups is served at the
+    // new address.
+    c.wait_map("node 3 leads a group again", Duration::from_secs(30), |m| {
+        m.groups
+            .iter()
+            .any(|(g, e)| *g != nearby_raft::META_GROUP && e.leader == Some(3))
+    })
+    .await
+    .expect("node 3 leads a group");
+    let led = c
+        .shard_groups()
+        .into_iter()
+        .find(|g| c.leader(*g) == Some(3))
+        .expect("a group led by node 3");
+    let carl = c.user_in(led, 11).expect("user");
+    let v = viewer_via(&c, carl, &[3]).await;
+    v.at(A.0, A.1).await;
     c.stop().await;
 }
