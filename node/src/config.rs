@@ -43,8 +43,10 @@
 //! max_mb = 10240                 # this node's history on disk, all groups together
 //!
 //! [admin]                        # the admin API (`crate::admin`); none without this section
-//! listen = "10.0.0.1:7402"       # TCP, plain HTTP: loopback or a private network only
+//! listen = "10.0.0.1:7402"       # TCP; plain HTTP unless tls_cert/tls_key are set
 //! token_file = "/etc/nearby/admin-token"  # `nearby-node admin-token` makes one (0600)
+//! tls_cert = "/etc/nearby/admin.pem"      # optional, with tls_key: HTTPS only
+//! tls_key = "/etc/nearby/admin-key.pem"   # (0600)
 //! ```
 
 use std::net::SocketAddr;
@@ -146,6 +148,12 @@ pub struct AdminSection {
     pub listen: SocketAddr,
     /// File holding the bearer token (one line, 0600).
     pub token_file: PathBuf,
+    /// Certificate chain (PEM) of the API's HTTPS; with `tls_key`, plain HTTP is not served.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM, 0600) of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[history]`: what this node keeps of its users' past locations (`crate::history`).
@@ -495,6 +503,13 @@ impl NodeConfig {
         }
         if self.history.max_mb < 16 {
             return Err(field("history.max_mb", "must be at least 16"));
+        }
+        if let Some(admin) = &self.admin {
+            match (&admin.tls_cert, &admin.tls_key) {
+                (Some(_), None) => return Err(field("admin.tls_key", "required with admin.tls_cert")),
+                (None, Some(_)) => return Err(field("admin.tls_cert", "required with admin.tls_key")),
+                _ => {}
+            }
         }
         for seed in &self.cluster.join {
             if !seed.contains(':') {

@@ -257,6 +257,7 @@ pub async fn run(
     nopts.admin = Some(crate::admin::AdminOptions {
         listen: opts.listen,
         token: token.clone(),
+        tls: None,
     });
     let node = Node::start(nopts).await?;
     if let Some(path) = &opts.import {

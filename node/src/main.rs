@@ -444,9 +444,20 @@ async fn run_node(
     if let Some(admin) = &config.admin {
         let token =
             secrets::read_secret_text(&admin.token_file).context("config field `admin.token_file`")?;
+        let tls = match (&admin.tls_cert, &admin.tls_key) {
+            (Some(cert), Some(key)) => {
+                let key = secrets::read_secret_text(key).context("config field `admin.tls_key`")?;
+                let https = ServerTls::from_pem(&read(cert)?, &key)
+                    .and_then(|t| t.https_config())
+                    .map_err(|e| anyhow::anyhow!("config fields `admin.tls_cert`/`admin.tls_key`: {e}"))?;
+                Some(https)
+            }
+            _ => None,
+        };
         opts.admin = Some(nearby_node::admin::AdminOptions {
             listen: admin.listen,
             token: token.trim().to_string(),
+            tls,
         });
     }
     if let Some(path) = dev_token_key {

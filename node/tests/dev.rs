@@ -368,6 +368,128 @@ fn run_mode_starts_from_a_config_file_and_bad_configs_name_the_field() {
     terminate(child, &rx);
 }
 
+/// The admin API over HTTPS: `nodectl` that trusts the certificate's CA is served, by name
+/// and by IP; without `--ca`, with another CA, or in plain HTTP it gets a clear error; a
+/// configuration with half of the pair is refused, naming the missing field.
+#[test]
+fn the_admin_api_over_https_serves_only_clients_that_trust_its_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::TempDir::new().expect("tmp");
+    let path = |name: &str| dir.path().join(name);
+    let p = |name: &str| path(name).into_os_string();
+    let o = |a: &str| std::ffi::OsString::from(a);
+    for args in [
+        vec![o("keygen"), o("--out"), p("keys")],
+        vec![o("ca"), o("init"), o("--out"), p("ca")],
+        vec![
+            o("ca"),
+            o("issue"),
+            o("--ca"),
+            p("ca"),
+            o("--node-id"),
+            o("1"),
+            o("--out"),
+            p("n1"),
+        ],
+        vec![o("admin-token"), o("--out"), p("admin-token")],
+    ] {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (ok, err) = node_cmd(&args);
+        assert!(ok, "{err}");
+    }
+    let secret = |name: &str, text: String| {
+        std::fs::write(path(name), text).expect("write");
+        std::fs::set_permissions(path(name), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    };
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let client = rcgen::generate_simple_self_signed(names.clone()).expect("cert");
+    std::fs::write(path("cert.pem"), client.cert.pem()).expect("cert");
+    secret("key.pem", client.signing_key.serialize_pem());
+    // The admin API's own certificate (self-signed: it is its own CA), and a stranger's.
+    let admin = rcgen::generate_simple_self_signed(names.clone()).expect("cert");
+    std::fs::write(path("admin.pem"), admin.cert.pem()).expect("cert");
+    secret("admin-key.pem", admin.signing_key.serialize_pem());
+    let other = rcgen::generate_simple_self_signed(names).expect("cert");
+    std::fs::write(path("other.pem"), other.cert.pem()).expect("cert");
+    let config = |tls: &str| {
+        format!(
+            "node_id = 1\ndata = {data:?}\nlisten = \"127.0.0.1:0\"\nraft_listen = \"127.0.0.1:0\"\n\
+             groups = 2\n\
+             [cluster]\nca = {ca:?}\ncert = {ncert:?}\nkey = {nkey:?}\n\
+             [tls]\ncert = {cert:?}\nkey = {key:?}\n[auth]\ntoken_public_key = {public:?}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = {token:?}\n{tls}",
+            data = path("data"),
+            ca = path("n1/ca.pem"),
+            ncert = path("n1/node.pem"),
+            nkey = path("n1/node-key.pem"),
+            cert = path("cert.pem"),
+            key = path("key.pem"),
+            public = path("keys/token.pub"),
+            token = path("admin-token"),
+        )
+    };
+    let file = path("node.toml");
+    let conf = file.clone().into_os_string();
+    std::fs::write(&file, config(&format!("tls_cert = {:?}\n", path("admin.pem")))).expect("config");
+    let (ok, err) = node_cmd(&["init".as_ref(), "--config".as_ref(), &conf]);
+    assert!(!ok && err.contains("admin.tls_key"), "{err}");
+    std::fs::write(
+        &file,
+        config(&format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n",
+            path("admin.pem"),
+            path("admin-key.pem")
+        )),
+    )
+    .expect("config");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    cmd.args(["init", "--config"]).arg(&file);
+    let (child, rx) = spawn_logged(cmd);
+    let lines = wait_for(&rx, "nearby node is ready");
+    let port = lines
+        .iter()
+        .find_map(|l| {
+            let rest = l.split("admin API listening addr=Some(127.0.0.1:").nth(1)?;
+            rest.split(')').next()?.parse::<u16>().ok()
+        })
+        .unwrap_or_else(|| panic!("no admin address in the log:\n{}", lines.join("\n")));
+    let home = path("home");
+    let run = |admin: &str, ca: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodectl"));
+        cmd.args(["--json", "--admin", admin, "--token-file"])
+            .arg(path("admin-token"))
+            .arg("--home")
+            .arg(&home)
+            .env_remove("NEARBY_ADMIN_CA");
+        if let Some(ca) = ca {
+            cmd.arg("--ca").arg(path(ca));
+        }
+        let out = cmd.arg("status").output().expect("run nodectl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for admin in [
+        format!("https://localhost:{port}"),
+        format!("https://127.0.0.1:{port}"),
+    ] {
+        let (ok, out, err) = run(&admin, Some("admin.pem"));
+        assert!(ok, "{admin}: {err}");
+        let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        assert!(status["epoch"].as_u64().is_some_and(|e| e > 0), "{out}");
+    }
+    let https = format!("https://localhost:{port}");
+    let (ok, _, err) = run(&https, None);
+    assert!(!ok && err.contains("--ca"), "{err}");
+    let (ok, _, err) = run(&https, Some("other.pem"));
+    assert!(!ok && err.contains("certificate"), "{err}");
+    let (ok, _, err) = run(&format!("127.0.0.1:{port}"), None);
+    assert!(!ok, "plain HTTP was answered by the HTTPS listener: {err}");
+    terminate(child, &rx);
+}
+
 /// Like [`cli`], but retries while the cluster is between leaders (a fresh cluster elects its
 /// leaders while the first commands arrive) and returns the error's code when it fails.
 fn cli_result(home: &std::path::Path, user: u64, args: &[&str]) -> Result<serde_json::Value, String> {

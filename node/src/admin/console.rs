@@ -93,9 +93,10 @@ pub(super) struct Console {
 
 impl Console {
     /// The console of the listener on `port`; `stopping` turns true on shutdown.
-    pub(super) fn new(port: u16, stopping: watch::Receiver<bool>) -> Self {
+    /// The console of the listener on `port`; `https`: its cookies are sent over HTTPS only.
+    pub(super) fn new(port: u16, https: bool, stopping: watch::Receiver<bool>) -> Self {
         Console {
-            logins: Logins::new(port),
+            logins: Logins::new(port, https),
             activity: Arc::new(Activity::new()),
             stopping,
         }
@@ -118,6 +119,8 @@ type SessionKey = [u8; 32];
 /// The console's sessions (see the module doc).
 struct Logins {
     cookie: String,
+    /// The cookie's attributes (`Secure` on an HTTPS listener).
+    attributes: &'static str,
     rng: SystemRandom,
     live: Mutex<HashMap<SessionKey, Instant>>,
 }
@@ -129,9 +132,14 @@ fn key_of(id: &str) -> SessionKey {
 }
 
 impl Logins {
-    fn new(port: u16) -> Self {
+    fn new(port: u16, https: bool) -> Self {
         Logins {
             cookie: format!("nearby_console_{port}"),
+            attributes: if https {
+                "HttpOnly; Secure; SameSite=Strict; Path=/"
+            } else {
+                "HttpOnly; SameSite=Strict; Path=/"
+            },
             rng: SystemRandom::new(),
             live: Mutex::new(HashMap::new()),
         }
@@ -191,14 +199,15 @@ impl Logins {
 
     fn set_cookie(&self, id: &str) -> String {
         format!(
-            "{}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            "{}={id}; {}; Max-Age={}",
             self.cookie,
+            self.attributes,
             SESSION_TTL.as_secs()
         )
     }
 
     fn clear_cookie(&self) -> String {
-        format!("{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0", self.cookie)
+        format!("{}=; {}; Max-Age=0", self.cookie, self.attributes)
     }
 }
 
@@ -809,7 +818,7 @@ mod tests {
 
     #[test]
     fn a_session_lives_until_it_expires_or_is_closed() {
-        let logins = Logins::new(7400);
+        let logins = Logins::new(7400, false);
         let t0 = Instant::now();
         let id = logins.open(t0).expect("random");
         assert_eq!(id.len(), 64);
@@ -835,7 +844,7 @@ mod tests {
 
     #[test]
     fn sessions_are_capped_oldest_first() {
-        let logins = Logins::new(1);
+        let logins = Logins::new(1, false);
         let t0 = Instant::now();
         let first = logins.open(t0).expect("random");
         for i in 1..=MAX_SESSIONS {
@@ -848,13 +857,21 @@ mod tests {
     }
 
     #[test]
-    fn the_cookie_is_http_only_strict_and_never_the_token() {
-        let logins = Logins::new(9);
+    fn the_cookie_is_http_only_strict_and_never_the_token_and_secure_over_https() {
+        let logins = Logins::new(9, true);
         let c = logins.set_cookie("ab");
-        for part in ["nearby_console_9=ab", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        for part in [
+            "nearby_console_9=ab",
+            "HttpOnly",
+            "Secure",
+            "SameSite=Strict",
+            "Path=/",
+        ] {
             assert!(c.contains(part), "{c}");
         }
         assert!(logins.clear_cookie().contains("Max-Age=0"));
+        // Over plain HTTP a Secure cookie would never come back: the console could not log in.
+        assert!(!Logins::new(9, false).set_cookie("ab").contains("Secure"));
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //! logout, and except reads (`GET`) by a browser logged in to the console, which carry its
 //! session cookie instead (see [`console`] for why a cookie never authorises a change). Without
 //! either, the console's page redirects to its login form; every other route answers 401 JSON.
-//! The listener speaks plain HTTP: bind it to loopback or a private network, never to the
-//! internet.
+//! With `[admin] tls_cert`/`tls_key` the listener speaks HTTPS only (rustls; the console's
+//! cookie is then `Secure`), and `nodectl --admin https://…` checks the certificate against
+//! `--ca`; without them it speaks plain HTTP, which carries the token in the clear: bind it to
+//! loopback or a private network then (a node says so at start when it is neither).
 
 pub mod console;
 mod views;
@@ -48,7 +50,14 @@ pub struct AdminOptions {
     pub listen: SocketAddr,
     /// The bearer token every request must carry.
     pub token: String,
+    /// Serve HTTPS with this configuration (plain HTTP if `None`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a stopping listener waits for its connections to finish.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the admin API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +91,7 @@ pub struct AdminState {
 pub struct AdminListener {
     listener: tokio::net::TcpListener,
     token: Arc<str>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl AdminListener {
@@ -96,9 +106,18 @@ impl AdminListener {
                 addr: opts.listen,
                 source,
             })?;
+        let ip = opts.listen.ip();
+        if opts.tls.is_none() && !(ip.is_loopback() || is_private(ip)) {
+            tracing::warn!(
+                addr = %opts.listen,
+                "the admin API speaks plain HTTP on a public or wildcard address: its token crosses \
+                 the network in the clear (set [admin] tls_cert and tls_key)"
+            );
+        }
         Ok(AdminListener {
             listener,
             token: opts.token.into(),
+            tls: opts.tls.map(tokio_rustls::TlsAcceptor::from),
         })
     }
 
@@ -120,7 +139,7 @@ impl AdminListener {
             cluster,
             metrics,
             token: self.token,
-            console: Arc::new(console::Console::new(port, stopping)),
+            console: Arc::new(console::Console::new(port, self.tls.is_some(), stopping)),
         };
         let app = router(state);
         // The console's streams end when `stop` is sent: the graceful shutdown waits for every
@@ -129,12 +148,79 @@ impl AdminListener {
             shutdown.await;
             let _ = stop.send(true);
         };
-        if let Err(e) = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "the admin API stopped");
+        match self.tls {
+            None => {
+                if let Err(e) = axum::serve(self.listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!(error = %e, "the admin API stopped");
+                }
+            }
+            Some(acceptor) => serve_https(self.listener, acceptor, app, shutdown).await,
         }
+    }
+}
+
+/// Serves `app` over HTTPS on `listener` until `shutdown`, then waits (at most [`STOP_WAIT`])
+/// for the connections in progress to finish.
+async fn serve_https(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(error = %e, "admin API: cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "admin API: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "admin API: TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "admin API: connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(STOP_WAIT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("admin API: connections still open at shutdown, dropped");
+    }
+}
+
+/// Whether `ip` is in a private range (RFC 1918, unique-local IPv6).
+fn is_private(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_private(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
     }
 }
 

@@ -2,16 +2,18 @@
 //!
 //! It finds the cluster through `NEARBY_HOME` like `nearby` (`admin`: admin API addresses, one
 //! per line, tried in turn; `admin-token`: the bearer token) or `--admin ADDR` and
-//! `--token-file FILE`. Output is for people by default and JSON with `--json`; every change
+//! `--token-file FILE`. An address `https://host:port` is spoken to over TLS, its certificate
+//! checked against `--ca FILE`; a bare `host:port` over plain HTTP. Output is for people by default and JSON with `--json`; every change
 //! takes `--dry-run`; a refusal prints the node's reason and exits with status 2.
 
 // nodectl's output (stdout) and errors (stderr) are its interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -25,9 +27,13 @@ use nearby_node::admin::{GroupsView, NodeView, NodesView, StatusView};
     about = "Operate a nearby cluster through its admin API"
 )]
 struct Cli {
-    /// An admin API address (`host:port`); default: the addresses in NEARBY_HOME/admin.
+    /// An admin API address (`host:port`, or `https://host:port` for a node whose admin API
+    /// has a certificate); default: the addresses in NEARBY_HOME/admin.
     #[arg(long, global = true)]
     admin: Option<String>,
+    /// The CA certificate (PEM) that `https://` admin APIs' certificates must chain to.
+    #[arg(long, global = true, env = "NEARBY_ADMIN_CA")]
+    ca: Option<PathBuf>,
     /// The file holding the admin token; default: NEARBY_HOME/admin-token.
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
@@ -199,6 +205,8 @@ struct Answer {
 struct Admin {
     addrs: Vec<String>,
     token: String,
+    /// How `https://` addresses are checked, once `--ca` is read.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Admin {
@@ -240,14 +248,18 @@ impl Admin {
             .with_context(|| format!("the admin token ({})", token_path.display()))?
             .trim()
             .to_string();
-        Ok(Admin { addrs, token })
+        let tls = match &cli.ca {
+            Some(path) => Some(tls_config(path)?),
+            None => None,
+        };
+        Ok(Admin { addrs, token, tls })
     }
 
     /// Sends `method path` to the first address that answers.
     fn call(&self, method: &str, path: &str) -> anyhow::Result<Answer> {
         let mut last = None;
         for addr in &self.addrs {
-            match request(addr, method, path, &self.token) {
+            match request(addr, self.tls.as_ref(), method, path, &self.token) {
                 Ok(a) => return Ok(a),
                 Err(e) => last = Some(e.context(format!("admin API at {addr}"))),
             }
@@ -267,22 +279,86 @@ impl Admin {
     }
 }
 
+/// A TLS client that trusts the CA certificates in `ca` (PEM) and nothing else.
+fn tls_config(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let pem = std::fs::read(ca).with_context(|| format!("--ca {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.with_context(|| format!("--ca {}: not a PEM certificate", ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("--ca {}: not a usable CA certificate", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("--ca {}: no CERTIFICATE in it", ca.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// One HTTP/1.0 exchange (the body ends with the connection): the admin API is small JSON.
-fn request(addr: &str, method: &str, path: &str, token: &str) -> anyhow::Result<Answer> {
+/// `addr` is `host:port` (plain HTTP) or `https://host:port` (TLS, checked with `tls`).
+fn request(
+    addr: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> anyhow::Result<Answer> {
     // `add-node` answers once the node is in (up to a minute).
     let timeout = Duration::from_secs(90);
-    let sock = addr
-        .parse::<std::net::SocketAddr>()
-        .with_context(|| format!("{addr} is not host:port"))?;
-    let mut stream = TcpStream::connect_timeout(&sock, Duration::from_secs(3))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    let (https, hostport) = match addr.strip_prefix("https://") {
+        Some(rest) => (true, rest.trim_end_matches('/')),
+        None => (false, addr.strip_prefix("http://").unwrap_or(addr)),
+    };
+    let sock = hostport
+        .to_socket_addrs()
+        .with_context(|| format!("{hostport} is not host:port"))?
+        .next()
+        .with_context(|| format!("{hostport} has no address"))?;
+    let tcp = TcpStream::connect_timeout(&sock, Duration::from_secs(3))?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {hostport}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n"
+    );
+    let raw = if https {
+        let config =
+            tls.context("an https:// admin address needs --ca (the CA its certificate chains to)")?;
+        let host = hostport
+            .rsplit_once(':')
+            .map_or(hostport, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .with_context(|| format!("{host} is not a host name or an IP address"))?;
+        let conn = rustls::ClientConnection::new(Arc::clone(config), name)?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        stream.write_all(head.as_bytes())?;
+        stream.flush()?;
+        let mut raw = Vec::new();
+        match stream.read_to_end(&mut raw) {
+            Ok(_) => {}
+            // A server that closes without TLS's close_notify: the answer is whole only if its
+            // length says so (checked below).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => return Err(e.into()),
+        }
+        raw
+    } else {
+        let mut tcp = tcp;
+        tcp.write_all(head.as_bytes())?;
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw)?;
+        raw
+    };
     let text = String::from_utf8(raw).context("the answer is not UTF-8")?;
     let (head, body) = text.split_once("\r\n\r\n").context("an answer without headers")?;
     let status = head
@@ -291,6 +367,15 @@ fn request(addr: &str, method: &str, path: &str, token: &str) -> anyhow::Result<
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .context("an answer without a status")?;
+    let length = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    if length.is_some_and(|n| n != body.len()) {
+        bail!("the answer was cut short ({} of {:?} bytes)", body.len(), length);
+    }
     Ok(Answer {
         status,
         body: body.to_string(),

@@ -51,6 +51,20 @@ impl ServerTls {
         })
     }
 
+    /// rustls's configuration for an HTTPS server (the admin API): TLS 1.2 or 1.3, ALPN
+    /// `http/1.1`.
+    pub fn https_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| e.to_string())?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// quinn's server configuration: TLS 1.3, ALPN `nearby/1`, and — unless `transport` is
     /// [`Transport::QuinnDefaults`], kept to measure against — transport limits for many small,
     /// mostly idle connections.
