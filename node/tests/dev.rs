@@ -479,6 +479,12 @@ fn the_admin_api_over_https_serves_only_clients_that_trust_its_certificate() {
         assert!(ok, "{admin}: {err}");
         let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
         assert!(status["epoch"].as_u64().is_some_and(|e| e > 0), "{out}");
+        // One node: the cluster speaks this build's newest node-to-node protocol.
+        assert_eq!(
+            status["active_protocol"].as_u64(),
+            Some(u64::from(nearby_raft::transport::tls::PEER_PROTOCOL)),
+            "{out}"
+        );
     }
     let https = format!("https://localhost:{port}");
     let (ok, _, err) = run(&https, None);

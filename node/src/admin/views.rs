@@ -29,6 +29,11 @@ pub struct StatusView {
     /// to spread; at most a round's 32): 0 once every group is replicated and leaders spread.
     #[serde(default)]
     pub placement_pending: usize,
+    /// The node-to-node protocol version every node speaks, as the answering node knows: what
+    /// the cluster uses while versions are mixed (`docs/architecture.md`, "Changing the
+    /// node-to-node protocol").
+    #[serde(default)]
+    pub active_protocol: u32,
     /// Every node.
     pub nodes: Vec<NodeView>,
 }
@@ -67,6 +72,10 @@ pub struct NodeView {
     pub stats: Option<NodeStatsView>,
     /// Why it did not answer.
     pub error: Option<String>,
+    /// The node-to-node protocol version the answering node agreed with it (its own newest for
+    /// itself); none before a connection.
+    #[serde(default)]
+    pub protocol: Option<u32>,
 }
 
 /// A node's own figures.
@@ -162,6 +171,7 @@ pub(super) fn node_views(c: &Cluster, stats: &[(NodeId, Result<NodeStats, String
                     Some(Ok(_)) => None,
                     None => Some("not asked".into()),
                 },
+                protocol: c.protocol_with(id),
             }
         })
         .collect()
@@ -182,6 +192,7 @@ pub(super) async fn status(c: &Cluster) -> StatusView {
         groups,
         groups_without_leader,
         placement_pending: crate::cluster::placement::plan_round(&view.map, 32, &Default::default()).len(),
+        active_protocol: c.active_protocol(),
         sessions: stats
             .iter()
             .filter_map(|(_, s)| s.as_ref().ok())

@@ -409,12 +409,13 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                 println!("{raw}");
             } else {
                 println!(
-                    "epoch {}  meta leader {}  groups {} ({} without a leader)  sessions {}  (answered by node {})\n",
+                    "epoch {}  meta leader {}  groups {} ({} without a leader)  sessions {}  protocol {}  (answered by node {})\n",
                     s.epoch,
                     s.meta_leader.map_or("none".into(), |n| format!("node {n}")),
                     s.groups,
                     s.groups_without_leader,
                     s.sessions,
+                    s.active_protocol,
                     s.answered_by
                 );
                 print_nodes(&s.nodes);
@@ -843,8 +844,18 @@ fn wait_drained(
 
 fn print_nodes(nodes: &[NodeView]) {
     println!(
-        "{:>4}  {:<9}  {:<21}  {:<21}  {:>8}  {:>7}  {:>8}  {:>8}  {:>8}  {:>8}",
-        "node", "state", "client", "admin", "replicas", "leaders", "sessions", "cpu s", "rss MiB", "uptime s"
+        "{:>4}  {:<9}  {:<21}  {:<21}  {:>8}  {:>7}  {:>8}  {:>8}  {:>8}  {:>8}  {:>5}",
+        "node",
+        "state",
+        "client",
+        "admin",
+        "replicas",
+        "leaders",
+        "sessions",
+        "cpu s",
+        "rss MiB",
+        "uptime s",
+        "proto"
     );
     for n in nodes {
         let (sessions, cpu, rss, up) = match &n.stats {
@@ -857,7 +868,7 @@ fn print_nodes(nodes: &[NodeView]) {
             None => ("?".into(), "?".into(), "?".into(), "?".into()),
         };
         println!(
-            "{:>4}  {:<9}  {:<21}  {:<21}  {:>8}  {:>7}  {:>8}  {:>8}  {:>8}  {:>8}{}",
+            "{:>4}  {:<9}  {:<21}  {:<21}  {:>8}  {:>7}  {:>8}  {:>8}  {:>8}  {:>8}  {:>5}{}",
             n.id,
             n.state,
             n.client,
@@ -868,6 +879,7 @@ fn print_nodes(nodes: &[NodeView]) {
             cpu,
             rss,
             up,
+            n.protocol.map_or("?".into(), |p| p.to_string()),
             n.error.as_ref().map_or(String::new(), |e| format!("  ({e})")),
         );
     }

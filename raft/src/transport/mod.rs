@@ -215,6 +215,10 @@ pub struct RaftTransport {
     append_hook: Arc<RwLock<Option<AppendHook>>>,
     vote_gate: Arc<RwLock<Option<VoteGate>>>,
     address_book: RwLock<Option<AddressBook>>,
+    /// The newest protocol version this node offers.
+    protocol: u32,
+    /// The protocol version last agreed with each node, on a connection either way.
+    protocols: Protocols,
     /// Looked-up host names: the address and when it was looked up.
     names: Mutex<HashMap<String, (SocketAddr, tokio::time::Instant)>>,
     serve: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -240,6 +244,7 @@ impl RaftTransport {
         let handler: Arc<RwLock<Option<Arc<dyn PeerHandler>>>> = Arc::default();
         let append_hook: Arc<RwLock<Option<AppendHook>>> = Arc::default();
         let vote_gate: Arc<RwLock<Option<VoteGate>>> = Arc::default();
+        let protocols = Protocols::default();
         let transport = Arc::new(RaftTransport {
             me: tls.node_id(),
             endpoint: endpoint.clone(),
@@ -249,6 +254,8 @@ impl RaftTransport {
             append_hook: Arc::clone(&append_hook),
             vote_gate: Arc::clone(&vote_gate),
             address_book: RwLock::new(None),
+            protocol: tls.newest_protocol(),
+            protocols: protocols.clone(),
             names: Mutex::new(HashMap::new()),
             serve: Mutex::new(None),
             send_delay_us: AtomicU64::new(0),
@@ -262,6 +269,7 @@ impl RaftTransport {
                 handler,
                 append: append_hook,
                 vote: vote_gate,
+                protocols,
             },
         ));
         *transport.serve.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
@@ -295,6 +303,18 @@ impl RaftTransport {
     /// Registers the gate of vote requests (see [`VoteGate`]).
     pub fn set_vote_gate(&self, gate: VoteGate) {
         *self.vote_gate.write().unwrap_or_else(|p| p.into_inner()) = Some(gate);
+    }
+
+    /// The newest protocol version this node speaks (see [`tls::PEER_PROTOCOL`]).
+    pub fn protocol(&self) -> u32 {
+        self.protocol
+    }
+
+    /// The protocol version agreed with `node` on the last connection to or from it whose
+    /// certificate was checked to be that node's; `None` if there was none since this node
+    /// started.
+    pub fn peer_protocol(&self, node: NodeId) -> Option<u32> {
+        self.protocols.get(node)
     }
 
     /// Registers where nodes are reachable now (see [`AddressBook`]).
@@ -450,7 +470,7 @@ impl RaftTransport {
             tokio::time::timeout(within, connecting)
                 .await
                 .map_err(|_| "timed out".to_string())?
-                .map_err(|e| e.to_string())
+                .map_err(|e| connect_failure(&e))
         }
         .await;
         {
@@ -499,6 +519,7 @@ impl RaftTransport {
                     });
                 }
                 slot.verified = Some(id);
+                self.protocols.agreed(id, &conn);
             }
         }
         Ok(conn)
@@ -579,6 +600,26 @@ impl Drop for RaftTransport {
     }
 }
 
+/// Why a connection attempt failed, in words an operator can act on: a peer that shares no
+/// protocol version with this node is told apart (and logged as a warning), the rest as quinn
+/// says.
+fn connect_failure(e: &quinn::ConnectionError) -> String {
+    // TLS alert 120, no_application_protocol: the ALPN ids (protocol versions) do not overlap.
+    let no_common_version = matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::crypto(120));
+    if !no_common_version {
+        return e.to_string();
+    }
+    let why = format!(
+        "the peer speaks no node-to-node protocol version this node speaks ({}..={}): a build \
+         from before versioning or too far apart (docs/operations.md, \"Rolling upgrade\")",
+        tls::OLDEST_PEER_PROTOCOL,
+        tls::PEER_PROTOCOL
+    );
+    tracing::warn!(%why, "cannot connect to a peer");
+    why
+}
+
 /// The end-entity certificate the peer of `conn` presented.
 fn peer_cert(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
     let certs = conn
@@ -592,6 +633,8 @@ fn peer_cert(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateD
 struct Caller {
     cert: Option<rustls::pki_types::CertificateDer<'static>>,
     verified: Mutex<Option<NodeId>>,
+    conn: quinn::Connection,
+    protocols: Protocols,
 }
 
 impl Caller {
@@ -604,6 +647,7 @@ impl Caller {
         let ok = self.cert.as_ref().is_some_and(|c| tls::cert_is_for_node(c, from));
         if ok {
             *verified = Some(from);
+            self.protocols.agreed(from, &self.conn);
         }
         ok
     }
@@ -615,6 +659,36 @@ struct Hooks {
     handler: Arc<RwLock<Option<Arc<dyn PeerHandler>>>>,
     append: Arc<RwLock<Option<AppendHook>>>,
     vote: Arc<RwLock<Option<VoteGate>>>,
+    protocols: Protocols,
+}
+
+/// The protocol version agreed with each peer node (see [`tls::PEER_PROTOCOL`]).
+#[derive(Clone, Default)]
+struct Protocols(Arc<Mutex<HashMap<NodeId, u32>>>);
+
+impl Protocols {
+    /// Records the version `conn`'s handshake agreed on, for `node` (checked to be its peer).
+    fn agreed(&self, node: NodeId, conn: &quinn::Connection) {
+        let Some(v) = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol.as_deref().and_then(tls::protocol_of_alpn))
+        else {
+            return;
+        };
+        let before = self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(node, v);
+        if before != Some(v) {
+            tracing::info!(node, protocol = v, "node-to-node protocol agreed with a peer");
+        }
+    }
+
+    fn get(&self, node: NodeId) -> Option<u32> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied()
+    }
 }
 
 /// Accepts peer connections until the endpoint closes; each connection's streams are served
@@ -636,6 +710,8 @@ async fn serve(endpoint: quinn::Endpoint, registry: GroupRegistry, hooks: Hooks)
             let caller = Arc::new(Caller {
                 cert: peer_cert(&conn),
                 verified: Mutex::new(None),
+                conn: conn.clone(),
+                protocols: hooks.protocols.clone(),
             });
             let mut streams = JoinSet::new();
             loop {
@@ -874,5 +950,68 @@ mod tests {
         ));
         client.shutdown().await;
         server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn peers_agree_on_the_newest_protocol_both_speak_and_remember_it_per_node() {
+        let ca = ClusterCa::generate("t").expect("ca");
+        let bind = |tls: &NodeTls| {
+            RaftTransport::bind(
+                "127.0.0.1:0".parse().expect("addr"),
+                tls,
+                GroupRegistry::default(),
+            )
+            .expect("bind")
+        };
+        // Node 1 is a build newer than this one (speaks 3 and 2); nodes 2 and 3 are this build.
+        let newer = bind(
+            &ca.issue_node(1)
+                .expect("tls")
+                .speaking_up_to(tls::PEER_PROTOCOL + 1),
+        );
+        let other_newer = bind(
+            &ca.issue_node(3)
+                .expect("tls")
+                .speaking_up_to(tls::PEER_PROTOCOL + 1),
+        );
+        let this = bind(&ca.issue_node(2).expect("tls"));
+        for t in [&newer, &other_newer, &this] {
+            t.set_peer_handler(Arc::new(Echo));
+        }
+        assert_eq!(newer.protocol(), tls::PEER_PROTOCOL + 1);
+        assert_eq!(this.peer_protocol(1), None, "nothing agreed before a connection");
+        // Outgoing from the newer node: the version both speak.
+        let at = |t: &RaftTransport| t.local_addr().expect("addr");
+        newer
+            .call_peer(at(&this), Some(2), b"x".to_vec())
+            .await
+            .expect("call");
+        assert_eq!(newer.peer_protocol(2), Some(tls::PEER_PROTOCOL));
+        // Incoming on this build's node, once the caller proved who it is.
+        assert_eq!(this.peer_protocol(1), Some(tls::PEER_PROTOCOL));
+        // Two newer nodes speak their newest.
+        newer
+            .call_peer(at(&other_newer), Some(3), b"x".to_vec())
+            .await
+            .expect("call");
+        assert_eq!(newer.peer_protocol(3), Some(tls::PEER_PROTOCOL + 1));
+        assert_eq!(other_newer.peer_protocol(1), Some(tls::PEER_PROTOCOL + 1));
+        // A build from before versioning (it says only "nearby-raft/2") is refused, and the
+        // error says why.
+        let old = bind(&ca.issue_node(4).expect("tls").speaking_only(2));
+        old.set_peer_handler(Arc::new(Echo));
+        match this.call_peer(at(&old), Some(4), b"x".to_vec()).await {
+            Err(TransportError::Connect { reason, .. }) => {
+                assert!(reason.contains("no node-to-node protocol version"), "{reason}");
+            }
+            other => panic!("a pre-versioning peer was spoken to: {other:?}"),
+        }
+        assert_eq!(this.peer_protocol(4), None);
+        old.shutdown().await;
+        assert_eq!(tls::protocol_of_alpn(b"nearby-raft/7"), Some(7));
+        assert_eq!(tls::protocol_of_alpn(b"h3"), None);
+        for t in [newer, other_newer, this] {
+            t.shutdown().await;
+        }
     }
 }

@@ -27,8 +27,37 @@ use crate::NodeId;
 /// The TLS server name every node certificate carries.
 pub const NODE_SERVER_NAME: &str = "nearby-node";
 
-/// ALPN protocol of the node-to-node transport.
-pub const RAFT_ALPN: &[u8] = b"nearby-raft/2";
+/// The newest version of the node-to-node protocol this build speaks.
+///
+/// Versions are told apart in the TLS handshake: a node offers (and accepts) the ALPN ids
+/// `nearby-raft/N` of every version from [`OLDEST_PEER_PROTOCOL`] to its newest, newest first,
+/// so two nodes speak the newest version both know ([`protocol_of_alpn`]). Nodes with no version
+/// in common cannot connect at all. A change of the messages or of the Raft commands that an
+/// older node could not read raises this number and is used only once every node speaks it (the
+/// node layer's "active protocol"): that is what lets a rolling upgrade run old and new nodes
+/// side by side (`docs/architecture.md`, "Changing the node-to-node protocol").
+///
+/// 3 is the first versioned protocol: builds before it all said `nearby-raft/2` while their
+/// messages changed, so this build refuses them (the handshake fails, and says why) rather than
+/// misreading them; from 3 on, a change follows the rules and rolls.
+pub const PEER_PROTOCOL: u32 = 3;
+
+/// The oldest version this build still speaks (see [`PEER_PROTOCOL`]).
+pub const OLDEST_PEER_PROTOCOL: u32 = 3;
+
+/// The ALPN id of protocol version `v`.
+fn alpn(v: u32) -> Vec<u8> {
+    format!("nearby-raft/{v}").into_bytes()
+}
+
+/// The protocol version an ALPN id names, if it is one of this transport's.
+pub fn protocol_of_alpn(id: &[u8]) -> Option<u32> {
+    std::str::from_utf8(id)
+        .ok()?
+        .strip_prefix("nearby-raft/")?
+        .parse()
+        .ok()
+}
 
 /// The DNS name a certificate of node `id` carries (and no other node's does).
 pub fn node_name(id: NodeId) -> String {
@@ -122,6 +151,8 @@ impl ClusterCa {
             cert_pem: cert.pem(),
             key: key.serialize_der(),
             key_pem: key.serialize_pem(),
+            newest: PEER_PROTOCOL,
+            oldest: OLDEST_PEER_PROTOCOL,
         })
     }
 }
@@ -136,6 +167,10 @@ pub struct NodeTls {
     cert_pem: String,
     key: Vec<u8>,
     key_pem: String,
+    /// The newest protocol version this node offers ([`PEER_PROTOCOL`] but in tests).
+    newest: u32,
+    /// The oldest it offers ([`OLDEST_PEER_PROTOCOL`] but in tests).
+    oldest: u32,
 }
 
 impl std::fmt::Debug for NodeTls {
@@ -179,6 +214,8 @@ impl NodeTls {
             cert_pem: cert_pem.to_string(),
             key,
             key_pem: key_pem.to_string(),
+            newest: PEER_PROTOCOL,
+            oldest: OLDEST_PEER_PROTOCOL,
         };
         // Building the server configuration checks that the key matches the certificate.
         tls.server_config()?;
@@ -202,6 +239,31 @@ impl NodeTls {
     /// The node this identity belongs to.
     pub fn node_id(&self) -> NodeId {
         self.node
+    }
+
+    /// This identity offering protocol versions up to `newest` (at least
+    /// [`OLDEST_PEER_PROTOCOL`]) instead of [`PEER_PROTOCOL`]: for tests of mixed versions,
+    /// which need a node newer than the build.
+    pub fn speaking_up_to(mut self, newest: u32) -> Self {
+        self.newest = newest.max(OLDEST_PEER_PROTOCOL);
+        self
+    }
+
+    /// The newest protocol version this identity offers.
+    pub fn newest_protocol(&self) -> u32 {
+        self.newest
+    }
+
+    /// This identity offering only version `v`: an older build, for tests.
+    #[cfg(test)]
+    pub(crate) fn speaking_only(mut self, v: u32) -> Self {
+        (self.oldest, self.newest) = (v, v);
+        self
+    }
+
+    /// The ALPN ids offered and accepted: every version this node speaks, newest first.
+    fn alpn_ids(&self) -> Vec<Vec<u8>> {
+        (self.oldest..=self.newest).rev().map(alpn).collect()
     }
 
     /// The cluster CA's certificate (PEM).
@@ -245,7 +307,7 @@ impl NodeTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(vec![self.cert.clone()], self.key())
             .map_err(tls_err)?;
-        crypto.alpn_protocols = vec![RAFT_ALPN.to_vec()];
+        crypto.alpn_protocols = self.alpn_ids();
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(tls_err)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         config.transport_config(Arc::new(transport_config()));
@@ -262,7 +324,7 @@ impl NodeTls {
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(vec![self.cert.clone()], self.key())
             .map_err(tls_err)?;
-        crypto.alpn_protocols = vec![RAFT_ALPN.to_vec()];
+        crypto.alpn_protocols = self.alpn_ids();
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).map_err(tls_err)?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         config.transport_config(Arc::new(transport_config()));
