@@ -467,11 +467,20 @@ impl RaftHost {
     /// Stops this node's replica of `group` (shard or meta); its files stay, so it can be opened
     /// again.
     pub async fn close_group(&self, group: GroupId) {
+        if let Some(raft) = self.detach_group(group) {
+            stop_raft(group, raft).await;
+        }
+    }
+
+    /// Takes `group` out of this host at once (no more messages reach it, `shard`/`meta` no
+    /// longer return it) and returns its Raft, for the caller to stop ([`stop_raft`]) where
+    /// waiting for it would hold other work up.
+    pub fn detach_group(&self, group: GroupId) -> Option<Raft> {
         self.registry
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&group);
-        let raft = if group == META_GROUP {
+        if group == META_GROUP {
             self.meta
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -483,11 +492,6 @@ impl RaftHost {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&group)
                 .map(|g| g.raft)
-        };
-        if let Some(raft) = raft {
-            if let Err(e) = raft.shutdown().await {
-                tracing::warn!(group, error = %e, "group did not shut down cleanly");
-            }
         }
     }
 
@@ -841,4 +845,21 @@ fn is_blank(g: &ShardGroup) -> bool {
     let m = g.raft().metrics();
     let m = m.borrow();
     m.last_log_index.is_none() && m.current_term == 0
+}
+
+/// Stops a detached group's Raft ([`RaftHost::detach_group`]); a stop that takes longer than a
+/// few seconds (its core busy in a handler) is reported when it ends.
+pub async fn stop_raft(group: GroupId, raft: Raft) {
+    let started = std::time::Instant::now();
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(group, error = %e, "group did not shut down cleanly");
+    }
+    let took = started.elapsed();
+    if took > std::time::Duration::from_secs(5) {
+        tracing::warn!(
+            group,
+            secs = took.as_secs_f64(),
+            "a group's Raft took long to stop"
+        );
+    }
 }

@@ -173,6 +173,9 @@ pub struct Cluster {
     metrics: Arc<crate::metrics::ServiceMetrics>,
     /// The node's clock guard, if it has one (see `clocks`).
     clock_guard: Option<Arc<crate::clock::GuardedClock>>,
+    /// The meta group removed this node's replica and the map does not show it yet: the
+    /// replica is not opened again meanwhile (`watch_map`, `manage_replicas`).
+    meta_left: std::sync::atomic::AtomicBool,
 }
 
 /// What [`Cluster::start`] needs.
@@ -284,6 +287,7 @@ impl Cluster {
             invitation: Mutex::new(invite::Invitation::NotWaiting),
             metrics: opts.metrics,
             clock_guard: opts.clock_guard,
+            meta_left: std::sync::atomic::AtomicBool::new(false),
         });
         cluster
             .host
@@ -618,7 +622,18 @@ impl Cluster {
                     // leadership watcher ends with it; a replica opened here again later gets a
                     // new one.
                     tracing::info!(removed, "meta replica no longer this node's; closing it");
-                    self.host.close_group(META_GROUP).await;
+                    // Removed by the group before the map says so: until a map without this
+                    // node's meta replica arrives, the map must not open it again (see
+                    // `manage_replicas`).
+                    if removed {
+                        self.meta_left.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // Stopped aside: a Raft core busy in a handler can take minutes to stop
+                    // (seen: 158 s), and this loop is how the node hears of the map meanwhile —
+                    // what tells it that its other replicas moved away (a drain's last step).
+                    if let Some(raft) = self.host.detach_group(META_GROUP) {
+                        tokio::spawn(nearby_raft::host::stop_raft(META_GROUP, raft));
+                    }
                     self.watched
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -694,7 +709,22 @@ impl Cluster {
         let mut watch = self.directory.watch();
         loop {
             let view = watch.borrow_and_update().clone();
+            let meta_placed = view
+                .map
+                .groups
+                .get(&META_GROUP)
+                .is_some_and(|g| g.has_replica(self.me));
+            if !meta_placed {
+                self.meta_left.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
             for (group, entry) in view.map.groups_of(self.me) {
+                if group == META_GROUP && self.meta_left.load(std::sync::atomic::Ordering::Relaxed) {
+                    // The group removed this node's replica and the map has not caught up: a
+                    // replica opened again would never hear of its removal, and the node would
+                    // read the map from it — a map that stops there, for minutes (a drain
+                    // waited ~2–4 min for its last replicas to close).
+                    continue;
+                }
                 if entry.born_of.is_some() && self.host.shard(group).is_none() {
                     // Made from its parent's split seed (`follow_splits`), never opened empty.
                     continue;
