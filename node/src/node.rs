@@ -72,6 +72,8 @@ pub struct NodeOptions {
     pub raft: Option<openraft::Config>,
     /// Location history (kept under `data/history`).
     pub history: crate::history::HistoryConfig,
+    /// Requests per second a session may send (sustained; bursts of twice that pass).
+    pub requests_per_s: u32,
     /// A session's location updates closer together than this are refused.
     pub min_update_interval: Duration,
     /// The admin API (`crate::admin`); none if `None`.
@@ -115,6 +117,7 @@ impl NodeOptions {
             sessions_per_s: 5_000,
             raft: None,
             history: Default::default(),
+            requests_per_s: 20,
             min_update_interval: Duration::from_millis(250),
             admin: None,
             wal: Default::default(),
@@ -169,6 +172,7 @@ impl Node {
         sopts.driver = opts.driver;
         sopts.shed = shed;
         sopts.min_update_interval = opts.min_update_interval;
+        sopts.requests_per_s = opts.requests_per_s;
         sopts.abuse = opts.abuse;
         sopts.hello_timeout = opts.hello_timeout;
         let metrics = Arc::clone(&sopts.metrics);

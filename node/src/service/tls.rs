@@ -17,6 +17,10 @@ pub enum Transport {
     QuinnDefaults,
 }
 
+/// The most a client connection may hold unacknowledged, bytes (the batched driver keeps it
+/// nearer the congestion window: `driver::Conn::fit_send_window`).
+pub(crate) const SEND_WINDOW: u64 = 512 * 1024;
+
 /// A server certificate chain and its key.
 pub struct ServerTls {
     chain: Vec<CertificateDer<'static>>,
@@ -92,7 +96,7 @@ impl ServerTls {
         // Clients send small frames; a small window bounds what one client can make us buffer.
         t.stream_receive_window(quinn::VarInt::from_u32(128 * 1024));
         t.receive_window(quinn::VarInt::from_u32(256 * 1024));
-        t.send_window(512 * 1024);
+        t.send_window(SEND_WINDOW);
         // On quinn's tasks, one datagram per transmit: pushes are small, and a connection keeps
         // its transmit buffer at the largest size it ever used, so batching (GSO) would cost
         // ~10 KiB per idle connection after the handshake's burst. The batched driver's buffer

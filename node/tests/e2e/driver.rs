@@ -220,6 +220,69 @@ async fn a_client_that_stops_acknowledging_gets_everything_when_it_answers_again
     node.stop().await;
 }
 
+/// A congested client (its packets lost) holds at most a congestion window of events at the
+/// node's QUIC layer; the rest waits in its session's queue, where a hide acknowledged
+/// meanwhile still reaches them: when the client answers again it gets the hide, not the
+/// positions queued before it. (With the connection allowed to buffer 512 KiB unacknowledged,
+/// every one of those positions arrived after the hide's acknowledgement.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_congested_clients_queued_positions_of_a_friend_who_hid_meanwhile_are_never_sent() {
+    // The publisher sends its positions back to back: no request rate limit.
+    let node = TestNode::start_unthrottled().await;
+    let (p, quiet) = (uid(0, 5), uid(1, 5));
+    node.befriend(p, quiet).await;
+    let relay = Relay::start(node.addr.parse().expect("addr")).await;
+    let mut q = node.client_at(&relay.addr, quiet).await;
+    q.at(A.0 + 0.001, A.1).await;
+    let publisher = node.client(p).await;
+    publisher.at(A.0, A.1).await;
+    sees_at(&mut q, p, A.0).await;
+
+    relay.silence(true);
+    // Far more positions than a congestion window holds (each event is ~50 bytes).
+    let lats: Vec<f64> = (1..=2_000).map(|i| A.0 + f64::from(i) * 1e-6).collect();
+    for &lat in &lats {
+        publisher.at(lat, A.1).await;
+    }
+    publisher.client.hide(quiet).await.expect("hide acknowledged");
+    relay.silence(false);
+    // Everything the client gets from here on: what the node had let into the connection
+    // before the hide, then the hide.
+    let mut after = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let e = tokio::time::timeout(left, q.next())
+            .await
+            .expect("the hide never reached the client");
+        match e {
+            Event::FriendGone { id, .. } if id == p => break,
+            Event::FriendMoved(f) | Event::FriendEntered(f) if f.id == p => after.push(f.at.lat),
+            _ => {}
+        }
+    }
+    tracing::info!(
+        after = after.len(),
+        sent = lats.len(),
+        "positions that reached the congested client after the hide"
+    );
+    let last = *lats.last().expect("positions");
+    assert!(
+        !after.iter().any(|lat| (lat - last).abs() < 1e-12),
+        "the newest position, queued before the hide, reached the client after it ({} positions did)",
+        after.len()
+    );
+    // A congestion window (quinn's first is 14,720 bytes; it shrinks under loss) of ~48-byte
+    // events: about 300.
+    assert!(
+        after.len() < lats.len() / 4,
+        "{} of {} positions sent before the hide reached the client after it",
+        after.len(),
+        lats.len()
+    );
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_address_changes_keeps_its_connection() {
     let node = TestNode::start().await;

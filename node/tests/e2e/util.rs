@@ -48,6 +48,8 @@ struct Setup {
     seed: Option<nearby_raft::seed::Seed>,
     service: ServiceConfig,
     min_update_interval: Duration,
+    /// Requests per second a session may send (`None`: the node's default).
+    requests_per_s: Option<u32>,
     data: Option<std::path::PathBuf>,
     wal: nearby_raft::wal::WalOptions,
     abuse: nearby_node::service::AbuseLimits,
@@ -88,6 +90,7 @@ impl Setup {
             seed: None,
             service,
             min_update_interval: Duration::ZERO,
+            requests_per_s: None,
             data: None,
             wal: Default::default(),
             abuse: Default::default(),
@@ -151,6 +154,13 @@ impl TestNode {
         Self::start_in(setup).await
     }
 
+    /// Starts a node whose sessions may send requests back to back, as fast as they like.
+    pub(crate) async fn start_unthrottled() -> TestNode {
+        let mut setup = Setup::new(tests_service());
+        setup.requests_per_s = Some(1_000_000);
+        Self::start_in(setup).await
+    }
+
     /// Starts a node (shedding off) that admits connections within `abuse` and gives each
     /// `hello_timeout` to say `Hello`.
     pub(crate) async fn start_guarded(
@@ -194,6 +204,7 @@ impl TestNode {
             seed,
             service,
             min_update_interval,
+            requests_per_s,
             data,
             wal,
             abuse,
@@ -233,6 +244,9 @@ impl TestNode {
         }
         opts.service = service;
         opts.min_update_interval = min_update_interval;
+        if let Some(r) = requests_per_s {
+            opts.requests_per_s = r;
+        }
         opts.wal = wal;
         opts.abuse = abuse;
         opts.hello_timeout = hello_timeout;

@@ -68,6 +68,8 @@ pub(crate) const RECV_ROUNDS: usize = 8;
 const RECV_SLOT: usize = 64 * 1024;
 /// GSO segments per transmit at most (quinn's own cap).
 const MAX_SEGMENTS: usize = 10;
+/// The least a connection may hold unacknowledged (see [`Conn::fit_send_window`]), bytes.
+const MIN_SEND_WINDOW: u64 = 4 * 1024;
 /// How long a stopping service waits for its clients to take their goodbyes.
 const STOP_WAIT: Duration = Duration::from_secs(3);
 
@@ -627,6 +629,8 @@ struct Conn<B: Backend> {
     ip: std::net::IpAddr,
     scheduled: Option<Instant>,
     dirty: bool,
+    /// The send window last given to quinn-proto (0: not yet).
+    send_window: u64,
 }
 
 impl<B: Backend> Conn<B> {
@@ -654,6 +658,27 @@ impl<B: Backend> Conn<B> {
             ended: false,
             scheduled: None,
             dirty: false,
+            send_window: 0,
+        }
+    }
+
+    /// Keeps what the connection holds unacknowledged — sent, or written and not yet sent — to
+    /// its congestion window (at least [`MIN_SEND_WINDOW`], at most the transport's
+    /// [`SEND_WINDOW`](crate::service::tls::SEND_WINDOW)): what congestion control lets it have
+    /// in flight anyway, so nothing waits there longer than about a round trip. The rest of a session's events wait in its queue, where a revocation
+    /// still reaches them and newer positions replace older ones; in quinn-proto's stream
+    /// buffer they could not be recalled, and a congested client (loss, an overloaded node)
+    /// would get them seconds after a change that forbids them was acknowledged. A congestion
+    /// window that grows (acknowledgements) lets more in at once.
+    fn fit_send_window(&mut self) {
+        let want = self
+            .q
+            .congestion_state()
+            .window()
+            .clamp(MIN_SEND_WINDOW, crate::service::tls::SEND_WINDOW);
+        if want != self.send_window {
+            self.q.set_send_window(want);
+            self.send_window = want;
         }
     }
 
@@ -697,6 +722,7 @@ impl<B: Backend> Conn<B> {
             return;
         }
         self.requests(cx);
+        self.fit_send_window();
         self.write_control();
         self.write_events(cx.now);
     }
