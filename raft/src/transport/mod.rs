@@ -865,16 +865,22 @@ mod tests {
         nearby_index::codec::decode(&bytes).expect("decode")
     }
 
-    #[tokio::test]
-    async fn a_peer_can_speak_only_as_the_node_its_certificate_names() {
-        let ca = ClusterCa::generate("t").expect("ca");
-        let server = RaftTransport::bind(
+    /// A transport of `tls`'s node on a loopback port, answering peer messages with [`Echo`].
+    fn loopback(tls: &NodeTls) -> Arc<RaftTransport> {
+        let t = RaftTransport::bind(
             "127.0.0.1:0".parse().expect("addr"),
-            &ca.issue_node(1).expect("tls"),
+            tls,
             GroupRegistry::default(),
         )
         .expect("bind");
-        server.set_peer_handler(Arc::new(Echo));
+        t.set_peer_handler(Arc::new(Echo));
+        t
+    }
+
+    #[tokio::test]
+    async fn a_peer_can_speak_only_as_the_node_its_certificate_names() {
+        let ca = ClusterCa::generate("t").expect("ca");
+        let server = loopback(&ca.issue_node(1).expect("tls"));
         let addr = server.local_addr().expect("addr");
         let node2 = ca.issue_node(2).expect("tls");
         let honest = RpcRequest {
@@ -895,12 +901,7 @@ mod tests {
         ));
 
         // The transport's own calls check the server too: node 1 is not node 5.
-        let client = RaftTransport::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            &node2,
-            GroupRegistry::default(),
-        )
-        .expect("bind");
+        let client = loopback(&node2);
         assert!(client.call_peer(addr, Some(1), b"x".to_vec()).await.is_ok());
         assert!(matches!(
             client.call_peer(addr, Some(5), b"x".to_vec()).await,
@@ -913,20 +914,9 @@ mod tests {
     #[tokio::test]
     async fn a_node_is_dialled_where_the_address_book_says_by_ip_or_host_name() {
         let ca = ClusterCa::generate("t").expect("ca");
-        let server = RaftTransport::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            &ca.issue_node(1).expect("tls"),
-            GroupRegistry::default(),
-        )
-        .expect("bind");
-        server.set_peer_handler(Arc::new(Echo));
+        let server = loopback(&ca.issue_node(1).expect("tls"));
         let port = server.local_addr().expect("addr").port();
-        let client = RaftTransport::bind(
-            "127.0.0.1:0".parse().expect("addr"),
-            &ca.issue_node(2).expect("tls"),
-            GroupRegistry::default(),
-        )
-        .expect("bind");
+        let client = loopback(&ca.issue_node(2).expect("tls"));
         let peer = || RpcBody::Peer(b"x".to_vec());
         // Where a membership recorded node 1 once: nothing listens there now.
         let stale = "127.0.0.1:9".to_string();
@@ -955,29 +945,12 @@ mod tests {
     #[tokio::test]
     async fn peers_agree_on_the_newest_protocol_both_speak_and_remember_it_per_node() {
         let ca = ClusterCa::generate("t").expect("ca");
-        let bind = |tls: &NodeTls| {
-            RaftTransport::bind(
-                "127.0.0.1:0".parse().expect("addr"),
-                tls,
-                GroupRegistry::default(),
-            )
-            .expect("bind")
-        };
-        // Node 1 is a build newer than this one (speaks 3 and 2); nodes 2 and 3 are this build.
-        let newer = bind(
-            &ca.issue_node(1)
-                .expect("tls")
-                .speaking_up_to(tls::PEER_PROTOCOL + 1),
-        );
-        let other_newer = bind(
-            &ca.issue_node(3)
-                .expect("tls")
-                .speaking_up_to(tls::PEER_PROTOCOL + 1),
-        );
-        let this = bind(&ca.issue_node(2).expect("tls"));
-        for t in [&newer, &other_newer, &this] {
-            t.set_peer_handler(Arc::new(Echo));
-        }
+        // Nodes 1 and 3 are a build newer than this one (they speak its version and the next);
+        // node 2 is this build.
+        let next = tls::PEER_PROTOCOL + 1;
+        let newer = loopback(&ca.issue_node(1).expect("tls").speaking_up_to(next));
+        let other_newer = loopback(&ca.issue_node(3).expect("tls").speaking_up_to(next));
+        let this = loopback(&ca.issue_node(2).expect("tls"));
         assert_eq!(newer.protocol(), tls::PEER_PROTOCOL + 1);
         assert_eq!(this.peer_protocol(1), None, "nothing agreed before a connection");
         // Outgoing from the newer node: the version both speak.
@@ -998,8 +971,7 @@ mod tests {
         assert_eq!(other_newer.peer_protocol(1), Some(tls::PEER_PROTOCOL + 1));
         // A build from before versioning (it says only "nearby-raft/2") is refused, and the
         // error says why.
-        let old = bind(&ca.issue_node(4).expect("tls").speaking_only(2));
-        old.set_peer_handler(Arc::new(Echo));
+        let old = loopback(&ca.issue_node(4).expect("tls").speaking_only(2));
         match this.call_peer(at(&old), Some(4), b"x".to_vec()).await {
             Err(TransportError::Connect { reason, .. }) => {
                 assert!(reason.contains("no node-to-node protocol version"), "{reason}");
