@@ -383,16 +383,26 @@ fn read(p: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
 }
 
+/// A server certificate chain and key from the configuration's `cert` and `key` files (the key
+/// readable by its owner only); errors name the key's config field, or the pair's.
+fn server_tls(
+    cert: &Path,
+    key: &Path,
+    key_field: &str,
+    pair_field: &str,
+) -> anyhow::Result<nearby_node::service::tls::ServerTls> {
+    let key = secrets::read_secret_text(key).with_context(|| format!("config field `{key_field}`"))?;
+    nearby_node::service::tls::ServerTls::from_pem(&read(cert)?, &key)
+        .map_err(|e| anyhow::anyhow!("config field {pair_field}: {e}"))
+}
+
 async fn run_node(
     config: NodeConfig,
     bootstrap: Bootstrap,
     dev_token_key: Option<&Path>,
     import: Option<&Path>,
 ) -> anyhow::Result<()> {
-    use nearby_node::service::tls::ServerTls;
-    let tls_key = secrets::read_secret_text(&config.tls.key).context("config field `tls.key`")?;
-    let tls = ServerTls::from_pem(&read(&config.tls.cert)?, &tls_key)
-        .map_err(|e| anyhow::anyhow!("config field `tls`: {e}"))?;
+    let tls = server_tls(&config.tls.cert, &config.tls.key, "tls.key", "`tls`")?;
     // One key per line: two while the issuer's key is rotated (see `nearby_node::auth`).
     let keys = read(&config.auth.token_public_key)?
         .lines()
@@ -445,13 +455,11 @@ async fn run_node(
         let token =
             secrets::read_secret_text(&admin.token_file).context("config field `admin.token_file`")?;
         let tls = match (&admin.tls_cert, &admin.tls_key) {
-            (Some(cert), Some(key)) => {
-                let key = secrets::read_secret_text(key).context("config field `admin.tls_key`")?;
-                let https = ServerTls::from_pem(&read(cert)?, &key)
-                    .and_then(|t| t.https_config())
-                    .map_err(|e| anyhow::anyhow!("config fields `admin.tls_cert`/`admin.tls_key`: {e}"))?;
-                Some(https)
-            }
+            (Some(cert), Some(key)) => Some(
+                server_tls(cert, key, "admin.tls_key", "`admin.tls_cert`/`admin.tls_key`")?
+                    .https_config()
+                    .map_err(|e| anyhow::anyhow!("config fields `admin.tls_cert`/`admin.tls_key`: {e}"))?,
+            ),
             _ => None,
         };
         opts.admin = Some(nearby_node::admin::AdminOptions {

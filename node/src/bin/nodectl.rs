@@ -3,8 +3,9 @@
 //! It finds the cluster through `NEARBY_HOME` like `nearby` (`admin`: admin API addresses, one
 //! per line, tried in turn; `admin-token`: the bearer token) or `--admin ADDR` and
 //! `--token-file FILE`. An address `https://host:port` is spoken to over TLS, its certificate
-//! checked against `--ca FILE`; a bare `host:port` over plain HTTP. Output is for people by default and JSON with `--json`; every change
-//! takes `--dry-run`; a refusal prints the node's reason and exits with status 2.
+//! checked against `--ca FILE`; a bare `host:port` over plain HTTP. Output is for people by
+//! default and JSON with `--json`; every change takes `--dry-run`; a refusal prints the node's
+//! reason and exits with status 2.
 
 // nodectl's output (stdout) and errors (stderr) are its interface.
 #![allow(clippy::print_stdout, clippy::print_stderr)]

@@ -665,8 +665,9 @@ impl<B: Backend> Conn<B> {
     /// Keeps what the connection holds unacknowledged — sent, or written and not yet sent — to
     /// its congestion window (at least [`MIN_SEND_WINDOW`], at most the transport's
     /// [`SEND_WINDOW`](crate::service::tls::SEND_WINDOW)): what congestion control lets it have
-    /// in flight anyway, so nothing waits there longer than about a round trip. The rest of a session's events wait in its queue, where a revocation
-    /// still reaches them and newer positions replace older ones; in quinn-proto's stream
+    /// in flight anyway, so nothing waits there longer than about a round trip. The rest of a
+    /// session's events wait in its queue, where a revocation still reaches them (and, when it
+    /// is full, a friend's newer position replaces a queued one); in quinn-proto's stream
     /// buffer they could not be recalled, and a congested client (loss, an overloaded node)
     /// would get them seconds after a change that forbids them was acknowledged. A congestion
     /// window that grows (acknowledgements) lets more in at once.
