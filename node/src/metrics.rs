@@ -82,6 +82,8 @@ pub struct ServiceMetrics {
     datagrams_sent: AtomicU64,
     retries: AtomicU64,
     refused_by_address: AtomicU64,
+    fences: AtomicU64,
+    fence_closes: AtomicU64,
     push_latency: Histogram,
 }
 
@@ -147,6 +149,25 @@ impl ServiceMetrics {
     /// A new connection was refused: its address had too many connections or handshakes.
     pub fn refused_by_address(&self) {
         self.refused_by_address.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A delivery fence was passed: the client acknowledged what preceded a revocation.
+    pub fn fence_passed(&self) {
+        self.fences.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection was closed because its client did not acknowledge what preceded a
+    /// revocation in time.
+    pub fn fence_closed(&self) {
+        self.fence_closes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Delivery fences passed, and connections closed at one (see [`Self::fence_passed`]).
+    pub fn fences(&self) -> (u64, u64) {
+        (
+            self.fences.load(Ordering::Relaxed),
+            self.fence_closes.load(Ordering::Relaxed),
+        )
     }
 
     /// Retries sent, and connections refused per address (see [`Self::retried`]).
@@ -257,6 +278,18 @@ impl ServiceMetrics {
             "nearby_client_refused_by_address_total",
             "New connections refused: their address had too many connections or handshakes.",
             self.refused_by_address.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "nearby_delivery_fences_total",
+            "Revocations whose viewer's client acknowledged everything written to it before them.",
+            self.fences.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "nearby_delivery_fence_closes_total",
+            "Connections closed because the client did not acknowledge what preceded a revocation in time.",
+            self.fence_closes.load(Ordering::Relaxed),
         );
         self.push_latency.render(
             out,

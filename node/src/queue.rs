@@ -12,10 +12,18 @@
 //! author, nothing about the author may still be on its way to that viewer from this node. The
 //! queue also remembers whom its last revocations were about, for the pages the session's task
 //! writes after the driver made them ([`EventQueue::revoked_since`]).
+//!
+//! What the connection already holds cannot be purged: bytes written to QUIC before a revocation
+//! may still be in flight, or waiting for a retransmission to a client on a bad network. A writer
+//! that can tell when its client has acknowledged them (the batched driver, which
+//! [attaches](EventQueue::attach)) confirms each revocation once it has ([`EventQueue::fenced`]),
+//! and the acknowledgement of the change that caused it waits for that ([`Fences`]); such a
+//! writer closes a connection that does not acknowledge within a bound. With a writer that cannot
+//! tell (quinn's task per connection), a fence is passed at once.
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use nearby_client::proto::Event;
@@ -63,6 +71,15 @@ pub struct EventQueue {
     bell: OnceLock<(Arc<Doorbell>, u64)>,
     /// Whether the bell was rung and the driver has not looked since.
     rung: AtomicBool,
+    /// How many revocations reached the queue (mirrors the state's count, for the writer).
+    revocations: AtomicU64,
+    /// The revocations whose bytes written before them the client has acknowledged (see
+    /// [`EventQueue::fenced`]); `u64::MAX` once nothing more will be written.
+    fenced: AtomicU64,
+    /// Whether the writer confirms fences (see the module doc).
+    fencing: AtomicBool,
+    /// Woken (all waiters) when `fenced` moves.
+    on_fenced: Notify,
 }
 
 /// The sessions whose queues have something new, for a driver that serves many of them from
@@ -127,8 +144,8 @@ impl Revoked {
 
 impl State {
     /// A revocation about `who` reached the queue: what is queued about where `who` is goes,
-    /// and pages answered from now on forget `who` too.
-    fn revoke(&mut self, who: Subject<'_>) {
+    /// and pages answered from now on forget `who` too. Returns how many revocations reached it.
+    fn revoke(&mut self, who: Subject<'_>) -> u64 {
         let before = self.events.len();
         self.events.retain(|e| !is_about_location_of(e, who));
         self.superseded += (before - self.events.len()) as u64;
@@ -137,6 +154,7 @@ impl State {
         }
         self.revoked.push_back(Revoked::of(who));
         self.revocations += 1;
+        self.revocations
     }
 }
 
@@ -198,13 +216,23 @@ impl EventQueue {
             capacity: capacity.max(1),
             bell: OnceLock::new(),
             rung: AtomicBool::new(false),
+            revocations: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
+            fencing: AtomicBool::new(false),
+            on_fenced: Notify::new(),
         }
     }
 
-    /// Rings `bell` with `key` whenever an event or the close arrives (once until
+    /// Rings `bell` with `key` whenever an event, a revocation or the close arrives (once until
     /// [`EventQueue::try_pop`] is called again); rings at once if something is waiting already.
+    /// The driver behind the bell confirms revocations ([`EventQueue::fenced`]) from now on.
     pub fn attach(&self, bell: Arc<Doorbell>, key: u64) {
         if self.bell.set((bell, key)).is_ok() {
+            // Revocations before this (none: a session attaches when it authenticates) were
+            // before anything was written.
+            self.fenced
+                .fetch_max(self.revocations.load(Ordering::Acquire), Ordering::AcqRel);
+            self.fencing.store(true, Ordering::Release);
             let waiting = {
                 let s = self.lock();
                 s.closed.is_some() || !s.events.is_empty()
@@ -248,7 +276,8 @@ impl EventQueue {
         }
         if matches!(event, Event::FriendGone { .. } | Event::StrangerGone { .. }) {
             if let Some(who) = subject(&event) {
-                s.revoke(who);
+                let n = s.revoke(who);
+                self.revocations.store(n, Ordering::Release);
             }
         }
         if s.events.len() >= self.capacity {
@@ -289,9 +318,41 @@ impl EventQueue {
     }
 
     /// Drops every queued event about where `who` is or whether they are shown, and remembers
-    /// the revocation for the pages in flight.
+    /// the revocation for the pages in flight and the writer's fence.
     pub fn purge(&self, who: Subject<'_>) {
-        self.lock().revoke(who);
+        let n = self.lock().revoke(who);
+        self.revocations.store(n, Ordering::Release);
+        if self.fencing.load(Ordering::Acquire) {
+            self.wake();
+        }
+    }
+
+    /// The fence of the latest revocation, if the writer has not confirmed it yet: passed once
+    /// everything written to the session's connection before it is acknowledged (see the module
+    /// doc).
+    pub fn fence(self: &Arc<Self>) -> Option<Fence> {
+        if !self.fencing.load(Ordering::Acquire) {
+            return None;
+        }
+        let mark = self.revocations.load(Ordering::Acquire);
+        let fence = Fence {
+            queue: Arc::clone(self),
+            mark,
+        };
+        (!fence.passed()).then_some(fence)
+    }
+
+    /// For the writer: how many revocations reached the queue so far (cheap; no lock).
+    pub fn revocations_seen(&self) -> u64 {
+        self.revocations.load(Ordering::Acquire)
+    }
+
+    /// For the writer: the client has acknowledged everything written before the first `mark`
+    /// revocations (`u64::MAX`: nothing more will be written — the connection is closed).
+    pub fn fenced(&self, mark: u64) {
+        if self.fenced.fetch_max(mark, Ordering::AcqRel) < mark {
+            self.on_fenced.notify_waiters();
+        }
     }
 
     /// A mark for [`EventQueue::revoked_since`]: how many revocations reached the queue so far.
@@ -358,6 +419,63 @@ impl EventQueue {
     /// Positions dropped or replaced because the reader was slow, or purged by a `FriendGone`.
     pub fn superseded(&self) -> u64 {
         self.lock().superseded
+    }
+}
+
+/// One session's revocation, until its writer confirms that what it wrote before is acknowledged
+/// (see [`EventQueue::fence`]).
+pub struct Fence {
+    queue: Arc<EventQueue>,
+    mark: u64,
+}
+
+impl Fence {
+    /// Whether the writer has confirmed it.
+    pub fn passed(&self) -> bool {
+        self.queue.fenced.load(Ordering::Acquire) >= self.mark
+    }
+
+    /// Resolves once the writer has confirmed it.
+    pub async fn wait(&self) {
+        loop {
+            // Created before the check: `notify_waiters` reaches it from here on.
+            let woken = self.queue.on_fenced.notified();
+            if self.passed() {
+                return;
+            }
+            woken.await;
+        }
+    }
+}
+
+/// The fences of the revocations a group's driver has let out and not yet acknowledged to their
+/// authors: an acknowledgement that leaves waits for every fence before it.
+#[derive(Default)]
+pub struct Fences(Vec<Fence>);
+
+/// Fences kept before the passed ones are swept out.
+const FENCES_SWEEP: usize = 64;
+
+impl Fences {
+    /// Adds `fence`.
+    pub fn add(&mut self, fence: Fence) {
+        if self.0.len() >= FENCES_SWEEP {
+            self.0.retain(|f| !f.passed());
+        }
+        self.0.push(fence);
+    }
+
+    /// Takes the fences not passed yet; `None` if every one is.
+    pub fn take_pending(&mut self) -> Option<Fences> {
+        self.0.retain(|f| !f.passed());
+        (!self.0.is_empty()).then(|| Fences(std::mem::take(&mut self.0)))
+    }
+
+    /// Resolves once every fence is passed.
+    pub async fn passed(self) {
+        for f in &self.0 {
+            f.wait().await;
+        }
     }
 }
 
@@ -508,5 +626,42 @@ mod tests {
             });
         }
         assert_eq!(q.pop().await, Popped::Closed(CloseReason::Slow));
+    }
+
+    #[tokio::test]
+    async fn a_revocation_is_fenced_until_the_attached_writer_confirms_it() {
+        let q = Arc::new(EventQueue::new(8));
+        q.purge(Subject::User(7));
+        assert!(q.fence().is_none(), "a writer that cannot fence holds nothing");
+        q.attach(Arc::new(Doorbell::default()), 1);
+        assert!(
+            q.fence().is_none(),
+            "revocations before the writer came need no fence"
+        );
+        q.purge(Subject::User(8));
+        q.push(Event::FriendGone {
+            id: 9,
+            reason: GoneReason::Hidden,
+        });
+        let mut fences = Fences::default();
+        fences.add(q.fence().expect("the latest revocation is fenced"));
+        let waiter = tokio::spawn({
+            let f = q.fence().expect("fenced");
+            async move { f.wait().await }
+        });
+        assert_eq!(q.revocations_seen(), 3);
+        q.fenced(2);
+        assert!(
+            fences.take_pending().is_some(),
+            "confirmed up to the second of three only"
+        );
+        fences.add(q.fence().expect("still fenced"));
+        q.fenced(3);
+        assert!(fences.take_pending().is_none(), "every fence passed");
+        waiter.await.expect("the waiter is woken");
+        q.purge(Subject::User(10));
+        assert!(q.fence().is_some());
+        q.fenced(u64::MAX);
+        assert!(q.fence().is_none(), "a closed connection writes nothing more");
     }
 }

@@ -13,7 +13,7 @@ use nearby_index::friends::UserRange;
 use nearby_index::geo::UserId;
 
 use crate::api::SessionSink;
-use crate::queue::{CloseReason, EventQueue};
+use crate::queue::{CloseReason, EventQueue, Fences};
 
 /// The node's sessions (see the module doc).
 pub struct Sessions {
@@ -64,26 +64,39 @@ impl Sessions {
         removed && !all.contains_key(&user)
     }
 
-    /// Pushes `event` to every session of `viewer`.
-    pub fn push(&self, viewer: UserId, event: Event) {
+    /// Pushes `event` to every session of `viewer`; an event that ends visibility adds its
+    /// sessions' fences to `fences` (see [`crate::queue`]).
+    pub fn push(&self, viewer: UserId, event: Event, fences: &mut Fences) {
         let all = self.lock();
         let Some(list) = all.get(&viewer) else {
             return;
         };
+        let revokes = matches!(event, Event::FriendGone { .. } | Event::StrangerGone { .. });
         if let [only] = list.as_slice() {
             only.events.push(event);
-            return;
+        } else {
+            for s in list {
+                s.events.push(event.clone());
+            }
         }
-        for s in list {
-            s.events.push(event.clone());
+        if revokes {
+            for s in list {
+                if let Some(f) = s.events.fence() {
+                    fences.add(f);
+                }
+            }
         }
     }
 
-    /// Drops every event about `about` still queued for `viewer`'s sessions.
-    pub fn purge(&self, viewer: UserId, about: crate::queue::Subject<'_>) {
+    /// Drops every event about `about` still queued for `viewer`'s sessions; adds their fences
+    /// to `fences`.
+    pub fn purge(&self, viewer: UserId, about: crate::queue::Subject<'_>, fences: &mut Fences) {
         if let Some(list) = self.lock().get(&viewer) {
             for s in list {
                 s.events.purge(about);
+                if let Some(f) = s.events.fence() {
+                    fences.add(f);
+                }
             }
         }
     }

@@ -16,7 +16,10 @@
 //! A change applied at index `i` that ends someone's permission to see a user makes the
 //! presence send revocations that ask for an acknowledgement under `Barrier { group, index: i }`.
 //! The driver counts them; [`GroupMsg::AwaitBarrier`] answers once every one is acknowledged —
-//! each viewer's group has forgotten the user and purged its sessions' queues. A viewer group's
+//! each viewer's group has forgotten the user and purged its sessions' queues, and the viewers'
+//! clients have acknowledged what their connections carried before the purge (a delivery fence,
+//! see [`crate::queue`]: a client that does not acknowledge within a second loses its
+//! connection instead). A viewer group's
 //! driver sends its acknowledgements only once its leadership is confirmed by a quorum round (a
 //! leader deposed without knowing it must not confirm what its successor may not have seen).
 //! A revocation not acknowledged within [`RESEND_AFTER`] is sent again (to where its viewers are
@@ -54,6 +57,7 @@ use crate::clock::{sleep_until, Clock};
 use crate::group::lease::{Answer, Item, Lease};
 use crate::group::{DriverHandle, GroupMsg};
 use crate::presence::{GroupMessage, Output, Presence};
+use crate::queue::{Fences, Subject};
 use crate::route::directory::MapView;
 use crate::route::router::Router;
 use crate::sessions::Sessions;
@@ -281,6 +285,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext, term: u64) -> DriverTask {
         activity,
         lease: Lease::new(group.clone()),
         introduce_again: None,
+        fences: Fences::default(),
     };
     let outbox_task = tokio::spawn(crate::group::outbox::run(group, Arc::clone(&ctx.router), outbox));
     let join = tokio::spawn(async move {
@@ -339,18 +344,47 @@ struct Driver {
     /// When this run is next introduced again to groups that have not confirmed it (see
     /// [`crate::incarnation`]); none once all have.
     introduce_again: Option<Instant>,
+    /// The fences of the revocations let out to sessions here, for the acknowledgements after
+    /// them.
+    fences: Fences,
 }
 
-/// Lets `item` leave the driver: to a session, another group, or a waiting request.
-fn release(ctx: &DriverContext, item: Item) {
+/// Lets `item` leave the driver: to a session, another group, or a waiting request. A
+/// revocation's acknowledgement waits for the fences of the revocations let out before it.
+fn release(ctx: &DriverContext, fences: &mut Fences, item: Item) {
     match item {
-        Item::Output(Output::Push { viewer, event }) => ctx.sessions.push(viewer, event),
+        Item::Output(Output::Push { viewer, event }) => ctx.sessions.push(viewer, event, fences),
         Item::Output(Output::Purge { viewer, about }) => {
-            ctx.sessions.purge(viewer, crate::queue::Subject::User(about));
+            ctx.sessions.purge(viewer, Subject::User(about), fences);
         }
+        Item::Output(Output::Send {
+            to,
+            msg: msg @ GroupMessage::RevokeAck { .. },
+        }) => match fences.take_pending() {
+            None => ctx.router.send(to, msg),
+            Some(pending) => send_after(ctx, pending, to, msg),
+        },
         Item::Output(Output::Send { to, msg }) => ctx.router.send(to, msg),
         Item::Answer(a) => a.send(),
     }
+}
+
+/// Sends `msg` (a revocation's acknowledgement) once the `pending` fences are passed: the
+/// viewers' clients have acknowledged what was written to them before the revocations.
+///
+/// Not sent if that takes longer than [`ACK_WAIT`] (the fences' connections are closed long
+/// before): the author's wait fails then, as for a viewer group that cannot be reached.
+fn send_after(ctx: &DriverContext, pending: Fences, to: GroupId, msg: GroupMessage) {
+    let router = Arc::clone(&ctx.router);
+    tokio::spawn(async move {
+        match tokio::time::timeout(ACK_WAIT, pending.passed()).await {
+            Ok(()) => router.send(to, msg),
+            Err(_) => tracing::warn!(
+                to,
+                "viewers' clients did not acknowledge before a revocation in time: not confirmed"
+            ),
+        }
+    });
 }
 
 impl Driver {
@@ -390,8 +424,8 @@ impl Driver {
                     self.on_map();
                 }
                 leads = self.lease.confirmed() => {
-                    let ctx = &self.ctx;
-                    self.lease.concluded(leads, &mut |item| release(ctx, item));
+                    let (ctx, fences) = (&self.ctx, &mut self.fences);
+                    self.lease.concluded(leads, &mut |item| release(ctx, fences, item));
                 }
                 () = sleep_until(wake) => {}
             }
@@ -877,8 +911,8 @@ impl Driver {
 
     /// Lets `item` leave now if this node serves under its lease, holds it otherwise.
     fn emit(&mut self, item: Item) {
-        let ctx = &self.ctx;
-        self.lease.emit(item, &mut |item| release(ctx, item));
+        let (ctx, fences) = (&self.ctx, &mut self.fences);
+        self.lease.emit(item, &mut |item| release(ctx, fences, item));
     }
 
     fn page(
@@ -935,12 +969,19 @@ impl Driver {
                     if self.lease.holds() {
                         self.emit(Item::Output(purge.clone()));
                     }
-                    release(&self.ctx, Item::Output(purge));
+                    release(&self.ctx, &mut self.fences, Item::Output(purge));
                 }
+                // Viewers in this group: acknowledged here once their fences are passed (through
+                // the mailbox if they are not yet).
                 Output::Send {
                     to,
                     msg: GroupMessage::RevokeAck { barrier },
-                } if to == self.id => self.acked(barrier),
+                } if to == self.id => match self.fences.take_pending() {
+                    None => self.acked(barrier),
+                    Some(pending) => {
+                        send_after(&self.ctx, pending, to, GroupMessage::RevokeAck { barrier });
+                    }
+                },
                 Output::Send { to, msg } if to == self.id => {
                     let presence = &mut self.presence;
                     self.group.read(|s| presence.handle_message(s, msg, now));
@@ -952,7 +993,7 @@ impl Driver {
                 out @ Output::Send {
                     msg: GroupMessage::Started { .. } | GroupMessage::StartedAck { .. },
                     ..
-                } if !self.lease.holds() => release(&self.ctx, Item::Output(out)),
+                } if !self.lease.holds() => release(&self.ctx, &mut self.fences, Item::Output(out)),
                 // Events, messages to other groups (locations, acknowledgements): under the lease.
                 out => self.emit(Item::Output(out)),
             }

@@ -1,15 +1,18 @@
 //! The batched client driver (`service::driver`) where quinn's own tasks never had to be tested
 //! by us: one `sendmmsg` carrying many sessions' pushes, a connection that closes while pushes
 //! to it and others are batched, a client that stops acknowledging and comes back, and a client
-//! whose address changes under a live connection (a NAT rebinding). The last two go through a
-//! UDP relay in front of the node that can drop everything or move to a new port.
+//! whose address changes under a live connection (a NAT rebinding), and the delivery fence: a
+//! revocation is acknowledged to its author only once the viewer's client has acknowledged what
+//! was written to it before. Those go through a UDP relay in front of the node that can drop
+//! everything, hold what the node sends, or move to a new port.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nearby_client::proto::Event;
+use nearby_client::SdkEvent;
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 
@@ -18,11 +21,16 @@ use crate::util::{uid, TestNode, Viewer};
 const A: (f64, f64) = (52.5200, 13.4050);
 
 /// A UDP relay between one client and the node: it forwards both ways from a socket of its own
-/// (the address the node sees), and can drop everything (`silence`) or move to a new socket
-/// (`rebind`: the node sees the client come from a new port, as behind a NAT).
+/// (the address the node sees), and can drop everything (`silence`), hold what the node sends
+/// until released (`hold`: a slow downlink), or move to a new socket (`rebind`: the node sees
+/// the client come from a new port, as behind a NAT).
 struct Relay {
     addr: String,
     silent: Arc<AtomicBool>,
+    holding: Arc<AtomicBool>,
+    /// How many datagrams from the node were ever held back.
+    held_count: Arc<AtomicUsize>,
+    release: Arc<Notify>,
     rebind: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -32,9 +40,19 @@ impl Relay {
         let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind front");
         let addr = front.local_addr().expect("addr").to_string();
         let silent = Arc::new(AtomicBool::new(false));
+        let holding = Arc::new(AtomicBool::new(false));
+        let held: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let held_count = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(Notify::new());
         let rebind = Arc::new(Notify::new());
         let task = tokio::spawn({
             let (silent, rebind) = (Arc::clone(&silent), Arc::clone(&rebind));
+            let (holding, held, held_count, release) = (
+                Arc::clone(&holding),
+                Arc::clone(&held),
+                Arc::clone(&held_count),
+                Arc::clone(&release),
+            );
             async move {
                 let mut back = UdpSocket::bind("127.0.0.1:0").await.expect("bind back");
                 let mut client: Option<SocketAddr> = None;
@@ -50,8 +68,19 @@ impl Relay {
                         }
                         r = back.recv_from(&mut down) => {
                             let Ok((n, _)) = r else { return };
-                            if let (Some(to), false) = (client, silent.load(Ordering::Relaxed)) {
+                            if holding.load(Ordering::Relaxed) {
+                                held.lock().expect("held").push(down[..n].to_vec());
+                                held_count.fetch_add(1, Ordering::Relaxed);
+                            } else if let (Some(to), false) = (client, silent.load(Ordering::Relaxed)) {
                                 let _ = front.send_to(&down[..n], to).await;
+                            }
+                        }
+                        () = release.notified() => {
+                            let out = std::mem::take(&mut *held.lock().expect("held"));
+                            if let Some(to) = client {
+                                for d in out {
+                                    let _ = front.send_to(&d, to).await;
+                                }
                             }
                         }
                         () = rebind.notified() => {
@@ -65,6 +94,9 @@ impl Relay {
         Relay {
             addr,
             silent,
+            holding,
+            held_count,
+            release,
             rebind,
             task,
         }
@@ -72,6 +104,19 @@ impl Relay {
 
     fn silence(&self, on: bool) {
         self.silent.store(on, Ordering::Relaxed);
+    }
+
+    /// Holds what the node sends from now on, or lets it all through (in order) and stops.
+    fn hold(&self, on: bool) {
+        self.holding.store(on, Ordering::Relaxed);
+        if !on {
+            self.release.notify_one();
+        }
+    }
+
+    /// Datagrams from the node held so far.
+    fn held(&self) -> usize {
+        self.held_count.load(Ordering::Relaxed)
     }
 }
 
@@ -221,12 +266,14 @@ async fn a_client_that_stops_acknowledging_gets_everything_when_it_answers_again
 }
 
 /// A congested client (its packets lost) holds at most a congestion window of events at the
-/// node's QUIC layer; the rest waits in its session's queue, where a hide acknowledged
-/// meanwhile still reaches them: when the client answers again it gets the hide, not the
-/// positions queued before it. (With the connection allowed to buffer 512 KiB unacknowledged,
-/// every one of those positions arrived after the hide's acknowledgement.)
+/// node's QUIC layer; the rest waits in its session's queue, where a hide still reaches them. What
+/// the connection holds cannot be recalled: the hide's acknowledgement waits for the client to
+/// acknowledge it (the delivery fence), and a client that cannot within the fence's second loses
+/// its connection instead. So nothing about the hidden friend reaches it after the hide was
+/// acknowledged. (With the connection allowed 512 KiB unacknowledged and no fence, all 2,000
+/// positions did; with the window and no fence, about 300.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_congested_clients_queued_positions_of_a_friend_who_hid_meanwhile_are_never_sent() {
+async fn a_congested_client_gets_nothing_of_a_friend_after_the_friends_hide_is_acknowledged() {
     // The publisher sends its positions back to back: no request rate limit.
     let node = TestNode::start_unthrottled().await;
     let (p, quiet) = (uid(0, 5), uid(1, 5));
@@ -244,41 +291,106 @@ async fn a_congested_clients_queued_positions_of_a_friend_who_hid_meanwhile_are_
     for &lat in &lats {
         publisher.at(lat, A.1).await;
     }
+    let asked = Instant::now();
     publisher.client.hide(quiet).await.expect("hide acknowledged");
+    let waited = asked.elapsed();
     relay.silence(false);
-    // Everything the client gets from here on: what the node had let into the connection
-    // before the hide, then the hide.
-    let mut after = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    // The client learns that its connection is gone when it next speaks, and comes back.
+    let _ = q
+        .client
+        .update_location(nearby_client::proto::Coord {
+            lat: A.0 + 0.002,
+            lon: A.1,
+        })
+        .await;
+    // Everything it gets until it knows the friend is gone: a fresh page, or the hide itself.
+    let mut after = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let e = tokio::time::timeout(left, q.next())
-            .await
-            .expect("the hide never reached the client");
-        match e {
-            Event::FriendGone { id, .. } if id == p => break,
-            Event::FriendMoved(f) | Event::FriendEntered(f) if f.id == p => after.push(f.at.lat),
-            _ => {}
+        match tokio::time::timeout(left, q.events.recv()).await {
+            Ok(Some(SdkEvent::Resumed { page })) => break page,
+            Ok(Some(SdkEvent::Event(Event::FriendGone { id, .. }))) if id == p => break None,
+            Ok(Some(SdkEvent::Event(Event::FriendMoved(f) | Event::FriendEntered(f)))) if f.id == p => {
+                after += 1
+            }
+            Ok(Some(other)) => tracing::debug!(?other, "sdk notice"),
+            Ok(None) => panic!("the client's events ended"),
+            Err(_) => panic!("the client never learnt of the hide"),
         }
-    }
+    };
     tracing::info!(
-        after = after.len(),
-        sent = lats.len(),
-        "positions that reached the congested client after the hide"
+        ?waited,
+        after,
+        "the hide's wait, and positions that reached the client after it"
     );
-    let last = *lats.last().expect("positions");
-    assert!(
-        !after.iter().any(|lat| (lat - last).abs() < 1e-12),
-        "the newest position, queued before the hide, reached the client after it ({} positions did)",
-        after.len()
+    assert_eq!(
+        after, 0,
+        "positions of a friend reached the client after the friend's hide was acknowledged"
     );
-    // A congestion window (quinn's first is 14,720 bytes; it shrinks under loss) of ~48-byte
-    // events: about 300.
+    let page = page.expect("the connection closed at the fence, and a fresh page after it");
     assert!(
-        after.len() < lats.len() / 4,
-        "{} of {} positions sent before the hide reached the client after it",
-        after.len(),
-        lats.len()
+        page.friends.iter().all(|f| f.id != p),
+        "the hidden friend is on the client's fresh page"
+    );
+    assert_eq!(
+        node.metrics.fences().1,
+        1,
+        "the silent client's connection was not closed at its fence"
+    );
+    node.stop().await;
+}
+
+/// A hide is acknowledged only once the viewer's client has acknowledged what the node sent it
+/// before: a position held on its way (a slow downlink) keeps the hide waiting until it arrives,
+/// and the connection stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hide_is_acknowledged_once_the_viewer_has_what_was_sent_to_it_before() {
+    let node = TestNode::start().await;
+    let (p, v) = (uid(0, 6), uid(1, 6));
+    node.befriend(p, v).await;
+    let relay = Relay::start(node.addr.parse().expect("addr")).await;
+    let mut viewer = node.client_at(&relay.addr, v).await;
+    viewer.at(A.0 + 0.001, A.1).await;
+    let publisher = node.client(p).await;
+    publisher.at(A.0, A.1).await;
+    sees_at(&mut viewer, p, A.0).await;
+
+    relay.hold(true);
+    let lat = A.0 + 1e-4;
+    publisher.at(lat, A.1).await;
+    until(
+        "the node sent the position toward the viewer",
+        Duration::from_secs(10),
+        || relay.held() > 0,
+    )
+    .await;
+    let mut hide = tokio::spawn({
+        let client = publisher.client.clone();
+        async move { client.hide(v).await }
+    });
+    // The fence waits a second before it gives up on the client: half of that, the hide must
+    // still be waiting.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut hide)
+            .await
+            .is_err(),
+        "the hide was acknowledged while what the node sent the viewer before it was held on its way"
+    );
+    relay.hold(false);
+    hide.await.expect("hide task").expect("hide acknowledged");
+    sees_at(&mut viewer, p, lat).await;
+    match viewer.next().await {
+        Event::FriendGone { id, .. } => assert_eq!(id, p),
+        other => panic!("expected the friend gone, got {other:?}"),
+    }
+    let (passed, closed) = node.metrics.fences();
+    assert!(passed >= 1, "no fence was passed");
+    assert_eq!(closed, 0, "a connection was closed at its fence");
+    assert_eq!(
+        viewer.client.link_stats().connections,
+        1,
+        "the viewer had to reconnect"
     );
     node.stop().await;
 }

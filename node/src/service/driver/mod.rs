@@ -22,6 +22,12 @@
 //! whose request is in flight is not read from: its client's further frames wait in quinn-proto's
 //! stream buffer, bounded by the stream's receive window.
 //!
+//! A revocation that reaches a session (a friend hid, unfriended, left) is acknowledged to its
+//! author only once the client has acknowledged every byte its connection carried before it —
+//! a delivery fence ([`crate::queue`]): the session's events wait meanwhile, and a client that
+//! does not acknowledge within [`FENCE_WAIT`] loses its connection (what was on its way is not
+//! sent again), so nothing the revocation forbids can arrive after the author was told.
+//!
 //! New connections pass the [`guard`] first: per-address limits on connections and handshakes,
 //! and a QUIC Retry for unvalidated addresses during a handshake flood.
 //!
@@ -59,7 +65,7 @@ use crate::metrics::ServiceMetrics;
 use crate::queue::{CloseReason, Doorbell, EventQueue, Popped};
 use crate::service::session::{
     bad_frame, encode_response, goodbye, since_taken, Context, Goodbye, Session, BAD_FRAME_LINGER,
-    CLOSE_DONE, CLOSE_PROTOCOL, GOODBYE_LINGER,
+    CLOSE_DONE, CLOSE_PROTOCOL, CLOSE_SLOW, GOODBYE_LINGER,
 };
 
 /// `recvmmsg` calls per wake-up before the driver sends what it has and looks at its other work.
@@ -70,6 +76,10 @@ const RECV_SLOT: usize = 64 * 1024;
 const MAX_SEGMENTS: usize = 10;
 /// The least a connection may hold unacknowledged (see [`Conn::fit_send_window`]), bytes.
 const MIN_SEND_WINDOW: u64 = 4 * 1024;
+/// How long a delivery fence waits for the client's acknowledgements before the connection is
+/// closed (see the module doc): a round trip and an acknowledgement delay on a poor mobile link,
+/// well within the author's wait ([`crate::group::driver::ACK_WAIT`]).
+pub(crate) const FENCE_WAIT: Duration = Duration::from_secs(1);
 /// How long a stopping service waits for its clients to take their goodbyes.
 const STOP_WAIT: Duration = Duration::from_secs(3);
 
@@ -604,6 +614,17 @@ struct Events {
     finish: bool,
     /// The client stopped the stream: nothing more is written.
     dead: bool,
+    /// The revocations confirmed to the queue (see [`Conn::fence`]).
+    fenced: u64,
+    /// A fence waiting for the client's acknowledgements.
+    fence: Option<Fencing>,
+}
+
+/// A delivery fence in progress: the revocations it covers and when the connection is closed if
+/// the client has not acknowledged by then.
+struct Fencing {
+    mark: u64,
+    until: Instant,
 }
 
 /// One client connection.
@@ -725,7 +746,64 @@ impl<B: Backend> Conn<B> {
         self.requests(cx);
         self.fit_send_window();
         self.write_control();
+        self.fence(cx.now);
         self.write_events(cx.now);
+        if self.events.fence.is_some() {
+            // What the last writes added is part of what the fence waits for.
+            self.fence(cx.now);
+            if self.events.fence.is_none() {
+                self.write_events(cx.now);
+            }
+        }
+    }
+
+    /// Moves the session's delivery fence along: starts one when a revocation reached the
+    /// queue, and confirms it once the client has acknowledged everything written so far —
+    /// events and answers alike, including the rest of any frame begun before it.
+    fn fence(&mut self, now: Instant) {
+        let Some(queue) = self.events.queue.clone() else {
+            return;
+        };
+        let mark = queue.revocations_seen();
+        if mark > self.events.fenced {
+            match &mut self.events.fence {
+                Some(f) => f.mark = mark,
+                None => {
+                    self.events.fence = Some(Fencing {
+                        mark,
+                        until: now + FENCE_WAIT,
+                    })
+                }
+            }
+        }
+        let Some(mark) = self.events.fence.as_ref().map(|f| f.mark) else {
+            return;
+        };
+        if self.control_out.is_empty() && self.events.out.is_empty() && self.all_acknowledged() {
+            queue.fenced(mark);
+            self.metrics.fence_passed();
+            self.events.fenced = mark;
+            self.events.fence = None;
+            self.events.wanted = true;
+        }
+    }
+
+    /// Whether the client has acknowledged every byte written to the connection's streams.
+    ///
+    /// quinn-proto counts those bytes against the send window but does not tell the count: a
+    /// write of nothing under a window of one byte is refused (`Blocked`) exactly while it is
+    /// above zero (or while the client's flow control allows nothing more: a client that reads
+    /// nothing cannot be told apart, and its fence runs out). An accepted empty write puts an
+    /// empty STREAM frame on the wire, a few bytes once per fence. The driver's e2e tests show
+    /// this holds for the quinn-proto in use.
+    fn all_acknowledged(&mut self) -> bool {
+        let Some(id) = self.events.stream.or(self.control) else {
+            return true;
+        };
+        self.q.set_send_window(1);
+        let probe = self.q.send_stream(id).write(&[]);
+        self.q.set_send_window(self.send_window.max(MIN_SEND_WINDOW));
+        matches!(probe, Ok(_) | Err(WriteError::Stopped(_)))
     }
 
     fn user(&self) -> Option<UserId> {
@@ -898,6 +976,11 @@ impl<B: Backend> Conn<B> {
                 self.events.wanted = false;
                 return;
             }
+            if self.events.fence.is_some() {
+                // The queue waits until the client has what was written before the revocation
+                // (`fence` asks for this again when it is confirmed).
+                return;
+            }
             match queue.try_pop() {
                 None => {
                     self.events.wanted = false;
@@ -949,16 +1032,26 @@ impl<B: Backend> Conn<B> {
     fn next_deadline(&mut self) -> Option<Instant> {
         let quic = self.q.poll_timeout();
         let linger = self.linger.as_ref().map(|l| l.until);
+        let fence = self.events.fence.as_ref().map(|f| f.until);
         let session = match (&self.session, self.ended || self.linger.is_some()) {
             (Some(s), false) => s.next_timer().map(|t| t.into_std()),
             _ => None,
         };
-        [quic, linger, session].into_iter().flatten().min()
+        [quic, linger, fence, session].into_iter().flatten().min()
     }
 
     fn on_timer(&mut self, now: Instant) {
         if self.q.poll_timeout().is_some_and(|t| t <= now) {
             self.q.handle_timeout(now);
+        }
+        if !self.ended && self.events.fence.as_ref().is_some_and(|f| f.until <= now) {
+            tracing::debug!(
+                user = self.events.user,
+                "closing a connection whose client did not acknowledge what preceded a revocation"
+            );
+            self.metrics.fence_closed();
+            self.close(now, CLOSE_SLOW, "delivery not acknowledged in time");
+            return;
         }
         if let Some(l) = self.linger.take() {
             if l.until <= now {
@@ -995,11 +1088,25 @@ impl<B: Backend> Conn<B> {
         self.end();
     }
 
-    /// The session is over (its connection closed or lost).
+    /// The session is over (its connection closed or lost): nothing more will be written, so
+    /// every fence is passed.
     fn end(&mut self) {
         self.ended = true;
+        self.events.fence = None;
+        if let Some(queue) = &self.events.queue {
+            queue.fenced(u64::MAX);
+        }
         if let Some(s) = self.session.take() {
             tokio::spawn(s.end());
+        }
+    }
+}
+
+impl<B: Backend> Drop for Conn<B> {
+    fn drop(&mut self) {
+        // A connection dropped unclosed (the driver stopped) writes nothing more either.
+        if let Some(queue) = &self.events.queue {
+            queue.fenced(u64::MAX);
         }
     }
 }
