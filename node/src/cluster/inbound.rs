@@ -197,6 +197,24 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             }),
             None => PeerResponse::Failed(format!("no replica of group {group} here")),
         },
+        PeerRequest::ReplicaGrants { group, users } => match c.host().shard(group) {
+            Some(g) => g.read_applied(|a| PeerResponse::Grants {
+                applied: a.last_applied.map_or(0, |l| l.index),
+                records: users
+                    .iter()
+                    .filter_map(|u| {
+                        a.state.user(*u).map(|r| {
+                            let grants = crate::route::peer::GrantsView {
+                                followers: r.followers.iter().collect(),
+                                following: r.following.iter().collect(),
+                            };
+                            (*u, grants)
+                        })
+                    })
+                    .collect(),
+            }),
+            None => PeerResponse::Failed(format!("no replica of group {group} here")),
+        },
         PeerRequest::Hibernate { group, term } => {
             let Some(g) = c.host().shard(group) else {
                 return PeerResponse::Failed(format!("no replica of group {group} here"));

@@ -18,7 +18,7 @@
 //! The driver counts them; [`GroupMsg::AwaitBarrier`] answers once every one is acknowledged —
 //! each viewer's group has forgotten the user and purged its sessions' queues, and the viewers'
 //! clients have acknowledged what their connections carried before the purge (a delivery fence,
-//! see [`crate::queue`]: a client that does not acknowledge within a second loses its
+//! see [`crate::queue`]: a client that does not acknowledge within two seconds loses its
 //! connection instead). A viewer group's
 //! driver sends its acknowledgements only once its leadership is confirmed by a quorum round (a
 //! leader deposed without knowing it must not confirm what its successor may not have seen).

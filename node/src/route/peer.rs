@@ -253,9 +253,17 @@ pub enum PeerRequest {
         /// Only answer with the node's id and addresses.
         dry_run: bool,
     },
-    /// The receiver's wall time (see `cluster::clocks`). Last of the requests: a node that
-    /// does not know it fails to decode only this request.
+    /// The receiver's wall time (see `cluster::clocks`). A node that does not know it fails to
+    /// decode only this request.
     Clock,
+    /// The one-way grants this node's replica of `group` holds for `users` (any replica): for
+    /// tools that check every replica. Protocol 4.
+    ReplicaGrants {
+        /// The group.
+        group: GroupId,
+        /// The users.
+        users: Vec<UserId>,
+    },
 }
 
 /// What a merge needs to know of a group ([`ReadQuery::MergeState`]).
@@ -512,6 +520,23 @@ pub enum PeerResponse {
         /// Its time.
         now_ms: u64,
     },
+    /// The answer to [`PeerRequest::ReplicaGrants`]: the replica's last applied index, and the
+    /// grants of the users asked (those registered). Protocol 4.
+    Grants {
+        /// The last applied log index.
+        applied: u64,
+        /// `(user, grants)`.
+        records: Vec<(UserId, GrantsView)>,
+    },
+}
+
+/// A user's one-way grants, as a replica holds them ([`PeerResponse::Grants`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantsView {
+    /// Users the user lets follow it, ascending.
+    pub followers: Vec<UserId>,
+    /// Users the user follows, ascending.
+    pub following: Vec<UserId>,
 }
 
 /// Why a peer request failed.

@@ -268,7 +268,7 @@ async fn a_client_that_stops_acknowledging_gets_everything_when_it_answers_again
 /// A congested client (its packets lost) holds at most a congestion window of events at the
 /// node's QUIC layer; the rest waits in its session's queue, where a hide still reaches them. What
 /// the connection holds cannot be recalled: the hide's acknowledgement waits for the client to
-/// acknowledge it (the delivery fence), and a client that cannot within the fence's second loses
+/// acknowledge it (the delivery fence), and a client that cannot within the fence's two seconds loses
 /// its connection instead. So nothing about the hidden friend reaches it after the hide was
 /// acknowledged. (With the connection allowed 512 KiB unacknowledged and no fence, all 2,000
 /// positions did; with the window and no fence, about 300.)
@@ -369,8 +369,8 @@ async fn a_hide_is_acknowledged_once_the_viewer_has_what_was_sent_to_it_before()
         let client = publisher.client.clone();
         async move { client.hide(v).await }
     });
-    // The fence waits a second before it gives up on the client: half of that, the hide must
-    // still be waiting.
+    // The fence waits two seconds before it gives up on the client: for a quarter of that, the
+    // hide must still be waiting.
     assert!(
         tokio::time::timeout(Duration::from_millis(500), &mut hide)
             .await

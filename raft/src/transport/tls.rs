@@ -39,8 +39,9 @@ pub const NODE_SERVER_NAME: &str = "nearby-node";
 ///
 /// 3 is the first versioned protocol: builds before it all said `nearby-raft/2` while their
 /// messages changed, so this build refuses them (the handshake fails, and says why) rather than
-/// misreading them; from 3 on, a change follows the rules and rolls.
-pub const PEER_PROTOCOL: u32 = 3;
+/// misreading them; from 3 on, a change follows the rules and rolls. 4 adds a tool's request for
+/// a replica's one-way grants (`PeerRequest::ReplicaGrants`), sent only to nodes that speak it.
+pub const PEER_PROTOCOL: u32 = 4;
 
 /// The oldest version this build still speaks (see [`PEER_PROTOCOL`]).
 pub const OLDEST_PEER_PROTOCOL: u32 = 3;

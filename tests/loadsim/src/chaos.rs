@@ -13,7 +13,8 @@
 //!    session's resumption (the SDK reconnected and re-sent its location).
 //! 5. **Every replica**: once the cluster is quiet, every replica of every group is asked for
 //!    the records of the users whose relations churned; each must hold what the acknowledged
-//!    changes left (the pair friends again, nobody hidden, sharing on, no request pending) —
+//!    changes left (the pair friends again, nobody hidden, sharing on, no request pending,
+//!    every one-way grant as the world has it, on the giver's and the follower's records) —
 //!    checked on all replicas, not only the leaders.
 //! 6. **Crashes**: no node process may have exited unless it was killed.
 
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_index::geo::UserId;
-use nearby_node::route::peer::{PeerResponse, RecordView};
+use nearby_node::route::peer::{GrantsView, PeerResponse, RecordView};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -177,6 +178,8 @@ pub struct ChaosReport {
     pub kills: Vec<Kill>,
     /// Relation/privacy cycles made, and of those completed with every request acknowledged.
     pub cycles: (usize, usize),
+    /// Cycles by kind.
+    pub cycle_kinds: Vec<(crate::churn::Kind, usize)>,
     /// Sessions served again after losing their node.
     pub served_again: ServedAgain,
     /// Every replica checked.
@@ -196,15 +199,14 @@ impl ChaosReport {
         let s = &self.served_again;
         format!(
             "{load}\n\nkills: {kills} (each the node leading the most groups)\n\
-             relation/privacy cycles: {c} ({done} with every request acknowledged)\n\
+             relation/privacy cycles: {cycles}\n\
              served again after losing their node: {n} sessions, p50 {p50} ms, p99 {p99} ms, max {max} ms, \
              {over} over 5 s, {never} never (from noticing: p50 {rp50} ms, p99 {rp99} ms)\n\
              every replica: {g} groups, {r} replicas, {u} users each, {lost} acknowledged writes lost\n\
              crashes: {crashes}",
             load = self.load.table(),
             kills = self.kills.len(),
-            c = self.cycles.0,
-            done = self.cycles.1,
+            cycles = crate::churn::summary(self.cycles, &self.cycle_kinds),
             n = s.sessions,
             p50 = s.p50_ms,
             p99 = s.p99_ms,
@@ -416,6 +418,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
         load: done.report,
         kills,
         cycles: (done.out.cycles.len(), restored),
+        cycle_kinds: crate::churn::by_kind(&done.out.cycles),
         served_again,
         replicas: done.replicas,
         crashes: done.crashes,
@@ -494,6 +497,14 @@ async fn check_replicas(
         if let Some(g) = cluster.group_of(u) {
             by_group.entry(g).or_default().push(u);
         }
+    }
+    // One-way grants by the world, both ways: user → its followers, and follower → whom it follows.
+    let mut followers: BTreeMap<UserId, Vec<UserId>> = BTreeMap::new();
+    let mut following: BTreeMap<UserId, Vec<UserId>> = BTreeMap::new();
+    for &(user, follower) in world.follows() {
+        let (user, follower) = (world.id(user), world.id(follower));
+        followers.entry(user).or_default().push(follower);
+        following.entry(follower).or_default().push(user);
     }
     let mut check = ReplicaCheck {
         groups: by_group.len(),
@@ -589,6 +600,39 @@ async fn check_replicas(
                     check.lost.push(format!(
                         "group {group} on node {node}: user {u} still has sharing off"
                     ));
+                }
+            }
+        }
+        for (node, answer) in cluster.replica_grants(group, &members).await? {
+            let records: BTreeMap<UserId, GrantsView> = match answer {
+                PeerResponse::Grants { records, .. } => records.into_iter().collect(),
+                other => {
+                    check
+                        .lost
+                        .push(format!("group {group} on node {node}: no grants ({other:?})"));
+                    continue;
+                }
+            };
+            for &u in &members {
+                let Some(r) = records.get(&u) else {
+                    continue; // reported above: no record
+                };
+                for (what, have, want) in [
+                    ("followers", &r.followers, followers.get(&u)),
+                    ("following", &r.following, following.get(&u)),
+                ] {
+                    let mut want: Vec<UserId> = want.cloned().unwrap_or_default();
+                    want.sort_unstable();
+                    want.retain(|f| !unrestored.contains(&(u, *f)));
+                    let mut have = have.clone();
+                    have.retain(|f| !unrestored.contains(&(u, *f)));
+                    if have != want {
+                        let missing: Vec<_> = want.iter().filter(|f| !have.contains(f)).collect();
+                        let extra: Vec<_> = have.iter().filter(|f| !want.contains(f)).collect();
+                        check.lost.push(format!(
+                            "group {group} on node {node}: user {u} {what} differ (missing {missing:?}, extra {extra:?})"
+                        ));
+                    }
                 }
             }
         }

@@ -4,7 +4,8 @@
 //! At a set rate, a *cycle* starts on a pair of online friends `(S, V)` that no other cycle
 //! holds: `S` ends `V`'s permission to see it — hides from `V`, turns sharing off, or unfriends
 //! `V` — waits a moment, and undoes it (unhides, turns sharing on, or both ask to be friends
-//! again). Each change is recorded with its send and acknowledgement times for the oracle
+//! again). A quarter of the cycles take a one-way grant instead (`V` follows `S`, not a friend):
+//! `S` revokes it and grants it again. Each change is recorded with its send and acknowledgement times for the oracle
 //! ([`crate::oracle::Change`]), which counts as a leak any event about `S` reaching `V` after a
 //! forbidding change was acknowledged to `S` and before it was undone. Requests refused as
 //! retryable (a leader being elected) are sent again, within a bound; each cycle reports whether
@@ -39,6 +40,8 @@ pub enum Kind {
     SharingOff,
     /// Unfriend, then both ask again.
     Unfriend,
+    /// Revoke a follower's grant, then grant it again.
+    Follower,
 }
 
 /// One cycle, as it went.
@@ -58,6 +61,8 @@ pub struct Cycle {
 pub struct Plan {
     /// Candidate pairs (participants `S`, `V`): friends, both online.
     pairs: Vec<(u32, u32)>,
+    /// Candidate grants (participants `S`, `V`): `V` follows `S`, both online.
+    grants: Vec<(u32, u32)>,
     /// Participant → the participants that may see it before the run.
     audience: HashMap<u32, Vec<u32>>,
     rate: f64,
@@ -95,8 +100,16 @@ impl Plan {
                 }
             }
         }
+        let clean = |p: u32| !special.get(p as usize).copied().unwrap_or(true);
+        let grants = world
+            .follows()
+            .iter()
+            .filter_map(|&(user, follower)| Some((*part.get(&user)?, *part.get(&follower)?)))
+            .filter(|&(s, v)| clean(s) && clean(v))
+            .collect();
         Plan {
             pairs,
+            grants,
             audience,
             rate,
             seed,
@@ -106,6 +119,11 @@ impl Plan {
     /// Candidate pairs.
     pub fn pairs(&self) -> usize {
         self.pairs.len()
+    }
+
+    /// Candidate grants.
+    pub fn grants(&self) -> usize {
+        self.grants.len()
     }
 }
 
@@ -124,9 +142,26 @@ pub(crate) async fn run(shared: Arc<Shared>, plan: Plan, start: Instant, end: In
     while next + Duration::from_secs(3) < end {
         tokio::time::sleep_until(next).await;
         next += interval;
+        let kind = match rng.random_range(0..4) {
+            0 => Kind::Hide,
+            1 => Kind::SharingOff,
+            2 => Kind::Unfriend,
+            _ if plan.grants.is_empty() => Kind::Unfriend,
+            _ => Kind::Follower,
+        };
         let pick = (0..20).find_map(|_| {
-            let (s, v) = plan.pairs[rng.random_range(0..plan.pairs.len())];
-            let (s, v) = if rng.random_bool(0.5) { (s, v) } else { (v, s) };
+            let (s, v) = match kind {
+                // A grant goes one way: its giver changes it.
+                Kind::Follower => plan.grants[rng.random_range(0..plan.grants.len())],
+                _ => {
+                    let (s, v) = plan.pairs[rng.random_range(0..plan.pairs.len())];
+                    if rng.random_bool(0.5) {
+                        (s, v)
+                    } else {
+                        (v, s)
+                    }
+                }
+            };
             let mut b = lock(&busy);
             (!b.contains(&s) && !b.contains(&v)).then(|| {
                 b.insert(s);
@@ -135,11 +170,6 @@ pub(crate) async fn run(shared: Arc<Shared>, plan: Plan, start: Instant, end: In
             })
         });
         let Some((s, v)) = pick else { continue };
-        let kind = match rng.random_range(0..3) {
-            0 => Kind::Hide,
-            1 => Kind::SharingOff,
-            _ => Kind::Unfriend,
-        };
         let pause = Duration::from_millis(rng.random_range(300..1_500));
         let viewers = match kind {
             Kind::SharingOff => plan.audience.get(&s).cloned().unwrap_or_default(),
@@ -252,6 +282,15 @@ async fn cycle(
             record(shared, v, vec![s], true, false, Scope::Relation, on);
             off.1.is_some() && on.1.is_some()
         }
+        Kind::Follower => {
+            // Once revoked, `v` may meet `s` as a stranger, as after an unfriending.
+            let off = acknowledged(shared, || cs.revoke_follower(idv)).await;
+            record(shared, s, vec![v], false, true, Scope::Relation, off);
+            tokio::time::sleep(pause).await;
+            let on = acknowledged(shared, || cs.allow_follower(idv)).await;
+            record(shared, s, vec![v], true, true, Scope::Relation, on);
+            off.1.is_some() && on.1.is_some()
+        }
     };
     Some(Cycle {
         kind,
@@ -261,10 +300,87 @@ async fn cycle(
     })
 }
 
+/// How many cycles of each kind there were (kinds with none left out).
+pub fn by_kind(cycles: &[Cycle]) -> Vec<(Kind, usize)> {
+    [Kind::Hide, Kind::SharingOff, Kind::Unfriend, Kind::Follower]
+        .into_iter()
+        .map(|k| (k, cycles.iter().filter(|c| c.kind == k).count()))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// `(cycles, of them restored)` and the counts by kind, as a report line says them:
+/// `298 (hide 80, follower 73; 298 with every request acknowledged)`.
+pub fn summary(cycles: (usize, usize), kinds: &[(Kind, usize)]) -> String {
+    let kinds: Vec<String> = kinds
+        .iter()
+        .map(|(k, n)| {
+            let name = match k {
+                Kind::Hide => "hide",
+                Kind::SharingOff => "sharing off",
+                Kind::Unfriend => "unfriend",
+                Kind::Follower => "follower",
+            };
+            format!("{name} {n}")
+        })
+        .collect();
+    let kinds = if kinds.is_empty() {
+        String::new()
+    } else {
+        format!("{}; ", kinds.join(", "))
+    };
+    format!(
+        "{} ({kinds}{} with every request acknowledged)",
+        cycles.0, cycles.1
+    )
+}
+
 /// The pairs cycles touched, both ways, as user ids.
 pub fn touched(cycles: &[Cycle]) -> BTreeSet<(UserId, UserId)> {
     cycles
         .iter()
         .flat_map(|c| [(c.sender, c.viewer), (c.viewer, c.sender)])
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::WorldConfig;
+
+    #[test]
+    fn grants_churn_one_way_between_online_users_and_are_counted_by_kind() {
+        let world = World::generate(WorldConfig {
+            users: 2_000,
+            mean_degree: 40.0,
+            follow_share: 0.2,
+            online: 0.5,
+            ..WorldConfig::default()
+        })
+        .expect("world");
+        let online = world.online();
+        let special = vec![false; online.len()];
+        let plan = Plan::new(&world, &special, 1.0, 1);
+        assert!(plan.grants() > 0, "no grant between online users");
+        for &(s, v) in &plan.grants {
+            let (user, follower) = (online[s as usize], online[v as usize]);
+            assert!(
+                world.follows().contains(&(user, follower)),
+                "({user}, {follower}) is not a grant of the world"
+            );
+        }
+        let cycle = |kind| Cycle {
+            kind,
+            sender: 1,
+            viewer: 2,
+            restored: true,
+        };
+        let cycles = [cycle(Kind::Hide), cycle(Kind::Follower), cycle(Kind::Follower)];
+        let kinds = by_kind(&cycles);
+        assert_eq!(kinds, vec![(Kind::Hide, 1), (Kind::Follower, 2)]);
+        assert_eq!(
+            summary((3, 2), &kinds),
+            "3 (hide 1, follower 2; 2 with every request acknowledged)"
+        );
+    }
 }

@@ -370,14 +370,41 @@ impl ProcessCluster {
     }
 
     /// What every replica of `group` holds for `users`: `(node, answer)` per replica the map
-    /// names, asked over the node-to-node protocol with a certificate of the cluster's CA (for
-    /// a tool id no node has).
+    /// names (see [`ProcessCluster::ask_replicas`]).
     pub async fn replica_states(
         &self,
         group: GroupId,
         users: &[UserId],
     ) -> Result<Vec<(NodeId, nearby_node::route::peer::PeerResponse)>, ClusterError> {
-        use nearby_node::route::peer::{PeerRequest, PeerResponse};
+        let req = nearby_node::route::peer::PeerRequest::ReplicaState {
+            group,
+            users: users.to_vec(),
+        };
+        self.ask_replicas(group, &req).await
+    }
+
+    /// The one-way grants every replica of `group` holds for `users` (nodes that speak peer
+    /// protocol 4; see [`ProcessCluster::ask_replicas`]).
+    pub async fn replica_grants(
+        &self,
+        group: GroupId,
+        users: &[UserId],
+    ) -> Result<Vec<(NodeId, nearby_node::route::peer::PeerResponse)>, ClusterError> {
+        let req = nearby_node::route::peer::PeerRequest::ReplicaGrants {
+            group,
+            users: users.to_vec(),
+        };
+        self.ask_replicas(group, &req).await
+    }
+
+    /// Asks every replica of `group` the map names `request`: `(node, answer)` each, over the
+    /// node-to-node protocol with a certificate of the cluster's CA (for a tool id no node has).
+    async fn ask_replicas(
+        &self,
+        group: GroupId,
+        request: &nearby_node::route::peer::PeerRequest,
+    ) -> Result<Vec<(NodeId, nearby_node::route::peer::PeerResponse)>, ClusterError> {
+        use nearby_node::route::peer::PeerResponse;
         const TOOL: NodeId = u64::MAX - 1;
         let tls = self
             .ca
@@ -396,11 +423,7 @@ impl ProcessCluster {
             .get(&group)
             .map(|g| g.replicas().collect())
             .unwrap_or_default();
-        let req = nearby_index::codec::encode(&PeerRequest::ReplicaState {
-            group,
-            users: users.to_vec(),
-        })
-        .map_err(|e| setup("encoding a request", e))?;
+        let req = nearby_index::codec::encode(request).map_err(|e| setup("encoding a request", e))?;
         let mut out = Vec::new();
         for node in replicas {
             let answer = match self.raft_addr_of(node) {

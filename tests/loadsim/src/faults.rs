@@ -251,6 +251,8 @@ pub struct FaultsReport {
     pub load: Report,
     /// Relation/privacy cycles made, and of those completed with every request acknowledged.
     pub cycles: (usize, usize),
+    /// Cycles by kind.
+    pub cycle_kinds: Vec<(crate::churn::Kind, usize)>,
     /// Sessions served again, from the start of the fault that cost them their node.
     pub served_again: ServedAgain,
     /// Of those, how long after the fault healed, and how much of it in the clients' backoff.
@@ -328,7 +330,7 @@ impl FaultsReport {
             .collect();
         format!(
             "{load}\n\nseed {seed}, {nodes} nodes, {f} of {planned} faults: {kinds}\n\
-             relation/privacy cycles: {c} ({done} with every request acknowledged)\n\
+             relation/privacy cycles: {cycles}\n\
              served again after losing their node: {n} sessions, from the fault p50 {p50} ms, p99 {p99} ms, \
              max {max} ms, {never} never; after the heal p50 {h50} ms, p99 {h99} ms, max {hmax} ms \
              (of it in the clients' reconnection backoff, at most: p50 {b50} ms, p99 {b99} ms, max {bmax} ms; \
@@ -342,8 +344,7 @@ impl FaultsReport {
             f = self.faults.len(),
             planned = self.planned,
             kinds = kinds.join(", "),
-            c = self.cycles.0,
-            done = self.cycles.1,
+            cycles = crate::churn::summary(self.cycles, &self.cycle_kinds),
             n = s.sessions,
             p50 = s.p50_ms,
             p99 = s.p99_ms,
@@ -478,6 +479,7 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
         faults: applied,
         load: done.report,
         cycles: (done.out.cycles.len(), restored),
+        cycle_kinds: crate::churn::by_kind(&done.out.cycles),
         served_again,
         after_heal,
         replicas: done.replicas,
