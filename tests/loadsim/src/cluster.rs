@@ -92,6 +92,16 @@ pub async fn admin_get(addr: &str, path: &str, token: Option<&str>) -> Option<(u
         .flatten()
 }
 
+/// One counter from a node's `/metrics` (HTTP/1.0 over a plain TCP connection, like `nodectl`).
+pub async fn scrape(addr: &str, token: &str, name: &str) -> Option<u64> {
+    let (_, body) = admin_get(addr, "/metrics", Some(token)).await?;
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
 /// A second octet pair unlikely to be used by another cluster on this machine: derived from the
 /// process id, and distinct for every call in one process.
 pub fn fresh_subnet() -> [u8; 2] {

@@ -263,6 +263,9 @@ pub struct FaultsReport {
     pub crashes: Vec<String>,
     /// Each node's peak resident memory, MiB.
     pub peak_rss_mib: BTreeMap<u8, u64>,
+    /// Delivery fences passed, and client connections closed at one, over the whole run: lower
+    /// bounds (see [`Counters`]).
+    pub fences: (u64, u64),
     /// The memory bound, MiB.
     pub memory_bound_mib: u64,
 }
@@ -337,7 +340,8 @@ impl FaultsReport {
              the slowest {smax} ms, {sb} ms of it in backoff)\n\
              every replica: {g} groups, {r} replicas, {u} users each, {lost} acknowledged writes lost\n\
              crashes and panics: {crashes}; faults not recovered from: {unrec}\n\
-             peak memory, MiB (bound {bound}): {rss}",
+             peak memory, MiB (bound {bound}): {rss}\n\
+             delivery fences: {fences} passed, {fence_closes} client connections closed at one (at least)",
             load = self.load.table(),
             seed = self.seed,
             nodes = self.nodes,
@@ -366,6 +370,8 @@ impl FaultsReport {
             unrec = self.unrecovered().len(),
             bound = self.memory_bound_mib,
             rss = rss.join(", "),
+            fences = self.fences.0,
+            fence_closes = self.fences.1,
         )
     }
 }
@@ -417,6 +423,7 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
     let stamp = |t: Instant| u64::try_from(t.duration_since(t0).as_micros()).unwrap_or(u64::MAX);
     let mut applied = Vec::new();
     let mut peak: BTreeMap<u8, u64> = BTreeMap::new();
+    let mut counters = Counters::new(&run.cluster);
     let mut failure = None;
     for (k, fault) in plan.into_iter().enumerate() {
         if run.load.is_finished() {
@@ -444,6 +451,7 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
             );
         }
         sample_memory(&run.cluster, &mut peak);
+        counters.sample(&run.cluster).await;
         applied.push(Applied {
             fault,
             at_us: stamp(at),
@@ -456,6 +464,7 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
         return Err(e);
     }
     say(setup.progress, "faults done; waiting for the load to finish");
+    counters.sample(&run.cluster).await;
     let done = run.finish(setup.progress).await?;
     sample_memory(&run.cluster, &mut peak);
     let offset = done.out.windows.first().map_or(0, |w| w.0);
@@ -485,6 +494,7 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
         replicas: done.replicas,
         crashes,
         peak_rss_mib: peak,
+        fences: (counters.total(FENCES), counters.total(FENCE_CLOSES)),
         memory_bound_mib: config.memory_bound_mib,
     };
     run.cluster.stop().await;
@@ -705,6 +715,60 @@ async fn ready_within(cluster: &ProcessCluster, bound: Duration) -> Option<Durat
 async fn ready(addr: std::net::SocketAddr) -> bool {
     let answer = crate::cluster::admin_get(&addr.to_string(), "/readyz", None).await;
     matches!(answer, Some((200, _)))
+}
+
+const FENCES: &str = "nearby_delivery_fences_total";
+const FENCE_CLOSES: &str = "nearby_delivery_fence_closes_total";
+
+/// Counters of the nodes' `/metrics`, summed over the run: a node restarted counts from zero
+/// again, so each node's last value before a restart is carried. Sampled after each fault (once
+/// the nodes are ready) and before the end, so what a node counted between its last sample and a
+/// kill is not seen: the totals are lower bounds.
+struct Counters {
+    token: Option<String>,
+    /// `(node, counter)` → (its last value, what earlier runs of the node counted).
+    seen: BTreeMap<(u8, &'static str), (u64, u64)>,
+}
+
+impl Counters {
+    fn new(cluster: &ProcessCluster) -> Self {
+        let token = std::fs::read_to_string(cluster.admin_token_file())
+            .ok()
+            .map(|t| t.trim().to_string());
+        Counters {
+            token,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    async fn sample(&mut self, cluster: &ProcessCluster) {
+        let Some(token) = &self.token else {
+            return;
+        };
+        for n in 1..=cluster.size() {
+            if !cluster.is_running(n) {
+                continue;
+            }
+            let addr = cluster.admin_addr(n).to_string();
+            for name in [FENCES, FENCE_CLOSES] {
+                if let Some(v) = crate::cluster::scrape(&addr, token, name).await {
+                    let (last, carried) = self.seen.entry((n, name)).or_default();
+                    if v < *last {
+                        *carried += *last;
+                    }
+                    *last = v;
+                }
+            }
+        }
+    }
+
+    fn total(&self, name: &str) -> u64 {
+        self.seen
+            .iter()
+            .filter(|((_, n), _)| *n == name)
+            .map(|(_, (last, carried))| last + carried)
+            .sum()
+    }
 }
 
 fn sample_memory(cluster: &ProcessCluster, peak: &mut BTreeMap<u8, u64>) {

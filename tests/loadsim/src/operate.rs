@@ -242,16 +242,6 @@ async fn nodectl_json(cluster: &ProcessCluster, args: &[&str]) -> Result<serde_j
     })
 }
 
-/// One counter from a node's `/metrics` (HTTP/1.0 over a plain TCP connection, like `nodectl`).
-async fn scrape(addr: &str, token: &str, name: &str) -> Option<u64> {
-    let (_, body) = crate::cluster::admin_get(addr, "/metrics", Some(token)).await?;
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-}
-
 /// The script (see the module doc), given the groups as `nodectl groups --json` shows them.
 /// With a `hub` (a user with thousands of friends), its group is split right at it, so the hub's
 /// record — every one of its friendships — is what moves.
@@ -371,7 +361,7 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
                     _ = stop_rx.changed() => break,
                 }
                 for (i, a) in addrs.iter().enumerate() {
-                    if let Some(v) = scrape(a, &token, "nearby_redirects_total").await {
+                    if let Some(v) = crate::cluster::scrape(a, &token, "nearby_redirects_total").await {
                         last[i] = v;
                     }
                 }
