@@ -705,6 +705,15 @@ impl Presence {
                 let ours = viewers
                     .iter()
                     .all(|v| self.ranges.locate(*v) == Some(&self.group));
+                tracing::debug!(
+                    group = self.group,
+                    from,
+                    ?viewers,
+                    at,
+                    ?ack,
+                    online = viewers.iter().filter(|v| self.viewers.contains_key(v)).count(),
+                    "revocation"
+                );
                 for viewer in viewers {
                     if at > 0 {
                         self.revoked.record(viewer, from, at, now);

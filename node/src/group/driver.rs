@@ -377,8 +377,12 @@ fn release(ctx: &DriverContext, fences: &mut Fences, item: Item) {
 fn send_after(ctx: &DriverContext, pending: Fences, to: GroupId, msg: GroupMessage) {
     let router = Arc::clone(&ctx.router);
     tokio::spawn(async move {
+        let waited = Instant::now();
         match tokio::time::timeout(ACK_WAIT, pending.passed()).await {
-            Ok(()) => router.send(to, msg),
+            Ok(()) => {
+                tracing::debug!(to, waited = ?waited.elapsed(), "revocation acknowledged after its fences");
+                router.send(to, msg);
+            }
             Err(_) => tracing::warn!(
                 to,
                 "viewers' clients did not acknowledge before a revocation in time: not confirmed"
@@ -637,6 +641,7 @@ impl Driver {
             let Some(b) = self.barriers.remove(&i) else {
                 continue;
             };
+            tracing::debug!(group = self.id, index = i, actor = ?b.actor, ok, "barrier settled");
             let result = if ok {
                 Ok(())
             } else {
