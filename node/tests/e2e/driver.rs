@@ -126,6 +126,19 @@ impl Drop for Relay {
     }
 }
 
+/// Friends `p` and `v` online, `v` behind a relay: the relay, `v`'s client (it has seen `p` at
+/// `A`) and `p`'s.
+async fn friends_one_behind_a_relay(node: &TestNode, p: u64, v: u64) -> (Relay, Viewer, Viewer) {
+    node.befriend(p, v).await;
+    let relay = Relay::start(node.addr.parse().expect("addr")).await;
+    let mut viewer = node.client_at(&relay.addr, v).await;
+    viewer.at(A.0 + 0.001, A.1).await;
+    let publisher = node.client(p).await;
+    publisher.at(A.0, A.1).await;
+    sees_at(&mut viewer, p, A.0).await;
+    (relay, viewer, publisher)
+}
+
 /// Waits until `cond` holds, or fails after `within`.
 async fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -277,13 +290,7 @@ async fn a_congested_client_gets_nothing_of_a_friend_after_the_friends_hide_is_a
     // The publisher sends its positions back to back: no request rate limit.
     let node = TestNode::start_unthrottled().await;
     let (p, quiet) = (uid(0, 5), uid(1, 5));
-    node.befriend(p, quiet).await;
-    let relay = Relay::start(node.addr.parse().expect("addr")).await;
-    let mut q = node.client_at(&relay.addr, quiet).await;
-    q.at(A.0 + 0.001, A.1).await;
-    let publisher = node.client(p).await;
-    publisher.at(A.0, A.1).await;
-    sees_at(&mut q, p, A.0).await;
+    let (relay, mut q, publisher) = friends_one_behind_a_relay(&node, p, quiet).await;
 
     relay.silence(true);
     // Far more positions than a congestion window holds (each event is ~50 bytes).
@@ -348,13 +355,7 @@ async fn a_congested_client_gets_nothing_of_a_friend_after_the_friends_hide_is_a
 async fn a_hide_is_acknowledged_once_the_viewer_has_what_was_sent_to_it_before() {
     let node = TestNode::start().await;
     let (p, v) = (uid(0, 6), uid(1, 6));
-    node.befriend(p, v).await;
-    let relay = Relay::start(node.addr.parse().expect("addr")).await;
-    let mut viewer = node.client_at(&relay.addr, v).await;
-    viewer.at(A.0 + 0.001, A.1).await;
-    let publisher = node.client(p).await;
-    publisher.at(A.0, A.1).await;
-    sees_at(&mut viewer, p, A.0).await;
+    let (relay, mut viewer, publisher) = friends_one_behind_a_relay(&node, p, v).await;
 
     relay.hold(true);
     let lat = A.0 + 1e-4;
@@ -399,13 +400,7 @@ async fn a_hide_is_acknowledged_once_the_viewer_has_what_was_sent_to_it_before()
 async fn a_client_whose_address_changes_keeps_its_connection() {
     let node = TestNode::start().await;
     let (p, v) = (uid(0, 4), uid(1, 4));
-    node.befriend(p, v).await;
-    let relay = Relay::start(node.addr.parse().expect("addr")).await;
-    let mut viewer = node.client_at(&relay.addr, v).await;
-    viewer.at(A.0 + 0.001, A.1).await;
-    let publisher = node.client(p).await;
-    publisher.at(A.0, A.1).await;
-    sees_at(&mut viewer, p, A.0).await;
+    let (relay, mut viewer, publisher) = friends_one_behind_a_relay(&node, p, v).await;
     for round in 1..=2 {
         relay.rebind.notify_one();
         // The client speaks first from its new address (its next update); the node answers

@@ -478,6 +478,15 @@ pub(crate) fn quantile(sorted: &[u64], p: f64) -> u64 {
         .unwrap_or(0)
 }
 
+/// What `have` lacks and has beyond `want`, if they differ.
+fn difference(have: &[UserId], want: &[UserId]) -> Option<String> {
+    (have != want).then(|| {
+        let missing: Vec<_> = want.iter().filter(|f| !have.contains(f)).collect();
+        let extra: Vec<_> = have.iter().filter(|f| !want.contains(f)).collect();
+        format!("missing {missing:?}, extra {extra:?}")
+    })
+}
+
 /// Checks every replica of every group for the users whose relations churned (see the module
 /// doc). Waits (bounded) for the replicas to agree on their applied index first.
 async fn check_replicas(
@@ -564,11 +573,9 @@ async fn check_replicas(
                 // Pairs whose cycle did not finish may be either way.
                 have.retain(|f| !unrestored.contains(&(u, *f)));
                 friends.retain(|f| !unrestored.contains(&(u, *f)));
-                if have != friends {
-                    let missing: Vec<_> = friends.iter().filter(|f| !have.contains(f)).collect();
-                    let extra: Vec<_> = have.iter().filter(|f| !friends.contains(f)).collect();
+                if let Some(diff) = difference(&have, &friends) {
                     check.lost.push(format!(
-                        "group {group} on node {node}: user {u} friends differ (missing {missing:?}, extra {extra:?})"
+                        "group {group} on node {node}: user {u} friends differ ({diff})"
                     ));
                 }
                 let pending: Vec<_> = r
@@ -626,11 +633,9 @@ async fn check_replicas(
                     want.retain(|f| !unrestored.contains(&(u, *f)));
                     let mut have = have.clone();
                     have.retain(|f| !unrestored.contains(&(u, *f)));
-                    if have != want {
-                        let missing: Vec<_> = want.iter().filter(|f| !have.contains(f)).collect();
-                        let extra: Vec<_> = have.iter().filter(|f| !want.contains(f)).collect();
+                    if let Some(diff) = difference(&have, &want) {
                         check.lost.push(format!(
-                            "group {group} on node {node}: user {u} {what} differ (missing {missing:?}, extra {extra:?})"
+                            "group {group} on node {node}: user {u} {what} differ ({diff})"
                         ));
                     }
                 }
