@@ -84,6 +84,7 @@ pub struct ServiceMetrics {
     refused_by_address: AtomicU64,
     fences: AtomicU64,
     fence_closes: AtomicU64,
+    lease_closes: AtomicU64,
     push_latency: Histogram,
 }
 
@@ -160,6 +161,17 @@ impl ServiceMetrics {
     /// revocation in time.
     pub fn fence_closed(&self) {
         self.fence_closes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection was closed because its client had not acknowledged what the group's driver
+    /// let out before its lease ended (see [`crate::queue::DeliveryLease`]).
+    pub fn lease_closed(&self) {
+        self.lease_closes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed at the end of a delivery lease (see [`Self::lease_closed`]).
+    pub fn lease_closes(&self) -> u64 {
+        self.lease_closes.load(Ordering::Relaxed)
     }
 
     /// Delivery fences passed, and connections closed at one (see [`Self::fence_passed`]).
@@ -290,6 +302,12 @@ impl ServiceMetrics {
             "nearby_delivery_fence_closes_total",
             "Connections closed because the client did not acknowledge what preceded a revocation in time.",
             self.fence_closes.load(Ordering::Relaxed),
+        );
+        counter(
+            out,
+            "nearby_delivery_lease_closes_total",
+            "Connections closed because the client had not acknowledged, soon after the group's lease ended, what its leader let out.",
+            self.lease_closes.load(Ordering::Relaxed),
         );
         self.push_latency.render(
             out,

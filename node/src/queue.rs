@@ -20,14 +20,73 @@
 //! and the acknowledgement of the change that caused it waits for that ([`Fences`]); such a
 //! writer closes a connection that does not acknowledge within a bound. With a writer that cannot
 //! tell (quinn's task per connection), a fence is passed at once.
+//!
+//! A fence reaches only the sessions of the node whose driver processes the revocation. The
+//! sessions of a group's *previous* leader — deposed, or cut off and not yet aware of it — still
+//! hold what that leader let out, and a new leader may acknowledge a revocation as soon as it
+//! runs. So a queue also carries the [`DeliveryLease`] of the driver that pushed to it: the
+//! writer stops writing events shortly after the lease ends and closes a connection still
+//! holding unacknowledged bytes soon after ([`DELIVERY_BOUND`]); a new leader holds its
+//! acknowledgements for longer than that after it starts.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use nearby_client::proto::Event;
 use tokio::sync::Notify;
+
+/// Until when what a group's driver let out may still reach clients: the driver's read lease
+/// (see `group::lease`), shared with the writers of the sessions it pushes to. Extended by every
+/// confirmed lease round, cut short when the driver stops.
+#[derive(Debug, Default)]
+pub struct DeliveryLease {
+    /// Microseconds since [`epoch`] (0: never confirmed).
+    until_us: AtomicU64,
+}
+
+/// How long after its lease ends a session's writer may still write events it holds: the lease
+/// is checked when the driver lets an event out, and a busy writer reaches it a little later.
+pub const WRITE_AFTER_LEASE: Duration = Duration::from_secs(1);
+
+/// How long after its lease ends a session's connection must have nothing unacknowledged, or be
+/// closed: a new leader of the group holds the acknowledgements of revocations for longer than
+/// this after it starts (`group::driver::VIEWER_HOLD`), and starts no earlier than the lease's
+/// end.
+pub const DELIVERY_BOUND: Duration = Duration::from_secs(2);
+
+/// The process's reference point for the instants a [`DeliveryLease`] holds.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl DeliveryLease {
+    fn micros(at: Instant) -> u64 {
+        // An instant before the epoch is long past: 1 keeps it apart from "never".
+        (at.saturating_duration_since(epoch()).as_micros() as u64).max(1)
+    }
+
+    /// A quorum round confirmed the driver's leadership until `until`.
+    pub fn extend(&self, until: Instant) {
+        self.until_us.fetch_max(Self::micros(until), Ordering::AcqRel);
+    }
+
+    /// The driver stops serving at `now` (it stopped, or found it no longer leads).
+    pub fn end(&self, now: Instant) {
+        self.until_us.fetch_min(Self::micros(now), Ordering::AcqRel);
+    }
+
+    /// Until when the driver's output may be delivered; `None` before its first confirmation.
+    pub fn until(&self) -> Option<Instant> {
+        match self.until_us.load(Ordering::Acquire) {
+            0 => None,
+            us => Some(epoch() + Duration::from_micros(us)),
+        }
+    }
+}
 
 /// Why a session's queue was closed: what its event writer tells the client.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +176,8 @@ struct State {
     revoked: VecDeque<Revoked>,
     /// How many revocations ever reached the queue.
     revocations: u64,
+    /// The lease of the driver that pushed last (see [`DeliveryLease`]).
+    lease: Option<Arc<DeliveryLease>>,
 }
 
 /// How many revocations a queue remembers for the answers in flight (see
@@ -210,6 +271,7 @@ impl EventQueue {
                 superseded: 0,
                 revoked: VecDeque::new(),
                 revocations: 0,
+                lease: None,
             }),
             notify: Notify::new(),
             on_close: Notify::new(),
@@ -270,9 +332,28 @@ impl EventQueue {
 
     /// Queues `event`; never blocks.
     pub fn push(&self, event: Event) {
+        self.push_inner(event, None);
+    }
+
+    /// Queues `event`, let out by a driver under `lease` (see [`DeliveryLease`]).
+    pub fn push_under(&self, event: Event, lease: &Arc<DeliveryLease>) {
+        self.push_inner(event, Some(lease));
+    }
+
+    /// The lease of the driver that pushed last.
+    pub fn lease(&self) -> Option<Arc<DeliveryLease>> {
+        self.lock().lease.clone()
+    }
+
+    fn push_inner(&self, event: Event, lease: Option<&Arc<DeliveryLease>>) {
         let mut s = self.lock();
         if s.closed.is_some() {
             return;
+        }
+        if let Some(l) = lease {
+            if !s.lease.as_ref().is_some_and(|have| Arc::ptr_eq(have, l)) {
+                s.lease = Some(Arc::clone(l));
+            }
         }
         if matches!(event, Event::FriendGone { .. } | Event::StrangerGone { .. }) {
             if let Some(who) = subject(&event) {
@@ -663,5 +744,33 @@ mod tests {
         assert!(q.fence().is_some());
         q.fenced(u64::MAX);
         assert!(q.fence().is_none(), "a closed connection writes nothing more");
+    }
+
+    #[test]
+    fn a_delivery_lease_grows_with_its_rounds_ends_when_told_and_follows_the_pushes() {
+        let lease = Arc::new(DeliveryLease::default());
+        assert_eq!(lease.until(), None, "no round confirmed yet");
+        let now = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let near = |a: Option<Instant>, b: Instant| a.is_some_and(|a| a.max(b) - a.min(b) < ms(1));
+        lease.extend(now + ms(600));
+        lease.extend(now + ms(300)); // a round that started earlier and concluded later
+        assert!(
+            near(lease.until(), now + ms(600)),
+            "never shortened by an older round"
+        );
+        lease.end(now + ms(100));
+        assert!(near(lease.until(), now + ms(100)), "ended at once");
+        lease.end(now + ms(400));
+        assert!(near(lease.until(), now + ms(100)), "an end never extends");
+
+        // A queue carries the lease of the driver that pushed last.
+        let q = EventQueue::new(4);
+        assert!(q.lease().is_none());
+        q.push_under(moved(1, 1), &lease);
+        assert!(q.lease().is_some_and(|l| Arc::ptr_eq(&l, &lease)));
+        let next_run = Arc::new(DeliveryLease::default());
+        q.push_under(moved(1, 2), &next_run);
+        assert!(q.lease().is_some_and(|l| Arc::ptr_eq(&l, &next_run)));
     }
 }

@@ -13,7 +13,7 @@ use nearby_index::friends::UserRange;
 use nearby_index::geo::UserId;
 
 use crate::api::SessionSink;
-use crate::queue::{CloseReason, EventQueue, Fences};
+use crate::queue::{CloseReason, DeliveryLease, EventQueue, Fences};
 
 /// The node's sessions (see the module doc).
 pub struct Sessions {
@@ -64,19 +64,19 @@ impl Sessions {
         removed && !all.contains_key(&user)
     }
 
-    /// Pushes `event` to every session of `viewer`; an event that ends visibility adds its
-    /// sessions' fences to `fences` (see [`crate::queue`]).
-    pub fn push(&self, viewer: UserId, event: Event, fences: &mut Fences) {
+    /// Pushes `event`, let out under `lease`, to every session of `viewer`; an event that ends
+    /// visibility adds its sessions' fences to `fences` (see [`crate::queue`]).
+    pub fn push(&self, viewer: UserId, event: Event, lease: &Arc<DeliveryLease>, fences: &mut Fences) {
         let all = self.lock();
         let Some(list) = all.get(&viewer) else {
             return;
         };
         let revokes = matches!(event, Event::FriendGone { .. } | Event::StrangerGone { .. });
         if let [only] = list.as_slice() {
-            only.events.push(event);
+            only.events.push_under(event, lease);
         } else {
             for s in list {
-                s.events.push(event.clone());
+                s.events.push_under(event.clone(), lease);
             }
         }
         if revokes {

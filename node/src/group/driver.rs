@@ -22,6 +22,9 @@
 //! connection instead). A viewer group's
 //! driver sends its acknowledgements only once its leadership is confirmed by a quorum round (a
 //! leader deposed without knowing it must not confirm what its successor may not have seen).
+//! A driver that has just started holds its acknowledgements of revocations for [`VIEWER_HOLD`]:
+//! the sessions of the group's previous leader may still deliver what it let out, until a bound
+//! after its lease ended ([`crate::queue::DELIVERY_BOUND`]).
 //! A revocation not acknowledged within [`RESEND_AFTER`] is sent again (to where its viewers are
 //! now, cut by group): a message
 //! lost on its way costs a second, not the bound. The wait is bounded by [`ACK_WAIT`]: a viewer
@@ -57,7 +60,7 @@ use crate::clock::{sleep_until, Clock};
 use crate::group::lease::{Answer, Item, Lease};
 use crate::group::{DriverHandle, GroupMsg};
 use crate::presence::{GroupMessage, Output, Presence};
-use crate::queue::{Fences, Subject};
+use crate::queue::{DeliveryLease, Fences, Subject};
 use crate::route::directory::MapView;
 use crate::route::router::Router;
 use crate::sessions::Sessions;
@@ -75,6 +78,16 @@ pub const ACK_WAIT: Duration = Duration::from_secs(5);
 /// fault run showed a friend's page entry 0.5 s after the acknowledgement (2026-12-02).
 /// Ending it on confirmations needs confirmations sent after the snapshots were applied.
 pub const RESUBSCRIBE_GRACE: Duration = Duration::from_secs(3);
+
+/// How long a new driver holds its acknowledgements of revocations to other groups: longer than
+/// the sessions of the group's previous leader may still deliver what that leader let out
+/// ([`crate::queue::DELIVERY_BOUND`] after its lease ended, which was before this driver
+/// started), with a margin for timers and scheduling. A viewer group's failover otherwise lets
+/// an author be told of a hide while a position about them is still on its way from the
+/// deposed leader.
+pub const VIEWER_HOLD: Duration = Duration::from_millis(2_500);
+
+const _: () = assert!(VIEWER_HOLD.as_millis() > crate::queue::DELIVERY_BOUND.as_millis());
 
 /// Deliveries remembered per source group, to answer which entry carried an intent.
 const RECENT_DELIVERIES: usize = 1_024;
@@ -261,6 +274,8 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext, term: u64) -> DriverTask {
     } else {
         Duration::ZERO
     };
+    let started = Instant::now();
+    let delivery = Arc::new(DeliveryLease::default());
     let driver = Driver {
         id,
         last_write,
@@ -274,7 +289,7 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext, term: u64) -> DriverTask {
         map,
         leaders: leaders_of(&view),
         processed,
-        started: Instant::now(),
+        started,
         grace,
         barriers: BTreeMap::new(),
         early: BTreeMap::new(),
@@ -283,9 +298,18 @@ pub fn spawn(group: ShardGroup, ctx: DriverContext, term: u64) -> DriverTask {
         starting: Vec::new(),
         outbox: Arc::clone(&outbox),
         activity,
-        lease: Lease::new(group.clone()),
+        lease: Lease::new(group.clone(), Arc::clone(&delivery)),
         introduce_again: None,
-        fences: Fences::default(),
+        outlet: Outlet {
+            lease: delivery,
+            fences: Fences::default(),
+            hold_acks_until: started
+                + if grace.is_zero() {
+                    Duration::ZERO
+                } else {
+                    VIEWER_HOLD
+                },
+        },
     };
     let outbox_task = tokio::spawn(crate::group::outbox::run(group, Arc::clone(&ctx.router), outbox));
     let join = tokio::spawn(async move {
@@ -344,49 +368,87 @@ struct Driver {
     /// When this run is next introduced again to groups that have not confirmed it (see
     /// [`crate::incarnation`]); none once all have.
     introduce_again: Option<Instant>,
+    /// What leaves for sessions, and what acknowledgements wait for.
+    outlet: Outlet,
+}
+
+/// What the driver's output to its sessions carries, and what an acknowledgement of a
+/// revocation waits for.
+struct Outlet {
+    /// The lease the sessions' writers see (see [`crate::queue::DeliveryLease`]).
+    lease: Arc<DeliveryLease>,
     /// The fences of the revocations let out to sessions here, for the acknowledgements after
     /// them.
     fences: Fences,
+    /// Until when acknowledgements wait (see [`VIEWER_HOLD`]).
+    hold_acks_until: Instant,
+}
+
+/// What an acknowledgement leaving now waits for.
+struct AckWait {
+    fences: Option<Fences>,
+    not_before: Option<Instant>,
+}
+
+impl Outlet {
+    /// What an acknowledgement leaving now must wait for; `None` if nothing.
+    fn ack_wait(&mut self) -> Option<AckWait> {
+        let fences = self.fences.take_pending();
+        let not_before = (Instant::now() < self.hold_acks_until).then_some(self.hold_acks_until);
+        (fences.is_some() || not_before.is_some()).then_some(AckWait { fences, not_before })
+    }
 }
 
 /// Lets `item` leave the driver: to a session, another group, or a waiting request. A
-/// revocation's acknowledgement waits for the fences of the revocations let out before it.
-fn release(ctx: &DriverContext, fences: &mut Fences, item: Item) {
+/// revocation's acknowledgement waits for the fences of the revocations let out before it (and
+/// for a new driver's [`VIEWER_HOLD`]).
+fn release(ctx: &DriverContext, outlet: &mut Outlet, item: Item) {
     match item {
-        Item::Output(Output::Push { viewer, event }) => ctx.sessions.push(viewer, event, fences),
+        Item::Output(Output::Push { viewer, event }) => {
+            ctx.sessions
+                .push(viewer, event, &outlet.lease, &mut outlet.fences);
+        }
         Item::Output(Output::Purge { viewer, about }) => {
-            ctx.sessions.purge(viewer, Subject::User(about), fences);
+            ctx.sessions
+                .purge(viewer, Subject::User(about), &mut outlet.fences);
         }
         Item::Output(Output::Send {
             to,
             msg: msg @ GroupMessage::RevokeAck { .. },
-        }) => match fences.take_pending() {
+        }) => match outlet.ack_wait() {
             None => ctx.router.send(to, msg),
-            Some(pending) => send_after(ctx, pending, to, msg),
+            Some(wait) => send_after(ctx, wait, to, msg),
         },
         Item::Output(Output::Send { to, msg }) => ctx.router.send(to, msg),
         Item::Answer(a) => a.send(),
     }
 }
 
-/// Sends `msg` (a revocation's acknowledgement) once the `pending` fences are passed: the
-/// viewers' clients have acknowledged what was written to them before the revocations.
+/// Sends `msg` (a revocation's acknowledgement) once `wait` is over: the hold of a new driver
+/// has passed and the viewers' clients have acknowledged what was written to them before the
+/// revocations.
 ///
-/// Not sent if that takes longer than [`ACK_WAIT`] (the fences' connections are closed long
+/// Not sent if the fences take longer than [`ACK_WAIT`] (the fences' connections are closed long
 /// before): the author's wait fails then, as for a viewer group that cannot be reached.
-fn send_after(ctx: &DriverContext, pending: Fences, to: GroupId, msg: GroupMessage) {
+fn send_after(ctx: &DriverContext, wait: AckWait, to: GroupId, msg: GroupMessage) {
     let router = Arc::clone(&ctx.router);
     tokio::spawn(async move {
         let waited = Instant::now();
-        match tokio::time::timeout(ACK_WAIT, pending.passed()).await {
-            Ok(()) => {
-                tracing::debug!(to, waited = ?waited.elapsed(), "revocation acknowledged after its fences");
-                router.send(to, msg);
-            }
-            Err(_) => tracing::warn!(
+        if let Some(t) = wait.not_before {
+            tokio::time::sleep_until(t).await;
+        }
+        let fenced = match wait.fences {
+            Some(pending) => tokio::time::timeout(ACK_WAIT, pending.passed()).await.is_ok(),
+            None => true,
+        };
+        if fenced {
+            tracing::debug!(to, waited = ?waited.elapsed(), "revocation acknowledged after its fences");
+            router.send(to, msg);
+        } else {
+            tracing::warn!(
                 to,
                 "viewers' clients did not acknowledge before a revocation in time: not confirmed"
-            ),
+            );
         }
     });
 }
@@ -428,8 +490,8 @@ impl Driver {
                     self.on_map();
                 }
                 leads = self.lease.confirmed() => {
-                    let (ctx, fences) = (&self.ctx, &mut self.fences);
-                    self.lease.concluded(leads, &mut |item| release(ctx, fences, item));
+                    let (ctx, outlet) = (&self.ctx, &mut self.outlet);
+                    self.lease.concluded(leads, &mut |item| release(ctx, outlet, item));
                 }
                 () = sleep_until(wake) => {}
             }
@@ -916,8 +978,8 @@ impl Driver {
 
     /// Lets `item` leave now if this node serves under its lease, holds it otherwise.
     fn emit(&mut self, item: Item) {
-        let (ctx, fences) = (&self.ctx, &mut self.fences);
-        self.lease.emit(item, &mut |item| release(ctx, fences, item));
+        let (ctx, outlet) = (&self.ctx, &mut self.outlet);
+        self.lease.emit(item, &mut |item| release(ctx, outlet, item));
     }
 
     fn page(
@@ -974,17 +1036,17 @@ impl Driver {
                     if self.lease.holds() {
                         self.emit(Item::Output(purge.clone()));
                     }
-                    release(&self.ctx, &mut self.fences, Item::Output(purge));
+                    release(&self.ctx, &mut self.outlet, Item::Output(purge));
                 }
                 // Viewers in this group: acknowledged here once their fences are passed (through
                 // the mailbox if they are not yet).
                 Output::Send {
                     to,
                     msg: GroupMessage::RevokeAck { barrier },
-                } if to == self.id => match self.fences.take_pending() {
+                } if to == self.id => match self.outlet.ack_wait() {
                     None => self.acked(barrier),
-                    Some(pending) => {
-                        send_after(&self.ctx, pending, to, GroupMessage::RevokeAck { barrier });
+                    Some(wait) => {
+                        send_after(&self.ctx, wait, to, GroupMessage::RevokeAck { barrier });
                     }
                 },
                 Output::Send { to, msg } if to == self.id => {
@@ -998,7 +1060,7 @@ impl Driver {
                 out @ Output::Send {
                     msg: GroupMessage::Started { .. } | GroupMessage::StartedAck { .. },
                     ..
-                } if !self.lease.holds() => release(&self.ctx, &mut self.fences, Item::Output(out)),
+                } if !self.lease.holds() => release(&self.ctx, &mut self.outlet, Item::Output(out)),
                 // Events, messages to other groups (locations, acknowledgements): under the lease.
                 out => self.emit(Item::Output(out)),
             }

@@ -24,10 +24,15 @@
 //! requests `moved` (the SDK sends them again). A leader that steps down by voting for another (a
 //! leadership transfer) knows at once: its Raft state says so, and the lease ends with it.
 //!
+//! What a driver lets out to its sessions can still be on its way to their clients after the
+//! lease ends (queued, or sent and not yet acknowledged): the lease is shared with the sessions'
+//! writers as a [`DeliveryLease`], which bounds that too.
+//!
 //! The cost is one confirmation round per busy group every `READ_LEASE - RENEW_BEFORE`, and a
 //! round trip of delay for the first output of a group that was quiet for longer than the lease.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_client::proto::{NearbyPage, StrangerPage};
@@ -38,6 +43,7 @@ use tokio::time::Instant;
 
 use crate::api::{LocationAck, ServiceError};
 use crate::messages::Output;
+use crate::queue::DeliveryLease;
 
 type ServerMetrics = openraft::metrics::RaftServerMetrics<nearby_raft::NodeId, nearby_raft::Node>;
 
@@ -145,12 +151,15 @@ pub struct Lease {
     last_out: Option<Instant>,
     /// No round before this (see [`RETRY_AFTER`]).
     not_before: Option<Instant>,
+    /// The lease as the sessions' writers see it.
+    delivery: Arc<DeliveryLease>,
 }
 
 impl Lease {
-    /// No lease yet: the first output waits for the first round.
-    pub fn new(group: ShardGroup) -> Self {
+    /// No lease yet: the first output waits for the first round. `delivery` follows the lease.
+    pub fn new(group: ShardGroup, delivery: Arc<DeliveryLease>) -> Self {
         Lease {
+            delivery,
             raft: group.raft().server_metrics(),
             group,
             until: None,
@@ -163,7 +172,12 @@ impl Lease {
 
     /// Whether this node serves now: a confirmed round's lease runs and Raft still says it leads.
     fn serves(&self, now: Instant) -> bool {
-        self.until.is_some_and(|u| now < u) && self.leads()
+        if !self.leads() {
+            // Stepped down (a vote for another): what left is bounded from now.
+            self.delivery.end(now.into_std());
+            return false;
+        }
+        self.until.is_some_and(|u| now < u)
     }
 
     /// Whether Raft says this replica leads (a vote for another candidate ends it at once).
@@ -253,6 +267,9 @@ impl Lease {
             let until = started + READ_LEASE;
             self.until = Some(self.until.map_or(until, |u| u.max(until)));
             let now = Instant::now();
+            if self.leads() {
+                self.delivery.extend(until.into_std());
+            }
             let all = self.serves(now);
             while let Some((made, _)) = self.held.front() {
                 if !all && *made > started {
@@ -284,8 +301,10 @@ impl Lease {
         self.drop_held();
     }
 
-    /// Drops every held output and answers every held request `moved` (the driver stops).
+    /// Drops every held output and answers every held request `moved` (the driver stops); the
+    /// lease ends now.
     pub fn drop_held(&mut self) {
+        self.delivery.end(std::time::Instant::now());
         for (_, item) in std::mem::take(&mut self.held) {
             drop_item(item);
         }

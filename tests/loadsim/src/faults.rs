@@ -266,6 +266,9 @@ pub struct FaultsReport {
     /// Delivery fences passed, and client connections closed at one, over the whole run: lower
     /// bounds (see [`Counters`]).
     pub fences: (u64, u64),
+    /// Client connections closed because their node's delivery lease ended with data
+    /// unacknowledged: a lower bound.
+    pub lease_closes: u64,
     /// The memory bound, MiB.
     pub memory_bound_mib: u64,
 }
@@ -341,7 +344,8 @@ impl FaultsReport {
              every replica: {g} groups, {r} replicas, {u} users each, {lost} acknowledged writes lost\n\
              crashes and panics: {crashes}; faults not recovered from: {unrec}\n\
              peak memory, MiB (bound {bound}): {rss}\n\
-             delivery fences: {fences} passed, {fence_closes} client connections closed at one (at least)",
+             delivery fences: {fences} passed, {fence_closes} client connections closed at one, \
+             {lease_closes} at the end of a lease (at least)",
             load = self.load.table(),
             seed = self.seed,
             nodes = self.nodes,
@@ -372,6 +376,7 @@ impl FaultsReport {
             rss = rss.join(", "),
             fences = self.fences.0,
             fence_closes = self.fences.1,
+            lease_closes = self.lease_closes,
         )
     }
 }
@@ -495,6 +500,7 @@ pub async fn run(config: FaultsConfig) -> Result<FaultsReport, ChaosError> {
         crashes,
         peak_rss_mib: peak,
         fences: (counters.total(FENCES), counters.total(FENCE_CLOSES)),
+        lease_closes: counters.total(LEASE_CLOSES),
         memory_bound_mib: config.memory_bound_mib,
     };
     run.cluster.stop().await;
@@ -719,6 +725,7 @@ async fn ready(addr: std::net::SocketAddr) -> bool {
 
 const FENCES: &str = "nearby_delivery_fences_total";
 const FENCE_CLOSES: &str = "nearby_delivery_fence_closes_total";
+const LEASE_CLOSES: &str = "nearby_delivery_lease_closes_total";
 
 /// Counters of the nodes' `/metrics`, summed over the run: a node restarted counts from zero
 /// again, so each node's last value before a restart is carried. Sampled after each fault (once
@@ -750,7 +757,7 @@ impl Counters {
                 continue;
             }
             let addr = cluster.admin_addr(n).to_string();
-            for name in [FENCES, FENCE_CLOSES] {
+            for name in [FENCES, FENCE_CLOSES, LEASE_CLOSES] {
                 if let Some(v) = crate::cluster::scrape(&addr, token, name).await {
                     let (last, carried) = self.seen.entry((n, name)).or_default();
                     if v < *last {

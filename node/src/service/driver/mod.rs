@@ -28,6 +28,12 @@
 //! does not acknowledge within [`FENCE_WAIT`] loses its connection (what was on its way is not
 //! sent again), so nothing the revocation forbids can arrive after the author was told.
 //!
+//! A connection also follows the lease of the group whose driver let its events out
+//! ([`crate::queue::DeliveryLease`]): shortly after the lease ends no more events are written,
+//! and a connection whose client has not acknowledged what it carries by
+//! [`DELIVERY_BOUND`](crate::queue::DELIVERY_BOUND) after the end is closed — a deposed leader's
+//! sessions stop before a new leader may acknowledge revocations, even after a pause.
+//!
 //! New connections pass the [`guard`] first: per-address limits on connections and handshakes,
 //! and a QUIC Retry for unvalidated addresses during a handshake flood.
 //!
@@ -62,7 +68,9 @@ use tokio::io::Interest;
 
 use crate::api::Backend;
 use crate::metrics::ServiceMetrics;
-use crate::queue::{CloseReason, Doorbell, EventQueue, Popped};
+use crate::queue::{
+    CloseReason, DeliveryLease, Doorbell, EventQueue, Popped, DELIVERY_BOUND, WRITE_AFTER_LEASE,
+};
 use crate::service::session::{
     bad_frame, encode_response, goodbye, since_taken, Context, Goodbye, Session, BAD_FRAME_LINGER,
     CLOSE_DONE, CLOSE_PROTOCOL, CLOSE_SLOW, GOODBYE_LINGER,
@@ -608,6 +616,12 @@ struct Events {
     stream: Option<StreamId>,
     /// Encoded bytes the stream did not take yet (flow control).
     out: Vec<u8>,
+    /// `out` holds (part of) an event, not only a goodbye.
+    out_events: bool,
+    /// The lease of the driver that let the events out (see the module doc).
+    lease: Option<Arc<DeliveryLease>>,
+    /// Bytes were written to the connection since its client was last known to have them all.
+    unsure: bool,
     /// The queue rang, or the stream has room again.
     wanted: bool,
     /// The queue's close was handled.
@@ -745,6 +759,9 @@ impl<B: Backend> Conn<B> {
         if self.ended {
             return;
         }
+        if self.lease_bound(cx.now) {
+            return;
+        }
         self.requests(cx);
         self.fit_send_window();
         self.write_control();
@@ -782,12 +799,56 @@ impl<B: Backend> Conn<B> {
             return;
         };
         if self.control_out.is_empty() && self.events.out.is_empty() && self.all_acknowledged() {
+            self.events.unsure = false;
             queue.fenced(mark);
             self.metrics.fence_passed();
             self.events.fenced = mark;
             self.events.fence = None;
             self.events.wanted = true;
         }
+    }
+
+    /// When the connection must have nothing unacknowledged: [`DELIVERY_BOUND`] after the end of
+    /// the lease its events were let out under.
+    fn delivery_bound(&self) -> Option<Instant> {
+        let until = self.events.lease.as_ref()?.until()?;
+        Some(until + DELIVERY_BOUND)
+    }
+
+    /// Whether events may still be written: until [`WRITE_AFTER_LEASE`] after the lease ends.
+    fn may_write(&self, now: Instant) -> bool {
+        match self.events.lease.as_ref().and_then(|l| l.until()) {
+            Some(until) => now < until + WRITE_AFTER_LEASE,
+            None => true,
+        }
+    }
+
+    /// Closes the connection (returns `true`) if its delivery bound has passed while its client
+    /// may not have everything written to it: what a leader let out must not arrive after its
+    /// successor may have acknowledged a revocation (see the module doc). Checked before
+    /// anything is sent — after a pause too, when quinn-proto would send again what was lost.
+    fn lease_bound(&mut self, now: Instant) -> bool {
+        if self.ended || !self.events.unsure {
+            return false;
+        }
+        if self.delivery_bound().is_none_or(|bound| now < bound) {
+            return false;
+        }
+        if self.all_acknowledged() {
+            self.events.unsure = false;
+            return false;
+        }
+        tracing::debug!(
+            user = self.events.user,
+            "closing a connection whose client did not acknowledge before its group's lease ended"
+        );
+        self.metrics.lease_closed();
+        self.close(
+            now,
+            CLOSE_SLOW,
+            "delivery not acknowledged before the lease ended",
+        );
+        true
     }
 
     /// Whether the client has acknowledged every byte written to the connection's streams.
@@ -900,6 +961,7 @@ impl<B: Backend> Conn<B> {
             match self.q.send_stream(id).write(&self.control_out) {
                 Ok(n) => {
                     self.control_out.drain(..n);
+                    self.events.unsure |= n > 0;
                 }
                 Err(WriteError::Blocked) => {}
                 Err(_) => self.control_out.clear(),
@@ -944,11 +1006,20 @@ impl<B: Backend> Conn<B> {
                 None => return,
             },
         };
+        if let Some(lease) = queue.lease() {
+            self.events.lease = Some(lease);
+        }
         loop {
             if !self.events.out.is_empty() {
+                if self.events.out_events && !self.may_write(now) {
+                    // The lease ended: held until it is renewed (a new event rings) or the
+                    // session goes (its linger, or the delivery bound, closes it).
+                    return;
+                }
                 match self.q.send_stream(id).write(&self.events.out) {
                     Ok(n) => {
                         self.events.out.drain(..n);
+                        self.events.unsure |= n > 0;
                     }
                     Err(WriteError::Blocked) => {}
                     Err(_) => {
@@ -969,6 +1040,7 @@ impl<B: Backend> Conn<B> {
                     return;
                 }
                 shrink(&mut self.events.out);
+                self.events.out_events = false;
             }
             if std::mem::take(&mut self.events.finish) {
                 let _ = self.q.send_stream(id).finish();
@@ -983,6 +1055,11 @@ impl<B: Backend> Conn<B> {
                 // (`fence` asks for this again when it is confirmed).
                 return;
             }
+            if !self.may_write(now) && !queue.is_closed() {
+                // The lease ended: the queue waits for its renewal (a new event rings).
+                self.events.wanted = false;
+                return;
+            }
             match queue.try_pop() {
                 None => {
                     self.events.wanted = false;
@@ -993,6 +1070,7 @@ impl<B: Backend> Conn<B> {
                         tracing::error!(user = self.events.user, error = %e, "cannot encode an event");
                         continue;
                     }
+                    self.events.out_events = true;
                     self.metrics.pushed(since_taken(&event));
                 }
                 Some(Popped::Closed(reason)) => self.goodbye(now, &reason),
@@ -1035,14 +1113,20 @@ impl<B: Backend> Conn<B> {
         let quic = self.q.poll_timeout();
         let linger = self.linger.as_ref().map(|l| l.until);
         let fence = self.events.fence.as_ref().map(|f| f.until);
+        let bound = self
+            .delivery_bound()
+            .filter(|_| self.events.unsure && !self.ended);
         let session = match (&self.session, self.ended || self.linger.is_some()) {
             (Some(s), false) => s.next_timer().map(|t| t.into_std()),
             _ => None,
         };
-        [quic, linger, fence, session].into_iter().flatten().min()
+        [quic, linger, fence, bound, session].into_iter().flatten().min()
     }
 
     fn on_timer(&mut self, now: Instant) {
+        if self.lease_bound(now) {
+            return;
+        }
         if self.q.poll_timeout().is_some_and(|t| t <= now) {
             self.q.handle_timeout(now);
         }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use nearby_client::proto::{Event, Relation};
 
-use crate::util::{befriend, cluster, cluster_with_cuts, retrying, viewer, viewer_via, wait_until, Viewer};
+use crate::util::{
+    befriend, cluster, cluster_with_cuts, retrying, viewer, viewer_via, wait_until, Link, Viewer,
+};
 use nearby_loadsim::cluster::ProcessCluster;
 
 const A: (f64, f64) = (52.5200, 13.4050);
@@ -218,6 +220,76 @@ async fn a_leader_cut_off_from_its_quorum_shows_nothing_hidden_since() {
     c.cut_off(deposed, false).expect("heal");
     let page = retrying("ann's page", || a.client.list_nearby(None, None)).await;
     assert!(page.friends.iter().all(|f| f.id != bob), "bob is back: {page:?}");
+    c.stop().await;
+}
+
+/// A viewer's client whose link went dead while its group's leader sent it a friend's new
+/// position; the leader is then cut off from the other nodes, the group elects another, and the
+/// friend hides from the viewer — acknowledged through the new leader, which never held the
+/// viewer's session. The deposed leader would send the position again once the link is back;
+/// it must not reach the viewer after the hide was acknowledged: the deposed leader closes a
+/// connection holding unacknowledged events soon after its lease ended, and a new leader holds
+/// its acknowledgements for longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_sends_nothing_after_a_hide_its_successor_acknowledged() {
+    let _serial = crate::util::one_at_a_time().await;
+    let (c, _dir) = cluster_with_cuts(3, 3).await;
+    let (ann, bob) = apart(&c).expect("two groups led by different nodes");
+    let ga = c.group_of(ann).expect("group");
+    let deposed = c.leader(ga).expect("leader") as u8;
+    let link = Link::start(c.client_addr(deposed)).await;
+    let mut cfg = c
+        .client_config(ann, &[deposed])
+        .with_endpoints([link.addr.clone()]);
+    cfg.request_timeout = Duration::from_secs(10);
+    let client = c.connect(cfg).await.expect("ann connects");
+    let events = client.events().expect("events");
+    let mut a = Viewer {
+        user: ann,
+        client,
+        events,
+    };
+    let b = viewer(&c, bob).await;
+    befriend(&a, &b).await;
+    a.at(A.0, A.1).await;
+    b.at(B.0, B.1).await;
+    a.sees(bob, Duration::from_secs(10)).await;
+    while a.next_within(Duration::from_millis(200)).await.is_some() {}
+
+    // Bob moves while ann's link is dead: the deposed-to-be leader sends it into the void.
+    link.set_dead(true);
+    let before = link.dropped();
+    let moved_to = B.0 + 0.002;
+    b.at(moved_to, B.1).await;
+    wait_until(
+        "the position is sent to ann's dead link",
+        Duration::from_secs(5),
+        || link.dropped() > before,
+    )
+    .await;
+
+    c.cut_off(deposed, true).expect("cut");
+    c.wait_map("a new leader of ann's group", Duration::from_secs(20), |m| {
+        m.leader(ga).is_some_and(|l| l != u64::from(deposed))
+    })
+    .await
+    .expect("a new leader");
+    retrying("bob hides from ann", || b.client.hide(ann)).await;
+    link.set_dead(false);
+
+    // Whatever reaches ann from now on — the deposed node sending again, a goodbye, a
+    // reconnection's page — says nothing of where bob is.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Some(e) = a
+        .next_within(deadline.saturating_duration_since(Instant::now()))
+        .await
+    {
+        assert!(
+            e.friend() != Some(bob) || matches!(e, Event::FriendGone { .. }),
+            "ann got {e:?} about bob after his hide was acknowledged"
+        );
+    }
+    c.cut_off(deposed, false).expect("heal");
     c.stop().await;
 }
 

@@ -177,3 +177,75 @@ pub(crate) async fn befriend(a: &Viewer, b: &Viewer) {
         }
     }
 }
+
+/// A UDP relay between one client and a node that can drop everything both ways for a while
+/// (a client whose link went dead): what the node sends meanwhile is lost, and it sends again
+/// what the client has not acknowledged once the link is back — if its connection is still
+/// open.
+pub(crate) struct Link {
+    /// The address the client dials.
+    pub(crate) addr: String,
+    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Datagrams from the node dropped while the link was dead.
+    dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    /// A live link to `server`.
+    pub(crate) async fn start(server: std::net::SocketAddr) -> Link {
+        use std::sync::atomic::Ordering;
+        use tokio::net::UdpSocket;
+        let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind front");
+        let addr = front.local_addr().expect("addr").to_string();
+        let dead = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (d, n) = (std::sync::Arc::clone(&dead), std::sync::Arc::clone(&dropped));
+        let task = tokio::spawn(async move {
+            let back = UdpSocket::bind("127.0.0.1:0").await.expect("bind back");
+            let mut client = None;
+            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut up) => {
+                        let Ok((len, from)) = r else { return };
+                        client = Some(from);
+                        if !d.load(Ordering::Relaxed) {
+                            let _ = back.send_to(&up[..len], server).await;
+                        }
+                    }
+                    r = back.recv_from(&mut down) => {
+                        let Ok((len, _)) = r else { return };
+                        if d.load(Ordering::Relaxed) {
+                            n.fetch_add(1, Ordering::Relaxed);
+                        } else if let Some(to) = client {
+                            let _ = front.send_to(&down[..len], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        Link {
+            addr,
+            dead,
+            dropped,
+            task,
+        }
+    }
+
+    /// Drops everything both ways (`true`) or forwards again.
+    pub(crate) fn set_dead(&self, dead: bool) {
+        self.dead.store(dead, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Datagrams from the node dropped so far.
+    pub(crate) fn dropped(&self) -> usize {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
