@@ -596,6 +596,12 @@ impl Strangers {
                 let Some(mirror) = self.mirrors.get_mut(&cell) else {
                     return;
                 };
+                if mirror.pending {
+                    // Sent before the channel had this run's `Listen` (to a run before this
+                    // one): the contents, which the channel sends after, are newer — and this
+                    // run may not have heard of a withdrawal that came between.
+                    return;
+                }
                 if mirror
                     .strangers
                     .get(&user)
@@ -1305,6 +1311,51 @@ mod tests {
             "the stale mirror still shows the withdrawn user"
         );
         assert!(acked(cx.outputs, ack));
+    }
+
+    #[test]
+    fn a_sighting_that_reaches_a_mirror_waiting_for_its_contents_is_ignored() {
+        let (table, state, mut listener) = channel_of_group_one();
+        let at = |ms| LatestLocation {
+            loc: LatLng::new(52.52, 13.405).expect("ll"),
+            updated_at: Millis(ms),
+        };
+        // This run listened to cell 10 and waits for its contents; a sighting the channel sent
+        // to the group's previous run arrives first — about a user who has since withdrawn,
+        // which this run never heard (it was not a listener then).
+        listener.mirrors.insert(
+            10,
+            Mirror {
+                pending: true,
+                ..Mirror::default()
+            },
+        );
+        let mut outputs = Vec::new();
+        let mut cx = Ctx {
+            ranges: &table,
+            outputs: &mut outputs,
+        };
+        let seen = |ms| CellMessage::Seen {
+            cell: 10,
+            user: 7,
+            name: "s".into(),
+            at: at(ms),
+        };
+        listener.handle(&mut cx, &state, seen(1_000), Millis(2_000));
+        assert!(
+            listener.mirrors[&10].strangers.is_empty(),
+            "the old sighting was kept"
+        );
+        // The contents come (without the user); sightings after them count.
+        let contents = CellMessage::Contents {
+            cell: 10,
+            entries: vec![(8, "t".into(), at(1_500))],
+        };
+        listener.handle(&mut cx, &state, contents, Millis(2_100));
+        listener.handle(&mut cx, &state, seen(2_200), Millis(2_200));
+        let mut held: Vec<UserId> = listener.mirrors[&10].strangers.keys().copied().collect();
+        held.sort_unstable();
+        assert_eq!(held, vec![7, 8]);
     }
 
     #[test]

@@ -17,6 +17,13 @@
 //! with a newer map) are routed again; locations older than [`LOCATION_TTL`] are dropped rather
 //! than retried (a newer one will follow), and nothing is retried forever.
 //!
+//! A location is never routed to a node other than the one it was first sent to: one that must
+//! go elsewhere was meant for a run of its group's live state that has ended (a deposed or
+//! restarted leader), and the run there is now may have started after a change that forbids it
+//! — a hide or "not discoverable" that run never heard of, acknowledged to its author before the
+//! old location arrives. The new run learns where everyone is from its own subscriptions
+//! (snapshots, a cell's contents), so nothing is lost but a position a newer one replaces.
+//!
 //! # Liveness
 //!
 //! Every answer from a peer marks it alive ([`Peers::last_ok`]); a node pings the peers it
@@ -854,7 +861,23 @@ impl Peers {
         }
     }
 
-    fn bounce(&self, from: NodeId, envelopes: Vec<Envelope>, map_moved: bool) {
+    /// Routes `envelopes` again (they could not be delivered at `from`), except locations that
+    /// would now go elsewhere (see the module doc).
+    fn bounce(&self, from: NodeId, mut envelopes: Vec<Envelope>, map_moved: bool) {
+        let before = envelopes.len();
+        envelopes.retain(|e| routed_again(&e.msg, from, map_moved, self.directory.leader(e.to)));
+        if envelopes.len() < before {
+            let n = before - envelopes.len();
+            tracing::debug!(
+                node = from,
+                dropped = n,
+                "locations meant for an ended run dropped"
+            );
+            self.stats.lock().unwrap_or_else(|p| p.into_inner()).dropped += n as u64;
+        }
+        if envelopes.is_empty() {
+            return;
+        }
         let target = self
             .reroute
             .lock()
@@ -870,17 +893,84 @@ impl Peers {
     }
 }
 
-fn ttl_of(msg: &GroupMessage) -> Duration {
-    match msg {
-        // Positions, to friends or strangers: a newer one follows (and a stranger's channel
-        // and listeners remember withdrawals for twice this, `strangers::WITHDRAWN_MEMORY`).
+/// Whether `msg`, not delivered at `from` (`map_moved`: because `from` had a newer map), may be
+/// routed again to its group's `leader` now: not a location that would go elsewhere (see the
+/// module doc).
+fn routed_again(msg: &GroupMessage, from: NodeId, map_moved: bool, leader: Option<NodeId>) -> bool {
+    !is_location(msg) || (map_moved && leader == Some(from))
+}
+
+/// Whether `msg` carries positions, to friends or strangers: a newer one follows.
+fn is_location(msg: &GroupMessage) -> bool {
+    matches!(
+        msg,
         GroupMessage::Update { .. }
-        | GroupMessage::Snapshot { .. }
-        | GroupMessage::Cell(
-            crate::messages::CellMessage::Publish { .. }
-            | crate::messages::CellMessage::Seen { .. }
-            | crate::messages::CellMessage::Contents { .. },
-        ) => LOCATION_TTL,
-        _ => MESSAGE_TTL,
+            | GroupMessage::Snapshot { .. }
+            | GroupMessage::Cell(
+                crate::messages::CellMessage::Publish { .. }
+                    | crate::messages::CellMessage::Seen { .. }
+                    | crate::messages::CellMessage::Contents { .. },
+            )
+    )
+}
+
+fn ttl_of(msg: &GroupMessage) -> Duration {
+    // A stranger's channel and listeners remember withdrawals for twice a location's TTL
+    // (`strangers::WITHDRAWN_MEMORY`).
+    if is_location(msg) {
+        LOCATION_TTL
+    } else {
+        MESSAGE_TTL
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{Barrier, CellMessage};
+    use nearby_client::proto::GoneReason;
+    use nearby_index::geo::LatLng;
+    use nearby_index::ttl::LatestLocation;
+
+    #[test]
+    fn a_location_goes_nowhere_but_where_it_was_sent_and_a_revocation_goes_wherever_its_group_is() {
+        let at = LatestLocation {
+            loc: LatLng::new(52.52, 13.405).expect("ll"),
+            updated_at: Millis(1),
+        };
+        let update = GroupMessage::Update {
+            from: 1,
+            at,
+            viewers: vec![2],
+            decided_at: 5,
+        };
+        let seen = GroupMessage::Cell(CellMessage::Seen {
+            cell: 9,
+            user: 1,
+            name: "s".into(),
+            at,
+        });
+        let revoke = GroupMessage::Revoke {
+            from: 1,
+            reason: GoneReason::Hidden,
+            viewers: vec![2],
+            at: 6,
+            ack: Some(Barrier {
+                group: 1,
+                index: 6,
+                part: 0,
+            }),
+        };
+        for location in [&update, &seen] {
+            // Refused by node 2 (it no longer leads the group), or node 2 unreachable while the
+            // map moved the group to node 3: meant for a run that ended.
+            assert!(!routed_again(location, 2, false, Some(3)));
+            assert!(!routed_again(location, 2, false, Some(2)));
+            assert!(!routed_again(location, 2, true, Some(3)));
+            // Node 2 only had a newer map, and still leads the group: the same run.
+            assert!(routed_again(location, 2, true, Some(2)));
+        }
+        assert!(routed_again(&revoke, 2, false, Some(3)));
+        assert!(routed_again(&revoke, 2, true, None));
     }
 }
