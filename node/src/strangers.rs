@@ -40,7 +40,10 @@
 //! not know which groups still mirror what its predecessor told them: it introduces itself to
 //! every group ([`crate::incarnation`]), each of which drops its mirrors of the group's cells
 //! and listens again, and until all have confirmed it relays a withdrawal to every group, not
-//! only to the listeners it knows ([`Strangers::set_young`]).
+//! only to the listeners it knows ([`Strangers::set_young`]). A sighting relayed to a listener
+//! group's earlier run never reaches the run there is now by being routed again (locations are
+//! not, see [`crate::route::peer`]), and one that reaches a mirror still waiting for its contents
+//! is ignored: the new run may have started after a withdrawal it never heard of.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 

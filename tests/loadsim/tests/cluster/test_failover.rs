@@ -169,6 +169,26 @@ fn apart(c: &ProcessCluster) -> Option<(u64, u64)> {
     None
 }
 
+/// Ann, whose client dials only `via` (her group's leader, or a link in front of it: it keeps
+/// asking there), and bob, through any node: friends, both located, ann seeing bob.
+async fn friends_seen_via(c: &ProcessCluster, ann: u64, bob: u64, via: String) -> (Viewer, Viewer) {
+    let mut cfg = c.client_config(ann, &[]).with_endpoints([via]);
+    cfg.request_timeout = Duration::from_secs(10);
+    let client = c.connect(cfg).await.expect("ann connects");
+    let events = client.events().expect("events");
+    let a = Viewer {
+        user: ann,
+        client,
+        events,
+    };
+    let b = viewer(c, bob).await;
+    befriend(&a, &b).await;
+    a.at(A.0, A.1).await;
+    b.at(B.0, B.1).await;
+    a.sees(bob, Duration::from_secs(10)).await;
+    (a, b)
+}
+
 /// A leader cut off from the other nodes (not from its clients) while they elect another, asked
 /// for a page after a friend of its viewer hid from her — the hide acknowledged through the
 /// group's new leader — shows that friend on no page: what the deposed node still holds in
@@ -180,22 +200,8 @@ async fn a_leader_cut_off_from_its_quorum_shows_nothing_hidden_since() {
     let (c, _dir) = cluster_with_cuts(3, 3).await;
     let (ann, bob) = apart(&c).expect("two groups led by different nodes");
     let ga = c.group_of(ann).expect("group");
-    // Ann's client knows only her group's leader: it keeps asking there.
     let deposed = c.leader(ga).expect("leader") as u8;
-    let mut cfg = c.client_config(ann, &[deposed]);
-    cfg.request_timeout = Duration::from_secs(10);
-    let client = c.connect(cfg).await.expect("ann connects");
-    let events = client.events().expect("events");
-    let a = Viewer {
-        user: ann,
-        client,
-        events,
-    };
-    let b = viewer(&c, bob).await;
-    befriend(&a, &b).await;
-    a.at(A.0, A.1).await;
-    b.at(B.0, B.1).await;
-    a.sees(bob, Duration::from_secs(10)).await;
+    let (a, b) = friends_seen_via(&c, ann, bob, c.client_addr(deposed).to_string()).await;
 
     c.cut_off(deposed, true).expect("cut");
     c.wait_map("a new leader of ann's group", Duration::from_secs(20), |m| {
@@ -238,22 +244,7 @@ async fn a_deposed_leader_sends_nothing_after_a_hide_its_successor_acknowledged(
     let ga = c.group_of(ann).expect("group");
     let deposed = c.leader(ga).expect("leader") as u8;
     let link = Link::start(c.client_addr(deposed)).await;
-    let mut cfg = c
-        .client_config(ann, &[deposed])
-        .with_endpoints([link.addr.clone()]);
-    cfg.request_timeout = Duration::from_secs(10);
-    let client = c.connect(cfg).await.expect("ann connects");
-    let events = client.events().expect("events");
-    let mut a = Viewer {
-        user: ann,
-        client,
-        events,
-    };
-    let b = viewer(&c, bob).await;
-    befriend(&a, &b).await;
-    a.at(A.0, A.1).await;
-    b.at(B.0, B.1).await;
-    a.sees(bob, Duration::from_secs(10)).await;
+    let (mut a, b) = friends_seen_via(&c, ann, bob, link.addr.clone()).await;
     while a.next_within(Duration::from_millis(200)).await.is_some() {}
 
     // Bob moves while ann's link is dead: the deposed-to-be leader sends it into the void.
