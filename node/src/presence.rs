@@ -114,6 +114,25 @@ struct Viewer {
     pending: usize,
     /// The cadence the viewer was last told (0: not yet).
     told: u32,
+    /// Per publisher group, the log index its latest snapshot for the viewer was decided at:
+    /// an update that group decided earlier is older than what the viewer has.
+    floors: Vec<(GroupId, u64)>,
+}
+
+impl Viewer {
+    /// Whether an update `group` decided at `decided_at` is older than the viewer's snapshot.
+    fn below_floor(&self, group: Option<GroupId>, decided_at: u64) -> bool {
+        self.floors
+            .iter()
+            .any(|(g, floor)| Some(*g) == group && decided_at < *floor)
+    }
+
+    fn raise_floor(&mut self, group: GroupId, decided_at: u64) {
+        match self.floors.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, floor)) => *floor = (*floor).max(decided_at),
+            None => self.floors.push((group, decided_at)),
+        }
+    }
 }
 
 /// The cadence policy (seconds between a phone's location updates, as the node asks): fast while
@@ -684,8 +703,17 @@ impl Presence {
                 viewers,
                 decided_at,
             } => {
+                // An update its group decided before the snapshot the viewer has — one meant for
+                // an earlier run of this group, delivered late — may show a publisher who has
+                // since revoked the viewer: the snapshot knows, this run may never have heard.
+                let group = self.ranges.locate(from).copied();
                 for viewer in viewers {
-                    if self.is_revoked(viewer, from, decided_at) {
+                    if self.is_revoked(viewer, from, decided_at)
+                        || self
+                            .viewers
+                            .get(&viewer)
+                            .is_some_and(|v| v.below_floor(group, decided_at))
+                    {
                         continue;
                     }
                     self.learn(viewer, from, at, true);
@@ -784,6 +812,9 @@ impl Presence {
         };
         let starting = v.pending > 0;
         v.pending = v.pending.saturating_sub(1);
+        if let Some(group) = asked.first().and_then(|p| self.ranges.locate(*p)) {
+            v.raise_floor(*group, decided_at);
+        }
         let listed: HashSet<UserId> = entries.iter().map(|e| e.user).collect();
         for p in asked {
             if !listed.contains(&p) {
@@ -1575,6 +1606,31 @@ mod tests {
         p.handle_message(&w.states[&1], late, w.now);
         w.drain(1);
         assert!(w.take(1).is_empty(), "a stale update leaked after the revocation");
+    }
+
+    #[test]
+    fn a_new_run_of_the_viewers_group_drops_an_update_decided_before_its_snapshot() {
+        let mut w = World::friends_in_range();
+        w.take(1);
+        // An update of 150 to viewer 1, meant for group 1's run of now, held back ...
+        let late = w.late_update_of_150_to_1();
+        // ... while 150 hides from 1: that run forgets 150 and acknowledges, then ends (its
+        // leader deposed). The next run starts from the replicated state: it never heard it.
+        w.commit(Command::Hide { user: 150, from: 1 });
+        assert!(w.acks.iter().any(|b| b.group == 2), "acknowledged");
+        let ranges = Arc::clone(&w.presences[&1].ranges);
+        w.presences
+            .insert(1, Presence::new(1, run(2), PresenceConfig::default(), ranges));
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        w.take(1);
+        // The late update reaches the new run (routed again), after its snapshot.
+        let p = w.presences.get_mut(&1).expect("p");
+        p.handle_message(&w.states[&1], late, w.now);
+        w.drain(1);
+        assert!(w.take(1).is_empty(), "an update older than the snapshot leaked");
+        let (page, _) = w.presences[&1].page(1, 20, None).expect("live").expect("page");
+        assert!(page.entries.is_empty(), "{page:?}");
     }
 
     #[test]

@@ -17,12 +17,14 @@
 //! with a newer map) are routed again; locations older than [`LOCATION_TTL`] are dropped rather
 //! than retried (a newer one will follow), and nothing is retried forever.
 //!
-//! A location is never routed to a node other than the one it was first sent to: one that must
-//! go elsewhere was meant for a run of its group's live state that has ended (a deposed or
-//! restarted leader), and the run there is now may have started after a change that forbids it
-//! — a hide or "not discoverable" that run never heard of, acknowledged to its author before the
-//! old location arrives. The new run learns where everyone is from its own subscriptions
-//! (snapshots, a cell's contents), so nothing is lost but a position a newer one replaces.
+//! What was meant for one run of a group's live state — the answer to its subscription (a
+//! snapshot, a cell's contents) or a sighting relayed to it as a cell's listener — is never
+//! routed to a node other than the one it was first sent to: one that must go elsewhere was
+//! meant for a run that has ended (a deposed or restarted leader), and the run there is now may
+//! have started after a change that forbids it — "not discoverable" that run never heard of,
+//! acknowledged to its author before the old message arrives. The new run subscribes and listens
+//! itself. (A friend's update is routed again: the viewer's group drops one decided before the
+//! snapshot it holds, see `presence`.)
 //!
 //! # Liveness
 //!
@@ -894,10 +896,17 @@ impl Peers {
 }
 
 /// Whether `msg`, not delivered at `from` (`map_moved`: because `from` had a newer map), may be
-/// routed again to its group's `leader` now: not a location that would go elsewhere (see the
-/// module doc).
+/// routed again to its group's `leader` now: not if it was meant for one run of the group and
+/// would go elsewhere (see the module doc).
 fn routed_again(msg: &GroupMessage, from: NodeId, map_moved: bool, leader: Option<NodeId>) -> bool {
-    !is_location(msg) || (map_moved && leader == Some(from))
+    let for_one_run = matches!(
+        msg,
+        GroupMessage::Snapshot { .. }
+            | GroupMessage::Cell(
+                crate::messages::CellMessage::Seen { .. } | crate::messages::CellMessage::Contents { .. },
+            )
+    );
+    !for_one_run || (map_moved && leader == Some(from))
 }
 
 /// Whether `msg` carries positions, to friends or strangers: a newer one follows.
@@ -933,7 +942,7 @@ mod tests {
     use nearby_index::ttl::LatestLocation;
 
     #[test]
-    fn a_location_goes_nowhere_but_where_it_was_sent_and_a_revocation_goes_wherever_its_group_is() {
+    fn what_was_meant_for_one_run_goes_nowhere_else_and_the_rest_goes_wherever_its_group_is() {
         let at = LatestLocation {
             loc: LatLng::new(52.52, 13.405).expect("ll"),
             updated_at: Millis(1),
@@ -961,16 +970,26 @@ mod tests {
                 part: 0,
             }),
         };
-        for location in [&update, &seen] {
+        let snapshot = GroupMessage::Snapshot {
+            viewer: 2,
+            asked: vec![1],
+            entries: vec![],
+            decided_at: 5,
+        };
+        for one_run in [&seen, &snapshot] {
             // Refused by node 2 (it no longer leads the group), or node 2 unreachable while the
             // map moved the group to node 3: meant for a run that ended.
-            assert!(!routed_again(location, 2, false, Some(3)));
-            assert!(!routed_again(location, 2, false, Some(2)));
-            assert!(!routed_again(location, 2, true, Some(3)));
+            assert!(!routed_again(one_run, 2, false, Some(3)));
+            assert!(!routed_again(one_run, 2, false, Some(2)));
+            assert!(!routed_again(one_run, 2, true, Some(3)));
             // Node 2 only had a newer map, and still leads the group: the same run.
-            assert!(routed_again(location, 2, true, Some(2)));
+            assert!(routed_again(one_run, 2, true, Some(2)));
         }
         assert!(routed_again(&revoke, 2, false, Some(3)));
+        assert!(
+            routed_again(&update, 2, false, Some(3)),
+            "the viewer's group judges it"
+        );
         assert!(routed_again(&revoke, 2, true, None));
     }
 }
