@@ -28,7 +28,11 @@
 //! decided on ([`GroupMessage::Update::decided_at`]); the viewer's group drops any that was
 //! decided before a revocation it has seen, so a message delayed behind a revocation (a deposed
 //! leader's, say) cannot bring the publisher back. Revocations are remembered for
-//! [`REVOKED_MEMORY`] whether the viewer is online or not (it may connect after one).
+//! [`REVOKED_MEMORY`] whether the viewer is online or not (it may connect after one). A new run
+//! of the viewer's group remembers none its predecessor processed; it drops instead any update
+//! decided before the snapshot the viewer holds from that publisher group (decided after every
+//! revocation acknowledged before the run began), so an update meant for the old run and
+//! delivered late to the new one cannot bring the publisher back either.
 //!
 //! A group acknowledges only a revocation whose viewers it serves by its map: one that reached a
 //! group which split or merged them away is processed there but confirmed by their group. And
