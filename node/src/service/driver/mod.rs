@@ -808,19 +808,20 @@ impl<B: Backend> Conn<B> {
         }
     }
 
+    /// When the lease the connection's events were let out under ends (none confirmed: none).
+    fn lease_end(&self) -> Option<Instant> {
+        self.events.lease.as_ref()?.until()
+    }
+
     /// When the connection must have nothing unacknowledged: [`DELIVERY_BOUND`] after the end of
-    /// the lease its events were let out under.
+    /// the lease.
     fn delivery_bound(&self) -> Option<Instant> {
-        let until = self.events.lease.as_ref()?.until()?;
-        Some(until + DELIVERY_BOUND)
+        Some(self.lease_end()? + DELIVERY_BOUND)
     }
 
     /// Whether events may still be written: until [`WRITE_AFTER_LEASE`] after the lease ends.
     fn may_write(&self, now: Instant) -> bool {
-        match self.events.lease.as_ref().and_then(|l| l.until()) {
-            Some(until) => now < until + WRITE_AFTER_LEASE,
-            None => true,
-        }
+        self.lease_end().is_none_or(|end| now < end + WRITE_AFTER_LEASE)
     }
 
     /// Closes the connection (returns `true`) if its delivery bound has passed while its client
