@@ -60,7 +60,8 @@ async fn measure(n: usize, setup: Setup) -> (u64, u64) {
     .env("RUST_LOG", "warn")
     .stdout(Stdio::null())
     .stderr(Stdio::null());
-    cmd.args(["--driver", setup.driver]);
+    // Every session comes from 127.0.0.1: above the default per-address limits.
+    cmd.args(["--driver", setup.driver, "--address-limit", "100000"]);
     if setup.quinn_defaults {
         cmd.arg("--quinn-defaults");
     }

@@ -49,6 +49,8 @@ pub struct DevOptions {
     pub shed: bool,
     /// Record users' location history (see [`crate::history`]); off only to measure its cost.
     pub history: bool,
+    /// Per-address limits on client connections (see [`crate::service::AbuseLimits`]).
+    pub abuse: crate::service::AbuseLimits,
 }
 
 /// Why the dev node could not start.
@@ -252,6 +254,7 @@ pub async fn run(
     };
     nopts.service.presence.pseudonyms = Some(pseudonyms);
     nopts.history.enabled = opts.history;
+    nopts.abuse = opts.abuse;
     // The admin API listens on TCP at the client service's (UDP) address.
     let token = admin_token(&dev_dir)?;
     nopts.admin = Some(crate::admin::AdminOptions {
@@ -356,7 +359,7 @@ pub async fn run_many(
              [cluster]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\npseudonym_key = {pkey:?}\n{join}\
              [tls]\ncert = {tcert:?}\nkey = {tkey:?}\n\
              [auth]\ntoken_public_key = {public:?}\n\
-             [limits]\nshed = {shed}\n\
+             [limits]\nshed = {shed}\nconnections_per_address = {conns}\nhandshakes_per_address = {hands}\n\
              [history]\nenabled = {history}\n\
              [admin]\nlisten = \"{client}\"\ntoken_file = {admin_token:?}\n",
             data = dir,
@@ -372,6 +375,8 @@ pub async fn run_many(
             tcert = dev_dir.join("cert.pem"),
             tkey = dev_dir.join("key.pem"),
             shed = opts.shed,
+            conns = opts.abuse.connections_per_address,
+            hands = opts.abuse.handshakes_per_address,
             history = opts.history,
             admin_token = dev_dir.join("admin-token"),
         );

@@ -93,6 +93,11 @@ enum Cmd {
         /// Record no location history (to measure what recording it costs).
         #[arg(long, hide = true)]
         no_history: bool,
+        /// Connections (and handshakes in progress) one IP address may hold (default: the
+        /// `[limits]` defaults, 1,024 and 64). Load generators run every simulated user from one
+        /// address, as a carrier-grade NAT would.
+        #[arg(long, value_name = "N")]
+        address_limit: Option<u32>,
     },
     /// Run a node that already belongs to a cluster, or joins one (`cluster.join` in the
     /// config), from a configuration file (TOML; `NEARBY_*` environment overrides).
@@ -251,6 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             driver,
             no_shed,
             no_history,
+            address_limit,
         } => {
             let home = match home {
                 Some(h) => h,
@@ -274,6 +280,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 driver: driver.into(),
                 shed: !no_shed,
                 history: !no_history,
+                abuse: match address_limit {
+                    Some(n) => nearby_node::service::AbuseLimits {
+                        connections_per_address: n,
+                        handshakes_per_address: n,
+                        ..Default::default()
+                    },
+                    None => nearby_node::service::AbuseLimits::default(),
+                },
             };
             #[allow(clippy::print_stdout)] // the banner is for the person who typed the command
             let ready = |banner: String| println!("{banner}");

@@ -36,7 +36,7 @@ run() { # name nodes
   echo "== $name: $nodes node(s), 8 groups"
   "$bin/nearby-node" dev --nodes "$nodes" --groups 8 --no-shed --data "$work/$name-data" \
     --home "$work/$name-home" --listen 127.0.0.1:17400 --raft-listen 127.0.0.1:17401 \
-    --import "$work/seed.bin" 2>"$work/$name.log" &
+    --import "$work/seed.bin" --address-limit "$address_limit" 2>"$work/$name.log" &
   local node=$!; pids+=("$node")
   wait_file "$work/$name-home/endpoint" 300 "$work/$name.log"
   if [ "$nodes" -gt 1 ]; then

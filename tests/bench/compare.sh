@@ -87,7 +87,8 @@ run_nearby() { # name [nearby-node dev flags...]
   local name=$1; shift
   echo "== $name"
   "${on_server[@]}" "$bin/nearby-node" dev --data "$work/$name-data" --home "$work/$name-home" \
-    --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" "$@" 2>"$work/$name.log" &
+    --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" --address-limit "$address_limit" "$@" \
+    2>"$work/$name.log" &
   local node=$!; pids+=("$node")
   wait_file "$work/$name-home/endpoint" 300 "$work/$name.log"
   run_load "$name" "$work/$name-home" "$node" "" "$work/$name-data/dev/pseudonym.key"

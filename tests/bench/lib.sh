@@ -1,6 +1,10 @@
 # Shared by the benchmark scripts (sourced): a scratch directory removed at exit, the processes
 # started into `pids` stopped at exit, and waiting for a file with a deadline.
 
+# Every simulated user connects from 127.0.0.1, as from behind one carrier-grade NAT: a node's
+# default per-address limits (1,024 connections, 64 handshakes) would refuse most of them.
+address_limit=1000000
+
 work=$(mktemp -d)
 pids=()
 cleanup() {

@@ -48,7 +48,7 @@ echo "== world: $users users, $online online (seed $seed)"
 "$bin/nearby-loadsim" world --seed "$seed" --users "$users" --online "$online" \
   ${NEARBY_NEAR:+--near-share "$NEARBY_NEAR"} --out "$work/seed.bin" >/dev/null
 echo "== nearby-node dev (shedding off)"
-"${on_server[@]}" "$bin/nearby-node" dev --data "$work/data" --home "$work/home" --no-shed --driver "${NEARBY_DRIVER:-batched}" \
+"${on_server[@]}" "$bin/nearby-node" dev --data "$work/data" --home "$work/home" --no-shed --driver "${NEARBY_DRIVER:-batched}" --address-limit "$address_limit" \
   --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" 2>"$work/node.log" &
 node=$!; pids+=("$node")
 wait_file "$work/home/endpoint" 300 "$work/node.log"

@@ -44,7 +44,8 @@ load() { # name home server-pid [extra-pid]
 }
 
 "${on_server[@]}" "$bin/nearby-node" dev --data "$work/n-data" --home "$work/n-home" --no-shed \
-  --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" 2>"$work/nearby.log" &
+  --listen 127.0.0.1:0 --raft-listen 127.0.0.1:0 --import "$work/seed.bin" --address-limit "$address_limit" \
+  2>"$work/nearby.log" &
 node=$!; pids+=("$node")
 wait_file "$work/n-home/endpoint" 300 "$work/nearby.log"
 load nearby "$work/n-home" "$node"
