@@ -2,7 +2,8 @@
 //! idle sessions (each authenticated, with one location sent): on nearby's batched driver, on
 //! quinn's tasks with nearby's transport settings, and on quinn's tasks with quinn's defaults.
 //!
-//! Run: `cargo bench -p nearby-node --bench idle` (`NEARBY_IDLE_SESSIONS=1000,5000` to choose).
+//! Run: `cargo bench -p nearby-node --bench idle` (`NEARBY_IDLE_SESSIONS=1000,5000` to choose;
+//! `NEARBY_IDLE_SETUPS=batched,tasks,defaults` picks setups; `NEARBY_NODE_BIN` another binary).
 //! The clients run in this process; the node is its own process, so its RSS is the node's alone.
 
 #![allow(missing_docs, clippy::print_stdout, clippy::print_stderr)]
@@ -45,7 +46,9 @@ fn wait_for_file(path: &Path, child: &mut Child) -> String {
 async fn measure(n: usize, setup: Setup) -> (u64, u64) {
     let dir = tempfile::TempDir::new().expect("tmp");
     let home = dir.path().join("home");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nearby-node"));
+    // `NEARBY_NODE_BIN` measures another build (e.g. an earlier one kept aside) in the same run.
+    let bin = std::env::var_os("NEARBY_NODE_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_nearby-node").into());
+    let mut cmd = Command::new(bin);
     cmd.args([
         "dev",
         "--listen",
@@ -120,6 +123,8 @@ async fn measure(n: usize, setup: Setup) -> (u64, u64) {
 /// What carries the node's client connections.
 #[derive(Clone, Copy)]
 struct Setup {
+    /// What `NEARBY_IDLE_SETUPS` calls it.
+    key: &'static str,
     name: &'static str,
     driver: &'static str,
     quinn_defaults: bool,
@@ -127,16 +132,19 @@ struct Setup {
 
 const SETUPS: [Setup; 3] = [
     Setup {
+        key: "batched",
         name: "nearby's batched driver",
         driver: "batched",
         quinn_defaults: false,
     },
     Setup {
+        key: "tasks",
         name: "quinn tasks, nearby's settings",
         driver: "tasks",
         quinn_defaults: false,
     },
     Setup {
+        key: "defaults",
         name: "quinn tasks, quinn's defaults",
         driver: "tasks",
         quinn_defaults: true,
@@ -157,7 +165,11 @@ fn main() {
         "| transport | idle sessions | node RSS before (MiB) | with sessions (MiB) | per session (KiB) |"
     );
     println!("|---|---:|---:|---:|---:|");
+    let chosen = std::env::var("NEARBY_IDLE_SETUPS").unwrap_or_default();
     for setup in SETUPS {
+        if !chosen.is_empty() && !chosen.split(',').any(|k| k.trim() == setup.key) {
+            continue;
+        }
         for &n in &sizes {
             eprintln!("{n} idle sessions, {}", setup.name);
             let (before, after) = rt.block_on(measure(n, setup));
