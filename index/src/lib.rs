@@ -29,6 +29,7 @@ pub mod codec;
 pub mod error;
 pub mod friends;
 pub mod geo;
+pub mod hash;
 pub mod query;
 pub mod ttl;
 

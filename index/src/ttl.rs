@@ -35,7 +35,7 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -83,7 +83,7 @@ pub enum SetOutcome {
 pub struct LocationTable {
     ttl: Duration,
     ttl_ms: u64,
-    users: HashMap<UserId, LatestLocation>,
+    users: crate::hash::Map<UserId, LatestLocation>,
     /// Min-heap of `(expiry ms, user)`; see the module doc for the invariants.
     queue: BinaryHeap<Reverse<(u64, UserId)>>,
     /// The users of `users` by coarse cell, if asked for.
@@ -96,7 +96,7 @@ impl LocationTable {
         Self {
             ttl,
             ttl_ms: duration_ms(ttl),
-            users: HashMap::new(),
+            users: crate::hash::Map::default(),
             queue: BinaryHeap::new(),
             cells: None,
         }
@@ -258,6 +258,7 @@ impl LocationTable {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     fn p(lat: f64) -> LatLng {
         LatLng::new(lat, 0.0).unwrap()

@@ -65,7 +65,7 @@
 //! After each call, the caller MUST take the outputs with [`Presence::poll_outputs`] and deliver
 //! them, in order.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +73,7 @@ use nearby_client::proto::{Coord, Event, FriendPosition, GoneReason, Stranger, G
 use nearby_index::activity::CellCounts;
 use nearby_index::friends::{FriendSet, RangeTable};
 use nearby_index::geo::{LatLng, Millis, UserId};
+use nearby_index::hash::{Map, Set};
 use nearby_index::query::{nearby_page, Cursor, NearbyQuery, Page};
 use nearby_index::ttl::{LatestLocation, LocationTable, SetOutcome};
 use nearby_raft::{Command, CommandResult, GroupId, GroupState};
@@ -109,11 +110,11 @@ struct Viewer {
     /// Everyone the viewer is subscribed to.
     publishers: FriendSet,
     /// Latest locations of publishers the viewer may see.
-    known: HashMap<UserId, LatestLocation>,
+    known: Map<UserId, LatestLocation>,
     /// Display names of publishers, as learnt from snapshots.
-    names: HashMap<UserId, String>,
+    names: Map<UserId, String>,
     /// Publishers currently in range (shown).
-    visible: HashSet<UserId>,
+    visible: Set<UserId>,
     /// Snapshots still expected after connect.
     pending: usize,
     /// The cadence the viewer was last told (0: not yet).
@@ -163,8 +164,8 @@ pub struct Presence {
     applied: u64,
     locations: LocationTable,
     /// Publisher (a user of this group) → online viewers subscribed to it, with their home group.
-    subscribers: HashMap<UserId, HashMap<UserId, GroupId>>,
-    viewers: HashMap<UserId, Viewer>,
+    subscribers: Map<UserId, Map<UserId, GroupId>>,
+    viewers: Map<UserId, Viewer>,
     /// Timed ghost modes of this group's users that have not ended yet: (end, user). Soft
     /// state: a new leader rebuilds it from the replicated records ([`Presence::load`]).
     ghosts: BTreeSet<(Millis, UserId)>,
@@ -188,7 +189,7 @@ pub const REVOKED_MEMORY: Duration = Duration::from_secs(120);
 #[derive(Default)]
 struct Revoked {
     /// The index, and when it was last recorded.
-    at: HashMap<(UserId, UserId), (u64, Millis)>,
+    at: Map<(UserId, UserId), (u64, Millis)>,
     /// When each record was made, oldest first, to forget them after [`REVOKED_MEMORY`].
     order: std::collections::VecDeque<(Millis, UserId, UserId)>,
 }
@@ -249,8 +250,8 @@ impl Presence {
             config,
             ranges,
             applied: 0,
-            subscribers: HashMap::new(),
-            viewers: HashMap::new(),
+            subscribers: Map::default(),
+            viewers: Map::default(),
             ghosts: BTreeSet::new(),
             revoked: Revoked::default(),
             strangers,
@@ -1261,6 +1262,7 @@ mod tests {
     use crate::incarnation::run;
     use nearby_index::friends::UserRange;
     use nearby_raft::shard::command::pair_owner;
+    use std::collections::HashMap;
 
     /// Two groups as a cluster runs them: users 1..100 in group 1, 100..200 in group 2;
     /// relation changes decided by the pair owner's group and delivered to the other.

@@ -345,6 +345,16 @@ impl EventQueue {
         self.lock().lease.clone()
     }
 
+    /// The lease of the driver that pushed last, if it is not `have` (the writer's check on
+    /// every wake: no clone of an `Arc` it already holds).
+    pub fn lease_if_not(&self, have: Option<&Arc<DeliveryLease>>) -> Option<Arc<DeliveryLease>> {
+        let s = self.lock();
+        match (&s.lease, have) {
+            (Some(l), Some(h)) if Arc::ptr_eq(l, h) => None,
+            (l, _) => l.clone(),
+        }
+    }
+
     fn push_inner(&self, event: Event, lease: Option<&Arc<DeliveryLease>>) {
         let mut s = self.lock();
         if s.closed.is_some() {
@@ -769,8 +779,15 @@ mod tests {
         assert!(q.lease().is_none());
         q.push_under(moved(1, 1), &lease);
         assert!(q.lease().is_some_and(|l| Arc::ptr_eq(&l, &lease)));
+        assert!(
+            q.lease_if_not(Some(&lease)).is_none(),
+            "the writer holds it already"
+        );
         let next_run = Arc::new(DeliveryLease::default());
         q.push_under(moved(1, 2), &next_run);
         assert!(q.lease().is_some_and(|l| Arc::ptr_eq(&l, &next_run)));
+        assert!(q
+            .lease_if_not(Some(&lease))
+            .is_some_and(|l| Arc::ptr_eq(&l, &next_run)));
     }
 }

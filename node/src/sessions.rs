@@ -4,7 +4,7 @@
 //! A user may have several sessions (devices) on one node; they all get the same events. The
 //! registry never decides anything about visibility: the drivers have decided before they push.
 
-use std::collections::HashMap;
+use nearby_index::hash::Map;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -17,7 +17,7 @@ use crate::queue::{CloseReason, DeliveryLease, EventQueue, Fences};
 
 /// The node's sessions (see the module doc).
 pub struct Sessions {
-    by_user: Mutex<HashMap<UserId, Vec<SessionSink>>>,
+    by_user: Mutex<Map<UserId, Vec<SessionSink>>>,
     next: AtomicU64,
     queue_capacity: usize,
 }
@@ -26,13 +26,13 @@ impl Sessions {
     /// An empty registry whose sessions queue at most `queue_capacity` events each.
     pub fn new(queue_capacity: usize) -> Self {
         Sessions {
-            by_user: Mutex::new(HashMap::new()),
+            by_user: Mutex::new(Map::default()),
             next: AtomicU64::new(1),
             queue_capacity,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<UserId, Vec<SessionSink>>> {
+    fn lock(&self) -> MutexGuard<'_, Map<UserId, Vec<SessionSink>>> {
         self.by_user.lock().unwrap_or_else(|p| p.into_inner())
     }
 

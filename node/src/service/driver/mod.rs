@@ -780,10 +780,11 @@ impl<B: Backend> Conn<B> {
     /// queue, and confirms it once the client has acknowledged everything written so far —
     /// events and answers alike, including the rest of any frame begun before it.
     fn fence(&mut self, now: Instant) {
-        let Some(queue) = self.events.queue.clone() else {
+        // Runs on every turn of the connection: no clone of the queue's `Arc` (its count shares
+        // a cache line with the queue the group drivers push to from other threads).
+        let Some(mark) = self.events.queue.as_ref().map(|q| q.revocations_seen()) else {
             return;
         };
-        let mark = queue.revocations_seen();
         if mark > self.events.fenced {
             match &mut self.events.fence {
                 Some(f) => f.mark = mark,
@@ -800,7 +801,9 @@ impl<B: Backend> Conn<B> {
         };
         if self.control_out.is_empty() && self.events.out.is_empty() && self.all_acknowledged() {
             self.events.unsure = false;
-            queue.fenced(mark);
+            if let Some(queue) = &self.events.queue {
+                queue.fenced(mark);
+            }
             self.metrics.fence_passed();
             self.events.fenced = mark;
             self.events.fence = None;
@@ -1007,7 +1010,7 @@ impl<B: Backend> Conn<B> {
                 None => return,
             },
         };
-        if let Some(lease) = queue.lease() {
+        if let Some(lease) = queue.lease_if_not(self.events.lease.as_ref()) {
             self.events.lease = Some(lease);
         }
         loop {
