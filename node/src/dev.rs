@@ -51,6 +51,9 @@ pub struct DevOptions {
     pub history: bool,
     /// Per-address limits on client connections (see [`crate::service::AbuseLimits`]).
     pub abuse: crate::service::AbuseLimits,
+    /// Where a child node's log lines go with `nodes` > 1 (node, line): the command's own output,
+    /// which the binary owns.
+    pub child_log: fn(u8, &str),
 }
 
 /// Why the dev node could not start.
@@ -316,9 +319,10 @@ struct Child {
 /// Runs `opts.nodes` nodes, each its own `nearby-node` process with its own data directory
 /// (`DATA/n1`, `DATA/n2`, …) on consecutive loopback addresses (127.0.0.1, .2, … by default),
 /// sharing the dev CA, client certificate and token key in `DATA/dev`. Node 1 initialises the
-/// cluster on first start; the others join it. Their logs are forwarded, prefixed with the
-/// node. A child that dies is reported, not restarted: the others keep serving. On shutdown
-/// every child is stopped with SIGTERM (a clean, draining stop).
+/// cluster on first start; the others join it. Their log lines go to `opts.child_log` (the
+/// binary prefixes them with the node). A child that dies is reported, not restarted: the
+/// others keep serving. On shutdown every child is stopped with SIGTERM (a clean, draining
+/// stop).
 pub async fn run_many(
     opts: DevOptions,
     ready: impl FnOnce(String),
@@ -401,7 +405,7 @@ pub async fn run_many(
         tracing::info!(node = i, pid = process.id(), %client, %raft, "started a node process");
         if let Some(stderr) = process.stderr.take() {
             let tx = ready_tx.clone();
-            tokio::spawn(forward_log(i, opts.nodes, stderr, tx));
+            tokio::spawn(forward_log(i, opts.nodes, stderr, tx, opts.child_log));
         }
         children.push(Child {
             id: i,
@@ -479,13 +483,14 @@ pub async fn run_many(
 /// What [`Readiness`] reports when placement has settled over all the nodes.
 const SETTLED: u8 = 0;
 
-/// Forwards a child's log to this process's, prefixed with its node, and reports readiness: the
-/// node's, and placement settled over all `nodes` ([`SETTLED`]).
+/// Forwards a child's log to `out`, and reports readiness: the node's, and placement settled over
+/// all `nodes` ([`SETTLED`]).
 async fn forward_log(
     node: u8,
     nodes: u8,
     stderr: tokio::process::ChildStderr,
     ready: tokio::sync::mpsc::UnboundedSender<u8>,
+    out: fn(u8, &str),
 ) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(stderr).lines();
@@ -497,10 +502,7 @@ async fn forward_log(
         if line.contains("placement settled") && line.contains(&settled) {
             let _ = ready.send(SETTLED);
         }
-        #[allow(clippy::print_stderr)] // the children's logs are this command's log
-        {
-            eprintln!("n{node} | {line}");
-        }
+        out(node, &line);
     }
 }
 

@@ -288,6 +288,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     None => nearby_node::service::AbuseLimits::default(),
                 },
+                #[allow(clippy::print_stderr)] // the children's logs are this command's log
+                child_log: |node, line| eprintln!("n{node} | {line}"),
             };
             #[allow(clippy::print_stdout)] // the banner is for the person who typed the command
             let ready = |banner: String| println!("{banner}");
