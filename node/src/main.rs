@@ -280,14 +280,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 driver: driver.into(),
                 shed: !no_shed,
                 history: !no_history,
-                abuse: match address_limit {
-                    Some(n) => nearby_node::service::AbuseLimits {
-                        connections_per_address: n,
-                        handshakes_per_address: n,
-                        ..Default::default()
-                    },
-                    None => nearby_node::service::AbuseLimits::default(),
-                },
+                abuse: address_limit
+                    .map(nearby_node::service::AbuseLimits::one_address)
+                    .unwrap_or_default(),
                 #[allow(clippy::print_stderr)] // the children's logs are this command's log
                 child_log: |node, line| eprintln!("n{node} | {line}"),
             };

@@ -41,6 +41,18 @@ impl Default for AbuseLimits {
     }
 }
 
+impl AbuseLimits {
+    /// The defaults, but `n` connections and `n` handshakes from one address: for load
+    /// generators, whose every simulated user connects from the same address.
+    pub fn one_address(n: u32) -> Self {
+        AbuseLimits {
+            connections_per_address: n,
+            handshakes_per_address: n,
+            ..Default::default()
+        }
+    }
+}
+
 /// What to do with a new connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Verdict {

@@ -62,11 +62,7 @@ impl Served {
 /// Abuse limits for a simulator whose every user comes from 127.0.0.1, each with a dev login
 /// and a session (see [`SIMULATOR_ADDRESS_LIMIT`]).
 pub(crate) fn one_address_for_everyone() -> nearby_node::service::AbuseLimits {
-    nearby_node::service::AbuseLimits {
-        connections_per_address: SIMULATOR_ADDRESS_LIMIT,
-        handshakes_per_address: SIMULATOR_ADDRESS_LIMIT,
-        ..Default::default()
-    }
+    nearby_node::service::AbuseLimits::one_address(SIMULATOR_ADDRESS_LIMIT)
 }
 
 /// A small world: one city, so most friends are in range; no privacy settings unless asked.
