@@ -340,13 +340,8 @@ impl EventQueue {
         self.push_inner(event, Some(lease));
     }
 
-    /// The lease of the driver that pushed last.
-    pub fn lease(&self) -> Option<Arc<DeliveryLease>> {
-        self.lock().lease.clone()
-    }
-
     /// The lease of the driver that pushed last, if it is not `have` (the writer's check on
-    /// every wake: no clone of an `Arc` it already holds).
+    /// every wake: no clone of an `Arc` it already holds; `None` asks for it whatever it is).
     pub fn lease_if_not(&self, have: Option<&Arc<DeliveryLease>>) -> Option<Arc<DeliveryLease>> {
         let s = self.lock();
         match (&s.lease, have) {
@@ -776,16 +771,16 @@ mod tests {
 
         // A queue carries the lease of the driver that pushed last.
         let q = EventQueue::new(4);
-        assert!(q.lease().is_none());
+        assert!(q.lease_if_not(None).is_none());
         q.push_under(moved(1, 1), &lease);
-        assert!(q.lease().is_some_and(|l| Arc::ptr_eq(&l, &lease)));
+        assert!(q.lease_if_not(None).is_some_and(|l| Arc::ptr_eq(&l, &lease)));
         assert!(
             q.lease_if_not(Some(&lease)).is_none(),
             "the writer holds it already"
         );
         let next_run = Arc::new(DeliveryLease::default());
         q.push_under(moved(1, 2), &next_run);
-        assert!(q.lease().is_some_and(|l| Arc::ptr_eq(&l, &next_run)));
+        assert!(q.lease_if_not(None).is_some_and(|l| Arc::ptr_eq(&l, &next_run)));
         assert!(q
             .lease_if_not(Some(&lease))
             .is_some_and(|l| Arc::ptr_eq(&l, &next_run)));
