@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=0.20.2
-if ! cargo deny --version 2>/dev/null | grep -q " $version"; then
+if ! grep -q " $version" <<<"$(cargo deny --version 2>/dev/null)"; then
   echo "tests/deny.sh: installing cargo-deny $version (a few minutes)" >&2
   cargo install --locked --quiet cargo-deny --version "$version"
 fi

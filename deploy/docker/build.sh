@@ -19,7 +19,7 @@ bin="$target_dir/x86_64-unknown-linux-gnu/release"
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 for b in nearby-node nodectl nearby; do
-  if ldd "$bin/$b" >/dev/null 2>&1 && ! ldd "$bin/$b" 2>&1 | grep -q "statically linked"; then
+  if ldd "$bin/$b" >/dev/null 2>&1 && ! grep -q "statically linked" <<<"$(ldd "$bin/$b" 2>&1)"; then
     echo "deploy/docker/build.sh: $b is not statically linked" >&2
     exit 1
   fi
