@@ -63,6 +63,28 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// An instant on the clock leases are kept in (microseconds since the process's [`epoch`]):
+/// read once per turn by a writer that asks its leases many times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LeaseClock(u64);
+
+impl LeaseClock {
+    /// `at` on the leases' clock.
+    pub fn at(at: Instant) -> LeaseClock {
+        LeaseClock(DeliveryLease::micros(at))
+    }
+
+    /// This instant as an [`Instant`].
+    pub fn instant(self) -> Instant {
+        epoch() + Duration::from_micros(self.0)
+    }
+
+    /// `after` later.
+    pub fn after(self, after: Duration) -> LeaseClock {
+        LeaseClock(self.0.saturating_add(after.as_micros() as u64))
+    }
+}
+
 impl DeliveryLease {
     fn micros(at: Instant) -> u64 {
         // An instant before the epoch is long past: 1 keeps it apart from "never".
@@ -85,6 +107,20 @@ impl DeliveryLease {
             0 => None,
             us => Some(epoch() + Duration::from_micros(us)),
         }
+    }
+
+    /// [`until`](Self::until) on the leases' clock.
+    pub fn ends(&self) -> Option<LeaseClock> {
+        match self.until_us.load(Ordering::Acquire) {
+            0 => None,
+            us => Some(LeaseClock(us)),
+        }
+    }
+
+    /// Whether the lease ended at least `after` before `now` (never, before its first
+    /// confirmation). What the writers ask on every turn: one load, no clock arithmetic.
+    pub fn passed(&self, now: LeaseClock, after: Duration) -> bool {
+        self.ends().is_some_and(|end| now >= end.after(after))
     }
 }
 
@@ -757,6 +793,11 @@ mod tests {
         assert_eq!(lease.until(), None, "no round confirmed yet");
         let now = Instant::now();
         let ms = |n| Duration::from_millis(n);
+        let clock = |d| LeaseClock::at(now + ms(d));
+        assert!(
+            !lease.passed(clock(10_000), ms(0)),
+            "a lease never confirmed never ends"
+        );
         let near = |a: Option<Instant>, b: Instant| a.is_some_and(|a| a.max(b) - a.min(b) < ms(1));
         lease.extend(now + ms(600));
         lease.extend(now + ms(300)); // a round that started earlier and concluded later
@@ -768,6 +809,9 @@ mod tests {
         assert!(near(lease.until(), now + ms(100)), "ended at once");
         lease.end(now + ms(400));
         assert!(near(lease.until(), now + ms(100)), "an end never extends");
+        assert!(!lease.passed(clock(1_099), ms(1_000)));
+        assert!(lease.passed(clock(1_101), ms(1_000)), "ended over a second ago");
+        assert!(lease.ends().is_some_and(|e| e.instant() < now + ms(101)));
 
         // A queue carries the lease of the driver that pushed last.
         let q = EventQueue::new(4);

@@ -32,7 +32,9 @@
 //! ([`crate::queue::DeliveryLease`]): shortly after the lease ends no more events are written,
 //! and a connection whose client has not acknowledged what it carries by
 //! [`DELIVERY_BOUND`](crate::queue::DELIVERY_BOUND) after the end is closed — a deposed leader's
-//! sessions stop before a new leader may acknowledge revocations, even after a pause.
+//! sessions stop before a new leader may acknowledge revocations, even after a pause. That bound
+//! is the lease's, so the driver keeps one deadline per lease, not one per connection
+//! ([`leases`]).
 //!
 //! New connections pass the [`guard`] first: per-address limits on connections and handshakes,
 //! and a QUIC Retry for unvalidated addresses during a handshake flood.
@@ -41,6 +43,7 @@
 //! specific address on a multi-homed host).
 
 mod guard;
+mod leases;
 mod udp;
 
 pub use guard::AbuseLimits;
@@ -69,7 +72,7 @@ use tokio::io::Interest;
 use crate::api::Backend;
 use crate::metrics::ServiceMetrics;
 use crate::queue::{
-    CloseReason, DeliveryLease, Doorbell, EventQueue, Popped, DELIVERY_BOUND, WRITE_AFTER_LEASE,
+    CloseReason, DeliveryLease, Doorbell, EventQueue, LeaseClock, Popped, DELIVERY_BOUND, WRITE_AFTER_LEASE,
 };
 use crate::service::session::{
     bad_frame, encode_response, goodbye, since_taken, Context, Goodbye, Session, BAD_FRAME_LINGER,
@@ -246,6 +249,10 @@ struct Driver<B: Backend> {
     next_tag: u32,
     /// Every connection's next deadline; entries a connection moved away from are skipped.
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// The delivery leases the connections write under: their bounds, one deadline per lease.
+    leases: leases::LeaseWatch,
+    /// Leases that ran out, while their connections are checked.
+    lapsed: Vec<Arc<DeliveryLease>>,
     /// Connections touched since the last flush.
     dirty: Vec<usize>,
     bell: Arc<Doorbell>,
@@ -283,6 +290,8 @@ impl<B: Backend> Driver<B> {
             live: 0,
             next_tag: 0,
             timers: BinaryHeap::new(),
+            leases: leases::LeaseWatch::default(),
+            lapsed: Vec::new(),
             dirty: Vec::new(),
             bell: Arc::default(),
             rang: Vec::new(),
@@ -474,20 +483,38 @@ impl<B: Backend> Driver<B> {
         self.rang.clear();
     }
 
-    /// The earliest deadline of any connection.
+    /// The earliest deadline of any connection or lease.
     fn next_deadline(&mut self) -> Option<Instant> {
+        let mut conn = None;
         while let Some(Reverse((at, key))) = self.timers.peek().copied() {
-            let current = self.conn(key).is_some_and(|c| c.scheduled == Some(at));
-            if current {
-                return Some(at);
+            if self.conn(key).is_some_and(|c| c.scheduled == Some(at)) {
+                conn = Some(at);
+                break;
             }
             self.timers.pop();
         }
-        None
+        conn.into_iter().chain(self.leases.next_deadline()).min()
     }
 
     /// Fires every deadline that has passed.
     fn expire(&mut self, now: Instant) {
+        let clock = LeaseClock::at(now);
+        self.leases.due(clock, &mut self.lapsed);
+        if !self.lapsed.is_empty() {
+            // A lease ran out: its connections' clients must have what they were sent by now.
+            for slot in 0..self.conns.len() {
+                let Some(c) = self.conns[slot].as_mut() else {
+                    continue;
+                };
+                let held = c.events.lease.as_ref();
+                if held.is_some_and(|l| self.lapsed.iter().any(|d| Arc::ptr_eq(d, l)))
+                    && c.lease_bound(now, clock)
+                {
+                    self.touch(slot);
+                }
+            }
+            self.lapsed.clear();
+        }
         while let Some(Reverse((at, key))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -497,7 +524,7 @@ impl<B: Backend> Driver<B> {
                 continue;
             };
             c.scheduled = None;
-            c.on_timer(now);
+            c.on_timer(now, clock);
             self.touch(key.slot());
         }
     }
@@ -514,6 +541,7 @@ impl<B: Backend> Driver<B> {
 
     /// Drives every touched connection and sends what they have to send.
     async fn flush(&mut self, now: Instant) -> io::Result<()> {
+        let clock = LeaseClock::at(now);
         while !self.dirty.is_empty() {
             let dirty = std::mem::take(&mut self.dirty);
             for &slot in &dirty {
@@ -525,9 +553,15 @@ impl<B: Backend> Driver<B> {
                 let mut cx = Cx {
                     key,
                     now,
+                    clock,
                     started: &mut self.started,
                 };
                 c.drive(&mut cx);
+                if std::mem::take(&mut c.events.new_lease) {
+                    if let Some(lease) = &c.events.lease {
+                        self.leases.watch(lease);
+                    }
+                }
                 loop {
                     self.scratch.clear();
                     let Some(t) = c.q.poll_transmit(now, self.segments, &mut self.scratch) else {
@@ -597,6 +631,8 @@ async fn send(
 struct Cx<'a, B: Backend> {
     key: Key,
     now: Instant,
+    /// `now` on the delivery leases' clock.
+    clock: LeaseClock,
     started: &'a mut Vec<Pending<B>>,
 }
 
@@ -620,6 +656,8 @@ struct Events {
     out_events: bool,
     /// The lease of the driver that let the events out (see the module doc).
     lease: Option<Arc<DeliveryLease>>,
+    /// `lease` changed: the driver watches it ([`leases::LeaseWatch`]).
+    new_lease: bool,
     /// Bytes were written to the connection since its client was last known to have them all.
     unsure: bool,
     /// The queue rang, or the stream has room again.
@@ -759,19 +797,19 @@ impl<B: Backend> Conn<B> {
         if self.ended {
             return;
         }
-        if self.lease_bound(cx.now) {
+        if self.lease_bound(cx.now, cx.clock) {
             return;
         }
         self.requests(cx);
         self.fit_send_window();
         self.write_control();
         self.fence(cx.now);
-        self.write_events(cx.now);
+        self.write_events(cx.now, cx.clock);
         if self.events.fence.is_some() {
             // What the last writes added is part of what the fence waits for.
             self.fence(cx.now);
             if self.events.fence.is_none() {
-                self.write_events(cx.now);
+                self.write_events(cx.now, cx.clock);
             }
         }
     }
@@ -811,31 +849,24 @@ impl<B: Backend> Conn<B> {
         }
     }
 
-    /// When the lease the connection's events were let out under ends (none confirmed: none).
-    fn lease_end(&self) -> Option<Instant> {
-        self.events.lease.as_ref()?.until()
-    }
-
-    /// When the connection must have nothing unacknowledged: [`DELIVERY_BOUND`] after the end of
-    /// the lease.
-    fn delivery_bound(&self) -> Option<Instant> {
-        Some(self.lease_end()? + DELIVERY_BOUND)
+    /// Whether the lease the connection's events were let out under ended `after` before `now`.
+    fn lease_passed(&self, now: LeaseClock, after: Duration) -> bool {
+        self.events.lease.as_ref().is_some_and(|l| l.passed(now, after))
     }
 
     /// Whether events may still be written: until [`WRITE_AFTER_LEASE`] after the lease ends.
-    fn may_write(&self, now: Instant) -> bool {
-        self.lease_end().is_none_or(|end| now < end + WRITE_AFTER_LEASE)
+    fn may_write(&self, now: LeaseClock) -> bool {
+        !self.lease_passed(now, WRITE_AFTER_LEASE)
     }
 
-    /// Closes the connection (returns `true`) if its delivery bound has passed while its client
-    /// may not have everything written to it: what a leader let out must not arrive after its
-    /// successor may have acknowledged a revocation (see the module doc). Checked before
-    /// anything is sent — after a pause too, when quinn-proto would send again what was lost.
-    fn lease_bound(&mut self, now: Instant) -> bool {
-        if self.ended || !self.events.unsure {
-            return false;
-        }
-        if self.delivery_bound().is_none_or(|bound| now < bound) {
+    /// Closes the connection (returns `true`) if its delivery bound ([`DELIVERY_BOUND`] after
+    /// the end of its lease) has passed while its client may not have everything written to it:
+    /// what a leader let out must not arrive after its successor may have acknowledged a
+    /// revocation (see the module doc). Checked before anything is sent — after a pause too,
+    /// when quinn-proto would send again what was lost — and when the driver's watch finds the
+    /// lease ran out ([`leases::LeaseWatch`]).
+    fn lease_bound(&mut self, now: Instant, clock: LeaseClock) -> bool {
+        if self.ended || !self.events.unsure || !self.lease_passed(clock, DELIVERY_BOUND) {
             return false;
         }
         if self.all_acknowledged() {
@@ -980,7 +1011,7 @@ impl<B: Backend> Conn<B> {
     }
 
     /// Moves the session's queued events into its event stream, as far as flow control lets.
-    fn write_events(&mut self, now: Instant) {
+    fn write_events(&mut self, now: Instant, clock: LeaseClock) {
         if !self.events.wanted {
             return;
         }
@@ -1012,10 +1043,11 @@ impl<B: Backend> Conn<B> {
         };
         if let Some(lease) = queue.lease_if_not(self.events.lease.as_ref()) {
             self.events.lease = Some(lease);
+            self.events.new_lease = true;
         }
         loop {
             if !self.events.out.is_empty() {
-                if self.events.out_events && !self.may_write(now) {
+                if self.events.out_events && !self.may_write(clock) {
                     // The lease ended: held until it is renewed (a new event rings) or the
                     // session goes (its linger, or the delivery bound, closes it).
                     return;
@@ -1059,7 +1091,7 @@ impl<B: Backend> Conn<B> {
                 // (`fence` asks for this again when it is confirmed).
                 return;
             }
-            if !self.may_write(now) && !queue.is_closed() {
+            if !self.may_write(clock) && !queue.is_closed() {
                 // The lease ended: the queue waits for its renewal (a new event rings).
                 self.events.wanted = false;
                 return;
@@ -1112,23 +1144,21 @@ impl<B: Backend> Conn<B> {
         });
     }
 
-    /// The connection's next deadline: quinn-proto's, the session's, a close's.
+    /// The connection's next deadline: quinn-proto's, the session's, a close's. (Its lease's
+    /// bound is the driver's: [`leases::LeaseWatch`].)
     fn next_deadline(&mut self) -> Option<Instant> {
         let quic = self.q.poll_timeout();
         let linger = self.linger.as_ref().map(|l| l.until);
         let fence = self.events.fence.as_ref().map(|f| f.until);
-        let bound = self
-            .delivery_bound()
-            .filter(|_| self.events.unsure && !self.ended);
         let session = match (&self.session, self.ended || self.linger.is_some()) {
             (Some(s), false) => s.next_timer().map(|t| t.into_std()),
             _ => None,
         };
-        [quic, linger, fence, bound, session].into_iter().flatten().min()
+        [quic, linger, fence, session].into_iter().flatten().min()
     }
 
-    fn on_timer(&mut self, now: Instant) {
-        if self.lease_bound(now) {
+    fn on_timer(&mut self, now: Instant, clock: LeaseClock) {
+        if self.lease_bound(now, clock) {
             return;
         }
         if self.q.poll_timeout().is_some_and(|t| t <= now) {
