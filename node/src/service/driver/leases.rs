@@ -26,9 +26,11 @@ struct Watched {
 }
 
 impl LeaseWatch {
-    /// Watches `lease` (a connection took it); a lease watched already is not added again.
+    /// Watches `lease` (a connection took it); a lease watched already is not added again, and
+    /// the leases nobody else holds any more are forgotten.
     pub(super) fn watch(&mut self, lease: &Arc<DeliveryLease>) {
         if !self.leases.iter().any(|w| Arc::ptr_eq(&w.lease, lease)) {
+            self.leases.retain(|w| Arc::strong_count(&w.lease) > 1);
             self.leases.push(Watched {
                 lease: Arc::clone(lease),
                 swept: None,
@@ -45,10 +47,8 @@ impl LeaseWatch {
             .map(|end| end.after(DELIVERY_BOUND).instant())
     }
 
-    /// Moves the leases whose bound passed by `now` into `due` (each end once), and stops
-    /// watching the leases nobody else holds.
+    /// Moves the leases whose bound passed by `now` into `due` (each end once).
     pub(super) fn due(&mut self, now: LeaseClock, due: &mut Vec<Arc<DeliveryLease>>) {
-        self.leases.retain(|w| Arc::strong_count(&w.lease) > 1);
         for w in &mut self.leases {
             let Some(end) = w.lease.ends() else {
                 continue;
@@ -104,7 +104,8 @@ mod tests {
 
         drop(lease);
         drop(never);
-        watch.due(at(now), &mut due);
-        assert!(watch.leases.is_empty(), "nobody holds them: forgotten");
+        let next = Arc::new(DeliveryLease::default());
+        watch.watch(&next);
+        assert_eq!(watch.leases.len(), 1, "nobody holds the others: forgotten");
     }
 }

@@ -251,6 +251,8 @@ struct Driver<B: Backend> {
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     /// The delivery leases the connections write under: their bounds, one deadline per lease.
     leases: leases::LeaseWatch,
+    /// The earliest of their bounds, as of the last [`Driver::next_deadline`].
+    lease_deadline: Option<Instant>,
     /// Leases that ran out, while their connections are checked.
     lapsed: Vec<Arc<DeliveryLease>>,
     /// Connections touched since the last flush.
@@ -291,6 +293,7 @@ impl<B: Backend> Driver<B> {
             next_tag: 0,
             timers: BinaryHeap::new(),
             leases: leases::LeaseWatch::default(),
+            lease_deadline: None,
             lapsed: Vec::new(),
             dirty: Vec::new(),
             bell: Arc::default(),
@@ -493,13 +496,16 @@ impl<B: Backend> Driver<B> {
             }
             self.timers.pop();
         }
-        conn.into_iter().chain(self.leases.next_deadline()).min()
+        self.lease_deadline = self.leases.next_deadline();
+        conn.into_iter().chain(self.lease_deadline).min()
     }
 
     /// Fires every deadline that has passed.
     fn expire(&mut self, now: Instant) {
         let clock = LeaseClock::at(now);
-        self.leases.due(clock, &mut self.lapsed);
+        if self.lease_deadline.is_some_and(|at| at <= now) {
+            self.leases.due(clock, &mut self.lapsed);
+        }
         if !self.lapsed.is_empty() {
             // A lease ran out: its connections' clients must have what they were sent by now.
             for slot in 0..self.conns.len() {
