@@ -103,10 +103,7 @@ impl DeliveryLease {
 
     /// Until when the driver's output may be delivered; `None` before its first confirmation.
     pub fn until(&self) -> Option<Instant> {
-        match self.until_us.load(Ordering::Acquire) {
-            0 => None,
-            us => Some(epoch() + Duration::from_micros(us)),
-        }
+        self.ends().map(LeaseClock::instant)
     }
 
     /// [`until`](Self::until) on the leases' clock.
