@@ -148,6 +148,15 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Check a configuration file as `run`, `init` and `join` read it (TOML, `NEARBY_*`
+    /// overrides, every value's range) without starting anything, and print what the node would
+    /// listen on and advertise. Exits 1 naming the field at fault. The files it names (keys,
+    /// certificates) are read only when the node starts.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Print the cluster map a data directory last saw (works while the node is stopped).
     Inspect {
         /// The node's data directory.
@@ -361,7 +370,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Inspect { data } => inspect(&data),
+        Cmd::CheckConfig { config } => check_config(&config, env),
     }
+}
+
+fn check_config(path: &Path, env: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    let c = NodeConfig::load(path, env)?;
+    let admin = c
+        .admin
+        .as_ref()
+        .map_or("off".to_string(), |a| a.listen.to_string());
+    let join = if c.cluster.join.is_empty() {
+        "none".to_string()
+    } else {
+        c.cluster.join.join(", ")
+    };
+    #[allow(clippy::print_stdout)] // the command's output
+    {
+        println!(
+            "{}: accepted — node {}, clients on {}, peers on {}, advertised as {}, admin {}, joins {}, data in {}",
+            path.display(),
+            c.node_id,
+            c.listen,
+            c.raft_listen,
+            c.advertise.as_deref().unwrap_or("(its listen addresses)"),
+            admin,
+            join,
+            c.data.display(),
+        );
+    }
+    Ok(())
 }
 
 fn inspect(data: &Path) -> anyhow::Result<()> {
