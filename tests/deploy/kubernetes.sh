@@ -6,7 +6,7 @@
 #   2. the objects against each other and against the node (tests/deploy/kubernetes_check.py:
 #      each pod's configuration accepted by `nearby-node check-config`, addresses, ports, files,
 #      probes, preStop hook, disruption budget).
-# What it cannot show is the recipe running on a real cluster (docs/operations.md says so).
+# What it cannot show is the recipe running on a real cluster (deploy/kubernetes/README.md says so).
 #
 #   tests/deploy/kubernetes.sh          uses target/debug/nearby-node (NEARBY_NODE_BIN to change)
 set -euo pipefail
@@ -19,21 +19,13 @@ node=${NEARBY_NODE_BIN:-target/debug/nearby-node}
 [ -x "$node" ] || cargo build -q -p nearby-node --bin nearby-node
 
 venv=target/k8s-venv
-if ! "$venv/bin/python" -c "import kubernetes_validate.version as v, sys; sys.exit(v.__version__ != '$version')" 2>/dev/null; then
-  echo "tests/deploy/kubernetes.sh: installing kubernetes-validate $version in $venv" >&2
-  rm -rf "$venv"
-  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
-    # Debian's python3 has no `venv` (ensurepip) without the python3-venv package.
-    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
-      apt-get install -y -qq python3-venv >/dev/null
-      rm -rf "$venv"
-      python3 -m venv "$venv"
-    else
-      echo "tests/deploy/kubernetes.sh: needs python3 with venv (apt-get install python3-venv)" >&2
-      exit 2
-    fi
-  fi
-  "$venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$version"
+# shellcheck source=tests/setup.sh
+. tests/setup.sh
+status=0
+pinned_venv "$venv" kubernetes-validate "$version" tests/deploy/kubernetes.sh || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "tests/deploy/kubernetes.sh: no venv with kubernetes-validate $version (python3 with venv, apt-get install python3-venv; and PyPI)" >&2
+  exit 2
 fi
 
 for k in "$oldest" "$newest"; do

@@ -26,10 +26,6 @@ def port_of(addr):
     return int(addr.rsplit(":", 1)[1])
 
 
-def host_of(addr):
-    return addr.rsplit(":", 1)[0]
-
-
 def main(manifest, node_bin):
     with open(manifest) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
@@ -45,7 +41,7 @@ def main(manifest, node_bin):
         by_kind.setdefault(d["kind"], []).append(d)
     services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
     config_maps = {c["metadata"]["name"]: c for c in by_kind.get("ConfigMap", [])}
-    secrets_named = set()
+    secret_mounts = set()
 
     (sts,) = by_kind["StatefulSet"]
     name = sts["metadata"]["name"]
@@ -66,7 +62,7 @@ def main(manifest, node_bin):
     mounts = {m["mountPath"]: volumes.get(m["name"]) for m in container["volumeMounts"]}
     for path, volume in mounts.items():
         if volume and "secret" in volume:
-            secrets_named.add(path)
+            secret_mounts.add(path)
     claims = {c["metadata"]["name"] for c in spec.get("volumeClaimTemplates", [])}
 
     env = {e["name"]: e for e in container.get("env", [])}
@@ -169,7 +165,7 @@ def main(manifest, node_bin):
         ] + [config["tls"]["cert"], config["tls"]["key"], config["auth"]["token_public_key"],
              config["admin"]["token_file"]]
         for f in filter(None, named):
-            check(os.path.dirname(f) in secrets_named, f"{pod_name}: {f} is not in the Secret's mount")
+            check(os.path.dirname(f) in secret_mounts, f"{pod_name}: {f} is not in the Secret's mount")
 
         # The preStop hook reaches this node's admin API with its token.
         admin_port = port_of(config["admin"]["listen"])
