@@ -307,6 +307,7 @@ impl RaftHost {
             raft,
             shared,
             wal: Arc::clone(&self.wal),
+            writes: Arc::default(),
         })
     }
 
@@ -448,6 +449,16 @@ impl RaftHost {
             self.meta().map(|m| m.raft().clone())
         } else {
             self.shard(group).map(|g| g.raft().clone())
+        }
+    }
+
+    /// Holds back new proposals to `group`'s replica here (see [`Replica::hold_writes`]); `None`
+    /// if it has no replica of it or the proposals under way were not answered within `within`.
+    pub async fn hold_writes(&self, group: GroupId, within: Duration) -> Option<WritesHeld> {
+        if group == META_GROUP {
+            self.meta()?.hold_writes(within).await
+        } else {
+            self.shard(group)?.hold_writes(within).await
         }
     }
 
@@ -634,6 +645,10 @@ pub struct Replica<M> {
     shared: Arc<Shared<M>>,
     /// The node's log, asked for disk space before a proposal that adds data.
     wal: Arc<Wal>,
+    /// Every proposal holds this shared until it is answered; a leadership hand-over holds it
+    /// exclusively, so the leader's log stops growing while its successor catches up
+    /// ([`Replica::hold_writes`]).
+    writes: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl<M> Clone for Replica<M> {
@@ -643,8 +658,14 @@ impl<M> Clone for Replica<M> {
             raft: self.raft.clone(),
             shared: Arc::clone(&self.shared),
             wal: Arc::clone(&self.wal),
+            writes: Arc::clone(&self.writes),
         }
     }
+}
+
+/// Proposals of a replica held back by [`Replica::hold_writes`]; dropping it lets them go.
+pub struct WritesHeld {
+    _guard: tokio::sync::OwnedRwLockWriteGuard<()>,
 }
 
 /// A shard group replica.
@@ -735,6 +756,7 @@ impl<M: Machine> Replica<M> {
     /// Proposes `payload` and waits until it is committed and applied here. Only the leader
     /// accepts proposals.
     async fn write(&self, payload: Payload) -> Result<(LogId, Reply), ProposeError> {
+        let _proposing = self.writes.read().await;
         match self.raft.client_write(payload).await {
             Ok(resp) => Ok((resp.log_id, resp.data)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -745,6 +767,22 @@ impl<M: Machine> Replica<M> {
                 reason: e.to_string(),
             }),
         }
+    }
+
+    /// Holds back new proposals once every proposal under way has been answered, or `None` if
+    /// they were not all answered within `within` (new ones waited meanwhile, and go on).
+    ///
+    /// A leadership transfer needs it: a candidate whose log misses an entry the leader appended
+    /// is refused by every replica holding it, yet its higher term deposes the leader — the
+    /// group is left without one until the next election timeout. Holding writes while the
+    /// successor catches up and stands (Raft's dissertation, §3.10) leaves nothing to miss.
+    /// Held proposals resume when the hold is dropped, and a replica that no longer leads then
+    /// answers them with the new leader.
+    pub async fn hold_writes(&self, within: Duration) -> Option<WritesHeld> {
+        tokio::time::timeout(within, Arc::clone(&self.writes).write_owned())
+            .await
+            .ok()
+            .map(|guard| WritesHeld { _guard: guard })
     }
 
     /// Builds a snapshot of everything applied so far and purges the log it covers, so a replica

@@ -63,7 +63,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ProposeError, WalError};
-pub use host::{HostConfig, MetaGroup, RaftHost, Replica, ShardGroup, LEADER_LEASE};
+pub use host::{HostConfig, MetaGroup, RaftHost, Replica, ShardGroup, WritesHeld, LEADER_LEASE};
 pub use machine::{AppliedEntry, Machine};
 pub use meta::{ClusterMap, MetaCommand, MetaResult};
 pub use shard::command::{Command, CommandError, CommandResult, ImportBatch};

@@ -289,6 +289,15 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
             },
             _ => not_leader(c, group),
         },
+        PeerRequest::HandOver { group, to } => {
+            if !c.router().leads(group) {
+                return not_leader(c, group);
+            }
+            match c.hand_over_here(group, to).await {
+                Ok(()) => PeerResponse::Done,
+                Err(why) => PeerResponse::Failed(why),
+            }
+        }
     }
 }
 
@@ -304,17 +313,31 @@ const CAMPAIGN_EVERY: Duration = Duration::from_millis(100);
 /// no longer committed, so it grants the next election of a candidate as up to date as it is:
 /// standing again soon wins that, before the deposed leader's election timer (400–800 ms) lets it
 /// take the group back, which a single campaign loses about half of the time.
+///
+/// It stops as soon as another replica leads in a newer term than the one it stood from: this
+/// node cannot win (its log misses what the others hold), and standing again would only depose
+/// the replica that could.
 async fn campaign(raft: &nearby_raft::Raft, me: NodeId) -> PeerResponse {
     let deadline = tokio::time::Instant::now() + CAMPAIGN_FOR;
     let mut metrics = raft.metrics();
+    let stood_from = metrics.borrow().current_term;
     loop {
         if let Err(e) = raft.trigger().elect().await {
             return PeerResponse::Failed(e.to_string());
         }
         let next = (tokio::time::Instant::now() + CAMPAIGN_EVERY).min(deadline);
         loop {
-            if metrics.borrow().current_leader == Some(me) {
+            let (leader, term) = {
+                let m = metrics.borrow();
+                (m.current_leader, m.current_term)
+            };
+            if leader == Some(me) {
                 return PeerResponse::Done;
+            }
+            if let Some(other) = leader.filter(|_| term > stood_from) {
+                return PeerResponse::Failed(format!(
+                    "node {other} leads the group in term {term}: this replica stopped standing"
+                ));
             }
             match tokio::time::timeout_at(next, metrics.changed()).await {
                 Ok(Ok(())) => {}

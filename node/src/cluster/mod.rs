@@ -97,6 +97,19 @@ const SPLIT_CHECK: Duration = Duration::from_millis(250);
 /// How long a new replica may take to catch up before its step fails.
 const CATCH_UP: Duration = Duration::from_secs(60);
 
+/// The node-to-node protocol version that knows [`PeerRequest::HandOver`].
+const HAND_OVER_PROTOCOL: u32 = 5;
+
+/// How long a hand-over waits for the proposals under way before it holds new ones.
+const HOLD_WITHIN: Duration = Duration::from_millis(500);
+
+/// How long a leadership's successor may take to catch up before the transfer gives up.
+const CAUGHT_UP_WITHIN: Duration = Duration::from_secs(2);
+
+/// How long a node waits for a group's leader to hand its leadership over: the hold, the catch
+/// up, the campaign, and a margin.
+const HAND_OVER_WITHIN: Duration = Duration::from_secs(6);
+
 /// Why the node cannot take part in the cluster.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -1255,52 +1268,17 @@ impl Cluster {
                 self.propose_map(MetaCommand::RemoveReplica { group, node }).await
             }
             Step::TransferLeader { group, to } => {
-                // A candidate missing entries the leader has is refused by it; when the step is
-                // taken on the group's leader (always for the meta group, whose log the map's
-                // own changes keep busy), the target first catches up with its log.
-                let here = self
-                    .raft_of(group)
-                    .ok()
-                    .filter(|r| r.metrics().borrow().current_leader == Some(self.me));
-                if let Some(raft) = here {
-                    let last = raft.metrics().borrow().last_log_index.unwrap_or(0);
-                    if !caught_up(&raft, to, last, Duration::from_secs(2)).await {
-                        return Err(format!("node {to} is behind group {group}'s log"));
-                    }
-                } else if group != META_GROUP {
-                    // Taken elsewhere (an operation runs on the meta leader): the target waits
-                    // until it has applied what the leader had.
-                    if let Some(leader) = self.directory.leader(group).filter(|l| *l != to) {
-                        if let Some(index) = self.applied_on(leader, group).await {
-                            let deadline = Instant::now() + Duration::from_secs(2);
-                            while self.applied_on(to, group).await.is_none_or(|a| a < index) {
-                                if Instant::now() > deadline {
-                                    return Err(format!("node {to} is behind group {group}'s log"));
-                                }
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
+                match self.directory.leader(group) {
+                    Some(l) if l == self.me => self.hand_over_here(group, to).await?,
+                    Some(l) if l != to && self.active_protocol() >= HAND_OVER_PROTOCOL => {
+                        let req = PeerRequest::HandOver { group, to };
+                        match self.router.peers().call_within(l, &req, HAND_OVER_WITHIN).await {
+                            Ok(PeerResponse::Done) => {}
+                            Ok(other) => return Err(format!("{other:?}")),
+                            Err(e) => return Err(e.to_string()),
                         }
                     }
-                }
-                // A sleeping group's replicas refuse votes while its leader is alive: the
-                // leader wakes them all first (it tells its followers).
-                tracing::info!(group, to, "waking the group for a leadership transfer");
-                match self.directory.leader(group) {
-                    Some(l) if l == self.me => self.router.wake_group(group, "a leader transfer"),
-                    Some(l) => {
-                        let _ = self.router.peers().call(l, &PeerRequest::Wake { group }).await;
-                    }
-                    None => {}
-                }
-                match self
-                    .router
-                    .peers()
-                    .call(to, &PeerRequest::Campaign { group })
-                    .await
-                {
-                    Ok(PeerResponse::Done) => {}
-                    Ok(other) => return Err(format!("{other:?}")),
-                    Err(e) => return Err(e.to_string()),
+                    _ => self.ask_to_stand(group, to).await?,
                 }
                 // Wait for the map to show the outcome before planning again.
                 let deadline = Instant::now() + Duration::from_secs(5);
@@ -1312,6 +1290,74 @@ impl Cluster {
                 }
                 Err(format!("node {to} did not take over group {group}"))
             }
+        }
+    }
+
+    /// On `group`'s leader: hands its leadership to `to`. Proposals are held (once those under
+    /// way are answered) while `to` catches up with the whole log and stands, so its log misses
+    /// nothing and its election cannot fail for that; a candidate missing an entry would depose
+    /// this leader all the same (its term is higher), and the group would wait for the next
+    /// election timeout with no leader (see `Replica::hold_writes`). The hold ends when the
+    /// campaign does (at most two seconds later); the held proposals then reach the new leader
+    /// (or, if the campaign failed, this one).
+    pub(crate) async fn hand_over_here(&self, group: GroupId, to: NodeId) -> Result<(), String> {
+        let raft = self.raft_of(group)?;
+        let _held = self
+            .host
+            .hold_writes(group, HOLD_WITHIN)
+            .await
+            .ok_or_else(|| format!("group {group}'s proposals under way were not answered in time"))?;
+        if raft.metrics().borrow().current_leader != Some(self.me) {
+            return Err(format!("this node no longer leads group {group}"));
+        }
+        let last = raft.metrics().borrow().last_log_index.unwrap_or(0);
+        if !caught_up(&raft, to, last, CAUGHT_UP_WITHIN).await {
+            return Err(format!("node {to} is behind group {group}'s log"));
+        }
+        tracing::info!(group, to, last, "handing the leadership over; proposals held");
+        self.stand(group, to).await
+    }
+
+    /// Asks `to` to stand for `group`'s leadership without holding the leader's proposals: when
+    /// the leader is unknown, or a node does not speak [`HAND_OVER_PROTOCOL`] yet. `to` first
+    /// waits (briefly) until it has applied what the leader had.
+    async fn ask_to_stand(&self, group: GroupId, to: NodeId) -> Result<(), String> {
+        if group != META_GROUP {
+            if let Some(leader) = self.directory.leader(group).filter(|l| *l != to) {
+                if let Some(index) = self.applied_on(leader, group).await {
+                    let deadline = Instant::now() + CAUGHT_UP_WITHIN;
+                    while self.applied_on(to, group).await.is_none_or(|a| a < index) {
+                        if Instant::now() > deadline {
+                            return Err(format!("node {to} is behind group {group}'s log"));
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
+        self.stand(group, to).await
+    }
+
+    /// Wakes `group` (a sleeping group's replicas refuse votes while its leader is alive; the
+    /// leader tells its followers) and asks `to` to stand.
+    async fn stand(&self, group: GroupId, to: NodeId) -> Result<(), String> {
+        tracing::info!(group, to, "waking the group for a leadership transfer");
+        match self.directory.leader(group) {
+            Some(l) if l == self.me => self.router.wake_group(group, "a leader transfer"),
+            Some(l) => {
+                let _ = self.router.peers().call(l, &PeerRequest::Wake { group }).await;
+            }
+            None => {}
+        }
+        match self
+            .router
+            .peers()
+            .call(to, &PeerRequest::Campaign { group })
+            .await
+        {
+            Ok(PeerResponse::Done) => Ok(()),
+            Ok(other) => Err(format!("{other:?}")),
+            Err(e) => Err(e.to_string()),
         }
     }
 

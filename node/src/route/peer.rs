@@ -273,6 +273,16 @@ pub enum PeerRequest {
         /// The users.
         users: Vec<UserId>,
     },
+    /// Hand `group`'s leadership to `to` (to the group's leader): hold proposals, let `to`
+    /// catch up with the whole log, ask it to stand, then let proposals go (see
+    /// `Cluster::hand_over_here`). Protocol 5; to older nodes the step asks `to` to stand
+    /// directly.
+    HandOver {
+        /// The group.
+        group: GroupId,
+        /// The node to lead it.
+        to: NodeId,
+    },
 }
 
 /// What a merge needs to know of a group ([`ReadQuery::MergeState`]).

@@ -41,7 +41,9 @@ pub const NODE_SERVER_NAME: &str = "nearby-node";
 /// messages changed, so this build refuses them (the handshake fails, and says why) rather than
 /// misreading them; from 3 on, a change follows the rules and rolls. 4 adds a tool's request for
 /// a replica's one-way grants (`PeerRequest::ReplicaGrants`), sent only to nodes that speak it.
-pub const PEER_PROTOCOL: u32 = 4;
+/// 5 adds the request that a group's leader hand its leadership over (`PeerRequest::HandOver`),
+/// sent once every node speaks it.
+pub const PEER_PROTOCOL: u32 = 5;
 
 /// The oldest version this build still speaks (see [`PEER_PROTOCOL`]).
 pub const OLDEST_PEER_PROTOCOL: u32 = 3;

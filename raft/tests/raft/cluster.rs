@@ -261,3 +261,45 @@ async fn invalid_commands_are_rejected_before_the_log() {
     );
     c.shutdown().await;
 }
+
+/// A leadership hand-over holds a group's proposals: none reaches the log while the hold
+/// lasts, and each goes on, answered, once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_held_for_a_hand_over_reach_the_log_only_after_it() {
+    let c = Cluster::start(1).await;
+    let r = UserRange::new(100, 200).expect("range");
+    c.create_group(1, r, 0).await;
+    c.leader(1).await;
+    let g = c.host(0).shard(1).expect("group");
+    g.propose(register(150)).await.expect("register");
+    let before = g.raft().metrics().borrow().last_log_index;
+
+    let held = g
+        .hold_writes(Duration::from_secs(5))
+        .await
+        .expect("nothing under way");
+    let proposer = g.clone();
+    let mut waiting = tokio::spawn(async move { proposer.propose(register(151)).await });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "a proposal was answered during the hold"
+    );
+    assert_eq!(
+        g.raft().metrics().borrow().last_log_index,
+        before,
+        "a held proposal reached the log"
+    );
+    // A second hold waits for the first: it cannot be had meanwhile.
+    assert!(g.hold_writes(Duration::from_millis(100)).await.is_none());
+
+    drop(held);
+    let answered = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("answered once the hold ended")
+        .expect("the task");
+    assert_eq!(answered.expect("committed"), CommandResult::Registered);
+    assert!(g.raft().metrics().borrow().last_log_index > before);
+    c.shutdown().await;
+}

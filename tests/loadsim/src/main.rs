@@ -238,8 +238,10 @@ struct OperateArgs {
     /// Seconds of load before the first command, and at least after the last.
     #[arg(long, default_value_t = 5.0)]
     settle: f64,
-    /// The operations: `operations` (split, move, merge, drain, undrain, rebalance) or
-    /// `upgrade` (the rolling upgrade: every node cordoned, restarted, let back, in turn).
+    /// The operations: `operations` (split, move, merge, drain, undrain, rebalance),
+    /// `upgrade` (the rolling upgrade: every node cordoned, restarted, let back, in turn),
+    /// `restarts` (every node restarted by SIGTERM alone) or `transfers` (leaderships moved
+    /// round their replicas).
     #[arg(long, value_enum, default_value_t = nearby_loadsim::operate::Script::Operations)]
     script: nearby_loadsim::operate::Script,
 }

@@ -18,7 +18,8 @@
 //! The other script, [`Script::Upgrade`], is the operations guide's rolling upgrade, one node at
 //! a time: `nodectl drain N --leaders-only` (cordoned: it leads nothing and keeps its replicas),
 //! SIGTERM and a wait for the process to exit, the node started again on its data, `nodectl
-//! undrain N`, `nodectl health --wait 120` — judged the same way.
+//! undrain N`, `nodectl health --wait 120` — judged the same way. [`Script::Transfers`] moves
+//! group leaderships round their replicas, one `nodectl transfer-leader` after another.
 
 use std::time::Duration;
 
@@ -46,6 +47,9 @@ pub enum Script {
     /// Every node restarted in turn with nothing but SIGTERM (the node hands its leaderships
     /// over by itself and takes them back when it returns: `cluster::leave`).
     Restarts,
+    /// `nodectl transfer-leader` again and again: the leadership of four groups moved round
+    /// their replicas while their users' writes go on.
+    Transfers,
 }
 
 /// One step of a script.
@@ -305,6 +309,43 @@ fn script(groups: &serde_json::Value, nodes: u8, hub: Option<u64>) -> Result<Vec
     .collect())
 }
 
+/// Transfers (see [`Script::Transfers`]): each of the first four groups' leadership moved to
+/// each of its other replicas and back, the groups in turn, through node 1's admin API.
+fn transfer_script(groups: &serde_json::Value) -> Result<Vec<Step>, ChaosError> {
+    let list = groups["groups"].as_array().cloned().unwrap_or_default();
+    let mut rounds: Vec<Vec<Step>> = Vec::new();
+    for g in list.iter().take(4) {
+        let id = g["id"].as_u64().unwrap_or(0).to_string();
+        let mut replicas: Vec<u64> = g["replicas"]
+            .as_array()
+            .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
+            .unwrap_or_default();
+        if replicas.len() < 2 {
+            return Err(ChaosError::Driver(format!(
+                "group {id} has one replica: {groups}"
+            )));
+        }
+        // From the replica after the leader round to the leader itself.
+        let at = replicas
+            .iter()
+            .position(|r| Some(*r) == g["leader"].as_u64())
+            .unwrap_or(0);
+        replicas.rotate_left(at + 1);
+        for (round, to) in replicas.iter().enumerate() {
+            let args = ["transfer-leader", &id, "--to", &to.to_string()];
+            let step = Step::Nodectl {
+                args: args.iter().map(|x| (*x).to_string()).collect(),
+                via: 1,
+            };
+            match rounds.get_mut(round) {
+                Some(r) => r.push(step),
+                None => rounds.push(vec![step]),
+            }
+        }
+    }
+    Ok(rounds.into_iter().flatten().collect())
+}
+
 /// The rolling upgrade (see the module doc) — with `cordon`, as the operations guide does it;
 /// without, by SIGTERM alone: for every node, through another node's admin API.
 fn upgrade_script(nodes: u8, cordon: bool) -> Vec<Step> {
@@ -379,6 +420,7 @@ pub async fn run(config: OperateConfig) -> Result<OperateReport, ChaosError> {
         }
         Script::Upgrade => upgrade_script(setup.nodes, true),
         Script::Restarts => upgrade_script(setup.nodes, false),
+        Script::Transfers => transfer_script(&nodectl_json(&run.cluster, &["groups"]).await?)?,
     };
     let mut commands = Vec::new();
     let mut drain_window = None;

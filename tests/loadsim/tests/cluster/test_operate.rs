@@ -46,7 +46,10 @@ async fn operate(script: Script, nodes: u8, hub_friends: usize) -> OperateReport
         },
         script,
         // The upgrades' every step waits for the cluster to be whole: room for three restarts.
-        duration: Duration::from_secs(if script == Script::Operations { 45 } else { 60 }),
+        duration: Duration::from_secs(match script {
+            Script::Operations | Script::Transfers => 45,
+            Script::Upgrade | Script::Restarts => 60,
+        }),
         settle: Duration::from_secs(4),
     };
     let report = nearby_loadsim::operate::run(config).await.expect("the run");
@@ -67,6 +70,8 @@ async fn operate(script: Script, nodes: u8, hub_friends: usize) -> OperateReport
         Script::Operations => vec!["split", "move", "merge", "drain", "undrain", "rebalance"],
         Script::Upgrade => ["drain", "node", "undrain", "health"].repeat(usize::from(nodes)),
         Script::Restarts => ["node", "health"].repeat(usize::from(nodes)),
+        // Four groups, each moved to its two other replicas and back.
+        Script::Transfers => vec!["transfer-leader"; 12],
     };
     check(kinds == want, "every command done");
     check(report.load.total.leaks == 0, "no leak");
@@ -125,6 +130,21 @@ async fn nodes_restarted_by_sigterm_alone_hand_their_leaderships_over_and_fail_n
     // Every stop of the script handed over (the cluster's own stop at the end, all nodes at
     // once, has nobody to hand over to and is not counted).
     assert_eq!(report.handovers, 3, "{}", report.table());
+}
+
+/// Leaderships moved again and again while the groups' users write: each transfer holds the
+/// leader's proposals until its successor has the whole log and stands, so no election fails
+/// for a missing entry and leaves the group leaderless (`Cluster::hand_over_here`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaderships_moved_round_their_replicas_under_writes_fail_no_client() {
+    let _serial = crate::util::one_at_a_time().await;
+    let report = operate(Script::Transfers, 3, 0).await;
+    let done = report
+        .commands
+        .iter()
+        .filter(|c| c.said.starts_with("done: move the leadership"))
+        .count();
+    assert!(done >= 8, "most transfers moved a leadership: {}", report.table());
 }
 
 /// The split cuts right at a user with 1,000 friends: its record moves whole, and its
