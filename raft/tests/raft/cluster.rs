@@ -214,8 +214,9 @@ async fn sixteen_groups_share_a_node_without_blocking_each_other() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_commands_are_rejected_before_the_log() {
+/// One node leading group 1 (users 100–199) with user 150 registered, and the log's last index
+/// after that.
+async fn one_node_group_with_user_150() -> (Cluster, nearby_raft::ShardGroup, Option<u64>) {
     let c = Cluster::start(1).await;
     let r = UserRange::new(100, 200).expect("range");
     c.create_group(1, r, 0).await;
@@ -223,6 +224,12 @@ async fn invalid_commands_are_rejected_before_the_log() {
     let g = c.host(0).shard(1).expect("group");
     g.propose(register(150)).await.expect("register");
     let before = g.raft().metrics().borrow().last_log_index;
+    (c, g, before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_commands_are_rejected_before_the_log() {
+    let (c, g, before) = one_node_group_with_user_150().await;
 
     let bad = [
         (Command::AddFriend { from: 150, to: 150 }, "self-friendship"),
@@ -266,13 +273,7 @@ async fn invalid_commands_are_rejected_before_the_log() {
 /// lasts, and each goes on, answered, once it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proposals_held_for_a_hand_over_reach_the_log_only_after_it() {
-    let c = Cluster::start(1).await;
-    let r = UserRange::new(100, 200).expect("range");
-    c.create_group(1, r, 0).await;
-    c.leader(1).await;
-    let g = c.host(0).shard(1).expect("group");
-    g.propose(register(150)).await.expect("register");
-    let before = g.raft().metrics().borrow().last_log_index;
+    let (c, g, before) = one_node_group_with_user_150().await;
 
     let held = g
         .hold_writes(Duration::from_secs(5))
