@@ -8,6 +8,14 @@
 #   tests/bench/compare.sh --smoke    a few seconds with a small world and the debug binaries
 #                                     (CI runs this after the tests, which built them)
 #
+#   NEARBY_COMPARE_SERVER_SHARE=0.5 (the full run's default; 1 = off)
+#                                     caps every server it measures (nearby, the baseline with its
+#                                     Redis, the bare push) at this share of its CPUs with a CPU
+#                                     quota, so that the load generator, which costs as much CPU
+#                                     per push as nearby's server, is never the limit of a ramp
+#                                     (needs root for a cgroup; without one it runs uncapped and
+#                                     says so)
+#
 #   NEARBY_COMPARE_NEAR=0.2 tests/bench/compare.sh
 #                                     the same with a world where ~20 % of friendships are
 #                                     within 8 km (the default world's cities put ~70 % there);
@@ -26,11 +34,11 @@ if [ "$mode" = smoke ]; then
 else
   profile=release users=20000 online=0.1 duration=15 seed=7
   # The bare push ceiling: as many sessions as online users, pushes/s around nearby's range.
-  sessions=2000 push_rates=${NEARBY_CEILING_RATES:-5000,10000,15000,20000,25000,30000} push_duration=10
-  # Steps up to twice the load both systems held on the 2-core machine on quinn's tasks (1,200
-  # updates/s), so that the knee of each lies inside the ramp; override with
-  # NEARBY_COMPARE_RATES for other machines.
-  rates=${NEARBY_COMPARE_RATES:-200,400,600,800,1000,1200,1400,1700,2000,2400}
+  sessions=2000 push_rates=${NEARBY_CEILING_RATES:-2500,5000,7500,10000,15000,20000} push_duration=10
+  # Steps up to about twice the load both systems hold on half a core of the 2-core machine
+  # (the default cap below: ~500-700 updates/s), so that the knee of each lies inside the ramp;
+  # override with NEARBY_COMPARE_RATES for other machines or caps.
+  rates=${NEARBY_COMPARE_RATES:-100,200,300,400,500,600,700,850,1000,1200}
   cargo build --release -p nearby-node -p nearby-baseline -p nearby-loadsim
 fi
 bin=target/$profile
@@ -54,6 +62,30 @@ fi
 
 # shellcheck source=tests/bench/lib.sh
 . tests/bench/lib.sh
+
+# The load generator runs the same QUIC client stack as an app and costs as much CPU per push as
+# nearby's server (docs/benchmarks.md, "Was the load generator the limit?"): with a core each, it
+# would saturate when the server does and the ramp's knee would be the generator's. The servers
+# get a CPU quota of `share` of their CPUs (cgroup, 10 ms periods), the generator none; the
+# comparison prints the generator's share at each system's knee, so a run shows it held.
+share=${NEARBY_COMPARE_SERVER_SHARE:-0.5}
+[ "$mode" = smoke ] && share=1
+cg="" on_cgroup=() ceiling_cgroup=()
+if [ "$share" != 1 ]; then
+  ncpu_server=$ncpu
+  [ -n "$server_cpus" ] && ncpu_server=$(taskset -c "$server_cpus" nproc)
+  if cg=$(make_cpu_cgroup "$share" "$ncpu_server"); then
+    cgroups+=("$cg")
+    on_cgroup=(bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg")
+    ceiling_cgroup=(--server-cgroup "$cg")
+    echo "== servers capped at $share of their $ncpu_server CPU(s) ($cg)"
+  else
+    cg=""
+    echo "== cannot make a cgroup for the servers' CPU quota (not root?): they run uncapped, and the" >&2
+    echo "   load generator may be the limit of a ramp (the comparison says where it was)" >&2
+  fi
+fi
+on_server=("${on_cgroup[@]}" "${on_server[@]}")
 
 echo "== world: $users users, $online online (seed $seed)"
 near=()
@@ -120,7 +152,8 @@ kill -TERM "$base"; wait "$base" || true
 
 echo "== bare quinn push ceiling: $sessions sessions, $push_rates pushes/s"
 "${on_load[@]}" "$bin/nearby-loadsim" ceiling --sessions "$sessions" --rate "$push_rates" \
-  --duration "$push_duration" ${server_cpus:+--server-cpus "$server_cpus"} --json-out "$work/ceiling.json"
+  --duration "$push_duration" ${server_cpus:+--server-cpus "$server_cpus"} "${ceiling_cgroup[@]}" \
+  --json-out "$work/ceiling.json"
 
 echo "== comparison"
 table=$("$bin/nearby-loadsim" compare --nearby "$work/nearby.json" --baseline "$work/baseline.json" \
@@ -142,7 +175,7 @@ if [ "$mode" = full ]; then
   {
     echo "<!-- $marker:begin -->"
     echo "Run: \`tests/bench/compare.sh\` on $(date -u +%Y-%m-%d), $users users (share online: $online),"
-    echo "steps of $duration s at $rates updates/s; servers on CPUs ${server_cpus:-any}, the load"
+    echo "steps of $duration s at $rates updates/s; servers on CPUs ${server_cpus:-any}${cg:+, capped at $share of them}, the load"
     echo "generator on the others; load shedding off in both; world: $(sed -n 's/.*\(, [0-9]* % of friends within 8 km\)/\1/p' "$work/world.log" | sed 's/^, //'). Raw reports: \`$plots/*.json\`."
     echo
     echo "$table"

@@ -7,9 +7,11 @@ address_limit=1000000
 
 work=$(mktemp -d)
 pids=()
+cgroups=()
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for c in "${cgroups[@]}"; do rmdir "$c" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -48,4 +50,25 @@ wait_redis() {
     sleep 0.1; i=$((i + 1))
     [ $i -lt 100 ] || { echo "redis-server did not start:" >&2; cat "$2" >&2; exit 1; }
   done
+}
+
+# make_cpu_cgroup SHARE CPUS: makes a cgroup whose processes together get at most SHARE of CPUS
+# CPUs (a CFS quota over 10 ms periods: throttled at most ~10 ms at a time) and prints its
+# directory (removed at exit); fails without a writable cgroup CPU controller (v2 or v1).
+make_cpu_cgroup() {
+  local period=10000 quota dir
+  quota=$(awk -v s="$1" -v n="$2" -v p="$period" 'BEGIN { q = int(s * n * p); print (q < 1000 ? 1000 : q) }')
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control 2>/dev/null ||
+      echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || return 1
+    dir=/sys/fs/cgroup/nearby-bench-$$
+    mkdir "$dir" 2>/dev/null && echo "$quota $period" >"$dir/cpu.max" 2>/dev/null || return 1
+  elif [ -d /sys/fs/cgroup/cpu ]; then
+    dir=/sys/fs/cgroup/cpu/nearby-bench-$$
+    mkdir "$dir" 2>/dev/null && echo "$period" >"$dir/cpu.cfs_period_us" 2>/dev/null &&
+      echo "$quota" >"$dir/cpu.cfs_quota_us" 2>/dev/null || return 1
+  else
+    return 1
+  fi
+  echo "$dir"
 }

@@ -289,6 +289,13 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Moves the server process, every thread of it, into the cgroup at `dir` (v1 or v2: both
+    /// take a pid written to `cgroup.procs`).
+    pub fn join_cgroup(&self, dir: &std::path::Path) -> Result<(), CeilingError> {
+        std::fs::write(dir.join("cgroup.procs"), self.child.id().to_string())
+            .map_err(io("moving the server process into its cgroup"))
+    }
+
     /// Starts `exe ceiling-server` for `sessions` sessions and waits until it listens; with
     /// `cpus`, under `taskset -c <cpus>` (which execs the server, so the pid is the server's).
     pub fn start(

@@ -14,6 +14,23 @@ pub const P99_BOUND_MS: f64 = 100.0;
 pub const MISS_BOUND: f64 = 0.001;
 /// Bound on the share of refused updates for a step to count.
 pub const REFUSED_BOUND: f64 = 0.001;
+/// At this share of its CPUs or more at the first step past the bounds, the load generator may
+/// have been the limit itself: a process that busy queues its own work (at 80 % a single queue
+/// waits ~4× its service time), the clients' queues then count in the latency, and the system's
+/// max is only a lower bound.
+pub const GENERATOR_BUSY_BOUND: f64 = 0.8;
+
+/// The first step past a system's max that broke the bounds: where the ramp found its knee.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Knee {
+    /// The step, 1-based.
+    pub step: usize,
+    /// Updates/s asked for in it.
+    pub target_rate: f64,
+    /// The load generator's CPU use in it, as a share of the CPUs it could use (`None` when the
+    /// report does not say).
+    pub generator_busy: Option<f64>,
+}
 
 /// One system's result.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +51,9 @@ pub struct Summary {
     pub leaks: u64,
     /// Miss rate over the whole run.
     pub miss_rate: f64,
+    /// Where the ramp broke the bounds (`None`: no step past the max did, so the ramp ended
+    /// before the knee).
+    pub knee: Option<Knee>,
 }
 
 /// Whether a step held every bound.
@@ -64,6 +84,16 @@ pub fn summarize(name: &str, report: &Report) -> Summary {
             })
     });
     let sessions = report.connect.sessions as f64;
+    let knee = report
+        .steps
+        .iter()
+        .skip_while(|s| best.is_some_and(|b| s.step <= b.step))
+        .find(|s| !within_bounds(s))
+        .map(|s| Knee {
+            step: s.step,
+            target_rate: s.target_rate,
+            generator_busy: report.generator_cpus.and_then(|cpus| s.generator_busy(cpus)),
+        });
     Summary {
         name: name.to_string(),
         max_pushes_per_s: max,
@@ -75,6 +105,40 @@ pub fn summarize(name: &str, report: &Report) -> Summary {
             .map(|s| s.peak_rss_kb() as f64 / sessions),
         leaks: report.total.leaks,
         miss_rate: report.total.miss_rate,
+        knee,
+    }
+}
+
+/// What bounded a system's ramp, for the reader of its max: the system, the load generator, or
+/// the ramp's end.
+pub fn knee_line(s: &Summary) -> String {
+    match s.knee {
+        None => format!(
+            "{}: no step past its max broke the bounds: the ramp ended before the knee, and the max is a lower bound",
+            s.name
+        ),
+        Some(Knee {
+            target_rate,
+            generator_busy: Some(busy),
+            ..
+        }) if busy >= GENERATOR_BUSY_BOUND => format!(
+            "{}: at the first step past the bounds ({target_rate:.0} updates/s) the load generator used {:.0} % of its CPUs: the knee may be the generator's, and the max is a lower bound",
+            s.name,
+            busy * 100.0
+        ),
+        Some(Knee {
+            target_rate,
+            generator_busy: Some(busy),
+            ..
+        }) => format!(
+            "{}: at the first step past the bounds ({target_rate:.0} updates/s) the load generator used {:.0} % of its CPUs: the knee is the system's",
+            s.name,
+            busy * 100.0
+        ),
+        Some(Knee { target_rate, .. }) => format!(
+            "{}: first step past the bounds at {target_rate:.0} updates/s (the load generator's CPU was not recorded)",
+            s.name
+        ),
     }
 }
 
@@ -115,6 +179,10 @@ pub fn markdown(nearby: &Summary, baseline: &Summary) -> String {
         ratio(nearby.cpu_s_per_m_pushes, baseline.cpu_s_per_m_pushes),
         ratio(nearby.rss_kib_per_session, baseline.rss_kib_per_session),
     ));
+    out.push('\n');
+    for s in [nearby, baseline] {
+        out.push_str(&format!("- {}.\n", knee_line(s)));
+    }
     out
 }
 
@@ -186,7 +254,9 @@ pub fn equal_load_markdown(nearby: &Report, baseline: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::ProcUsage;
     use crate::report::fixtures::{report, step};
+    use crate::report::StepReport;
 
     #[test]
     fn the_max_is_the_highest_step_within_the_bounds() {
@@ -210,6 +280,57 @@ mod tests {
         assert_eq!(s.rss_kib_per_session, Some(100.0));
         let md = markdown(&s, &s);
         assert!(md.contains("| **nearby / baseline** | 1.00 |"), "{md}");
+    }
+
+    /// `s` with the load generator at `busy` of its one CPU.
+    fn generator_at(mut s: StepReport, busy: f64) -> StepReport {
+        s.loadsim = s.server.map(|u| ProcUsage { cores: busy, ..u });
+        s
+    }
+
+    #[test]
+    fn the_knee_says_whether_the_load_generator_was_the_limit() {
+        let ramp = |busy_at_knee| {
+            report(vec![
+                generator_at(step(1, 1000.0, 1.0, 5.0, 0.0, 1.0), 0.3),
+                generator_at(step(2, 2000.0, 1.0, 40.0, 0.0, 2.0), 0.6),
+                generator_at(step(3, 3000.0, 1.0, 150.0, 0.0, 3.0), busy_at_knee),
+                generator_at(step(4, 3100.0, 1.0, 900.0, 0.0, 3.0), 0.99),
+            ])
+        };
+        // The generator had room at the first step past the bounds: the knee is the server's.
+        let s = summarize("x", &ramp(0.5));
+        assert_eq!(s.knee.map(|k| k.step), Some(3));
+        assert!(
+            knee_line(&s).contains("the knee is the system's"),
+            "{}",
+            knee_line(&s)
+        );
+        // It was saturated there: the max is only a lower bound.
+        let s = summarize("x", &ramp(0.95));
+        assert!(
+            knee_line(&s).contains("may be the generator's"),
+            "{}",
+            knee_line(&s)
+        );
+        assert!(markdown(&s, &s).contains("- x: at the first step past the bounds (120 updates/s)"));
+        // With two CPUs the same CPU time is half as busy.
+        let mut two = ramp(0.96);
+        two.generator_cpus = Some(2);
+        assert!(knee_line(&summarize("x", &two)).contains("48 %"));
+        // A step past the max that held the bounds again does not hide the knee before it; a ramp
+        // that never broke them says so.
+        let held = report(vec![
+            step(1, 1000.0, 1.0, 5.0, 0.0, 1.0),
+            step(2, 2000.0, 1.0, 9.0, 0.0, 2.0),
+        ]);
+        let s = summarize("x", &held);
+        assert_eq!(s.knee, None);
+        assert!(knee_line(&s).contains("the ramp ended before the knee"));
+        // An older report without the generator's CPUs says it was not recorded.
+        let mut old = ramp(0.95);
+        old.generator_cpus = None;
+        assert!(knee_line(&summarize("x", &old)).contains("not recorded"));
     }
 
     #[test]

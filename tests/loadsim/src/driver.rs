@@ -184,6 +184,9 @@ pub struct Startup {
 pub struct RunOutput {
     /// For the oracle.
     pub truth: Truth,
+    /// The CPUs this process (the load generator) may run on: its CPU use over a step, divided
+    /// by these, says whether the generator itself was the limit.
+    pub generator_cpus: usize,
     /// The steps' windows `[from, to)`, µs since the run started.
     pub windows: Vec<(Micros, Micros)>,
     /// The steps as asked for.
@@ -583,6 +586,7 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let error_messages = lock(&shared.error_messages).clone();
     let changes = std::mem::take(&mut *lock(&shared.changes));
     Ok(RunOutput {
+        generator_cpus: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         truth: Truth {
             ids,
             audience,

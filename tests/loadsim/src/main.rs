@@ -319,6 +319,10 @@ struct CeilingArgs {
     /// Run the server process on these CPUs (`taskset -c` syntax), apart from this driver.
     #[arg(long)]
     server_cpus: Option<String>,
+    /// Put the server process into this cgroup once started (its directory, e.g. one with a CPU
+    /// quota, as `tests/bench/compare.sh` makes for every server it measures).
+    #[arg(long)]
+    server_cgroup: Option<PathBuf>,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -610,6 +614,9 @@ fn ceiling(args: CeilingArgs) -> anyhow::Result<ExitCode> {
     let report = {
         let mut server =
             ceiling::ServerProcess::start(&exe, args.sessions, args.mode, &dir, args.server_cpus.as_deref())?;
+        if let Some(cgroup) = &args.server_cgroup {
+            server.join_cgroup(cgroup)?;
+        }
         rt.block_on(ceiling::drive(&config, &mut server))
     };
     let _ = std::fs::remove_dir_all(&dir);

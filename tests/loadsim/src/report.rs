@@ -68,6 +68,13 @@ pub struct StepReport {
 }
 
 impl StepReport {
+    /// The load generator's CPU use over the step as a share of the `cpus` it could use (`None`
+    /// if it was not read).
+    pub fn generator_busy(&self, cpus: usize) -> Option<f64> {
+        let cpus = cpus.max(1) as f64;
+        self.loadsim.map(|u| u.cores / cpus)
+    }
+
     /// CPU seconds the system under test used in the step: the server process and the extra
     /// process (the baseline's Redis) together, since both serve the load.
     pub fn system_cpu_s(&self) -> f64 {
@@ -166,6 +173,9 @@ pub struct Report {
     /// deliveries to and from it.
     #[serde(default)]
     pub hub: Option<HubReport>,
+    /// The CPUs the load generator could use (its affinity); `None` in reports older than it.
+    #[serde(default)]
+    pub generator_cpus: Option<usize>,
 }
 
 /// The hub's deliveries ([`crate::world::WorldConfig::hub_friends`]).
@@ -256,6 +266,7 @@ impl Report {
                 startup_band: metrics::startup_latency(&out.startups, Some(band)),
             },
             steps,
+            generator_cpus: Some(out.generator_cpus),
             total: OracleCounts::of(&verdict.total),
             latency: LatencySummary::of(&verdict.total.latency_us),
             errors: metrics::by_code(&out.errors),
@@ -379,6 +390,15 @@ impl Report {
                     x.cores,
                     x.cpu_us_per_push.map_or("-".into(), |v| format!("{v:.1}")),
                     x.peak_rss_kb as f64 / 1024.0
+                );
+            }
+            if let (Some(g), Some(cpus)) = (&st.loadsim, self.generator_cpus) {
+                let _ = writeln!(
+                    s,
+                    "     load generator: {:.2} cores, {:.0} % of its {cpus} CPU(s), {} µs/push",
+                    g.cores,
+                    st.generator_busy(cpus).unwrap_or(0.0) * 100.0,
+                    g.cpu_us_per_push.map_or("-".into(), |v| format!("{v:.1}")),
                 );
             }
         }
@@ -561,6 +581,7 @@ pub(crate) mod fixtures {
             in_flight_after_ack: (0, 0.0),
             strangers: (0, 0),
             hub: None,
+            generator_cpus: Some(1),
         }
     }
 }
