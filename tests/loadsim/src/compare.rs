@@ -72,11 +72,13 @@ pub fn summarize(name: &str, report: &Report) -> Summary {
         .filter(|s| within_bounds(s))
         .max_by(|a, b| a.pushes_per_s.total_cmp(&b.pushes_per_s));
     let max = best.map_or(0.0, |s| s.pushes_per_s);
+    // Among the steps within the bounds: past its knee a system may collapse to a few pushes/s
+    // with a p99 of seconds, which is not "80 % of its max".
     let at80 = best.and_then(|_| {
         report
             .steps
             .iter()
-            .filter(|s| s.pushes_per_s <= max)
+            .filter(|s| within_bounds(s) && s.pushes_per_s <= max)
             .min_by(|a, b| {
                 (a.pushes_per_s - 0.8 * max)
                     .abs()
@@ -301,6 +303,10 @@ mod tests {
         // The generator had room at the first step past the bounds: the knee is the server's.
         let s = summarize("x", &ramp(0.5));
         assert_eq!(s.knee.map(|k| k.step), Some(3));
+        // A step past the knee that collapsed to 80 % of the max is not the max's 80 %.
+        let mut collapsed = ramp(0.5);
+        collapsed.steps.push(step(5, 1600.0, 1.0, 30_000.0, 0.3, 3.0));
+        assert_eq!(summarize("x", &collapsed).p99_at_80_ms, Some(40.0));
         assert!(
             knee_line(&s).contains("the knee is the system's"),
             "{}",
