@@ -324,8 +324,7 @@ mod tests {
         let mut two = ramp(0.96);
         two.generator_cpus = Some(2);
         assert!(knee_line(&summarize("x", &two)).contains("48 %"));
-        // A step past the max that held the bounds again does not hide the knee before it; a ramp
-        // that never broke them says so.
+        // A ramp that never broke the bounds past its max says so.
         let held = report(vec![
             step(1, 1000.0, 1.0, 5.0, 0.0, 1.0),
             step(2, 2000.0, 1.0, 9.0, 0.0, 2.0),
