@@ -53,8 +53,9 @@ wait_redis() {
 }
 
 # make_cpu_cgroup SHARE CPUS: makes a cgroup whose processes together get at most SHARE of CPUS
-# CPUs (a CFS quota over 10 ms periods: throttled at most ~10 ms at a time) and prints its
-# directory (removed at exit); fails without a writable cgroup CPU controller (v2 or v1).
+# CPUs (a CFS quota over 10 ms periods: once the quota is spent, throttled for the rest of the
+# period) and prints its directory (removed at exit); fails without a writable cgroup CPU
+# controller (v2 or v1).
 make_cpu_cgroup() {
   local period=10000 quota dir
   quota=$(awk -v s="$1" -v n="$2" -v p="$period" 'BEGIN { q = int(s * n * p); print (q < 1000 ? 1000 : q) }')

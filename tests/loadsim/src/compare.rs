@@ -123,19 +123,15 @@ pub fn knee_line(s: &Summary) -> String {
             target_rate,
             generator_busy: Some(busy),
             ..
-        }) if busy >= GENERATOR_BUSY_BOUND => format!(
-            "{}: at the first step past the bounds ({target_rate:.0} updates/s) the load generator used {:.0} % of its CPUs: the knee may be the generator's, and the max is a lower bound",
-            s.name,
-            busy * 100.0
-        ),
-        Some(Knee {
-            target_rate,
-            generator_busy: Some(busy),
-            ..
         }) => format!(
-            "{}: at the first step past the bounds ({target_rate:.0} updates/s) the load generator used {:.0} % of its CPUs: the knee is the system's",
+            "{}: at the first step past the bounds ({target_rate:.0} updates/s) the load generator used {:.0} % of its CPUs: {}",
             s.name,
-            busy * 100.0
+            busy * 100.0,
+            if busy >= GENERATOR_BUSY_BOUND {
+                "the knee may be the generator's, and the max is a lower bound"
+            } else {
+                "the knee is the system's"
+            }
         ),
         Some(Knee { target_rate, .. }) => format!(
             "{}: first step past the bounds at {target_rate:.0} updates/s (the load generator's CPU was not recorded)",
