@@ -12,7 +12,7 @@
 //! - [`geo`]: validated coordinates ([`LatLng`]), great-circle distance, [`UserId`], [`Millis`].
 //! - [`ttl`]: the latest-location table ([`LocationTable`]) whose entries expire after a TTL,
 //!   through an ordered expiry queue rather than scans.
-//! - [`friends`]: friend sets as sorted id arrays ([`FriendSet`]), user-id ranges and the table
+//! - [`friends`]: friend sets, Elias–Fano coded ([`FriendSet`]), user-id ranges and the table
 //!   of which shard group owns which range ([`RangeTable`]), and the one-pass split of a friend
 //!   set by owner.
 //! - [`query`]: the nearby page — filter by radius, nearest first, paged with an opaque

@@ -306,10 +306,10 @@ impl Gateway {
             .ok_or_else(|| ServiceError::new(ErrorCode::UnknownUser, format!("unknown user {user}")))?;
         let sets = [
             (&record.friends, proto::Relation::Friend),
-            (&record.requests_in, proto::Relation::RequestReceived),
-            (&record.requests_out, proto::Relation::RequestSent),
-            (&record.followers, proto::Relation::Follower),
-            (&record.following, proto::Relation::Following),
+            (&record.rare().requests_in, proto::Relation::RequestReceived),
+            (&record.rare().requests_out, proto::Relation::RequestSent),
+            (&record.rare().followers, proto::Relation::Follower),
+            (&record.rare().following, proto::Relation::Following),
         ];
         let mut ids: Vec<UserId> = sets
             .iter()
@@ -331,7 +331,7 @@ impl Gateway {
                         id,
                         name: names.get(&id).cloned(),
                         relation: *relation,
-                        hidden: record.hidden_from.contains(id),
+                        hidden: record.rare().hidden_from.contains(id),
                     });
                 }
             }
@@ -341,7 +341,7 @@ impl Gateway {
             entries,
             sharing: record.sharing,
             discoverable: record.discoverable,
-            ghost_until: record.ghost_until.filter(|until| *until > now),
+            ghost_until: record.ghost_until().filter(|until| *until > now),
             history: !record.history_off && self.history.enabled(),
             next,
         })
@@ -360,7 +360,7 @@ impl Gateway {
         let d = self.driver(user)?;
         let cleared = d
             .group()
-            .read_linearizable(|s| s.user(user).map(|r| r.history_cleared))
+            .read_linearizable(|s| s.user(user).map(|r| r.history_cleared()))
             .await?
             .ok_or_else(|| ServiceError::new(ErrorCode::UnknownUser, format!("unknown user {user}")))?;
         let since = match cleared {

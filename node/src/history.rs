@@ -368,7 +368,7 @@ async fn reconcile_all(history: &History, host: &nearby_raft::RaftHost) {
     for replica in host.shards() {
         let marks: Vec<(UserId, Millis)> = replica.read(|s| {
             s.users()
-                .filter_map(|(u, r)| r.history_cleared.map(|c| (u, c)))
+                .filter_map(|(u, r)| r.history_cleared().map(|c| (u, c)))
                 .collect()
         });
         if !marks.is_empty() {

@@ -300,7 +300,7 @@ impl Presence {
     /// here, whoever set it.
     pub fn load(&mut self, state: &GroupState, now: Millis) {
         for (user, record) in state.users() {
-            self.watch_ghost(user, record.ghost_until, now);
+            self.watch_ghost(user, record.ghost_until(), now);
         }
     }
 
@@ -447,7 +447,11 @@ impl Presence {
         let Some(record) = state.user(viewer) else {
             return;
         };
-        let publishers: FriendSet = record.friends.iter().chain(record.following.iter()).collect();
+        let publishers: FriendSet = record
+            .friends
+            .iter()
+            .chain(record.rare().following.iter())
+            .collect();
         let pending = self.subscribe_to(viewer, &publishers);
         let v = Viewer {
             radius_m: self.radius(radius_m),
@@ -938,7 +942,7 @@ impl Presence {
             }
             self.ghosts.pop_first();
             // Set again or turned off meanwhile: that change decided what viewers see.
-            let still = state.user(user).is_some_and(|r| r.ghost_until == Some(until));
+            let still = state.user(user).is_some_and(|r| r.ghost_until() == Some(until));
             if let (true, Some(at)) = (still, self.locations.get(user)) {
                 self.publish(state, user, at, now);
                 let (strangers, mut cx) = self.cx();
@@ -1068,7 +1072,11 @@ impl Presence {
         let Some(v) = self.viewers.get(&user) else {
             return;
         };
-        let now: FriendSet = record.friends.iter().chain(record.following.iter()).collect();
+        let now: FriendSet = record
+            .friends
+            .iter()
+            .chain(record.rare().following.iter())
+            .collect();
         let added: FriendSet = now.iter().filter(|p| !v.publishers.contains(*p)).collect();
         let removed: Vec<UserId> = v.publishers.iter().filter(|p| !now.contains(*p)).collect();
         for p in removed {
@@ -1124,7 +1132,8 @@ impl Presence {
         denied.dedup();
         // Viewers who lost the relation read "unfriended"; the others (hidden from, sharing off,
         // ghost mode) read "hidden".
-        let relation_gone = |v: &UserId| !record.friends.contains(*v) && !record.followers.contains(*v);
+        let relation_gone =
+            |v: &UserId| !record.friends.contains(*v) && !record.rare().followers.contains(*v);
         let (unfriended, hidden): (Vec<UserId>, Vec<UserId>) = denied.into_iter().partition(relation_gone);
         let at = barrier.index;
         let mut revoke = |viewers, reason| {
@@ -1240,7 +1249,7 @@ fn revocation_targets(state: &GroupState, cmd: &Command, user: UserId) -> Vec<Us
         }
         Command::SetSharing { on: false, .. } | Command::SetGhost { until: Some(_), .. } => state
             .user(user)
-            .map(|r| r.friends.iter().chain(r.followers.iter()).collect())
+            .map(|r| r.friends.iter().chain(r.rare().followers.iter()).collect())
             .unwrap_or_default(),
         _ => Vec::new(),
     }

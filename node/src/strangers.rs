@@ -974,7 +974,7 @@ impl Strangers {
     /// Whether `viewer` (whose record is `record`) may be shown `user` as a stranger: not
     /// itself, not a friend, not someone it follows.
     fn is_stranger(record: &nearby_raft::UserRecord, viewer: UserId, user: UserId) -> bool {
-        user != viewer && !record.friends.contains(user) && !record.following.contains(user)
+        user != viewer && !record.friends.contains(user) && !record.rare().following.contains(user)
     }
 
     /// The `keep` strangers nearest to `viewer` within its radius with their exact distances,

@@ -115,7 +115,7 @@ fn main() {
     let edges: u64 = state.users().map(|(_, r)| r.friends.len()).sum();
     let sets: usize = state
         .users()
-        .map(|(_, r)| set_bytes(&r.friends) + set_bytes(&r.followers) + set_bytes(&r.following))
+        .map(|(_, r)| set_bytes(&r.friends) + set_bytes(&r.rare().followers) + set_bytes(&r.rare().following))
         .sum();
     println!(
         "| {} users | {} directed edges held | whole state {:.1} MiB, {:.1} B/edge | friend sets {:.1} MiB, {:.1} B/edge |",

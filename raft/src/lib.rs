@@ -67,7 +67,7 @@ pub use host::{HostConfig, MetaGroup, RaftHost, Replica, ShardGroup, WritesHeld,
 pub use machine::{AppliedEntry, Machine};
 pub use meta::{ClusterMap, MetaCommand, MetaResult};
 pub use shard::command::{Command, CommandError, CommandResult, ImportBatch};
-pub use shard::state::{GroupState, UserRecord};
+pub use shard::state::{GroupState, Rare, UserRecord};
 
 /// Identifies a node of the cluster. Stable for the node's lifetime; never reused.
 pub type NodeId = u64;

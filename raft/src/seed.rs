@@ -110,7 +110,7 @@ mod tests {
         let user = |u: u64| states[usize::from(u >= 100)].user(u).expect("registered").clone();
         assert!(user(99).friends.contains(100) && user(100).friends.contains(99));
         assert_eq!(user(50).friends.len(), 2);
-        assert!(user(5).followers.contains(150) && user(150).following.contains(5));
+        assert!(user(5).rare().followers.contains(150) && user(150).rare().following.contains(5));
         let dir = tempfile::TempDir::new().expect("tmp");
         seed.write(&dir.path().join("s")).expect("write");
         assert_eq!(Seed::read(&dir.path().join("s")).expect("read"), seed);

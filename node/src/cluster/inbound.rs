@@ -205,8 +205,8 @@ async fn answer(c: &Arc<Cluster>, from: NodeId, req: PeerRequest) -> PeerRespons
                     .filter_map(|u| {
                         a.state.user(*u).map(|r| {
                             let grants = crate::route::peer::GrantsView {
-                                followers: r.followers.iter().collect(),
-                                following: r.following.iter().collect(),
+                                followers: r.rare().followers.iter().collect(),
+                                following: r.rare().following.iter().collect(),
                             };
                             (*u, grants)
                         })

@@ -129,9 +129,9 @@ impl RecordView {
     pub fn of(r: &nearby_raft::UserRecord) -> Self {
         RecordView {
             friends: r.friends.iter().collect(),
-            requests_in: r.requests_in.iter().collect(),
-            requests_out: r.requests_out.iter().collect(),
-            hidden_from: r.hidden_from.iter().collect(),
+            requests_in: r.rare().requests_in.iter().collect(),
+            requests_out: r.rare().requests_out.iter().collect(),
+            hidden_from: r.rare().hidden_from.iter().collect(),
             sharing: r.sharing,
         }
     }

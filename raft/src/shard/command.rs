@@ -517,23 +517,23 @@ impl Command {
         match *self {
             Command::AddFriend { from, to } => {
                 if let Some(r) = state.user(from) {
-                    if !r.requests_in.contains(to) {
+                    if !r.rare().requests_in.contains(to) {
                         over(
                             from,
                             "friends and friend requests",
-                            r.friends.len() + r.requests_out.len(),
+                            r.friends.len() + r.rare().requests_out.len(),
                         )?;
                     }
                 }
                 if let Some(r) = state.user(to) {
-                    if !r.requests_out.contains(from) {
-                        over(to, "friend requests waiting", r.requests_in.len())?;
+                    if !r.rare().requests_out.contains(from) {
+                        over(to, "friend requests waiting", r.rare().requests_in.len())?;
                     }
                 }
                 Ok(())
             }
             Command::GrantFollow { user, .. } => match state.user(user) {
-                Some(r) => over(user, "followers", r.followers.len()),
+                Some(r) => over(user, "followers", r.rare().followers.len()),
                 None => Ok(()),
             },
             _ => Ok(()),

@@ -2,7 +2,7 @@
 //!
 //! [`GroupState`] holds, for every registered user of the group's id range, a [`UserRecord`]:
 //! profile, privacy settings, friend set, pending requests in both directions, and one-way
-//! follower grants, all relation sets as sorted id arrays ([`FriendSet`]).
+//! follower grants, all relation sets Elias–Fano coded ([`FriendSet`]).
 //! [`GroupState::apply`] is the only way it changes.
 //!
 //! This module never does I/O, never reads a clock and never draws randomness: applying the same
@@ -36,7 +36,14 @@ use crate::shard::command::{pair_owner, Command, CommandError, CommandResult, Im
 use crate::GroupId;
 
 /// Everything the group stores about one of its users.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// What most users never set — ghost mode, a cleared history, hides, pending requests, one-way
+/// follower grants — is kept out of line ([`Rare`], read with [`UserRecord::rare`]): one pointer
+/// while it is all empty, so that a record costs its name, its flags and its friend set. The
+/// encoding is the same as when every field was inline (snapshots, intents and peer messages
+/// read the same bytes), and two records are equal when their fields are, however they are
+/// held.
+#[derive(Clone, Debug, Default)]
 pub struct UserRecord {
     /// Display name shown to friends.
     pub name: String,
@@ -44,12 +51,24 @@ pub struct UserRecord {
     pub sharing: bool,
     /// Whether opted-in strangers nearby may see the user (coarsely).
     pub discoverable: bool,
-    /// Ghost mode: hidden from everyone until this time.
-    pub ghost_until: Option<Millis>,
-    /// Friends and followers the user hides from.
-    pub hidden_from: FriendSet,
+    /// The user turned location history off: nothing is recorded.
+    pub history_off: bool,
     /// Mutual friends.
     pub friends: FriendSet,
+    /// The rest, while any of it is set.
+    rare: Option<Box<Rare>>,
+}
+
+/// The fields of a [`UserRecord`] that most users never set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rare {
+    /// Ghost mode: hidden from everyone until this time.
+    pub ghost_until: Option<Millis>,
+    /// The user deleted their history up to this time: nothing recorded at or before it is
+    /// served again, and nodes delete such records from disk.
+    pub history_cleared: Option<Millis>,
+    /// Friends and followers the user hides from.
+    pub hidden_from: FriendSet,
     /// Users who asked this user to be friends, not yet answered.
     pub requests_in: FriendSet,
     /// Users this user asked to be friends, not yet answered.
@@ -58,25 +77,171 @@ pub struct UserRecord {
     pub followers: FriendSet,
     /// Users who share with this user one way (this user may see them).
     pub following: FriendSet,
-    /// The user turned location history off: nothing is recorded.
-    pub history_off: bool,
-    /// The user deleted their history up to this time: nothing recorded at or before it is
-    /// served again, and nodes delete such records from disk.
-    pub history_cleared: Option<Millis>,
+}
+
+impl Rare {
+    const NONE: Rare = Rare {
+        ghost_until: None,
+        history_cleared: None,
+        hidden_from: FriendSet::new(),
+        requests_in: FriendSet::new(),
+        requests_out: FriendSet::new(),
+        followers: FriendSet::new(),
+        following: FriendSet::new(),
+    };
+
+    fn is_empty(&self) -> bool {
+        *self == Rare::NONE
+    }
+}
+
+impl PartialEq for UserRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.sharing == other.sharing
+            && self.discoverable == other.discoverable
+            && self.history_off == other.history_off
+            && self.friends == other.friends
+            && self.rare() == other.rare()
+    }
+}
+
+impl Eq for UserRecord {}
+
+/// A [`UserRecord`] as it is encoded: every field inline, in the order of the first layouts.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    name: &'a str,
+    sharing: bool,
+    discoverable: bool,
+    ghost_until: Option<Millis>,
+    hidden_from: &'a FriendSet,
+    friends: &'a FriendSet,
+    requests_in: &'a FriendSet,
+    requests_out: &'a FriendSet,
+    followers: &'a FriendSet,
+    following: &'a FriendSet,
+    history_off: bool,
+    history_cleared: Option<Millis>,
+}
+
+/// [`RecordRef`], decoded.
+#[derive(Deserialize)]
+struct RecordWire {
+    name: String,
+    sharing: bool,
+    discoverable: bool,
+    ghost_until: Option<Millis>,
+    hidden_from: FriendSet,
+    friends: FriendSet,
+    requests_in: FriendSet,
+    requests_out: FriendSet,
+    followers: FriendSet,
+    following: FriendSet,
+    history_off: bool,
+    history_cleared: Option<Millis>,
+}
+
+impl Serialize for UserRecord {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let rare = self.rare();
+        RecordRef {
+            name: &self.name,
+            sharing: self.sharing,
+            discoverable: self.discoverable,
+            ghost_until: rare.ghost_until,
+            hidden_from: &rare.hidden_from,
+            friends: &self.friends,
+            requests_in: &rare.requests_in,
+            requests_out: &rare.requests_out,
+            followers: &rare.followers,
+            following: &rare.following,
+            history_off: self.history_off,
+            history_cleared: rare.history_cleared,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for UserRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let w = RecordWire::deserialize(deserializer)?;
+        let mut record = UserRecord {
+            name: w.name,
+            sharing: w.sharing,
+            discoverable: w.discoverable,
+            history_off: w.history_off,
+            friends: w.friends,
+            rare: Some(Box::new(Rare {
+                ghost_until: w.ghost_until,
+                history_cleared: w.history_cleared,
+                hidden_from: w.hidden_from,
+                requests_in: w.requests_in,
+                requests_out: w.requests_out,
+                followers: w.followers,
+                following: w.following,
+            })),
+        };
+        record.tidy();
+        Ok(record)
+    }
 }
 
 impl UserRecord {
+    /// A new user's record: sharing, nothing else set.
+    pub fn new(name: String) -> Self {
+        UserRecord {
+            name,
+            sharing: true,
+            ..UserRecord::default()
+        }
+    }
+
+    /// The fields most users never set (all empty when none is).
+    pub fn rare(&self) -> &Rare {
+        static NONE: Rare = Rare::NONE;
+        self.rare.as_deref().unwrap_or(&NONE)
+    }
+
+    /// The fields most users never set, to change: allocated on first use. Removing needs no
+    /// allocation: [`UserRecord::rare_if_set`].
+    pub fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// The fields most users never set, to change, if any is set.
+    pub fn rare_if_set(&mut self) -> Option<&mut Rare> {
+        self.rare.as_deref_mut()
+    }
+
+    /// Frees the rare fields once none is set.
+    pub fn tidy(&mut self) {
+        if self.rare.as_deref().is_some_and(Rare::is_empty) {
+            self.rare = None;
+        }
+    }
+
+    /// Ghost mode: hidden from everyone until this time.
+    pub fn ghost_until(&self) -> Option<Millis> {
+        self.rare().ghost_until
+    }
+
+    /// The time up to which the user deleted their history.
+    pub fn history_cleared(&self) -> Option<Millis> {
+        self.rare().history_cleared
+    }
+
     /// Whether this user is hidden from everyone at `now` (sharing off or ghost mode).
     pub fn is_hidden(&self, now: Millis) -> bool {
-        !self.sharing || self.ghost_until.is_some_and(|until| now < until)
+        !self.sharing || self.ghost_until().is_some_and(|until| now < until)
     }
 
     /// Whether `viewer` may see this user's location at `now`: a friend or granted follower, not
     /// hidden from, and the user shares and is not in ghost mode.
     pub fn may_see_me(&self, viewer: UserId, now: Millis) -> bool {
         !self.is_hidden(now)
-            && !self.hidden_from.contains(viewer)
-            && (self.friends.contains(viewer) || self.followers.contains(viewer))
+            && !self.rare().hidden_from.contains(viewer)
+            && (self.friends.contains(viewer) || self.rare().followers.contains(viewer))
     }
 }
 
@@ -394,10 +559,10 @@ impl GroupState {
             user,
             other: owner,
             friend: o.friends.contains(user),
-            request_in: o.requests_out.contains(user),
-            request_out: o.requests_in.contains(user),
-            follower: o.following.contains(user),
-            following: o.followers.contains(user),
+            request_in: o.rare().requests_out.contains(user),
+            request_out: o.rare().requests_in.contains(user),
+            follower: o.rare().following.contains(user),
+            following: o.rare().followers.contains(user),
         })
     }
 
@@ -406,21 +571,26 @@ impl GroupState {
         let Some(r) = self.here_mut(m.user) else {
             return CommandResult::Unchanged;
         };
-        let mut did = false;
-        let sets = [
-            (&mut r.friends, m.friend),
-            (&mut r.requests_in, m.request_in),
-            (&mut r.requests_out, m.request_out),
-            (&mut r.followers, m.follower),
-            (&mut r.following, m.following),
-        ];
-        for (set, on) in sets {
-            did |= if on {
+        let toggle = |set: &mut FriendSet, on: bool| {
+            if on {
                 set.insert(m.other)
             } else {
                 set.remove(m.other)
-            };
+            }
+        };
+        let mut did = toggle(&mut r.friends, m.friend);
+        let rare = if m.request_in || m.request_out || m.follower || m.following {
+            Some(r.rare_mut())
+        } else {
+            r.rare_if_set()
+        };
+        if let Some(rare) = rare {
+            did |= toggle(&mut rare.requests_in, m.request_in);
+            did |= toggle(&mut rare.requests_out, m.request_out);
+            did |= toggle(&mut rare.followers, m.follower);
+            did |= toggle(&mut rare.following, m.following);
         }
+        r.tidy();
         changed(did)
     }
 
@@ -430,11 +600,7 @@ impl GroupState {
             Command::RegisterUser { user, name } => match self.users.entry(*user) {
                 std::collections::btree_map::Entry::Occupied(_) => CommandResult::AlreadyRegistered,
                 std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(UserRecord {
-                        name: name.clone(),
-                        sharing: true,
-                        ..UserRecord::default()
-                    });
+                    v.insert(UserRecord::new(name.clone()));
                     CommandResult::Registered
                 }
             },
@@ -443,26 +609,34 @@ impl GroupState {
             Command::SetDiscoverable { user, on } => {
                 self.update(*user, |r| replace(&mut r.discoverable, *on))
             }
-            Command::SetGhost { user, until } => self.update(*user, |r| replace(&mut r.ghost_until, *until)),
-            Command::Hide { user, from } => self.update(*user, |r| r.hidden_from.insert(*from)),
-            Command::Unhide { user, from } => self.update(*user, |r| r.hidden_from.remove(*from)),
+            Command::SetGhost { user, until } => {
+                self.update(*user, |r| replace(&mut r.rare_mut().ghost_until, *until))
+            }
+            Command::Hide { user, from } => self.update(*user, |r| r.rare_mut().hidden_from.insert(*from)),
+            Command::Unhide { user, from } => self.update(*user, |r| {
+                r.rare_if_set().is_some_and(|x| x.hidden_from.remove(*from))
+            }),
             Command::AddFriend { from, to } => self.add_friend(*from, *to),
             Command::RemoveFriend { user, friend } => self.remove_friend(*user, *friend),
             Command::GrantFollow { user, follower } => {
-                let a = self.update_if_here(*user, |r| r.followers.insert(*follower));
-                let b = self.update_if_here(*follower, |r| r.following.insert(*user));
+                let a = self.update_if_here(*user, |r| r.rare_mut().followers.insert(*follower));
+                let b = self.update_if_here(*follower, |r| r.rare_mut().following.insert(*user));
                 changed(a || b)
             }
             Command::RevokeFollow { user, follower } | Command::Unfollow { follower, user } => {
-                let a = self.update_if_here(*user, |r| r.followers.remove(*follower));
-                let b = self.update_if_here(*follower, |r| r.following.remove(*user));
+                let a = self.update_if_here(*user, |r| {
+                    r.rare_if_set().is_some_and(|x| x.followers.remove(*follower))
+                });
+                let b = self.update_if_here(*follower, |r| {
+                    r.rare_if_set().is_some_and(|x| x.following.remove(*user))
+                });
                 changed(a || b)
             }
             Command::SetHistory { user, on } => self.update(*user, |r| replace(&mut r.history_off, !on)),
             Command::DeleteHistory { user, before } => self.update(*user, |r| {
                 // Never moves back: a delayed retry cannot bring old records back.
-                let cleared = r.history_cleared.max(Some(*before));
-                replace(&mut r.history_cleared, cleared)
+                let cleared = r.history_cleared().max(Some(*before));
+                replace(&mut r.rare_mut().history_cleared, cleared)
             }),
             Command::Import(batch) => self.import(batch),
             // Handled by `apply`; a nested delivery is refused by validation.
@@ -480,14 +654,7 @@ impl GroupState {
         let (mut users, mut relations, mut skipped) = (0, 0, 0);
         for (user, name) in &batch.users {
             if self.range.contains(*user) && !self.users.contains_key(user) {
-                self.users.insert(
-                    *user,
-                    UserRecord {
-                        name: name.clone(),
-                        sharing: true,
-                        ..UserRecord::default()
-                    },
-                );
+                self.users.insert(*user, UserRecord::new(name.clone()));
                 users += 1;
             }
         }
@@ -506,18 +673,21 @@ impl GroupState {
         for &(a, b) in &batch.friendships {
             for (x, y) in [(a, b), (b, a)] {
                 side(self, x, &|r: &mut UserRecord| {
-                    r.requests_in.remove(y);
-                    r.requests_out.remove(y);
+                    if let Some(rare) = r.rare_if_set() {
+                        rare.requests_in.remove(y);
+                        rare.requests_out.remove(y);
+                    }
                     r.friends.insert(y);
+                    r.tidy();
                 });
             }
         }
         for &(user, follower) in &batch.follows {
             side(self, user, &|r: &mut UserRecord| {
-                r.followers.insert(follower);
+                r.rare_mut().followers.insert(follower);
             });
             side(self, follower, &|r: &mut UserRecord| {
-                r.following.insert(user);
+                r.rare_mut().following.insert(user);
             });
         }
         CommandResult::Imported {
@@ -533,22 +703,24 @@ impl GroupState {
         if let Some(r) = self.here_mut(from) {
             result = Some(if r.friends.contains(to) {
                 CommandResult::AlreadyFriends
-            } else if r.requests_in.remove(to) {
+            } else if r.rare_if_set().is_some_and(|x| x.requests_in.remove(to)) {
                 r.friends.insert(to);
+                r.tidy();
                 CommandResult::FriendshipFormed
             } else {
-                r.requests_out.insert(to);
+                r.rare_mut().requests_out.insert(to);
                 CommandResult::FriendRequestSent
             });
         }
         if let Some(r) = self.here_mut(to) {
             let side = if r.friends.contains(from) {
                 CommandResult::AlreadyFriends
-            } else if r.requests_out.remove(from) {
+            } else if r.rare_if_set().is_some_and(|x| x.requests_out.remove(from)) {
                 r.friends.insert(from);
+                r.tidy();
                 CommandResult::FriendshipFormed
             } else {
-                r.requests_in.insert(from);
+                r.rare_mut().requests_in.insert(from);
                 CommandResult::FriendRequestSent
             };
             // The acting user's side speaks for the command when both are here.
@@ -561,9 +733,12 @@ impl GroupState {
     fn remove_friend(&mut self, user: UserId, friend: UserId) -> CommandResult {
         let unlink = |r: &mut UserRecord, other: UserId| {
             let a = r.friends.remove(other);
-            let b = r.requests_in.remove(other);
-            let c = r.requests_out.remove(other);
-            a || b || c
+            let b = r.rare_if_set().is_some_and(|x| {
+                let b = x.requests_in.remove(other);
+                let c = x.requests_out.remove(other);
+                b || c
+            });
+            a || b
         };
         let a = self.update_if_here(user, |r| unlink(r, friend));
         let b = self.update_if_here(friend, |r| unlink(r, user));
@@ -588,7 +763,11 @@ impl GroupState {
     }
 
     fn update_if_here(&mut self, user: UserId, f: impl FnOnce(&mut UserRecord) -> bool) -> bool {
-        self.here_mut(user).is_some_and(f)
+        self.here_mut(user).is_some_and(|r| {
+            let did = f(r);
+            r.tidy();
+            did
+        })
     }
 }
 
@@ -656,20 +835,23 @@ mod legacy {
                 .users
                 .into_iter()
                 .map(|(id, r)| {
-                    let record = UserRecord {
+                    let mut record = UserRecord {
                         name: r.name,
                         sharing: r.sharing,
                         discoverable: r.discoverable,
-                        ghost_until: r.ghost_until,
-                        hidden_from: r.hidden_from,
-                        friends: r.friends,
-                        requests_in: r.requests_in,
-                        requests_out: r.requests_out,
-                        followers: r.followers,
-                        following: r.following,
                         history_off: false,
-                        history_cleared: None,
+                        friends: r.friends,
+                        rare: Some(Box::new(Rare {
+                            ghost_until: r.ghost_until,
+                            history_cleared: None,
+                            hidden_from: r.hidden_from,
+                            requests_in: r.requests_in,
+                            requests_out: r.requests_out,
+                            followers: r.followers,
+                            following: r.following,
+                        })),
                     };
+                    record.tidy();
                     (id, record)
                 })
                 .collect();

@@ -175,10 +175,10 @@ proptest! {
             for b in 13..=16 {
                 let (ra, rb) = (record(a), record(b));
                 prop_assert_eq!(ra.friends.contains(b), rb.friends.contains(a), "friends {} {}", a, b);
-                prop_assert_eq!(ra.requests_out.contains(b), rb.requests_in.contains(a), "request {} -> {}", a, b);
-                prop_assert_eq!(ra.requests_in.contains(b), rb.requests_out.contains(a), "request {} <- {}", a, b);
-                prop_assert_eq!(ra.followers.contains(b), rb.following.contains(a), "follow {} -> {}", a, b);
-                prop_assert_eq!(ra.following.contains(b), rb.followers.contains(a), "follow {} <- {}", a, b);
+                prop_assert_eq!(ra.rare().requests_out.contains(b), rb.rare().requests_in.contains(a), "request {} -> {}", a, b);
+                prop_assert_eq!(ra.rare().requests_in.contains(b), rb.rare().requests_out.contains(a), "request {} <- {}", a, b);
+                prop_assert_eq!(ra.rare().followers.contains(b), rb.rare().following.contains(a), "follow {} -> {}", a, b);
+                prop_assert_eq!(ra.rare().following.contains(b), rb.rare().followers.contains(a), "follow {} <- {}", a, b);
             }
         }
     }
@@ -258,7 +258,7 @@ fn mutual_requests_form_a_friendship_and_visibility_follows_settings() {
     s.apply(&Command::SetGhost { user: 1, until: None }, 1);
     s.apply(&Command::GrantFollow { user: 1, follower: 3 }, 1);
     assert!(s.user(1).expect("1").may_see_me(3, now));
-    assert!(s.user(3).expect("3").following.contains(1));
+    assert!(s.user(3).expect("3").rare().following.contains(1));
     assert_eq!(
         s.apply(&Command::RemoveFriend { user: 2, friend: 1 }, 1),
         CommandResult::FriendRemoved
@@ -319,15 +319,18 @@ fn a_snapshot_of_the_first_layout_restores_with_history_defaults() {
     let r = s.user(3).expect("ann");
     assert_eq!(r.name, "Ann");
     assert!(!r.sharing && r.discoverable);
-    assert_eq!(r.ghost_until, Some(Millis(77)));
+    assert_eq!(r.ghost_until(), Some(Millis(77)));
     assert_eq!(r.friends, set(&[4, 5]));
     assert_eq!(
-        (r.requests_in.clone(), r.requests_out.clone()),
+        (r.rare().requests_in.clone(), r.rare().requests_out.clone()),
         (set(&[6]), set(&[7]))
     );
-    assert_eq!((r.followers.clone(), r.following.clone()), (set(&[8]), set(&[9])));
-    assert!(r.hidden_from.contains(4));
-    assert!(!r.history_off && r.history_cleared.is_none());
+    assert_eq!(
+        (r.rare().followers.clone(), r.rare().following.clone()),
+        (set(&[8]), set(&[9]))
+    );
+    assert!(r.rare().hidden_from.contains(4));
+    assert!(!r.history_off && r.history_cleared().is_none());
     assert_eq!(s.delivered_from(2), 11);
     // Written again, it is the current layout, and a layout from the future is refused.
     let again = s.encode_versioned().expect("encode");
@@ -356,6 +359,92 @@ fn a_snapshot_of_the_first_layout_restores_with_history_defaults() {
         GroupState::decode_versioned(&bytes).expect("the second layout decodes"),
         s
     );
+}
+
+/// A record keeps what most users never set out of line, but encodes every field inline, in the
+/// order it always had: snapshots, intents and peer messages read and write the same bytes. Once
+/// its rare fields are all empty again they are freed, and the record equals one that never
+/// had them.
+#[test]
+fn a_record_encodes_inline_and_frees_its_rare_fields_once_empty() {
+    use nearby_index::friends::FriendSet;
+    use nearby_raft::UserRecord;
+
+    #[derive(serde::Serialize)]
+    struct Inline {
+        name: String,
+        sharing: bool,
+        discoverable: bool,
+        ghost_until: Option<Millis>,
+        hidden_from: FriendSet,
+        friends: FriendSet,
+        requests_in: FriendSet,
+        requests_out: FriendSet,
+        followers: FriendSet,
+        following: FriendSet,
+        history_off: bool,
+        history_cleared: Option<Millis>,
+    }
+    let set = |ids: &[u64]| ids.iter().copied().collect::<FriendSet>();
+    let full = Inline {
+        name: "Ann".into(),
+        sharing: false,
+        discoverable: true,
+        ghost_until: Some(Millis(77)),
+        hidden_from: set(&[4]),
+        friends: set(&[4, 5, u64::MAX - 1]),
+        requests_in: set(&[6]),
+        requests_out: set(&[7]),
+        followers: set(&[8]),
+        following: set(&[9]),
+        history_off: true,
+        history_cleared: Some(Millis(5)),
+    };
+    let bytes = nearby_index::codec::encode(&full).expect("encode");
+    let mut r: UserRecord = nearby_index::codec::decode(&bytes).expect("decode");
+    assert_eq!(r.ghost_until(), Some(Millis(77)));
+    assert_eq!(r.history_cleared(), Some(Millis(5)));
+    assert_eq!(r.rare().following, set(&[9]));
+    assert_eq!(nearby_index::codec::encode(&r).expect("encode"), bytes);
+    assert!(r.rare_if_set().is_some());
+
+    let plain = Inline {
+        ghost_until: None,
+        hidden_from: set(&[]),
+        requests_in: set(&[]),
+        requests_out: set(&[]),
+        followers: set(&[]),
+        following: set(&[]),
+        history_cleared: None,
+        ..full
+    };
+    let bytes = nearby_index::codec::encode(&plain).expect("encode");
+    let mut r: UserRecord = nearby_index::codec::decode(&bytes).expect("decode");
+    assert!(
+        r.rare_if_set().is_none(),
+        "nothing rare is set: nothing held out of line"
+    );
+    assert_eq!(nearby_index::codec::encode(&r).expect("encode"), bytes);
+
+    // Through commands: a hide and a follower grant, then their undoing, free the rare fields.
+    let mut s = GroupState::new(group_range());
+    s.apply(
+        &Command::RegisterUser {
+            user: 1,
+            name: "a".into(),
+        },
+        1,
+    );
+    let fresh = s.user(1).expect("1").clone();
+    s.apply(&Command::Hide { user: 1, from: 2 }, 2);
+    s.apply(&Command::GrantFollow { user: 1, follower: 3 }, 3);
+    let mut held = s.user(1).expect("1").clone();
+    assert!(held.rare_if_set().is_some() && held != fresh);
+    s.apply(&Command::Unhide { user: 1, from: 2 }, 4);
+    s.apply(&Command::RevokeFollow { user: 1, follower: 3 }, 5);
+    let mut back = s.user(1).expect("1").clone();
+    assert!(back.rare_if_set().is_none(), "emptied rare fields are freed");
+    assert_eq!(back, fresh);
 }
 
 /// Groups as the node runs them, by id: commands and intents routed by range, as the map
@@ -526,10 +615,10 @@ impl Groups {
                 if ra.friends.contains(b) != rb.friends.contains(a) {
                     return Some(format!("friends {a} {b}"));
                 }
-                if ra.requests_out.contains(b) != rb.requests_in.contains(a) {
+                if ra.rare().requests_out.contains(b) != rb.rare().requests_in.contains(a) {
                     return Some(format!("request {a} -> {b}"));
                 }
-                if ra.followers.contains(b) != rb.following.contains(a) {
+                if ra.rare().followers.contains(b) != rb.rare().following.contains(a) {
                     return Some(format!("follow {a} -> {b}"));
                 }
             }
@@ -792,7 +881,10 @@ fn an_intent_for_an_absorbed_range_is_applied_even_behind_the_absorbers_own_orde
         CommandResult::Updated,
         "the earlier intent is new for the absorbed range"
     );
-    assert!(w.groups[1].1.user(14).is_some_and(|r| r.requests_in.contains(1)));
+    assert!(w.groups[1]
+        .1
+        .user(14)
+        .is_some_and(|r| r.rare().requests_in.contains(1)));
     // And delivered again, it changes nothing.
     let r = w.apply(
         1,
