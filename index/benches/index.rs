@@ -107,6 +107,24 @@ fn split(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // The privacy check on every push: is the viewer in the set? Half the probes are members.
+    let mut g = c.benchmark_group("friends/contains");
+    for n in [400u64, 5_000] {
+        let ids: Vec<u64> = (0..n).map(|_| rng.random_range(1..u64::MAX)).collect();
+        let set: FriendSet = ids.iter().copied().collect();
+        let probes: Vec<u64> = ids
+            .iter()
+            .take(64)
+            .copied()
+            .chain((0..64).map(|_| rng.random_range(1..u64::MAX)))
+            .collect();
+        g.throughput(Throughput::Elements(probes.len() as u64));
+        g.bench_function(format!("{n}_spread_ids_half_members"), |bench| {
+            bench.iter(|| probes.iter().filter(|&&p| black_box(&set).contains(p)).count())
+        });
+    }
+    g.finish();
 }
 
 fn page(c: &mut Criterion) {

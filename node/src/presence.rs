@@ -675,7 +675,7 @@ impl Presence {
                     if let (true, Some(at)) = (record.may_see_me(viewer, now), self.locations.get(p)) {
                         entries.push(SnapshotEntry {
                             user: p,
-                            name: record.name.clone(),
+                            name: record.name.to_string(),
                             at,
                         });
                     }

@@ -378,7 +378,7 @@ impl Strangers {
             let msg = CellMessage::Publish {
                 cell,
                 user,
-                name: record.name.clone(),
+                name: record.name.to_string(),
                 at,
                 home: self.group,
             };

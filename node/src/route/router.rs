@@ -313,7 +313,7 @@ impl Router {
             ReadQuery::Names(users) => ReadAnswer::Names(
                 users
                     .iter()
-                    .filter_map(|u| s.user(*u).map(|r| (*u, r.name.clone())))
+                    .filter_map(|u| s.user(*u).map(|r| (*u, r.name.to_string())))
                     .collect(),
             ),
             ReadQuery::MergeState => ReadAnswer::MergeState(crate::route::peer::MergeView {

@@ -45,8 +45,8 @@ use crate::GroupId;
 /// held.
 #[derive(Clone, Debug, Default)]
 pub struct UserRecord {
-    /// Display name shown to friends.
-    pub name: String,
+    /// Display name shown to friends (boxed: 16 bytes, no spare capacity).
+    pub name: Box<str>,
     /// Whether the user shares their location at all.
     pub sharing: bool,
     /// Whether opted-in strangers nearby may see the user (coarsely).
@@ -109,35 +109,19 @@ impl PartialEq for UserRecord {
 impl Eq for UserRecord {}
 
 /// A [`UserRecord`] as it is encoded: every field inline, in the order of the first layouts.
-#[derive(Serialize)]
-struct RecordRef<'a> {
-    name: &'a str,
+/// Written from borrowed fields (`Layout<&str, &FriendSet>`), read into owned ones.
+#[derive(Serialize, Deserialize)]
+struct Layout<Name, Set> {
+    name: Name,
     sharing: bool,
     discoverable: bool,
     ghost_until: Option<Millis>,
-    hidden_from: &'a FriendSet,
-    friends: &'a FriendSet,
-    requests_in: &'a FriendSet,
-    requests_out: &'a FriendSet,
-    followers: &'a FriendSet,
-    following: &'a FriendSet,
-    history_off: bool,
-    history_cleared: Option<Millis>,
-}
-
-/// [`RecordRef`], decoded.
-#[derive(Deserialize)]
-struct RecordWire {
-    name: String,
-    sharing: bool,
-    discoverable: bool,
-    ghost_until: Option<Millis>,
-    hidden_from: FriendSet,
-    friends: FriendSet,
-    requests_in: FriendSet,
-    requests_out: FriendSet,
-    followers: FriendSet,
-    following: FriendSet,
+    hidden_from: Set,
+    friends: Set,
+    requests_in: Set,
+    requests_out: Set,
+    followers: Set,
+    following: Set,
     history_off: bool,
     history_cleared: Option<Millis>,
 }
@@ -145,7 +129,7 @@ struct RecordWire {
 impl Serialize for UserRecord {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let rare = self.rare();
-        RecordRef {
+        Layout::<&str, &FriendSet> {
             name: &self.name,
             sharing: self.sharing,
             discoverable: self.discoverable,
@@ -165,9 +149,9 @@ impl Serialize for UserRecord {
 
 impl<'de> Deserialize<'de> for UserRecord {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let w = RecordWire::deserialize(deserializer)?;
+        let w = Layout::<String, FriendSet>::deserialize(deserializer)?;
         let mut record = UserRecord {
-            name: w.name,
+            name: w.name.into_boxed_str(),
             sharing: w.sharing,
             discoverable: w.discoverable,
             history_off: w.history_off,
@@ -189,9 +173,9 @@ impl<'de> Deserialize<'de> for UserRecord {
 
 impl UserRecord {
     /// A new user's record: sharing, nothing else set.
-    pub fn new(name: String) -> Self {
+    pub fn new(name: &str) -> Self {
         UserRecord {
-            name,
+            name: name.into(),
             sharing: true,
             ..UserRecord::default()
         }
@@ -600,11 +584,13 @@ impl GroupState {
             Command::RegisterUser { user, name } => match self.users.entry(*user) {
                 std::collections::btree_map::Entry::Occupied(_) => CommandResult::AlreadyRegistered,
                 std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(UserRecord::new(name.clone()));
+                    v.insert(UserRecord::new(name));
                     CommandResult::Registered
                 }
             },
-            Command::SetName { user, name } => self.update(*user, |r| replace(&mut r.name, name.clone())),
+            Command::SetName { user, name } => {
+                self.update(*user, |r| replace(&mut r.name, name.as_str().into()))
+            }
             Command::SetSharing { user, on } => self.update(*user, |r| replace(&mut r.sharing, *on)),
             Command::SetDiscoverable { user, on } => {
                 self.update(*user, |r| replace(&mut r.discoverable, *on))
@@ -654,7 +640,7 @@ impl GroupState {
         let (mut users, mut relations, mut skipped) = (0, 0, 0);
         for (user, name) in &batch.users {
             if self.range.contains(*user) && !self.users.contains_key(user) {
-                self.users.insert(*user, UserRecord::new(name.clone()));
+                self.users.insert(*user, UserRecord::new(name));
                 users += 1;
             }
         }
@@ -836,7 +822,7 @@ mod legacy {
                 .into_iter()
                 .map(|(id, r)| {
                     let mut record = UserRecord {
-                        name: r.name,
+                        name: r.name.into_boxed_str(),
                         sharing: r.sharing,
                         discoverable: r.discoverable,
                         history_off: false,

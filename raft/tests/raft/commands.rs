@@ -317,7 +317,7 @@ fn a_snapshot_of_the_first_layout_restores_with_history_defaults() {
     let bytes = nearby_index::codec::encode(&old).expect("encode");
     let s = GroupState::decode_versioned(&bytes).expect("the first layout decodes");
     let r = s.user(3).expect("ann");
-    assert_eq!(r.name, "Ann");
+    assert_eq!(&*r.name, "Ann");
     assert!(!r.sharing && r.discoverable);
     assert_eq!(r.ghost_until(), Some(Millis(77)));
     assert_eq!(r.friends, set(&[4, 5]));
@@ -400,6 +400,12 @@ fn a_record_encodes_inline_and_frees_its_rare_fields_once_empty() {
         history_off: true,
         history_cleared: Some(Millis(5)),
     };
+    // A name, three flags, a friend set and one pointer (160 B when every field was inline).
+    assert!(
+        std::mem::size_of::<UserRecord>() <= 56,
+        "{}",
+        std::mem::size_of::<UserRecord>()
+    );
     let bytes = nearby_index::codec::encode(&full).expect("encode");
     let mut r: UserRecord = nearby_index::codec::decode(&bytes).expect("decode");
     assert_eq!(r.ghost_until(), Some(Millis(77)));
