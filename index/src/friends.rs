@@ -50,6 +50,17 @@ impl FriendSet {
         true
     }
 
+    /// Adds every id of `ids`, in any order; returns how many were not already present. The set
+    /// is coded once for them all, where [`FriendSet::insert`] codes it once per id.
+    pub fn insert_all(&mut self, ids: &[UserId]) -> usize {
+        let before = self.0.len();
+        if ids.iter().all(|&id| self.contains(id)) {
+            return 0;
+        }
+        *self = self.iter().chain(ids.iter().copied()).collect();
+        self.0.len() - before
+    }
+
     /// Removes `id`; returns true if it was present.
     pub fn remove(&mut self, id: UserId) -> bool {
         if !self.contains(id) {
@@ -290,6 +301,10 @@ mod tests {
         assert!(!s.remove(5));
         let t: FriendSet = [1 << 40, u64::MAX - 1].into_iter().collect();
         assert_eq!(s, t);
+        let mut u: FriendSet = [3, 9].into_iter().collect();
+        assert_eq!(u.insert_all(&[9, 1, 12, 1]), 2);
+        assert_eq!(u.iter().collect::<Vec<_>>(), [1, 3, 9, 12]);
+        assert_eq!(u.insert_all(&[3, 12]), 0);
         let bytes = crate::codec::encode(&s).unwrap();
         assert_eq!(crate::codec::decode::<FriendSet>(&bytes).unwrap(), s);
     }

@@ -644,36 +644,51 @@ impl GroupState {
                 users += 1;
             }
         }
-        let mut side = |state: &mut Self, user: UserId, f: &dyn Fn(&mut UserRecord)| {
+        // Each user's sides of this batch, gathered so that every set is coded once per batch
+        // (a coded set's insert rewrites the whole set).
+        let mut friends: BTreeMap<UserId, Vec<UserId>> = BTreeMap::new();
+        for &(a, b) in &batch.friendships {
+            friends.entry(a).or_default().push(b);
+            friends.entry(b).or_default().push(a);
+        }
+        let mut followers: BTreeMap<UserId, Vec<UserId>> = BTreeMap::new();
+        let mut following: BTreeMap<UserId, Vec<UserId>> = BTreeMap::new();
+        for &(user, follower) in &batch.follows {
+            followers.entry(user).or_default().push(follower);
+            following.entry(follower).or_default().push(user);
+        }
+        let mut side = |state: &mut Self, user: UserId, sides: &[UserId], f: &dyn Fn(&mut UserRecord)| {
             if !state.range.contains(user) {
                 return;
             }
             match state.users.get_mut(&user) {
                 Some(r) => {
                     f(r);
-                    relations += 1;
+                    relations += sides.len() as u64;
                 }
-                None => skipped += 1,
+                None => skipped += sides.len() as u64,
             }
         };
-        for &(a, b) in &batch.friendships {
-            for (x, y) in [(a, b), (b, a)] {
-                side(self, x, &|r: &mut UserRecord| {
-                    if let Some(rare) = r.rare_if_set() {
-                        rare.requests_in.remove(y);
-                        rare.requests_out.remove(y);
+        for (x, ys) in &friends {
+            side(self, *x, ys, &|r: &mut UserRecord| {
+                if let Some(rare) = r.rare_if_set() {
+                    for y in ys {
+                        rare.requests_in.remove(*y);
+                        rare.requests_out.remove(*y);
                     }
-                    r.friends.insert(y);
-                    r.tidy();
-                });
-            }
-        }
-        for &(user, follower) in &batch.follows {
-            side(self, user, &|r: &mut UserRecord| {
-                r.rare_mut().followers.insert(follower);
+                }
+                r.friends.insert_all(ys);
+                r.tidy();
             });
-            side(self, follower, &|r: &mut UserRecord| {
-                r.rare_mut().following.insert(user);
+        }
+        for (user, ids) in &followers {
+            side(self, *user, ids, &|r: &mut UserRecord| {
+                r.rare_mut().followers.insert_all(ids);
+            });
+        }
+        for (follower, ids) in &following {
+            side(self, *follower, ids, &|r: &mut UserRecord| {
+                r.rare_mut().following.insert_all(ids);
             });
         }
         CommandResult::Imported {
