@@ -91,11 +91,6 @@ impl FriendSet {
         self.0.iter()
     }
 
-    /// Bytes the set holds on the heap, beyond its 16-byte handle (for memory accounting).
-    pub fn heap_bytes(&self) -> usize {
-        self.0.heap_bytes()
-    }
-
     /// Splits the set by owner: one pass over the (ascending) ids and the (ascending) ranges,
     /// O(friends + ranges) time, one `Vec` per range that holds at least one id.
     ///

@@ -139,6 +139,7 @@ impl Packed {
     }
 
     /// Bytes held on the heap: what the set costs beyond its 16-byte handle.
+    #[cfg(test)]
     pub(crate) fn heap_bytes(&self) -> usize {
         std::mem::size_of_val(self.words())
     }

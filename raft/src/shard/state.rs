@@ -156,17 +156,17 @@ impl<'de> Deserialize<'de> for UserRecord {
             discoverable: w.discoverable,
             history_off: w.history_off,
             friends: w.friends,
-            rare: Some(Box::new(Rare {
-                ghost_until: w.ghost_until,
-                history_cleared: w.history_cleared,
-                hidden_from: w.hidden_from,
-                requests_in: w.requests_in,
-                requests_out: w.requests_out,
-                followers: w.followers,
-                following: w.following,
-            })),
+            rare: None,
         };
-        record.tidy();
+        record.set_rare(Rare {
+            ghost_until: w.ghost_until,
+            history_cleared: w.history_cleared,
+            hidden_from: w.hidden_from,
+            requests_in: w.requests_in,
+            requests_out: w.requests_out,
+            followers: w.followers,
+            following: w.following,
+        });
         Ok(record)
     }
 }
@@ -196,6 +196,12 @@ impl UserRecord {
     /// The fields most users never set, to change, if any is set.
     pub fn rare_if_set(&mut self) -> Option<&mut Rare> {
         self.rare.as_deref_mut()
+    }
+
+    /// Holds `rare` out of line, or nothing when none of it is set (decoded records, most of
+    /// which set none, allocate nothing for it).
+    fn set_rare(&mut self, rare: Rare) {
+        self.rare = (!rare.is_empty()).then(|| Box::new(rare));
     }
 
     /// Frees the rare fields once none is set.
@@ -842,17 +848,17 @@ mod legacy {
                         discoverable: r.discoverable,
                         history_off: false,
                         friends: r.friends,
-                        rare: Some(Box::new(Rare {
-                            ghost_until: r.ghost_until,
-                            history_cleared: None,
-                            hidden_from: r.hidden_from,
-                            requests_in: r.requests_in,
-                            requests_out: r.requests_out,
-                            followers: r.followers,
-                            following: r.following,
-                        })),
+                        rare: None,
                     };
-                    record.tidy();
+                    record.set_rare(Rare {
+                        ghost_until: r.ghost_until,
+                        history_cleared: None,
+                        hidden_from: r.hidden_from,
+                        requests_in: r.requests_in,
+                        requests_out: r.requests_out,
+                        followers: r.followers,
+                        following: r.following,
+                    });
                     (id, record)
                 })
                 .collect();
