@@ -1159,7 +1159,15 @@ impl Cluster {
             }
             let view = self.directory.view();
             // Groups an operator's operation is changing are left to it.
-            let round = placement::plan_round(&view.map, PLACEMENT_ROUND, &self.ops.held());
+            let mut round = placement::plan_round(&view.map, PLACEMENT_ROUND, &self.ops.held());
+            // Claimed until the round's steps are done (an operator's step on one of its groups
+            // waits); a group an operation has held since the plan is left to it.
+            let claim = self.ops.claim_for_placement(round.iter().map(Step::group));
+            let planned = round.len();
+            round.retain(|step| claim.covers(step.group()));
+            if round.is_empty() && planned > 0 {
+                continue;
+            }
             if round.is_empty() {
                 if !settled {
                     // Tools (`nearby-node dev`) wait for this line before saying "ready".
@@ -1175,6 +1183,7 @@ impl Cluster {
             settled = false;
             tracing::info!(steps = round.len(), first = ?round[0], epoch = view.map.epoch, "placement round");
             let outcomes = futures::future::join_all(round.iter().map(|step| self.take(step))).await;
+            drop(claim);
             let mut failed = 0;
             for (step, outcome) in round.iter().zip(outcomes) {
                 match outcome {

@@ -4,8 +4,9 @@
 //! An operator's step is taken by the meta group's leader, like placement's own steps, so the
 //! two never change one group at once from two places: any node forwards it there. It is checked
 //! first (the group exists, the target holds a voter and is up) and refused with the reason;
-//! `dry_run` stops after the check. Placement keeps leaders even afterwards: a transfer that
-//! leaves one node leading two more groups than another is evened out again. A drain only marks
+//! `dry_run` stops after the check. A transfer holds its group while it runs (see
+//! [`crate::cluster::ops`]); placement keeps leaders even afterwards: a transfer that leaves one
+//! node leading two more groups than another is evened out again once it has finished. A drain only marks
 //! the node draining in the map: placement then empties it (see [`crate::cluster::placement`]);
 //! a node is removed only once it holds nothing.
 
@@ -60,6 +61,11 @@ const META_LEADER_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a merge waits for placement to finish a move of one of its groups.
 const PLACEMENT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long an operator's step waits for placement's round under way to finish with its groups
+/// (a transfer of placement's takes ~10 ms; the step's own transfer must still fit in
+/// [`OPERATE_TIMEOUT`]).
+const PLACEMENT_ROUND_WAIT: Duration = Duration::from_secs(4);
 
 /// How long an operation's read or write waits for its group to have a leader (a move or a
 /// transfer the operation itself made may have started an election).
@@ -248,8 +254,17 @@ impl Cluster {
                 if dry_run {
                     return Ok(Operated::said(format!("would {what}")));
                 }
-                tracing::info!(group, to, "operator: transferring leadership");
-                self.take(&Step::TransferLeader { group, to }).await?;
+                // Held while it runs: placement evens leaders out, and a round planned while
+                // `to` has just taken over would move the leadership on before this step saw
+                // its outcome (and would report that `to` never took over).
+                let op = self
+                    .ops
+                    .start("transfer", what.clone(), [group], 1, PLACEMENT_ROUND_WAIT)
+                    .await?;
+                tracing::info!(id = op.id(), group, to, "operator: transferring leadership");
+                let outcome = self.take(&Step::TransferLeader { group, to }).await;
+                op.finish(outcome.clone());
+                outcome?;
                 Ok(Operated::said(format!("done: {what}")))
             }
             OperatorStep::Drain { node, force } => {
@@ -375,7 +390,10 @@ impl Cluster {
                     return Ok(Operated::said(format!("would {what}")));
                 }
                 let voters: Vec<NodeId> = entry.voters.iter().copied().collect();
-                let op = self.ops.start("split", what.clone(), [group, new_group], 6)?;
+                let op = self
+                    .ops
+                    .start("split", what.clone(), [group, new_group], 6, PLACEMENT_ROUND_WAIT)
+                    .await?;
                 let id = op.id().to_string();
                 let cluster = Arc::clone(self);
                 tokio::spawn(async move {
@@ -466,7 +484,14 @@ impl Cluster {
                 }
                 let op = self
                     .ops
-                    .start("merge", what.clone(), [left, right], moves.len() as u32 + 5)?;
+                    .start(
+                        "merge",
+                        what.clone(),
+                        [left, right],
+                        moves.len() as u32 + 5,
+                        PLACEMENT_ROUND_WAIT,
+                    )
+                    .await?;
                 let id = op.id().to_string();
                 let cluster = Arc::clone(self);
                 tokio::spawn(async move {
@@ -533,7 +558,14 @@ impl Cluster {
                 let groups: Vec<GroupId> = steps.iter().map(Step::group).collect();
                 let op = self
                     .ops
-                    .start("rebalance", what.clone(), groups, steps.len() as u32)?;
+                    .start(
+                        "rebalance",
+                        what.clone(),
+                        groups,
+                        steps.len() as u32,
+                        PLACEMENT_ROUND_WAIT,
+                    )
+                    .await?;
                 let id = op.id().to_string();
                 let cluster = Arc::clone(self);
                 tokio::spawn(async move {
@@ -576,14 +608,14 @@ impl Cluster {
                 if dry_run {
                     return Ok(Operated::said(format!("would {what}")));
                 }
-                self.run_operation("move", &what, [group], steps)
+                self.run_operation("move", &what, [group], steps).await
             }
         }
     }
 
     /// Starts an operation of `steps` holding `groups` (see [`super::ops`]), taken one after
     /// another by a task of its own, each tried up to [`STEP_TRIES`] times.
-    fn run_operation(
+    async fn run_operation(
         self: &Arc<Self>,
         kind: &str,
         what: &str,
@@ -592,7 +624,14 @@ impl Cluster {
     ) -> Result<Operated, String> {
         let op = self
             .ops
-            .start(kind, what.to_string(), groups, steps.len() as u32)?;
+            .start(
+                kind,
+                what.to_string(),
+                groups,
+                steps.len() as u32,
+                PLACEMENT_ROUND_WAIT,
+            )
+            .await?;
         let id = op.id().to_string();
         let cluster = Arc::clone(self);
         tokio::spawn(async move {
