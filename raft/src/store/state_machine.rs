@@ -21,6 +21,11 @@
 //! written only if it is newer than every snapshot file present, and only older ones are
 //! deleted.** A build that finishes after a newer snapshot was installed therefore changes
 //! nothing on disk, and can never delete the newer snapshot that the purged log relies on.
+//!
+//! The newest file *is* the current snapshot: its bytes are not kept in memory (an encoded state
+//! is about as large as the state itself, and every group would hold one for good). openraft
+//! asks for it only to send it to a replica that lags behind the purged log (and once at start,
+//! for its metadata), and [`RaftStateMachine::get_current_snapshot`] then reads the file.
 
 use std::fs::{self, File};
 use std::io::{Cursor, Write};
@@ -100,6 +105,9 @@ struct SnapshotHeader {
     data_len: u64,
 }
 
+/// A snapshot file's metadata and encoded state.
+type SnapshotFile = (SnapshotMeta<NodeId, Node>, Vec<u8>);
+
 #[derive(Clone)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, Node>,
@@ -119,7 +127,6 @@ pub struct StateMachine<M> {
     group: GroupId,
     files: SnapshotDir,
     shared: Arc<Shared<M>>,
-    current: Arc<Mutex<Option<StoredSnapshot>>>,
 }
 
 /// Builds snapshots of one group; shares everything with its [`StateMachine`].
@@ -127,7 +134,6 @@ pub struct SnapshotBuilder<M> {
     group: GroupId,
     files: SnapshotDir,
     shared: Arc<Shared<M>>,
-    current: Arc<Mutex<Option<StoredSnapshot>>>,
 }
 
 impl<M: Machine> StateMachine<M> {
@@ -146,7 +152,6 @@ impl<M: Machine> StateMachine<M> {
             last_applied: None,
             membership: StoredMembership::default(),
         };
-        let mut current = None;
         if let Some(path) = newest_snapshot(dir)? {
             let (meta, data) = read_snapshot(&path)?;
             let state = M::decode_state(&data)
@@ -157,10 +162,6 @@ impl<M: Machine> StateMachine<M> {
                 last_applied: meta.last_log_id,
                 membership: meta.last_membership.clone(),
             };
-            current = Some(StoredSnapshot {
-                meta,
-                data: Arc::new(data),
-            });
         }
         let (last_applied, _) = watch::channel(applied.last_applied);
         Ok(StateMachine {
@@ -175,7 +176,6 @@ impl<M: Machine> StateMachine<M> {
                 subscriber: Mutex::new(None),
                 last_applied,
             }),
-            current: Arc::new(Mutex::new(current)),
         })
     }
 
@@ -231,13 +231,13 @@ fn newest_snapshot(dir: &Path) -> Result<Option<PathBuf>, WalError> {
 }
 
 /// Reads a snapshot file: its metadata and its encoded state.
-fn read_snapshot(path: &Path) -> Result<(SnapshotMeta<NodeId, Node>, Vec<u8>), WalError> {
+fn read_snapshot(path: &Path) -> Result<SnapshotFile, WalError> {
     let bytes = fs::read(path).map_err(|e| WalError::io(path, e))?;
     parse_snapshot(&bytes, path)
 }
 
 /// Decodes a snapshot file's bytes (`path` names it in errors): its metadata and its state.
-fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<(SnapshotMeta<NodeId, Node>, Vec<u8>), WalError> {
+fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<SnapshotFile, WalError> {
     let damaged = |offset: usize, what: String| WalError::corruption(path, offset as u64, what);
     let (start, end) = match frame::check(bytes, 0) {
         Check::Record { payload } => payload,
@@ -267,6 +267,15 @@ fn parse_snapshot(bytes: &[u8], path: &Path) -> Result<(SnapshotMeta<NodeId, Nod
 }
 
 impl SnapshotDir {
+    /// The newest snapshot file's metadata and state, read under the lock every write takes (so
+    /// never a file being replaced).
+    fn read_newest(&self) -> Result<Option<SnapshotFile>, WalError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        newest_snapshot(&self.dir)?
+            .map(|path| read_snapshot(&path))
+            .transpose()
+    }
+
     /// Writes `snap` atomically if it is newer than every snapshot file present, then deletes
     /// the older ones. Returns whether it was written. See the module doc for why.
     fn persist(&self, snap: &StoredSnapshot) -> Result<bool, WalError> {
@@ -368,17 +377,6 @@ impl SnapshotDir {
     }
 }
 
-/// Keeps `snap` as the current snapshot unless the current one is newer.
-fn keep_newest(current: &Mutex<Option<StoredSnapshot>>, snap: StoredSnapshot) {
-    let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
-    if cur
-        .as_ref()
-        .is_none_or(|c| snapshot_key(&c.meta) <= snapshot_key(&snap.meta))
-    {
-        *cur = Some(snap);
-    }
-}
-
 impl<M: Machine> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<M> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         // Encoding a large state takes a while: off the async workers (apply waits for the
@@ -410,8 +408,8 @@ impl<M: Machine> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<M> {
         };
         let written = self.files.persist_async(&stored).await?;
         tracing::debug!(group = self.group, last = ?meta.last_log_id, written, "snapshot built");
-        let data = stored.data.as_ref().clone();
-        keep_newest(&self.current, stored);
+        // openraft reads only the metadata of a snapshot it had built; the bytes go with it.
+        let data = Arc::try_unwrap(stored.data).unwrap_or_else(|shared| shared.as_ref().clone());
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -471,7 +469,6 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachine<M> {
             group: self.group,
             files: self.files.clone(),
             shared: Arc::clone(&self.shared),
-            current: Arc::clone(&self.current),
         }
     }
 
@@ -507,15 +504,19 @@ impl<M: Machine> RaftStateMachine<TypeConfig> for StateMachine<M> {
             last: meta.last_log_id,
         });
         tracing::info!(group = self.group, last = ?meta.last_log_id, "snapshot installed");
-        keep_newest(&self.current, stored);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        Ok(cur.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data.as_ref().clone())),
+        let files = self.files.clone();
+        let read = tokio::task::spawn_blocking(move || files.read_newest())
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e))))?;
+        let newest =
+            read.map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e))))?;
+        Ok(newest.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 }
@@ -598,6 +599,38 @@ mod tests {
             StateMachine::open(1, dir.path(), state_with(0)),
             Err(WalError::Corruption { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn the_current_snapshot_is_read_from_the_newest_file() {
+        let dir = tempfile::TempDir::new().expect("tmp");
+        let mut sm = StateMachine::open(1, dir.path(), state_with(0)).expect("open");
+        assert!(sm.get_current_snapshot().await.expect("read").is_none());
+
+        // Installed from a leader: what openraft asks for next is that snapshot, byte for byte.
+        let installed = snap(&state_with(10), 100);
+        let sent = Box::new(Cursor::new(installed.data.as_ref().clone()));
+        sm.install_snapshot(&installed.meta, sent).await.expect("install");
+        let current = sm.get_current_snapshot().await.expect("read").expect("one");
+        assert_eq!(current.meta, installed.meta);
+        assert_eq!(current.snapshot.into_inner(), *installed.data);
+
+        // A newer one written since (a build) is the current one from then on.
+        let built = snap(&state_with(20), 200);
+        assert!(sm.files.persist(&built).expect("persist"));
+        let current = sm.get_current_snapshot().await.expect("read").expect("one");
+        assert_eq!(current.meta, built.meta);
+        assert_eq!(
+            GroupState::decode_state(&current.snapshot.into_inner()).expect("decode"),
+            state_with(20)
+        );
+
+        // The file is the only copy: damage in it is an error, never a snapshot.
+        let path = newest_snapshot(dir.path()).expect("list").expect("file");
+        let len = fs::metadata(&path).expect("meta").len();
+        let f = fs::OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(len - 10).expect("truncate");
+        assert!(sm.get_current_snapshot().await.is_err());
     }
 
     #[test]
