@@ -28,6 +28,7 @@
 //! - [`auth`]: signed session tokens (Ed25519).
 //! - [`clock`]: injected time.
 //! - [`procstat`]: this process's CPU time from `/proc` (what load shedding watches).
+//! - [`memory`]: the allocator's free memory handed back to the system after large frees.
 //! - [`shutdown`]: the shutdown trigger (Ctrl-C or SIGTERM) shared by nearby's binaries.
 //!
 //! The replicated store itself is the `nearby-raft` crate; the pure index is `nearby-index`.
@@ -43,6 +44,7 @@ pub mod gateway;
 pub mod group;
 pub mod history;
 pub mod incarnation;
+pub mod memory;
 pub mod messages;
 pub mod metrics;
 pub mod node;

@@ -160,6 +160,7 @@ pub struct Node {
     admin: Option<(tokio::task::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
     metrics: Arc<crate::metrics::ServiceMetrics>,
     retention: tokio::task::JoinHandle<()>,
+    trimmer: tokio::task::JoinHandle<()>,
 }
 
 impl Node {
@@ -278,6 +279,7 @@ impl Node {
             admin,
             metrics,
             retention,
+            trimmer: crate::memory::spawn_trimmer(),
         })
     }
 
@@ -342,6 +344,10 @@ impl Node {
                 Err(e) => tracing::warn!(group = g.id(), error = %e, "compaction after import failed"),
             }
         }
+        // The import's batches, entries and snapshot buffers are freed by now, under the sets
+        // and records they built: hand that memory back at once rather than at the trimmer's
+        // next look.
+        crate::memory::trim_if_above(0);
         Ok(())
     }
 
@@ -396,6 +402,7 @@ impl Node {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         self.retention.abort();
+        self.trimmer.abort();
         self.cluster.shutdown().await;
         self.host.shutdown().await;
     }
