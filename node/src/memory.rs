@@ -5,8 +5,8 @@
 //! moments — an import (the file, its batches, their log entries), a snapshot built or installed
 //! (a whole group's state encoded into one buffer, or decoded from one), a burst of sessions
 //! ending — and the friend sets and records allocated meanwhile pin those heaps. Measured on a
-//! dev node that imported 20,000 users with 7.3 M friendships: 236 MB resident before a trim,
-//! 147 MB after (`docs/benchmarks.md`).
+//! dev node that imported 20,000 users with 3.7 M friendships: 236 MB of anonymous memory before
+//! a trim, 147 MB after (`docs/benchmarks.md`).
 //!
 //! So a task looks every [`TRIM_EVERY`] at how much the allocator holds free
 //! ([`allocator_bytes`]) and, above [`TRIM_ABOVE`], hands it back ([`trim`]: `malloc_trim`,
