@@ -9,7 +9,7 @@
 //! a trim, 147 MB after (`docs/benchmarks.md`).
 //!
 //! So a task looks every [`TRIM_EVERY`] at how much the allocator holds free
-//! ([`allocator_bytes`]) and, above [`TRIM_ABOVE`], hands it back ([`trim`]: `malloc_trim`,
+//! ([`allocator_free_bytes`]) and, above [`TRIM_ABOVE`], hands it back ([`trim`]: `malloc_trim`,
 //! which releases the free pages inside the heaps too). Looking costs a walk of the allocator's
 //! free lists; trimming, a system call per free range. On a target without glibc both are
 //! absent and the task does nothing.
@@ -22,16 +22,15 @@ pub const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// Free bytes the allocator may hold before the trimmer hands them back.
 pub const TRIM_ABOVE: u64 = 16 << 20;
 
-/// What the allocator holds: bytes in use and bytes free (kept for reuse), or `None` where it
-/// cannot say (not glibc).
-pub fn allocator_bytes() -> Option<(u64, u64)> {
+/// The bytes the allocator holds free (kept for reuse), or `None` where it cannot say (not
+/// glibc).
+pub fn allocator_free_bytes() -> Option<u64> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 takes no arguments and only reads the allocator's own state, under
         // its locks.
         let info = unsafe { libc::mallinfo2() };
-        let used = (info.uordblks + info.hblkhd) as u64;
-        Some((used, info.fordblks as u64))
+        Some(info.fordblks as u64)
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
@@ -56,13 +55,13 @@ pub fn trim() -> bool {
 /// Trims if the allocator holds more than `above` bytes free; returns the free bytes it held
 /// when it did.
 pub fn trim_if_above(above: u64) -> Option<u64> {
-    let (_, free) = allocator_bytes()?;
+    let free = allocator_free_bytes()?;
     if free <= above {
         return None;
     }
     let started = Instant::now();
     let released = trim();
-    let after = allocator_bytes().map_or(0, |(_, f)| f);
+    let after = allocator_free_bytes().unwrap_or(0);
     tracing::debug!(
         free_before = free,
         free_after = after,
@@ -101,7 +100,7 @@ mod tests {
         let mut chunks: Vec<Vec<u8>> = (0..4096).map(|_| vec![1u8; 16 * page]).collect();
         let kept: Vec<Vec<u8>> = chunks.iter_mut().skip(1).step_by(2).map(std::mem::take).collect();
         drop(chunks);
-        let (_, free) = allocator_bytes().expect("glibc says");
+        let free = allocator_free_bytes().expect("glibc says");
         assert!(free >= 2048 * 16 * page as u64, "free {free}");
         let rss = || crate::procstat::own_rss_bytes().expect("rss");
         let before = rss();

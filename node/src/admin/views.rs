@@ -285,13 +285,12 @@ pub(super) fn render_node_metrics(c: &Cluster, s: &NodeStats, out: &mut String) 
         "The node's resident memory.",
         s.rss_bytes as f64,
     );
-    if let Some((_, free)) = crate::memory::allocator_bytes() {
-        gauge(
-            out,
-            "nearby_allocator_free_bytes",
-            "Heap the allocator holds free for reuse (handed back to the system above 16 MiB).",
-            free as f64,
+    if let Some(free) = crate::memory::allocator_free_bytes() {
+        let help = format!(
+            "Heap the allocator holds free for reuse (handed back to the system above {} MiB).",
+            crate::memory::TRIM_ABOVE >> 20
         );
+        gauge(out, "nearby_allocator_free_bytes", &help, free as f64);
     }
     let wal = c.host().wal();
     let ws = wal.stats();

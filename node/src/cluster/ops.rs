@@ -78,6 +78,15 @@ struct Inner {
     placing: BTreeSet<GroupId>,
 }
 
+impl Inner {
+    fn held(&self) -> BTreeSet<GroupId> {
+        self.running
+            .iter()
+            .flat_map(|e| e.view.groups.iter().copied())
+            .collect()
+    }
+}
+
 /// This node's operations (see the module doc).
 #[derive(Clone)]
 pub struct Operations {
@@ -184,11 +193,7 @@ impl Operations {
     /// groups wait until the claim is dropped.
     pub fn claim_for_placement(&self, groups: impl IntoIterator<Item = GroupId>) -> PlacementClaim {
         let mut inner = self.lock();
-        let held: BTreeSet<GroupId> = inner
-            .running
-            .iter()
-            .flat_map(|e| e.view.groups.iter().copied())
-            .collect();
+        let held = inner.held();
         let groups: BTreeSet<GroupId> = groups.into_iter().filter(|g| !held.contains(g)).collect();
         inner.placing.extend(groups.iter().copied());
         PlacementClaim {
@@ -199,11 +204,7 @@ impl Operations {
 
     /// The groups running operations hold.
     pub fn held(&self) -> BTreeSet<GroupId> {
-        self.lock()
-            .running
-            .iter()
-            .flat_map(|e| e.view.groups.iter().copied())
-            .collect()
+        self.lock().held()
     }
 
     /// Running operations first, then the finished ones, newest first.
