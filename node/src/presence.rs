@@ -65,6 +65,7 @@
 //! After each call, the caller MUST take the outputs with [`Presence::poll_outputs`] and deliver
 //! them, in order.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,7 +74,7 @@ use nearby_client::proto::{Coord, Event, FriendPosition, GoneReason, Stranger, G
 use nearby_index::activity::CellCounts;
 use nearby_index::friends::{FriendSet, RangeTable};
 use nearby_index::geo::{LatLng, Millis, UserId};
-use nearby_index::hash::{Map, Set};
+use nearby_index::hash::Map;
 use nearby_index::query::{nearby_page, Cursor, NearbyQuery, Page};
 use nearby_index::ttl::{LatestLocation, LocationTable, SetOutcome};
 use nearby_raft::{Command, CommandResult, GroupId, GroupState};
@@ -109,12 +110,12 @@ struct Viewer {
     radius_m: f64,
     /// Everyone the viewer is subscribed to.
     publishers: FriendSet,
-    /// Latest locations of publishers the viewer may see.
-    known: Map<UserId, LatestLocation>,
+    /// What the viewer knows of the publishers it may see: their latest locations, and which
+    /// are in range (shown). Only publishers are here: forgetting one forgets what was known.
+    /// One map, so that a friend's update costs the viewer one lookup.
+    known: Map<UserId, Known>,
     /// Display names of publishers, as learnt from snapshots.
     names: Map<UserId, String>,
-    /// Publishers currently in range (shown).
-    visible: Set<UserId>,
     /// Snapshots still expected after connect.
     pending: usize,
     /// The cadence the viewer was last told (0: not yet).
@@ -122,6 +123,14 @@ struct Viewer {
     /// Per publisher group, the log index its latest snapshot for the viewer was decided at:
     /// an update that group decided earlier is older than what the viewer has.
     floors: Vec<(GroupId, u64)>,
+}
+
+/// What a viewer knows of one publisher.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    at: LatestLocation,
+    /// In range, and shown to the viewer.
+    shown: bool,
 }
 
 impl Viewer {
@@ -625,26 +634,15 @@ impl Presence {
             return;
         };
         let mut events = Vec::new();
-        for (&friend, &at) in &v.known {
-            let d = me.loc.distance_m(&at.loc);
+        for (&friend, k) in &mut v.known {
+            let d = me.loc.distance_m(&k.at.loc);
             let inside = d <= v.radius_m;
-            let was = v.visible.contains(&friend);
-            if inside && !was {
-                events.push(Event::FriendEntered(position(friend, at, d)));
-            } else if !inside && was {
-                events.push(left(friend, at, v.radius_m));
+            if inside && !k.shown {
+                events.push(Event::FriendEntered(position(friend, k.at, d)));
+            } else if !inside && k.shown {
+                events.push(left(friend, k.at, v.radius_m));
             }
-        }
-        for e in &events {
-            match e {
-                Event::FriendEntered(p) => {
-                    v.visible.insert(p.id);
-                }
-                Event::FriendLeft { id, .. } => {
-                    v.visible.remove(id);
-                }
-                _ => {}
-            }
+            k.shown = inside;
         }
         if !quiet {
             self.outputs
@@ -849,32 +847,35 @@ impl Presence {
         let Some(v) = self.viewers.get_mut(&viewer) else {
             return;
         };
-        if !v.publishers.contains(friend) {
-            return;
-        }
-        if v.known
-            .get(&friend)
-            .is_some_and(|old| old.updated_at >= at.updated_at)
-        {
-            return;
-        }
-        v.known.insert(friend, at);
+        // Known publishers are publishers (forgetting one forgets what was known): only one not
+        // heard from yet is looked up in the set.
+        let known = match v.known.entry(friend) {
+            Entry::Occupied(e) => {
+                debug_assert!(v.publishers.contains(friend), "{friend} known, not a publisher");
+                if e.get().at.updated_at >= at.updated_at {
+                    return;
+                }
+                let known = e.into_mut();
+                known.at = at;
+                known
+            }
+            Entry::Vacant(e) => {
+                if !v.publishers.contains(friend) {
+                    return;
+                }
+                e.insert(Known { at, shown: false })
+            }
+        };
         let Some(me) = me else {
             return;
         };
         let d = me.loc.distance_m(&at.loc);
         let inside = d <= v.radius_m;
-        let was = v.visible.contains(&friend);
+        let was = std::mem::replace(&mut known.shown, inside);
         let event = match (inside, was) {
             (true, true) => Some(Event::FriendMoved(position(friend, at, d))),
-            (true, false) => {
-                v.visible.insert(friend);
-                Some(Event::FriendEntered(position(friend, at, d)))
-            }
-            (false, true) => {
-                v.visible.remove(&friend);
-                Some(left(friend, at, v.radius_m))
-            }
+            (true, false) => Some(Event::FriendEntered(position(friend, at, d))),
+            (false, true) => Some(left(friend, at, v.radius_m)),
             (false, false) => None,
         };
         if let (Some(event), true) = (event, notify) {
@@ -889,8 +890,7 @@ impl Presence {
         let Some(v) = self.viewers.get_mut(&viewer) else {
             return;
         };
-        v.known.remove(&friend);
-        if v.visible.remove(&friend) {
+        if v.known.remove(&friend).is_some_and(|k| k.shown) {
             self.outputs.push(Output::Push {
                 viewer,
                 event: Event::FriendGone { id: friend, reason },
@@ -1187,7 +1187,7 @@ impl Presence {
         let v = self.viewers.get(&viewer)?;
         let mut query = NearbyQuery::new(me.loc, v.radius_m);
         query.page_size = page_size;
-        let page = match nearby_page(&query, v.known.iter().map(|(k, at)| (*k, *at)), cursor) {
+        let page = match nearby_page(&query, v.known.iter().map(|(k, known)| (*k, known.at)), cursor) {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),
         };
@@ -1208,10 +1208,10 @@ impl Presence {
             return cadence::ALONE_S;
         }
         let closest = v
-            .visible
-            .iter()
-            .filter_map(|f| v.known.get(f))
-            .map(|at| me.loc.distance_m(&at.loc))
+            .known
+            .values()
+            .filter(|k| k.shown)
+            .map(|k| me.loc.distance_m(&k.at.loc))
             .fold(f64::INFINITY, f64::min);
         if closest <= cadence::NEAR_M {
             cadence::NEAR_S
