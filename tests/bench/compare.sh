@@ -16,6 +16,13 @@
 #                                     (needs root for a cgroup; without one it runs uncapped and
 #                                     says so)
 #
+#   NEARBY_COMPARE_EXTEND=2 (the full run's default; 0 = off)
+#                                     a system that held every step of the ramp runs again on
+#                                     the ramp extended by four steps of 1.25x past its top, at
+#                                     most this many times, until a step breaks its bounds: the
+#                                     knee is found whatever the machine's speed that day
+#   NEARBY_COMPARE_RATES=100,200,...  the ramp's steps (updates/s)
+#
 #   NEARBY_COMPARE_NEAR=0.2 tests/bench/compare.sh
 #                                     the same with a world where ~20 % of friendships are
 #                                     within 8 km (the default world's cities put ~70 % there);
@@ -131,7 +138,37 @@ run_nearby() { # name [nearby-node dev flags...]
 # comparison's bounds count refused updates against a step). The full run then measures nearby
 # with shedding on, its default, to show what shedding does past the knee
 # (NEARBY_COMPARE_SHED=0 skips it).
+# A ramp that ended before a system's knee measured the steps, not the system (nearby held every
+# step of one 2026-12-04 run): such a system runs again on the ramp extended past its top, at
+# most NEARBY_COMPARE_EXTEND times in a run (default 2), so that each knee is found on any day.
+# The runs after it take the extended ramp too, so that the systems share their steps.
+extensions=${NEARBY_COMPARE_EXTEND:-2}
+[ "$mode" = full ] || extensions=0
+# extend_rates RATES: RATES and four more steps, each 1.25 times the last (rounded to 50/s).
+extend_rates() {
+  awk -v r="$1" 'BEGIN {
+    n = split(r, a, ","); top = a[n]; out = r
+    for (i = 0; i < 4; i++) { top = int(top * 1.25 / 50 + 0.5) * 50; out = out "," top }
+    print out
+  }'
+}
+# again_higher NAME: whether NAME's report held every step and an extension is left; if so, the
+# ramp is extended and NAME's report set aside (kept as NAME.held-to-TOP.json).
+again_higher() {
+  local verdict
+  [ "$extensions" -gt 0 ] || return 1
+  verdict=$("$bin/nearby-loadsim" compare --nearby "$work/$1.json" --baseline "$work/$1.json")
+  [[ $verdict == *"the ramp ended before the knee"* ]] || return 1
+  extensions=$((extensions - 1))
+  mv "$work/$1.json" "$work/$1.held-to-${rates##*,}.json"
+  rates=$(extend_rates "$rates")
+  echo "== $1 held every step: again, on a ramp up to ${rates##*,} updates/s"
+}
 run_nearby nearby --no-shed
+while again_higher nearby; do
+  rm -rf "$work/nearby-data" "$work/nearby-home"
+  run_nearby nearby --no-shed
+done
 # The same nearby on quinn's task per connection (the client driver the baseline runs on), in
 # the same run: what the batched driver changes (NEARBY_COMPARE_TASKS=0 skips it).
 tasks=()
@@ -145,10 +182,14 @@ if [ "$mode" = full ] && [ "${NEARBY_COMPARE_SHED:-1}" = 1 ]; then
   shed=(--report "nearby, shedding on=$work/nearby-shed.json")
 fi
 
-echo "== baseline (Redis)"
-start_baseline "$bin" "$work/base-home"
-run_load baseline "$work/base-home" "$base" "$redis"
-kill -TERM "$base"; wait "$base" || true
+while :; do
+  echo "== baseline (Redis)"
+  rm -rf "$work/base-home"
+  start_baseline "$bin" "$work/base-home"
+  run_load baseline "$work/base-home" "$base" "$redis"
+  kill -TERM "$base" "$redis"; wait "$base" "$redis" || true
+  again_higher baseline || break
+done
 
 echo "== bare quinn push ceiling: $sessions sessions, $push_rates pushes/s"
 "${on_load[@]}" "$bin/nearby-loadsim" ceiling --sessions "$sessions" --rate "$push_rates" \
