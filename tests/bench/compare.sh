@@ -134,10 +134,6 @@ run_nearby() { # name [nearby-node dev flags...]
   kill -TERM "$node"; wait "$node" || true
 }
 
-# Capacity is compared with load shedding off in both systems (shedding refuses load; the
-# comparison's bounds count refused updates against a step). The full run then measures nearby
-# with shedding on, its default, to show what shedding does past the knee
-# (NEARBY_COMPARE_SHED=0 skips it).
 # A ramp that ended before a system's knee measured the steps, not the system (nearby held every
 # step of one 2026-12-04 run): such a system runs again on the ramp extended past its top, at
 # most NEARBY_COMPARE_EXTEND times in a run (default 2), so that each knee is found on any day.
@@ -153,7 +149,7 @@ extend_rates() {
   }'
 }
 # again_higher NAME: whether NAME's report held every step and an extension is left; if so, the
-# ramp is extended and NAME's report set aside (kept as NAME.held-to-TOP.json).
+# ramp is extended and NAME's report renamed NAME.held-to-TOP.json in the work directory.
 again_higher() {
   local verdict
   [ "$extensions" -gt 0 ] || return 1
@@ -164,6 +160,11 @@ again_higher() {
   rates=$(extend_rates "$rates")
   echo "== $1 held every step: again, on a ramp up to ${rates##*,} updates/s"
 }
+
+# Capacity is compared with load shedding off in both systems (shedding refuses load; the
+# comparison's bounds count refused updates against a step). The full run then measures nearby
+# with shedding on, its default, to show what shedding does past the knee
+# (NEARBY_COMPARE_SHED=0 skips it).
 run_nearby nearby --no-shed
 while again_higher nearby; do
   rm -rf "$work/nearby-data" "$work/nearby-home"
