@@ -153,6 +153,8 @@ extend_rates() {
 again_higher() {
   local verdict
   [ "$extensions" -gt 0 ] || return 1
+  # `compare` judges the ramp (`knee_line` in tests/loadsim/src/compare.rs, whose test pins this
+  # phrase); the report is given as both systems because it wants two.
   verdict=$("$bin/nearby-loadsim" compare --nearby "$work/$1.json" --baseline "$work/$1.json")
   [[ $verdict == *"the ramp ended before the knee"* ]] || return 1
   extensions=$((extensions - 1))

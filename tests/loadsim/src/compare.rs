@@ -320,7 +320,8 @@ mod tests {
         let mut two = ramp(0.96);
         two.generator_cpus = Some(2);
         assert!(knee_line(&summarize("x", &two)).contains("48 %"));
-        // A ramp that never broke the bounds past its max says so.
+        // A ramp that never broke the bounds past its max says so (`tests/bench/compare.sh`
+        // reads this phrase to run such a system again on a longer ramp).
         let held = report(vec![
             step(1, 1000.0, 1.0, 5.0, 0.0, 1.0),
             step(2, 2000.0, 1.0, 9.0, 0.0, 2.0),
