@@ -44,16 +44,15 @@
 
 mod guard;
 mod leases;
-mod udp;
+pub mod udp;
 
 pub use guard::AbuseLimits;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::future::Future;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,7 +66,6 @@ use quinn_proto::{
     ConnectionHandle, DatagramEvent, Dir, EcnCodepoint, Event, ReadError, StreamEvent, StreamId, VarInt,
     WriteError,
 };
-use tokio::io::Interest;
 
 use crate::api::Backend;
 use crate::metrics::ServiceMetrics;
@@ -81,8 +79,6 @@ use crate::service::session::{
 
 /// `recvmmsg` calls per wake-up before the driver sends what it has and looks at its other work.
 pub(crate) const RECV_ROUNDS: usize = 8;
-/// Receive buffer per message of a `recvmmsg` (room for GRO's coalesced datagrams).
-const RECV_SLOT: usize = 64 * 1024;
 /// GSO segments per transmit at most (quinn's own cap).
 const MAX_SEGMENTS: usize = 10;
 /// The least a connection may hold unacknowledged (see [`Conn::fit_send_window`]), bytes.
@@ -241,7 +237,7 @@ impl Key {
 struct Driver<B: Backend> {
     ctx: Arc<Context<B>>,
     socket: Arc<tokio::net::UdpSocket>,
-    udp: quinn_udp::UdpSocketState,
+    udp: Arc<quinn_udp::UdpSocketState>,
     endpoint: quinn_proto::Endpoint,
     /// Connections by their quinn-proto handle (a dense index).
     conns: Vec<Option<Conn<B>>>,
@@ -273,7 +269,7 @@ struct Driver<B: Backend> {
 impl<B: Backend> Driver<B> {
     fn new(bound: Bound, ctx: Arc<Context<B>>) -> io::Result<Self> {
         let limits = bound.limits;
-        let udp = quinn_udp::UdpSocketState::new((&bound.socket).into())?;
+        let udp = Arc::new(quinn_udp::UdpSocketState::new((&bound.socket).into())?);
         let socket = Arc::new(tokio::net::UdpSocket::from_std(bound.socket)?);
         let endpoint = quinn_proto::Endpoint::new(
             Arc::new(quinn_proto::EndpointConfig::default()),
@@ -285,7 +281,7 @@ impl<B: Backend> Driver<B> {
         Ok(Driver {
             ctx,
             socket,
-            recv_buf: vec![0; RECV_SLOT * quinn_udp::BATCH_SIZE],
+            recv_buf: vec![0; udp::RECV_SLOT * quinn_udp::BATCH_SIZE],
             udp,
             endpoint,
             conns: Vec::new(),
@@ -330,36 +326,11 @@ impl<B: Backend> Driver<B> {
 
     /// Reads datagrams until the socket is empty or [`RECV_ROUNDS`] calls are done.
     fn receive(&mut self, now: Instant) {
+        let (socket, state) = (Arc::clone(&self.socket), Arc::clone(&self.udp));
         let mut buf = std::mem::take(&mut self.recv_buf);
-        for _ in 0..RECV_ROUNDS {
-            let mut metas = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
-            let received = {
-                // One slot per message of a `recvmmsg`: no allocation per call.
-                let mut slots = buf.chunks_mut(RECV_SLOT);
-                let mut iovs: [IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
-                    std::array::from_fn(|_| IoSliceMut::new(slots.next().unwrap_or_default()));
-                let (socket, udp) = (&self.socket, &self.udp);
-                socket.try_io(Interest::READABLE, || {
-                    udp.recv((&**socket).into(), &mut iovs, &mut metas)
-                })
-            };
-            let n = match received {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    // ICMP errors surface here on some kernels; the next datagram is fine.
-                    tracing::debug!(error = %e, "client socket receive error");
-                    continue;
-                }
-            };
-            for (i, meta) in metas.iter().take(n).enumerate() {
-                let data = &buf[i * RECV_SLOT..i * RECV_SLOT + meta.len];
-                let stride = meta.stride.max(1);
-                for datagram in data.chunks(stride) {
-                    self.datagram(now, meta, BytesMut::from(datagram));
-                }
-            }
-        }
+        udp::receive(&socket, &state, &mut buf, RECV_ROUNDS, |meta, datagram| {
+            self.datagram(now, meta, BytesMut::from(datagram));
+        });
         self.recv_buf = buf;
     }
 
@@ -622,15 +593,7 @@ async fn send(
     batch: &mut udp::Batch,
     metrics: &ServiceMetrics,
 ) -> io::Result<()> {
-    loop {
-        match socket.try_io(Interest::WRITABLE, || {
-            batch.send(socket.as_fd(), |n| metrics.sent(n))
-        }) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
-            Err(e) => return Err(e),
-        }
-    }
+    udp::send_all(socket, batch, |n| metrics.sent(n)).await
 }
 
 /// What a connection needs from its driver while it is driven.

@@ -3,14 +3,15 @@
 //! (`UDP_SEGMENT`) where a connection had several packets of one size for one peer.
 //!
 //! quinn sends one transmit per `sendmsg` from each connection's own task; here a driver wake-up
-//! that produced pushes for a hundred sessions costs one system call.
+//! that produced pushes for a hundred sessions costs one system call. The load simulator's
+//! batched client driver sends through the same batches ([`send_all`]).
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 /// At most this many messages go in one `sendmmsg` (Linux's `UIO_MAXIOV` is 1024).
-pub(crate) const MAX_MESSAGES: usize = 128;
+pub const MAX_MESSAGES: usize = 128;
 
 /// One message of a batch: where it goes and which bytes of the batch's buffer it is.
 #[derive(Clone, Copy, Debug)]
@@ -24,7 +25,7 @@ struct Message {
 
 /// Transmits gathered for one `sendmmsg`.
 #[derive(Default)]
-pub(crate) struct Batch {
+pub struct Batch {
     buf: Vec<u8>,
     messages: Vec<Message>,
     /// Messages before this one are sent.
@@ -38,12 +39,12 @@ struct Control([u8; 32]);
 
 impl Batch {
     /// Whether the batch holds nothing unsent.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.sent == self.messages.len()
     }
 
     /// Whether the batch should go out before more is added.
-    pub(crate) fn is_full(&self) -> bool {
+    pub fn is_full(&self) -> bool {
         self.messages.len() >= MAX_MESSAGES
     }
 
@@ -54,7 +55,7 @@ impl Batch {
     }
 
     /// Adds `data` for `to`: one datagram, or datagrams of `segment` bytes each (GSO).
-    pub(crate) fn push(&mut self, to: SocketAddr, data: &[u8], segment: Option<usize>) {
+    pub fn push(&mut self, to: SocketAddr, data: &[u8], segment: Option<usize>) {
         let start = self.buf.len();
         self.buf.extend_from_slice(data);
         let segment = segment
@@ -69,7 +70,7 @@ impl Batch {
     }
 
     /// Adds what quinn-proto wrote into `buf` for transmit `t`.
-    pub(crate) fn push_transmit(&mut self, t: &quinn_proto::Transmit, buf: &[u8]) {
+    pub fn push_transmit(&mut self, t: &quinn_proto::Transmit, buf: &[u8]) {
         self.push(t.destination, &buf[..t.size], t.segment_size);
     }
 
@@ -89,7 +90,7 @@ impl Batch {
     /// kernel refuses for itself (no route, too large) is dropped — QUIC sends it again — and
     /// counted in the result's second field.
     /// `on_call` hears how many messages each successful call carried.
-    pub(crate) fn send(
+    pub fn send(
         &mut self,
         socket: BorrowedFd<'_>,
         mut on_call: impl FnMut(usize),
@@ -114,6 +115,66 @@ impl Batch {
         }
         self.clear();
         Ok((sent, dropped))
+    }
+}
+
+/// Sends everything in `batch` on `socket`, waiting for room in the socket's buffer when it is
+/// full; `on_call` hears how many messages each `sendmmsg` carried.
+pub async fn send_all(
+    socket: &tokio::net::UdpSocket,
+    batch: &mut Batch,
+    mut on_call: impl FnMut(usize),
+) -> io::Result<()> {
+    loop {
+        match socket.try_io(tokio::io::Interest::WRITABLE, || {
+            batch.send(socket.as_fd(), &mut on_call)
+        }) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Receive buffer per message of a `recvmmsg` (room for GRO's coalesced datagrams): a receive
+/// buffer for [`receive`] is this times [`quinn_udp::BATCH_SIZE`].
+pub const RECV_SLOT: usize = 64 * 1024;
+
+/// Reads datagrams until the socket is empty or `rounds` `recvmmsg` calls are done, handing each
+/// datagram (GRO's coalesced ones split again) to `each` with its metadata. `buf` is the
+/// messages' room: [`RECV_SLOT`] bytes per message, no allocation per call.
+pub fn receive(
+    socket: &tokio::net::UdpSocket,
+    state: &quinn_udp::UdpSocketState,
+    buf: &mut [u8],
+    rounds: usize,
+    mut each: impl FnMut(&quinn_udp::RecvMeta, &[u8]),
+) {
+    for _ in 0..rounds {
+        let mut metas = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        let received = {
+            let mut slots = buf.chunks_mut(RECV_SLOT);
+            let mut iovs: [std::io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+                std::array::from_fn(|_| std::io::IoSliceMut::new(slots.next().unwrap_or_default()));
+            socket.try_io(tokio::io::Interest::READABLE, || {
+                state.recv(socket.into(), &mut iovs, &mut metas)
+            })
+        };
+        let n = match received {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                // ICMP errors surface here on some kernels; the next datagram is fine.
+                tracing::debug!(error = %e, "socket receive error");
+                continue;
+            }
+        };
+        for (i, meta) in metas.iter().take(n).enumerate() {
+            let data = &buf[i * RECV_SLOT..i * RECV_SLOT + meta.len];
+            for datagram in data.chunks(meta.stride.max(1)) {
+                each(meta, datagram);
+            }
+        }
     }
 }
 
