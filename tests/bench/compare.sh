@@ -22,6 +22,9 @@
 #                                     most this many times, until a step breaks its bounds: the
 #                                     knee is found whatever the machine's speed that day
 #   NEARBY_COMPARE_RATES=100,200,...  the ramp's steps (updates/s)
+#   NEARBY_COMPARE_CLIENTS=batched    how the load generator runs its phones (`nearby-loadsim run
+#                                     --clients`): `batched`, all on one socket in one task (a
+#                                     fraction of the SDK clients' CPU per push), or `sdk`
 #
 #   NEARBY_COMPARE_NEAR=0.2 tests/bench/compare.sh
 #                                     the same with a world where ~20 % of friendships are
@@ -111,7 +114,7 @@ run_load() { # name home server-pid [extra-pid] [pseudonym-key]
   local rc=0
   "${on_load[@]}" "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$2" \
     --rate "$rates" --duration "$duration" --server-pid "$3" "${extra[@]}" \
-    --json-out "$work/$1.json" || rc=$?
+    --clients "${NEARBY_COMPARE_CLIENTS:-batched}" --json-out "$work/$1.json" || rc=$?
   # Exit status 3 is "the oracle saw a leak": the report has it, and the table shows it. The
   # baseline's is recorded and the comparison goes on (the original design may leak past its
   # knee); nearby's fails the run.

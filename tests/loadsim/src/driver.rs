@@ -36,6 +36,8 @@ use crate::oracle::{latency_histogram, Micros, Outcome, PositionKind, Received, 
 use crate::procstat::{self, ProcSample};
 use crate::world::World;
 
+mod fleet;
+
 /// One load step: a target rate for a duration.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Step {
@@ -89,6 +91,20 @@ pub struct DriverConfig {
     /// turn discoverable on and its listeners ask for strangers, whose pseudonyms the run maps
     /// back to users for the oracle. `None` leaves strangers out (a server without them).
     pub pseudonym_key: Option<Vec<u8>>,
+    /// How the participants' clients run: SDK clients, or the batched fleet.
+    pub clients: Clients,
+}
+
+/// How the simulated phones are run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Clients {
+    /// One SDK `Client` per participant (its own quinn connection task, event channel and
+    /// schedule task), reconnecting as an app does: what the cluster and fault runs need.
+    #[default]
+    Sdk,
+    /// Every participant on one socket, driven by one task ([`fleet`]): the same requests, a
+    /// fraction of the generator's CPU per push, no reconnection and no churn.
+    Batched,
 }
 
 impl DriverConfig {
@@ -120,6 +136,7 @@ impl DriverConfig {
             idle_timeout: Duration::from_secs(20),
             started: None,
             pseudonym_key: None,
+            clients: Clients::Sdk,
         }
     }
 }
@@ -265,6 +282,16 @@ impl Shared {
         }
     }
 
+    /// Records an error that is not the SDK's: its code name and message.
+    fn error_text(&self, code: &str, message: &str) {
+        tracing::warn!(target: "nearby_loadsim::errors", code, message, "client error");
+        self.error_named(code);
+        let mut kept = lock(&self.error_messages);
+        if kept.len() < KEPT_MESSAGES {
+            kept.push((self.now(), message.to_string()));
+        }
+    }
+
     fn error_named(&self, code: &str) {
         self.live.errors.fetch_add(1, Ordering::Relaxed);
         let at = self.now();
@@ -395,11 +422,17 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
             });
         }
     }
+    let batched = config.clients == Clients::Batched;
+    if batched && config.churn > 0.0 {
+        return Err(DriverError::Setup(
+            "churn acts through SDK clients: run it with the SDK clients".into(),
+        ));
+    }
     let m = online.len();
     let ids: Vec<UserId> = online.iter().map(|&i| world.id(i)).collect();
     let index: HashMap<UserId, u32> = ids.iter().enumerate().map(|(p, &id)| (id, p as u32)).collect();
     let mut endpoints = Vec::new();
-    for _ in 0..SHARED_ENDPOINTS {
+    for _ in 0..if batched { 0 } else { SHARED_ENDPOINTS } {
         let bind: std::net::SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
         endpoints
             .push(quinn::Endpoint::client(bind).map_err(|e| DriverError::Setup(format!("udp socket: {e}")))?);
@@ -433,7 +466,8 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let gate = Arc::new(Semaphore::new(config.connect_concurrency.max(1)));
     let (ready_tx, mut ready_rx) = mpsc::channel::<bool>(m);
     let (go_tx, go_rx) = watch::channel::<Option<Instant>>(None);
-    let mut tasks = Vec::with_capacity(m);
+    let mut tasks = Vec::with_capacity(if batched { 0 } else { m });
+    let mut members = Vec::with_capacity(if batched { m } else { 0 });
     for (p, &i) in online.iter().enumerate() {
         let off = world.sharing_off().binary_search(&i);
         let settings = Settings {
@@ -448,6 +482,13 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
             discoverable: config.pseudonym_key.is_some() && world.discoverable().binary_search(&i).is_ok(),
             listen: config.pseudonym_key.is_some() && world.listeners().binary_search(&i).is_ok(),
         };
+        if batched {
+            members.push(fleet::Member {
+                mover: world.mover(i),
+                settings,
+            });
+            continue;
+        }
         tasks.push(tokio::spawn(participant(
             p as u32,
             Arc::clone(&shared),
@@ -458,6 +499,12 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
             go_rx.clone(),
         )));
     }
+    let fleet = if batched {
+        let fleet = fleet::Fleet::new(Arc::clone(&shared), members, ready_tx.clone())?;
+        Some(tokio::spawn(fleet.run(go_rx.clone())))
+    } else {
+        None
+    };
     drop(ready_tx);
 
     // The progress line runs from the connect phase to the end.
@@ -485,6 +532,9 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
         let _ = go_tx.send(Some(Instant::now()));
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(f) = fleet {
+            let _ = f.await;
         }
         let _ = stop_progress.send(true);
         let first = lock(&shared.errors)
@@ -532,6 +582,10 @@ pub async fn run(world: &World, config: DriverConfig) -> Result<RunOutput, Drive
     let mut outs = Vec::with_capacity(m);
     for t in tasks {
         outs.push(t.await.unwrap_or_default());
+    }
+    if let Some(f) = fleet {
+        outs = f.await.unwrap_or_default();
+        outs.resize_with(m, ParticipantOut::default);
     }
     let _ = stop_progress.send(true);
     if let Some(p) = progress {
@@ -913,23 +967,8 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
     let mut down_since: Option<Micros> = None;
     while let Some(e) = events.recv().await {
         let at = shared.now();
-        let (from, seen) = match e {
-            SdkEvent::Event(Event::FriendMoved(f)) => {
-                shared.observe(f.id, f.at, at);
-                (f.id, position(PositionKind::Moved, f.at, f.updated_at))
-            }
-            SdkEvent::Event(Event::FriendEntered(f)) => {
-                shared.observe(f.id, f.at, at);
-                (f.id, position(PositionKind::Entered, f.at, f.updated_at))
-            }
-            SdkEvent::Event(Event::FriendLeft { id, updated_at, .. }) => (id, Seen::Left { updated_at }),
-            SdkEvent::Event(Event::FriendGone { id, .. }) => (id, Seen::Gone),
-            SdkEvent::Event(Event::StrangerNearby(s)) => {
-                shared.live.pushes.fetch_add(1, Ordering::Relaxed);
-                strangers.push(StrangerSeen::of(&s, at));
-                continue;
-            }
-            SdkEvent::Event(_) => continue,
+        match e {
+            SdkEvent::Event(e) => heard_event(&shared, e, at, &mut received, &mut strangers),
             SdkEvent::Reconnecting {
                 reason,
                 planned,
@@ -947,7 +986,6 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                     // The connection was lost a little before the client noticed.
                     down_since = Some(at.saturating_sub(1_000_000));
                 }
-                continue;
             }
             SdkEvent::Resumed { page } => {
                 end_wait(&mut backoffs, at);
@@ -957,13 +995,10 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
                 if let Some(page) = page {
                     page_entries(&page, at, &mut received);
                 }
-                continue;
             }
             SdkEvent::Closed(_) => break,
-            _ => continue,
-        };
-        shared.live.pushes.fetch_add(1, Ordering::Relaxed);
-        received.push(Received { at, from, seen });
+            _ => {}
+        }
     }
     if let Some(from) = down_since {
         outages.push((from, Micros::MAX));
@@ -974,6 +1009,37 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
         outages,
         backoffs,
     }
+}
+
+/// Records one pushed event as heard at `at`: a friend's position or its end in `received`, a
+/// stranger in `strangers`, each counted as a push (events about nobody are not).
+fn heard_event(
+    shared: &Shared,
+    e: Event,
+    at: Micros,
+    received: &mut Vec<Received>,
+    strangers: &mut Vec<StrangerSeen>,
+) {
+    let (from, seen) = match e {
+        Event::FriendMoved(f) => {
+            shared.observe(f.id, f.at, at);
+            (f.id, position(PositionKind::Moved, f.at, f.updated_at))
+        }
+        Event::FriendEntered(f) => {
+            shared.observe(f.id, f.at, at);
+            (f.id, position(PositionKind::Entered, f.at, f.updated_at))
+        }
+        Event::FriendLeft { id, updated_at, .. } => (id, Seen::Left { updated_at }),
+        Event::FriendGone { id, .. } => (id, Seen::Gone),
+        Event::StrangerNearby(s) => {
+            shared.live.pushes.fetch_add(1, Ordering::Relaxed);
+            strangers.push(StrangerSeen::of(&s, at));
+            return;
+        }
+        _ => return,
+    };
+    shared.live.pushes.fetch_add(1, Ordering::Relaxed);
+    received.push(Received { at, from, seen });
 }
 
 /// The client's last wait between reconnection attempts ended by `at` (the next attempt, which

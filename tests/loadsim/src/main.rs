@@ -470,6 +470,11 @@ struct RunArgs {
     /// and the oracle judges what strangers see. Without it strangers are left out.
     #[arg(long)]
     pseudonym_key: Option<PathBuf>,
+    /// How the simulated phones run: `sdk`, one SDK client each (reconnecting as an app does),
+    /// or `batched`, all of them on one socket in one task — the same requests for a fraction
+    /// of the generator's CPU, no reconnection.
+    #[arg(long, value_enum, default_value_t = driver::Clients::Sdk)]
+    clients: driver::Clients,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -731,6 +736,7 @@ fn run_load(args: RunArgs) -> anyhow::Result<ExitCode> {
     dc.progress = !args.quiet;
     dc.server_pids = args.server_pid;
     dc.extra_pid = args.extra_pid;
+    dc.clients = args.clients;
     if let Some(path) = &args.pseudonym_key {
         dc.pseudonym_key = Some(
             nearby_node::secrets::read_pseudonym_key(path)

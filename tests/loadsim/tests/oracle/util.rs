@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nearby_loadsim::cluster::SIMULATOR_ADDRESS_LIMIT;
+use nearby_loadsim::driver::Clients;
 use nearby_loadsim::{driver, DriverConfig, Report, Step, Verdict, World, WorldConfig};
 use nearby_node::api::Backend;
 use nearby_node::auth::TokenSigner;
@@ -81,8 +82,8 @@ pub(crate) fn small_world(seed: u64, users: usize, online: f64) -> World {
     .expect("world")
 }
 
-/// Runs `world` against `addr` at `rate` updates/s for `secs`, then judges it; with the
-/// cluster's `pseudonym_key`, strangers take part.
+/// Runs `world` against `addr` at `rate` updates/s for `secs` with `clients`, then judges it;
+/// with the cluster's `pseudonym_key`, strangers take part.
 pub(crate) async fn drive(
     world: &World,
     addr: &str,
@@ -90,6 +91,7 @@ pub(crate) async fn drive(
     rate: f64,
     secs: u64,
     pseudonym_key: Option<&[u8]>,
+    clients: Clients,
 ) -> (Report, Verdict) {
     let mut config = DriverConfig::new(
         addr,
@@ -100,8 +102,12 @@ pub(crate) async fn drive(
         }],
     );
     config.progress = false;
+    // Fewer connecting at once than the worlds' participants: places free up as sessions get
+    // ready, and the next ones connect.
+    config.connect_concurrency = 16;
     config.server_pids = vec![std::process::id()];
     config.pseudonym_key = pseudonym_key.map(<[u8]>::to_vec);
+    config.clients = clients;
     let out = driver::run(world, config).await.expect("run");
     let (report, verdict) = Report::build(world, addr, &out);
     #[allow(clippy::print_stdout)] // the report, for `--nocapture` and failed runs
