@@ -539,24 +539,20 @@ impl<B: Backend> Driver<B> {
                         self.leases.watch(lease);
                     }
                 }
-                loop {
-                    self.scratch.clear();
-                    let Some(t) = c.q.poll_transmit(now, self.segments, &mut self.scratch) else {
-                        break;
-                    };
-                    self.batch.push_transmit(&t, &self.scratch);
-                    if self.batch.is_full() {
-                        send(&self.socket, &mut self.batch, &self.ctx.metrics).await?;
-                    }
-                }
-                let mut drained = false;
-                while let Some(event) = c.q.poll_endpoint_events() {
-                    drained |= event.is_drained();
-                    if let Some(back) = self.endpoint.handle_event(ConnectionHandle(slot), event) {
-                        c.q.handle_event(back);
-                        c.dirty = true;
-                    }
-                }
+                let metrics = &self.ctx.metrics;
+                self.batch
+                    .take_transmits(
+                        &mut c.q,
+                        now,
+                        self.segments,
+                        &mut self.scratch,
+                        &self.socket,
+                        |n| metrics.sent(n),
+                    )
+                    .await?;
+                let (drained, again) =
+                    udp::endpoint_events(&mut self.endpoint, ConnectionHandle(slot), &mut c.q);
+                c.dirty |= again;
                 if drained {
                     if let Some(mut c) = self.conns[slot].take() {
                         self.guard.closed(c.ip, c.events.queue.is_some());

@@ -69,6 +69,30 @@ impl Batch {
         });
     }
 
+    /// Moves every packet `q` has to send at `now` into the batch, `segments` at most per
+    /// transmit (`scratch` is quinn-proto's room for one), sending the batch on `socket` whenever
+    /// it fills; `on_call` hears how many messages each `sendmmsg` carried.
+    pub async fn take_transmits(
+        &mut self,
+        q: &mut quinn_proto::Connection,
+        now: std::time::Instant,
+        segments: usize,
+        scratch: &mut Vec<u8>,
+        socket: &tokio::net::UdpSocket,
+        mut on_call: impl FnMut(usize),
+    ) -> io::Result<()> {
+        loop {
+            scratch.clear();
+            let Some(t) = q.poll_transmit(now, segments, scratch) else {
+                return Ok(());
+            };
+            self.push_transmit(&t, scratch);
+            if self.is_full() {
+                send_all(socket, self, &mut on_call).await?;
+            }
+        }
+    }
+
     /// Adds what quinn-proto wrote into `buf` for transmit `t`.
     pub fn push_transmit(&mut self, t: &quinn_proto::Transmit, buf: &[u8]) {
         self.push(t.destination, &buf[..t.size], t.segment_size);
@@ -134,6 +158,24 @@ pub async fn send_all(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Hands connection `q`'s endpoint events to `endpoint` and its answers back: whether the
+/// connection is drained (its slot is free) and whether an answer came back (drive it again).
+pub fn endpoint_events(
+    endpoint: &mut quinn_proto::Endpoint,
+    handle: quinn_proto::ConnectionHandle,
+    q: &mut quinn_proto::Connection,
+) -> (bool, bool) {
+    let (mut drained, mut again) = (false, false);
+    while let Some(event) = q.poll_endpoint_events() {
+        drained |= event.is_drained();
+        if let Some(back) = endpoint.handle_event(handle, event) {
+            q.handle_event(back);
+            again = true;
+        }
+    }
+    (drained, again)
 }
 
 /// Receive buffer per message of a `recvmmsg` (room for GRO's coalesced datagrams): a receive

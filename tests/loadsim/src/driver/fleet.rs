@@ -826,24 +826,19 @@ impl Fleet {
                 let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                     continue;
                 };
-                loop {
-                    self.scratch.clear();
-                    let Some(t) = c.q.poll_transmit(now, self.segments, &mut self.scratch) else {
-                        break;
-                    };
-                    self.batch.push_transmit(&t, &self.scratch);
-                    if self.batch.is_full() {
-                        udp::send_all(&self.socket, &mut self.batch, |_| {}).await?;
-                    }
-                }
-                let mut drained = false;
-                while let Some(event) = c.q.poll_endpoint_events() {
-                    drained |= event.is_drained();
-                    if let Some(back) = self.endpoint.handle_event(ConnectionHandle(slot), event) {
-                        c.q.handle_event(back);
-                        c.dirty = true;
-                    }
-                }
+                self.batch
+                    .take_transmits(
+                        &mut c.q,
+                        now,
+                        self.segments,
+                        &mut self.scratch,
+                        &self.socket,
+                        |_| {},
+                    )
+                    .await?;
+                let (drained, again) =
+                    udp::endpoint_events(&mut self.endpoint, ConnectionHandle(slot), &mut c.q);
+                c.dirty |= again;
                 if drained {
                     self.conns[slot] = None;
                     continue;
