@@ -11,10 +11,9 @@
 #   NEARBY_COMPARE_SERVER_SHARE=0.5 (the full run's default; 1 = off)
 #                                     caps every server it measures (nearby, the baseline with its
 #                                     Redis, the bare push) at this share of its CPUs with a CPU
-#                                     quota, so that the load generator, which costs as much CPU
-#                                     per push as nearby's server, is never the limit of a ramp
-#                                     (needs root for a cgroup; without one it runs uncapped and
-#                                     says so)
+#                                     quota, so that the load generator is never the limit of a
+#                                     ramp (needs root for a cgroup; without one it runs uncapped
+#                                     and says so)
 #
 #   NEARBY_COMPARE_EXTEND=2 (the full run's default; 0 = off)
 #                                     a system that held every step of the ramp runs again on
@@ -73,11 +72,11 @@ fi
 # shellcheck source=tests/bench/lib.sh
 . tests/bench/lib.sh
 
-# The load generator runs the same QUIC client stack as an app and costs as much CPU per push as
-# nearby's server (docs/benchmarks.md, "Was the load generator the limit?"): with a core each, it
-# would saturate when the server does and the ramp's knee would be the generator's. The servers
-# get a CPU quota of `share` of their CPUs (cgroup, 10 ms periods), the generator none; the
-# comparison prints the generator's share at each system's knee, so a run shows it held.
+# On SDK clients the load generator cost as much CPU per push as nearby's server (docs/benchmarks.md,
+# "Was the load generator the limit?"): with a core each, the ramp's knee was partly the
+# generator's. Its batched clients cost about 0.7x the server's; the servers still get a CPU quota
+# of `share` of their CPUs (cgroup, 10 ms periods), the generator none, and the comparison prints
+# the generator's share at each system's knee, so a run shows it held.
 share=${NEARBY_COMPARE_SERVER_SHARE:-0.5}
 [ "$mode" = smoke ] && share=1
 cg="" on_cgroup=() ceiling_cgroup=()
