@@ -274,17 +274,13 @@ impl Shared {
     }
 
     pub(crate) fn error(&self, e: &ClientError) {
-        tracing::warn!(target: "nearby_loadsim::errors", error = %e, "client error");
-        self.error_named(e.kind_name());
-        let mut kept = lock(&self.error_messages);
-        if kept.len() < KEPT_MESSAGES {
-            kept.push((self.now(), e.to_string()));
-        }
+        self.error_text(e.kind_name(), e);
     }
 
-    /// Records an error that is not the SDK's: its code name and message.
-    fn error_text(&self, code: &str, message: &str) {
-        tracing::warn!(target: "nearby_loadsim::errors", code, message, "client error");
+    /// Records an error by its code name, keeping its message among the first
+    /// [`KEPT_MESSAGES`].
+    fn error_text(&self, code: &str, message: &dyn std::fmt::Display) {
+        tracing::warn!(target: "nearby_loadsim::errors", code, error = %message, "client error");
         self.error_named(code);
         let mut kept = lock(&self.error_messages);
         if kept.len() < KEPT_MESSAGES {
@@ -837,9 +833,7 @@ async fn participant(
             Err(e) => shared.error(&e),
         }
     }
-    // The node refuses a session's updates closer than its minimum interval (250 ms by
-    // default): the first timed update never follows the start that closely.
-    let first_timed = Instant::now() + Duration::from_millis(300);
+    let first_timed = Instant::now() + FIRST_TIMED_AFTER;
     drop(permit);
     let _ = ready.send(true).await;
 
@@ -856,20 +850,12 @@ async fn participant(
     for step in &shared.config.steps {
         let step_end = step_start + step.duration;
         let interval = Duration::from_secs_f64(m / step.rate);
-        let mut next = (step_start + interval.mul_f64(f64::from(p) / m)).max(first_timed);
-        while next < step_end {
-            tokio::time::sleep_until(next).await;
+        let mut next = first_slot(step_start.into_std(), interval, p, m, first_timed.into_std());
+        while next < step_end.into_std() {
+            tokio::time::sleep_until(next.into()).await;
             let pos = mover.advance(shared.period_s);
             let _ = send(&shared, &client, p, pos).await;
-            next += interval;
-            let now = Instant::now();
-            if next < now {
-                // Slots missed while waiting for an answer are skipped, not sent in a burst.
-                let behind = now.duration_since(next).as_secs_f64() / interval.as_secs_f64();
-                let skip = behind.ceil() as u32;
-                shared.late.fetch_add(u64::from(skip), Ordering::Relaxed);
-                next += interval * skip;
-            }
+            next = next_slot(next, interval, Instant::now().into_std(), &shared.late);
         }
         step_start = step_end;
     }
@@ -1009,6 +995,41 @@ async fn read_events(mut events: mpsc::Receiver<SdkEvent>, shared: Arc<Shared>) 
         outages,
         backoffs,
     }
+}
+
+/// How soon after its first location a participant's first timed update may come: the node
+/// refuses a session's updates closer than its minimum interval (250 ms by default).
+const FIRST_TIMED_AFTER: Duration = Duration::from_millis(300);
+
+/// Participant `p`'s (of `m`) first slot in a step from `from` whose slots are `interval` apart:
+/// at its own phase of the interval, so that updates are spread evenly, and not before
+/// `first_timed`.
+fn first_slot(
+    from: std::time::Instant,
+    interval: Duration,
+    p: u32,
+    m: f64,
+    first_timed: std::time::Instant,
+) -> std::time::Instant {
+    (from + interval.mul_f64(f64::from(p) / m)).max(first_timed)
+}
+
+/// The slot after `slot` for slots `interval` apart, as of `now`: slots that passed while the
+/// participant waited for an answer are skipped and counted in `late`, not sent in a burst.
+fn next_slot(
+    slot: std::time::Instant,
+    interval: Duration,
+    now: std::time::Instant,
+    late: &AtomicU64,
+) -> std::time::Instant {
+    let mut next = slot + interval;
+    if next < now {
+        let behind = now.duration_since(next).as_secs_f64() / interval.as_secs_f64();
+        let skip = behind.ceil() as u32;
+        late.fetch_add(u64::from(skip), Ordering::Relaxed);
+        next += interval * skip;
+    }
+    next
 }
 
 /// Records one pushed event as heard at `at`: a friend's position or its end in `received`, a

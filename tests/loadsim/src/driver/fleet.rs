@@ -44,7 +44,10 @@ use quinn_proto::{
 };
 use tokio::sync::{mpsc, watch};
 
-use super::{heard_event, lock, page_entries, DriverError, ParticipantOut, Settings, Shared, StrangerSeen};
+use super::{
+    first_slot, heard_event, lock, next_slot, page_entries, DriverError, ParticipantOut, Settings, Shared,
+    StrangerSeen, FIRST_TIMED_AFTER,
+};
 use crate::oracle::{Micros, Outcome};
 use crate::world::Mover;
 
@@ -387,7 +390,7 @@ impl Fleet {
                 self.wake_phone(p);
                 self.touch(slot);
             }
-            Err(e) => self.fail(p, now, "connect", &format!("cannot connect to {to}: {e}")),
+            Err(e) => self.end_phone(p, now, Some(("connect", &format!("cannot connect to {to}: {e}")))),
         }
     }
 
@@ -419,7 +422,7 @@ impl Fleet {
         let phone = &mut self.phones[p as usize];
         phone.slot = None;
         while let Some(&(from, to, interval)) = plan.steps.get(phone.step) {
-            let first = (from + interval.mul_f64(f64::from(p) / m)).max(phone.first_timed);
+            let first = first_slot(from, interval, p, m, phone.first_timed);
             if first < to {
                 phone.slot = Some(first);
                 break;
@@ -440,13 +443,7 @@ impl Fleet {
         let Some(&(_, to, interval)) = plan.steps.get(phone.step) else {
             return;
         };
-        let mut next = phone.sent_slot + interval;
-        if next < now {
-            let behind = now.duration_since(next).as_secs_f64() / interval.as_secs_f64();
-            let skip = behind.ceil() as u32;
-            self.shared.late.fetch_add(u64::from(skip), Ordering::Relaxed);
-            next += interval * skip;
-        }
+        let next = next_slot(phone.sent_slot, interval, now, &self.shared.late);
         if next < to {
             phone.slot = Some(next);
             self.wake_phone(p);
@@ -583,14 +580,16 @@ impl Fleet {
         let phone = &mut self.phones[p as usize];
         if let Some(asked) = phone.asked.filter(|a| a.until <= now) {
             phone.asked = None;
-            self.shared.error_named("timeout");
             match asked.ask {
                 // An update's outcome stays unknown; the schedule goes on (the answer, if it
                 // comes, is ignored).
-                Ask::Update { .. } => self.next_slot(p, now),
+                Ask::Update { .. } => {
+                    self.shared.error_named("timeout");
+                    self.next_slot(p, now);
+                }
                 _ => {
                     let what = format!("no answer to {:?} within its timeout", asked.ask);
-                    self.end_phone(p, now, &what);
+                    self.end_phone(p, now, Some(("timeout", &what)));
                 }
             }
         }
@@ -637,9 +636,7 @@ impl Fleet {
         let phone = &mut self.phones[p as usize];
         let Some(ask) = phone.todo.pop_front() else {
             phone.phase = Phase::Ready;
-            // The node refuses a session's updates closer than its minimum interval (250 ms
-            // by default): the first timed update never follows the start that closely.
-            phone.first_timed = now + Duration::from_millis(300);
+            phone.first_timed = now + FIRST_TIMED_AFTER;
             self.in_setup -= 1;
             let _ = self.ready.try_send(true);
             if self.plan.is_some() {
@@ -711,16 +708,15 @@ impl Fleet {
                 return self.next_slot(p, now);
             }
             (ask, Response::Error(body)) => {
-                self.shared.error_text(body.code.name(), &body.to_string());
+                self.shared.error_text(body.code.name(), &body);
                 match ask {
-                    Ask::Update { j } | Ask::First { j } => {
-                        self.shared.record_outcome(p, j, Outcome::Refused(at))
+                    Ask::Update { j } => {
+                        self.shared.record_outcome(p, j, Outcome::Refused(at));
+                        return self.next_slot(p, now);
                     }
-                    Ask::Login | Ask::Hello => return self.end_phone(p, now, "refused"),
+                    Ask::First { j } => self.shared.record_outcome(p, j, Outcome::Refused(at)),
+                    Ask::Login | Ask::Hello => return self.end_phone(p, now, None),
                     _ => {}
-                }
-                if let Ask::Update { .. } = ask {
-                    return self.next_slot(p, now);
                 }
             }
             (ask, other) => {
@@ -741,17 +737,18 @@ impl Fleet {
         let phone = &mut self.phones[p as usize];
         phone.redirects += 1;
         if phone.redirects > MAX_REDIRECTS {
-            return self.end_phone(p, now, "too many redirects");
+            return self.end_phone(p, now, Some(("too_many_redirects", "too many redirects")));
         }
         let to = match resolve(addr) {
             Ok(to) => to,
-            Err(why) => return self.end_phone(p, now, &format!("redirected to {addr}: {why}")),
+            Err(why) => {
+                let why = format!("redirected to {addr}: {why}");
+                return self.end_phone(p, now, Some(("resolve", &why)));
+            }
         };
         phone.to = to;
-        if phone.token.is_some() {
-            phone.todo.push_front(Ask::Hello);
-        } else {
-            phone.todo.push_front(Ask::Hello);
+        phone.todo.push_front(Ask::Hello);
+        if phone.token.is_none() {
             phone.todo.push_front(Ask::Login);
         }
         self.retire(p, now, "redirected");
@@ -773,32 +770,31 @@ impl Fleet {
         }
     }
 
-    /// Participant `p`'s run ends early: an error, and an outage from about now to the end.
-    fn end_phone(&mut self, p: u32, now: Instant, why: &str) {
-        self.fail(p, now, "connection_lost", why);
-        self.retire(p, now, "bye");
-    }
-
-    fn fail(&mut self, p: u32, _now: Instant, code: &str, why: &str) {
+    /// Participant `p`'s run ends early: its connection (if any) closes, and it has an outage
+    /// from about now to the end; `error` (a code and a message) is recorded unless the error
+    /// that ended it already was.
+    fn end_phone(&mut self, p: u32, now: Instant, error: Option<(&str, &str)>) {
         let phone = &mut self.phones[p as usize];
-        if phone.phase == Phase::Done && self.closing.is_some() {
-            return;
+        if phone.phase != Phase::Done || self.closing.is_none() {
+            if let Some((code, why)) = error {
+                tracing::debug!(user = phone.user, why, "participant ended");
+                self.shared.error_text(code, &why);
+            }
+            if phone.phase == Phase::Setup {
+                self.in_setup -= 1;
+                let _ = self.ready.try_send(false);
+            }
+            // As the SDK driver counts a lost connection: lost a little before it was noticed.
+            let at = self.shared.now();
+            phone
+                .out
+                .outages
+                .push((at.saturating_sub(1_000_000), Micros::MAX));
+            phone.phase = Phase::Done;
+            phone.asked = None;
+            phone.slot = None;
         }
-        tracing::debug!(user = phone.user, why, "participant ended");
-        self.shared.error_text(code, why);
-        let at = self.shared.now();
-        if phone.phase == Phase::Setup {
-            self.in_setup -= 1;
-            let _ = self.ready.try_send(false);
-        }
-        // As the SDK driver counts a lost connection: it was lost a little before it was noticed.
-        phone
-            .out
-            .outages
-            .push((at.saturating_sub(1_000_000), Micros::MAX));
-        phone.phase = Phase::Done;
-        phone.asked = None;
-        phone.slot = None;
+        self.retire(p, now, "bye");
     }
 
     /// The run is over: every connection closes.
@@ -934,17 +930,13 @@ impl Fleet {
             }
         }
         if let Some(why) = broken {
-            return self.end_phone(owner, now, &why);
+            return self.end_phone(owner, now, Some(("protocol", &why)));
         }
         if let Some(reason) = lost {
             if self.phones[owner as usize].conn == Some(slot) {
                 self.phones[owner as usize].conn = None;
-                self.fail(
-                    owner,
-                    now,
-                    "connection_lost",
-                    &format!("connection lost: {reason}"),
-                );
+                let why = format!("connection lost: {reason}");
+                self.end_phone(owner, now, Some(("connection_lost", &why)));
             }
             return;
         }
@@ -959,7 +951,7 @@ impl Fleet {
                 Err(quinn_proto::WriteError::Blocked) => {}
                 Err(e) => {
                     let why = format!("cannot write a request: {e}");
-                    self.end_phone(owner, now, &why);
+                    self.end_phone(owner, now, Some(("connection_lost", &why)));
                 }
             }
         }
