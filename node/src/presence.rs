@@ -180,6 +180,10 @@ pub struct Presence {
     ghosts: BTreeSet<(Millis, UserId)>,
     /// Revocations seen, online viewer or not (see [`Revoked`]).
     revoked: Revoked,
+    /// Per publisher group, the highest floor any viewer here was given ([`Viewer::floors`]):
+    /// an update that group decided at or above it is below no viewer's floor, so its viewers'
+    /// floors need not be read (they are another cache miss per viewer and update). Only grows.
+    highest_floor: Map<GroupId, u64>,
     strangers: Strangers,
     /// This run's number, who confirmed it, and the other groups' (see [`crate::incarnation`]).
     incarnations: Incarnations,
@@ -263,6 +267,7 @@ impl Presence {
             viewers: Map::default(),
             ghosts: BTreeSet::new(),
             revoked: Revoked::default(),
+            highest_floor: Map::default(),
             strangers,
             incarnations: Incarnations::new(group, incarnation),
             outputs: Vec::new(),
@@ -714,12 +719,16 @@ impl Presence {
                 // an earlier run of this group, delivered late — may show a publisher who has
                 // since revoked the viewer: the snapshot knows, this run may never have heard.
                 let group = self.ranges.locate(from).copied();
+                let older_than_a_snapshot = group
+                    .and_then(|g| self.highest_floor.get(&g))
+                    .is_some_and(|highest| decided_at < *highest);
                 for viewer in viewers {
                     if self.is_revoked(viewer, from, decided_at)
-                        || self
-                            .viewers
-                            .get(&viewer)
-                            .is_some_and(|v| v.below_floor(group, decided_at))
+                        || older_than_a_snapshot
+                            && self
+                                .viewers
+                                .get(&viewer)
+                                .is_some_and(|v| v.below_floor(group, decided_at))
                     {
                         continue;
                     }
@@ -819,8 +828,10 @@ impl Presence {
         };
         let starting = v.pending > 0;
         v.pending = v.pending.saturating_sub(1);
-        if let Some(group) = asked.first().and_then(|p| self.ranges.locate(*p)) {
-            v.raise_floor(*group, decided_at);
+        if let Some(&group) = asked.first().and_then(|p| self.ranges.locate(*p)) {
+            v.raise_floor(group, decided_at);
+            let highest = self.highest_floor.entry(group).or_default();
+            *highest = (*highest).max(decided_at);
         }
         let listed: HashSet<UserId> = entries.iter().map(|e| e.user).collect();
         for p in asked {
@@ -1646,6 +1657,59 @@ mod tests {
         assert!(w.take(1).is_empty(), "an update older than the snapshot leaked");
         let (page, _) = w.presences[&1].page(1, 20, None).expect("live").expect("page");
         assert!(page.entries.is_empty(), "{page:?}");
+    }
+
+    #[test]
+    fn an_update_reaches_the_viewers_whose_snapshot_is_older_and_no_other() {
+        let mut w = World::new();
+        w.register(&[1, 2, 150]);
+        w.befriend(1, 150);
+        w.befriend(2, 150);
+        w.at(150, B.0, B.1);
+        w.connect(1);
+        w.at(1, A.0, A.1);
+        // Decided after 1's snapshot: group 2 then moves on (a registration) before 2's.
+        let between = w.late_update_of_150_to_1();
+        w.register(&[160]);
+        w.connect(2);
+        w.at(2, A.0, A.1);
+        w.take(1);
+        w.take(2);
+        let GroupMessage::Update {
+            from, at, decided_at, ..
+        } = between
+        else {
+            unreachable!("an update");
+        };
+        let update = |viewers| GroupMessage::Update {
+            from,
+            at,
+            viewers,
+            decided_at,
+        };
+        let p = w.presences.get_mut(&1).expect("p");
+        p.handle_message(&w.states[&1], update(vec![1, 2]), w.now);
+        w.drain(1);
+        assert!(
+            matches!(&w.take(1)[..], [Event::FriendMoved(_)]),
+            "1's snapshot is older than the update"
+        );
+        assert!(w.take(2).is_empty(), "2's snapshot is newer than the update");
+        // Decided at the newest snapshot: every viewer takes it.
+        let newest = GroupMessage::Update {
+            from,
+            at: LatestLocation {
+                loc: LatLng::new(B.0, B.1 + 0.004).expect("ll"),
+                updated_at: Millis(w.now.0 + 900),
+            },
+            viewers: vec![1, 2],
+            decided_at: w.index[&2],
+        };
+        let p = w.presences.get_mut(&1).expect("p");
+        p.handle_message(&w.states[&1], newest, w.now);
+        w.drain(1);
+        assert!(matches!(&w.take(1)[..], [Event::FriendMoved(_)]));
+        assert!(matches!(&w.take(2)[..], [Event::FriendMoved(_)]));
     }
 
     #[test]
