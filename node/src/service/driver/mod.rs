@@ -434,6 +434,7 @@ impl<B: Backend> Driver<B> {
         if let Some(response) = answer {
             encode_response(id, response, &mut c.control_out);
         }
+        c.session_timer = timer_of(&session);
         c.session = Some(session);
         c.want_read = true;
         if let Some(ip) = authenticated {
@@ -501,7 +502,17 @@ impl<B: Backend> Driver<B> {
                 continue;
             };
             c.scheduled = None;
-            c.on_timer(now, clock);
+            if !c.lease_bound(now, clock) {
+                // Many entries fire early: the deadline they were set for has since moved later
+                // (quinn's loss timer, cleared by the acknowledgement that came in time). Nothing
+                // is due, so the entry is set again and the connection is not driven for nothing.
+                if let Some(next) = c.next_deadline().filter(|&next| next > now) {
+                    c.scheduled = Some(next);
+                    self.timers.push(Reverse((next, key)));
+                    continue;
+                }
+                c.on_timer(now);
+            }
             self.touch(key.slot());
         }
     }
@@ -592,6 +603,11 @@ async fn send(
     udp::send_all(socket, batch, |n| metrics.sent(n)).await
 }
 
+/// When `session`'s timer next fires, on the driver's clock.
+fn timer_of<B: Backend>(session: &Session<B>) -> Option<Instant> {
+    session.next_timer().map(|t| t.into_std())
+}
+
 /// What a connection needs from its driver while it is driven.
 struct Cx<'a, B: Backend> {
     key: Key,
@@ -653,6 +669,10 @@ struct Conn<B: Backend> {
     metrics: Arc<ServiceMetrics>,
     /// The session; `None` while a request is in flight (it is in the request's future).
     session: Option<Box<Session<B>>>,
+    /// The session's next timer ([`Session::next_timer`]) as of when it last ran — it changes
+    /// only then (a request answered, its timer fired). Kept here so that finding the
+    /// connection's next deadline, after every packet, does not read the boxed session.
+    session_timer: Option<Instant>,
     control: Option<StreamId>,
     frames: FrameBuffer,
     want_read: bool,
@@ -686,6 +706,7 @@ impl<B: Backend> Conn<B> {
             ip,
             tag,
             metrics,
+            session_timer: timer_of(&session),
             session: Some(session),
             control: None,
             frames: FrameBuffer::new(),
@@ -1116,16 +1137,17 @@ impl<B: Backend> Conn<B> {
         let linger = self.linger.as_ref().map(|l| l.until);
         let fence = self.events.fence.as_ref().map(|f| f.until);
         let session = match (&self.session, self.ended || self.linger.is_some()) {
-            (Some(s), false) => s.next_timer().map(|t| t.into_std()),
+            (Some(s), false) => {
+                debug_assert_eq!(self.session_timer, timer_of(s), "a stale session timer");
+                self.session_timer
+            }
             _ => None,
         };
         [quic, linger, fence, session].into_iter().flatten().min()
     }
 
-    fn on_timer(&mut self, now: Instant, clock: LeaseClock) {
-        if self.lease_bound(now, clock) {
-            return;
-        }
+    /// Handles what is due at `now` (its delivery bound checked first, by the caller).
+    fn on_timer(&mut self, now: Instant) {
         if self.q.poll_timeout().is_some_and(|t| t <= now) {
             self.q.handle_timeout(now);
         }
@@ -1149,12 +1171,15 @@ impl<B: Backend> Conn<B> {
         if self.ended {
             return;
         }
-        let fired = self
-            .session
-            .as_mut()
-            .filter(|s| s.next_timer().is_some_and(|t| t.into_std() <= now))
-            .map(|s| s.on_timer());
-        if let Some(Err(end)) = fired {
+        if self.session_timer.is_none_or(|t| t > now) {
+            return;
+        }
+        let Some(s) = self.session.as_mut() else {
+            return;
+        };
+        let fired = s.on_timer();
+        self.session_timer = timer_of(s);
+        if let Err(end) = fired {
             let (code, reason) = end.close().unwrap_or((CLOSE_DONE, ""));
             self.close(now, code, reason);
         }

@@ -555,8 +555,16 @@ impl Fleet {
                 continue;
             }
             c.scheduled = None;
-            if c.q.poll_timeout().is_some_and(|t| t <= now) {
-                c.q.handle_timeout(now);
+            match c.q.poll_timeout() {
+                // Fired early (the loss timer, cleared by an acknowledgement since): set again,
+                // the connection not driven for nothing.
+                Some(next) if next > now => {
+                    c.scheduled = Some(next);
+                    self.conn_timers.push(Reverse((next, slot)));
+                    continue;
+                }
+                Some(_) => c.q.handle_timeout(now),
+                None => {}
             }
             self.touch(slot);
         }
