@@ -5,6 +5,7 @@
 //! registry never decides anything about visibility: the drivers have decided before they push.
 
 use nearby_index::hash::Map;
+use smallvec::SmallVec;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -15,9 +16,13 @@ use nearby_index::geo::UserId;
 use crate::api::SessionSink;
 use crate::queue::{CloseReason, DeliveryLease, EventQueue, Fences};
 
+/// A user's sessions here. Nearly always one: held in the map's own entry, so that a push reaches
+/// the session's queue without first reading a list elsewhere in memory.
+type Devices = SmallVec<[SessionSink; 1]>;
+
 /// The node's sessions (see the module doc).
 pub struct Sessions {
-    by_user: Mutex<Map<UserId, Vec<SessionSink>>>,
+    by_user: Mutex<Map<UserId, Devices>>,
     next: AtomicU64,
     queue_capacity: usize,
 }
@@ -32,7 +37,7 @@ impl Sessions {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Map<UserId, Vec<SessionSink>>> {
+    fn lock(&self) -> MutexGuard<'_, Map<UserId, Devices>> {
         self.by_user.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -46,7 +51,7 @@ impl Sessions {
 
     /// Sessions `user` has open here.
     pub fn count(&self, user: UserId) -> usize {
-        self.lock().get(&user).map_or(0, Vec::len)
+        self.lock().get(&user).map_or(0, |d| d.len())
     }
 
     /// Forgets session `id` of `user`; returns whether it was the user's last.
