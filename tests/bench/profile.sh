@@ -16,6 +16,10 @@
 #                                               with the seed's cadence, the idle session's cost
 #   NEARBY_NEAR=0.2 tests/bench/profile.sh      the world with ~20 % of friendships within 8 km
 #                                               (the seed's; default: the dense comparison world)
+#   NEARBY_CLIENTS=batched tests/bench/profile.sh
+#                                               the load generator's client driver (default sdk:
+#                                               a quinn task per phone; batched: every phone on
+#                                               one socket, as compare.sh drives the systems)
 #
 # Output: the grouped table, the 25 hottest symbols, and `perf.data` kept in target/profile/ for
 # `perf report -i target/profile/perf.data`. Needs `perf` (Debian: linux-perf) and, unless run as
@@ -55,7 +59,7 @@ wait_file "$work/home/endpoint" 300 "$work/node.log"
 
 # The load runs a little longer than the recording, which starts once every session is up.
 "${on_load[@]}" "$bin/nearby-loadsim" run --world-file "$work/seed.bin.world.json" --home "$work/home" \
-  --rate "$rate" --duration $((secs + 10)) --server-pid "$node" \
+  --rate "$rate" --duration $((secs + 10)) --server-pid "$node" --clients "${NEARBY_CLIENTS:-sdk}" \
   --keep-alive "${NEARBY_KEEP_ALIVE:-5}" --idle-timeout "$(( ${NEARBY_KEEP_ALIVE:-5} > 10 ? 60 : 20 ))" \
   --json-out "$out/load.json" >"$work/load.log" 2>&1 &
 load=$!; pids+=("$load")
