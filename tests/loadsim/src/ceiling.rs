@@ -151,9 +151,7 @@ pub async fn serve(
 ) -> Result<(), CeilingError> {
     let tls = nearby_node::service::tls::ServerTls::self_signed().map_err(CeilingError::Setup)?;
     std::fs::write(&opts.ca_out, &tls.chain_pem).map_err(io("writing the certificate"))?;
-    let config = tls
-        .quinn_config(nearby_node::service::tls::Transport::Tuned, false)
-        .map_err(CeilingError::Setup)?;
+    let config = tls.bare_quinn_config().map_err(CeilingError::Setup)?;
     let bind: std::net::SocketAddr = (std::net::Ipv4Addr::LOCALHOST, 0).into();
     let endpoint = nearby_node::service::server_endpoint(config, bind).map_err(io("binding the server"))?;
     let addr = endpoint.local_addr().map_err(io("reading the server address"))?;

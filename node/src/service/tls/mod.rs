@@ -7,6 +7,8 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+mod quic;
+
 /// Which QUIC transport settings the client service uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Transport {
@@ -71,11 +73,26 @@ impl ServerTls {
 
     /// quinn's server configuration: TLS 1.3, ALPN `nearby/1`, and — unless `transport` is
     /// [`Transport::QuinnDefaults`], kept to measure against — transport limits for many small,
-    /// mostly idle connections.
+    /// mostly idle connections, and a TLS session that lets go of the handshake once done
+    /// ([`quic`]).
     ///
     /// `batched`: for the batched driver, which sends every connection's packets from one
     /// shared buffer, so a connection with several packets may send them in one GSO message.
     pub fn quinn_config(&self, transport: Transport, batched: bool) -> Result<quinn::ServerConfig, String> {
+        self.config(transport, batched, transport == Transport::Tuned)
+    }
+
+    /// The bare quinn push's configuration (`nearby-loadsim ceiling`, the fixed reference of
+    /// issue 12): nearby's transport settings on quinn's own TLS session, one datagram per
+    /// transmit.
+    pub fn bare_quinn_config(&self) -> Result<quinn::ServerConfig, String> {
+        self.config(Transport::Tuned, false, false)
+    }
+
+    /// rustls's configuration for the QUIC service: TLS 1.3 only, ALPN `nearby/1`; `lean`:
+    /// without session tickets (see below; quinn's own session, measured against, keeps
+    /// rustls's default).
+    fn quic_tls(&self, lean: bool) -> Result<rustls::ServerConfig, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -84,8 +101,32 @@ impl ServerTls {
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| e.to_string())?;
         crypto.alpn_protocols = vec![nearby_client::proto::ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        // No session tickets. rustls would send two per handshake and remember them in a cache
+        // of 256 entries: at a node's rate of new connections a ticket is evicted long before
+        // its client comes back, so resumption almost never happens, while every handshake pays
+        // for making, sending and storing them (and the connection keeps the buffers that
+        // carried them). A phone that changes networks keeps its connection (QUIC migration)
+        // rather than resuming it.
+        if lean {
+            crypto.send_tls13_tickets = 0;
+        }
+        Ok(crypto)
+    }
+
+    fn config(
+        &self,
+        transport: Transport,
+        batched: bool,
+        lean_tls: bool,
+    ) -> Result<quinn::ServerConfig, String> {
+        let crypto = self.quic_tls(lean_tls)?;
+        let mut config = if lean_tls {
+            quinn::ServerConfig::with_crypto(Arc::new(quic::ServerCrypto::new(crypto)?))
+        } else {
+            let quic =
+                quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
+            quinn::ServerConfig::with_crypto(Arc::new(quic))
+        };
         if transport == Transport::QuinnDefaults {
             return Ok(config);
         }
