@@ -132,6 +132,15 @@ impl FrameBuffer {
         }
     }
 
+    /// Frees the buffer if every byte in it was consumed, so that a stream between messages
+    /// holds no memory (a server keeps one per connection, mostly idle).
+    pub fn release_if_consumed(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+
     /// Bytes buffered but not yet consumed.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.start
@@ -168,6 +177,35 @@ mod tests {
             }
         }
         assert_eq!(got, msgs);
+        assert_eq!(fb.pending(), 0);
+    }
+
+    #[test]
+    fn a_consumed_buffer_is_released_and_a_partial_one_kept() {
+        let mut bytes = Vec::new();
+        for id in [1, 2] {
+            encode(
+                &RequestFrame {
+                    id,
+                    request: Request::Ping,
+                },
+                &mut bytes,
+            )
+            .expect("encode");
+        }
+        let mut fb = FrameBuffer::new();
+        // The first frame and half of the second.
+        let cut = bytes.len() - 2;
+        fb.extend(&bytes[..cut]);
+        let first = fb.next_frame::<RequestFrame>().expect("parse").expect("a frame");
+        assert_eq!(first.id, 1);
+        fb.release_if_consumed();
+        assert!(fb.pending() > 0, "a partial frame was dropped");
+        fb.extend(&bytes[cut..]);
+        let second = fb.next_frame::<RequestFrame>().expect("parse").expect("a frame");
+        assert_eq!(second.id, 2);
+        fb.release_if_consumed();
+        assert_eq!(fb.buf.capacity(), 0);
         assert_eq!(fb.pending(), 0);
     }
 

@@ -900,6 +900,7 @@ impl<B: Backend> Conn<B> {
         while self.session.is_some() && self.linger.is_none() && !self.ended {
             match self.frames.next_frame::<RequestFrame>() {
                 Ok(Some(f)) => {
+                    self.frames.release_if_consumed();
                     let Some(mut session) = self.session.take() else {
                         return;
                     };
