@@ -7,21 +7,25 @@
 //! current ones exist. A mostly idle connection needs neither:
 //! - after the handshake, QUIC carries no TLS message from a client to the server: RFC 9001
 //!   §6 forbids TLS's KeyUpdate, and nearby asks for no client certificate (so no
-//!   post-handshake authentication). Anything that arrives is a protocol error, here as in rustls;
-//! - a key generation is needed only when one side updates the keys (RFC 9001 §6), which a
-//!   phone's connection may never do.
+//!   post-handshake authentication). Anything that arrives is a protocol error, here as in
+//!   rustls;
+//! - the next generation's keys are needed only when one side updates the keys (RFC 9001 §6):
+//!   quinn makes one update within a connection's first 10–1,000 packets (to find peers that
+//!   get key updates wrong early), then one per ~8 M packets with AES-GCM.
 //!
 //! So this session lets go of rustls's connection once the handshake is complete and quinn has
-//! taken everything rustls wrote, keeping the negotiated ALPN and server name and the traffic
-//! secret that key updates derive from; and it derives a generation's packet keys when a packet
-//! first needs them. The handshake itself is rustls's, through the same calls as quinn's
-//! session. (Its configuration sends no session tickets: [`super::ServerTls`] says why.)
+//! taken everything rustls wrote, keeping the negotiated ALPN and server name and the secrets
+//! that key updates derive from; and it derives a generation's keys when a packet first needs
+//! them or the generation becomes current, never one ahead. A connection holds its current keys
+//! and the next generation's secrets. The handshake itself is rustls's, through the same calls
+//! as quinn's session. (Its configuration sends no session tickets: [`super::ServerTls`] says
+//! why.)
 //!
 //! Measured (`cargo bench -p nearby-node --bench idle`, `docs/benchmarks.md`): with the tickets
 //! gone too, an idle session costs the node 16.0–16.1 KiB instead of 21.3.
 
 use std::any::Any;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::BytesMut;
 use quinn_proto::crypto::rustls::HandshakeData;
@@ -280,7 +284,13 @@ impl crypto::Session for ServerSession {
         let keys = match tls.write_hs(buf) {
             Some(KeyChange::Handshake { keys }) => keys,
             Some(KeyChange::OneRtt { keys, next }) => {
-                self.next = Some(Arc::new(Generation::new(next)));
+                let key = &keys.local.packet;
+                let limits = Limits {
+                    tag_len: key.tag_len(),
+                    confidentiality: key.confidentiality_limit(),
+                    integrity: key.integrity_limit(),
+                };
+                self.next = Some(Arc::new(Generation::new(next, limits)));
                 keys
             }
             None => {
@@ -300,12 +310,10 @@ impl crypto::Session for ServerSession {
     fn next_1rtt_keys(&mut self) -> Option<KeyPair<Box<dyn PacketKey>>> {
         let latest = self.next.as_ref()?;
         let generation = if self.handed_out {
-            // rustls advances the secrets only while deriving a generation's keys: these are
-            // dropped (the generation derives its own when a packet needs them). Once per key
-            // update, against quinn's session deriving every generation ahead.
-            let mut secrets = latest.secrets.clone();
-            drop(secrets.next_packet_keys());
-            Arc::new(Generation::new(secrets))
+            // quinn asks for the generation after `latest` when `latest` becomes current, so
+            // `latest` is derived now if no packet needed it yet, which gives the secrets of the
+            // one after.
+            latest.successor()?
         } else {
             Arc::clone(latest)
         };
@@ -339,19 +347,66 @@ impl crypto::Session for ServerSession {
     }
 }
 
-/// One generation of 1-RTT packet keys, derived from its secrets when a packet first needs them.
+/// One generation of 1-RTT packet keys, derived from its secrets when a packet first needs them
+/// (or when it becomes current). rustls advances a generation's secrets to the next one's only
+/// while deriving its keys, so the derivation makes the next generation too, and the secrets
+/// move on to it: each generation's are held once, by the first generation not yet derived.
 struct Generation {
-    secrets: Secrets,
+    /// This generation's secrets, until its keys are derived.
+    secrets: Mutex<Option<Box<Secrets>>>,
     keys: OnceLock<PacketKeySet>,
+    /// The generation after this one, made by the derivation.
+    next: OnceLock<Arc<Generation>>,
+    limits: Limits,
 }
 
 impl Generation {
-    fn new(secrets: Secrets) -> Self {
+    fn new(secrets: Secrets, limits: Limits) -> Self {
         Generation {
-            secrets,
+            secrets: Mutex::new(Some(Box::new(secrets))),
             keys: OnceLock::new(),
+            next: OnceLock::new(),
+            limits,
         }
     }
+
+    fn keys(&self) -> &PacketKeySet {
+        self.keys.get_or_init(|| {
+            let mut held = self
+                .secrets
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Taken only here, and `OnceLock` runs this once per generation.
+            let Some(mut secrets) = held.take() else {
+                unreachable!("a generation's keys are derived once");
+            };
+            let keys = secrets.next_packet_keys();
+            let _ = self.next.set(Arc::new(Generation {
+                secrets: Mutex::new(Some(secrets)),
+                keys: OnceLock::new(),
+                next: OnceLock::new(),
+                limits: self.limits,
+            }));
+            keys
+        })
+    }
+
+    /// The generation after this one (this one is derived first if no packet needed it yet).
+    fn successor(&self) -> Option<Arc<Generation>> {
+        self.keys();
+        self.next.get().cloned()
+    }
+}
+
+/// What quinn asks of a key besides using it — the same for every generation of a connection
+/// (they share the cipher suite), so asking does not derive the keys. quinn reads the limits
+/// of a new generation as it installs it: deriving for that would hold the next generation's keys
+/// after every key update (and quinn makes one within the first 10–1,000 packets).
+#[derive(Clone, Copy)]
+struct Limits {
+    tag_len: usize,
+    confidentiality: u64,
+    integrity: u64,
 }
 
 /// One direction of a [`Generation`].
@@ -364,10 +419,7 @@ impl LazyKey {
     // quinn implements its `PacketKey` for the box, not for rustls's key itself.
     #[allow(clippy::borrowed_box)]
     fn key(&self) -> &Box<dyn rustls::quic::PacketKey> {
-        let keys = self
-            .generation
-            .keys
-            .get_or_init(|| self.generation.secrets.clone().next_packet_keys());
+        let keys = self.generation.keys();
         if self.local {
             &keys.local
         } else {
@@ -386,15 +438,15 @@ impl PacketKey for LazyKey {
     }
 
     fn tag_len(&self) -> usize {
-        PacketKey::tag_len(self.key())
+        self.generation.limits.tag_len
     }
 
     fn confidentiality_limit(&self) -> u64 {
-        PacketKey::confidentiality_limit(self.key())
+        self.generation.limits.confidentiality
     }
 
     fn integrity_limit(&self) -> u64 {
-        PacketKey::integrity_limit(self.key())
+        self.generation.limits.integrity
     }
 }
 
@@ -531,10 +583,24 @@ mod tests {
         let mut p = pair(nearby_client::proto::ALPN);
         p.handshake().expect("handshake");
         let mut client_next = p.client_next.take().expect("client secrets");
+        let current = p.client_keys.take().expect("client 1-RTT keys").local.packet;
         let mut server_generations = Vec::new();
         let mut client_generations = Vec::new();
         for _ in 0..3 {
-            server_generations.push(p.server.next_1rtt_keys().expect("the next generation"));
+            let keys = p.server.next_1rtt_keys().expect("the next generation");
+            // What quinn reads as it installs a generation, answered without deriving it.
+            assert_eq!(keys.local.tag_len(), 16);
+            assert_eq!(
+                keys.local.confidentiality_limit(),
+                current.confidentiality_limit()
+            );
+            assert_eq!(keys.remote.integrity_limit(), current.integrity_limit());
+            let latest = p.server.next.as_ref().expect("a generation");
+            assert!(
+                latest.keys.get().is_none(),
+                "the newest generation was derived before use"
+            );
+            server_generations.push(keys);
             client_generations.push(client_next.next_packet_keys());
         }
         for (i, (server, client)) in server_generations.iter().zip(&client_generations).enumerate() {
