@@ -290,7 +290,7 @@ impl crypto::Session for ServerSession {
                     confidentiality: key.confidentiality_limit(),
                     integrity: key.integrity_limit(),
                 };
-                self.next = Some(Arc::new(Generation::new(next, limits)));
+                self.next = Some(Arc::new(Generation::new(Box::new(next), limits)));
                 keys
             }
             None => {
@@ -361,9 +361,9 @@ struct Generation {
 }
 
 impl Generation {
-    fn new(secrets: Secrets, limits: Limits) -> Self {
+    fn new(secrets: Box<Secrets>, limits: Limits) -> Self {
         Generation {
-            secrets: Mutex::new(Some(Box::new(secrets))),
+            secrets: Mutex::new(Some(secrets)),
             keys: OnceLock::new(),
             next: OnceLock::new(),
             limits,
@@ -381,12 +381,7 @@ impl Generation {
                 unreachable!("a generation's keys are derived once");
             };
             let keys = secrets.next_packet_keys();
-            let _ = self.next.set(Arc::new(Generation {
-                secrets: Mutex::new(Some(secrets)),
-                keys: OnceLock::new(),
-                next: OnceLock::new(),
-                limits: self.limits,
-            }));
+            let _ = self.next.set(Arc::new(Generation::new(secrets, self.limits)));
             keys
         })
     }
