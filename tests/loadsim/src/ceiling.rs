@@ -576,6 +576,51 @@ pub fn share_markdown(ceiling: &CeilingReport, nearby: &crate::compare::Summary)
     s
 }
 
+/// How far apart two steps' delivered pushes/s may be and still count as one load.
+pub const EQUAL_LOAD_TOLERANCE: f64 = 0.1;
+
+/// nearby's CPU per push against the bare path's at equal load, as markdown: for each step of
+/// the bare path within bounds, nearby's step within bounds whose delivered pushes/s is nearest
+/// and within [`EQUAL_LOAD_TOLERANCE`] of it. The fixed costs per second of both servers weigh
+/// less per push the more pushes a second there are, so the two are compared only at one load
+/// (the line of [`share_markdown`] compares each one's highest load).
+pub fn equal_load_markdown(ceiling: &CeilingReport, nearby: &crate::report::Report) -> String {
+    let mut rows = Vec::new();
+    for bare in ceiling.steps.iter().filter(|s| s.within_bounds()) {
+        let Some(b) = bare.server.cpu_us_per_push.filter(|b| *b > 0.0) else {
+            continue;
+        };
+        let near = nearby
+            .steps
+            .iter()
+            .filter(|n| crate::compare::within_bounds(n))
+            .filter(|n| {
+                (n.pushes_per_s - bare.pushes_per_s).abs() <= EQUAL_LOAD_TOLERANCE * bare.pushes_per_s
+            })
+            .min_by(|x, y| {
+                (x.pushes_per_s - bare.pushes_per_s)
+                    .abs()
+                    .total_cmp(&(y.pushes_per_s - bare.pushes_per_s).abs())
+            });
+        if let Some((n, us)) = near.and_then(|n| n.cpu_s_per_m_pushes().map(|us| (n, us))) {
+            rows.push((bare.pushes_per_s, b, n.pushes_per_s, us));
+        }
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "| bare path pushes/s | its server CPU µs per push | nearby pushes/s (the nearest step) | nearby µs per push | nearby / bare |\n|---:|---:|---:|---:|---:|\n",
+    );
+    for (bp, b, np, n) in &rows {
+        s.push_str(&format!(
+            "| {bp:.0} | {b:.1} | {np:.0} | {n:.1} | {:.2} |\n",
+            n / b
+        ));
+    }
+    s
+}
+
 /// What the clients recorded, per step (index = step - 1).
 struct Tally {
     received: Vec<AtomicU64>,
@@ -796,6 +841,52 @@ mod tests {
             server_peak_rss_kb: 0,
         };
         assert_eq!(report.max_pushes_per_s(), Some(1000.0));
+    }
+
+    #[test]
+    fn nearby_is_compared_with_the_bare_path_only_at_an_equal_load() {
+        use crate::report::fixtures::{report, step};
+        let bare = |pushes_per_s: f64, us: f64| CeilingStep {
+            target_rate: pushes_per_s,
+            sent: 1000,
+            failed: 0,
+            received: 1000,
+            pushes_per_s,
+            latency: LatencySummary {
+                p99_ms: 1.0,
+                ..LatencySummary::default()
+            },
+            server: ProcUsage {
+                cpu_us_per_push: Some(us),
+                ..ProcUsage::default()
+            },
+            driver: ProcUsage::default(),
+        };
+        let ceiling = CeilingReport {
+            mode: Mode::Stream,
+            sessions: 1,
+            payload: PAYLOAD,
+            connect_s: 0.0,
+            steps: vec![bare(10_000.0, 20.0), bare(20_000.0, 16.0)],
+            server_peak_rss_kb: 0,
+        };
+        // nearby's steps last 10 s (the fixture's).
+        let nearby = report(vec![
+            // 10.5 k pushes/s (within 10 % of 10 k): 1.8 CPU s over 105,000 pushes.
+            step(1, 10_500.0, 1.0, 5.0, 0.0, 1.8),
+            // 30 k pushes/s: no bare step near it.
+            step(2, 30_000.0, 1.0, 5.0, 0.0, 3.0),
+        ]);
+        let table = equal_load_markdown(&ceiling, &nearby);
+        let lines: Vec<&str> = table.lines().skip(2).collect();
+        assert_eq!(lines.len(), 1, "{table}");
+        assert!(
+            lines[0].starts_with("| 10000 | 20.0 | 10500 | 17.1 | 0.86 |"),
+            "{table}"
+        );
+        // Past its bounds a nearby step is not compared.
+        let over = report(vec![step(1, 10_000.0, 1.0, 500.0, 0.0, 1.0)]);
+        assert_eq!(equal_load_markdown(&ceiling, &over), "");
     }
 
     #[test]

@@ -195,12 +195,37 @@ pub struct EqualLoad {
     pub baseline_us: f64,
     /// nearby / baseline.
     pub ratio: f64,
+    /// The same ratio with each system's CPU per push divided by its load generator's in the
+    /// same step (`None` when a report has no generator reading). The systems run one after the
+    /// other, and this shared machine's speed drifts between them by more than most changes
+    /// (±15 %); the generator does the same work per push for either system, so its own cost
+    /// per push is the machine's speed as that step saw it. A cross-check of `ratio`, not a
+    /// replacement: the generator's cost also moves a little with how the server batches its
+    /// packets.
+    pub per_generator: Option<f64>,
+}
+
+/// The median of `values` (`None` when empty).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let k = values.len();
+    match k {
+        0 => None,
+        k if k % 2 == 1 => Some(values[k / 2]),
+        k => Some((values[k / 2 - 1] + values[k / 2]) / 2.0),
+    }
+}
+
+/// The load generator's CPU µs per delivered push in `s`.
+fn generator_us(s: &StepReport) -> Option<f64> {
+    s.loadsim.and_then(|u| u.cpu_us_per_push).filter(|us| *us > 0.0)
 }
 
 /// Server CPU per delivered push of `nearby` over `baseline`'s (Redis counted) at equal load:
 /// the steps both ran at the same target rate and both held within the bounds, one ratio each,
-/// and their median (`None` when no step qualifies).
-pub fn equal_load_ratios(nearby: &Report, baseline: &Report) -> (Vec<EqualLoad>, Option<f64>) {
+/// and their median (`None` when no step qualifies). The medians of both ratios are in
+/// [`EqualLoadMedians`].
+pub fn equal_load_ratios(nearby: &Report, baseline: &Report) -> (Vec<EqualLoad>, EqualLoadMedians) {
     let mut rows = Vec::new();
     for n in nearby.steps.iter().filter(|s| within_bounds(s)) {
         let b = baseline
@@ -212,39 +237,56 @@ pub fn equal_load_ratios(nearby: &Report, baseline: &Report) -> (Vec<EqualLoad>,
             continue;
         };
         if bc > 0.0 {
+            let per_generator = match (generator_us(n), b.and_then(generator_us)) {
+                (Some(ng), Some(bg)) => Some((nc / ng) / (bc / bg)),
+                _ => None,
+            };
             rows.push(EqualLoad {
                 rate: n.target_rate,
                 nearby_us: nc,
                 baseline_us: bc,
                 ratio: nc / bc,
+                per_generator,
             });
         }
     }
-    let mut ratios: Vec<f64> = rows.iter().map(|r| r.ratio).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = match ratios.len() {
-        0 => None,
-        k if k % 2 == 1 => Some(ratios[k / 2]),
-        k => Some((ratios[k / 2 - 1] + ratios[k / 2]) / 2.0),
+    let medians = EqualLoadMedians {
+        ratio: median(rows.iter().map(|r| r.ratio).collect()),
+        per_generator: median(rows.iter().filter_map(|r| r.per_generator).collect()),
     };
-    (rows, median)
+    (rows, medians)
+}
+
+/// The medians of [`EqualLoad`]'s two ratios over the steps compared.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EqualLoadMedians {
+    /// nearby / baseline.
+    pub ratio: Option<f64>,
+    /// The same, each system's CPU per push divided by its load generator's.
+    pub per_generator: Option<f64>,
 }
 
 /// [`equal_load_ratios`] as a markdown table.
 pub fn equal_load_markdown(nearby: &Report, baseline: &Report) -> String {
-    let (rows, median) = equal_load_ratios(nearby, baseline);
+    let (rows, medians) = equal_load_ratios(nearby, baseline);
+    let two = |v: Option<f64>| v.map_or("–".to_string(), |m| format!("{m:.2}"));
     let mut out = String::from(
-        "| updates/s (both within bounds) | nearby µs/push | baseline µs/push (Redis counted) | nearby / baseline |\n|---:|---:|---:|---:|\n",
+        "| updates/s (both within bounds) | nearby µs/push | baseline µs/push (Redis counted) | nearby / baseline | the same, each over its load generator's µs/push |\n|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         out.push_str(&format!(
-            "| {:.0} | {:.1} | {:.1} | {:.2} |\n",
-            r.rate, r.nearby_us, r.baseline_us, r.ratio
+            "| {:.0} | {:.1} | {:.1} | {:.2} | {} |\n",
+            r.rate,
+            r.nearby_us,
+            r.baseline_us,
+            r.ratio,
+            two(r.per_generator)
         ));
     }
     out.push_str(&format!(
-        "| **median** | | | **{}** |\n",
-        median.map_or("–".to_string(), |m| format!("{m:.2}"))
+        "| **median** | | | **{}** | {} |\n",
+        two(medians.ratio),
+        two(medians.per_generator)
     ));
     out
 }
@@ -348,16 +390,48 @@ mod tests {
             // Past its knee: not compared.
             step(3, 3000.0, 1.0, 500.0, 0.0, 2.0),
         ]);
-        let (rows, median) = equal_load_ratios(&nearby, &baseline);
+        let (rows, medians) = equal_load_ratios(&nearby, &baseline);
         assert_eq!(rows.len(), 2);
         assert!(
             (rows[0].ratio - 0.5).abs() < 1e-9 && (rows[1].ratio - 0.75).abs() < 1e-9,
             "{rows:?}"
         );
-        assert!((median.expect("median") - 0.625).abs() < 1e-9);
+        assert!((medians.ratio.expect("median") - 0.625).abs() < 1e-9);
+        // No generator readings: no normalised ratio, and the table says so.
+        assert_eq!(medians.per_generator, None);
+        let table = equal_load_markdown(&nearby, &baseline);
         assert!(
-            equal_load_markdown(&nearby, &baseline).contains("**0.62**")
-                || equal_load_markdown(&nearby, &baseline).contains("**0.63**")
+            table.contains("**0.62**") || table.contains("**0.63**"),
+            "{table}"
         );
+        assert!(table.contains("| – |"), "{table}");
+    }
+
+    /// `s` with the load generator's CPU per push at `us`.
+    fn generator_cost(mut s: StepReport, us: f64) -> StepReport {
+        s.loadsim = Some(ProcUsage {
+            cpu_s: 1.0,
+            cores: 0.1,
+            cpu_us_per_push: Some(us),
+            rss_kb: 1,
+            peak_rss_kb: 1,
+        });
+        s
+    }
+
+    #[test]
+    fn equal_load_divides_each_system_by_its_generator_when_the_machine_drifts() {
+        // The same server cost per push relative to the machine, but the machine ran 1.5x
+        // slower while nearby's step ran: the raw ratio says 0.75, the normalised one 0.5.
+        let nearby = report(vec![generator_cost(step(1, 1000.0, 1.0, 5.0, 0.0, 1.5), 15.0)]);
+        let baseline = report(vec![generator_cost(step(1, 1000.0, 1.0, 5.0, 0.0, 2.0), 10.0)]);
+        let (rows, medians) = equal_load_ratios(&nearby, &baseline);
+        assert_eq!(rows.len(), 1);
+        assert!((rows[0].ratio - 0.75).abs() < 1e-9, "{rows:?}");
+        let normalised = rows[0].per_generator.expect("both have a generator reading");
+        assert!((normalised - 0.5).abs() < 1e-9, "{rows:?}");
+        assert_eq!(medians.per_generator, Some(normalised));
+        let table = equal_load_markdown(&nearby, &baseline);
+        assert!(table.contains("| 0.75 | 0.50 |"), "{table}");
     }
 }

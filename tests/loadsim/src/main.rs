@@ -545,6 +545,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let c = read_ceiling(&path)?;
                 println!();
                 print!("{}", nearby_loadsim::ceiling::share_markdown(&c, &n));
+                let equal = nearby_loadsim::ceiling::equal_load_markdown(&c, &nearby);
+                if !equal.is_empty() {
+                    println!();
+                    print!("At equal load:\n\n{equal}");
+                }
             }
             // The table shows both systems' leaks; only nearby's fail the comparison (the
             // original design's may leak past its knee, and that is a finding, not an error).
