@@ -21,7 +21,9 @@
 #                                               a quinn task per phone; batched: every phone on
 #                                               one socket, as compare.sh drives the systems)
 #
-# Output: the grouped table, the 25 hottest symbols, and `perf.data` kept in target/profile/ for
+# Output: the grouped table (nearby's client driver and TLS session apart from its logic), the 25
+# hottest symbols, the datagrams per push over the recording (out: the node's counter; in: every
+# other UDP datagram sent on the machine, the generator's), and `perf.data` kept in target/profile/ for
 # `perf report -i target/profile/perf.data`. Needs `perf` (Debian: linux-perf) and, unless run as
 # root, kernel.perf_event_paranoid <= 1. The server runs on CPU 0, the load generator on CPU 1.
 set -euo pipefail
@@ -66,13 +68,32 @@ load=$!; pids+=("$load")
 echo "== waiting for the load's step to start"
 until grep -q "step 1/1" "$work/load.log" 2>/dev/null || ! kill -0 "$load" 2>/dev/null; do sleep 0.5; done
 sleep 3
+# What crosses the wire per push over the recording: the node's datagrams out (its own counter)
+# and in (every other UDP datagram sent on this machine: the load generator's, all to the node).
+admin=$(head -1 "$work/home/admin") token=$(cat "$work/home/admin-token")
+counters() {
+  curl -sk -m 30 -H "Authorization: Bearer $token" "$admin/metrics" |
+    awk '$1 == "nearby_updates_total" || $1 == "nearby_pushes_total" || $1 == "nearby_client_send_messages_total" { print $1, $2 }'
+  awk '$1 == "Udp:" && $2 ~ /^[0-9]+$/ { print "udp_out", $5 }' /proc/net/snmp
+}
+counters >"$work/counters.before"
 echo "== recording $secs s of the node at $rate updates/s"
 perf record -F 999 -g -p "$node" -o "$out/perf.data" -- sleep "$secs" 2>"$work/perf.log" || {
   cat "$work/perf.log" >&2; exit 1; }
+counters >"$work/counters.after"
 wait "$load" || true
 
 perf report -i "$out/perf.data" --no-children --sort sym --stdio -g none --percent-limit 0.01 2>/dev/null \
   | python3 tests/bench/profile_groups.py
+
+echo "== datagrams per push over the recording (the node's out; in: every other UDP datagram sent here)"
+awk 'NR == FNR { before[$1] = $2; next } { d[$1] = $2 - before[$1] }
+  END {
+    p = d["nearby_pushes_total"]; u = d["nearby_updates_total"]; o = d["nearby_client_send_messages_total"]
+    i = d["udp_out"] - o
+    if (p > 0 && u > 0)
+      printf "updates %d, pushes %d (%.1f a update); datagrams out %.3f a push, in %.3f a push, both %.3f\n", u, p, p / u, o / p, i / p, (o + i) / p
+  }' "$work/counters.before" "$work/counters.after"
 
 echo "== the load's report (server CPU per push and peak RSS, measured over the whole run)"
 sed -n '/^step /,/^total:/p' "$work/load.log"

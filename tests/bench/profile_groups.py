@@ -9,7 +9,10 @@ import re
 import sys
 
 CRATES = [
-    ("nearby", r"nearby_[a-z]+::"),
+    # nearby's client driver and TLS session move packets (the transport); the rest of nearby
+    # is its logic. Listed first: at an equal position the earlier entry wins.
+    ("nearby's driver, TLS (transport)", r"nearby_node::service::(driver|tls)::"),
+    ("nearby (logic)", r"nearby_[a-z]+::"),
     ("quinn-proto", r"quinn_proto::"),
     ("quinn (and quinn-udp)", r"quinn(_udp)?::"),
     ("rustls", r"rustls::"),
