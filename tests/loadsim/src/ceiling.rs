@@ -846,30 +846,10 @@ mod tests {
     #[test]
     fn nearby_is_compared_with_the_bare_path_only_at_an_equal_load() {
         use crate::report::fixtures::{report, step};
-        let bare = |pushes_per_s: f64, us: f64| CeilingStep {
-            target_rate: pushes_per_s,
-            sent: 1000,
-            failed: 0,
-            received: 1000,
-            pushes_per_s,
-            latency: LatencySummary {
-                p99_ms: 1.0,
-                ..LatencySummary::default()
-            },
-            server: ProcUsage {
-                cpu_us_per_push: Some(us),
-                ..ProcUsage::default()
-            },
-            driver: ProcUsage::default(),
-        };
-        let ceiling = CeilingReport {
-            mode: Mode::Stream,
-            sessions: 1,
-            payload: PAYLOAD,
-            connect_s: 0.0,
-            steps: vec![bare(10_000.0, 20.0), bare(20_000.0, 16.0)],
-            server_peak_rss_kb: 0,
-        };
+        let ceiling = fixtures::report(vec![
+            fixtures::step(10_000.0, 20.0),
+            fixtures::step(20_000.0, 16.0),
+        ]);
         // nearby's steps last 10 s (the fixture's).
         let nearby = report(vec![
             // 10.5 k pushes/s (within 10 % of 10 k): 1.8 CPU s over 105,000 pushes.
@@ -894,5 +874,44 @@ mod tests {
         assert_eq!("stream".parse::<Mode>(), Ok(Mode::Stream));
         assert_eq!("datagram".parse::<Mode>(), Ok(Mode::Datagram));
         assert!("smoke".parse::<Mode>().is_err());
+    }
+}
+
+/// Bare-path reports for other modules' tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::{CeilingReport, CeilingStep, Mode, PAYLOAD};
+    use crate::metrics::{LatencySummary, ProcUsage};
+
+    /// A step within bounds (p99 5 ms, nothing lost) over 10 s, its server at `us` per push.
+    pub(crate) fn step(pushes_per_s: f64, us: f64) -> CeilingStep {
+        CeilingStep {
+            target_rate: pushes_per_s,
+            sent: pushes_per_s as u64 * 10,
+            failed: 0,
+            received: pushes_per_s as u64 * 10,
+            pushes_per_s,
+            latency: LatencySummary {
+                p99_ms: 5.0,
+                ..LatencySummary::default()
+            },
+            server: ProcUsage {
+                cpu_us_per_push: Some(us),
+                ..ProcUsage::default()
+            },
+            driver: ProcUsage::default(),
+        }
+    }
+
+    /// A stream-mode run of `steps`.
+    pub(crate) fn report(steps: Vec<CeilingStep>) -> CeilingReport {
+        CeilingReport {
+            mode: Mode::Stream,
+            sessions: 10,
+            payload: PAYLOAD,
+            connect_s: 0.1,
+            steps,
+            server_peak_rss_kb: 0,
+        }
     }
 }

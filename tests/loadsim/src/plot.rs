@@ -472,30 +472,8 @@ mod tests {
 
     #[test]
     fn the_cpu_plot_draws_the_bare_push_path_when_given() {
-        let step = |pushes_per_s: f64, us: f64| crate::ceiling::CeilingStep {
-            target_rate: pushes_per_s,
-            sent: pushes_per_s as u64 * 10,
-            failed: 0,
-            received: pushes_per_s as u64 * 10,
-            pushes_per_s,
-            latency: crate::metrics::LatencySummary {
-                p99_ms: 5.0,
-                ..Default::default()
-            },
-            server: ProcUsage {
-                cpu_us_per_push: Some(us),
-                ..ProcUsage::default()
-            },
-            driver: ProcUsage::default(),
-        };
-        let ceiling = CeilingReport {
-            mode: crate::ceiling::Mode::Stream,
-            sessions: 10,
-            payload: crate::ceiling::PAYLOAD,
-            connect_s: 0.1,
-            steps: vec![step(1000.0, 3.0), step(4000.0, 2.0)],
-            server_peak_rss_kb: 0,
-        };
+        use crate::ceiling::fixtures::{report, step};
+        let ceiling = report(vec![step(1000.0, 3.0), step(4000.0, 2.0)]);
         let without = cpu_svg(&two_systems(), None).expect("plot");
         let with = cpu_svg(&two_systems(), Some(&ceiling)).expect("plot");
         assert!(!without.contains("bare quinn push"));
