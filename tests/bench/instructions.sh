@@ -54,14 +54,12 @@ for bin in "$@"; do
     sleep 0.5
   done
   sleep 8
-  admin=$(head -1 "$work/home$n/admin") token=$(cat "$work/home$n/admin-token")
-  scrape() { curl -sk -m 30 -H "Authorization: Bearer $token" "$admin/metrics" >"$1"; }
-  scrape "$run/before.prom"
+  node_metrics "$work/home$n" >"$run/before.prom"
   callgrind_control -i on "$node" >/dev/null 2>&1
   echo "   counting $secs s" >&2
   sleep "$secs"
   callgrind_control -i off "$node" >/dev/null 2>&1
-  scrape "$run/after.prom"
+  node_metrics "$work/home$n" >"$run/after.prom"
   callgrind_control -d "$node" >/dev/null 2>&1
   wait "$load" || true
   kill "$node" 2>/dev/null || true

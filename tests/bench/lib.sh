@@ -29,6 +29,12 @@ wait_file() {
   done
 }
 
+# node_metrics HOME: the Prometheus text of the node whose home directory is HOME (its admin
+# endpoint and token are there).
+node_metrics() {
+  curl -sk -m 30 -H "Authorization: Bearer $(cat "$1/admin-token")" "$(head -1 "$1/admin")/metrics"
+}
+
 # start_baseline BIN HOME: starts a redis-server and the original design's server on it (both on
 # `on_server` CPUs, if set), importing $work/seed.bin, and waits until it serves; sets `redis` and
 # `base` to their pids (stopped at exit). Logs: $work/redis.log, $work/baseline.log.

@@ -10,9 +10,10 @@
 #                                              users, 10 % online, seed 7)
 #   NEARBY_NEAR=0.2 tests/bench/packets.sh     the world with ~20 % of friendships within 8 km
 #
-# The count runs from the step's start to the end of the run (the tail after the step, when the
-# generator waits for late deliveries and closes its sessions, is in it), so it is a little
-# higher than the steady state `profile.sh` reads; both systems are counted the same way.
+# The count runs over the step (from its start until the generator reports it is draining). Its
+# first seconds carry more datagrams than the steady state (2.56 out a push over a 5 s step,
+# 1.26 over 20 s, on 2026-12-05, for both systems alike), so it reads higher than `profile.sh`,
+# which records from 3 s into the step; compare systems with one step length.
 # Needs root (nftables), redis-server, and release builds of nearby-node, nearby-baseline and
 # nearby-loadsim (`cargo build --release -p nearby-node -p nearby-baseline -p nearby-loadsim`).
 set -euo pipefail
@@ -63,15 +64,19 @@ measure() {
     kill -0 "$load" 2>/dev/null || { echo "$1: the load ended before its step:" >&2; tail -5 "$work/$1.log" >&2; exit 1; }
     sleep 0.2
   done
-  # Connecting and the first pages are not pushes: count from the step's start.
+  # Connecting and the first pages are not pushes, nor is the drain after the step: count the
+  # step alone.
   nft reset counters table inet "$table" >/dev/null
+  until grep -q "draining" "$work/$1.log" 2>/dev/null || ! kill -0 "$load" 2>/dev/null; do sleep 0.2; done
+  local out in
+  out=$(packets server_out) in=$(packets server_in)
   wait "$load" || true
-  python3 - "$1" "$work/$1.json" "$(packets server_out)" "$(packets server_in)" <<'PY'
+  python3 - "$1" "$work/$1.json" "$out" "$in" <<'PY'
 import json, sys
 name, report, out, into = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 steps = json.load(open(report))["steps"]
 pushes = sum(s["pushes"] for s in steps)
-us = steps[0]["server"]["cpu_us_per_push"] if steps[0].get("server") else None
+us = steps[0]["server"]["cpu_us_per_push"]  # the run watched the server (--server-pid)
 print(f"{name}: {pushes} pushes in the step; datagrams out {out / pushes:.3f} a push, in "
       f"{into / pushes:.3f} a push; server CPU {us:.1f} µs a push (Redis not counted)")
 PY

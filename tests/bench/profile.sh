@@ -70,9 +70,8 @@ until grep -q "step 1/1" "$work/load.log" 2>/dev/null || ! kill -0 "$load" 2>/de
 sleep 3
 # What crosses the wire per push over the recording: the node's datagrams out (its own counter)
 # and in (every other UDP datagram sent on this machine: the load generator's, all to the node).
-admin=$(head -1 "$work/home/admin") token=$(cat "$work/home/admin-token")
 counters() {
-  curl -sk -m 30 -H "Authorization: Bearer $token" "$admin/metrics" |
+  node_metrics "$work/home" |
     awk '$1 == "nearby_updates_total" || $1 == "nearby_pushes_total" || $1 == "nearby_client_send_messages_total" { print $1, $2 }'
   awk '$1 == "Udp:" && $2 ~ /^[0-9]+$/ { print "udp_out", $5 }' /proc/net/snmp
 }

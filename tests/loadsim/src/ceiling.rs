@@ -530,16 +530,15 @@ pub fn share_markdown(ceiling: &CeilingReport, nearby: &crate::compare::Summary)
     let bare_us = ceiling.cpu_us_per_push();
     // CPU seconds per million pushes is µs per push.
     let nearby_us = nearby.cpu_s_per_m_pushes;
-    let nearest = ceiling
-        .steps
-        .iter()
-        .filter(|s| s.server.cpu_us_per_push.is_some())
-        .min_by(|a, b| {
-            (a.pushes_per_s - nearby.max_pushes_per_s)
-                .abs()
-                .total_cmp(&(b.pushes_per_s - nearby.max_pushes_per_s).abs())
-        });
-    let cell = |v: Option<f64>, d: usize| v.map_or("–".to_string(), |x| format!("{x:.d$}"));
+    let nearest = nearest_load(
+        ceiling
+            .steps
+            .iter()
+            .filter(|s| s.server.cpu_us_per_push.is_some()),
+        nearby.max_pushes_per_s,
+        |s| s.pushes_per_s,
+    );
+    let cell = crate::compare::cell;
     let mut s = String::new();
     s.push_str("| push path | max pushes/s within bounds | server CPU µs per push there |\n");
     s.push_str("|---|---:|---:|\n");
@@ -576,6 +575,11 @@ pub fn share_markdown(ceiling: &CeilingReport, nearby: &crate::compare::Summary)
     s
 }
 
+/// The item of `items` whose load (`load`, pushes/s) is nearest `target`.
+fn nearest_load<T>(items: impl Iterator<Item = T>, target: f64, load: impl Fn(&T) -> f64) -> Option<T> {
+    items.min_by(|a, b| (load(a) - target).abs().total_cmp(&(load(b) - target).abs()))
+}
+
 /// How far apart two steps' delivered pushes/s may be and still count as one load.
 pub const EQUAL_LOAD_TOLERANCE: f64 = 0.1;
 
@@ -590,18 +594,12 @@ pub fn equal_load_markdown(ceiling: &CeilingReport, nearby: &crate::report::Repo
         let Some(b) = bare.server.cpu_us_per_push.filter(|b| *b > 0.0) else {
             continue;
         };
-        let near = nearby
-            .steps
-            .iter()
-            .filter(|n| crate::compare::within_bounds(n))
-            .filter(|n| {
-                (n.pushes_per_s - bare.pushes_per_s).abs() <= EQUAL_LOAD_TOLERANCE * bare.pushes_per_s
-            })
-            .min_by(|x, y| {
-                (x.pushes_per_s - bare.pushes_per_s)
-                    .abs()
-                    .total_cmp(&(y.pushes_per_s - bare.pushes_per_s).abs())
-            });
+        let near = nearest_load(
+            nearby.steps.iter().filter(|n| crate::compare::within_bounds(n)),
+            bare.pushes_per_s,
+            |n| n.pushes_per_s,
+        )
+        .filter(|n| (n.pushes_per_s - bare.pushes_per_s).abs() <= EQUAL_LOAD_TOLERANCE * bare.pushes_per_s);
         if let Some((n, us)) = near.and_then(|n| n.cpu_s_per_m_pushes().map(|us| (n, us))) {
             rows.push((bare.pushes_per_s, b, n.pushes_per_s, us));
         }

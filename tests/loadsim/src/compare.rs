@@ -140,7 +140,8 @@ pub fn knee_line(s: &Summary) -> String {
     }
 }
 
-fn cell(v: Option<f64>, digits: usize) -> String {
+/// `v` with `digits` decimals, or "–" when there is none.
+pub(crate) fn cell(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".to_string(), |x| format!("{x:.digits$}"))
 }
 
@@ -269,7 +270,6 @@ pub struct EqualLoadMedians {
 /// [`equal_load_ratios`] as a markdown table.
 pub fn equal_load_markdown(nearby: &Report, baseline: &Report) -> String {
     let (rows, medians) = equal_load_ratios(nearby, baseline);
-    let two = |v: Option<f64>| v.map_or("–".to_string(), |m| format!("{m:.2}"));
     let mut out = String::from(
         "| updates/s (both within bounds) | nearby µs/push | baseline µs/push (Redis counted) | nearby / baseline | the same, each over its load generator's µs/push |\n|---:|---:|---:|---:|---:|\n",
     );
@@ -280,13 +280,13 @@ pub fn equal_load_markdown(nearby: &Report, baseline: &Report) -> String {
             r.nearby_us,
             r.baseline_us,
             r.ratio,
-            two(r.per_generator)
+            cell(r.per_generator, 2)
         ));
     }
     out.push_str(&format!(
         "| **median** | | | **{}** | {} |\n",
-        two(medians.ratio),
-        two(medians.per_generator)
+        cell(medians.ratio, 2),
+        cell(medians.per_generator, 2)
     ));
     out
 }
